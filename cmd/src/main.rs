@@ -1,0 +1,63 @@
+//! `sluice`: one binary, named by its call. Invoked as `sluice-cni` (the basename of argv[0], as
+//! container runtimes call CNI plugins) it is the CNI plugin; otherwise the subcommand decides.
+
+mod cni;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// The name the CNI plugin is installed and invoked under.
+const CNI_PLUGIN_NAME: &str = "sluice-cni";
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    about = "sluice: a Kubernetes network provider",
+    disable_version_flag = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print version, git commit and build profile.
+    Version {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the CNI plugin, as `sluice-cni` would (CNI_* environment, config on stdin).
+    Cni,
+}
+
+fn main() -> ExitCode {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let called_as = std::path::Path::new(&argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    if called_as == CNI_PLUGIN_NAME {
+        return cni::main();
+    }
+    match Cli::parse().command {
+        Cmd::Version { json } => {
+            print_version(json);
+            ExitCode::SUCCESS
+        }
+        Cmd::Cni => cni::main(),
+    }
+}
+
+fn print_version(json: bool) {
+    let version = env!("CARGO_PKG_VERSION");
+    let commit = env!("SLUICE_GIT_COMMIT");
+    let profile = env!("SLUICE_BUILD_PROFILE");
+    if json {
+        let v = serde_json::json!({ "version": version, "commit": commit, "profile": profile });
+        println!("{v}");
+    } else {
+        println!("sluice {version} (commit {commit}, {profile} build)");
+    }
+}

@@ -1,0 +1,375 @@
+//! What a CNI call brings: the environment and the network configuration on stdin.
+
+use super::{CniError, CniVersion, Command, ErrorCode};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+pub const DEFAULT_IPAM_DIR: &str = "/var/lib/sluice/ipam";
+
+/// The plugin's network configuration, as the runtime hands it on stdin.
+#[derive(Debug, Clone)]
+pub struct NetConf {
+    pub version: CniVersion,
+    pub name: String,
+    /// Where the agent publishes this node's subnet.
+    pub subnet_file: PathBuf,
+    /// Where allocations are kept.
+    pub ipam_dir: PathBuf,
+    /// Overrides `SLUICE_MTU` when set.
+    pub mtu: Option<u32>,
+    /// Passed through into the result.
+    pub dns: Option<serde_json::Value>,
+    /// The result of the plugins before this one in a chain.
+    pub prev_result: Option<serde_json::Value>,
+    /// GC: the attachments the runtime still knows.
+    pub valid_attachments: Vec<Attachment>,
+}
+
+/// One (container, interface) the runtime considers live.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+pub struct Attachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawConf {
+    cni_version: Option<String>,
+    name: Option<String>,
+    subnet_file: Option<PathBuf>,
+    ipam_dir: Option<PathBuf>,
+    mtu: Option<u32>,
+    dns: Option<serde_json::Value>,
+    prev_result: Option<serde_json::Value>,
+    ipam: Option<serde_json::Value>,
+    #[serde(rename = "cni.dev/valid-attachments")]
+    valid_attachments: Option<Vec<Attachment>>,
+}
+
+/// Reads only `cniVersion`, for VERSION and for shaping an error before the rest is understood.
+pub fn peek_version(stdin: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Peek {
+        #[serde(rename = "cniVersion")]
+        cni_version: Option<String>,
+    }
+    serde_json::from_slice::<Peek>(stdin).ok()?.cni_version
+}
+
+impl NetConf {
+    pub fn parse(stdin: &[u8]) -> Result<Self, CniError> {
+        let raw: RawConf = serde_json::from_slice(stdin).map_err(|e| {
+            CniError::new(
+                ErrorCode::Decoding,
+                "network configuration on stdin is not valid JSON",
+            )
+            .with_details(e.to_string())
+        })?;
+        let version_text = raw.cni_version.ok_or_else(|| {
+            CniError::new(
+                ErrorCode::InvalidConfig,
+                "network configuration has no cniVersion",
+            )
+        })?;
+        let version = CniVersion::parse(&version_text).ok_or_else(|| {
+            CniError::new(
+                ErrorCode::IncompatibleVersion,
+                format!("incompatible CNI version {version_text:?}: sluice-cni supports 0.3.0, 0.3.1, 0.4.0, 1.0.0 and 1.1.0"),
+            )
+        })?;
+        let name = raw.name.filter(|n| !n.is_empty()).ok_or_else(|| {
+            CniError::new(
+                ErrorCode::InvalidConfig,
+                "network configuration has no name",
+            )
+        })?;
+        if let Some(ipam) = &raw.ipam {
+            let kind = ipam.get("type").and_then(|t| t.as_str()).unwrap_or("");
+            if !kind.is_empty() && kind != "sluice-cni" {
+                return Err(CniError::new(
+                    ErrorCode::UnsupportedField,
+                    format!("ipam type {kind:?} is not supported: sluice-cni allocates from the node's subnet itself; remove the ipam section"),
+                ));
+            }
+        }
+        if let Some(mtu) = raw.mtu {
+            if !(576..=65535).contains(&mtu) {
+                return Err(CniError::new(
+                    ErrorCode::InvalidConfig,
+                    format!("mtu {mtu} is out of range 576..=65535"),
+                ));
+            }
+        }
+        Ok(Self {
+            version,
+            name,
+            subnet_file: raw
+                .subnet_file
+                .unwrap_or_else(|| crate::subnet_env::DEFAULT_PATH.into()),
+            ipam_dir: raw.ipam_dir.unwrap_or_else(|| DEFAULT_IPAM_DIR.into()),
+            mtu: raw.mtu,
+            dns: raw.dns,
+            prev_result: raw.prev_result,
+            valid_attachments: raw.valid_attachments.unwrap_or_default(),
+        })
+    }
+}
+
+/// The `CNI_*` environment of one call.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub container_id: String,
+    pub netns: Option<PathBuf>,
+    pub ifname: String,
+    /// `CNI_ARGS`, split into its `KEY=VALUE` pairs.
+    pub args: BTreeMap<String, String>,
+}
+
+impl Request {
+    /// Pod namespace and name from `CNI_ARGS`, for logs.
+    pub fn pod(&self) -> Option<(&str, &str)> {
+        Some((
+            self.args.get("K8S_POD_NAMESPACE")?,
+            self.args.get("K8S_POD_NAME")?,
+        ))
+    }
+
+    /// Reads what `command` needs from the environment (`get` looks a variable up), and checks it.
+    pub fn from_env(
+        command: Command,
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, CniError> {
+        let need = |key: &str| -> Result<String, CniError> {
+            get(key).filter(|v| !v.is_empty()).ok_or_else(|| {
+                CniError::new(
+                    ErrorCode::InvalidEnvironment,
+                    format!("{key} is not set: a {} call needs it", command.as_str()),
+                )
+            })
+        };
+        let mut req = Request::default();
+        match command {
+            Command::Add | Command::Check | Command::Del => {
+                req.container_id = need("CNI_CONTAINERID")?;
+                validate_container_id(&req.container_id)?;
+                req.ifname = need("CNI_IFNAME")?;
+                validate_ifname(&req.ifname)?;
+                req.netns = if command == Command::Del {
+                    get("CNI_NETNS")
+                        .filter(|v| !v.is_empty())
+                        .map(PathBuf::from)
+                } else {
+                    Some(PathBuf::from(need("CNI_NETNS")?))
+                };
+            }
+            Command::Status | Command::Gc | Command::Version => {}
+        }
+        if let Some(args) = get("CNI_ARGS") {
+            req.args = parse_args(&args)?;
+        }
+        Ok(req)
+    }
+}
+
+fn validate_container_id(id: &str) -> Result<(), CniError> {
+    let ok = id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            ErrorCode::InvalidEnvironment,
+            format!("CNI_CONTAINERID {id:?} is invalid: it must start with a letter or digit and hold only letters, digits, '_', '.' and '-'"),
+        ))
+    }
+}
+
+fn validate_ifname(name: &str) -> Result<(), CniError> {
+    let ok = name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            ErrorCode::InvalidEnvironment,
+            format!("CNI_IFNAME {name:?} is not a valid interface name (at most 15 characters, no '/', ':' or spaces)"),
+        ))
+    }
+}
+
+fn parse_args(text: &str) -> Result<BTreeMap<String, String>, CniError> {
+    text.split(';')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| {
+                    CniError::new(
+                        ErrorCode::InvalidEnvironment,
+                        format!("CNI_ARGS entry {pair:?} is not KEY=VALUE"),
+                    )
+                })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = NetConf::parse(
+            br#"{"cniVersion":"1.1.0","name":"sluice","type":"sluice-cni","subnetFile":"/tmp/s.env",
+                "ipamDir":"/tmp/ipam","mtu":1400,"dns":{"nameservers":["10.96.0.10"]},
+                "cni.dev/valid-attachments":[{"containerID":"abc","ifname":"eth0"}],
+                "runtimeConfig":{"whatever":1}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.version, CniVersion::V1_1_0);
+        assert_eq!(c.subnet_file, PathBuf::from("/tmp/s.env"));
+        assert_eq!(c.mtu, Some(1400));
+        assert_eq!(
+            c.valid_attachments,
+            vec![Attachment {
+                container_id: "abc".into(),
+                ifname: "eth0".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn defaults_paths() {
+        let c =
+            NetConf::parse(br#"{"cniVersion":"0.3.1","name":"n","type":"sluice-cni"}"#).unwrap();
+        assert_eq!(c.subnet_file, PathBuf::from("/run/sluice/subnet.env"));
+        assert_eq!(c.ipam_dir, PathBuf::from("/var/lib/sluice/ipam"));
+    }
+
+    #[test]
+    fn config_errors_carry_the_spec_codes() {
+        let code = |s: &[u8]| NetConf::parse(s).unwrap_err().code;
+        assert_eq!(code(b"\x00garbage"), ErrorCode::Decoding);
+        assert_eq!(code(b""), ErrorCode::Decoding);
+        assert_eq!(
+            code(br#"{"cniVersion":"0.2.0","name":"n"}"#),
+            ErrorCode::IncompatibleVersion
+        );
+        assert_eq!(
+            code(br#"{"cniVersion":"7.0.0","name":"n"}"#),
+            ErrorCode::IncompatibleVersion
+        );
+        assert_eq!(code(br#"{"name":"n"}"#), ErrorCode::InvalidConfig);
+        assert_eq!(code(br#"{"cniVersion":"1.0.0"}"#), ErrorCode::InvalidConfig);
+        assert_eq!(
+            code(br#"{"cniVersion":"1.0.0","name":"n","mtu":10}"#),
+            ErrorCode::InvalidConfig
+        );
+        assert_eq!(
+            code(br#"{"cniVersion":"1.0.0","name":"n","ipam":{"type":"host-local"}}"#),
+            ErrorCode::UnsupportedField
+        );
+        assert_eq!(
+            code(br#"{"cniVersion":"1.0.0","name":"n","mtu":"big"}"#),
+            ErrorCode::Decoding
+        );
+    }
+
+    #[test]
+    fn env_is_checked_per_verb() {
+        let ok = Request::from_env(
+            Command::Add,
+            env(&[
+                ("CNI_CONTAINERID", "c1"),
+                ("CNI_NETNS", "/run/netns/x"),
+                ("CNI_IFNAME", "eth0"),
+                (
+                    "CNI_ARGS",
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=a",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(ok.pod(), Some(("x", "a")));
+        let code = |c, e: &[(&str, &str)]| Request::from_env(c, env(e)).unwrap_err().code;
+        assert_eq!(
+            code(Command::Add, &[("CNI_NETNS", "/x"), ("CNI_IFNAME", "eth0")]),
+            ErrorCode::InvalidEnvironment
+        );
+        assert_eq!(
+            code(
+                Command::Add,
+                &[("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0")]
+            ),
+            ErrorCode::InvalidEnvironment
+        );
+        assert_eq!(
+            code(
+                Command::Check,
+                &[("CNI_CONTAINERID", "c"), ("CNI_NETNS", "/x")]
+            ),
+            ErrorCode::InvalidEnvironment
+        );
+        assert_eq!(
+            code(
+                Command::Add,
+                &[
+                    ("CNI_CONTAINERID", "../etc"),
+                    ("CNI_NETNS", "/x"),
+                    ("CNI_IFNAME", "eth0")
+                ]
+            ),
+            ErrorCode::InvalidEnvironment
+        );
+        assert_eq!(
+            code(
+                Command::Add,
+                &[
+                    ("CNI_CONTAINERID", "c"),
+                    ("CNI_NETNS", "/x"),
+                    ("CNI_IFNAME", "a/b")
+                ]
+            ),
+            ErrorCode::InvalidEnvironment
+        );
+        assert_eq!(
+            code(
+                Command::Add,
+                &[
+                    ("CNI_CONTAINERID", "c"),
+                    ("CNI_NETNS", "/x"),
+                    ("CNI_IFNAME", "averyveryverylongname")
+                ]
+            ),
+            ErrorCode::InvalidEnvironment
+        );
+        // DEL tolerates a missing netns; GC and STATUS need no container.
+        assert!(Request::from_env(
+            Command::Del,
+            env(&[("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0")])
+        )
+        .unwrap()
+        .netns
+        .is_none());
+        assert!(Request::from_env(Command::Gc, env(&[])).is_ok());
+        assert!(Request::from_env(Command::Status, env(&[])).is_ok());
+    }
+}

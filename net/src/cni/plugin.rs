@@ -1,0 +1,294 @@
+//! The CNI verbs. Each takes the parsed call and a [`PodKernel`], so that every path, rollback
+//! included, runs in tests against a fake kernel. Errors of the layers below are mapped to the
+//! spec's codes here and nowhere else.
+
+use super::config::{NetConf, Request};
+use super::result::{self, AddResult, Interface, IpConfig, Route};
+use super::{CniError, ErrorCode};
+use crate::ipam::{IpamError, IpamStore, Owner};
+use crate::kernel::{KernelError, PodKernel};
+use crate::netns::NetnsError;
+use crate::podnet::{self, format_mac, PodPlan, GATEWAY, HOST_VETH_MAC};
+use crate::subnet_env::{SubnetEnv, SubnetEnvError};
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use tracing::{info, warn};
+
+impl From<KernelError> for CniError {
+    fn from(e: KernelError) -> Self {
+        let code = match &e {
+            KernelError::Netns(NetnsError::Missing { .. } | NetnsError::NotANetns { .. })
+            | KernelError::NoPodNetns => ErrorCode::UnknownContainer,
+            KernelError::Netns(NetnsError::Open { .. }) => ErrorCode::Io,
+            KernelError::InterfaceExists { .. } => ErrorCode::InterfaceExists,
+            _ => ErrorCode::Kernel,
+        };
+        CniError::new(code, e.to_string())
+    }
+}
+
+impl From<IpamError> for CniError {
+    fn from(e: IpamError) -> Self {
+        let code = match e {
+            IpamError::Exhausted { .. } => ErrorCode::SubnetExhausted,
+            IpamError::Io { .. } | IpamError::Corrupt { .. } => ErrorCode::Io,
+        };
+        CniError::new(code, e.to_string())
+    }
+}
+
+/// The node's subnet for ADD: while the agent has not published one, the runtime is told to try
+/// again later.
+fn node_subnet(conf: &NetConf) -> Result<SubnetEnv, CniError> {
+    SubnetEnv::load(&conf.subnet_file).map_err(|e| match e {
+        SubnetEnvError::Read { .. } => CniError::new(ErrorCode::Io, e.to_string()),
+        _ => CniError::new(
+            ErrorCode::TryAgainLater,
+            format!("this node has no usable pod subnet yet: {e}"),
+        ),
+    })
+}
+
+fn owner(req: &Request) -> Owner {
+    Owner {
+        container_id: req.container_id.clone(),
+        ifname: req.ifname.clone(),
+        pod: req.pod().map(|(ns, name)| format!("{ns}/{name}")),
+    }
+}
+
+pub async fn add<K: PodKernel>(
+    conf: &NetConf,
+    req: &Request,
+    kernel: &mut K,
+) -> Result<serde_json::Value, CniError> {
+    let env = node_subnet(conf)?;
+    let mtu = conf.mtu.unwrap_or(env.mtu);
+    let store = IpamStore::new(&conf.ipam_dir);
+    let owner = owner(req);
+    let (address, fresh) = store.update(|s| s.allocate(env.subnet, owner.clone()))??;
+    let plan = PodPlan::new(&req.container_id, &req.ifname, address, mtu);
+    match wire(kernel, &plan).await {
+        Ok(pod_mac) => {
+            info!(container_id = %req.container_id, pod = ?req.pod(), address = %address, host_ifname = %plan.host_ifname, "pod wired");
+            Ok(add_result(&plan, &pod_mac, req).render(
+                conf.version,
+                conf.prev_result.as_ref(),
+                conf.dns.as_ref(),
+            ))
+        }
+        Err(e) => {
+            warn!(container_id = %req.container_id, error = %e, "ADD failed; removing what it made");
+            if let Err(undo) = kernel.delete_host_link(&plan.host_ifname).await {
+                warn!(container_id = %req.container_id, error = %undo, "rollback: deleting the veth failed");
+            }
+            if fresh {
+                if let Err(undo) = store.update(|s| s.release(&owner)) {
+                    warn!(container_id = %req.container_id, error = %undo, "rollback: releasing the address failed");
+                }
+            }
+            Err(e.into())
+        }
+    }
+}
+
+async fn wire<K: PodKernel>(kernel: &mut K, plan: &PodPlan) -> Result<Vec<u8>, KernelError> {
+    let link = kernel.create_veth(plan).await?;
+    kernel.configure_host(plan).await?;
+    kernel.configure_pod(plan).await?;
+    Ok(link.mac)
+}
+
+fn add_result(plan: &PodPlan, pod_mac: &[u8], req: &Request) -> AddResult {
+    AddResult {
+        interfaces: vec![
+            Interface {
+                name: plan.host_ifname.clone(),
+                mac: format_mac(&HOST_VETH_MAC),
+                sandbox: None,
+                mtu: Some(plan.mtu),
+            },
+            Interface {
+                name: plan.pod_ifname.clone(),
+                mac: format_mac(pod_mac),
+                sandbox: req.netns.as_ref().map(|p| p.display().to_string()),
+                mtu: Some(plan.mtu),
+            },
+        ],
+        ips: vec![IpConfig {
+            address: ipnet::Ipv4Net::from(plan.address),
+            gateway: Some(GATEWAY),
+            interface: Some(1),
+        }],
+        routes: vec![Route {
+            dst: ipnet::Ipv4Net::default(),
+            gw: Some(GATEWAY),
+        }],
+    }
+}
+
+/// DEL: the veth (and with it the host route and the pod's interface) goes first, then the
+/// address, so an address is never handed out again while a route to it remains. Whatever is
+/// already gone counts as deleted.
+pub async fn del<K: PodKernel>(
+    conf: &NetConf,
+    req: &Request,
+    kernel: &mut K,
+) -> Result<(), CniError> {
+    let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
+    let removed_link = kernel.delete_host_link(&host_ifname).await?;
+    let freed = IpamStore::new(&conf.ipam_dir).update(|s| s.release(&owner(req)))?;
+    info!(container_id = %req.container_id, pod = ?req.pod(), removed_link, freed = ?freed, "pod unwired");
+    Ok(())
+}
+
+/// CHECK: the attachment is as ADD left it.
+pub async fn check<K: PodKernel>(
+    conf: &NetConf,
+    req: &Request,
+    kernel: &mut K,
+) -> Result<(), CniError> {
+    let state = IpamStore::new(&conf.ipam_dir).read()?;
+    let failed = |msg: String| CniError::new(ErrorCode::CheckFailed, msg);
+    let address = state.lookup(&owner(req)).ok_or_else(|| {
+        failed(format!(
+            "no address is allocated to container {} interface {}",
+            req.container_id, req.ifname
+        ))
+    })?;
+    if let Some(expected) = conf
+        .prev_result
+        .as_ref()
+        .and_then(|p| result::address_of(p, &req.ifname))
+    {
+        if expected.addr() != address || expected.prefix_len() != 32 {
+            return Err(failed(format!(
+                "prevResult says {expected} but sluice allocated {address}/32"
+            )));
+        }
+    }
+    let plan = PodPlan::new(&req.container_id, &req.ifname, address, 0);
+    let seen = kernel.observe(&plan).await?;
+    let problems = compare(&plan, &seen);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(failed(format!(
+            "{} {}: {}",
+            req.container_id,
+            req.ifname,
+            problems.join("; ")
+        )))
+    }
+}
+
+fn compare(plan: &PodPlan, seen: &crate::kernel::ObservedPod) -> Vec<String> {
+    let mut problems = Vec::new();
+    match seen.host_link_up {
+        None => problems.push(format!("host interface {} is missing", plan.host_ifname)),
+        Some(false) => problems.push(format!("host interface {} is down", plan.host_ifname)),
+        Some(true) if !seen.host_route => problems.push(format!(
+            "host route to {}/32 via {} is missing",
+            plan.address, plan.host_ifname
+        )),
+        Some(true) => {}
+    }
+    match seen.pod_link_up {
+        None => problems.push(format!(
+            "container interface {} is missing",
+            plan.pod_ifname
+        )),
+        Some(false) => problems.push(format!("container interface {} is down", plan.pod_ifname)),
+        Some(true) => {
+            if !seen.pod_addresses.contains(&(plan.address, 32)) {
+                problems.push(format!(
+                    "container interface {} lacks {}/32",
+                    plan.pod_ifname, plan.address
+                ));
+            }
+            if !seen.pod_default_via_gateway {
+                problems.push(format!("container default route via {GATEWAY} is missing"));
+            }
+        }
+    }
+    problems
+}
+
+/// STATUS: ready for ADDs when the node has a subnet and the allocations can be read.
+pub fn status(conf: &NetConf) -> Result<(), CniError> {
+    let not_available = |why: String| CniError::new(ErrorCode::NotAvailable, why);
+    SubnetEnv::load(&conf.subnet_file)
+        .map_err(|e| not_available(format!("this node has no usable pod subnet: {e}")))?;
+    IpamStore::new(&conf.ipam_dir)
+        .read()
+        .map_err(|e| not_available(e.to_string()))?;
+    Ok(())
+}
+
+/// GC: frees every address, and removes every host-side veth, that belongs to no attachment in
+/// `cni.dev/valid-attachments`. The IPAM lock is held throughout so no ADD allocates meanwhile.
+/// Keeps going after an error and reports them all at the end.
+pub async fn gc<K: PodKernel>(conf: &NetConf, kernel: &mut K) -> Result<(), CniError> {
+    let valid: BTreeSet<(&str, &str)> = conf
+        .valid_attachments
+        .iter()
+        .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
+        .collect();
+    let store = IpamStore::new(&conf.ipam_dir);
+    let mut lock = store.lock()?;
+    let stale: Vec<Ipv4Addr> = lock
+        .state
+        .allocations
+        .iter()
+        .filter(|(_, o)| !valid.contains(&(o.container_id.as_str(), o.ifname.as_str())))
+        .map(|(ip, _)| *ip)
+        .collect();
+    lock.state.allocations.retain(|ip, _| !stale.contains(ip));
+    let mut keep: BTreeSet<String> = valid
+        .iter()
+        .map(|(c, i)| podnet::host_ifname(c, i))
+        .collect();
+    let mut errors = Vec::new();
+    keep.extend(
+        lock.state
+            .allocations
+            .values()
+            .map(|o| podnet::host_ifname(&o.container_id, &o.ifname)),
+    );
+    let mut removed = 0usize;
+    match kernel.host_veths().await {
+        Ok(links) => {
+            for name in links
+                .iter()
+                .filter(|n| podnet::is_host_ifname(n) && !keep.contains(*n))
+            {
+                match kernel.delete_host_link(name).await {
+                    Ok(_) => removed += 1,
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+        }
+        Err(e) => errors.push(e.to_string()),
+    }
+    if let Err(e) = lock.save() {
+        errors.push(e.to_string());
+    }
+    info!(
+        freed = stale.len(),
+        removed_links = removed,
+        errors = errors.len(),
+        "garbage collected"
+    );
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            ErrorCode::Kernel,
+            format!("GC left {} error(s)", errors.len()),
+        )
+        .with_details(errors.join("; ")))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,347 @@
+//! The verbs against an in-memory kernel, with a failure injected at every step of ADD.
+
+use super::*;
+use crate::cni::config::Attachment;
+use crate::cni::CniVersion;
+use crate::kernel::{ObservedPod, PodLink};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    CreateVeth,
+    ConfigureHost,
+    ConfigurePod,
+}
+
+/// What the fake kernel holds per host link: whether host and pod sides are configured.
+#[derive(Debug, Default, Clone)]
+struct FakeLink {
+    address: Option<Ipv4Addr>,
+    host_configured: bool,
+    pod_configured: bool,
+}
+
+#[derive(Default)]
+struct FakeKernel {
+    links: BTreeMap<String, FakeLink>,
+    fail_at: Option<Step>,
+    has_netns: bool,
+}
+
+impl FakeKernel {
+    fn new() -> Self {
+        Self {
+            has_netns: true,
+            ..Default::default()
+        }
+    }
+
+    fn fail(&self, step: Step) -> Result<(), KernelError> {
+        if self.fail_at == Some(step) {
+            return Err(KernelError::Sysctl {
+                path: format!("injected/{step:?}"),
+                source: std::io::Error::other("injected"),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl PodKernel for FakeKernel {
+    async fn create_veth(&mut self, plan: &PodPlan) -> Result<PodLink, KernelError> {
+        if !self.has_netns {
+            return Err(KernelError::NoPodNetns);
+        }
+        self.links
+            .insert(plan.host_ifname.clone(), FakeLink::default());
+        self.fail(Step::CreateVeth)?;
+        Ok(PodLink {
+            mac: vec![2, 0, 0, 0, 0, 1],
+        })
+    }
+    async fn configure_host(&mut self, plan: &PodPlan) -> Result<(), KernelError> {
+        self.fail(Step::ConfigureHost)?;
+        let l = self
+            .links
+            .get_mut(&plan.host_ifname)
+            .ok_or(KernelError::NoPodNetns)?;
+        l.host_configured = true;
+        l.address = Some(plan.address);
+        Ok(())
+    }
+    async fn configure_pod(&mut self, plan: &PodPlan) -> Result<(), KernelError> {
+        self.fail(Step::ConfigurePod)?;
+        self.links
+            .get_mut(&plan.host_ifname)
+            .ok_or(KernelError::NoPodNetns)?
+            .pod_configured = true;
+        Ok(())
+    }
+    async fn delete_host_link(&mut self, name: &str) -> Result<bool, KernelError> {
+        Ok(self.links.remove(name).is_some())
+    }
+    async fn observe(&mut self, plan: &PodPlan) -> Result<ObservedPod, KernelError> {
+        let Some(l) = self.links.get(&plan.host_ifname) else {
+            return Ok(ObservedPod::default());
+        };
+        Ok(ObservedPod {
+            host_link_up: Some(true),
+            host_route: l.host_configured && l.address == Some(plan.address),
+            pod_link_up: Some(true),
+            pod_addresses: if l.pod_configured {
+                vec![(plan.address, 32)]
+            } else {
+                vec![]
+            },
+            pod_default_via_gateway: l.pod_configured,
+        })
+    }
+    async fn host_veths(&mut self) -> Result<Vec<String>, KernelError> {
+        Ok(self
+            .links
+            .keys()
+            .cloned()
+            .chain(["eth9".to_string()])
+            .collect())
+    }
+}
+
+struct Node {
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn new(subnet: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("subnet.env"),
+            format!("SLUICE_NETWORK=10.244.0.0/16\nSLUICE_SUBNET={subnet}\nSLUICE_MTU=1450\nSLUICE_IPMASQ=true\n"),
+        )
+        .unwrap();
+        Self { dir }
+    }
+
+    fn conf(&self, version: &str) -> NetConf {
+        self.conf_with(version, "")
+    }
+
+    fn conf_with(&self, version: &str, extra: &str) -> NetConf {
+        let text = format!(
+            r#"{{"cniVersion":"{version}","name":"sluice","type":"sluice-cni","subnetFile":"{}","ipamDir":"{}"{extra}}}"#,
+            self.dir.path().join("subnet.env").display(),
+            self.ipam_dir().display()
+        );
+        NetConf::parse(text.as_bytes()).unwrap()
+    }
+
+    fn ipam_dir(&self) -> PathBuf {
+        self.dir.path().join("ipam")
+    }
+
+    fn allocations(&self) -> usize {
+        IpamStore::new(self.ipam_dir())
+            .read()
+            .unwrap()
+            .allocations
+            .len()
+    }
+}
+
+fn req(container: &str) -> Request {
+    Request {
+        container_id: container.into(),
+        netns: Some(Path::new("/run/netns/fake").into()),
+        ifname: "eth0".into(),
+        args: [
+            ("K8S_POD_NAMESPACE".to_string(), "x".to_string()),
+            ("K8S_POD_NAME".to_string(), "a".to_string()),
+        ]
+        .into(),
+    }
+}
+
+fn run<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+#[test]
+fn add_wires_and_del_unwires() {
+    let node = Node::new("10.244.3.0/24");
+    let mut k = FakeKernel::new();
+    let out = run(add(&node.conf("1.1.0"), &req("c1"), &mut k)).unwrap();
+    assert_eq!(out["ips"][0]["address"], "10.244.3.1/32");
+    assert_eq!(out["interfaces"][1]["sandbox"], "/run/netns/fake");
+    assert_eq!(out["interfaces"][0]["mac"], "ee:ee:ee:ee:ee:ee");
+    run(check(&node.conf("1.1.0"), &req("c1"), &mut k)).unwrap();
+    run(del(&node.conf("1.1.0"), &req("c1"), &mut k)).unwrap();
+    assert!(k.links.is_empty());
+    assert_eq!(node.allocations(), 0);
+    // DEL of what is gone succeeds.
+    run(del(&node.conf("1.1.0"), &req("c1"), &mut k)).unwrap();
+}
+
+#[test]
+fn repeated_add_keeps_the_address() {
+    let node = Node::new("10.244.3.0/24");
+    let mut k = FakeKernel::new();
+    let a = run(add(&node.conf("0.4.0"), &req("c1"), &mut k)).unwrap();
+    let b = run(add(&node.conf("0.4.0"), &req("c1"), &mut k)).unwrap();
+    assert_eq!(a["ips"], b["ips"]);
+    assert_eq!(k.links.len(), 1);
+    assert_eq!(node.allocations(), 1);
+}
+
+#[test]
+fn a_failure_at_any_step_leaves_nothing() {
+    for step in [Step::CreateVeth, Step::ConfigureHost, Step::ConfigurePod] {
+        let node = Node::new("10.244.3.0/24");
+        let mut k = FakeKernel {
+            fail_at: Some(step),
+            ..FakeKernel::new()
+        };
+        let err = run(add(&node.conf("1.0.0"), &req("c1"), &mut k)).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Kernel, "{step:?}");
+        assert!(k.links.is_empty(), "{step:?} left a link");
+        assert_eq!(node.allocations(), 0, "{step:?} left an allocation");
+    }
+}
+
+#[test]
+fn a_failed_repeat_add_keeps_the_earlier_allocation() {
+    let node = Node::new("10.244.3.0/24");
+    let mut k = FakeKernel::new();
+    run(add(&node.conf("1.0.0"), &req("c1"), &mut k)).unwrap();
+    k.fail_at = Some(Step::ConfigurePod);
+    run(add(&node.conf("1.0.0"), &req("c1"), &mut k)).unwrap_err();
+    assert_eq!(
+        node.allocations(),
+        1,
+        "the runtime will DEL it; until then the address stays reserved"
+    );
+}
+
+#[test]
+fn no_subnet_means_try_again_later() {
+    let node = Node::new("10.244.3.0/24");
+    std::fs::remove_file(node.dir.path().join("subnet.env")).unwrap();
+    let err = run(add(&node.conf("1.1.0"), &req("c1"), &mut FakeKernel::new())).unwrap_err();
+    assert_eq!(err.code, ErrorCode::TryAgainLater);
+    assert!(err.msg.contains("no usable pod subnet"), "{}", err.msg);
+    assert!(err.msg.contains("agent"), "{}", err.msg);
+    assert_eq!(
+        status(&node.conf("1.1.0")).unwrap_err().code,
+        ErrorCode::NotAvailable
+    );
+}
+
+#[test]
+fn exhaustion_is_a_clear_error_and_leaves_nothing() {
+    let node = Node::new("10.244.3.0/29");
+    let mut k = FakeKernel::new();
+    for i in 0..6 {
+        run(add(&node.conf("1.1.0"), &req(&format!("c{i}")), &mut k)).unwrap();
+    }
+    let err = run(add(&node.conf("1.1.0"), &req("c6"), &mut k)).unwrap_err();
+    assert_eq!(err.code, ErrorCode::SubnetExhausted);
+    assert!(err.msg.contains("10.244.3.0/29"), "{}", err.msg);
+    assert_eq!(k.links.len(), 6);
+    assert_eq!(node.allocations(), 6);
+}
+
+#[test]
+fn missing_netns_is_unknown_container_and_frees_the_address() {
+    let node = Node::new("10.244.3.0/24");
+    let mut k = FakeKernel {
+        has_netns: false,
+        ..FakeKernel::new()
+    };
+    let err = run(add(&node.conf("1.1.0"), &req("c1"), &mut k)).unwrap_err();
+    assert_eq!(err.code, ErrorCode::UnknownContainer);
+    assert_eq!(node.allocations(), 0);
+}
+
+#[test]
+fn check_finds_what_is_missing() {
+    let node = Node::new("10.244.3.0/24");
+    let mut k = FakeKernel::new();
+    let out = run(add(&node.conf("1.1.0"), &req("c1"), &mut k)).unwrap();
+    let with_prev = node.conf_with("1.1.0", &format!(r#","prevResult":{out}"#));
+    run(check(&with_prev, &req("c1"), &mut k)).unwrap();
+    // prevResult naming another address fails.
+    let mut other = out.clone();
+    other["ips"][0]["address"] = "10.244.3.99/32".into();
+    let err = run(check(
+        &node.conf_with("1.1.0", &format!(r#","prevResult":{other}"#)),
+        &req("c1"),
+        &mut k,
+    ))
+    .unwrap_err();
+    assert_eq!(err.code, ErrorCode::CheckFailed);
+    // A lost host route is found.
+    k.links.values_mut().for_each(|l| l.host_configured = false);
+    let err = run(check(&node.conf("1.1.0"), &req("c1"), &mut k)).unwrap_err();
+    assert_eq!(err.code, ErrorCode::CheckFailed);
+    assert!(err.msg.contains("host route"), "{}", err.msg);
+    // No allocation at all.
+    let err = run(check(&node.conf("1.1.0"), &req("zzz"), &mut k)).unwrap_err();
+    assert!(err.msg.contains("no address"), "{}", err.msg);
+}
+
+#[test]
+fn gc_frees_stale_and_keeps_valid() {
+    let node = Node::new("10.244.3.0/24");
+    let mut k = FakeKernel::new();
+    for c in ["keep1", "keep2", "stale1", "stale2"] {
+        run(add(&node.conf("1.1.0"), &req(c), &mut k)).unwrap();
+    }
+    // A leftover veth with no allocation at all, and a foreign link, must be told apart.
+    k.links
+        .insert(podnet::host_ifname("orphan", "eth0"), FakeLink::default());
+    let mut conf = node.conf("1.1.0");
+    conf.valid_attachments = ["keep1", "keep2"]
+        .iter()
+        .map(|c| Attachment {
+            container_id: c.to_string(),
+            ifname: "eth0".into(),
+        })
+        .collect();
+    run(gc(&conf, &mut k)).unwrap();
+    let state = IpamStore::new(node.ipam_dir()).read().unwrap();
+    let owners: Vec<_> = state
+        .allocations
+        .values()
+        .map(|o| o.container_id.as_str())
+        .collect();
+    assert_eq!(owners, vec!["keep1", "keep2"]);
+    let mut left: Vec<_> = k.links.keys().cloned().collect();
+    left.sort();
+    let mut want = vec![
+        podnet::host_ifname("keep1", "eth0"),
+        podnet::host_ifname("keep2", "eth0"),
+    ];
+    want.sort();
+    assert_eq!(left, want);
+}
+
+#[test]
+fn results_follow_the_requested_version() {
+    for v in CniVersion::ALL {
+        let node = Node::new("10.244.3.0/24");
+        let out = run(add(
+            &node.conf(v.as_str()),
+            &req("c1"),
+            &mut FakeKernel::new(),
+        ))
+        .unwrap();
+        assert_eq!(out["cniVersion"], v.as_str());
+        assert_eq!(
+            out["ips"][0].get("version").is_some(),
+            v < CniVersion::V1_0_0,
+            "{v}"
+        );
+    }
+}

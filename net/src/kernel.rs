@@ -1,0 +1,468 @@
+//! The doing half of pod wiring: a [`PodKernel`] applies a [`PodPlan`] and reports what is there.
+//! [`RtNetlink`] does it over netlink sockets, one opened in the host namespace and one opened
+//! (by entering it briefly) in the pod's.
+
+use crate::netns::{self, NetnsError};
+use crate::podnet::{PodPlan, GATEWAY, HOST_VETH_MAC};
+use crate::ROUTE_PROTOCOL;
+use futures::TryStreamExt;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::NeighbourState;
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
+};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("opening a netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("{op} {target}: {source}")]
+    Netlink {
+        op: &'static str,
+        target: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("setting {path}: {source}")]
+    Sysctl {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the container already has an interface {name} that sluice did not make")]
+    InterfaceExists { name: String },
+    #[error("this call has no container network namespace")]
+    NoPodNetns,
+}
+
+impl KernelError {
+    fn netlink(
+        op: &'static str,
+        target: impl Into<String>,
+    ) -> impl FnOnce(rtnetlink::Error) -> Self {
+        let target = target.into();
+        move |source| Self::Netlink { op, target, source }
+    }
+
+    /// The errno of a failed netlink request, if the kernel gave one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Self::Netlink {
+                source: rtnetlink::Error::NetlinkError(m),
+                ..
+            } => m.code.map(|c| -c.get()),
+            _ => None,
+        }
+    }
+}
+
+/// What the kernel holds for one attachment, as CHECK compares it with the plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObservedPod {
+    pub host_link_up: Option<bool>,
+    pub host_route: bool,
+    pub pod_link_up: Option<bool>,
+    pub pod_addresses: Vec<(Ipv4Addr, u8)>,
+    pub pod_default_via_gateway: bool,
+}
+
+/// What ADD learns about the pod's end of the veth.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodLink {
+    pub mac: Vec<u8>,
+}
+
+/// The kernel operations pod wiring needs. Each step is its own call so that a failure at any of
+/// them can be injected in tests and the caller's rollback proven.
+#[allow(async_fn_in_trait)]
+pub trait PodKernel {
+    /// Creates the veth pair (host side in the host namespace, pod side in the pod's) with the
+    /// host side up. An existing host side of the same name is replaced.
+    async fn create_veth(&mut self, plan: &PodPlan) -> Result<PodLink, KernelError>;
+    /// Host side: proxy ARP for the gateway, and the route to the pod's /32.
+    async fn configure_host(&mut self, plan: &PodPlan) -> Result<(), KernelError>;
+    /// Pod side: up, the /32, the gateway's neighbour entry and routes.
+    async fn configure_pod(&mut self, plan: &PodPlan) -> Result<(), KernelError>;
+    /// Deletes a host link (and so its veth peer); false if it was not there.
+    async fn delete_host_link(&mut self, name: &str) -> Result<bool, KernelError>;
+    /// What is in place for `plan`.
+    async fn observe(&mut self, plan: &PodPlan) -> Result<ObservedPod, KernelError>;
+    /// Names of the veth links in the host namespace.
+    async fn host_veths(&mut self) -> Result<Vec<String>, KernelError>;
+}
+
+/// [`PodKernel`] over rtnetlink. Must be made inside a tokio runtime (it spawns its connections).
+pub struct RtNetlink {
+    host: Handle,
+    pod: Option<PodNs>,
+    /// Root of `/proc/sys` for the host namespace; the calling thread's namespace is the host's.
+    sysctl_root: PathBuf,
+}
+
+struct PodNs {
+    handle: Handle,
+    file: std::fs::File,
+}
+
+fn connect() -> Result<Handle, KernelError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(KernelError::Socket)?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+impl RtNetlink {
+    /// Connects to the calling thread's namespace (the host's), and to `pod_netns` if given.
+    pub fn connect(pod_netns: Option<&Path>) -> Result<Self, KernelError> {
+        let host = connect()?;
+        let pod = match pod_netns {
+            None => None,
+            Some(path) => {
+                let file = netns::open(path)?;
+                let handle = netns::run_in(&file, path, connect)??;
+                Some(PodNs { handle, file })
+            }
+        };
+        Ok(Self {
+            host,
+            pod,
+            sysctl_root: PathBuf::from("/proc/sys"),
+        })
+    }
+
+    fn pod(&self) -> Result<&PodNs, KernelError> {
+        self.pod.as_ref().ok_or(KernelError::NoPodNetns)
+    }
+
+    fn sysctl(&self, key: &str, value: &str) -> Result<(), KernelError> {
+        let path = self.sysctl_root.join(key);
+        std::fs::write(&path, value).map_err(|source| KernelError::Sysctl {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+}
+
+async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, KernelError> {
+    match handle
+        .link()
+        .get()
+        .match_name(name)
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(link) => Ok(link),
+        Err(e) => {
+            let e = KernelError::netlink("looking up link", name)(e);
+            if e.errno() == Some(nix::libc::ENODEV) {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+fn is_up(link: &LinkMessage) -> bool {
+    link.header.flags.contains(LinkFlags::Up)
+}
+
+fn mac_of(link: &LinkMessage) -> Vec<u8> {
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Address(m) => Some(m.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+fn is_veth(link: &LinkMessage) -> bool {
+    link.attributes.iter().any(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos
+            .iter()
+            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))),
+        _ => false,
+    })
+}
+
+fn name_of(link: &LinkMessage) -> Option<&str> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+fn host_route(plan: &PodPlan, index: u32) -> RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(plan.address, 32)
+        .output_interface(index)
+        .scope(RouteScope::Link)
+        .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
+        .build()
+}
+
+async fn routes(handle: &Handle) -> Result<Vec<RouteMessage>, KernelError> {
+    handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(KernelError::netlink("listing routes", "ipv4"))
+}
+
+fn route_oif(r: &RouteMessage) -> Option<u32> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    })
+}
+
+fn route_addr(
+    r: &RouteMessage,
+    want: fn(&RouteAttribute) -> Option<&RouteAddress>,
+) -> Option<Ipv4Addr> {
+    r.attributes.iter().find_map(|a| match want(a) {
+        Some(RouteAddress::Inet(ip)) => Some(*ip),
+        _ => None,
+    })
+}
+
+fn dst_of(a: &RouteAttribute) -> Option<&RouteAddress> {
+    match a {
+        RouteAttribute::Destination(d) => Some(d),
+        _ => None,
+    }
+}
+
+fn gw_of(a: &RouteAttribute) -> Option<&RouteAddress> {
+    match a {
+        RouteAttribute::Gateway(g) => Some(g),
+        _ => None,
+    }
+}
+
+impl PodKernel for RtNetlink {
+    async fn create_veth(&mut self, plan: &PodPlan) -> Result<PodLink, KernelError> {
+        let pod = self.pod()?;
+        if let Some(existing) = link_by_name(&pod.handle, &plan.pod_ifname).await? {
+            // A repeated ADD finds its own veth: the host side of the same name goes, and its peer
+            // with it. Anything else of that name is not sluice's to remove.
+            let ours = link_by_name(&self.host, &plan.host_ifname).await?;
+            if ours.is_none() || !is_veth(&existing) {
+                return Err(KernelError::InterfaceExists {
+                    name: plan.pod_ifname.clone(),
+                });
+            }
+        }
+        self.delete_host_link(&plan.host_ifname).await?;
+        let pod = self.pod()?;
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(plan.pod_ifname.clone())
+            .mtu(plan.mtu)
+            .setns_by_fd(pod.file.as_raw_fd())
+            .build();
+        let veth = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
+            .name(plan.host_ifname.clone())
+            .mtu(plan.mtu)
+            .address(HOST_VETH_MAC.to_vec())
+            .up()
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        self.host
+            .link()
+            .add(veth)
+            .execute()
+            .await
+            .map_err(KernelError::netlink(
+                "creating veth",
+                plan.host_ifname.clone(),
+            ))?;
+        let link = link_by_name(&pod.handle, &plan.pod_ifname)
+            .await?
+            .ok_or_else(|| KernelError::InterfaceExists {
+                name: plan.pod_ifname.clone(),
+            })?;
+        Ok(PodLink { mac: mac_of(&link) })
+    }
+
+    async fn configure_host(&mut self, plan: &PodPlan) -> Result<(), KernelError> {
+        let host = &plan.host_ifname;
+        // Proxy ARP answers the pod's ARP for the gateway should its static entry be flushed;
+        // without proxy_delay=0 each answer waits up to 80 ms.
+        self.sysctl(&format!("net/ipv4/conf/{host}/proxy_arp"), "1")?;
+        self.sysctl(&format!("net/ipv4/neigh/{host}/proxy_delay"), "0")?;
+        let link = link_by_name(&self.host, host).await?.ok_or_else(|| {
+            KernelError::netlink("looking up link", host.clone())(rtnetlink::Error::RequestFailed)
+        })?;
+        self.host
+            .route()
+            .add(host_route(plan, link.header.index))
+            .replace()
+            .execute()
+            .await
+            .map_err(KernelError::netlink(
+                "adding host route to",
+                plan.address.to_string(),
+            ))
+    }
+
+    async fn configure_pod(&mut self, plan: &PodPlan) -> Result<(), KernelError> {
+        let pod = &self.pod()?.handle;
+        let index = link_by_name(pod, &plan.pod_ifname)
+            .await?
+            .ok_or_else(|| {
+                KernelError::netlink("looking up link", plan.pod_ifname.clone())(
+                    rtnetlink::Error::RequestFailed,
+                )
+            })?
+            .header
+            .index;
+        // The peer cannot be brought up in the same request that creates it (the kernel answers
+        // ENOTCONN until both ends exist), so it is brought up here.
+        pod.link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(KernelError::netlink("bringing up", plan.pod_ifname.clone()))?;
+        pod.address()
+            .add(index, IpAddr::V4(plan.address), 32)
+            .replace()
+            .execute()
+            .await
+            .map_err(KernelError::netlink(
+                "adding address",
+                plan.address.to_string(),
+            ))?;
+        pod.neighbours()
+            .add(index, IpAddr::V4(GATEWAY))
+            .link_layer_address(&HOST_VETH_MAC)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(KernelError::netlink(
+                "adding gateway neighbour on",
+                plan.pod_ifname.clone(),
+            ))?;
+        let to_gateway = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(GATEWAY, 32)
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .build();
+        pod.route()
+            .add(to_gateway)
+            .replace()
+            .execute()
+            .await
+            .map_err(KernelError::netlink(
+                "adding gateway route on",
+                plan.pod_ifname.clone(),
+            ))?;
+        let default = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(GATEWAY)
+            .output_interface(index)
+            .build();
+        pod.route()
+            .add(default)
+            .replace()
+            .execute()
+            .await
+            .map_err(KernelError::netlink(
+                "adding default route on",
+                plan.pod_ifname.clone(),
+            ))
+    }
+
+    async fn delete_host_link(&mut self, name: &str) -> Result<bool, KernelError> {
+        let Some(link) = link_by_name(&self.host, name).await? else {
+            return Ok(false);
+        };
+        match self.host.link().del(link.header.index).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let e = KernelError::netlink("deleting link", name)(e);
+                // Gone between the lookup and the delete: a concurrent DEL won.
+                if e.errno() == Some(nix::libc::ENODEV) {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    async fn observe(&mut self, plan: &PodPlan) -> Result<ObservedPod, KernelError> {
+        let mut seen = ObservedPod::default();
+        if let Some(host) = link_by_name(&self.host, &plan.host_ifname).await? {
+            seen.host_link_up = Some(is_up(&host));
+            let index = host.header.index;
+            seen.host_route = routes(&self.host).await?.iter().any(|r| {
+                r.header.destination_prefix_length == 32
+                    && route_oif(r) == Some(index)
+                    && route_addr(r, dst_of) == Some(plan.address)
+            });
+        }
+        let pod = &self.pod()?.handle;
+        if let Some(link) = link_by_name(pod, &plan.pod_ifname).await? {
+            seen.pod_link_up = Some(is_up(&link));
+            let index = link.header.index;
+            let addrs: Vec<_> = pod
+                .address()
+                .get()
+                .set_link_index_filter(index)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(KernelError::netlink(
+                    "listing addresses on",
+                    plan.pod_ifname.clone(),
+                ))?;
+            seen.pod_addresses = addrs
+                .iter()
+                .filter(|a| a.header.index == index)
+                .filter_map(|a| {
+                    a.attributes.iter().find_map(|at| match at {
+                        AddressAttribute::Address(IpAddr::V4(ip)) => {
+                            Some((*ip, a.header.prefix_len))
+                        }
+                        _ => None,
+                    })
+                })
+                .collect();
+            seen.pod_default_via_gateway = routes(pod).await?.iter().any(|r| {
+                r.header.destination_prefix_length == 0
+                    && route_oif(r) == Some(index)
+                    && route_addr(r, gw_of) == Some(GATEWAY)
+            });
+        }
+        Ok(seen)
+    }
+
+    async fn host_veths(&mut self) -> Result<Vec<String>, KernelError> {
+        let links: Vec<LinkMessage> = self
+            .host
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(KernelError::netlink("listing links", "host"))?;
+        Ok(links
+            .iter()
+            .filter(|l| is_veth(l))
+            .filter_map(name_of)
+            .map(str::to_string)
+            .collect())
+    }
+}

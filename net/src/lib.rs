@@ -1,0 +1,20 @@
+//! sluice's networking: the CNI plugin's logic, IPAM out of the node's subnet, and the kernel
+//! applier that wires routed veth pods over netlink.
+//!
+//! Deciding is kept apart from doing: [`cni`] parses and shapes protocol data, [`podnet`] turns a
+//! request into a plain [`podnet::PodPlan`], [`ipam`] picks addresses; only [`kernel`] and
+//! [`netns`] touch the kernel.
+
+pub mod cni;
+pub mod ipam;
+pub mod kernel;
+pub mod netns;
+pub mod podnet;
+pub mod subnet_env;
+
+/// Route protocol number sluice stamps on every route it installs (`ip route ... proto 77`), so
+/// that what sluice owns is recognisable and can be swept without touching anybody else's routes.
+pub const ROUTE_PROTOCOL: u8 = 77;
+
+/// Prefix of every link sluice creates.
+pub const LINK_PREFIX: &str = "sl";

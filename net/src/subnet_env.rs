@@ -1,0 +1,184 @@
+//! `/run/sluice/subnet.env`: the agent's word to the plugin about this node's subnet.
+
+use ipnet::Ipv4Net;
+use std::path::Path;
+
+pub const DEFAULT_PATH: &str = "/run/sluice/subnet.env";
+
+/// What the agent publishes for the CNI plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubnetEnv {
+    /// The cluster CIDR (`SLUICE_NETWORK`).
+    pub network: Ipv4Net,
+    /// This node's pod subnet (`SLUICE_SUBNET`).
+    pub subnet: Ipv4Net,
+    /// The MTU pods get (`SLUICE_MTU`).
+    pub mtu: u32,
+    /// Whether pod traffic leaving the cluster CIDR is masqueraded (`SLUICE_IPMASQ`).
+    pub ipmasq: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubnetEnvError {
+    #[error("the node has no subnet yet: {path} does not exist (is the sluice agent running?)")]
+    Missing { path: String },
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {key} is missing")]
+    MissingKey { path: String, key: &'static str },
+    #[error("{path}: {key}={value:?} does not parse: {reason}")]
+    BadValue {
+        path: String,
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+impl SubnetEnvError {
+    /// True when the node simply has no subnet yet (the agent has not written one).
+    pub fn is_not_ready(&self) -> bool {
+        matches!(self, Self::Missing { .. } | Self::MissingKey { .. })
+    }
+}
+
+impl SubnetEnv {
+    pub fn load(path: &Path) -> Result<Self, SubnetEnvError> {
+        let shown = path.display().to_string();
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(SubnetEnvError::Missing { path: shown })
+            }
+            Err(source) => {
+                return Err(SubnetEnvError::Read {
+                    path: shown,
+                    source,
+                })
+            }
+        };
+        Self::parse(&text, &shown)
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Self, SubnetEnvError> {
+        let lookup = |key: &'static str| -> Result<&str, SubnetEnvError> {
+            text.lines()
+                .filter_map(|l| l.trim().split_once('='))
+                .filter(|(k, _)| k.trim() == key)
+                .map(|(_, v)| v.trim().trim_matches('"'))
+                .next_back()
+                .ok_or(SubnetEnvError::MissingKey {
+                    path: origin.to_string(),
+                    key,
+                })
+        };
+        let bad = |key: &'static str, value: &str, reason: String| SubnetEnvError::BadValue {
+            path: origin.to_string(),
+            key,
+            value: value.to_string(),
+            reason,
+        };
+        let net = |key: &'static str| -> Result<Ipv4Net, SubnetEnvError> {
+            let v = lookup(key)?;
+            v.parse::<Ipv4Net>()
+                .map(|n| n.trunc())
+                .map_err(|e| bad(key, v, e.to_string()))
+        };
+        let network = net("SLUICE_NETWORK")?;
+        let subnet = net("SLUICE_SUBNET")?;
+        let mtu_text = lookup("SLUICE_MTU")?;
+        let mtu: u32 = mtu_text
+            .parse()
+            .map_err(|e: std::num::ParseIntError| bad("SLUICE_MTU", mtu_text, e.to_string()))?;
+        if !(576..=65535).contains(&mtu) {
+            return Err(bad(
+                "SLUICE_MTU",
+                mtu_text,
+                "must be between 576 and 65535".into(),
+            ));
+        }
+        let ipmasq = match lookup("SLUICE_IPMASQ") {
+            Ok(v) => v
+                .parse::<bool>()
+                .map_err(|e| bad("SLUICE_IPMASQ", v, e.to_string()))?,
+            Err(_) => true,
+        };
+        if subnet.prefix_len() > 30 {
+            return Err(bad(
+                "SLUICE_SUBNET",
+                &subnet.to_string(),
+                "a pod subnet must be /30 or larger".into(),
+            ));
+        }
+        Ok(Self {
+            network,
+            subnet,
+            mtu,
+            ipmasq,
+        })
+    }
+
+    pub fn render(&self) -> String {
+        format!(
+            "SLUICE_NETWORK={}\nSLUICE_SUBNET={}\nSLUICE_MTU={}\nSLUICE_IPMASQ={}\n",
+            self.network, self.subnet, self.mtu, self.ipmasq
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let env = SubnetEnv {
+            network: "10.244.0.0/16".parse().unwrap(),
+            subnet: "10.244.3.0/24".parse().unwrap(),
+            mtu: 1450,
+            ipmasq: false,
+        };
+        assert_eq!(SubnetEnv::parse(&env.render(), "t").unwrap(), env);
+    }
+
+    #[test]
+    fn accepts_flannel_style_gateway_form_and_quotes() {
+        let env = SubnetEnv::parse(
+            "SLUICE_NETWORK=\"10.244.0.0/16\"\nSLUICE_SUBNET=10.244.3.1/24\nSLUICE_MTU=1400\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(env.subnet.to_string(), "10.244.3.0/24");
+        assert!(env.ipmasq);
+    }
+
+    #[test]
+    fn missing_subnet_is_not_ready_and_garbage_is_an_error() {
+        let e = SubnetEnv::parse("SLUICE_NETWORK=10.0.0.0/8\nSLUICE_MTU=1450\n", "t").unwrap_err();
+        assert!(e.is_not_ready(), "{e}");
+        let e = SubnetEnv::parse(
+            "SLUICE_NETWORK=10.0.0.0/8\nSLUICE_SUBNET=nope\nSLUICE_MTU=1450\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(!e.is_not_ready());
+        assert!(e.to_string().contains("SLUICE_SUBNET"), "{e}");
+        let e = SubnetEnv::parse(
+            "SLUICE_NETWORK=10.0.0.0/8\nSLUICE_SUBNET=10.0.1.0/24\nSLUICE_MTU=12\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("SLUICE_MTU"), "{e}");
+    }
+
+    #[test]
+    fn missing_file_is_not_ready() {
+        let e = SubnetEnv::load(Path::new("/nonexistent/sluice/subnet.env")).unwrap_err();
+        assert!(e.is_not_ready());
+        assert!(e.to_string().contains("agent"));
+    }
+}
