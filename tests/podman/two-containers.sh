@@ -123,7 +123,10 @@ cleanup() {
         for p in /proc/[0-9]*; do
             p=${p#/proc/}
             [ "$p" = "$$" ] || [ "$p" = "${BASHPID:-$$}" ] && continue
-            tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -qF -- "$WORK/" && pids+=("$p")
+            # cmdline (conmon, podman, shim) or env (anything podman spawned,
+            # e.g. a hung CNI plugin: CONTAINERS_CONF/CNI_PATH point into $WORK)
+            cat "/proc/$p/cmdline" "/proc/$p/environ" 2>/dev/null | tr '\0' '\n' \
+                | grep -qF -- "$WORK/" && pids+=("$p")
         done
         if [ ${#pids[@]} -gt 0 ]; then
             log "killing leftover processes: ${pids[*]}"
@@ -148,6 +151,13 @@ cleanup() {
             rm -f "$ns"
         fi
     done
+    if [ -n "$WORK" ] && [ -s "$WORK/cni-calls.log" ]; then
+        log "calls to $PLUGIN_TYPE: $(awk '{print $1, $4}' "$WORK/cni-calls.log" | sort | uniq -c | awk '{printf "%s%s x%s %s", s, $2, $1, $3; s=", "}')"
+        local adds dels
+        adds=$(grep -c '^ADD .* rc=0$' "$WORK/cni-calls.log")
+        dels=$(grep -c '^DEL ' "$WORK/cni-calls.log")
+        [ "$dels" -lt "$adds" ] && log "warning: $adds successful ADD(s) but only $dels DEL(s)"
+    fi
     [ -e "/run/netns/$NODE_NS" ] && ip netns del "$NODE_NS"
     # libcni result cache entries for our network (named <net>-<container id>-<if>).
     rm -f "$CNI_CACHE/results/${NET_NAME}-"* 2>/dev/null
@@ -213,7 +223,22 @@ for f in "$CNI_SYS_DIR"/*; do
     [ -f "$f" ] && [ -x "$f" ] && ln -s "$f" "$WORK/cni-bin/$(basename "$f")"
 done
 rm -f "$WORK/cni-bin/$PLUGIN_TYPE"
-ln -s "$PLUGIN_BIN" "$WORK/cni-bin/$PLUGIN_TYPE"
+CALLS="$WORK/cni-calls.log"
+if [ "${TRACE_PLUGIN:-1}" = 1 ]; then
+    # Thin shim: runs PLUGIN_BIN unchanged (stdin/stdout/env pass through) and
+    # records each call, so we can prove PLUGIN_BIN did the ADDs and DELs.
+    cat >"$WORK/cni-bin/$PLUGIN_TYPE" <<EOF
+#!/bin/sh
+"$PLUGIN_BIN" "\$@"
+rc=\$?
+echo "\${CNI_COMMAND:-?} \${CNI_CONTAINERID:--} \${CNI_IFNAME:--} rc=\$rc" >>"$CALLS"
+exit \$rc
+EOF
+    chmod 755 "$WORK/cni-bin/$PLUGIN_TYPE"
+else
+    ln -s "$PLUGIN_BIN" "$WORK/cni-bin/$PLUGIN_TYPE"
+fi
+: >"$CALLS"
 
 # Conflist from the template.
 CONFLIST="$WORK/net.d/${NET_NAME}.conflist"
@@ -301,15 +326,31 @@ pm import -q --change 'CMD ["/bin/sh"]' "$WORK/rootfs.tar" "$IMAGE" >/dev/null \
     || die "podman import failed"
 
 pm network ls --format '{{.Name}}' | grep -qx "$NET_NAME" \
-    || die "podman does not see network $NET_NAME (config dir $WORK/net.d)"
+    || die "podman does not see network $NET_NAME (config dir $WORK/net.d; invalid conflist, or plugin failed CNI_COMMAND=VERSION?)"
+log "network $NET_NAME: driver $(pm network inspect --format '{{.Driver}}' "$NET_NAME")"
 
 # Container command: TCP responder in background, sleep as the main process.
 CMD="nc -ll -p $TCP_PORT -e /bin/hello & exec sleep 3600"
 for c in "$C1" "$C2"; do
-    pm run -d --pull never --name "$c" --hostname "$c" --network "$NET_NAME" \
-        "$IMAGE" /bin/sh -c "$CMD" >/dev/null || die "podman run $c failed"
-    ns=$(pm inspect -f '{{.NetworkSettings.SandboxKey}}' "$c" 2>/dev/null) && [ -n "$ns" ] && CT_NETNS+=("$ns")
+    # Debug log so that we learn the container netns path even if podman dies
+    # (e.g. timeout while the plugin hangs in ADD); otherwise it would leak.
+    rlog="$WORK/run-$c.log"
+    pm_raw --log-level debug run -d --pull never --name "$c" --hostname "$c" \
+        --network "$NET_NAME" "$IMAGE" /bin/sh -c "$CMD" >/dev/null 2>"$rlog"
+    rc=$?
+    while read -r ns; do CT_NETNS+=("$ns"); done \
+        < <(sed -n 's/.*Made network namespace at \([^ ]*\) for container.*/\1/p' "$rlog")
+    if [ $rc -ne 0 ]; then
+        log "podman run $c -> exit $rc$([ $rc -eq 124 ] && echo " (timed out after ${TMO}s)")"
+        grep -E 'level=(warning|error|fatal)|^Error' "$rlog" | tail -n 20 | sed 's/^/    /' >&2
+        die "podman run $c failed"
+    fi
 done
+
+if [ "${TRACE_PLUGIN:-1}" = 1 ]; then
+    n=$(grep -c '^ADD .* rc=0$' "$CALLS")
+    [ "$n" -ge 2 ] || die "$PLUGIN_TYPE was not called for both containers (successful ADDs: $n)"
+fi
 
 ip_of() {
     pm inspect -f "{{(index .NetworkSettings.Networks \"$NET_NAME\").IPAddress}}" "$1"
@@ -347,11 +388,12 @@ check() {   # check DESCRIPTION CMD...
     fi
 }
 ping_from() { pm_raw exec "$1" ping -c 3 -i 0.2 -W 2 "$2"; }
-tcp_from() {  # retry while the responder starts
+tcp_from() {  # retry (only) while the responder may still be starting
     local i out
     for i in 1 2 3 4 5; do
         out=$(pm_raw exec "$1" nc -w 3 "$2" "$TCP_PORT" </dev/null 2>&1)
         if printf '%s' "$out" | grep -q "tcp-hello-from $3"; then echo "$out"; return 0; fi
+        printf '%s' "$out" | grep -qi 'refused' || break
         sleep 1
     done
     echo "no/wrong answer: $out"; return 1

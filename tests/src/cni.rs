@@ -1,0 +1,162 @@
+//! Calling `sluice-cni` the way a container runtime does: by that name, with the CNI environment
+//! and the network configuration on stdin.
+
+use crate::{run, sluice_bin, Netns};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// A node for the plugin: its namespace (the "host" side of every pod), and a directory with
+/// the plugin installed as `sluice-cni`, the node's subnet.env and IPAM state.
+pub struct CniNode {
+    pub ns: Netns,
+    pub dir: tempfile::TempDir,
+}
+
+/// What one plugin call gave back.
+#[derive(Debug)]
+pub struct Outcome {
+    pub exit: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Outcome {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
+    }
+
+    /// The CNI error code, asserting the call failed the way the spec says (non-zero exit, error
+    /// JSON on stdout) and did not panic.
+    pub fn error_code(&self) -> u64 {
+        assert_ne!(self.exit, 0, "expected a failure: {self:?}");
+        assert!(!self.stderr.contains("panicked"), "the plugin panicked: {self:?}");
+        let j = self.json();
+        assert!(j["msg"].as_str().is_some_and(|m| !m.is_empty()), "error has no msg: {self:?}");
+        j["code"].as_u64().unwrap_or_else(|| panic!("error has no code: {self:?}"))
+    }
+
+    pub fn assert_ok(&self) -> &Self {
+        assert_eq!(self.exit, 0, "plugin call failed: {self:?}");
+        self
+    }
+}
+
+impl CniNode {
+    /// A node namespace holding `subnet` (None: no subnet.env yet), with forwarding on and an
+    /// address of its own so that it can talk to its pods.
+    pub fn new(subnet: Option<&str>) -> Self {
+        let ns = Netns::new("n");
+        ns.sysctl("net.ipv4.ip_forward", "1");
+        // A node address on lo (TEST-NET-1, inside this namespace only) as the source for
+        // host-to-pod traffic.
+        ns.ip(&["addr", "add", "192.0.2.1/32", "dev", "lo"]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("bin")).unwrap();
+        std::os::unix::fs::symlink(sluice_bin(), dir.path().join("bin/sluice-cni")).unwrap();
+        let node = Self { ns, dir };
+        if let Some(s) = subnet {
+            node.set_subnet(s);
+        }
+        node
+    }
+
+    pub fn set_subnet(&self, subnet: &str) {
+        std::fs::write(
+            self.dir.path().join("subnet.env"),
+            format!("SLUICE_NETWORK=10.244.0.0/16\nSLUICE_SUBNET={subnet}\nSLUICE_MTU=1450\nSLUICE_IPMASQ=true\n"),
+        )
+        .unwrap();
+    }
+
+    pub fn plugin(&self) -> PathBuf {
+        self.dir.path().join("bin/sluice-cni")
+    }
+
+    pub fn ipam_dir(&self) -> PathBuf {
+        self.dir.path().join("ipam")
+    }
+
+    /// The network configuration for `version`, with `extra` merged in.
+    pub fn conf(&self, version: &str, extra: Value) -> Value {
+        let mut c = json!({
+            "cniVersion": version,
+            "name": "sluice",
+            "type": "sluice-cni",
+            "subnetFile": self.dir.path().join("subnet.env"),
+            "ipamDir": self.ipam_dir(),
+        });
+        if let (Some(o), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        c
+    }
+
+    /// The IPAM allocations on record (address → owner).
+    pub fn allocations(&self) -> serde_json::Map<String, Value> {
+        match std::fs::read(self.ipam_dir().join("allocations.json")) {
+            Ok(b) => serde_json::from_slice::<Value>(&b).unwrap()["allocations"].as_object().cloned().unwrap_or_default(),
+            Err(_) => Default::default(),
+        }
+    }
+
+    /// Host-side pod veths in the node.
+    pub fn pod_links(&self) -> Vec<String> {
+        self.ns.links().into_iter().filter(|l| l.starts_with("sl")).collect()
+    }
+
+    /// Host routes sluice installed (proto 77).
+    pub fn pod_routes(&self) -> Vec<Value> {
+        self.ns.routes().into_iter().filter(|r| r["protocol"] == "77").collect()
+    }
+
+    /// Calls the plugin inside the node namespace, as the runtime would, with the raw `stdin`
+    /// and the `CNI_*` variables in `env`.
+    pub fn call_raw(&self, env: &[(&str, &str)], stdin: &[u8]) -> Outcome {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns.name]).arg(self.plugin());
+        call(cmd, env, stdin)
+    }
+
+    /// Calls `command` for (`container`, `ifname`) in `netns` with `conf`.
+    pub fn call(&self, command: &str, container: &str, netns: Option<&Path>, conf: &Value) -> Outcome {
+        let netns = netns.map(|p| p.display().to_string()).unwrap_or_default();
+        let env = [
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", container),
+            ("CNI_NETNS", netns.as_str()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/opt/cni/bin"),
+            ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=e2e;K8S_POD_NAME=p"),
+        ];
+        self.call_raw(&env, conf.to_string().as_bytes())
+    }
+}
+
+/// Runs a prepared plugin command with exactly `env` as its CNI environment.
+pub fn call(mut cmd: Command, env: &[(&str, &str)], stdin: &[u8]) -> Outcome {
+    for key in ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH"] {
+        cmd.env_remove(key);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    if let Some(mut input) = child.stdin.take() {
+        // A plugin that fails before reading stdin closes the pipe; that is its answer.
+        let _ = input.write_all(stdin);
+    }
+    let out = child.wait_with_output().unwrap();
+    Outcome {
+        exit: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs `program` with `args` and returns its output, for commands the tests read.
+pub fn output(program: &str, args: &[&str]) -> std::process::Output {
+    run(Command::new(program).args(args))
+}
