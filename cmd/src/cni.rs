@@ -79,6 +79,9 @@ fn run(stdin: &[u8], requested: Option<&str>) -> Result<Option<serde_json::Value
             _ => None,
         };
         let mut kernel = RtNetlink::connect(pod_netns)?;
+        if let Ok(exe) = std::env::current_exe() {
+            kernel = kernel.with_background_reclaim(exe);
+        }
         match command {
             Command::Add => plugin::add(&conf, &req, &mut kernel).await.map(Some),
             Command::Del => plugin::del(&conf, &req, &mut kernel).await.map(|()| None),
@@ -88,4 +91,20 @@ fn run(stdin: &[u8], requested: Option<&str>) -> Result<Option<serde_json::Value
             Command::Version => Ok(Some(cni::version_info(requested))),
         }
     })
+}
+
+/// `sluice __delete-link INDEX NAME`, spawned detached by DEL.
+pub fn delete_link(index: u32, name: &str) -> ExitCode {
+    let done = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            rt.block_on(sluice_net::kernel::delete_link(index, name))
+                .map_err(|e| e.to_string())
+        });
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
 }

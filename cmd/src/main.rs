@@ -30,6 +30,9 @@ enum Cmd {
     },
     /// Run the CNI plugin, as `sluice-cni` would (CNI_* environment, config on stdin).
     Cni,
+    /// Internal: delete one link, detached from the CNI DEL that asked for it.
+    #[command(name = "__delete-link", hide = true)]
+    DeleteLink { index: u32, name: String },
 }
 
 fn main() -> ExitCode {
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Cmd::Cni => cni::main(),
+        Cmd::DeleteLink { index, name } => cni::delete_link(index, &name),
     }
 }
 

@@ -44,6 +44,27 @@ pub enum KernelError {
     NoPodNetns,
 }
 
+/// The hidden `sluice` subcommand that deletes one link (`INDEX NAME`) for
+/// [`RtNetlink::with_background_reclaim`].
+pub const DELETE_LINK_ARG: &str = "__delete-link";
+
+/// How long DEL waits for a detached deletion before doing it in place.
+const UNLINK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Deletes the link `index` of the calling thread's namespace if it is still named `name`.
+pub async fn delete_link(index: u32, name: &str) -> Result<(), KernelError> {
+    let handle = connect()?;
+    match link_by_name(&handle, name).await? {
+        Some(l) if l.header.index == index => handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(KernelError::netlink("deleting link", name)),
+        _ => Ok(()),
+    }
+}
+
 impl KernelError {
     fn netlink(
         op: &'static str,
@@ -94,6 +115,12 @@ pub trait PodKernel {
     async fn configure_pod(&mut self, plan: &PodPlan) -> Result<(), KernelError>;
     /// Deletes a host link (and so its veth peer); false if it was not there.
     async fn delete_host_link(&mut self, name: &str) -> Result<bool, KernelError>;
+    /// Like [`delete_host_link`](Self::delete_host_link), but returns once the link and its
+    /// routes are gone from the namespace, possibly before the kernel has finished reclaiming
+    /// it; DEL uses it to stay off the pod's critical path.
+    async fn unlink_host_link(&mut self, name: &str) -> Result<bool, KernelError> {
+        self.delete_host_link(name).await
+    }
     /// What is in place for `plan`.
     async fn observe(&mut self, plan: &PodPlan) -> Result<ObservedPod, KernelError>;
     /// Names of the veth links in the host namespace.
@@ -104,6 +131,8 @@ pub trait PodKernel {
 pub struct RtNetlink {
     host: Handle,
     pod: Option<PodNs>,
+    /// The `sluice` executable, to run [`DELETE_LINK_ARG`] in a detached process.
+    reclaimer: Option<PathBuf>,
     /// Root of `/proc/sys` for the host namespace; the calling thread's namespace is the host's.
     sysctl_root: PathBuf,
 }
@@ -134,8 +163,18 @@ impl RtNetlink {
         Ok(Self {
             host,
             pod,
+            reclaimer: None,
             sysctl_root: PathBuf::from("/proc/sys"),
         })
+    }
+
+    /// Lets [`PodKernel::unlink_host_link`] hand a link's deletion to `exe DELETE_LINK_ARG INDEX
+    /// NAME`, a detached process. Deleting a veth takes the kernel ~15-20 ms, nearly all of it an
+    /// `rcu_barrier()` that runs after the link has already left the namespace; the detached
+    /// process sits out that wait instead of the runtime that called DEL.
+    pub fn with_background_reclaim(mut self, exe: PathBuf) -> Self {
+        self.reclaimer = Some(exe);
+        self
     }
 
     fn pod(&self) -> Result<&PodNs, KernelError> {
@@ -400,6 +439,47 @@ impl PodKernel for RtNetlink {
                 }
             }
         }
+    }
+
+    async fn unlink_host_link(&mut self, name: &str) -> Result<bool, KernelError> {
+        let Some(link) = link_by_name(&self.host, name).await? else {
+            return Ok(false);
+        };
+        let index = link.header.index;
+        let Some(exe) = &self.reclaimer else {
+            return self.delete_host_link(name).await;
+        };
+        let spawned = std::process::Command::new(exe)
+            .arg(DELETE_LINK_ARG)
+            .arg(index.to_string())
+            .arg(name)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot spawn the link reclaimer; deleting in place");
+                return self.delete_host_link(name).await;
+            }
+        };
+        let deadline = std::time::Instant::now() + UNLINK_WAIT;
+        loop {
+            match link_by_name(&self.host, name).await? {
+                None => return Ok(true),
+                Some(l) if l.header.index != index => return Ok(true),
+                Some(_) => {}
+            }
+            // The helper ended and the link is still there (it failed), or it is taking too
+            // long: delete in place, which reports the kernel's error if there is one.
+            let finished = matches!(child.try_wait(), Ok(Some(_)) | Err(_));
+            if finished || std::time::Instant::now() > deadline {
+                return self.delete_host_link(name).await;
+            }
+            tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+        }
+        // `child` is dropped without waiting: it finishes the kernel's reclaim on its own.
     }
 
     async fn observe(&mut self, plan: &PodPlan) -> Result<ObservedPod, KernelError> {

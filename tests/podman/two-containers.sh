@@ -28,6 +28,8 @@
 # nsenter, ip, timeout, /usr/lib/cni (containernetworking-plugins).
 
 set -u -o pipefail
+exec 3>&1 4>&2   # original stdout/stderr, restored in cleanup (traps can fire
+                 # while a redirection such as 2>"$rlog" is in effect)
 
 T0=$(date +%s.%N)
 elapsed() { awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN{printf "+%.1fs", b-a}'; }
@@ -49,19 +51,20 @@ TEMPLATE=$3
 [ -f "$PLUGIN_BIN" ] && [ -x "$PLUGIN_BIN" ] || die "PLUGIN_BIN '$PLUGIN_BIN' is not an executable file"
 [[ "$PLUGIN_TYPE" =~ ^[A-Za-z0-9._-]+$ ]] || die "PLUGIN_TYPE '$PLUGIN_TYPE' is not a plain file name"
 [ -r "$TEMPLATE" ] || die "CONFLIST_TEMPLATE '$TEMPLATE' is not readable"
-for c in podman runc conmon nsenter ip timeout mktemp tar realpath; do
+for c in podman runc conmon nsenter ip timeout mktemp tar realpath mountpoint; do
     command -v "$c" >/dev/null 2>&1 || die "missing command: $c"
 done
 BUSYBOX=${BUSYBOX:-$(command -v busybox || true)}
 [ -x "$BUSYBOX" ] || die "busybox not found"
 # The image only contains busybox, so it must be statically linked.
-if command -v ldd >/dev/null 2>&1 && ldd "$BUSYBOX" 2>/dev/null | grep -q '=>'; then
+if command -v ldd >/dev/null 2>&1 && [[ "$(ldd "$BUSYBOX" 2>&1)" == *"=>"* ]]; then
     die "$BUSYBOX is dynamically linked; install busybox-static"
 fi
 CNI_SYS_DIR=${CNI_SYS_DIR:-/usr/lib/cni}
 [ -d "$CNI_SYS_DIR" ] || die "$CNI_SYS_DIR missing (containernetworking-plugins)"
 
-PLUGIN_BIN=$(realpath "$PLUGIN_BIN")
+# -s: keep a symlink's own name, which busybox-style plugins dispatch on (argv[0]).
+PLUGIN_BIN=$(realpath -s "$PLUGIN_BIN")
 TEMPLATE=$(realpath "$TEMPLATE")
 SUBNET=${SUBNET:-10.88.7.0/24}
 STORAGE_DRIVER=${STORAGE_DRIVER:-vfs}
@@ -79,6 +82,7 @@ TCP_PORT=7777
 CNI_CACHE=/var/lib/cni          # libcni's default cache dir (podman does not override it)
 
 WORK=""
+PM_PID=""
 CT_NETNS=()                      # container netns paths, for leak-proof cleanup
 CREATED_RUN_NETNS=0
 [ -d /run/netns ] || CREATED_RUN_NETNS=1
@@ -95,9 +99,16 @@ CLEANED=0
 
 # ---------------------------------------------------------------- cleanup --
 pm_raw() {   # podman with our private config, inside the node netns, bounded
+    # Run in the background and `wait`, so that an INT/TERM trap fires at once
+    # instead of after the podman call (stdin is /dev/null; none of ours reads it).
     timeout -k 5 "$TMO" nsenter --net="/run/netns/$NODE_NS" \
         env CONTAINERS_CONF="$WORK/containers.conf" TMPDIR="$WORK/tmp" \
-        podman "${PODMAN_FLAGS[@]}" "$@"
+        podman "${PODMAN_FLAGS[@]}" "$@" </dev/null &
+    PM_PID=$!                    # timeout(1) leads its own process group
+    wait "$PM_PID"
+    local rc=$?
+    PM_PID=""
+    return $rc
 }
 
 cleanup() {
@@ -106,6 +117,16 @@ cleanup() {
     CLEANED=1
     trap - EXIT; trap "" INT TERM
     set +e
+    exec 1>&3 2>&4
+    # A podman call still in flight (we were interrupted): stop it first, it
+    # would otherwise hold podman's locks while we clean up.
+    if [ -n "${PM_PID:-}" ] && kill -0 "$PM_PID" 2>/dev/null; then
+        log "stopping in-flight podman call (pid $PM_PID)"
+        kill -TERM -- "-$PM_PID" 2>/dev/null
+        local j
+        for j in $(seq 1 25); do kill -0 "$PM_PID" 2>/dev/null || break; sleep 0.2; done
+        kill -KILL -- "-$PM_PID" 2>/dev/null
+    fi
     if [ "$rc" != 0 ] && [ "${KEEP_ON_FAIL:-0}" = 1 ] && [ -t 0 ]; then
         log "KEEP_ON_FAIL: state kept in $WORK, netns $NODE_NS; press ENTER to clean up"
         read -r _
@@ -116,8 +137,16 @@ cleanup() {
         pm_raw rm -f -t 0 --all >/dev/null 2>&1 || log "warning: podman rm failed"
         pm_raw rmi -f --all >/dev/null 2>&1
     fi
-    # Leftover processes started for this run (conmon, container processes,
-    # podman cleanup helpers) all reference $WORK on their command line.
+    # Containers podman failed to remove: kill + delete them with runc directly.
+    if [ -n "$WORK" ] && [ -x "$WORK/bin/runc" ]; then
+        local id
+        for id in $(timeout 20 "$WORK/bin/runc" list -q 2>/dev/null); do
+            log "runc delete --force $id (podman left it)"
+            timeout 20 "$WORK/bin/runc" delete --force "$id" >/dev/null 2>&1
+        done
+    fi
+    # Leftover processes started for this run (conmon, podman cleanup helpers,
+    # a hung CNI plugin) reference $WORK in their command line or environment.
     if [ -n "$WORK" ]; then
         local p pids=()
         for p in /proc/[0-9]*; do
@@ -125,8 +154,7 @@ cleanup() {
             [ "$p" = "$$" ] || [ "$p" = "${BASHPID:-$$}" ] && continue
             # cmdline (conmon, podman, shim) or env (anything podman spawned,
             # e.g. a hung CNI plugin: CONTAINERS_CONF/CNI_PATH point into $WORK)
-            cat "/proc/$p/cmdline" "/proc/$p/environ" 2>/dev/null | tr '\0' '\n' \
-                | grep -qF -- "$WORK/" && pids+=("$p")
+            grep -qsaF -- "$WORK/" "/proc/$p/cmdline" "/proc/$p/environ" && pids+=("$p")
         done
         if [ ${#pids[@]} -gt 0 ]; then
             log "killing leftover processes: ${pids[*]}"
@@ -142,6 +170,17 @@ cleanup() {
             for m in "${mnts[@]}"; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null; done
         done
     fi
+    # Per-run cgroup parent (/sys/fs/cgroup/<ctrl>/$PFX: containers + conmon).
+    local cg
+    for cg in /sys/fs/cgroup/*/"$PFX"; do
+        [ -d "$cg" ] || continue
+        for i in 1 2 3 4 5; do
+            find "$cg" -depth -type d -exec rmdir {} \; 2>/dev/null
+            [ -d "$cg" ] || break
+            sleep 0.2
+        done
+        [ -d "$cg" ] && log "warning: cannot remove cgroup $cg"
+    done
     # Container netns that podman did not remove for whatever reason.
     local ns
     for ns in "${CT_NETNS[@]}"; do
@@ -157,6 +196,21 @@ cleanup() {
         adds=$(grep -c '^ADD .* rc=0$' "$WORK/cni-calls.log")
         dels=$(grep -c '^DEL ' "$WORK/cni-calls.log")
         [ "$dels" -lt "$adds" ] && log "warning: $adds successful ADD(s) but only $dels DEL(s)"
+    fi
+    # A podman killed between creating /run/netns/netns-<uuid> and bind-mounting
+    # the namespace onto it leaves an empty plain file behind (`ip netns list`
+    # then prints "Peer netns reference is invalid"). Remove such files that
+    # appeared during this run and stay unmounted.
+    if [ -n "$WORK" ] && [ -e "$WORK/.t0" ]; then
+        local f
+        for f in /run/netns/netns-*; do
+            [ -f "$f" ] && [ "$f" -nt "$WORK/.t0" ] || continue
+            mountpoint -q "$f" && continue
+            sleep 0.2
+            mountpoint -q "$f" && continue
+            log "removing half-created netns file $f"
+            rm -f "$f"
+        done
     fi
     [ -e "/run/netns/$NODE_NS" ] && ip netns del "$NODE_NS"
     # libcni result cache entries for our network (named <net>-<container id>-<if>).
@@ -184,7 +238,8 @@ cleanup() {
     fi
     [ "$CREATED_RUN_MOUNT" = 1 ] && rmdir /run/mount 2>/dev/null
     local left
-    left=$(ip netns list 2>/dev/null | grep -F "$PFX"; grep -F "$PFX" /proc/self/mountinfo)
+    left=$(ip netns list 2>/dev/null | grep -F "$PFX"; grep -F "$PFX" /proc/self/mountinfo
+           ls -d /sys/fs/cgroup/*/"$PFX" "$WORK" 2>/dev/null)
     [ -n "$left" ] && log "warning: leftovers: $left"
     log "done; result: $([ "$rc" = 0 ] && echo PASS || echo "FAIL ($rc)")"
     exit "$rc"
@@ -196,6 +251,7 @@ trap 'exit 143' TERM
 # ---------------------------------------------------------------- setup ----
 WORK=$(mktemp -d "/tmp/${PFX}.XXXXXX") || die "mktemp failed"
 chmod 755 "$WORK"
+touch "$WORK/.t0"
 mkdir -p "$WORK"/{root,runroot,libpod-tmp,tmp,cni-bin,net.d,ipam,rootfs,bin,runc}
 RUNC=$(command -v runc)
 # runc wrapper keeping runc's state (--root, default /run/runc) in $WORK. A
@@ -283,6 +339,7 @@ events_logger = "file"
 events_logfile_path = "$WORK/libpod-tmp/events.log"
 tmp_dir = "$WORK/libpod-tmp"
 volume_path = "$WORK/root/volumes"
+image_copy_tmp_dir = "$WORK/tmp"
 lock_type = "file"
 no_pivot_root = false
 
@@ -325,7 +382,10 @@ tar --numeric-owner -C "$R" -cf "$WORK/rootfs.tar" . || die "tar failed"
 pm import -q --change 'CMD ["/bin/sh"]' "$WORK/rootfs.tar" "$IMAGE" >/dev/null \
     || die "podman import failed"
 
-pm network ls --format '{{.Name}}' | grep -qx "$NET_NAME" \
+NETS=$(pm network ls --format '{{.Name}}') || die "podman network ls failed"
+# (no `pm ... | grep -q` anywhere: with pipefail, grep -q closing the pipe early
+#  makes podman die of SIGPIPE, exit 141, and the check fail randomly)
+printf '%s\n' "$NETS" | grep -qx "$NET_NAME" \
     || die "podman does not see network $NET_NAME (config dir $WORK/net.d; invalid conflist, or plugin failed CNI_COMMAND=VERSION?)"
 log "network $NET_NAME: driver $(pm network inspect --format '{{.Driver}}' "$NET_NAME")"
 
@@ -336,6 +396,7 @@ for c in "$C1" "$C2"; do
     # (e.g. timeout while the plugin hangs in ADD); otherwise it would leak.
     rlog="$WORK/run-$c.log"
     pm_raw --log-level debug run -d --pull never --name "$c" --hostname "$c" \
+        --cgroup-parent "/$PFX" \
         --network "$NET_NAME" "$IMAGE" /bin/sh -c "$CMD" >/dev/null 2>"$rlog"
     rc=$?
     while read -r ns; do CT_NETNS+=("$ns"); done \
@@ -392,8 +453,8 @@ tcp_from() {  # retry (only) while the responder may still be starting
     local i out
     for i in 1 2 3 4 5; do
         out=$(pm_raw exec "$1" nc -w 3 "$2" "$TCP_PORT" </dev/null 2>&1)
-        if printf '%s' "$out" | grep -q "tcp-hello-from $3"; then echo "$out"; return 0; fi
-        printf '%s' "$out" | grep -qi 'refused' || break
+        if [[ "$out" == *"tcp-hello-from $3"* ]]; then echo "$out"; return 0; fi
+        [[ "$out" == *[Rr]efused* ]] || break
         sleep 1
     done
     echo "no/wrong answer: $out"; return 1

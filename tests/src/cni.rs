@@ -24,17 +24,26 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
     }
 
     /// The CNI error code, asserting the call failed the way the spec says (non-zero exit, error
     /// JSON on stdout) and did not panic.
     pub fn error_code(&self) -> u64 {
         assert_ne!(self.exit, 0, "expected a failure: {self:?}");
-        assert!(!self.stderr.contains("panicked"), "the plugin panicked: {self:?}");
+        assert!(
+            !self.stderr.contains("panicked"),
+            "the plugin panicked: {self:?}"
+        );
         let j = self.json();
-        assert!(j["msg"].as_str().is_some_and(|m| !m.is_empty()), "error has no msg: {self:?}");
-        j["code"].as_u64().unwrap_or_else(|| panic!("error has no code: {self:?}"))
+        assert!(
+            j["msg"].as_str().is_some_and(|m| !m.is_empty()),
+            "error has no msg: {self:?}"
+        );
+        j["code"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("error has no code: {self:?}"))
     }
 
     pub fn assert_ok(&self) -> &Self {
@@ -96,31 +105,49 @@ impl CniNode {
     /// The IPAM allocations on record (address → owner).
     pub fn allocations(&self) -> serde_json::Map<String, Value> {
         match std::fs::read(self.ipam_dir().join("allocations.json")) {
-            Ok(b) => serde_json::from_slice::<Value>(&b).unwrap()["allocations"].as_object().cloned().unwrap_or_default(),
+            Ok(b) => serde_json::from_slice::<Value>(&b).unwrap()["allocations"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
             Err(_) => Default::default(),
         }
     }
 
     /// Host-side pod veths in the node.
     pub fn pod_links(&self) -> Vec<String> {
-        self.ns.links().into_iter().filter(|l| l.starts_with("sl")).collect()
+        self.ns
+            .links()
+            .into_iter()
+            .filter(|l| l.starts_with("sl"))
+            .collect()
     }
 
     /// Host routes sluice installed (proto 77).
     pub fn pod_routes(&self) -> Vec<Value> {
-        self.ns.routes().into_iter().filter(|r| r["protocol"] == "77").collect()
+        self.ns
+            .routes()
+            .into_iter()
+            .filter(|r| r["protocol"] == "77")
+            .collect()
     }
 
     /// Calls the plugin inside the node namespace, as the runtime would, with the raw `stdin`
     /// and the `CNI_*` variables in `env`.
     pub fn call_raw(&self, env: &[(&str, &str)], stdin: &[u8]) -> Outcome {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns.name]).arg(self.plugin());
+        cmd.args(["netns", "exec", &self.ns.name])
+            .arg(self.plugin());
         call(cmd, env, stdin)
     }
 
     /// Calls `command` for (`container`, `ifname`) in `netns` with `conf`.
-    pub fn call(&self, command: &str, container: &str, netns: Option<&Path>, conf: &Value) -> Outcome {
+    pub fn call(
+        &self,
+        command: &str,
+        container: &str,
+        netns: Option<&Path>,
+        conf: &Value,
+    ) -> Outcome {
         let netns = netns.map(|p| p.display().to_string()).unwrap_or_default();
         let env = [
             ("CNI_COMMAND", command),
@@ -128,7 +155,10 @@ impl CniNode {
             ("CNI_NETNS", netns.as_str()),
             ("CNI_IFNAME", "eth0"),
             ("CNI_PATH", "/opt/cni/bin"),
-            ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=e2e;K8S_POD_NAME=p"),
+            (
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=e2e;K8S_POD_NAME=p",
+            ),
         ];
         self.call_raw(&env, conf.to_string().as_bytes())
     }
@@ -136,14 +166,25 @@ impl CniNode {
 
 /// Runs a prepared plugin command with exactly `env` as its CNI environment.
 pub fn call(mut cmd: Command, env: &[(&str, &str)], stdin: &[u8]) -> Outcome {
-    for key in ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH"] {
+    for key in [
+        "CNI_COMMAND",
+        "CNI_CONTAINERID",
+        "CNI_NETNS",
+        "CNI_IFNAME",
+        "CNI_ARGS",
+        "CNI_PATH",
+    ] {
         cmd.env_remove(key);
     }
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
     if let Some(mut input) = child.stdin.take() {
         // A plugin that fails before reading stdin closes the pipe; that is its answer.
         let _ = input.write_all(stdin);

@@ -21,7 +21,10 @@ pub fn have_root() -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
-    assert!(std::env::var_os("CI").is_none(), "CI must run the namespace tests as root");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must run the namespace tests as root"
+    );
     eprintln!("skipping: needs root");
     false
 }
@@ -35,18 +38,28 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// A fresh unique name with this run's prefix.
 pub fn unique(tag: &str) -> String {
-    format!("{}{}{}", run_prefix(), tag, COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}{}{}",
+        run_prefix(),
+        tag,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs a command and returns its output; panics with its stderr when it cannot be started.
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
 }
 
 /// Runs a command that must succeed.
 pub fn sh(args: &[&str]) -> String {
     let out = run(Command::new(args[0]).args(&args[1..]));
-    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -94,8 +107,14 @@ impl Netns {
     }
 
     pub fn sysctl(&self, key: &str, value: &str) {
-        let out = run(self.command("sysctl").args(["-qw", &format!("{key}={value}")]));
-        assert!(out.status.success(), "sysctl {key}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = run(self
+            .command("sysctl")
+            .args(["-qw", &format!("{key}={value}")]));
+        assert!(
+            out.status.success(),
+            "sysctl {key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Names of the links in the namespace.
@@ -114,14 +133,20 @@ impl Netns {
     /// One ping, bounded by `timeout`; true when answered.
     pub fn ping(&self, dst: &str, timeout: Duration) -> bool {
         let secs = timeout.as_secs().max(1).to_string();
-        run(self.command("ping").args(["-c", "1", "-W", &secs, "-q", dst])).status.success()
+        run(self
+            .command("ping")
+            .args(["-c", "1", "-W", &secs, "-q", dst]))
+        .status
+        .success()
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace takes every link in it along (veth peers included).
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -148,6 +173,10 @@ pub fn sluice_bin() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
     let bin = target.join("debug/sluice");
-    assert!(bin.exists(), "{} is missing: run `cargo build` before the tests (README)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build` before the tests (README)",
+        bin.display()
+    );
     bin
 }

@@ -136,7 +136,7 @@ pub async fn del<K: PodKernel>(
     kernel: &mut K,
 ) -> Result<(), CniError> {
     let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
-    let removed_link = kernel.delete_host_link(&host_ifname).await?;
+    let removed_link = kernel.unlink_host_link(&host_ifname).await?;
     let freed = IpamStore::new(&conf.ipam_dir).update(|s| s.release(&owner(req)))?;
     info!(container_id = %req.container_id, pod = ?req.pod(), removed_link, freed = ?freed, "pod unwired");
     Ok(())
