@@ -1,7 +1,9 @@
 //! `sluice`: one binary, named by its call. Invoked as `sluice-cni` (the basename of argv[0], as
 //! container runtimes call CNI plugins) it is the CNI plugin; otherwise the subcommand decides.
 
+mod agent;
 mod cni;
+mod lab;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -33,6 +35,11 @@ enum Cmd {
     /// Internal: delete one link, detached from the CNI DEL that asked for it.
     #[command(name = "__delete-link", hide = true)]
     DeleteLink { index: u32, name: String },
+    /// The node agent: subnet lease, tunnels to the peers, masquerade.
+    Agent(agent::AgentArgs),
+    /// A cluster on one machine: nodes and pods in network namespaces, an embedded API server.
+    #[command(subcommand)]
+    Lab(lab::LabCmd),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +58,26 @@ fn main() -> ExitCode {
         }
         Cmd::Cni => cni::main(),
         Cmd::DeleteLink { index, name } => cni::delete_link(index, &name),
+        Cmd::Agent(args) => {
+            init_tracing();
+            match agent::main(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "sluice agent failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Lab(cmd) => {
+            init_tracing();
+            match lab::main(cmd) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sluice lab: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
@@ -64,4 +91,15 @@ fn print_version(json: bool) {
     } else {
         println!("sluice {version} (commit {commit}, {profile} build)");
     }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
 }

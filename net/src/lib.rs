@@ -3,14 +3,20 @@
 //!
 //! Deciding is kept apart from doing: [`cni`] parses and shapes protocol data, [`podnet`] turns a
 //! request into a plain [`podnet::PodPlan`], [`ipam`] picks addresses; only [`kernel`] and
-//! [`netns`] touch the kernel.
+//! [`netns`] touch the kernel. The node agent's half: [`lease`] decides subnets from plain lease
+//! data (the API behind a [`lease::store::LeaseStore`]), [`vxlan`] plans, diffs and applies the
+//! overlay, [`masq`] the NAT table, [`ethtool`] switches offloads over generic netlink.
 
 pub mod cni;
+pub mod ethtool;
 pub mod ipam;
 pub mod kernel;
+pub mod lease;
+pub mod masq;
 pub mod netns;
 pub mod podnet;
 pub mod subnet_env;
+pub mod vxlan;
 
 /// Route protocol number sluice stamps on every route it installs (`ip route ... proto 77`), so
 /// that what sluice owns is recognisable and can be swept without touching anybody else's routes.

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod cni;
+pub mod lab;
 
 use serde_json::Value;
 use std::path::PathBuf;

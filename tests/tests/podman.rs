@@ -4,6 +4,8 @@
 //! storage and cleans up on every exit path; this test gives it the plugin and checks what the
 //! plugin left behind.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use sluice_e2e::{have_root, sluice_bin};
 use std::path::Path;
 use std::process::Command;

@@ -1,0 +1,737 @@
+//! Write semantics (create, update, patch, delete, bind, garbage collection) over the store,
+//! free of HTTP.
+
+use serde_json::{json, Value};
+
+use crate::managed;
+use crate::objects::{
+    self, finalizers, metadata_mut, name_of, namespace_of, rv_of, timestamp, uid_of,
+};
+use crate::patch;
+use crate::resources::{self, Resource, NAMESPACES, PODS};
+use crate::status::{ApiError, Cause};
+use crate::store::Store;
+
+/// Per-request context.
+#[derive(Debug, Clone)]
+pub(crate) struct Ctx {
+    pub now: jiff::Timestamp,
+    pub dry_run: bool,
+    /// Field manager (from `fieldManager` or the user agent).
+    pub manager: String,
+}
+
+impl Ctx {
+    pub fn now_text(&self) -> String {
+        timestamp(self.now)
+    }
+}
+
+/// The PATCH flavours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PatchType {
+    Json,
+    Merge,
+    Strategic,
+    Apply { force: bool },
+}
+
+/// `DeleteOptions` (from the body and the query).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DeleteOpts {
+    pub grace_period: Option<i64>,
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
+    pub propagation: Option<String>,
+}
+
+/// Sets kind/apiVersion and the namespace from the URL; rejects a mismatched namespace.
+fn normalize(res: &Resource, url_ns: &str, mut body: Value) -> Result<Value, ApiError> {
+    let Value::Object(m) = &mut body else {
+        return Err(ApiError::bad_request(format!(
+            "Object '{}' is not a JSON object",
+            res.kind
+        )));
+    };
+    if let Some(kind) = m.get("kind").and_then(Value::as_str) {
+        if !kind.is_empty() && kind != res.kind {
+            return Err(ApiError::bad_request(format!(
+                "{kind} in version \"{}\" cannot be handled as a {}: the kind of the body does not match the resource",
+                res.version, res.kind
+            )));
+        }
+    }
+    if let Some(av) = m.get("apiVersion").and_then(Value::as_str) {
+        if !av.is_empty() && av != res.api_version() {
+            return Err(ApiError::bad_request(format!(
+                "the API version in the data ({av}) does not match the expected API version ({})",
+                res.api_version()
+            )));
+        }
+    }
+    m.insert("kind".into(), json!(res.kind));
+    m.insert("apiVersion".into(), json!(res.api_version()));
+    let md = metadata_mut(&mut body);
+    if res.namespaced {
+        match md.get("namespace").and_then(Value::as_str) {
+            None | Some("") => {
+                md.insert("namespace".into(), json!(url_ns));
+            }
+            Some(ns) if ns != url_ns => {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ))
+            }
+            Some(_) => {}
+        }
+    } else {
+        md.remove("namespace");
+    }
+    Ok(body)
+}
+
+fn check_namespace(s: &Store, res: &Resource, ns: &str, name: &str) -> Result<(), ApiError> {
+    if !res.namespaced {
+        return Ok(());
+    }
+    match s.get(&NAMESPACES, "", ns) {
+        None => Err(ApiError::not_found(&NAMESPACES, ns)),
+        Some(n) if n.pointer("/metadata/deletionTimestamp").is_some() => Err(ApiError::forbidden(
+            res,
+            name,
+            &format!(
+                "unable to create new content in namespace {ns} because it is being terminated"
+            ),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Fills what the server owns on a new object and stores it.
+fn finish_create(
+    s: &mut Store,
+    res: &Resource,
+    mut obj: Value,
+    ctx: &Ctx,
+    apply: bool,
+) -> Result<Value, ApiError> {
+    {
+        let md = metadata_mut(&mut obj);
+        if md
+            .get("name")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            if let Some(prefix) = md.get("generateName").and_then(Value::as_str) {
+                if !prefix.is_empty() {
+                    let n = objects::generate_name(prefix);
+                    md.insert("name".into(), json!(n));
+                }
+            }
+        }
+    }
+    objects::apply_defaults(res, &mut obj);
+    objects::prepare_for_create(res, &mut obj);
+    objects::validate(res, &obj)?;
+    let (ns, name) = (namespace_of(&obj).to_string(), name_of(&obj).to_string());
+    check_namespace(s, res, &ns, &name)?;
+    if s.get(res, &ns, &name).is_some() {
+        return Err(ApiError::already_exists(res, &name));
+    }
+    let now = ctx.now_text();
+    {
+        let md = metadata_mut(&mut obj);
+        md.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
+        md.insert("creationTimestamp".into(), json!(now));
+        for f in [
+            "resourceVersion",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "selfLink",
+        ] {
+            md.remove(f);
+        }
+        if res.generation {
+            md.insert("generation".into(), json!(1));
+        } else {
+            md.remove("generation");
+        }
+    }
+    if !apply {
+        let mut stripped = obj.clone();
+        if res.status_subresource {
+            if let Some(m) = stripped.as_object_mut() {
+                m.remove("status");
+            }
+        }
+        managed::record_update(
+            None,
+            &mut stripped,
+            &ctx.manager,
+            &res.api_version(),
+            "",
+            &now,
+        );
+        let mf = stripped.pointer("/metadata/managedFields").cloned();
+        let md = metadata_mut(&mut obj);
+        match mf {
+            Some(mf) => md.insert("managedFields".into(), mf),
+            None => md.remove("managedFields"),
+        };
+    }
+    if ctx.dry_run {
+        return Ok(obj);
+    }
+    Ok(s.put(res, obj))
+}
+
+pub(crate) fn create(
+    s: &mut Store,
+    res: &Resource,
+    url_ns: &str,
+    body: Value,
+    ctx: &Ctx,
+) -> Result<Value, ApiError> {
+    let mut obj = normalize(res, url_ns, body)?;
+    metadata_mut(&mut obj).remove("managedFields");
+    finish_create(s, res, obj, ctx, false)
+}
+
+/// The common tail of PUT and PATCH: carry-over, validation, no-op detection, finalizers, store.
+fn commit_update(
+    s: &mut Store,
+    res: &Resource,
+    old: &Value,
+    mut new: Value,
+    status_write: bool,
+    record: bool,
+    ctx: &Ctx,
+) -> Result<Value, ApiError> {
+    let name = name_of(old).to_string();
+    if name_of(&new) != name || namespace_of(&new) != namespace_of(old) {
+        return Err(ApiError::invalid(
+            res,
+            &name,
+            vec![Cause {
+                reason: "FieldValueInvalid",
+                message: format!("Invalid value: {:?}: field is immutable", name_of(&new)),
+                field: "metadata.name".into(),
+            }],
+        ));
+    }
+    objects::apply_defaults(res, &mut new);
+    objects::prepare_for_update(res, old, &mut new, status_write);
+    objects::validate(res, &new)?;
+    crate::validate::update_rules(res, old, &new)?;
+    if res.name == "pods" && !status_write {
+        objects::check_pod_update(old, &new).map_err(|c| ApiError::invalid(res, &name, vec![c]))?;
+    }
+    let now = ctx.now_text();
+    if record {
+        let sub = if status_write { "status" } else { "" };
+        managed::record_update(
+            Some(old),
+            &mut new,
+            &ctx.manager,
+            &res.api_version(),
+            sub,
+            &now,
+        );
+    }
+    metadata_mut(&mut new).insert("resourceVersion".into(), json!(rv_of(old)));
+    if without_times(&new) == without_times(old) {
+        return Ok(old.clone());
+    }
+    if ctx.dry_run {
+        return Ok(new);
+    }
+    let deleting = new.pointer("/metadata/deletionTimestamp").is_some();
+    let grace_done = new
+        .pointer("/metadata/deletionGracePeriodSeconds")
+        .and_then(Value::as_i64)
+        .is_none_or(|g| g == 0);
+    if deleting && finalizers(&new).is_empty() && grace_done {
+        s.put(res, new);
+        return finalize(s, res, namespace_of(old), &name, ctx, true)
+            .ok_or_else(|| ApiError::not_found(res, &name));
+    }
+    Ok(s.put(res, new))
+}
+
+/// Objects compared for no-op detection: managedFields timestamps do not count.
+fn without_times(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(Value::Array(mf)) = v.pointer_mut("/metadata/managedFields") {
+        for e in mf.iter_mut().filter_map(Value::as_object_mut) {
+            e.remove("time");
+        }
+    }
+    v
+}
+
+fn check_preconditions(res: &Resource, old: &Value, new: &Value) -> Result<(), ApiError> {
+    let name = name_of(old);
+    let rv = rv_of(new);
+    if !rv.is_empty() && rv != rv_of(old) {
+        return Err(ApiError::stale(res, name));
+    }
+    let uid = uid_of(new);
+    if !uid.is_empty() && uid != uid_of(old) {
+        return Err(ApiError::conflict(
+            res,
+            name,
+            &format!(
+                "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                uid_of(old)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// PUT. Returns the object and whether it was created.
+pub(crate) fn update(
+    s: &mut Store,
+    res: &Resource,
+    ns: &str,
+    name: &str,
+    body: Value,
+    status_write: bool,
+    ctx: &Ctx,
+) -> Result<(Value, bool), ApiError> {
+    let mut new = normalize(res, ns, body)?;
+    let body_name = name_of(&new).to_string();
+    if body_name.is_empty() {
+        metadata_mut(&mut new).insert("name".into(), json!(name));
+    } else if body_name != name {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({body_name}) does not match the name on the URL ({name})"
+        )));
+    }
+    let Some(old) = s.get(res, ns, name).cloned() else {
+        if res.create_on_update && !status_write {
+            if !rv_of(&new).is_empty() {
+                return Err(ApiError::not_found(res, name));
+            }
+            return finish_create(s, res, new, ctx, false).map(|o| (o, true));
+        }
+        return Err(ApiError::not_found(res, name));
+    };
+    check_preconditions(res, &old, &new)?;
+    // managedFields in the body are kept as sent (kubectl edit round-trips them).
+    if new.pointer("/metadata/managedFields").is_none() {
+        if let Some(mf) = old.pointer("/metadata/managedFields").cloned() {
+            metadata_mut(&mut new).insert("managedFields".into(), mf);
+        }
+    }
+    commit_update(s, res, &old, new, status_write, true, ctx).map(|o| (o, false))
+}
+
+/// Parses an apply body: JSON, or YAML.
+pub(crate) fn parse_apply_body(body: &[u8]) -> Result<Value, ApiError> {
+    if let Ok(v) = serde_json::from_slice::<Value>(body) {
+        return Ok(v);
+    }
+    let text = std::str::from_utf8(body)
+        .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?;
+    serde_saphyr::from_str::<Value>(text)
+        .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))
+}
+
+/// PATCH. Returns the object and whether it was created (apply only).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn patch(
+    s: &mut Store,
+    res: &Resource,
+    ns: &str,
+    name: &str,
+    ptype: PatchType,
+    body: &[u8],
+    status_write: bool,
+    ctx: &Ctx,
+) -> Result<(Value, bool), ApiError> {
+    let patch_value = match ptype {
+        PatchType::Apply { .. } => parse_apply_body(body)?,
+        _ => serde_json::from_slice::<Value>(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?,
+    };
+    let old = s.get(res, ns, name).cloned();
+    let sub = if status_write { "status" } else { "" };
+    if let PatchType::Apply { force } = ptype {
+        let mut applied = normalize(res, ns, patch_value)?;
+        let applied_name = name_of(&applied).to_string();
+        if applied_name.is_empty() {
+            metadata_mut(&mut applied).insert("name".into(), json!(name));
+        } else if applied_name != name {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({applied_name}) does not match the name on the URL ({name})"
+            )));
+        }
+        metadata_mut(&mut applied).remove("managedFields");
+        let now = ctx.now_text();
+        let Some(old) = old else {
+            if status_write {
+                return Err(ApiError::not_found(res, name));
+            }
+            let obj = managed::apply(None, &applied, &ctx.manager, force, sub, &now)?;
+            return finish_create(s, res, obj, ctx, true).map(|o| (o, true));
+        };
+        check_preconditions(res, &old, &applied)?;
+        let mut merged = managed::apply(Some(&old), &applied, &ctx.manager, force, sub, &now)?;
+        metadata_mut(&mut merged).insert("resourceVersion".into(), json!(rv_of(&old)));
+        return commit_update(s, res, &old, merged, status_write, false, ctx).map(|o| (o, false));
+    }
+    let Some(old) = old else {
+        return Err(ApiError::not_found(res, name));
+    };
+    let mut new = match ptype {
+        PatchType::Json => {
+            let mut t = old.clone();
+            patch::json_patch(&mut t, &patch_value).map_err(|e| {
+                ApiError::invalid(
+                    res,
+                    name,
+                    vec![Cause {
+                        reason: "FieldValueInvalid",
+                        message: e,
+                        field: String::new(),
+                    }],
+                )
+            })?;
+            t
+        }
+        PatchType::Merge => {
+            let mut t = old.clone();
+            patch::merge_patch(&mut t, &patch_value);
+            t
+        }
+        PatchType::Strategic => {
+            patch::strategic_merge(&old, &patch_value).map_err(ApiError::bad_request)?
+        }
+        PatchType::Apply { .. } => return Err(ApiError::internal("unreachable patch type")),
+    };
+    if !new.is_object() {
+        return Err(ApiError::bad_request("the patch did not produce an object"));
+    }
+    check_preconditions(res, &old, &new)?;
+    let md = metadata_mut(&mut new);
+    md.insert("resourceVersion".into(), json!(rv_of(&old)));
+    if md.get("uid").is_none() {
+        md.insert("uid".into(), json!(uid_of(&old)));
+    }
+    if let Some(m) = new.as_object_mut() {
+        m.insert("kind".into(), json!(res.kind));
+        m.insert("apiVersion".into(), json!(res.api_version()));
+    }
+    commit_update(s, res, &old, new, status_write, true, ctx).map(|o| (o, false))
+}
+
+/// Removes an object for good and collects its dependents (unless `cascade` is false).
+fn finalize(
+    s: &mut Store,
+    res: &Resource,
+    ns: &str,
+    name: &str,
+    ctx: &Ctx,
+    cascade: bool,
+) -> Option<Value> {
+    let removed = s.remove(res, ns, name)?;
+    if cascade {
+        collect_dependents(s, uid_of(&removed), ctx);
+    }
+    Some(removed)
+}
+
+/// Garbage collection: deletes objects whose owners are all gone, `uid` being one of them.
+fn collect_dependents(s: &mut Store, uid: &str, ctx: &Ctx) {
+    if uid.is_empty() {
+        return;
+    }
+    let live_uids: std::collections::HashSet<String> =
+        s.all().map(|(_, o)| uid_of(o).to_string()).collect();
+    let dependents: Vec<(&'static str, String, String)> = s
+        .all()
+        .filter(|(_, o)| {
+            let owners: Vec<&str> = o
+                .pointer("/metadata/ownerReferences")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|r| r.get("uid").and_then(Value::as_str))
+                        .collect()
+                })
+                .unwrap_or_default();
+            owners.contains(&uid) && owners.iter().all(|u| !live_uids.contains(*u))
+        })
+        .map(|(r, o)| (r, namespace_of(o).to_string(), name_of(o).to_string()))
+        .collect();
+    for (r, ns, name) in dependents {
+        let Some(res) = resources::by_name(r) else {
+            continue;
+        };
+        if let Err(e) = delete(s, &res, &ns, &name, &DeleteOpts::default(), ctx) {
+            tracing::debug!(resource = r, namespace = %ns, name = %name, error = %e.message, "garbage collection skipped");
+        }
+    }
+}
+
+/// DELETE of one object. Returns the object as deleted (or as marked for deletion).
+pub(crate) fn delete(
+    s: &mut Store,
+    res: &Resource,
+    ns: &str,
+    name: &str,
+    opts: &DeleteOpts,
+    ctx: &Ctx,
+) -> Result<Value, ApiError> {
+    let Some(old) = s.get(res, ns, name).cloned() else {
+        return Err(ApiError::not_found(res, name));
+    };
+    if let Some(uid) = opts.uid.as_deref().filter(|u| !u.is_empty()) {
+        if uid != uid_of(&old) {
+            return Err(ApiError::conflict(
+                res,
+                name,
+                &format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    uid_of(&old)
+                ),
+            ));
+        }
+    }
+    if let Some(rv) = opts.resource_version.as_deref().filter(|r| !r.is_empty()) {
+        if rv != rv_of(&old) {
+            return Err(ApiError::conflict(
+                res,
+                name,
+                &format!(
+                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                    rv_of(&old)
+                ),
+            ));
+        }
+    }
+    if res.name == "namespaces" && matches!(name, "default" | "kube-system" | "kube-public") {
+        return Err(ApiError::forbidden(
+            res,
+            name,
+            "this namespace may not be deleted",
+        ));
+    }
+    if ctx.dry_run {
+        return Ok(old);
+    }
+    let cascade = opts.propagation.as_deref() != Some("Orphan");
+    let now = ctx.now_text();
+    if res.name == "namespaces" {
+        // Like the namespace controller: mark it Terminating now; `reap` empties and removes it.
+        if old.pointer("/metadata/deletionTimestamp").is_some() {
+            return Ok(old);
+        }
+        let mut term = old.clone();
+        metadata_mut(&mut term).insert("deletionTimestamp".into(), json!(now));
+        metadata_mut(&mut term).insert("deletionGracePeriodSeconds".into(), json!(0));
+        if let Some(m) = term.as_object_mut() {
+            m.insert("status".into(), json!({"phase": "Terminating"}));
+        }
+        return Ok(s.put(res, term));
+    }
+    if res.name == "pods" {
+        let bound = old
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty());
+        let done = matches!(
+            old.pointer("/status/phase").and_then(Value::as_str),
+            Some("Succeeded" | "Failed")
+        );
+        let default_grace = old
+            .pointer("/spec/terminationGracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .unwrap_or(30);
+        let mut grace = opts.grace_period.unwrap_or(default_grace).max(0);
+        if !bound || done {
+            grace = 0;
+        }
+        let current = old
+            .pointer("/metadata/deletionGracePeriodSeconds")
+            .and_then(Value::as_i64);
+        if grace > 0 {
+            if current.is_some_and(|c| c <= grace) {
+                return Ok(old);
+            }
+            let mut marked = old.clone();
+            let at = ctx
+                .now
+                .checked_add(jiff::SignedDuration::from_secs(grace))
+                .unwrap_or(ctx.now);
+            let md = metadata_mut(&mut marked);
+            md.insert("deletionTimestamp".into(), json!(timestamp(at)));
+            md.insert("deletionGracePeriodSeconds".into(), json!(grace));
+            return Ok(s.put(res, marked));
+        }
+    }
+    if !finalizers(&old).is_empty() {
+        let mut marked = old.clone();
+        let md = metadata_mut(&mut marked);
+        if md.get("deletionTimestamp").is_none() {
+            md.insert("deletionTimestamp".into(), json!(now));
+        }
+        md.insert("deletionGracePeriodSeconds".into(), json!(0));
+        if marked == old {
+            return Ok(old);
+        }
+        return Ok(s.put(res, marked));
+    }
+    finalize(s, res, ns, name, ctx, cascade).ok_or_else(|| ApiError::not_found(res, name))
+}
+
+/// Removes terminating namespaces with everything in them.
+fn reap_namespaces(s: &mut Store, ctx: &Ctx) {
+    let terminating: Vec<String> = s
+        .list(&NAMESPACES, None)
+        .filter(|n| n.pointer("/metadata/deletionTimestamp").is_some())
+        .map(|n| name_of(n).to_string())
+        .collect();
+    for ns in terminating {
+        let contents: Vec<(&'static str, String)> = s
+            .all()
+            .filter(|(r, o)| *r != "namespaces" && *r != "nodes" && namespace_of(o) == ns)
+            .map(|(r, o)| (r, name_of(o).to_string()))
+            .collect();
+        for (r, n) in contents {
+            if let Some(cres) = resources::by_name(r) {
+                finalize(s, &cres, &ns, &n, ctx, true);
+            }
+        }
+        let left = s
+            .list(&NAMESPACES, None)
+            .find(|n| name_of(n) == ns)
+            .map(|n| finalizers(n).is_empty())
+            .unwrap_or(false);
+        if left {
+            finalize(s, &NAMESPACES, "", &ns, ctx, true);
+        }
+    }
+}
+
+/// Background work: finishes graceful pod deletions whose grace period (capped at 30 s) has
+/// passed, and empties terminating namespaces.
+pub(crate) fn reap(s: &mut Store, ctx: &Ctx) {
+    reap_namespaces(s, ctx);
+    let due: Vec<(String, String)> = s
+        .list(&PODS, None)
+        .filter(|p| {
+            let Some(at) = p
+                .pointer("/metadata/deletionTimestamp")
+                .and_then(Value::as_str)
+                .and_then(objects::parse_timestamp)
+            else {
+                return false;
+            };
+            let grace = p
+                .pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+            if grace <= 0 {
+                return false;
+            }
+            let extra = grace - grace.min(30);
+            let deadline = at
+                .checked_sub(jiff::SignedDuration::from_secs(extra))
+                .unwrap_or(at);
+            ctx.now >= deadline
+        })
+        .map(|p| (namespace_of(p).to_string(), name_of(p).to_string()))
+        .collect();
+    for (ns, name) in due {
+        if let Some(pod) = s.get(&PODS, &ns, &name).cloned() {
+            if finalizers(&pod).is_empty() {
+                finalize(s, &PODS, &ns, &name, ctx, true);
+            } else {
+                let mut marked = pod;
+                metadata_mut(&mut marked).insert("deletionGracePeriodSeconds".into(), json!(0));
+                s.put(&PODS, marked);
+            }
+        }
+    }
+}
+
+/// POST pods/<name>/binding.
+pub(crate) fn bind(
+    s: &mut Store,
+    ns: &str,
+    name: &str,
+    binding: &Value,
+    ctx: &Ctx,
+) -> Result<Value, ApiError> {
+    let target = binding
+        .pointer("/target/name")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            ApiError::invalid(&PODS, name, vec![crate::status::required("target.name")])
+        })?;
+    let bname = binding
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or(name);
+    if bname != name {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({bname}) does not match the name on the URL ({name})"
+        )));
+    }
+    let Some(old) = s.get(&PODS, ns, name).cloned() else {
+        return Err(ApiError::not_found(&PODS, name));
+    };
+    if old.pointer("/metadata/deletionTimestamp").is_some() {
+        return Err(ApiError::conflict_plain(format!(
+            "Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is being deleted, cannot be assigned to a host"
+        )));
+    }
+    if let Some(node) = old
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+    {
+        let mut e = ApiError::conflict_plain(format!(
+            "Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is already assigned to node \"{node}\""
+        ));
+        e.name = Some(name.to_string());
+        e.kind = Some("pods/binding".into());
+        return Err(e);
+    }
+    let mut new = old.clone();
+    if let Some(spec) = new.get_mut("spec").and_then(Value::as_object_mut) {
+        spec.insert("nodeName".into(), json!(target));
+    }
+    if let Some(ann) = binding
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object)
+    {
+        let md = metadata_mut(&mut new);
+        let a = md.entry("annotations").or_insert_with(|| json!({}));
+        if let Some(a) = a.as_object_mut() {
+            for (k, v) in ann {
+                a.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    let cond = json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": ctx.now_text()});
+    if let Some(st) = new.get_mut("status").and_then(Value::as_object_mut) {
+        let conds = st.entry("conditions").or_insert_with(|| json!([]));
+        if let Value::Array(c) = conds {
+            c.retain(|x| x.get("type").and_then(Value::as_str) != Some("PodScheduled"));
+            c.push(cond);
+        }
+    }
+    if !ctx.dry_run {
+        s.put(&PODS, new);
+    }
+    Ok(
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,153 @@
+//! The resource kinds this server knows, and how they behave.
+
+/// One served resource (a collection of one kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Resource {
+    /// Plural name, as in the URL (`pods`).
+    pub name: &'static str,
+    pub singular: &'static str,
+    pub kind: &'static str,
+    /// API group; empty for the core group.
+    pub group: &'static str,
+    pub version: &'static str,
+    pub namespaced: bool,
+    pub short_names: &'static [&'static str],
+    /// Whether the kind has a `status` subresource (writes to the main resource ignore `.status`).
+    pub status_subresource: bool,
+    /// Whether `metadata.generation` is maintained.
+    pub generation: bool,
+    /// Whether PUT on a missing object creates it.
+    pub create_on_update: bool,
+}
+
+impl Resource {
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// `pods` or `networkpolicies.networking.k8s.io`, as kube-apiserver names it in messages.
+    pub fn qualified(&self) -> String {
+        if self.group.is_empty() {
+            self.name.to_string()
+        } else {
+            format!("{}.{}", self.name, self.group)
+        }
+    }
+
+    pub fn list_kind(&self) -> String {
+        format!("{}List", self.kind)
+    }
+}
+
+pub(crate) const NAMESPACES: Resource = Resource {
+    name: "namespaces",
+    singular: "namespace",
+    kind: "Namespace",
+    group: "",
+    version: "v1",
+    namespaced: false,
+    short_names: &["ns"],
+    status_subresource: true,
+    generation: false,
+    create_on_update: false,
+};
+
+pub(crate) const NODES: Resource = Resource {
+    name: "nodes",
+    singular: "node",
+    kind: "Node",
+    group: "",
+    version: "v1",
+    namespaced: false,
+    short_names: &["no"],
+    status_subresource: true,
+    generation: false,
+    create_on_update: false,
+};
+
+pub(crate) const PODS: Resource = Resource {
+    name: "pods",
+    singular: "pod",
+    kind: "Pod",
+    group: "",
+    version: "v1",
+    namespaced: true,
+    short_names: &["po"],
+    status_subresource: true,
+    generation: true,
+    create_on_update: false,
+};
+
+pub(crate) const CONFIGMAPS: Resource = Resource {
+    name: "configmaps",
+    singular: "configmap",
+    kind: "ConfigMap",
+    group: "",
+    version: "v1",
+    namespaced: true,
+    short_names: &["cm"],
+    status_subresource: false,
+    generation: false,
+    create_on_update: false,
+};
+
+pub(crate) const NETWORK_POLICIES: Resource = Resource {
+    name: "networkpolicies",
+    singular: "networkpolicy",
+    kind: "NetworkPolicy",
+    group: "networking.k8s.io",
+    version: "v1",
+    namespaced: true,
+    short_names: &["netpol"],
+    status_subresource: false,
+    generation: true,
+    create_on_update: false,
+};
+
+pub(crate) const LEASES: Resource = Resource {
+    name: "leases",
+    singular: "lease",
+    kind: "Lease",
+    group: "coordination.k8s.io",
+    version: "v1",
+    namespaced: true,
+    short_names: &[],
+    status_subresource: false,
+    generation: false,
+    create_on_update: true,
+};
+
+pub(crate) const ALL: [Resource; 6] = [
+    NAMESPACES,
+    NODES,
+    PODS,
+    CONFIGMAPS,
+    NETWORK_POLICIES,
+    LEASES,
+];
+
+/// The groups served under `/apis`, in discovery order.
+pub(crate) const GROUPS: [&str; 2] = ["networking.k8s.io", "coordination.k8s.io"];
+
+/// The resource served at `group`/`version` with plural `name`.
+pub(crate) fn lookup(group: &str, version: &str, name: &str) -> Option<Resource> {
+    ALL.iter()
+        .find(|r| r.group == group && r.version == version && r.name == name)
+        .copied()
+}
+
+/// Looks a resource up by its plural name alone (names are unique here).
+pub(crate) fn by_name(name: &str) -> Option<Resource> {
+    ALL.iter().find(|r| r.name == name).copied()
+}
+
+pub(crate) fn in_group_version(group: &str, version: &str) -> Vec<Resource> {
+    ALL.iter()
+        .filter(|r| r.group == group && r.version == version)
+        .copied()
+        .collect()
+}

@@ -1,0 +1,301 @@
+//! `kube-system/sluice-config`: every key of DESIGN.md, its default, and which keys take effect
+//! live. Parsing is pure: a ConfigMap's data in, a whole configuration or every problem out, so a
+//! bad value never half-applies and the agent keeps its last good configuration.
+
+use ipnet::Ipv4Net;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubnetSource {
+    Lease,
+    NodePodCidr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encryption {
+    None,
+    Wireguard,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyBackend {
+    Nftables,
+    Iptables,
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mtu {
+    Auto,
+    Fixed(u32),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    pub cluster_cidr: Ipv4Net,
+    pub subnet_length: u8,
+    pub subnet_source: SubnetSource,
+    pub encryption: Encryption,
+    pub policy_backend: PolicyBackend,
+    pub mtu: Mtu,
+    pub masquerade: bool,
+    pub log_level: String,
+    pub health_port: u16,
+    pub vxlan_port: u16,
+    pub wireguard_port: u16,
+    pub wireguard_keepalive: u16,
+    pub policy_log_drops: bool,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            cluster_cidr: Ipv4Net::new(std::net::Ipv4Addr::new(10, 244, 0, 0), 16)
+                .unwrap_or_default(),
+            subnet_length: 24,
+            subnet_source: SubnetSource::Lease,
+            encryption: Encryption::None,
+            policy_backend: PolicyBackend::Auto,
+            mtu: Mtu::Auto,
+            masquerade: true,
+            log_level: "info".into(),
+            health_port: 9099,
+            vxlan_port: 8472,
+            wireguard_port: 51820,
+            wireguard_keepalive: 0,
+            policy_log_drops: false,
+        }
+    }
+}
+
+/// One key that did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {value:?} is not {expected}")]
+pub struct BadValue {
+    pub key: String,
+    pub value: String,
+    pub expected: &'static str,
+}
+
+/// Why a ConfigMap was not taken: every bad key, and keys sluice does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("sluice-config not applied: {}", .problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))]
+pub struct ConfigError {
+    pub problems: Vec<BadValue>,
+}
+
+fn bool_of(v: &str) -> Option<bool> {
+    match v {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// Parses the ConfigMap's data; absent keys take their defaults. Unknown keys are errors too, since
+/// a misspelt key silently ignored is a setting the operator believes is in force.
+pub fn parse(data: &BTreeMap<String, String>) -> Result<AgentConfig, ConfigError> {
+    let mut c = AgentConfig::default();
+    let mut problems = Vec::new();
+    for (key, raw) in data {
+        let v = raw.trim();
+        let mut bad = |expected: &'static str| {
+            problems.push(BadValue {
+                key: key.clone(),
+                value: raw.clone(),
+                expected,
+            })
+        };
+        match key.as_str() {
+            "cluster-cidr" => match v.parse::<Ipv4Net>() {
+                Ok(n) if n == n.trunc() => c.cluster_cidr = n,
+                _ => bad("an IPv4 CIDR with no host bits (e.g. 10.244.0.0/16)"),
+            },
+            "subnet-length" => match v.parse::<u8>() {
+                Ok(n) if (1..=30).contains(&n) => c.subnet_length = n,
+                _ => bad("a prefix length from 1 to 30"),
+            },
+            "subnet-source" => match v {
+                "lease" => c.subnet_source = SubnetSource::Lease,
+                "node-podcidr" => c.subnet_source = SubnetSource::NodePodCidr,
+                _ => bad("lease or node-podcidr"),
+            },
+            "encryption" => match v {
+                "none" => c.encryption = Encryption::None,
+                "wireguard" => c.encryption = Encryption::Wireguard,
+                _ => bad("none or wireguard"),
+            },
+            "policy-backend" => match v {
+                "nftables" => c.policy_backend = PolicyBackend::Nftables,
+                "iptables" => c.policy_backend = PolicyBackend::Iptables,
+                "auto" => c.policy_backend = PolicyBackend::Auto,
+                _ => bad("nftables, iptables or auto"),
+            },
+            "mtu" => match v {
+                "auto" => c.mtu = Mtu::Auto,
+                n => match n.parse::<u32>() {
+                    Ok(n) if (576..=9000).contains(&n) => c.mtu = Mtu::Fixed(n),
+                    _ => bad("auto or a number from 576 to 9000"),
+                },
+            },
+            "masquerade" => match bool_of(v) {
+                Some(b) => c.masquerade = b,
+                None => bad("true or false"),
+            },
+            "policy-log-drops" => match bool_of(v) {
+                Some(b) => c.policy_log_drops = b,
+                None => bad("true or false"),
+            },
+            "log-level" => match v {
+                "error" | "warn" | "info" | "debug" | "trace" => c.log_level = v.into(),
+                _ => bad("error, warn, info, debug or trace"),
+            },
+            "health-port" | "vxlan-port" | "wireguard-port" => match v.parse::<u16>() {
+                Ok(p) if p > 0 => match key.as_str() {
+                    "health-port" => c.health_port = p,
+                    "vxlan-port" => c.vxlan_port = p,
+                    _ => c.wireguard_port = p,
+                },
+                _ => bad("a port from 1 to 65535"),
+            },
+            "wireguard-keepalive" => match v.parse::<u16>() {
+                Ok(s) => c.wireguard_keepalive = s,
+                _ => bad("seconds from 0 (off) to 65535"),
+            },
+            _ => bad("a sluice-config key"),
+        }
+    }
+    if problems.is_empty() && c.subnet_length <= c.cluster_cidr.prefix_len() {
+        problems.push(BadValue {
+            key: "subnet-length".into(),
+            value: c.subnet_length.to_string(),
+            expected: "longer than the cluster CIDR's prefix",
+        });
+    }
+    if problems.is_empty() {
+        Ok(c)
+    } else {
+        Err(ConfigError { problems })
+    }
+}
+
+/// Keys whose change needs a restart to take effect, between two good configurations.
+pub fn needs_restart(old: &AgentConfig, new: &AgentConfig) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    if old.cluster_cidr != new.cluster_cidr {
+        keys.push("cluster-cidr");
+    }
+    if old.subnet_length != new.subnet_length {
+        keys.push("subnet-length");
+    }
+    if old.subnet_source != new.subnet_source {
+        keys.push("subnet-source");
+    }
+    if old.policy_backend != new.policy_backend {
+        keys.push("policy-backend");
+    }
+    if old.mtu != new.mtu {
+        keys.push("mtu");
+    }
+    if old.health_port != new.health_port {
+        keys.push("health-port");
+    }
+    if old.vxlan_port != new.vxlan_port {
+        keys.push("vxlan-port");
+    }
+    if old.wireguard_port != new.wireguard_port {
+        keys.push("wireguard-port");
+    }
+    keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn empty_is_every_default() {
+        let c = parse(&BTreeMap::new()).unwrap();
+        assert_eq!(c, AgentConfig::default());
+        assert_eq!(c.cluster_cidr.to_string(), "10.244.0.0/16");
+        assert_eq!(
+            (c.health_port, c.vxlan_port, c.wireguard_port),
+            (9099, 8472, 51820)
+        );
+    }
+
+    #[test]
+    fn every_key_parses() {
+        let c = parse(&data(&[
+            ("cluster-cidr", "10.42.0.0/16"),
+            ("subnet-length", "26"),
+            ("subnet-source", "node-podcidr"),
+            ("encryption", "wireguard"),
+            ("policy-backend", "iptables"),
+            ("mtu", "1400"),
+            ("masquerade", "false"),
+            ("log-level", "debug"),
+            ("health-port", "9199"),
+            ("vxlan-port", "4789"),
+            ("wireguard-port", "51821"),
+            ("wireguard-keepalive", "25"),
+            ("policy-log-drops", "true"),
+        ]))
+        .unwrap();
+        assert_eq!(c.subnet_length, 26);
+        assert_eq!(c.subnet_source, SubnetSource::NodePodCidr);
+        assert_eq!(c.encryption, Encryption::Wireguard);
+        assert_eq!(c.policy_backend, PolicyBackend::Iptables);
+        assert_eq!(c.mtu, Mtu::Fixed(1400));
+        assert!(!c.masquerade && c.policy_log_drops);
+        assert_eq!(
+            (c.health_port, c.vxlan_port, c.wireguard_port),
+            (9199, 4789, 51821)
+        );
+        assert_eq!(c.wireguard_keepalive, 25);
+    }
+
+    #[test]
+    fn bad_values_are_all_reported() {
+        let e = parse(&data(&[
+            ("encryption", "ipsec"),
+            ("mtu", "12"),
+            ("cluster-cidr", "10.244.1.0/16"),
+            ("health-prot", "1"),
+        ]))
+        .unwrap_err();
+        let keys: Vec<_> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["cluster-cidr", "encryption", "health-prot", "mtu"]);
+        assert!(e
+            .to_string()
+            .contains("encryption: \"ipsec\" is not none or wireguard"));
+    }
+
+    #[test]
+    fn subnet_must_fit_in_the_cluster_cidr() {
+        let e = parse(&data(&[
+            ("cluster-cidr", "10.0.0.0/24"),
+            ("subnet-length", "24"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.problems[0].key, "subnet-length");
+    }
+
+    #[test]
+    fn live_and_restart_keys() {
+        let a = AgentConfig::default();
+        let mut b = a.clone();
+        b.encryption = Encryption::Wireguard;
+        b.masquerade = false;
+        assert!(needs_restart(&a, &b).is_empty());
+        b.vxlan_port = 4789;
+        assert_eq!(needs_restart(&a, &b), ["vxlan-port"]);
+    }
+}

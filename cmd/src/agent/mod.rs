@@ -1,0 +1,388 @@
+//! `sluice agent`: the node agent. It holds the node's subnet lease, publishes the node's record in
+//! it, and keeps the VXLAN datapath and masquerade equal to what the peers' leases say, level
+//! triggered: every pass computes the whole desired state and applies the difference.
+
+pub mod config;
+mod kube_leases;
+
+use anyhow::{bail, Context, Result};
+use config::{AgentConfig, SubnetSource};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::Client;
+use kube_leases::KubeLeases;
+use sluice_net::lease::store::{acquire, publish, renew, AcquireRequest, LeaseStore, StoreError};
+use sluice_net::lease::{self, LeaseView, NodeOwner, NodeRecord, SubnetPool, DEFAULT_LEASE_SECS};
+use sluice_net::subnet_env::SubnetEnv;
+use sluice_net::vxlan::{self, apply::VxlanKernel, VxlanConfig};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+pub const CONFIG_MAP: &str = "sluice-config";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// This node's name (the DaemonSet passes it from `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// A kubeconfig; without it the in-cluster service account is used.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Where the CNI plugin reads the node's subnet.
+    #[arg(long, default_value = "/run/sluice/subnet.env")]
+    pub subnet_file: PathBuf,
+    /// The namespace of sluice-config and the subnet leases.
+    #[arg(long, default_value = "kube-system")]
+    pub namespace: String,
+    /// The node's underlay address; by default its InternalIP.
+    #[arg(long)]
+    pub underlay_ip: Option<Ipv4Addr>,
+    /// Seconds between full resyncs (drift repair) when nothing changes.
+    #[arg(long, default_value_t = 5)]
+    pub resync_secs: u64,
+}
+
+pub fn main(args: AgentArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run(args))
+}
+
+async fn client(args: &AgentArgs) -> Result<Client> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {path:?}"))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => kube::Config::incluster().context("no --kubeconfig and not in a cluster")?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Retries `f` with capped exponential backoff until it succeeds; each failure is logged.
+async fn with_backoff<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "{what} failed");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// What the agent knows of its node from the API.
+struct NodeFacts {
+    uid: String,
+    internal_ip: Option<Ipv4Addr>,
+    pod_cidr: Option<ipnet::Ipv4Net>,
+}
+
+async fn node_facts(nodes: &Api<Node>, name: &str) -> Result<NodeFacts> {
+    let node = nodes
+        .get(name)
+        .await
+        .with_context(|| format!("reading node {name}"))?;
+    let internal_ip = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
+        .and_then(|a| a.address.parse().ok());
+    let pod_cidr = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.pod_cidr.as_deref())
+        .and_then(|c| c.parse().ok());
+    Ok(NodeFacts {
+        uid: node.metadata.uid.unwrap_or_default(),
+        internal_ip,
+        pod_cidr,
+    })
+}
+
+async fn read_config(api: &Api<ConfigMap>) -> Result<AgentConfig> {
+    let data = match api.get_opt(CONFIG_MAP).await? {
+        Some(cm) => cm.data.unwrap_or_default(),
+        None => {
+            tracing::info!("no {CONFIG_MAP}: using the defaults");
+            Default::default()
+        }
+    };
+    Ok(config::parse(&data)?)
+}
+
+fn write_subnet_env(path: &std::path::Path, env: &SubnetEnv) -> Result<()> {
+    if std::fs::read_to_string(path).ok().as_deref() == Some(env.render().as_str()) {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, env.render())?;
+    std::fs::rename(&tmp, path)?;
+    tracing::info!(subnet = %env.subnet, mtu = env.mtu, path = %path.display(), "subnet file written");
+    Ok(())
+}
+
+/// The node's subnet lease as held now.
+struct Held {
+    lease: LeaseView,
+    record: NodeRecord,
+}
+
+async fn take_subnet(
+    store: &KubeLeases,
+    cfg: &AgentConfig,
+    record: &NodeRecord,
+    owner: &NodeOwner,
+    facts: &NodeFacts,
+    prefer: Option<ipnet::Ipv4Net>,
+) -> Result<Held> {
+    match cfg.subnet_source {
+        SubnetSource::Lease => {
+            let req = AcquireRequest {
+                pool: SubnetPool::new(cfg.cluster_cidr, cfg.subnet_length)?,
+                record: record.clone(),
+                owner: Some(owner.clone()),
+                duration_secs: DEFAULT_LEASE_SECS,
+                prefer,
+                max_attempts: 32,
+            };
+            let got = acquire(store, &req, SystemTime::now).await?;
+            Ok(Held {
+                lease: got.lease,
+                record: got.record,
+            })
+        }
+        SubnetSource::NodePodCidr => {
+            let Some(subnet) = facts.pod_cidr else {
+                bail!("subnet-source is node-podcidr but the node has no spec.podCIDR yet");
+            };
+            let mut record = record.clone();
+            record.subnet = subnet;
+            let view = lease::podcidr_lease(
+                &record,
+                Some(owner.clone()),
+                DEFAULT_LEASE_SECS,
+                SystemTime::now(),
+            );
+            let lease = publish(store, &view, 8).await?;
+            Ok(Held { lease, record })
+        }
+    }
+}
+
+async fn mark_network_available(nodes: &Api<Node>, name: &str) -> Result<()> {
+    let now = jiff::Timestamp::now()
+        .round(jiff::Unit::Second)?
+        .to_string();
+    let patch = serde_json::json!({
+        "status": {"conditions": [{
+            "type": "NetworkUnavailable",
+            "status": "False",
+            "reason": "SluiceIsUp",
+            "message": "sluice programmed this node's datapath",
+            "lastTransitionTime": now,
+            "lastHeartbeatTime": now,
+        }]}
+    });
+    nodes
+        .patch_status(name, &PatchParams::default(), &Patch::Strategic(patch))
+        .await
+        .context("setting NetworkUnavailable=False")?;
+    Ok(())
+}
+
+async fn run(args: AgentArgs) -> Result<()> {
+    let node = args.node_name.clone();
+    tracing::info!(
+        node,
+        version = env!("CARGO_PKG_VERSION"),
+        "sluice agent starting"
+    );
+    let client = client(&args).await?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let configs: Api<ConfigMap> = Api::namespaced(client.clone(), &args.namespace);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &args.namespace);
+    let store = KubeLeases {
+        api: leases.clone(),
+    };
+
+    let mut cfg = with_backoff("reading sluice-config", || read_config(&configs)).await;
+    let facts = with_backoff("reading this node", || node_facts(&nodes, &node)).await;
+    let underlay_ip = match args.underlay_ip.or(facts.internal_ip) {
+        Some(ip) => ip,
+        None => bail!("node {node} has no InternalIP and no --underlay-ip was given"),
+    };
+    let mut kernel = VxlanKernel::connect()?;
+    let underlay = kernel
+        .underlay_by_address(underlay_ip)
+        .await
+        .with_context(|| format!("finding the link with {underlay_ip}"))?;
+    let mut vx = VxlanConfig::auto(underlay.ifindex, underlay_ip, underlay.mtu);
+    vx.port = cfg.vxlan_port;
+    if let config::Mtu::Fixed(m) = cfg.mtu {
+        vx.mtu = m;
+    }
+    let owner = NodeOwner {
+        name: node.clone(),
+        uid: facts.uid.clone(),
+    };
+    let base_record = NodeRecord {
+        node: node.clone(),
+        underlay_ip,
+        vtep_mac: vxlan::vtep_mac(&node),
+        wireguard_public_key: None,
+        encryption: "none".into(),
+        subnet: ipnet::Ipv4Net::default(),
+    };
+    let prefer = SubnetEnv::load(&args.subnet_file).ok().map(|e| e.subnet);
+    let mut held = with_backoff("taking a subnet", || {
+        take_subnet(&store, &cfg, &base_record, &owner, &facts, prefer)
+    })
+    .await;
+    let _ = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1");
+
+    // Caches of the leases and of sluice-config, kept by watches; each change wakes the loop.
+    let (lease_cache, lease_writer) = reflector::store::<Lease>();
+    let lease_events = reflector(
+        lease_writer,
+        watcher(leases.clone(), watcher::Config::default()),
+    )
+    .default_backoff()
+    .map(|_| ());
+    let cm_config = watcher::Config::default().fields(&format!("metadata.name={CONFIG_MAP}"));
+    let (cm_cache, cm_writer) = reflector::store::<ConfigMap>();
+    let cm_events = reflector(cm_writer, watcher(configs.clone(), cm_config))
+        .default_backoff()
+        .map(|_| ());
+    let mut events = Box::pin(futures::stream::select(lease_events, cm_events));
+    let mut tick = tokio::time::interval(Duration::from_secs(args.resync_secs.max(1)));
+    let mut marked_available = false;
+    let masq_nft = sluice_net::masq::NftCli::default();
+    loop {
+        // Sync now, then wait for a change or the resync tick; bursts coalesce into one pass.
+        if let Some(cm) = cm_cache
+            .get(&kube::runtime::reflector::ObjectRef::new(CONFIG_MAP).within(&args.namespace))
+        {
+            match config::parse(&cm.data.clone().unwrap_or_default()) {
+                Ok(next) if next != cfg => {
+                    let restart = config::needs_restart(&cfg, &next);
+                    if !restart.is_empty() {
+                        tracing::warn!(keys = ?restart, "sluice-config changed keys that take effect at the next restart");
+                    }
+                    cfg = AgentConfig {
+                        masquerade: next.masquerade,
+                        encryption: next.encryption,
+                        log_level: next.log_level.clone(),
+                        wireguard_keepalive: next.wireguard_keepalive,
+                        policy_log_drops: next.policy_log_drops,
+                        ..cfg
+                    };
+                    tracing::info!("sluice-config applied");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "sluice-config rejected; keeping the last good configuration")
+                }
+            }
+        }
+        let now = SystemTime::now();
+        if lease::renew_due(&held.lease, now) {
+            match renew(&store, &held.lease, &held.record, now).await {
+                Ok(l) => held.lease = l,
+                Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
+                    tracing::warn!(node, "subnet lease changed under us; taking it again");
+                    match take_subnet(
+                        &store,
+                        &cfg,
+                        &base_record,
+                        &owner,
+                        &facts,
+                        Some(held.record.subnet),
+                    )
+                    .await
+                    {
+                        Ok(h) => held = h,
+                        Err(e) => tracing::error!(error = format!("{e:#}"), "cannot take a subnet"),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "renewing the subnet lease failed; will retry")
+                }
+            }
+        }
+        let env = SubnetEnv {
+            network: cfg.cluster_cidr,
+            subnet: held.record.subnet,
+            mtu: vx.mtu,
+            ipmasq: cfg.masquerade,
+        };
+        if let Err(e) = write_subnet_env(&args.subnet_file, &env) {
+            tracing::error!(error = format!("{e:#}"), "cannot write the subnet file");
+        }
+        let views: Vec<LeaseView> = if lease_cache.is_empty() {
+            store.list().await.unwrap_or_default()
+        } else {
+            lease_cache
+                .state()
+                .iter()
+                .map(|l| kube_leases::to_view(l))
+                .collect()
+        };
+        let (peers, skipped) = lease::peers_from_leases(&node, &views);
+        for s in &skipped {
+            tracing::debug!(lease = s.lease, reason = %s.reason, "peer record skipped");
+        }
+        let plan = vxlan::plan(&held.record, &peers, &vx);
+        let started = std::time::Instant::now();
+        match kernel.sync(&plan).await {
+            Ok(changes) => {
+                if !changes.is_empty() {
+                    tracing::info!(node, peers = peers.len(), changes = changes.len(), took = ?started.elapsed(), "datapath synced");
+                }
+                if !marked_available {
+                    match mark_network_available(&nodes, &node).await {
+                        Ok(()) => marked_available = true,
+                        Err(e) => tracing::warn!(
+                            error = format!("{e:#}"),
+                            "cannot update the node's status"
+                        ),
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "datapath sync failed; will retry"),
+        }
+        let masq = sluice_net::masq::plan(cfg.cluster_cidr, cfg.masquerade);
+        if let Err(e) = masq_nft.sync(&masq).await {
+            tracing::warn!(error = %e, "masquerade sync failed; will retry");
+        }
+        tokio::select! {
+            _ = events.next() => {
+                // Let a burst of events land before the next pass.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                while let Some(Some(())) = futures::FutureExt::now_or_never(events.next()) {}
+            }
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    tracing::info!(node, "sluice agent stopping; the datapath stays in place");
+    Ok(())
+}

@@ -1,0 +1,210 @@
+//! The lab's objects in the API: its Nodes (as a kubelet registers them), the `sluice-config`
+//! ConfigMap, and its own Pods with the status a kubelet writes.
+
+use super::plan::{LabPlan, NodePlan, PodPlan};
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
+use kube::api::{Api, Patch, PatchParams};
+use kube::Client;
+use serde_json::json;
+use std::net::Ipv4Addr;
+
+const MANAGER: &str = "sluice-lab";
+
+pub async fn client(kubeconfig: &std::path::Path) -> Result<Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("reading {kubeconfig:?}"))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .context("loading the lab's kubeconfig")?;
+    Client::try_from(config).context("building an API client")
+}
+
+fn apply() -> PatchParams {
+    PatchParams::apply(MANAGER).force()
+}
+
+/// Namespaces, the ConfigMap and the Nodes; idempotent (server-side apply).
+pub async fn register(client: &Client, plan: &LabPlan) -> Result<()> {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for ns in ["kube-system", plan.pod_namespace()] {
+        namespaces
+            .patch(
+                ns,
+                &apply(),
+                &Patch::Apply(
+                    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+                ),
+            )
+            .await
+            .with_context(|| format!("creating namespace {ns}"))?;
+    }
+    let config: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-system");
+    config
+        .patch(
+            "sluice-config",
+            &apply(),
+            &Patch::Apply(json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "sluice-config", "namespace": "kube-system"},
+                "data": {
+                    "cluster-cidr": plan.cluster_cidr.to_string(),
+                    "subnet-length": super::plan::SUBNET_LENGTH.to_string(),
+                    "subnet-source": "lease",
+                    "encryption": plan.spec.encryption.as_str(),
+                }
+            })),
+        )
+        .await
+        .context("writing kube-system/sluice-config")?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    for node in &plan.nodes {
+        nodes
+            .patch(&node.name, &apply(), &Patch::Apply(node_object(node)))
+            .await
+            .with_context(|| format!("registering node {}", node.name))?;
+        nodes
+            .patch_status(&node.name, &apply(), &Patch::Apply(node_status(node)))
+            .await
+            .with_context(|| format!("writing the status of node {}", node.name))?;
+    }
+    Ok(())
+}
+
+fn node_object(node: &NodePlan) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {
+            "name": node.name,
+            "labels": {
+                "kubernetes.io/hostname": node.name,
+                "kubernetes.io/os": "linux",
+                "sluice.dev/lab-segment": node.segment.to_string(),
+            }
+        },
+        "spec": {"podCIDR": node.pod_cidr.to_string(), "podCIDRs": [node.pod_cidr.to_string()]}
+    })
+}
+
+fn node_status(node: &NodePlan) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": node.name},
+        "status": {
+            "addresses": [
+                {"type": "InternalIP", "address": node.underlay.addr().to_string()},
+                {"type": "Hostname", "address": node.name},
+            ],
+            "conditions": [{
+                "type": "Ready", "status": "True", "reason": "KubeletReady",
+                "message": "sluice lab node",
+            }]
+        }
+    })
+}
+
+/// Creates the Pod object bound to its node; returns its uid.
+pub async fn create_pod(client: &Client, pod: &PodPlan) -> Result<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);
+    let object = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": {"app": "sluice-lab"}},
+        "spec": {
+            "nodeName": pod.node,
+            "containers": [{"name": "main", "image": "sluice-lab"}],
+        }
+    });
+    let made = pods
+        .patch(&pod.name, &apply(), &Patch::Apply(object))
+        .await
+        .with_context(|| format!("creating pod {}/{}", pod.namespace, pod.name))?;
+    made.metadata
+        .uid
+        .context("the API server gave the pod no uid")
+}
+
+/// Writes what a kubelet writes once the pod runs.
+pub async fn pod_running(
+    client: &Client,
+    pod: &PodPlan,
+    host_ip: Ipv4Addr,
+    pod_ip: Ipv4Addr,
+) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);
+    let status = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod.name, "namespace": pod.namespace},
+        "status": {
+            "phase": "Running",
+            "hostIP": host_ip.to_string(),
+            "hostIPs": [{"ip": host_ip.to_string()}],
+            "podIP": pod_ip.to_string(),
+            "podIPs": [{"ip": pod_ip.to_string()}],
+            "conditions": [
+                {"type": "Initialized", "status": "True"},
+                {"type": "ContainersReady", "status": "True"},
+                {"type": "Ready", "status": "True"},
+            ],
+            "containerStatuses": [{
+                "name": "main", "image": "sluice-lab", "imageID": "", "ready": true,
+                "started": true, "restartCount": 0,
+                "state": {"running": {}},
+            }],
+        }
+    });
+    pods.patch_status(&pod.name, &apply(), &Patch::Apply(status))
+        .await
+        .with_context(|| format!("writing the status of pod {}/{}", pod.namespace, pod.name))?;
+    Ok(())
+}
+
+/// Pods of the lab with an address: (namespace, name, node, ip).
+pub async fn running_pods(
+    client: &Client,
+    plan: &LabPlan,
+) -> Result<Vec<(String, String, String, Ipv4Addr)>> {
+    let pods: Api<Pod> = Api::all(client.clone());
+    let mut out = Vec::new();
+    for p in pods
+        .list(&Default::default())
+        .await
+        .context("listing pods")?
+    {
+        let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+        let ip = p
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse().ok());
+        if let (Some(node), Some(ip)) = (node, ip) {
+            if plan.node(&node).is_some() {
+                out.push((
+                    p.metadata.namespace.unwrap_or_default(),
+                    p.metadata.name.unwrap_or_default(),
+                    node,
+                    ip,
+                ));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Removes what the lab wrote to an API server that outlives it (a real one).
+pub async fn unregister(client: &Client, plan: &LabPlan) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), plan.pod_namespace());
+    let nodes: Api<Node> = Api::all(client.clone());
+    for pod in &plan.pods {
+        let _ = pods
+            .delete(
+                &pod.name,
+                &kube::api::DeleteParams::default().grace_period(0),
+            )
+            .await;
+    }
+    for node in &plan.nodes {
+        let _ = nodes.delete(&node.name, &Default::default()).await;
+    }
+    Ok(())
+}

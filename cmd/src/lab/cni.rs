@@ -1,0 +1,135 @@
+//! Calls the real `sluice-cni` for a lab pod exactly as a container runtime does: by that name,
+//! from the node's network namespace, with the CNI environment and the network config on stdin.
+
+use super::plan::{state_dir, LabPlan, NodePlan};
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use sluice_net::netns;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The CNI config file a lab node's runtime reads (DESIGN.md's name, in the node's own dir).
+pub const CONFLIST: &str = "10-sluice.conflist";
+
+pub fn node_dir(lab: &str, node: &str) -> PathBuf {
+    state_dir(lab).join("nodes").join(node)
+}
+
+/// The subnet file the node's agent writes and its CNI plugin reads.
+pub fn subnet_file(lab: &str, node: &str) -> PathBuf {
+    node_dir(lab, node).join("subnet.env")
+}
+
+pub fn bin_dir(lab: &str) -> PathBuf {
+    state_dir(lab).join("bin")
+}
+
+/// The node's conflist: what `sluice install-cni` writes on a real node, with the node's own
+/// subnet file and IPAM directory since every lab node shares this machine's filesystem.
+pub fn conflist(lab: &str, node: &str) -> Value {
+    let dir = node_dir(lab, node);
+    json!({
+        "cniVersion": "1.1.0",
+        "name": "sluice",
+        "plugins": [{
+            "type": "sluice-cni",
+            "subnetFile": subnet_file(lab, node),
+            "ipamDir": dir.join("ipam"),
+        }]
+    })
+}
+
+/// Writes the node's CNI files and the plugin link (`bin/sluice-cni` -> this executable). The
+/// subnet file is the node's agent's to write.
+pub fn install(plan: &LabPlan, node: &NodePlan) -> Result<()> {
+    let lab = &plan.spec.name;
+    let dir = node_dir(lab, &node.name);
+    std::fs::create_dir_all(dir.join("ipam")).with_context(|| format!("creating {dir:?}"))?;
+    std::fs::write(
+        dir.join(CONFLIST),
+        serde_json::to_vec_pretty(&conflist(lab, &node.name))?,
+    )?;
+    let bin = bin_dir(lab);
+    std::fs::create_dir_all(&bin)?;
+    let link = bin.join("sluice-cni");
+    if !link.exists() {
+        let exe = std::env::current_exe().context("finding the sluice executable")?;
+        std::os::unix::fs::symlink(exe, &link).with_context(|| format!("linking {link:?}"))?;
+    }
+    Ok(())
+}
+
+pub struct Attachment<'a> {
+    pub lab: &'a str,
+    pub node: &'a NodePlan,
+    pub container_id: &'a str,
+    pub netns: &'a Path,
+    pub pod_namespace: &'a str,
+    pub pod_name: &'a str,
+    pub pod_uid: &'a str,
+}
+
+/// Runs one CNI command; the parsed result (ADD) or Null, or the plugin's error.
+pub fn call(command: &str, a: &Attachment<'_>) -> Result<Value> {
+    let dir = node_dir(a.lab, &a.node.name);
+    let list: Value = serde_json::from_slice(&std::fs::read(dir.join(CONFLIST))?)?;
+    let mut conf = list["plugins"][0].clone();
+    conf["cniVersion"] = list["cniVersion"].clone();
+    conf["name"] = list["name"].clone();
+    let node_ns = netns::named_path(&a.node.netns);
+    let node_file = netns::open(&node_ns)?;
+    let args = format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}",
+        a.pod_namespace, a.pod_name, a.container_id, a.pod_uid
+    );
+    let mut cmd = Command::new(bin_dir(a.lab).join("sluice-cni"));
+    cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", a.container_id)
+        .env("CNI_NETNS", a.netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_ARGS", args)
+        .env("CNI_PATH", bin_dir(a.lab))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // The child is forked from a thread inside the node's namespace, so it starts there.
+    let mut child =
+        netns::run_in(&node_file, &node_ns, || cmd.spawn())?.context("starting sluice-cni")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(&serde_json::to_vec(&conf)?)?;
+    }
+    let out = child.wait_with_output()?;
+    let stdout: Value = if out.stdout.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&out.stdout).map_err(|e| {
+            anyhow!(
+                "sluice-cni {command} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })?
+    };
+    if !out.status.success() {
+        bail!(
+            "sluice-cni {command} for {}/{} failed (code {}): {} {}",
+            a.pod_namespace,
+            a.pod_name,
+            stdout["code"],
+            stdout["msg"].as_str().unwrap_or(""),
+            stdout["details"].as_str().unwrap_or("")
+        );
+    }
+    Ok(stdout)
+}
+
+/// The pod's address from an ADD result.
+pub fn address_of(result: &Value) -> Result<std::net::Ipv4Addr> {
+    let cidr = result["ips"][0]["address"]
+        .as_str()
+        .ok_or_else(|| anyhow!("ADD result has no address: {result}"))?;
+    let net: ipnet::Ipv4Net = cidr.parse().with_context(|| format!("address {cidr}"))?;
+    Ok(net.addr())
+}

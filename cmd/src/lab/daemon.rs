@@ -1,0 +1,235 @@
+//! The lab's long-running process: the embedded API server (or, against a real API server, a
+//! forwarder to it) reachable at the same `127.0.0.1:PORT` from the host and from every node
+//! namespace, so one kubeconfig serves kubectl on the host and the agents on the nodes.
+
+use super::plan::LabPlan;
+use super::LabFiles;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sluice_net::netns;
+use std::net::SocketAddr;
+use std::path::Path;
+use tokio::net::TcpListener;
+
+/// Written by the daemon once it serves; `up` waits for it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonInfo {
+    pub pid: u32,
+    /// Where the API answers, on the host's and on every node's loopback.
+    pub api: SocketAddr,
+}
+
+/// Binds `addr` inside the named namespace (or the calling thread's, for `None`).
+fn bind_in(ns: Option<&str>, addr: SocketAddr) -> Result<TcpListener> {
+    let bind = || -> std::io::Result<std::net::TcpListener> {
+        let l = std::net::TcpListener::bind(addr)?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    };
+    let std_listener = match ns {
+        None => bind(),
+        Some(name) => {
+            let path = netns::named_path(name);
+            let file = netns::open(&path)?;
+            netns::run_in(&file, &path, bind)?
+        }
+    }
+    .with_context(|| format!("binding {addr} in {}", ns.unwrap_or("the host")))?;
+    Ok(TcpListener::from_std(std_listener)?)
+}
+
+/// Copies every connection accepted on `listener` to `target` (dialled from the host).
+async fn forward(listener: TcpListener, target: SocketAddr) {
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
+pub async fn run(name: &str) -> Result<()> {
+    let files = LabFiles::new(name);
+    let plan: LabPlan = serde_json::from_slice(
+        &std::fs::read(&files.plan).with_context(|| format!("reading {:?}", files.plan))?,
+    )?;
+    let node_ns: Vec<String> = plan.nodes.iter().map(|n| n.netns.clone()).collect();
+    let api = match &plan_external(&files)? {
+        Some(target) => {
+            // A real API server on the host's loopback: each node namespace gets a forwarder on
+            // its own loopback at the same address, so the kubeconfig works unchanged there.
+            for ns in &node_ns {
+                tokio::spawn(forward(bind_in(Some(ns), *target)?, *target));
+            }
+            *target
+        }
+        None => {
+            let server = sluice_apiserver::ApiServer::open(sluice_apiserver::Options {
+                state_file: Some(files.api_state.clone()),
+                ..Default::default()
+            })?;
+            let previous = read_info(&files.daemon).map(|i| i.api);
+            let host = match previous {
+                Some(addr) => bind_in(None, addr)?,
+                None => bind_in(None, "127.0.0.1:0".parse()?)?,
+            };
+            let addr = host.local_addr()?;
+            tokio::spawn(server.clone().serve(host));
+            for ns in &node_ns {
+                tokio::spawn(server.clone().serve(bind_in(Some(ns), addr)?));
+            }
+            std::fs::write(
+                &files.kubeconfig,
+                sluice_apiserver::kubeconfig(&format!("http://{addr}"), &format!("sluice-{name}")),
+            )?;
+            addr
+        }
+    };
+    if !files.external.exists() || std::env::var_os("SLUICE_LAB_AGENTS").is_some_and(|v| v == "1") {
+        tokio::spawn(supervise_agents(
+            name.to_string(),
+            plan.clone(),
+            files.kubeconfig.clone(),
+        ));
+    }
+    let info = DaemonInfo {
+        pid: std::process::id(),
+        api,
+    };
+    write_atomic(&files.daemon, &serde_json::to_vec_pretty(&info)?)?;
+    tracing::info!(lab = name, api = %api, "lab daemon serving");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!(lab = name, "lab daemon stopping");
+    stop_agents(&plan);
+    Ok(())
+}
+
+/// The host address of a real API server the lab was pointed at, if any.
+fn plan_external(files: &LabFiles) -> Result<Option<SocketAddr>> {
+    if !files.external.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&files.external)?;
+    let addr: SocketAddr = text
+        .trim()
+        .parse()
+        .with_context(|| format!("{:?}: not an address: {text}", files.external))?;
+    if !addr.ip().is_loopback() {
+        bail!("the external API server {addr} is not on loopback; node namespaces cannot reach it");
+    }
+    Ok(Some(addr))
+}
+
+pub fn read_info(path: &Path) -> Option<DaemonInfo> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {tmp:?}"))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {tmp:?}"))?;
+    Ok(())
+}
+
+/// A node's agent is stopped on purpose while this file exists (`sluice lab agent stop`).
+pub fn agent_stop_marker(lab: &str, node: &str) -> std::path::PathBuf {
+    super::cni::node_dir(lab, node).join("agent.stopped")
+}
+
+/// The pid file of a node's agent, for `lab agent stop` and for tests.
+pub fn agent_pid_file(lab: &str, node: &str) -> std::path::PathBuf {
+    super::cni::node_dir(lab, node).join("agent.pid")
+}
+
+/// Keeps one `sluice agent` running in each node's namespace, as the DaemonSet's controller
+/// would: an agent that exits is started again after a second, unless stopped on purpose.
+async fn supervise_agents(lab: String, plan: LabPlan, kubeconfig: std::path::PathBuf) {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot find the sluice executable; no agents");
+            return;
+        }
+    };
+    let mut children: Vec<Option<std::process::Child>> = plan.nodes.iter().map(|_| None).collect();
+    loop {
+        for (node, child) in plan.nodes.iter().zip(children.iter_mut()) {
+            if let Some(c) = child {
+                if matches!(c.try_wait(), Ok(Some(_)) | Err(_)) {
+                    tracing::warn!(node = node.name, "agent exited");
+                    *child = None;
+                }
+            }
+            if child.is_some() || agent_stop_marker(&lab, &node.name).exists() {
+                continue;
+            }
+            match spawn_agent(&exe, &lab, node, &kubeconfig) {
+                Ok(c) => {
+                    let _ = std::fs::write(agent_pid_file(&lab, &node.name), c.id().to_string());
+                    tracing::info!(node = node.name, pid = c.id(), "agent started");
+                    *child = Some(c);
+                }
+                Err(e) => tracing::error!(
+                    node = node.name,
+                    error = format!("{e:#}"),
+                    "cannot start agent"
+                ),
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+fn spawn_agent(
+    exe: &Path,
+    lab: &str,
+    node: &super::plan::NodePlan,
+    kubeconfig: &Path,
+) -> Result<std::process::Child> {
+    let dir = super::cni::node_dir(lab, &node.name);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("agent.log"))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("agent")
+        .args(["--node-name", &node.name])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--subnet-file")
+        .arg(super::cni::subnet_file(lab, &node.name))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let path = netns::named_path(&node.netns);
+    let file = netns::open(&path)?;
+    // Forked from a thread inside the node's namespace, the agent lives there.
+    Ok(netns::run_in(&file, &path, || cmd.spawn())??)
+}
+
+/// Agents are stopped with the lab daemon; `lab down` also finds them by namespace.
+fn stop_agents(plan: &LabPlan) {
+    for node in &plan.nodes {
+        let pid = std::fs::read_to_string(agent_pid_file(&plan.spec.name, &node.name))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok());
+        if let Some(pid) = pid {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+}

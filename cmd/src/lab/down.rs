@@ -1,0 +1,103 @@
+//! `sluice lab down`: removes every process, namespace and file of a lab. It works from what is
+//! on the machine (namespaces by prefix, processes by namespace), not from the lab's records
+//! alone, so it also cleans up after a crash or a half-made `lab up`.
+
+use super::plan::{prefix, LabPlan};
+use super::{cluster, daemon, LabFiles};
+use anyhow::{Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use sluice_net::netns;
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
+
+/// Processes whose network namespace is one of `inodes`, or the lab daemon of `name`.
+fn lab_processes(name: &str, inodes: &HashSet<u64>) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let daemon_args = format!("lab\0__daemon\0--name\0{name}\0");
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            let in_lab_ns = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|m| inodes.contains(&m.ino()));
+            let is_daemon = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&daemon_args));
+            in_lab_ns || is_daemon
+        })
+        .collect()
+}
+
+/// TERM, then KILL after a bounded wait.
+fn stop(pids: &[i32]) {
+    for &p in pids {
+        let _ = kill(Pid::from_raw(p), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline
+        && pids
+            .iter()
+            .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for &p in pids {
+        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+    }
+}
+
+pub async fn run(name: &str) -> Result<()> {
+    super::require_root()?;
+    let files = LabFiles::new(name);
+    // Against a real API server, the lab's Nodes and Pods outlive it unless removed.
+    if files.external.exists() {
+        if let Ok(b) = std::fs::read(&files.plan) {
+            let plan: LabPlan = serde_json::from_slice(&b)?;
+            if let Ok(client) = cluster::client(&files.kubeconfig).await {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    cluster::unregister(&client, &plan),
+                )
+                .await;
+            }
+        }
+    }
+    let names = netns::list_named(&prefix(name));
+    let inodes: HashSet<u64> = names
+        .iter()
+        .filter_map(|n| std::fs::metadata(netns::named_path(n)).ok())
+        .map(|m| m.ino())
+        .collect();
+    let mut pids = lab_processes(name, &inodes);
+    if let Some(info) = daemon::read_info(&files.daemon) {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", info.pid)).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("__daemon")
+            && !pids.contains(&(info.pid as i32))
+        {
+            pids.push(info.pid as i32);
+        }
+    }
+    stop(&pids);
+    for n in &names {
+        netns::remove_named(n).with_context(|| format!("removing network namespace {n}"))?;
+    }
+    let had_files = files.dir.exists();
+    if had_files {
+        std::fs::remove_dir_all(&files.dir).with_context(|| format!("removing {:?}", files.dir))?;
+    }
+    if names.is_empty() && pids.is_empty() && !had_files {
+        eprintln!("lab {name}: nothing to remove");
+    } else {
+        eprintln!(
+            "lab {name}: removed {} network namespaces, stopped {} processes{}",
+            names.len(),
+            pids.len(),
+            if had_files { ", removed its files" } else { "" }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,389 @@
+//! `sluice lab`: a cluster on one machine. Nodes and pods are network namespaces, an API server
+//! embedded in sluice stands in for the cluster's, and the real CNI plugin wires the pods.
+
+mod cluster;
+mod cni;
+mod daemon;
+mod down;
+pub mod plan;
+mod status;
+mod topo;
+
+use anyhow::{bail, Context, Result};
+use plan::{state_dir, Encryption, LabPlan, LabSpec};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum LabCmd {
+    /// Build a lab: underlay, nodes, API server, pods; prints how to reach it with kubectl.
+    Up {
+        #[arg(long, default_value = "lab")]
+        name: String,
+        #[arg(long, default_value_t = 3)]
+        nodes: u8,
+        #[arg(long, default_value_t = 2)]
+        pods_per_node: u8,
+        #[arg(long, value_enum, default_value_t = Encryption::None)]
+        encryption: Encryption,
+        /// 1: all nodes on one L2 segment; 2: nodes alternate between two routed segments.
+        #[arg(long, default_value_t = 1)]
+        segments: u8,
+        /// Use this real API server (on the host's loopback) instead of the embedded one.
+        #[arg(long, env = "SLUICE_E2E_KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+    },
+    /// Show the lab's nodes and pods and a pod-to-pod reachability matrix from real pings.
+    Status {
+        #[arg(long, default_value = "lab")]
+        name: String,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove everything the lab made: processes, namespaces, links, files; also after a crash.
+    Down {
+        #[arg(long, default_value = "lab")]
+        name: String,
+    },
+    /// Stop or start a node's agent (the lab daemon restarts an agent that dies, unless stopped).
+    Agent {
+        #[arg(long, default_value = "lab")]
+        name: String,
+        #[arg(value_enum)]
+        action: AgentAction,
+        /// The node, e.g. lab-node-1.
+        node: String,
+    },
+    /// Internal: the lab's API server process.
+    #[command(name = "__daemon", hide = true)]
+    Daemon {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum AgentAction {
+    Stop,
+    Start,
+}
+
+/// The files of one lab, under its state directory.
+pub struct LabFiles {
+    pub dir: PathBuf,
+    pub plan: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub api_state: PathBuf,
+    pub daemon: PathBuf,
+    pub daemon_log: PathBuf,
+    /// Present when the lab uses a real API server: its host address.
+    pub external: PathBuf,
+}
+
+impl LabFiles {
+    pub fn new(name: &str) -> Self {
+        let dir = state_dir(name);
+        Self {
+            plan: dir.join("lab.json"),
+            kubeconfig: dir.join("kubeconfig"),
+            api_state: dir.join("api-state.json"),
+            daemon: dir.join("daemon.json"),
+            daemon_log: dir.join("daemon.log"),
+            external: dir.join("external-api"),
+            dir,
+        }
+    }
+}
+
+pub fn main(cmd: LabCmd) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    match cmd {
+        LabCmd::Daemon { name } => rt.block_on(daemon::run(&name)),
+        LabCmd::Up {
+            name,
+            nodes,
+            pods_per_node,
+            encryption,
+            segments,
+            kubeconfig,
+        } => {
+            let spec = LabSpec {
+                name,
+                nodes,
+                pods_per_node,
+                encryption,
+                segments,
+            };
+            rt.block_on(up(spec, kubeconfig))
+        }
+        LabCmd::Status { name, json } => rt.block_on(status::run(&name, json)),
+        LabCmd::Agent { name, action, node } => agent_control(&name, action, &node),
+        LabCmd::Down { name } => {
+            plan::validate_name(&name)?;
+            rt.block_on(down::run(&name))
+        }
+    }
+}
+
+fn require_root() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("sluice lab makes network namespaces and links: run it as root");
+    }
+    if !std::path::Path::new("/proc/self/ns/net").exists() {
+        bail!("this kernel has no network namespaces (CONFIG_NET_NS)");
+    }
+    Ok(())
+}
+
+pub(crate) struct Progress {
+    step: usize,
+    started: Instant,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            step: 0,
+            started: Instant::now(),
+        }
+    }
+
+    fn line(&mut self, msg: String) {
+        self.step += 1;
+        eprintln!(
+            "[{:>2}] {:>6.2}s  {msg}",
+            self.step,
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+async fn up(spec: LabSpec, external: Option<PathBuf>) -> Result<()> {
+    require_root()?;
+    let plan = LabPlan::new(spec)?;
+    let name = plan.spec.name.clone();
+    let files = LabFiles::new(&name);
+    if files.dir.exists() || !sluice_net::netns::list_named(&plan.prefix).is_empty() {
+        bail!("lab {name} already exists (or left something behind): run `sluice lab down --name {name}` first");
+    }
+    let mut progress = Progress::new();
+    let built = build(&plan, &files, external, &mut progress).await;
+    if let Err(e) = built {
+        eprintln!("lab {name}: failed; removing what was made");
+        if let Err(d) = down::run(&name).await {
+            eprintln!("lab {name}: cleanup after the failure also failed: {d:#}");
+        }
+        return Err(e);
+    }
+    println!(
+        "lab {name} is up: {} nodes, {} pods\n\n  export KUBECONFIG={}\n  kubectl get nodes,pods -A -o wide\n  sluice lab status --name {name}\n  sluice lab down --name {name}",
+        plan.nodes.len(),
+        plan.pods.len(),
+        files.kubeconfig.display()
+    );
+    Ok(())
+}
+
+async fn build(
+    plan: &LabPlan,
+    files: &LabFiles,
+    external: Option<PathBuf>,
+    progress: &mut Progress,
+) -> Result<()> {
+    let name = &plan.spec.name;
+    std::fs::create_dir_all(&files.dir).with_context(|| format!("creating {:?}", files.dir))?;
+    daemon::write_atomic(&files.plan, &serde_json::to_vec_pretty(plan)?)?;
+    if let Some(kc) = &external {
+        let addr = external_address(kc)?;
+        std::fs::copy(kc, &files.kubeconfig).with_context(|| format!("copying {kc:?}"))?;
+        std::fs::write(&files.external, addr.to_string())?;
+    }
+    topo::build(plan, &mut |l| progress.line(l)).await?;
+    for node in &plan.nodes {
+        cni::install(plan, node)?;
+    }
+    progress.line(format!(
+        "CNI: sluice-cni and {} on {} nodes",
+        cni::CONFLIST,
+        plan.nodes.len()
+    ));
+    let info = start_daemon(&name.clone(), files).await?;
+    progress.line(match &external {
+        Some(kc) => format!(
+            "API: the real API server of {kc:?} at {}, forwarded into the nodes",
+            info.api
+        ),
+        None => format!(
+            "API: embedded server at http://{} (pid {})",
+            info.api, info.pid
+        ),
+    });
+    let client = cluster::client(&files.kubeconfig).await?;
+    cluster::register(&client, plan).await?;
+    progress.line(format!(
+        "API: {} nodes registered, kube-system/sluice-config written",
+        plan.nodes.len()
+    ));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for node in &plan.nodes {
+        let file = cni::subnet_file(name, &node.name);
+        let env = loop {
+            if let Ok(env) = sluice_net::subnet_env::SubnetEnv::load(&file) {
+                break env;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent of {} wrote no subnet within 60 s (log: {:?})",
+                    node.name,
+                    cni::node_dir(name, &node.name).join("agent.log")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        progress.line(format!(
+            "agent {}: subnet {} (MTU {})",
+            node.name, env.subnet, env.mtu
+        ));
+    }
+    for pod in &plan.pods {
+        let node = plan
+            .node(&pod.node)
+            .context("a lab pod names a node the plan lacks")?;
+        let uid = cluster::create_pod(&client, pod).await?;
+        let netns_name = plan.pod_netns(&pod.namespace, &pod.name);
+        topo::namespace(&netns_name).await?;
+        let netns = sluice_net::netns::named_path(&netns_name);
+        let attachment = cni::Attachment {
+            lab: name,
+            node,
+            container_id: &uid,
+            netns: &netns,
+            pod_namespace: &pod.namespace,
+            pod_name: &pod.name,
+            pod_uid: &uid,
+        };
+        let result = tokio::task::block_in_place(|| cni::call("ADD", &attachment))?;
+        let ip = cni::address_of(&result)?;
+        cluster::pod_running(&client, pod, node.underlay.addr(), ip).await?;
+        progress.line(format!(
+            "pod {}/{} on {}: {ip}",
+            pod.namespace, pod.name, pod.node
+        ));
+    }
+    Ok(())
+}
+
+/// Host and port of the kubeconfig's current cluster.
+fn external_address(kubeconfig: &std::path::Path) -> Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("reading {kubeconfig:?}"))?;
+    let context = kc.current_context.clone().unwrap_or_default();
+    let cluster_name = kc
+        .contexts
+        .iter()
+        .find(|c| c.name == context)
+        .and_then(|c| c.context.as_ref())
+        .map(|c| c.cluster.clone())
+        .unwrap_or_default();
+    let server = kc
+        .clusters
+        .iter()
+        .find(|c| c.name == cluster_name)
+        .and_then(|c| c.cluster.as_ref())
+        .and_then(|c| c.server.clone())
+        .with_context(|| format!("{kubeconfig:?} has no server for context {context:?}"))?;
+    let (scheme, rest) = server.split_once("://").unwrap_or(("https", &server));
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let with_port = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        authority.to_string()
+    } else {
+        format!("{authority}:{}", if scheme == "http" { 80 } else { 443 })
+    };
+    with_port
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {with_port}"))?
+        .next()
+        .with_context(|| format!("{with_port} resolves to nothing"))
+}
+
+async fn start_daemon(name: &str, files: &LabFiles) -> Result<daemon::DaemonInfo> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("finding the sluice executable")?;
+    let log = std::fs::File::create(&files.daemon_log)?;
+    let mut child = std::process::Command::new(exe)
+        .args(["lab", "__daemon", "--name", name])
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group, so that a Ctrl-C at `lab up` does not take the lab down.
+        .process_group(0)
+        .spawn()
+        .context("starting the lab daemon")?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(info) = daemon::read_info(&files.daemon) {
+            if info.pid == child.id() {
+                return Ok(info);
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(&files.daemon_log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!("the lab daemon exited ({status}):\n{}", tail.join("\n"));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the lab daemon did not come up within 20 s (log: {:?})",
+                files.daemon_log
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn agent_control(name: &str, action: AgentAction, node: &str) -> Result<()> {
+    require_root()?;
+    let files = LabFiles::new(name);
+    let plan: LabPlan = serde_json::from_slice(
+        &std::fs::read(&files.plan).with_context(|| format!("no lab named {name}"))?,
+    )?;
+    if plan.node(node).is_none() {
+        bail!("lab {name} has no node {node}");
+    }
+    let marker = daemon::agent_stop_marker(name, node);
+    match action {
+        AgentAction::Start => {
+            let _ = std::fs::remove_file(&marker);
+            eprintln!("agent of {node}: the lab daemon starts it within a second");
+        }
+        AgentAction::Stop => {
+            std::fs::write(&marker, b"")?;
+            let pid = std::fs::read_to_string(daemon::agent_pid_file(name, node))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok());
+            if let Some(pid) = pid {
+                let pid = nix::unistd::Pid::from_raw(pid);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while nix::sys::signal::kill(pid, None).is_ok() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            eprintln!("agent of {node}: stopped (its datapath stays in place)");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,297 @@
+//! What a lab is made of, computed from its spec alone: names, addresses, subnets. Nothing here
+//! touches the kernel or the API, so the whole layout is unit-tested without root.
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+/// Every namespace of lab `name` starts with this, so `lab down` finds leftovers after a crash.
+pub fn prefix(name: &str) -> String {
+    format!("slab-{name}-")
+}
+
+/// Where a lab keeps its files (plan, kubeconfig, API state, per-node CNI files).
+pub fn state_dir(name: &str) -> PathBuf {
+    Path::new("/run/sluice/lab").join(name)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Encryption {
+    None,
+    Wireguard,
+}
+
+impl Encryption {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Wireguard => "wireguard",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabSpec {
+    pub name: String,
+    pub nodes: u8,
+    pub pods_per_node: u8,
+    pub encryption: Encryption,
+    /// 1: every node on one L2 segment; 2: nodes alternate between two routed segments.
+    pub segments: u8,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("lab name {0:?}: use 1 to 12 characters of a-z and 0-9, starting with a letter")]
+    Name(String),
+    #[error("--nodes {0}: a lab has 1 to {MAX_NODES} nodes")]
+    Nodes(u8),
+    #[error("--pods-per-node {0}: at most {MAX_PODS_PER_NODE}")]
+    Pods(u8),
+    #[error("--segments {0}: 1 (one L2 segment) or 2 (two routed segments)")]
+    Segments(u8),
+}
+
+pub const MAX_NODES: u8 = 50;
+pub const MAX_PODS_PER_NODE: u8 = 50;
+/// The lab's cluster CIDR and each node's share of it (DESIGN.md's defaults).
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+pub const SUBNET_LENGTH: u8 = 24;
+/// MTU of the underlay links (veth), as on an ordinary Ethernet.
+pub const UNDERLAY_MTU: u32 = 1500;
+
+pub fn validate_name(name: &str) -> Result<(), SpecError> {
+    let ok = (1..=12).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::Name(name.into()))
+    }
+}
+
+impl LabSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        validate_name(&self.name)?;
+        if !(1..=MAX_NODES).contains(&self.nodes) {
+            return Err(SpecError::Nodes(self.nodes));
+        }
+        if self.pods_per_node > MAX_PODS_PER_NODE {
+            return Err(SpecError::Pods(self.pods_per_node));
+        }
+        if !(1..=2).contains(&self.segments) {
+            return Err(SpecError::Segments(self.segments));
+        }
+        Ok(())
+    }
+}
+
+/// One L2 segment of the underlay: a bridge in the underlay namespace; its gateway address routes
+/// between segments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    pub bridge: String,
+    /// The underlay namespace's address on the bridge, with the segment's prefix.
+    pub gateway: Ipv4Net,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodePlan {
+    /// The Kubernetes Node name.
+    pub name: String,
+    pub netns: String,
+    pub segment: usize,
+    /// The node's underlay address, with its segment's prefix.
+    pub underlay: Ipv4Net,
+    /// The underlay namespace's end of the node's link (the node's end is `eth0`).
+    pub uplink: String,
+    /// The node's pod subnet (its `spec.podCIDR`), until an agent leases one itself.
+    pub pod_cidr: Ipv4Net,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodPlan {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabPlan {
+    pub spec: LabSpec,
+    pub prefix: String,
+    pub underlay_netns: String,
+    pub segments: Vec<Segment>,
+    pub nodes: Vec<NodePlan>,
+    /// The lab's own pods (`--pods-per-node`), in the namespace named after the lab.
+    pub pods: Vec<PodPlan>,
+    pub cluster_cidr: Ipv4Net,
+    /// A host outside the cluster ("the internet"), routed by the underlay namespace: it has no
+    /// route to pod subnets, so pod traffic reaches it only masqueraded.
+    pub internet: Internet,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Internet {
+    pub netns: String,
+    /// Its address, with the prefix of its link to the underlay namespace.
+    pub address: Ipv4Net,
+    /// The underlay namespace's end of that link.
+    pub gateway: Ipv4Net,
+    pub uplink: String,
+}
+
+/// The node's interface on the underlay.
+pub const NODE_UPLINK: &str = "eth0";
+
+impl LabPlan {
+    pub fn new(spec: LabSpec) -> Result<Self, SpecError> {
+        spec.validate()?;
+        let prefix = prefix(&spec.name);
+        let cluster_cidr: Ipv4Net = CLUSTER_CIDR.parse().unwrap_or_default();
+        let segments = (0..spec.segments)
+            .map(|s| Segment {
+                bridge: format!("br{s}"),
+                gateway: Ipv4Net::new(Ipv4Addr::new(172, 31, s, 254), 24).unwrap_or_default(),
+            })
+            .collect::<Vec<_>>();
+        let subnets = cluster_cidr
+            .subnets(SUBNET_LENGTH)
+            .map_err(|_| SpecError::Nodes(spec.nodes))?;
+        let nodes = (1..=spec.nodes)
+            .zip(subnets)
+            .map(|(i, pod_cidr)| {
+                let segment = usize::from((i - 1) % spec.segments);
+                NodePlan {
+                    name: format!("{}-node-{i}", spec.name),
+                    netns: format!("{prefix}node-{i}"),
+                    segment,
+                    underlay: Ipv4Net::new(Ipv4Addr::new(172, 31, segment as u8, i), 24)
+                        .unwrap_or_default(),
+                    uplink: format!("n{i}"),
+                    pod_cidr,
+                }
+            })
+            .collect::<Vec<_>>();
+        let pods = nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, node)| {
+                (1..=spec.pods_per_node).map(move |j| PodPlan {
+                    namespace: spec_namespace(&node.name),
+                    name: format!("pod-{}-{j}", i + 1),
+                    node: node.name.clone(),
+                })
+            })
+            .collect();
+        let internet = Internet {
+            netns: format!("{prefix}internet"),
+            address: Ipv4Net::new(Ipv4Addr::new(203, 0, 113, 1), 24).unwrap_or_default(),
+            gateway: Ipv4Net::new(Ipv4Addr::new(203, 0, 113, 254), 24).unwrap_or_default(),
+            uplink: "inet".into(),
+        };
+        Ok(Self {
+            internet,
+            underlay_netns: format!("{prefix}underlay"),
+            prefix,
+            segments,
+            nodes,
+            pods,
+            cluster_cidr,
+            spec,
+        })
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodePlan> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The namespace that holds the lab's own pods.
+    pub fn pod_namespace(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// The network namespace of pod `namespace/name` (any pod, not only the lab's own).
+    pub fn pod_netns(&self, namespace: &str, name: &str) -> String {
+        format!("{}pod-{namespace}-{name}", self.prefix)
+    }
+}
+
+/// The lab's own pods live in a namespace named after the lab (node names are `LAB-node-I`).
+fn spec_namespace(node_name: &str) -> String {
+    node_name
+        .rsplit_once("-node-")
+        .map_or(node_name, |(lab, _)| lab)
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(nodes: u8, pods: u8, segments: u8) -> LabSpec {
+        LabSpec {
+            name: "t1".into(),
+            nodes,
+            pods_per_node: pods,
+            encryption: Encryption::None,
+            segments,
+        }
+    }
+
+    #[test]
+    fn layout_of_three_nodes() {
+        let p = LabPlan::new(spec(3, 2, 1)).unwrap();
+        assert_eq!(p.prefix, "slab-t1-");
+        assert_eq!(p.underlay_netns, "slab-t1-underlay");
+        assert_eq!(p.segments.len(), 1);
+        let names: Vec<_> = p.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["t1-node-1", "t1-node-2", "t1-node-3"]);
+        assert_eq!(p.nodes[1].underlay.to_string(), "172.31.0.2/24");
+        assert_eq!(p.nodes[2].pod_cidr.to_string(), "10.244.2.0/24");
+        assert_eq!(p.pods.len(), 6);
+        assert_eq!(p.pods[3].name, "pod-2-2");
+        assert_eq!(p.pods[3].node, "t1-node-2");
+        assert_eq!(p.pods[3].namespace, "t1");
+        assert!(p.nodes.iter().all(|n| n.netns.starts_with(&p.prefix)));
+        assert!(p.nodes.iter().all(|n| n.uplink.len() <= 15));
+    }
+
+    #[test]
+    fn two_segments_alternate() {
+        let p = LabPlan::new(spec(4, 0, 2)).unwrap();
+        let segs: Vec<_> = p.nodes.iter().map(|n| n.segment).collect();
+        assert_eq!(segs, [0, 1, 0, 1]);
+        assert_eq!(p.nodes[1].underlay.to_string(), "172.31.1.2/24");
+        assert_eq!(p.segments[1].gateway.to_string(), "172.31.1.254/24");
+        // Subnets and underlay addresses are distinct.
+        let mut cidrs: Vec<_> = p.nodes.iter().map(|n| n.pod_cidr).collect();
+        cidrs.dedup();
+        assert_eq!(cidrs.len(), 4);
+    }
+
+    #[test]
+    fn bad_specs_are_refused() {
+        assert_eq!(
+            LabPlan::new(spec(0, 1, 1)).unwrap_err(),
+            SpecError::Nodes(0)
+        );
+        assert_eq!(
+            LabPlan::new(spec(51, 1, 1)).unwrap_err(),
+            SpecError::Nodes(51)
+        );
+        assert_eq!(
+            LabPlan::new(spec(2, 1, 3)).unwrap_err(),
+            SpecError::Segments(3)
+        );
+        for bad in ["", "Lab", "1lab", "lab-1", "abcdefghijklm", "a/b"] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+        validate_name("lab").unwrap();
+    }
+}

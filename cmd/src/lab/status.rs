@@ -1,0 +1,148 @@
+//! `sluice lab status`: the lab's nodes and pods, and which pod reaches which, from real pings
+//! sent inside the pods' namespaces.
+
+use super::plan::LabPlan;
+use super::{cluster, daemon, LabFiles};
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use sluice_net::netns;
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+
+/// One ping from inside `netns` to `to`; true on an answer within a second.
+fn ping(netns_name: &str, to: Ipv4Addr) -> bool {
+    let path = netns::named_path(netns_name);
+    let Ok(file) = netns::open(&path) else {
+        return false;
+    };
+    let mut cmd = Command::new("ping");
+    cmd.args(["-c", "1", "-W", "1", "-q", &to.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    match netns::run_in(&file, &path, || cmd.spawn()) {
+        Ok(Ok(mut child)) => child.wait().is_ok_and(|s| s.success()),
+        _ => false,
+    }
+}
+
+/// The reachability matrix: `m[i][j]` is whether pod i reached pod j. Pings run in parallel,
+/// bounded by `WORKERS` threads; each is bounded by ping's own one-second wait.
+fn matrix(sources: &[String], targets: &[Ipv4Addr]) -> Vec<Vec<bool>> {
+    const WORKERS: usize = 16;
+    let pairs: Vec<(usize, usize)> = (0..sources.len())
+        .flat_map(|i| (0..targets.len()).map(move |j| (i, j)))
+        .collect();
+    let mut m = vec![vec![false; targets.len()]; sources.len()];
+    for chunk in pairs.chunks(WORKERS) {
+        let results: Vec<((usize, usize), bool)> = std::thread::scope(|s| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|&(i, j)| {
+                    let src = &sources[i];
+                    let dst = targets[j];
+                    ((i, j), s.spawn(move || ping(src, dst)))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|(ij, h)| (ij, h.join().unwrap_or(false)))
+                .collect()
+        });
+        for ((i, j), ok) in results {
+            m[i][j] = ok;
+        }
+    }
+    m
+}
+
+pub async fn run(name: &str, as_json: bool) -> Result<()> {
+    super::require_root()?;
+    let files = LabFiles::new(name);
+    let plan: LabPlan = match std::fs::read(&files.plan) {
+        Ok(b) => serde_json::from_slice(&b)?,
+        Err(_) => bail!("no lab named {name} (no {:?})", files.plan),
+    };
+    let info = daemon::read_info(&files.daemon)
+        .with_context(|| format!("lab {name} has no running API (no {:?})", files.daemon))?;
+    let alive = std::path::Path::new(&format!("/proc/{}", info.pid)).exists();
+    let client = cluster::client(&files.kubeconfig).await?;
+    let pods = cluster::running_pods(&client, &plan).await?;
+    let sources: Vec<String> = pods
+        .iter()
+        .map(|(ns, pod, _, _)| plan.pod_netns(ns, pod))
+        .collect();
+    let targets: Vec<Ipv4Addr> = pods.iter().map(|p| p.3).collect();
+    let m = tokio::task::spawn_blocking(move || matrix(&sources, &targets)).await?;
+    if as_json {
+        let out = json!({
+            "name": name,
+            "api": info.api.to_string(),
+            "daemon": {"pid": info.pid, "running": alive},
+            "nodes": plan.nodes.iter().map(|n| json!({
+                "name": n.name, "netns": n.netns, "underlay": n.underlay.addr().to_string(),
+                "podCIDR": n.pod_cidr.to_string(),
+                "subnet": subnet_of(name, &n.name),
+            })).collect::<Vec<_>>(),
+            "pods": pods.iter().map(|(ns, pod, node, ip)| json!({
+                "namespace": ns, "name": pod, "node": node, "ip": ip.to_string(),
+            })).collect::<Vec<_>>(),
+            "reachability": m,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "lab {name}: API http://{} (daemon pid {}, {})",
+        info.api,
+        info.pid,
+        if alive { "running" } else { "NOT RUNNING" }
+    );
+    println!(
+        "\n{:<16} {:<22} {:<16} POD CIDR",
+        "NODE", "NETNS", "UNDERLAY"
+    );
+    for n in &plan.nodes {
+        println!(
+            "{:<16} {:<22} {:<16} {}",
+            n.name,
+            n.netns,
+            n.underlay.addr(),
+            n.pod_cidr
+        );
+    }
+    println!("\n{:>3}  {:<28} {:<16} IP", "#", "POD", "NODE");
+    for (i, (ns, pod, node, ip)) in pods.iter().enumerate() {
+        println!(
+            "{:>3}  {:<28} {:<16} {ip}",
+            i + 1,
+            format!("{ns}/{pod}"),
+            node
+        );
+    }
+    let reached: usize = m.iter().flatten().filter(|&&b| b).count();
+    println!(
+        "\nreachability (ping from row to column; o = answered, . = no answer): {reached}/{} pairs",
+        m.len() * m.len()
+    );
+    print!("{:>5}", "");
+    for j in 0..pods.len() {
+        print!("{:>3}", j + 1);
+    }
+    println!();
+    for (i, row) in m.iter().enumerate() {
+        print!("{:>5}", i + 1);
+        for &ok in row {
+            print!("{:>3}", if ok { "o" } else { "." });
+        }
+        println!();
+    }
+    Ok(())
+}
+
+/// The subnet the node's agent holds, from the file it writes for the CNI plugin.
+fn subnet_of(lab: &str, node: &str) -> Option<String> {
+    sluice_net::subnet_env::SubnetEnv::load(&super::cni::subnet_file(lab, node))
+        .ok()
+        .map(|e| e.subnet.to_string())
+}

@@ -1,0 +1,343 @@
+//! Device offload features over the ethtool generic-netlink family (`ethtool -k` / `-K`
+//! without the tool, and without the `SIOCETHTOOL` ioctl, which would need `unsafe`).
+//!
+//! The `ethtool` crate of the rust-netlink project only reads features (its setter is a
+//! `todo!()` in 0.3), so the two messages sluice needs are built here on
+//! `netlink-packet-generic`: `ETHTOOL_MSG_FEATURES_GET` and `ETHTOOL_MSG_FEATURES_SET`, with
+//! bitsets in their verbose (by name) form.
+
+use netlink_packet_core::{
+    DecodeError, Emitable, NetlinkDeserializable, NetlinkMessage, NetlinkPayload,
+    NetlinkSerializable, NlasIterator, ParseableParametrized, NLM_F_ACK, NLM_F_REQUEST,
+};
+use netlink_packet_generic::ctrl::nlas::GenlCtrlAttrs;
+use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
+use netlink_packet_generic::{GenlFamily, GenlHeader, GenlMessage};
+use netlink_sys::{protocols::NETLINK_GENERIC, Socket, SocketAddr};
+use std::collections::BTreeMap;
+
+/// The features `ethtool -K DEV tx off` switches off.
+pub const TX_CHECKSUM_FEATURES: [&str; 5] = [
+    "tx-checksum-ipv4",
+    "tx-checksum-ip-generic",
+    "tx-checksum-ipv6",
+    "tx-checksum-fcoe-crc",
+    "tx-checksum-sctp",
+];
+
+const FAMILY: &str = "ethtool";
+const MSG_FEATURES_GET: u8 = 11;
+const MSG_FEATURES_SET: u8 = 12;
+const A_FEATURES_HEADER: u16 = 1;
+const A_FEATURES_WANTED: u16 = 3;
+const A_FEATURES_ACTIVE: u16 = 4;
+const A_HEADER_DEV_NAME: u16 = 2;
+const A_HEADER_FLAGS: u16 = 3;
+const FLAG_OMIT_REPLY: u32 = 1 << 1;
+const A_BITSET_NOMASK: u16 = 1;
+const A_BITSET_BITS: u16 = 3;
+const A_BITSET_BITS_BIT: u16 = 1;
+const A_BITSET_BIT_NAME: u16 = 2;
+const A_BITSET_BIT_VALUE: u16 = 3;
+const NLA_F_NESTED: u16 = 1 << 15;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EthtoolError {
+    #[error("opening a generic netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("{op}: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("decoding the kernel's answer to {op}: {source}")]
+    Decode {
+        op: &'static str,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("the kernel has no ethtool netlink family")]
+    NoFamily,
+    #[error("{op} {ifname}: {source}")]
+    Kernel {
+        op: &'static str,
+        ifname: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An ethtool message: command and raw attributes.
+#[derive(Debug, Clone)]
+struct EthtoolMsg {
+    cmd: u8,
+    attrs: Vec<u8>,
+}
+
+impl GenlFamily for EthtoolMsg {
+    fn family_name() -> &'static str {
+        FAMILY
+    }
+    fn command(&self) -> u8 {
+        self.cmd
+    }
+    fn version(&self) -> u8 {
+        1
+    }
+}
+
+impl Emitable for EthtoolMsg {
+    fn buffer_len(&self) -> usize {
+        self.attrs.len()
+    }
+    fn emit(&self, buffer: &mut [u8]) {
+        buffer[..self.attrs.len()].copy_from_slice(&self.attrs);
+    }
+}
+
+impl ParseableParametrized<[u8], GenlHeader> for EthtoolMsg {
+    fn parse_with_param(buf: &[u8], header: GenlHeader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            cmd: header.cmd,
+            attrs: buf.to_vec(),
+        })
+    }
+}
+
+/// One netlink attribute, padded to 4 bytes.
+fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
+    let len = 4 + value.len();
+    let mut out = Vec::with_capacity(len.next_multiple_of(4));
+    out.extend_from_slice(&u16::try_from(len).unwrap_or(u16::MAX).to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(value);
+    out.resize(len.next_multiple_of(4), 0);
+    out
+}
+
+fn nested(kind: u16, parts: &[Vec<u8>]) -> Vec<u8> {
+    nla(kind | NLA_F_NESTED, &parts.concat())
+}
+
+fn header(ifname: &str, flags: u32) -> Vec<u8> {
+    let mut name = ifname.as_bytes().to_vec();
+    name.push(0);
+    nested(
+        A_FEATURES_HEADER,
+        &[
+            nla(A_HEADER_DEV_NAME, &name),
+            nla(A_HEADER_FLAGS, &flags.to_ne_bytes()),
+        ],
+    )
+}
+
+/// A generic netlink socket to the ethtool family, in the namespace of the thread that made it.
+pub struct Ethtool {
+    socket: Socket,
+    family: u16,
+    seq: u32,
+}
+
+impl Ethtool {
+    pub fn connect() -> Result<Self, EthtoolError> {
+        let mut socket = Socket::new(NETLINK_GENERIC).map_err(EthtoolError::Socket)?;
+        socket.bind_auto().map_err(EthtoolError::Socket)?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(EthtoolError::Socket)?;
+        let mut me = Self {
+            socket,
+            family: 0,
+            seq: 0,
+        };
+        let ask = GenlMessage::from_payload(GenlCtrl {
+            cmd: GenlCtrlCmd::GetFamily,
+            nlas: vec![GenlCtrlAttrs::FamilyName(FAMILY.into())],
+        });
+        let answer: GenlMessage<GenlCtrl> = me
+            .exchange(ask, NLM_F_REQUEST, "resolving the ethtool family", "")?
+            .ok_or(EthtoolError::NoFamily)?;
+        me.family = answer
+            .payload
+            .nlas
+            .iter()
+            .find_map(|a| match a {
+                GenlCtrlAttrs::FamilyId(id) => Some(*id),
+                _ => None,
+            })
+            .ok_or(EthtoolError::NoFamily)?;
+        Ok(me)
+    }
+
+    /// Sends one request and reads until its answer: the first message of `R`, or the ACK
+    /// (`None`). A kernel error comes back as [`EthtoolError::Kernel`].
+    fn exchange<F, R>(
+        &mut self,
+        mut msg: GenlMessage<F>,
+        flags: u16,
+        op: &'static str,
+        ifname: &str,
+    ) -> Result<Option<R>, EthtoolError>
+    where
+        F: GenlFamily + Emitable + std::fmt::Debug,
+        GenlMessage<F>: NetlinkSerializable,
+        R: NetlinkDeserializable + std::fmt::Debug,
+    {
+        msg.finalize();
+        msg.set_resolved_family_id(self.family);
+        let mut nl = NetlinkMessage::from(msg);
+        self.seq = self.seq.wrapping_add(1);
+        nl.header.flags = flags;
+        nl.header.sequence_number = self.seq;
+        nl.finalize();
+        let mut buf = vec![0; nl.buffer_len()];
+        nl.serialize(&mut buf);
+        self.socket
+            .send(&buf, 0)
+            .map_err(|source| EthtoolError::Io { op, source })?;
+        loop {
+            let (data, _) = self
+                .socket
+                .recv_from_full()
+                .map_err(|source| EthtoolError::Io { op, source })?;
+            let mut offset = 0;
+            while offset < data.len() {
+                let reply = NetlinkMessage::<R>::deserialize(&data[offset..])
+                    .map_err(|source| EthtoolError::Decode { op, source })?;
+                let len = reply.header.length as usize;
+                let seq = reply.header.sequence_number;
+                offset += len.max(1).next_multiple_of(4);
+                if seq != self.seq {
+                    continue;
+                }
+                match reply.payload {
+                    NetlinkPayload::InnerMessage(m) => return Ok(Some(m)),
+                    NetlinkPayload::Error(e) => {
+                        return match e.code {
+                            None => Ok(None),
+                            Some(code) => Err(EthtoolError::Kernel {
+                                op,
+                                ifname: ifname.into(),
+                                source: std::io::Error::from_raw_os_error(-code.get()),
+                            }),
+                        }
+                    }
+                    NetlinkPayload::Done(_) => return Ok(None),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// The active features of `ifname`, by name.
+    pub fn features(&mut self, ifname: &str) -> Result<BTreeMap<String, bool>, EthtoolError> {
+        let op = "reading features of";
+        let ask = GenlMessage::from_payload(EthtoolMsg {
+            cmd: MSG_FEATURES_GET,
+            attrs: header(ifname, 0),
+        });
+        let Some(reply): Option<GenlMessage<EthtoolMsg>> =
+            self.exchange(ask, NLM_F_REQUEST, op, ifname)?
+        else {
+            return Ok(BTreeMap::new());
+        };
+        let decode = |source| EthtoolError::Decode { op, source };
+        let mut out = BTreeMap::new();
+        for attr in NlasIterator::new(&reply.payload.attrs[..]) {
+            let attr = attr.map_err(decode)?;
+            if attr.kind() != A_FEATURES_ACTIVE {
+                continue;
+            }
+            // Without a mask (the kernel's form for "active") only the bits that are set are
+            // listed, and without a value flag.
+            let mut nomask = false;
+            for part in NlasIterator::new(attr.value()) {
+                if part.map_err(decode)?.kind() == A_BITSET_NOMASK {
+                    nomask = true;
+                }
+            }
+            for part in NlasIterator::new(attr.value()) {
+                let part = part.map_err(decode)?;
+                if part.kind() != A_BITSET_BITS {
+                    continue;
+                }
+                for bit in NlasIterator::new(part.value()) {
+                    let bit = bit.map_err(decode)?;
+                    if bit.kind() != A_BITSET_BITS_BIT {
+                        continue;
+                    }
+                    let mut name = None;
+                    let mut on = nomask;
+                    for field in NlasIterator::new(bit.value()) {
+                        let field = field.map_err(decode)?;
+                        match field.kind() {
+                            A_BITSET_BIT_NAME => {
+                                let raw = field.value();
+                                let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
+                                name = Some(String::from_utf8_lossy(raw).into_owned());
+                            }
+                            A_BITSET_BIT_VALUE => on = true,
+                            _ => {}
+                        }
+                    }
+                    if let Some(name) = name {
+                        out.insert(name, on);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sets the named features of `ifname` on or off; the others are left as they are.
+    /// Features the device cannot change are ignored by the kernel.
+    pub fn set_features(
+        &mut self,
+        ifname: &str,
+        wanted: &[(&str, bool)],
+    ) -> Result<(), EthtoolError> {
+        let bits: Vec<Vec<u8>> = wanted
+            .iter()
+            .map(|(name, on)| {
+                let mut n = name.as_bytes().to_vec();
+                n.push(0);
+                let mut fields = vec![nla(A_BITSET_BIT_NAME, &n)];
+                if *on {
+                    fields.push(nla(A_BITSET_BIT_VALUE, &[]));
+                }
+                nested(A_BITSET_BITS_BIT, &fields)
+            })
+            .collect();
+        let attrs = [
+            header(ifname, FLAG_OMIT_REPLY),
+            nested(A_FEATURES_WANTED, &[nested(A_BITSET_BITS, &bits)]),
+        ]
+        .concat();
+        let ask = GenlMessage::from_payload(EthtoolMsg {
+            cmd: MSG_FEATURES_SET,
+            attrs,
+        });
+        self.exchange::<_, GenlMessage<EthtoolMsg>>(
+            ask,
+            NLM_F_REQUEST | NLM_F_ACK,
+            "setting features of",
+            ifname,
+        )
+        .map(|_| ())
+    }
+
+    /// Switches TX checksum offload off (`ethtool -K DEV tx off`).
+    pub fn disable_tx_checksum(&mut self, ifname: &str) -> Result<(), EthtoolError> {
+        let off: Vec<(&str, bool)> = TX_CHECKSUM_FEATURES.iter().map(|f| (*f, false)).collect();
+        self.set_features(ifname, &off)
+    }
+
+    /// Whether any TX checksum offload is on.
+    pub fn tx_checksum(&mut self, ifname: &str) -> Result<bool, EthtoolError> {
+        let features = self.features(ifname)?;
+        Ok(TX_CHECKSUM_FEATURES
+            .iter()
+            .any(|f| features.get(*f).copied().unwrap_or(false)))
+    }
+}

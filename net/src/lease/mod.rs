@@ -1,0 +1,496 @@
+//! Subnet leasing, decided as plain data (DESIGN.md, "Subnet leases").
+//!
+//! One `coordination.k8s.io/v1` Lease per held subnet, named from the subnet, so that the API
+//! server's name uniqueness makes taking a subnet atomic. The lease's annotations carry the
+//! node's [`NodeRecord`] for its peers. Nothing here knows the Kubernetes API: a lease is a
+//! [`LeaseView`], time is passed in, and [`choose_subnet`] is a pure function of both. The
+//! [`store`] module holds the [`store::LeaseStore`] capability, its in-memory fake and the
+//! [`store::acquire`] loop.
+
+pub mod store;
+#[cfg(test)]
+mod tests;
+
+use ipnet::Ipv4Net;
+use std::collections::{BTreeMap, HashSet};
+use std::net::Ipv4Addr;
+use std::time::{Duration, SystemTime};
+
+/// Every lease sluice makes is named `sluice-` + the subnet with dots and slash as dashes.
+pub const LEASE_PREFIX: &str = "sluice-";
+
+/// Annotation keys of a node's record on its lease. Stable: peers of other versions read them.
+pub const ANN_NODE: &str = "sluice.dev/node";
+pub const ANN_UNDERLAY_IP: &str = "sluice.dev/underlay-ip";
+pub const ANN_VTEP_MAC: &str = "sluice.dev/vtep-mac";
+pub const ANN_WIREGUARD_PUBLIC_KEY: &str = "sluice.dev/wireguard-public-key";
+pub const ANN_ENCRYPTION: &str = "sluice.dev/encryption";
+pub const ANN_SUBNET: &str = "sluice.dev/subnet";
+
+/// Lease duration the agent asks for unless configured otherwise (Kubernetes node leases use 40 s).
+pub const DEFAULT_LEASE_SECS: u32 = 40;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    #[error("lease name {name:?} is not `{LEASE_PREFIX}A-B-C-D-LEN`")]
+    BadName { name: String },
+    #[error("subnet length /{subnet_len} does not fit in cluster CIDR {cluster_cidr}")]
+    BadSubnetLength {
+        cluster_cidr: Ipv4Net,
+        subnet_len: u8,
+    },
+}
+
+/// Why a lease's annotations are not a usable node record. The peer is skipped with this reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("annotation {key} is missing")]
+    Missing { key: &'static str },
+    #[error("annotation {key}={value:?} does not parse: {reason}")]
+    Bad {
+        key: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("record subnet {record} differs from the lease's name {lease}")]
+    SubnetMismatch { record: Ipv4Net, lease: String },
+    #[error("lease {lease} has no holder")]
+    NoHolder { lease: String },
+}
+
+/// The lease name of `subnet`: `10.244.3.0/24` → `sluice-10-244-3-0-24`.
+pub fn lease_name(subnet: Ipv4Net) -> String {
+    let [a, b, c, d] = subnet.network().octets();
+    format!("{LEASE_PREFIX}{a}-{b}-{c}-{d}-{}", subnet.prefix_len())
+}
+
+/// The subnet a lease name stands for; the inverse of [`lease_name`]. A name that is not in
+/// canonical form (host bits set, leading zeros) is rejected, so one subnet has one name.
+pub fn parse_lease_name(name: &str) -> Result<Ipv4Net, LeaseError> {
+    let bad = || LeaseError::BadName { name: name.into() };
+    let rest = name.strip_prefix(LEASE_PREFIX).ok_or_else(bad)?;
+    let parts: Vec<&str> = rest.split('-').collect();
+    let [a, b, c, d, len] = parts.as_slice() else {
+        return Err(bad());
+    };
+    let octet = |s: &str| s.parse::<u8>().map_err(|_| bad());
+    let ip = Ipv4Addr::new(octet(a)?, octet(b)?, octet(c)?, octet(d)?);
+    let net = Ipv4Net::new(ip, octet(len)?).map_err(|_| bad())?;
+    if net.network() != ip || lease_name(net) != name {
+        return Err(bad());
+    }
+    Ok(net)
+}
+
+/// What a node tells its peers, published in its lease's annotations.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NodeRecord {
+    pub node: String,
+    pub underlay_ip: Ipv4Addr,
+    pub vtep_mac: [u8; 6],
+    pub wireguard_public_key: Option<String>,
+    /// `none` or `wireguard` (the `encryption` key of `sluice-config`).
+    pub encryption: String,
+    pub subnet: Ipv4Net,
+}
+
+/// `aa:bb:cc:dd:ee:ff`, lower case.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` (either case).
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+impl NodeRecord {
+    /// The record as lease annotations (only `sluice.dev/` keys).
+    pub fn to_annotations(&self) -> BTreeMap<String, String> {
+        let mut a = BTreeMap::new();
+        a.insert(ANN_NODE.into(), self.node.clone());
+        a.insert(ANN_UNDERLAY_IP.into(), self.underlay_ip.to_string());
+        a.insert(ANN_VTEP_MAC.into(), format_mac(&self.vtep_mac));
+        if let Some(key) = &self.wireguard_public_key {
+            a.insert(ANN_WIREGUARD_PUBLIC_KEY.into(), key.clone());
+        }
+        a.insert(ANN_ENCRYPTION.into(), self.encryption.clone());
+        a.insert(ANN_SUBNET.into(), self.subnet.to_string());
+        a
+    }
+
+    /// Reads a record back; other annotations are ignored.
+    pub fn from_annotations(a: &BTreeMap<String, String>) -> Result<Self, RecordError> {
+        let get = |key: &'static str| {
+            a.get(key)
+                .map(String::as_str)
+                .filter(|v| !v.is_empty())
+                .ok_or(RecordError::Missing { key })
+        };
+        let bad = |key: &'static str, value: &str, reason: &'static str| RecordError::Bad {
+            key,
+            value: value.into(),
+            reason,
+        };
+        let node = get(ANN_NODE)?.to_string();
+        let ip = get(ANN_UNDERLAY_IP)?;
+        let underlay_ip = ip
+            .parse()
+            .map_err(|_| bad(ANN_UNDERLAY_IP, ip, "not an IPv4 address"))?;
+        let mac = get(ANN_VTEP_MAC)?;
+        let vtep_mac = parse_mac(mac).ok_or_else(|| bad(ANN_VTEP_MAC, mac, "not a MAC"))?;
+        if vtep_mac[0] & 1 == 1 || vtep_mac == [0; 6] {
+            return Err(bad(ANN_VTEP_MAC, mac, "not a unicast MAC"));
+        }
+        let subnet_text = get(ANN_SUBNET)?;
+        let subnet: Ipv4Net = subnet_text
+            .parse()
+            .map_err(|_| bad(ANN_SUBNET, subnet_text, "not an IPv4 CIDR"))?;
+        if subnet.network() != subnet.addr() {
+            return Err(bad(ANN_SUBNET, subnet_text, "host bits set"));
+        }
+        Ok(Self {
+            node,
+            underlay_ip,
+            vtep_mac,
+            wireguard_public_key: a.get(ANN_WIREGUARD_PUBLIC_KEY).cloned(),
+            encryption: a
+                .get(ANN_ENCRYPTION)
+                .cloned()
+                .unwrap_or_else(|| "none".into()),
+            subnet,
+        })
+    }
+}
+
+/// The Node a lease belongs to (its ownerReference), so that deleting the Node deletes the lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeOwner {
+    pub name: String,
+    pub uid: String,
+}
+
+/// A Lease as sluice sees it, independent of any API client.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LeaseView {
+    pub name: String,
+    /// `spec.holderIdentity`: the node name.
+    pub holder: Option<String>,
+    pub acquire_time: Option<SystemTime>,
+    pub renew_time: Option<SystemTime>,
+    pub duration_secs: Option<u32>,
+    /// `metadata.resourceVersion`, the precondition of every update.
+    pub resource_version: Option<String>,
+    pub annotations: BTreeMap<String, String>,
+    pub owner: Option<NodeOwner>,
+}
+
+impl LeaseView {
+    /// When the lease stops being valid, if it ever was.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        let since = self.renew_time.or(self.acquire_time)?;
+        Some(since + Duration::from_secs(u64::from(self.duration_secs?)))
+    }
+
+    /// A fresh lease of `subnet` held by `record.node`, acquired and renewed `now`.
+    pub fn new_held(
+        record: &NodeRecord,
+        owner: Option<NodeOwner>,
+        duration_secs: u32,
+        now: SystemTime,
+    ) -> Self {
+        Self {
+            name: lease_name(record.subnet),
+            holder: Some(record.node.clone()),
+            acquire_time: Some(now),
+            renew_time: Some(now),
+            duration_secs: Some(duration_secs),
+            resource_version: None,
+            annotations: record.to_annotations(),
+            owner,
+        }
+    }
+
+    /// This lease renewed `now` with `record` as its annotations; sluice's annotations are
+    /// replaced, anybody else's kept. The resource version stays as the update's precondition.
+    pub fn renewed(&self, record: &NodeRecord, now: SystemTime) -> Self {
+        let mut next = self.clone();
+        next.renew_time = Some(now);
+        next.annotations
+            .retain(|k, _| !k.starts_with("sluice.dev/"));
+        next.annotations.extend(record.to_annotations());
+        next
+    }
+
+    /// This lease taken over by `record.node` (an expired lease reclaimed).
+    pub fn taken_by(
+        &self,
+        record: &NodeRecord,
+        owner: Option<NodeOwner>,
+        duration_secs: u32,
+        now: SystemTime,
+    ) -> Self {
+        let mut next = self.renewed(record, now);
+        next.holder = Some(record.node.clone());
+        next.acquire_time = Some(now);
+        next.duration_secs = Some(duration_secs);
+        next.owner = owner;
+        next
+    }
+}
+
+/// True when nobody holds `view` at `now`: no holder, no time, or its duration has passed.
+pub fn is_expired(view: &LeaseView, now: SystemTime) -> bool {
+    if view.holder.as_deref().is_none_or(str::is_empty) {
+        return true;
+    }
+    view.expires_at().is_none_or(|end| end <= now)
+}
+
+/// How often a lease of `duration_secs` is renewed: a third of it, so two renewals can fail
+/// before it expires.
+pub fn renew_interval(duration_secs: u32) -> Duration {
+    Duration::from_secs(u64::from(duration_secs.max(3) / 3))
+}
+
+/// True when the holder should renew `view` at `now`.
+pub fn renew_due(view: &LeaseView, now: SystemTime) -> bool {
+    let (Some(since), Some(secs)) = (view.renew_time.or(view.acquire_time), view.duration_secs)
+    else {
+        return true;
+    };
+    now.duration_since(since)
+        .is_ok_and(|elapsed| elapsed >= renew_interval(secs))
+}
+
+/// The subnets a cluster CIDR is cut into, validated once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubnetPool {
+    cluster_cidr: Ipv4Net,
+    subnet_len: u8,
+}
+
+impl SubnetPool {
+    pub fn new(cluster_cidr: Ipv4Net, subnet_len: u8) -> Result<Self, LeaseError> {
+        if subnet_len < cluster_cidr.prefix_len() || subnet_len > 30 {
+            return Err(LeaseError::BadSubnetLength {
+                cluster_cidr,
+                subnet_len,
+            });
+        }
+        Ok(Self {
+            cluster_cidr: cluster_cidr.trunc(),
+            subnet_len,
+        })
+    }
+
+    pub fn cluster_cidr(&self) -> Ipv4Net {
+        self.cluster_cidr
+    }
+
+    pub fn subnet_len(&self) -> u8 {
+        self.subnet_len
+    }
+
+    /// True when `subnet` is one of the pool's subnets.
+    pub fn contains(&self, subnet: Ipv4Net) -> bool {
+        subnet.prefix_len() == self.subnet_len
+            && subnet.network() == subnet.addr()
+            && self.cluster_cidr.contains(&subnet)
+    }
+
+    /// Every subnet of the pool, lowest first.
+    pub fn subnets(&self) -> impl Iterator<Item = Ipv4Net> {
+        self.cluster_cidr
+            .subnets(self.subnet_len)
+            .into_iter()
+            .flatten()
+    }
+}
+
+/// What a node does about its subnet, given every sluice lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// A lease held by this node already: renew it (update conditioned on `resource_version`).
+    /// A restarted node gets its own subnet back this way.
+    Keep {
+        name: String,
+        subnet: Ipv4Net,
+        resource_version: Option<String>,
+    },
+    /// An expired lease of another (or a deleted) node: take it over with an update conditioned
+    /// on `resource_version`, so that of two nodes racing for it one wins.
+    TakeExpired {
+        name: String,
+        subnet: Ipv4Net,
+        resource_version: Option<String>,
+    },
+    /// No lease names this subnet: create one (the API server's name uniqueness arbitrates).
+    CreateNew { subnet: Ipv4Net },
+    /// Every subnet has a valid lease of another node.
+    Exhausted,
+}
+
+/// Decides which subnet `my_node` takes. Deterministic: in order,
+/// 1. a lease it holds (of the pool; the lowest if several, or `prefer` among them);
+/// 2. `prefer`, if it is in the pool and free (no lease overlaps it) or its lease expired;
+/// 3. the lowest subnet that no lease overlaps;
+/// 4. the lowest subnet whose lease expired;
+/// 5. else [`Decision::Exhausted`].
+///
+/// A valid lease of another node is never taken. Leases with names that are not sluice's are
+/// ignored.
+pub fn choose_subnet(
+    pool: &SubnetPool,
+    my_node: &str,
+    leases: &[LeaseView],
+    now: SystemTime,
+    prefer: Option<Ipv4Net>,
+) -> Decision {
+    let mut named: Vec<(Ipv4Net, &LeaseView)> = leases
+        .iter()
+        .filter_map(|l| parse_lease_name(&l.name).ok().map(|s| (s, l)))
+        .collect();
+    named.sort_by_key(|(s, _)| *s);
+    let prefer = prefer.filter(|p| pool.contains(*p));
+
+    let mine: Vec<&(Ipv4Net, &LeaseView)> = named
+        .iter()
+        .filter(|(s, l)| pool.contains(*s) && l.holder.as_deref() == Some(my_node))
+        .collect();
+    if let Some((subnet, lease)) = mine
+        .iter()
+        .find(|(s, _)| Some(*s) == prefer)
+        .or_else(|| mine.first())
+    {
+        return Decision::Keep {
+            name: lease.name.clone(),
+            subnet: *subnet,
+            resource_version: lease.resource_version.clone(),
+        };
+    }
+
+    let exact: HashSet<Ipv4Net> = named.iter().map(|(s, _)| *s).collect();
+    // Leases of other lengths (the subnet length was changed) still block what they overlap.
+    let odd: Vec<Ipv4Net> = named
+        .iter()
+        .map(|(s, _)| *s)
+        .filter(|s| s.prefix_len() != pool.subnet_len())
+        .collect();
+    let free = |cand: &Ipv4Net| {
+        !exact.contains(cand)
+            && !odd
+                .iter()
+                .any(|o| o.contains(&cand.network()) || cand.contains(&o.network()))
+    };
+    let expired = |cand: &Ipv4Net| {
+        named
+            .iter()
+            .find(|(s, _)| s == cand)
+            .filter(|(_, l)| is_expired(l, now))
+            .map(|(s, l)| Decision::TakeExpired {
+                name: l.name.clone(),
+                subnet: *s,
+                resource_version: l.resource_version.clone(),
+            })
+    };
+
+    if let Some(p) = prefer {
+        if free(&p) {
+            return Decision::CreateNew { subnet: p };
+        }
+        if let Some(d) = expired(&p) {
+            return d;
+        }
+    }
+    if let Some(subnet) = pool.subnets().find(free) {
+        return Decision::CreateNew { subnet };
+    }
+    named
+        .iter()
+        .filter(|(s, l)| pool.contains(*s) && is_expired(l, now))
+        .find_map(|(s, _)| expired(s))
+        .unwrap_or(Decision::Exhausted)
+}
+
+/// A lease that does not give a usable peer, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedLease {
+    pub lease: String,
+    pub reason: RecordError,
+}
+
+/// The peers of `my_node` from every sluice lease: records that parse, agree with the lease's
+/// name and have a holder. Expired leases still count (their node may only have a stopped
+/// agent, and its datapath keeps forwarding); a lease that goes away takes its peer with it.
+/// If two leases name the same node, the most recently renewed wins. Sorted by node name.
+pub fn peers_from_leases(
+    my_node: &str,
+    leases: &[LeaseView],
+) -> (Vec<NodeRecord>, Vec<SkippedLease>) {
+    let mut best: BTreeMap<String, (Option<SystemTime>, NodeRecord)> = BTreeMap::new();
+    let mut skipped = Vec::new();
+    for lease in leases {
+        let Ok(subnet) = parse_lease_name(&lease.name) else {
+            continue;
+        };
+        let skip = |reason| SkippedLease {
+            lease: lease.name.clone(),
+            reason,
+        };
+        if lease.holder.as_deref().is_none_or(str::is_empty) {
+            skipped.push(skip(RecordError::NoHolder {
+                lease: lease.name.clone(),
+            }));
+            continue;
+        }
+        let record = match NodeRecord::from_annotations(&lease.annotations) {
+            Ok(r) => r,
+            Err(reason) => {
+                skipped.push(skip(reason));
+                continue;
+            }
+        };
+        if record.subnet != subnet {
+            skipped.push(skip(RecordError::SubnetMismatch {
+                record: record.subnet,
+                lease: lease.name.clone(),
+            }));
+            continue;
+        }
+        if record.node == my_node {
+            continue;
+        }
+        let renewed = lease.renew_time.or(lease.acquire_time);
+        match best.get(&record.node) {
+            Some((t, _)) if *t >= renewed => {}
+            _ => {
+                best.insert(record.node.clone(), (renewed, record));
+            }
+        }
+    }
+    (best.into_values().map(|(_, r)| r).collect(), skipped)
+}
+
+/// `node-podcidr` mode: the lease that publishes `record`, named from the node's podCIDR (which
+/// must be `record.subnet`). The agent writes it with [`store::publish`].
+pub fn podcidr_lease(
+    record: &NodeRecord,
+    owner: Option<NodeOwner>,
+    duration_secs: u32,
+    now: SystemTime,
+) -> LeaseView {
+    LeaseView::new_held(record, owner, duration_secs, now)
+}

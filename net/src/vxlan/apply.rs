@@ -1,0 +1,545 @@
+//! The doing half of the VXLAN datapath: [`VxlanKernel`] observes what sluice owns over
+//! rtnetlink (and the ethtool family) and applies a [`diff`]'s changes. It never deletes the
+//! device on its own accord (only to re-create one that does not match the plan), so an agent
+//! that stops leaves the datapath forwarding.
+
+use super::diff::{diff, Change, Observed, ObservedDevice};
+use super::VxlanPlan;
+use crate::ethtool::{Ethtool, EthtoolError};
+use crate::ROUTE_PROTOCOL;
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+};
+use netlink_packet_route::AddressFamily;
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVxlan, RouteMessageBuilder};
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VxlanError {
+    #[error("opening a netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("{op} {target}: {source}")]
+    Netlink {
+        op: &'static str,
+        target: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error(transparent)]
+    Ethtool(#[from] EthtoolError),
+    #[error("no link holds the underlay address {ip}")]
+    NoUnderlay { ip: Ipv4Addr },
+    #[error("the device {name} is missing after it was made")]
+    DeviceMissing { name: String },
+    #[error("{} of {total} datapath changes failed, first: {}", .errors.len(), .errors.first().map(|(c, e)| format!("{c:?}: {e}")).unwrap_or_default())]
+    Apply {
+        total: usize,
+        errors: Vec<(Change, VxlanError)>,
+    },
+}
+
+fn netlink(op: &'static str, target: impl ToString) -> impl FnOnce(rtnetlink::Error) -> VxlanError {
+    let target = target.to_string();
+    move |source| VxlanError::Netlink { op, target, source }
+}
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+/// The link the encapsulated packets leave by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Underlay {
+    pub ifindex: u32,
+    pub name: String,
+    pub mtu: u32,
+}
+
+/// The VXLAN datapath over netlink, in the network namespace of the thread that connected.
+pub struct VxlanKernel {
+    handle: Handle,
+    ethtool: Option<Ethtool>,
+}
+
+impl VxlanKernel {
+    /// Connects in the calling thread's namespace; must run inside a tokio runtime. Without the
+    /// ethtool family (kernels before 5.6) checksum offload cannot be switched off: that is
+    /// logged, and the rest works.
+    pub fn connect() -> Result<Self, VxlanError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(VxlanError::Socket)?;
+        tokio::spawn(conn);
+        let ethtool = Ethtool::connect()
+            .inspect_err(|e| tracing::warn!(error = %e, "no ethtool netlink: TX checksum offload stays as it is"))
+            .ok();
+        Ok(Self { handle, ethtool })
+    }
+
+    /// The link holding `ip` (the node's underlay address), with its MTU.
+    pub async fn underlay_by_address(&self, ip: Ipv4Addr) -> Result<Underlay, VxlanError> {
+        let addrs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(netlink("listing addresses", "all"))?;
+        let index = addrs
+            .iter()
+            .find(|a| {
+                a.attributes
+                    .iter()
+                    .any(|at| matches!(at, AddressAttribute::Address(IpAddr::V4(x)) if *x == ip))
+            })
+            .map(|a| a.header.index)
+            .ok_or(VxlanError::NoUnderlay { ip })?;
+        let link = self
+            .handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_next()
+            .await
+            .map_err(netlink("looking up link", index))?
+            .ok_or(VxlanError::NoUnderlay { ip })?;
+        Ok(Underlay {
+            ifindex: index,
+            name: link_name(&link).unwrap_or_default().to_string(),
+            mtu: link_mtu(&link).unwrap_or(1500),
+        })
+    }
+
+    async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>, VxlanError> {
+        match self
+            .handle
+            .link()
+            .get()
+            .match_name(name)
+            .execute()
+            .try_next()
+            .await
+        {
+            Ok(l) => Ok(l),
+            Err(e) if errno(&e) == Some(nix::libc::ENODEV) => Ok(None),
+            Err(e) => Err(netlink("looking up link", name)(e)),
+        }
+    }
+
+    /// What sluice owns of the datapath named `ifname`.
+    pub async fn observe(&mut self, ifname: &str) -> Result<Observed, VxlanError> {
+        let mut seen = Observed::default();
+        let Some(link) = self.link_by_name(ifname).await? else {
+            return Ok(seen);
+        };
+        let index = link.header.index;
+        let mut dev = device_of(&link);
+        let addrs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(netlink("listing addresses on", ifname))?;
+        dev.addresses = addrs
+            .iter()
+            .filter(|a| a.header.index == index)
+            .filter_map(|a| {
+                a.attributes.iter().find_map(|at| match at {
+                    AddressAttribute::Address(IpAddr::V4(ip)) => Some((*ip, a.header.prefix_len)),
+                    _ => None,
+                })
+            })
+            .collect();
+        if let Some(et) = self.ethtool.as_mut() {
+            dev.tx_checksum = et
+                .tx_checksum(ifname)
+                .inspect_err(|e| tracing::warn!(error = %e, "cannot read offload features"))
+                .ok();
+        }
+        seen.device = Some(dev);
+
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(netlink("listing routes", "ipv4"))?;
+        for r in &routes {
+            if r.header.protocol != RouteProtocol::from(ROUTE_PROTOCOL)
+                || route_table(r) != u32::from(RouteHeader::RT_TABLE_MAIN)
+                || route_oif(r) != Some(index)
+            {
+                continue;
+            }
+            let dst = route_ip(r, true).unwrap_or(Ipv4Addr::UNSPECIFIED);
+            if let Ok(net) = Ipv4Net::new(dst, r.header.destination_prefix_length) {
+                seen.routes.insert(net, route_ip(r, false));
+            }
+        }
+
+        for family in [AddressFamily::Inet, AddressFamily::Bridge] {
+            let entries: Vec<NeighbourMessage> = self
+                .handle
+                .neighbours()
+                .get()
+                .set_address_family(family)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(netlink("listing neighbours", ifname))?;
+            for n in entries.iter().filter(|n| n.header.ifindex == index) {
+                let (ip, mac) = neigh_fields(n);
+                match (family, ip, mac) {
+                    (AddressFamily::Inet, Some(ip), Some(mac))
+                        if n.header.state == NeighbourState::Permanent =>
+                    {
+                        seen.neighbours.insert(ip, mac);
+                    }
+                    (AddressFamily::Bridge, Some(ip), Some(mac))
+                        if n.header.flags.contains(NeighbourFlags::Own) =>
+                    {
+                        seen.fdb.entry(mac).or_default().insert(ip);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(seen)
+    }
+
+    /// Applies `changes` (from [`diff`] against `plan`) in order. Keeps going after a failed
+    /// entry and reports every failure at the end; the next pass retries what failed.
+    pub async fn apply(&mut self, plan: &VxlanPlan, changes: &[Change]) -> Result<(), VxlanError> {
+        let mut errors = Vec::new();
+        let mut index = None;
+        for change in changes {
+            if let Err(e) = self.apply_one(plan, change, &mut index).await {
+                tracing::warn!(?change, error = %e, "datapath change failed");
+                let fatal = matches!(change, Change::CreateDevice | Change::DeleteDevice { .. });
+                errors.push((change.clone(), e));
+                if fatal {
+                    break;
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(VxlanError::Apply {
+                total: changes.len(),
+                errors,
+            })
+        }
+    }
+
+    /// One reconciliation pass: observe, diff, apply. Returns the changes made (empty when the
+    /// kernel already matched the plan).
+    pub async fn sync(&mut self, plan: &VxlanPlan) -> Result<Vec<Change>, VxlanError> {
+        let observed = self.observe(&plan.device.name).await?;
+        let changes = diff(plan, &observed);
+        self.apply(plan, &changes).await?;
+        tracing::debug!(
+            peers = plan.routes.len(),
+            skipped = plan.skipped.len(),
+            changes = changes.len(),
+            "vxlan datapath synced"
+        );
+        Ok(changes)
+    }
+
+    async fn device_index(&self, name: &str, cached: &mut Option<u32>) -> Result<u32, VxlanError> {
+        if let Some(i) = cached {
+            return Ok(*i);
+        }
+        let link = self
+            .link_by_name(name)
+            .await?
+            .ok_or_else(|| VxlanError::DeviceMissing { name: name.into() })?;
+        *cached = Some(link.header.index);
+        Ok(link.header.index)
+    }
+
+    async fn apply_one(
+        &mut self,
+        plan: &VxlanPlan,
+        change: &Change,
+        cached: &mut Option<u32>,
+    ) -> Result<(), VxlanError> {
+        let d = &plan.device;
+        let name = d.name.as_str();
+        if let Change::DeleteDevice { index, reason } = change {
+            tracing::info!(device = name, reason, "re-creating the vxlan device");
+            *cached = None;
+            return self
+                .handle
+                .link()
+                .del(*index)
+                .execute()
+                .await
+                .map_err(netlink("deleting link", name));
+        }
+        if let Change::CreateDevice = change {
+            *cached = None;
+            let msg = LinkVxlan::new(name, d.vni)
+                .dev(d.underlay_ifindex)
+                .port(d.port)
+                .local(d.local)
+                .learning(false)
+                .mtu(d.mtu)
+                .address(d.mac.to_vec())
+                .up()
+                .build();
+            return self
+                .handle
+                .link()
+                .add(msg)
+                .execute()
+                .await
+                .map_err(netlink("creating vxlan device", name));
+        }
+        let index = self.device_index(name, cached).await?;
+        let h = &self.handle;
+        let set = |b: LinkMessageBuilder<LinkUnspec>| h.link().set(b.build()).execute();
+        match change {
+            Change::DeleteDevice { .. } | Change::CreateDevice => Ok(()),
+            Change::SetMtu(m) => set(LinkUnspec::new_with_index(index).mtu(*m))
+                .await
+                .map_err(netlink("setting MTU of", name)),
+            Change::SetMac(m) => set(LinkUnspec::new_with_index(index).address(m.to_vec()))
+                .await
+                .map_err(netlink("setting MAC of", name)),
+            Change::SetUp => set(LinkUnspec::new_with_index(index).up())
+                .await
+                .map_err(netlink("bringing up", name)),
+            Change::DisableTxChecksum => match self.ethtool.as_mut() {
+                Some(et) => Ok(et.disable_tx_checksum(name)?),
+                None => Ok(()),
+            },
+            Change::AddAddress(ip) => h
+                .address()
+                .add(index, IpAddr::V4(*ip), 32)
+                .replace()
+                .execute()
+                .await
+                .map_err(netlink("adding address", ip)),
+            Change::DelAddress(ip, len) => {
+                let found: Vec<AddressMessage> = h
+                    .address()
+                    .get()
+                    .set_link_index_filter(index)
+                    .execute()
+                    .try_collect()
+                    .await
+                    .map_err(netlink("listing addresses on", name))?;
+                for a in found.into_iter().filter(|a| {
+                    a.header.index == index
+                        && a.header.prefix_len == *len
+                        && a.attributes.iter().any(
+                            |at| matches!(at, AddressAttribute::Address(IpAddr::V4(x)) if x == ip),
+                        )
+                }) {
+                    h.address()
+                        .del(a)
+                        .execute()
+                        .await
+                        .map_err(netlink("deleting address", ip))?;
+                }
+                Ok(())
+            }
+            Change::DelRoute { dst } => {
+                let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(dst.network(), dst.prefix_len())
+                    .output_interface(index)
+                    .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
+                    .build();
+                ignore_missing(h.route().del(msg).execute().await)
+                    .map_err(netlink("deleting route", dst))
+            }
+            Change::ReplaceRoute { dst, via } => {
+                let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(dst.network(), dst.prefix_len())
+                    .gateway(*via)
+                    .output_interface(index)
+                    .onlink()
+                    .scope(RouteScope::Universe)
+                    .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
+                    .build();
+                h.route()
+                    .add(msg)
+                    .replace()
+                    .execute()
+                    .await
+                    .map_err(netlink("adding route", dst))
+            }
+            Change::DelNeighbour { ip } => {
+                let mut msg = NeighbourMessage::default();
+                msg.header.family = AddressFamily::Inet;
+                msg.header.ifindex = index;
+                msg.attributes
+                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*ip)));
+                ignore_missing(h.neighbours().del(msg).execute().await)
+                    .map_err(netlink("deleting neighbour", ip))
+            }
+            Change::ReplaceNeighbour { ip, mac } => h
+                .neighbours()
+                .add(index, IpAddr::V4(*ip))
+                .link_layer_address(mac)
+                .state(NeighbourState::Permanent)
+                .replace()
+                .execute()
+                .await
+                .map_err(netlink("adding neighbour", ip)),
+            Change::DelFdb { mac, dst } => {
+                let mut msg = NeighbourMessage::default();
+                msg.header.family = AddressFamily::Bridge;
+                msg.header.ifindex = index;
+                msg.header.flags = NeighbourFlags::Own;
+                msg.attributes
+                    .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+                msg.attributes
+                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                        *dst,
+                    )));
+                ignore_missing(h.neighbours().del(msg).execute().await)
+                    .map_err(netlink("deleting fdb entry", crate::lease::format_mac(mac)))
+            }
+            Change::ReplaceFdb { mac, dst } => h
+                .neighbours()
+                .add_bridge(index, mac)
+                .destination(IpAddr::V4(*dst))
+                .flags(NeighbourFlags::Own)
+                .state(NeighbourState::Permanent)
+                .replace()
+                .execute()
+                .await
+                .map_err(netlink("adding fdb entry", crate::lease::format_mac(mac))),
+        }
+    }
+}
+
+/// A deletion of something already gone succeeded.
+fn ignore_missing(r: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::Error> {
+    match r {
+        Err(e) if matches!(errno(&e), Some(nix::libc::ENOENT | nix::libc::ESRCH)) => Ok(()),
+        other => other,
+    }
+}
+
+fn link_name(link: &LinkMessage) -> Option<&str> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+fn link_mtu(link: &LinkMessage) -> Option<u32> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(m) => Some(*m),
+        _ => None,
+    })
+}
+
+fn device_of(link: &LinkMessage) -> ObservedDevice {
+    let mut dev = ObservedDevice {
+        index: link.header.index,
+        is_vxlan: false,
+        vni: None,
+        port: None,
+        local: None,
+        underlay_ifindex: None,
+        learning: None,
+        mtu: link_mtu(link),
+        mac: None,
+        up: link.header.flags.contains(LinkFlags::Up),
+        addresses: BTreeSet::new(),
+        tx_checksum: None,
+    };
+    for attr in &link.attributes {
+        match attr {
+            LinkAttribute::Address(m) => dev.mac = <[u8; 6]>::try_from(m.as_slice()).ok(),
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    match info {
+                        LinkInfo::Kind(InfoKind::Vxlan) => dev.is_vxlan = true,
+                        LinkInfo::Data(InfoData::Vxlan(data)) => {
+                            for d in data {
+                                match d {
+                                    InfoVxlan::Id(v) => dev.vni = Some(*v),
+                                    InfoVxlan::Port(p) => dev.port = Some(*p),
+                                    InfoVxlan::Local(ip) => dev.local = Some(*ip),
+                                    InfoVxlan::Link(i) => dev.underlay_ifindex = Some(*i),
+                                    InfoVxlan::Learning(l) => dev.learning = Some(*l),
+                                    _ => {}
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    dev
+}
+
+fn route_oif(r: &RouteMessage) -> Option<u32> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    })
+}
+
+fn route_table(r: &RouteMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(r.header.table))
+}
+
+/// The destination (`dst`) or gateway of a route.
+fn route_ip(r: &RouteMessage, dst: bool) -> Option<Ipv4Addr> {
+    r.attributes.iter().find_map(|a| match (a, dst) {
+        (RouteAttribute::Destination(RouteAddress::Inet(ip)), true)
+        | (RouteAttribute::Gateway(RouteAddress::Inet(ip)), false) => Some(*ip),
+        _ => None,
+    })
+}
+
+fn neigh_fields(n: &NeighbourMessage) -> (Option<Ipv4Addr>, Option<[u8; 6]>) {
+    let mut ip = None;
+    let mut mac = None;
+    for a in &n.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(x)) => ip = Some(*x),
+            // FDB entries (family bridge) carry their IPv4 destination undecoded.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(raw)) => {
+                ip = <[u8; 4]>::try_from(raw.as_slice()).ok().map(Ipv4Addr::from);
+            }
+            NeighbourAttribute::LinkLayerAddress(m) => mac = <[u8; 6]>::try_from(m.as_slice()).ok(),
+            _ => {}
+        }
+    }
+    (ip, mac)
+}

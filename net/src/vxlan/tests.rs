@@ -1,0 +1,404 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::diff::{diff, Change, Observed};
+use super::*;
+use std::collections::BTreeSet;
+
+fn net(s: &str) -> Ipv4Net {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn node(name: &str, underlay: &str, subnet: &str) -> NodeRecord {
+    NodeRecord {
+        node: name.into(),
+        underlay_ip: ip(underlay),
+        vtep_mac: vtep_mac(name),
+        wireguard_public_key: None,
+        encryption: "none".into(),
+        subnet: net(subnet),
+    }
+}
+
+fn cfg() -> VxlanConfig {
+    VxlanConfig::auto(2, ip("192.168.0.1"), 1500)
+}
+
+fn me() -> NodeRecord {
+    node("a", "192.168.0.1", "10.244.1.0/24")
+}
+
+fn peers() -> Vec<NodeRecord> {
+    vec![
+        node("c", "192.168.0.3", "10.244.3.0/24"),
+        node("b", "192.168.0.2", "10.244.2.0/24"),
+    ]
+}
+
+#[test]
+fn vtep_macs_are_stable_local_unicast_and_distinct() {
+    let a = vtep_mac("node-a");
+    assert_eq!(a, vtep_mac("node-a"));
+    assert_eq!(a[0] & 0x01, 0, "unicast");
+    assert_eq!(a[0] & 0x02, 0x02, "locally administered");
+    let all: BTreeSet<[u8; 6]> = (0..1000).map(|i| vtep_mac(&format!("node-{i}"))).collect();
+    assert_eq!(all.len(), 1000);
+}
+
+#[test]
+fn mtu_auto_is_the_underlay_less_the_overhead() {
+    assert_eq!(auto_mtu(1500), 1450);
+    assert_eq!(auto_mtu(9000), 8950);
+    assert_eq!(cfg().mtu, 1450);
+    assert_eq!(cfg().ifname.len(), 12);
+    assert!(cfg().ifname.starts_with(crate::LINK_PREFIX));
+}
+
+#[test]
+fn plan_routes_each_peer_via_its_vtep_with_neighbour_and_fdb() {
+    let p = plan(&me(), &peers(), &cfg());
+    assert_eq!(
+        p.device,
+        DeviceSpec {
+            name: "sluice.vxlan".into(),
+            vni: 1,
+            port: 8472,
+            local: ip("192.168.0.1"),
+            underlay_ifindex: 2,
+            mtu: 1450,
+            mac: vtep_mac("a"),
+            address: ip("10.244.1.0"),
+        }
+    );
+    assert_eq!(
+        p.routes,
+        BTreeMap::from([
+            (net("10.244.2.0/24"), ip("10.244.2.0")),
+            (net("10.244.3.0/24"), ip("10.244.3.0")),
+        ])
+    );
+    assert_eq!(
+        p.neighbours,
+        BTreeMap::from([
+            (ip("10.244.2.0"), vtep_mac("b")),
+            (ip("10.244.3.0"), vtep_mac("c")),
+        ])
+    );
+    assert_eq!(
+        p.fdb,
+        BTreeMap::from([
+            (vtep_mac("b"), ip("192.168.0.2")),
+            (vtep_mac("c"), ip("192.168.0.3")),
+        ])
+    );
+    assert!(p.skipped.is_empty());
+    // The order of the peers does not matter, and the node itself among them is ignored.
+    let mut shuffled = peers();
+    shuffled.reverse();
+    shuffled.push(me());
+    assert_eq!(plan(&me(), &shuffled, &cfg()), p);
+}
+
+#[test]
+fn conflicting_peers_are_skipped_with_a_reason() {
+    let mut dup_mac = node("e", "192.168.0.5", "10.244.5.0/24");
+    dup_mac.vtep_mac = vtep_mac("b");
+    let mut all = peers();
+    all.extend([
+        node("x", "192.168.0.9", "10.244.1.0/25"),  // inside mine
+        node("y", "192.168.0.1", "10.244.8.0/24"),  // my underlay address
+        node("bb", "192.168.0.4", "10.244.2.0/24"), // b's subnet; b sorts first
+        dup_mac,
+    ]);
+    let p = plan(&me(), &all, &cfg());
+    assert_eq!(p.routes.len(), 2);
+    let reasons: Vec<(&str, &PeerConflict)> = p
+        .skipped
+        .iter()
+        .map(|s| (s.node.as_str(), &s.reason))
+        .collect();
+    assert_eq!(reasons.len(), 4, "{reasons:?}");
+    assert!(reasons
+        .iter()
+        .any(|(n, r)| *n == "x" && matches!(r, PeerConflict::OverlapsMine { .. })));
+    assert!(reasons
+        .iter()
+        .any(|(n, r)| *n == "y" && matches!(r, PeerConflict::UnderlayIsMine { .. })));
+    assert!(reasons.iter().any(|(n, r)| *n == "bb"
+        && matches!(r, PeerConflict::OverlapsPeer { other, .. } if other == "b")));
+    assert!(reasons
+        .iter()
+        .any(|(n, r)| *n == "e" && matches!(r, PeerConflict::MacInUse { other } if other == "b")));
+}
+
+/// Everything the plan wants, as the kernel would show it.
+fn converged(p: &VxlanPlan) -> Observed {
+    let mut o = Observed::default();
+    for c in diff(p, &Observed::default()) {
+        o.apply(p, &c);
+    }
+    o
+}
+
+#[test]
+fn from_nothing_the_device_comes_first_then_fdb_neighbours_routes() {
+    let p = plan(&me(), &peers(), &cfg());
+    let changes = diff(&p, &Observed::default());
+    let b = vtep_mac("b");
+    let c = vtep_mac("c");
+    assert_eq!(
+        changes,
+        vec![
+            Change::CreateDevice,
+            Change::DisableTxChecksum,
+            Change::AddAddress(ip("10.244.1.0")),
+            Change::ReplaceFdb {
+                mac: b.min(c),
+                dst: if b < c {
+                    ip("192.168.0.2")
+                } else {
+                    ip("192.168.0.3")
+                }
+            },
+            Change::ReplaceFdb {
+                mac: b.max(c),
+                dst: if b < c {
+                    ip("192.168.0.3")
+                } else {
+                    ip("192.168.0.2")
+                }
+            },
+            Change::ReplaceNeighbour {
+                ip: ip("10.244.2.0"),
+                mac: b
+            },
+            Change::ReplaceNeighbour {
+                ip: ip("10.244.3.0"),
+                mac: c
+            },
+            Change::ReplaceRoute {
+                dst: net("10.244.2.0/24"),
+                via: ip("10.244.2.0")
+            },
+            Change::ReplaceRoute {
+                dst: net("10.244.3.0/24"),
+                via: ip("10.244.3.0")
+            },
+        ]
+    );
+    assert_eq!(diff(&p, &converged(&p)), vec![]);
+}
+
+#[test]
+fn diff_table() {
+    let p = plan(&me(), &peers(), &cfg());
+    type Edit = fn(&mut Observed);
+    let table: Vec<(&str, Edit, Vec<Change>)> = vec![
+        ("in sync", |_| {}, vec![]),
+        (
+            "a deleted route comes back",
+            |o| {
+                o.routes.remove(&net("10.244.2.0/24"));
+            },
+            vec![Change::ReplaceRoute {
+                dst: net("10.244.2.0/24"),
+                via: ip("10.244.2.0"),
+            }],
+        ),
+        (
+            "a deleted fdb entry comes back",
+            |o| {
+                o.fdb.remove(&vtep_mac("b"));
+            },
+            vec![Change::ReplaceFdb {
+                mac: vtep_mac("b"),
+                dst: ip("192.168.0.2"),
+            }],
+        ),
+        (
+            "entries of a gone peer are swept",
+            |o| {
+                o.routes
+                    .insert(net("10.244.9.0/24"), Some(ip("10.244.9.0")));
+                o.neighbours.insert(ip("10.244.9.0"), [0x02, 0, 0, 0, 0, 9]);
+                o.fdb
+                    .insert([0x02, 0, 0, 0, 0, 9], BTreeSet::from([ip("192.168.0.9")]));
+            },
+            vec![
+                Change::DelRoute {
+                    dst: net("10.244.9.0/24"),
+                },
+                Change::DelNeighbour {
+                    ip: ip("10.244.9.0"),
+                },
+                Change::DelFdb {
+                    mac: [0x02, 0, 0, 0, 0, 9],
+                    dst: ip("192.168.0.9"),
+                },
+            ],
+        ),
+        (
+            "a peer's new MAC replaces neighbour and fdb",
+            |o| {
+                o.neighbours.insert(ip("10.244.2.0"), [0x02, 0, 0, 0, 0, 9]);
+                let dst = o.fdb.remove(&vtep_mac("b")).unwrap();
+                o.fdb.insert([0x02, 0, 0, 0, 0, 9], dst);
+            },
+            vec![
+                Change::DelFdb {
+                    mac: [0x02, 0, 0, 0, 0, 9],
+                    dst: ip("192.168.0.2"),
+                },
+                Change::ReplaceFdb {
+                    mac: vtep_mac("b"),
+                    dst: ip("192.168.0.2"),
+                },
+                Change::ReplaceNeighbour {
+                    ip: ip("10.244.2.0"),
+                    mac: vtep_mac("b"),
+                },
+            ],
+        ),
+        (
+            "a peer's new underlay address replaces its fdb entry",
+            |o| {
+                o.fdb
+                    .insert(vtep_mac("b"), BTreeSet::from([ip("192.168.0.99")]));
+            },
+            vec![
+                Change::DelFdb {
+                    mac: vtep_mac("b"),
+                    dst: ip("192.168.0.99"),
+                },
+                Change::ReplaceFdb {
+                    mac: vtep_mac("b"),
+                    dst: ip("192.168.0.2"),
+                },
+            ],
+        ),
+        (
+            "a route with the wrong gateway is replaced",
+            |o| {
+                o.routes.insert(net("10.244.3.0/24"), None);
+            },
+            vec![Change::ReplaceRoute {
+                dst: net("10.244.3.0/24"),
+                via: ip("10.244.3.0"),
+            }],
+        ),
+        (
+            "MTU, MAC, down, offload on, stray address",
+            |o| {
+                let d = o.device.as_mut().unwrap();
+                d.mtu = Some(1500);
+                d.mac = Some([0x02, 0, 0, 0, 0, 1]);
+                d.up = false;
+                d.tx_checksum = Some(true);
+                d.addresses.insert((ip("10.0.0.1"), 8));
+            },
+            vec![
+                Change::SetMtu(1450),
+                Change::SetMac(vtep_mac("a")),
+                Change::SetUp,
+                Change::DisableTxChecksum,
+                Change::DelAddress(ip("10.0.0.1"), 8),
+            ],
+        ),
+    ];
+    for (what, edit, want) in table {
+        let mut o = converged(&p);
+        edit(&mut o);
+        let got = diff(&p, &o);
+        assert_eq!(got, want, "{what}");
+        for c in &got {
+            o.apply(&p, c);
+        }
+        assert_eq!(diff(&p, &o), vec![], "{what}: converged after applying");
+    }
+}
+
+#[test]
+fn a_mismatched_device_is_recreated_and_everything_reprogrammed() {
+    let p = plan(&me(), &peers(), &cfg());
+    for (what, edit) in [
+        (
+            "vni",
+            (|d| d.vni = Some(2)) as fn(&mut super::diff::ObservedDevice),
+        ),
+        ("port", |d| d.port = Some(4789)),
+        ("local", |d| d.local = Some(ip("192.168.0.7"))),
+        ("learning", |d| d.learning = Some(true)),
+        ("kind", |d| d.is_vxlan = false),
+    ] {
+        let mut o = converged(&p);
+        edit(o.device.as_mut().unwrap());
+        let got = diff(&p, &o);
+        assert!(
+            matches!(&got[0], Change::DeleteDevice { index: 1000, reason } if reason.contains(what) || what == "kind"),
+            "{what}: {got:?}"
+        );
+        assert_eq!(got[1], Change::CreateDevice, "{what}");
+        assert_eq!(
+            got.len(),
+            1 + diff(&p, &Observed::default()).len(),
+            "{what}"
+        );
+        assert!(
+            !got.iter().any(|c| matches!(c, Change::DelRoute { .. })),
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn converging_through_a_history_of_peer_changes_leaves_nothing_to_do() {
+    let mut o = Observed::default();
+    let history: Vec<Vec<NodeRecord>> = vec![
+        peers(),
+        vec![node("b", "192.168.0.2", "10.244.2.0/24")],
+        vec![],
+        (2..60)
+            .map(|i| {
+                node(
+                    &format!("n{i}"),
+                    &format!("192.168.1.{i}"),
+                    &format!("10.244.{i}.0/24"),
+                )
+            })
+            .collect(),
+        vec![node("b", "192.168.0.22", "10.244.7.0/24")],
+    ];
+    for peers in history {
+        let p = plan(&me(), &peers, &cfg());
+        for c in diff(&p, &o) {
+            o.apply(&p, &c);
+        }
+        assert_eq!(diff(&p, &o), vec![]);
+        assert_eq!(o.routes.len(), peers.len());
+        assert_eq!(o.fdb.len(), peers.len());
+        assert_eq!(o.neighbours.len(), peers.len());
+    }
+}
+
+/// The agent runs these on a multi-threaded runtime: their futures must be `Send`.
+#[allow(dead_code)]
+fn futures_are_send(
+    k: &mut super::apply::VxlanKernel,
+    p: &VxlanPlan,
+    leases: &crate::lease::store::FakeLeases,
+    req: &crate::lease::store::AcquireRequest,
+    nft: &crate::masq::NftCli,
+    m: &crate::masq::MasqPlan,
+) {
+    fn is_send<T: Send>(_: &T) {}
+    is_send(&crate::lease::store::acquire(
+        leases,
+        req,
+        std::time::SystemTime::now,
+    ));
+    is_send(&nft.sync(m));
+    is_send(&k.sync(p));
+}

@@ -1,0 +1,200 @@
+//! `sluice lab up`, `status`, `down` end to end: namespaces, the embedded API server, pods wired
+//! by the real sluice-cni, real pings, and nothing left behind.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use ipnet::Ipv4Net;
+use serde_json::Value;
+use sluice_e2e::have_root;
+use sluice_e2e::lab::{lab_cmd, netns_with_prefix, Lab};
+use std::net::Ipv4Addr;
+
+fn pods(status: &Value) -> Vec<(String, String, Ipv4Addr)> {
+    status["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                format!(
+                    "{}/{}",
+                    p["namespace"].as_str().unwrap(),
+                    p["name"].as_str().unwrap()
+                ),
+                p["node"].as_str().unwrap().to_string(),
+                p["ip"].as_str().unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn assert_gone(lab: &Lab) {
+    assert!(
+        netns_with_prefix(&lab.prefix()).is_empty(),
+        "namespaces left: {:?}",
+        netns_with_prefix(&lab.prefix())
+    );
+    assert!(
+        !std::path::Path::new(&format!("/run/sluice/lab/{}", lab.name)).exists(),
+        "state dir left"
+    );
+    let daemon_args = format!("__daemon\0--name\0{}\0", lab.name);
+    let left: Vec<_> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&daemon_args))
+        })
+        .collect();
+    assert!(left.is_empty(), "lab daemon still running");
+}
+
+#[test]
+fn three_nodes_two_pods_each_status_and_down() {
+    if !have_root() {
+        return;
+    }
+    let lab = Lab::up(&["--nodes", "3", "--pods-per-node", "2"]);
+    let status = lab.status();
+    assert_eq!(status["daemon"]["running"], true, "{status:#}");
+    let nodes = status["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    let cidr_of = |node: &str| -> Ipv4Net {
+        nodes.iter().find(|n| n["name"] == node).unwrap()["subnet"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let pods = pods(&status);
+    assert_eq!(pods.len(), 6, "{status:#}");
+    let mut ips: Vec<_> = pods.iter().map(|p| p.2).collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 6, "pod addresses must be distinct");
+    for (pod, node, ip) in &pods {
+        assert!(
+            cidr_of(node).contains(ip),
+            "{pod} has {ip}, outside {node}'s subnet"
+        );
+    }
+    // Every pod reaches every pod, on its node and across nodes (the agents' VXLAN).
+    let m = status["reachability"].as_array().unwrap();
+    for (i, a) in pods.iter().enumerate() {
+        for (j, b) in pods.iter().enumerate() {
+            assert_eq!(
+                m[i][j], true,
+                "{} ({}) -> {} ({}) unreachable",
+                a.0, a.1, b.0, b.1
+            );
+        }
+    }
+    // kubectl sees the lab's cluster.
+    let out = lab.kubectl(&["get", "nodes", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 3);
+    let out = lab.kubectl(&["get", "pods", "-A", "-o", "json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let running = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["status"]["phase"] == "Running" && p["status"]["podIP"].is_string())
+        .count();
+    assert_eq!(running, 6);
+    // A second `up` of the same name is refused without touching the running lab.
+    let again = lab_cmd(&["up", "--name", &lab.name], 60);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    // underlay, internet, 3 nodes, 6 pods
+    assert_eq!(netns_with_prefix(&lab.prefix()).len(), 2 + 3 + 6);
+
+    let out = lab.down();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_gone(&lab);
+}
+
+#[test]
+fn two_routed_segments_and_down_after_a_crash() {
+    if !have_root() {
+        return;
+    }
+    let lab = Lab::up(&["--nodes", "2", "--pods-per-node", "1", "--segments", "2"]);
+    let status = lab.status();
+    let nodes = status["nodes"].as_array().unwrap();
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    assert_ne!(
+        n1["underlay"].as_str().unwrap().rsplit_once('.').unwrap().0,
+        n2["underlay"].as_str().unwrap().rsplit_once('.').unwrap().0,
+        "nodes should be on different segments"
+    );
+    // The nodes reach each other through the underlay's router.
+    let ping = std::process::Command::new("ip")
+        .args(["netns", "exec", n1["netns"].as_str().unwrap()])
+        .args([
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            n2["underlay"].as_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        ping.status.success(),
+        "node-1 cannot reach node-2 across segments"
+    );
+    // The daemon dies hard; `down` still finds and removes everything.
+    let pid = status["daemon"]["pid"].as_i64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = lab.down();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_gone(&lab);
+    // A second down is a no-op that says so.
+    let out = lab.down();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to remove"));
+}
+
+#[test]
+fn bad_input_is_refused_and_leaves_nothing() {
+    if !have_root() {
+        return;
+    }
+    let name = sluice_e2e::lab::unique_lab_name();
+    for (args, says) in [
+        (vec!["--nodes", "0"], "--nodes 0"),
+        (vec!["--segments", "3"], "--segments 3"),
+    ] {
+        let mut all = vec!["up", "--name", name.as_str()];
+        all.extend(args);
+        let out = lab_cmd(&all, 30);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
+    }
+    let out = lab_cmd(&["up", "--name", "Bad-Name"], 30);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lab name"));
+    assert!(netns_with_prefix(&format!("slab-{name}-")).is_empty());
+    assert!(!std::path::Path::new(&format!("/run/sluice/lab/{name}")).exists());
+}
