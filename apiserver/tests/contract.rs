@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{
     bounded, bounded_for, e2e_has_controllers, eventually, expect_status, is_e2e, rv_num, unique,
-    Harness, TEST_LABEL,
+    Harness, STEP, TEST_LABEL,
 };
 use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -3071,4 +3071,384 @@ async fn invalid_pods_and_nodes_are_422() {
         )),
     }
     assert!(wrong.is_empty(), "expected 422 Invalid for: {wrong:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_gets_a_bookmark_before_its_timeout() {
+    // kube-apiserver's cacher schedules a bookmark at (deadline - 2 s) for every watch that
+    // allows bookmarks, whatever its periodic bookmark frequency (so that a client resumes from
+    // a fresh resourceVersion after the timeout).
+    let h = Harness::start_with(Options {
+        bookmark_interval: Duration::from_secs(60),
+        ..Options::default()
+    })
+    .await;
+    let ns = h.namespace().await;
+    let cms: Api<ConfigMap> = Api::namespaced(h.client.clone(), &ns);
+    create(&cms, &cm("x", &[])).await;
+    let rv = bounded(cms.list(&ListParams::default()))
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let mut w = bounded(cms.watch(&WatchParams::default().timeout(4), &rv))
+        .await
+        .unwrap()
+        .boxed();
+    match bounded_for(Duration::from_secs(8), w.try_next()).await {
+        Ok(Some(WatchEvent::Bookmark(b))) => {
+            assert!(rv_num(Some(&b.metadata.resource_version)) >= rv_num(Some(&rv)));
+            assert!(
+                started.elapsed() < Duration::from_millis(3900),
+                "the bookmark came only at the timeout ({:?})",
+                started.elapsed()
+            );
+        }
+        Ok(Some(e)) => panic!("unexpected event {}", describe(e)),
+        Ok(None) => panic!(
+            "watch ended after {:?} without the pre-timeout bookmark",
+            started.elapsed()
+        ),
+        Err(e) => panic!("watch failed: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_across_a_restart_resumes_or_says_gone() {
+    let Some(mut h) = Harness::persistent("restarts the server on its state file").await else {
+        return;
+    };
+    let ns = h.namespace().await;
+    let cms: Api<ConfigMap> = Api::namespaced(h.client.clone(), &ns);
+    let c = create(&cms, &cm("r", &[("n", "0")])).await;
+    let rv1 = c.metadata.resource_version.clone().unwrap();
+    let mut rvs = Vec::new();
+    for i in 1..=2 {
+        let p = bounded(cms.patch(
+            "r",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"n": i.to_string()}})),
+        ))
+        .await
+        .unwrap();
+        rvs.push(rv_num(p.metadata.resource_version.as_ref()));
+    }
+    h.restart().await;
+    let cms: Api<ConfigMap> = Api::namespaced(h.client.clone(), &ns);
+    // A real kube-apiserver either still has the history (etcd) or answers 410 (its watch
+    // cache starts at the restart); both are fine, silently skipping or inventing events isn't.
+    let wp = WatchParams::default().timeout(10);
+    match bounded(cms.watch(&wp, &rv1)).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 410, "{s:?}"),
+        Err(e) => panic!("watch after restart: {e}"),
+        Ok(w) => {
+            let mut w = w.boxed();
+            match next_event(&mut w).await {
+                WatchEvent::Error(s) => assert_eq!(s.code, 410, "{s:?}"),
+                e => {
+                    let (k, o) = event_parts(e);
+                    assert_eq!(
+                        (k, rv_num(o.metadata.resource_version.as_ref())),
+                        ("MODIFIED", rvs[0])
+                    );
+                    let (k, o) = event_parts(next_event(&mut w).await);
+                    assert_eq!(
+                        (k, rv_num(o.metadata.resource_version.as_ref())),
+                        ("MODIFIED", rvs[1])
+                    );
+                    assert_quiet(&mut w, Duration::from_millis(300)).await;
+                }
+            }
+        }
+    }
+    // A watch from a list after the restart sees the next change.
+    let rv = bounded(cms.list(&ListParams::default()))
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut w = bounded(cms.watch(&wp, &rv)).await.unwrap().boxed();
+    bounded(cms.patch(
+        "r",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"n": "3"}})),
+    ))
+    .await
+    .unwrap();
+    let (k, o) = event_parts(next_event(&mut w).await);
+    assert_eq!(k, "MODIFIED");
+    assert!(rv_num(o.metadata.resource_version.as_ref()) > rvs[1]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_status_apply_keeps_other_managers_conditions() {
+    use k8s_openapi::api::core::v1::{NodeCondition, NodeStatus};
+    let h = Harness::start().await;
+    let name = unique("node");
+    let nodes: Api<Node> = Api::all(h.client.clone());
+    h.track_node(&name);
+    create(&nodes, &node(&name)).await;
+    // "kubelet" owns Ready through an update of nodes/status ...
+    bounded(nodes.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}})),
+    ))
+    .await
+    .unwrap();
+    // ... and sluice applies only its own condition to nodes/status.
+    let mine = Node {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            ..ObjectMeta::default()
+        },
+        status: Some(NodeStatus {
+            conditions: Some(vec![NodeCondition {
+                type_: "NetworkUnavailable".into(),
+                status: "False".into(),
+                reason: Some("SluiceIsUp".into()),
+                ..NodeCondition::default()
+            }]),
+            ..NodeStatus::default()
+        }),
+        ..Node::default()
+    };
+    let p = bounded(nodes.patch_status(&name, &PatchParams::apply("sluice"), &Patch::Apply(&mine)))
+        .await
+        .expect("server-side apply to nodes/status");
+    let mut conds = node_conditions(&p);
+    conds.sort();
+    assert_eq!(
+        conds,
+        [
+            ("NetworkUnavailable".to_string(), "False".to_string()),
+            ("Ready".to_string(), "True".to_string())
+        ]
+    );
+    let applied = p.clone();
+    // Applying again with the status flipped updates just that condition.
+    let mut flipped = mine.clone();
+    flipped
+        .status
+        .as_mut()
+        .unwrap()
+        .conditions
+        .as_mut()
+        .unwrap()[0]
+        .status = "True".into();
+    let p = bounded(nodes.patch_status(
+        &name,
+        &PatchParams::apply("sluice"),
+        &Patch::Apply(&flipped),
+    ))
+    .await
+    .unwrap();
+    let mut conds = node_conditions(&p);
+    conds.sort();
+    assert_eq!(
+        conds,
+        [
+            ("NetworkUnavailable".to_string(), "True".to_string()),
+            ("Ready".to_string(), "True".to_string())
+        ]
+    );
+    // Applying without the condition removes it (sluice was its only manager); Ready stays.
+    let mut none = mine.clone();
+    none.status.as_mut().unwrap().conditions = Some(vec![]);
+    let p = bounded(nodes.patch_status(&name, &PatchParams::apply("sluice"), &Patch::Apply(&none)))
+        .await
+        .unwrap();
+    assert_eq!(
+        node_conditions(&p),
+        [("Ready".to_string(), "True".to_string())]
+    );
+    let mf = applied.metadata.managed_fields.clone().unwrap_or_default();
+    assert!(
+        mf.iter().any(|m| m.manager.as_deref() == Some("sluice")
+            && m.operation.as_deref() == Some("Apply")
+            && m.subresource.as_deref() == Some("status")),
+        "managedFields {mf:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terminating_namespace_refuses_new_objects() {
+    let h = Harness::start().await;
+    let ns = h.namespace().await;
+    let cms: Api<ConfigMap> = Api::namespaced(h.client.clone(), &ns);
+    let mut held = cm("held", &[]);
+    held.metadata.finalizers = Some(vec!["sluice.test/hold".into()]);
+    create(&cms, &held).await;
+    let nss: Api<Namespace> = Api::all(h.client.clone());
+    bounded(nss.delete(&ns, &DeleteParams::default()))
+        .await
+        .unwrap();
+    // The finalizer keeps the configmap, so the namespace stays Terminating.
+    let n = bounded(nss.get(&ns))
+        .await
+        .expect("namespace held by its content");
+    assert!(n.metadata.deletion_timestamp.is_some());
+    assert_eq!(
+        n.status.and_then(|s| s.phase).as_deref(),
+        Some("Terminating")
+    );
+    let s = expect_status(
+        bounded(cms.create(&PostParams::default(), &cm("late", &[]))).await,
+        403,
+        "Forbidden",
+    );
+    assert!(
+        s.message.contains("being terminated"),
+        "message {:?}",
+        s.message
+    );
+    if is_e2e() && !e2e_has_controllers() {
+        eprintln!("SKIPPED the namespace-finishing part: no namespace controller");
+        return;
+    }
+    // The namespace's deletion reaches the configmap; removing its finalizer lets both go.
+    eventually(
+        Duration::from_secs(10),
+        "the held configmap is being deleted",
+        || {
+            let cms = cms.clone();
+            async move {
+                match cms.get_opt("held").await {
+                    Ok(Some(c)) => c.metadata.deletion_timestamp.map(|_| ()),
+                    Ok(None) => panic!("the configmap went despite its finalizer"),
+                    Err(_) => None,
+                }
+            }
+        },
+    )
+    .await;
+    let n = bounded(nss.get(&ns))
+        .await
+        .expect("the namespace waits for its content's finalizers");
+    assert_eq!(
+        n.status.and_then(|s| s.phase).as_deref(),
+        Some("Terminating")
+    );
+    bounded(cms.patch(
+        "held",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    ))
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(10), "the namespace goes", || {
+        let nss = nss.clone();
+        let ns = ns.clone();
+        async move { matches!(nss.get_opt(&ns).await, Ok(None)).then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lease_watchers_see_the_cascade_delete() {
+    let h = Harness::start().await;
+    if is_e2e() && !e2e_has_controllers() {
+        eprintln!("SKIPPED: the cascade needs the garbage collector (SLUICE_E2E_CONTROLLERS)");
+        return;
+    }
+    let ns = h.namespace().await;
+    let n = create_node(&h, &unique("node")).await;
+    let leases: Api<Lease> = Api::namespaced(h.client.clone(), &ns);
+    let mut l = lease("sluice-10-244-9-0-24", &n.name_any());
+    l.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: "v1".into(),
+        kind: "Node".into(),
+        name: n.name_any(),
+        uid: n.metadata.uid.clone().unwrap(),
+        ..OwnerReference::default()
+    }]);
+    let made = create(&leases, &l).await;
+    // The peers' watch: every lease, all namespaces.
+    let all: Api<Lease> = Api::all(h.client.clone());
+    let mut w = bounded(
+        all.watch(
+            &WatchParams::default()
+                .fields(&format!("metadata.namespace={ns}"))
+                .timeout(60),
+            made.metadata.resource_version.as_deref().unwrap(),
+        ),
+    )
+    .await
+    .unwrap()
+    .boxed();
+    let nodes: Api<Node> = Api::all(h.client.clone());
+    bounded(nodes.delete(&n.name_any(), &DeleteParams::default()))
+        .await
+        .unwrap();
+    let limit = if is_e2e() {
+        Duration::from_secs(60)
+    } else {
+        STEP
+    };
+    loop {
+        match bounded_for(limit, w.try_next()).await {
+            Ok(Some(WatchEvent::Deleted(d))) => {
+                assert_eq!(d.name_any(), "sluice-10-244-9-0-24");
+                break;
+            }
+            // A foreground/background GC may first mark it (MODIFIED).
+            Ok(Some(WatchEvent::Modified(_) | WatchEvent::Bookmark(_))) => continue,
+            other => panic!(
+                "expected the lease's DELETED event, got {:?}",
+                other.map(|o| o.map(describe))
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lease_owned_by_a_vanished_node_uid_is_collected() {
+    let h = Harness::start().await;
+    if is_e2e() && !e2e_has_controllers() {
+        eprintln!("SKIPPED: needs the garbage collector (SLUICE_E2E_CONTROLLERS)");
+        return;
+    }
+    let ns = h.namespace().await;
+    let name = unique("node");
+    let old = create_node(&h, &name).await;
+    let nodes: Api<Node> = Api::all(h.client.clone());
+    bounded(nodes.delete(&name, &DeleteParams::default()))
+        .await
+        .unwrap();
+    // The node comes back under the same name, as a new object (new uid).
+    let new = create_node(&h, &name).await;
+    assert_ne!(old.metadata.uid, new.metadata.uid);
+    let owned_by = |n: &Node, lname: &str| {
+        let mut l = lease(lname, &name);
+        l.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            name: name.clone(),
+            uid: n.metadata.uid.clone().unwrap(),
+            ..OwnerReference::default()
+        }]);
+        l
+    };
+    let leases: Api<Lease> = Api::namespaced(h.client.clone(), &ns);
+    create(&leases, &owned_by(&old, "stale")).await;
+    create(&leases, &owned_by(&new, "current")).await;
+    // The garbage collector matches owners by uid: the stale lease's owner is gone.
+    let limit = if is_e2e() {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs(5)
+    };
+    eventually(
+        limit,
+        "the lease owned by the vanished uid is collected",
+        || {
+            let leases = leases.clone();
+            async move { matches!(leases.get_opt("stale").await, Ok(None)).then_some(()) }
+        },
+    )
+    .await;
+    assert!(bounded(leases.get_opt("current")).await.unwrap().is_some());
 }

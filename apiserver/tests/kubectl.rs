@@ -44,6 +44,7 @@ struct Kubectl {
 
 struct Out {
     ok: bool,
+    code: Option<i32>,
     stdout: String,
     stderr: String,
 }
@@ -78,6 +79,7 @@ impl Kubectl {
             .unwrap_or_else(|e| panic!("spawn kubectl {args:?}: {e}"));
         Out {
             ok: out.status.success(),
+            code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
@@ -216,6 +218,8 @@ struct Kind<'a> {
     v2: String,
     /// A JSON pointer and the value the v2 manifest gives it.
     v2_check: (&'a str, Value),
+    /// The columns of `kubectl get` (kube-apiserver's table for the kind).
+    columns: &'a [&'a str],
 }
 
 async fn lifecycle(h: &Harness, k: Kind<'_>) {
@@ -261,6 +265,28 @@ async fn lifecycle(h: &Harness, k: Kind<'_>) {
         "apply v2: {out}"
     );
 
+    // kubectl diff: 0 = nothing to change, 1 = differences.
+    let a = with_ns(&["diff", "-f", &f2]);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let d = kc.run(&a).await;
+    assert_eq!(
+        d.code,
+        Some(0),
+        "kubectl diff of the applied file: {} {}",
+        d.stdout,
+        d.stderr
+    );
+    let a = with_ns(&["diff", "-f", &f1]);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let d = kc.run(&a).await;
+    assert_eq!(
+        d.code,
+        Some(1),
+        "kubectl diff of the older file: {} {}",
+        d.stdout,
+        d.stderr
+    );
+
     // get -o json / -o yaml.
     let get_json = |extra: &[&str]| {
         let mut a = vec!["get".to_string(), k.resource.to_string(), k.name.clone()];
@@ -289,8 +315,21 @@ async fn lifecycle(h: &Harness, k: Kind<'_>) {
     assert!(yaml.contains(&format!("name: {}", k.name)), "{yaml}");
     // The default (table) output names it too.
     let table = run_ok(with_ns(&["get", k.resource, &k.name])).await;
-    assert!(table.starts_with("NAME"), "{table}");
     assert!(table.contains(&k.name), "{table}");
+    // kube-apiserver's server-side table columns for the kind.
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(
+        header, k.columns,
+        "kubectl get {} table header: {table}",
+        k.resource
+    );
 
     // label: add, refuse to overwrite without --overwrite, overwrite, remove.
     let out = run_ok(with_ns(&["label", k.resource, &k.name, "color=blue"])).await;
@@ -411,6 +450,7 @@ async fn kubectl_namespace() {
         Kind {
             resource: "namespace",
             printed: "namespace",
+            columns: &["NAME", "STATUS", "AGE"],
             name,
             namespace: None,
             v1,
@@ -439,6 +479,7 @@ async fn kubectl_node() {
         Kind {
             resource: "node",
             printed: "node",
+            columns: &["NAME", "STATUS", "ROLES", "AGE", "VERSION"],
             name,
             namespace: None,
             v1,
@@ -466,6 +507,7 @@ async fn kubectl_pod() {
         Kind {
             resource: "pod",
             printed: "pod",
+            columns: &["NAME", "READY", "STATUS", "RESTARTS", "AGE"],
             v1: pod_yaml(&name, IMAGE, ""),
             v2: pod_yaml(&name, IMAGE2, "    edit: \"2\"\n"),
             name,
@@ -492,6 +534,7 @@ async fn kubectl_configmap() {
         Kind {
             resource: "configmap",
             printed: "configmap",
+            columns: &["NAME", "DATA", "AGE"],
             v1: y("", "v1"),
             v2: y("    edit: \"2\"\n", "v2"),
             name,
@@ -518,6 +561,7 @@ async fn kubectl_networkpolicy() {
         Kind {
             resource: "networkpolicy",
             printed: "networkpolicy.networking.k8s.io",
+            columns: &["NAME", "POD-SELECTOR", "AGE"],
             v1: y("", "web"),
             v2: y("    edit: \"2\"\n", "db"),
             name,
@@ -544,6 +588,7 @@ async fn kubectl_lease() {
         Kind {
             resource: "lease",
             printed: "lease.coordination.k8s.io",
+            columns: &["NAME", "HOLDER", "AGE"],
             v1: y("", "n1"),
             v2: y("    edit: \"2\"\n", "n2"),
             name,
@@ -677,6 +722,32 @@ async fn kubectl_server_side_apply() {
     );
     let rv = obj["metadata"]["resourceVersion"].clone();
 
+    // kubectl diff --server-side (a dry-run apply): 0 = no difference, 1 = differences.
+    let d = kc
+        .run(&["diff", "--server-side", "-n", &ns, "-f", &f])
+        .await;
+    assert_eq!(
+        d.code,
+        Some(0),
+        "kubectl diff of the applied file: {} {}",
+        d.stdout,
+        d.stderr
+    );
+    let changed = write(dir.path(), "1b.yaml", &y("1", Some("changed")));
+    let d = kc
+        .run(&["diff", "--server-side", "-n", &ns, "-f", &changed])
+        .await;
+    assert_eq!(
+        d.code,
+        Some(1),
+        "kubectl diff of a changed file: {} {}",
+        d.stdout,
+        d.stderr
+    );
+    assert!(d.stdout.contains("changed"), "{}", d.stdout);
+    let obj = kc.get_json(&["configmap", &name, "-n", &ns]).await;
+    assert_eq!(obj["data"]["b"], "2", "diff must not write");
+
     // Unchanged re-apply: no write.
     kc.ok(&["apply", "--server-side", "-n", &ns, "-f", &f])
         .await;
@@ -753,4 +824,57 @@ async fn kubectl_server_side_apply() {
     .await;
     let obj = kc.get_json(&["configmap", &name, "-n", &ns]).await;
     assert_eq!(obj["data"], serde_json::json!({"a": "x", "m": "1"}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_describe_each_kind() {
+    let h = Harness::start().await;
+    let Some(kc) = Kubectl::new(&h) else {
+        return;
+    };
+    let ns = h.namespace().await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = unique("dnode");
+    h.track_node(&node);
+    let manifest = format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {node}\n{l}---\n\
+         {pod}---\n\
+         apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: dcm\n{l}data:\n  k: v\n---\n\
+         apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: dnp\n{l}spec:\n  podSelector: {{}}\n---\n\
+         apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: dlease\n{l}spec:\n  holderIdentity: n1\n",
+        l = labels_yaml(""),
+        pod = pod_yaml("dpod", IMAGE, ""),
+    );
+    let f = write(dir.path(), "all.yaml", &manifest);
+    kc.ok(&["apply", "-n", &ns, "-f", &f]).await;
+    let mut failed = Vec::new();
+    for (kind, name, namespaced) in [
+        ("namespace", ns.as_str(), false),
+        ("node", node.as_str(), false),
+        ("pod", "dpod", true),
+        ("configmap", "dcm", true),
+        ("networkpolicy", "dnp", true),
+        ("lease", "dlease", true),
+    ] {
+        let mut a = vec!["describe", kind, name];
+        if namespaced {
+            a.extend_from_slice(&["-n", &ns]);
+        }
+        let o = kc.run(&a).await;
+        let names_it = o
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("Name:") && l.contains(name));
+        if !o.ok || !names_it {
+            failed.push(format!("kubectl describe {kind}: {}", o.stderr.trim()));
+        }
+    }
+    // `kubectl delete -f` removes everything the file made.
+    let out = kc.ok(&["delete", "-n", &ns, "-f", &f]).await;
+    assert_eq!(
+        out.lines().filter(|l| l.ends_with(" deleted")).count(),
+        5,
+        "{out}"
+    );
+    assert!(failed.is_empty(), "{failed:#?}");
 }

@@ -96,3 +96,77 @@ pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// Runs `f` on a fresh thread that entered the named network namespace.
+pub fn in_netns<R: Send + 'static>(netns: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let path = PathBuf::from("/run/netns").join(netns);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open netns");
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("netns thread panicked")
+}
+
+/// A TCP listener inside `netns` that answers each connection with `reply` and reports each
+/// peer address; serves `max` connections at most.
+pub fn tcp_server(
+    netns: &str,
+    bind: std::net::SocketAddr,
+    reply: &'static str,
+    max: usize,
+) -> (
+    std::net::SocketAddr,
+    std::sync::mpsc::Receiver<std::net::SocketAddr>,
+) {
+    use std::io::Write;
+    let listener = in_netns(netns, move || {
+        std::net::TcpListener::bind(bind).expect("bind")
+    });
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(max) {
+            let Ok(mut s) = stream else { continue };
+            if let Ok(peer) = s.peer_addr() {
+                let _ = tx.send(peer);
+            }
+            let _ = s.write_all(reply.as_bytes());
+        }
+    });
+    (addr, rx)
+}
+
+/// Connects from inside `netns` to `to` and reads the answer (bounded by 3 s).
+pub fn tcp_ask(netns: &str, to: std::net::SocketAddr) -> std::io::Result<String> {
+    use std::io::Read;
+    in_netns(netns, move || {
+        let mut s = std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(3))?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+}
+
+impl Lab {
+    /// The network namespace of pod `ns/name` in this lab.
+    pub fn pod_netns(&self, ns: &str, name: &str) -> String {
+        format!("{}pod-{ns}-{name}", self.prefix())
+    }
+
+    pub fn node_netns(&self, node: &str) -> String {
+        format!(
+            "{}{}",
+            self.prefix(),
+            node.trim_start_matches(&format!("{}-", self.name))
+        )
+    }
+
+    /// `ip -j ARGS` inside a namespace.
+    pub fn ip_json(&self, netns: &str, args: &[&str]) -> Value {
+        let out = run(Command::new("ip").args(["-n", netns, "-j"]).args(args));
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+}

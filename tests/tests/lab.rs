@@ -198,3 +198,66 @@ fn bad_input_is_refused_and_leaves_nothing() {
     assert!(netns_with_prefix(&format!("slab-{name}-")).is_empty());
     assert!(!std::path::Path::new(&format!("/run/sluice/lab/{name}")).exists());
 }
+
+/// The lab pointed at an API server that is not its own (as `SLUICE_E2E_KUBECONFIG` points it at
+/// a real kube-apiserver on the host's loopback): no embedded server is started, the API is
+/// forwarded into the node namespaces, the agents lease there, and `down` removes the lab's
+/// Nodes and Pods from it.
+#[test]
+fn lab_uses_an_external_api_server() {
+    if !have_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_test-apiserver"));
+    let mut server = std::process::Command::new(bin)
+        .arg(&kubeconfig)
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let server = Kill(&mut server);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !kubeconfig.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kc = kubeconfig.to_str().unwrap();
+    let lab = Lab::up(&["--nodes", "2", "--pods-per-node", "1", "--kubeconfig", kc]);
+    let status = lab.status();
+    let m = status["reachability"].as_array().unwrap();
+    assert_eq!(m.len(), 2, "{status:#}");
+    assert!(
+        m.iter()
+            .flat_map(|r| r.as_array().unwrap())
+            .all(|v| v == true),
+        "{status:#}"
+    );
+    let kubectl = |args: &[&str]| -> Value {
+        let out = std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(args)
+            .args(["-o", "json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let leases = kubectl(&["get", "leases", "-n", "kube-system"]);
+    assert_eq!(leases["items"].as_array().unwrap().len(), 2, "{leases:#}");
+    let out = lab.down();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_gone(&lab);
+    let nodes = kubectl(&["get", "nodes"]);
+    assert_eq!(nodes["items"].as_array().unwrap().len(), 0, "{nodes:#}");
+    drop(server);
+}

@@ -308,19 +308,32 @@ async fn run(args: AgentArgs) -> Result<()> {
             match renew(&store, &held.lease, &held.record, now).await {
                 Ok(l) => held.lease = l,
                 Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
-                    tracing::warn!(node, "subnet lease changed under us; taking it again");
-                    match take_subnet(
-                        &store,
-                        &cfg,
-                        &base_record,
-                        &owner,
-                        &facts,
-                        Some(held.record.subnet),
-                    )
-                    .await
-                    {
-                        Ok(h) => held = h,
-                        Err(e) => tracing::error!(error = format!("{e:#}"), "cannot take a subnet"),
+                    // The lease went (its Node was deleted, and the lease with it) or changed.
+                    // Only a node that still exists takes a subnet again, owned by the Node as
+                    // it is now; a deleted node's agent waits for it to be registered again.
+                    match node_facts(&nodes, &node).await {
+                        Ok(now_facts) => {
+                            tracing::warn!(node, "subnet lease changed under us; taking it again");
+                            let owner = NodeOwner {
+                                name: node.clone(),
+                                uid: now_facts.uid.clone(),
+                            };
+                            let prefer = Some(held.record.subnet);
+                            let taken =
+                                take_subnet(&store, &cfg, &base_record, &owner, &now_facts, prefer);
+                            match taken.await {
+                                Ok(h) => held = h,
+                                Err(e) => tracing::error!(
+                                    error = format!("{e:#}"),
+                                    "cannot take a subnet"
+                                ),
+                            }
+                        }
+                        Err(e) => tracing::warn!(
+                            node,
+                            error = format!("{e:#}"),
+                            "node not readable; not taking a subnet"
+                        ),
                     }
                 }
                 Err(e) => {

@@ -89,13 +89,11 @@ pub async fn run(name: &str) -> Result<()> {
             addr
         }
     };
-    if !files.external.exists() || std::env::var_os("SLUICE_LAB_AGENTS").is_some_and(|v| v == "1") {
-        tokio::spawn(supervise_agents(
-            name.to_string(),
-            plan.clone(),
-            files.kubeconfig.clone(),
-        ));
-    }
+    tokio::spawn(supervise_agents(
+        name.to_string(),
+        plan.clone(),
+        files.kubeconfig.clone(),
+    ));
     let info = DaemonInfo {
         pid: std::process::id(),
         api,
