@@ -261,3 +261,43 @@ fn lab_uses_an_external_api_server() {
     assert_eq!(nodes["items"].as_array().unwrap().len(), 0, "{nodes:#}");
     drop(server);
 }
+
+/// `subnet-source: node-podcidr`: each agent takes its Node's spec.podCIDR and still publishes
+/// its record in a lease named from it, so peers find it the same way.
+#[test]
+fn node_podcidr_mode_uses_each_nodes_pod_cidr() {
+    if !have_root() {
+        return;
+    }
+    let lab = Lab::up(&[
+        "--nodes",
+        "3",
+        "--pods-per-node",
+        "1",
+        "--subnet-source",
+        "node-podcidr",
+    ]);
+    let status = lab.status();
+    for n in status["nodes"].as_array().unwrap() {
+        assert_eq!(n["subnet"], n["podCIDR"], "{n}");
+    }
+    let m = status["reachability"].as_array().unwrap();
+    assert_eq!(m.len(), 3);
+    assert!(
+        m.iter()
+            .flat_map(|r| r.as_array().unwrap())
+            .all(|v| v == true),
+        "{status:#}"
+    );
+    let out = lab.kubectl(&["get", "leases", "-n", "kube-system", "-o", "json"]);
+    let leases: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut names: Vec<&str> = leases["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["metadata"]["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    let want: Vec<String> = (0..3).map(|i| format!("sluice-10-244-{i}-0-24")).collect();
+    assert_eq!(names, want);
+}

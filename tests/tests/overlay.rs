@@ -292,3 +292,48 @@ fn agents_starting_together_never_share_a_subnet() {
         assert!(out.status.success());
     }
 }
+
+#[test]
+fn datapath_keeps_forwarding_while_the_api_server_is_away() {
+    if !have_root() {
+        return;
+    }
+    let lab = Lab::up(&["--nodes", "2", "--pods-per-node", "1"]);
+    let status = lab.status();
+    let pods = pods(&status);
+    let daemon = nix::unistd::Pid::from_raw(status["daemon"]["pid"].as_i64().unwrap() as i32);
+    // The API server freezes (the lab daemon serves it): agents lose their watches and cannot
+    // renew, but the datapath they programmed stays.
+    nix::sys::signal::kill(daemon, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    struct Resume(nix::unistd::Pid);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    let resume = Resume(daemon);
+    let src = lab.pod_netns(&pods[0].ns, &pods[0].name);
+    let dst = pods[1].ip.to_string();
+    let out = sluice_e2e::lab::in_netns(&src, move || {
+        std::process::Command::new("ping")
+            .args(["-c", "100", "-i", "0.05", "-W", "1", "-q", &dst])
+            .output()
+            .unwrap()
+    });
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("100 packets transmitted, 100 received"),
+        "{text}"
+    );
+    drop(resume);
+    // Back again, the agents resync: a new pod-to-pod check still works and both agents live.
+    std::thread::sleep(Duration::from_secs(1));
+    let status = lab.status();
+    let m = status["reachability"].as_array().unwrap();
+    assert!(
+        m.iter()
+            .flat_map(|r| r.as_array().unwrap())
+            .all(|v| v == true),
+        "{status:#}"
+    );
+}

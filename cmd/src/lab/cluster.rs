@@ -50,7 +50,7 @@ pub async fn register(client: &Client, plan: &LabPlan) -> Result<()> {
                 "data": {
                     "cluster-cidr": plan.cluster_cidr.to_string(),
                     "subnet-length": super::plan::SUBNET_LENGTH.to_string(),
-                    "subnet-source": "lease",
+                    "subnet-source": plan.spec.subnet_source.as_str(),
                     "encryption": plan.spec.encryption.as_str(),
                 }
             })),

@@ -93,6 +93,7 @@ pub async fn run(name: &str) -> Result<()> {
         name.to_string(),
         plan.clone(),
         files.kubeconfig.clone(),
+        files.registered.clone(),
     ));
     let info = DaemonInfo {
         pid: std::process::id(),
@@ -149,7 +150,12 @@ pub fn agent_pid_file(lab: &str, node: &str) -> std::path::PathBuf {
 
 /// Keeps one `sluice agent` running in each node's namespace, as the DaemonSet's controller
 /// would: an agent that exits is started again after a second, unless stopped on purpose.
-async fn supervise_agents(lab: String, plan: LabPlan, kubeconfig: std::path::PathBuf) {
+async fn supervise_agents(
+    lab: String,
+    plan: LabPlan,
+    kubeconfig: std::path::PathBuf,
+    registered: std::path::PathBuf,
+) {
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {
@@ -158,6 +164,9 @@ async fn supervise_agents(lab: String, plan: LabPlan, kubeconfig: std::path::Pat
         }
     };
     let mut children: Vec<Option<std::process::Child>> = plan.nodes.iter().map(|_| None).collect();
+    while !registered.exists() {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     loop {
         for (node, child) in plan.nodes.iter().zip(children.iter_mut()) {
             if let Some(c) = child {

@@ -29,6 +29,9 @@ pub enum LabCmd {
         /// 1: all nodes on one L2 segment; 2: nodes alternate between two routed segments.
         #[arg(long, default_value_t = 1)]
         segments: u8,
+        /// How nodes get their pod subnet (sluice-config `subnet-source`).
+        #[arg(long, value_enum, default_value_t = plan::SubnetSource::Lease)]
+        subnet_source: plan::SubnetSource,
         /// Use this real API server (on the host's loopback) instead of the embedded one.
         #[arg(long, env = "SLUICE_E2E_KUBECONFIG")]
         kubeconfig: Option<PathBuf>,
@@ -79,6 +82,8 @@ pub struct LabFiles {
     pub daemon_log: PathBuf,
     /// Present when the lab uses a real API server: its host address.
     pub external: PathBuf,
+    /// Written once the lab's objects are in the API; the daemon starts agents after it.
+    pub registered: PathBuf,
 }
 
 impl LabFiles {
@@ -91,6 +96,7 @@ impl LabFiles {
             daemon: dir.join("daemon.json"),
             daemon_log: dir.join("daemon.log"),
             external: dir.join("external-api"),
+            registered: dir.join("registered"),
             dir,
         }
     }
@@ -109,6 +115,7 @@ pub fn main(cmd: LabCmd) -> Result<()> {
             pods_per_node,
             encryption,
             segments,
+            subnet_source,
             kubeconfig,
         } => {
             let spec = LabSpec {
@@ -117,6 +124,7 @@ pub fn main(cmd: LabCmd) -> Result<()> {
                 pods_per_node,
                 encryption,
                 segments,
+                subnet_source,
             };
             rt.block_on(up(spec, kubeconfig))
         }
@@ -165,6 +173,10 @@ impl Progress {
 async fn up(spec: LabSpec, external: Option<PathBuf>) -> Result<()> {
     require_root()?;
     let plan = LabPlan::new(spec)?;
+    if plan.spec.encryption == Encryption::Wireguard {
+        // Refused rather than silently run in the clear: the agent has no WireGuard datapath yet.
+        bail!("--encryption wireguard: the agent's WireGuard datapath is not built yet; use --encryption none");
+    }
     let name = plan.spec.name.clone();
     let files = LabFiles::new(&name);
     if files.dir.exists() || !sluice_net::netns::list_named(&plan.prefix).is_empty() {
@@ -224,6 +236,9 @@ async fn build(
     });
     let client = cluster::client(&files.kubeconfig).await?;
     cluster::register(&client, plan).await?;
+    // The agents start once their Nodes and sluice-config exist, as the DaemonSet's pods would
+    // after the manifest is applied.
+    std::fs::write(&files.registered, b"")?;
     progress.line(format!(
         "API: {} nodes registered, kube-system/sluice-config written",
         plan.nodes.len()

@@ -40,6 +40,23 @@ pub struct LabSpec {
     pub encryption: Encryption,
     /// 1: every node on one L2 segment; 2: nodes alternate between two routed segments.
     pub segments: u8,
+    /// sluice-config's `subnet-source`: the agents lease subnets, or take their Node's podCIDR.
+    pub subnet_source: SubnetSource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum SubnetSource {
+    Lease,
+    NodePodcidr,
+}
+
+impl SubnetSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Lease => "lease",
+            Self::NodePodcidr => "node-podcidr",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -241,6 +258,7 @@ mod tests {
             pods_per_node: pods,
             encryption: Encryption::None,
             segments,
+            subnet_source: SubnetSource::Lease,
         }
     }
 
