@@ -111,7 +111,13 @@ pub async fn create_pod(client: &Client, pod: &PodPlan) -> Result<String> {
         "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": {"app": "sluice-lab"}},
         "spec": {
             "nodeName": pod.node,
-            "containers": [{"name": "main", "image": "sluice-lab"}],
+            "containers": [{
+                "name": "main", "image": "sluice-lab",
+                "ports": [
+                    {"name": "http", "containerPort": 80, "protocol": "TCP"},
+                    {"name": "dns", "containerPort": 53, "protocol": "UDP"},
+                ],
+            }],
         }
     });
     let made = pods

@@ -95,6 +95,11 @@ pub async fn run(name: &str) -> Result<()> {
         files.kubeconfig.clone(),
         files.registered.clone(),
     ));
+    tokio::spawn(run_kubelet(
+        plan.clone(),
+        files.kubeconfig.clone(),
+        files.registered.clone(),
+    ));
     let info = DaemonInfo {
         pid: std::process::id(),
         api,
@@ -238,5 +243,24 @@ fn stop_agents(plan: &LabPlan) {
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
+    }
+}
+
+/// Starts the lab's kubelet once the lab's objects are in the API.
+async fn run_kubelet(
+    plan: LabPlan,
+    kubeconfig: std::path::PathBuf,
+    registered: std::path::PathBuf,
+) {
+    while !registered.exists() {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let kubelet = match super::cluster::client(&kubeconfig).await {
+        Ok(client) => super::kubelet::Kubelet::new(plan, client),
+        Err(e) => Err(e),
+    };
+    match kubelet {
+        Ok(k) => k.run().await,
+        Err(e) => tracing::error!(error = format!("{e:#}"), "the lab's kubelet cannot start"),
     }
 }

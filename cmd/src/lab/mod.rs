@@ -5,7 +5,9 @@ mod cluster;
 mod cni;
 mod daemon;
 mod down;
+mod kubelet;
 pub mod plan;
+mod serve;
 mod status;
 mod topo;
 
@@ -57,6 +59,39 @@ pub enum LabCmd {
         action: AgentAction,
         /// The node, e.g. lab-node-1.
         node: String,
+    },
+    /// Serve IDENTITY on ports (what every lab pod runs; the kubelet starts it).
+    Serve {
+        #[arg(long)]
+        identity: String,
+        #[arg(long)]
+        tcp: Vec<u16>,
+        #[arg(long)]
+        udp: Vec<u16>,
+        #[arg(long)]
+        sctp: Vec<u16>,
+    },
+    /// Connect from pod FROM (ns/pod) to TO (ns/pod or an address) on PORT: exit 0 when the server
+    /// answered, 1 when not, 2 when the kernel has no SCTP.
+    Probe {
+        #[arg(long, default_value = "lab")]
+        name: String,
+        from: String,
+        to: String,
+        port: u16,
+        #[arg(long, value_enum, default_value_t = serve::Protocol::Tcp)]
+        protocol: serve::Protocol,
+        /// e.g. 1s, 500ms.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Run a command inside a pod's network namespace, like `kubectl exec`.
+    Exec {
+        #[arg(long, default_value = "lab")]
+        name: String,
+        pod: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
     /// Internal: the lab's API server process.
     #[command(name = "__daemon", hide = true)]
@@ -130,6 +165,35 @@ pub fn main(cmd: LabCmd) -> Result<()> {
         }
         LabCmd::Status { name, json } => rt.block_on(status::run(&name, json)),
         LabCmd::Agent { name, action, node } => agent_control(&name, action, &node),
+        LabCmd::Serve {
+            identity,
+            tcp,
+            udp,
+            sctp,
+        } => {
+            let ports: Vec<(serve::Protocol, u16)> = tcp
+                .into_iter()
+                .map(|p| (serve::Protocol::Tcp, p))
+                .chain(udp.into_iter().map(|p| (serve::Protocol::Udp, p)))
+                .chain(sctp.into_iter().map(|p| (serve::Protocol::Sctp, p)))
+                .collect();
+            serve::serve(&identity, &ports)
+        }
+        LabCmd::Probe {
+            name,
+            from,
+            to,
+            port,
+            protocol,
+            timeout,
+        } => {
+            let code = rt.block_on(probe(&name, &from, &to, port, protocol, timeout))?;
+            std::process::exit(i32::from(code));
+        }
+        LabCmd::Exec { name, pod, command } => {
+            let code = rt.block_on(exec(&name, &pod, &command))?;
+            std::process::exit(code);
+        }
         LabCmd::Down { name } => {
             plan::validate_name(&name)?;
             rt.block_on(down::run(&name))
@@ -264,30 +328,28 @@ async fn build(
             node.name, env.subnet, env.mtu
         ));
     }
+    // The lab's own pods take the path every pod takes: created in the API, made real by the
+    // lab's kubelet on their node.
     for pod in &plan.pods {
-        let node = plan
-            .node(&pod.node)
-            .context("a lab pod names a node the plan lacks")?;
-        let uid = cluster::create_pod(&client, pod).await?;
-        let netns_name = plan.pod_netns(&pod.namespace, &pod.name);
-        topo::namespace(&netns_name).await?;
-        let netns = sluice_net::netns::named_path(&netns_name);
-        let attachment = cni::Attachment {
-            lab: name,
-            node,
-            container_id: &uid,
-            netns: &netns,
-            pod_namespace: &pod.namespace,
-            pod_name: &pod.name,
-            pod_uid: &uid,
-        };
-        let result = tokio::task::block_in_place(|| cni::call("ADD", &attachment))?;
-        let ip = cni::address_of(&result)?;
-        cluster::pod_running(&client, pod, node.underlay.addr(), ip).await?;
-        progress.line(format!(
-            "pod {}/{} on {}: {ip}",
-            pod.namespace, pod.name, pod.node
-        ));
+        cluster::create_pod(&client, pod).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut reported = std::collections::HashSet::new();
+    while reported.len() < plan.pods.len() {
+        for (ns, pod, node, ip) in cluster::running_pods(&client, plan).await? {
+            if reported.insert(format!("{ns}/{pod}")) {
+                progress.line(format!("pod {ns}/{pod} on {node}: {ip}"));
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} of {} pods running after 60 s (see {:?})",
+                reported.len(),
+                plan.pods.len(),
+                files.daemon_log
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
 }
@@ -401,4 +463,93 @@ fn agent_control(name: &str, action: AgentAction, node: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected e.g. 1s or 500ms"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+    };
+    if !(0.001..=3600.0).contains(&secs) {
+        return Err(format!("{s:?}: between 1ms and 1h"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// The network namespace and address of pod `ns/name`, from the API.
+async fn pod_place(name: &str, pod: &str) -> Result<(String, Option<std::net::Ipv4Addr>)> {
+    use k8s_openapi::api::core::v1::Pod;
+    let (ns, pod_name) = serve::pod_ref(pod)?;
+    let files = LabFiles::new(name);
+    let plan: LabPlan = serde_json::from_slice(
+        &std::fs::read(&files.plan).with_context(|| format!("no lab named {name}"))?,
+    )?;
+    let client = cluster::client(&files.kubeconfig).await?;
+    let api: kube::Api<Pod> = kube::Api::namespaced(client, &ns);
+    let p = api
+        .get_opt(&pod_name)
+        .await?
+        .with_context(|| format!("no pod {ns}/{pod_name}"))?;
+    let ip = p
+        .status
+        .and_then(|s| s.pod_ip)
+        .and_then(|ip| ip.parse().ok());
+    Ok((plan.pod_netns(&ns, &pod_name), ip))
+}
+
+async fn probe(
+    name: &str,
+    from: &str,
+    to: &str,
+    port: u16,
+    protocol: serve::Protocol,
+    timeout: Duration,
+) -> Result<u8> {
+    let (netns_name, _) = pod_place(name, from).await?;
+    let target = match to.parse::<std::net::Ipv4Addr>() {
+        Ok(ip) => ip,
+        Err(_) => pod_place(name, to)
+            .await?
+            .1
+            .with_context(|| format!("pod {to} has no address yet"))?,
+    };
+    let path = sluice_net::netns::named_path(&netns_name);
+    let file = sluice_net::netns::open(&path)?;
+    let addr = std::net::SocketAddrV4::new(target, port);
+    let result = sluice_net::netns::run_in(&file, &path, || serve::probe(addr, protocol, timeout))?;
+    Ok(match result {
+        serve::ProbeResult::Answered(who) => {
+            println!("{from} -> {to} ({addr} {protocol:?}): answered by {who}");
+            0
+        }
+        serve::ProbeResult::NoAnswer(why) => {
+            println!("{from} -> {to} ({addr} {protocol:?}): no answer ({why})");
+            1
+        }
+        serve::ProbeResult::SctpUnsupported => {
+            println!("{from} -> {to} ({addr} SCTP): SCTP unsupported by this kernel");
+            serve::EXIT_SCTP_UNSUPPORTED
+        }
+    })
+}
+
+async fn exec(name: &str, pod: &str, command: &[String]) -> Result<i32> {
+    let (netns_name, _) = pod_place(name, pod).await?;
+    let path = sluice_net::netns::named_path(&netns_name);
+    let file = sluice_net::netns::open(&path)?;
+    let (program, args) = command.split_first().context("no command")?;
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args);
+    let mut child = sluice_net::netns::run_in(&file, &path, || cmd.spawn())?
+        .with_context(|| format!("running {program}"))?;
+    let status = child.wait()?;
+    Ok(status.code().unwrap_or(128))
 }
