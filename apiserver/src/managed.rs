@@ -504,12 +504,23 @@ pub(crate) fn apply(
         .flat_map(|e| e.fields.iter().cloned())
         .collect();
     let mut obj = live.clone();
-    let mut dropped: Vec<&Path> = previous
+    let dropped: Vec<&Path> = previous
         .difference(&applied_fields)
         .filter(|p| !others.contains(*p) && !others.iter().any(|o| o.starts_with(p)))
         .collect();
-    dropped.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for p in dropped {
+    // A dropped list element goes whole: its own dropped fields (its key among them) are not
+    // removed one by one first, or the element could no longer be found by its key.
+    let mut outermost: Vec<&Path> = dropped
+        .iter()
+        .filter(|p| {
+            !dropped
+                .iter()
+                .any(|q| q.len() < p.len() && p.starts_with(q))
+        })
+        .copied()
+        .collect();
+    outermost.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in outermost {
         remove(&mut obj, p);
     }
     let mut cleaned = applied.clone();

@@ -469,6 +469,15 @@ pub(crate) fn prepare_for_update(res: &Resource, old: &Value, new: &mut Value, s
         if let (Some(m), Some(s)) = (merged.as_object_mut(), new.get("status")) {
             m.insert("status".into(), s.clone());
         }
+        // managedFields are the request's (server-side apply computed them for this write).
+        let mf = meta(new, "managedFields").cloned();
+        {
+            let md = metadata_mut(&mut merged);
+            match mf {
+                Some(v) => md.insert("managedFields".into(), v),
+                None => md.remove("managedFields"),
+            };
+        }
         if res.name == "pods" {
             for f in ["labels", "annotations"] {
                 let v = meta(new, f).cloned();

@@ -435,6 +435,10 @@ fn finalize(
     ctx: &Ctx,
     cascade: bool,
 ) -> Option<Value> {
+    if !cascade {
+        let uid = uid_of(s.get(res, ns, name)?).to_string();
+        orphan_dependents(s, &uid);
+    }
     let removed = s.remove(res, ns, name)?;
     if cascade {
         collect_dependents(s, uid_of(&removed), ctx);
@@ -442,37 +446,191 @@ fn finalize(
     Some(removed)
 }
 
-/// Garbage collection: deletes objects whose owners are all gone, `uid` being one of them.
+/// Like the garbage collector for an orphaning deletion: the dependents of `uid` lose their
+/// references to it (before the owner goes, so that they are not collected).
+fn orphan_dependents(s: &mut Store, uid: &str) {
+    if uid.is_empty() {
+        return;
+    }
+    let refers = |r: &Value| r.get("uid").and_then(Value::as_str) == Some(uid);
+    let dependents: Vec<(&'static str, Value)> = s
+        .all()
+        .filter(|(_, o)| {
+            o.pointer("/metadata/ownerReferences")
+                .and_then(Value::as_array)
+                .is_some_and(|a| a.iter().any(refers))
+        })
+        .map(|(r, o)| (r, o.clone()))
+        .collect();
+    for (r, mut obj) in dependents {
+        let Some(res) = resources::by_name(r) else {
+            continue;
+        };
+        let md = metadata_mut(&mut obj);
+        let kept: Vec<Value> = md
+            .get("ownerReferences")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter(|r| !refers(r)).cloned().collect())
+            .unwrap_or_default();
+        if kept.is_empty() {
+            md.remove("ownerReferences");
+        } else {
+            md.insert("ownerReferences".into(), Value::Array(kept));
+        }
+        s.put(&res, obj);
+    }
+}
+
+/// What the garbage collector makes of one ownerReference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OwnerState {
+    /// An object of that kind, name and uid exists.
+    Present,
+    /// None does (not found, or found with another uid): the reference dangles.
+    Absent,
+    /// The reference cannot be resolved (a kind this server does not serve, a namespaced owner
+    /// of a cluster-scoped dependent, no uid); the collector leaves such dependents alone.
+    Unresolvable,
+}
+
+/// Like kube's garbage collector (`isDangling`): the owner is looked up by the reference's
+/// apiVersion, kind and name (in the dependent's namespace for a namespaced kind), and must
+/// have the reference's uid.
+fn owner_state(s: &Store, dependent_ns: &str, r: &Value) -> OwnerState {
+    let text = |k: &str| r.get(k).and_then(Value::as_str).filter(|v| !v.is_empty());
+    let (Some(api_version), Some(kind), Some(name), Some(uid)) =
+        (text("apiVersion"), text("kind"), text("name"), text("uid"))
+    else {
+        return OwnerState::Unresolvable;
+    };
+    let Some(owner_res) = resources::ALL
+        .iter()
+        .find(|x| x.kind == kind && x.api_version() == api_version)
+    else {
+        return OwnerState::Unresolvable;
+    };
+    let ns = if owner_res.namespaced {
+        if dependent_ns.is_empty() {
+            return OwnerState::Unresolvable;
+        }
+        dependent_ns
+    } else {
+        ""
+    };
+    match s.get(owner_res, ns, name) {
+        Some(o) if uid_of(o) == uid => OwnerState::Present,
+        _ => OwnerState::Absent,
+    }
+}
+
+/// What the collector does with one dependent.
+enum Verdict {
+    Keep,
+    /// Every owner is gone: delete it (with this propagation policy).
+    Delete(&'static str),
+    /// Some owners remain: drop the references to the ones that are gone.
+    DropDangling(Vec<Value>),
+}
+
+fn verdict(s: &Store, obj: &Value) -> Verdict {
+    let Some(refs) = obj
+        .pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .filter(|a| !a.is_empty())
+    else {
+        return Verdict::Keep;
+    };
+    // Objects already being deleted are left to their finalizers.
+    if obj.pointer("/metadata/deletionTimestamp").is_some() {
+        return Verdict::Keep;
+    }
+    let ns = namespace_of(obj);
+    let states: Vec<OwnerState> = refs.iter().map(|r| owner_state(s, ns, r)).collect();
+    if states.contains(&OwnerState::Unresolvable) || !states.contains(&OwnerState::Absent) {
+        return Verdict::Keep;
+    }
+    if states.contains(&OwnerState::Present) {
+        let kept = refs
+            .iter()
+            .zip(&states)
+            .filter(|(_, st)| **st == OwnerState::Present)
+            .map(|(r, _)| r.clone())
+            .collect();
+        return Verdict::DropDangling(kept);
+    }
+    let fins = finalizers(obj);
+    let policy = if fins.iter().any(|f| f == "orphan") {
+        "Orphan"
+    } else if fins.iter().any(|f| f == "foregroundDeletion") {
+        "Foreground"
+    } else {
+        "Background"
+    };
+    Verdict::Delete(policy)
+}
+
+/// Garbage collection over the objects selected by `pick`: deletes those whose owners are all
+/// gone, and removes references to gone owners from those that still have one.
+fn collect_where(s: &mut Store, ctx: &Ctx, pick: impl Fn(&Value) -> bool) {
+    let work: Vec<(&'static str, String, String, Verdict)> = s
+        .all()
+        .filter(|(_, o)| pick(o))
+        .filter_map(|(r, o)| match verdict(s, o) {
+            Verdict::Keep => None,
+            v => Some((r, namespace_of(o).to_string(), name_of(o).to_string(), v)),
+        })
+        .collect();
+    for (r, ns, name, v) in work {
+        let Some(res) = resources::by_name(r) else {
+            continue;
+        };
+        // An earlier step (a cascade) may have changed things: decide again on the live object.
+        let Some(current) = s.get(&res, &ns, &name) else {
+            continue;
+        };
+        match (v, verdict(s, current)) {
+            (_, Verdict::Delete(policy)) => {
+                let opts = DeleteOpts {
+                    propagation: Some(policy.to_string()),
+                    ..DeleteOpts::default()
+                };
+                if let Err(e) = delete(s, &res, &ns, &name, &opts, ctx) {
+                    tracing::debug!(resource = r, namespace = %ns, name = %name, error = %e.message, "garbage collection skipped");
+                }
+            }
+            (_, Verdict::DropDangling(kept)) => {
+                let mut new = current.clone();
+                metadata_mut(&mut new).insert("ownerReferences".into(), Value::Array(kept));
+                s.put(&res, new);
+            }
+            (_, Verdict::Keep) => {}
+        }
+    }
+}
+
+/// Garbage collection after the object with `uid` went: its dependents.
 fn collect_dependents(s: &mut Store, uid: &str, ctx: &Ctx) {
     if uid.is_empty() {
         return;
     }
-    let live_uids: std::collections::HashSet<String> =
-        s.all().map(|(_, o)| uid_of(o).to_string()).collect();
-    let dependents: Vec<(&'static str, String, String)> = s
-        .all()
-        .filter(|(_, o)| {
-            let owners: Vec<&str> = o
-                .pointer("/metadata/ownerReferences")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|r| r.get("uid").and_then(Value::as_str))
-                        .collect()
-                })
-                .unwrap_or_default();
-            owners.contains(&uid) && owners.iter().all(|u| !live_uids.contains(*u))
-        })
-        .map(|(r, o)| (r, namespace_of(o).to_string(), name_of(o).to_string()))
-        .collect();
-    for (r, ns, name) in dependents {
-        let Some(res) = resources::by_name(r) else {
-            continue;
-        };
-        if let Err(e) = delete(s, &res, &ns, &name, &DeleteOpts::default(), ctx) {
-            tracing::debug!(resource = r, namespace = %ns, name = %name, error = %e.message, "garbage collection skipped");
-        }
-    }
+    collect_where(s, ctx, |o| {
+        o.pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+            .is_some_and(|a| {
+                a.iter()
+                    .any(|r| r.get("uid").and_then(Value::as_str) == Some(uid))
+            })
+    });
+}
+
+/// The garbage collector's periodic pass: every object with ownerReferences (so that objects
+/// created with a reference to an owner that is already gone are collected too).
+pub(crate) fn collect_garbage(s: &mut Store, ctx: &Ctx) {
+    collect_where(s, ctx, |o| {
+        o.pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty())
+    });
 }
 
 /// DELETE of one object. Returns the object as deleted (or as marked for deletion).
@@ -586,39 +744,55 @@ pub(crate) fn delete(
     finalize(s, res, ns, name, ctx, cascade).ok_or_else(|| ApiError::not_found(res, name))
 }
 
-/// Removes terminating namespaces with everything in them.
+/// Like the namespace controller: deletes everything in a terminating namespace, and removes
+/// the namespace once its content is gone (objects with finalizers are only marked for
+/// deletion, and hold the namespace until their finalizers are removed).
 fn reap_namespaces(s: &mut Store, ctx: &Ctx) {
     let terminating: Vec<String> = s
         .list(&NAMESPACES, None)
         .filter(|n| n.pointer("/metadata/deletionTimestamp").is_some())
         .map(|n| name_of(n).to_string())
         .collect();
+    let opts = DeleteOpts {
+        grace_period: Some(0),
+        ..DeleteOpts::default()
+    };
     for ns in terminating {
         let contents: Vec<(&'static str, String)> = s
             .all()
-            .filter(|(r, o)| *r != "namespaces" && *r != "nodes" && namespace_of(o) == ns)
+            .filter(|(r, o)| {
+                *r != "namespaces"
+                    && *r != "nodes"
+                    && namespace_of(o) == ns
+                    && (o.pointer("/metadata/deletionTimestamp").is_none()
+                        || finalizers(o).is_empty())
+            })
             .map(|(r, o)| (r, name_of(o).to_string()))
             .collect();
         for (r, n) in contents {
             if let Some(cres) = resources::by_name(r) {
-                finalize(s, &cres, &ns, &n, ctx, true);
+                if let Err(e) = delete(s, &cres, &ns, &n, &opts, ctx) {
+                    tracing::debug!(resource = r, namespace = %ns, name = %n, error = %e.message, "namespace cleanup skipped");
+                }
             }
         }
+        let empty = !s
+            .all()
+            .any(|(r, o)| r != "namespaces" && r != "nodes" && namespace_of(o) == ns);
         let left = s
-            .list(&NAMESPACES, None)
-            .find(|n| name_of(n) == ns)
-            .map(|n| finalizers(n).is_empty())
-            .unwrap_or(false);
-        if left {
+            .get(&NAMESPACES, "", &ns)
+            .is_some_and(|n| finalizers(n).is_empty());
+        if empty && left {
             finalize(s, &NAMESPACES, "", &ns, ctx, true);
         }
     }
 }
 
 /// Background work: finishes graceful pod deletions whose grace period (capped at 30 s) has
-/// passed, and empties terminating namespaces.
+/// passed, empties terminating namespaces, and collects garbage.
 pub(crate) fn reap(s: &mut Store, ctx: &Ctx) {
     reap_namespaces(s, ctx);
+    collect_garbage(s, ctx);
     let due: Vec<(String, String)> = s
         .list(&PODS, None)
         .filter(|p| {

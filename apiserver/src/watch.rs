@@ -19,6 +19,9 @@ use crate::store::{Event, EventType};
 use crate::table;
 use crate::ApiServer;
 
+/// Stands in for a timeout too long to represent (as tokio's `sleep` does).
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
 /// Watch query parameters.
 pub(crate) struct Params {
     sel: ListQuery,
@@ -110,7 +113,10 @@ struct Watch {
     filter: Filter,
     pending: VecDeque<Bytes>,
     rx: Option<mpsc::UnboundedReceiver<Arc<Event>>>,
-    bookmark: Option<tokio::time::Interval>,
+    /// When the next bookmark is due (`None`: this watch gets no more bookmarks).
+    bookmark: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    bookmark_interval: Duration,
+    deadline_at: tokio::time::Instant,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
     last_rv: u64,
     table: bool,
@@ -156,6 +162,22 @@ impl Watch {
             "kind": self.res.kind, "apiVersion": self.res.api_version(), "metadata": meta}}))
     }
 
+    /// Like kube-apiserver's cacher (`nextBookmarkTime`): the next bookmark comes after the
+    /// bookmark interval, but no later than 2 s before the watch's timeout, so that the client
+    /// can resume from a fresh resourceVersion; none once that moment has passed.
+    fn schedule_bookmark(&mut self) {
+        let now = tokio::time::Instant::now();
+        let periodic = now
+            .checked_add(self.bookmark_interval)
+            .unwrap_or(self.deadline_at);
+        let next = match self.deadline_at.checked_sub(Duration::from_secs(2)) {
+            Some(pre) if pre < periodic => pre,
+            Some(_) => periodic,
+            None => now,
+        };
+        self.bookmark = (next > now).then(|| Box::pin(tokio::time::sleep_until(next)));
+    }
+
     async fn next(mut self) -> Option<(Result<Bytes, Infallible>, Self)> {
         loop {
             if let Some(b) = self.pending.pop_front() {
@@ -164,9 +186,7 @@ impl Watch {
             let rx = self.rx.as_mut()?;
             let tick = async {
                 match self.bookmark.as_mut() {
-                    Some(i) => {
-                        i.tick().await;
-                    }
+                    Some(sleep) => sleep.as_mut().await,
                     None => std::future::pending::<()>().await,
                 }
             };
@@ -188,6 +208,7 @@ impl Watch {
                     self.last_rv = rv;
                     let b = self.bookmark(rv, false);
                     self.pending.push_back(b);
+                    self.schedule_bookmark();
                 }
                 () = &mut self.deadline => return None,
             }
@@ -219,6 +240,11 @@ pub(crate) fn serve(api: ApiServer, res: Resource, ns: Option<String>, p: Params
         .options()
         .bookmark_interval
         .max(Duration::from_millis(10));
+    let now = tokio::time::Instant::now();
+    let deadline_at = now
+        .checked_add(p.timeout)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now);
     let mut w = Watch {
         api,
         res,
@@ -226,7 +252,9 @@ pub(crate) fn serve(api: ApiServer, res: Resource, ns: Option<String>, p: Params
         pending: VecDeque::new(),
         rx: None,
         bookmark: None,
-        deadline: Box::pin(tokio::time::sleep(p.timeout)),
+        bookmark_interval: interval,
+        deadline_at,
+        deadline: Box::pin(tokio::time::sleep_until(deadline_at)),
         last_rv: 0,
         table: p.table,
         query: p.query,
@@ -256,10 +284,7 @@ pub(crate) fn serve(api: ApiServer, res: Resource, ns: Option<String>, p: Params
             }
             w.rx = Some(sub.rx);
             if p.bookmarks {
-                let mut i =
-                    tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                w.bookmark = Some(i);
+                w.schedule_bookmark();
             }
         }
     }

@@ -68,6 +68,20 @@ fn run(stdin: &[u8], requested: Option<&str>) -> Result<Option<serde_json::Value
             ),
         ));
     }
+    let outcome = run_verb(&conf, command, requested);
+    // GC and STATUS are housekeeping; the runtime's pod calls are what operators watch.
+    if matches!(command, Command::Add | Command::Del | Command::Check) {
+        sluice_net::cni::stats::record(&conf.ipam_dir, command.as_str(), outcome.is_ok());
+    }
+    outcome
+}
+
+fn run_verb(
+    conf: &NetConf,
+    command: Command,
+    requested: Option<&str>,
+) -> Result<Option<serde_json::Value>, CniError> {
+    let conf = conf.clone();
     let req = Request::from_env(command, |k| std::env::var(k).ok())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -3,7 +3,12 @@
 
 mod agent;
 mod cni;
+mod install;
 mod lab;
+mod status;
+
+#[cfg(test)]
+mod manifest_tests;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -37,6 +42,10 @@ enum Cmd {
     DeleteLink { index: u32, name: String },
     /// The node agent: subnet lease, tunnels to the peers, masquerade.
     Agent(agent::AgentArgs),
+    /// The DaemonSet's init step: install the plugin as sluice-cni and the CNI config.
+    InstallCni(install::InstallArgs),
+    /// What this node's agent holds and sees (its subnet, lease, tunnel, peers, policy).
+    Status(status::StatusArgs),
     /// A cluster on one machine: nodes and pods in network namespaces, an embedded API server.
     #[command(subcommand)]
     Lab(lab::LabCmd),
@@ -68,6 +77,8 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::InstallCni(args) => edge("install-cni", install::run(&args)),
+        Cmd::Status(args) => edge("status", status::run(&args)),
         Cmd::Lab(cmd) => {
             init_tracing();
             match lab::main(cmd) {
@@ -102,4 +113,15 @@ fn init_tracing() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+}
+
+/// Prints an error at the binary's edge with its whole context chain.
+fn edge(what: &str, r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice {what}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -471,3 +471,129 @@ fn status_subresource_and_generation() {
     .unwrap_err();
     assert_eq!(e.code, 422);
 }
+
+#[test]
+fn status_apply_keeps_other_managers_list_elements() {
+    let mut s = store();
+    let mut c = ctx();
+    create(&mut s, &NODES, "", json!({"metadata": {"name": "n"}}), &c).unwrap();
+    c.manager = "kubelet".into();
+    let ready = br#"{"status":{"conditions":[{"type":"Ready","status":"True"}]}}"#;
+    patch(&mut s, &NODES, "", "n", PatchType::Merge, ready, true, &c).unwrap();
+    c.manager = "sluice".into();
+    let apply = PatchType::Apply { force: false };
+    let mine = br#"{"apiVersion":"v1","kind":"Node","metadata":{"name":"n"},
+        "status":{"conditions":[{"type":"NetworkUnavailable","status":"False","reason":"Up"}]}}"#;
+    let (o, _) = patch(&mut s, &NODES, "", "n", apply, mine, true, &c).unwrap();
+    assert_eq!(o["status"]["conditions"].as_array().map(Vec::len), Some(2));
+    assert!(managed::entries(&o)
+        .iter()
+        .any(|e| e.manager == "sluice" && e.operation == "Apply" && e.subresource == "status"));
+    let none =
+        br#"{"apiVersion":"v1","kind":"Node","metadata":{"name":"n"},"status":{"conditions":[]}}"#;
+    let (o, _) = patch(&mut s, &NODES, "", "n", apply, none, true, &c).unwrap();
+    assert_eq!(
+        o["status"]["conditions"],
+        json!([{"type": "Ready", "status": "True"}])
+    );
+}
+
+#[test]
+fn garbage_collector_matches_owners_by_uid() {
+    let mut s = store();
+    let node = create(
+        &mut s,
+        &NODES,
+        "",
+        json!({"metadata": {"name": "n"}}),
+        &ctx(),
+    )
+    .unwrap();
+    let owned = |name: &str, uid: &str, extra: Option<Value>| {
+        let mut refs = vec![json!({"apiVersion": "v1", "kind": "Node", "name": "n", "uid": uid})];
+        refs.extend(extra);
+        json!({"metadata": {"name": name, "ownerReferences": refs}, "spec": {}})
+    };
+    let ns = "kube-node-lease";
+    let other = json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "r", "uid": "u"});
+    create(&mut s, &LEASES, ns, owned("stale", "nope", None), &ctx()).unwrap();
+    create(
+        &mut s,
+        &LEASES,
+        ns,
+        owned("current", uid_of(&node), None),
+        &ctx(),
+    )
+    .unwrap();
+    create(
+        &mut s,
+        &LEASES,
+        ns,
+        owned("unknown", "nope", Some(other)),
+        &ctx(),
+    )
+    .unwrap();
+    let stale_ref = json!({"apiVersion": "v1", "kind": "Node", "name": "m", "uid": "gone"});
+    create(
+        &mut s,
+        &LEASES,
+        ns,
+        owned("two", uid_of(&node), Some(stale_ref)),
+        &ctx(),
+    )
+    .unwrap();
+    collect_garbage(&mut s, &ctx());
+    assert!(s.get(&LEASES, ns, "stale").is_none());
+    assert!(s.get(&LEASES, ns, "current").is_some());
+    assert!(s.get(&LEASES, ns, "unknown").is_some());
+    let two = s.get(&LEASES, ns, "two").unwrap();
+    assert_eq!(
+        two["metadata"]["ownerReferences"].as_array().map(Vec::len),
+        Some(1)
+    );
+    // An orphaning delete keeps the dependents, without the reference.
+    let orphan = DeleteOpts {
+        propagation: Some("Orphan".into()),
+        ..DeleteOpts::default()
+    };
+    delete(&mut s, &NODES, "", "n", &orphan, &ctx()).unwrap();
+    collect_garbage(&mut s, &ctx());
+    let current = s.get(&LEASES, ns, "current").unwrap();
+    assert!(current["metadata"].get("ownerReferences").is_none());
+}
+
+#[test]
+fn namespace_waits_for_finalizers_of_its_content() {
+    let mut s = store();
+    create(
+        &mut s,
+        &NAMESPACES,
+        "",
+        json!({"metadata": {"name": "t"}}),
+        &ctx(),
+    )
+    .unwrap();
+    let mut held = cm("held");
+    held["metadata"]["finalizers"] = json!(["x/y"]);
+    create(&mut s, &CONFIGMAPS, "t", held, &ctx()).unwrap();
+    delete(&mut s, &NAMESPACES, "", "t", &DeleteOpts::default(), &ctx()).unwrap();
+    reap(&mut s, &ctx());
+    let c = s.get(&CONFIGMAPS, "t", "held").unwrap();
+    assert!(c["metadata"]["deletionTimestamp"].is_string());
+    assert!(s.get(&NAMESPACES, "", "t").is_some());
+    let fin = br#"{"metadata":{"finalizers":null}}"#;
+    patch(
+        &mut s,
+        &CONFIGMAPS,
+        "t",
+        "held",
+        PatchType::Merge,
+        fin,
+        false,
+        &ctx(),
+    )
+    .unwrap();
+    assert!(s.get(&CONFIGMAPS, "t", "held").is_none());
+    reap(&mut s, &ctx());
+    assert!(s.get(&NAMESPACES, "", "t").is_none());
+}

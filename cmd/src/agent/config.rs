@@ -68,6 +68,23 @@ impl Default for AgentConfig {
     }
 }
 
+/// Every key of sluice-config (DESIGN.md); the manifest's ConfigMap has exactly these.
+pub const KEYS: [&str; 13] = [
+    "cluster-cidr",
+    "subnet-length",
+    "subnet-source",
+    "encryption",
+    "policy-backend",
+    "mtu",
+    "masquerade",
+    "log-level",
+    "health-port",
+    "vxlan-port",
+    "wireguard-port",
+    "wireguard-keepalive",
+    "policy-log-drops",
+];
+
 /// One key that did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{key}: {value:?} is not {expected}")]
@@ -98,6 +115,14 @@ pub fn parse(data: &BTreeMap<String, String>) -> Result<AgentConfig, ConfigError
     let mut c = AgentConfig::default();
     let mut problems = Vec::new();
     for (key, raw) in data {
+        if !KEYS.contains(&key.as_str()) {
+            problems.push(BadValue {
+                key: key.clone(),
+                value: raw.clone(),
+                expected: "a sluice-config key",
+            });
+            continue;
+        }
         let v = raw.trim();
         let mut bad = |expected: &'static str| {
             problems.push(BadValue {

@@ -14,6 +14,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::Client;
 use kube_leases::KubeLeases;
+use sluice_health::Health;
 use sluice_net::lease::store::{acquire, publish, renew, AcquireRequest, LeaseStore, StoreError};
 use sluice_net::lease::{self, LeaseView, NodeOwner, NodeRecord, SubnetPool, DEFAULT_LEASE_SECS};
 use sluice_net::subnet_env::SubnetEnv;
@@ -44,7 +45,32 @@ pub struct AgentArgs {
     /// Seconds between full resyncs (drift repair) when nothing changes.
     #[arg(long, default_value_t = 5)]
     pub resync_secs: u64,
+    /// The CNI plugin's IPAM directory, whose call counts the agent exports.
+    #[arg(long, default_value = "/var/lib/sluice/ipam")]
+    pub ipam_dir: PathBuf,
+    /// Where the health server listens; by default 0.0.0.0 and sluice-config's `health-port`.
+    #[arg(long)]
+    pub health_addr: Option<std::net::SocketAddr>,
 }
+
+/// Every API call the agent makes, as (API group, resource, verb): the ClusterRole in
+/// `manifests/sluice.yaml` grants exactly these (a test holds them equal).
+#[cfg_attr(not(test), allow(dead_code))]
+pub const API_CALLS: &[(&str, &str, &str)] = &[
+    ("", "nodes", "get"),
+    ("", "nodes/status", "patch"),
+    ("", "configmaps", "get"),
+    ("", "configmaps", "list"),
+    ("", "configmaps", "watch"),
+    ("coordination.k8s.io", "leases", "list"),
+    ("coordination.k8s.io", "leases", "watch"),
+    ("coordination.k8s.io", "leases", "create"),
+    ("coordination.k8s.io", "leases", "update"),
+];
+
+/// How long a control loop may go without a pass before liveness fails: generous, since the loop
+/// passes at least every `resync_secs` even while the API server is away.
+const LIVENESS_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub fn main(args: AgentArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -115,7 +141,7 @@ async fn node_facts(nodes: &Api<Node>, name: &str) -> Result<NodeFacts> {
     })
 }
 
-async fn read_config(api: &Api<ConfigMap>) -> Result<AgentConfig> {
+async fn read_config(api: &Api<ConfigMap>, health: &Health) -> Result<AgentConfig> {
     let data = match api.get_opt(CONFIG_MAP).await? {
         Some(cm) => cm.data.unwrap_or_default(),
         None => {
@@ -123,7 +149,16 @@ async fn read_config(api: &Api<ConfigMap>) -> Result<AgentConfig> {
             Default::default()
         }
     };
-    Ok(config::parse(&data)?)
+    match config::parse(&data) {
+        Ok(c) => {
+            health.update(|s| s.config_error = None);
+            Ok(c)
+        }
+        Err(e) => {
+            health.update(|s| s.config_error = Some(e.to_string()));
+            Err(e.into())
+        }
+    }
 }
 
 fn write_subnet_env(path: &std::path::Path, env: &SubnetEnv) -> Result<()> {
@@ -216,6 +251,11 @@ async fn run(args: AgentArgs) -> Result<()> {
         version = env!("CARGO_PKG_VERSION"),
         "sluice agent starting"
     );
+    let health = Health::new(
+        LIVENESS_TIMEOUT,
+        env!("CARGO_PKG_VERSION"),
+        env!("SLUICE_GIT_COMMIT"),
+    );
     let client = client(&args).await?;
     let nodes: Api<Node> = Api::all(client.clone());
     let configs: Api<ConfigMap> = Api::namespaced(client.clone(), &args.namespace);
@@ -224,7 +264,31 @@ async fn run(args: AgentArgs) -> Result<()> {
         api: leases.clone(),
     };
 
-    let mut cfg = with_backoff("reading sluice-config", || read_config(&configs)).await;
+    // The health server comes first, so that a node stuck on a bad ConfigMap or an absent API
+    // server says why on /readyz while it retries.
+    let first = read_config(&configs, &health).await;
+    let port = first
+        .as_ref()
+        .map_or(AgentConfig::default().health_port, |c| c.health_port);
+    let addr = args
+        .health_addr
+        .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], port)));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the health server to {addr}"))?;
+    tracing::info!(%addr, "health server listening");
+    tokio::spawn(health.clone().serve(listener));
+    health.beat("agent");
+    let mut cfg = match first {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "sluice-config not usable; retrying"
+            );
+            with_backoff("reading sluice-config", || read_config(&configs, &health)).await
+        }
+    };
     let facts = with_backoff("reading this node", || node_facts(&nodes, &node)).await;
     let underlay_ip = match args.underlay_ip.or(facts.internal_ip) {
         Some(ip) => ip,
@@ -260,46 +324,56 @@ async fn run(args: AgentArgs) -> Result<()> {
     let _ = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1");
 
     // Caches of the leases and of sluice-config, kept by watches; each change wakes the loop.
+    // An event says which watch it came from and whether that watch has now listed everything.
     let (lease_cache, lease_writer) = reflector::store::<Lease>();
     let lease_events = reflector(
         lease_writer,
         watcher(leases.clone(), watcher::Config::default()),
     )
     .default_backoff()
-    .map(|_| ());
+    .map(|e| (0usize, matches!(e, Ok(watcher::Event::InitDone))));
     let cm_config = watcher::Config::default().fields(&format!("metadata.name={CONFIG_MAP}"));
     let (cm_cache, cm_writer) = reflector::store::<ConfigMap>();
     let cm_events = reflector(cm_writer, watcher(configs.clone(), cm_config))
         .default_backoff()
-        .map(|_| ());
+        .map(|e| (1usize, matches!(e, Ok(watcher::Event::InitDone))));
     let mut events = Box::pin(futures::stream::select(lease_events, cm_events));
+    let mut synced = [false, false];
     let mut tick = tokio::time::interval(Duration::from_secs(args.resync_secs.max(1)));
     let mut marked_available = false;
     let masq_nft = sluice_net::masq::NftCli::default();
+    let cm_ref = kube::runtime::reflector::ObjectRef::new(CONFIG_MAP).within(&args.namespace);
     loop {
         // Sync now, then wait for a change or the resync tick; bursts coalesce into one pass.
-        if let Some(cm) = cm_cache
-            .get(&kube::runtime::reflector::ObjectRef::new(CONFIG_MAP).within(&args.namespace))
-        {
-            match config::parse(&cm.data.clone().unwrap_or_default()) {
-                Ok(next) if next != cfg => {
-                    let restart = config::needs_restart(&cfg, &next);
-                    if !restart.is_empty() {
-                        tracing::warn!(keys = ?restart, "sluice-config changed keys that take effect at the next restart");
+        if synced[1] {
+            let data = cm_cache
+                .get(&cm_ref)
+                .and_then(|cm| cm.data.clone())
+                .unwrap_or_default();
+            match config::parse(&data) {
+                Ok(next) => {
+                    health.update(|s| s.config_error = None);
+                    if next != cfg {
+                        let restart = config::needs_restart(&cfg, &next);
+                        if !restart.is_empty() {
+                            tracing::warn!(keys = ?restart, "sluice-config changed keys that take effect at the next restart");
+                        }
+                        cfg = AgentConfig {
+                            masquerade: next.masquerade,
+                            encryption: next.encryption,
+                            log_level: next.log_level.clone(),
+                            wireguard_keepalive: next.wireguard_keepalive,
+                            policy_log_drops: next.policy_log_drops,
+                            ..cfg
+                        };
+                        tracing::info!("sluice-config applied");
                     }
-                    cfg = AgentConfig {
-                        masquerade: next.masquerade,
-                        encryption: next.encryption,
-                        log_level: next.log_level.clone(),
-                        wireguard_keepalive: next.wireguard_keepalive,
-                        policy_log_drops: next.policy_log_drops,
-                        ..cfg
-                    };
-                    tracing::info!("sluice-config applied");
                 }
-                Ok(_) => {}
                 Err(e) => {
-                    tracing::error!(error = %e, "sluice-config rejected; keeping the last good configuration")
+                    if health.snapshot().config_error.as_deref() != Some(e.to_string().as_str()) {
+                        tracing::error!(error = %e, "sluice-config rejected; keeping the last good configuration");
+                    }
+                    health.update(|s| s.config_error = Some(e.to_string()));
                 }
             }
         }
@@ -341,6 +415,13 @@ async fn run(args: AgentArgs) -> Result<()> {
                 }
             }
         }
+        let expires = held.lease.expires_at().unwrap_or(now);
+        health.update(|s| s.lease = Some((held.record.subnet.to_string(), expires)));
+        health.metrics.lease_held.set(i64::from(expires > now));
+        health
+            .metrics
+            .lease_expiry_seconds
+            .set(expires.duration_since(now).map_or(0.0, |d| d.as_secs_f64()));
         let env = SubnetEnv {
             network: cfg.cluster_cidr,
             subnet: held.record.subnet,
@@ -350,14 +431,14 @@ async fn run(args: AgentArgs) -> Result<()> {
         if let Err(e) = write_subnet_env(&args.subnet_file, &env) {
             tracing::error!(error = format!("{e:#}"), "cannot write the subnet file");
         }
-        let views: Vec<LeaseView> = if lease_cache.is_empty() {
-            store.list().await.unwrap_or_default()
-        } else {
+        let views: Vec<LeaseView> = if synced[0] {
             lease_cache
                 .state()
                 .iter()
                 .map(|l| kube_leases::to_view(l))
                 .collect()
+        } else {
+            store.list().await.unwrap_or_default()
         };
         let (peers, skipped) = lease::peers_from_leases(&node, &views);
         for s in &skipped {
@@ -365,32 +446,66 @@ async fn run(args: AgentArgs) -> Result<()> {
         }
         let plan = vxlan::plan(&held.record, &peers, &vx);
         let started = std::time::Instant::now();
-        match kernel.sync(&plan).await {
+        let synced_ok = match kernel.sync(&plan).await {
             Ok(changes) => {
                 if !changes.is_empty() {
                     tracing::info!(node, peers = peers.len(), changes = changes.len(), took = ?started.elapsed(), "datapath synced");
                 }
-                if !marked_available {
-                    match mark_network_available(&nodes, &node).await {
-                        Ok(()) => marked_available = true,
-                        Err(e) => tracing::warn!(
-                            error = format!("{e:#}"),
-                            "cannot update the node's status"
-                        ),
-                    }
+                health.update(|s| {
+                    s.datapath_programmed = true;
+                    s.datapath_error = None;
+                });
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "datapath sync failed; will retry");
+                health.metrics.datapath_errors.inc();
+                health.update(|s| s.datapath_error = Some(e.to_string()));
+                false
+            }
+        };
+        health
+            .metrics
+            .datapath_sync_seconds
+            .observe(started.elapsed().as_secs_f64());
+        health.metrics.peers.set(plan.routes.len() as i64);
+        if synced_ok && !marked_available {
+            match mark_network_available(&nodes, &node).await {
+                Ok(()) => marked_available = true,
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), "cannot update the node's status")
                 }
             }
-            Err(e) => tracing::error!(error = %e, "datapath sync failed; will retry"),
         }
         let masq = sluice_net::masq::plan(cfg.cluster_cidr, cfg.masquerade);
         if let Err(e) = masq_nft.sync(&masq).await {
             tracing::warn!(error = %e, "masquerade sync failed; will retry");
         }
+        for (verb, results) in sluice_net::cni::stats::read(&args.ipam_dir) {
+            for (result, n) in results {
+                health
+                    .metrics
+                    .cni_calls
+                    .get_or_create(&sluice_health::metrics::CniLabels {
+                        verb: verb.clone(),
+                        result,
+                    })
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+        health.update(|s| {
+            s.watches_synced = synced.iter().all(|b| *b);
+            s.status = status_document(&node, &held, &cfg, &vx, &peers, expires);
+        });
+        health.beat("agent");
         tokio::select! {
-            _ = events.next() => {
+            Some((source, init_done)) = events.next() => {
+                synced[source] |= init_done;
                 // Let a burst of events land before the next pass.
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                while let Some(Some(())) = futures::FutureExt::now_or_never(events.next()) {}
+                while let Some(Some((source, init_done))) = futures::FutureExt::now_or_never(events.next()) {
+                    synced[source] |= init_done;
+                }
             }
             _ = tick.tick() => {}
             _ = tokio::signal::ctrl_c() => break,
@@ -398,4 +513,34 @@ async fn run(args: AgentArgs) -> Result<()> {
     }
     tracing::info!(node, "sluice agent stopping; the datapath stays in place");
     Ok(())
+}
+
+/// What `sluice status` shows: this node's subnet, lease, tunnel and each peer.
+fn status_document(
+    node: &str,
+    held: &Held,
+    cfg: &AgentConfig,
+    vx: &VxlanConfig,
+    peers: &[NodeRecord],
+    expires: SystemTime,
+) -> serde_json::Value {
+    let expires = jiff::Timestamp::try_from(expires)
+        .map(|t| t.round(jiff::Unit::Second).unwrap_or(t).to_string())
+        .unwrap_or_default();
+    serde_json::json!({
+        "node": node,
+        "subnet": held.record.subnet.to_string(),
+        "lease": {"name": held.lease.name, "expires": expires},
+        "underlay": held.record.underlay_ip.to_string(),
+        "encryption": match cfg.encryption { config::Encryption::None => "none", config::Encryption::Wireguard => "wireguard" },
+        "tunnel": {"device": vx.ifname, "vni": vx.vni, "port": vx.port, "mtu": vx.mtu},
+        "peers": peers.iter().map(|p| serde_json::json!({
+            "node": p.node,
+            "subnet": p.subnet.to_string(),
+            "underlay": p.underlay_ip.to_string(),
+            "tunnel": "vxlan",
+            "vtepMac": lease::format_mac(&p.vtep_mac),
+        })).collect::<Vec<_>>(),
+        "policy": {"backend": "none", "rules": 0},
+    })
 }

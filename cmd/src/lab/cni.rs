@@ -3,14 +3,14 @@
 
 use super::plan::{state_dir, LabPlan, NodePlan};
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
 use sluice_net::netns;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// The CNI config file a lab node's runtime reads (DESIGN.md's name, in the node's own dir).
-pub const CONFLIST: &str = "10-sluice.conflist";
+pub const CONFLIST: &str = crate::install::CONFLIST_NAME;
 
 pub fn node_dir(lab: &str, node: &str) -> PathBuf {
     state_dir(lab).join("nodes").join(node)
@@ -28,16 +28,7 @@ pub fn bin_dir(lab: &str) -> PathBuf {
 /// The node's conflist: what `sluice install-cni` writes on a real node, with the node's own
 /// subnet file and IPAM directory since every lab node shares this machine's filesystem.
 pub fn conflist(lab: &str, node: &str) -> Value {
-    let dir = node_dir(lab, node);
-    json!({
-        "cniVersion": "1.1.0",
-        "name": "sluice",
-        "plugins": [{
-            "type": "sluice-cni",
-            "subnetFile": subnet_file(lab, node),
-            "ipamDir": dir.join("ipam"),
-        }]
-    })
+    crate::install::conflist(&subnet_file(lab, node), &node_dir(lab, node).join("ipam"))
 }
 
 /// Writes the node's CNI files and the plugin link (`bin/sluice-cni` -> this executable). The

@@ -218,6 +218,8 @@ fn spawn_agent(
         .arg(kubeconfig)
         .arg("--subnet-file")
         .arg(super::cni::subnet_file(lab, &node.name))
+        .arg("--ipam-dir")
+        .arg(dir.join("ipam"))
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod plugin;
 pub mod result;
+pub mod stats;
 
 use serde::Serialize;
 use std::fmt;

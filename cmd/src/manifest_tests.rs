@@ -1,0 +1,134 @@
+//! `manifests/sluice.yaml` against the code: it parses, it validates against the Kubernetes
+//! schema (PyPI's kubernetes-validate), its ConfigMap has exactly the keys the agent reads with
+//! values the agent accepts, and its RBAC grants exactly the agent's API calls.
+
+use crate::agent::{config, API_CALLS};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+
+const MANIFEST: &str = include_str!("../../manifests/sluice.yaml");
+
+fn documents() -> Vec<Value> {
+    MANIFEST
+        .split("\n---\n")
+        .map(|doc| serde_saphyr::from_str::<Value>(doc).unwrap())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+#[test]
+fn every_object_parses_and_has_its_design_name() {
+    let docs = documents();
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "ConfigMap",
+            "DaemonSet"
+        ]
+    );
+    for d in &docs {
+        let name = d["metadata"]["name"].as_str().unwrap();
+        assert!(name == "sluice" || name == "sluice-config", "{name}");
+        if d["kind"] != "ClusterRole" && d["kind"] != "ClusterRoleBinding" {
+            assert_eq!(d["metadata"]["namespace"], "kube-system");
+        }
+    }
+}
+
+#[test]
+fn validates_against_the_kubernetes_schema() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/sluice.yaml");
+    let out = match std::process::Command::new("kubernetes-validate")
+        .args(["--strict", path])
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must have kubernetes-validate (pip install kubernetes-validate): {e}"
+            );
+            eprintln!("skipping: kubernetes-validate is not installed");
+            return;
+        }
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches(" passed for resource ").count(), 7, "{text}");
+}
+
+#[test]
+fn configmap_has_exactly_the_agents_keys_with_values_it_accepts() {
+    let docs = documents();
+    let cm = find(&docs, "ConfigMap")[0];
+    let data: BTreeMap<String, String> = serde_json::from_value(cm["data"].clone()).unwrap();
+    let keys: BTreeSet<&str> = data.keys().map(String::as_str).collect();
+    assert_eq!(keys, config::KEYS.into_iter().collect());
+    // The manifest's values are the defaults, and they parse.
+    assert_eq!(
+        config::parse(&data).unwrap(),
+        config::AgentConfig::default()
+    );
+}
+
+#[test]
+fn rbac_grants_exactly_the_agents_api_calls() {
+    let docs = documents();
+    let mut granted = BTreeSet::new();
+    for role in find(&docs, "ClusterRole")
+        .into_iter()
+        .chain(find(&docs, "Role"))
+    {
+        for rule in role["rules"].as_array().unwrap() {
+            for group in rule["apiGroups"].as_array().unwrap() {
+                for res in rule["resources"].as_array().unwrap() {
+                    for verb in rule["verbs"].as_array().unwrap() {
+                        assert_ne!(verb, "*", "no wildcards");
+                        granted.insert((
+                            group.as_str().unwrap().to_string(),
+                            res.as_str().unwrap().to_string(),
+                            verb.as_str().unwrap().to_string(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let needed: BTreeSet<(String, String, String)> = API_CALLS
+        .iter()
+        .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(granted, needed);
+}
+
+#[test]
+fn daemonset_runs_install_cni_first_and_probes_the_health_port() {
+    let docs = documents();
+    let spec = &find(&docs, "DaemonSet")[0]["spec"]["template"]["spec"];
+    assert_eq!(spec["hostNetwork"], true);
+    assert_eq!(spec["priorityClassName"], "system-node-critical");
+    assert_eq!(spec["serviceAccountName"], "sluice");
+    assert_eq!(spec["tolerations"][0]["operator"], "Exists");
+    let init = &spec["initContainers"][0];
+    assert_eq!(init["command"][1], "install-cni");
+    let agent = &spec["containers"][0];
+    assert_eq!(agent["command"][1], "agent");
+    assert_eq!(agent["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(agent["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(agent["livenessProbe"]["httpGet"]["port"], 9099);
+    assert_eq!(agent["securityContext"]["capabilities"]["drop"][0], "ALL");
+    assert_ne!(agent["securityContext"]["privileged"], true);
+}

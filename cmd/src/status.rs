@@ -1,0 +1,113 @@
+//! `sluice status`: asks the node's agent (its health port, `/status`) what it holds and sees, and
+//! prints it as a table or JSON: the answer to "why can't this pod reach that one".
+
+use anyhow::{bail, Context, Result};
+use std::io::{Read, Write};
+use std::time::Duration;
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// `table` or `json`.
+    #[arg(short = 'o', long = "output", default_value = "table")]
+    pub output: String,
+    /// The agent's health address.
+    #[arg(long, default_value = "127.0.0.1:9099")]
+    pub agent: std::net::SocketAddr,
+}
+
+/// A GET over plain HTTP/1.0 on the local health port: no client library for one request.
+fn get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .with_context(|| format!("is the agent running? connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, body.to_string()))
+}
+
+pub fn run(args: &StatusArgs) -> Result<()> {
+    let (code, body) = get(args.agent, "/status")?;
+    if code != 200 {
+        bail!("the agent answered {code}: {body}");
+    }
+    let doc: serde_json::Value = serde_json::from_str(&body).context("the agent's status")?;
+    let (ready_code, ready_body) = get(args.agent, "/readyz")?;
+    match args.output.as_str() {
+        "json" => {
+            let mut doc = doc;
+            doc["ready"] = serde_json::json!(ready_code == 200);
+            doc["notReadyReasons"] = serde_json::json!(if ready_code == 200 {
+                Vec::<&str>::new()
+            } else {
+                ready_body.lines().collect()
+            });
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+        }
+        "table" => print_table(&doc, ready_code == 200, &ready_body),
+        other => bail!("-o {other}: table or json"),
+    }
+    Ok(())
+}
+
+fn s(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn print_table(doc: &serde_json::Value, ready: bool, reasons: &str) {
+    println!("node        {}", s(&doc["node"]));
+    println!(
+        "ready       {}",
+        if ready {
+            "yes".to_string()
+        } else {
+            format!("no: {}", reasons.trim().replace('\n', "; "))
+        }
+    );
+    println!("subnet      {}", s(&doc["subnet"]));
+    println!(
+        "lease       {} (expires {})",
+        s(&doc["lease"]["name"]),
+        s(&doc["lease"]["expires"])
+    );
+    println!("underlay    {}", s(&doc["underlay"]));
+    println!("encryption  {}", s(&doc["encryption"]));
+    println!(
+        "tunnel      {} vni {} port {} mtu {}",
+        s(&doc["tunnel"]["device"]),
+        s(&doc["tunnel"]["vni"]),
+        s(&doc["tunnel"]["port"]),
+        s(&doc["tunnel"]["mtu"])
+    );
+    println!(
+        "policy      {} ({} rules)",
+        s(&doc["policy"]["backend"]),
+        s(&doc["policy"]["rules"])
+    );
+    let empty = Vec::new();
+    let peers = doc["peers"].as_array().unwrap_or(&empty);
+    println!("\nPEER              SUBNET            UNDERLAY         TUNNEL  VTEP MAC");
+    for p in peers {
+        println!(
+            "{:<17} {:<17} {:<16} {:<7} {}",
+            s(&p["node"]),
+            s(&p["subnet"]),
+            s(&p["underlay"]),
+            s(&p["tunnel"]),
+            s(&p["vtepMac"])
+        );
+    }
+    if peers.is_empty() {
+        println!("(no peers)");
+    }
+}

@@ -1,0 +1,1147 @@
+//! `bench-overlay`: the agent's VXLAN overlay, measured in one go.
+//!
+//! 1. Pod-to-pod TCP throughput across two nodes (iperf3, 1 and 4 streams, the median of a few
+//!    interleaved runs) through sluice's VXLAN in a real lab, through the same two-node shape
+//!    made by hand with a kernel VXLAN device (same VNI, port, MTU, learning and TX checksum
+//!    settings; pods behind routed veths like sluice's), and through a plain veth between two
+//!    namespaces (the physical limit here).
+//! 2. Convergence at N peers (1,000 by default) in a one-node lab: fake peer leases are made
+//!    while the agent is stopped, then the time from the agent process's start until the node
+//!    holds every peer route; with the N peers programmed, the time from creating one more peer
+//!    lease until its route appears (p50/p99 of many); and the agent's RSS.
+//!
+//! Routes are observed as they happen: a netlink socket in the node's namespace subscribed to
+//! IPv4 route events timestamps each RTM_NEWROUTE (no polling interval), and a route dump
+//! confirms the final count.
+//!
+//! Everything it makes (labs, namespaces, iperf3 servers) is removed on every exit path: guards
+//! dropped on return and panic, and the same actions run on SIGINT, SIGTERM and SIGHUP. Traffic
+//! stays inside namespaces made here. Every wait is bounded.
+//!
+//! Usage: bench-overlay [--sluice PATH] [--seconds S] [--runs R] [--peers N] [--probes K]
+//!                      [--only throughput|convergence]
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use ipnet::Ipv4Net;
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr as NlAddr};
+use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::time::{TimeVal, TimeValLike};
+use serde_json::{json, Value};
+use sluice_e2e::lab::{in_netns, lab_cmd, unique_lab_name, Lab};
+use sluice_e2e::{run, sh, unique};
+use sluice_net::lease::{lease_name, NodeRecord};
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::mem::ManuallyDrop;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+struct Args {
+    sluice: PathBuf,
+    seconds: u32,
+    runs: usize,
+    peers: usize,
+    probes: usize,
+    throughput: bool,
+    convergence: bool,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        sluice: PathBuf::from("target/release/sluice"),
+        seconds: 5,
+        runs: 3,
+        peers: 1000,
+        probes: 50,
+        throughput: true,
+        convergence: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--sluice" => a.sluice = PathBuf::from(value),
+            "--seconds" => a.seconds = value.parse().expect("--seconds S"),
+            "--runs" => a.runs = value.parse().expect("--runs R"),
+            "--peers" => a.peers = value.parse().expect("--peers N"),
+            "--probes" => a.probes = value.parse().expect("--probes K"),
+            "--only" => match value.as_str() {
+                "throughput" => a.convergence = false,
+                "convergence" => a.throughput = false,
+                other => panic!("--only throughput|convergence, not {other}"),
+            },
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    assert!(
+        a.runs >= 1 && a.seconds >= 1,
+        "--runs and --seconds must be at least 1"
+    );
+    assert!(
+        (1..=40_000).contains(&a.peers),
+        "--peers must be in 1..=40000"
+    );
+    assert!(a.probes <= 2_000, "--probes at most 2000");
+    a
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cleanup on every exit path.
+
+type Action = Box<dyn FnOnce() + Send>;
+static CLEANUPS: Mutex<Vec<(usize, Action)>> = Mutex::new(Vec::new());
+static NEXT_GUARD: AtomicUsize = AtomicUsize::new(0);
+
+fn cleanups() -> MutexGuard<'static, Vec<(usize, Action)>> {
+    CLEANUPS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs its action once: when dropped (on return or panic), or from the signal thread.
+struct Guard(usize);
+
+impl Guard {
+    fn new(action: impl FnOnce() + Send + 'static) -> Self {
+        let id = NEXT_GUARD.fetch_add(1, Ordering::Relaxed);
+        cleanups().push((id, Box::new(action)));
+        Guard(id)
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let action = {
+            let mut list = cleanups();
+            list.iter()
+                .position(|(id, _)| *id == self.0)
+                .map(|i| list.remove(i).1)
+        };
+        if let Some(action) = action {
+            action();
+        }
+    }
+}
+
+/// On SIGINT, SIGTERM or SIGHUP, one thread runs every pending cleanup, newest first, and exits.
+/// The handlers come from tokio's signal driver; the signal mask stays empty, so the children
+/// (which inherit it) can still be stopped by `sluice lab agent stop` and friends.
+fn cleanup_on_signals() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (ready_tx, ready) = channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the signal thread");
+        rt.block_on(async move {
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+            let _ = ready_tx.send(());
+            let (name, code) = tokio::select! {
+                _ = int.recv() => ("SIGINT", 130),
+                _ = term.recv() => ("SIGTERM", 143),
+                _ = hup.recv() => ("SIGHUP", 129),
+            };
+            eprintln!("bench-overlay: {name}; cleaning up");
+            let pending: Vec<(usize, Action)> = std::mem::take(&mut *cleanups());
+            for (_, action) in pending.into_iter().rev() {
+                action();
+            }
+            std::process::exit(code);
+        });
+    });
+    ready
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the signal thread did not start");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Namespaces, labs, processes.
+
+/// A network namespace made here, deleted by its guard.
+struct Ns {
+    name: String,
+    _guard: Guard,
+}
+
+impl Ns {
+    fn new(tag: &str) -> Self {
+        let name = unique(tag);
+        let n = name.clone();
+        let guard = Guard::new(move || {
+            let _ = Command::new("ip").args(["netns", "del", &n]).output();
+        });
+        sh(&["ip", "netns", "add", &name]);
+        ip(&name, "link set lo up");
+        Self {
+            name,
+            _guard: guard,
+        }
+    }
+}
+
+/// `ip -n NS ARGS` (split on spaces), which must succeed.
+fn ip(ns: &str, args: &str) {
+    let mut full = vec!["ip", "-n", ns];
+    full.extend(args.split_whitespace());
+    sh(&full);
+}
+
+/// `ip netns exec NS ARGS...`, which must succeed.
+fn exec(ns: &str, args: &[&str]) -> String {
+    let mut full = vec!["ip", "netns", "exec", ns];
+    full.extend_from_slice(args);
+    sh(&full)
+}
+
+fn sysctl(ns: &str, kv: &str) {
+    exec(ns, &["sysctl", "-qw", kv]);
+}
+
+/// A lab made by the `sluice` under test, taken down by its guard (not by `Lab`'s own Drop, so
+/// that a signal takes it down too).
+struct BenchLab {
+    lab: ManuallyDrop<Lab>,
+    _guard: Guard,
+}
+
+impl std::ops::Deref for BenchLab {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        &self.lab
+    }
+}
+
+fn lab_up(extra: &[&str]) -> BenchLab {
+    let name = unique_lab_name();
+    let n = name.clone();
+    let guard = Guard::new(move || {
+        let _ = lab_cmd(&["down", "--name", &n], 60);
+    });
+    let mut args = vec!["up", "--name", &name];
+    args.extend_from_slice(extra);
+    let out = lab_cmd(&args, 180);
+    assert!(
+        out.status.success(),
+        "lab up failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    BenchLab {
+        lab: ManuallyDrop::new(Lab { name }),
+        _guard: guard,
+    }
+}
+
+fn lab_agent(lab: &Lab, action: &str, node: &str) {
+    let out = lab_cmd(&["agent", "--name", &lab.name, action, node], 30);
+    assert!(
+        out.status.success(),
+        "lab agent {action} {node}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits (bounded) until something in `ns` listens on TCP `port`.
+fn wait_listening(ns: &str, port: u16, limit: Duration) -> bool {
+    let ns = ns.to_string();
+    let hex = format!(":{port:04X} ");
+    in_netns(&ns, move || {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let listening = ["tcp", "tcp6"].iter().any(|f| {
+                std::fs::read_to_string(format!("/proc/thread-self/net/{f}"))
+                    .unwrap_or_default()
+                    .lines()
+                    .skip(1)
+                    .any(|l| {
+                        let cols: Vec<&str> = l.split_whitespace().collect();
+                        cols.len() > 3 && format!("{} ", cols[1]).ends_with(&hex) && cols[3] == "0A"
+                    })
+            });
+            if listening {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    })
+}
+
+const IPERF_PORT: u16 = 5201;
+
+/// An iperf3 server in `ns`, killed by the returned guard.
+fn iperf_server(ns: &str) -> Guard {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "iperf3", "-s", "-p"])
+        .arg(IPERF_PORT.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting iperf3 -s");
+    let pid = child.id();
+    let guard = Guard::new(move || {
+        let _ = child.kill();
+        let _ = child.wait();
+    });
+    assert!(
+        wait_listening(ns, IPERF_PORT, Duration::from_secs(5)),
+        "iperf3 -s (pid {pid}) in {ns} is not listening"
+    );
+    guard
+}
+
+/// One iperf3 run from `ns` to `server`: received Gbit/s.
+fn iperf(ns: &str, server: Ipv4Addr, secs: u32, streams: u32) -> f64 {
+    let mut last = String::new();
+    for _attempt in 0..3 {
+        let out = run(Command::new("timeout")
+            .args(["-k", "5", &(secs + 30).to_string()])
+            .args(["ip", "netns", "exec", ns, "iperf3", "-J", "-c"])
+            .arg(server.to_string())
+            .args(["-p", &IPERF_PORT.to_string()])
+            .args(["-t", &secs.to_string(), "-P", &streams.to_string()])
+            .args(["--connect-timeout", "3000"]));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
+            return bps / 1e9;
+        }
+        last = format!(
+            "{} {}",
+            v["error"].as_str().unwrap_or(""),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    panic!("iperf3 from {ns} to {server} failed 3 times: {last}");
+}
+
+fn ping_ok(ns: &str, dst: Ipv4Addr) -> bool {
+    run(Command::new("ip")
+        .args(["netns", "exec", ns, "ping", "-c", "1", "-W", "2", "-q"])
+        .arg(dst.to_string()))
+    .status
+    .success()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Throughput.
+
+/// One way from a client namespace to a server address, with what keeps it alive.
+struct Contender {
+    label: &'static str,
+    client: String,
+    server_ns: String,
+    server: Ipv4Addr,
+    /// The server node's namespace and VXLAN device, for the settings line.
+    vxlan: Option<(String, &'static str)>,
+    /// Namespaces, labs and servers; dropped in reverse order of creation.
+    _keep: Vec<Box<dyn std::any::Any>>,
+}
+
+fn sluice_path() -> Contender {
+    let lab = lab_up(&["--nodes", "2", "--pods-per-node", "1"]);
+    let status = lab.status();
+    let pods = status["pods"].as_array().expect("status has pods").clone();
+    assert_eq!(pods.len(), 2, "{status}");
+    assert_ne!(
+        pods[0]["node"], pods[1]["node"],
+        "pods on one node: {status}"
+    );
+    let ns_of = |p: &Value| {
+        lab.pod_netns(
+            p["namespace"].as_str().unwrap(),
+            p["name"].as_str().unwrap(),
+        )
+    };
+    let server_ns = ns_of(&pods[0]);
+    let client = ns_of(&pods[1]);
+    let server: Ipv4Addr = pods[0]["ip"].as_str().unwrap().parse().unwrap();
+    let node = lab.node_netns(pods[0]["node"].as_str().unwrap());
+    Contender {
+        label: "sluice VXLAN (lab, 2 nodes)",
+        client,
+        server_ns,
+        server,
+        vxlan: Some((node, "sluice.vxlan")),
+        _keep: vec![Box::new(lab)],
+    }
+}
+
+const HAND_MTU: u32 = 1450;
+const GATEWAY: &str = "169.254.1.1";
+const HOST_VETH_MAC: &str = "ee:ee:ee:ee:ee:ee";
+
+/// The same shape made by hand: an underlay namespace with a bridge, two node namespaces on it
+/// (1500-byte veths, as the lab's), a kernel VXLAN device in each (VNI 1, port 8472, learning
+/// off, MTU 1450, TX checksum offload off as sluice sets it) with static route, neighbour and
+/// FDB entries, and a pod namespace behind a routed veth on each node (pod /32, host /32 route,
+/// gateway 169.254.1.1 by a static neighbour entry and proxy ARP).
+fn handmade_path() -> Contender {
+    let mut keep: Vec<Box<dyn std::any::Any>> = Vec::new();
+    let under = Ns::new("hu");
+    ip(&under.name, "link add br0 type bridge");
+    ip(&under.name, "link set br0 up");
+    let mac = |i: u8| format!("02:5b:00:00:00:{i:02x}");
+    let mut nodes = Vec::new();
+    let mut pods = Vec::new();
+    for i in 1..=2u8 {
+        let node = Ns::new("hn");
+        let pod = Ns::new("hp");
+        let n = node.name.as_str();
+        ip(
+            &under.name,
+            &format!("link add u{i} mtu 1500 type veth peer name eth0 mtu 1500 netns {n}"),
+        );
+        ip(&under.name, &format!("link set u{i} master br0 up"));
+        ip(n, "link set eth0 up");
+        ip(n, &format!("addr add 172.31.0.{i}/24 dev eth0"));
+        sysctl(n, "net.ipv4.ip_forward=1");
+        ip(n, &format!(
+            "link add vxlan0 address {} mtu {HAND_MTU} type vxlan id 1 dstport 8472 local 172.31.0.{i} dev eth0 nolearning",
+            mac(i)
+        ));
+        exec(n, &["ethtool", "-K", "vxlan0", "tx", "off"]);
+        ip(n, &format!("addr add 10.99.{i}.0/32 dev vxlan0"));
+        ip(n, "link set vxlan0 up");
+        // The pod: a routed veth like sluice-cni's.
+        ip(n, &format!(
+            "link add hv{i} mtu {HAND_MTU} address {HOST_VETH_MAC} type veth peer name eth0 mtu {HAND_MTU} netns {}",
+            pod.name
+        ));
+        ip(n, &format!("link set hv{i} up"));
+        sysctl(n, &format!("net.ipv4.conf.hv{i}.proxy_arp=1"));
+        sysctl(n, &format!("net.ipv4.neigh.hv{i}.proxy_delay=0"));
+        ip(n, &format!("route add 10.99.{i}.1/32 dev hv{i} scope link"));
+        let p = pod.name.as_str();
+        ip(p, "link set eth0 up");
+        ip(p, &format!("addr add 10.99.{i}.1/32 dev eth0"));
+        ip(
+            p,
+            &format!("neigh add {GATEWAY} lladdr {HOST_VETH_MAC} dev eth0 nud permanent"),
+        );
+        ip(p, &format!("route add {GATEWAY} dev eth0 scope link"));
+        ip(p, &format!("route add default via {GATEWAY} dev eth0"));
+        nodes.push(node);
+        pods.push(pod);
+    }
+    for (i, node) in (1..=2u8).zip(&nodes) {
+        let j = 3 - i;
+        let n = node.name.as_str();
+        ip(
+            n,
+            &format!("route add 10.99.{j}.0/24 via 10.99.{j}.0 dev vxlan0 onlink"),
+        );
+        ip(
+            n,
+            &format!(
+                "neigh add 10.99.{j}.0 lladdr {} dev vxlan0 nud permanent",
+                mac(j)
+            ),
+        );
+        exec(
+            n,
+            &[
+                "bridge",
+                "fdb",
+                "append",
+                &mac(j),
+                "dev",
+                "vxlan0",
+                "dst",
+                &format!("172.31.0.{j}"),
+                "self",
+                "permanent",
+            ],
+        );
+    }
+    let client = pods[1].name.clone();
+    let server_ns = pods[0].name.clone();
+    let node = nodes[0].name.clone();
+    keep.push(Box::new(under));
+    for n in nodes.into_iter().chain(pods) {
+        keep.push(Box::new(n));
+    }
+    Contender {
+        label: "hand-made kernel VXLAN",
+        client,
+        server_ns,
+        server: "10.99.1.1".parse().unwrap(),
+        vxlan: Some((node, "vxlan0")),
+        _keep: keep,
+    }
+}
+
+fn veth_path() -> Contender {
+    let a = Ns::new("va");
+    let b = Ns::new("vb");
+    ip(
+        &a.name,
+        &format!("link add eth0 type veth peer name eth0 netns {}", b.name),
+    );
+    ip(&a.name, "addr add 10.98.0.1/24 dev eth0");
+    ip(&b.name, "addr add 10.98.0.2/24 dev eth0");
+    ip(&a.name, "link set eth0 up");
+    ip(&b.name, "link set eth0 up");
+    Contender {
+        label: "plain veth (physical limit)",
+        client: b.name.clone(),
+        server_ns: a.name.clone(),
+        server: "10.98.0.1".parse().unwrap(),
+        vxlan: None,
+        _keep: vec![Box::new(a), Box::new(b)],
+    }
+}
+
+/// The VXLAN device's settings that matter for throughput, as `ip -d` and `ethtool -k` show them.
+fn vxlan_settings(ns: &str, dev: &str) -> String {
+    let text = exec(ns, &["ip", "-d", "-j", "link", "show", "dev", dev]);
+    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    let link = &v[0];
+    let d = &link["linkinfo"]["info_data"];
+    let features = exec(ns, &["ethtool", "-k", dev]);
+    let feature = |name: &str| {
+        features
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{name}: ")))
+            .unwrap_or("?")
+            .to_string()
+    };
+    format!(
+        "mtu {}, vni {}, port {}, learning {}, udp csum {}, ttl {}, tx-checksumming {}, tso {}, gso {}, gro {}",
+        link["mtu"],
+        d["id"],
+        d["port"],
+        d["learning"],
+        d["udp_csum"],
+        if d["ttl"].is_null() { "auto".to_string() } else { d["ttl"].to_string() },
+        feature("tx-checksumming"),
+        feature("tx-tcp-segmentation"),
+        feature("generic-segmentation-offload"),
+        feature("generic-receive-offload"),
+    )
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn throughput(args: &Args) {
+    println!("## Pod-to-pod TCP throughput across nodes");
+    println!();
+    let paths = [sluice_path(), handmade_path(), veth_path()];
+    let mut servers = Vec::new();
+    for p in &paths {
+        assert!(
+            ping_ok(&p.client, p.server),
+            "{}: {} does not answer a ping from {}",
+            p.label,
+            p.server,
+            p.client
+        );
+        servers.push(iperf_server(&p.server_ns));
+    }
+    let streams = [1u32, 4];
+    // results[path][streams] = Gbit/s of each run; runs interleave the paths to spread drift.
+    let mut results = vec![vec![Vec::new(); streams.len()]; paths.len()];
+    for _round in 0..args.runs {
+        for (pi, p) in paths.iter().enumerate() {
+            for (si, s) in streams.iter().enumerate() {
+                results[pi][si].push(iperf(&p.client, p.server, args.seconds, *s));
+            }
+        }
+    }
+    drop(servers);
+    let fmt_runs = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "iperf3 -t {} (-P 1 and -P 4), {} interleaved runs each, Gbit/s received (median, runs in brackets)",
+        args.seconds, args.runs
+    );
+    println!();
+    println!(
+        "| path | 1 stream | 4 streams | 1 stream / hand-made | 4 streams / hand-made | target |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let med: Vec<Vec<f64>> = results
+        .iter()
+        .map(|r| r.iter().map(|v| median(v)).collect())
+        .collect();
+    for (pi, p) in paths.iter().enumerate() {
+        let target = match pi {
+            0 => "≥ 0.95 of hand-made",
+            1 => "(anchor)",
+            _ => "(the physical limit)",
+        };
+        println!(
+            "| {} | {:.2} ({}) | {:.2} ({}) | {:.3} | {:.3} | {target} |",
+            p.label,
+            med[pi][0],
+            fmt_runs(&results[pi][0]),
+            med[pi][1],
+            fmt_runs(&results[pi][1]),
+            med[pi][0] / med[1][0],
+            med[pi][1] / med[1][1],
+        );
+    }
+    println!();
+    let r1 = med[0][0] / med[1][0];
+    let r4 = med[0][1] / med[1][1];
+    println!(
+        "sluice / hand-made VXLAN: {r1:.3} (1 stream), {r4:.3} (4 streams); target ≥ 0.95: {}",
+        if r1 >= 0.95 && r4 >= 0.95 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+    println!("VXLAN devices compared (server side):");
+    for p in &paths {
+        if let Some((ns, dev)) = &p.vxlan {
+            println!("- {}: {}", p.label, vxlan_settings(ns, dev));
+        }
+    }
+    println!();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Route events and dumps over netlink, in a namespace.
+
+const RTNLGRP_IPV4_ROUTE: u32 = 7;
+
+/// The destination of a peer route sluice made: protocol [`sluice_net::ROUTE_PROTOCOL`], main
+/// table, with a gateway (a peer's VTEP; pod /32 routes have none).
+fn peer_route(r: &RouteMessage) -> Option<Ipv4Net> {
+    if r.header.address_family != AddressFamily::Inet
+        || u8::from(r.header.protocol) != sluice_net::ROUTE_PROTOCOL
+    {
+        return None;
+    }
+    let table = r
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(r.header.table));
+    let gateway = r
+        .attributes
+        .iter()
+        .any(|a| matches!(a, RouteAttribute::Gateway(_)));
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || !gateway {
+        return None;
+    }
+    let dst = r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+        _ => None,
+    })?;
+    Ipv4Net::new(dst, r.header.destination_prefix_length).ok()
+}
+
+/// Calls `f(is_new, route)` for each route message in `bytes`; true when a dump's end is seen.
+fn parse_routes(bytes: &[u8], mut f: impl FnMut(bool, &RouteMessage)) -> bool {
+    let mut off = 0;
+    let mut done = false;
+    while off + 16 <= bytes.len() {
+        let len = u32::from_ne_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+        if len < 16 || off + len > bytes.len() {
+            break;
+        }
+        match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&bytes[off..off + len])
+            .map(|m| m.payload)
+        {
+            Ok(NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r))) => f(true, &r),
+            Ok(NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(r))) => f(false, &r),
+            Ok(NetlinkPayload::Done(_) | NetlinkPayload::Error(_)) => done = true,
+            _ => {}
+        }
+        off += (len + 3) & !3;
+    }
+    done
+}
+
+fn route_socket(rcvbuf: usize) -> Socket {
+    let mut sock = Socket::new(NETLINK_ROUTE).expect("netlink socket");
+    sock.bind_auto().expect("binding netlink");
+    // Root may exceed rmem_max: a burst of 1,000 route events must not overflow.
+    setsockopt(&sock, sockopt::RcvBufForce, &rcvbuf).expect("SO_RCVBUFFORCE");
+    setsockopt(&sock, sockopt::ReceiveTimeout, &TimeVal::milliseconds(100)).expect("SO_RCVTIMEO");
+    sock
+}
+
+/// sluice's peer routes in `netns` now, by a route dump.
+fn dump_peer_routes(netns: &str) -> HashSet<Ipv4Net> {
+    in_netns(netns, || {
+        let sock = route_socket(8 << 20);
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        let mut req = NetlinkMessage::new(
+            NetlinkHeader::default(),
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetRoute(msg)),
+        );
+        req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        req.header.sequence_number = 1;
+        req.finalize();
+        let mut out = vec![0u8; req.buffer_len()];
+        req.serialize(&mut out);
+        sock.send_to(&out, &NlAddr::new(0, 0), 0)
+            .expect("sending a route dump request");
+        let mut routes = HashSet::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let n = match sock.recv(&mut &mut buf[..], 0) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => panic!("route dump: {e}"),
+            };
+            let done = parse_routes(&buf[..n], |new, r| {
+                if let (true, Some(d)) = (new, peer_route(r)) {
+                    routes.insert(d);
+                }
+            });
+            if done {
+                return routes;
+            }
+        }
+        panic!("route dump: no end within 10 s")
+    })
+}
+
+struct RouteEvent {
+    at: Instant,
+    dst: Ipv4Net,
+}
+
+/// Peer routes added in a namespace, timestamped as the kernel announces them.
+struct RouteMonitor {
+    events: Receiver<RouteEvent>,
+    overflowed: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RouteMonitor {
+    fn start(netns: &str) -> Self {
+        let (tx, events) = channel();
+        let (ready_tx, ready) = channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let path = PathBuf::from("/run/netns").join(netns);
+        let (stop2, over2) = (stop.clone(), overflowed.clone());
+        let thread = std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open netns");
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let sock = route_socket(64 << 20);
+            sock.add_membership(RTNLGRP_IPV4_ROUTE)
+                .expect("joining RTNLGRP_IPV4_ROUTE");
+            let _ = ready_tx.send(());
+            let mut buf = vec![0u8; 1 << 20];
+            // Bounded: stopped by its owner, and never outlives an hour.
+            let deadline = Instant::now() + Duration::from_secs(3600);
+            while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match sock.recv(&mut &mut buf[..], 0) {
+                    Ok(n) => {
+                        let at = Instant::now();
+                        parse_routes(&buf[..n], |new, r| {
+                            if let (true, Some(dst)) = (new, peer_route(r)) {
+                                let _ = tx.send(RouteEvent { at, dst });
+                            }
+                        });
+                    }
+                    Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => {
+                        over2.store(true, Ordering::Relaxed);
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+        ready
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the route monitor did not start");
+        Self {
+            events,
+            overflowed,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits (bounded) until every route of `want` was announced; the time of the last one.
+    fn wait_all(&self, want: &HashSet<Ipv4Net>, limit: Duration) -> Option<Instant> {
+        let deadline = Instant::now() + limit;
+        let mut seen = HashSet::new();
+        let mut last = None;
+        while seen.len() < want.len() {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.events.recv_timeout(left) {
+                Ok(ev) if want.contains(&ev.dst) => {
+                    if seen.insert(ev.dst) {
+                        last = Some(ev.at);
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => return None,
+                Err(RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+        last
+    }
+
+    fn drain(&self) {
+        while self.events.try_recv().is_ok() {}
+    }
+}
+
+impl Drop for RouteMonitor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The lab's API over plain HTTP (the embedded server), so that a create is timed by itself.
+
+fn api_addr(lab: &Lab) -> SocketAddr {
+    let kc = std::fs::read_to_string(lab.kubeconfig()).expect("reading the lab's kubeconfig");
+    kc.lines()
+        .find_map(|l| l.trim().strip_prefix("server:"))
+        .and_then(|s| s.trim().trim_matches('"').strip_prefix("http://"))
+        .and_then(|s| s.trim_end_matches('/').parse().ok())
+        .unwrap_or_else(|| panic!("no http server address in the lab's kubeconfig:\n{kc}"))
+}
+
+/// One request; the status code and body.
+fn http(api: SocketAddr, method: &str, path: &str, ctype: &str, body: &str) -> (u16, String) {
+    let mut s =
+        TcpStream::connect_timeout(&api, Duration::from_secs(5)).expect("connecting to the API");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.set_nodelay(true).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {api}\r\nAccept: application/json\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("writing to the API");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("reading the API's answer");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases";
+
+/// A fake peer: subnet 10.B.C.0/24, underlay 172.30.x.y, its own VTEP MAC.
+fn fake_peer(index: usize, b: u8, c: u8) -> NodeRecord {
+    let i = index as u32;
+    NodeRecord {
+        node: format!("fake-{index}"),
+        underlay_ip: Ipv4Addr::new(172, 30, (i >> 8) as u8, i as u8),
+        vtep_mac: [0x0a, 0x5e, 0x00, (i >> 16) as u8, (i >> 8) as u8, i as u8],
+        wireguard_public_key: None,
+        encryption: "none".into(),
+        subnet: Ipv4Net::new(Ipv4Addr::new(10, b, c, 0), 24).unwrap(),
+    }
+}
+
+fn create_lease(api: SocketAddr, record: &NodeRecord) {
+    let now = jiff::Timestamp::now().to_string();
+    let body = json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": lease_name(record.subnet), "namespace": "kube-system",
+                     "annotations": record.to_annotations()},
+        // Valid for a day: no expiry during the run (peers_from_leases keeps expired ones anyway).
+        "spec": {"holderIdentity": record.node, "leaseDurationSeconds": 86_400,
+                 "acquireTime": now, "renewTime": now},
+    });
+    let (code, text) = http(api, "POST", LEASES, "application/json", &body.to_string());
+    assert_eq!(
+        code,
+        201,
+        "creating lease {}: {text}",
+        lease_name(record.subnet)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Convergence and memory.
+
+fn boottime() -> Duration {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).expect("CLOCK_BOOTTIME");
+    Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32)
+}
+
+/// When process `pid` started, as an `Instant` (from /proc's start time in clock ticks since
+/// boot; USER_HZ is 100 on Linux, so it is known to 10 ms).
+fn process_start(pid: i32) -> Option<Instant> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    let ticks: u64 = after.split_whitespace().nth(19)?.parse().ok()?;
+    let started = Duration::from_millis(ticks * 10);
+    let (now_i, now_b) = (Instant::now(), boottime());
+    now_i.checked_sub(now_b.checked_sub(started)?)
+}
+
+/// `VmRSS` and `VmHWM` of `pid`, in MiB.
+fn rss_mib(pid: i32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(f64::NAN)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn agent_pid(lab: &Lab, node: &str) -> Option<i32> {
+    std::fs::read_to_string(format!(
+        "/run/sluice/lab/{}/nodes/{node}/agent.pid",
+        lab.name
+    ))
+    .ok()?
+    .trim()
+    .parse()
+    .ok()
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn convergence(args: &Args) {
+    let n = args.peers;
+    println!("## Convergence and memory at {n} peers");
+    println!();
+    let lab = lab_up(&["--nodes", "1", "--pods-per-node", "0"]);
+    let node = format!("{}-node-1", lab.name);
+    let node_ns = lab.node_netns(&node);
+    let api = api_addr(&lab);
+    // The agent takes cluster-cidr only at start: stop it, widen the CIDR, make the peers.
+    lab_agent(&lab, "stop", &node);
+    let old_pid = agent_pid(&lab, &node);
+    let (code, text) = http(
+        api,
+        "PATCH",
+        "/api/v1/namespaces/kube-system/configmaps/sluice-config",
+        "application/merge-patch+json",
+        r#"{"data":{"cluster-cidr":"10.0.0.0/8"}}"#,
+    );
+    assert_eq!(code, 200, "setting cluster-cidr: {text}");
+    // Subnets 10.1.0.0/24 upwards (the lab's own node is in 10.244.0.0/16).
+    let peers: Vec<NodeRecord> = (0..n)
+        .map(|i| fake_peer(i, 1 + (i / 256) as u8, (i % 256) as u8))
+        .collect();
+    let want: HashSet<Ipv4Net> = peers.iter().map(|p| p.subnet).collect();
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for chunk in peers.chunks(n.div_ceil(4)) {
+            s.spawn(move || chunk.iter().for_each(|p| create_lease(api, p)));
+        }
+    });
+    let made_in = t.elapsed();
+    let before = dump_peer_routes(&node_ns);
+    assert!(
+        before.is_empty(),
+        "{} peer routes exist before the agent starts, e.g. {:?}",
+        before.len(),
+        before.iter().take(3).collect::<Vec<_>>()
+    );
+
+    let monitor = RouteMonitor::start(&node_ns);
+    let commanded = Instant::now();
+    lab_agent(&lab, "start", &node);
+    // The lab daemon starts it within its 0.5 s supervision tick; find the new process.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pid = loop {
+        if let Some(p) = agent_pid(&lab, &node).filter(|p| Some(*p) != old_pid) {
+            if std::path::Path::new(&format!("/proc/{p}")).exists() {
+                break p;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not start within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let started = process_start(pid).expect("the agent's start time");
+    let all = monitor.wait_all(&want, Duration::from_secs(60));
+    let overflowed = monitor.overflowed.load(Ordering::Relaxed);
+    let programmed = dump_peer_routes(&node_ns);
+    assert!(
+        want.is_subset(&programmed),
+        "after the wait, {} of {n} peer routes are in the node",
+        want.intersection(&programmed).count()
+    );
+    let all = all.unwrap_or_else(|| {
+        panic!("not every route was announced within 60 s (event overflow: {overflowed})")
+    });
+    let from_start = all.saturating_duration_since(started);
+    let from_command = all.saturating_duration_since(commanded);
+    // Settle (the resync and masquerade passes), then the agent's memory.
+    std::thread::sleep(Duration::from_secs(2));
+    let (rss, hwm) = rss_mib(pid);
+
+    // One more peer at a time, with every peer programmed.
+    monitor.drain();
+    let mut latency = Vec::new();
+    let mut post = Vec::new();
+    for k in 0..args.probes {
+        let rec = fake_peer(n + k, 200 + (k / 256) as u8, (k % 256) as u8);
+        let one: HashSet<Ipv4Net> = [rec.subnet].into();
+        let t0 = Instant::now();
+        create_lease(api, &rec);
+        post.push(t0.elapsed());
+        let at = monitor
+            .wait_all(&one, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("the route to {} did not appear within 10 s", rec.subnet));
+        latency.push(at.saturating_duration_since(t0));
+        // Spaced 150–350 ms apart, so probes fall at every phase of the agent's resync tick.
+        std::thread::sleep(Duration::from_millis(150 + (k as u64 * 67) % 200));
+    }
+    let (rss2, hwm2) = rss_mib(pid);
+    latency.sort();
+    post.sort();
+    drop(monitor);
+
+    let ok = |b: bool| if b { "met" } else { "NOT met" };
+    println!(
+        "{n} fake peer leases made in {:.2} s (agent stopped); agent pid {pid}; route events {}",
+        made_in.as_secs_f64(),
+        if overflowed {
+            "OVERFLOWED (dump used for the count)"
+        } else {
+            "all received"
+        }
+    );
+    println!();
+    println!("| figure | measured | target | |");
+    println!("|---|---|---|---|");
+    println!(
+        "| all {n} peer routes programmed, agent process start → last route | {} | < 2 s | {} |",
+        ms(from_start),
+        ok(from_start < Duration::from_secs(2))
+    );
+    println!(
+        "| same, from `sluice lab agent start` (adds the lab's ≤ 0.5 s supervision tick) | {} | | |",
+        ms(from_command)
+    );
+    if !latency.is_empty() {
+        let p99 = pct(&latency, 99.0);
+        println!(
+            "| one new peer with {n} programmed, lease POST sent → route, p50 ({} probes) | {} | | |",
+            latency.len(),
+            ms(pct(&latency, 50.0))
+        );
+        println!(
+            "| one new peer, p99 | {} | < 100 ms | {} |",
+            ms(p99),
+            ok(p99 < Duration::from_millis(100))
+        );
+        println!(
+            "| one new peer, max | {} | | |",
+            ms(*latency.last().unwrap())
+        );
+        println!(
+            "| (of which the lease POST round trip, p50 / p99) | {} / {} | | |",
+            ms(pct(&post, 50.0)),
+            ms(pct(&post, 99.0))
+        );
+    }
+    println!(
+        "| agent RSS (VmRSS) with {n} peers programmed | {rss:.1} MiB | < 40 MiB | {} |",
+        ok(rss < 40.0)
+    );
+    println!("| agent peak RSS (VmHWM) so far | {hwm:.1} MiB | | |");
+    println!(
+        "| agent RSS / peak after the {} probes ({} peers) | {rss2:.1} / {hwm2:.1} MiB | < 40 MiB | {} |",
+        args.probes,
+        n + args.probes,
+        ok(rss2 < 40.0)
+    );
+    println!();
+    println!(
+        "Routes are timed by RTM_NEWROUTE events on a netlink socket in the node's namespace (no \
+         polling); the agent's start time comes from /proc (10 ms ticks, so the start figure may \
+         be up to 10 ms long)."
+    );
+    println!();
+}
+
+fn main() {
+    let args = parse_args();
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "bench-overlay needs root (it makes network namespaces and labs)"
+    );
+    let sluice = std::fs::canonicalize(&args.sluice)
+        .unwrap_or_else(|e| panic!("{}: {e}", args.sluice.display()));
+    // The lab helpers run `SLUICE_BIN`; set before any thread exists.
+    std::env::set_var("SLUICE_BIN", &sluice);
+    cleanup_on_signals();
+    for tool in ["iperf3", "ethtool", "ip", "bridge"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "{tool} is not installed (apt-get install -y iperf3 ethtool iproute2)"
+        );
+    }
+    println!("# bench-overlay");
+    println!();
+    println!(
+        "sluice binary: {} ({} CPUs)",
+        sluice.display(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!();
+    if args.throughput {
+        throughput(&args);
+    }
+    if args.convergence {
+        convergence(&args);
+    }
+}
