@@ -1,0 +1,461 @@
+//! NetworkPolicy semantics, in one place: Pods, Namespaces and NetworkPolicies in, the node's
+//! [`PolicyIr`] out. Pure and deterministic.
+//!
+//! The rules, as the Kubernetes API documentation gives them:
+//! - a policy selects pods of its own namespace by `podSelector` (empty: all of them);
+//! - `policyTypes` says which directions it isolates; absent (or empty) it is `Ingress`, plus
+//!   `Egress` when the policy has a non-empty `egress` list;
+//! - a pod selected for a direction by any policy is isolated there and allows the union of the
+//!   rules of all those policies; `ingress`/`egress` absent or `[]` allows nothing, `[{}]` all;
+//! - `from`/`to` absent or `[]` is every peer; a peer's `podSelector` alone means pods of the
+//!   policy's namespace, `namespaceSelector` alone all pods of the matching namespaces (`{}`:
+//!   every namespace), both together pods matching the first in namespaces matching the second;
+//!   `ipBlock` is its `cidr` less its `except`s;
+//! - `ports` absent or `[]` is every port of every protocol; a port entry without `port` is
+//!   every port of its protocol (default TCP); `endPort` makes a range; a named port is
+//!   resolved on the destination: for ingress the selected pod itself, for egress each peer pod
+//!   (a destination that is not a pod, e.g. an `ipBlock` outside the pods, never matches one).
+//!
+//! Choices where the API leaves room: hostNetwork pods and pods without an IP or finished are not
+//! peers by selector (their address is the node's); namespaces carry the
+//! `kubernetes.io/metadata.name` label as the API server sets it; IPv4 only (an IPv6 `ipBlock`
+//! adds nothing); a field the API would reject (unknown protocol, `endPort` below `port`, a
+//! peer with no selector nor block) allows nothing. Traffic from `host_addrs` (the node's own
+//! addresses) is always allowed in, so that kubelet probes keep working under default deny.
+
+use crate::ir::{AddrSet, Direction, PodPolicy, PolicyIr, PortEntry, Protocol};
+use crate::selector::{self, Labels};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+
+/// The label the API server puts on every namespace.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// A cluster snapshot: every Pod, Namespace and NetworkPolicy, and this node's own addresses.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PolicyInput<'a> {
+    pub pods: &'a [Pod],
+    pub namespaces: &'a [Namespace],
+    pub policies: &'a [NetworkPolicy],
+    /// The node's addresses: host-to-pod traffic from them is always allowed.
+    pub host_addrs: &'a [Ipv4Addr],
+}
+
+/// A container port that has a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedPort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// A pod on this node, as the agent knows it: its address and host-side veth.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalPod {
+    pub namespace: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub ifname: String,
+    pub labels: Labels,
+    pub ports: Vec<NamedPort>,
+}
+
+impl LocalPod {
+    /// From the Pod object and the veth sluice made for it; `None` when the pod has no IPv4
+    /// address yet or is on the host network (no policy applies to it).
+    pub fn from_pod(pod: &Pod, ifname: &str) -> Option<Self> {
+        if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+            return None;
+        }
+        Some(Self {
+            namespace: namespace_of(&pod.metadata),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            ip: *pod_ips(pod).first()?,
+            ifname: ifname.to_string(),
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            ports: named_ports(pod),
+        })
+    }
+}
+
+fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    meta.namespace.clone().unwrap_or_else(|| "default".into())
+}
+
+/// The pod's IPv4 addresses (`status.podIPs`, else `status.podIP`).
+fn pod_ips(pod: &Pod) -> Vec<Ipv4Addr> {
+    let Some(status) = &pod.status else {
+        return Vec::new();
+    };
+    let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
+    let mut ips: Vec<Ipv4Addr> = listed.filter_map(|s| s.parse().ok()).collect();
+    if ips.is_empty() {
+        ips.extend(
+            status
+                .pod_ip
+                .as_deref()
+                .and_then(|s| s.parse::<Ipv4Addr>().ok()),
+        );
+    }
+    ips
+}
+
+/// Named ports of every container (sidecar init containers included).
+fn named_ports(pod: &Pod) -> Vec<NamedPort> {
+    let Some(spec) = &pod.spec else {
+        return Vec::new();
+    };
+    let containers = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten());
+    containers
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            Some(NamedPort {
+                name: p.name.clone()?,
+                protocol: Protocol::from_api(p.protocol.as_deref().unwrap_or("TCP"))?,
+                port: u16::try_from(p.container_port).ok()?,
+            })
+        })
+        .collect()
+}
+
+/// One rule: its peers (`from`/`to`) and its ports.
+type Rule<'a> = (
+    Option<&'a [NetworkPolicyPeer]>,
+    Option<&'a [NetworkPolicyPort]>,
+);
+
+/// A pod that policies can name as a peer.
+struct PeerPod<'a> {
+    namespace: String,
+    labels: &'a Labels,
+    ips: Vec<Ipv4Addr>,
+    ports: Vec<NamedPort>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Dir {
+    Ingress,
+    Egress,
+}
+
+struct Compiler<'a> {
+    input: &'a PolicyInput<'a>,
+    peers: Vec<PeerPod<'a>>,
+    ns_labels: HashMap<String, Labels>,
+    /// Resolved peers of (policy, direction, rule).
+    peer_cache: HashMap<(usize, Dir, usize), AddrSet>,
+    /// Egress named ports: (name, protocol) → port → pod addresses.
+    named_cache: HashMap<(String, Protocol), BTreeMap<u16, AddrSet>>,
+}
+
+static NO_LABELS: Labels = BTreeMap::new();
+
+/// The node's policy: one [`PodPolicy`] per local pod, sorted by interface name.
+pub fn compile(input: &PolicyInput<'_>, local_pods: &[LocalPod]) -> PolicyIr {
+    let mut c = Compiler::new(input);
+    let mut pods: Vec<PodPolicy> = local_pods
+        .iter()
+        .map(|pod| PodPolicy {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            ip: pod.ip,
+            ifname: pod.ifname.clone(),
+            ingress: c.direction(pod, Dir::Ingress),
+            egress: c.direction(pod, Dir::Egress),
+        })
+        .collect();
+    pods.sort_by(|a, b| a.ifname.cmp(&b.ifname));
+    PolicyIr { pods }
+}
+
+impl<'a> Compiler<'a> {
+    fn new(input: &'a PolicyInput<'a>) -> Self {
+        let peers = input
+            .pods
+            .iter()
+            .filter(|p| p.spec.as_ref().and_then(|s| s.host_network) != Some(true))
+            .filter(|p| {
+                let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+                !matches!(phase, Some("Succeeded" | "Failed"))
+            })
+            .map(|p| PeerPod {
+                namespace: namespace_of(&p.metadata),
+                labels: p.metadata.labels.as_ref().unwrap_or(&NO_LABELS),
+                ips: pod_ips(p),
+                ports: named_ports(p),
+            })
+            .filter(|p| !p.ips.is_empty())
+            .collect();
+        let ns_labels = input
+            .namespaces
+            .iter()
+            .filter_map(|ns| {
+                let name = ns.metadata.name.clone()?;
+                let mut labels = ns.metadata.labels.clone().unwrap_or_default();
+                labels.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
+                Some((name, labels))
+            })
+            .collect();
+        Self {
+            input,
+            peers,
+            ns_labels,
+            peer_cache: HashMap::new(),
+            named_cache: HashMap::new(),
+        }
+    }
+
+    fn direction(&mut self, pod: &LocalPod, dir: Dir) -> Direction {
+        let mut out = Direction::default();
+        let mut raw_ports = Vec::new();
+        let policies = self.input.policies;
+        for (pi, policy) in policies.iter().enumerate() {
+            let ns = namespace_of(&policy.metadata);
+            let Some(spec) = &policy.spec else { continue };
+            if ns != pod.namespace || !affects(spec, dir) {
+                continue;
+            }
+            let selects = spec
+                .pod_selector
+                .as_ref()
+                .is_none_or(|s| selector::matches(s, &pod.labels));
+            if !selects {
+                continue;
+            }
+            out.isolated = true;
+            out.policies.push(format!(
+                "{ns}/{}",
+                policy.metadata.name.as_deref().unwrap_or("")
+            ));
+            let rules: Vec<Rule<'_>> = match dir {
+                Dir::Ingress => spec
+                    .ingress
+                    .iter()
+                    .flatten()
+                    .map(|r| (r.from.as_deref(), r.ports.as_deref()))
+                    .collect(),
+                Dir::Egress => spec
+                    .egress
+                    .iter()
+                    .flatten()
+                    .map(|r| (r.to.as_deref(), r.ports.as_deref()))
+                    .collect(),
+            };
+            for (ri, (peers, ports)) in rules.into_iter().enumerate() {
+                let addrs = self.rule_peers(pi, dir, ri, &ns, peers);
+                if addrs.is_empty() {
+                    continue;
+                }
+                match ports {
+                    None | Some([]) => out.all_ports.union_with(&addrs),
+                    Some(ports) => {
+                        for port in ports {
+                            self.port_entries(pod, dir, port, &addrs, &mut raw_ports);
+                        }
+                    }
+                }
+            }
+        }
+        if out.isolated && dir == Dir::Ingress {
+            out.all_ports
+                .union_with(&AddrSet::from_addrs(self.input.host_addrs.iter().copied()));
+        }
+        out.policies.sort();
+        out.set_ports(raw_ports);
+        out
+    }
+
+    /// The addresses a rule's `from`/`to` names.
+    fn rule_peers(
+        &mut self,
+        pi: usize,
+        dir: Dir,
+        ri: usize,
+        policy_ns: &str,
+        peers: Option<&[NetworkPolicyPeer]>,
+    ) -> AddrSet {
+        if let Some(hit) = self.peer_cache.get(&(pi, dir, ri)) {
+            return hit.clone();
+        }
+        let set = match peers {
+            None | Some([]) => AddrSet::all(),
+            Some(peers) => {
+                let mut set = AddrSet::new();
+                for peer in peers {
+                    set.union_with(&self.peer(policy_ns, peer));
+                }
+                set
+            }
+        };
+        self.peer_cache.insert((pi, dir, ri), set.clone());
+        set
+    }
+
+    fn peer(&self, policy_ns: &str, peer: &NetworkPolicyPeer) -> AddrSet {
+        if let Some(block) = &peer.ip_block {
+            if peer.pod_selector.is_some() || peer.namespace_selector.is_some() {
+                tracing::warn!(
+                    namespace = policy_ns,
+                    "ipBlock with a selector in one peer matches nothing"
+                );
+                return AddrSet::new();
+            }
+            return ip_block(&block.cidr, block.except.as_deref().unwrap_or_default());
+        }
+        if peer.pod_selector.is_none() && peer.namespace_selector.is_none() {
+            return AddrSet::new();
+        }
+        let ips = self
+            .peers
+            .iter()
+            .filter(|p| match &peer.namespace_selector {
+                None => p.namespace == policy_ns,
+                Some(sel) => {
+                    let labels = self
+                        .ns_labels
+                        .get(&p.namespace)
+                        .cloned()
+                        .unwrap_or_else(|| {
+                            BTreeMap::from([(NAMESPACE_NAME_LABEL.into(), p.namespace.clone())])
+                        });
+                    selector::matches(sel, &labels)
+                }
+            })
+            .filter(|p| {
+                peer.pod_selector
+                    .as_ref()
+                    .is_none_or(|sel| selector::matches(sel, p.labels))
+            })
+            .flat_map(|p| p.ips.iter().copied());
+        AddrSet::from_addrs(ips)
+    }
+
+    /// The entries one `ports` item adds for peers `addrs`.
+    fn port_entries(
+        &mut self,
+        pod: &LocalPod,
+        dir: Dir,
+        port: &NetworkPolicyPort,
+        addrs: &AddrSet,
+        out: &mut Vec<PortEntry>,
+    ) {
+        let Some(protocol) = Protocol::from_api(port.protocol.as_deref().unwrap_or("TCP")) else {
+            tracing::warn!(pod = %pod.name, namespace = %pod.namespace, protocol = ?port.protocol, "unknown protocol allows nothing");
+            return;
+        };
+        let mut push = |first: u16, last: u16, addrs: AddrSet| {
+            out.push(PortEntry {
+                protocol,
+                first,
+                last,
+                addrs,
+            })
+        };
+        match &port.port {
+            None => push(0, u16::MAX, addrs.clone()),
+            Some(IntOrString::Int(n)) => {
+                let Ok(first) = u16::try_from(*n) else { return };
+                let last = match port.end_port {
+                    None => first,
+                    Some(e) => match u16::try_from(e) {
+                        Ok(e) if e >= first => e,
+                        _ => return,
+                    },
+                };
+                push(first, last, addrs.clone());
+            }
+            Some(IntOrString::String(name)) => match dir {
+                Dir::Ingress => {
+                    for p in pod
+                        .ports
+                        .iter()
+                        .filter(|p| &p.name == name && p.protocol == protocol)
+                    {
+                        push(p.port, p.port, addrs.clone());
+                    }
+                }
+                Dir::Egress => {
+                    for (number, pods) in self.named(name, protocol).clone() {
+                        let hit = pods.intersect(addrs);
+                        if !hit.is_empty() {
+                            push(number, number, hit);
+                        }
+                    }
+                }
+            },
+        }
+    }
+
+    fn named(&mut self, name: &str, protocol: Protocol) -> &BTreeMap<u16, AddrSet> {
+        let peers = &self.peers;
+        self.named_cache
+            .entry((name.to_string(), protocol))
+            .or_insert_with(|| {
+                let mut by_port: BTreeMap<u16, Vec<Ipv4Addr>> = BTreeMap::new();
+                for p in peers {
+                    for np in p
+                        .ports
+                        .iter()
+                        .filter(|np| np.name == name && np.protocol == protocol)
+                    {
+                        by_port
+                            .entry(np.port)
+                            .or_default()
+                            .extend(p.ips.iter().copied());
+                    }
+                }
+                by_port
+                    .into_iter()
+                    .map(|(port, ips)| (port, AddrSet::from_addrs(ips)))
+                    .collect()
+            })
+    }
+}
+
+/// Whether a policy affects `dir` (`policyTypes`, defaulted as the API server does).
+fn affects(spec: &k8s_openapi::api::networking::v1::NetworkPolicySpec, dir: Dir) -> bool {
+    match spec.policy_types.as_deref() {
+        Some(types) if !types.is_empty() => types.iter().any(|t| {
+            matches!(
+                (t.as_str(), dir),
+                ("Ingress", Dir::Ingress) | ("Egress", Dir::Egress)
+            )
+        }),
+        _ => match dir {
+            Dir::Ingress => true,
+            Dir::Egress => spec.egress.as_ref().is_some_and(|e| !e.is_empty()),
+        },
+    }
+}
+
+/// An `ipBlock` as addresses; IPv6 or unparsable blocks add nothing.
+fn ip_block(cidr: &str, except: &[String]) -> AddrSet {
+    let Ok(IpNet::V4(net)) = cidr.parse::<IpNet>() else {
+        if !cidr.contains(':') {
+            tracing::warn!(cidr, "unparsable ipBlock matches nothing");
+        }
+        return AddrSet::new();
+    };
+    let mut nets = Vec::with_capacity(except.len());
+    for e in except {
+        match e.parse::<IpNet>() {
+            Ok(IpNet::V4(n)) => nets.push(n),
+            // Dropping an except would allow more than asked: the block matches nothing.
+            _ => {
+                tracing::warn!(cidr, except = %e, "unparsable except: the ipBlock matches nothing");
+                return AddrSet::new();
+            }
+        }
+    }
+    AddrSet::from_block(net.trunc(), &nets)
+}
+
+#[cfg(test)]
+mod tests;

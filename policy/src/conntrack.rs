@@ -1,0 +1,202 @@
+//! Cutting established flows that a new policy denies. The kernel's `ct state established`
+//! accept would otherwise keep them passing; once their conntrack entry is gone, the next
+//! packet is evaluated as new (TCP pick-up) and meets the policy.
+//!
+//! Mechanism: the `conntrack` binary (conntrack-tools; called, not linked): `conntrack -L`
+//! lists the IPv4 flows, [`denied`] (pure) picks those the IR no longer allows (judged as the
+//! forward hook saw them: original source, destination after DNAT = the reply's source, its
+//! port), and each is deleted by its original tuple. A netlink implementation
+//! (`netlink-packet-netfilter`) could replace the binary behind the same call.
+
+use crate::firewall::{Exec, FirewallError};
+use crate::ir::PolicyIr;
+use std::net::Ipv4Addr;
+
+/// One conntrack entry, its original and reply tuples.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flow {
+    pub proto: u8,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: Option<u16>,
+    pub dport: Option<u16>,
+    pub reply_src: Ipv4Addr,
+    pub reply_sport: Option<u16>,
+}
+
+/// Flows from `conntrack -L -f ipv4` text; lines that do not parse are skipped.
+pub fn parse_list(text: &str) -> Vec<Flow> {
+    text.lines().filter_map(parse_line).collect()
+}
+
+fn parse_line(line: &str) -> Option<Flow> {
+    let mut words = line.split_whitespace();
+    let _name = words.next()?;
+    let proto: u8 = words.next()?.parse().ok()?;
+    let mut src = Vec::new();
+    let mut dst = Vec::new();
+    let mut sport = Vec::new();
+    let mut dport = Vec::new();
+    for w in words {
+        let Some((k, v)) = w.split_once('=') else {
+            continue;
+        };
+        match k {
+            "src" => src.push(v.parse::<Ipv4Addr>().ok()?),
+            "dst" => dst.push(v.parse::<Ipv4Addr>().ok()?),
+            "sport" => sport.push(v.parse::<u16>().ok()?),
+            "dport" => dport.push(v.parse::<u16>().ok()?),
+            _ => {}
+        }
+    }
+    Some(Flow {
+        proto,
+        src: *src.first()?,
+        dst: *dst.first()?,
+        sport: sport.first().copied(),
+        dport: dport.first().copied(),
+        reply_src: *src.get(1)?,
+        reply_sport: sport.get(1).copied(),
+    })
+}
+
+/// The flows `ir` would not let start.
+pub fn denied<'a>(ir: &PolicyIr, flows: &'a [Flow]) -> Vec<&'a Flow> {
+    flows
+        .iter()
+        .filter(|f| !ir.allows(f.src, f.reply_src, f.proto, f.reply_sport))
+        .collect()
+}
+
+/// `conntrack -D` arguments deleting exactly `flow`.
+pub fn delete_args(flow: &Flow) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "-D".into(),
+        "-f".into(),
+        "ipv4".into(),
+        "-p".into(),
+        match flow.proto {
+            1 => "icmp".into(),
+            6 => "tcp".into(),
+            17 => "udp".into(),
+            132 => "sctp".into(),
+            n => n.to_string(),
+        },
+        "-s".into(),
+        flow.src.to_string(),
+        "-d".into(),
+        flow.dst.to_string(),
+    ];
+    if matches!(flow.proto, 6 | 17 | 132) {
+        if let (Some(s), Some(d)) = (flow.sport, flow.dport) {
+            a.extend([
+                "--orig-port-src".into(),
+                s.to_string(),
+                "--orig-port-dst".into(),
+                d.to_string(),
+            ]);
+        }
+    }
+    a
+}
+
+/// Conntrack through the `conntrack` binary.
+#[derive(Debug, Clone)]
+pub struct ConntrackCli {
+    pub exec: Exec,
+    pub program: String,
+}
+
+impl ConntrackCli {
+    pub fn new(exec: Exec) -> Self {
+        Self {
+            exec,
+            program: "conntrack".into(),
+        }
+    }
+
+    /// Whether the binary is there (without it, established flows outlive a deny).
+    pub fn available(&self) -> bool {
+        self.exec.has(&self.program)
+    }
+
+    /// Deletes the entries of every flow `ir` denies; how many were deleted. Call it right
+    /// after the firewall applied `ir`, so that a flow cannot come back as established.
+    pub fn flush_denied(&self, ir: &PolicyIr) -> Result<usize, FirewallError> {
+        let out = self.exec.run(&self.program, &["-L", "-f", "ipv4"], None)?;
+        if !out.status.success() {
+            return Err(FirewallError::Command {
+                program: self.program.clone(),
+                op: "list",
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        let flows = parse_list(&String::from_utf8_lossy(&out.stdout));
+        let mut deleted = 0;
+        for flow in denied(ir, &flows) {
+            let args = delete_args(flow);
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            // Exit 1 with "0 flow entries" when the flow ended meanwhile: nothing to do.
+            if self.exec.run(&self.program, &refs, None)?.status.success() {
+                deleted += 1;
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(deleted, "conntrack entries of denied flows deleted");
+        }
+        Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::ir::{Direction, PodPolicy};
+
+    const LIST: &str = "tcp      6 431999 ESTABLISHED src=10.244.1.2 dst=10.244.1.1 sport=40000 dport=80 src=10.244.1.1 dst=10.244.1.2 sport=80 dport=40000 [ASSURED] mark=0 use=1\n\
+udp      17 29 src=10.244.1.3 dst=10.96.0.10 sport=5000 dport=53 [UNREPLIED] src=10.244.1.1 dst=10.244.1.3 sport=5353 dport=5000 mark=0 use=1\n\
+icmp     1 29 src=10.244.1.2 dst=10.244.1.1 type=8 code=0 id=7 src=10.244.1.1 dst=10.244.1.2 type=0 code=0 id=7 mark=0 use=1\n\
+conntrack v1.4.7 (conntrack-tools): 3 flow entries have been shown.\n";
+
+    #[test]
+    fn flows_parse_with_both_tuples() {
+        let flows = parse_list(LIST);
+        assert_eq!(flows.len(), 3);
+        assert_eq!(flows[1].proto, 17);
+        assert_eq!(flows[1].dst, "10.96.0.10".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            flows[1].reply_src,
+            "10.244.1.1".parse::<Ipv4Addr>().unwrap()
+        );
+        assert_eq!(flows[1].reply_sport, Some(5353));
+        assert_eq!(flows[2].sport, None);
+    }
+
+    #[test]
+    fn denied_flows_are_judged_after_dnat() {
+        let pod = PodPolicy {
+            namespace: "x".into(),
+            name: "a".into(),
+            ip: "10.244.1.1".parse().unwrap(),
+            ifname: "sla".into(),
+            ingress: Direction {
+                isolated: true,
+                ..Default::default()
+            },
+            egress: Direction::default(),
+        };
+        let ir = PolicyIr { pods: vec![pod] };
+        let flows = parse_list(LIST);
+        assert_eq!(denied(&ir, &flows).len(), 3);
+        assert_eq!(denied(&PolicyIr::default(), &flows).len(), 0);
+        assert_eq!(
+            delete_args(&flows[1]).join(" "),
+            "-D -f ipv4 -p udp -s 10.244.1.3 -d 10.96.0.10 --orig-port-src 5000 --orig-port-dst 53"
+        );
+        assert_eq!(
+            delete_args(&flows[2]).join(" "),
+            "-D -f ipv4 -p icmp -s 10.244.1.2 -d 10.244.1.1"
+        );
+    }
+}

@@ -1,0 +1,46 @@
+//! sluice's NetworkPolicy engine, shaped like felix: deciding apart from doing.
+//!
+//! - [`compile`] (pure) turns Pods, Namespaces and NetworkPolicies (k8s-openapi's typed objects)
+//!   and the node's local pods into one [`PolicyIr`]: per local pod and direction, whether it is
+//!   isolated and which (address, protocol, port) it may talk to. The Kubernetes semantics live
+//!   here and nowhere else.
+//! - [`nft::render`] and [`iptables::render`] (pure) turn the IR into text for
+//!   `nft -f -` (one table `inet sluice-policy`, verdict maps keyed by interface name, interval
+//!   sets) and for `ipset restore` + `iptables-restore --noflush` (chains prefixed `SLUICE-`).
+//! - [`Firewall`] is the applier: [`NftCli`], [`IptablesRestore`], [`FakeFirewall`]. `apply`
+//!   observes the hash comment sluice left in the kernel and writes only when it differs.
+//! - [`conntrack`] cuts established flows the new IR denies.
+
+pub mod compile;
+pub mod conntrack;
+pub mod firewall;
+pub mod iptables;
+pub mod ir;
+pub mod nft;
+pub mod selector;
+
+pub use compile::{compile, LocalPod, NamedPort, PolicyInput};
+pub use conntrack::ConntrackCli;
+pub use firewall::{
+    auto, Applied, Backend, Exec, FakeFirewall, Firewall, FirewallError, Observed, Rendered,
+};
+pub use iptables::{IptablesMode, IptablesRestore};
+pub use ir::{AddrSet, Direction, PodPolicy, PolicyIr, PortEntry, Protocol};
+pub use nft::NftCli;
+
+/// Prefix of the host-side pod veths sluice makes (sluice-net's `LINK_PREFIX`); an interface
+/// with this prefix that the IR does not know drops traffic (fail closed).
+pub const LINK_PREFIX: &str = "sl";
+
+/// A short stable hash (FNV-1a 64) of rendered text, carried as a comment in the kernel.
+pub fn text_hash(text: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// The k8s-openapi the input types come from, so callers use the very same version.
+pub use k8s_openapi;

@@ -1,0 +1,198 @@
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use crate::ir::{AddrSet, Direction, PodPolicy, PolicyIr, PortEntry, Protocol};
+
+/// Three pods: `sla` isolated for ingress (10.0.0.1 on everything, 10.0.1.0/24 on TCP 80-81,
+/// anyone on SCTP 82), `slb` open, `slc` isolated for egress with nothing allowed.
+pub(crate) fn sample() -> PolicyIr {
+    let pod = |name: &str, ip: &str, ingress: Direction, egress: Direction| PodPolicy {
+        namespace: "x".into(),
+        name: name.into(),
+        ip: ip.parse().unwrap(),
+        ifname: format!("sl{name}"),
+        ingress,
+        egress,
+    };
+    let mut ingress = Direction {
+        isolated: true,
+        policies: vec!["x/p".into()],
+        all_ports: AddrSet::from_addrs(["10.0.0.1".parse().unwrap()]),
+        ports: Vec::new(),
+    };
+    ingress.set_ports(vec![
+        PortEntry {
+            protocol: Protocol::Tcp,
+            first: 80,
+            last: 81,
+            addrs: AddrSet::from_block("10.0.1.0/24".parse().unwrap(), &[]),
+        },
+        PortEntry {
+            protocol: Protocol::Sctp,
+            first: 82,
+            last: 82,
+            addrs: AddrSet::all(),
+        },
+    ]);
+    let deny = Direction {
+        isolated: true,
+        policies: vec!["x/q".into()],
+        ..Default::default()
+    };
+    PolicyIr {
+        pods: vec![
+            pod("a", "10.244.1.1", ingress, Direction::default()),
+            pod(
+                "b",
+                "10.244.1.2",
+                Direction::default(),
+                Direction::default(),
+            ),
+            pod("c", "10.244.1.3", Direction::default(), deny),
+        ],
+    }
+}
+
+#[test]
+fn the_rendered_table_is_golden() {
+    let s = render(&sample());
+    let want = "table inet sluice-policy
+delete table inet sluice-policy
+table inet sluice-policy {
+\tset isolated {
+\t\ttype ipv4_addr
+\t\tflags interval
+\t\telements = { 10.244.1.1/32,
+\t\t\t     10.244.1.3/32 }
+\t}
+\tset i-sla-all {
+\t\ttype ipv4_addr
+\t\tflags interval
+\t\telements = { 10.0.0.1/32 }
+\t}
+\tset i-sla-ports {
+\t\ttype ipv4_addr . inet_proto . inet_service
+\t\tflags interval
+\t\telements = { 10.0.1.0/24 . tcp . 80-81,
+\t\t\t     0.0.0.0/0 . sctp . 82 }
+\t}
+\tmap ingress-pods {
+\t\ttype ifname : verdict
+\t\telements = { \"sla\" : goto i-sla,
+\t\t\t     \"slb\" : return,
+\t\t\t     \"slc\" : return }
+\t}
+\tmap egress-pods {
+\t\ttype ifname : verdict
+\t\telements = { \"sla\" : return,
+\t\t\t     \"slb\" : return,
+\t\t\t     \"slc\" : goto e-slc }
+\t}
+\tchain i-sla {
+\t\tip saddr @i-sla-all accept
+\t\tip saddr . meta l4proto . th dport @i-sla-ports accept
+\t\tdrop
+\t}
+\tchain e-slc {
+\t\tdrop
+\t}
+\tchain ingress {
+\t\toifname vmap @ingress-pods
+\t\toifname \"sluice*\" return
+\t\toifname \"sl*\" drop
+\t}
+\tchain egress {
+\t\tiifname vmap @egress-pods
+\t\tiifname \"sluice*\" return
+\t\tiifname \"sl*\" drop
+\t}
+\tchain forward {
+\t\ttype filter hook forward priority filter; policy accept;
+\t\tct state established,related accept comment \"sluice-policy:HASH\"
+\t\tct state invalid drop
+\t\tct state new tcp flags & (fin | syn | rst | ack) != syn ip saddr @isolated drop
+\t\tct state new tcp flags & (fin | syn | rst | ack) != syn ip daddr @isolated drop
+\t\tjump egress
+\t\tjump ingress
+\t}
+\tchain input {
+\t\ttype filter hook input priority filter; policy accept;
+\t\tct state established,related accept
+\t\tct state invalid drop
+\t\tct state new tcp flags & (fin | syn | rst | ack) != syn ip saddr @isolated drop
+\t\tjump egress
+\t}
+}
+";
+    assert_eq!(s.text.replace(&s.hash, "HASH"), want);
+    assert_eq!(s.hash.len(), 16);
+}
+
+#[test]
+fn an_empty_ir_still_fails_closed_for_unknown_pods() {
+    let s = render(&PolicyIr::default());
+    assert!(s
+        .text
+        .contains("\tmap ingress-pods {\n\t\ttype ifname : verdict\n\t}\n"));
+    assert!(s.text.contains("oifname \"sl*\" drop"));
+}
+
+#[test]
+fn an_allow_everything_direction_is_one_verdict() {
+    let mut ir = sample();
+    ir.pods[1].egress = Direction {
+        isolated: true,
+        all_ports: AddrSet::all(),
+        ..Default::default()
+    };
+    let s = render(&ir).text;
+    assert!(
+        s.contains("\tchain e-slb {\n\t\treturn\n\t\tdrop\n\t}\n"),
+        "{s}"
+    );
+    assert!(s.contains("\"slb\" : goto e-slb"));
+}
+
+#[test]
+fn the_hash_follows_the_content() {
+    let a = render(&sample());
+    assert_eq!(a, render(&sample()));
+    let mut ir = sample();
+    ir.pods[0].ingress.all_ports = AddrSet::from_addrs(["10.0.0.2".parse().unwrap()]);
+    assert_ne!(a.hash, render(&ir).hash);
+}
+
+#[test]
+fn the_hash_is_read_back_from_nft_json() {
+    let json = r#"{"nftables": [{"metainfo": {"json_schema_version": 1}},
+        {"chain": {"family": "inet", "table": "sluice-policy", "name": "forward", "handle": 3}},
+        {"rule": {"family": "inet", "table": "sluice-policy", "chain": "forward", "handle": 13, "comment": "sluice-policy:0123456789abcdef", "expr": []}},
+        {"rule": {"family": "inet", "table": "sluice-policy", "chain": "forward", "handle": 14, "expr": []}}]}"#;
+    assert_eq!(
+        parse_observed(json).unwrap().as_deref(),
+        Some("0123456789abcdef")
+    );
+    assert_eq!(parse_observed(r#"{"nftables": []}"#).unwrap(), None);
+    assert!(parse_observed("nope").is_err());
+}
+
+#[test]
+fn the_fake_writes_only_changes() {
+    use crate::firewall::{Backend, FakeFirewall, Firewall};
+    let fw = FakeFirewall::new(Backend::Nftables);
+    let r = fw.render(&sample());
+    assert!(fw.apply(&r).unwrap().written);
+    assert!(!fw.apply(&r).unwrap().written);
+    assert_eq!(fw.writes(), 1);
+    assert_eq!(fw.observe().unwrap().hash.as_deref(), Some(r.hash()));
+    fw.fail_next();
+    let other = fw.render(&PolicyIr::default());
+    assert!(fw.apply(&other).is_err());
+    assert_eq!(fw.current(), Some(r));
+    assert!(fw.apply(&other).unwrap().written);
+    let wrong = Rendered::render(Backend::Iptables, &PolicyIr::default());
+    assert!(matches!(
+        fw.apply(&wrong),
+        Err(FirewallError::WrongBackend { .. })
+    ));
+}
