@@ -393,17 +393,9 @@ pub(crate) fn selectors(
     let ls = q.get("labelSelector").map(String::as_str).unwrap_or("");
     let fs = q.get("fieldSelector").map(String::as_str).unwrap_or("");
     let labels = LabelSelector::parse(ls).map_err(ApiError::bad_request)?;
-    let fields = FieldSelector::parse(fs, res).map_err(|e| {
-        let gv = if res.group.is_empty() {
-            format!("/{}", res.version)
-        } else {
-            format!("{}/{}", res.group, res.version)
-        };
-        ApiError::bad_request(format!(
-            "Unable to find \"{gv}, Resource={}\" that match label selector \"{ls}\", field selector \"{fs}\": {e}",
-            res.name
-        ))
-    })?;
+    // kube-apiserver answers with the conversion error alone ("field label not supported: x");
+    // kubectl adds the "Unable to find ... that match ..." context itself.
+    let fields = FieldSelector::parse(fs, res).map_err(ApiError::bad_request)?;
     Ok(ListQuery { labels, fields })
 }
 

@@ -437,7 +437,7 @@ fn finalize(
 ) -> Option<Value> {
     if !cascade {
         let uid = uid_of(s.get(res, ns, name)?).to_string();
-        orphan_dependents(s, &uid);
+        orphan_dependents(s, &uid, ctx);
     }
     let removed = s.remove(res, ns, name)?;
     if cascade {
@@ -448,7 +448,7 @@ fn finalize(
 
 /// Like the garbage collector for an orphaning deletion: the dependents of `uid` lose their
 /// references to it (before the owner goes, so that they are not collected).
-fn orphan_dependents(s: &mut Store, uid: &str) {
+fn orphan_dependents(s: &mut Store, uid: &str, ctx: &Ctx) {
     if uid.is_empty() {
         return;
     }
@@ -462,10 +462,11 @@ fn orphan_dependents(s: &mut Store, uid: &str) {
         })
         .map(|(r, o)| (r, o.clone()))
         .collect();
-    for (r, mut obj) in dependents {
+    for (r, old) in dependents {
         let Some(res) = resources::by_name(r) else {
             continue;
         };
+        let mut obj = old.clone();
         let md = metadata_mut(&mut obj);
         let kept: Vec<Value> = md
             .get("ownerReferences")
@@ -477,8 +478,21 @@ fn orphan_dependents(s: &mut Store, uid: &str) {
         } else {
             md.insert("ownerReferences".into(), Value::Array(kept));
         }
-        s.put(&res, obj);
+        put_as_controller(s, &res, &old, obj, ctx);
     }
+}
+
+/// Stores a controller's change to `old` (the fields it removed lose their managers).
+fn put_as_controller(s: &mut Store, res: &Resource, old: &Value, mut new: Value, ctx: &Ctx) {
+    managed::record_update(
+        Some(old),
+        &mut new,
+        "kube-controller-manager",
+        &res.api_version(),
+        "",
+        &ctx.now_text(),
+    );
+    s.put(res, new);
 }
 
 /// What the garbage collector makes of one ownerReference.
@@ -599,9 +613,10 @@ fn collect_where(s: &mut Store, ctx: &Ctx, pick: impl Fn(&Value) -> bool) {
                 }
             }
             (_, Verdict::DropDangling(kept)) => {
-                let mut new = current.clone();
+                let old = current.clone();
+                let mut new = old.clone();
                 metadata_mut(&mut new).insert("ownerReferences".into(), Value::Array(kept));
-                s.put(&res, new);
+                put_as_controller(s, &res, &old, new, ctx);
             }
             (_, Verdict::Keep) => {}
         }
@@ -776,16 +791,134 @@ fn reap_namespaces(s: &mut Store, ctx: &Ctx) {
                 }
             }
         }
-        let empty = !s
+        let remaining: Vec<(&'static str, Vec<String>)> = s
             .all()
-            .any(|(r, o)| r != "namespaces" && r != "nodes" && namespace_of(o) == ns);
+            .filter(|(r, o)| *r != "namespaces" && *r != "nodes" && namespace_of(o) == ns)
+            .map(|(r, o)| (r, finalizers(o)))
+            .collect();
         let left = s
             .get(&NAMESPACES, "", &ns)
             .is_some_and(|n| finalizers(n).is_empty());
-        if empty && left {
-            finalize(s, &NAMESPACES, "", &ns, ctx, true);
+        if remaining.is_empty() {
+            if left {
+                finalize(s, &NAMESPACES, "", &ns, ctx, true);
+            }
+        } else {
+            report_remaining(s, &ns, &remaining, ctx);
         }
     }
+}
+
+/// The namespace controller's deletion conditions on a namespace whose content is not gone yet
+/// (kube's `namespaceConditionUpdater`; a condition keeps its transition time while unchanged).
+fn report_remaining(s: &mut Store, ns: &str, remaining: &[(&'static str, Vec<String>)], ctx: &Ctx) {
+    use std::collections::BTreeMap;
+    let Some(old) = s.get(&NAMESPACES, "", ns).cloned() else {
+        return;
+    };
+    let mut by_resource: BTreeMap<String, usize> = BTreeMap::new();
+    let mut by_finalizer: BTreeMap<String, usize> = BTreeMap::new();
+    for (r, fins) in remaining {
+        let group = resources::by_name(r).map_or("", |res| res.group);
+        *by_resource.entry(format!("{r}.{group}")).or_default() += 1;
+        for f in fins {
+            *by_finalizer.entry(f.clone()).or_default() += 1;
+        }
+    }
+    let join = |m: &BTreeMap<String, usize>, what: &str| {
+        let mut parts: Vec<String> = m
+            .iter()
+            .map(|(k, n)| format!("{k} {what} {n} resource instances"))
+            .collect();
+        parts.sort();
+        parts.join(", ")
+    };
+    let ok = |t: &str, reason: &str, message: &str| {
+        (
+            t.to_string(),
+            "False",
+            reason.to_string(),
+            message.to_string(),
+        )
+    };
+    let mut wanted = vec![
+        ok(
+            "NamespaceDeletionDiscoveryFailure",
+            "ResourcesDiscovered",
+            "All resources successfully discovered",
+        ),
+        ok(
+            "NamespaceDeletionGroupVersionParsingFailure",
+            "ParsedGroupVersions",
+            "All legacy kube types successfully parsed",
+        ),
+        ok(
+            "NamespaceDeletionContentFailure",
+            "ContentDeleted",
+            "All content successfully deleted, may be waiting on finalization",
+        ),
+        (
+            "NamespaceContentRemaining".to_string(),
+            "True",
+            "SomeResourcesRemain".to_string(),
+            format!(
+                "Some resources are remaining: {}",
+                join(&by_resource, "has")
+            ),
+        ),
+    ];
+    wanted.push(if by_finalizer.is_empty() {
+        ok(
+            "NamespaceFinalizersRemaining",
+            "ContentHasNoFinalizers",
+            "All content-preserving finalizers finished",
+        )
+    } else {
+        (
+            "NamespaceFinalizersRemaining".to_string(),
+            "True",
+            "SomeFinalizersRemain".to_string(),
+            format!(
+                "Some content in the namespace has finalizers remaining: {}",
+                join(&by_finalizer, "in")
+            ),
+        )
+    });
+    let current: Vec<Value> = old
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let now = ctx.now_text();
+    let conditions: Vec<Value> = wanted
+        .into_iter()
+        .map(|(t, status, reason, message)| {
+            let same = current.iter().find(|c| {
+                c.get("type").and_then(Value::as_str) == Some(t.as_str())
+                    && c.get("status").and_then(Value::as_str) == Some(status)
+                    && c.get("reason").and_then(Value::as_str) == Some(reason.as_str())
+                    && c.get("message").and_then(Value::as_str) == Some(message.as_str())
+            });
+            match same {
+                Some(c) => c.clone(),
+                None => json!({"type": t, "status": status, "lastTransitionTime": now,
+                    "reason": reason, "message": message}),
+            }
+        })
+        .collect();
+    if conditions == current {
+        return;
+    }
+    let mut new = old;
+    if let Some(st) = new.get_mut("status").and_then(Value::as_object_mut) {
+        st.insert("conditions".into(), Value::Array(conditions));
+    } else if let Some(m) = new.as_object_mut() {
+        m.insert(
+            "status".into(),
+            json!({"phase": "Terminating", "conditions": conditions}),
+        );
+    }
+    s.put(&NAMESPACES, new);
 }
 
 /// Background work: finishes graceful pod deletions whose grace period (capped at 30 s) has

@@ -121,13 +121,29 @@ pub(crate) const LEASES: Resource = Resource {
     create_on_update: true,
 };
 
-pub(crate) const ALL: [Resource; 6] = [
+/// Core v1 events: kube-apiserver serves them with every cluster, and clients expect them
+/// (`kubectl describe` lists a ConfigMap's events, and fails if it cannot).
+pub(crate) const EVENTS: Resource = Resource {
+    name: "events",
+    singular: "event",
+    kind: "Event",
+    group: "",
+    version: "v1",
+    namespaced: true,
+    short_names: &["ev"],
+    status_subresource: false,
+    generation: false,
+    create_on_update: false,
+};
+
+pub(crate) const ALL: [Resource; 7] = [
     NAMESPACES,
     NODES,
     PODS,
     CONFIGMAPS,
     NETWORK_POLICIES,
     LEASES,
+    EVENTS,
 ];
 
 /// The groups served under `/apis`, in discovery order.

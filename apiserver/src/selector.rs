@@ -311,12 +311,41 @@ fn supported_field(res: &Resource, field: &str) -> bool {
         ),
         "nodes" => field == "spec.unschedulable",
         "namespaces" => field == "status.phase",
+        "events" => matches!(
+            field,
+            "involvedObject.kind"
+                | "involvedObject.namespace"
+                | "involvedObject.name"
+                | "involvedObject.uid"
+                | "involvedObject.apiVersion"
+                | "involvedObject.resourceVersion"
+                | "involvedObject.fieldPath"
+                | "reason"
+                | "reportingComponent"
+                | "source"
+                | "type"
+        ),
         _ => false,
     }
 }
 
 /// The string value a field selector compares for `field` (missing is "").
 fn field_value(obj: &Value, field: &str) -> String {
+    // Events: `source` is source.component (else reportingController), `reportingComponent`
+    // is reportingController (kube's event field set).
+    let text = |p: &str| obj.pointer(p).and_then(Value::as_str).unwrap_or("");
+    match field {
+        "source" => {
+            let c = text("/source/component");
+            return if c.is_empty() {
+                text("/reportingController").to_string()
+            } else {
+                c.to_string()
+            };
+        }
+        "reportingComponent" => return text("/reportingController").to_string(),
+        _ => {}
+    }
     let ptr = format!("/{}", field.replace('.', "/"));
     match obj.pointer(&ptr) {
         Some(Value::String(s)) => s.clone(),
@@ -332,7 +361,7 @@ fn field_value(obj: &Value, field: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resources::{CONFIGMAPS, NODES, PODS};
+    use crate::resources::{CONFIGMAPS, EVENTS, NODES, PODS};
     use serde_json::json;
 
     fn labels(v: Value) -> Value {
@@ -405,5 +434,20 @@ mod tests {
             FieldSelector::parse("metadata.name=a\\,b", &PODS).map(|f| f.matches(&escaped)),
             Ok(true)
         );
+    }
+
+    #[test]
+    fn event_field_selectors() {
+        let ev = json!({"metadata": {"name": "e", "namespace": "ns"},
+            "involvedObject": {"kind": "ConfigMap", "name": "c", "namespace": "ns", "uid": "u"},
+            "reason": "R", "type": "Normal", "reportingController": "ctl"});
+        let m = |s: &str| FieldSelector::parse(s, &EVENTS).map(|f| f.matches(&ev));
+        assert_eq!(
+            m("involvedObject.name=c,involvedObject.namespace=ns,involvedObject.kind=ConfigMap,involvedObject.uid=u"),
+            Ok(true)
+        );
+        assert_eq!(m("involvedObject.uid=v"), Ok(false));
+        assert_eq!(m("source=ctl,reportingComponent=ctl,type=Normal"), Ok(true));
+        assert!(m("spec.nodeName=x").is_err());
     }
 }

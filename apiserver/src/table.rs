@@ -109,6 +109,18 @@ fn columns(res: &Resource) -> Vec<Value> {
             age,
         ],
         "leases" => vec![name, col("Holder", "string", 0, "The holder of the lease."), age],
+        "events" => vec![
+            col("Last Seen", "string", 0, "Time when this Event was last seen"),
+            col("Type", "string", 0, "Type of this event (Normal, Warning), new types could be added in the future."),
+            col("Reason", "string", 0, "A machine-readable description of the cause of the event."),
+            col("Object", "string", 0, "The object this Event is about."),
+            col("Subobject", "string", 1, "The subobject this Event is about."),
+            col("Source", "string", 1, "The component reporting this event."),
+            col("Message", "string", 0, "A human-readable description of the status of this operation."),
+            col("First Seen", "string", 1, "Time when this Event was first seen"),
+            col("Count", "string", 1, "The number of times this event has occurred."),
+            col("Name", "string", 1, "Name must be unique within a namespace."),
+        ],
         _ => vec![name, age],
     }
 }
@@ -158,6 +170,58 @@ fn selector_text(sel: &Value) -> String {
         }
     }
     or_none(&parts.join(","))
+}
+
+/// kube's event printer: times from lastTimestamp / firstTimestamp (else eventTime, series).
+fn event_cells(o: &Value, name: Value, now: jiff::Timestamp) -> Vec<Value> {
+    let since = |ptrs: &[&str]| {
+        ptrs.iter()
+            .find_map(|p| parse_timestamp(s(o, p)))
+            .map(|t| human_duration(now.as_second() - t.as_second()))
+            .unwrap_or_else(|| "<unknown>".into())
+    };
+    let last = since(&[
+        "/series/lastObservedTime",
+        "/lastTimestamp",
+        "/eventTime",
+        "/firstTimestamp",
+        "/metadata/creationTimestamp",
+    ]);
+    let first = since(&[
+        "/firstTimestamp",
+        "/eventTime",
+        "/metadata/creationTimestamp",
+    ]);
+    let object = format!(
+        "{}/{}",
+        s(o, "/involvedObject/kind").to_lowercase(),
+        s(o, "/involvedObject/name")
+    );
+    let mut source = s(o, "/source/component").to_string();
+    if source.is_empty() {
+        source = s(o, "/reportingController").to_string();
+    }
+    let host = s(o, "/source/host");
+    if !host.is_empty() {
+        source = format!("{source}, {host}");
+    }
+    let count = o
+        .pointer("/series/count")
+        .or_else(|| o.get("count"))
+        .and_then(Value::as_i64)
+        .unwrap_or(1);
+    vec![
+        json!(last),
+        json!(s(o, "/type")),
+        json!(s(o, "/reason")),
+        json!(object),
+        json!(s(o, "/involvedObject/fieldPath")),
+        json!(source),
+        json!(s(o, "/message").trim()),
+        json!(first),
+        json!(count),
+        name,
+    ]
 }
 
 fn cells(res: &Resource, o: &Value, now: jiff::Timestamp) -> Vec<Value> {
@@ -280,6 +344,7 @@ fn cells(res: &Resource, o: &Value, now: jiff::Timestamp) -> Vec<Value> {
             json!(age),
         ],
         "leases" => vec![name, json!(s(o, "/spec/holderIdentity")), json!(age)],
+        "events" => event_cells(o, name, now),
         _ => vec![name, json!(age)],
     }
 }

@@ -163,6 +163,53 @@ fn lease_rules(obj: &Value, causes: &mut Vec<Cause>) {
     }
 }
 
+/// kube's `ValidateEventCreate` for core v1 (the rules a hand-written event can break).
+fn event_rules(obj: &Value, causes: &mut Vec<Cause>) {
+    let ns = obj
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let involved_ns = obj
+        .pointer("/involvedObject/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let mismatch = || {
+        invalid_value(
+            "involvedObject.namespace",
+            involved_ns,
+            "does not match event.namespace",
+        )
+    };
+    let event_time = obj
+        .get("eventTime")
+        .is_some_and(|t| t.as_str().is_some_and(|t| !t.is_empty()));
+    if !event_time {
+        // An "old" event: its namespace is its object's (or empty/default for cluster objects).
+        let ok = if involved_ns.is_empty() {
+            ns.is_empty() || ns == "default"
+        } else {
+            ns == involved_ns
+        };
+        if !ok {
+            causes.push(mismatch());
+        }
+        return;
+    }
+    if involved_ns.is_empty() && ns != "default" && ns != "kube-system" {
+        causes.push(mismatch());
+    }
+    for (key, field) in [
+        ("reportingController", "reportingComponent"),
+        ("reportingInstance", "reportingInstance"),
+        ("action", "action"),
+        ("reason", "reason"),
+    ] {
+        if str_at(obj, key).is_none_or(str::is_empty) {
+            causes.push(crate::status::required(field));
+        }
+    }
+}
+
 fn selector_rules(sel: &Value, field: &str, causes: &mut Vec<Cause>) {
     for (i, e) in items(sel, "matchExpressions") {
         let f = format!("{field}.matchExpressions[{i}]");
@@ -313,6 +360,7 @@ pub(crate) fn kind_rules(res: &Resource, obj: &Value, causes: &mut Vec<Cause>) {
         "nodes" => node_rules(obj, causes),
         "leases" => lease_rules(obj, causes),
         "networkpolicies" => network_policy_rules(obj, causes),
+        "events" => event_rules(obj, causes),
         _ => {}
     }
 }
@@ -363,7 +411,7 @@ pub(crate) fn update_rules(res: &Resource, old: &Value, new: &Value) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resources::{CONFIGMAPS, NETWORK_POLICIES, NODES, PODS};
+    use crate::resources::{CONFIGMAPS, EVENTS, NETWORK_POLICIES, NODES, PODS};
     use serde_json::json;
 
     fn errs(res: &Resource, obj: Value) -> usize {
@@ -374,6 +422,13 @@ mod tests {
 
     #[test]
     fn kind_rules_table() {
+        let ev = |ns: &str, involved: &str| json!({"metadata": {"namespace": ns}, "involvedObject": {"namespace": involved}});
+        assert_eq!(errs(&EVENTS, ev("a", "a")), 0);
+        assert_eq!(errs(&EVENTS, ev("a", "b")), 1);
+        assert_eq!(errs(&EVENTS, ev("default", "")), 0);
+        let mut new_style = ev("a", "a");
+        new_style["eventTime"] = json!("2026-01-01T00:00:00.000000Z");
+        assert_eq!(errs(&EVENTS, new_style), 4);
         assert!(is_cidr("10.0.0.0/8") && is_cidr("fd00::/64"));
         assert!(!is_cidr("10.0.0.300/8") && !is_cidr("10.0.0.0/33") && !is_cidr("10.0.0.0"));
         assert_eq!(

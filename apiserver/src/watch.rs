@@ -47,12 +47,18 @@ impl Params {
                     ApiError::bad_request(format!("invalid resource version {r:?}"))
                 })?),
             };
+        // Like kube-apiserver, no timeout (or 0) means its minimum request timeout (1800 s).
         let timeout = match q.get("timeoutSeconds") {
             Some(t) => Duration::from_secs(
                 t.parse::<u64>()
                     .map_err(|_| ApiError::bad_request(format!("invalid timeoutSeconds {t:?}")))?,
             ),
-            None => Duration::from_secs(1800),
+            None => Duration::ZERO,
+        };
+        let timeout = if timeout.is_zero() {
+            Duration::from_secs(1800)
+        } else {
+            timeout
         };
         Ok(Self {
             sel,

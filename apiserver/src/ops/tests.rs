@@ -580,7 +580,20 @@ fn namespace_waits_for_finalizers_of_its_content() {
     reap(&mut s, &ctx());
     let c = s.get(&CONFIGMAPS, "t", "held").unwrap();
     assert!(c["metadata"]["deletionTimestamp"].is_string());
-    assert!(s.get(&NAMESPACES, "", "t").is_some());
+    let n = s.get(&NAMESPACES, "", "t").unwrap().clone();
+    let conds = n["status"]["conditions"].as_array().unwrap();
+    assert!(conds.iter().any(|c| {
+        c["type"] == "NamespaceFinalizersRemaining"
+        && c["status"] == "True"
+        && c["message"]
+            == "Some content in the namespace has finalizers remaining: x/y in 1 resource instances"
+    }));
+    reap(&mut s, &ctx());
+    assert_eq!(
+        s.get(&NAMESPACES, "", "t"),
+        Some(&n),
+        "no rewrite while unchanged"
+    );
     let fin = br#"{"metadata":{"finalizers":null}}"#;
     patch(
         &mut s,
