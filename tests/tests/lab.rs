@@ -301,3 +301,152 @@ fn node_podcidr_mode_uses_each_nodes_pod_cidr() {
     let want: Vec<String> = (0..3).map(|i| format!("sluice-10-244-{i}-0-24")).collect();
     assert_eq!(names, want);
 }
+
+/// kubectl against a lab, for each kind sluice uses: apply -f, get -o yaml, label, get -w, delete.
+#[test]
+fn kubectl_works_against_a_lab_for_every_kind() {
+    if !have_root() {
+        return;
+    }
+    let lab = Lab::up(&["--nodes", "1", "--pods-per-node", "0"]);
+    let manifest = r#"apiVersion: v1
+kind: Namespace
+metadata: {name: kk}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: cm1, namespace: kk}
+data: {a: "1"}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: np1, namespace: kk}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+---
+apiVersion: coordination.k8s.io/v1
+kind: Lease
+metadata: {name: l1, namespace: kk}
+spec: {holderIdentity: someone, leaseDurationSeconds: 30}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: extra-node}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p1, namespace: kk}
+spec:
+  containers: [{name: c, image: sluice-lab}]
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("all.yaml");
+    std::fs::write(&file, manifest).unwrap();
+    let ok = |args: &[&str]| -> String {
+        let out = lab.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let applied = ok(&["apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(applied.matches(" created").count(), 6, "{applied}");
+    // A watch sees the change made next.
+    let mut watch = std::process::Command::new("timeout")
+        .args(["-k", "2", "20", "kubectl", "--kubeconfig"])
+        .arg(lab.kubeconfig())
+        .args([
+            "get",
+            "configmaps",
+            "-n",
+            "kk",
+            "-w",
+            "-o",
+            "json",
+            "--output-watch-events",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for (kind, name, ns) in [
+        ("namespace", "kk", None),
+        ("configmap", "cm1", Some("kk")),
+        ("networkpolicy", "np1", Some("kk")),
+        ("lease", "l1", Some("kk")),
+        ("node", "extra-node", None),
+        ("pod", "p1", Some("kk")),
+    ] {
+        let mut args = vec!["get", kind, name, "-o", "yaml"];
+        if let Some(ns) = ns {
+            args.extend(["-n", ns]);
+        }
+        let yaml = ok(&args);
+        assert!(yaml.contains(&format!("name: {name}")), "{yaml}");
+        let mut args = vec!["label", kind, name, "tier=lab"];
+        if let Some(ns) = ns {
+            args.extend(["-n", ns]);
+        }
+        ok(&args);
+        let mut args = vec!["get", kind, "-l", "tier=lab", "-o", "name"];
+        if let Some(ns) = ns {
+            args.extend(["-n", ns]);
+        }
+        assert!(ok(&args).contains(name));
+    }
+    // The lab's kubelet made the pod real.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !ok(&[
+        "get",
+        "pod",
+        "p1",
+        "-n",
+        "kk",
+        "-o",
+        "jsonpath={.status.phase}",
+    ])
+    .contains("Running")
+    {
+        assert!(std::time::Instant::now() < deadline, "pod never ran");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    ok(&[
+        "delete",
+        "-f",
+        file.to_str().unwrap(),
+        "--wait=true",
+        "--timeout=30s",
+    ]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // TERM to timeout(1), which passes it on to kubectl (a KILL would orphan kubectl).
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(watch.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = watch.wait();
+    let mut seen = String::new();
+    use std::io::Read;
+    watch
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut seen)
+        .unwrap();
+    assert!(
+        seen.contains("\"ADDED\"") && seen.contains("\"cm1\""),
+        "{seen}"
+    );
+    assert!(
+        seen.contains("MODIFIED"),
+        "the label was not watched: {seen}"
+    );
+    assert!(
+        seen.contains("DELETED"),
+        "the delete was not watched: {seen}"
+    );
+    assert!(ok(&["get", "nodes", "-o", "name"])
+        .lines()
+        .all(|l| !l.contains("extra-node")));
+}
