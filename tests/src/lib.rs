@@ -181,3 +181,15 @@ pub fn sluice_bin() -> PathBuf {
     );
     bin
 }
+
+/// Polls `f` every 100 ms until it holds or `limit` passes; its last answer.
+pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f()
+}

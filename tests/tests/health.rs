@@ -4,10 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::Value;
-use sluice_e2e::have_root;
 use sluice_e2e::lab::{in_netns, Lab};
+use sluice_e2e::{eventually, have_root};
 use std::io::{Read, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn http_get(netns: &str, path: &str) -> (u16, String) {
     let path = path.to_string();
@@ -32,17 +32,6 @@ fn status(node_ns: &str, format: &str) -> std::process::Output {
         .args(["status", "-o", format])
         .output()
         .unwrap()
-}
-
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    f()
 }
 
 #[test]

@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::Value;
-use sluice_e2e::have_root;
 use sluice_e2e::lab::{lab_cmd, tcp_ask, tcp_server, Lab};
+use sluice_e2e::{eventually, have_root};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -29,18 +29,6 @@ fn pods(status: &Value) -> Vec<Pod> {
             ip: p["ip"].as_str().unwrap().parse().unwrap(),
         })
         .collect()
-}
-
-/// Waits (bounded) until `f` holds; false if it never did.
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    f()
 }
 
 /// Routes sluice owns (protocol 77) in a node namespace, by destination.
