@@ -16,7 +16,7 @@ pub struct StatusArgs {
 }
 
 /// A GET over plain HTTP/1.0 on the local health port: no client library for one request.
-fn get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String)> {
+pub fn get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String)> {
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
         .with_context(|| format!("is the agent running? connecting to {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -90,9 +90,10 @@ fn print_table(doc: &serde_json::Value, ready: bool, reasons: &str) {
         s(&doc["tunnel"]["mtu"])
     );
     println!(
-        "policy      {} ({} rules)",
+        "policy      {} ({} rules, {} pods programmed)",
         s(&doc["policy"]["backend"]),
-        s(&doc["policy"]["rules"])
+        s(&doc["policy"]["rules"]),
+        s(&doc["policy"]["pods"])
     );
     let empty = Vec::new();
     let peers = doc["peers"].as_array().unwrap_or(&empty);

@@ -28,14 +28,16 @@ pub struct Snapshot {
     pub watches_synced: bool,
     /// Why the last sluice-config was rejected (the last good one is kept).
     pub config_error: Option<String>,
+    /// Why the last policy pass failed (the rules in the kernel stay as they were).
+    pub policy_error: Option<String>,
     /// Each control loop's last heartbeat.
     pub heartbeats: BTreeMap<String, Instant>,
     /// The node's status document (`sluice status`).
     pub status: serde_json::Value,
 }
 
-/// 200 only when the node holds its lease, its datapath is programmed, its watches have synced and
-/// its configuration parsed; otherwise every reason why not.
+/// 200 only when the node holds its lease, its datapath is programmed, its watches have synced,
+/// its configuration parsed and its last policy pass applied; otherwise every reason why not.
 pub fn readiness(s: &Snapshot, now: SystemTime) -> Result<(), Vec<String>> {
     let mut why = Vec::new();
     match &s.lease {
@@ -56,6 +58,9 @@ pub fn readiness(s: &Snapshot, now: SystemTime) -> Result<(), Vec<String>> {
     }
     if let Some(e) = &s.config_error {
         why.push(format!("sluice-config: {e}"));
+    }
+    if let Some(e) = &s.policy_error {
+        why.push(format!("policy: {e}"));
     }
     if why.is_empty() {
         Ok(())

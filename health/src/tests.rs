@@ -46,6 +46,19 @@ fn expired_lease_bad_config_and_datapath_errors_are_not_ready() {
 }
 
 #[test]
+fn a_failed_policy_pass_is_not_ready_and_says_why() {
+    let mut s = ready_snapshot();
+    s.policy_error = Some("nft apply failed: Error: Could not process rule".into());
+    let why = readiness(&s, SystemTime::now()).unwrap_err();
+    assert_eq!(
+        why,
+        ["policy: nft apply failed: Error: Could not process rule"]
+    );
+    s.policy_error = None;
+    readiness(&s, SystemTime::now()).unwrap();
+}
+
+#[test]
 fn liveness_fails_only_for_a_wedged_loop() {
     let now = Instant::now();
     let mut s = Snapshot::default();

@@ -5,8 +5,13 @@
 //! Mechanism: the `conntrack` binary (conntrack-tools; called, not linked): `conntrack -L`
 //! lists the IPv4 flows, [`denied`] (pure) picks those the IR no longer allows (judged as the
 //! forward hook saw them: original source, destination after DNAT = the reply's source, its
-//! port), and each is deleted by its original tuple. A netlink implementation
-//! (`netlink-packet-netfilter`) could replace the binary behind the same call.
+//! port), and they are deleted by one `conntrack -D` per (source, destination, protocol,
+//! destination port, reply source and port) group (one process per flow took tens of seconds
+//! when a probe or a scanner had left hundreds of entries, blocking the policy loop). Entries
+//! that cannot carry a packet as established are left alone: those that never saw a reply
+//! (their next packet is new, so the policy judges it) and TCP entries in TIME_WAIT or CLOSE (a
+//! new SYN on them is a new flow). A netlink implementation (`netlink-packet-netfilter`) could
+//! replace the binary behind the same call.
 
 use crate::firewall::{Exec, FirewallError};
 use crate::ir::PolicyIr;
@@ -22,6 +27,9 @@ pub struct Flow {
     pub dport: Option<u16>,
     pub reply_src: Ipv4Addr,
     pub reply_sport: Option<u16>,
+    /// Whether a packet of this flow can pass as established: a reply was seen and, for TCP,
+    /// the connection is not closed.
+    pub live: bool,
 }
 
 /// Flows from `conntrack -L -f ipv4` text; lines that do not parse are skipped.
@@ -37,8 +45,15 @@ fn parse_line(line: &str) -> Option<Flow> {
     let mut dst = Vec::new();
     let mut sport = Vec::new();
     let mut dport = Vec::new();
+    let (mut unreplied, mut assured, mut closed) = (false, false, false);
     for w in words {
         let Some((k, v)) = w.split_once('=') else {
+            match w {
+                "[UNREPLIED]" => unreplied = true,
+                "[ASSURED]" => assured = true,
+                "TIME_WAIT" | "CLOSE" => closed = true,
+                _ => {}
+            }
             continue;
         };
         match k {
@@ -57,15 +72,36 @@ fn parse_line(line: &str) -> Option<Flow> {
         dport: dport.first().copied(),
         reply_src: *src.get(1)?,
         reply_sport: sport.get(1).copied(),
+        live: (assured || !unreplied) && !closed,
     })
 }
 
-/// The flows `ir` would not let start.
+/// The live flows `ir` would not let start.
 pub fn denied<'a>(ir: &PolicyIr, flows: &'a [Flow]) -> Vec<&'a Flow> {
     flows
         .iter()
-        .filter(|f| !ir.allows(f.src, f.reply_src, f.proto, f.reply_sport))
+        .filter(|f| f.live && !ir.allows(f.src, f.reply_src, f.proto, f.reply_sport))
         .collect()
+}
+
+/// `conntrack -D` arguments deleting every flow with `flow`'s source, destination, protocol,
+/// destination port and reply source and port: flows that share all of these share their
+/// verdict, so one call deletes them all and nothing the policy allows.
+pub fn delete_group_args(flow: &Flow) -> Vec<String> {
+    let mut a = delete_args(&Flow {
+        sport: None,
+        ..flow.clone()
+    });
+    a.extend(["--reply-src".into(), flow.reply_src.to_string()]);
+    if matches!(flow.proto, 6 | 17 | 132) {
+        if let Some(d) = flow.dport {
+            a.extend(["--orig-port-dst".into(), d.to_string()]);
+        }
+        if let Some(r) = flow.reply_sport {
+            a.extend(["--reply-port-src".into(), r.to_string()]);
+        }
+    }
+    a
 }
 
 /// `conntrack -D` arguments deleting exactly `flow`.
@@ -100,6 +136,9 @@ pub fn delete_args(flow: &Flow) -> Vec<String> {
     a
 }
 
+/// `conntrack -D` processes run at once by [`ConntrackCli::flush_denied`].
+const DELETERS: usize = 8;
+
 /// Conntrack through the `conntrack` binary.
 #[derive(Debug, Clone)]
 pub struct ConntrackCli {
@@ -120,7 +159,8 @@ impl ConntrackCli {
         self.exec.has(&self.program)
     }
 
-    /// Deletes the entries of every flow `ir` denies; how many were deleted. Call it right
+    /// Deletes the entries of every flow `ir` denies; how many groups of flows (see
+    /// [`delete_group_args`]) were deleted. Call it right
     /// after the firewall applied `ir`, so that a flow cannot come back as established.
     pub fn flush_denied(&self, ir: &PolicyIr) -> Result<usize, FirewallError> {
         let out = self.exec.run(&self.program, &["-L", "-f", "ipv4"], None)?;
@@ -133,13 +173,46 @@ impl ConntrackCli {
         }
         let flows = parse_list(&String::from_utf8_lossy(&out.stdout));
         let mut deleted = 0;
-        for flow in denied(ir, &flows) {
-            let args = delete_args(flow);
-            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-            // Exit 1 with "0 flow entries" when the flow ended meanwhile: nothing to do.
-            if self.exec.run(&self.program, &refs, None)?.status.success() {
-                deleted += 1;
-            }
+        let mut groups: Vec<Vec<String>> = denied(ir, &flows)
+            .into_iter()
+            .map(delete_group_args)
+            .collect();
+        groups.sort();
+        groups.dedup();
+        // A few at once: each call is a process, and the policy loop waits for all of them.
+        let width = groups.len().div_ceil(DELETERS).max(1);
+        let results: Vec<Result<usize, FirewallError>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = groups
+                .chunks(width)
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        let mut n = 0;
+                        for args in chunk {
+                            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                            // Exit 1 with "0 flow entries" when the flows ended meanwhile.
+                            if self.exec.run(&self.program, &refs, None)?.status.success() {
+                                n += 1;
+                            }
+                        }
+                        Ok(n)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| {
+                    w.join().unwrap_or_else(|_| {
+                        Err(FirewallError::Command {
+                            program: "conntrack".into(),
+                            op: "delete",
+                            stderr: "a deleting thread panicked".into(),
+                        })
+                    })
+                })
+                .collect()
+        });
+        for r in results {
+            deleted += r?;
         }
         if deleted > 0 {
             tracing::info!(deleted, "conntrack entries of denied flows deleted");
@@ -188,7 +261,9 @@ conntrack v1.4.7 (conntrack-tools): 3 flow entries have been shown.\n";
         };
         let ir = PolicyIr { pods: vec![pod] };
         let flows = parse_list(LIST);
-        assert_eq!(denied(&ir, &flows).len(), 3);
+        // The UDP flow never saw a reply: its next packet is new, judged by the rules.
+        assert!(!flows[1].live);
+        assert_eq!(denied(&ir, &flows).len(), 2);
         assert_eq!(denied(&PolicyIr::default(), &flows).len(), 0);
         assert_eq!(
             delete_args(&flows[1]).join(" "),
@@ -197,6 +272,22 @@ conntrack v1.4.7 (conntrack-tools): 3 flow entries have been shown.\n";
         assert_eq!(
             delete_args(&flows[2]).join(" "),
             "-D -f ipv4 -p icmp -s 10.244.1.2 -d 10.244.1.1"
+        );
+    }
+
+    #[test]
+    fn closed_and_unreplied_flows_are_not_live_and_groups_share_a_verdict() {
+        let text = "tcp      6 119 TIME_WAIT src=10.244.0.2 dst=10.244.1.1 sport=40000 dport=80 src=10.244.1.1 dst=10.244.0.2 sport=80 dport=40000 [ASSURED] mark=0 use=1\n\
+tcp      6 119 SYN_SENT src=10.244.0.2 dst=10.244.1.1 sport=40001 dport=80 [UNREPLIED] src=10.244.1.1 dst=10.244.0.2 sport=80 dport=40001 mark=0 use=1\n\
+udp      17 28 src=10.244.0.2 dst=10.244.1.1 sport=5000 dport=80 src=10.244.1.1 dst=10.244.0.2 sport=80 dport=5000 mark=0 use=1\n";
+        let flows = parse_list(text);
+        assert_eq!(
+            flows.iter().map(|f| f.live).collect::<Vec<_>>(),
+            [false, false, true]
+        );
+        assert_eq!(
+            delete_group_args(&flows[2]).join(" "),
+            "-D -f ipv4 -p udp -s 10.244.0.2 -d 10.244.1.1 --reply-src 10.244.1.1 --orig-port-dst 80 --reply-port-src 80"
         );
     }
 }

@@ -146,6 +146,17 @@ fn kubectl_pods_become_real_and_reach_each_other_on_every_port() {
     nodes.sort();
     nodes.dedup();
     assert_eq!(nodes.len(), 3, "{nodes:?}");
+    // Running is written once the pod is wired, but a pod's veth drops (fail closed) until its
+    // node's agent has seen the pod's address and put it in the policy rules: wait for that.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (failures, _, _) = matrix(&lab, 80, "tcp");
+        if failures.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{failures:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     for (port, proto) in [(80, "tcp"), (81, "tcp"), (80, "udp"), (81, "udp")] {
         let (failures, took, _) = matrix(&lab, port, proto);
         eprintln!(

@@ -4,6 +4,7 @@
 
 pub mod config;
 mod kube_leases;
+mod policy;
 
 use anyhow::{bail, Context, Result};
 use config::{AgentConfig, SubnetSource};
@@ -66,7 +67,76 @@ pub const API_CALLS: &[(&str, &str, &str)] = &[
     ("coordination.k8s.io", "leases", "watch"),
     ("coordination.k8s.io", "leases", "create"),
     ("coordination.k8s.io", "leases", "update"),
+    ("", "pods", "list"),
+    ("", "pods", "watch"),
+    ("", "namespaces", "list"),
+    ("", "namespaces", "watch"),
+    ("networking.k8s.io", "networkpolicies", "list"),
+    ("networking.k8s.io", "networkpolicies", "watch"),
 ];
+
+/// Whether each loop's watches have listed once; `/readyz` wants both.
+#[derive(Debug, Default)]
+pub struct WatchSync {
+    datapath: std::sync::atomic::AtomicBool,
+    policy: std::sync::atomic::AtomicBool,
+}
+
+impl WatchSync {
+    fn publish(&self, health: &Health) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let all = self.datapath.load(SeqCst) && self.policy.load(SeqCst);
+        health.update(|s| s.watches_synced = all);
+    }
+
+    pub fn set_datapath(&self, synced: bool, health: &Health) {
+        self.datapath
+            .store(synced, std::sync::atomic::Ordering::SeqCst);
+        self.publish(health);
+    }
+
+    pub fn set_policy(&self, synced: bool, health: &Health) {
+        self.policy
+            .store(synced, std::sync::atomic::Ordering::SeqCst);
+        self.publish(health);
+    }
+}
+
+/// The policy firewall of `policy-backend`, retried with backoff until one works (its error
+/// shows on `/readyz` meanwhile), then the policy loop.
+async fn start_policy(
+    client: Client,
+    node: String,
+    choice: config::PolicyBackend,
+    health: Health,
+    sync: std::sync::Arc<WatchSync>,
+) {
+    let name = match choice {
+        config::PolicyBackend::Nftables => "nftables",
+        config::PolicyBackend::Iptables => "iptables",
+        config::PolicyBackend::Auto => "auto",
+    };
+    let firewall = with_backoff("choosing the policy firewall", || {
+        let health = health.clone();
+        async move {
+            let got = tokio::task::spawn_blocking(move || {
+                sluice_policy::auto(sluice_policy::Exec::host(), name)
+            })
+            .await?;
+            match got {
+                Ok(fw) => Ok(fw),
+                Err(e) => {
+                    health.update(|s| s.policy_error = Some(e.to_string()));
+                    Err(e.into())
+                }
+            }
+        }
+    })
+    .await;
+    tracing::info!(node, backend = ?firewall.backend(), "policy firewall chosen");
+    health.update(|s| s.policy_error = None);
+    policy::run(client, node, std::sync::Arc::from(firewall), health, sync).await;
+}
 
 /// How long a control loop may go without a pass before liveness fails: generous, since the loop
 /// passes at least every `resync_secs` even while the API server is away.
@@ -338,6 +408,14 @@ async fn run(args: AgentArgs) -> Result<()> {
         .default_backoff()
         .map(|e| (1usize, matches!(e, Ok(watcher::Event::InitDone))));
     let mut events = Box::pin(futures::stream::select(lease_events, cm_events));
+    let watch_sync = std::sync::Arc::new(WatchSync::default());
+    tokio::spawn(start_policy(
+        client.clone(),
+        node.clone(),
+        cfg.policy_backend,
+        health.clone(),
+        watch_sync.clone(),
+    ));
     let mut synced = [false, false];
     let mut tick = tokio::time::interval(Duration::from_secs(args.resync_secs.max(1)));
     let mut marked_available = false;
@@ -493,9 +571,14 @@ async fn run(args: AgentArgs) -> Result<()> {
                     .set(i64::try_from(n).unwrap_or(i64::MAX));
             }
         }
+        watch_sync.set_datapath(synced.iter().all(|b| *b), &health);
         health.update(|s| {
-            s.watches_synced = synced.iter().all(|b| *b);
+            // The policy loop owns the document's `policy` part.
+            let policy = s.status.get("policy").cloned();
             s.status = status_document(&node, &held, &cfg, &vx, &peers, expires);
+            if let (Some(p), Some(doc)) = (policy, s.status.as_object_mut()) {
+                doc.insert("policy".into(), p);
+            }
         });
         health.beat("agent");
         tokio::select! {
@@ -541,6 +624,6 @@ fn status_document(
             "tunnel": "vxlan",
             "vtepMac": lease::format_mac(&p.vtep_mac),
         })).collect::<Vec<_>>(),
-        "policy": {"backend": "none", "rules": 0},
+        "policy": {"backend": "none", "rules": 0, "pods": 0},
     })
 }

@@ -351,7 +351,49 @@ async fn build(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // A pod's veth drops everything (fail closed) until its node's agent has put it in the
+    // policy rules, a moment after the pod runs: the lab is up once every pod is programmed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for node in &plan.nodes {
+        let want = plan.pods.iter().filter(|p| p.node == node.name).count();
+        loop {
+            let have = programmed_pods(&node.netns).await;
+            if have >= want {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent of {} programmed {have} of its {want} pods within 30 s (log: {:?})",
+                    node.name,
+                    cni::node_dir(name, &node.name).join("agent.log")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     Ok(())
+}
+
+/// How many local pods a node's agent says its policy rules know (`/status`, from inside the
+/// node's namespace); 0 when it does not answer yet.
+async fn programmed_pods(netns: &str) -> usize {
+    let netns = netns.to_string();
+    let ask = move || -> Option<usize> {
+        let path = sluice_net::netns::named_path(&netns);
+        let file = sluice_net::netns::open(&path).ok()?;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 9099));
+        let (code, body) =
+            sluice_net::netns::run_in(&file, &path, || crate::status::get(addr, "/status"))
+                .ok()?
+                .ok()?;
+        let doc: serde_json::Value = serde_json::from_str(&body).ok().filter(|_| code == 200)?;
+        usize::try_from(doc["policy"]["pods"].as_u64()?).ok()
+    };
+    tokio::task::spawn_blocking(ask)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(0)
 }
 
 /// Host and port of the kubeconfig's current cluster.

@@ -1,0 +1,420 @@
+//! The agent's policy loop: watches of Pods, Namespaces and NetworkPolicies (cluster-wide) →
+//! [`sluice_policy::compile`] for this node's pods → the firewall of `policy-backend` → conntrack
+//! cuts the flows the new rules deny. Level triggered like the datapath loop: every pass compiles
+//! the whole desired state from the caches, and the firewall writes only when its hash differs.
+//!
+//! A local pod is a Pod with `spec.nodeName` = this node and an address; its host-side veth is
+//! read from the kernel, the /32 route sluice's CNI plugin made to the pod's address (route
+//! protocol [`sluice_net::ROUTE_PROTOCOL`]): the route is what steers the pod's traffic, so it is
+//! the truth about which interface the rules must name (the IPAM file would only say what the
+//! plugin meant to do). A pod without such a route yet stays out of the IR, and its veth drops
+//! (fail closed) until a later pass finds it.
+
+use super::WatchSync;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::Api;
+use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::Client;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::LinkAttribute;
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol};
+use sluice_health::Health;
+use sluice_policy::{compile, ConntrackCli, Exec, Firewall, LocalPod, PolicyInput, PolicyIr};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Seconds between full passes when nothing changes (drift repair: rules removed by hand, a
+/// veth that appeared after its pod's last event).
+pub const RESYNC: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("reading the kernel's routes and links: {0}")]
+    Netlink(String),
+    #[error(transparent)]
+    Firewall(#[from] sluice_policy::FirewallError),
+    #[error("the firewall task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// What the kernel says about local pods and the node: pod address → host-side veth, and the
+/// node's own addresses.
+struct KernelView {
+    links: HashMap<Ipv4Addr, String>,
+    host_addrs: Vec<Ipv4Addr>,
+}
+
+async fn kernel_view(handle: &rtnetlink::Handle) -> Result<KernelView, PolicyError> {
+    let err = |e: rtnetlink::Error| PolicyError::Netlink(e.to_string());
+    let names: HashMap<u32, String> = handle
+        .link()
+        .get()
+        .execute()
+        .try_filter_map(|l| async move {
+            Ok(l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some((l.header.index, n.clone())),
+                _ => None,
+            }))
+        })
+        .try_collect()
+        .await
+        .map_err(err)?;
+    let routes: Vec<_> = handle
+        .route()
+        .get(rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(err)?;
+    let mut links = HashMap::new();
+    for r in &routes {
+        if r.header.protocol != RouteProtocol::from(sluice_net::ROUTE_PROTOCOL)
+            || r.header.destination_prefix_length != 32
+        {
+            continue;
+        }
+        let dst = r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+            _ => None,
+        });
+        let oif = r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        let name = oif.and_then(|i| names.get(&i));
+        if let (Some(dst), Some(name)) = (dst, name) {
+            if sluice_net::podnet::is_host_ifname(name) {
+                links.insert(dst, name.clone());
+            }
+        }
+    }
+    let host_addrs = handle
+        .address()
+        .get()
+        .execute()
+        .try_filter_map(|a| async move {
+            Ok(a.attributes.iter().find_map(|at| match at {
+                AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            }))
+        })
+        .try_collect()
+        .await
+        .map_err(err)?;
+    Ok(KernelView { links, host_addrs })
+}
+
+/// Rules in force: per isolated pod and direction, one per address range allowed on every port
+/// and one per (protocol, port range) entry. What `sluice_policy_rules` and `sluice status` show.
+pub fn rule_count(ir: &PolicyIr) -> usize {
+    ir.pods
+        .iter()
+        .flat_map(|p| [&p.ingress, &p.egress])
+        .filter(|d| d.isolated)
+        .map(|d| d.all_ports.ranges().len() + d.ports.len())
+        .sum()
+}
+
+/// The node's pods as the compiler takes them: scheduled here, with an address, and a veth
+/// found in the kernel.
+fn local_pods(node: &str, pods: &[Pod], links: &HashMap<Ipv4Addr, String>) -> Vec<LocalPod> {
+    pods.iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+        .filter_map(|p| {
+            let ip: Ipv4Addr = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+            LocalPod::from_pod(p, links.get(&ip)?)
+        })
+        .collect()
+}
+
+/// One pass's outcome, for logs and the status document.
+struct Pass {
+    rules: usize,
+    pods: usize,
+    written: bool,
+    flushed: usize,
+}
+
+/// The policy loop; runs until the process ends.
+pub async fn run(
+    client: Client,
+    node: String,
+    firewall: Arc<dyn Firewall>,
+    health: Health,
+    sync: Arc<WatchSync>,
+) {
+    let backend = match firewall.backend() {
+        sluice_policy::Backend::Nftables => "nftables",
+        sluice_policy::Backend::Iptables => "iptables",
+    };
+    let (pod_cache, pod_writer) = reflector::store::<Pod>();
+    let (ns_cache, ns_writer) = reflector::store::<Namespace>();
+    let (np_cache, np_writer) = reflector::store::<NetworkPolicy>();
+    let wc = watcher::Config::default;
+    let pods = reflector(pod_writer, watcher(Api::<Pod>::all(client.clone()), wc()))
+        .default_backoff()
+        .map(|e| (0usize, init_done("pods", &e)));
+    let nss = reflector(
+        ns_writer,
+        watcher(Api::<Namespace>::all(client.clone()), wc()),
+    )
+    .default_backoff()
+    .map(|e| (1usize, init_done("namespaces", &e)));
+    let nps = reflector(
+        np_writer,
+        watcher(Api::<NetworkPolicy>::all(client.clone()), wc()),
+    )
+    .default_backoff()
+    .map(|e| (2usize, init_done("networkpolicies", &e)));
+    let mut events = Box::pin(futures::stream::select(
+        pods,
+        futures::stream::select(nss, nps),
+    ));
+    let handle = match rtnetlink::new_connection() {
+        Ok((conn, handle, _)) => {
+            tokio::spawn(conn);
+            Some(handle)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "no netlink socket: policy cannot find the pods' veths");
+            health.update(|s| s.policy_error = Some(format!("netlink socket: {e}")));
+            None
+        }
+    };
+    let conntrack = ConntrackCli::new(Exec::host());
+    if !conntrack.available() {
+        tracing::warn!(
+            "no conntrack binary: established flows outlive the policy that denies them"
+        );
+    }
+    let mut synced = [false; 3];
+    let mut tick = tokio::time::interval(RESYNC);
+    let mut swept = false;
+    loop {
+        if synced.iter().all(|b| *b) {
+            if let Some(handle) = &handle {
+                let started = Instant::now();
+                let pass = sync_once(
+                    &node,
+                    handle,
+                    &firewall,
+                    &conntrack,
+                    (&pod_cache, &ns_cache, &np_cache),
+                )
+                .await;
+                health
+                    .metrics
+                    .policy_sync_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                match pass {
+                    Ok(p) => {
+                        if p.written || p.flushed > 0 {
+                            tracing::info!(node, backend, pods = p.pods, rules = p.rules, flushed = p.flushed, took = ?started.elapsed(), "policy applied");
+                        }
+                        health
+                            .metrics
+                            .policy_rules
+                            .set(i64::try_from(p.rules).unwrap_or(i64::MAX));
+                        health.update(|s| {
+                            s.policy_error = None;
+                            set_policy_status(&mut s.status, backend, p.rules, p.pods);
+                        });
+                        if !swept {
+                            // Only once this backend's rules are in force, so that a switch of
+                            // backend never leaves a moment without policy.
+                            let b = firewall.backend();
+                            match tokio::task::spawn_blocking(move || sweep_other(b)).await {
+                                Ok(Ok(())) => swept = true,
+                                Ok(Err(e)) => {
+                                    tracing::warn!(error = %e, "cannot remove the other backend's policy rules; will retry")
+                                }
+                                Err(e) => tracing::warn!(error = %e, "sweep task failed"),
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(node, backend, error = %e, "policy sync failed; will retry");
+                        health.metrics.policy_errors.inc();
+                        health.update(|s| s.policy_error = Some(e.to_string()));
+                    }
+                }
+            }
+        }
+        health.beat("policy");
+        tokio::select! {
+            Some((source, init_done)) = events.next() => {
+                mark(&mut synced, source, init_done, &sync, &health);
+                // Let a burst of events land before the next pass.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                while let Some(Some((source, init_done))) = futures::FutureExt::now_or_never(events.next()) {
+                    mark(&mut synced, source, init_done, &sync, &health);
+                }
+            }
+            _ = tick.tick() => {}
+        }
+    }
+}
+
+/// Whether a watch event ends the initial listing; errors are logged (the watch retries with
+/// backoff, and the cache keeps its last state meanwhile).
+fn init_done<K>(watch: &str, e: &Result<watcher::Event<K>, watcher::Error>) -> bool {
+    match e {
+        Ok(watcher::Event::InitDone) => true,
+        Ok(_) => false,
+        Err(e) => {
+            tracing::warn!(watch, error = %e, "policy watch failed; retrying");
+            false
+        }
+    }
+}
+
+fn mark(synced: &mut [bool; 3], source: usize, init_done: bool, sync: &WatchSync, health: &Health) {
+    if let Some(s) = synced.get_mut(source) {
+        *s |= init_done;
+    }
+    if init_done && synced.iter().all(|b| *b) {
+        sync.set_policy(true, health);
+    }
+}
+
+/// Removes what sluice wrote with the backend it no longer uses (a `policy-backend` switch):
+/// the other mechanism's stale rules would still drop traffic (their fail-closed default).
+fn sweep_other(using: sluice_policy::Backend) -> Result<(), sluice_policy::FirewallError> {
+    match using {
+        sluice_policy::Backend::Nftables => {
+            // No iptables on the host: nothing of sluice's can be there.
+            match sluice_policy::IptablesRestore::detect(Exec::host()) {
+                Ok(ipt) if ipt.observe().is_ok_and(|o| o.hash.is_some()) => {
+                    ipt.remove()?;
+                    tracing::info!("stale iptables policy chains removed");
+                    Ok(())
+                }
+                _ => Ok(()),
+            }
+        }
+        sluice_policy::Backend::Iptables => {
+            let nft = sluice_policy::NftCli::new(Exec::host());
+            if nft.works() && nft.observe().is_ok_and(|o| o.hash.is_some()) {
+                nft.remove()?;
+                tracing::info!("stale nftables policy table removed");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Writes `policy` into the status document if it is an object.
+/// `pods` is how many local pods the rules in force know (a pod's veth drops until then).
+pub fn set_policy_status(status: &mut serde_json::Value, backend: &str, rules: usize, pods: usize) {
+    if let Some(doc) = status.as_object_mut() {
+        doc.insert(
+            "policy".into(),
+            serde_json::json!({"backend": backend, "rules": rules, "pods": pods}),
+        );
+    }
+}
+
+type Caches<'a> = (
+    &'a reflector::Store<Pod>,
+    &'a reflector::Store<Namespace>,
+    &'a reflector::Store<NetworkPolicy>,
+);
+
+async fn sync_once(
+    node: &str,
+    handle: &rtnetlink::Handle,
+    firewall: &Arc<dyn Firewall>,
+    conntrack: &ConntrackCli,
+    (pods, nss, nps): Caches<'_>,
+) -> Result<Pass, PolicyError> {
+    let kernel = kernel_view(handle).await?;
+    let pods: Vec<Pod> = pods.state().iter().map(|p| (**p).clone()).collect();
+    let namespaces: Vec<Namespace> = nss.state().iter().map(|n| (**n).clone()).collect();
+    let policies: Vec<NetworkPolicy> = nps.state().iter().map(|n| (**n).clone()).collect();
+    let local = local_pods(node, &pods, &kernel.links);
+    let input = PolicyInput {
+        pods: &pods,
+        namespaces: &namespaces,
+        policies: &policies,
+        host_addrs: &kernel.host_addrs,
+    };
+    let ir = compile(&input, &local);
+    let rules = rule_count(&ir);
+    let firewall = firewall.clone();
+    let conntrack = conntrack.clone();
+    let can_flush = conntrack.available();
+    let (written, flushed) = tokio::task::spawn_blocking(move || {
+        let rendered = firewall.render(&ir);
+        let applied = firewall.apply(&rendered)?;
+        // Only a change of rules can deny a flow that was allowed when it started.
+        let flushed = if applied.written && can_flush {
+            conntrack.flush_denied(&ir)?
+        } else {
+            0
+        };
+        Ok::<_, PolicyError>((applied.written, flushed))
+    })
+    .await??;
+    Ok(Pass {
+        rules,
+        pods: local.len(),
+        written,
+        flushed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use k8s_openapi::api::core::v1::{PodSpec, PodStatus};
+
+    fn pod(name: &str, node: &str, ip: Option<&str>) -> Pod {
+        Pod {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("x".into()),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(node.into()),
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                pod_ip: ip.map(str::to_string),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn local_pods_are_this_nodes_wired_pods() {
+        let pods = [
+            pod("a", "n1", Some("10.244.1.2")),
+            pod("b", "n2", Some("10.244.2.2")),
+            pod("c", "n1", None),
+            pod("d", "n1", Some("10.244.1.9")),
+        ];
+        let links = HashMap::from([
+            ("10.244.1.2".parse().unwrap(), "sl0000000000001".to_string()),
+            ("10.244.2.2".parse().unwrap(), "sl0000000000002".to_string()),
+        ]);
+        let local = local_pods("n1", &pods, &links);
+        assert_eq!(local.len(), 1);
+        assert_eq!(local[0].name, "a");
+        assert_eq!(local[0].ifname, "sl0000000000001");
+    }
+
+    #[test]
+    fn policy_status_is_written_into_the_document() {
+        let mut doc = serde_json::json!({"node": "n1", "policy": {"backend": "none", "rules": 0}});
+        set_policy_status(&mut doc, "nftables", 7, 3);
+        assert_eq!(doc["policy"]["backend"], "nftables");
+        assert_eq!(doc["policy"]["pods"], 3);
+        assert_eq!(doc["policy"]["rules"], 7);
+    }
+}
