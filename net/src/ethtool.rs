@@ -327,10 +327,10 @@ impl Ethtool {
         .map(|_| ())
     }
 
-    /// Switches TX checksum offload off (`ethtool -K DEV tx off`).
-    pub fn disable_tx_checksum(&mut self, ifname: &str) -> Result<(), EthtoolError> {
-        let off: Vec<(&str, bool)> = TX_CHECKSUM_FEATURES.iter().map(|f| (*f, false)).collect();
-        self.set_features(ifname, &off)
+    /// Switches TX checksum offload on or off (`ethtool -K DEV tx on|off`).
+    pub fn set_tx_checksum(&mut self, ifname: &str, on: bool) -> Result<(), EthtoolError> {
+        let wanted: Vec<(&str, bool)> = TX_CHECKSUM_FEATURES.iter().map(|f| (*f, on)).collect();
+        self.set_features(ifname, &wanted)
     }
 
     /// Whether any TX checksum offload is on.

@@ -371,6 +371,13 @@ async fn run(args: AgentArgs) -> Result<()> {
         .with_context(|| format!("finding the link with {underlay_ip}"))?;
     let mut vx = VxlanConfig::auto(underlay.ifindex, underlay_ip, underlay.mtu);
     vx.port = cfg.vxlan_port;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    vx.tx_checksum_offload = sluice_net::vxlan::tx_checksum_offload_safe(release.trim());
+    tracing::info!(
+        kernel = release.trim(),
+        tx_checksum_offload = vx.tx_checksum_offload,
+        "VXLAN device offloads"
+    );
     if let config::Mtu::Fixed(m) = cfg.mtu {
         vx.mtu = m;
     }

@@ -329,8 +329,8 @@ impl VxlanKernel {
             Change::SetUp => set(LinkUnspec::new_with_index(index).up())
                 .await
                 .map_err(netlink("bringing up", name)),
-            Change::DisableTxChecksum => match self.ethtool.as_mut() {
-                Some(et) => Ok(et.disable_tx_checksum(name)?),
+            Change::SetTxChecksum(on) => match self.ethtool.as_mut() {
+                Some(et) => Ok(et.set_tx_checksum(name, *on)?),
                 None => Ok(()),
             },
             Change::AddAddress(ip) => h

@@ -54,7 +54,7 @@ pub enum Change {
     SetMtu(u32),
     SetMac([u8; 6]),
     SetUp,
-    DisableTxChecksum,
+    SetTxChecksum(bool),
     AddAddress(Ipv4Addr),
     DelAddress(Ipv4Addr, u8),
     DelRoute {
@@ -126,7 +126,9 @@ pub fn diff(plan: &VxlanPlan, observed: &Observed) -> Vec<Change> {
     match have {
         None => {
             out.push(Change::CreateDevice);
-            out.push(Change::DisableTxChecksum);
+            if !want.tx_checksum_offload {
+                out.push(Change::SetTxChecksum(false));
+            }
             out.push(Change::AddAddress(want.address));
         }
         Some(dev) => {
@@ -139,8 +141,11 @@ pub fn diff(plan: &VxlanPlan, observed: &Observed) -> Vec<Change> {
             if !dev.up {
                 out.push(Change::SetUp);
             }
-            if dev.tx_checksum == Some(true) {
-                out.push(Change::DisableTxChecksum);
+            if dev
+                .tx_checksum
+                .is_some_and(|on| on != want.tx_checksum_offload)
+            {
+                out.push(Change::SetTxChecksum(want.tx_checksum_offload));
             }
             for (ip, len) in &dev.addresses {
                 if (*ip, *len) != (want.address, 32) {
@@ -226,7 +231,7 @@ impl Observed {
             Change::SetMtu(m) => self.with_device(|d| d.mtu = Some(*m)),
             Change::SetMac(m) => self.with_device(|d| d.mac = Some(*m)),
             Change::SetUp => self.with_device(|d| d.up = true),
-            Change::DisableTxChecksum => self.with_device(|d| d.tx_checksum = Some(false)),
+            Change::SetTxChecksum(on) => self.with_device(|d| d.tx_checksum = Some(*on)),
             Change::AddAddress(ip) => self.with_device(|d| {
                 d.addresses.insert((*ip, 32));
             }),

@@ -71,6 +71,7 @@ fn plan_routes_each_peer_via_its_vtep_with_neighbour_and_fdb() {
             mtu: 1450,
             mac: vtep_mac("a"),
             address: ip("10.244.1.0"),
+            tx_checksum_offload: true,
         }
     );
     assert_eq!(
@@ -153,7 +154,6 @@ fn from_nothing_the_device_comes_first_then_fdb_neighbours_routes() {
         changes,
         vec![
             Change::CreateDevice,
-            Change::DisableTxChecksum,
             Change::AddAddress(ip("10.244.1.0")),
             Change::ReplaceFdb {
                 mac: b.min(c),
@@ -290,20 +290,20 @@ fn diff_table() {
             }],
         ),
         (
-            "MTU, MAC, down, offload on, stray address",
+            "MTU, MAC, down, offload off, stray address",
             |o| {
                 let d = o.device.as_mut().unwrap();
                 d.mtu = Some(1500);
                 d.mac = Some([0x02, 0, 0, 0, 0, 1]);
                 d.up = false;
-                d.tx_checksum = Some(true);
+                d.tx_checksum = Some(false);
                 d.addresses.insert((ip("10.0.0.1"), 8));
             },
             vec![
                 Change::SetMtu(1450),
                 Change::SetMac(vtep_mac("a")),
                 Change::SetUp,
-                Change::DisableTxChecksum,
+                Change::SetTxChecksum(true),
                 Change::DelAddress(ip("10.0.0.1"), 8),
             ],
         ),
@@ -401,4 +401,40 @@ fn futures_are_send(
     ));
     is_send(&nft.sync(m));
     is_send(&k.sync(p));
+}
+
+#[test]
+fn an_old_kernel_gets_the_device_without_tx_checksum_offload() {
+    let old = VxlanConfig {
+        tx_checksum_offload: false,
+        ..cfg()
+    };
+    let p = plan(&me(), &peers(), &old);
+    let changes = diff(&p, &Observed::default());
+    assert_eq!(
+        changes[..2],
+        [Change::CreateDevice, Change::SetTxChecksum(false)]
+    );
+    let mut o = converged(&p);
+    assert_eq!(o.device.as_ref().and_then(|d| d.tx_checksum), Some(false));
+    o.device.as_mut().unwrap().tx_checksum = Some(true);
+    assert_eq!(diff(&p, &o), vec![Change::SetTxChecksum(false)]);
+}
+
+#[test]
+fn tx_checksum_offload_is_safe_from_linux_5_7() {
+    for (release, safe) in [
+        ("6.18.0-sluice", true),
+        ("5.7.0", true),
+        ("5.10.0-32-amd64", true),
+        ("10.0", true),
+        ("5.6.19", false),
+        ("4.19.0-27-amd64", false),
+        ("3.10.0-1160.el7.x86_64", false),
+        ("", false),
+        ("garbage", false),
+        ("6", false),
+    ] {
+        assert_eq!(tx_checksum_offload_safe(release), safe, "{release:?}");
+    }
 }
