@@ -5,7 +5,8 @@
 //! request into a plain [`podnet::PodPlan`], [`ipam`] picks addresses; only [`kernel`] and
 //! [`netns`] touch the kernel. The node agent's half: [`lease`] decides subnets from plain lease
 //! data (the API behind a [`lease::store::LeaseStore`]), [`vxlan`] plans, diffs and applies the
-//! overlay, [`masq`] the NAT table, [`ethtool`] switches offloads over generic netlink.
+//! overlay, [`masq`] the NAT table, [`ethtool`] switches offloads over generic netlink, [`wireguard`]
+//! plans and runs the encrypted tunnel.
 
 pub mod cni;
 pub mod ethtool;
@@ -17,6 +18,7 @@ pub mod netns;
 pub mod podnet;
 pub mod subnet_env;
 pub mod vxlan;
+pub mod wireguard;
 
 /// Route protocol number sluice stamps on every route it installs (`ip route ... proto 77`), so
 /// that what sluice owns is recognisable and can be swept without touching anybody else's routes.

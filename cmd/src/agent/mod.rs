@@ -5,6 +5,7 @@
 pub mod config;
 mod kube_leases;
 mod policy;
+mod wireguard;
 
 use anyhow::{bail, Context, Result};
 use config::{AgentConfig, SubnetSource};
@@ -52,6 +53,9 @@ pub struct AgentArgs {
     /// Where the health server listens; by default 0.0.0.0 and sluice-config's `health-port`.
     #[arg(long)]
     pub health_addr: Option<std::net::SocketAddr>,
+    /// The node's WireGuard private key (made on first use, mode 0600, never leaves the node).
+    #[arg(long, default_value = "/var/lib/sluice/wireguard.key")]
+    pub wireguard_key: PathBuf,
 }
 
 /// Every API call the agent makes, as (API group, resource, verb): the ClusterRole in
@@ -381,18 +385,31 @@ async fn run(args: AgentArgs) -> Result<()> {
     if let config::Mtu::Fixed(m) = cfg.mtu {
         vx.mtu = m;
     }
+    let wg_mtu = match cfg.mtu {
+        config::Mtu::Fixed(m) => m,
+        config::Mtu::Auto => sluice_net::wireguard::auto_mtu(underlay.mtu),
+    };
+    // Pods keep their MTU across a live switch of `encryption` (they are not restarted), so
+    // theirs fits the tunnel with the larger overhead from the start.
+    let pod_mtu = vx.mtu.min(wg_mtu);
+    let mut wg = wireguard::WgState::new(args.wireguard_key.clone(), cfg.wireguard_port, wg_mtu);
     let owner = NodeOwner {
         name: node.clone(),
         uid: facts.uid.clone(),
     };
-    let base_record = NodeRecord {
-        node: node.clone(),
-        underlay_ip,
-        vtep_mac: vxlan::vtep_mac(&node),
-        wireguard_public_key: None,
-        encryption: "none".into(),
-        subnet: ipnet::Ipv4Net::default(),
-    };
+    let wg_enabled = |cfg: &AgentConfig| cfg.encryption == config::Encryption::Wireguard;
+    let mut base_record = wireguard::record_with(
+        &NodeRecord {
+            node: node.clone(),
+            underlay_ip,
+            vtep_mac: vxlan::vtep_mac(&node),
+            wireguard_public_key: None,
+            encryption: "none".into(),
+            subnet: ipnet::Ipv4Net::default(),
+        },
+        wg.public_key(),
+        wg_enabled(&cfg),
+    );
     let prefer = SubnetEnv::load(&args.subnet_file).ok().map(|e| e.subnet);
     let mut held = with_backoff("taking a subnet", || {
         take_subnet(&store, &cfg, &base_record, &owner, &facts, prefer)
@@ -462,8 +479,18 @@ async fn run(args: AgentArgs) -> Result<()> {
                 }
             }
         }
+        // The record peers see: a changed key or `encryption` is published at once, not at the
+        // next renewal, since peers switch on it.
+        wg.refresh_key().await;
+        let record = wireguard::record_with(&held.record, wg.public_key(), wg_enabled(&cfg));
+        let record_changed = record != held.record;
+        if record_changed {
+            tracing::info!(encryption = %record.encryption, public_key = record.wireguard_public_key.as_deref().unwrap_or(""), "publishing this node's record");
+            base_record = wireguard::record_with(&base_record, wg.public_key(), wg_enabled(&cfg));
+            held.record = record;
+        }
         let now = SystemTime::now();
-        if lease::renew_due(&held.lease, now) {
+        if record_changed || lease::renew_due(&held.lease, now) {
             match renew(&store, &held.lease, &held.record, now).await {
                 Ok(l) => held.lease = l,
                 Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
@@ -510,7 +537,7 @@ async fn run(args: AgentArgs) -> Result<()> {
         let env = SubnetEnv {
             network: cfg.cluster_cidr,
             subnet: held.record.subnet,
-            mtu: vx.mtu,
+            mtu: pod_mtu,
             ipmasq: cfg.masquerade,
         };
         if let Err(e) = write_subnet_env(&args.subnet_file, &env) {
@@ -529,10 +556,30 @@ async fn run(args: AgentArgs) -> Result<()> {
         for s in &skipped {
             tracing::debug!(lease = s.lease, reason = %s.reason, "peer record skipped");
         }
-        let plan = vxlan::plan(&held.record, &peers, &vx);
+        let mut plan = vxlan::plan(&held.record, &peers, &vx);
+        let accepted: Vec<NodeRecord> = peers
+            .iter()
+            .filter(|p| !plan.skipped.iter().any(|s| s.node == p.node))
+            .cloned()
+            .collect();
+        let wg_plan = sluice_net::wireguard::plan(
+            &held.record,
+            &accepted,
+            &wireguard::settings(
+                wg_enabled(&cfg),
+                cfg.wireguard_port,
+                cfg.wireguard_keepalive,
+            ),
+        );
+        plan.routes.retain(|dst, _| !wg_plan.routes.contains(dst));
         let started = std::time::Instant::now();
-        let synced_ok = match kernel.sync(&plan).await {
-            Ok(changes) => {
+        let mut wg_error = wg.before_vxlan(&wg_plan).await.err();
+        let vx_result = kernel.sync(&plan).await;
+        if let Err(e) = wg.after_vxlan(&wg_plan).await {
+            wg_error.get_or_insert(e);
+        }
+        let synced_ok = match vx_result {
+            Ok(changes) if wg_error.is_none() => {
                 if !changes.is_empty() {
                     tracing::info!(node, peers = peers.len(), changes = changes.len(), took = ?started.elapsed(), "datapath synced");
                 }
@@ -541,6 +588,13 @@ async fn run(args: AgentArgs) -> Result<()> {
                     s.datapath_error = None;
                 });
                 true
+            }
+            Ok(_) => {
+                let e = wg_error.unwrap_or_default();
+                tracing::error!(error = %e, "WireGuard sync failed; will retry");
+                health.metrics.datapath_errors.inc();
+                health.update(|s| s.datapath_error = Some(format!("WireGuard: {e}")));
+                false
             }
             Err(e) => {
                 tracing::error!(error = %e, "datapath sync failed; will retry");
@@ -553,7 +607,11 @@ async fn run(args: AgentArgs) -> Result<()> {
             .metrics
             .datapath_sync_seconds
             .observe(started.elapsed().as_secs_f64());
-        health.metrics.peers.set(plan.routes.len() as i64);
+        health
+            .metrics
+            .peers
+            .set((plan.routes.len() + wg_plan.routes.len()) as i64);
+        wg.export(&health).await;
         if synced_ok && !marked_available {
             match mark_network_available(&nodes, &node).await {
                 Ok(()) => marked_available = true,
@@ -583,6 +641,7 @@ async fn run(args: AgentArgs) -> Result<()> {
             // The policy loop owns the document's `policy` part.
             let policy = s.status.get("policy").cloned();
             s.status = status_document(&node, &held, &cfg, &vx, &peers, expires);
+            wireguard::annotate_status(&mut s.status, &wg_plan, wg.backend(), cfg.wireguard_port);
             if let (Some(p), Some(doc)) = (policy, s.status.as_object_mut()) {
                 doc.insert("policy".into(), p);
             }

@@ -220,6 +220,8 @@ fn spawn_agent(
         .arg(super::cni::subnet_file(lab, &node.name))
         .arg("--ipam-dir")
         .arg(dir.join("ipam"))
+        .arg("--wireguard-key")
+        .arg(dir.join("wireguard.key"))
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

@@ -237,10 +237,6 @@ impl Progress {
 async fn up(spec: LabSpec, external: Option<PathBuf>) -> Result<()> {
     require_root()?;
     let plan = LabPlan::new(spec)?;
-    if plan.spec.encryption == Encryption::Wireguard {
-        // Refused rather than silently run in the clear: the agent has no WireGuard datapath yet.
-        bail!("--encryption wireguard: the agent's WireGuard datapath is not built yet; use --encryption none");
-    }
     let name = plan.spec.name.clone();
     let files = LabFiles::new(&name);
     if files.dir.exists() || !sluice_net::netns::list_named(&plan.prefix).is_empty() {

@@ -438,9 +438,14 @@ impl VxlanKernel {
 /// A deletion of something already gone succeeded.
 fn ignore_missing(r: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::Error> {
     match r {
-        Err(e) if matches!(errno(&e), Some(nix::libc::ENOENT | nix::libc::ESRCH)) => Ok(()),
+        Err(e) if is_missing(&e) => Ok(()),
         other => other,
     }
+}
+
+/// Whether a delete failed because the thing was already gone.
+pub(crate) fn is_missing(e: &rtnetlink::Error) -> bool {
+    matches!(errno(e), Some(nix::libc::ENOENT | nix::libc::ESRCH))
 }
 
 fn link_name(link: &LinkMessage) -> Option<&str> {
@@ -501,14 +506,14 @@ fn device_of(link: &LinkMessage) -> ObservedDevice {
     dev
 }
 
-fn route_oif(r: &RouteMessage) -> Option<u32> {
+pub(crate) fn route_oif(r: &RouteMessage) -> Option<u32> {
     r.attributes.iter().find_map(|a| match a {
         RouteAttribute::Oif(i) => Some(*i),
         _ => None,
     })
 }
 
-fn route_table(r: &RouteMessage) -> u32 {
+pub(crate) fn route_table(r: &RouteMessage) -> u32 {
     r.attributes
         .iter()
         .find_map(|a| match a {
@@ -519,7 +524,7 @@ fn route_table(r: &RouteMessage) -> u32 {
 }
 
 /// The destination (`dst`) or gateway of a route.
-fn route_ip(r: &RouteMessage, dst: bool) -> Option<Ipv4Addr> {
+pub(crate) fn route_ip(r: &RouteMessage, dst: bool) -> Option<Ipv4Addr> {
     r.attributes.iter().find_map(|a| match (a, dst) {
         (RouteAttribute::Destination(RouteAddress::Inet(ip)), true)
         | (RouteAttribute::Gateway(RouteAddress::Inet(ip)), false) => Some(*ip),

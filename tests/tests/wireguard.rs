@@ -1,0 +1,422 @@
+//! WireGuard in the lab, on real packets: encryption on the underlay (a capture between two nodes
+//! sees only UDP 51820 and never the payload, while with `none` it sees VXLAN and the payload),
+//! the live switch under a continuous ping with no agent or pod restart, the key's life (kept
+//! across a restart, replaced when its file is removed, peers following) and its secrecy.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::Value;
+use sluice_e2e::lab::{in_netns, lab_cmd, tcp_ask, tcp_server, Lab};
+use sluice_e2e::{eventually, have_root};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const KEY_ANNOTATION: &str = "sluice.dev/wireguard-public-key";
+
+struct Pod {
+    ns: String,
+    name: String,
+    node: String,
+    ip: Ipv4Addr,
+}
+
+fn pods(status: &Value) -> Vec<Pod> {
+    status["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| Pod {
+            ns: p["namespace"].as_str().unwrap().into(),
+            name: p["name"].as_str().unwrap().into(),
+            node: p["node"].as_str().unwrap().into(),
+            ip: p["ip"].as_str().unwrap().parse().unwrap(),
+        })
+        .collect()
+}
+
+fn underlay_of(status: &Value, node: &str) -> String {
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == node)
+        .unwrap()["underlay"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn all_reach(lab: &Lab) -> bool {
+    let s = lab.status();
+    s["reachability"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|row| row.as_array().unwrap().iter().all(|c| c == true))
+}
+
+fn set_encryption(lab: &Lab, value: &str) {
+    let patch = format!("{{\"data\":{{\"encryption\":\"{value}\"}}}}");
+    let out = lab.kubectl(&[
+        "-n",
+        "kube-system",
+        "patch",
+        "configmap",
+        "sluice-config",
+        "--type",
+        "merge",
+        "-p",
+        &patch,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The device `node`'s route to `subnet` goes through.
+fn route_dev(lab: &Lab, node: &str, subnet: &str) -> String {
+    let routes = lab.ip_json(&lab.node_netns(node), &["-4", "route", "show", subnet]);
+    routes[0]["dev"].as_str().unwrap_or_default().to_string()
+}
+
+fn subnet_of(status: &Value, node: &str) -> String {
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == node)
+        .unwrap()["subnet"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A tcpdump on a node's underlay link, stopped (and its file read) on drop.
+struct Capture {
+    child: Child,
+    file: tempfile::NamedTempFile,
+}
+
+impl Capture {
+    fn start(netns: &str, filter: &str) -> Self {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                netns,
+                "tcpdump",
+                "--immediate-mode",
+                "-i",
+                "eth0",
+                "-n",
+                "-U",
+                "-w",
+            ])
+            .arg(file.path())
+            .arg(filter)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tcpdump (apt-get install tcpdump)");
+        // tcpdump writes the file header once it listens.
+        assert!(eventually(Duration::from_secs(5), || {
+            std::fs::metadata(file.path()).is_ok_and(|m| m.len() > 0)
+        }));
+        Self { child, file }
+    }
+
+    /// Stops the capture: (one summary line per packet, the packets' bytes as ASCII).
+    fn finish(mut self) -> (Vec<String>, String) {
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = self.child.wait();
+        let read = |extra: &[&str]| {
+            let out = Command::new("tcpdump")
+                .args(["-n", "-r"])
+                .arg(self.file.path())
+                .args(extra)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let lines = read(&[]).lines().map(str::to_string).collect();
+        (lines, read(&["-A"]))
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends `payload` from `server`'s pod to `client`'s pod over TCP, and returns what arrived.
+fn exchange(lab: &Lab, server: &Pod, client: &Pod, payload: &'static str) -> String {
+    let (addr, _) = tcp_server(
+        &lab.pod_netns(&server.ns, &server.name),
+        SocketAddr::from((server.ip, 0)),
+        payload,
+        1,
+    );
+    tcp_ask(&lab.pod_netns(&client.ns, &client.name), addr).unwrap_or_default()
+}
+
+#[test]
+fn the_underlay_carries_only_wireguard_and_never_the_payload() {
+    if !have_root() {
+        return;
+    }
+    let lab = Lab::up(&[
+        "--nodes",
+        "3",
+        "--pods-per-node",
+        "1",
+        "--encryption",
+        "wireguard",
+    ]);
+    assert!(
+        eventually(Duration::from_secs(20), || all_reach(&lab)),
+        "not every pod reaches every pod through WireGuard"
+    );
+    let status = lab.status();
+    let pods = pods(&status);
+    let (a, b) = (&pods[0], &pods[1]);
+    assert_ne!(a.node, b.node);
+    let ua = underlay_of(&status, &a.node);
+    let ub = underlay_of(&status, &b.node);
+    let filter = format!("host {ua} and host {ub}");
+    let node_ns = lab.node_netns(&a.node);
+
+    const SECRET: &str = "sluice-wg-payload-7f3a9c-never-in-the-clear";
+    let cap = Capture::start(&node_ns, &filter);
+    assert_eq!(exchange(&lab, a, b, SECRET), SECRET);
+    let (lines, ascii) = cap.finish();
+    assert!(lines.len() >= 4, "captured too little: {lines:?}");
+    let not_wg: Vec<&String> = lines
+        .iter()
+        .filter(|l| !(l.contains(" UDP") && l.contains(".51820")))
+        .collect();
+    assert!(
+        not_wg.is_empty(),
+        "non-WireGuard packets between nodes: {not_wg:?}"
+    );
+    assert!(
+        !ascii.contains(SECRET),
+        "the payload crossed the underlay in the clear"
+    );
+
+    // With `none`, the same capture sees VXLAN, and the payload (the capture can see it).
+    set_encryption(&lab, "none");
+    let subnet_a = subnet_of(&status, &a.node);
+    assert!(eventually(Duration::from_secs(15), || route_dev(
+        &lab, &b.node, &subnet_a
+    ) == "sluice.vxlan"));
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            lab.ip_json(&node_ns, &["link", "show"])
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|l| l["ifname"] != "sluice.wg")
+        }),
+        "the WireGuard device outlived the switch to none"
+    );
+    const CLEAR: &str = "sluice-vxlan-payload-0b1d2e-in-the-clear";
+    let cap = Capture::start(&node_ns, &filter);
+    assert_eq!(exchange(&lab, a, b, CLEAR), CLEAR);
+    let (lines, ascii) = cap.finish();
+    assert!(
+        // tcpdump names UDP 8472 (flannel's VXLAN port) "OTV" and prints the inner packet.
+        lines.iter().any(|l| l.contains(".8472: ")),
+        "no VXLAN seen with encryption none: {lines:?}"
+    );
+    assert!(!lines.iter().any(|l| l.contains(".51820")), "{lines:?}");
+    assert!(
+        ascii.contains(CLEAR),
+        "the capture could not see a clear payload"
+    );
+}
+
+fn agent_pid(lab: &Lab, node: &str) -> i32 {
+    std::fs::read_to_string(format!(
+        "/run/sluice/lab/{}/nodes/{node}/agent.pid",
+        lab.name
+    ))
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+fn netns_inode(netns: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(format!("/run/netns/{netns}"))
+        .unwrap()
+        .ino()
+}
+
+#[test]
+fn flipping_encryption_live_loses_under_two_seconds_and_restarts_nothing() {
+    if !have_root() {
+        return;
+    }
+    let lab = Lab::up(&["--nodes", "2", "--pods-per-node", "1"]);
+    let status = lab.status();
+    let pods = pods(&status);
+    let (a, b) = (&pods[0], &pods[1]);
+    assert_ne!(a.node, b.node);
+    let pids: Vec<i32> = [&a.node, &b.node]
+        .iter()
+        .map(|n| agent_pid(&lab, n))
+        .collect();
+    let pod_ns = [lab.pod_netns(&a.ns, &a.name), lab.pod_netns(&b.ns, &b.name)];
+    let inodes: Vec<u64> = pod_ns.iter().map(|n| netns_inode(n)).collect();
+    let subnet_b = subnet_of(&status, &b.node);
+
+    // 700 pings 20 ms apart (14 s); none -> wireguard at 2 s, wireguard -> none at 8 s.
+    let src = pod_ns[0].clone();
+    let dst = b.ip.to_string();
+    let pinger = std::thread::spawn(move || {
+        in_netns(&src, move || {
+            Command::new("ping")
+                .args(["-c", "700", "-i", "0.02", "-W", "1", "-q", &dst])
+                .output()
+                .unwrap()
+        })
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    set_encryption(&lab, "wireguard");
+    assert!(
+        eventually(Duration::from_secs(5), || route_dev(
+            &lab, &a.node, &subnet_b
+        ) == "sluice.wg"),
+        "the route did not move to WireGuard"
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    set_encryption(&lab, "none");
+    assert!(
+        eventually(Duration::from_secs(5), || route_dev(
+            &lab, &a.node, &subnet_b
+        ) == "sluice.vxlan"),
+        "the route did not move back to VXLAN"
+    );
+    let out = pinger.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let received: u32 = text
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" received")?.parse().ok())
+        .unwrap_or_else(|| panic!("no ping summary:\n{text}"));
+    // Two flips, each allowed under 2 s (100 pings) of loss.
+    assert!(
+        received > 700 - 100,
+        "lost {} of 700 across two flips:\n{text}",
+        700 - received
+    );
+    for (node, pid) in [&a.node, &b.node].iter().zip(&pids) {
+        assert_eq!(agent_pid(&lab, node), *pid, "the agent of {node} restarted");
+    }
+    let after: Vec<u64> = pod_ns.iter().map(|n| netns_inode(n)).collect();
+    assert_eq!(after, inodes, "a pod was restarted");
+}
+
+fn published_key(lab: &Lab, node: &str) -> Option<String> {
+    let out = lab.kubectl(&["-n", "kube-system", "get", "leases", "-o", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["items"].as_array()?.iter().find_map(|l| {
+        let a = &l["metadata"]["annotations"];
+        (a["sluice.dev/node"] == node).then(|| a[KEY_ANNOTATION].as_str().map(str::to_string))?
+    })
+}
+
+#[test]
+fn the_key_survives_a_restart_is_replaced_when_removed_and_never_leaks() {
+    if !have_root() {
+        return;
+    }
+    let lab = Lab::up(&[
+        "--nodes",
+        "2",
+        "--pods-per-node",
+        "1",
+        "--encryption",
+        "wireguard",
+    ]);
+    assert!(eventually(Duration::from_secs(20), || all_reach(&lab)));
+    let node = format!("{}-node-1", lab.name);
+    let key_file = format!("/run/sluice/lab/{}/nodes/{node}/wireguard.key", lab.name);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&key_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "key file mode");
+    let first = published_key(&lab, &node).expect("a published public key");
+
+    // Restart: the same key.
+    for action in ["stop", "start"] {
+        let out = lab_cmd(&["agent", "--name", &lab.name, action, &node], 30);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(eventually(Duration::from_secs(20), || all_reach(&lab)));
+    assert_eq!(published_key(&lab, &node).as_deref(), Some(first.as_str()));
+
+    // Removed: a new key is published, and the peer follows (traffic flows again).
+    let old_private = std::fs::read_to_string(&key_file).unwrap();
+    std::fs::remove_file(&key_file).unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || published_key(&lab, &node)
+            .is_some_and(|k| k != first)),
+        "no new key published after the key file was removed"
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || all_reach(&lab)),
+        "peers did not follow the new key"
+    );
+
+    // Neither private key appears in any API object, agent log or /metrics.
+    let private = [old_private, std::fs::read_to_string(&key_file).unwrap()];
+    let out = lab.kubectl(&["get", "leases,configmaps,nodes,pods", "-A", "-o", "json"]);
+    assert!(out.status.success());
+    let api = String::from_utf8_lossy(&out.stdout);
+    let mut logs = String::new();
+    for entry in std::fs::read_dir(format!("/run/sluice/lab/{}/nodes", lab.name)).unwrap() {
+        let dir = entry.unwrap().path();
+        logs.push_str(&std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default());
+    }
+    logs.push_str(
+        &std::fs::read_to_string(format!("/run/sluice/lab/{}/daemon.log", lab.name))
+            .unwrap_or_default(),
+    );
+    let metrics = in_netns(&lab.node_netns(&node), || {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], 9099)),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    });
+    assert!(metrics.contains("sluice_peer_rx_bytes{"), "{metrics}");
+    assert!(logs.contains("WireGuard key pair created"));
+    for p in &private {
+        let p = p.trim();
+        assert_eq!(p.len(), 44, "a base64 key");
+        assert!(!api.contains(p), "a private key is in an API object");
+        assert!(!logs.contains(p), "a private key is in a log");
+        assert!(!metrics.contains(p), "a private key is in /metrics");
+    }
+}
