@@ -145,7 +145,7 @@ fn peer_diff_touches_only_what_changed() {
     let d = diff_peers(&before.peers, &after.peers);
     assert_eq!(
         d.remove,
-        vec![[3u8; 32], [4u8; 32]]
+        [[3u8; 32], [4u8; 32]]
             .iter()
             .map(|k| KeyPair::from_bytes(*k).public_bytes())
             .collect::<Vec<_>>()
