@@ -9,6 +9,10 @@
 //!    while the agent is stopped, then the time from the agent process's start until the node
 //!    holds every peer route; with the N peers programmed, the time from creating one more peer
 //!    lease until its route appears (p50/p99 of many); and the agent's RSS.
+//! 3. WireGuard (`--only wireguard`): pod-to-pod TCP throughput (1 and 4 streams), the tunnel
+//!    processes' CPU per Gbit and ping latency through sluice's WireGuard in a lab (gotatun in
+//!    the agent) against Debian's `wireguard-go` and `boringtun-cli` configured by hand with
+//!    `wg` between the same shape of namespaces, and sluice's VXLAN.
 //!
 //! Routes are observed as they happen: a netlink socket in the node's namespace subscribed to
 //! IPv4 route events timestamps each RTM_NEWROUTE (no polling interval), and a route dump
@@ -19,7 +23,7 @@
 //! stays inside namespaces made here. Every wait is bounded.
 //!
 //! Usage: bench-overlay [--sluice PATH] [--seconds S] [--runs R] [--peers N] [--probes K]
-//!                      [--only throughput|convergence]
+//!                      [--only throughput|convergence|wireguard]
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -55,6 +59,7 @@ struct Args {
     probes: usize,
     throughput: bool,
     convergence: bool,
+    wireguard: bool,
 }
 
 fn parse_args() -> Args {
@@ -66,6 +71,7 @@ fn parse_args() -> Args {
         probes: 50,
         throughput: true,
         convergence: true,
+        wireguard: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -76,11 +82,15 @@ fn parse_args() -> Args {
             "--runs" => a.runs = value.parse().expect("--runs R"),
             "--peers" => a.peers = value.parse().expect("--peers N"),
             "--probes" => a.probes = value.parse().expect("--probes K"),
-            "--only" => match value.as_str() {
-                "throughput" => a.convergence = false,
-                "convergence" => a.throughput = false,
-                other => panic!("--only throughput|convergence, not {other}"),
-            },
+            "--only" => {
+                a.throughput = value == "throughput";
+                a.convergence = value == "convergence";
+                a.wireguard = value == "wireguard";
+                assert!(
+                    a.throughput || a.convergence || a.wireguard,
+                    "--only throughput|convergence|wireguard, not {value}"
+                );
+            }
             other => panic!("unknown flag {other}"),
         }
     }
@@ -347,12 +357,21 @@ struct Contender {
     server: Ipv4Addr,
     /// The server node's namespace and VXLAN device, for the settings line.
     vxlan: Option<(String, &'static str)>,
-    /// Namespaces, labs and servers; dropped in reverse order of creation.
+    /// The processes that carry the tunnel (whose CPU time is the tunnel's cost), if any.
+    tunnel_pids: Vec<i32>,
+    /// Namespaces, labs and servers; dropped in order.
     _keep: Vec<Box<dyn std::any::Any>>,
 }
 
 fn sluice_path() -> Contender {
-    let lab = lab_up(&["--nodes", "2", "--pods-per-node", "1"]);
+    sluice_lab_path("sluice VXLAN (lab, 2 nodes)", &[])
+}
+
+/// Two pods on two nodes of a lab made with `extra` arguments.
+fn sluice_lab_path(label: &'static str, extra: &[&str]) -> Contender {
+    let mut args = vec!["--nodes", "2", "--pods-per-node", "1"];
+    args.extend_from_slice(extra);
+    let lab = lab_up(&args);
     let status = lab.status();
     let pods = status["pods"].as_array().expect("status has pods").clone();
     assert_eq!(pods.len(), 2, "{status}");
@@ -370,12 +389,21 @@ fn sluice_path() -> Contender {
     let client = ns_of(&pods[1]);
     let server: Ipv4Addr = pods[0]["ip"].as_str().unwrap().parse().unwrap();
     let node = lab.node_netns(pods[0]["node"].as_str().unwrap());
+    // With WireGuard the agents carry the packets (gotatun runs in them); with VXLAN the kernel.
+    let tunnel_pids = if extra.contains(&"wireguard") {
+        pods.iter()
+            .filter_map(|p| agent_pid(&lab, p["node"].as_str()?))
+            .collect()
+    } else {
+        Vec::new()
+    };
     Contender {
-        label: "sluice VXLAN (lab, 2 nodes)",
+        label,
         client,
         server_ns,
         server,
         vxlan: Some((node, "sluice.vxlan")),
+        tunnel_pids,
         _keep: vec![Box::new(lab)],
     }
 }
@@ -393,25 +421,9 @@ const HOST_VETH_MAC: &str = "ee:ee:ee:ee:ee:ee";
 fn handmade_path(label: &'static str, masq: bool) -> Contender {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let tx_offload = sluice_net::vxlan::tx_checksum_offload_safe(release.trim());
-    let mut keep: Vec<Box<dyn std::any::Any>> = Vec::new();
-    let under = Ns::new("hu");
-    ip(&under.name, "link add br0 type bridge");
-    ip(&under.name, "link set br0 up");
+    let hand = hand_nodes("h", HAND_MTU);
     let mac = |i: u8| format!("02:5b:00:00:00:{i:02x}");
-    let mut nodes = Vec::new();
-    let mut pods = Vec::new();
-    for i in 1..=2u8 {
-        let node = Ns::new("hn");
-        let pod = Ns::new("hp");
-        let n = node.name.as_str();
-        ip(
-            &under.name,
-            &format!("link add u{i} mtu 1500 type veth peer name eth0 mtu 1500 netns {n}"),
-        );
-        ip(&under.name, &format!("link set u{i} master br0 up"));
-        ip(n, "link set eth0 up");
-        ip(n, &format!("addr add 172.31.0.{i}/24 dev eth0"));
-        sysctl(n, "net.ipv4.ip_forward=1");
+    for (i, n) in (1..=2u8).zip(&hand.nodes) {
         ip(n, &format!(
             "link add vxlan0 address {} mtu {HAND_MTU} type vxlan id 1 dstport 8472 local 172.31.0.{i} dev eth0 nolearning",
             mac(i)
@@ -421,30 +433,9 @@ fn handmade_path(label: &'static str, masq: bool) -> Contender {
         }
         ip(n, &format!("addr add 10.99.{i}.0/32 dev vxlan0"));
         ip(n, "link set vxlan0 up");
-        // The pod: a routed veth like sluice-cni's.
-        ip(n, &format!(
-            "link add hv{i} mtu {HAND_MTU} address {HOST_VETH_MAC} type veth peer name eth0 mtu {HAND_MTU} netns {}",
-            pod.name
-        ));
-        ip(n, &format!("link set hv{i} up"));
-        sysctl(n, &format!("net.ipv4.conf.hv{i}.proxy_arp=1"));
-        sysctl(n, &format!("net.ipv4.neigh.hv{i}.proxy_delay=0"));
-        ip(n, &format!("route add 10.99.{i}.1/32 dev hv{i} scope link"));
-        let p = pod.name.as_str();
-        ip(p, "link set eth0 up");
-        ip(p, &format!("addr add 10.99.{i}.1/32 dev eth0"));
-        ip(
-            p,
-            &format!("neigh add {GATEWAY} lladdr {HOST_VETH_MAC} dev eth0 nud permanent"),
-        );
-        ip(p, &format!("route add {GATEWAY} dev eth0 scope link"));
-        ip(p, &format!("route add default via {GATEWAY} dev eth0"));
-        nodes.push(node);
-        pods.push(pod);
     }
-    for (i, node) in (1..=2u8).zip(&nodes) {
+    for (i, n) in (1..=2u8).zip(&hand.nodes) {
         let j = 3 - i;
-        let n = node.name.as_str();
         ip(
             n,
             &format!("route add 10.99.{j}.0/24 via 10.99.{j}.0 dev vxlan0 onlink"),
@@ -471,30 +462,208 @@ fn handmade_path(label: &'static str, masq: bool) -> Contender {
                 "permanent",
             ],
         );
-    }
-    for node in &nodes {
         if masq {
             // sluice's own masquerade table, as its agent renders it for this cluster CIDR.
             let plan = sluice_net::masq::plan("10.99.0.0/16".parse().unwrap(), true);
-            nft(&node.name, &sluice_net::masq::render(&plan));
+            nft(n, &sluice_net::masq::render(&plan));
         }
     }
-    let client = pods[1].name.clone();
-    let server_ns = pods[0].name.clone();
-    let node = nodes[0].name.clone();
+    let node = hand.nodes[0].clone();
+    hand.contender(label, Some((node, "vxlan0")), Vec::new())
+}
+
+/// Two hand-made nodes: an underlay namespace with a bridge, two node namespaces on it
+/// (1500-byte veths, as the lab's, addresses 172.31.0.1 and .2), and a pod namespace behind a
+/// routed veth on each node (pod 10.99.N.1/32, host /32 route, gateway 169.254.1.1 by a static
+/// neighbour entry and proxy ARP). The tunnel between the nodes is the caller's.
+struct HandNodes {
+    nodes: Vec<String>,
+    pods: Vec<String>,
+    keep: Vec<Box<dyn std::any::Any>>,
+}
+
+fn hand_nodes(tag: &str, pod_mtu: u32) -> HandNodes {
+    let mut keep: Vec<Box<dyn std::any::Any>> = Vec::new();
+    let under = Ns::new(&format!("{tag}u"));
+    ip(&under.name, "link add br0 type bridge");
+    ip(&under.name, "link set br0 up");
+    let mut nodes = Vec::new();
+    let mut pods = Vec::new();
+    let mut made = Vec::new();
+    for i in 1..=2u8 {
+        let node = Ns::new(&format!("{tag}n"));
+        let pod = Ns::new(&format!("{tag}p"));
+        let n = node.name.as_str();
+        ip(
+            &under.name,
+            &format!("link add u{i} mtu 1500 type veth peer name eth0 mtu 1500 netns {n}"),
+        );
+        ip(&under.name, &format!("link set u{i} master br0 up"));
+        ip(n, "link set eth0 up");
+        ip(n, &format!("addr add 172.31.0.{i}/24 dev eth0"));
+        sysctl(n, "net.ipv4.ip_forward=1");
+        ip(n, &format!(
+            "link add hv{i} mtu {pod_mtu} address {HOST_VETH_MAC} type veth peer name eth0 mtu {pod_mtu} netns {}",
+            pod.name
+        ));
+        ip(n, &format!("link set hv{i} up"));
+        sysctl(n, &format!("net.ipv4.conf.hv{i}.proxy_arp=1"));
+        sysctl(n, &format!("net.ipv4.neigh.hv{i}.proxy_delay=0"));
+        ip(n, &format!("route add 10.99.{i}.1/32 dev hv{i} scope link"));
+        let p = pod.name.as_str();
+        ip(p, "link set eth0 up");
+        ip(p, &format!("addr add 10.99.{i}.1/32 dev eth0"));
+        ip(
+            p,
+            &format!("neigh add {GATEWAY} lladdr {HOST_VETH_MAC} dev eth0 nud permanent"),
+        );
+        ip(p, &format!("route add {GATEWAY} dev eth0 scope link"));
+        ip(p, &format!("route add default via {GATEWAY} dev eth0"));
+        nodes.push(node.name.clone());
+        pods.push(pod.name.clone());
+        made.push(node);
+        made.push(pod);
+    }
     keep.push(Box::new(under));
-    for n in nodes.into_iter().chain(pods) {
+    for n in made {
         keep.push(Box::new(n));
     }
-    Contender {
-        label,
-        client,
-        server_ns,
-        server: "10.99.1.1".parse().unwrap(),
-        vxlan: Some((node, "vxlan0")),
-        _keep: keep,
+    HandNodes { nodes, pods, keep }
+}
+
+impl HandNodes {
+    /// Pod 2 is the client, pod 1 (10.99.1.1) the server; `more` is dropped before the
+    /// namespaces.
+    fn contender(
+        self,
+        label: &'static str,
+        vxlan: Option<(String, &'static str)>,
+        more: Vec<Box<dyn std::any::Any>>,
+    ) -> Contender {
+        let mut keep = more;
+        keep.extend(self.keep);
+        Contender {
+            label,
+            client: self.pods[1].clone(),
+            server_ns: self.pods[0].clone(),
+            server: "10.99.1.1".parse().unwrap(),
+            vxlan,
+            tunnel_pids: Vec::new(),
+            _keep: keep,
+        }
     }
 }
+
+/// A userspace WireGuard made by hand between the two hand-made nodes, configured with `wg`
+/// as its documentation says: device `IF` per node, UDP 51820, the peer's pod subnet as allowed
+/// IPs and routed through it, MTU 1440 (underlay less 60) on the device and the pods.
+#[derive(Clone, Copy)]
+enum HandWg {
+    /// Debian's `wireguard-go`.
+    WireguardGo,
+    /// `boringtun-cli` (Cloudflare's boringtun, the crate gotatun forked), from crates.io.
+    Boringtun,
+}
+
+fn hand_wg_path(label: &'static str, kind: HandWg) -> Contender {
+    let hand = hand_nodes("w", WG_MTU);
+    let keys: Vec<(String, String)> = (0..2)
+        .map(|_| {
+            let private = sh(&["wg", "genkey"]).trim().to_string();
+            let public =
+                run(Command::new("sh").args(["-c", &format!("echo {private} | wg pubkey")])).stdout;
+            (private, String::from_utf8_lossy(&public).trim().to_string())
+        })
+        .collect();
+    let mut procs: Vec<Box<dyn std::any::Any>> = Vec::new();
+    let mut pids = Vec::new();
+    // UAPI sockets live in /var/run/wireguard/IF.sock, shared by every namespace: the names
+    // are unique to this run.
+    let tag = std::process::id() % 100_000;
+    for (i, n) in (1..=2u8).zip(&hand.nodes) {
+        let kind_tag = match kind {
+            HandWg::WireguardGo => "wgo",
+            HandWg::Boringtun => "wbt",
+        };
+        let dev = format!("{kind_tag}{tag}x{i}");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", n]);
+        match kind {
+            HandWg::WireguardGo => cmd.args(["wireguard-go", "-f", &dev]),
+            HandWg::Boringtun => cmd.args([
+                "boringtun-cli",
+                "--foreground",
+                "--disable-drop-privileges",
+                &dev,
+            ]),
+        };
+        let mut child = cmd
+            .env("LOG_LEVEL", "error")
+            // wireguard-go refuses to run on a kernel from 5.6 unless asked to: this one has
+            // no WireGuard module, and the comparison is the point.
+            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the userspace WireGuard (apt-get install -y wireguard-go wireguard-tools; cargo install boringtun-cli)");
+        pids.push(child.id() as i32);
+        let sock = format!("/var/run/wireguard/{dev}.sock");
+        let dev2 = dev.clone();
+        procs.push(Box::new(Guard::new(move || {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/{dev2}.sock"));
+        })));
+        let up = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            std::path::Path::new(&sock).exists()
+        });
+        assert!(up, "{dev}: no UAPI socket {sock}");
+        let j = 3 - i;
+        let key_file = tempfile_with(&keys[usize::from(i) - 1].0);
+        exec(
+            n,
+            &[
+                "wg",
+                "set",
+                &dev,
+                "private-key",
+                key_file.to_str().unwrap(),
+                "listen-port",
+                "51820",
+                "peer",
+                &keys[usize::from(j) - 1].1,
+                "endpoint",
+                &format!("172.31.0.{j}:51820"),
+                "allowed-ips",
+                &format!("10.99.{j}.0/24"),
+            ],
+        );
+        let _ = std::fs::remove_file(&key_file);
+        ip(n, &format!("link set {dev} mtu {WG_MTU} up"));
+        ip(n, &format!("route add 10.99.{j}.0/24 dev {dev}"));
+    }
+    let mut c = hand.contender(label, None, procs);
+    c.tunnel_pids = pids;
+    c
+}
+
+/// A file of mode 0600 holding `text` (a private key for `wg set`).
+fn tempfile_with(text: &str) -> PathBuf {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = std::env::temp_dir().join(unique("wgkey"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    path
+}
+
+const WG_MTU: u32 = 1440;
 
 /// `nft -f -` with `script` inside `ns`.
 fn nft(ns: &str, script: &str) {
@@ -536,6 +705,7 @@ fn veth_path() -> Contender {
         server_ns: a.name.clone(),
         server: "10.98.0.1".parse().unwrap(),
         vxlan: None,
+        tunnel_pids: Vec::new(),
         _keep: vec![Box::new(a), Box::new(b)],
     }
 }
@@ -698,6 +868,168 @@ fn throughput(args: &Args) {
             println!("- {}: {}", p.label, vxlan_settings(ns, dev));
         }
     }
+    println!();
+}
+
+/// CPU seconds (user + system, all threads) the processes `pids` have used so far.
+fn cpu_seconds(pids: &[i32]) -> f64 {
+    // /proc's tick fields count USER_HZ, which is 100 on Linux.
+    const TICKS: f64 = 100.0;
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name (which may hold spaces) start at state (3rd).
+            let rest = stat.rsplit_once(") ")?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / TICKS)
+        })
+        .sum()
+}
+
+/// Round-trip times (ms) of `count` pings 10 ms apart.
+fn ping_rtts(ns: &str, dst: Ipv4Addr, count: u32) -> Vec<f64> {
+    let out = run(Command::new("timeout")
+        .args([
+            "-k", "5", "60", "ip", "netns", "exec", ns, "ping", "-n", "-i", "0.01", "-W", "1", "-c",
+        ])
+        .arg(count.to_string())
+        .arg(dst.to_string()));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split("time=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn wireguard(args: &Args) {
+    println!("## Pod-to-pod through WireGuard: sluice vs wireguard-go vs boringtun, and VXLAN");
+    println!();
+    let mut paths = vec![
+        sluice_lab_path(
+            "sluice WireGuard (lab, gotatun)",
+            &["--encryption", "wireguard"],
+        ),
+        hand_wg_path("wireguard-go (Debian, by hand)", HandWg::WireguardGo),
+    ];
+    let have_boringtun = Command::new("sh")
+        .args(["-c", "command -v boringtun-cli"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if have_boringtun {
+        paths.push(hand_wg_path("boringtun-cli (by hand)", HandWg::Boringtun));
+    } else {
+        println!("(boringtun-cli not installed: `cargo install boringtun-cli` to compare it)");
+    }
+    paths.push(sluice_path());
+    let load_before = loadavg();
+    let mut servers = Vec::new();
+    for p in &paths {
+        let ok = (0..50).any(|_| {
+            let ok = ping_ok(&p.client, p.server);
+            if !ok {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            ok
+        });
+        assert!(
+            ok,
+            "{}: {} does not answer a ping from {}",
+            p.label, p.server, p.client
+        );
+        servers.push(iperf_server(&p.server_ns));
+    }
+    let streams = [1u32, 4];
+    // [path][streams] -> (Gbit/s, CPU seconds per Gbit) of each run; rounds interleave paths.
+    let mut gbps = vec![vec![Vec::new(); streams.len()]; paths.len()];
+    let mut cpu = vec![vec![Vec::new(); streams.len()]; paths.len()];
+    let mut rtts = vec![Vec::new(); paths.len()];
+    for round in 0..args.runs {
+        for k in 0..paths.len() {
+            // Rotate the order each round, so no contender always runs first.
+            let pi = (k + round) % paths.len();
+            let p = &paths[pi];
+            for (si, s) in streams.iter().enumerate() {
+                let before = cpu_seconds(&p.tunnel_pids);
+                let g = iperf(&p.client, p.server, args.seconds, *s);
+                let used = cpu_seconds(&p.tunnel_pids) - before;
+                gbps[pi][si].push(g);
+                if !p.tunnel_pids.is_empty() && g > 0.0 {
+                    cpu[pi][si].push(used / (g * f64::from(args.seconds)));
+                }
+            }
+            rtts[pi].extend(ping_rtts(&p.client, p.server, 100));
+        }
+    }
+    drop(servers);
+    println!(
+        "iperf3 -t {} (-P 1 and -P 4), {} rounds (order rotated), Gbit/s received: median (runs); \
+         CPU = the tunnel processes' CPU seconds per Gbit carried (median; the kernel's own work, \
+         softirq, is not in it, so it is absent for VXLAN); ping: 100 per round, 10 ms apart. \
+         Load average before / after: {load_before} / {}",
+        args.seconds,
+        args.runs,
+        loadavg()
+    );
+    println!();
+    println!("| path | 1 stream | 4 streams | CPU s/Gbit (1 / 4) | ping avg / p99 ms | vs wireguard-go (1 / 4) |");
+    println!("|---|---|---|---|---|---|");
+    let med: Vec<Vec<f64>> = gbps
+        .iter()
+        .map(|r| r.iter().map(|v| median(v)).collect())
+        .collect();
+    let fmt_runs = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let cpu_med = |pi: usize, si: usize| {
+        if cpu[pi][si].is_empty() {
+            "n/a".to_string()
+        } else {
+            format!("{:.3}", median(&cpu[pi][si]))
+        }
+    };
+    for (pi, p) in paths.iter().enumerate() {
+        let mut r = rtts[pi].clone();
+        r.sort_by(f64::total_cmp);
+        let avg = r.iter().sum::<f64>() / r.len().max(1) as f64;
+        let p99 = r
+            .get((r.len() * 99 / 100).min(r.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN);
+        println!(
+            "| {} | {:.2} ({}) | {:.2} ({}) | {} / {} | {avg:.3} / {p99:.3} | {:.2}x / {:.2}x |",
+            p.label,
+            med[pi][0],
+            fmt_runs(&gbps[pi][0]),
+            med[pi][1],
+            fmt_runs(&gbps[pi][1]),
+            cpu_med(pi, 0),
+            cpu_med(pi, 1),
+            med[pi][0] / med[1][0],
+            med[pi][1] / med[1][1],
+        );
+    }
+    println!();
+    let (r1, r4) = (med[0][0] / med[1][0], med[0][1] / med[1][1]);
+    let cpu_ok = (0..2).all(|si| {
+        !cpu[0][si].is_empty()
+            && !cpu[1][si].is_empty()
+            && median(&cpu[0][si]) <= median(&cpu[1][si])
+    });
+    println!(
+        "sluice WireGuard / wireguard-go: {r1:.2}x (1 stream), {r4:.2}x (4 streams); target >= 1.2x: {}; \
+         CPU per Gbit no worse: {}",
+        if r1 >= 1.2 && r4 >= 1.2 { "met" } else { "NOT met" },
+        if cpu_ok { "met" } else { "NOT met" }
+    );
     println!();
 }
 
@@ -1223,6 +1555,9 @@ fn main() {
     println!();
     if args.throughput {
         throughput(&args);
+    }
+    if args.wireguard {
+        wireguard(&args);
     }
     if args.convergence {
         convergence(&args);
