@@ -6,14 +6,12 @@
 //! `netlink-packet-generic`: `ETHTOOL_MSG_FEATURES_GET` and `ETHTOOL_MSG_FEATURES_SET`, with
 //! bitsets in their verbose (by name) form.
 
+use crate::genl::{GenlError, GenlSocket};
 use netlink_packet_core::{
-    DecodeError, Emitable, NetlinkDeserializable, NetlinkMessage, NetlinkPayload,
-    NetlinkSerializable, NlasIterator, ParseableParametrized, NLM_F_ACK, NLM_F_REQUEST,
+    DecodeError, Emitable, NetlinkDeserializable, NetlinkSerializable, NlasIterator,
+    ParseableParametrized, NLM_F_ACK, NLM_F_REQUEST,
 };
-use netlink_packet_generic::ctrl::nlas::GenlCtrlAttrs;
-use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
 use netlink_packet_generic::{GenlFamily, GenlHeader, GenlMessage};
-use netlink_sys::{protocols::NETLINK_GENERIC, Socket, SocketAddr};
 use std::collections::BTreeMap;
 
 /// The features `ethtool -K DEV tx off` switches off.
@@ -43,14 +41,8 @@ const NLA_F_NESTED: u16 = 1 << 15;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EthtoolError {
-    #[error("opening a generic netlink socket: {0}")]
-    Socket(#[source] std::io::Error),
-    #[error("{op}: {source}")]
-    Io {
-        op: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Genl(GenlError),
     #[error("decoding the kernel's answer to {op}: {source}")]
     Decode {
         op: &'static str,
@@ -134,47 +126,23 @@ fn header(ifname: &str, flags: u32) -> Vec<u8> {
 
 /// A generic netlink socket to the ethtool family, in the namespace of the thread that made it.
 pub struct Ethtool {
-    socket: Socket,
-    family: u16,
-    seq: u32,
+    genl: GenlSocket,
 }
 
 impl Ethtool {
     pub fn connect() -> Result<Self, EthtoolError> {
-        let mut socket = Socket::new(NETLINK_GENERIC).map_err(EthtoolError::Socket)?;
-        socket.bind_auto().map_err(EthtoolError::Socket)?;
-        socket
-            .connect(&SocketAddr::new(0, 0))
-            .map_err(EthtoolError::Socket)?;
-        let mut me = Self {
-            socket,
-            family: 0,
-            seq: 0,
-        };
-        let ask = GenlMessage::from_payload(GenlCtrl {
-            cmd: GenlCtrlCmd::GetFamily,
-            nlas: vec![GenlCtrlAttrs::FamilyName(FAMILY.into())],
-        });
-        let answer: GenlMessage<GenlCtrl> = me
-            .exchange(ask, NLM_F_REQUEST, "resolving the ethtool family", "")?
-            .ok_or(EthtoolError::NoFamily)?;
-        me.family = answer
-            .payload
-            .nlas
-            .iter()
-            .find_map(|a| match a {
-                GenlCtrlAttrs::FamilyId(id) => Some(*id),
-                _ => None,
-            })
-            .ok_or(EthtoolError::NoFamily)?;
-        Ok(me)
+        let genl = GenlSocket::connect(FAMILY).map_err(|e| match e {
+            GenlError::NoFamily(_) => EthtoolError::NoFamily,
+            other => EthtoolError::Genl(other),
+        })?;
+        Ok(Self { genl })
     }
 
     /// Sends one request and reads until its answer: the first message of `R`, or the ACK
     /// (`None`). A kernel error comes back as [`EthtoolError::Kernel`].
     fn exchange<F, R>(
         &mut self,
-        mut msg: GenlMessage<F>,
+        msg: GenlMessage<F>,
         flags: u16,
         op: &'static str,
         ifname: &str,
@@ -184,49 +152,14 @@ impl Ethtool {
         GenlMessage<F>: NetlinkSerializable,
         R: NetlinkDeserializable + std::fmt::Debug,
     {
-        msg.finalize();
-        msg.set_resolved_family_id(self.family);
-        let mut nl = NetlinkMessage::from(msg);
-        self.seq = self.seq.wrapping_add(1);
-        nl.header.flags = flags;
-        nl.header.sequence_number = self.seq;
-        nl.finalize();
-        let mut buf = vec![0; nl.buffer_len()];
-        nl.serialize(&mut buf);
-        self.socket
-            .send(&buf, 0)
-            .map_err(|source| EthtoolError::Io { op, source })?;
-        loop {
-            let (data, _) = self
-                .socket
-                .recv_from_full()
-                .map_err(|source| EthtoolError::Io { op, source })?;
-            let mut offset = 0;
-            while offset < data.len() {
-                let reply = NetlinkMessage::<R>::deserialize(&data[offset..])
-                    .map_err(|source| EthtoolError::Decode { op, source })?;
-                let len = reply.header.length as usize;
-                let seq = reply.header.sequence_number;
-                offset += len.max(1).next_multiple_of(4);
-                if seq != self.seq {
-                    continue;
-                }
-                match reply.payload {
-                    NetlinkPayload::InnerMessage(m) => return Ok(Some(m)),
-                    NetlinkPayload::Error(e) => {
-                        return match e.code {
-                            None => Ok(None),
-                            Some(code) => Err(EthtoolError::Kernel {
-                                op,
-                                ifname: ifname.into(),
-                                source: std::io::Error::from_raw_os_error(-code.get()),
-                            }),
-                        }
-                    }
-                    NetlinkPayload::Done(_) => return Ok(None),
-                    _ => {}
-                }
-            }
+        match self.genl.request(msg, flags, op) {
+            Ok(answers) => Ok(answers.into_iter().next()),
+            Err(GenlError::Kernel { op, source }) => Err(EthtoolError::Kernel {
+                op,
+                ifname: ifname.into(),
+                source,
+            }),
+            Err(other) => Err(EthtoolError::Genl(other)),
         }
     }
 

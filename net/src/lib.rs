@@ -10,6 +10,7 @@
 
 pub mod cni;
 pub mod ethtool;
+pub mod genl;
 pub mod ipam;
 pub mod kernel;
 pub mod lease;

@@ -412,6 +412,9 @@ fn the_key_survives_a_restart_is_replaced_when_removed_and_never_leaks() {
     });
     assert!(metrics.contains("sluice_peer_rx_bytes{"), "{metrics}");
     assert!(logs.contains("WireGuard key pair created"));
+    // This kernel has no WireGuard module: the agent tried it and fell back to userspace.
+    assert!(logs.contains("no kernel WireGuard; using the userspace device"));
+    assert!(logs.contains("backend=userspace (gotatun)"));
     for p in &private {
         let p = p.trim();
         assert_eq!(p.len(), 44, "a base64 key");

@@ -119,12 +119,12 @@ impl WgState {
     }
 
     /// Per-peer counters on /metrics; peers gone from the device leave the metric too.
-    pub async fn export(&self, health: &Health) {
+    pub async fn export(&mut self, health: &Health) {
         let m = &health.metrics;
         m.peer_rx_bytes.clear();
         m.peer_tx_bytes.clear();
         m.peer_handshake_age_seconds.clear();
-        let Some(dev) = self.device.as_ref() else {
+        let Some(dev) = self.device.as_mut() else {
             return;
         };
         let now = std::time::SystemTime::now();

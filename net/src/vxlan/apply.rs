@@ -53,7 +53,7 @@ fn netlink(op: &'static str, target: impl ToString) -> impl FnOnce(rtnetlink::Er
     move |source| VxlanError::Netlink { op, target, source }
 }
 
-fn errno(e: &rtnetlink::Error) -> Option<i32> {
+pub(crate) fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {
         rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
         _ => None,

@@ -1,13 +1,14 @@
-//! The userspace WireGuard device: gotatun (Mullvad's maintained fork of boringtun, tokio
-//! native) on a tun device in the agent's process and network namespace, configured through
-//! its typed API, so there is no UAPI socket (whose path would be global to the machine) and no
-//! signal handler taken over. Its peers are changed as a diff ([`super::diff_peers`]); the
+//! The node's WireGuard device: the kernel's (see [`super::kernel`]) where the module exists,
+//! else gotatun (Mullvad's maintained fork of boringtun, tokio native) on a tun device in the
+//! agent's process and network namespace, configured through its typed API, so there is no UAPI
+//! socket (whose path would be global to the machine) and no signal handler taken over. Its peers are changed as a diff ([`super::diff_peers`]); the
 //! routes through it are sluice's (protocol [`crate::ROUTE_PROTOCOL`]) and are synced apart,
 //! because the agent decides per peer which tunnel carries its subnet.
 //!
 //! The tun device is not persistent: when the agent's process ends, the kernel removes it and
-//! the routes through it.
+//! the routes through it. The kernel's device is, and a restarted agent takes it over.
 
+use super::kernel::{self, KernelWg};
 use super::{diff_peers, KeyPair, PeerDiff, PeerSpec, WgError};
 use crate::vxlan::apply::{route_ip, route_oif, route_table};
 use crate::ROUTE_PROTOCOL;
@@ -18,7 +19,7 @@ use gotatun::udp::socket::UdpSocketFactory;
 use gotatun::x25519::PublicKey;
 use ipnet::Ipv4Net;
 use netlink_packet_route::route::{RouteHeader, RouteMessage, RouteProtocol, RouteScope};
-use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec, LinkWireguard, RouteMessageBuilder};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, SystemTime};
@@ -52,17 +53,29 @@ pub struct PeerStats {
     pub last_handshake: Option<SystemTime>,
 }
 
+/// What carries the packets.
+enum Engine {
+    Userspace {
+        device: Gotatun,
+        /// Whether gotatun has set up its UDP socket and tasks: it does so at build time only
+        /// when built with peers, and after a write only when that write "reconfigures" (a key,
+        /// a port, or clearing the peers), not when a peer is added.
+        connected: bool,
+    },
+    Kernel {
+        config: KernelWg,
+        /// No apply yet: the kernel may hold peers from before a restart.
+        fresh: bool,
+    },
+}
+
 /// The running device of this node.
 pub struct WgDevice {
     ifname: String,
     ifindex: u32,
-    device: Gotatun,
+    engine: Engine,
     peers: BTreeMap<String, PeerSpec>,
     handle: Handle,
-    /// Whether gotatun has set up its UDP socket and tasks: it does so at build time only when
-    /// built with peers, and after a write only when that write "reconfigures" (a key, a port,
-    /// or clearing the peers), not when a peer is added.
-    connected: bool,
 }
 
 fn device_err(ifname: &str, reason: impl std::fmt::Display) -> WgError {
@@ -100,15 +113,27 @@ impl WgDevice {
     ) -> Result<Self, WgError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| device_err(ifname, e))?;
         tokio::spawn(conn);
-        let device = DeviceBuilder::new()
-            .with_default_udp()
-            .with_listen_port(listen_port)
-            .create_tun(ifname)
-            .map_err(|e| device_err(ifname, format!("creating the tun device: {e}")))?
-            .with_private_key(key.secret().clone())
-            .build()
-            .await
-            .map_err(|e| device_err(ifname, format!("starting WireGuard: {e}")))?;
+        let engine = match open_kernel(&handle, ifname, key, listen_port).await {
+            Some(config) => Engine::Kernel {
+                config,
+                fresh: true,
+            },
+            None => {
+                let device = DeviceBuilder::new()
+                    .with_default_udp()
+                    .with_listen_port(listen_port)
+                    .create_tun(ifname)
+                    .map_err(|e| device_err(ifname, format!("creating the tun device: {e}")))?
+                    .with_private_key(key.secret().clone())
+                    .build()
+                    .await
+                    .map_err(|e| device_err(ifname, format!("starting WireGuard: {e}")))?;
+                Engine::Userspace {
+                    device,
+                    connected: false,
+                }
+            }
+        };
         let link = handle
             .link()
             .get()
@@ -117,7 +142,7 @@ impl WgDevice {
             .try_next()
             .await
             .map_err(netlink(format!("looking up {ifname}")))?
-            .ok_or_else(|| device_err(ifname, "the tun device vanished"))?;
+            .ok_or_else(|| device_err(ifname, "the device vanished"))?;
         let ifindex = link.header.index;
         handle
             .link()
@@ -125,19 +150,22 @@ impl WgDevice {
             .execute()
             .await
             .map_err(netlink(format!("setting {ifname} up with MTU {mtu}")))?;
-        tracing::info!(ifname, ifindex, listen_port, mtu, backend = %Backend::Userspace, public_key = %key.public_base64(), "WireGuard device up");
-        Ok(Self {
+        let me = Self {
             ifname: ifname.to_string(),
             ifindex,
-            device,
+            engine,
             peers: BTreeMap::new(),
             handle,
-            connected: false,
-        })
+        };
+        tracing::info!(ifname, ifindex, listen_port, mtu, backend = %me.backend(), public_key = %key.public_base64(), "WireGuard device up");
+        Ok(me)
     }
 
     pub fn backend(&self) -> Backend {
-        Backend::Userspace
+        match self.engine {
+            Engine::Userspace { .. } => Backend::Userspace,
+            Engine::Kernel { .. } => Backend::Kernel,
+        }
     }
 
     pub fn ifindex(&self) -> u32 {
@@ -155,25 +183,37 @@ impl WgDevice {
         if diff.is_empty() {
             return Ok(diff);
         }
-        let remove: Vec<PublicKey> = diff.remove.iter().map(|k| PublicKey::from(*k)).collect();
-        let upsert: Vec<Peer> = diff.upsert.iter().map(to_peer).collect();
-        let connect = !self.connected && !upsert.is_empty();
-        self.device
-            .write(async |d| {
-                if connect {
-                    // The device has no peers yet; clearing them makes gotatun set up its
-                    // connection once this write is done.
-                    d.clear_peers();
-                }
-                for key in &remove {
-                    d.remove_peer(key).await;
-                }
-                d.add_or_update_peers(upsert).await;
-            })
-            .await
-            .map_err(|e| device_err(&self.ifname, format!("configuring peers: {e}")))?;
+        match &mut self.engine {
+            Engine::Userspace { device, connected } => {
+                let remove: Vec<PublicKey> =
+                    diff.remove.iter().map(|k| PublicKey::from(*k)).collect();
+                let upsert: Vec<Peer> = diff.upsert.iter().map(to_peer).collect();
+                let connect = !*connected && !upsert.is_empty();
+                device
+                    .write(async |d| {
+                        if connect {
+                            // The device has no peers yet; clearing them makes gotatun set up
+                            // its connection once this write is done.
+                            d.clear_peers();
+                        }
+                        for key in &remove {
+                            d.remove_peer(key).await;
+                        }
+                        d.add_or_update_peers(upsert).await;
+                    })
+                    .await
+                    .map_err(|e| device_err(&self.ifname, format!("configuring peers: {e}")))?;
+                *connected |= connect;
+            }
+            Engine::Kernel { config, fresh } => {
+                let attrs = kernel::set_device(&self.ifname, None, None, &diff, *fresh);
+                config
+                    .set(attrs)
+                    .map_err(|e| device_err(&self.ifname, format!("configuring peers: {e}")))?;
+                *fresh = false;
+            }
+        }
         self.peers = want.clone();
-        self.connected |= connect;
         tracing::info!(
             ifname = %self.ifname,
             removed = diff.remove.len(),
@@ -186,28 +226,56 @@ impl WgDevice {
 
     /// A new key for the device (the key file was removed): every session starts again.
     pub async fn set_key(&mut self, key: &KeyPair) -> Result<(), WgError> {
-        self.device
-            .set_private_key(key.secret().clone())
-            .await
-            .map_err(|e| device_err(&self.ifname, format!("changing the key: {e}")))?;
+        match &mut self.engine {
+            Engine::Userspace { device, .. } => device
+                .set_private_key(key.secret().clone())
+                .await
+                .map_err(|e| device_err(&self.ifname, format!("changing the key: {e}")))?,
+            Engine::Kernel { config, .. } => config
+                .set(kernel::set_device(
+                    &self.ifname,
+                    Some(key.secret().to_bytes()),
+                    None,
+                    &PeerDiff::default(),
+                    false,
+                ))
+                .map_err(|e| device_err(&self.ifname, format!("changing the key: {e}")))?,
+        }
         tracing::info!(ifname = %self.ifname, public_key = %key.public_base64(), "WireGuard key changed");
         Ok(())
     }
 
     /// Per-peer counters, by node.
-    pub async fn stats(&self) -> Vec<PeerStats> {
+    pub async fn stats(&mut self) -> Vec<PeerStats> {
         let now = SystemTime::now();
         let by_key: BTreeMap<[u8; 32], &str> = self
             .peers
             .values()
             .map(|p| (p.public_key, p.node.as_str()))
             .collect();
-        self.device
-            .peers()
-            .await
+        let counters: Vec<kernel::KernelPeerStats> = match &mut self.engine {
+            Engine::Userspace { device, .. } => device
+                .peers()
+                .await
+                .into_iter()
+                .map(|p| {
+                    (
+                        *p.peer.public_key.as_bytes(),
+                        p.stats.rx_bytes as u64,
+                        p.stats.tx_bytes as u64,
+                        // gotatun gives the age; an absolute time is computed here.
+                        p.stats.last_handshake.and_then(|age| now.checked_sub(age)),
+                    )
+                })
+                .collect(),
+            Engine::Kernel { config, .. } => config.peers().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read the WireGuard device's peers");
+                Vec::new()
+            }),
+        };
+        counters
             .into_iter()
-            .filter_map(|p| {
-                let key = *p.peer.public_key.as_bytes();
+            .filter_map(|(key, rx_bytes, tx_bytes, last_handshake)| {
                 let node = by_key.get(&key)?;
                 Some(PeerStats {
                     node: (*node).to_string(),
@@ -215,9 +283,9 @@ impl WgDevice {
                         &base64::engine::general_purpose::STANDARD,
                         key,
                     ),
-                    rx_bytes: p.stats.rx_bytes as u64,
-                    tx_bytes: p.stats.tx_bytes as u64,
-                    last_handshake: p.stats.last_handshake.and_then(|age| now.checked_sub(age)),
+                    rx_bytes,
+                    tx_bytes,
+                    last_handshake,
                 })
             })
             .collect()
@@ -262,17 +330,96 @@ impl WgDevice {
         Ok(changes + self.add_routes(want).await?)
     }
 
-    /// Stops the device; the kernel removes the tun device and its routes with the last fd.
+    /// Stops the device and removes its link (and with it the routes through it).
     pub async fn close(self) {
         let ifname = self.ifname.clone();
-        if tokio::time::timeout(Duration::from_secs(5), self.device.stop())
-            .await
-            .is_err()
-        {
-            tracing::warn!(ifname, "WireGuard device did not stop within 5 s");
+        match self.engine {
+            Engine::Userspace { device, .. } => {
+                // The kernel removes the tun device with its last file descriptor.
+                if tokio::time::timeout(Duration::from_secs(5), device.stop())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(ifname, "WireGuard device did not stop within 5 s");
+                }
+            }
+            Engine::Kernel { .. } => {
+                if let Err(e) = self.handle.link().del(self.ifindex).execute().await {
+                    tracing::warn!(ifname, error = %e, "cannot remove the WireGuard link");
+                }
+            }
         }
         tracing::info!(ifname, "WireGuard device closed");
     }
+}
+
+/// Removes the link named `ifname`, if there is one.
+async fn delete_link(handle: &Handle, ifname: &str) {
+    if let Ok(Some(link)) = handle
+        .link()
+        .get()
+        .match_name(ifname.to_string())
+        .execute()
+        .try_next()
+        .await
+    {
+        let _ = handle.link().del(link.header.index).execute().await;
+    }
+}
+
+/// The kernel's device, configured with the key and port; `None` where the kernel has no
+/// WireGuard (the userspace device takes over). A `wireguard` link left by an earlier agent is
+/// taken over; a link of that name of another kind is removed first.
+async fn open_kernel(
+    handle: &Handle,
+    ifname: &str,
+    key: &KeyPair,
+    listen_port: u16,
+) -> Option<KernelWg> {
+    for _attempt in 0..2 {
+        match handle
+            .link()
+            .add(LinkWireguard::new(ifname).build())
+            .execute()
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if crate::vxlan::apply::errno(&e) == Some(nix::libc::EEXIST) => {
+                let is_wireguard = KernelWg::connect(ifname).is_ok_and(|mut k| k.peers().is_ok());
+                if !is_wireguard {
+                    tracing::warn!(
+                        ifname,
+                        "a link of this name is not a WireGuard device; replacing it"
+                    );
+                    delete_link(handle, ifname).await;
+                    continue;
+                }
+            }
+            Err(e) => {
+                tracing::info!(ifname, error = %e, "no kernel WireGuard; using the userspace device");
+                return None;
+            }
+        }
+        let configured = KernelWg::connect(ifname).and_then(|mut config| {
+            config.set(kernel::set_device(
+                ifname,
+                Some(key.secret().to_bytes()),
+                Some(listen_port),
+                &PeerDiff::default(),
+                false,
+            ))?;
+            Ok(config)
+        });
+        return match configured {
+            Ok(config) => Some(config),
+            Err(e) => {
+                tracing::warn!(ifname, error = %e, "cannot configure the kernel WireGuard device; using the userspace device");
+                delete_link(handle, ifname).await;
+                None
+            }
+        };
+    }
+    None
 }
 
 fn route(dst: Ipv4Net, ifindex: u32) -> RouteMessage {

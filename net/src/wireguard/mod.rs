@@ -14,6 +14,7 @@
 //! switched before it noticed, and VXLAN stays up for peers that have not switched yet.
 
 pub mod device;
+pub mod kernel;
 pub mod keys;
 #[cfg(test)]
 mod tests;
