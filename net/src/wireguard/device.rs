@@ -102,6 +102,59 @@ fn to_peer(spec: &PeerSpec) -> Peer {
     peer
 }
 
+/// How often, and how far apart, gotatun is asked to set up its connection again when the
+/// socket of the one it just stopped still holds the port (its tasks end asynchronously).
+const CONNECT_ATTEMPTS: u32 = 20;
+const CONNECT_RETRY: Duration = Duration::from_millis(100);
+
+/// Has gotatun (re)build its connection (UDP socket and tasks) around `peers`, with a new key if
+/// given. Clearing the peers is what makes a write "reconfigure" in gotatun; peers are
+/// re-added in the same write, so no packet sees the device without them.
+async fn connect(
+    device: &Gotatun,
+    connected: &mut bool,
+    ifname: &str,
+    key: Option<gotatun::x25519::StaticSecret>,
+    peers: Vec<Peer>,
+) -> Result<(), WgError> {
+    let mut last = None;
+    for attempt in 0..CONNECT_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(CONNECT_RETRY).await;
+        }
+        let key = key.clone();
+        let peers = peers.clone();
+        match device
+            .write(async |d| {
+                if let Some(key) = key {
+                    d.set_private_key(key).await;
+                }
+                d.clear_peers();
+                d.add_or_update_peers(peers).await;
+            })
+            .await
+        {
+            Ok(()) => {
+                *connected = true;
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::debug!(ifname, attempt, error = %e, "gotatun's connection not up yet");
+                last = Some(e);
+            }
+        }
+    }
+    // The next apply tries again.
+    *connected = false;
+    Err(device_err(
+        ifname,
+        format!(
+            "setting up the connection: {}",
+            last.map(|e| e.to_string()).unwrap_or_default()
+        ),
+    ))
+}
+
 impl WgDevice {
     /// Creates the tun device `ifname` in the calling thread's network namespace with the node's
     /// key, listening on UDP `listen_port`, MTU `mtu`, up. Must run inside a tokio runtime.
@@ -180,22 +233,27 @@ impl WgDevice {
     /// [`diff_peers`]); returns what it changed.
     pub async fn apply(&mut self, want: &BTreeMap<String, PeerSpec>) -> Result<PeerDiff, WgError> {
         let diff = diff_peers(&self.peers, want);
-        if diff.is_empty() {
+        let unconnected = matches!(
+            self.engine,
+            Engine::Userspace {
+                connected: false,
+                ..
+            }
+        );
+        if diff.is_empty() && !(unconnected && !want.is_empty()) {
             return Ok(diff);
         }
         match &mut self.engine {
-            Engine::Userspace { device, connected } => {
+            Engine::Userspace { device, connected } if !*connected && !want.is_empty() => {
+                let peers: Vec<Peer> = want.values().map(to_peer).collect();
+                connect(device, connected, &self.ifname, None, peers).await?;
+            }
+            Engine::Userspace { device, .. } => {
                 let remove: Vec<PublicKey> =
                     diff.remove.iter().map(|k| PublicKey::from(*k)).collect();
                 let upsert: Vec<Peer> = diff.upsert.iter().map(to_peer).collect();
-                let connect = !*connected && !upsert.is_empty();
                 device
                     .write(async |d| {
-                        if connect {
-                            // The device has no peers yet; clearing them makes gotatun set up
-                            // its connection once this write is done.
-                            d.clear_peers();
-                        }
                         for key in &remove {
                             d.remove_peer(key).await;
                         }
@@ -203,7 +261,6 @@ impl WgDevice {
                     })
                     .await
                     .map_err(|e| device_err(&self.ifname, format!("configuring peers: {e}")))?;
-                *connected |= connect;
             }
             Engine::Kernel { config, fresh } => {
                 let attrs = kernel::set_device(&self.ifname, None, None, &diff, *fresh);
@@ -227,10 +284,20 @@ impl WgDevice {
     /// A new key for the device (the key file was removed): every session starts again.
     pub async fn set_key(&mut self, key: &KeyPair) -> Result<(), WgError> {
         match &mut self.engine {
-            Engine::Userspace { device, .. } => device
-                .set_private_key(key.secret().clone())
-                .await
-                .map_err(|e| device_err(&self.ifname, format!("changing the key: {e}")))?,
+            Engine::Userspace { device, connected } => {
+                // The peers are made again with the key: a session made under the old key
+                // would otherwise carry on one way until its timers gave up (15 s), while the
+                // peers, who know only the new key, drop it.
+                let peers: Vec<Peer> = self.peers.values().map(to_peer).collect();
+                connect(
+                    device,
+                    connected,
+                    &self.ifname,
+                    Some(key.secret().clone()),
+                    peers,
+                )
+                .await?
+            }
             Engine::Kernel { config, .. } => config
                 .set(kernel::set_device(
                     &self.ifname,
