@@ -233,14 +233,15 @@ impl WgDevice {
     /// [`diff_peers`]); returns what it changed.
     pub async fn apply(&mut self, want: &BTreeMap<String, PeerSpec>) -> Result<PeerDiff, WgError> {
         let diff = diff_peers(&self.peers, want);
-        let unconnected = matches!(
-            self.engine,
-            Engine::Userspace {
-                connected: false,
-                ..
-            }
-        );
-        if diff.is_empty() && !(unconnected && !want.is_empty()) {
+        let must_connect = !want.is_empty()
+            && matches!(
+                self.engine,
+                Engine::Userspace {
+                    connected: false,
+                    ..
+                }
+            );
+        if diff.is_empty() && !must_connect {
             return Ok(diff);
         }
         match &mut self.engine {
