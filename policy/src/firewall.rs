@@ -52,6 +52,8 @@ pub struct Observed {
 pub struct Applied {
     /// False when the kernel already held the desired rules.
     pub written: bool,
+    /// True when only the difference was written (not the whole of sluice's rules).
+    pub incremental: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -270,11 +272,17 @@ impl Firewall for FakeFirewall {
             });
         }
         if s.current.as_ref().map(Rendered::hash) == Some(desired.hash()) {
-            return Ok(Applied { written: false });
+            return Ok(Applied {
+                written: false,
+                incremental: false,
+            });
         }
         s.current = Some(desired.clone());
         s.writes += 1;
-        Ok(Applied { written: true })
+        Ok(Applied {
+            written: true,
+            incremental: false,
+        })
     }
 
     fn remove(&self) -> Result<(), FirewallError> {

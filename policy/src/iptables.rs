@@ -454,7 +454,10 @@ impl Firewall for IptablesRestore {
         };
         let (hash, have_chains) = parse_save(&self.save()?);
         if hash.as_deref() == Some(script.hash.as_str()) {
-            return Ok(Applied { written: false });
+            return Ok(Applied {
+                written: false,
+                incremental: false,
+            });
         }
         self.checked("ipset", &["restore"], Some(&script.ipsets), "restore")?;
         let stale: Vec<String> = have_chains
@@ -475,7 +478,10 @@ impl Firewall for IptablesRestore {
         self.hook("INPUT", "INPUT")?;
         self.destroy_sets(&script.sets)?;
         tracing::info!(hash = %script.hash, mode = ?self.mode, chains = script.chains.len(), sets = script.sets.len(), "iptables policy chains replaced");
-        Ok(Applied { written: true })
+        Ok(Applied {
+            written: true,
+            incremental: false,
+        })
     }
 
     fn remove(&self) -> Result<(), FirewallError> {

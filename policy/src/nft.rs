@@ -1,5 +1,9 @@
-//! The nftables renderer and applier: sluice's own table `inet sluice-policy`, replaced whole
-//! in one `nft -f -` transaction (atomic: a packet sees the old table or the new one).
+//! The nftables renderer and applier: sluice's own table `inet sluice-policy`, changed in one
+//! `nft -f -` transaction (atomic: a packet sees the old rules or the new ones). The table is
+//! rendered as data ([`NftTable`]); a change is written as the difference from what this
+//! process last wrote ([`delta`]: elements, a pod's chain, sets made or dropped), and the whole
+//! table is written only when the kernel's copy is not known (first pass, someone else's
+//! edit, a refused delta).
 //!
 //! Shape (per-packet cost is constant in the number of policies and peers):
 //! - base chains `forward` and `input` (hook priority `filter`, policy accept): established and
@@ -15,13 +19,16 @@
 //!   pods (set `isolated`), so that a connection cut by [`crate::conntrack`] cannot be picked
 //!   up again mid-stream from its other end.
 //!
-//! The first rule of `forward` carries `comment "sluice-policy:HASH"`, the hash of the whole
-//! text: [`NftCli::observe`] reads only that chain, and an unchanged table is not rewritten.
+//! The one rule of chain `state` (never jumped to) carries `comment "sluice-policy:HASH"`, the
+//! hash of the whole table's text: [`NftCli::observe`] reads only that chain, an unchanged
+//! table is not rewritten, and a table edited by hand (or by an older sluice) is replaced.
 
 use crate::firewall::{Applied, Backend, Exec, Firewall, FirewallError, Observed, Rendered};
 use crate::ir::{AddrSet, Direction, PolicyIr, PortEntry};
 use crate::text_hash;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
 
 /// sluice's policy table (DESIGN.md: recognisable by its nftables table).
 pub const TABLE: &str = "sluice-policy";
@@ -33,26 +40,55 @@ const HASH_SLOT: &str = "@@HASH@@";
 /// as a "new" flow in the reverse direction (from its server) that the policy allows.
 const NOT_SYN: &str = "ct state new tcp flags & (fin | syn | rst | ack) != syn";
 
-/// Rendered text for `nft -f -`, and the hash it carries.
+/// sluice's table as data: what [`render`] wants, what the applier last wrote, and what
+/// [`delta`] compares. Rules and elements are nft's own text.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NftTable {
+    /// Sets and verdict maps by name.
+    pub sets: BTreeMap<String, NftSet>,
+    /// Chains by name.
+    pub chains: BTreeMap<String, NftChain>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftSet {
+    /// `set` or `map`.
+    pub keyword: &'static str,
+    /// The declaration lines (type, flags).
+    pub spec: Vec<String>,
+    /// Key → value (`None` in a set; the verdict in a map).
+    pub elements: BTreeMap<String, Option<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NftChain {
+    /// `type filter hook … ; policy …;` of a base chain.
+    pub hook: Option<String>,
+    pub rules: Vec<String>,
+}
+
+/// Rendered desired state: the table, and the hash of its full text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NftScript {
-    pub text: String,
+    pub table: NftTable,
     pub hash: String,
+    /// The full transaction: the table removed and made again, hash included.
+    pub text: String,
 }
 
-fn elements(out: &mut String, items: &[String]) {
-    if items.is_empty() {
-        return;
-    }
-    let _ = writeln!(out, "\t\telements = {{ {} }}", items.join(",\n\t\t\t     "));
+/// The chain, never jumped to, whose one rule carries the hash of the table's text.
+const STATE_CHAIN: &str = "state";
+
+fn state_rule(hash: &str) -> String {
+    format!("return comment \"{HASH_MARK}{hash}\"")
 }
 
-fn addr_items(set: &AddrSet) -> Vec<String> {
-    set.cidrs().iter().map(|c| c.to_string()).collect()
+fn addr_elements(set: &AddrSet) -> BTreeMap<String, Option<String>> {
+    set.cidrs().iter().map(|c| (c.to_string(), None)).collect()
 }
 
-fn port_items(ports: &[PortEntry]) -> Vec<String> {
-    let mut out = Vec::new();
+fn port_elements(ports: &[PortEntry]) -> BTreeMap<String, Option<String>> {
+    let mut out = BTreeMap::new();
     for e in ports {
         let range = if e.first == e.last {
             e.first.to_string()
@@ -60,99 +96,315 @@ fn port_items(ports: &[PortEntry]) -> Vec<String> {
             format!("{}-{}", e.first, e.last)
         };
         for c in e.addrs.cidrs() {
-            out.push(format!("{c} . {} . {range}", e.protocol.name()));
+            out.insert(format!("{c} . {} . {range}", e.protocol.name()), None);
         }
     }
     out
 }
 
+fn interval_set(kind: &str, elements: BTreeMap<String, Option<String>>) -> NftSet {
+    NftSet {
+        keyword: "set",
+        spec: vec![format!("type {kind}"), "flags interval".into()],
+        elements,
+    }
+}
+
 /// Sets and chain of one isolated direction; `prefix` is `i` or `e`.
-fn direction(sets: &mut String, chains: &mut String, prefix: &str, ifname: &str, d: &Direction) {
+fn direction(table: &mut NftTable, prefix: &str, ifname: &str, d: &Direction) {
     let (field, allow) = if prefix == "i" {
         ("ip saddr", "accept")
     } else {
         ("ip daddr", "return")
     };
     let name = format!("{prefix}-{ifname}");
-    let _ = writeln!(chains, "\tchain {name} {{");
+    let mut rules = Vec::new();
     if d.all_ports.is_all() {
-        let _ = writeln!(chains, "\t\t{allow}");
+        rules.push(allow.to_string());
     } else if !d.all_ports.is_empty() {
-        let _ = writeln!(
-            sets,
-            "\tset {name}-all {{\n\t\ttype ipv4_addr\n\t\tflags interval"
+        table.sets.insert(
+            format!("{name}-all"),
+            interval_set("ipv4_addr", addr_elements(&d.all_ports)),
         );
-        elements(sets, &addr_items(&d.all_ports));
-        sets.push_str("\t}\n");
-        let _ = writeln!(chains, "\t\t{field} @{name}-all {allow}");
+        rules.push(format!("{field} @{name}-all {allow}"));
     }
     if !d.ports.is_empty() {
-        let _ = writeln!(
-            sets,
-            "\tset {name}-ports {{\n\t\ttype ipv4_addr . inet_proto . inet_service\n\t\tflags interval"
+        table.sets.insert(
+            format!("{name}-ports"),
+            interval_set(
+                "ipv4_addr . inet_proto . inet_service",
+                port_elements(&d.ports),
+            ),
         );
-        elements(sets, &port_items(&d.ports));
-        sets.push_str("\t}\n");
-        let _ = writeln!(
-            chains,
-            "\t\t{field} . meta l4proto . th dport @{name}-ports {allow}"
-        );
+        rules.push(format!(
+            "{field} . meta l4proto . th dport @{name}-ports {allow}"
+        ));
     }
-    chains.push_str("\t\tdrop\n\t}\n");
+    rules.push("drop".into());
+    table.chains.insert(name, NftChain { hook: None, rules });
 }
 
-/// The whole transaction: sluice's table (re)made from scratch; nobody else's is touched.
+fn base_chains(table: &mut NftTable) {
+    let p = crate::LINK_PREFIX;
+    let chain = |hook: Option<&str>, rules: &[&str]| NftChain {
+        hook: hook.map(|h| format!("type filter hook {h} priority filter; policy accept;")),
+        rules: rules.iter().map(|r| r.to_string()).collect(),
+    };
+    let not_syn_from = format!("{NOT_SYN} ip saddr @isolated drop");
+    let not_syn_to = format!("{NOT_SYN} ip daddr @isolated drop");
+    let (to_pods, from_pods) = (
+        format!("oifname \"{p}*\" drop"),
+        format!("iifname \"{p}*\" drop"),
+    );
+    for (name, c) in [
+        (
+            "ingress",
+            chain(
+                None,
+                &[
+                    "oifname vmap @ingress-pods",
+                    "oifname \"sluice*\" return",
+                    &to_pods,
+                ],
+            ),
+        ),
+        (
+            "egress",
+            chain(
+                None,
+                &[
+                    "iifname vmap @egress-pods",
+                    "iifname \"sluice*\" return",
+                    &from_pods,
+                ],
+            ),
+        ),
+        (
+            "forward",
+            chain(
+                Some("forward"),
+                &[
+                    "ct state established,related accept",
+                    "ct state invalid drop",
+                    &not_syn_from,
+                    &not_syn_to,
+                    "jump egress",
+                    "jump ingress",
+                ],
+            ),
+        ),
+        (
+            "input",
+            chain(
+                Some("input"),
+                &[
+                    "ct state established,related accept",
+                    "ct state invalid drop",
+                    &not_syn_from,
+                    "jump egress",
+                ],
+            ),
+        ),
+    ] {
+        table.chains.insert(name.to_string(), c);
+    }
+}
+
+/// The desired table for `ir`, and its full transaction.
 pub fn render(ir: &PolicyIr) -> NftScript {
-    let mut sets = String::new();
-    let mut chains = String::new();
-    let mut maps = [Vec::new(), Vec::new()];
+    let mut table = NftTable::default();
+    let mut maps = [BTreeMap::new(), BTreeMap::new()];
     for pod in &ir.pods {
         for (i, (prefix, d)) in [("i", &pod.ingress), ("e", &pod.egress)]
             .into_iter()
             .enumerate()
         {
-            if d.isolated {
-                direction(&mut sets, &mut chains, prefix, &pod.ifname, d);
-                maps[i].push(format!("\"{}\" : goto {prefix}-{}", pod.ifname, pod.ifname));
+            let verdict = if d.isolated {
+                direction(&mut table, prefix, &pod.ifname, d);
+                format!("goto {prefix}-{}", pod.ifname)
             } else {
-                maps[i].push(format!("\"{}\" : return", pod.ifname));
-            }
+                "return".to_string()
+            };
+            maps[i].insert(format!("\"{}\"", pod.ifname), Some(verdict));
         }
     }
-    let mut t = format!("table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n");
     let isolated = AddrSet::from_addrs(
         ir.pods
             .iter()
             .filter(|p| p.ingress.isolated || p.egress.isolated)
             .map(|p| p.ip),
     );
-    t.push_str("\tset isolated {\n\t\ttype ipv4_addr\n\t\tflags interval\n");
-    elements(&mut t, &addr_items(&isolated));
-    t.push_str("\t}\n");
-    t.push_str(&sets);
-    for (name, items) in [("ingress-pods", &maps[0]), ("egress-pods", &maps[1])] {
-        let _ = writeln!(t, "\tmap {name} {{\n\t\ttype ifname : verdict");
-        elements(&mut t, items);
-        t.push_str("\t}\n");
+    table.sets.insert(
+        "isolated".into(),
+        interval_set("ipv4_addr", addr_elements(&isolated)),
+    );
+    for (name, elements) in ["ingress-pods", "egress-pods"].into_iter().zip(maps) {
+        table.sets.insert(
+            name.into(),
+            NftSet {
+                keyword: "map",
+                spec: vec!["type ifname : verdict".into()],
+                elements,
+            },
+        );
     }
-    t.push_str(&chains);
-    t.push_str(&format!(
-        "\tchain ingress {{\n\t\toifname vmap @ingress-pods\n\t\toifname \"sluice*\" return\n\t\toifname \"{p}*\" drop\n\t}}\n\
-         \tchain egress {{\n\t\tiifname vmap @egress-pods\n\t\tiifname \"sluice*\" return\n\t\tiifname \"{p}*\" drop\n\t}}\n\
-         \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\
-         \t\tct state established,related accept comment \"{HASH_MARK}{HASH_SLOT}\"\n\
-         \t\tct state invalid drop\n\t\t{NOT_SYN} ip saddr @isolated drop\n\t\t{NOT_SYN} ip daddr @isolated drop\n\
-         \t\tjump egress\n\t\tjump ingress\n\t}}\n\
-         \tchain input {{\n\t\ttype filter hook input priority filter; policy accept;\n\
-         \t\tct state established,related accept\n\t\tct state invalid drop\n\t\t{NOT_SYN} ip saddr @isolated drop\n\
-         \t\tjump egress\n\t}}\n}}\n",
-        p = crate::LINK_PREFIX
-    ));
-    let hash = text_hash(&t);
+    base_chains(&mut table);
+    let body = table_text(&table, HASH_SLOT);
+    let hash = text_hash(&body);
     NftScript {
-        text: t.replace(HASH_SLOT, &hash),
+        text: format!(
+            "table inet {TABLE}\ndelete table inet {TABLE}\n{}",
+            body.replace(HASH_SLOT, &hash)
+        ),
+        table,
         hash,
     }
+}
+
+fn element_text(key: &str, value: &Option<String>) -> String {
+    match value {
+        Some(v) => format!("{key} : {v}"),
+        None => key.to_string(),
+    }
+}
+
+/// `table inet sluice-policy { … }`: sets, then maps, then chains (a verdict map's `goto`
+/// and a rule's `@set` may name what comes later in the same block).
+fn table_text(table: &NftTable, hash: &str) -> String {
+    let mut t = format!("table inet {TABLE} {{\n");
+    for keyword in ["set", "map"] {
+        for (name, set) in table.sets.iter().filter(|(_, s)| s.keyword == keyword) {
+            let _ = writeln!(t, "\t{keyword} {name} {{");
+            for line in &set.spec {
+                let _ = writeln!(t, "\t\t{line}");
+            }
+            let items: Vec<String> = set
+                .elements
+                .iter()
+                .map(|(k, v)| element_text(k, v))
+                .collect();
+            if !items.is_empty() {
+                let _ = writeln!(t, "\t\telements = {{ {} }}", items.join(",\n\t\t\t     "));
+            }
+            t.push_str("\t}\n");
+        }
+    }
+    let state = NftChain {
+        hook: None,
+        rules: vec![state_rule(hash)],
+    };
+    let state_name = STATE_CHAIN.to_string();
+    let chains = table
+        .chains
+        .iter()
+        .filter(|(_, c)| c.hook.is_none())
+        .chain(table.chains.iter().filter(|(_, c)| c.hook.is_some()))
+        .chain(std::iter::once((&state_name, &state)));
+    for (name, chain) in chains {
+        let _ = writeln!(t, "\tchain {name} {{");
+        if let Some(hook) = &chain.hook {
+            let _ = writeln!(t, "\t\t{hook}");
+        }
+        for rule in &chain.rules {
+            let _ = writeln!(t, "\t\t{rule}");
+        }
+        t.push_str("\t}\n");
+    }
+    t.push_str("}\n");
+    t
+}
+
+/// The transaction that turns `old` (what the kernel holds, as sluice last wrote it) into
+/// `new`, touching only what differs: elements added and deleted, the rules of a changed chain
+/// written again, chains and sets made or deleted, in an order nft accepts within one
+/// transaction (what a rule or a map names exists before and is unused after). `None` when
+/// the difference reaches what only a full replace may change (a set's type, a base chain's
+/// hook).
+pub fn delta(old: &NftTable, new: &NftTable, hash: &str) -> Option<String> {
+    let mut adds = String::new();
+    let mut dels = String::new();
+    let mut rules = String::new();
+    let mut map_adds = String::new();
+    let mut drops = String::new();
+    let t = format!("inet {TABLE}");
+    let empty = BTreeMap::new();
+    for (name, set) in &new.sets {
+        let before = match old.sets.get(name) {
+            Some(o) if o.keyword != set.keyword || o.spec != set.spec => return None,
+            Some(o) => &o.elements,
+            None => {
+                let _ = writeln!(
+                    adds,
+                    "add {} {t} {name} {{ {}; }}",
+                    set.keyword,
+                    set.spec.join("; ")
+                );
+                &empty
+            }
+        };
+        let gone: Vec<&str> = before
+            .iter()
+            .filter(|(k, v)| set.elements.get(*k) != Some(*v))
+            .map(|(k, _)| k.as_str())
+            .collect();
+        if !gone.is_empty() {
+            let _ = writeln!(dels, "delete element {t} {name} {{ {} }}", gone.join(", "));
+        }
+        let added: Vec<String> = set
+            .elements
+            .iter()
+            .filter(|(k, v)| before.get(*k) != Some(*v))
+            .map(|(k, v)| element_text(k, v))
+            .collect();
+        if !added.is_empty() {
+            // A map's elements may name chains made in this transaction: they go last.
+            let out = if set.keyword == "map" {
+                &mut map_adds
+            } else {
+                &mut rules
+            };
+            let _ = writeln!(out, "add element {t} {name} {{ {} }}", added.join(", "));
+        }
+    }
+    let mut chain_adds = String::new();
+    for (name, chain) in &new.chains {
+        match old.chains.get(name) {
+            Some(o) if o.hook != chain.hook => return None,
+            Some(o) if o.rules == chain.rules => continue,
+            Some(_) => {
+                let _ = writeln!(rules, "flush chain {t} {name}");
+            }
+            None if chain.hook.is_some() => return None,
+            None => {
+                let _ = writeln!(adds, "add chain {t} {name}");
+            }
+        }
+        for rule in &chain.rules {
+            let _ = writeln!(chain_adds, "add rule {t} {name} {rule}");
+        }
+    }
+    rules.push_str(&chain_adds);
+    for (name, chain) in &old.chains {
+        if !new.chains.contains_key(name) {
+            if chain.hook.is_some() {
+                return None;
+            }
+            let _ = writeln!(drops, "flush chain {t} {name}\ndelete chain {t} {name}");
+        }
+    }
+    for name in old.sets.keys().filter(|n| !new.sets.contains_key(*n)) {
+        let keyword = old.sets.get(name).map_or("set", |s| s.keyword);
+        let _ = writeln!(drops, "delete {keyword} {t} {name}");
+    }
+    let _ = writeln!(
+        drops,
+        "flush chain {t} {STATE_CHAIN}\nadd rule {t} {STATE_CHAIN} {}",
+        state_rule(hash)
+    );
+    // Order: new sets and chains; stale elements out; set elements and chain rules in; map
+    // elements in (their chains now exist); old chains and sets out (nothing names them now);
+    // the hash last.
+    Some(format!("{adds}{dels}{rules}{map_adds}{drops}"))
 }
 
 /// The script that removes sluice's table (and is harmless when it is absent).
@@ -160,13 +412,13 @@ pub fn render_remove() -> String {
     format!("table inet {TABLE}\ndelete table inet {TABLE}\n")
 }
 
-/// The hash sluice's table carries, from `nft -j list chain inet sluice-policy forward`.
+/// The hash sluice's table carries, from `nft -j list chain inet sluice-policy state`.
 pub fn parse_observed(json: &str) -> Result<Option<String>, FirewallError> {
     let v: serde_json::Value = serde_json::from_str(json).map_err(FirewallError::Json)?;
     let items = v["nftables"].as_array().cloned().unwrap_or_default();
     Ok(items.iter().find_map(|item| {
         let rule = &item["rule"];
-        (rule["table"] == TABLE && rule["chain"] == "forward")
+        (rule["table"] == TABLE && rule["chain"] == STATE_CHAIN)
             .then(|| {
                 rule["comment"]
                     .as_str()?
@@ -182,6 +434,9 @@ pub fn parse_observed(json: &str) -> Result<Option<String>, FirewallError> {
 pub struct NftCli {
     pub exec: Exec,
     pub program: String,
+    /// The table as this process last wrote it, and its hash: when the kernel still carries
+    /// that hash, the next change is written as a [`delta`].
+    last: Arc<Mutex<Option<(String, NftTable)>>>,
 }
 
 impl NftCli {
@@ -189,6 +444,7 @@ impl NftCli {
         Self {
             exec,
             program: "nft".into(),
+            last: Arc::default(),
         }
     }
 
@@ -220,7 +476,7 @@ impl Firewall for NftCli {
     fn observe(&self) -> Result<Observed, FirewallError> {
         let out = self.exec.run(
             &self.program,
-            &["-j", "list", "chain", "inet", TABLE, "forward"],
+            &["-j", "list", "chain", "inet", TABLE, STATE_CHAIN],
             None,
         )?;
         if !out.status.success() {
@@ -245,15 +501,49 @@ impl Firewall for NftCli {
                 want: Backend::Nftables,
             });
         };
-        if self.observe()?.hash.as_deref() == Some(script.hash.as_str()) {
-            return Ok(Applied { written: false });
+        let observed = self.observe()?.hash;
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if observed.as_deref() == Some(script.hash.as_str()) {
+            if last.as_ref().is_none_or(|(h, _)| *h != script.hash) {
+                *last = Some((script.hash.clone(), script.table.clone()));
+            }
+            return Ok(Applied {
+                written: false,
+                incremental: false,
+            });
         }
-        self.script(&script.text)?;
-        tracing::info!(hash = %script.hash, bytes = script.text.len(), "nftables policy table replaced");
-        Ok(Applied { written: true })
+        let delta_text = last
+            .as_ref()
+            .filter(|(h, _)| observed.as_deref() == Some(h.as_str()))
+            .and_then(|(_, table)| delta(table, &script.table, &script.hash));
+        // Whatever happens below, the kernel may no longer hold what `last` says.
+        let previous = last.take();
+        let mut written_as_delta = false;
+        if let Some(text) = delta_text {
+            match self.script(&text) {
+                Ok(()) => written_as_delta = true,
+                // The transaction is atomic: nothing of it stayed; the whole table goes in.
+                Err(e) => {
+                    tracing::warn!(error = %e, "nftables policy delta refused; replacing the table")
+                }
+            }
+            if written_as_delta {
+                tracing::info!(hash = %script.hash, from = previous.as_ref().map(|(h, _)| h.as_str()).unwrap_or(""), commands = text.lines().count(), "nftables policy changed");
+            }
+        }
+        if !written_as_delta {
+            self.script(&script.text)?;
+            tracing::info!(hash = %script.hash, bytes = script.text.len(), "nftables policy table replaced");
+        }
+        *last = Some((script.hash.clone(), script.table.clone()));
+        Ok(Applied {
+            written: true,
+            incremental: written_as_delta,
+        })
     }
 
     fn remove(&self) -> Result<(), FirewallError> {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.script(&render_remove())
     }
 }

@@ -502,13 +502,15 @@ fn diff(got: &[Probe], want: &[Probe]) -> Vec<String> {
 /// Applies every case with `fw` on `node` and returns the measured matrices.
 fn run_cases(node: &Node, fw: &dyn Firewall) -> Vec<Vec<Probe>> {
     let mut out = Vec::new();
-    for (name, policies, allowed) in cases() {
+    for (i, (name, policies, allowed)) in cases().into_iter().enumerate() {
         let ir = ir_for(&policies);
         let rendered = fw.render(&ir);
-        assert!(
-            fw.apply(&rendered).unwrap().written,
-            "{name}: first apply writes"
-        );
+        let applied = fw.apply(&rendered).unwrap();
+        assert!(applied.written, "{name}: first apply writes");
+        if fw.backend() == sluice_policy::Backend::Nftables {
+            // The first case writes the table; every later one only its difference.
+            assert_eq!(applied.incremental, i > 0, "{name}: written as a delta");
+        }
         assert!(
             !fw.apply(&rendered).unwrap().written,
             "{name}: unchanged rules are not rewritten"
@@ -612,6 +614,69 @@ fn both_renderers_enforce_the_same_matrix_and_leave_others_alone() {
     );
 
     assert_eq!(by_nft, by_ipt, "the renderers disagree");
+}
+
+/// `nft list table` of sluice's table in `node`, handles left out, as its sets, maps and
+/// chains in name order (nft lists them in the order they were made).
+fn nft_listing(node: &Node) -> Vec<String> {
+    let text = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &node.node.name,
+        "nft",
+        "list",
+        "table",
+        "inet",
+        sluice_policy::nft::TABLE,
+    ]);
+    let head = format!("table inet {} {{\n", sluice_policy::nft::TABLE);
+    let body = text
+        .strip_prefix(&head)
+        .and_then(|b| b.strip_suffix("}\n"))
+        .unwrap_or_else(|| panic!("not sluice's table: {text}"));
+    let mut blocks: Vec<String> = body.split("\n\n").map(|b| b.trim().to_string()).collect();
+    blocks.sort();
+    assert!(blocks.len() >= 7, "not sluice's table: {text}");
+    blocks
+}
+
+#[test]
+fn every_nft_delta_leaves_the_table_a_full_write_would() {
+    if !have_root() || !need("nft") {
+        return;
+    }
+    let node = Node::new();
+    node.add_others();
+    let cases = cases();
+    let irs: Vec<PolicyIr> = cases.iter().map(|c| ir_for(&c.1)).collect();
+    // Forward through the cases, then back, so each change is met in both directions.
+    let order: Vec<usize> = (0..irs.len()).chain((0..irs.len()).rev()).collect();
+    let incremental = NftCli::new(node.exec());
+    for pair in order.windows(2) {
+        let (from, to) = (pair[0], pair[1]);
+        incremental.apply(&incremental.render(&irs[from])).unwrap();
+        let applied = incremental.apply(&incremental.render(&irs[to])).unwrap();
+        if from == to {
+            assert!(!applied.written);
+            continue;
+        }
+        assert!(applied.incremental, "{} -> {}", cases[from].0, cases[to].0);
+        let by_delta = nft_listing(&node);
+        // A fresh applier knows nothing of the kernel's table: it writes the whole of it.
+        let fresh = NftCli::new(node.exec());
+        fresh.remove().unwrap();
+        let full = fresh.apply(&fresh.render(&irs[to])).unwrap();
+        assert!(full.written && !full.incremental);
+        assert_eq!(
+            by_delta,
+            nft_listing(&node),
+            "{} -> {}: the delta left another table",
+            cases[from].0,
+            cases[to].0
+        );
+        node.assert_others_survive(cases[to].0);
+    }
 }
 
 #[test]

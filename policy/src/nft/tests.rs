@@ -59,12 +59,6 @@ fn the_rendered_table_is_golden() {
     let want = "table inet sluice-policy
 delete table inet sluice-policy
 table inet sluice-policy {
-\tset isolated {
-\t\ttype ipv4_addr
-\t\tflags interval
-\t\telements = { 10.244.1.1/32,
-\t\t\t     10.244.1.3/32 }
-\t}
 \tset i-sla-all {
 \t\ttype ipv4_addr
 \t\tflags interval
@@ -73,14 +67,14 @@ table inet sluice-policy {
 \tset i-sla-ports {
 \t\ttype ipv4_addr . inet_proto . inet_service
 \t\tflags interval
-\t\telements = { 10.0.1.0/24 . tcp . 80-81,
-\t\t\t     0.0.0.0/0 . sctp . 82 }
+\t\telements = { 0.0.0.0/0 . sctp . 82,
+\t\t\t     10.0.1.0/24 . tcp . 80-81 }
 \t}
-\tmap ingress-pods {
-\t\ttype ifname : verdict
-\t\telements = { \"sla\" : goto i-sla,
-\t\t\t     \"slb\" : return,
-\t\t\t     \"slc\" : return }
+\tset isolated {
+\t\ttype ipv4_addr
+\t\tflags interval
+\t\telements = { 10.244.1.1/32,
+\t\t\t     10.244.1.3/32 }
 \t}
 \tmap egress-pods {
 \t\ttype ifname : verdict
@@ -88,12 +82,23 @@ table inet sluice-policy {
 \t\t\t     \"slb\" : return,
 \t\t\t     \"slc\" : goto e-slc }
 \t}
+\tmap ingress-pods {
+\t\ttype ifname : verdict
+\t\telements = { \"sla\" : goto i-sla,
+\t\t\t     \"slb\" : return,
+\t\t\t     \"slc\" : return }
+\t}
+\tchain e-slc {
+\t\tdrop
+\t}
+\tchain egress {
+\t\tiifname vmap @egress-pods
+\t\tiifname \"sluice*\" return
+\t\tiifname \"sl*\" drop
+\t}
 \tchain i-sla {
 \t\tip saddr @i-sla-all accept
 \t\tip saddr . meta l4proto . th dport @i-sla-ports accept
-\t\tdrop
-\t}
-\tchain e-slc {
 \t\tdrop
 \t}
 \tchain ingress {
@@ -101,14 +106,9 @@ table inet sluice-policy {
 \t\toifname \"sluice*\" return
 \t\toifname \"sl*\" drop
 \t}
-\tchain egress {
-\t\tiifname vmap @egress-pods
-\t\tiifname \"sluice*\" return
-\t\tiifname \"sl*\" drop
-\t}
 \tchain forward {
 \t\ttype filter hook forward priority filter; policy accept;
-\t\tct state established,related accept comment \"sluice-policy:HASH\"
+\t\tct state established,related accept
 \t\tct state invalid drop
 \t\tct state new tcp flags & (fin | syn | rst | ack) != syn ip saddr @isolated drop
 \t\tct state new tcp flags & (fin | syn | rst | ack) != syn ip daddr @isolated drop
@@ -121,6 +121,9 @@ table inet sluice-policy {
 \t\tct state invalid drop
 \t\tct state new tcp flags & (fin | syn | rst | ack) != syn ip saddr @isolated drop
 \t\tjump egress
+\t}
+\tchain state {
+\t\treturn comment \"sluice-policy:HASH\"
 \t}
 }
 ";
@@ -165,9 +168,10 @@ fn the_hash_follows_the_content() {
 #[test]
 fn the_hash_is_read_back_from_nft_json() {
     let json = r#"{"nftables": [{"metainfo": {"json_schema_version": 1}},
-        {"chain": {"family": "inet", "table": "sluice-policy", "name": "forward", "handle": 3}},
-        {"rule": {"family": "inet", "table": "sluice-policy", "chain": "forward", "handle": 13, "comment": "sluice-policy:0123456789abcdef", "expr": []}},
-        {"rule": {"family": "inet", "table": "sluice-policy", "chain": "forward", "handle": 14, "expr": []}}]}"#;
+        {"chain": {"family": "inet", "table": "sluice-policy", "name": "state", "handle": 3}},
+        {"rule": {"family": "inet", "table": "sluice-policy", "chain": "forward", "handle": 12, "comment": "sluice-policy:fedcba9876543210", "expr": []}},
+        {"rule": {"family": "inet", "table": "sluice-policy", "chain": "state", "handle": 13, "comment": "sluice-policy:0123456789abcdef", "expr": []}},
+        {"rule": {"family": "inet", "table": "sluice-policy", "chain": "state", "handle": 14, "expr": []}}]}"#;
     assert_eq!(
         parse_observed(json).unwrap().as_deref(),
         Some("0123456789abcdef")
@@ -195,4 +199,95 @@ fn the_fake_writes_only_changes() {
         fw.apply(&wrong),
         Err(FirewallError::WrongBackend { .. })
     ));
+}
+
+#[test]
+fn an_unchanged_table_has_an_empty_delta_but_the_hash() {
+    let a = render(&sample());
+    let d = delta(&a.table, &a.table, &a.hash).unwrap();
+    assert_eq!(
+        d,
+        format!(
+            "flush chain inet sluice-policy state\nadd rule inet sluice-policy state return comment \"sluice-policy:{}\"\n",
+            a.hash
+        )
+    );
+}
+
+#[test]
+fn a_changed_peer_is_two_elements_not_a_table() {
+    let a = render(&sample());
+    let mut ir = sample();
+    ir.pods[0].ingress.all_ports = AddrSet::from_addrs(["10.0.0.2".parse().unwrap()]);
+    let b = render(&ir);
+    let d = delta(&a.table, &b.table, &b.hash).unwrap();
+    let lines: Vec<&str> = d.lines().collect();
+    assert_eq!(
+        lines[..2],
+        [
+            "delete element inet sluice-policy i-sla-all { 10.0.0.1/32 }",
+            "add element inet sluice-policy i-sla-all { 10.0.0.2/32 }",
+        ]
+    );
+    assert_eq!(lines.len(), 4, "{d}");
+    assert!(!d.contains("table"), "{d}");
+}
+
+#[test]
+fn a_pod_isolated_and_released_makes_and_drops_its_chain_in_a_valid_order() {
+    let a = render(&sample());
+    let mut ir = sample();
+    // b becomes isolated for ingress from 10.0.0.0/8 on all ports; a is released.
+    ir.pods[1].ingress = Direction {
+        isolated: true,
+        all_ports: AddrSet::from_block("10.0.0.0/8".parse().unwrap(), &[]),
+        ..Default::default()
+    };
+    ir.pods[0].ingress = Direction::default();
+    let b = render(&ir);
+    let d = delta(&a.table, &b.table, &b.hash).unwrap();
+    let at = |needle: &str| {
+        d.find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} missing from:\n{d}"))
+    };
+    // Made before use: the set and chain before the rule naming the set, the chain before
+    // the map element naming it.
+    assert!(
+        at("add set inet sluice-policy i-slb-all")
+            < at("add rule inet sluice-policy i-slb ip saddr @i-slb-all accept")
+    );
+    assert!(at("add chain inet sluice-policy i-slb\n") < at("\"slb\" : goto i-slb"));
+    // Unused before dropped: the map element out before its chain goes, the chain before its sets.
+    assert!(
+        at("delete element inet sluice-policy ingress-pods { \"sla\", \"slb\" }")
+            < at("delete chain inet sluice-policy i-sla")
+    );
+    assert!(
+        at("delete chain inet sluice-policy i-sla") < at("delete set inet sluice-policy i-sla-all")
+    );
+    assert!(
+        at("delete chain inet sluice-policy i-sla")
+            < at("delete set inet sluice-policy i-sla-ports")
+    );
+    assert!(d.contains(
+        "add element inet sluice-policy ingress-pods { \"sla\" : return, \"slb\" : goto i-slb }"
+    ));
+    // The hash is the last thing written.
+    assert!(d.ends_with(&format!("{}\"\n", b.hash)));
+}
+
+#[test]
+fn a_changed_base_chain_is_left_to_a_full_replace() {
+    let a = render(&sample());
+    let mut changed = a.table.clone();
+    changed
+        .chains
+        .get_mut("forward")
+        .unwrap()
+        .hook
+        .replace("type filter hook forward priority -1; policy accept;".into());
+    assert_eq!(delta(&a.table, &changed, "h"), None);
+    let mut retyped = a.table.clone();
+    retyped.sets.get_mut("isolated").unwrap().spec = vec!["type ipv4_addr".into()];
+    assert_eq!(delta(&a.table, &retyped, "h"), None);
 }
