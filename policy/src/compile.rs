@@ -172,7 +172,10 @@ pub fn compile(input: &PolicyInput<'_>, local_pods: &[LocalPod]) -> PolicyIr {
         })
         .collect();
     pods.sort_by(|a, b| a.ifname.cmp(&b.ifname));
-    PolicyIr { pods }
+    PolicyIr {
+        pods,
+        log_drops: false,
+    }
 }
 
 impl<'a> Compiler<'a> {

@@ -259,7 +259,10 @@ conntrack v1.4.7 (conntrack-tools): 3 flow entries have been shown.\n";
             },
             egress: Direction::default(),
         };
-        let ir = PolicyIr { pods: vec![pod] };
+        let ir = PolicyIr {
+            pods: vec![pod],
+            log_drops: false,
+        };
         let flows = parse_list(LIST);
         // The UDP flow never saw a reply: its next packet is new, judged by the rules.
         assert!(!flows[1].live);

@@ -13,6 +13,7 @@
 //! The backend (legacy or nf_tables) is detected as kube-proxy's iptables wrapper does:
 //! kubelet's hint chains first, then whichever backend holds more rules, then `iptables -V`.
 
+use crate::droplog::{self, DropDirection};
 use crate::firewall::{Applied, Backend, Exec, Firewall, FirewallError, Observed, Rendered};
 use crate::ir::{AddrSet, Direction, PolicyIr, PortEntry, Protocol};
 use crate::nft::HASH_MARK;
@@ -88,7 +89,15 @@ fn multiport_lists(ranges: &[(u16, u16)]) -> Vec<String> {
     lists
 }
 
-fn direction(out: &mut Out, ingress: bool, ifname: &str, d: &Direction) {
+fn drop_direction(ingress: bool) -> DropDirection {
+    if ingress {
+        DropDirection::Ingress
+    } else {
+        DropDirection::Egress
+    }
+}
+
+fn direction(out: &mut Out, ingress: bool, ifname: &str, d: &Direction, log: bool) {
     let (tag, dir, verdict) = if ingress {
         ("I", "src", "RETURN")
     } else {
@@ -139,6 +148,12 @@ fn direction(out: &mut Out, ingress: bool, ifname: &str, d: &Direction) {
             }
         }
     }
+    if log {
+        rules.push(format!(
+            "-A {chain} {}",
+            droplog::iptables_log(drop_direction(ingress), Some(ifname))
+        ));
+    }
     rules.push(format!("-A {chain} -j DROP"));
     for r in rules {
         let _ = writeln!(out.rules, "{r}");
@@ -173,7 +188,7 @@ pub fn render(ir: &PolicyIr) -> IptablesScript {
             (false, &pod.egress, &eg, "-i", "E"),
         ] {
             if d.isolated {
-                direction(&mut out, ingress, &pod.ifname, d);
+                direction(&mut out, ingress, &pod.ifname, d, ir.log_drops);
                 let _ = writeln!(
                     dispatch,
                     "-A {chain} {flag} {} -g {CHAIN_PREFIX}{tag}-{}",
@@ -185,11 +200,13 @@ pub fn render(ir: &PolicyIr) -> IptablesScript {
         }
     }
     let p = crate::LINK_PREFIX;
-    for (chain, flag) in [(&ing, "-o"), (&eg, "-i")] {
-        let _ = writeln!(
-            dispatch,
-            "-A {chain} {flag} sluice+ -j RETURN\n-A {chain} {flag} {p}+ -j DROP"
-        );
+    for (chain, flag, ingress) in [(&ing, "-o", true), (&eg, "-i", false)] {
+        let _ = writeln!(dispatch, "-A {chain} {flag} sluice+ -j RETURN");
+        if ir.log_drops {
+            let log = droplog::iptables_log(drop_direction(ingress), None);
+            let _ = writeln!(dispatch, "-A {chain} {flag} {p}+ {log}");
+        }
+        let _ = writeln!(dispatch, "-A {chain} {flag} {p}+ -j DROP");
     }
     let mut chains = vec![fwd.clone(), input.clone(), ing.clone(), eg.clone()];
     chains.append(&mut out.chains);

@@ -293,6 +293,8 @@ pub struct PodPolicy {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct PolicyIr {
     pub pods: Vec<PodPolicy>,
+    /// `policy-log-drops`: every drop for policy is logged first ([`crate::droplog`]).
+    pub log_drops: bool,
 }
 
 impl PolicyIr {

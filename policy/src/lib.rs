@@ -13,6 +13,7 @@
 
 pub mod compile;
 pub mod conntrack;
+pub mod droplog;
 pub mod firewall;
 pub mod iptables;
 pub mod ir;

@@ -23,6 +23,7 @@
 //! hash of the whole table's text: [`NftCli::observe`] reads only that chain, an unchanged
 //! table is not rewritten, and a table edited by hand (or by an older sluice) is replaced.
 
+use crate::droplog::{self, DropDirection};
 use crate::firewall::{Applied, Backend, Exec, Firewall, FirewallError, Observed, Rendered};
 use crate::ir::{AddrSet, Direction, PolicyIr, PortEntry};
 use crate::text_hash;
@@ -111,7 +112,7 @@ fn interval_set(kind: &str, elements: BTreeMap<String, Option<String>>) -> NftSe
 }
 
 /// Sets and chain of one isolated direction; `prefix` is `i` or `e`.
-fn direction(table: &mut NftTable, prefix: &str, ifname: &str, d: &Direction) {
+fn direction(table: &mut NftTable, prefix: &str, ifname: &str, d: &Direction, log: bool) {
     let (field, allow) = if prefix == "i" {
         ("ip saddr", "accept")
     } else {
@@ -140,11 +141,22 @@ fn direction(table: &mut NftTable, prefix: &str, ifname: &str, d: &Direction) {
             "{field} . meta l4proto . th dport @{name}-ports {allow}"
         ));
     }
+    if log {
+        rules.push(droplog::nft_log(drop_direction(prefix), Some(ifname)));
+    }
     rules.push("drop".into());
     table.chains.insert(name, NftChain { hook: None, rules });
 }
 
-fn base_chains(table: &mut NftTable) {
+fn drop_direction(prefix: &str) -> DropDirection {
+    if prefix == "i" {
+        DropDirection::Ingress
+    } else {
+        DropDirection::Egress
+    }
+}
+
+fn base_chains(table: &mut NftTable, log: bool) {
     let p = crate::LINK_PREFIX;
     let chain = |hook: Option<&str>, rules: &[&str]| NftChain {
         hook: hook.map(|h| format!("type filter hook {h} priority filter; policy accept;")),
@@ -152,10 +164,16 @@ fn base_chains(table: &mut NftTable) {
     };
     let not_syn_from = format!("{NOT_SYN} ip saddr @isolated drop");
     let not_syn_to = format!("{NOT_SYN} ip daddr @isolated drop");
-    let (to_pods, from_pods) = (
-        format!("oifname \"{p}*\" drop"),
-        format!("iifname \"{p}*\" drop"),
-    );
+    let unknown = |field: &str, d: DropDirection| {
+        let log = if log {
+            format!("{} ", droplog::nft_log(d, None))
+        } else {
+            String::new()
+        };
+        format!("{field} \"{p}*\" {log}drop")
+    };
+    let to_pods = unknown("oifname", DropDirection::Ingress);
+    let from_pods = unknown("iifname", DropDirection::Egress);
     for (name, c) in [
         (
             "ingress",
@@ -220,7 +238,7 @@ pub fn render(ir: &PolicyIr) -> NftScript {
             .enumerate()
         {
             let verdict = if d.isolated {
-                direction(&mut table, prefix, &pod.ifname, d);
+                direction(&mut table, prefix, &pod.ifname, d, ir.log_drops);
                 format!("goto {prefix}-{}", pod.ifname)
             } else {
                 "return".to_string()
@@ -248,7 +266,7 @@ pub fn render(ir: &PolicyIr) -> NftScript {
             },
         );
     }
-    base_chains(&mut table);
+    base_chains(&mut table, ir.log_drops);
     let body = table_text(&table, HASH_SLOT);
     let hash = text_hash(&body);
     NftScript {

@@ -1325,3 +1325,153 @@ fn a_denied_established_tcp_connection_stops_within_a_second() {
     // And a new connection is denied too.
     assert!(!reaches(&lab, "r/cl", "r/sv", &ips));
 }
+
+fn set_log_drops(lab: &Lab, on: bool) {
+    let patch = format!("{{\"data\":{{\"policy-log-drops\":\"{on}\"}}}}");
+    kubectl_ok(
+        lab,
+        &[
+            "patch",
+            "configmap",
+            "-n",
+            "kube-system",
+            "sluice-config",
+            "--type",
+            "merge",
+            "-p",
+            &patch,
+        ],
+    );
+}
+
+/// The agent log lines that report a dropped packet.
+fn drop_lines(lab: &Lab, node: &str) -> Vec<String> {
+    std::fs::read_to_string(format!(
+        "/run/sluice/lab/{}/nodes/{node}/agent.log",
+        lab.name
+    ))
+    .unwrap_or_default()
+    .lines()
+    .filter(|l| l.contains("packet dropped by network policy"))
+    .map(str::to_string)
+    .collect()
+}
+
+/// `policy-log-drops`, switched live: a connect denied by a policy is logged by the agent with
+/// the pod, the direction, the policy and the flow; switched off, nothing more is logged.
+fn logged_drops(backend: &'static str) {
+    let lab = Lab::up(&["--nodes", "1", "--pods-per-node", "0"]);
+    use_backend(&lab, backend);
+    let node = format!("{}-node-1", lab.name);
+    apply_yaml(
+        &lab,
+        &(namespace_yaml("d")
+            + &pod_yaml("d", "cl", "cl", &node)
+            + &pod_yaml("d", "sv", "sv", &node)),
+    );
+    let ips = wait_running(&lab, &[("d", "cl"), ("d", "sv")]);
+    assert!(until_reach(
+        &lab,
+        "d/cl",
+        "d/sv",
+        &ips,
+        true,
+        Duration::from_secs(20)
+    ));
+    set_log_drops(&lab, true);
+    apply_yaml(
+        &lab,
+        &np(
+            "deny-sv",
+            "d",
+            "  podSelector: {matchLabels: {pod: sv}}\n  policyTypes: [Ingress]",
+        ),
+    );
+    assert!(until_reach(
+        &lab,
+        "d/cl",
+        "d/sv",
+        &ips,
+        false,
+        Duration::from_secs(20)
+    ));
+    let sv = ips["d/sv"].to_string();
+    let cl = ips["d/cl"].to_string();
+    let want = |l: &String| {
+        l.contains("pod=d/sv")
+            && l.contains("direction=ingress")
+            && l.contains("policies=d/deny-sv")
+            && l.contains(&format!("src={cl}"))
+            && l.contains(&format!("dst={sv}"))
+            && l.contains("protocol=tcp")
+    };
+    let found = sluice_e2e::eventually(Duration::from_secs(15), || {
+        // Each probe is a new connect, dropped and so logged.
+        let _ = reaches(&lab, "d/cl", "d/sv", &ips);
+        drop_lines(&lab, &node).iter().any(want)
+    });
+    assert!(
+        found,
+        "{backend}: no drop logged for d/cl -> d/sv; drop lines: {:#?}",
+        drop_lines(&lab, &node)
+    );
+    // Off again (live): the rules stop logging.
+    set_log_drops(&lab, false);
+    let rules_clean = sluice_e2e::eventually(Duration::from_secs(15), || {
+        let netns = lab.node_netns(&node);
+        let text = if backend == "nftables" {
+            sluice_e2e::sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &netns,
+                "nft",
+                "list",
+                "table",
+                "inet",
+                "sluice-policy",
+            ])
+        } else {
+            sluice_e2e::sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &netns,
+                "iptables-save",
+                "-t",
+                "filter",
+            ])
+        };
+        !text.contains("sluice-drop:")
+    });
+    assert!(
+        rules_clean,
+        "{backend}: the log rules stayed after policy-log-drops: false"
+    );
+    // Drops logged before the switch may still be on their way to the log file.
+    std::thread::sleep(Duration::from_secs(1));
+    let before = drop_lines(&lab, &node).len();
+    for _ in 0..5 {
+        assert!(!reaches(&lab, "d/cl", "d/sv", &ips));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let after = drop_lines(&lab, &node);
+    assert_eq!(
+        after.len(),
+        before,
+        "{backend}: drops still logged after policy-log-drops: false: {after:#?}"
+    );
+}
+
+#[test]
+fn dropped_packets_are_logged_with_pod_and_policy_on_both_renderers() {
+    if !have_root() {
+        return;
+    }
+    std::thread::scope(|s| {
+        let n = s.spawn(|| logged_drops("nftables"));
+        let i = s.spawn(|| logged_drops("iptables"));
+        n.join().expect("nftables");
+        i.join().expect("iptables");
+    });
+}

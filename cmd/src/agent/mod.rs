@@ -3,6 +3,7 @@
 //! triggered: every pass computes the whole desired state and applies the difference.
 
 pub mod config;
+mod droplog;
 mod kube_leases;
 mod policy;
 mod wireguard;
@@ -114,6 +115,7 @@ async fn start_policy(
     choice: config::PolicyBackend,
     health: Health,
     sync: std::sync::Arc<WatchSync>,
+    log_drops: tokio::sync::watch::Receiver<bool>,
 ) {
     let name = match choice {
         config::PolicyBackend::Nftables => "nftables",
@@ -139,7 +141,15 @@ async fn start_policy(
     .await;
     tracing::info!(node, backend = ?firewall.backend(), "policy firewall chosen");
     health.update(|s| s.policy_error = None);
-    policy::run(client, node, std::sync::Arc::from(firewall), health, sync).await;
+    policy::run(
+        client,
+        node,
+        std::sync::Arc::from(firewall),
+        health,
+        sync,
+        log_drops,
+    )
+    .await;
 }
 
 /// How long a control loop may go without a pass before liveness fails: generous, since the loop
@@ -433,12 +443,14 @@ async fn run(args: AgentArgs) -> Result<()> {
         .map(|e| (1usize, matches!(e, Ok(watcher::Event::InitDone))));
     let mut events = Box::pin(futures::stream::select(lease_events, cm_events));
     let watch_sync = std::sync::Arc::new(WatchSync::default());
+    let (log_drops, log_drops_rx) = tokio::sync::watch::channel(cfg.policy_log_drops);
     tokio::spawn(start_policy(
         client.clone(),
         node.clone(),
         cfg.policy_backend,
         health.clone(),
         watch_sync.clone(),
+        log_drops_rx,
     ));
     let mut synced = [false, false];
     let mut tick = tokio::time::interval(Duration::from_secs(args.resync_secs.max(1)));
@@ -468,6 +480,9 @@ async fn run(args: AgentArgs) -> Result<()> {
                             policy_log_drops: next.policy_log_drops,
                             ..cfg
                         };
+                        log_drops.send_if_modified(|v| {
+                            std::mem::replace(v, cfg.policy_log_drops) != cfg.policy_log_drops
+                        });
                         tracing::info!("sluice-config applied");
                     }
                 }

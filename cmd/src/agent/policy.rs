@@ -10,7 +10,7 @@
 //! plugin meant to do). A pod without such a route yet stays out of the IR, and its veth drops
 //! (fail closed) until a later pass finds it.
 
-use super::WatchSync;
+use super::{droplog, WatchSync};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -146,6 +146,7 @@ pub async fn run(
     firewall: Arc<dyn Firewall>,
     health: Health,
     sync: Arc<WatchSync>,
+    mut log_drops: tokio::sync::watch::Receiver<bool>,
 ) {
     let backend = match firewall.backend() {
         sluice_policy::Backend::Nftables => "nftables",
@@ -191,10 +192,22 @@ pub async fn run(
             "no conntrack binary: established flows outlive the policy that denies them"
         );
     }
+    let names: droplog::Names = Arc::default();
+    let mut reading_drops = false;
     let mut synced = [false; 3];
     let mut tick = tokio::time::interval(RESYNC);
     let mut swept = false;
     loop {
+        let log = *log_drops.borrow_and_update();
+        if log && !reading_drops {
+            // Bound once, read for the life of the process; the rules decide what is logged.
+            match droplog::spawn_reader(names.clone()) {
+                Ok(()) => reading_drops = true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the NFLOG group of dropped packets; drops are not logged")
+                }
+            }
+        }
         if synced.iter().all(|b| *b) {
             if let Some(handle) = &handle {
                 let started = Instant::now();
@@ -204,6 +217,7 @@ pub async fn run(
                     &firewall,
                     &conntrack,
                     (&pod_cache, &ns_cache, &np_cache),
+                    (log, &names),
                 )
                 .await;
                 health
@@ -255,6 +269,7 @@ pub async fn run(
                 }
             }
             _ = tick.tick() => {}
+            Ok(()) = log_drops.changed() => {}
         }
     }
 }
@@ -330,6 +345,7 @@ async fn sync_once(
     firewall: &Arc<dyn Firewall>,
     conntrack: &ConntrackCli,
     (pods, nss, nps): Caches<'_>,
+    (log_drops, names): (bool, &droplog::Names),
 ) -> Result<Pass, PolicyError> {
     let kernel = kernel_view(handle).await?;
     let pods: Vec<Pod> = pods.state().iter().map(|p| (**p).clone()).collect();
@@ -342,7 +358,9 @@ async fn sync_once(
         policies: &policies,
         host_addrs: &kernel.host_addrs,
     };
-    let ir = compile(&input, &local);
+    let mut ir = compile(&input, &local);
+    ir.log_drops = log_drops;
+    *names.write().unwrap_or_else(|p| p.into_inner()) = droplog::names_of(&ir);
     let rules = rule_count(&ir);
     let firewall = firewall.clone();
     let conntrack = conntrack.clone();

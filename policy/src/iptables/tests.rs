@@ -157,3 +157,18 @@ fn the_backend_is_chosen_as_kube_proxy_does() {
         );
     }
 }
+
+#[test]
+fn logged_drops_go_to_nflog_before_each_drop() {
+    let mut ir = sample();
+    ir.log_drops = true;
+    let s = render(&ir).filter;
+    for want in [
+        "-A SLUICE-I-sla -m limit --limit 10/second --limit-burst 20 -j NFLOG --nflog-group 77 --nflog-prefix sluice-drop:i:sla\n-A SLUICE-I-sla -j DROP\n",
+        "-A SLUICE-E-slc -m limit --limit 10/second --limit-burst 20 -j NFLOG --nflog-group 77 --nflog-prefix sluice-drop:e:slc\n-A SLUICE-E-slc -j DROP\n",
+        "-A SLUICE-INGRESS -o sl+ -m limit --limit 10/second --limit-burst 20 -j NFLOG --nflog-group 77 --nflog-prefix sluice-drop:i:-\n-A SLUICE-INGRESS -o sl+ -j DROP\n",
+    ] {
+        assert!(s.contains(want), "{want:?} missing from\n{s}");
+    }
+    assert!(!render(&sample()).filter.contains("NFLOG"));
+}

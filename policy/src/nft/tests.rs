@@ -50,6 +50,7 @@ pub(crate) fn sample() -> PolicyIr {
             ),
             pod("c", "10.244.1.3", Direction::default(), deny),
         ],
+        log_drops: false,
     }
 }
 
@@ -290,4 +291,26 @@ fn a_changed_base_chain_is_left_to_a_full_replace() {
     let mut retyped = a.table.clone();
     retyped.sets.get_mut("isolated").unwrap().spec = vec!["type ipv4_addr".into()];
     assert_eq!(delta(&a.table, &retyped, "h"), None);
+}
+
+#[test]
+fn logged_drops_name_the_direction_and_the_veth_and_are_rate_limited() {
+    let mut ir = sample();
+    ir.log_drops = true;
+    let t = render(&ir).text;
+    for want in [
+        "\tchain i-sla {\n\t\tip saddr @i-sla-all accept\n\t\tip saddr . meta l4proto . th dport @i-sla-ports accept\n\t\tlimit rate 10/second burst 20 packets log prefix \"sluice-drop:i:sla\" group 77\n\t\tdrop\n\t}",
+        "\tchain e-slc {\n\t\tlimit rate 10/second burst 20 packets log prefix \"sluice-drop:e:slc\" group 77\n\t\tdrop\n\t}",
+        "oifname \"sl*\" limit rate 10/second burst 20 packets log prefix \"sluice-drop:i:-\" group 77 drop",
+        "iifname \"sl*\" limit rate 10/second burst 20 packets log prefix \"sluice-drop:e:-\" group 77 drop",
+    ] {
+        assert!(t.contains(want), "{want:?} missing from\n{t}");
+    }
+    // Switching it live is a delta of the drop chains, not a new table.
+    let off = render(&sample());
+    let on = render(&ir);
+    let d = delta(&off.table, &on.table, &on.hash).unwrap();
+    assert!(d.contains("flush chain inet sluice-policy i-sla"), "{d}");
+    assert!(!d.contains("delete table"), "{d}");
+    assert!(!render(&sample()).text.contains("log prefix"));
 }

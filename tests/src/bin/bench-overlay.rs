@@ -37,18 +37,19 @@ use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr as NlAddr};
 use nix::sys::socket::{setsockopt, sockopt};
 use nix::sys::time::{TimeVal, TimeValLike};
 use serde_json::{json, Value};
+use sluice_e2e::bench::{cleanup_on_signals, exec, http, ip, ms, pct, rss_mib, sysctl, Guard, Ns};
 use sluice_e2e::lab::{in_netns, lab_cmd, unique_lab_name, Lab};
 use sluice_e2e::{run, sh, unique};
 use sluice_net::lease::{lease_name, NodeRecord};
 use std::collections::HashSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::mem::ManuallyDrop;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 struct Args {
@@ -107,117 +108,7 @@ fn parse_args() -> Args {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Cleanup on every exit path.
-
-type Action = Box<dyn FnOnce() + Send>;
-static CLEANUPS: Mutex<Vec<(usize, Action)>> = Mutex::new(Vec::new());
-static NEXT_GUARD: AtomicUsize = AtomicUsize::new(0);
-
-fn cleanups() -> MutexGuard<'static, Vec<(usize, Action)>> {
-    CLEANUPS.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Runs its action once: when dropped (on return or panic), or from the signal thread.
-struct Guard(usize);
-
-impl Guard {
-    fn new(action: impl FnOnce() + Send + 'static) -> Self {
-        let id = NEXT_GUARD.fetch_add(1, Ordering::Relaxed);
-        cleanups().push((id, Box::new(action)));
-        Guard(id)
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let action = {
-            let mut list = cleanups();
-            list.iter()
-                .position(|(id, _)| *id == self.0)
-                .map(|i| list.remove(i).1)
-        };
-        if let Some(action) = action {
-            action();
-        }
-    }
-}
-
-/// On SIGINT, SIGTERM or SIGHUP, one thread runs every pending cleanup, newest first, and exits.
-/// The handlers come from tokio's signal driver; the signal mask stays empty, so the children
-/// (which inherit it) can still be stopped by `sluice lab agent stop` and friends.
-fn cleanup_on_signals() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (ready_tx, ready) = channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime for the signal thread");
-        rt.block_on(async move {
-            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-            let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-            let _ = ready_tx.send(());
-            let (name, code) = tokio::select! {
-                _ = int.recv() => ("SIGINT", 130),
-                _ = term.recv() => ("SIGTERM", 143),
-                _ = hup.recv() => ("SIGHUP", 129),
-            };
-            eprintln!("bench-overlay: {name}; cleaning up");
-            let pending: Vec<(usize, Action)> = std::mem::take(&mut *cleanups());
-            for (_, action) in pending.into_iter().rev() {
-                action();
-            }
-            std::process::exit(code);
-        });
-    });
-    ready
-        .recv_timeout(Duration::from_secs(5))
-        .expect("the signal thread did not start");
-}
-
-// ---------------------------------------------------------------------------------------------
 // Namespaces, labs, processes.
-
-/// A network namespace made here, deleted by its guard.
-struct Ns {
-    name: String,
-    _guard: Guard,
-}
-
-impl Ns {
-    fn new(tag: &str) -> Self {
-        let name = unique(tag);
-        let n = name.clone();
-        let guard = Guard::new(move || {
-            let _ = Command::new("ip").args(["netns", "del", &n]).output();
-        });
-        sh(&["ip", "netns", "add", &name]);
-        ip(&name, "link set lo up");
-        Self {
-            name,
-            _guard: guard,
-        }
-    }
-}
-
-/// `ip -n NS ARGS` (split on spaces), which must succeed.
-fn ip(ns: &str, args: &str) {
-    let mut full = vec!["ip", "-n", ns];
-    full.extend(args.split_whitespace());
-    sh(&full);
-}
-
-/// `ip netns exec NS ARGS...`, which must succeed.
-fn exec(ns: &str, args: &[&str]) -> String {
-    let mut full = vec!["ip", "netns", "exec", ns];
-    full.extend_from_slice(args);
-    sh(&full)
-}
-
-fn sysctl(ns: &str, kv: &str) {
-    exec(ns, &["sysctl", "-qw", kv]);
-}
 
 /// A lab made by the `sluice` under test, taken down by its guard (not by `Lab`'s own Drop, so
 /// that a signal takes it down too).
@@ -1244,29 +1135,6 @@ fn api_addr(lab: &Lab) -> SocketAddr {
         .unwrap_or_else(|| panic!("no http server address in the lab's kubeconfig:\n{kc}"))
 }
 
-/// One request; the status code and body.
-fn http(api: SocketAddr, method: &str, path: &str, ctype: &str, body: &str) -> (u16, String) {
-    let mut s =
-        TcpStream::connect_timeout(&api, Duration::from_secs(5)).expect("connecting to the API");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.set_nodelay(true).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {api}\r\nAccept: application/json\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("writing to the API");
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).expect("reading the API's answer");
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, text)
-}
-
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases";
 
 /// A fake peer: subnet 10.B.C.0/24, underlay 172.30.x.y, its own VTEP MAC.
@@ -1321,20 +1189,6 @@ fn process_start(pid: i32) -> Option<Instant> {
     now_i.checked_sub(now_b.checked_sub(started)?)
 }
 
-/// `VmRSS` and `VmHWM` of `pid`, in MiB.
-fn rss_mib(pid: i32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |k: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            .map(|kb| kb / 1024.0)
-            .unwrap_or(f64::NAN)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 fn agent_pid(lab: &Lab, node: &str) -> Option<i32> {
     std::fs::read_to_string(format!(
         "/run/sluice/lab/{}/nodes/{node}/agent.pid",
@@ -1344,15 +1198,6 @@ fn agent_pid(lab: &Lab, node: &str) -> Option<i32> {
     .trim()
     .parse()
     .ok()
-}
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
 fn convergence(args: &Args) {

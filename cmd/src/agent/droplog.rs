@@ -1,0 +1,314 @@
+//! `policy-log-drops`: the reader of the drops sluice's rules log to NFLOG group
+//! [`NFLOG_GROUP`] (see [`sluice_policy::droplog`]). Each logged packet becomes one log line
+//! naming the pod, the direction, the policies that isolate the pod in that direction, and the
+//! flow. The kernel already limits each pod and direction to a few per second; the reader
+//! also caps its own output ([`LINES_PER_SECOND`]) and says how many it left out.
+
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+use netlink_packet_netfilter::nflog::{
+    config_request, ConfigCmd, ConfigMode, ConfigNla, CopyMode, PacketNla, ULogMessage,
+};
+use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily};
+use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+use sluice_policy::droplog::{
+    parse_ipv4, parse_prefix, protocol_name, DropDirection, PacketSummary, NFLOG_GROUP,
+};
+use sluice_policy::PolicyIr;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+/// Log lines per second, over all pods.
+pub const LINES_PER_SECOND: u32 = 50;
+/// Bytes of each dropped packet copied to the agent: the IPv4 header and the ports.
+const COPY_RANGE: u32 = 64;
+
+/// Who a pod veth is, for the log: the pod and the policies isolating it per direction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodNames {
+    pub pod: String,
+    pub ingress: Vec<String>,
+    pub egress: Vec<String>,
+}
+
+/// Veth name → who it is; replaced after every policy pass.
+pub type Names = Arc<RwLock<HashMap<String, PodNames>>>;
+
+pub fn names_of(ir: &PolicyIr) -> HashMap<String, PodNames> {
+    ir.pods
+        .iter()
+        .map(|p| {
+            (
+                p.ifname.clone(),
+                PodNames {
+                    pod: format!("{}/{}", p.namespace, p.name),
+                    ingress: p.ingress.policies.clone(),
+                    egress: p.egress.policies.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// One log line's fields, from a logged packet's prefix and bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DropLine {
+    pub direction: DropDirection,
+    /// `namespace/name`, or the veth when sluice does not know its pod yet.
+    pub pod: String,
+    /// The policies isolating the pod in this direction ("" for an unknown pod: fail closed).
+    pub policies: String,
+    pub packet: Option<PacketSummary>,
+}
+
+/// Reads a logged packet; `None` for a packet that is not one of sluice's drops.
+pub fn describe(
+    names: &HashMap<String, PodNames>,
+    prefix: &str,
+    payload: Option<&[u8]>,
+) -> Option<DropLine> {
+    let (direction, ifname) = parse_prefix(prefix)?;
+    let (pod, policies) = match ifname.and_then(|i| names.get(i).map(|n| (i, n))) {
+        Some((_, n)) => {
+            let list = match direction {
+                DropDirection::Ingress => &n.ingress,
+                DropDirection::Egress => &n.egress,
+            };
+            (n.pod.clone(), list.join(","))
+        }
+        None => (
+            format!("unknown pod on {}", ifname.unwrap_or("a pod veth")),
+            String::new(),
+        ),
+    };
+    Some(DropLine {
+        direction,
+        pod,
+        policies,
+        packet: payload.and_then(parse_ipv4),
+    })
+}
+
+/// The cap on log lines: at most `per_second` in each second, and a count of the rest.
+#[derive(Debug)]
+pub struct LineBudget {
+    per_second: u32,
+    window: Instant,
+    used: u32,
+    left_out: u64,
+}
+
+impl LineBudget {
+    pub fn new(per_second: u32, now: Instant) -> Self {
+        Self {
+            per_second,
+            window: now,
+            used: 0,
+            left_out: 0,
+        }
+    }
+
+    /// Whether a line may be written at `now`; when a new second starts, also how many lines
+    /// the last one left out.
+    pub fn take(&mut self, now: Instant) -> (bool, u64) {
+        let mut report = 0;
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
+            report = std::mem::take(&mut self.left_out);
+            self.window = now;
+            self.used = 0;
+        }
+        if self.used < self.per_second {
+            self.used += 1;
+            (true, report)
+        } else {
+            self.left_out += 1;
+            (false, report)
+        }
+    }
+}
+
+fn log_line(line: &DropLine) {
+    let (src, dst, protocol, sport, dport) = match line.packet {
+        Some(p) => (
+            p.src.to_string(),
+            p.dst.to_string(),
+            protocol_name(p.protocol),
+            p.ports.map(|(s, _)| s),
+            p.ports.map(|(_, d)| d),
+        ),
+        None => (String::new(), String::new(), String::new(), None, None),
+    };
+    tracing::info!(
+        pod = %line.pod,
+        direction = %line.direction.name(),
+        policies = %line.policies,
+        src = %src,
+        dst = %dst,
+        protocol = %protocol,
+        sport = ?sport,
+        dport = ?dport,
+        "packet dropped by network policy"
+    );
+}
+
+fn send(socket: &Socket, msg: NetlinkMessage<NetfilterMessage>) -> std::io::Result<()> {
+    let mut buf = vec![0u8; msg.buffer_len()];
+    msg.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    Ok(())
+}
+
+/// Binds NFLOG group [`NFLOG_GROUP`] in this network namespace and reads it on a thread of its
+/// own for the life of the process. Fails when the group cannot be bound (no
+/// `nfnetlink_log`, or another process holds the group).
+pub fn spawn_reader(names: Names) -> std::io::Result<()> {
+    let mut socket = Socket::new(NETLINK_NETFILTER)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    for nlas in [
+        vec![ConfigNla::Cmd(ConfigCmd::Bind)],
+        vec![ConfigNla::Mode(ConfigMode::new(
+            COPY_RANGE,
+            CopyMode::Packet,
+        ))],
+    ] {
+        send(
+            &socket,
+            config_request(NetfilterProtoFamily::Unspec, NFLOG_GROUP, nlas),
+        )?;
+        let (buf, _) = socket.recv_from_full()?;
+        let msg = NetlinkMessage::<NetfilterMessage>::deserialize(&buf)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        if let NetlinkPayload::Error(e) = msg.payload {
+            if let Some(code) = e.code {
+                return Err(std::io::Error::from_raw_os_error(-code.get()));
+            }
+        }
+    }
+    std::thread::Builder::new()
+        .name("policy-drops".into())
+        .spawn(move || read_forever(socket, names))?;
+    tracing::info!(group = NFLOG_GROUP, "reading the drops policy logs");
+    Ok(())
+}
+
+fn read_forever(socket: Socket, names: Names) {
+    let mut budget = LineBudget::new(LINES_PER_SECOND, Instant::now());
+    loop {
+        let buf = match socket.recv_from_full() {
+            Ok((buf, _)) => buf,
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => {
+                tracing::warn!(
+                    "dropped-packet log overran its socket buffer; some drops went unlogged"
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reading the dropped-packet log failed; no more drops are logged");
+                return;
+            }
+        };
+        let mut at = 0;
+        while at < buf.len() {
+            let Ok(msg) = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[at..]) else {
+                break;
+            };
+            let len = msg.header.length as usize;
+            if len == 0 {
+                break;
+            }
+            at += len;
+            let NetlinkPayload::InnerMessage(NetfilterMessage {
+                inner: NetfilterMessageInner::ULog(ULogMessage::Packet(nlas)),
+                ..
+            }) = msg.payload
+            else {
+                continue;
+            };
+            let prefix = nlas.iter().find_map(|n| match n {
+                PacketNla::Prefix(p) => Some(p.to_string_lossy().into_owned()),
+                _ => None,
+            });
+            let payload = nlas.iter().find_map(|n| match n {
+                PacketNla::Payload(p) => Some(p.as_slice()),
+                _ => None,
+            });
+            let Some(prefix) = prefix else { continue };
+            let line = {
+                let names = names.read().unwrap_or_else(|p| p.into_inner());
+                describe(&names, &prefix, payload)
+            };
+            let Some(line) = line else { continue };
+            let (write, left_out) = budget.take(Instant::now());
+            if left_out > 0 {
+                tracing::info!(left_out, "dropped packets not logged in the last second (over {LINES_PER_SECOND} a second)");
+            }
+            if write {
+                log_line(&line);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use sluice_policy::{Direction, PodPolicy};
+
+    fn names() -> HashMap<String, PodNames> {
+        let ir = PolicyIr {
+            pods: vec![PodPolicy {
+                namespace: "x".into(),
+                name: "a".into(),
+                ip: "10.244.1.2".parse().unwrap(),
+                ifname: "sl0000000000001".into(),
+                ingress: Direction {
+                    isolated: true,
+                    policies: vec!["x/deny".into(), "x/web".into()],
+                    ..Default::default()
+                },
+                egress: Direction::default(),
+            }],
+            log_drops: true,
+        };
+        names_of(&ir)
+    }
+
+    #[test]
+    fn a_drop_names_the_pod_its_policies_and_the_flow() {
+        let mut p = vec![
+            0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 244, 2, 3, 10, 244, 1, 2,
+        ];
+        p.extend_from_slice(&[0x9c, 0x40, 0, 80]);
+        let line = describe(&names(), "sluice-drop:i:sl0000000000001", Some(&p)).unwrap();
+        assert_eq!(line.pod, "x/a");
+        assert_eq!(line.direction, DropDirection::Ingress);
+        assert_eq!(line.policies, "x/deny,x/web");
+        let pkt = line.packet.unwrap();
+        assert_eq!(pkt.src.to_string(), "10.244.2.3");
+        assert_eq!(pkt.ports, Some((40000, 80)));
+    }
+
+    #[test]
+    fn unknown_veths_and_foreign_prefixes() {
+        let line = describe(&names(), "sluice-drop:e:-", None).unwrap();
+        assert_eq!(line.pod, "unknown pod on a pod veth");
+        assert_eq!(line.policies, "");
+        let other = describe(&names(), "sluice-drop:e:sl00000000000ff", None).unwrap();
+        assert_eq!(other.pod, "unknown pod on sl00000000000ff");
+        assert_eq!(describe(&names(), "docker drop", None), None);
+    }
+
+    #[test]
+    fn the_budget_caps_each_second_and_reports_the_rest() {
+        let t0 = Instant::now();
+        let mut b = LineBudget::new(2, t0);
+        assert_eq!(b.take(t0), (true, 0));
+        assert_eq!(b.take(t0), (true, 0));
+        assert_eq!(b.take(t0), (false, 0));
+        assert_eq!(b.take(t0 + Duration::from_millis(500)), (false, 0));
+        assert_eq!(b.take(t0 + Duration::from_secs(1)), (true, 2));
+        assert_eq!(b.take(t0 + Duration::from_secs(1)), (true, 0));
+    }
+}

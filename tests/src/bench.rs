@@ -1,0 +1,165 @@
+//! What the benchmark binaries share: cleanup that runs on every exit path (guards dropped on
+//! return and panic, and the same actions on SIGINT, SIGTERM and SIGHUP), namespaces made
+//! under such guards, a bare HTTP client for the API, and the figures' formatting.
+
+use crate::{sh, unique};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::channel;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+type Action = Box<dyn FnOnce() + Send>;
+static CLEANUPS: Mutex<Vec<(usize, Action)>> = Mutex::new(Vec::new());
+static NEXT_GUARD: AtomicUsize = AtomicUsize::new(0);
+
+fn cleanups() -> MutexGuard<'static, Vec<(usize, Action)>> {
+    CLEANUPS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs its action once: when dropped (on return or panic), or from the signal thread.
+pub struct Guard(usize);
+
+impl Guard {
+    pub fn new(action: impl FnOnce() + Send + 'static) -> Self {
+        let id = NEXT_GUARD.fetch_add(1, Ordering::Relaxed);
+        cleanups().push((id, Box::new(action)));
+        Guard(id)
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let action = {
+            let mut list = cleanups();
+            list.iter()
+                .position(|(id, _)| *id == self.0)
+                .map(|i| list.remove(i).1)
+        };
+        if let Some(action) = action {
+            action();
+        }
+    }
+}
+
+/// On SIGINT, SIGTERM or SIGHUP, one thread runs every pending cleanup, newest first, and exits.
+/// The handlers come from tokio's signal driver; the signal mask stays empty, so the children
+/// (which inherit it) can still be stopped by `sluice lab agent stop` and friends.
+pub fn cleanup_on_signals() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (ready_tx, ready) = channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the signal thread");
+        rt.block_on(async move {
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+            let _ = ready_tx.send(());
+            let (name, code) = tokio::select! {
+                _ = int.recv() => ("SIGINT", 130),
+                _ = term.recv() => ("SIGTERM", 143),
+                _ = hup.recv() => ("SIGHUP", 129),
+            };
+            eprintln!("{name}; cleaning up");
+            let pending: Vec<(usize, Action)> = std::mem::take(&mut *cleanups());
+            for (_, action) in pending.into_iter().rev() {
+                action();
+            }
+            std::process::exit(code);
+        });
+    });
+    ready
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the signal thread did not start");
+}
+
+/// A network namespace made here, deleted by its guard.
+pub struct Ns {
+    pub name: String,
+    _guard: Guard,
+}
+
+impl Ns {
+    pub fn new(tag: &str) -> Self {
+        let name = unique(tag);
+        let n = name.clone();
+        let guard = Guard::new(move || {
+            let _ = Command::new("ip").args(["netns", "del", &n]).output();
+        });
+        sh(&["ip", "netns", "add", &name]);
+        ip(&name, "link set lo up");
+        Self {
+            name,
+            _guard: guard,
+        }
+    }
+}
+
+/// `ip -n NS ARGS` (split on spaces), which must succeed.
+pub fn ip(ns: &str, args: &str) {
+    let mut full = vec!["ip", "-n", ns];
+    full.extend(args.split_whitespace());
+    sh(&full);
+}
+
+/// `ip netns exec NS ARGS...`, which must succeed.
+pub fn exec(ns: &str, args: &[&str]) -> String {
+    let mut full = vec!["ip", "netns", "exec", ns];
+    full.extend_from_slice(args);
+    sh(&full)
+}
+
+pub fn sysctl(ns: &str, kv: &str) {
+    exec(ns, &["sysctl", "-qw", kv]);
+}
+
+/// One request; the status code and body.
+pub fn http(api: SocketAddr, method: &str, path: &str, ctype: &str, body: &str) -> (u16, String) {
+    let mut s =
+        TcpStream::connect_timeout(&api, Duration::from_secs(5)).expect("connecting to the API");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.set_nodelay(true).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {api}\r\nAccept: application/json\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("writing to the API");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("reading the API's answer");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
+/// `VmRSS` and `VmHWM` of `pid`, in MiB.
+pub fn rss_mib(pid: i32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(f64::NAN)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+pub fn pct(sorted: &[Duration], p: f64) -> Duration {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
