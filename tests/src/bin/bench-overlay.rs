@@ -37,7 +37,9 @@ use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr as NlAddr};
 use nix::sys::socket::{setsockopt, sockopt};
 use nix::sys::time::{TimeVal, TimeValLike};
 use serde_json::{json, Value};
-use sluice_e2e::bench::{cleanup_on_signals, exec, http, ip, ms, pct, rss_mib, sysctl, Guard, Ns};
+use sluice_e2e::bench::{
+    cleanup_on_signals, exec, http, ip, iperf, iperf_server, ms, pct, rss_mib, sysctl, Guard, Ns,
+};
 use sluice_e2e::lab::{in_netns, lab_cmd, unique_lab_name, Lab};
 use sluice_e2e::{run, sh, unique};
 use sluice_net::lease::{lease_name, NodeRecord};
@@ -155,80 +157,6 @@ fn lab_agent(lab: &Lab, action: &str, node: &str) {
 }
 
 /// Waits (bounded) until something in `ns` listens on TCP `port`.
-fn wait_listening(ns: &str, port: u16, limit: Duration) -> bool {
-    let ns = ns.to_string();
-    let hex = format!(":{port:04X} ");
-    in_netns(&ns, move || {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            let listening = ["tcp", "tcp6"].iter().any(|f| {
-                std::fs::read_to_string(format!("/proc/thread-self/net/{f}"))
-                    .unwrap_or_default()
-                    .lines()
-                    .skip(1)
-                    .any(|l| {
-                        let cols: Vec<&str> = l.split_whitespace().collect();
-                        cols.len() > 3 && format!("{} ", cols[1]).ends_with(&hex) && cols[3] == "0A"
-                    })
-            });
-            if listening {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    })
-}
-
-const IPERF_PORT: u16 = 5201;
-
-/// An iperf3 server in `ns`, killed by the returned guard.
-fn iperf_server(ns: &str) -> Guard {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "iperf3", "-s", "-p"])
-        .arg(IPERF_PORT.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting iperf3 -s");
-    let pid = child.id();
-    let guard = Guard::new(move || {
-        let _ = child.kill();
-        let _ = child.wait();
-    });
-    assert!(
-        wait_listening(ns, IPERF_PORT, Duration::from_secs(5)),
-        "iperf3 -s (pid {pid}) in {ns} is not listening"
-    );
-    guard
-}
-
-/// One iperf3 run from `ns` to `server`: received Gbit/s.
-fn iperf(ns: &str, server: Ipv4Addr, secs: u32, streams: u32) -> f64 {
-    let mut last = String::new();
-    for _attempt in 0..3 {
-        let out = run(Command::new("timeout")
-            .args(["-k", "5", &(secs + 30).to_string()])
-            .args(["ip", "netns", "exec", ns, "iperf3", "-J", "-c"])
-            .arg(server.to_string())
-            .args(["-p", &IPERF_PORT.to_string()])
-            .args(["-t", &secs.to_string(), "-P", &streams.to_string()])
-            .args(["--connect-timeout", "3000"]));
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
-            return bps / 1e9;
-        }
-        last = format!(
-            "{} {}",
-            v["error"].as_str().unwrap_or(""),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    panic!("iperf3 from {ns} to {server} failed 3 times: {last}");
-}
-
 fn ping_ok(ns: &str, dst: Ipv4Addr) -> bool {
     run(Command::new("ip")
         .args(["netns", "exec", ns, "ping", "-c", "1", "-W", "2", "-q"])

@@ -26,10 +26,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::{json, Value};
-use sluice_e2e::bench::{cleanup_on_signals, http, ip, ms, pct, rss_mib, sysctl, Guard, Ns};
+use sluice_e2e::bench::{
+    cleanup_on_signals, http, ip, iperf, iperf_server, ms, pct, rss_mib, sysctl, Guard, Ns,
+    IPERF_PORT,
+};
 use sluice_e2e::lab::in_netns;
 use sluice_e2e::sh;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -213,6 +216,81 @@ fn probe_ingress(open: bool) -> Value {
     }
 }
 
+/// The probe policy with the client admitted on the echo and iperf3 ports, and with `extra`
+/// more peers (scattered /32s, so that none merge: each is its own set element) that are
+/// also admitted on the marker port [`MARKER`].
+fn probe_peers(extra: usize) -> Value {
+    let mut from = vec![json!({"podSelector": {"matchLabels": {"role": "client"}}})];
+    let mut ports = vec![
+        json!({"protocol": "TCP", "port": PORT}),
+        json!({"protocol": "TCP", "port": IPERF_PORT}),
+    ];
+    if extra > 0 {
+        for i in 0..extra {
+            let a = Ipv4Addr::from(0x0ac8_0001 + 2 * u32::try_from(i).unwrap());
+            from.push(json!({"ipBlock": {"cidr": format!("{a}/32")}}));
+        }
+        ports.push(json!({"protocol": "TCP", "port": MARKER}));
+    }
+    json!([{"from": from, "ports": ports}])
+}
+
+/// A port nothing listens on: admitted (a reset comes back) only with the many-peers policy,
+/// so its answer says which of the two is in force.
+const MARKER: u16 = 9;
+
+/// Waits until the marker port answers as the policy with `many` peers says; false on timeout.
+fn until_marker(client: &str, many: bool, limit: Duration) -> bool {
+    in_netns(client, move || {
+        let dst = SocketAddr::V4(SocketAddrV4::new(SERVER_IP, MARKER));
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let refused = matches!(
+                TcpStream::connect_timeout(&dst, Duration::from_millis(20)),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+            );
+            if refused == many {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    })
+}
+
+/// New connections a second from the client pod to the server pod: each one connects, sends a
+/// byte, reads the echo and resets (no TIME_WAIT), for `secs`.
+fn conn_rate(client: &str, secs: f64) -> (f64, u64) {
+    in_netns(client, move || {
+        let dst = SocketAddr::V4(SocketAddrV4::new(SERVER_IP, PORT));
+        let (mut ok, mut failed) = (0u64, 0u64);
+        let started = Instant::now();
+        let span = Duration::from_secs_f64(secs);
+        while started.elapsed() < span {
+            let done = (|| -> std::io::Result<()> {
+                let mut s = TcpStream::connect_timeout(&dst, Duration::from_millis(200))?;
+                s.set_read_timeout(Some(Duration::from_millis(200)))?;
+                s.write_all(&[7])?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b)?;
+                let linger = nix::libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &linger)
+                    .map_err(std::io::Error::from)?;
+                Ok(())
+            })();
+            if done.is_ok() {
+                ok += 1;
+            } else {
+                failed += 1;
+            }
+        }
+        (ok as f64 / started.elapsed().as_secs_f64(), failed)
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // The node.
 
@@ -269,33 +347,46 @@ fn bulk_veths(node: &Ns, sink: &Ns, first: usize, count: usize, dir: &Path) {
 struct Server {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    netns: String,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let _ = in_netns(&self.netns, || {
+            TcpStream::connect_timeout(
+                &SocketAddr::from(([127, 0, 0, 1], PORT)),
+                Duration::from_secs(1),
+            )
+        });
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
+/// Echoes one byte per connection on `PORT` inside `netns`, one connection at a time, until
+/// dropped (the drop wakes `accept` with a connection of its own over the pod's loopback).
 fn serve(netns: &str) -> Server {
     let stop = Arc::new(AtomicBool::new(false));
     let l = in_netns(netns, || TcpListener::bind(("0.0.0.0", PORT)).unwrap());
-    l.set_nonblocking(true).unwrap();
     let s = stop.clone();
     let thread = std::thread::spawn(move || {
         while !s.load(Ordering::Relaxed) {
-            match l.accept() {
-                Ok((c, _)) => drop(c),
-                Err(_) => std::thread::sleep(Duration::from_micros(200)),
+            let Ok((mut c, _)) = l.accept() else { continue };
+            let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+            let mut byte = [0u8; 1];
+            if c.read(&mut byte).is_ok_and(|n| n == 1) {
+                let _ = c.write_all(&byte);
+                // The client closes first (with a reset), so no TIME_WAIT piles up here.
+                let _ = c.read(&mut byte);
             }
         }
     });
     Server {
         stop,
         thread: Some(thread),
+        netns: netns.to_string(),
     }
 }
 
@@ -371,6 +462,20 @@ fn start_agent(args: &Args, node: &Ns, kubeconfig: &Path, dir: &Path, log: &Path
     Agent { pid, _guard: guard }
 }
 
+/// More allowed peer addresses for the per-packet comparison.
+const PEERS: usize = 10_000;
+
+/// One renderer's figures.
+struct Row {
+    backend: String,
+    p50: Duration,
+    p99: Duration,
+    start: Duration,
+    peak_rss: f64,
+    rates: (f64, f64),
+    gbps: (f64, f64),
+}
+
 fn summary(label: &str, mut v: Vec<Duration>) -> String {
     v.sort();
     if v.is_empty() {
@@ -421,6 +526,18 @@ fn main() {
     let client = real_pod(&node, 0, CLIENT_IP);
     let server = real_pod(&node, 1, SERVER_IP);
     let _server = serve(&server.name);
+    let _iperf = iperf_server(&server.name);
+    // Connections end with a reset; their conntrack entries need not outlive the run.
+    let _ = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node.name,
+            "sysctl",
+            "-qw",
+            "net.netfilter.nf_conntrack_tcp_timeout_close=1",
+        ])
+        .output();
     let started = Instant::now();
     bulk_veths(&node, &sink, 2, args.local_pods - 2, dir.path());
     println!(
@@ -566,15 +683,63 @@ fn main() {
         println!(
             "agent memory after the samples: VmRSS {rss_after:.1} MiB, VmHWM {hwm_after:.1} MiB"
         );
+        // Per-packet cost: the same flows with 0 and with `PEERS` more allowed peers in force.
+        let mut per_peers: Vec<(usize, Vec<f64>, Vec<f64>)> =
+            vec![(0, Vec::new(), Vec::new()), (PEERS, Vec::new(), Vec::new())];
+        for _round in 0..2 {
+            for entry in per_peers.iter_mut() {
+                let extra = entry.0;
+                merge_patch(
+                    api,
+                    PROBE_POLICY,
+                    &json!({"spec": {"ingress": probe_peers(extra)}}),
+                );
+                assert!(
+                    until_marker(&client.name, extra > 0, Duration::from_secs(60)),
+                    "the policy with {extra} more peers never came into force"
+                );
+                assert!(
+                    until_verdict(&client.name, true, Duration::from_secs(10)).is_some(),
+                    "the client is not admitted"
+                );
+                std::thread::sleep(Duration::from_millis(300));
+                let (rate, failed) = conn_rate(&client.name, 2.0);
+                assert!(failed < 10, "{failed} connections failed at {extra} peers");
+                entry.1.push(rate);
+                entry.2.push(iperf(&client.name, SERVER_IP, 3, 1));
+            }
+        }
+        let med = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (rate0, gbps0) = (med(&per_peers[0].1), med(&per_peers[0].2));
+        let (rate_n, gbps_n) = (med(&per_peers[1].1), med(&per_peers[1].2));
+        println!(
+            "per packet, 0 more peers:      {rate0:>8.0} new connections/s  {gbps0:>6.2} Gbit/s"
+        );
+        println!(
+            "per packet, {PEERS} more peers: {rate_n:>8.0} new connections/s  {gbps_n:>6.2} Gbit/s   ratio {:.3} / {:.3}",
+            rate_n / rate0,
+            gbps_n / gbps0
+        );
+        merge_patch(
+            api,
+            PROBE_POLICY,
+            &json!({"spec": {"ingress": probe_ingress(false)}}),
+        );
         let mut sorted = all;
         sorted.sort();
-        rows.push((
-            backend.to_string(),
-            pct(&sorted, 50.0),
-            pct(&sorted, 99.0),
-            programmed,
-            hwm.max(hwm_after),
-        ));
+        rows.push(Row {
+            backend: backend.to_string(),
+            p50: pct(&sorted, 50.0),
+            p99: pct(&sorted, 99.0),
+            start: programmed,
+            peak_rss: hwm.max(hwm_after),
+            rates: (rate0, rate_n),
+            gbps: (gbps0, gbps_n),
+        });
         drop(agent);
         // The next renderer starts from no rules at all, so that its start is measured whole
         // (a real switch keeps these in force until the new ones are in).
@@ -586,24 +751,41 @@ fn main() {
             .output();
     }
 
-    println!("\n## Summary (anchors: enforcement p99 under 100 ms; agent memory under 100 MiB)");
     println!(
-        "{:<10} {:>12} {:>12} {:>18} {:>14}",
-        "renderer", "p50", "p99", "start→in force", "peak RSS"
+        "\n## Summary (anchors: enforcement p99 under 100 ms; agent memory under 100 MiB; at {PEERS} peers at least 0.9 of the rate at 0)"
     );
-    for (b, p50, p99, start, hwm) in rows {
+    println!(
+        "{:<10} {:>10} {:>10} {:>15} {:>10}   {:>22}   {:>18}",
+        "renderer",
+        "p50",
+        "p99",
+        "start→in force",
+        "peak RSS",
+        "conn/s 0 → 10k (ratio)",
+        "Gbit/s 0 → 10k (ratio)"
+    );
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    for r in rows {
+        let (rr, gr) = (r.rates.1 / r.rates.0, r.gbps.1 / r.gbps.0);
         println!(
-            "{b:<10} {:>12} {:>12} {:>18} {:>10.1} MiB   latency {}, memory {}",
-            ms(p50),
-            ms(p99),
-            ms(start),
-            hwm,
-            if p99 < Duration::from_millis(100) {
-                "met"
-            } else {
-                "MISSED"
-            },
-            if hwm < 100.0 { "met" } else { "MISSED" },
+            "{:<10} {:>10} {:>10} {:>15} {:>6.1} MiB   {:>6.0} → {:>6.0} ({rr:.3})   {:>5.2} → {:>5.2} ({gr:.3})",
+            r.backend,
+            ms(r.p50),
+            ms(r.p99),
+            ms(r.start),
+            r.peak_rss,
+            r.rates.0,
+            r.rates.1,
+            r.gbps.0,
+            r.gbps.1,
+        );
+        println!(
+            "{:<10} latency {}, memory {}, connection rate {}, throughput {}",
+            "",
+            verdict(r.p99 < Duration::from_millis(100)),
+            verdict(r.peak_rss < 100.0),
+            verdict(rr >= 0.9),
+            verdict(gr >= 0.9),
         );
     }
     let _ = std::io::stdout().flush();
