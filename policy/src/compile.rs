@@ -24,23 +24,24 @@
 //! addresses) is always allowed in, so that kubelet probes keep working under default deny.
 
 use crate::ir::{AddrSet, Direction, PodPolicy, PolicyIr, PortEntry, Protocol};
-use crate::selector::{self, Labels};
+use crate::selector::{self, LabelIndex, Labels};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 /// The label the API server puts on every namespace.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
-/// A cluster snapshot: every Pod, Namespace and NetworkPolicy, and this node's own addresses.
+/// A cluster snapshot: every Pod, Namespace and NetworkPolicy (borrowed, as a watch cache
+/// holds them), and this node's own addresses.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PolicyInput<'a> {
-    pub pods: &'a [Pod],
-    pub namespaces: &'a [Namespace],
-    pub policies: &'a [NetworkPolicy],
+    pub pods: &'a [&'a Pod],
+    pub namespaces: &'a [&'a Namespace],
+    pub policies: &'a [&'a NetworkPolicy],
     /// The node's addresses: host-to-pod traffic from them is always allowed.
     pub host_addrs: &'a [Ipv4Addr],
 }
@@ -133,7 +134,7 @@ type Rule<'a> = (
 
 /// A pod that policies can name as a peer.
 struct PeerPod<'a> {
-    namespace: String,
+    namespace: &'a str,
     labels: &'a Labels,
     ips: Vec<Ipv4Addr>,
     ports: Vec<NamedPort>,
@@ -146,8 +147,10 @@ enum Dir {
 }
 
 struct Compiler<'a> {
-    input: &'a PolicyInput<'a>,
     peers: Vec<PeerPod<'a>>,
+    /// Peers by namespace and by label: a selector looks only at the pods it may select.
+    peers_by_ns: HashMap<&'a str, Vec<usize>>,
+    peer_labels: LabelIndex<'a>,
     ns_labels: HashMap<String, Labels>,
     /// Resolved peers of (policy, direction, rule).
     peer_cache: HashMap<(usize, Dir, usize), AddrSet>,
@@ -158,23 +161,102 @@ struct Compiler<'a> {
 static NO_LABELS: Labels = BTreeMap::new();
 
 /// The node's policy: one [`PodPolicy`] per local pod, sorted by interface name.
+///
+/// Policies are walked once each, and each finds the local pods it selects through a label
+/// index, so the cost grows with what policies select, not with pods × policies.
 pub fn compile(input: &PolicyInput<'_>, local_pods: &[LocalPod]) -> PolicyIr {
     let mut c = Compiler::new(input);
+    let local_labels = LabelIndex::new(local_pods.iter().enumerate().map(|(i, p)| (i, &p.labels)));
+    let mut local_by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, p) in local_pods.iter().enumerate() {
+        local_by_ns.entry(p.namespace.as_str()).or_default().push(i);
+    }
+    // Per local pod, per direction (ingress, egress): what the policies allow so far.
+    let mut acc: Vec<[(Direction, Vec<PortEntry>); 2]> =
+        local_pods.iter().map(|_| Default::default()).collect();
+    for (pi, policy) in input.policies.iter().enumerate() {
+        let Some(spec) = &policy.spec else { continue };
+        let ns = namespace_str(&policy.metadata);
+        let Some(in_ns) = local_by_ns.get(ns) else {
+            continue;
+        };
+        let dirs: Vec<Dir> = [Dir::Ingress, Dir::Egress]
+            .into_iter()
+            .filter(|d| affects(spec, *d))
+            .collect();
+        if dirs.is_empty() {
+            continue;
+        }
+        let selected: Vec<usize> = match &spec.pod_selector {
+            None => in_ns.clone(),
+            Some(sel) => match local_labels.narrow(sel) {
+                Some(list) => list
+                    .iter()
+                    .copied()
+                    .filter(|i| {
+                        local_pods[*i].namespace == ns
+                            && selector::matches(sel, &local_pods[*i].labels)
+                    })
+                    .collect(),
+                None => in_ns
+                    .iter()
+                    .copied()
+                    .filter(|i| selector::matches(sel, &local_pods[*i].labels))
+                    .collect(),
+            },
+        };
+        if selected.is_empty() {
+            continue;
+        }
+        let name = format!("{ns}/{}", policy.metadata.name.as_deref().unwrap_or(""));
+        for i in selected {
+            for dir in &dirs {
+                let (out, raw) = &mut acc[i][dir.slot()];
+                c.add_policy(&local_pods[i], *dir, pi, spec, ns, &name, out, raw);
+            }
+        }
+    }
+    let host = AddrSet::from_addrs(input.host_addrs.iter().copied());
     let mut pods: Vec<PodPolicy> = local_pods
         .iter()
-        .map(|pod| PodPolicy {
+        .zip(acc)
+        .map(|(pod, [ingress, egress])| PodPolicy {
             namespace: pod.namespace.clone(),
             name: pod.name.clone(),
             ip: pod.ip,
             ifname: pod.ifname.clone(),
-            ingress: c.direction(pod, Dir::Ingress),
-            egress: c.direction(pod, Dir::Egress),
+            ingress: finish(ingress, Some(&host)),
+            egress: finish(egress, None),
         })
         .collect();
     pods.sort_by(|a, b| a.ifname.cmp(&b.ifname));
     PolicyIr {
         pods,
         log_drops: false,
+    }
+}
+
+/// A direction once every policy has been added: traffic from the node itself (`host`, for
+/// ingress) is let in when the pod is isolated, policy names sorted, ports made disjoint.
+fn finish((mut out, raw_ports): (Direction, Vec<PortEntry>), host: Option<&AddrSet>) -> Direction {
+    if let (true, Some(host)) = (out.isolated, host) {
+        out.all_ports.union_with(host);
+    }
+    out.policies.sort();
+    out.set_ports(raw_ports);
+    out
+}
+
+fn namespace_str(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
+    meta.namespace.as_deref().unwrap_or("default")
+}
+
+impl Dir {
+    fn slot(self) -> usize {
+        match self {
+            Self::Ingress => 0,
+            Self::Egress => 1,
+        }
     }
 }
 
@@ -189,13 +271,18 @@ impl<'a> Compiler<'a> {
                 !matches!(phase, Some("Succeeded" | "Failed"))
             })
             .map(|p| PeerPod {
-                namespace: namespace_of(&p.metadata),
+                namespace: namespace_str(&p.metadata),
                 labels: p.metadata.labels.as_ref().unwrap_or(&NO_LABELS),
                 ips: pod_ips(p),
                 ports: named_ports(p),
             })
             .filter(|p| !p.ips.is_empty())
-            .collect();
+            .collect::<Vec<_>>();
+        let mut peers_by_ns: HashMap<&'a str, Vec<usize>> = HashMap::new();
+        for (i, p) in peers.iter().enumerate() {
+            peers_by_ns.entry(p.namespace).or_default().push(i);
+        }
+        let peer_labels = LabelIndex::new(peers.iter().enumerate().map(|(i, p)| (i, p.labels)));
         let ns_labels = input
             .namespaces
             .iter()
@@ -207,72 +294,58 @@ impl<'a> Compiler<'a> {
             })
             .collect();
         Self {
-            input,
             peers,
+            peers_by_ns,
+            peer_labels,
             ns_labels,
             peer_cache: HashMap::new(),
             named_cache: HashMap::new(),
         }
     }
 
-    fn direction(&mut self, pod: &LocalPod, dir: Dir) -> Direction {
-        let mut out = Direction::default();
-        let mut raw_ports = Vec::new();
-        let policies = self.input.policies;
-        for (pi, policy) in policies.iter().enumerate() {
-            let ns = namespace_of(&policy.metadata);
-            let Some(spec) = &policy.spec else { continue };
-            if ns != pod.namespace || !affects(spec, dir) {
+    /// Adds what policy `pi` (which selects `pod`) allows in `dir`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_policy(
+        &mut self,
+        pod: &LocalPod,
+        dir: Dir,
+        pi: usize,
+        spec: &k8s_openapi::api::networking::v1::NetworkPolicySpec,
+        ns: &str,
+        name: &str,
+        out: &mut Direction,
+        raw_ports: &mut Vec<PortEntry>,
+    ) {
+        out.isolated = true;
+        out.policies.push(name.to_string());
+        let rules: Vec<Rule<'_>> = match dir {
+            Dir::Ingress => spec
+                .ingress
+                .iter()
+                .flatten()
+                .map(|r| (r.from.as_deref(), r.ports.as_deref()))
+                .collect(),
+            Dir::Egress => spec
+                .egress
+                .iter()
+                .flatten()
+                .map(|r| (r.to.as_deref(), r.ports.as_deref()))
+                .collect(),
+        };
+        for (ri, (peers, ports)) in rules.into_iter().enumerate() {
+            let addrs = self.rule_peers(pi, dir, ri, ns, peers);
+            if addrs.is_empty() {
                 continue;
             }
-            let selects = spec
-                .pod_selector
-                .as_ref()
-                .is_none_or(|s| selector::matches(s, &pod.labels));
-            if !selects {
-                continue;
-            }
-            out.isolated = true;
-            out.policies.push(format!(
-                "{ns}/{}",
-                policy.metadata.name.as_deref().unwrap_or("")
-            ));
-            let rules: Vec<Rule<'_>> = match dir {
-                Dir::Ingress => spec
-                    .ingress
-                    .iter()
-                    .flatten()
-                    .map(|r| (r.from.as_deref(), r.ports.as_deref()))
-                    .collect(),
-                Dir::Egress => spec
-                    .egress
-                    .iter()
-                    .flatten()
-                    .map(|r| (r.to.as_deref(), r.ports.as_deref()))
-                    .collect(),
-            };
-            for (ri, (peers, ports)) in rules.into_iter().enumerate() {
-                let addrs = self.rule_peers(pi, dir, ri, &ns, peers);
-                if addrs.is_empty() {
-                    continue;
-                }
-                match ports {
-                    None | Some([]) => out.all_ports.union_with(&addrs),
-                    Some(ports) => {
-                        for port in ports {
-                            self.port_entries(pod, dir, port, &addrs, &mut raw_ports);
-                        }
+            match ports {
+                None | Some([]) => out.all_ports.union_with(&addrs),
+                Some(ports) => {
+                    for port in ports {
+                        self.port_entries(pod, dir, port, &addrs, raw_ports);
                     }
                 }
             }
         }
-        if out.isolated && dir == Dir::Ingress {
-            out.all_ports
-                .union_with(&AddrSet::from_addrs(self.input.host_addrs.iter().copied()));
-        }
-        out.policies.sort();
-        out.set_ports(raw_ports);
-        out
     }
 
     /// The addresses a rule's `from`/`to` names.
@@ -290,11 +363,12 @@ impl<'a> Compiler<'a> {
         let set = match peers {
             None | Some([]) => AddrSet::all(),
             Some(peers) => {
-                let mut set = AddrSet::new();
+                // One normalisation for the whole list: a rule may name thousands of blocks.
+                let mut ranges = Vec::new();
                 for peer in peers {
-                    set.union_with(&self.peer(policy_ns, peer));
+                    ranges.extend_from_slice(self.peer(policy_ns, peer).ranges());
                 }
-                set
+                AddrSet::from_ranges(ranges)
             }
         };
         self.peer_cache.insert((pi, dir, ri), set.clone());
@@ -315,28 +389,48 @@ impl<'a> Compiler<'a> {
         if peer.pod_selector.is_none() && peer.namespace_selector.is_none() {
             return AddrSet::new();
         }
-        let ips = self
-            .peers
+        let namespaces: HashSet<&str> = match &peer.namespace_selector {
+            None => HashSet::from([policy_ns]),
+            Some(sel) => self
+                .peers_by_ns
+                .keys()
+                .copied()
+                .filter(|ns| match self.ns_labels.get(*ns) {
+                    Some(labels) => selector::matches(sel, labels),
+                    // A namespace the cache does not hold (yet) still has its name label.
+                    None => selector::matches(
+                        sel,
+                        &BTreeMap::from([(NAMESPACE_NAME_LABEL.into(), ns.to_string())]),
+                    ),
+                })
+                .collect(),
+        };
+        let pod_selects = |i: &usize| {
+            peer.pod_selector
+                .as_ref()
+                .is_none_or(|sel| selector::matches(sel, self.peers[*i].labels))
+        };
+        let narrowed = peer
+            .pod_selector
+            .as_ref()
+            .and_then(|sel| self.peer_labels.narrow(sel));
+        let chosen: Vec<usize> = match narrowed {
+            Some(list) => list
+                .iter()
+                .filter(|i| namespaces.contains(self.peers[**i].namespace))
+                .filter(|i| pod_selects(i))
+                .copied()
+                .collect(),
+            None => namespaces
+                .iter()
+                .flat_map(|ns| self.peers_by_ns.get(ns).into_iter().flatten())
+                .filter(|i| pod_selects(i))
+                .copied()
+                .collect(),
+        };
+        let ips = chosen
             .iter()
-            .filter(|p| match &peer.namespace_selector {
-                None => p.namespace == policy_ns,
-                Some(sel) => {
-                    let labels = self
-                        .ns_labels
-                        .get(&p.namespace)
-                        .cloned()
-                        .unwrap_or_else(|| {
-                            BTreeMap::from([(NAMESPACE_NAME_LABEL.into(), p.namespace.clone())])
-                        });
-                    selector::matches(sel, &labels)
-                }
-            })
-            .filter(|p| {
-                peer.pod_selector
-                    .as_ref()
-                    .is_none_or(|sel| selector::matches(sel, p.labels))
-            })
-            .flat_map(|p| p.ips.iter().copied());
+            .flat_map(|i| self.peers[*i].ips.iter().copied());
         AddrSet::from_addrs(ips)
     }
 

@@ -78,9 +78,10 @@ fn parse_line(line: &str) -> Option<Flow> {
 
 /// The live flows `ir` would not let start.
 pub fn denied<'a>(ir: &PolicyIr, flows: &'a [Flow]) -> Vec<&'a Flow> {
+    let pods = ir.by_ip();
     flows
         .iter()
-        .filter(|f| f.live && !ir.allows(f.src, f.reply_src, f.proto, f.reply_sport))
+        .filter(|f| f.live && !pods.allows(f.src, f.reply_src, f.proto, f.reply_sport))
         .collect()
 }
 

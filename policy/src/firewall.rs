@@ -119,6 +119,16 @@ impl Exec {
         }
     }
 
+    /// The network namespace the binaries run in, when it is not the caller's.
+    pub fn netns(&self) -> Option<&str> {
+        match self.wrapper.as_slice() {
+            [ip, netns, exec, name] if ip == "ip" && netns == "netns" && exec == "exec" => {
+                Some(name)
+            }
+            _ => None,
+        }
+    }
+
     fn command(&self, program: &str) -> Command {
         match self.wrapper.split_first() {
             None => Command::new(program),

@@ -306,14 +306,36 @@ impl PolicyIr {
     /// passes the policy of both ends that are local pods: the IR's own reading, used to find
     /// the conntrack entries to cut and as the oracle the kernel tests compare against.
     pub fn allows(&self, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, dport: Option<u16>) -> bool {
-        let egress_ok = self
-            .pod_by_ip(src)
-            .is_none_or(|p| p.egress.allows(dst, proto, dport));
-        let ingress_ok = self
-            .pod_by_ip(dst)
-            .is_none_or(|p| p.ingress.allows(src, proto, dport));
-        egress_ok && ingress_ok
+        flow_allowed(|ip| self.pod_by_ip(ip), src, dst, proto, dport)
     }
+
+    /// The pods by address, for many questions at once (every conntrack entry of a node).
+    pub fn by_ip(&self) -> PodsByIp<'_> {
+        PodsByIp(self.pods.iter().map(|p| (p.ip, p)).collect())
+    }
+}
+
+/// [`PolicyIr`]'s pods by address.
+#[derive(Debug)]
+pub struct PodsByIp<'a>(std::collections::HashMap<Ipv4Addr, &'a PodPolicy>);
+
+impl PodsByIp<'_> {
+    /// [`PolicyIr::allows`], in constant time.
+    pub fn allows(&self, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, dport: Option<u16>) -> bool {
+        flow_allowed(|ip| self.0.get(&ip).copied(), src, dst, proto, dport)
+    }
+}
+
+fn flow_allowed<'a>(
+    pod: impl Fn(Ipv4Addr) -> Option<&'a PodPolicy>,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    dport: Option<u16>,
+) -> bool {
+    let egress_ok = pod(src).is_none_or(|p| p.egress.allows(dst, proto, dport));
+    let ingress_ok = pod(dst).is_none_or(|p| p.ingress.allows(src, proto, dport));
+    egress_ok && ingress_ok
 }
 
 #[cfg(test)]

@@ -31,6 +31,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
+pub mod observe;
+
 /// sluice's policy table (DESIGN.md: recognisable by its nftables table).
 pub const TABLE: &str = "sluice-policy";
 /// Comment prefix of the hash-carrying rule.
@@ -473,25 +475,8 @@ impl NftCli {
             .is_ok_and(|o| o.status.success())
     }
 
-    fn script(&self, text: &str) -> Result<(), FirewallError> {
-        let out = self.exec.run(&self.program, &["-f", "-"], Some(text))?;
-        if out.status.success() {
-            return Ok(());
-        }
-        Err(FirewallError::Command {
-            program: self.program.clone(),
-            op: "apply",
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
-    }
-}
-
-impl Firewall for NftCli {
-    fn backend(&self) -> Backend {
-        Backend::Nftables
-    }
-
-    fn observe(&self) -> Result<Observed, FirewallError> {
+    /// The table's hash as `nft` lists it (when netlink cannot be used).
+    fn observe_with_nft(&self) -> Result<Observed, FirewallError> {
         let out = self.exec.run(
             &self.program,
             &["-j", "list", "chain", "inet", TABLE, STATE_CHAIN],
@@ -511,6 +496,38 @@ impl Firewall for NftCli {
         Ok(Observed {
             hash: parse_observed(&String::from_utf8_lossy(&out.stdout))?,
         })
+    }
+
+    fn script(&self, text: &str) -> Result<(), FirewallError> {
+        let out = self.exec.run(&self.program, &["-f", "-"], Some(text))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(FirewallError::Command {
+            program: self.program.clone(),
+            op: "apply",
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+}
+
+impl Firewall for NftCli {
+    fn backend(&self) -> Backend {
+        Backend::Nftables
+    }
+
+    fn observe(&self) -> Result<Observed, FirewallError> {
+        let plain =
+            self.program == "nft" && (self.exec.wrapper.is_empty() || self.exec.netns().is_some());
+        if plain {
+            match observe::state_hash(self.exec.netns()) {
+                Ok(hash) => return Ok(Observed { hash }),
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the policy table's hash over netlink failed; asking nft")
+                }
+            }
+        }
+        self.observe_with_nft()
     }
 
     fn apply(&self, desired: &Rendered) -> Result<Applied, FirewallError> {

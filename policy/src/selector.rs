@@ -3,10 +3,55 @@
 //! A requirement the API would reject (unknown operator) matches nothing.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Labels of an object; `None` in the API is the empty map.
 pub type Labels = BTreeMap<String, String>;
+
+/// Objects (by index) under each `key=value` label they carry, so that a selector with
+/// `matchLabels` is checked against the few objects that carry one of its pairs instead of all
+/// of them (Calico's label index, in miniature).
+#[derive(Debug, Default)]
+pub struct LabelIndex<'a> {
+    /// key → value → objects.
+    by_pair: HashMap<&'a str, HashMap<&'a str, Vec<usize>>>,
+}
+
+impl<'a> LabelIndex<'a> {
+    pub fn new(objects: impl IntoIterator<Item = (usize, &'a Labels)>) -> Self {
+        let mut by_pair: HashMap<&'a str, HashMap<&'a str, Vec<usize>>> = HashMap::new();
+        for (i, labels) in objects {
+            for (k, v) in labels {
+                by_pair
+                    .entry(k.as_str())
+                    .or_default()
+                    .entry(v.as_str())
+                    .or_default()
+                    .push(i);
+            }
+        }
+        Self { by_pair }
+    }
+
+    /// The objects `selector` may select (each still to be checked with [`matches`]): the
+    /// shortest list of one of its `matchLabels` pairs; `None` when it has no `matchLabels`
+    /// (any object may match).
+    pub fn narrow(&self, selector: &LabelSelector) -> Option<&[usize]> {
+        let pairs = selector.match_labels.as_ref().filter(|m| !m.is_empty())?;
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| {
+                    self.by_pair
+                        .get(k.as_str())
+                        .and_then(|values| values.get(v.as_str()))
+                        .map_or(&[][..], Vec::as_slice)
+                })
+                .min_by_key(|list| list.len())
+                .unwrap_or(&[]),
+        )
+    }
+}
 
 /// Whether `selector` selects an object with `labels`.
 pub fn matches(selector: &LabelSelector, labels: &Labels) -> bool {

@@ -332,6 +332,9 @@ fn ir_for(policies: &[Value]) -> PolicyIr {
         .map(|p| serde_json::from_value(p.clone()).unwrap())
         .collect();
     let host = [NODE_IP.parse().unwrap()];
+    let pods: Vec<&Pod> = pods.iter().collect();
+    let namespaces: Vec<&Namespace> = namespaces.iter().collect();
+    let policies: Vec<&NetworkPolicy> = policies.iter().collect();
     let input = PolicyInput {
         pods: &pods,
         namespaces: &namespaces,
@@ -656,7 +659,11 @@ fn every_nft_delta_leaves_the_table_a_full_write_would() {
     for pair in order.windows(2) {
         let (from, to) = (pair[0], pair[1]);
         incremental.apply(&incremental.render(&irs[from])).unwrap();
-        let applied = incremental.apply(&incremental.render(&irs[to])).unwrap();
+        let wanted = incremental.render(&irs[to]);
+        let applied = incremental.apply(&wanted).unwrap();
+        // The hash as read over netlink is the one `nft` lists.
+        let via_netlink = sluice_policy::nft::observe::state_hash(Some(&node.node.name)).unwrap();
+        assert_eq!(via_netlink.as_deref(), Some(wanted.hash()));
         if from == to {
             assert!(!applied.written);
             continue;
@@ -666,6 +673,10 @@ fn every_nft_delta_leaves_the_table_a_full_write_would() {
         // A fresh applier knows nothing of the kernel's table: it writes the whole of it.
         let fresh = NftCli::new(node.exec());
         fresh.remove().unwrap();
+        assert_eq!(
+            sluice_policy::nft::observe::state_hash(Some(&node.node.name)).unwrap(),
+            None
+        );
         let full = fresh.apply(&fresh.render(&irs[to])).unwrap();
         assert!(full.written && !full.incremental);
         assert_eq!(

@@ -100,9 +100,12 @@ impl Cluster {
             .map(|p| serde_json::from_value(p.clone()).unwrap())
             .collect();
         let host = [HOST.parse().unwrap()];
+        let pods: Vec<&Pod> = self.pods.iter().collect();
+        let namespaces: Vec<&Namespace> = self.namespaces.iter().collect();
+        let policies: Vec<&NetworkPolicy> = policies.iter().collect();
         let input = PolicyInput {
-            pods: &self.pods,
-            namespaces: &self.namespaces,
+            pods: &pods,
+            namespaces: &namespaces,
             policies: &policies,
             host_addrs: &host,
         };

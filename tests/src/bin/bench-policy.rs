@@ -788,5 +788,10 @@ fn main() {
             verdict(gr >= 0.9),
         );
     }
+    // The agent's own account (pass times, rule counts) goes with the figures.
+    let kept = std::env::temp_dir().join("bench-policy-agent.log");
+    if std::fs::copy(&log, &kept).is_ok() {
+        println!("\nthe agent's log: {}", kept.display());
+    }
     let _ = std::io::stdout().flush();
 }
