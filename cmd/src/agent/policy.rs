@@ -173,8 +173,9 @@ struct Pass {
     pods: usize,
     written: bool,
     flushed: usize,
-    /// Where the pass spent its time: reading the kernel and compiling, rendering and writing
-    /// the rules, cutting denied flows.
+    /// Where the pass spent its time: reading the kernel's links and routes, compiling,
+    /// rendering and writing the rules, cutting denied flows.
+    kernel: Duration,
     compile: Duration,
     apply: Duration,
     flush: Duration,
@@ -271,7 +272,7 @@ pub async fn run(
                 match pass {
                     Ok(p) => {
                         if p.written || p.flushed > 0 {
-                            tracing::info!(node, backend, pods = p.pods, rules = p.rules, flushed = p.flushed, took = ?started.elapsed(), compile = ?p.compile, apply = ?p.apply, flush = ?p.flush, "policy applied");
+                            tracing::info!(node, backend, pods = p.pods, rules = p.rules, flushed = p.flushed, took = ?started.elapsed(), kernel = ?p.kernel, compile = ?p.compile, apply = ?p.apply, flush = ?p.flush, "policy applied");
                         }
                         health
                             .metrics
@@ -393,6 +394,7 @@ async fn sync_once(
 ) -> Result<Pass, PolicyError> {
     let started = Instant::now();
     let kernel = kernel_view(handle).await?;
+    let read = started.elapsed();
     // The caches' objects are borrowed, never copied: a cluster's pods are many.
     let (pods, namespaces, policies) = (pods.state(), nss.state(), nps.state());
     let pods: Vec<&Pod> = pods.iter().map(|p| &**p).collect();
@@ -432,7 +434,8 @@ async fn sync_once(
         pods: local.len(),
         written,
         flushed,
-        compile: compiled,
+        kernel: read,
+        compile: compiled - read,
         apply,
         flush,
     })
