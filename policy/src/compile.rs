@@ -137,7 +137,8 @@ struct PeerPod<'a> {
     namespace: &'a str,
     labels: &'a Labels,
     ips: Vec<Ipv4Addr>,
-    ports: Vec<NamedPort>,
+    /// For its named ports, read only when an egress rule names a port.
+    pod: &'a Pod,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -274,7 +275,7 @@ impl<'a> Compiler<'a> {
                 namespace: namespace_str(&p.metadata),
                 labels: p.metadata.labels.as_ref().unwrap_or(&NO_LABELS),
                 ips: pod_ips(p),
-                ports: named_ports(p),
+                pod: p,
             })
             .filter(|p| !p.ips.is_empty())
             .collect::<Vec<_>>();
@@ -497,8 +498,7 @@ impl<'a> Compiler<'a> {
             .or_insert_with(|| {
                 let mut by_port: BTreeMap<u16, Vec<Ipv4Addr>> = BTreeMap::new();
                 for p in peers {
-                    for np in p
-                        .ports
+                    for np in named_ports(p.pod)
                         .iter()
                         .filter(|np| np.name == name && np.protocol == protocol)
                     {

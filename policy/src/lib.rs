@@ -35,12 +35,18 @@ pub const LINK_PREFIX: &str = "sl";
 
 /// A short stable hash (FNV-1a 64) of rendered text, carried as a comment in the kernel.
 pub fn text_hash(text: &str) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        hash ^= u64::from(b);
+    format!("{:016x}", fnv1a(FNV_START, text.as_bytes()))
+}
+
+const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a 64 continued over `bytes`, so that a hash can be taken over parts without joining them.
+fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        hash ^= u64::from(*b);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    format!("{hash:016x}")
+    hash
 }
 
 /// The k8s-openapi the input types come from, so callers use the very same version.

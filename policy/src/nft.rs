@@ -1,14 +1,16 @@
 //! The nftables renderer and applier: sluice's own table `inet sluice-policy`, changed in one
 //! `nft -f -` transaction (atomic: a packet sees the old rules or the new ones). The table is
 //! rendered as data ([`NftTable`]); a change is written as the difference from what this
-//! process last wrote ([`delta`]: elements, a pod's chain, sets made or dropped), and the whole
+//! process last wrote ([`delta`]: a pod's chain, sets and maps made or dropped), and the whole
 //! table is written only when the kernel's copy is not known (first pass, someone else's
-//! edit, a refused delta).
+//! edit, a refused delta). Sets and maps are named after their contents (`…-HASH`): a changed
+//! one is made anew, never edited element by element, which would make `nft` load every
+//! element of the table before the first command.
 //!
 //! Shape (per-packet cost is constant in the number of policies and peers):
 //! - base chains `forward` and `input` (hook priority `filter`, policy accept): established and
 //!   related accepted, invalid dropped, then `jump egress` (both) and `jump ingress` (forward);
-//! - `egress`: `iifname vmap @egress-pods` (isolated pod → `goto e-IF`, known open pod →
+//! - `egress`: `iifname vmap @egress-pods-HASH` (isolated pod → `goto e-IF`, known open pod →
 //!   `return`), then unknown pod veths drop (fail closed); `ingress` likewise on `oifname`;
 //! - per isolated pod and direction a chain with at most two set lookups: an interval set of
 //!   peers allowed on every port (`…-all`) and a concatenated interval set
@@ -20,14 +22,14 @@
 //!   up again mid-stream from its other end.
 //!
 //! The one rule of chain `state` (never jumped to) carries `comment "sluice-policy:HASH"`, the
-//! hash of the whole table's text: [`NftCli::observe`] reads only that chain, an unchanged
+//! hash of the table's text (sets by name, which says what they hold): [`NftCli::observe`] reads only that chain, an unchanged
 //! table is not rewritten, and a table edited by hand (or by an older sluice) is replaced.
 
 use crate::droplog::{self, DropDirection};
 use crate::firewall::{Applied, Backend, Exec, Firewall, FirewallError, Observed, Rendered};
 use crate::ir::{AddrSet, Direction, PolicyIr, PortEntry};
 use crate::text_hash;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
@@ -47,10 +49,11 @@ const NOT_SYN: &str = "ct state new tcp flags & (fin | syn | rst | ack) != syn";
 /// [`delta`] compares. Rules and elements are nft's own text.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NftTable {
-    /// Sets and verdict maps by name.
-    pub sets: BTreeMap<String, NftSet>,
+    /// Sets and verdict maps by name (shared: a set the next pass renders the same is not
+    /// made again, see [`RenderMemo`]).
+    pub sets: BTreeMap<String, Arc<NftSet>>,
     /// Chains by name.
-    pub chains: BTreeMap<String, NftChain>,
+    pub chains: BTreeMap<String, Arc<NftChain>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,13 +73,23 @@ pub struct NftChain {
     pub rules: Vec<String>,
 }
 
-/// Rendered desired state: the table, and the hash of its full text.
+/// Rendered desired state: the table, and the hash of its text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NftScript {
-    pub table: NftTable,
+    /// Shared with the applier's record of what it last wrote, never copied.
+    pub table: Arc<NftTable>,
     pub hash: String,
-    /// The full transaction: the table removed and made again, hash included.
-    pub text: String,
+}
+
+impl NftScript {
+    /// The full transaction: the table removed and made again, hash included. Made only when
+    /// the whole table is written; a pass that writes a delta never spells out every element.
+    pub fn text(&self) -> String {
+        format!(
+            "table inet {TABLE}\ndelete table inet {TABLE}\n{}",
+            table_text(&self.table, &self.hash, true)
+        )
+    }
 }
 
 /// The chain, never jumped to, whose one rule carries the hash of the table's text.
@@ -113,8 +126,93 @@ fn interval_set(kind: &str, elements: BTreeMap<String, Option<String>>) -> NftSe
     }
 }
 
+/// `base` and a hash of the set's contents: a set that changes becomes a new set, made whole in
+/// one command, and the rule naming it is written again. Never an element edit: before any
+/// `add element` or `delete element` nft loads the elements of every interval set in the
+/// table, tens of milliseconds at a thousand pods, while a new set costs what it holds.
+fn content_name(base: &str, set: &NftSet) -> String {
+    let mut hash = crate::FNV_START;
+    for line in &set.spec {
+        hash = crate::fnv1a(hash, line.as_bytes());
+        hash = crate::fnv1a(hash, b";");
+    }
+    for (key, value) in &set.elements {
+        hash = crate::fnv1a(hash, key.as_bytes());
+        hash = crate::fnv1a(hash, value.as_deref().unwrap_or("").as_bytes());
+        hash = crate::fnv1a(hash, b",");
+    }
+    format!("{base}-{hash:016x}")
+}
+
+/// Puts `set` in the table under its [`content_name`], and returns that name.
+fn insert_set(table: &mut NftTable, base: &str, set: NftSet) -> String {
+    let name = content_name(base, &set);
+    table.sets.insert(name.clone(), Arc::new(set));
+    name
+}
+
+/// What one isolated direction of one pod renders to: its sets and its chain.
+#[derive(Debug)]
+struct RenderedDirection {
+    direction: Direction,
+    log: bool,
+    sets: Vec<(String, Arc<NftSet>)>,
+    chain: Arc<NftChain>,
+    /// The last pass that used it.
+    pass: u64,
+}
+
+/// Rendered directions kept from pass to pass by chain name: most passes change a few pods,
+/// and rendering a thousand unchanged ones again is most of a pass's render time.
+#[derive(Debug, Default)]
+pub struct RenderMemo {
+    directions: HashMap<String, RenderedDirection>,
+    pass: u64,
+}
+
 /// Sets and chain of one isolated direction; `prefix` is `i` or `e`.
-fn direction(table: &mut NftTable, prefix: &str, ifname: &str, d: &Direction, log: bool) {
+fn direction(
+    table: &mut NftTable,
+    memo: &mut RenderMemo,
+    prefix: &str,
+    ifname: &str,
+    d: &Direction,
+    log: bool,
+) {
+    let name = format!("{prefix}-{ifname}");
+    let pass = memo.pass;
+    let kept = memo
+        .directions
+        .get_mut(&name)
+        .filter(|r| r.log == log && r.direction == *d);
+    let rendered = match kept {
+        Some(r) => r,
+        None => {
+            let mut own = NftTable::default();
+            render_direction(&mut own, prefix, ifname, d, log);
+            let chain = own.chains.remove(&name).unwrap_or_default();
+            let fresh = RenderedDirection {
+                direction: d.clone(),
+                log,
+                sets: own.sets.into_iter().collect(),
+                chain,
+                pass,
+            };
+            memo.directions.insert(name.clone(), fresh);
+            match memo.directions.get_mut(&name) {
+                Some(r) => r,
+                None => return,
+            }
+        }
+    };
+    rendered.pass = pass;
+    for (set_name, set) in &rendered.sets {
+        table.sets.insert(set_name.clone(), set.clone());
+    }
+    table.chains.insert(name, rendered.chain.clone());
+}
+
+fn render_direction(table: &mut NftTable, prefix: &str, ifname: &str, d: &Direction, log: bool) {
     let (field, allow) = if prefix == "i" {
         ("ip saddr", "accept")
     } else {
@@ -125,29 +223,31 @@ fn direction(table: &mut NftTable, prefix: &str, ifname: &str, d: &Direction, lo
     if d.all_ports.is_all() {
         rules.push(allow.to_string());
     } else if !d.all_ports.is_empty() {
-        table.sets.insert(
-            format!("{name}-all"),
+        let set = insert_set(
+            table,
+            &format!("{name}-all"),
             interval_set("ipv4_addr", addr_elements(&d.all_ports)),
         );
-        rules.push(format!("{field} @{name}-all {allow}"));
+        rules.push(format!("{field} @{set} {allow}"));
     }
     if !d.ports.is_empty() {
-        table.sets.insert(
-            format!("{name}-ports"),
+        let set = insert_set(
+            table,
+            &format!("{name}-ports"),
             interval_set(
                 "ipv4_addr . inet_proto . inet_service",
                 port_elements(&d.ports),
             ),
         );
-        rules.push(format!(
-            "{field} . meta l4proto . th dport @{name}-ports {allow}"
-        ));
+        rules.push(format!("{field} . meta l4proto . th dport @{set} {allow}"));
     }
     if log {
         rules.push(droplog::nft_log(drop_direction(prefix), Some(ifname)));
     }
     rules.push("drop".into());
-    table.chains.insert(name, NftChain { hook: None, rules });
+    table
+        .chains
+        .insert(name, Arc::new(NftChain { hook: None, rules }));
 }
 
 fn drop_direction(prefix: &str) -> DropDirection {
@@ -158,14 +258,24 @@ fn drop_direction(prefix: &str) -> DropDirection {
     }
 }
 
-fn base_chains(table: &mut NftTable, log: bool) {
+/// The set and maps the base chains name, by their [`content_name`]s.
+struct Shared {
+    isolated: String,
+    ingress_pods: String,
+    egress_pods: String,
+}
+
+fn base_chains(table: &mut NftTable, log: bool, shared: &Shared) {
     let p = crate::LINK_PREFIX;
     let chain = |hook: Option<&str>, rules: &[&str]| NftChain {
         hook: hook.map(|h| format!("type filter hook {h} priority filter; policy accept;")),
         rules: rules.iter().map(|r| r.to_string()).collect(),
     };
-    let not_syn_from = format!("{NOT_SYN} ip saddr @isolated drop");
-    let not_syn_to = format!("{NOT_SYN} ip daddr @isolated drop");
+    let isolated = &shared.isolated;
+    let not_syn_from = format!("{NOT_SYN} ip saddr @{isolated} drop");
+    let not_syn_to = format!("{NOT_SYN} ip daddr @{isolated} drop");
+    let ingress_map = format!("oifname vmap @{}", shared.ingress_pods);
+    let egress_map = format!("iifname vmap @{}", shared.egress_pods);
     let unknown = |field: &str, d: DropDirection| {
         let log = if log {
             format!("{} ", droplog::nft_log(d, None))
@@ -181,22 +291,14 @@ fn base_chains(table: &mut NftTable, log: bool) {
             "ingress",
             chain(
                 None,
-                &[
-                    "oifname vmap @ingress-pods",
-                    "oifname \"sluice*\" return",
-                    &to_pods,
-                ],
+                &[&ingress_map, "oifname \"sluice*\" return", &to_pods],
             ),
         ),
         (
             "egress",
             chain(
                 None,
-                &[
-                    "iifname vmap @egress-pods",
-                    "iifname \"sluice*\" return",
-                    &from_pods,
-                ],
+                &[&egress_map, "iifname \"sluice*\" return", &from_pods],
             ),
         ),
         (
@@ -226,12 +328,18 @@ fn base_chains(table: &mut NftTable, log: bool) {
             ),
         ),
     ] {
-        table.chains.insert(name.to_string(), c);
+        table.chains.insert(name.to_string(), Arc::new(c));
     }
 }
 
 /// The desired table for `ir`, and its full transaction.
 pub fn render(ir: &PolicyIr) -> NftScript {
+    render_with(ir, &mut RenderMemo::default())
+}
+
+/// [`render`], reusing what `memo` kept of the last pass.
+pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> NftScript {
+    memo.pass += 1;
     let mut table = NftTable::default();
     let mut maps = [BTreeMap::new(), BTreeMap::new()];
     for pod in &ir.pods {
@@ -240,7 +348,7 @@ pub fn render(ir: &PolicyIr) -> NftScript {
             .enumerate()
         {
             let verdict = if d.isolated {
-                direction(&mut table, prefix, &pod.ifname, d, ir.log_drops);
+                direction(&mut table, memo, prefix, &pod.ifname, d, ir.log_drops);
                 format!("goto {prefix}-{}", pod.ifname)
             } else {
                 "return".to_string()
@@ -248,35 +356,34 @@ pub fn render(ir: &PolicyIr) -> NftScript {
             maps[i].insert(format!("\"{}\"", pod.ifname), Some(verdict));
         }
     }
+    let pass = memo.pass;
+    memo.directions.retain(|_, r| r.pass == pass);
     let isolated = AddrSet::from_addrs(
         ir.pods
             .iter()
             .filter(|p| p.ingress.isolated || p.egress.isolated)
             .map(|p| p.ip),
     );
-    table.sets.insert(
-        "isolated".into(),
+    let isolated = insert_set(
+        &mut table,
+        "isolated",
         interval_set("ipv4_addr", addr_elements(&isolated)),
     );
-    for (name, elements) in ["ingress-pods", "egress-pods"].into_iter().zip(maps) {
-        table.sets.insert(
-            name.into(),
-            NftSet {
-                keyword: "map",
-                spec: vec!["type ifname : verdict".into()],
-                elements,
-            },
-        );
-    }
-    base_chains(&mut table, ir.log_drops);
-    let body = table_text(&table, HASH_SLOT);
-    let hash = text_hash(&body);
+    let [ingress_pods, egress_pods] = maps.map(|elements| NftSet {
+        keyword: "map",
+        spec: vec!["type ifname : verdict".into()],
+        elements,
+    });
+    let shared = Shared {
+        isolated,
+        ingress_pods: insert_set(&mut table, "ingress-pods", ingress_pods),
+        egress_pods: insert_set(&mut table, "egress-pods", egress_pods),
+    };
+    base_chains(&mut table, ir.log_drops, &shared);
+    // The sets' names carry their contents: the text without their elements says it all.
+    let hash = text_hash(&table_text(&table, HASH_SLOT, false));
     NftScript {
-        text: format!(
-            "table inet {TABLE}\ndelete table inet {TABLE}\n{}",
-            body.replace(HASH_SLOT, &hash)
-        ),
-        table,
+        table: Arc::new(table),
         hash,
     }
 }
@@ -290,7 +397,7 @@ fn element_text(key: &str, value: &Option<String>) -> String {
 
 /// `table inet sluice-policy { … }`: sets, then maps, then chains (a verdict map's `goto`
 /// and a rule's `@set` may name what comes later in the same block).
-fn table_text(table: &NftTable, hash: &str) -> String {
+fn table_text(table: &NftTable, hash: &str, elements: bool) -> String {
     let mut t = format!("table inet {TABLE} {{\n");
     for keyword in ["set", "map"] {
         for (name, set) in table.sets.iter().filter(|(_, s)| s.keyword == keyword) {
@@ -298,21 +405,21 @@ fn table_text(table: &NftTable, hash: &str) -> String {
             for line in &set.spec {
                 let _ = writeln!(t, "\t\t{line}");
             }
-            let items: Vec<String> = set
-                .elements
-                .iter()
-                .map(|(k, v)| element_text(k, v))
-                .collect();
-            if !items.is_empty() {
+            if elements && !set.elements.is_empty() {
+                let items: Vec<String> = set
+                    .elements
+                    .iter()
+                    .map(|(k, v)| element_text(k, v))
+                    .collect();
                 let _ = writeln!(t, "\t\telements = {{ {} }}", items.join(",\n\t\t\t     "));
             }
             t.push_str("\t}\n");
         }
     }
-    let state = NftChain {
+    let state = Arc::new(NftChain {
         hook: None,
         rules: vec![state_rule(hash)],
-    };
+    });
     let state_name = STATE_CHAIN.to_string();
     let chains = table
         .chains
@@ -335,75 +442,75 @@ fn table_text(table: &NftTable, hash: &str) -> String {
 }
 
 /// The transaction that turns `old` (what the kernel holds, as sluice last wrote it) into
-/// `new`, touching only what differs: elements added and deleted, the rules of a changed chain
-/// written again, chains and sets made or deleted, in an order nft accepts within one
-/// transaction (what a rule or a map names exists before and is unused after). `None` when
-/// the difference reaches what only a full replace may change (a set's type, a base chain's
-/// hook).
+/// `new`, touching only what differs: sets and maps made whole or deleted (their names carry
+/// their contents, so a changed one is a new one), the rules of a changed chain written again,
+/// chains made or deleted, in an order nft accepts within one transaction (what a rule or a
+/// map names exists before and is unused after). `None` when the difference reaches what only
+/// a full replace may change (a base chain's hook, a set whose name no longer says what it
+/// holds).
 pub fn delta(old: &NftTable, new: &NftTable, hash: &str) -> Option<String> {
-    let mut adds = String::new();
-    let mut dels = String::new();
-    let mut rules = String::new();
-    let mut map_adds = String::new();
-    let mut drops = String::new();
     let t = format!("inet {TABLE}");
-    let empty = BTreeMap::new();
+    let mut sets = String::new();
+    let mut chains = String::new();
+    let mut maps = String::new();
+    let mut rules = String::new();
     for (name, set) in &new.sets {
-        let before = match old.sets.get(name) {
-            Some(o) if o.keyword != set.keyword || o.spec != set.spec => return None,
-            Some(o) => &o.elements,
-            None => {
-                let _ = writeln!(
-                    adds,
-                    "add {} {t} {name} {{ {}; }}",
-                    set.keyword,
-                    set.spec.join("; ")
-                );
-                &empty
+        match old.sets.get(name) {
+            // The name says what a set holds: its elements need no comparing.
+            Some(o) if Arc::ptr_eq(o, set) || (o.keyword == set.keyword && o.spec == set.spec) => {
+                continue
             }
-        };
-        let gone: Vec<&str> = before
-            .iter()
-            .filter(|(k, v)| set.elements.get(*k) != Some(*v))
-            .map(|(k, _)| k.as_str())
-            .collect();
-        if !gone.is_empty() {
-            let _ = writeln!(dels, "delete element {t} {name} {{ {} }}", gone.join(", "));
-        }
-        let added: Vec<String> = set
-            .elements
-            .iter()
-            .filter(|(k, v)| before.get(*k) != Some(*v))
-            .map(|(k, v)| element_text(k, v))
-            .collect();
-        if !added.is_empty() {
-            // A map's elements may name chains made in this transaction: they go last.
-            let out = if set.keyword == "map" {
-                &mut map_adds
-            } else {
-                &mut rules
-            };
-            let _ = writeln!(out, "add element {t} {name} {{ {} }}", added.join(", "));
+            Some(_) => return None,
+            None => {
+                // A map's elements may name chains made in this transaction: maps go after them.
+                let out = if set.keyword == "map" {
+                    &mut maps
+                } else {
+                    &mut sets
+                };
+                let _ = write!(out, "add {} {t} {name} {{ ", set.keyword);
+                for line in &set.spec {
+                    let _ = write!(out, "{line}; ");
+                }
+                if !set.elements.is_empty() {
+                    let items: Vec<String> = set
+                        .elements
+                        .iter()
+                        .map(|(k, v)| element_text(k, v))
+                        .collect();
+                    let _ = write!(out, "elements = {{ {} }}; ", items.join(", "));
+                }
+                out.push_str("}\n");
+            }
         }
     }
-    let mut chain_adds = String::new();
     for (name, chain) in &new.chains {
         match old.chains.get(name) {
             Some(o) if o.hook != chain.hook => return None,
-            Some(o) if o.rules == chain.rules => continue,
+            Some(o) if Arc::ptr_eq(o, chain) || o.rules == chain.rules => continue,
             Some(_) => {
                 let _ = writeln!(rules, "flush chain {t} {name}");
             }
             None if chain.hook.is_some() => return None,
             None => {
-                let _ = writeln!(adds, "add chain {t} {name}");
+                let _ = writeln!(chains, "add chain {t} {name}");
             }
         }
         for rule in &chain.rules {
-            let _ = writeln!(chain_adds, "add rule {t} {name} {rule}");
+            let _ = writeln!(rules, "add rule {t} {name} {rule}");
         }
     }
-    rules.push_str(&chain_adds);
+    let mut drops = String::new();
+    let gone_sets = |keyword: &'static str| {
+        old.sets
+            .iter()
+            .filter(move |(n, s)| s.keyword == keyword && !new.sets.contains_key(*n))
+            .map(|(n, _)| n)
+    };
+    // Maps first: their elements name the chains that go next, whose rules name the sets.
+    for name in gone_sets("map") {
+        let _ = writeln!(drops, "delete map {t} {name}");
+    }
     for (name, chain) in &old.chains {
         if !new.chains.contains_key(name) {
             if chain.hook.is_some() {
@@ -412,19 +519,15 @@ pub fn delta(old: &NftTable, new: &NftTable, hash: &str) -> Option<String> {
             let _ = writeln!(drops, "flush chain {t} {name}\ndelete chain {t} {name}");
         }
     }
-    for name in old.sets.keys().filter(|n| !new.sets.contains_key(*n)) {
-        let keyword = old.sets.get(name).map_or("set", |s| s.keyword);
-        let _ = writeln!(drops, "delete {keyword} {t} {name}");
+    for name in gone_sets("set") {
+        let _ = writeln!(drops, "delete set {t} {name}");
     }
     let _ = writeln!(
         drops,
         "flush chain {t} {STATE_CHAIN}\nadd rule {t} {STATE_CHAIN} {}",
         state_rule(hash)
     );
-    // Order: new sets and chains; stale elements out; set elements and chain rules in; map
-    // elements in (their chains now exist); old chains and sets out (nothing names them now);
-    // the hash last.
-    Some(format!("{adds}{dels}{rules}{map_adds}{drops}"))
+    Some(format!("{sets}{chains}{maps}{rules}{drops}"))
 }
 
 /// The script that removes sluice's table (and is harmless when it is absent).
@@ -449,6 +552,9 @@ pub fn parse_observed(json: &str) -> Result<Option<String>, FirewallError> {
     }))
 }
 
+/// A table as written, and its hash.
+type Written = (String, Arc<NftTable>);
+
 /// The policy table through the `nft` binary.
 #[derive(Debug, Clone)]
 pub struct NftCli {
@@ -456,7 +562,8 @@ pub struct NftCli {
     pub program: String,
     /// The table as this process last wrote it, and its hash: when the kernel still carries
     /// that hash, the next change is written as a [`delta`].
-    last: Arc<Mutex<Option<(String, NftTable)>>>,
+    last: Arc<Mutex<Option<Written>>>,
+    memo: Arc<Mutex<RenderMemo>>,
 }
 
 impl NftCli {
@@ -465,6 +572,7 @@ impl NftCli {
             exec,
             program: "nft".into(),
             last: Arc::default(),
+            memo: Arc::default(),
         }
     }
 
@@ -514,6 +622,11 @@ impl NftCli {
 impl Firewall for NftCli {
     fn backend(&self) -> Backend {
         Backend::Nftables
+    }
+
+    fn render(&self, ir: &PolicyIr) -> Rendered {
+        let mut memo = self.memo.lock().unwrap_or_else(|p| p.into_inner());
+        Rendered::Nft(render_with(ir, &mut memo))
     }
 
     fn observe(&self) -> Result<Observed, FirewallError> {
@@ -567,8 +680,9 @@ impl Firewall for NftCli {
             }
         }
         if !written_as_delta {
-            self.script(&script.text)?;
-            tracing::info!(hash = %script.hash, bytes = script.text.len(), "nftables policy table replaced");
+            let text = script.text();
+            self.script(&text)?;
+            tracing::info!(hash = %script.hash, bytes = text.len(), "nftables policy table replaced");
         }
         *last = Some((script.hash.clone(), script.table.clone()));
         Ok(Applied {

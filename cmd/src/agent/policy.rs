@@ -48,21 +48,15 @@ struct KernelView {
     host_addrs: Vec<Ipv4Addr>,
 }
 
-async fn kernel_view(handle: &rtnetlink::Handle) -> Result<KernelView, PolicyError> {
+/// Interface names by index, kept across passes: a dump of every link (a thousand veths, each
+/// with its statistics) would cost more than the rest of the kernel read.
+type LinkNames = HashMap<u32, String>;
+
+async fn kernel_view(
+    handle: &rtnetlink::Handle,
+    names: &mut LinkNames,
+) -> Result<KernelView, PolicyError> {
     let err = |e: rtnetlink::Error| PolicyError::Netlink(e.to_string());
-    let names: HashMap<u32, String> = handle
-        .link()
-        .get()
-        .execute()
-        .try_filter_map(|l| async move {
-            Ok(l.attributes.iter().find_map(|a| match a {
-                LinkAttribute::IfName(n) => Some((l.header.index, n.clone())),
-                _ => None,
-            }))
-        })
-        .try_collect()
-        .await
-        .map_err(err)?;
     let routes: Vec<_> = handle
         .route()
         .get(rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build())
@@ -71,6 +65,7 @@ async fn kernel_view(handle: &rtnetlink::Handle) -> Result<KernelView, PolicyErr
         .await
         .map_err(err)?;
     let mut links = HashMap::new();
+    let mut pod_routes = Vec::new();
     for r in &routes {
         if r.header.protocol != RouteProtocol::from(sluice_net::ROUTE_PROTOCOL)
             || r.header.destination_prefix_length != 32
@@ -85,11 +80,26 @@ async fn kernel_view(handle: &rtnetlink::Handle) -> Result<KernelView, PolicyErr
             RouteAttribute::Oif(i) => Some(*i),
             _ => None,
         });
-        let name = oif.and_then(|i| names.get(&i));
-        if let (Some(dst), Some(name)) = (dst, name) {
-            if sluice_net::podnet::is_host_ifname(name) {
-                links.insert(dst, name.clone());
-            }
+        if let (Some(dst), Some(oif)) = (dst, oif) {
+            pod_routes.push((dst, oif));
+        }
+    }
+    // Indexes are not reused soon (the kernel hands them out cyclically): a cached name stays
+    // right for as long as its link lives, and goes when no pod route leads to it any more.
+    let wanted: std::collections::HashSet<u32> = pod_routes.iter().map(|(_, oif)| *oif).collect();
+    names.retain(|index, _| wanted.contains(index));
+    for (dst, oif) in pod_routes {
+        let name = match names.entry(oif) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => match link_name(handle, oif).await {
+                Ok(Some(name)) => e.insert(name),
+                // Gone since the route dump: its pod is on its way out.
+                Ok(None) => continue,
+                Err(e) => return Err(err(e)),
+            },
+        };
+        if sluice_net::podnet::is_host_ifname(name) {
+            links.insert(dst, name.clone());
         }
     }
     let host_addrs = handle
@@ -106,6 +116,27 @@ async fn kernel_view(handle: &rtnetlink::Handle) -> Result<KernelView, PolicyErr
         .await
         .map_err(err)?;
     Ok(KernelView { links, host_addrs })
+}
+
+/// The name of link `index`, `None` when it no longer exists.
+async fn link_name(
+    handle: &rtnetlink::Handle,
+    index: u32,
+) -> Result<Option<String>, rtnetlink::Error> {
+    let mut found = handle.link().get().match_index(index).execute();
+    match found.try_next().await {
+        Ok(Some(link)) => Ok(link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        })),
+        Ok(None) => Ok(None),
+        Err(rtnetlink::Error::NetlinkError(e))
+            if e.raw_code() == -(nix::errno::Errno::ENODEV as i32) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Rules in force: per isolated pod and direction, one per address range allowed on every port
@@ -172,13 +203,41 @@ struct Pass {
     rules: usize,
     pods: usize,
     written: bool,
-    flushed: usize,
     /// Where the pass spent its time: reading the kernel's links and routes, compiling,
-    /// rendering and writing the rules, cutting denied flows.
+    /// rendering and writing the rules.
     kernel: Duration,
     compile: Duration,
+    render: Duration,
     apply: Duration,
-    flush: Duration,
+}
+
+/// Cuts the conntrack entries of flows the rules in force deny, after each write of rules, off
+/// the pass: the next change is not kept waiting. Always for the newest rules (a flush for
+/// older ones could cut a flow they denied and the newest allow), at most one at a time.
+type Flusher = tokio::sync::watch::Sender<Option<Arc<PolicyIr>>>;
+
+fn spawn_flusher(conntrack: ConntrackCli) -> Flusher {
+    let (tx, mut rx) = tokio::sync::watch::channel(None::<Arc<PolicyIr>>);
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let Some(ir) = rx.borrow_and_update().clone() else {
+                continue;
+            };
+            let conntrack = conntrack.clone();
+            let started = Instant::now();
+            match tokio::task::spawn_blocking(move || conntrack.flush_denied(&ir)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(flushed)) => {
+                    tracing::info!(flushed, took = ?started.elapsed(), "conntrack entries of denied flows removed")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot remove the conntrack entries of denied flows")
+                }
+                Err(e) => tracing::warn!(error = %e, "conntrack flush task failed"),
+            }
+        }
+    });
+    tx
 }
 
 /// The policy loop; runs until the process ends.
@@ -232,16 +291,20 @@ pub async fn run(
         }
     };
     let conntrack = ConntrackCli::new(Exec::host());
-    if !conntrack.available() {
+    let flusher = if conntrack.available() {
+        Some(spawn_flusher(conntrack))
+    } else {
         tracing::warn!(
             "no conntrack binary: established flows outlive the policy that denies them"
         );
-    }
+        None
+    };
     let names: droplog::Names = Arc::default();
     let mut reading_drops = false;
     let mut synced = [false; 3];
     let mut tick = tokio::time::interval(RESYNC);
     let mut swept = false;
+    let mut link_names = LinkNames::new();
     loop {
         let log = *log_drops.borrow_and_update();
         if log && !reading_drops {
@@ -258,9 +321,9 @@ pub async fn run(
                 let started = Instant::now();
                 let pass = sync_once(
                     &node,
-                    handle,
+                    (handle, &mut link_names),
                     &firewall,
-                    &conntrack,
+                    flusher.as_ref(),
                     (&pod_cache, &ns_cache, &np_cache),
                     (log, &names),
                 )
@@ -271,8 +334,8 @@ pub async fn run(
                     .observe(started.elapsed().as_secs_f64());
                 match pass {
                     Ok(p) => {
-                        if p.written || p.flushed > 0 {
-                            tracing::info!(node, backend, pods = p.pods, rules = p.rules, flushed = p.flushed, took = ?started.elapsed(), kernel = ?p.kernel, compile = ?p.compile, apply = ?p.apply, flush = ?p.flush, "policy applied");
+                        if p.written {
+                            tracing::info!(node, backend, pods = p.pods, rules = p.rules, took = ?started.elapsed(), kernel = ?p.kernel, compile = ?p.compile, render = ?p.render, apply = ?p.apply, "policy applied");
                         }
                         health
                             .metrics
@@ -307,8 +370,9 @@ pub async fn run(
         tokio::select! {
             Some((source, init_done)) = events.next() => {
                 mark(&mut synced, source, init_done, &sync, &health);
-                // Let a burst of events land before the next pass.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Let a burst of events land before the next pass; short, for it is paid by
+                // every change's time to enforcement.
+                tokio::time::sleep(Duration::from_millis(5)).await;
                 while let Some(Some((source, init_done))) = futures::FutureExt::now_or_never(events.next()) {
                     mark(&mut synced, source, init_done, &sync, &health);
                 }
@@ -386,14 +450,14 @@ type Caches<'a> = (
 
 async fn sync_once(
     node: &str,
-    handle: &rtnetlink::Handle,
+    (handle, link_names): (&rtnetlink::Handle, &mut LinkNames),
     firewall: &Arc<dyn Firewall>,
-    conntrack: &ConntrackCli,
+    flusher: Option<&Flusher>,
     (pods, nss, nps): Caches<'_>,
     (log_drops, names): (bool, &droplog::Names),
 ) -> Result<Pass, PolicyError> {
     let started = Instant::now();
-    let kernel = kernel_view(handle).await?;
+    let kernel = kernel_view(handle, link_names).await?;
     let read = started.elapsed();
     // The caches' objects are borrowed, never copied: a cluster's pods are many.
     let (pods, namespaces, policies) = (pods.state(), nss.state(), nps.state());
@@ -413,31 +477,28 @@ async fn sync_once(
     let rules = rule_count(&ir);
     let compiled = started.elapsed();
     let firewall = firewall.clone();
-    let conntrack = conntrack.clone();
-    let can_flush = conntrack.available();
-    let (written, flushed, apply, flush) = tokio::task::spawn_blocking(move || {
+    let ir = Arc::new(ir);
+    let rendering = ir.clone();
+    let (written, render, apply) = tokio::task::spawn_blocking(move || {
         let t = Instant::now();
-        let rendered = firewall.render(&ir);
+        let rendered = firewall.render(&rendering);
+        let render = t.elapsed();
         let applied = firewall.apply(&rendered)?;
-        let apply = t.elapsed();
-        // Only a change of rules can deny a flow that was allowed when it started.
-        let flushed = if applied.written && can_flush {
-            conntrack.flush_denied(&ir)?
-        } else {
-            0
-        };
-        Ok::<_, PolicyError>((applied.written, flushed, apply, t.elapsed() - apply))
+        Ok::<_, PolicyError>((applied.written, render, t.elapsed() - render))
     })
     .await??;
+    // Only a change of rules can deny a flow that was allowed when it started.
+    if let (true, Some(flusher)) = (written, flusher) {
+        flusher.send_replace(Some(ir));
+    }
     Ok(Pass {
         rules,
         pods: local.len(),
         written,
-        flushed,
         kernel: read,
         compile: compiled - read,
+        render,
         apply,
-        flush,
     })
 }
 

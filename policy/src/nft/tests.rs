@@ -54,36 +54,71 @@ pub(crate) fn sample() -> PolicyIr {
     }
 }
 
+/// `text` with every content hash in a set's name (`-` and 16 hex digits) written `-#`.
+pub(crate) fn unhashed(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('-') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        let hex = after.bytes().take(16).filter(u8::is_ascii_hexdigit).count();
+        let ends = after
+            .as_bytes()
+            .get(16)
+            .is_none_or(|b| !b.is_ascii_alphanumeric());
+        if hex == 16 && ends {
+            out.push_str("-#");
+            rest = &after[16..];
+        } else {
+            out.push('-');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The name of the one set or map of `table` whose name is `base` and a hash.
+fn named(table: &NftTable, base: &str) -> String {
+    let found: Vec<&String> = table
+        .sets
+        .keys()
+        .filter(|n| unhashed(n) == format!("{base}-#"))
+        .collect();
+    assert_eq!(found.len(), 1, "{base} in {:?}", table.sets.keys());
+    found[0].clone()
+}
+
 #[test]
 fn the_rendered_table_is_golden() {
     let s = render(&sample());
     let want = "table inet sluice-policy
 delete table inet sluice-policy
 table inet sluice-policy {
-\tset i-sla-all {
+\tset i-sla-all-# {
 \t\ttype ipv4_addr
 \t\tflags interval
 \t\telements = { 10.0.0.1/32 }
 \t}
-\tset i-sla-ports {
+\tset i-sla-ports-# {
 \t\ttype ipv4_addr . inet_proto . inet_service
 \t\tflags interval
 \t\telements = { 0.0.0.0/0 . sctp . 82,
 \t\t\t     10.0.1.0/24 . tcp . 80-81 }
 \t}
-\tset isolated {
+\tset isolated-# {
 \t\ttype ipv4_addr
 \t\tflags interval
 \t\telements = { 10.244.1.1/32,
 \t\t\t     10.244.1.3/32 }
 \t}
-\tmap egress-pods {
+\tmap egress-pods-# {
 \t\ttype ifname : verdict
 \t\telements = { \"sla\" : return,
 \t\t\t     \"slb\" : return,
 \t\t\t     \"slc\" : goto e-slc }
 \t}
-\tmap ingress-pods {
+\tmap ingress-pods-# {
 \t\ttype ifname : verdict
 \t\telements = { \"sla\" : goto i-sla,
 \t\t\t     \"slb\" : return,
@@ -93,17 +128,17 @@ table inet sluice-policy {
 \t\tdrop
 \t}
 \tchain egress {
-\t\tiifname vmap @egress-pods
+\t\tiifname vmap @egress-pods-#
 \t\tiifname \"sluice*\" return
 \t\tiifname \"sl*\" drop
 \t}
 \tchain i-sla {
-\t\tip saddr @i-sla-all accept
-\t\tip saddr . meta l4proto . th dport @i-sla-ports accept
+\t\tip saddr @i-sla-all-# accept
+\t\tip saddr . meta l4proto . th dport @i-sla-ports-# accept
 \t\tdrop
 \t}
 \tchain ingress {
-\t\toifname vmap @ingress-pods
+\t\toifname vmap @ingress-pods-#
 \t\toifname \"sluice*\" return
 \t\toifname \"sl*\" drop
 \t}
@@ -111,8 +146,8 @@ table inet sluice-policy {
 \t\ttype filter hook forward priority filter; policy accept;
 \t\tct state established,related accept
 \t\tct state invalid drop
-\t\tct state new tcp flags & (fin | syn | rst | ack) != syn ip saddr @isolated drop
-\t\tct state new tcp flags & (fin | syn | rst | ack) != syn ip daddr @isolated drop
+\t\tct state new tcp flags & (fin | syn | rst | ack) != syn ip saddr @isolated-# drop
+\t\tct state new tcp flags & (fin | syn | rst | ack) != syn ip daddr @isolated-# drop
 \t\tjump egress
 \t\tjump ingress
 \t}
@@ -120,7 +155,7 @@ table inet sluice-policy {
 \t\ttype filter hook input priority filter; policy accept;
 \t\tct state established,related accept
 \t\tct state invalid drop
-\t\tct state new tcp flags & (fin | syn | rst | ack) != syn ip saddr @isolated drop
+\t\tct state new tcp flags & (fin | syn | rst | ack) != syn ip saddr @isolated-# drop
 \t\tjump egress
 \t}
 \tchain state {
@@ -128,17 +163,17 @@ table inet sluice-policy {
 \t}
 }
 ";
-    assert_eq!(s.text.replace(&s.hash, "HASH"), want);
+    assert_eq!(unhashed(&s.text().replace(&s.hash, "HASH")), want);
     assert_eq!(s.hash.len(), 16);
 }
 
 #[test]
 fn an_empty_ir_still_fails_closed_for_unknown_pods() {
     let s = render(&PolicyIr::default());
-    assert!(s
-        .text
-        .contains("\tmap ingress-pods {\n\t\ttype ifname : verdict\n\t}\n"));
-    assert!(s.text.contains("oifname \"sl*\" drop"));
+    assert!(
+        unhashed(&s.text()).contains("\tmap ingress-pods-# {\n\t\ttype ifname : verdict\n\t}\n")
+    );
+    assert!(s.text().contains("oifname \"sl*\" drop"));
 }
 
 #[test]
@@ -149,7 +184,7 @@ fn an_allow_everything_direction_is_one_verdict() {
         all_ports: AddrSet::all(),
         ..Default::default()
     };
-    let s = render(&ir).text;
+    let s = render(&ir).text();
     assert!(
         s.contains("\tchain e-slb {\n\t\treturn\n\t\tdrop\n\t}\n"),
         "{s}"
@@ -216,22 +251,29 @@ fn an_unchanged_table_has_an_empty_delta_but_the_hash() {
 }
 
 #[test]
-fn a_changed_peer_is_two_elements_not_a_table() {
+fn a_changed_peer_is_a_new_set_and_its_rule_never_an_element_edit() {
     let a = render(&sample());
     let mut ir = sample();
     ir.pods[0].ingress.all_ports = AddrSet::from_addrs(["10.0.0.2".parse().unwrap()]);
     let b = render(&ir);
+    let (old, new) = (named(&a.table, "i-sla-all"), named(&b.table, "i-sla-all"));
+    assert_ne!(old, new);
     let d = delta(&a.table, &b.table, &b.hash).unwrap();
-    let lines: Vec<&str> = d.lines().collect();
-    assert_eq!(
-        lines[..2],
-        [
-            "delete element inet sluice-policy i-sla-all { 10.0.0.1/32 }",
-            "add element inet sluice-policy i-sla-all { 10.0.0.2/32 }",
-        ]
+    let t = "inet sluice-policy";
+    let ports = named(&b.table, "i-sla-ports");
+    let want = format!(
+        "add set {t} {new} {{ type ipv4_addr; flags interval; elements = {{ 10.0.0.2/32 }}; }}
+flush chain {t} i-sla
+add rule {t} i-sla ip saddr @{new} accept
+add rule {t} i-sla ip saddr . meta l4proto . th dport @{ports} accept
+add rule {t} i-sla drop
+delete set {t} {old}
+flush chain {t} state
+add rule {t} state return comment \"sluice-policy:{}\"
+",
+        b.hash
     );
-    assert_eq!(lines.len(), 4, "{d}");
-    assert!(!d.contains("table"), "{d}");
+    assert_eq!(d, want);
 }
 
 #[test]
@@ -247,32 +289,35 @@ fn a_pod_isolated_and_released_makes_and_drops_its_chain_in_a_valid_order() {
     ir.pods[0].ingress = Direction::default();
     let b = render(&ir);
     let d = delta(&a.table, &b.table, &b.hash).unwrap();
+    assert!(!d.contains(" element "), "{d}");
     let at = |needle: &str| {
         d.find(needle)
             .unwrap_or_else(|| panic!("{needle:?} missing from:\n{d}"))
     };
-    // Made before use: the set and chain before the rule naming the set, the chain before
-    // the map element naming it.
-    assert!(
-        at("add set inet sluice-policy i-slb-all")
-            < at("add rule inet sluice-policy i-slb ip saddr @i-slb-all accept")
+    let t = "inet sluice-policy";
+    let b_all = named(&b.table, "i-slb-all");
+    let (old_map, new_map) = (
+        named(&a.table, "ingress-pods"),
+        named(&b.table, "ingress-pods"),
     );
-    assert!(at("add chain inet sluice-policy i-slb\n") < at("\"slb\" : goto i-slb"));
-    // Unused before dropped: the map element out before its chain goes, the chain before its sets.
+    // Made before use: the set before the rule naming it, the chain before the map naming it,
+    // the map before the rule naming it.
+    assert!(at(&format!("add set {t} {b_all} ")) < at(&format!("@{b_all} accept")));
+    assert!(at(&format!("add chain {t} i-slb\n")) < at(&format!("add map {t} {new_map} ")));
+    assert!(at(&format!("add map {t} {new_map} ")) < at(&format!("oifname vmap @{new_map}")));
+    assert!(d.contains(&format!(
+        "add map {t} {new_map} {{ type ifname : verdict; elements = {{ \"sla\" : return, \"slb\" : goto i-slb, \"slc\" : return }}; }}"
+    )));
+    // Unused before dropped: the ingress chain rewritten before the old map goes, the old map
+    // (naming i-sla) before i-sla goes, the chain before its sets.
     assert!(
-        at("delete element inet sluice-policy ingress-pods { \"sla\", \"slb\" }")
-            < at("delete chain inet sluice-policy i-sla")
+        at("flush chain inet sluice-policy ingress\n") < at(&format!("delete map {t} {old_map}"))
     );
-    assert!(
-        at("delete chain inet sluice-policy i-sla") < at("delete set inet sluice-policy i-sla-all")
-    );
-    assert!(
-        at("delete chain inet sluice-policy i-sla")
-            < at("delete set inet sluice-policy i-sla-ports")
-    );
-    assert!(d.contains(
-        "add element inet sluice-policy ingress-pods { \"sla\" : return, \"slb\" : goto i-slb }"
-    ));
+    assert!(at(&format!("delete map {t} {old_map}")) < at(&format!("delete chain {t} i-sla")));
+    for set in ["i-sla-all", "i-sla-ports"] {
+        let set = named(&a.table, set);
+        assert!(at(&format!("delete chain {t} i-sla")) < at(&format!("delete set {t} {set}")));
+    }
     // The hash is the last thing written.
     assert!(d.ends_with(&format!("{}\"\n", b.hash)));
 }
@@ -280,16 +325,14 @@ fn a_pod_isolated_and_released_makes_and_drops_its_chain_in_a_valid_order() {
 #[test]
 fn a_changed_base_chain_is_left_to_a_full_replace() {
     let a = render(&sample());
-    let mut changed = a.table.clone();
-    changed
-        .chains
-        .get_mut("forward")
-        .unwrap()
+    let mut changed = (*a.table).clone();
+    Arc::make_mut(changed.chains.get_mut("forward").unwrap())
         .hook
         .replace("type filter hook forward priority -1; policy accept;".into());
     assert_eq!(delta(&a.table, &changed, "h"), None);
-    let mut retyped = a.table.clone();
-    retyped.sets.get_mut("isolated").unwrap().spec = vec!["type ipv4_addr".into()];
+    let mut retyped = (*a.table).clone();
+    Arc::make_mut(retyped.sets.get_mut(&named(&a.table, "isolated")).unwrap()).spec =
+        vec!["type ipv4_addr".into()];
     assert_eq!(delta(&a.table, &retyped, "h"), None);
 }
 
@@ -297,9 +340,9 @@ fn a_changed_base_chain_is_left_to_a_full_replace() {
 fn logged_drops_name_the_direction_and_the_veth_and_are_rate_limited() {
     let mut ir = sample();
     ir.log_drops = true;
-    let t = render(&ir).text;
+    let t = unhashed(&render(&ir).text());
     for want in [
-        "\tchain i-sla {\n\t\tip saddr @i-sla-all accept\n\t\tip saddr . meta l4proto . th dport @i-sla-ports accept\n\t\tlimit rate 10/second burst 20 packets log prefix \"sluice-drop:i:sla\" group 77\n\t\tdrop\n\t}",
+        "\tchain i-sla {\n\t\tip saddr @i-sla-all-# accept\n\t\tip saddr . meta l4proto . th dport @i-sla-ports-# accept\n\t\tlimit rate 10/second burst 20 packets log prefix \"sluice-drop:i:sla\" group 77\n\t\tdrop\n\t}",
         "\tchain e-slc {\n\t\tlimit rate 10/second burst 20 packets log prefix \"sluice-drop:e:slc\" group 77\n\t\tdrop\n\t}",
         "oifname \"sl*\" limit rate 10/second burst 20 packets log prefix \"sluice-drop:i:-\" group 77 drop",
         "iifname \"sl*\" limit rate 10/second burst 20 packets log prefix \"sluice-drop:e:-\" group 77 drop",
@@ -312,5 +355,32 @@ fn logged_drops_name_the_direction_and_the_veth_and_are_rate_limited() {
     let d = delta(&off.table, &on.table, &on.hash).unwrap();
     assert!(d.contains("flush chain inet sluice-policy i-sla"), "{d}");
     assert!(!d.contains("delete table"), "{d}");
-    assert!(!render(&sample()).text.contains("log prefix"));
+    assert!(!render(&sample()).text().contains("log prefix"));
+}
+
+#[test]
+fn a_memo_renders_what_a_fresh_render_does_and_keeps_unchanged_pods() {
+    let mut memo = RenderMemo::default();
+    let first = render_with(&sample(), &mut memo);
+    assert_eq!(first, render(&sample()));
+    let mut ir = sample();
+    ir.pods[0].ingress.all_ports = AddrSet::from_addrs(["10.0.0.2".parse().unwrap()]);
+    let second = render_with(&ir, &mut memo);
+    assert_eq!(second, render(&ir));
+    // The unchanged pod's chain is the one rendered before, the changed one's is new.
+    assert!(Arc::ptr_eq(
+        &first.table.chains["e-slc"],
+        &second.table.chains["e-slc"]
+    ));
+    assert!(!Arc::ptr_eq(
+        &first.table.chains["i-sla"],
+        &second.table.chains["i-sla"]
+    ));
+    // Logging switched on renders every chain again.
+    ir.log_drops = true;
+    assert_eq!(render_with(&ir, &mut memo), render(&ir));
+    // A pod no longer isolated is forgotten.
+    let empty = render_with(&PolicyIr::default(), &mut memo);
+    assert_eq!(empty, render(&PolicyIr::default()));
+    assert!(memo.directions.is_empty());
 }
