@@ -73,7 +73,7 @@ impl LocalPod {
             return None;
         }
         Some(Self {
-            namespace: namespace_of(&pod.metadata),
+            namespace: namespace_str(&pod.metadata).to_string(),
             name: pod.metadata.name.clone().unwrap_or_default(),
             ip: *pod_ips(pod).first()?,
             ifname: ifname.to_string(),
@@ -81,10 +81,6 @@ impl LocalPod {
             ports: named_ports(pod),
         })
     }
-}
-
-fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-    meta.namespace.clone().unwrap_or_else(|| "default".into())
 }
 
 /// The pod's IPv4 addresses (`status.podIPs`, else `status.podIP`).

@@ -29,6 +29,7 @@ use crate::droplog::{self, DropDirection};
 use crate::firewall::{Applied, Backend, Exec, Firewall, FirewallError, Observed, Rendered};
 use crate::ir::{AddrSet, Direction, PolicyIr, PortEntry};
 use crate::text_hash;
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
@@ -144,10 +145,15 @@ fn content_name(base: &str, set: &NftSet) -> String {
     format!("{base}-{hash:016x}")
 }
 
+/// `set` under its [`content_name`].
+fn named_set(base: &str, set: NftSet) -> (String, Arc<NftSet>) {
+    (content_name(base, &set), Arc::new(set))
+}
+
 /// Puts `set` in the table under its [`content_name`], and returns that name.
 fn insert_set(table: &mut NftTable, base: &str, set: NftSet) -> String {
-    let name = content_name(base, &set);
-    table.sets.insert(name.clone(), Arc::new(set));
+    let (name, set) = named_set(base, set);
+    table.sets.insert(name.clone(), set);
     name
 }
 
@@ -170,7 +176,8 @@ pub struct RenderMemo {
     pass: u64,
 }
 
-/// Sets and chain of one isolated direction; `prefix` is `i` or `e`.
+/// Sets and chain of one isolated direction, rendered or kept in `memo`; `prefix` is `i` or
+/// `e`.
 fn direction(
     table: &mut NftTable,
     memo: &mut RenderMemo,
@@ -180,74 +187,70 @@ fn direction(
     log: bool,
 ) {
     let name = format!("{prefix}-{ifname}");
-    let pass = memo.pass;
-    let kept = memo
-        .directions
-        .get_mut(&name)
-        .filter(|r| r.log == log && r.direction == *d);
-    let rendered = match kept {
-        Some(r) => r,
-        None => {
-            let mut own = NftTable::default();
-            render_direction(&mut own, prefix, ifname, d, log);
-            let chain = own.chains.remove(&name).unwrap_or_default();
-            let fresh = RenderedDirection {
-                direction: d.clone(),
-                log,
-                sets: own.sets.into_iter().collect(),
-                chain,
-                pass,
-            };
-            memo.directions.insert(name.clone(), fresh);
-            match memo.directions.get_mut(&name) {
-                Some(r) => r,
-                None => return,
-            }
+    let rendered = match memo.directions.entry(name.clone()) {
+        Entry::Occupied(e) if e.get().log == log && e.get().direction == *d => e.into_mut(),
+        entry => {
+            let fresh = render_direction(&name, prefix, ifname, d, log);
+            entry.insert_entry(fresh).into_mut()
         }
     };
-    rendered.pass = pass;
+    rendered.pass = memo.pass;
     for (set_name, set) in &rendered.sets {
         table.sets.insert(set_name.clone(), set.clone());
     }
     table.chains.insert(name, rendered.chain.clone());
 }
 
-fn render_direction(table: &mut NftTable, prefix: &str, ifname: &str, d: &Direction, log: bool) {
+/// The sets and chain `name` of one isolated direction.
+fn render_direction(
+    name: &str,
+    prefix: &str,
+    ifname: &str,
+    d: &Direction,
+    log: bool,
+) -> RenderedDirection {
     let (field, allow) = if prefix == "i" {
         ("ip saddr", "accept")
     } else {
         ("ip daddr", "return")
     };
-    let name = format!("{prefix}-{ifname}");
+    let mut sets = Vec::new();
     let mut rules = Vec::new();
     if d.all_ports.is_all() {
         rules.push(allow.to_string());
     } else if !d.all_ports.is_empty() {
-        let set = insert_set(
-            table,
+        let set = named_set(
             &format!("{name}-all"),
             interval_set("ipv4_addr", addr_elements(&d.all_ports)),
         );
-        rules.push(format!("{field} @{set} {allow}"));
+        rules.push(format!("{field} @{} {allow}", set.0));
+        sets.push(set);
     }
     if !d.ports.is_empty() {
-        let set = insert_set(
-            table,
+        let set = named_set(
             &format!("{name}-ports"),
             interval_set(
                 "ipv4_addr . inet_proto . inet_service",
                 port_elements(&d.ports),
             ),
         );
-        rules.push(format!("{field} . meta l4proto . th dport @{set} {allow}"));
+        rules.push(format!(
+            "{field} . meta l4proto . th dport @{} {allow}",
+            set.0
+        ));
+        sets.push(set);
     }
     if log {
         rules.push(droplog::nft_log(drop_direction(prefix), Some(ifname)));
     }
     rules.push("drop".into());
-    table
-        .chains
-        .insert(name, Arc::new(NftChain { hook: None, rules }));
+    RenderedDirection {
+        direction: d.clone(),
+        log,
+        sets,
+        chain: Arc::new(NftChain { hook: None, rules }),
+        pass: 0,
+    }
 }
 
 fn drop_direction(prefix: &str) -> DropDirection {
@@ -395,6 +398,16 @@ fn element_text(key: &str, value: &Option<String>) -> String {
     }
 }
 
+/// A set's elements in nft's syntax, joined by `separator`.
+fn elements_text(set: &NftSet, separator: &str) -> String {
+    let items: Vec<String> = set
+        .elements
+        .iter()
+        .map(|(k, v)| element_text(k, v))
+        .collect();
+    items.join(separator)
+}
+
 /// `table inet sluice-policy { … }`: sets, then maps, then chains (a verdict map's `goto`
 /// and a rule's `@set` may name what comes later in the same block).
 fn table_text(table: &NftTable, hash: &str, elements: bool) -> String {
@@ -406,12 +419,8 @@ fn table_text(table: &NftTable, hash: &str, elements: bool) -> String {
                 let _ = writeln!(t, "\t\t{line}");
             }
             if elements && !set.elements.is_empty() {
-                let items: Vec<String> = set
-                    .elements
-                    .iter()
-                    .map(|(k, v)| element_text(k, v))
-                    .collect();
-                let _ = writeln!(t, "\t\telements = {{ {} }}", items.join(",\n\t\t\t     "));
+                let items = elements_text(set, ",\n\t\t\t     ");
+                let _ = writeln!(t, "\t\telements = {{ {items} }}");
             }
             t.push_str("\t}\n");
         }
@@ -473,12 +482,8 @@ pub fn delta(old: &NftTable, new: &NftTable, hash: &str) -> Option<String> {
                     let _ = write!(out, "{line}; ");
                 }
                 if !set.elements.is_empty() {
-                    let items: Vec<String> = set
-                        .elements
-                        .iter()
-                        .map(|(k, v)| element_text(k, v))
-                        .collect();
-                    let _ = write!(out, "elements = {{ {} }}; ", items.join(", "));
+                    let items = elements_text(set, ", ");
+                    let _ = write!(out, "elements = {{ {items} }}; ");
                 }
                 out.push_str("}\n");
             }

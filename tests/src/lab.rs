@@ -75,6 +75,28 @@ impl Lab {
             .args(args))
     }
 
+    /// Sets `key` of the `sluice-config` ConfigMap to `value` (a merge patch); panics if
+    /// kubectl fails.
+    pub fn set_config(&self, key: &str, value: &str) {
+        let patch = serde_json::json!({ "data": { key: value } }).to_string();
+        let out = self.kubectl(&[
+            "patch",
+            "configmap",
+            "-n",
+            "kube-system",
+            "sluice-config",
+            "--type",
+            "merge",
+            "-p",
+            &patch,
+        ]);
+        assert!(
+            out.status.success(),
+            "setting {key}={value} in sluice-config: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn down(&self) -> Output {
         lab_cmd(&["down", "--name", &self.name], 60)
     }

@@ -85,24 +85,7 @@ fn status_readiness_and_metrics_of_a_lab_node() {
     }
 
     // A value that does not parse: the last good configuration stays, /readyz says why.
-    let patch = |value: &str| {
-        let out = lab.kubectl(&[
-            "patch",
-            "configmap",
-            "sluice-config",
-            "-n",
-            "kube-system",
-            "--type",
-            "merge",
-            "-p",
-            &format!("{{\"data\":{{\"encryption\":\"{value}\"}}}}"),
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let patch = |value: &str| lab.set_config("encryption", value);
     patch("ipsec");
     assert!(eventually(Duration::from_secs(10), || {
         let (code, body) = http_get(&ns, "/readyz");

@@ -914,21 +914,7 @@ fn node_names(lab: &Lab) -> Vec<String> {
 /// Sets `policy-backend` and restarts every agent (the key is read at start); waits until each
 /// reports the backend and is ready.
 fn use_backend(lab: &Lab, backend: &str) {
-    let patch = format!("{{\"data\":{{\"policy-backend\":\"{backend}\"}}}}");
-    kubectl_ok(
-        lab,
-        &[
-            "patch",
-            "configmap",
-            "-n",
-            "kube-system",
-            "sluice-config",
-            "--type",
-            "merge",
-            "-p",
-            &patch,
-        ],
-    );
+    lab.set_config("policy-backend", backend);
     let nodes = node_names(lab);
     assert!(!nodes.is_empty());
     for node in &nodes {
@@ -1327,21 +1313,7 @@ fn a_denied_established_tcp_connection_stops_within_a_second() {
 }
 
 fn set_log_drops(lab: &Lab, on: bool) {
-    let patch = format!("{{\"data\":{{\"policy-log-drops\":\"{on}\"}}}}");
-    kubectl_ok(
-        lab,
-        &[
-            "patch",
-            "configmap",
-            "-n",
-            "kube-system",
-            "sluice-config",
-            "--type",
-            "merge",
-            "-p",
-            &patch,
-        ],
-    );
+    lab.set_config("policy-log-drops", &on.to_string());
 }
 
 /// The agent log lines that report a dropped packet.

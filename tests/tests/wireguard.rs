@@ -57,23 +57,7 @@ fn all_reach(lab: &Lab) -> bool {
 }
 
 fn set_encryption(lab: &Lab, value: &str) {
-    let patch = format!("{{\"data\":{{\"encryption\":\"{value}\"}}}}");
-    let out = lab.kubectl(&[
-        "-n",
-        "kube-system",
-        "patch",
-        "configmap",
-        "sluice-config",
-        "--type",
-        "merge",
-        "-p",
-        &patch,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.set_config("encryption", value);
 }
 
 /// The device `node`'s route to `subnet` goes through.

@@ -22,7 +22,8 @@ use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol};
 use sluice_health::Health;
 use sluice_policy::{compile, ConntrackCli, Exec, Firewall, LocalPod, PolicyInput, PolicyIr};
-use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -86,12 +87,12 @@ async fn kernel_view(
     }
     // Indexes are not reused soon (the kernel hands them out cyclically): a cached name stays
     // right for as long as its link lives, and goes when no pod route leads to it any more.
-    let wanted: std::collections::HashSet<u32> = pod_routes.iter().map(|(_, oif)| *oif).collect();
+    let wanted: HashSet<u32> = pod_routes.iter().map(|(_, oif)| *oif).collect();
     names.retain(|index, _| wanted.contains(index));
     for (dst, oif) in pod_routes {
         let name = match names.entry(oif) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => match link_name(handle, oif).await {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => match link_name(handle, oif).await {
                 Ok(Some(name)) => e.insert(name),
                 // Gone since the route dump: its pod is on its way out.
                 Ok(None) => continue,
@@ -211,11 +212,12 @@ struct Pass {
     apply: Duration,
 }
 
+/// Where a pass hands the rules it wrote to the conntrack flusher.
+type Flusher = tokio::sync::watch::Sender<Option<Arc<PolicyIr>>>;
+
 /// Cuts the conntrack entries of flows the rules in force deny, after each write of rules, off
 /// the pass: the next change is not kept waiting. Always for the newest rules (a flush for
 /// older ones could cut a flow they denied and the newest allow), at most one at a time.
-type Flusher = tokio::sync::watch::Sender<Option<Arc<PolicyIr>>>;
-
 fn spawn_flusher(conntrack: ConntrackCli) -> Flusher {
     let (tx, mut rx) = tokio::sync::watch::channel(None::<Arc<PolicyIr>>);
     tokio::spawn(async move {
