@@ -27,19 +27,26 @@ use crate::ir::{AddrSet, Direction, PodPolicy, PolicyIr, PortEntry, Protocol};
 use crate::selector::{self, LabelIndex, Labels};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use peers::{Changes, Peer, PeerIndex};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 /// The label the API server puts on every namespace.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
-/// A cluster snapshot: every Pod, Namespace and NetworkPolicy (borrowed, as a watch cache
-/// holds them), and this node's own addresses.
+/// A cluster snapshot: every Pod (shared with the watch cache that holds them: a
+/// [`Compiler`] keeps those it names), Namespace and NetworkPolicy (borrowed), and this node's
+/// own addresses.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PolicyInput<'a> {
-    pub pods: &'a [&'a Pod],
+    pub pods: &'a [Arc<Pod>],
     pub namespaces: &'a [&'a Namespace],
     pub policies: &'a [&'a NetworkPolicy],
     /// The node's addresses: host-to-pod traffic from them is always allowed.
@@ -128,108 +135,152 @@ type Rule<'a> = (
     Option<&'a [NetworkPolicyPort]>,
 );
 
-/// A pod that policies can name as a peer.
-struct PeerPod<'a> {
-    namespace: &'a str,
-    labels: &'a Labels,
-    ips: Vec<Ipv4Addr>,
-    /// For its named ports, read only when an egress rule names a port.
-    pod: &'a Pod,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Dir {
     Ingress,
     Egress,
 }
 
-struct Compiler<'a> {
-    peers: Vec<PeerPod<'a>>,
-    /// Peers by namespace and by label: a selector looks only at the pods it may select.
-    peers_by_ns: HashMap<&'a str, Vec<usize>>,
-    peer_labels: LabelIndex<'a>,
+/// Resolved peers of one policy's rules, for the version of the policy they were resolved
+/// from.
+#[derive(Debug)]
+struct PolicyPeers {
+    version: String,
+    rules: HashMap<(Dir, usize), (AddrSet, u64)>,
+}
+
+/// The compiler, and what it keeps from pass to pass (Calico's calculation graph, in
+/// miniature): the cluster's pods as peers, indexed, read again only when they change; and
+/// each rule's resolved peers, resolved again only when its policy changes, a namespace
+/// changes, or a changed pod is one the rule could name. [`Compiler::compile`] gives exactly
+/// what [`compile`] does; the state only saves work.
+#[derive(Debug, Default)]
+pub struct Compiler {
+    peers: PeerIndex,
     ns_labels: HashMap<String, Labels>,
-    /// Resolved peers of (policy, direction, rule).
+    /// By policy uid (namespace/name when it has none).
+    resolved: HashMap<String, PolicyPeers>,
+    pass: u64,
+    /// This pass's resolved peers of (policy, direction, rule).
     peer_cache: HashMap<(usize, Dir, usize), AddrSet>,
-    /// Egress named ports: (name, protocol) → port → pod addresses.
+    /// This pass's egress named ports: (name, protocol) → port → pod addresses.
     named_cache: HashMap<(String, Protocol), BTreeMap<u16, AddrSet>>,
 }
 
-static NO_LABELS: Labels = BTreeMap::new();
-
 /// The node's policy: one [`PodPolicy`] per local pod, sorted by interface name.
-///
-/// Policies are walked once each, and each finds the local pods it selects through a label
-/// index, so the cost grows with what policies select, not with pods × policies.
 pub fn compile(input: &PolicyInput<'_>, local_pods: &[LocalPod]) -> PolicyIr {
-    let mut c = Compiler::new(input);
-    let local_labels = LabelIndex::new(local_pods.iter().enumerate().map(|(i, p)| (i, &p.labels)));
-    let mut local_by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, p) in local_pods.iter().enumerate() {
-        local_by_ns.entry(p.namespace.as_str()).or_default().push(i);
-    }
-    // Per local pod, per direction (ingress, egress): what the policies allow so far.
-    let mut acc: Vec<[(Direction, Vec<PortEntry>); 2]> =
-        local_pods.iter().map(|_| Default::default()).collect();
-    for (pi, policy) in input.policies.iter().enumerate() {
-        let Some(spec) = &policy.spec else { continue };
-        let ns = namespace_str(&policy.metadata);
-        let Some(in_ns) = local_by_ns.get(ns) else {
-            continue;
-        };
-        let dirs: Vec<Dir> = [Dir::Ingress, Dir::Egress]
-            .into_iter()
-            .filter(|d| affects(spec, *d))
-            .collect();
-        if dirs.is_empty() {
-            continue;
+    Compiler::default().compile(input, local_pods)
+}
+
+impl Compiler {
+    /// The node's policy: one [`PodPolicy`] per local pod, sorted by interface name.
+    ///
+    /// Policies are walked once each, and each finds the local pods it selects through a label
+    /// index, so the cost grows with what policies select, not with pods × policies.
+    pub fn compile(&mut self, input: &PolicyInput<'_>, local_pods: &[LocalPod]) -> PolicyIr {
+        self.begin_pass(input);
+        let local_labels =
+            LabelIndex::new(local_pods.iter().enumerate().map(|(i, p)| (i, &p.labels)));
+        let mut local_by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, p) in local_pods.iter().enumerate() {
+            local_by_ns.entry(p.namespace.as_str()).or_default().push(i);
         }
-        let selected: Vec<usize> = match &spec.pod_selector {
-            None => in_ns.clone(),
-            Some(sel) => match local_labels.narrow(sel) {
-                Some(list) => list
-                    .iter()
-                    .copied()
-                    .filter(|i| {
-                        local_pods[*i].namespace == ns
-                            && selector::matches(sel, &local_pods[*i].labels)
-                    })
-                    .collect(),
-                None => in_ns
-                    .iter()
-                    .copied()
-                    .filter(|i| selector::matches(sel, &local_pods[*i].labels))
-                    .collect(),
-            },
-        };
-        if selected.is_empty() {
-            continue;
-        }
-        let name = format!("{ns}/{}", policy.metadata.name.as_deref().unwrap_or(""));
-        for i in selected {
-            for dir in &dirs {
-                let (out, raw) = &mut acc[i][dir.slot()];
-                c.add_policy(&local_pods[i], *dir, pi, spec, ns, &name, out, raw);
+        // Per local pod, per direction (ingress, egress): what the policies allow so far.
+        let mut acc: Vec<[(Direction, Vec<PortEntry>); 2]> =
+            local_pods.iter().map(|_| Default::default()).collect();
+        for (pi, policy) in input.policies.iter().enumerate() {
+            let Some(spec) = &policy.spec else { continue };
+            let ns = namespace_str(&policy.metadata);
+            let Some(in_ns) = local_by_ns.get(ns) else {
+                continue;
+            };
+            let dirs: Vec<Dir> = [Dir::Ingress, Dir::Egress]
+                .into_iter()
+                .filter(|d| affects(spec, *d))
+                .collect();
+            if dirs.is_empty() {
+                continue;
+            }
+            let selected: Vec<usize> = match &spec.pod_selector {
+                None => in_ns.clone(),
+                Some(sel) => match local_labels.narrow(sel) {
+                    Some(list) => list
+                        .iter()
+                        .copied()
+                        .filter(|i| {
+                            local_pods[*i].namespace == ns
+                                && selector::matches(sel, &local_pods[*i].labels)
+                        })
+                        .collect(),
+                    None => in_ns
+                        .iter()
+                        .copied()
+                        .filter(|i| selector::matches(sel, &local_pods[*i].labels))
+                        .collect(),
+                },
+            };
+            if selected.is_empty() {
+                continue;
+            }
+            let name = format!("{ns}/{}", policy.metadata.name.as_deref().unwrap_or(""));
+            for i in selected {
+                for dir in &dirs {
+                    let (out, raw) = &mut acc[i][dir.slot()];
+                    self.add_policy(&local_pods[i], *dir, (pi, policy), &name, out, raw);
+                }
             }
         }
+        self.end_pass();
+        let host = AddrSet::from_addrs(input.host_addrs.iter().copied());
+        let mut pods: Vec<PodPolicy> = local_pods
+            .iter()
+            .zip(acc)
+            .map(|(pod, [ingress, egress])| PodPolicy {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                ip: pod.ip,
+                ifname: pod.ifname.clone(),
+                ingress: finish(ingress, Some(&host)),
+                egress: finish(egress, None),
+            })
+            .collect();
+        pods.sort_by(|a, b| a.ifname.cmp(&b.ifname));
+        PolicyIr {
+            pods,
+            log_drops: false,
+        }
     }
-    let host = AddrSet::from_addrs(input.host_addrs.iter().copied());
-    let mut pods: Vec<PodPolicy> = local_pods
-        .iter()
-        .zip(acc)
-        .map(|(pod, [ingress, egress])| PodPolicy {
-            namespace: pod.namespace.clone(),
-            name: pod.name.clone(),
-            ip: pod.ip,
-            ifname: pod.ifname.clone(),
-            ingress: finish(ingress, Some(&host)),
-            egress: finish(egress, None),
-        })
-        .collect();
-    pods.sort_by(|a, b| a.ifname.cmp(&b.ifname));
-    PolicyIr {
-        pods,
-        log_drops: false,
+
+    /// Brings peers and namespaces to `input`, and forgets resolved rules a change of
+    /// namespaces or of many pods may have altered (the few-pods case is judged per rule).
+    fn begin_pass(&mut self, input: &PolicyInput<'_>) {
+        self.pass += 1;
+        self.peer_cache.clear();
+        self.named_cache.clear();
+        self.peers.update(input.pods);
+        let ns_labels: HashMap<String, Labels> = input
+            .namespaces
+            .iter()
+            .filter_map(|ns| {
+                let name = ns.metadata.name.clone()?;
+                let mut labels = ns.metadata.labels.clone().unwrap_or_default();
+                labels.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
+                Some((name, labels))
+            })
+            .collect();
+        if ns_labels != self.ns_labels || matches!(self.peers.changes(), Changes::Many) {
+            self.resolved.clear();
+        }
+        self.ns_labels = ns_labels;
+    }
+
+    /// Forgets rules this pass did not resolve: they were not checked against its changes.
+    fn end_pass(&mut self) {
+        let pass = self.pass;
+        self.resolved.retain(|_, p| {
+            p.rules.retain(|_, (_, seen)| *seen == pass);
+            !p.rules.is_empty()
+        });
     }
 }
 
@@ -244,8 +295,20 @@ fn finish((mut out, raw_ports): (Direction, Vec<PortEntry>), host: Option<&AddrS
     out
 }
 
-fn namespace_str(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
+fn namespace_str(meta: &ObjectMeta) -> &str {
     meta.namespace.as_deref().unwrap_or("default")
+}
+
+/// An object's identity across its versions: its uid, else namespace/name.
+fn object_key(meta: &ObjectMeta) -> Cow<'_, str> {
+    match meta.uid.as_deref() {
+        Some(uid) => Cow::Borrowed(uid),
+        None => Cow::Owned(format!(
+            "{}/{}",
+            namespace_str(meta),
+            meta.name.as_deref().unwrap_or("")
+        )),
+    }
 }
 
 impl Dir {
@@ -257,80 +320,22 @@ impl Dir {
     }
 }
 
-impl<'a> Compiler<'a> {
-    fn new(input: &'a PolicyInput<'a>) -> Self {
-        let peers = input
-            .pods
-            .iter()
-            .filter(|p| p.spec.as_ref().and_then(|s| s.host_network) != Some(true))
-            .filter(|p| {
-                let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-                !matches!(phase, Some("Succeeded" | "Failed"))
-            })
-            .map(|p| PeerPod {
-                namespace: namespace_str(&p.metadata),
-                labels: p.metadata.labels.as_ref().unwrap_or(&NO_LABELS),
-                ips: pod_ips(p),
-                pod: p,
-            })
-            .filter(|p| !p.ips.is_empty())
-            .collect::<Vec<_>>();
-        let mut peers_by_ns: HashMap<&'a str, Vec<usize>> = HashMap::new();
-        for (i, p) in peers.iter().enumerate() {
-            peers_by_ns.entry(p.namespace).or_default().push(i);
-        }
-        let peer_labels = LabelIndex::new(peers.iter().enumerate().map(|(i, p)| (i, p.labels)));
-        let ns_labels = input
-            .namespaces
-            .iter()
-            .filter_map(|ns| {
-                let name = ns.metadata.name.clone()?;
-                let mut labels = ns.metadata.labels.clone().unwrap_or_default();
-                labels.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
-                Some((name, labels))
-            })
-            .collect();
-        Self {
-            peers,
-            peers_by_ns,
-            peer_labels,
-            ns_labels,
-            peer_cache: HashMap::new(),
-            named_cache: HashMap::new(),
-        }
-    }
-
-    /// Adds what policy `pi` (which selects `pod`) allows in `dir`.
-    #[allow(clippy::too_many_arguments)]
+impl Compiler {
+    /// Adds what `policy` (the `pi`th, which selects `pod`) allows in `dir`.
     fn add_policy(
         &mut self,
         pod: &LocalPod,
         dir: Dir,
-        pi: usize,
-        spec: &k8s_openapi::api::networking::v1::NetworkPolicySpec,
-        ns: &str,
+        (pi, policy): (usize, &NetworkPolicy),
         name: &str,
         out: &mut Direction,
         raw_ports: &mut Vec<PortEntry>,
     ) {
+        let Some(spec) = &policy.spec else { return };
         out.isolated = true;
         out.policies.push(name.to_string());
-        let rules: Vec<Rule<'_>> = match dir {
-            Dir::Ingress => spec
-                .ingress
-                .iter()
-                .flatten()
-                .map(|r| (r.from.as_deref(), r.ports.as_deref()))
-                .collect(),
-            Dir::Egress => spec
-                .egress
-                .iter()
-                .flatten()
-                .map(|r| (r.to.as_deref(), r.ports.as_deref()))
-                .collect(),
-        };
-        for (ri, (peers, ports)) in rules.into_iter().enumerate() {
-            let addrs = self.rule_peers(pi, dir, ri, ns, peers);
+        for (ri, (peers, ports)) in rules(spec, dir).into_iter().enumerate() {
+            let addrs = self.rule_peers(pi, policy, dir, ri, peers);
             if addrs.is_empty() {
                 continue;
             }
@@ -345,19 +350,76 @@ impl<'a> Compiler<'a> {
         }
     }
 
-    /// The addresses a rule's `from`/`to` names.
+    /// The addresses a rule's `from`/`to` names: from this pass's cache, else from the last
+    /// passes' when nothing changed that it could name, else resolved.
     fn rule_peers(
         &mut self,
         pi: usize,
+        policy: &NetworkPolicy,
         dir: Dir,
         ri: usize,
-        policy_ns: &str,
         peers: Option<&[NetworkPolicyPeer]>,
     ) -> AddrSet {
         if let Some(hit) = self.peer_cache.get(&(pi, dir, ri)) {
             return hit.clone();
         }
-        let set = match peers {
+        let policy_ns = namespace_str(&policy.metadata);
+        let key = object_key(&policy.metadata);
+        let version = policy.metadata.resource_version.as_deref();
+        let kept = self
+            .resolved
+            .get(key.as_ref())
+            .filter(|p| Some(p.version.as_str()) == version)
+            .and_then(|p| p.rules.get(&(dir, ri)))
+            .map(|(set, _)| set)
+            .filter(|_| !self.changes_touch(policy_ns, peers))
+            .cloned();
+        let set = match kept {
+            Some(set) => set,
+            None => self.resolve(policy_ns, peers),
+        };
+        if let Some(version) = version {
+            let entry = match self.resolved.get_mut(key.as_ref()) {
+                Some(p) => p,
+                None => self
+                    .resolved
+                    .entry(key.into_owned())
+                    .or_insert(PolicyPeers {
+                        version: version.to_string(),
+                        rules: HashMap::new(),
+                    }),
+            };
+            if entry.version != version {
+                entry.version = version.to_string();
+                entry.rules.clear();
+            }
+            entry.rules.insert((dir, ri), (set.clone(), self.pass));
+        }
+        self.peer_cache.insert((pi, dir, ri), set.clone());
+        set
+    }
+
+    /// Whether a peer this pass changed (as it was or as it is) is one `peers` could name.
+    fn changes_touch(&self, policy_ns: &str, peers: Option<&[NetworkPolicyPeer]>) -> bool {
+        let Some(peers) = peers else { return false };
+        match self.peers.changes() {
+            Changes::Many => true,
+            Changes::Few(changed) => changed.iter().any(|c| {
+                peers.iter().any(|peer| {
+                    (peer.pod_selector.is_some() || peer.namespace_selector.is_some())
+                        && peer.ip_block.is_none()
+                        && self.namespace_selected(peer, policy_ns, c.namespace())
+                        && peer
+                            .pod_selector
+                            .as_ref()
+                            .is_none_or(|sel| selector::matches(sel, c.labels()))
+                })
+            }),
+        }
+    }
+
+    fn resolve(&self, policy_ns: &str, peers: Option<&[NetworkPolicyPeer]>) -> AddrSet {
+        match peers {
             None | Some([]) => AddrSet::all(),
             Some(peers) => {
                 // One normalisation for the whole list: a rule may name thousands of blocks.
@@ -367,9 +429,23 @@ impl<'a> Compiler<'a> {
                 }
                 AddrSet::from_ranges(ranges)
             }
-        };
-        self.peer_cache.insert((pi, dir, ri), set.clone());
-        set
+        }
+    }
+
+    /// Whether `peer` names pods of namespace `ns` (its `namespaceSelector`, else the
+    /// policy's own namespace).
+    fn namespace_selected(&self, peer: &NetworkPolicyPeer, policy_ns: &str, ns: &str) -> bool {
+        match &peer.namespace_selector {
+            None => ns == policy_ns,
+            Some(sel) => match self.ns_labels.get(ns) {
+                Some(labels) => selector::matches(sel, labels),
+                // A namespace the cache does not hold (yet) still has its name label.
+                None => selector::matches(
+                    sel,
+                    &BTreeMap::from([(NAMESPACE_NAME_LABEL.into(), ns.to_string())]),
+                ),
+            },
+        }
     }
 
     fn peer(&self, policy_ns: &str, peer: &NetworkPolicyPeer) -> AddrSet {
@@ -386,49 +462,36 @@ impl<'a> Compiler<'a> {
         if peer.pod_selector.is_none() && peer.namespace_selector.is_none() {
             return AddrSet::new();
         }
-        let namespaces: HashSet<&str> = match &peer.namespace_selector {
-            None => HashSet::from([policy_ns]),
-            Some(sel) => self
-                .peers_by_ns
-                .keys()
-                .copied()
-                .filter(|ns| match self.ns_labels.get(*ns) {
-                    Some(labels) => selector::matches(sel, labels),
-                    // A namespace the cache does not hold (yet) still has its name label.
-                    None => selector::matches(
-                        sel,
-                        &BTreeMap::from([(NAMESPACE_NAME_LABEL.into(), ns.to_string())]),
-                    ),
-                })
-                .collect(),
-        };
-        let pod_selects = |i: &usize| {
-            peer.pod_selector
-                .as_ref()
-                .is_none_or(|sel| selector::matches(sel, self.peers[*i].labels))
+        let by_ns = self.peers.by_namespace();
+        let namespaces: HashSet<&str> = by_ns
+            .keys()
+            .map(String::as_str)
+            .filter(|ns| self.namespace_selected(peer, policy_ns, ns))
+            .collect();
+        let selected = |slot: &usize| {
+            self.peers.get(*slot).filter(|p| {
+                peer.pod_selector
+                    .as_ref()
+                    .is_none_or(|sel| selector::matches(sel, p.labels()))
+            })
         };
         let narrowed = peer
             .pod_selector
             .as_ref()
-            .and_then(|sel| self.peer_labels.narrow(sel));
-        let chosen: Vec<usize> = match narrowed {
+            .and_then(|sel| self.peers.labels().narrow(sel));
+        let chosen: Vec<&Peer> = match narrowed {
             Some(list) => list
                 .iter()
-                .filter(|i| namespaces.contains(self.peers[**i].namespace))
-                .filter(|i| pod_selects(i))
-                .copied()
+                .filter_map(selected)
+                .filter(|p| namespaces.contains(p.namespace()))
                 .collect(),
             None => namespaces
                 .iter()
-                .flat_map(|ns| self.peers_by_ns.get(ns).into_iter().flatten())
-                .filter(|i| pod_selects(i))
-                .copied()
+                .flat_map(|ns| by_ns.get(*ns).into_iter().flatten())
+                .filter_map(selected)
                 .collect(),
         };
-        let ips = chosen
-            .iter()
-            .flat_map(|i| self.peers[*i].ips.iter().copied());
-        AddrSet::from_addrs(ips)
+        AddrSet::from_addrs(chosen.iter().flat_map(|p| p.ips.iter().copied()))
     }
 
     /// The entries one `ports` item adds for peers `addrs`.
@@ -493,8 +556,9 @@ impl<'a> Compiler<'a> {
             .entry((name.to_string(), protocol))
             .or_insert_with(|| {
                 let mut by_port: BTreeMap<u16, Vec<Ipv4Addr>> = BTreeMap::new();
-                for p in peers {
-                    for np in named_ports(p.pod)
+                for p in peers.all() {
+                    for np in p
+                        .ports()
                         .iter()
                         .filter(|np| np.name == name && np.protocol == protocol)
                     {
@@ -512,8 +576,26 @@ impl<'a> Compiler<'a> {
     }
 }
 
+/// A policy's rules in `dir`: `ingress` or `egress`, each its peers and ports.
+fn rules(spec: &NetworkPolicySpec, dir: Dir) -> Vec<Rule<'_>> {
+    match dir {
+        Dir::Ingress => spec
+            .ingress
+            .iter()
+            .flatten()
+            .map(|r| (r.from.as_deref(), r.ports.as_deref()))
+            .collect(),
+        Dir::Egress => spec
+            .egress
+            .iter()
+            .flatten()
+            .map(|r| (r.to.as_deref(), r.ports.as_deref()))
+            .collect(),
+    }
+}
+
 /// Whether a policy affects `dir` (`policyTypes`, defaulted as the API server does).
-fn affects(spec: &k8s_openapi::api::networking::v1::NetworkPolicySpec, dir: Dir) -> bool {
+fn affects(spec: &NetworkPolicySpec, dir: Dir) -> bool {
     match spec.policy_types.as_deref() {
         Some(types) if !types.is_empty() => types.iter().any(|t| {
             matches!(
@@ -550,5 +632,6 @@ fn ip_block(cidr: &str, except: &[String]) -> AddrSet {
     AddrSet::from_block(net.trunc(), &nets)
 }
 
+mod peers;
 #[cfg(test)]
 mod tests;

@@ -20,7 +20,7 @@ pub mod ir;
 pub mod nft;
 pub mod selector;
 
-pub use compile::{compile, LocalPod, NamedPort, PolicyInput};
+pub use compile::{compile, Compiler, LocalPod, NamedPort, PolicyInput};
 pub use conntrack::ConntrackCli;
 pub use firewall::{
     auto, Applied, Backend, Exec, FakeFirewall, Firewall, FirewallError, Observed, Rendered,

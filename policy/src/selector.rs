@@ -10,27 +10,55 @@ pub type Labels = BTreeMap<String, String>;
 
 /// Objects (by index) under each `key=value` label they carry, so that a selector with
 /// `matchLabels` is checked against the few objects that carry one of its pairs instead of all
-/// of them (Calico's label index, in miniature).
+/// of them (Calico's label index, in miniature). Kept up to date object by object.
 #[derive(Debug, Default)]
-pub struct LabelIndex<'a> {
+pub struct LabelIndex {
     /// key → value → objects.
-    by_pair: HashMap<&'a str, HashMap<&'a str, Vec<usize>>>,
+    by_pair: HashMap<String, HashMap<String, Vec<usize>>>,
 }
 
-impl<'a> LabelIndex<'a> {
-    pub fn new(objects: impl IntoIterator<Item = (usize, &'a Labels)>) -> Self {
-        let mut by_pair: HashMap<&'a str, HashMap<&'a str, Vec<usize>>> = HashMap::new();
+impl LabelIndex {
+    pub fn new<'a>(objects: impl IntoIterator<Item = (usize, &'a Labels)>) -> Self {
+        let mut index = Self::default();
         for (i, labels) in objects {
-            for (k, v) in labels {
-                by_pair
-                    .entry(k.as_str())
-                    .or_default()
-                    .entry(v.as_str())
-                    .or_default()
-                    .push(i);
+            index.insert(i, labels);
+        }
+        index
+    }
+
+    pub fn insert(&mut self, object: usize, labels: &Labels) {
+        for (k, v) in labels {
+            let values = match self.by_pair.get_mut(k.as_str()) {
+                Some(values) => values,
+                None => self.by_pair.entry(k.clone()).or_default(),
+            };
+            match values.get_mut(v.as_str()) {
+                Some(list) => list.push(object),
+                None => {
+                    values.insert(v.clone(), vec![object]);
+                }
             }
         }
-        Self { by_pair }
+    }
+
+    /// Takes `object` out from under `labels` (the labels it was inserted with).
+    pub fn remove(&mut self, object: usize, labels: &Labels) {
+        for (k, v) in labels {
+            let Some(values) = self.by_pair.get_mut(k.as_str()) else {
+                continue;
+            };
+            if let Some(list) = values.get_mut(v.as_str()) {
+                if let Some(at) = list.iter().position(|o| *o == object) {
+                    list.swap_remove(at);
+                }
+                if list.is_empty() {
+                    values.remove(v.as_str());
+                }
+            }
+            if values.is_empty() {
+                self.by_pair.remove(k.as_str());
+            }
+        }
     }
 
     /// The objects `selector` may select (each still to be checked with [`matches`]): the
@@ -142,6 +170,28 @@ mod tests {
         for (req, want) in cases {
             assert_eq!(matches(&sel(&[], vec![req.clone()]), &l), want, "{req:?}");
         }
+    }
+
+    #[test]
+    fn label_index_follows_inserts_and_removes() {
+        let web = labels(&[("app", "web"), ("tier", "front")]);
+        let db = labels(&[("app", "db")]);
+        let mut index = LabelIndex::new([(0, &web), (1, &db)]);
+        index.insert(2, &web);
+        let s = sel(&[("app", "web"), ("tier", "front")], vec![]);
+        let mut hit = index.narrow(&s).unwrap().to_vec();
+        hit.sort();
+        assert_eq!(hit, [0, 2]);
+        index.remove(0, &web);
+        assert_eq!(index.narrow(&s).unwrap(), [2]);
+        index.remove(2, &web);
+        assert!(index.narrow(&s).unwrap().is_empty());
+        assert!(
+            !index.by_pair.contains_key("tier"),
+            "emptied keys are dropped"
+        );
+        assert_eq!(index.narrow(&sel(&[("app", "db")], vec![])).unwrap(), [1]);
+        assert!(index.narrow(&LabelSelector::default()).is_none());
     }
 
     #[test]

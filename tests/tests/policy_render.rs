@@ -332,7 +332,7 @@ fn ir_for(policies: &[Value]) -> PolicyIr {
         .map(|p| serde_json::from_value(p.clone()).unwrap())
         .collect();
     let host = [NODE_IP.parse().unwrap()];
-    let pods: Vec<&Pod> = pods.iter().collect();
+    let pods: Vec<std::sync::Arc<Pod>> = pods.into_iter().map(std::sync::Arc::new).collect();
     let namespaces: Vec<&Namespace> = namespaces.iter().collect();
     let policies: Vec<&NetworkPolicy> = policies.iter().collect();
     let input = PolicyInput {

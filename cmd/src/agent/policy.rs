@@ -1,7 +1,9 @@
 //! The agent's policy loop: watches of Pods, Namespaces and NetworkPolicies (cluster-wide) →
-//! [`sluice_policy::compile`] for this node's pods → the firewall of `policy-backend` → conntrack
-//! cuts the flows the new rules deny. Level triggered like the datapath loop: every pass compiles
-//! the whole desired state from the caches, and the firewall writes only when its hash differs.
+//! [`sluice_policy::Compiler`] for this node's pods → the firewall of `policy-backend` →
+//! conntrack cuts the flows the new rules deny. Level triggered like the datapath loop: every
+//! pass compiles the whole desired state from the caches (the compiler re-reads only the pods
+//! and rules that changed since the last pass), and the firewall writes only when its hash
+//! differs.
 //!
 //! A local pod is a Pod with `spec.nodeName` = this node and an address; its host-side veth is
 //! read from the kernel, the /32 route sluice's CNI plugin made to the pod's address (route
@@ -21,7 +23,7 @@ use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol};
 use sluice_health::Health;
-use sluice_policy::{compile, ConntrackCli, Exec, Firewall, LocalPod, PolicyInput, PolicyIr};
+use sluice_policy::{Compiler, ConntrackCli, Exec, Firewall, LocalPod, PolicyInput, PolicyIr};
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -189,7 +191,7 @@ fn slim_pod(pod: &mut Pod) {
 
 /// The node's pods as the compiler takes them: scheduled here, with an address, and a veth
 /// found in the kernel.
-fn local_pods(node: &str, pods: &[&Pod], links: &HashMap<Ipv4Addr, String>) -> Vec<LocalPod> {
+fn local_pods(node: &str, pods: &[Arc<Pod>], links: &HashMap<Ipv4Addr, String>) -> Vec<LocalPod> {
     pods.iter()
         .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
         .filter_map(|p| {
@@ -307,6 +309,8 @@ pub async fn run(
     let mut tick = tokio::time::interval(RESYNC);
     let mut swept = false;
     let mut link_names = LinkNames::new();
+    // Kept across passes: a pass re-reads only the pods and rules that changed.
+    let mut compiler = Compiler::default();
     loop {
         let log = *log_drops.borrow_and_update();
         if log && !reading_drops {
@@ -324,6 +328,7 @@ pub async fn run(
                 let pass = sync_once(
                     &node,
                     (handle, &mut link_names),
+                    &mut compiler,
                     &firewall,
                     flusher.as_ref(),
                     (&pod_cache, &ns_cache, &np_cache),
@@ -453,6 +458,7 @@ type Caches<'a> = (
 async fn sync_once(
     node: &str,
     (handle, link_names): (&rtnetlink::Handle, &mut LinkNames),
+    compiler: &mut Compiler,
     firewall: &Arc<dyn Firewall>,
     flusher: Option<&Flusher>,
     (pods, nss, nps): Caches<'_>,
@@ -461,9 +467,8 @@ async fn sync_once(
     let started = Instant::now();
     let kernel = kernel_view(handle, link_names).await?;
     let read = started.elapsed();
-    // The caches' objects are borrowed, never copied: a cluster's pods are many.
+    // The caches' objects are shared or borrowed, never copied: a cluster's pods are many.
     let (pods, namespaces, policies) = (pods.state(), nss.state(), nps.state());
-    let pods: Vec<&Pod> = pods.iter().map(|p| &**p).collect();
     let namespaces: Vec<&Namespace> = namespaces.iter().map(|n| &**n).collect();
     let policies: Vec<&NetworkPolicy> = policies.iter().map(|n| &**n).collect();
     let local = local_pods(node, &pods, &kernel.links);
@@ -473,7 +478,7 @@ async fn sync_once(
         policies: &policies,
         host_addrs: &kernel.host_addrs,
     };
-    let mut ir = compile(&input, &local);
+    let mut ir = compiler.compile(&input, &local);
     ir.log_drops = log_drops;
     *names.write().unwrap_or_else(|p| p.into_inner()) = droplog::names_of(&ir);
     let rules = rule_count(&ir);
@@ -568,7 +573,7 @@ mod tests {
             ("10.244.1.2".parse().unwrap(), "sl0000000000001".to_string()),
             ("10.244.2.2".parse().unwrap(), "sl0000000000002".to_string()),
         ]);
-        let pods: Vec<&Pod> = pods.iter().collect();
+        let pods: Vec<Arc<Pod>> = pods.into_iter().map(Arc::new).collect();
         let local = local_pods("n1", &pods, &links);
         assert_eq!(local.len(), 1);
         assert_eq!(local[0].name, "a");

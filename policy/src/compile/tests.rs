@@ -100,7 +100,7 @@ impl Cluster {
             .map(|p| serde_json::from_value(p.clone()).unwrap())
             .collect();
         let host = [HOST.parse().unwrap()];
-        let pods: Vec<&Pod> = self.pods.iter().collect();
+        let pods: Vec<Arc<Pod>> = self.pods.iter().cloned().map(Arc::new).collect();
         let namespaces: Vec<&Namespace> = self.namespaces.iter().collect();
         let policies: Vec<&NetworkPolicy> = policies.iter().collect();
         let input = PolicyInput {
@@ -732,3 +732,5 @@ fn compile_is_deterministic_and_sorted() {
         (79, 81)
     );
 }
+
+mod incremental;

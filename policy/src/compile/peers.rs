@@ -1,0 +1,216 @@
+//! The cluster's pods as policies name them (peers), kept from pass to pass: a pod is read
+//! again only when its `resourceVersion` moves, and each pass reports which peers came, went
+//! or changed, so that rules whose peers none of them could be are not resolved again.
+
+use super::{named_ports, namespace_str, object_key, pod_ips, NamedPort};
+use crate::selector::{LabelIndex, Labels};
+use k8s_openapi::api::core::v1::Pod;
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+/// More changes than this in one pass and every rule is resolved again: checking each rule
+/// against each change would cost more than that.
+const FEW_CHANGES: usize = 64;
+
+/// A pod that policies can name as a peer: running (or pending) on the pod network, with an
+/// address. The Pod itself is shared with the watch cache, not copied.
+#[derive(Debug, Clone)]
+pub(super) struct Peer {
+    pod: Arc<Pod>,
+    pub ips: Vec<Ipv4Addr>,
+}
+
+impl Peer {
+    fn of(pod: &Arc<Pod>) -> Option<Self> {
+        if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+            return None;
+        }
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if matches!(phase, Some("Succeeded" | "Failed")) {
+            return None;
+        }
+        let ips = pod_ips(pod);
+        if ips.is_empty() {
+            return None;
+        }
+        Some(Self {
+            pod: pod.clone(),
+            ips,
+        })
+    }
+
+    pub fn namespace(&self) -> &str {
+        namespace_str(&self.pod.metadata)
+    }
+
+    pub fn labels(&self) -> &Labels {
+        self.pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS)
+    }
+
+    /// Its containers' named ports (read when a rule names a port).
+    pub fn ports(&self) -> Vec<NamedPort> {
+        named_ports(&self.pod)
+    }
+
+    /// Whether policy would see `other` as this very peer (a new version of a pod that
+    /// changed only what policy does not read).
+    fn same(&self, other: &Peer) -> bool {
+        self.namespace() == other.namespace()
+            && self.labels() == other.labels()
+            && self.ips == other.ips
+            && self.ports() == other.ports()
+    }
+}
+
+static NO_LABELS: Labels = Labels::new();
+
+/// What the index knows of a pod: the version it read, its slot when it is a peer, and the
+/// last pass that listed it.
+#[derive(Debug)]
+struct Known {
+    version: Option<String>,
+    slot: Option<usize>,
+    seen: u64,
+}
+
+/// Peers in slots, indexed by namespace and by label.
+#[derive(Debug, Default)]
+pub(super) struct PeerIndex {
+    slots: Vec<Option<Peer>>,
+    free: Vec<usize>,
+    /// By pod uid (namespace/name when it has none): [`object_key`].
+    known: HashMap<String, Known>,
+    by_ns: HashMap<String, Vec<usize>>,
+    labels: LabelIndex,
+    pass: u64,
+    /// The last update's changes: peers as they were (gone or changed) and slots of peers
+    /// as they are (new or changed).
+    removed: Vec<Peer>,
+    added: Vec<usize>,
+}
+
+/// Which peers the last update changed.
+pub(super) enum Changes<'a> {
+    Few(Vec<&'a Peer>),
+    Many,
+}
+
+impl PeerIndex {
+    /// Brings the index to `pods` (every pod of the cluster).
+    pub fn update(&mut self, pods: &[Arc<Pod>]) {
+        self.pass += 1;
+        self.removed.clear();
+        self.added.clear();
+        for pod in pods {
+            let key = object_key(&pod.metadata);
+            let version = pod.metadata.resource_version.as_deref();
+            let known = self.known.get_mut(key.as_ref());
+            if let Some(k) = known {
+                // No version (objects not from an API server) always reads the pod again.
+                if version.is_some() && k.version.as_deref() == version {
+                    k.seen = self.pass;
+                    continue;
+                }
+            }
+            let peer = Peer::of(pod);
+            let old_slot = self.known.get(key.as_ref()).and_then(|k| k.slot);
+            let slot = match (old_slot, peer) {
+                (Some(s), Some(peer)) if self.slots[s].as_ref().is_some_and(|p| p.same(&peer)) => {
+                    Some(s)
+                }
+                (old, peer) => {
+                    if let Some(s) = old {
+                        self.take(s);
+                    }
+                    peer.map(|p| self.put(p))
+                }
+            };
+            let known = Known {
+                version: version.map(str::to_string),
+                slot,
+                seen: self.pass,
+            };
+            self.known.insert(key.into_owned(), known);
+        }
+        let pass = self.pass;
+        let gone: Vec<usize> = self
+            .known
+            .values()
+            .filter(|k| k.seen != pass)
+            .filter_map(|k| k.slot)
+            .collect();
+        self.known.retain(|_, k| k.seen == pass);
+        for s in gone {
+            self.take(s);
+        }
+    }
+
+    fn put(&mut self, peer: Peer) -> usize {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        self.labels.insert(slot, peer.labels());
+        match self.by_ns.get_mut(peer.namespace()) {
+            Some(list) => list.push(slot),
+            None => {
+                self.by_ns.insert(peer.namespace().to_string(), vec![slot]);
+            }
+        }
+        self.slots[slot] = Some(peer);
+        self.added.push(slot);
+        slot
+    }
+
+    fn take(&mut self, slot: usize) {
+        let Some(peer) = self.slots.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        self.labels.remove(slot, peer.labels());
+        if let Some(list) = self.by_ns.get_mut(peer.namespace()) {
+            if let Some(at) = list.iter().position(|s| *s == slot) {
+                list.swap_remove(at);
+            }
+            if list.is_empty() {
+                self.by_ns.remove(peer.namespace());
+            }
+        }
+        self.free.push(slot);
+        // A slot added in this same update and taken again is no change to report.
+        match self.added.iter().position(|s| *s == slot) {
+            Some(at) => {
+                self.added.swap_remove(at);
+            }
+            None => self.removed.push(peer),
+        }
+    }
+
+    pub fn changes(&self) -> Changes<'_> {
+        if self.removed.len() + self.added.len() > FEW_CHANGES {
+            return Changes::Many;
+        }
+        let added = self.added.iter().filter_map(|s| self.get(*s));
+        Changes::Few(self.removed.iter().chain(added).collect())
+    }
+
+    pub fn get(&self, slot: usize) -> Option<&Peer> {
+        self.slots.get(slot).and_then(Option::as_ref)
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Peer> {
+        self.slots.iter().flatten()
+    }
+
+    /// Namespaces with peers, and their peers' slots.
+    pub fn by_namespace(&self) -> &HashMap<String, Vec<usize>> {
+        &self.by_ns
+    }
+
+    pub fn labels(&self) -> &LabelIndex {
+        &self.labels
+    }
+}
