@@ -17,8 +17,12 @@ use crate::droplog::{self, DropDirection};
 use crate::firewall::{Applied, Backend, Exec, Firewall, FirewallError, Observed, Rendered};
 use crate::ir::{AddrSet, Direction, PolicyIr, PortEntry, Protocol};
 use crate::nft::HASH_MARK;
-use crate::text_hash;
+use crate::{fnv1a, FNV_START};
+use std::collections::hash_map::Entry;
+use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
 
 pub const CHAIN_PREFIX: &str = "SLUICE-";
 pub const SET_PREFIX: &str = "SLUICE-";
@@ -31,39 +35,64 @@ const MULTIPORT_MAX: usize = 15;
 /// Rendered input for `ipset restore` and `iptables-restore --noflush`, and the hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IptablesScript {
-    /// `ipset restore` input: each desired set filled and swapped in.
-    pub ipsets: String,
     /// `iptables-restore --noflush` input for table `filter`.
     pub filter: String,
     /// Names of the chains and sets it uses (anything else with the prefix is stale).
     pub chains: Vec<String>,
     pub sets: Vec<String>,
     pub hash: String,
+    /// Each chain's rules and each set's `ipset restore` lines (shared with the render memo
+    /// and with the applier's record of what it wrote): what [`delta`] compares.
+    pub chain_rules: BTreeMap<String, String>,
+    pub set_lines: BTreeMap<String, Arc<str>>,
 }
 
+impl IptablesScript {
+    /// `ipset restore` input: each desired set filled and swapped in.
+    pub fn ipsets(&self) -> String {
+        self.sets
+            .iter()
+            .filter_map(|s| self.set_lines.get(s))
+            .map(|l| &**l)
+            .collect()
+    }
+}
+
+/// A set as rendered: its name, its `ipset restore` lines, and their hash.
+type RenderedSet = (String, Arc<str>, u64);
+
+#[derive(Default)]
 struct Out {
-    ipsets: String,
     rules: String,
     chains: Vec<String>,
     sets: Vec<String>,
+    set_lines: BTreeMap<String, Arc<str>>,
+    /// Over the sets' names and contents, in order: the script's hash covers them without
+    /// reading megabytes of addresses each pass.
+    sets_hash: u64,
 }
 
 impl Out {
-    fn set(&mut self, name: String, addrs: &AddrSet) -> String {
-        let _ = writeln!(
-            self.ipsets,
-            "create {TMP_SET} {SET_OPTS} -exist\nflush {TMP_SET}"
-        );
-        for c in addrs.cidrs() {
-            let _ = writeln!(self.ipsets, "add {TMP_SET} {c}");
-        }
-        let _ = writeln!(
-            self.ipsets,
-            "create {name} {SET_OPTS} -exist\nswap {TMP_SET} {name}\ndestroy {TMP_SET}"
-        );
+    fn add_set(&mut self, (name, lines, hash): &RenderedSet) {
+        self.sets_hash = fnv1a(self.sets_hash, name.as_bytes());
+        self.sets_hash = fnv1a(self.sets_hash, &hash.to_le_bytes());
+        self.set_lines.insert(name.clone(), lines.clone());
         self.sets.push(name.clone());
-        name
     }
+}
+
+/// Set `name` holding `addrs`.
+fn render_set(name: String, addrs: &AddrSet) -> RenderedSet {
+    let mut lines = format!("create {TMP_SET} {SET_OPTS} -exist\nflush {TMP_SET}\n");
+    for c in addrs.cidrs() {
+        let _ = writeln!(lines, "add {TMP_SET} {c}");
+    }
+    let _ = writeln!(
+        lines,
+        "create {name} {SET_OPTS} -exist\nswap {TMP_SET} {name}\ndestroy {TMP_SET}"
+    );
+    let hash = fnv1a(FNV_START, lines.as_bytes());
+    (name, lines.into(), hash)
 }
 
 /// `--dports` lists of at most [`MULTIPORT_MAX`] ports each.
@@ -97,24 +126,75 @@ fn drop_direction(ingress: bool) -> DropDirection {
     }
 }
 
-fn direction(out: &mut Out, ingress: bool, ifname: &str, d: &Direction, log: bool) {
+/// One isolated direction's chain (its `-A` lines) and sets, and what they were rendered from.
+#[derive(Debug)]
+struct RenderedDirection {
+    direction: Direction,
+    log: bool,
+    rules: String,
+    sets: Vec<RenderedSet>,
+    pass: u64,
+}
+
+/// Pod directions rendered in earlier passes, by chain: a direction that did not change is
+/// not rendered again (its sets may hold thousands of addresses). Entries a pass did not use
+/// are dropped at its end.
+#[derive(Debug, Default)]
+pub struct RenderMemo {
+    directions: HashMap<String, RenderedDirection>,
+    pass: u64,
+}
+
+/// The chain and sets of one isolated direction, rendered or kept in `memo`.
+fn direction(
+    out: &mut Out,
+    memo: &mut RenderMemo,
+    ingress: bool,
+    ifname: &str,
+    d: &Direction,
+    log: bool,
+) {
+    let tag = if ingress { "I" } else { "E" };
+    let chain = format!("{CHAIN_PREFIX}{tag}-{ifname}");
+    let rendered = match memo.directions.entry(chain.clone()) {
+        Entry::Occupied(e) if e.get().log == log && e.get().direction == *d => e.into_mut(),
+        entry => {
+            let fresh = render_direction(&chain, ingress, ifname, d, log);
+            entry.insert_entry(fresh).into_mut()
+        }
+    };
+    rendered.pass = memo.pass;
+    for set in &rendered.sets {
+        out.add_set(set);
+    }
+    out.rules.push_str(&rendered.rules);
+    out.chains.push(chain);
+}
+
+fn render_direction(
+    chain: &str,
+    ingress: bool,
+    ifname: &str,
+    d: &Direction,
+    log: bool,
+) -> RenderedDirection {
     let (tag, dir, verdict) = if ingress {
         ("I", "src", "RETURN")
     } else {
         ("E", "dst", "RETURN")
     };
-    let chain = format!("{CHAIN_PREFIX}{tag}-{ifname}");
-    out.chains.push(chain.clone());
+    let mut sets = Vec::new();
     let mut rules = Vec::new();
-    let set_match = |out: &mut Out, name: String, addrs: &AddrSet| {
+    let mut set_match = |name: String, addrs: &AddrSet| {
         if addrs.is_all() {
-            String::new()
-        } else {
-            format!(" -m set --match-set {} {dir}", out.set(name, addrs))
+            return String::new();
         }
+        let m = format!(" -m set --match-set {name} {dir}");
+        sets.push(render_set(name, addrs));
+        m
     };
     if !d.all_ports.is_empty() {
-        let m = set_match(out, format!("{SET_PREFIX}{tag}-{ifname}-a"), &d.all_ports);
+        let m = set_match(format!("{SET_PREFIX}{tag}-{ifname}-a"), &d.all_ports);
         rules.push(format!("-A {chain}{m} -j {verdict}"));
     }
     // One set per distinct peer set; one rule per protocol and multiport list.
@@ -126,7 +206,7 @@ fn direction(out: &mut Out, ingress: bool, ifname: &str, d: &Direction, log: boo
         }
     }
     for (i, (addrs, entries)) in groups.into_iter().enumerate() {
-        let m = set_match(out, format!("{SET_PREFIX}{tag}-{ifname}-{i}"), addrs);
+        let m = set_match(format!("{SET_PREFIX}{tag}-{ifname}-{i}"), addrs);
         for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
             let ranges: Vec<(u16, u16)> = entries
                 .iter()
@@ -155,18 +235,30 @@ fn direction(out: &mut Out, ingress: bool, ifname: &str, d: &Direction, log: boo
         ));
     }
     rules.push(format!("-A {chain} -j DROP"));
+    let mut text = String::new();
     for r in rules {
-        let _ = writeln!(out.rules, "{r}");
+        let _ = writeln!(text, "{r}");
+    }
+    RenderedDirection {
+        direction: d.clone(),
+        log,
+        rules: text,
+        sets,
+        pass: 0,
     }
 }
 
 /// The whole desired state of sluice's chains and sets.
 pub fn render(ir: &PolicyIr) -> IptablesScript {
+    render_with(ir, &mut RenderMemo::default())
+}
+
+/// [`render`], reusing what `memo` kept of the last pass.
+pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> IptablesScript {
+    memo.pass += 1;
     let mut out = Out {
-        ipsets: String::new(),
-        rules: String::new(),
-        chains: Vec::new(),
-        sets: Vec::new(),
+        sets_hash: FNV_START,
+        ..Out::default()
     };
     let (fwd, input, ing, eg) = (
         format!("{CHAIN_PREFIX}FORWARD"),
@@ -180,7 +272,8 @@ pub fn render(ir: &PolicyIr) -> IptablesScript {
             .filter(|p| p.ingress.isolated || p.egress.isolated)
             .map(|p| p.ip),
     );
-    let isolated_set = out.set(format!("{SET_PREFIX}ISOLATED"), &isolated);
+    let isolated_set = format!("{SET_PREFIX}ISOLATED");
+    out.add_set(&render_set(isolated_set.clone(), &isolated));
     let mut dispatch = String::new();
     for pod in &ir.pods {
         for (ingress, d, chain, flag, tag) in [
@@ -188,7 +281,7 @@ pub fn render(ir: &PolicyIr) -> IptablesScript {
             (false, &pod.egress, &eg, "-i", "E"),
         ] {
             if d.isolated {
-                direction(&mut out, ingress, &pod.ifname, d, ir.log_drops);
+                direction(&mut out, memo, ingress, &pod.ifname, d, ir.log_drops);
                 let _ = writeln!(
                     dispatch,
                     "-A {chain} {flag} {} -g {CHAIN_PREFIX}{tag}-{}",
@@ -229,13 +322,78 @@ pub fn render(ir: &PolicyIr) -> IptablesScript {
     f.push_str(&dispatch);
     f.push_str(&out.rules);
     f.push_str("COMMIT\n");
-    let hash = text_hash(&format!("{}{f}", out.ipsets));
+    let pass = memo.pass;
+    memo.directions.retain(|_, r| r.pass == pass);
+    let hash = format!("{:016x}", fnv1a(out.sets_hash, f.as_bytes()));
+    let filter = f.replace(HASH_SLOT, &hash);
+    let mut chain_rules: BTreeMap<String, String> =
+        chains.iter().map(|c| (c.clone(), String::new())).collect();
+    for line in filter.lines() {
+        let chain = line.strip_prefix("-A ").and_then(|l| l.split(' ').next());
+        if let Some(rules) = chain.and_then(|c| chain_rules.get_mut(c)) {
+            rules.push_str(line);
+            rules.push('\n');
+        }
+    }
     IptablesScript {
-        ipsets: out.ipsets,
-        filter: f.replace(HASH_SLOT, &hash),
+        filter,
         chains,
         sets: out.sets,
         hash,
+        chain_rules,
+        set_lines: out.set_lines,
+    }
+}
+
+/// What changes the rules in force from `old` to `new`, both as [`render`] made them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IptablesDelta {
+    /// `ipset restore` input for the sets that are new or hold other addresses.
+    pub ipsets: String,
+    /// `iptables-restore --noflush` input: the chains that are new or hold other rules
+    /// (declared, so flushed, and refilled; `SLUICE-FORWARD` always, for it carries the hash),
+    /// and `old`'s chains that `new` no longer has, deleted.
+    pub filter: String,
+    /// Sets to destroy once the rules no longer name them.
+    pub stale_sets: Vec<String>,
+}
+
+pub fn delta(old: &IptablesScript, new: &IptablesScript) -> IptablesDelta {
+    let mut ipsets = String::new();
+    for (name, lines) in &new.set_lines {
+        if old.set_lines.get(name) != Some(lines) {
+            ipsets.push_str(lines);
+        }
+    }
+    let changed: Vec<&String> = new
+        .chains
+        .iter()
+        .filter(|c| old.chain_rules.get(*c) != new.chain_rules.get(*c))
+        .collect();
+    let mut filter = String::from("*filter\n");
+    for c in &changed {
+        let _ = writeln!(filter, ":{c} - [0:0]");
+    }
+    for c in &changed {
+        filter.push_str(new.chain_rules.get(*c).map_or("", String::as_str));
+    }
+    let stale: Vec<String> = old
+        .chains
+        .iter()
+        .filter(|c| !new.chain_rules.contains_key(*c))
+        .cloned()
+        .collect();
+    filter.push_str(&delete_chains(&stale));
+    filter.push_str("COMMIT\n");
+    IptablesDelta {
+        ipsets,
+        filter,
+        stale_sets: old
+            .sets
+            .iter()
+            .filter(|s| !new.set_lines.contains_key(*s))
+            .cloned()
+            .collect(),
     }
 }
 
@@ -315,15 +473,7 @@ pub fn parse_save(save: &str) -> (Option<String>, Vec<String>) {
         .filter(|c| c.starts_with(CHAIN_PREFIX))
         .map(str::to_string)
         .collect();
-    let fwd = format!("-A {CHAIN_PREFIX}FORWARD ");
-    let hash = save.lines().filter(|l| l.starts_with(&fwd)).find_map(|l| {
-        let at = l.find(HASH_MARK)? + HASH_MARK.len();
-        let rest = &l[at..];
-        let end = rest
-            .find(|c: char| !c.is_ascii_hexdigit())
-            .unwrap_or(rest.len());
-        Some(rest[..end].to_string())
-    });
+    let hash = hash_in(save);
     let jumped = |from: &str, to: &str| {
         save.lines().any(|l| {
             l.starts_with(&format!("-A {from} ")) && l.ends_with(&format!("-j {CHAIN_PREFIX}{to}"))
@@ -333,16 +483,39 @@ pub fn parse_save(save: &str) -> (Option<String>, Vec<String>) {
     (hash.filter(|_| hooked), chains)
 }
 
+/// The hash on `SLUICE-FORWARD`'s first rule, in `iptables-save` or `iptables -S` lines.
+fn hash_in(lines: &str) -> Option<String> {
+    let fwd = format!("-A {CHAIN_PREFIX}FORWARD ");
+    lines.lines().filter(|l| l.starts_with(&fwd)).find_map(|l| {
+        let at = l.find(HASH_MARK)? + HASH_MARK.len();
+        let rest = &l[at..];
+        let end = rest
+            .find(|c: char| !c.is_ascii_hexdigit())
+            .unwrap_or(rest.len());
+        Some(rest[..end].to_string())
+    })
+}
+
 /// The policy chains through `ipset` and `iptables-restore`, in the backend the host uses.
 #[derive(Debug, Clone)]
 pub struct IptablesRestore {
     pub exec: Exec,
     pub mode: IptablesMode,
+    /// What this process last wrote: when the kernel still carries its hash, the next change
+    /// is written as a [`delta`] (a full `iptables-save` and rewrite of thousands of chains
+    /// and sets takes most of a second).
+    last: Arc<Mutex<Option<IptablesScript>>>,
+    memo: Arc<Mutex<RenderMemo>>,
 }
 
 impl IptablesRestore {
     pub fn new(exec: Exec, mode: IptablesMode) -> Self {
-        Self { exec, mode }
+        Self {
+            exec,
+            mode,
+            last: Arc::default(),
+            memo: Arc::default(),
+        }
     }
 
     /// Detects the backend as kube-proxy does (see [`choose_mode`]).
@@ -407,18 +580,71 @@ impl IptablesRestore {
             .collect())
     }
 
-    /// Inserts `-j SLUICE-<to>` at the top of `from` unless it is already there.
-    fn hook(&self, from: &str, to: &str) -> Result<(), FirewallError> {
+    /// Whether `from` jumps to `SLUICE-<to>`.
+    fn hooked(&self, from: &str, to: &str) -> Result<bool, FirewallError> {
         let target = format!("{CHAIN_PREFIX}{to}");
-        let ipt = self.bin("iptables");
         let check = self.exec.run(
-            &ipt,
+            &self.bin("iptables"),
             &["-w", "5", "-t", "filter", "-C", from, "-j", &target],
             None,
         )?;
-        if check.status.success() {
+        Ok(check.status.success())
+    }
+
+    /// The hash in force, read from `SLUICE-FORWARD`'s first rule and the two jumps alone
+    /// (three short calls where `iptables-save` lists every chain); `None` when any is
+    /// missing.
+    fn quick_hash(&self) -> Result<Option<String>, FirewallError> {
+        let first = self.exec.run(
+            &self.bin("iptables"),
+            &[
+                "-w",
+                "5",
+                "-t",
+                "filter",
+                "-S",
+                &format!("{CHAIN_PREFIX}FORWARD"),
+                "1",
+            ],
+            None,
+        )?;
+        if !first.status.success() {
+            return Ok(None);
+        }
+        let hash = hash_in(&String::from_utf8_lossy(&first.stdout));
+        if hash.is_none()
+            || !self.hooked("FORWARD", "FORWARD")?
+            || !self.hooked("INPUT", "INPUT")?
+        {
+            return Ok(None);
+        }
+        Ok(hash)
+    }
+
+    /// Writes `delta` from the script in force to `script`.
+    fn write_delta(&self, delta: &IptablesDelta) -> Result<(), FirewallError> {
+        if !delta.ipsets.is_empty() {
+            self.checked("ipset", &["restore"], Some(&delta.ipsets), "restore")?;
+        }
+        self.checked(
+            &self.bin("iptables-restore"),
+            &["-w", "5", "--noflush"],
+            Some(&delta.filter),
+            "restore",
+        )?;
+        for set in &delta.stale_sets {
+            self.checked("ipset", &["destroy", set], None, "destroy")?;
+        }
+        Ok(())
+    }
+
+    /// Inserts `-j SLUICE-<to>` at the top of `from` unless it is already there.
+    fn hook(&self, from: &str, to: &str) -> Result<(), FirewallError> {
+        if self.hooked(from, to)? {
             return Ok(());
         }
+        let target = format!("{CHAIN_PREFIX}{to}");
+        let ipt = self.bin("iptables");
         self.checked(
             &ipt,
             &["-w", "5", "-t", "filter", "-I", from, "1", "-j", &target],
@@ -457,6 +683,11 @@ impl Firewall for IptablesRestore {
         Backend::Iptables
     }
 
+    fn render(&self, ir: &PolicyIr) -> Rendered {
+        let mut memo = self.memo.lock().unwrap_or_else(|p| p.into_inner());
+        Rendered::Iptables(render_with(ir, &mut memo))
+    }
+
     fn observe(&self) -> Result<Observed, FirewallError> {
         Ok(Observed {
             hash: parse_save(&self.save()?).0,
@@ -469,14 +700,48 @@ impl Firewall for IptablesRestore {
                 want: Backend::Iptables,
             });
         };
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(prev) = last.take() {
+            match self.quick_hash() {
+                Ok(Some(h)) if h == script.hash => {
+                    *last = Some(script.clone());
+                    return Ok(Applied {
+                        written: false,
+                        incremental: false,
+                    });
+                }
+                Ok(Some(h)) if h == prev.hash => {
+                    let d = delta(&prev, script);
+                    match self.write_delta(&d) {
+                        Ok(()) => {
+                            tracing::info!(hash = %script.hash, from = %prev.hash, chains = d.filter.lines().filter(|l| l.starts_with(':')).count(), sets = d.ipsets.matches("\nswap ").count(), "iptables policy changed");
+                            *last = Some(script.clone());
+                            return Ok(Applied {
+                                written: true,
+                                incremental: true,
+                            });
+                        }
+                        // Whatever the delta left, the full write below replaces it.
+                        Err(e) => {
+                            tracing::warn!(error = %e, "iptables policy delta refused; rewriting every chain")
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the policy hash failed; listing the table")
+                }
+            }
+        }
         let (hash, have_chains) = parse_save(&self.save()?);
         if hash.as_deref() == Some(script.hash.as_str()) {
+            *last = Some(script.clone());
             return Ok(Applied {
                 written: false,
                 incremental: false,
             });
         }
-        self.checked("ipset", &["restore"], Some(&script.ipsets), "restore")?;
+        self.checked("ipset", &["restore"], Some(&script.ipsets()), "restore")?;
         let stale: Vec<String> = have_chains
             .into_iter()
             .filter(|c| !script.chains.contains(c))
@@ -495,6 +760,7 @@ impl Firewall for IptablesRestore {
         self.hook("INPUT", "INPUT")?;
         self.destroy_sets(&script.sets)?;
         tracing::info!(hash = %script.hash, mode = ?self.mode, chains = script.chains.len(), sets = script.sets.len(), "iptables policy chains replaced");
+        *last = Some(script.clone());
         Ok(Applied {
             written: true,
             incremental: false,
@@ -502,6 +768,7 @@ impl Firewall for IptablesRestore {
     }
 
     fn remove(&self) -> Result<(), FirewallError> {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.unhook("FORWARD", "FORWARD")?;
         self.unhook("INPUT", "INPUT")?;
         let (_, chains) = parse_save(&self.save()?);

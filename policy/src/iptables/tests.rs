@@ -16,7 +16,7 @@ fn set_script(name: &str, members: &[&str]) -> String {
 fn the_rendered_chains_and_sets_are_golden() {
     let s = render(&sample());
     assert_eq!(
-        s.ipsets,
+        s.ipsets(),
         set_script("SLUICE-ISOLATED", &["10.244.1.1/32", "10.244.1.3/32"])
             + &set_script("SLUICE-I-sla-a", &["10.0.0.1/32"])
             + &set_script("SLUICE-I-sla-0", &["10.0.1.0/24"])
@@ -171,4 +171,71 @@ fn logged_drops_go_to_nflog_before_each_drop() {
         assert!(s.contains(want), "{want:?} missing from\n{s}");
     }
     assert!(!render(&sample()).filter.contains("NFLOG"));
+}
+
+#[test]
+fn a_delta_writes_only_what_changed() {
+    let old = render(&sample());
+    let same = delta(&old, &old);
+    assert_eq!(same.ipsets, "");
+    assert_eq!(same.filter, "*filter\nCOMMIT\n");
+    assert!(same.stale_sets.is_empty());
+
+    // Other peers for one port entry: that set alone is refilled, and SLUICE-FORWARD
+    // rewritten for its hash; sla's chain names the same sets, so it stays.
+    let mut ir = sample();
+    ir.pods[0].ingress.ports[0].addrs = AddrSet::from_addrs(["10.0.2.7".parse().unwrap()]);
+    let new = render(&ir);
+    let d = delta(&old, &new);
+    assert_eq!(d.ipsets, set_script("SLUICE-I-sla-0", &["10.0.2.7/32"]));
+    let declared: Vec<&str> = d.filter.lines().filter(|l| l.starts_with(':')).collect();
+    assert_eq!(declared, [":SLUICE-FORWARD - [0:0]"]);
+    assert!(d.filter.contains(&new.hash) && !d.filter.contains("-X"));
+
+    // slc no longer isolated: its chain goes, the egress dispatch is rewritten; sla loses
+    // its all-ports set, which is destroyed after the rules stop naming it.
+    let mut ir = sample();
+    ir.pods[2].egress = Direction::default();
+    ir.pods[0].ingress.all_ports = AddrSet::new();
+    let d = delta(&old, &render(&ir));
+    let declared: Vec<&str> = d.filter.lines().filter(|l| l.starts_with(':')).collect();
+    assert_eq!(
+        declared,
+        [
+            ":SLUICE-FORWARD - [0:0]",
+            ":SLUICE-EGRESS - [0:0]",
+            ":SLUICE-I-sla - [0:0]",
+            ":SLUICE-E-slc - [0:0]"
+        ]
+    );
+    assert!(
+        d.filter.ends_with("-X SLUICE-E-slc\nCOMMIT\n"),
+        "{}",
+        d.filter
+    );
+    assert!(d.filter.contains("-A SLUICE-EGRESS -i slc -j RETURN\n"));
+    assert_eq!(d.stale_sets, ["SLUICE-I-sla-a"]);
+}
+
+#[test]
+fn a_kept_render_memo_renders_what_a_fresh_render_does() {
+    let mut irs = vec![sample()];
+    let mut other_peers = sample();
+    other_peers.pods[0].ingress.ports[0].addrs = AddrSet::from_addrs(["10.0.2.7".parse().unwrap()]);
+    irs.push(other_peers);
+    let mut logged = sample();
+    logged.log_drops = true;
+    irs.push(logged);
+    let mut fewer = sample();
+    fewer.pods.remove(2);
+    irs.push(fewer);
+    let mut memo = RenderMemo::default();
+    for ir in irs.iter().chain(irs.iter().rev()) {
+        assert_eq!(render_with(ir, &mut memo), render(ir));
+    }
+    // Only the directions of the last pass are kept: sla's ingress and slc's egress.
+    assert_eq!(memo.directions.len(), 2);
+    // Each IR has its own hash.
+    let hashes: std::collections::BTreeSet<String> = irs.iter().map(|ir| render(ir).hash).collect();
+    assert_eq!(hashes.len(), irs.len());
 }
