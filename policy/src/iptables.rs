@@ -1,8 +1,10 @@
 //! The iptables renderer and applier: sluice's own chains (`SLUICE-` prefix) in table
-//! `filter`, written by one `iptables-restore --noflush -w` (each of sluice's chains is
-//! declared, so flushed and refilled, in one commit; nobody else's chain is touched), peers in
-//! ipsets (`hash:net`) so that 10,000 peers are one lookup, the jumps from `FORWARD` and
-//! `INPUT` inserted once (checked with `-C` first).
+//! `filter`, written by one `iptables-restore --noflush -w` (each chain written is declared, so
+//! flushed and refilled, in one commit; nobody else's chain is touched), peers in ipsets
+//! (`hash:net`, filled aside and swapped in) so that 10,000 peers are one lookup, the jumps
+//! from `FORWARD` and `INPUT` inserted once (checked with `-C` first). The first write, and any
+//! write after the rules in force stopped being the ones this process wrote, covers every chain
+//! and set; after that only what changed is written ([`delta`]).
 //!
 //! The same shape as the nftables table (see [`crate::nft`]); where nft has verdict maps,
 //! `SLUICE-INGRESS`/`SLUICE-EGRESS` hold one rule per local pod (linear in the node's pods, not
@@ -591,10 +593,10 @@ impl IptablesRestore {
         Ok(check.status.success())
     }
 
-    /// The hash in force, read from `SLUICE-FORWARD`'s first rule and the two jumps alone
-    /// (three short calls where `iptables-save` lists every chain); `None` when any is
-    /// missing.
-    fn quick_hash(&self) -> Result<Option<String>, FirewallError> {
+    /// The hash on `SLUICE-FORWARD`'s first rule (one short call where `iptables-save` lists
+    /// every chain); `None` when the chain or the hash is missing. Says nothing of the jumps
+    /// to sluice's chains: see [`Self::hooked`].
+    fn forward_hash(&self) -> Result<Option<String>, FirewallError> {
         let first = self.exec.run(
             &self.bin("iptables"),
             &[
@@ -611,17 +613,12 @@ impl IptablesRestore {
         if !first.status.success() {
             return Ok(None);
         }
-        let hash = hash_in(&String::from_utf8_lossy(&first.stdout));
-        if hash.is_none()
-            || !self.hooked("FORWARD", "FORWARD")?
-            || !self.hooked("INPUT", "INPUT")?
-        {
-            return Ok(None);
-        }
-        Ok(hash)
+        Ok(hash_in(&String::from_utf8_lossy(&first.stdout)))
     }
 
-    /// Writes `delta` from the script in force to `script`.
+    /// Writes `delta` from the script in force to `script`, then puts back any missing jump
+    /// (after the rules, which are what enforces the change) and destroys the stale sets in
+    /// one call.
     fn write_delta(&self, delta: &IptablesDelta) -> Result<(), FirewallError> {
         if !delta.ipsets.is_empty() {
             self.checked("ipset", &["restore"], Some(&delta.ipsets), "restore")?;
@@ -632,8 +629,15 @@ impl IptablesRestore {
             Some(&delta.filter),
             "restore",
         )?;
-        for set in &delta.stale_sets {
-            self.checked("ipset", &["destroy", set], None, "destroy")?;
+        self.hook("FORWARD", "FORWARD")?;
+        self.hook("INPUT", "INPUT")?;
+        if !delta.stale_sets.is_empty() {
+            let destroy: String = delta
+                .stale_sets
+                .iter()
+                .map(|s| format!("destroy {s}\n"))
+                .collect();
+            self.checked("ipset", &["restore"], Some(&destroy), "destroy")?;
         }
         Ok(())
     }
@@ -702,8 +706,12 @@ impl Firewall for IptablesRestore {
         };
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(prev) = last.take() {
-            match self.quick_hash() {
-                Ok(Some(h)) if h == script.hash => {
+            match self.forward_hash() {
+                Ok(Some(h))
+                    if h == script.hash
+                        && self.hooked("FORWARD", "FORWARD")?
+                        && self.hooked("INPUT", "INPUT")? =>
+                {
                     *last = Some(script.clone());
                     return Ok(Applied {
                         written: false,

@@ -753,6 +753,37 @@ fn every_iptables_delta_leaves_the_rules_a_full_write_would() {
         );
         node.assert_others_survive(cases[to].0);
     }
+    // A jump to sluice's chains removed by hand: the rules are not in force, and the next
+    // apply puts it back, whether it has a change to write or not.
+    let last = incremental.render(&irs[0]);
+    for change in [true, false] {
+        let n = &node.node.name;
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            n,
+            "iptables",
+            "-D",
+            "FORWARD",
+            "-j",
+            "SLUICE-FORWARD",
+        ]);
+        assert_eq!(incremental.observe().unwrap().hash, None);
+        let wanted = if change {
+            incremental.render(&irs[1])
+        } else {
+            last.clone()
+        };
+        assert!(incremental.apply(&wanted).unwrap().written);
+        assert_eq!(
+            incremental.observe().unwrap().hash.as_deref(),
+            Some(wanted.hash())
+        );
+        if change {
+            incremental.apply(&last).unwrap();
+        }
+    }
 }
 
 #[test]
