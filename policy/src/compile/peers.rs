@@ -88,6 +88,9 @@ pub(super) struct PeerIndex {
     /// as they are (new or changed).
     removed: Vec<Peer>,
     added: Vec<usize>,
+    /// The pods of the last update, as given: the same objects in the same order again (a
+    /// watch cache that did not change) need no reading at all.
+    last_input: Vec<Arc<Pod>>,
 }
 
 /// Which peers the last update changed.
@@ -99,9 +102,18 @@ pub(super) enum Changes<'a> {
 impl PeerIndex {
     /// Brings the index to `pods` (every pod of the cluster).
     pub fn update(&mut self, pods: &[Arc<Pod>]) {
-        self.pass += 1;
         self.removed.clear();
         self.added.clear();
+        let unchanged = pods.len() == self.last_input.len()
+            && pods
+                .iter()
+                .zip(&self.last_input)
+                .all(|(a, b)| Arc::ptr_eq(a, b));
+        if unchanged {
+            return;
+        }
+        self.last_input = pods.to_vec();
+        self.pass += 1;
         for pod in pods {
             let key = object_key(&pod.metadata);
             let version = pod.metadata.resource_version.as_deref();

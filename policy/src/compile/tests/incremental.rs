@@ -252,6 +252,14 @@ fn walk(seed: u64, versioned: bool) {
             fresh,
             "seed {seed}, step {step}: {what}"
         );
+        if step % 10 == 0 {
+            // The very same objects again, as a watch cache that did not change gives them.
+            assert_eq!(
+                kept.compile(&input, &local),
+                fresh,
+                "seed {seed}, step {step}: again"
+            );
+        }
         if step == 0 {
             assert!(
                 fresh.pods.iter().any(|p| p.ingress.isolated),
