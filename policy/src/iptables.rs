@@ -19,10 +19,8 @@ use crate::droplog::{self, DropDirection};
 use crate::firewall::{Applied, Backend, Exec, Firewall, FirewallError, Observed, Rendered};
 use crate::ir::{AddrSet, Direction, PolicyIr, PortEntry, Protocol};
 use crate::nft::HASH_MARK;
-use crate::{fnv1a, FNV_START};
-use std::collections::hash_map::Entry;
+use crate::{fnv1a, memo, FNV_START};
 use std::collections::BTreeMap;
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
@@ -128,24 +126,15 @@ fn drop_direction(ingress: bool) -> DropDirection {
     }
 }
 
-/// One isolated direction's chain (its `-A` lines) and sets, and what they were rendered from.
+/// One isolated direction's chain (its `-A` lines) and sets.
 #[derive(Debug)]
-struct RenderedDirection {
-    direction: Direction,
-    log: bool,
+pub struct RenderedDirection {
     rules: String,
     sets: Vec<RenderedSet>,
-    pass: u64,
 }
 
-/// Pod directions rendered in earlier passes, by chain: a direction that did not change is
-/// not rendered again (its sets may hold thousands of addresses). Entries a pass did not use
-/// are dropped at its end.
-#[derive(Debug, Default)]
-pub struct RenderMemo {
-    directions: HashMap<String, RenderedDirection>,
-    pass: u64,
-}
+/// Rendered directions kept from pass to pass, by chain name.
+pub type RenderMemo = memo::RenderMemo<RenderedDirection>;
 
 /// The chain and sets of one isolated direction, rendered or kept in `memo`.
 fn direction(
@@ -158,14 +147,9 @@ fn direction(
 ) {
     let tag = if ingress { "I" } else { "E" };
     let chain = format!("{CHAIN_PREFIX}{tag}-{ifname}");
-    let rendered = match memo.directions.entry(chain.clone()) {
-        Entry::Occupied(e) if e.get().log == log && e.get().direction == *d => e.into_mut(),
-        entry => {
-            let fresh = render_direction(&chain, ingress, ifname, d, log);
-            entry.insert_entry(fresh).into_mut()
-        }
-    };
-    rendered.pass = memo.pass;
+    let rendered = memo.get(&chain, d, log, || {
+        render_direction(&chain, ingress, ifname, d, log)
+    });
     for set in &rendered.sets {
         out.add_set(set);
     }
@@ -241,13 +225,7 @@ fn render_direction(
     for r in rules {
         let _ = writeln!(text, "{r}");
     }
-    RenderedDirection {
-        direction: d.clone(),
-        log,
-        rules: text,
-        sets,
-        pass: 0,
-    }
+    RenderedDirection { rules: text, sets }
 }
 
 /// The whole desired state of sluice's chains and sets.
@@ -257,7 +235,7 @@ pub fn render(ir: &PolicyIr) -> IptablesScript {
 
 /// [`render`], reusing what `memo` kept of the last pass.
 pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> IptablesScript {
-    memo.pass += 1;
+    memo.begin_pass();
     let mut out = Out {
         sets_hash: FNV_START,
         ..Out::default()
@@ -324,8 +302,7 @@ pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> IptablesScript {
     f.push_str(&dispatch);
     f.push_str(&out.rules);
     f.push_str("COMMIT\n");
-    let pass = memo.pass;
-    memo.directions.retain(|_, r| r.pass == pass);
+    memo.end_pass();
     let hash = format!("{:016x}", fnv1a(out.sets_hash, f.as_bytes()));
     let filter = f.replace(HASH_SLOT, &hash);
     let mut chain_rules: BTreeMap<String, String> =

@@ -17,6 +17,7 @@ pub mod droplog;
 pub mod firewall;
 pub mod iptables;
 pub mod ir;
+pub mod memo;
 pub mod nft;
 pub mod selector;
 

@@ -28,9 +28,8 @@
 use crate::droplog::{self, DropDirection};
 use crate::firewall::{Applied, Backend, Exec, Firewall, FirewallError, Observed, Rendered};
 use crate::ir::{AddrSet, Direction, PolicyIr, PortEntry};
-use crate::text_hash;
-use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
+use crate::{memo, text_hash};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
@@ -159,22 +158,13 @@ fn insert_set(table: &mut NftTable, base: &str, set: NftSet) -> String {
 
 /// What one isolated direction of one pod renders to: its sets and its chain.
 #[derive(Debug)]
-struct RenderedDirection {
-    direction: Direction,
-    log: bool,
+pub struct RenderedDirection {
     sets: Vec<(String, Arc<NftSet>)>,
     chain: Arc<NftChain>,
-    /// The last pass that used it.
-    pass: u64,
 }
 
-/// Rendered directions kept from pass to pass by chain name: most passes change a few pods,
-/// and rendering a thousand unchanged ones again is most of a pass's render time.
-#[derive(Debug, Default)]
-pub struct RenderMemo {
-    directions: HashMap<String, RenderedDirection>,
-    pass: u64,
-}
+/// Rendered directions kept from pass to pass, by chain name.
+pub type RenderMemo = memo::RenderMemo<RenderedDirection>;
 
 /// Sets and chain of one isolated direction, rendered or kept in `memo`; `prefix` is `i` or
 /// `e`.
@@ -187,14 +177,9 @@ fn direction(
     log: bool,
 ) {
     let name = format!("{prefix}-{ifname}");
-    let rendered = match memo.directions.entry(name.clone()) {
-        Entry::Occupied(e) if e.get().log == log && e.get().direction == *d => e.into_mut(),
-        entry => {
-            let fresh = render_direction(&name, prefix, ifname, d, log);
-            entry.insert_entry(fresh).into_mut()
-        }
-    };
-    rendered.pass = memo.pass;
+    let rendered = memo.get(&name, d, log, || {
+        render_direction(&name, prefix, ifname, d, log)
+    });
     for (set_name, set) in &rendered.sets {
         table.sets.insert(set_name.clone(), set.clone());
     }
@@ -245,11 +230,8 @@ fn render_direction(
     }
     rules.push("drop".into());
     RenderedDirection {
-        direction: d.clone(),
-        log,
         sets,
         chain: Arc::new(NftChain { hook: None, rules }),
-        pass: 0,
     }
 }
 
@@ -342,7 +324,7 @@ pub fn render(ir: &PolicyIr) -> NftScript {
 
 /// [`render`], reusing what `memo` kept of the last pass.
 pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> NftScript {
-    memo.pass += 1;
+    memo.begin_pass();
     let mut table = NftTable::default();
     let mut maps = [BTreeMap::new(), BTreeMap::new()];
     for pod in &ir.pods {
@@ -359,8 +341,7 @@ pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> NftScript {
             maps[i].insert(format!("\"{}\"", pod.ifname), Some(verdict));
         }
     }
-    let pass = memo.pass;
-    memo.directions.retain(|_, r| r.pass == pass);
+    memo.end_pass();
     let isolated = AddrSet::from_addrs(
         ir.pods
             .iter()

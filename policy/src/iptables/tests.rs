@@ -234,7 +234,7 @@ fn a_kept_render_memo_renders_what_a_fresh_render_does() {
         assert_eq!(render_with(ir, &mut memo), render(ir));
     }
     // Only the directions of the last pass are kept: sla's ingress and slc's egress.
-    assert_eq!(memo.directions.len(), 2);
+    assert_eq!(memo.len(), 2);
     // Each IR has its own hash.
     let hashes: std::collections::BTreeSet<String> = irs.iter().map(|ir| render(ir).hash).collect();
     assert_eq!(hashes.len(), irs.len());

@@ -382,5 +382,5 @@ fn a_memo_renders_what_a_fresh_render_does_and_keeps_unchanged_pods() {
     // A pod no longer isolated is forgotten.
     let empty = render_with(&PolicyIr::default(), &mut memo);
     assert_eq!(empty, render(&PolicyIr::default()));
-    assert!(memo.directions.is_empty());
+    assert!(memo.is_empty());
 }
