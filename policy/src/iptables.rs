@@ -41,8 +41,8 @@ pub struct IptablesScript {
     pub chains: Vec<String>,
     pub sets: Vec<String>,
     pub hash: String,
-    /// Each chain's rules and each set's `ipset restore` lines (shared with the render memo
-    /// and with the applier's record of what it wrote): what [`delta`] compares.
+    /// Each chain's rules and each set's `ipset restore` lines (the latter shared with the
+    /// render memo): what [`delta`] compares.
     pub chain_rules: BTreeMap<String, String>,
     pub set_lines: BTreeMap<String, Arc<str>>,
 }
@@ -608,15 +608,7 @@ impl IptablesRestore {
         )?;
         self.hook("FORWARD", "FORWARD")?;
         self.hook("INPUT", "INPUT")?;
-        if !delta.stale_sets.is_empty() {
-            let destroy: String = delta
-                .stale_sets
-                .iter()
-                .map(|s| format!("destroy {s}\n"))
-                .collect();
-            self.checked("ipset", &["restore"], Some(&destroy), "destroy")?;
-        }
-        Ok(())
+        self.destroy(&delta.stale_sets)
     }
 
     /// Inserts `-j SLUICE-<to>` at the top of `from` unless it is already there.
@@ -651,10 +643,23 @@ impl IptablesRestore {
         Ok(())
     }
 
+    /// Destroys every set of sluice's but those in `keep`.
     fn destroy_sets(&self, keep: &[String]) -> Result<(), FirewallError> {
-        for s in self.sets()?.iter().filter(|s| !keep.contains(s)) {
-            self.checked("ipset", &["destroy", s], None, "destroy")?;
+        let stale: Vec<String> = self
+            .sets()?
+            .into_iter()
+            .filter(|s| !keep.contains(s))
+            .collect();
+        self.destroy(&stale)
+    }
+
+    /// Destroys `sets`, in one `ipset restore`.
+    fn destroy(&self, sets: &[String]) -> Result<(), FirewallError> {
+        if sets.is_empty() {
+            return Ok(());
         }
+        let lines: String = sets.iter().map(|s| format!("destroy {s}\n")).collect();
+        self.checked("ipset", &["restore"], Some(&lines), "destroy")?;
         Ok(())
     }
 }
@@ -689,7 +694,11 @@ impl Firewall for IptablesRestore {
                         && self.hooked("FORWARD", "FORWARD")?
                         && self.hooked("INPUT", "INPUT")? =>
                 {
-                    *last = Some(script.clone());
+                    *last = Some(if prev.hash == script.hash {
+                        prev
+                    } else {
+                        script.clone()
+                    });
                     return Ok(Applied {
                         written: false,
                         incremental: false,

@@ -642,6 +642,49 @@ fn nft_listing(node: &Node) -> Vec<String> {
     blocks
 }
 
+/// Walks the renderer suite's cases forwards, then back (so each change is met in both
+/// directions) with `incremental`, and checks that each change is written as a delta, that
+/// `observed` then reads its hash, and that it leaves what an applier that knows nothing
+/// (`fresh`) writes in full, as `listing` reads the kernel. The cases' IRs are returned.
+fn every_delta_leaves_what_a_full_write_would<F: Firewall, L: PartialEq + std::fmt::Debug>(
+    node: &Node,
+    incremental: &F,
+    fresh: impl Fn() -> F,
+    observed: impl Fn() -> Option<String>,
+    listing: impl Fn(&Node) -> L,
+) -> Vec<PolicyIr> {
+    let cases = cases();
+    let irs: Vec<PolicyIr> = cases.iter().map(|c| ir_for(&c.1)).collect();
+    let order: Vec<usize> = (0..irs.len()).chain((0..irs.len()).rev()).collect();
+    for pair in order.windows(2) {
+        let (from, to) = (pair[0], pair[1]);
+        incremental.apply(&incremental.render(&irs[from])).unwrap();
+        let wanted = incremental.render(&irs[to]);
+        let applied = incremental.apply(&wanted).unwrap();
+        assert_eq!(observed().as_deref(), Some(wanted.hash()));
+        if from == to {
+            assert!(!applied.written);
+            continue;
+        }
+        assert!(applied.incremental, "{} -> {}", cases[from].0, cases[to].0);
+        let by_delta = listing(node);
+        let fresh = fresh();
+        fresh.remove().unwrap();
+        assert_eq!(observed(), None);
+        let full = fresh.apply(&fresh.render(&irs[to])).unwrap();
+        assert!(full.written && !full.incremental);
+        assert_eq!(
+            by_delta,
+            listing(node),
+            "{} -> {}: the delta left other rules than a full write",
+            cases[from].0,
+            cases[to].0
+        );
+        node.assert_others_survive(cases[to].0);
+    }
+    irs
+}
+
 #[test]
 fn every_nft_delta_leaves_the_table_a_full_write_would() {
     if !have_root() || !need("nft") {
@@ -649,43 +692,14 @@ fn every_nft_delta_leaves_the_table_a_full_write_would() {
     }
     let node = Node::new();
     node.add_others();
-    let cases = cases();
-    let irs: Vec<PolicyIr> = cases.iter().map(|c| ir_for(&c.1)).collect();
-    // Forward through the cases, then back, so each change is met in both directions.
-    let order: Vec<usize> = (0..irs.len()).chain((0..irs.len()).rev()).collect();
-    let incremental = NftCli::new(node.exec());
-    for pair in order.windows(2) {
-        let (from, to) = (pair[0], pair[1]);
-        incremental.apply(&incremental.render(&irs[from])).unwrap();
-        let wanted = incremental.render(&irs[to]);
-        let applied = incremental.apply(&wanted).unwrap();
-        // The hash as read over netlink is the one `nft` lists.
-        let via_netlink = sluice_policy::nft::observe::state_hash(Some(&node.node.name)).unwrap();
-        assert_eq!(via_netlink.as_deref(), Some(wanted.hash()));
-        if from == to {
-            assert!(!applied.written);
-            continue;
-        }
-        assert!(applied.incremental, "{} -> {}", cases[from].0, cases[to].0);
-        let by_delta = nft_listing(&node);
-        // A fresh applier knows nothing of the kernel's table: it writes the whole of it.
-        let fresh = NftCli::new(node.exec());
-        fresh.remove().unwrap();
-        assert_eq!(
-            sluice_policy::nft::observe::state_hash(Some(&node.node.name)).unwrap(),
-            None
-        );
-        let full = fresh.apply(&fresh.render(&irs[to])).unwrap();
-        assert!(full.written && !full.incremental);
-        assert_eq!(
-            by_delta,
-            nft_listing(&node),
-            "{} -> {}: the delta left another table",
-            cases[from].0,
-            cases[to].0
-        );
-        node.assert_others_survive(cases[to].0);
-    }
+    // The hash read over netlink, as the agent reads it, is the one written.
+    every_delta_leaves_what_a_full_write_would(
+        &node,
+        &NftCli::new(node.exec()),
+        || NftCli::new(node.exec()),
+        || sluice_policy::nft::observe::state_hash(Some(&node.node.name)).unwrap(),
+        nft_listing,
+    );
 }
 
 /// sluice's iptables rules and ipset members in `node`, sorted, counters left out.
@@ -720,39 +734,14 @@ fn every_iptables_delta_leaves_the_rules_a_full_write_would() {
     }
     let node = Node::new();
     node.add_others();
-    let cases = cases();
-    let irs: Vec<PolicyIr> = cases.iter().map(|c| ir_for(&c.1)).collect();
-    let order: Vec<usize> = (0..irs.len()).chain((0..irs.len()).rev()).collect();
     let incremental = IptablesRestore::detect(node.exec()).unwrap();
-    for pair in order.windows(2) {
-        let (from, to) = (pair[0], pair[1]);
-        incremental.apply(&incremental.render(&irs[from])).unwrap();
-        let wanted = incremental.render(&irs[to]);
-        let applied = incremental.apply(&wanted).unwrap();
-        assert_eq!(
-            incremental.observe().unwrap().hash.as_deref(),
-            Some(wanted.hash())
-        );
-        if from == to {
-            assert!(!applied.written);
-            continue;
-        }
-        assert!(applied.incremental, "{} -> {}", cases[from].0, cases[to].0);
-        let by_delta = iptables_listing(&node);
-        // A fresh applier knows nothing of what is in force: it writes all of it.
-        let fresh = IptablesRestore::detect(node.exec()).unwrap();
-        fresh.remove().unwrap();
-        let full = fresh.apply(&fresh.render(&irs[to])).unwrap();
-        assert!(full.written && !full.incremental);
-        assert_eq!(
-            by_delta,
-            iptables_listing(&node),
-            "{} -> {}: the delta left other rules",
-            cases[from].0,
-            cases[to].0
-        );
-        node.assert_others_survive(cases[to].0);
-    }
+    let irs = every_delta_leaves_what_a_full_write_would(
+        &node,
+        &incremental,
+        || IptablesRestore::detect(node.exec()).unwrap(),
+        || incremental.observe().unwrap().hash,
+        iptables_listing,
+    );
     // A jump to sluice's chains removed by hand: the rules are not in force, and the next
     // apply puts it back, whether it has a change to write or not.
     let last = incremental.render(&irs[0]);

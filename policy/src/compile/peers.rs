@@ -117,16 +117,16 @@ impl PeerIndex {
         for pod in pods {
             let key = object_key(&pod.metadata);
             let version = pod.metadata.resource_version.as_deref();
-            let known = self.known.get_mut(key.as_ref());
-            if let Some(k) = known {
+            let old_slot = match self.known.get_mut(key.as_ref()) {
                 // No version (objects not from an API server) always reads the pod again.
-                if version.is_some() && k.version.as_deref() == version {
+                Some(k) if version.is_some() && k.version.as_deref() == version => {
                     k.seen = self.pass;
                     continue;
                 }
-            }
+                Some(k) => k.slot,
+                None => None,
+            };
             let peer = Peer::of(pod);
-            let old_slot = self.known.get(key.as_ref()).and_then(|k| k.slot);
             let slot = match (old_slot, peer) {
                 (Some(s), Some(peer)) if self.slots[s].as_ref().is_some_and(|p| p.same(&peer)) => {
                     Some(s)

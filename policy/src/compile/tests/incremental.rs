@@ -146,29 +146,22 @@ impl World {
         match rng.below(8) {
             0 => {
                 let app = *rng.pick(&APPS);
-                let v = self.stamp();
-                let p = &mut self.pods[i];
-                p.metadata
-                    .labels
-                    .get_or_insert_default()
-                    .insert("app".into(), app.into());
-                p.metadata.resource_version = v;
+                self.edit_pod(i, |p| {
+                    let labels = p.metadata.labels.get_or_insert_default();
+                    labels.insert("app".into(), app.into());
+                });
                 "pod labels"
             }
             1 => {
-                let v = self.stamp();
-                let p = &mut self.pods[i];
-                let status = p.status.get_or_insert_default();
-                status.pod_ip = Some(format!("10.245.{}.{}", i % 200, rng.below(200) + 1));
-                p.metadata.resource_version = v;
+                let ip = format!("10.245.{}.{}", i % 200, rng.below(200) + 1);
+                self.edit_pod(i, |p| p.status.get_or_insert_default().pod_ip = Some(ip));
                 "pod address"
             }
             2 => {
                 let phase = *rng.pick(&["Running", "Succeeded", "Failed"]);
-                let v = self.stamp();
-                let p = &mut self.pods[i];
-                p.status.get_or_insert_default().phase = Some(phase.into());
-                p.metadata.resource_version = v;
+                self.edit_pod(i, |p| {
+                    p.status.get_or_insert_default().phase = Some(phase.into());
+                });
                 "pod phase"
             }
             3 => {
@@ -208,6 +201,14 @@ impl World {
                 "many pods added"
             }
         }
+    }
+
+    /// Pod `i` changed by `edit`, with a new version.
+    fn edit_pod(&mut self, i: usize, edit: impl FnOnce(&mut Pod)) {
+        let version = self.stamp();
+        let pod = &mut self.pods[i];
+        edit(pod);
+        pod.metadata.resource_version = version;
     }
 
     fn below_pods(&self, rng: &mut Rng) -> usize {
