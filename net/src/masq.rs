@@ -1,16 +1,20 @@
-//! Masquerade of pod traffic leaving the cluster CIDR (the `masquerade` key), pod-to-pod never
-//! NATed. The rules are plain data ([`plan`]); [`render`] turns them into one nftables
-//! transaction on sluice's own table `ip sluice-nat` (nobody else's table is touched, and
-//! nothing is flushed but it); [`diff`] compares the rules' hash comments with what `nft -j`
-//! shows, so an unchanged table is not rewritten and a rule deleted by hand comes back.
+//! The node's own address translation and connection tracking rules: masquerade of pod traffic
+//! leaving the cluster CIDR (the `masquerade` key), pod-to-pod never NATed, and the node's VXLAN
+//! packets kept out of conntrack. The rules are plain data ([`plan`]); [`render`] turns them
+//! into one nftables transaction on sluice's own table `ip sluice-nat` (nobody else's table is
+//! touched, and nothing is flushed but it); [`diff`] compares the rules' hash comments with what
+//! `nft -j` shows, so an unchanged table is not rewritten and a rule deleted by hand comes back.
 
 use ipnet::Ipv4Net;
+use std::net::Ipv4Addr;
 use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 
 /// sluice's NAT table (DESIGN.md: what sluice owns is recognisable by its nftables table).
 pub const NAT_TABLE: &str = "sluice-nat";
-const CHAIN: &str = "postrouting";
+const NAT_CHAIN: &str = "postrouting";
+const RAW_PREROUTING: &str = "raw-prerouting";
+const RAW_OUTPUT: &str = "raw-output";
 const MULTICAST: &str = "224.0.0.0/4";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,20 +33,43 @@ pub struct NatRule {
     pub verdict: Verdict,
 }
 
-/// The NAT the node wants: no rules (and no table) when masquerade is off.
+/// The node's VXLAN packets (UDP to `port`, from or to the node's `underlay_ip`), which
+/// conntrack is told to leave alone.
+///
+/// A VXLAN sender picks its UDP source port from a hash of the inner flow, and both ends send
+/// to the same port, so conntrack never sees a reply: every inner flow leaves an UNREPLIED
+/// entry per direction on both nodes, filling the table that kube-proxy's NAT and policy need
+/// (Calico, Antrea and OpenShift SDN all stopped tracking these packets for that reason), and
+/// every encapsulated packet pays two lookups per node. Nothing needs their state: masquerade
+/// only rewrites pod sources, and policy acts on the inner packets, which the kernel tracks
+/// afresh once they are decapsulated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UntrackedTunnel {
+    pub underlay_ip: Ipv4Addr,
+    pub port: u16,
+}
+
+/// The table the node wants: no rules (and no table) when masquerade is off and no tunnel is
+/// to be left untracked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MasqPlan {
     pub rules: Vec<NatRule>,
+    pub untracked: Option<UntrackedTunnel>,
 }
 
 /// Pods' traffic to the cluster CIDR (other pods, wherever they are) and to multicast keeps its
 /// source; everything else from the cluster CIDR is masqueraded.
-pub fn plan(cluster_cidr: Ipv4Net, enabled: bool) -> MasqPlan {
+/// `untracked` is the node's VXLAN, when it has one.
+pub fn plan(cluster_cidr: Ipv4Net, enabled: bool, untracked: Option<UntrackedTunnel>) -> MasqPlan {
     if !enabled {
-        return MasqPlan { rules: Vec::new() };
+        return MasqPlan {
+            rules: Vec::new(),
+            untracked,
+        };
     }
     let multicast: Ipv4Net = MULTICAST.parse().unwrap_or(cluster_cidr);
     MasqPlan {
+        untracked,
         rules: vec![
             NatRule {
                 saddr: cluster_cidr,
@@ -85,12 +112,40 @@ fn rule_comment(i: usize, body: &str) -> String {
     format!("sluice:{i}:{hash:016x}")
 }
 
-/// The comments the plan's rules carry, in order.
+/// The table's chains as (name, declaration, rule bodies), in the order they are written and
+/// listed; a chain without rules is left out.
+fn chains(plan: &MasqPlan) -> Vec<(&'static str, &'static str, Vec<String>)> {
+    let mut out = Vec::new();
+    if !plan.rules.is_empty() {
+        out.push((
+            NAT_CHAIN,
+            "type nat hook postrouting priority srcnat; policy accept;",
+            plan.rules.iter().map(rule_body).collect(),
+        ));
+    }
+    if let Some(t) = plan.untracked {
+        let (ip, port) = (t.underlay_ip, t.port);
+        out.push((
+            RAW_PREROUTING,
+            "type filter hook prerouting priority raw; policy accept;",
+            vec![format!("ip daddr {ip} udp dport {port} notrack")],
+        ));
+        out.push((
+            RAW_OUTPUT,
+            "type filter hook output priority raw; policy accept;",
+            vec![format!("ip saddr {ip} udp dport {port} notrack")],
+        ));
+    }
+    out
+}
+
+/// The comments the plan's rules carry, in order (chain by chain).
 pub fn comments(plan: &MasqPlan) -> Vec<String> {
-    plan.rules
-        .iter()
+    chains(plan)
+        .into_iter()
+        .flat_map(|(_, _, bodies)| bodies)
         .enumerate()
-        .map(|(i, r)| rule_comment(i, &rule_body(r)))
+        .map(|(i, body)| rule_comment(i, &body))
         .collect()
 }
 
@@ -98,21 +153,29 @@ pub fn comments(plan: &MasqPlan) -> Vec<String> {
 /// when the plan has no rules. Creating it first makes the delete safe when it is absent.
 pub fn render(plan: &MasqPlan) -> String {
     let mut s = format!("table ip {NAT_TABLE}\ndelete table ip {NAT_TABLE}\n");
-    if plan.rules.is_empty() {
+    let chains = chains(plan);
+    if chains.is_empty() {
         return s;
     }
-    s.push_str(&format!(
-        "table ip {NAT_TABLE} {{\n\tchain {CHAIN} {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
-    ));
-    for (rule, comment) in plan.rules.iter().zip(comments(plan)) {
-        s.push_str(&format!("\t\t{} comment \"{comment}\"\n", rule_body(rule)));
+    s.push_str(&format!("table ip {NAT_TABLE} {{\n"));
+    let mut i = 0;
+    for (name, declaration, bodies) in chains {
+        s.push_str(&format!("\tchain {name} {{\n\t\t{declaration}\n"));
+        for body in bodies {
+            s.push_str(&format!(
+                "\t\t{body} comment \"{}\"\n",
+                rule_comment(i, &body)
+            ));
+            i += 1;
+        }
+        s.push_str("\t}\n");
     }
-    s.push_str("\t}\n}\n");
+    s.push_str("}\n");
     s
 }
 
-/// sluice's NAT table as `nft -j list table` shows it: the comments of its chain's rules in
-/// order, or `None` when there is no table. Rules without a comment show as empty strings.
+/// sluice's table as `nft -j list table` shows it: the comments of its rules in order (chain by
+/// chain), or `None` when there is no table. Rules without a comment show as empty strings.
 pub fn parse_observed(json: &str) -> Result<Option<Vec<String>>, MasqError> {
     let v: serde_json::Value = serde_json::from_str(json).map_err(MasqError::Json)?;
     let items = v["nftables"].as_array().cloned().unwrap_or_default();
@@ -123,7 +186,7 @@ pub fn parse_observed(json: &str) -> Result<Option<Vec<String>>, MasqError> {
             table = true;
         }
         let rule = &item["rule"];
-        if rule["table"] == NAT_TABLE && rule["chain"] == CHAIN {
+        if rule["table"] == NAT_TABLE {
             rules.push(rule["comment"].as_str().unwrap_or_default().to_string());
         }
     }
@@ -231,7 +294,11 @@ impl NftCli {
             return Ok(false);
         };
         self.apply(&script).await?;
-        tracing::info!(rules = plan.rules.len(), "masquerade table synced");
+        tracing::info!(
+            masquerade_rules = plan.rules.len(),
+            vxlan_untracked = plan.untracked.is_some(),
+            "NAT and conntrack table synced"
+        );
         Ok(true)
     }
 }
@@ -245,10 +312,17 @@ mod tests {
         "10.244.0.0/16".parse().unwrap()
     }
 
+    fn vxlan() -> Option<UntrackedTunnel> {
+        Some(UntrackedTunnel {
+            underlay_ip: "172.31.0.1".parse().unwrap(),
+            port: 8472,
+        })
+    }
+
     #[test]
     fn the_rendered_table_is_golden() {
-        let script = render(&plan(cidr(), true));
-        let c = comments(&plan(cidr(), true));
+        let script = render(&plan(cidr(), true, None));
+        let c = comments(&plan(cidr(), true, None));
         let want = format!(
             "table ip sluice-nat\ndelete table ip sluice-nat\ntable ip sluice-nat {{\n\tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 return comment \"{}\"\n\t\tip saddr 10.244.0.0/16 ip daddr 224.0.0.0/4 return comment \"{}\"\n\t\tip saddr 10.244.0.0/16 masquerade fully-random comment \"{}\"\n\t}}\n}}\n",
             c[0], c[1], c[2]
@@ -257,18 +331,49 @@ mod tests {
         assert!(c[0].starts_with("sluice:0:"));
         assert_ne!(c[0][9..], c[1][9..]);
         assert_eq!(
-            render(&plan(cidr(), false)),
+            render(&plan(cidr(), false, None)),
             "table ip sluice-nat\ndelete table ip sluice-nat\n"
         );
     }
 
     #[test]
+    fn the_node_vxlan_packets_are_untracked_in_both_directions() {
+        let both = plan(cidr(), true, vxlan());
+        let c = comments(&both);
+        assert_eq!(c.len(), 5);
+        let want_tail = format!(
+            "\tchain raw-prerouting {{\n\t\ttype filter hook prerouting priority raw; policy accept;\n\t\tip daddr 172.31.0.1 udp dport 8472 notrack comment \"{}\"\n\t}}\n\tchain raw-output {{\n\t\ttype filter hook output priority raw; policy accept;\n\t\tip saddr 172.31.0.1 udp dport 8472 notrack comment \"{}\"\n\t}}\n}}\n",
+            c[3], c[4]
+        );
+        let script = render(&both);
+        assert!(script.ends_with(&want_tail), "{script}");
+        assert!(script.contains("masquerade fully-random"));
+        // Without masquerade the table holds only the conntrack exemption.
+        let untracked_only = plan(cidr(), false, vxlan());
+        let script = render(&untracked_only);
+        assert!(!script.contains("postrouting"), "{script}");
+        assert_eq!(comments(&untracked_only).len(), 2);
+        assert!(script.contains("udp dport 8472 notrack"));
+        // Another port or address is another rule, so the table is rewritten.
+        let moved = plan(
+            cidr(),
+            true,
+            Some(UntrackedTunnel {
+                underlay_ip: "172.31.0.9".parse().unwrap(),
+                port: 8472,
+            }),
+        );
+        assert_eq!(diff(&moved, Some(&c)), Some(render(&moved)));
+        assert_eq!(diff(&both, Some(&c)), None);
+    }
+
+    #[test]
     fn diff_table() {
-        let on = plan(cidr(), true);
-        let off = plan(cidr(), false);
+        let on = plan(cidr(), true, None);
+        let off = plan(cidr(), false, None);
         let good = comments(&on);
         let missing = good[..2].to_vec();
-        let other = comments(&plan("10.0.0.0/8".parse().unwrap(), true));
+        let other = comments(&plan("10.0.0.0/8".parse().unwrap(), true, None));
         assert_eq!(diff(&on, Some(&good)), None);
         assert_eq!(diff(&on, None), Some(render(&on)));
         assert_eq!(diff(&on, Some(&missing)), Some(render(&on)));
@@ -284,10 +389,16 @@ mod tests {
             {"table": {"family": "ip", "name": "sluice-nat", "handle": 1}},
             {"chain": {"family": "ip", "table": "sluice-nat", "name": "postrouting", "handle": 1}},
             {"rule": {"family": "ip", "table": "sluice-nat", "chain": "postrouting", "handle": 2, "comment": "sluice:0:ab", "expr": []}},
-            {"rule": {"family": "ip", "table": "sluice-nat", "chain": "postrouting", "handle": 3, "expr": []}}]}"#;
+            {"rule": {"family": "ip", "table": "sluice-nat", "chain": "postrouting", "handle": 3, "expr": []}},
+            {"chain": {"family": "ip", "table": "sluice-nat", "name": "raw-output", "handle": 4}},
+            {"rule": {"family": "ip", "table": "sluice-nat", "chain": "raw-output", "handle": 5, "comment": "sluice:2:cd", "expr": []}}]}"#;
         assert_eq!(
             parse_observed(json).unwrap(),
-            Some(vec!["sluice:0:ab".to_string(), String::new()])
+            Some(vec![
+                "sluice:0:ab".to_string(),
+                String::new(),
+                "sluice:2:cd".to_string()
+            ])
         );
         assert_eq!(parse_observed(r#"{"nftables": []}"#).unwrap(), None);
         assert!(parse_observed("not json").is_err());

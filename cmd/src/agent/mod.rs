@@ -635,7 +635,11 @@ async fn run(args: AgentArgs) -> Result<()> {
                 }
             }
         }
-        let masq = sluice_net::masq::plan(cfg.cluster_cidr, cfg.masquerade);
+        let untracked = sluice_net::masq::UntrackedTunnel {
+            underlay_ip: vx.underlay_ip,
+            port: vx.port,
+        };
+        let masq = sluice_net::masq::plan(cfg.cluster_cidr, cfg.masquerade, Some(untracked));
         if let Err(e) = masq_nft.sync(&masq).await {
             tracing::warn!(error = %e, "masquerade sync failed; will retry");
         }

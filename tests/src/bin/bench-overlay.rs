@@ -69,7 +69,7 @@ fn parse_args() -> Args {
     let mut a = Args {
         sluice: PathBuf::from("target/release/sluice"),
         seconds: 5,
-        runs: 3,
+        runs: 5,
         peers: 1000,
         probes: 50,
         throughput: true,
@@ -236,11 +236,16 @@ const HOST_VETH_MAC: &str = "ee:ee:ee:ee:ee:ee";
 /// off, MTU 1450, TX checksum offload as `ip link add` leaves it, switched off only on a kernel
 /// where sluice would switch it off too) with static route, neighbour and
 /// FDB entries, and a pod namespace behind a routed veth on each node (pod /32, host /32 route,
-/// gateway 169.254.1.1 by a static neighbour entry and proxy ARP).
-fn handmade_path(label: &'static str, masq: bool) -> Contender {
+/// gateway 169.254.1.1 by a static neighbour entry and proxy ARP). The pods' MTU is the VXLAN
+/// device's, as one would set it by hand.
+///
+/// `like_sluice` (sluice's pod MTU) makes the like-for-like diagnostic instead: the pods get
+/// sluice's MTU (the smaller of VXLAN's and WireGuard's, so that switching encryption never
+/// needs a pod restart) and each node sluice's own NAT and conntrack table.
+fn handmade_path(label: &'static str, like_sluice: Option<u32>) -> Contender {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let tx_offload = sluice_net::vxlan::tx_checksum_offload_safe(release.trim());
-    let hand = hand_nodes("h", HAND_MTU);
+    let hand = hand_nodes("h", like_sluice.unwrap_or(HAND_MTU));
     let mac = |i: u8| format!("02:5b:00:00:00:{i:02x}");
     for (i, n) in (1..=2u8).zip(&hand.nodes) {
         ip(n, &format!(
@@ -281,9 +286,14 @@ fn handmade_path(label: &'static str, masq: bool) -> Contender {
                 "permanent",
             ],
         );
-        if masq {
-            // sluice's own masquerade table, as its agent renders it for this cluster CIDR.
-            let plan = sluice_net::masq::plan("10.99.0.0/16".parse().unwrap(), true);
+        if like_sluice.is_some() {
+            // sluice's own NAT and conntrack table, as its agent renders it for this node.
+            let untracked = sluice_net::masq::UntrackedTunnel {
+                underlay_ip: format!("172.31.0.{i}").parse().unwrap(),
+                port: 8472,
+            };
+            let plan =
+                sluice_net::masq::plan("10.99.0.0/16".parse().unwrap(), true, Some(untracked));
             nft(n, &sluice_net::masq::render(&plan));
         }
     }
@@ -529,6 +539,14 @@ fn veth_path() -> Contender {
     }
 }
 
+/// The MTU of the pod's `eth0` (namespace `ns`).
+fn pod_mtu(ns: &str) -> u32 {
+    let text = exec(ns, &["ip", "-j", "link", "show", "dev", "eth0"]);
+    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    let mtu = v[0]["mtu"].as_u64().and_then(|m| u32::try_from(m).ok());
+    mtu.unwrap_or_else(|| panic!("no MTU for eth0 in {ns}: {text}"))
+}
+
 /// The VXLAN device's settings that matter for throughput, as `ip -d` and `ethtool -k` show them.
 fn vxlan_settings(ns: &str, dev: &str) -> String {
     let text = exec(ns, &["ip", "-d", "-j", "link", "show", "dev", dev]);
@@ -580,14 +598,20 @@ fn median(v: &[f64]) -> f64 {
 fn throughput(args: &Args) {
     println!("## Pod-to-pod TCP throughput across nodes");
     println!();
-    // The first three answer the issue; the last splits the gap (if any) between sluice and the
-    // bare kernel: the same hand-made datapath carrying sluice's masquerade table, whose NAT hook
-    // turns conntrack on in the node (as sluice's policy table does).
+    // The first three answer the issue; the last splits the difference between sluice and the
+    // bare kernel: the same hand-made datapath with sluice's pod MTU and carrying sluice's
+    // masquerade table, whose NAT hook turns conntrack on in the node (as sluice's policy table
+    // does), so that what is left is whatever else the lab and the agent add.
+    let sluice = sluice_path();
+    let sluice_pod_mtu = pod_mtu(&sluice.client);
     let paths = [
-        sluice_path(),
-        handmade_path("hand-made kernel VXLAN", false),
+        sluice,
+        handmade_path("hand-made kernel VXLAN", None),
         veth_path(),
-        handmade_path("hand-made VXLAN + sluice's masquerade table", true),
+        handmade_path(
+            "hand-made VXLAN + sluice's pod MTU and NAT/conntrack table",
+            Some(sluice_pod_mtu),
+        ),
     ];
     let load_before = loadavg();
     let mut servers = Vec::new();
@@ -676,15 +700,20 @@ fn throughput(args: &Args) {
         }
     );
     println!(
-        "sluice / hand-made VXLAN carrying sluice's same masquerade table (the like-for-like \
-         anchor, diagnostic): {:.3} (1 stream), {:.3} (4 streams)",
+        "sluice / hand-made VXLAN with sluice's pod MTU and table (the like-for-like anchor, \
+         diagnostic): {:.3} (1 stream), {:.3} (4 streams)",
         med[0][0] / med[3][0],
         med[0][1] / med[3][1]
     );
-    println!("VXLAN devices compared (server side):");
+    println!("VXLAN devices compared (server side), and the pods' MTU:");
     for p in &paths {
         if let Some((ns, dev)) = &p.vxlan {
-            println!("- {}: {}", p.label, vxlan_settings(ns, dev));
+            println!(
+                "- {}: {}; pod MTU {}",
+                p.label,
+                vxlan_settings(ns, dev),
+                pod_mtu(&p.client)
+            );
         }
     }
     println!();
