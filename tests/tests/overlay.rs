@@ -123,6 +123,28 @@ fn pods_reach_each_other_across_nodes_by_icmp_and_tcp_and_leave_masqueraded() {
             p.name
         );
     }
+    // After all that traffic, every node tracks the pod flows it forwarded (conntrack is on for
+    // policy and masquerade) but holds no entry for a VXLAN packet: the agent's table exempts
+    // them.
+    for node in status["nodes"].as_array().unwrap() {
+        let netns = lab.node_netns(node["name"].as_str().unwrap());
+        let entries = |filter: &[&str]| -> Vec<String> {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &netns, "conntrack", "-L"])
+                .args(filter)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "conntrack -L {filter:?} in {netns}");
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect()
+        };
+        let pod_flows = entries(&["-p", "tcp", "-s", "10.244.0.0/16"]);
+        assert!(!pod_flows.is_empty(), "{netns}: no pod flow tracked");
+        let vxlan = entries(&["-p", "udp", "--dport", "8472"]);
+        assert!(vxlan.is_empty(), "{netns}: VXLAN tracked: {vxlan:?}");
+    }
 }
 
 #[test]
