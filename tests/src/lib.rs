@@ -65,6 +65,14 @@ pub fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The conntrack entries of network namespace `netns` that `filter` (conntrack's own options)
+/// selects, one a line.
+pub fn conntrack_entries(netns: &str, filter: &[&str]) -> Vec<String> {
+    let mut args = vec!["ip", "netns", "exec", netns, "conntrack", "-L"];
+    args.extend_from_slice(filter);
+    sh(&args).lines().map(str::to_string).collect()
+}
+
 /// A network namespace that is deleted when dropped.
 pub struct Netns {
     pub name: String,

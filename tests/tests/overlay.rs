@@ -6,7 +6,7 @@
 
 use serde_json::Value;
 use sluice_e2e::lab::{lab_cmd, tcp_ask, tcp_server, Lab};
-use sluice_e2e::{eventually, have_root};
+use sluice_e2e::{conntrack_entries, eventually, have_root};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -128,21 +128,9 @@ fn pods_reach_each_other_across_nodes_by_icmp_and_tcp_and_leave_masqueraded() {
     // them.
     for node in status["nodes"].as_array().unwrap() {
         let netns = lab.node_netns(node["name"].as_str().unwrap());
-        let entries = |filter: &[&str]| -> Vec<String> {
-            let out = std::process::Command::new("ip")
-                .args(["netns", "exec", &netns, "conntrack", "-L"])
-                .args(filter)
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "conntrack -L {filter:?} in {netns}");
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .map(str::to_string)
-                .collect()
-        };
-        let pod_flows = entries(&["-p", "tcp", "-s", "10.244.0.0/16"]);
+        let pod_flows = conntrack_entries(&netns, &["-p", "tcp", "-s", "10.244.0.0/16"]);
         assert!(!pod_flows.is_empty(), "{netns}: no pod flow tracked");
-        let vxlan = entries(&["-p", "udp", "--dport", "8472"]);
+        let vxlan = conntrack_entries(&netns, &["-p", "udp", "--dport", "8472"]);
         assert!(vxlan.is_empty(), "{netns}: VXLAN tracked: {vxlan:?}");
     }
 }

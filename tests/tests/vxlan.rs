@@ -6,7 +6,7 @@
 
 use nix::sched::CloneFlags;
 use serde_json::Value;
-use sluice_e2e::{have_root, sh, wait_until, Netns};
+use sluice_e2e::{conntrack_entries, have_root, sh, wait_until, Netns};
 use sluice_net::lease::{format_mac, NodeRecord};
 use sluice_net::vxlan::apply::VxlanKernel;
 use sluice_net::vxlan::diff::{Change, Observed};
@@ -415,9 +415,19 @@ fn udp_source(from: &Netns, to: &Netns, to_ip: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// sluice's NAT table in `node` made what `plan` says: true when something was written.
+fn sync_nat(node: &Node, plan: sluice_net::masq::MasqPlan) -> bool {
+    in_ns(&node.ns, async move |_| {
+        sluice_net::masq::NftCli::default()
+            .sync(&plan)
+            .await
+            .unwrap()
+    })
+}
+
 #[test]
 fn pod_traffic_leaving_the_cluster_is_masqueraded_and_pod_to_pod_is_not() {
-    use sluice_net::masq::{self, NftCli};
+    use sluice_net::masq;
     if !have_root() {
         return;
     }
@@ -441,14 +451,7 @@ fn pod_traffic_leaving_the_cluster_is_masqueraded_and_pod_to_pod_is_not() {
     assert!(!a.pod.ping("192.168.77.200", Duration::from_secs(1)));
 
     let cidr: ipnet::Ipv4Net = "10.244.0.0/16".parse().unwrap();
-    let sync = |enabled: bool| {
-        in_ns(&a.ns, async move |_| {
-            NftCli::default()
-                .sync(&masq::plan(cidr, enabled, None))
-                .await
-                .unwrap()
-        })
-    };
+    let sync = |enabled: bool| sync_nat(a, masq::plan(cidr, enabled, None));
     assert!(sync(true));
     assert!(!sync(true), "an unchanged table is not rewritten");
     assert!(a.pod.ping("192.168.77.200", Duration::from_secs(2)));
@@ -494,16 +497,9 @@ fn pod_traffic_leaving_the_cluster_is_masqueraded_and_pod_to_pod_is_not() {
     assert_eq!(names, vec!["other"]);
 }
 
-/// The conntrack entries of `ns` that `filter` (conntrack's own options) selects, one a line.
-fn conntrack_entries(ns: &Netns, filter: &[&str]) -> Vec<String> {
-    let mut args = vec!["ip", "netns", "exec", &ns.name, "conntrack", "-L"];
-    args.extend_from_slice(filter);
-    sh(&args).lines().map(str::to_string).collect()
-}
-
 #[test]
 fn the_vxlan_packets_are_left_out_of_conntrack_and_the_pod_flows_inside_them_are_not() {
-    use sluice_net::masq::{self, NftCli, UntrackedTunnel};
+    use sluice_net::masq::{self, UntrackedTunnel};
     if !have_root() {
         return;
     }
@@ -516,12 +512,7 @@ fn the_vxlan_packets_are_left_out_of_conntrack_and_the_pod_flows_inside_them_are
             underlay_ip: node.cfg.underlay_ip,
             port: node.cfg.port,
         });
-        in_ns(&node.ns, async move |_| {
-            NftCli::default()
-                .sync(&masq::plan(cidr, true, tunnel))
-                .await
-                .unwrap()
-        })
+        sync_nat(node, masq::plan(cidr, true, tunnel))
     };
     let vxlan_port = a.cfg.port.to_string();
     let vxlan_filter = ["-p", "udp", "--dport", vxlan_port.as_str()];
@@ -537,7 +528,7 @@ fn the_vxlan_packets_are_left_out_of_conntrack_and_the_pod_flows_inside_them_are
         Some("10.244.1.10")
     );
     for n in [a, b] {
-        let tracked = conntrack_entries(&n.ns, &vxlan_filter);
+        let tracked = conntrack_entries(&n.ns.name, &vxlan_filter);
         assert!(!tracked.is_empty(), "{}: no VXLAN entries", n.ns.name);
         sh(&["ip", "netns", "exec", &n.ns.name, "conntrack", "-F"]);
     }
@@ -553,9 +544,9 @@ fn the_vxlan_packets_are_left_out_of_conntrack_and_the_pod_flows_inside_them_are
         Some("10.244.1.10")
     );
     for n in [a, b] {
-        let tracked = conntrack_entries(&n.ns, &vxlan_filter);
+        let tracked = conntrack_entries(&n.ns.name, &vxlan_filter);
         assert!(tracked.is_empty(), "{}: {tracked:?}", n.ns.name);
-        let pod = conntrack_entries(&n.ns, &pod_flow);
+        let pod = conntrack_entries(&n.ns.name, &pod_flow);
         assert!(
             pod.iter()
                 .any(|e| e.contains("src=10.244.1.10 dst=10.244.2.10")),

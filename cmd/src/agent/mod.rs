@@ -456,6 +456,11 @@ async fn run(args: AgentArgs) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(args.resync_secs.max(1)));
     let mut marked_available = false;
     let masq_nft = sluice_net::masq::NftCli::default();
+    // The VXLAN device's address and port are fixed for the agent's life.
+    let untracked = sluice_net::masq::UntrackedTunnel {
+        underlay_ip: vx.underlay_ip,
+        port: vx.port,
+    };
     let cm_ref = kube::runtime::reflector::ObjectRef::new(CONFIG_MAP).within(&args.namespace);
     loop {
         // Sync now, then wait for a change or the resync tick; bursts coalesce into one pass.
@@ -635,10 +640,6 @@ async fn run(args: AgentArgs) -> Result<()> {
                 }
             }
         }
-        let untracked = sluice_net::masq::UntrackedTunnel {
-            underlay_ip: vx.underlay_ip,
-            port: vx.port,
-        };
         let masq = sluice_net::masq::plan(cfg.cluster_cidr, cfg.masquerade, Some(untracked));
         if let Err(e) = masq_nft.sync(&masq).await {
             tracing::warn!(error = %e, "masquerade sync failed; will retry");

@@ -539,19 +539,23 @@ fn veth_path() -> Contender {
     }
 }
 
+/// Link `dev` of namespace `ns` as `ip -d -j link show` describes it (null when it cannot say).
+fn link_details(ns: &str, dev: &str) -> Value {
+    let text = exec(ns, &["ip", "-d", "-j", "link", "show", "dev", dev]);
+    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    v[0].clone()
+}
+
 /// The MTU of the pod's `eth0` (namespace `ns`).
 fn pod_mtu(ns: &str) -> u32 {
-    let text = exec(ns, &["ip", "-j", "link", "show", "dev", "eth0"]);
-    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-    let mtu = v[0]["mtu"].as_u64().and_then(|m| u32::try_from(m).ok());
-    mtu.unwrap_or_else(|| panic!("no MTU for eth0 in {ns}: {text}"))
+    let link = link_details(ns, "eth0");
+    let mtu = link["mtu"].as_u64().and_then(|m| u32::try_from(m).ok());
+    mtu.unwrap_or_else(|| panic!("no MTU for eth0 in {ns}: {link}"))
 }
 
 /// The VXLAN device's settings that matter for throughput, as `ip -d` and `ethtool -k` show them.
 fn vxlan_settings(ns: &str, dev: &str) -> String {
-    let text = exec(ns, &["ip", "-d", "-j", "link", "show", "dev", dev]);
-    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-    let link = &v[0];
+    let link = &link_details(ns, dev);
     let d = &link["linkinfo"]["info_data"];
     let features = exec(ns, &["ethtool", "-k", dev]);
     let feature = |name: &str| {
@@ -599,9 +603,9 @@ fn throughput(args: &Args) {
     println!("## Pod-to-pod TCP throughput across nodes");
     println!();
     // The first three answer the issue; the last splits the difference between sluice and the
-    // bare kernel: the same hand-made datapath with sluice's pod MTU and carrying sluice's
-    // masquerade table, whose NAT hook turns conntrack on in the node (as sluice's policy table
-    // does), so that what is left is whatever else the lab and the agent add.
+    // bare kernel: the same hand-made datapath with sluice's pod MTU and carrying sluice's NAT
+    // and conntrack table, whose NAT hook turns conntrack on in the node (as sluice's policy
+    // table does), so that what is left is whatever else the lab and the agent add.
     let sluice = sluice_path();
     let sluice_pod_mtu = pod_mtu(&sluice.client);
     let paths = [
