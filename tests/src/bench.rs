@@ -165,6 +165,54 @@ pub fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.min(sorted.len()) - 1]
 }
 
+/// The median of `v` (the mean of the middle two when `v` has an even length); NaN when empty.
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => s[n / 2],
+        _ => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+/// A percentile bootstrap interval (`level`, e.g. 0.9) for `median(a) / median(b)`, where
+/// `a[i]` and `b[i]` were measured in the same round: rounds are resampled whole, so that drift
+/// shared by a round stays paired. Deterministic (fixed seed), so a rerun on the same figures
+/// prints the same interval.
+pub fn ratio_interval(a: &[f64], b: &[f64], resamples: usize, level: f64) -> (f64, f64) {
+    let n = a.len().min(b.len());
+    if n == 0 || resamples == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    // splitmix64: enough to pick indices; not worth a crate.
+    let mut state = 0x5eed_u64;
+    let mut next_index = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) % n as u64) as usize
+    };
+    let mut ratios = Vec::with_capacity(resamples);
+    let (mut ra, mut rb) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..resamples {
+        ra.clear();
+        rb.clear();
+        for _ in 0..n {
+            let i = next_index();
+            ra.push(a[i]);
+            rb.push(b[i]);
+        }
+        ratios.push(median(&ra) / median(&rb));
+    }
+    ratios.sort_by(f64::total_cmp);
+    let tail = (1.0 - level.clamp(0.0, 1.0)) / 2.0;
+    let at = |q: f64| ratios[((q * (resamples - 1) as f64).round() as usize).min(resamples - 1)];
+    (at(tail), at(1.0 - tail))
+}
+
 pub fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
@@ -245,4 +293,40 @@ pub fn iperf(ns: &str, server: Ipv4Addr, secs: u32, streams: u32) -> f64 {
         std::thread::sleep(Duration::from_secs(1));
     }
     panic!("iperf3 from {ns} to {server} failed 3 times: {last}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{median, ratio_interval};
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn interval_of_a_constant_ratio_is_that_ratio() {
+        let b = [30.0, 24.0, 36.0, 31.0, 28.0];
+        let a: Vec<f64> = b.iter().map(|x| x * 0.9).collect();
+        let (lo, hi) = ratio_interval(&a, &b, 500, 0.9);
+        assert!(
+            (lo - 0.9).abs() < 1e-9 && (hi - 0.9).abs() < 1e-9,
+            "{lo} {hi}"
+        );
+    }
+
+    #[test]
+    fn interval_brackets_the_point_estimate_and_widens_with_noise() {
+        let b = [27.8, 24.7, 32.1, 31.5, 31.0, 35.2, 33.2, 27.7, 29.3, 27.8];
+        let a = [28.2, 29.8, 30.3, 29.7, 31.6, 32.6, 32.5, 31.9, 30.7, 31.1];
+        let point = median(&a) / median(&b);
+        let (lo, hi) = ratio_interval(&a, &b, 2000, 0.9);
+        assert!(lo < point && point < hi, "{lo} {point} {hi}");
+        let (lo50, hi50) = ratio_interval(&a, &b, 2000, 0.5);
+        assert!(lo <= lo50 && hi50 <= hi && hi50 - lo50 < hi - lo);
+        // The same figures give the same interval: the seed is fixed.
+        assert_eq!((lo, hi), ratio_interval(&a, &b, 2000, 0.9));
+    }
 }
