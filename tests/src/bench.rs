@@ -318,7 +318,7 @@ mod tests {
     }
 
     #[test]
-    fn interval_brackets_the_point_estimate_and_widens_with_noise() {
+    fn interval_brackets_the_point_estimate_and_narrows_at_a_lower_level() {
         let b = [27.8, 24.7, 32.1, 31.5, 31.0, 35.2, 33.2, 27.7, 29.3, 27.8];
         let a = [28.2, 29.8, 30.3, 29.7, 31.6, 32.6, 32.5, 31.9, 30.7, 31.1];
         let point = median(&a) / median(&b);
