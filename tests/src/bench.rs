@@ -1,6 +1,7 @@
 //! What the benchmark binaries share: cleanup that runs on every exit path (guards dropped on
 //! return and panic, and the same actions on SIGINT, SIGTERM and SIGHUP), namespaces made
-//! under such guards, a bare HTTP client for the API, and the figures' formatting.
+//! under such guards, a bare HTTP client for the API, the figures' formatting, and the command
+//! line.
 
 use crate::lab::in_netns;
 use crate::{run, sh, unique};
@@ -15,6 +16,55 @@ use std::sync::mpsc::channel;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use std::time::Instant;
+
+/// A bench's command line: `--flag value` pairs and `--help`. A bad one prints the reason and
+/// the usage and exits with status 2, as command-line tools do, rather than panicking.
+pub struct Flags {
+    tool: &'static str,
+    usage: &'static str,
+    args: std::vec::IntoIter<String>,
+}
+
+impl Flags {
+    pub fn from_env(tool: &'static str, usage: &'static str) -> Self {
+        Flags {
+            tool,
+            usage,
+            args: std::env::args().skip(1).collect::<Vec<_>>().into_iter(),
+        }
+    }
+
+    /// The next flag and its value, or `None` at the end. `--help` prints the usage and exits.
+    pub fn next_pair(&mut self) -> Option<(String, String)> {
+        let flag = self.args.next()?;
+        if flag == "--help" || flag == "-h" {
+            println!("{}", self.usage);
+            std::process::exit(0);
+        }
+        match self.args.next() {
+            Some(value) => Some((flag, value)),
+            None => self.fail(&format!("{flag} needs a value")),
+        }
+    }
+
+    pub fn number<T: std::str::FromStr>(&self, flag: &str, value: &str) -> T {
+        value
+            .parse()
+            .unwrap_or_else(|_| self.fail(&format!("{flag} takes a number, not {value:?}")))
+    }
+
+    /// Fails unless `ok`: the usage, `why`, exit status 2.
+    pub fn require(&self, ok: bool, why: &str) {
+        if !ok {
+            self.fail(why);
+        }
+    }
+
+    pub fn fail(&self, why: &str) -> ! {
+        eprintln!("{}: {why}\n\n{}", self.tool, self.usage);
+        std::process::exit(2)
+    }
+}
 
 type Action = Box<dyn FnOnce() + Send>;
 static CLEANUPS: Mutex<Vec<(usize, Action)>> = Mutex::new(Vec::new());

@@ -9,6 +9,7 @@
 
 use nix::sched::{setns, CloneFlags};
 use serde_json::{json, Value};
+use sluice_e2e::bench::Flags;
 use sluice_e2e::cni::{call, Outcome};
 use sluice_e2e::Netns;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,8 @@ struct Args {
     cni_dir: PathBuf,
 }
 
+const USAGE: &str = "usage: bench-cni [--pods N] [--parallel P] [--sluice PATH] [--cni-dir DIR]";
+
 fn parse_args() -> Args {
     let mut a = Args {
         pods: 200,
@@ -30,17 +33,18 @@ fn parse_args() -> Args {
         sluice: PathBuf::from("target/release/sluice"),
         cni_dir: PathBuf::from("/usr/lib/cni"),
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+    let mut flags = Flags::from_env("bench-cni", USAGE);
+    while let Some((flag, value)) = flags.next_pair() {
         match flag.as_str() {
-            "--pods" => a.pods = value.parse().expect("--pods N"),
-            "--parallel" => a.parallel = value.parse().expect("--parallel P"),
+            "--pods" => a.pods = flags.number(&flag, &value),
+            "--parallel" => a.parallel = flags.number(&flag, &value),
             "--sluice" => a.sluice = PathBuf::from(value),
             "--cni-dir" => a.cni_dir = PathBuf::from(value),
-            other => panic!("unknown flag {other}"),
+            other => flags.fail(&format!("unknown flag {other}")),
         }
     }
+    flags.require(a.pods >= 1, "--pods must be at least 1");
+    flags.require(a.parallel >= 1, "--parallel must be at least 1");
     a
 }
 

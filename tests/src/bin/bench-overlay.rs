@@ -40,7 +40,7 @@ use nix::sys::time::{TimeVal, TimeValLike};
 use serde_json::{json, Value};
 use sluice_e2e::bench::{
     cleanup_on_signals, exec, http, ip, iperf, iperf_server, median, ms, pct, ratio_interval,
-    rss_mib, sysctl, Guard, Ns,
+    rss_mib, sysctl, Flags, Guard, Ns,
 };
 use sluice_e2e::lab::{in_netns, lab_cmd, unique_lab_name, Lab};
 use sluice_e2e::{run, sh, unique};
@@ -67,6 +67,17 @@ struct Args {
     wireguard: bool,
 }
 
+const USAGE: &str = "\
+usage: bench-overlay [--sluice PATH] [--only throughput|convergence|wireguard]
+                     [--runs R] [--seconds S] [--peers N] [--probes K]
+
+  --sluice PATH  the sluice binary under test (default target/release/sluice)
+  --only WHAT    one part of the bench instead of all three
+  --runs R       interleaved rounds per path (default 10)
+  --seconds S    iperf3 seconds per round (default 4)
+  --peers N      fake peers for the convergence figures, 1..=40000 (default 1000)
+  --probes K     one-new-peer probes, at most 2000 (default 50)";
+
 fn parse_args() -> Args {
     let mut a = Args {
         sluice: PathBuf::from("target/release/sluice"),
@@ -78,36 +89,35 @@ fn parse_args() -> Args {
         convergence: true,
         wireguard: true,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+    let mut flags = Flags::from_env("bench-overlay", USAGE);
+    while let Some((flag, value)) = flags.next_pair() {
         match flag.as_str() {
             "--sluice" => a.sluice = PathBuf::from(value),
-            "--seconds" => a.seconds = value.parse().expect("--seconds S"),
-            "--runs" => a.runs = value.parse().expect("--runs R"),
-            "--peers" => a.peers = value.parse().expect("--peers N"),
-            "--probes" => a.probes = value.parse().expect("--probes K"),
+            "--seconds" => a.seconds = flags.number(&flag, &value),
+            "--runs" => a.runs = flags.number(&flag, &value),
+            "--peers" => a.peers = flags.number(&flag, &value),
+            "--probes" => a.probes = flags.number(&flag, &value),
             "--only" => {
                 a.throughput = value == "throughput";
                 a.convergence = value == "convergence";
                 a.wireguard = value == "wireguard";
-                assert!(
+                flags.require(
                     a.throughput || a.convergence || a.wireguard,
-                    "--only throughput|convergence|wireguard, not {value}"
+                    &format!("--only takes throughput, convergence or wireguard, not {value:?}"),
                 );
             }
-            other => panic!("unknown flag {other}"),
+            other => flags.fail(&format!("unknown flag {other}")),
         }
     }
-    assert!(
+    flags.require(
         a.runs >= 1 && a.seconds >= 1,
-        "--runs and --seconds must be at least 1"
+        "--runs and --seconds must be at least 1",
     );
-    assert!(
+    flags.require(
         (1..=40_000).contains(&a.peers),
-        "--peers must be in 1..=40000"
+        "--peers must be in 1..=40000",
     );
-    assert!(a.probes <= 2_000, "--probes at most 2000");
+    flags.require(a.probes <= 2_000, "--probes at most 2000");
     a
 }
 

@@ -27,7 +27,7 @@
 
 use serde_json::{json, Value};
 use sluice_e2e::bench::{
-    cleanup_on_signals, http, ip, iperf, iperf_server, ms, pct, rss_mib, sysctl, Guard, Ns,
+    cleanup_on_signals, http, ip, iperf, iperf_server, ms, pct, rss_mib, sysctl, Flags, Guard, Ns,
     IPERF_PORT,
 };
 use sluice_e2e::lab::in_netns;
@@ -49,6 +49,10 @@ struct Args {
     only: Option<String>,
 }
 
+const USAGE: &str = "\
+usage: bench-policy [--sluice PATH] [--local-pods N] [--cluster-pods M] [--policies P]
+                    [--samples K] [--only nftables|iptables]";
+
 fn parse_args() -> Args {
     let mut a = Args {
         sluice: sluice_e2e::sluice_bin(),
@@ -58,32 +62,37 @@ fn parse_args() -> Args {
         samples: 40,
         only: None,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+    let mut flags = Flags::from_env("bench-policy", USAGE);
+    while let Some((flag, value)) = flags.next_pair() {
         match flag.as_str() {
-            "--sluice" => a.sluice = PathBuf::from(value()),
-            "--local-pods" => a.local_pods = value().parse().expect("--local-pods N"),
-            "--cluster-pods" => a.cluster_pods = value().parse().expect("--cluster-pods M"),
-            "--policies" => a.policies = value().parse().expect("--policies P"),
-            "--samples" => a.samples = value().parse().expect("--samples K"),
-            "--only" => a.only = Some(value()),
-            other => panic!("unknown argument {other}"),
+            "--sluice" => a.sluice = PathBuf::from(value),
+            "--local-pods" => a.local_pods = flags.number(&flag, &value),
+            "--cluster-pods" => a.cluster_pods = flags.number(&flag, &value),
+            "--policies" => a.policies = flags.number(&flag, &value),
+            "--samples" => a.samples = flags.number(&flag, &value),
+            "--only" => {
+                flags.require(
+                    value == "nftables" || value == "iptables",
+                    &format!("--only takes nftables or iptables, not {value:?}"),
+                );
+                a.only = Some(value);
+            }
+            other => flags.fail(&format!("unknown flag {other}")),
         }
     }
-    assert!(
+    flags.require(
         (2..=20_000).contains(&a.local_pods),
-        "--local-pods in 2..=20000"
+        "--local-pods in 2..=20000",
     );
-    assert!(
+    flags.require(
         a.cluster_pods >= a.local_pods && a.cluster_pods <= 100_000,
-        "--cluster-pods from --local-pods to 100000"
+        "--cluster-pods from --local-pods to 100000",
     );
-    assert!(
+    flags.require(
         (1..=10_000).contains(&a.policies),
-        "--policies in 1..=10000"
+        "--policies in 1..=10000",
     );
-    assert!((2..=1_000).contains(&a.samples), "--samples in 2..=1000");
+    flags.require((2..=1_000).contains(&a.samples), "--samples in 2..=1000");
     a
 }
 
@@ -499,8 +508,7 @@ fn main() {
     let args = parse_args();
     let backends: Vec<&str> = match args.only.as_deref() {
         None => vec!["nftables", "iptables"],
-        Some(b @ ("nftables" | "iptables")) => vec![b],
-        Some(other) => panic!("--only nftables|iptables, not {other}"),
+        Some(b) => vec![b],
     };
     println!("# bench-policy");
     println!(
