@@ -768,10 +768,9 @@ fn reap_namespaces(s: &mut Store, ctx: &Ctx) {
         .filter(|n| n.pointer("/metadata/deletionTimestamp").is_some())
         .map(|n| name_of(n).to_string())
         .collect();
-    let opts = DeleteOpts {
-        grace_period: Some(0),
-        ..DeleteOpts::default()
-    };
+    // The namespace controller deletes with default options: a pod bound to a node gets its
+    // grace period, so its kubelet tears it down and confirms, as for any other deletion.
+    let opts = DeleteOpts::default();
     for ns in terminating {
         let contents: Vec<(&'static str, String)> = s
             .all()

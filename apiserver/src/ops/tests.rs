@@ -383,6 +383,7 @@ fn owners_and_namespaces_cascade() {
     )
     .unwrap();
     create(&mut s, &CONFIGMAPS, "gone", cm("c"), &ctx()).unwrap();
+    create(&mut s, &PODS, "gone", pod("running", Some("n1")), &ctx()).unwrap();
     let d = delete(
         &mut s,
         &NAMESPACES,
@@ -397,6 +398,19 @@ fn owners_and_namespaces_cascade() {
     assert_eq!(e.code, 403);
     reap(&mut s, &ctx());
     assert!(s.get(&CONFIGMAPS, "gone", "c").is_none());
+    // A pod on a node is deleted gracefully, as by the namespace controller: it stays, marked,
+    // until its kubelet has torn it down and confirms, and the namespace waits for it.
+    let marked = s.get(&PODS, "gone", "running").unwrap();
+    assert_eq!(marked["metadata"]["deletionGracePeriodSeconds"], 30);
+    reap(&mut s, &ctx());
+    assert!(s.get(&PODS, "gone", "running").is_some());
+    assert!(s.get(&NAMESPACES, "", "gone").is_some());
+    let kubelet = DeleteOpts {
+        grace_period: Some(0),
+        ..DeleteOpts::default()
+    };
+    delete(&mut s, &PODS, "gone", "running", &kubelet, &ctx()).unwrap();
+    reap(&mut s, &ctx());
     assert!(s.get(&NAMESPACES, "", "gone").is_none());
 }
 
