@@ -26,13 +26,14 @@
 use crate::ir::{AddrSet, Direction, PodPolicy, PolicyIr, PortEntry, Protocol};
 use crate::selector::{self, LabelIndex, Labels};
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use peers::{Changes, Peer, PeerIndex};
+pub use pod::ClusterPod;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -41,12 +42,12 @@ use std::sync::Arc;
 /// The label the API server puts on every namespace.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
-/// A cluster snapshot: every Pod (shared with the watch cache that holds them: a
-/// [`Compiler`] keeps those it names), Namespace and NetworkPolicy (borrowed), and this node's
-/// own addresses.
+/// A cluster snapshot: every Pod as policy reads it (shared with the watch cache that holds
+/// them: a [`Compiler`] keeps those it names), Namespace and NetworkPolicy (borrowed), and
+/// this node's own addresses.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PolicyInput<'a> {
-    pub pods: &'a [Arc<Pod>],
+    pub pods: &'a [Arc<ClusterPod>],
     pub namespaces: &'a [&'a Namespace],
     pub policies: &'a [&'a NetworkPolicy],
     /// The node's addresses: host-to-pod traffic from them is always allowed.
@@ -75,58 +76,19 @@ pub struct LocalPod {
 impl LocalPod {
     /// From the Pod object and the veth sluice made for it; `None` when the pod has no IPv4
     /// address yet or is on the host network (no policy applies to it).
-    pub fn from_pod(pod: &Pod, ifname: &str) -> Option<Self> {
-        if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+    pub fn from_pod(pod: &ClusterPod, ifname: &str) -> Option<Self> {
+        if pod.host_network {
             return None;
         }
         Some(Self {
-            namespace: namespace_str(&pod.metadata).to_string(),
-            name: pod.metadata.name.clone().unwrap_or_default(),
-            ip: *pod_ips(pod).first()?,
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            ip: *pod.ips.first()?,
             ifname: ifname.to_string(),
-            labels: pod.metadata.labels.clone().unwrap_or_default(),
-            ports: named_ports(pod),
+            labels: pod.labels.clone(),
+            ports: pod.ports.clone(),
         })
     }
-}
-
-/// The pod's IPv4 addresses (`status.podIPs`, else `status.podIP`).
-fn pod_ips(pod: &Pod) -> Vec<Ipv4Addr> {
-    let Some(status) = &pod.status else {
-        return Vec::new();
-    };
-    let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
-    let mut ips: Vec<Ipv4Addr> = listed.filter_map(|s| s.parse().ok()).collect();
-    if ips.is_empty() {
-        ips.extend(
-            status
-                .pod_ip
-                .as_deref()
-                .and_then(|s| s.parse::<Ipv4Addr>().ok()),
-        );
-    }
-    ips
-}
-
-/// Named ports of every container (sidecar init containers included).
-fn named_ports(pod: &Pod) -> Vec<NamedPort> {
-    let Some(spec) = &pod.spec else {
-        return Vec::new();
-    };
-    let containers = spec
-        .containers
-        .iter()
-        .chain(spec.init_containers.iter().flatten());
-    containers
-        .flat_map(|c| c.ports.iter().flatten())
-        .filter_map(|p| {
-            Some(NamedPort {
-                name: p.name.clone()?,
-                protocol: Protocol::from_api(p.protocol.as_deref().unwrap_or("TCP"))?,
-                port: u16::try_from(p.container_port).ok()?,
-            })
-        })
-        .collect()
 }
 
 /// One rule: its peers (`from`/`to`) and its ports.
@@ -491,7 +453,7 @@ impl Compiler {
                 .filter_map(selected)
                 .collect(),
         };
-        AddrSet::from_addrs(chosen.iter().flat_map(|p| p.ips.iter().copied()))
+        AddrSet::from_addrs(chosen.iter().flat_map(|p| p.ips().iter().copied()))
     }
 
     /// The entries one `ports` item adds for peers `addrs`.
@@ -565,7 +527,7 @@ impl Compiler {
                         by_port
                             .entry(np.port)
                             .or_default()
-                            .extend(p.ips.iter().copied());
+                            .extend(p.ips().iter().copied());
                     }
                 }
                 by_port
@@ -633,5 +595,6 @@ fn ip_block(cidr: &str, except: &[String]) -> AddrSet {
 }
 
 mod peers;
+mod pod;
 #[cfg(test)]
 mod tests;

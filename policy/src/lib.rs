@@ -21,7 +21,7 @@ pub mod memo;
 pub mod nft;
 pub mod selector;
 
-pub use compile::{compile, Compiler, LocalPod, NamedPort, PolicyInput};
+pub use compile::{compile, ClusterPod, Compiler, LocalPod, NamedPort, PolicyInput};
 pub use conntrack::ConntrackCli;
 pub use firewall::{
     auto, Applied, Backend, Exec, FakeFirewall, Firewall, FirewallError, Observed, Rendered,

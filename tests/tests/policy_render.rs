@@ -15,8 +15,8 @@ use sluice_e2e::{have_root, sh, Netns};
 use sluice_policy::k8s_openapi::api::core::v1::{Namespace, Pod};
 use sluice_policy::k8s_openapi::api::networking::v1::NetworkPolicy;
 use sluice_policy::{
-    compile, ConntrackCli, Exec, Firewall, IptablesMode, IptablesRestore, LocalPod, NftCli,
-    PolicyInput, PolicyIr,
+    compile, ClusterPod, ConntrackCli, Exec, Firewall, IptablesMode, IptablesRestore, LocalPod,
+    NftCli, PolicyInput, PolicyIr,
 };
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -312,7 +312,7 @@ fn cluster() -> (Vec<Pod>, Vec<Namespace>, Vec<LocalPod>) {
         }))
         .unwrap();
         if i < KNOWN {
-            local.push(LocalPod::from_pod(&pod, ifname).unwrap());
+            local.push(LocalPod::from_pod(&ClusterPod::from(&pod), ifname).unwrap());
         }
         pods.push(pod);
     }
@@ -332,7 +332,10 @@ fn ir_for(policies: &[Value]) -> PolicyIr {
         .map(|p| serde_json::from_value(p.clone()).unwrap())
         .collect();
     let host = [NODE_IP.parse().unwrap()];
-    let pods: Vec<std::sync::Arc<Pod>> = pods.into_iter().map(std::sync::Arc::new).collect();
+    let pods: Vec<std::sync::Arc<ClusterPod>> = pods
+        .iter()
+        .map(|p| std::sync::Arc::new(ClusterPod::from(p)))
+        .collect();
     let namespaces: Vec<&Namespace> = namespaces.iter().collect();
     let policies: Vec<&NetworkPolicy> = policies.iter().collect();
     let input = PolicyInput {

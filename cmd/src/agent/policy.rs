@@ -23,7 +23,9 @@ use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol};
 use sluice_health::Health;
-use sluice_policy::{Compiler, ConntrackCli, Exec, Firewall, LocalPod, PolicyInput, PolicyIr};
+use sluice_policy::{
+    ClusterPod, Compiler, ConntrackCli, Exec, Firewall, LocalPod, PolicyInput, PolicyIr,
+};
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -153,51 +155,73 @@ pub fn rule_count(ir: &PolicyIr) -> usize {
         .sum()
 }
 
-/// Keeps of a Pod only what policy reads (name, namespace, labels, node, host network, named
-/// container ports, phase, addresses): the cache holds every pod of the cluster.
-fn slim_pod(pod: &mut Pod) {
-    use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus};
-    let meta = &mut pod.metadata;
+/// Every pod of the cluster as policy reads it, kept from the pods watch as kube's reflector
+/// keeps objects, but as [`ClusterPod`]s: k8s-openapi's `Pod` is about 4 KB before any
+/// string, even with every field policy does not read removed, and the agent holds them all.
+#[derive(Debug, Default)]
+struct PodCache {
+    pods: HashMap<(String, String), Arc<ClusterPod>>,
+    /// A relist in progress; it replaces `pods` when complete.
+    relist: Option<HashMap<(String, String), Arc<ClusterPod>>>,
+}
+
+impl PodCache {
+    fn apply(&mut self, event: &watcher::Event<Pod>) {
+        let entry = |pod: &Pod| {
+            let pod = ClusterPod::from(pod);
+            ((pod.namespace.clone(), pod.name.clone()), Arc::new(pod))
+        };
+        match event {
+            watcher::Event::Init => self.relist = Some(HashMap::new()),
+            watcher::Event::InitApply(pod) => {
+                if let Some(relist) = &mut self.relist {
+                    let (key, pod) = entry(pod);
+                    relist.insert(key, pod);
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(relist) = self.relist.take() {
+                    self.pods = relist;
+                }
+            }
+            watcher::Event::Apply(pod) => {
+                let (key, pod) = entry(pod);
+                self.pods.insert(key, pod);
+            }
+            watcher::Event::Delete(pod) => {
+                let (key, _) = entry(pod);
+                self.pods.remove(&key);
+            }
+        }
+    }
+
+    /// The pods, in an order that stays the same while they do (the compiler skips reading
+    /// the very same list again).
+    fn state(&self) -> Vec<Arc<ClusterPod>> {
+        self.pods.values().cloned().collect()
+    }
+}
+
+type SharedPodCache = Arc<std::sync::Mutex<PodCache>>;
+
+/// Drops what no one here reads and can be large: managed fields, annotations (kubectl's
+/// last-applied copy of the whole object).
+fn slim_meta<K: kube::Resource>(object: &mut K) {
+    let meta = object.meta_mut();
     meta.managed_fields = None;
     meta.annotations = None;
-    meta.owner_references = None;
-    meta.finalizers = None;
-    let slim = |c: &mut Container| Container {
-        name: std::mem::take(&mut c.name),
-        ports: c.ports.take(),
-        ..Default::default()
-    };
-    if let Some(spec) = pod.spec.as_mut() {
-        *spec = PodSpec {
-            node_name: spec.node_name.take(),
-            host_network: spec.host_network,
-            containers: spec.containers.iter_mut().map(slim).collect(),
-            init_containers: spec
-                .init_containers
-                .as_mut()
-                .map(|cs| cs.iter_mut().map(slim).collect()),
-            ..Default::default()
-        };
-    }
-    if let Some(status) = pod.status.as_mut() {
-        *status = PodStatus {
-            phase: status.phase.take(),
-            pod_ip: status.pod_ip.take(),
-            pod_ips: status.pod_ips.take(),
-            ..Default::default()
-        };
-    }
 }
 
 /// The node's pods as the compiler takes them: scheduled here, with an address, and a veth
 /// found in the kernel.
-fn local_pods(node: &str, pods: &[Arc<Pod>], links: &HashMap<Ipv4Addr, String>) -> Vec<LocalPod> {
+fn local_pods(
+    node: &str,
+    pods: &[Arc<ClusterPod>],
+    links: &HashMap<Ipv4Addr, String>,
+) -> Vec<LocalPod> {
     pods.iter()
-        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
-        .filter_map(|p| {
-            let ip: Ipv4Addr = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
-            LocalPod::from_pod(p, links.get(&ip)?)
-        })
+        .filter(|p| p.node_name.as_deref() == Some(node))
+        .filter_map(|p| LocalPod::from_pod(p, links.get(p.ips.first()?)?))
         .collect()
 }
 
@@ -257,25 +281,30 @@ pub async fn run(
         sluice_policy::Backend::Nftables => "nftables",
         sluice_policy::Backend::Iptables => "iptables",
     };
-    let (pod_cache, pod_writer) = reflector::store::<Pod>();
+    let pod_cache = SharedPodCache::default();
     let (ns_cache, ns_writer) = reflector::store::<Namespace>();
     let (np_cache, np_writer) = reflector::store::<NetworkPolicy>();
     let wc = watcher::Config::default;
-    let pods = reflector(
-        pod_writer,
-        watcher(Api::<Pod>::all(client.clone()), wc()).modify(slim_pod),
-    )
-    .default_backoff()
-    .map(|e| (0usize, init_done("pods", &e)));
+    let pods = watcher(Api::<Pod>::all(client.clone()), wc())
+        .default_backoff()
+        .map({
+            let cache = pod_cache.clone();
+            move |e| {
+                if let Ok(event) = &e {
+                    cache.lock().unwrap_or_else(|p| p.into_inner()).apply(event);
+                }
+                (0usize, init_done("pods", &e))
+            }
+        });
     let nss = reflector(
         ns_writer,
-        watcher(Api::<Namespace>::all(client.clone()), wc()),
+        watcher(Api::<Namespace>::all(client.clone()), wc()).modify(slim_meta),
     )
     .default_backoff()
     .map(|e| (1usize, init_done("namespaces", &e)));
     let nps = reflector(
         np_writer,
-        watcher(Api::<NetworkPolicy>::all(client.clone()), wc()),
+        watcher(Api::<NetworkPolicy>::all(client.clone()), wc()).modify(slim_meta),
     )
     .default_backoff()
     .map(|e| (2usize, init_done("networkpolicies", &e)));
@@ -450,7 +479,7 @@ pub fn set_policy_status(status: &mut serde_json::Value, backend: &str, rules: u
 }
 
 type Caches<'a> = (
-    &'a reflector::Store<Pod>,
+    &'a SharedPodCache,
     &'a reflector::Store<Namespace>,
     &'a reflector::Store<NetworkPolicy>,
 );
@@ -468,7 +497,8 @@ async fn sync_once(
     let kernel = kernel_view(handle, link_names).await?;
     let read = started.elapsed();
     // The caches' objects are shared or borrowed, never copied: a cluster's pods are many.
-    let (pods, namespaces, policies) = (pods.state(), nss.state(), nps.state());
+    let pods = pods.lock().unwrap_or_else(|p| p.into_inner()).state();
+    let (namespaces, policies) = (nss.state(), nps.state());
     let namespaces: Vec<&Namespace> = namespaces.iter().map(|n| &**n).collect();
     let policies: Vec<&NetworkPolicy> = policies.iter().map(|n| &**n).collect();
     let local = local_pods(node, &pods, &kernel.links);
@@ -534,31 +564,38 @@ mod tests {
     }
 
     #[test]
-    fn a_slimmed_pod_keeps_what_policy_reads() {
-        let mut p: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "a", "namespace": "x", "labels": {"app": "web"},
-                         "annotations": {"big": "x"}, "managedFields": [{"manager": "kubelet"}]},
-            "spec": {"nodeName": "n1", "hostNetwork": false,
-                     "containers": [{"name": "c", "image": "busybox", "command": ["sh"],
-                                     "ports": [{"name": "http", "containerPort": 80}]}],
-                     "volumes": [{"name": "v", "emptyDir": {}}]},
-            "status": {"phase": "Running", "podIP": "10.244.1.2", "podIPs": [{"ip": "10.244.1.2"}],
-                       "conditions": [{"type": "Ready", "status": "True"}]}
-        }))
-        .unwrap();
-        let before = LocalPod::from_pod(&p, "sl0000000000001").unwrap();
-        slim_pod(&mut p);
-        assert_eq!(LocalPod::from_pod(&p, "sl0000000000001").unwrap(), before);
-        assert_eq!(p.metadata.labels.as_ref().unwrap()["app"], "web");
-        assert!(p.metadata.annotations.is_none() && p.metadata.managed_fields.is_none());
-        let spec = p.spec.as_ref().unwrap();
-        assert_eq!(spec.node_name.as_deref(), Some("n1"));
-        assert!(spec.volumes.is_none() && spec.containers[0].image.is_none());
-        assert_eq!(
-            p.status.as_ref().unwrap().pod_ip.as_deref(),
-            Some("10.244.1.2")
-        );
-        assert!(p.status.as_ref().unwrap().conditions.is_none());
+    fn the_pod_cache_follows_the_watch_and_a_relist_replaces_it() {
+        use watcher::Event;
+        let mut cache = PodCache::default();
+        let names = |c: &PodCache| {
+            let mut n: Vec<String> = c.state().iter().map(|p| p.name.clone()).collect();
+            n.sort();
+            n
+        };
+        cache.apply(&Event::Init);
+        cache.apply(&Event::InitApply(pod("a", "n1", Some("10.244.1.2"))));
+        cache.apply(&Event::InitApply(pod("b", "n2", None)));
+        // Nothing shows until the listing is complete.
+        assert!(cache.state().is_empty());
+        cache.apply(&Event::InitDone);
+        assert_eq!(names(&cache), ["a", "b"]);
+        cache.apply(&Event::Apply(pod("b", "n2", Some("10.244.2.2"))));
+        cache.apply(&Event::Apply(pod("c", "n1", None)));
+        cache.apply(&Event::Delete(pod("a", "n1", Some("10.244.1.2"))));
+        assert_eq!(names(&cache), ["b", "c"]);
+        let b = cache.state().into_iter().find(|p| p.name == "b").unwrap();
+        assert_eq!(b.ips, ["10.244.2.2".parse::<Ipv4Addr>().unwrap()]);
+        // The same pods again, in the same order: the compiler's shortcut holds.
+        let once: Vec<_> = cache.state();
+        let again: Vec<_> = cache.state();
+        assert!(once.iter().zip(&again).all(|(x, y)| Arc::ptr_eq(x, y)));
+        // A relist (the watch lost its place): pods deleted meanwhile are gone after it, and
+        // until it is complete the cache keeps what it had.
+        cache.apply(&Event::Init);
+        cache.apply(&Event::InitApply(pod("c", "n1", None)));
+        assert_eq!(names(&cache), ["b", "c"]);
+        cache.apply(&Event::InitDone);
+        assert_eq!(names(&cache), ["c"]);
     }
 
     #[test]
@@ -573,7 +610,8 @@ mod tests {
             ("10.244.1.2".parse().unwrap(), "sl0000000000001".to_string()),
             ("10.244.2.2".parse().unwrap(), "sl0000000000002".to_string()),
         ]);
-        let pods: Vec<Arc<Pod>> = pods.into_iter().map(Arc::new).collect();
+        let pods: Vec<Arc<ClusterPod>> =
+            pods.iter().map(|p| Arc::new(ClusterPod::from(p))).collect();
         let local = local_pods("n1", &pods, &links);
         assert_eq!(local.len(), 1);
         assert_eq!(local[0].name, "a");

@@ -2,9 +2,8 @@
 //! again only when its `resourceVersion` moves, and each pass reports which peers came, went
 //! or changed, so that rules whose peers none of them could be are not resolved again.
 
-use super::{named_ports, namespace_str, object_key, pod_ips, NamedPort};
+use super::{ClusterPod, NamedPort};
 use crate::selector::{LabelIndex, Labels};
-use k8s_openapi::api::core::v1::Pod;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -14,43 +13,35 @@ use std::sync::Arc;
 const FEW_CHANGES: usize = 64;
 
 /// A pod that policies can name as a peer: running (or pending) on the pod network, with an
-/// address. The Pod itself is shared with the watch cache, not copied.
+/// address. The pod itself is shared with the watch cache, not copied.
 #[derive(Debug, Clone)]
 pub(super) struct Peer {
-    pod: Arc<Pod>,
-    pub ips: Vec<Ipv4Addr>,
+    pod: Arc<ClusterPod>,
 }
 
 impl Peer {
-    fn of(pod: &Arc<Pod>) -> Option<Self> {
-        if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+    fn of(pod: &Arc<ClusterPod>) -> Option<Self> {
+        if pod.host_network || pod.finished || pod.ips.is_empty() {
             return None;
         }
-        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-        if matches!(phase, Some("Succeeded" | "Failed")) {
-            return None;
-        }
-        let ips = pod_ips(pod);
-        if ips.is_empty() {
-            return None;
-        }
-        Some(Self {
-            pod: pod.clone(),
-            ips,
-        })
+        Some(Self { pod: pod.clone() })
     }
 
     pub fn namespace(&self) -> &str {
-        namespace_str(&self.pod.metadata)
+        &self.pod.namespace
     }
 
     pub fn labels(&self) -> &Labels {
-        self.pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS)
+        &self.pod.labels
+    }
+
+    pub fn ips(&self) -> &[Ipv4Addr] {
+        &self.pod.ips
     }
 
     /// Its containers' named ports (read when a rule names a port).
-    pub fn ports(&self) -> Vec<NamedPort> {
-        named_ports(&self.pod)
+    pub fn ports(&self) -> &[NamedPort] {
+        &self.pod.ports
     }
 
     /// Whether policy would see `other` as this very peer (a new version of a pod that
@@ -58,12 +49,10 @@ impl Peer {
     fn same(&self, other: &Peer) -> bool {
         self.namespace() == other.namespace()
             && self.labels() == other.labels()
-            && self.ips == other.ips
+            && self.ips() == other.ips()
             && self.ports() == other.ports()
     }
 }
-
-static NO_LABELS: Labels = Labels::new();
 
 /// What the index knows of a pod: the version it read, its slot when it is a peer, and the
 /// last pass that listed it.
@@ -90,7 +79,7 @@ pub(super) struct PeerIndex {
     added: Vec<usize>,
     /// The pods of the last update, as given: the same objects in the same order again (a
     /// watch cache that did not change) need no reading at all.
-    last_input: Vec<Arc<Pod>>,
+    last_input: Vec<Arc<ClusterPod>>,
 }
 
 /// Which peers the last update changed.
@@ -101,7 +90,7 @@ pub(super) enum Changes<'a> {
 
 impl PeerIndex {
     /// Brings the index to `pods` (every pod of the cluster).
-    pub fn update(&mut self, pods: &[Arc<Pod>]) {
+    pub fn update(&mut self, pods: &[Arc<ClusterPod>]) {
         self.removed.clear();
         self.added.clear();
         let unchanged = pods.len() == self.last_input.len()
@@ -115,8 +104,8 @@ impl PeerIndex {
         self.last_input = pods.to_vec();
         self.pass += 1;
         for pod in pods {
-            let key = object_key(&pod.metadata);
-            let version = pod.metadata.resource_version.as_deref();
+            let key = pod.key();
+            let version = pod.resource_version.as_deref();
             let old_slot = match self.known.get_mut(key.as_ref()) {
                 // No version (objects not from an API server) always reads the pod again.
                 Some(k) if version.is_some() && k.version.as_deref() == version => {

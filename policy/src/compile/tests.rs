@@ -89,7 +89,7 @@ impl Cluster {
                     p.metadata.namespace.as_deref()?,
                     p.metadata.name.as_deref()?
                 );
-                LocalPod::from_pod(p, &ifname)
+                LocalPod::from_pod(&ClusterPod::from(p), &ifname)
             })
             .collect()
     }
@@ -100,7 +100,11 @@ impl Cluster {
             .map(|p| serde_json::from_value(p.clone()).unwrap())
             .collect();
         let host = [HOST.parse().unwrap()];
-        let pods: Vec<Arc<Pod>> = self.pods.iter().cloned().map(Arc::new).collect();
+        let pods: Vec<Arc<ClusterPod>> = self
+            .pods
+            .iter()
+            .map(|p| Arc::new(ClusterPod::from(p)))
+            .collect();
         let namespaces: Vec<&Namespace> = self.namespaces.iter().collect();
         let policies: Vec<&NetworkPolicy> = policies.iter().collect();
         let input = PolicyInput {
@@ -633,7 +637,10 @@ fn host_network_pods_are_not_selected_as_peers() {
     v["status"]["podIPs"] = json!([{"ip": "198.51.100.7"}]);
     c.pods.push(serde_json::from_value(v.clone()).unwrap());
     assert_eq!(
-        LocalPod::from_pod(&serde_json::from_value(v).unwrap(), "slx"),
+        LocalPod::from_pod(
+            &ClusterPod::from(&serde_json::from_value::<Pod>(v).unwrap()),
+            "slx"
+        ),
         None
     );
     let ir = c.compile(&[allow_from(

@@ -221,7 +221,10 @@ impl World {
         self.pods
             .iter()
             .filter(|p| p.metadata.namespace.as_deref() != Some("n2"))
-            .filter_map(|p| LocalPod::from_pod(p, &format!("sl{}", p.metadata.name.as_deref()?)))
+            .filter_map(|p| {
+                let ifname = format!("sl{}", p.metadata.name.as_deref()?);
+                LocalPod::from_pod(&ClusterPod::from(p), &ifname)
+            })
             .collect()
     }
 }
@@ -237,7 +240,11 @@ fn walk(seed: u64, versioned: bool) {
         } else {
             world.change(&mut rng)
         };
-        let pods: Vec<Arc<Pod>> = world.pods.iter().cloned().map(Arc::new).collect();
+        let pods: Vec<Arc<ClusterPod>> = world
+            .pods
+            .iter()
+            .map(|p| Arc::new(ClusterPod::from(p)))
+            .collect();
         let namespaces: Vec<&Namespace> = world.namespaces.iter().collect();
         let policies: Vec<&NetworkPolicy> = world.policies.iter().collect();
         let input = PolicyInput {
