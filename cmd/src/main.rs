@@ -13,6 +13,14 @@ mod manifest_tests;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+/// jemalloc, not musl's malloc: the static musl binary's userspace WireGuard allocates a
+/// buffer per packet in one thread and frees it in another, which musl's mallocng serialises
+/// (a third of the throughput lost). Its options are compiled in (`.cargo/config.toml`): one
+/// arena and a background thread that returns freed memory after 100 ms keep the agent's
+/// memory near what musl's malloc used.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The name the CNI plugin is installed and invoked under.
 const CNI_PLUGIN_NAME: &str = "sluice-cni";
 

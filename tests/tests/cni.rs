@@ -443,6 +443,18 @@ fn version_and_subcommand_dispatch() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["profile"], "debug");
     assert!(v["commit"].as_str().is_some_and(|c| !c.is_empty()));
+    // The allocator is jemalloc with its options compiled in (.cargo/config.toml), as its
+    // statistics at exit say.
+    let out = std::process::Command::new(&bin)
+        .arg("version")
+        .env("_RJEM_MALLOC_CONF", "stats_print:true")
+        .output()
+        .unwrap();
+    let stats = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stats.contains("opt.narenas: 1") && stats.contains("opt.dirty_decay_ms: 100"),
+        "{stats}"
+    );
     // `sluice cni` is the plugin by subcommand; VERSION needs no root.
     let mut cmd = std::process::Command::new(&bin);
     cmd.arg("cni");
