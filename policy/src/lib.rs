@@ -1,9 +1,10 @@
 //! sluice's NetworkPolicy engine, shaped like felix: deciding apart from doing.
 //!
-//! - [`compile`] (pure) turns Pods, Namespaces and NetworkPolicies (k8s-openapi's typed objects)
-//!   and the node's local pods into one [`PolicyIr`]: per local pod and direction, whether it is
-//!   isolated and which (address, protocol, port) it may talk to. The Kubernetes semantics live
-//!   here and nowhere else.
+//! - [`compile`] (pure) turns Pods (as [`ClusterPod`]s, what policy reads of k8s-openapi's
+//!   `Pod`), Namespaces and NetworkPolicies (k8s-openapi's typed objects) and the node's local
+//!   pods into one [`PolicyIr`]: per local pod and direction, whether it is isolated and which
+//!   (address, protocol, port) it may talk to. The Kubernetes semantics live here and nowhere
+//!   else.
 //! - [`nft::render`] and [`iptables::render`] (pure) turn the IR into text for
 //!   `nft -f -` (one table `inet sluice-policy`, verdict maps keyed by interface name, interval
 //!   sets) and for `ipset restore` + `iptables-restore --noflush` (chains prefixed `SLUICE-`).

@@ -167,16 +167,16 @@ struct PodCache {
 
 impl PodCache {
     fn apply(&mut self, event: &watcher::Event<Pod>) {
-        let entry = |pod: &Pod| {
-            let pod = ClusterPod::from(pod);
-            ((pod.namespace.clone(), pod.name.clone()), Arc::new(pod))
+        let key = |pod: &Pod| {
+            let meta = &pod.metadata;
+            let ns = meta.namespace.clone().unwrap_or_default();
+            (ns, meta.name.clone().unwrap_or_default())
         };
         match event {
             watcher::Event::Init => self.relist = Some(HashMap::new()),
             watcher::Event::InitApply(pod) => {
                 if let Some(relist) = &mut self.relist {
-                    let (key, pod) = entry(pod);
-                    relist.insert(key, pod);
+                    relist.insert(key(pod), Arc::new(ClusterPod::from(pod)));
                 }
             }
             watcher::Event::InitDone => {
@@ -185,12 +185,10 @@ impl PodCache {
                 }
             }
             watcher::Event::Apply(pod) => {
-                let (key, pod) = entry(pod);
-                self.pods.insert(key, pod);
+                self.pods.insert(key(pod), Arc::new(ClusterPod::from(pod)));
             }
             watcher::Event::Delete(pod) => {
-                let (key, _) = entry(pod);
-                self.pods.remove(&key);
+                self.pods.remove(&key(pod));
             }
         }
     }
