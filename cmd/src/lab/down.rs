@@ -72,16 +72,25 @@ pub async fn run(name: &str) -> Result<()> {
         .filter_map(|n| std::fs::metadata(netns::named_path(n)).ok())
         .map(|m| m.ino())
         .collect();
-    let mut pids = lab_processes(name, &inodes);
-    if let Some(info) = daemon::read_info(&files.daemon) {
-        let cmdline = std::fs::read(format!("/proc/{}/cmdline", info.pid)).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains("__daemon")
-            && !pids.contains(&(info.pid as i32))
-        {
-            pids.push(info.pid as i32);
+    let recorded_daemon = daemon::read_info(&files.daemon).map(|info| info.pid as i32);
+    let mut stopped: HashSet<i32> = HashSet::new();
+    // The daemon restarts an agent that exits: one it restarted between the scan and its own
+    // end is found by the next scan. It is gone after the first round (KILL at the latest),
+    // so a second round finds the last of them; the bound is for safety.
+    for _round in 0..5 {
+        let mut pids = lab_processes(name, &inodes);
+        if let Some(pid) = recorded_daemon {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains("__daemon") && !pids.contains(&pid) {
+                pids.push(pid);
+            }
         }
+        if pids.is_empty() {
+            break;
+        }
+        stop(&pids);
+        stopped.extend(pids);
     }
-    stop(&pids);
     for n in &names {
         netns::remove_named(n).with_context(|| format!("removing network namespace {n}"))?;
     }
@@ -89,13 +98,13 @@ pub async fn run(name: &str) -> Result<()> {
     if had_files {
         std::fs::remove_dir_all(&files.dir).with_context(|| format!("removing {:?}", files.dir))?;
     }
-    if names.is_empty() && pids.is_empty() && !had_files {
+    if names.is_empty() && stopped.is_empty() && !had_files {
         eprintln!("lab {name}: nothing to remove");
     } else {
         eprintln!(
             "lab {name}: removed {} network namespaces, stopped {} processes{}",
             names.len(),
-            pids.len(),
+            stopped.len(),
             if had_files { ", removed its files" } else { "" }
         );
     }
