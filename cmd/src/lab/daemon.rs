@@ -89,7 +89,7 @@ pub async fn run(name: &str) -> Result<()> {
             addr
         }
     };
-    tokio::spawn(supervise_agents(
+    let supervisor = tokio::spawn(supervise_agents(
         name.to_string(),
         plan.clone(),
         files.kubeconfig.clone(),
@@ -112,6 +112,9 @@ pub async fn run(name: &str) -> Result<()> {
         _ = tokio::signal::ctrl_c() => {}
     }
     tracing::info!(lab = name, "lab daemon stopping");
+    // No agent restarted after this point, for the stop below to miss.
+    supervisor.abort();
+    let _ = supervisor.await;
     stop_agents(&plan);
     Ok(())
 }
