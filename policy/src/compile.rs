@@ -74,8 +74,8 @@ pub struct LocalPod {
 }
 
 impl LocalPod {
-    /// From the Pod object and the veth sluice made for it; `None` when the pod has no IPv4
-    /// address yet or is on the host network (no policy applies to it).
+    /// From the pod and the veth sluice made for it; `None` when the pod has no IPv4 address
+    /// yet or is on the host network (no policy applies to it).
     pub fn from_pod(pod: &ClusterPod, ifname: &str) -> Option<Self> {
         if pod.host_network {
             return None;
@@ -263,13 +263,18 @@ fn namespace_str(meta: &ObjectMeta) -> &str {
 
 /// An object's identity across its versions: its uid, else namespace/name.
 fn object_key(meta: &ObjectMeta) -> Cow<'_, str> {
-    match meta.uid.as_deref() {
+    identity(
+        meta.uid.as_deref(),
+        namespace_str(meta),
+        meta.name.as_deref().unwrap_or(""),
+    )
+}
+
+/// The uid, else namespace/name: for API objects and for [`ClusterPod`]s alike.
+fn identity<'a>(uid: Option<&'a str>, namespace: &str, name: &str) -> Cow<'a, str> {
+    match uid {
         Some(uid) => Cow::Borrowed(uid),
-        None => Cow::Owned(format!(
-            "{}/{}",
-            namespace_str(meta),
-            meta.name.as_deref().unwrap_or("")
-        )),
+        None => Cow::Owned(format!("{namespace}/{name}")),
     }
 }
 

@@ -352,6 +352,12 @@ spec:
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    /// kubectl's arguments, with `-n` for a namespaced object.
+    fn in_ns<'a>(ns: Option<&'a str>, args: &[&'a str]) -> Vec<&'a str> {
+        let mut all = args.to_vec();
+        all.extend(ns.into_iter().flat_map(|ns| ["-n", ns]));
+        all
+    }
     let objects = [
         ("namespace", "kk", None),
         ("configmap", "cm1", Some("kk")),
@@ -380,22 +386,11 @@ spec:
         .spawn()
         .unwrap();
     for &(kind, name, ns) in &objects {
-        let mut args = vec!["get", kind, name, "-o", "yaml"];
-        if let Some(ns) = ns {
-            args.extend(["-n", ns]);
-        }
-        let yaml = ok(&args);
+        let yaml = ok(&in_ns(ns, &["get", kind, name, "-o", "yaml"]));
         assert!(yaml.contains(&format!("name: {name}")), "{yaml}");
-        let mut args = vec!["label", kind, name, "tier=lab"];
-        if let Some(ns) = ns {
-            args.extend(["-n", ns]);
-        }
-        ok(&args);
-        let mut args = vec!["get", kind, "-l", "tier=lab", "-o", "name"];
-        if let Some(ns) = ns {
-            args.extend(["-n", ns]);
-        }
-        assert!(ok(&args).contains(name));
+        ok(&in_ns(ns, &["label", kind, name, "tier=lab"]));
+        let labelled = ok(&in_ns(ns, &["get", kind, "-l", "tier=lab", "-o", "name"]));
+        assert!(labelled.contains(name));
     }
     // The lab's kubelet made the pod real.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -425,11 +420,11 @@ spec:
         "--ignore-not-found",
     ]);
     for &(kind, name, ns) in &objects {
-        let mut args = vec!["get", kind, name, "--ignore-not-found", "-o", "name"];
-        if let Some(ns) = ns {
-            args.extend(["-n", ns]);
-        }
-        assert_eq!(ok(&args).trim(), "", "{kind} {name} is still there");
+        let left = ok(&in_ns(
+            ns,
+            &["get", kind, name, "--ignore-not-found", "-o", "name"],
+        ));
+        assert_eq!(left.trim(), "", "{kind} {name} is still there");
     }
     std::thread::sleep(std::time::Duration::from_millis(500));
     // TERM to timeout(1), which passes it on to kubectl (a KILL would orphan kubectl).

@@ -68,7 +68,7 @@ struct Known {
 pub(super) struct PeerIndex {
     slots: Vec<Option<Peer>>,
     free: Vec<usize>,
-    /// By pod uid (namespace/name when it has none): [`object_key`].
+    /// By pod uid (namespace/name when it has none): [`ClusterPod::key`].
     known: HashMap<String, Known>,
     by_ns: HashMap<String, Vec<usize>>,
     labels: LabelIndex,

@@ -32,10 +32,7 @@ pub struct ClusterPod {
 impl ClusterPod {
     /// Its identity across versions: the uid, else namespace/name.
     pub fn key(&self) -> Cow<'_, str> {
-        match &self.uid {
-            Some(uid) => Cow::Borrowed(uid),
-            None => Cow::Owned(format!("{}/{}", self.namespace, self.name)),
-        }
+        super::identity(self.uid.as_deref(), &self.namespace, &self.name)
     }
 }
 
