@@ -6,6 +6,9 @@ mod cni;
 mod daemon;
 mod down;
 mod kubelet;
+// Used by the TLS of the embedded API server and by the real-Kubernetes lab (both in progress).
+#[allow(dead_code)]
+pub mod pki;
 pub mod plan;
 mod serve;
 mod status;
