@@ -1,7 +1,11 @@
 //! `sluice install-cni`: the DaemonSet's init step. Copies this binary to the node's CNI plugin
-//! directory as `sluice-cni` and writes the CNI config, each atomically (a temp file in the same
-//! directory, then rename), so a runtime reading either never sees half a file. Idempotent: what
-//! is already in place is left untouched.
+//! directory as `sluice-cni`, atomically (a temp file in the same directory, then rename), so a
+//! runtime never runs half a file. Idempotent: what is already in place is left untouched.
+//!
+//! The CNI config is not written here but by the agent ([`write_conflist`]), once the node's
+//! subnet and datapath are up: the kubelet reports the node Ready as soon as a config exists,
+//! and a pod scheduled then would fail its ADD. A config left by an earlier version stays in
+//! place meanwhile, so an upgrade never takes the node's network away.
 
 use anyhow::{Context, Result};
 use std::io::Write;
@@ -12,22 +16,40 @@ use std::path::{Path, PathBuf};
 pub struct InstallArgs {
     #[arg(long, default_value = "/opt/cni/bin")]
     pub bin_dir: PathBuf,
-    #[arg(long, default_value = "/etc/cni/net.d")]
-    pub conf_dir: PathBuf,
-    /// Written into the config for the plugin (DESIGN.md's defaults).
-    #[arg(long, default_value = "/run/sluice/subnet.env")]
+    /// Print the CNI config the agent installs (with these paths) and exit: for a runtime set
+    /// up by hand, and to see what a node gets.
+    #[arg(long)]
+    pub print_conflist: bool,
+    #[arg(
+        long,
+        default_value = "/run/sluice/subnet.env",
+        requires = "print_conflist"
+    )]
     pub subnet_file: PathBuf,
-    #[arg(long, default_value = "/var/lib/sluice/ipam")]
+    #[arg(
+        long,
+        default_value = "/var/lib/sluice/ipam",
+        requires = "print_conflist"
+    )]
     pub ipam_dir: PathBuf,
 }
 
 pub const CONFLIST_NAME: &str = "10-sluice.conflist";
 pub const PLUGIN_NAME: &str = "sluice-cni";
 
-/// The conflist DESIGN.md names: cniVersion 1.1.0, one plugin of type `sluice-cni`.
+/// The CNI versions the conflist offers (CNI 1.1's `cniVersions`): a runtime that knows the field
+/// takes the highest it supports, so GC and STATUS (1.1.0) reach the runtimes that have them.
+pub const CNI_VERSIONS: [&str; 4] = ["0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+/// What a runtime that predates `cniVersions` reads: containerd 1.6 and 1.7 and Podman 4 (libcni
+/// 1.1) refuse a 1.1.0 `cniVersion` outright, so no pod could start on them.
+pub const CNI_VERSION: &str = "1.0.0";
+
+/// The conflist DESIGN.md names: `cniVersion` 1.0.0 with `cniVersions` up to 1.1.0, one plugin
+/// of type `sluice-cni`.
 pub fn conflist(subnet_file: &Path, ipam_dir: &Path) -> serde_json::Value {
     serde_json::json!({
-        "cniVersion": "1.1.0",
+        "cniVersion": CNI_VERSION,
+        "cniVersions": CNI_VERSIONS,
         "name": "sluice",
         "plugins": [{
             "type": PLUGIN_NAME,
@@ -67,28 +89,70 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<bool> {
     Ok(true)
 }
 
+/// Writes the conflist into `conf_dir` (atomically, only when it differs); true when it changed.
+pub fn write_conflist(conf_dir: &Path, subnet_file: &Path, ipam_dir: &Path) -> Result<bool> {
+    let conf = serde_json::to_vec_pretty(&conflist(subnet_file, ipam_dir))?;
+    write_atomic(&conf_dir.join(CONFLIST_NAME), &conf, 0o644)
+}
+
 pub fn run(args: &InstallArgs) -> Result<()> {
+    if args.print_conflist {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&conflist(&args.subnet_file, &args.ipam_dir))?
+        );
+        return Ok(());
+    }
     let exe = std::env::current_exe().context("finding this executable")?;
     let binary = std::fs::read(&exe).with_context(|| format!("reading {exe:?}"))?;
     let plugin = args.bin_dir.join(PLUGIN_NAME);
-    let changed_bin = write_atomic(&plugin, &binary, 0o755)?;
-    let conf = serde_json::to_vec_pretty(&conflist(&args.subnet_file, &args.ipam_dir))?;
-    let conf_path = args.conf_dir.join(CONFLIST_NAME);
-    let changed_conf = write_atomic(&conf_path, &conf, 0o644)?;
+    let changed = write_atomic(&plugin, &binary, 0o755)?;
     eprintln!(
-        "{} {}\n{} {}",
-        if changed_bin {
-            "installed"
-        } else {
-            "unchanged"
-        },
+        "{} {} (the agent installs the CNI config once the node's network is up)",
+        if changed { "installed" } else { "unchanged" },
         plugin.display(),
-        if changed_conf {
-            "installed"
-        } else {
-            "unchanged"
-        },
-        conf_path.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_conflist_offers_every_version_and_states_one_old_runtimes_accept() {
+        let c = conflist(
+            Path::new("/run/sluice/subnet.env"),
+            Path::new("/var/lib/sluice/ipam"),
+        );
+        // containerd 1.6/1.7 and Podman 4 (libcni 1.1) refuse a 1.1.0 cniVersion.
+        assert_eq!(c["cniVersion"], "1.0.0");
+        assert_eq!(
+            c["cniVersions"],
+            serde_json::json!(["0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+        );
+        assert_eq!(c["name"], "sluice");
+        let plugins = c["plugins"].as_array().unwrap();
+        assert_eq!(plugins.len(), 1);
+        assert_eq!(plugins[0]["type"], "sluice-cni");
+        assert_eq!(plugins[0]["subnetFile"], "/run/sluice/subnet.env");
+    }
+
+    #[test]
+    fn write_conflist_is_atomic_and_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, i) = (Path::new("/s.env"), Path::new("/ipam"));
+        assert!(write_conflist(dir.path(), s, i).unwrap());
+        assert!(!write_conflist(dir.path(), s, i).unwrap());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, [CONFLIST_NAME]);
+        let mode = std::fs::metadata(dir.path().join(CONFLIST_NAME))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644);
+    }
 }

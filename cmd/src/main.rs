@@ -112,15 +112,49 @@ fn print_version(json: bool) {
     }
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+/// Changes the level of the logs (sluice-config's `log-level`), unless `RUST_LOG` fixed it at start.
+static LOG_FILTER: std::sync::OnceLock<
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
+> = std::sync::OnceLock::new();
+
+/// Logs to stderr, filtered by `RUST_LOG` when it is set (it then wins over `log-level`), else at
+/// `info` until sluice-config says otherwise.
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    let from_env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+    let filter = from_env
+        .as_deref()
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let output = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        // Dynamic (judged per event, not cached per callsite): it depends on a moment.
+        .with_filter(tracing_subscriber::filter::dynamic_filter_fn(|meta, _| {
+            !sluice_net::wireguard::device::is_shutdown_noise(meta)
+        }));
+    if tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
+        .try_init()
+        .is_ok()
+        && from_env.is_none()
+    {
+        let _ = LOG_FILTER.set(handle);
+    }
+}
+
+/// Applies sluice-config's `log-level`; false when `RUST_LOG` decides instead.
+pub fn set_log_level(level: &str) -> bool {
+    let Some(handle) = LOG_FILTER.get() else {
+        return false;
+    };
+    handle
+        .reload(tracing_subscriber::EnvFilter::new(level))
+        .is_ok()
 }
 
 /// Prints an error at the binary's edge with its whole context chain.

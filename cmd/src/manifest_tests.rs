@@ -26,9 +26,12 @@ fn every_object_parses_and_has_its_design_name() {
     assert_eq!(
         kinds,
         [
+            "Namespace",
             "ServiceAccount",
             "ClusterRole",
             "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
             "Role",
             "RoleBinding",
             "ConfigMap",
@@ -37,9 +40,19 @@ fn every_object_parses_and_has_its_design_name() {
     );
     for d in &docs {
         let name = d["metadata"]["name"].as_str().unwrap();
-        assert!(name == "sluice" || name == "sluice-config", "{name}");
-        if d["kind"] != "ClusterRole" && d["kind"] != "ClusterRoleBinding" {
-            assert_eq!(d["metadata"]["namespace"], "kube-system");
+        match d["kind"].as_str().unwrap() {
+            "Namespace" => assert_eq!(name, "sluice-system"),
+            "ClusterRole" | "ClusterRoleBinding" => assert_eq!(name, "sluice"),
+            // sluice's Roles: its config in kube-system, its leases in sluice-system.
+            "Role" | "RoleBinding" => {
+                assert_eq!(name, "sluice");
+                let ns = d["metadata"]["namespace"].as_str().unwrap();
+                assert!(ns == "kube-system" || ns == "sluice-system", "{ns}");
+            }
+            _ => {
+                assert!(name == "sluice" || name == "sluice-config", "{name}");
+                assert_eq!(d["metadata"]["namespace"], "kube-system");
+            }
         }
     }
 }
@@ -67,7 +80,7 @@ fn validates_against_the_kubernetes_schema() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{text}");
-    assert_eq!(text.matches(" passed for resource ").count(), 7, "{text}");
+    assert_eq!(text.matches(" passed for resource ").count(), 10, "{text}");
 }
 
 #[test]
@@ -92,6 +105,7 @@ fn rbac_grants_exactly_the_agents_api_calls() {
         .into_iter()
         .chain(find(&docs, "Role"))
     {
+        let ns = role["metadata"]["namespace"].as_str().unwrap_or("");
         for rule in role["rules"].as_array().unwrap() {
             for group in rule["apiGroups"].as_array().unwrap() {
                 for res in rule["resources"].as_array().unwrap() {
@@ -101,17 +115,29 @@ fn rbac_grants_exactly_the_agents_api_calls() {
                             group.as_str().unwrap().to_string(),
                             res.as_str().unwrap().to_string(),
                             verb.as_str().unwrap().to_string(),
+                            ns.to_string(),
                         ));
                     }
                 }
             }
         }
     }
-    let needed: BTreeSet<(String, String, String)> = API_CALLS
+    let needed: BTreeSet<(String, String, String, String)> = API_CALLS
         .iter()
-        .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
+        .map(|(g, r, v, ns)| (g.to_string(), r.to_string(), v.to_string(), ns.to_string()))
         .collect();
     assert_eq!(granted, needed);
+    // Every binding names sluice's ServiceAccount, and no agent may write a Lease in kube-system.
+    for binding in find(&docs, "RoleBinding")
+        .into_iter()
+        .chain(find(&docs, "ClusterRoleBinding"))
+    {
+        assert_eq!(binding["subjects"][0]["name"], "sluice");
+        assert_eq!(binding["subjects"][0]["namespace"], "kube-system");
+    }
+    assert!(!needed
+        .iter()
+        .any(|(_, r, v, ns)| r == "leases" && ns == "kube-system" && v != "list" && v != "watch"));
 }
 
 #[test]
@@ -122,9 +148,31 @@ fn daemonset_runs_install_cni_first_and_probes_the_health_port() {
     assert_eq!(spec["priorityClassName"], "system-node-critical");
     assert_eq!(spec["serviceAccountName"], "sluice");
     assert_eq!(spec["tolerations"][0]["operator"], "Exists");
+    assert_eq!(
+        spec["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
     let init = &spec["initContainers"][0];
     assert_eq!(init["command"][1], "install-cni");
+    assert_eq!(init["securityContext"]["capabilities"]["drop"][0], "ALL");
+    assert!(init["securityContext"]["capabilities"]["add"].is_null());
     let agent = &spec["containers"][0];
+    // The agent writes the CNI config itself, once the node's network is up.
+    let mounts: Vec<&str> = agent["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    assert!(mounts.contains(&"/etc/cni/net.d"), "{mounts:?}");
+    assert!(mounts.contains(&"/host/proc/sys/net"), "{mounts:?}");
+    let caps: Vec<&str> = agent["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(caps, ["NET_ADMIN", "NET_RAW"]);
     assert_eq!(agent["command"][1], "agent");
     assert_eq!(agent["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(agent["readinessProbe"]["httpGet"]["path"], "/readyz");

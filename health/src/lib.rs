@@ -127,7 +127,29 @@ impl Health {
         });
     }
 
+    /// Every endpoint, `/status` included: for listeners only the node itself can reach.
     pub fn router(&self) -> Router {
+        self.public_router()
+            .route("/status", get(self.status_handler()))
+    }
+
+    fn status_handler(
+        &self,
+    ) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>
+           + Clone
+           + Send
+           + Sync
+           + 'static {
+        let h = self.clone();
+        move || {
+            let h = h.clone();
+            Box::pin(async move { axum::Json(h.snapshot().status).into_response() })
+        }
+    }
+
+    /// What anyone who reaches the health port may ask: liveness, readiness and metrics. Not
+    /// `/status`, which names every peer's underlay address, subnet and VTEP MAC.
+    pub fn public_router(&self) -> Router {
         let live = {
             let h = self.clone();
             move || {
@@ -166,25 +188,84 @@ impl Health {
                 }
             }
         };
-        let status = {
-            let h = self.clone();
-            move || {
-                let h = h.clone();
-                async move { axum::Json(h.snapshot().status).into_response() }
-            }
-        };
         Router::new()
             .route("/healthz", get(live.clone()))
             .route("/liveness", get(live))
             .route("/readyz", get(ready.clone()))
             .route("/readiness", get(ready))
             .route("/metrics", get(metrics))
-            .route("/status", get(status))
     }
 
-    /// Serves the router on `listener` until the process ends.
+    /// Serves every endpoint on `listener` until the process ends.
     pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
         axum::serve(listener, self.router()).await
+    }
+
+    /// Serves on a listener bound to every address: `/status` answers only connections from
+    /// loopback (the node itself); anyone else gets 403 there and the public endpoints.
+    pub async fn serve_status_to_loopback(
+        self,
+        listener: tokio::net::TcpListener,
+    ) -> std::io::Result<()> {
+        use axum::extract::ConnectInfo;
+        let status = self.status_handler();
+        let router = self.public_router().route(
+            "/status",
+            get(
+                move |ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>| {
+                    let status = status.clone();
+                    async move {
+                        if is_local(peer.ip()) {
+                            status().await
+                        } else {
+                            (
+                                StatusCode::FORBIDDEN,
+                                "/status is served on loopback only\n",
+                            )
+                                .into_response()
+                        }
+                    }
+                },
+            ),
+        );
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+    }
+
+    /// Serves `addr`'s share of the endpoints: all of them when `addr` is loopback; the public
+    /// ones when it is another address, with `/status` on `127.0.0.1` at the same port beside
+    /// it; and when it is the unspecified address, one listener that answers `/status` to
+    /// loopback peers only (a second socket on the same port would collide with it).
+    pub async fn serve_at(self, addr: std::net::SocketAddr) -> std::io::Result<()> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        if addr.ip().is_loopback() {
+            return self.serve(listener).await;
+        }
+        if addr.ip().is_unspecified() {
+            return self.serve_status_to_loopback(listener).await;
+        }
+        let local = std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port());
+        let local_listener = tokio::net::TcpListener::bind(local).await?;
+        let public = axum::serve(listener, self.public_router());
+        let all = axum::serve(local_listener, self.router());
+        tokio::try_join!(
+            std::future::IntoFuture::into_future(public),
+            std::future::IntoFuture::into_future(all)
+        )
+        .map(|_| ())
+    }
+}
+
+/// A peer on the node itself: loopback, or an IPv4-mapped loopback on a dual-stack socket.
+fn is_local(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 

@@ -23,6 +23,11 @@ pub struct CniLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
     pub peer: String,
 }
@@ -41,6 +46,7 @@ pub struct Metrics {
     pub peer_rx_bytes: Family<PeerLabels, Gauge>,
     pub peer_tx_bytes: Family<PeerLabels, Gauge>,
     pub peer_handshake_age_seconds: Family<PeerLabels, Gauge<f64, AtomicU64>>,
+    pub objects_skipped: Family<KindLabels, Counter>,
 }
 
 impl Metrics {
@@ -122,6 +128,12 @@ impl Metrics {
             "Seconds since the last WireGuard handshake with each peer",
             peer_handshake_age_seconds.clone(),
         );
+        let objects_skipped = Family::<KindLabels, Counter>::default();
+        r.register(
+            "objects_skipped",
+            "API objects the agent could not read and skipped (each version counted once)",
+            objects_skipped.clone(),
+        );
         Self {
             registry: r,
             lease_held,
@@ -136,6 +148,7 @@ impl Metrics {
             peer_rx_bytes,
             peer_tx_bytes,
             peer_handshake_age_seconds,
+            objects_skipped,
         }
     }
 

@@ -311,3 +311,83 @@ fn a_pod_that_cannot_be_wired_says_why_and_is_retried() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Issue 25, defect 3: a node turns Ready only once its agent has put the CNI config in place
+/// (the agent writes it when its subnet and datapath are up); until then no pod is wired there.
+#[test]
+fn a_node_is_ready_only_once_its_agent_installed_the_cni_config() {
+    if !have_root() {
+        return;
+    }
+    let lab = Lab::up(&["--nodes", "2", "--pods-per-node", "0"]);
+    let node = format!("{}-node-2", lab.name);
+    let dir = format!("/run/sluice/lab/{}/nodes/{node}", lab.name);
+    let condition = |kind: &str| -> Value {
+        let out = lab.kubectl(&["get", "node", &node, "-o", "json"]);
+        let n: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        n["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == kind).cloned())
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(condition("Ready")["status"], "True");
+    assert_eq!(condition("NetworkUnavailable")["status"], "False");
+    assert_eq!(condition("NetworkUnavailable")["reason"], "SluiceIsUp");
+    // A node whose network was never set up: no agent yet, no subnet, no CNI config.
+    assert!(lab_cmd(&["agent", "--name", &lab.name, "stop", &node], 30)
+        .status
+        .success());
+    std::fs::remove_file(format!("{dir}/subnet.env")).unwrap();
+    std::fs::remove_file(format!("{dir}/10-sluice.conflist")).unwrap();
+    assert!(
+        sluice_e2e::eventually(Duration::from_secs(10), || condition("Ready")["status"]
+            == "False"),
+        "the node stayed Ready without a CNI config: {}",
+        condition("Ready")
+    );
+    assert!(condition("Ready")["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("NetworkPluginNotReady"));
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: early, namespace: default}}\nspec:\n  nodeName: {node}\n  containers:\n  - {{name: c, image: sluice-lab}}\n"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("pod.yaml");
+    std::fs::write(&file, pod).unwrap();
+    assert!(lab
+        .kubectl(&["apply", "-f", file.to_str().unwrap()])
+        .status
+        .success());
+    let get = || -> Value {
+        let out = lab.kubectl(&["get", "pod", "early", "-o", "json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    // No sandbox is attempted on a node whose network is not ready: no failure, no address.
+    std::thread::sleep(Duration::from_secs(3));
+    let p = get();
+    assert!(p["status"]["podIP"].is_null(), "{p:#}");
+    assert!(!p.to_string().contains("FailedCreatePodSandBox"), "{p:#}");
+    // The agent comes up: subnet, datapath, then the CNI config; the node turns Ready and the pod runs.
+    assert!(lab_cmd(&["agent", "--name", &lab.name, "start", &node], 30)
+        .status
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = get();
+        if p["status"]["phase"] == "Running" && p["status"]["podIP"].is_string() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not wired after the agent came up: {p:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(condition("Ready")["status"], "True");
+    assert_eq!(condition("NetworkUnavailable")["status"], "False");
+    let conf: Value =
+        serde_json::from_slice(&std::fs::read(format!("{dir}/10-sluice.conflist")).unwrap())
+            .unwrap();
+    assert_eq!(conf["cniVersion"], "1.0.0");
+}

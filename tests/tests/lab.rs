@@ -248,7 +248,7 @@ fn lab_uses_an_external_api_server() {
             .unwrap();
         serde_json::from_slice(&out.stdout).unwrap()
     };
-    let leases = kubectl(&["get", "leases", "-n", "kube-system"]);
+    let leases = kubectl(&["get", "leases", "-n", "sluice-system"]);
     assert_eq!(leases["items"].as_array().unwrap().len(), 2, "{leases:#}");
     let out = lab.down();
     assert!(
@@ -289,7 +289,7 @@ fn node_podcidr_mode_uses_each_nodes_pod_cidr() {
             .all(|v| v == true),
         "{status:#}"
     );
-    let out = lab.kubectl(&["get", "leases", "-n", "kube-system", "-o", "json"]);
+    let out = lab.kubectl(&["get", "leases", "-n", "sluice-system", "-o", "json"]);
     let leases: Value = serde_json::from_slice(&out.stdout).unwrap();
     let mut names: Vec<&str> = leases["items"]
         .as_array()

@@ -38,15 +38,19 @@ fn podman_containers_on_sluice_reach_each_other() {
     .unwrap();
     let ipam_dir = dir.path().join("ipam");
     let template = dir.path().join("sluice.conflist.json");
-    let conflist = serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": "@NAME@",
-        "plugins": [{
-            "type": "@TYPE@",
-            "subnetFile": subnet_file,
-            "ipamDir": ipam_dir,
-        }]
-    });
+    // The conflist sluice's agent installs (Podman 4's libcni 1.1 refused its old 1.1.0
+    // cniVersion), under the network name and plugin type the script gives it.
+    let printed = sluice_e2e::run(
+        Command::new(sluice_bin())
+            .args(["install-cni", "--print-conflist", "--subnet-file"])
+            .arg(&subnet_file)
+            .arg("--ipam-dir")
+            .arg(&ipam_dir),
+    );
+    assert!(printed.status.success());
+    let mut conflist: serde_json::Value = serde_json::from_slice(&printed.stdout).unwrap();
+    conflist["name"] = "@NAME@".into();
+    conflist["plugins"][0]["type"] = "@TYPE@".into();
     std::fs::write(&template, conflist.to_string()).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("podman/two-containers.sh");
     let out = Command::new("timeout")

@@ -309,10 +309,28 @@ fn flipping_encryption_live_loses_under_two_seconds_and_restarts_nothing() {
     }
     let after: Vec<u64> = pod_ns.iter().map(|n| netns_inode(n)).collect();
     assert_eq!(after, inodes, "a pod was restarted");
+    // An orderly close of the device is no error (gotatun complained twice per close).
+    for node in [&a.node, &b.node] {
+        let log = agent_log(&lab, node);
+        let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
+        assert!(
+            errors.is_empty(),
+            "the agent of {node} logged errors: {errors:#?}"
+        );
+        assert_eq!(log.matches("WireGuard device closed").count(), 1, "{log}");
+    }
+}
+
+fn agent_log(lab: &Lab, node: &str) -> String {
+    std::fs::read_to_string(format!(
+        "/run/sluice/lab/{}/nodes/{node}/agent.log",
+        lab.name
+    ))
+    .unwrap()
 }
 
 fn published_key(lab: &Lab, node: &str) -> Option<String> {
-    let out = lab.kubectl(&["-n", "kube-system", "get", "leases", "-o", "json"]);
+    let out = lab.kubectl(&["-n", "sluice-system", "get", "leases", "-o", "json"]);
     let v: Value = serde_json::from_slice(&out.stdout).ok()?;
     v["items"].as_array()?.iter().find_map(|l| {
         let a = &l["metadata"]["annotations"];
@@ -406,4 +424,121 @@ fn the_key_survives_a_restart_is_replaced_when_removed_and_never_leaks() {
         assert!(!logs.contains(p), "a private key is in a log");
         assert!(!metrics.contains(p), "a private key is in /metrics");
     }
+}
+
+/// Issue 25, defect 2: traffic that starts on a node (a hostNetwork pod, the kubelet, a NodePort
+/// that kube-proxy source-NATs to the node) and goes to a pod on another node. Over WireGuard it
+/// was lost: it left with the node's underlay address, which no peer's allowed IPs hold. Now it
+/// must answer, and still cross the underlay only as WireGuard.
+#[test]
+fn traffic_from_a_node_to_a_remote_pod_crosses_wireguard_encrypted() {
+    if !have_root() {
+        return;
+    }
+    let lab = Lab::up(&[
+        "--nodes",
+        "3",
+        "--pods-per-node",
+        "1",
+        "--encryption",
+        "wireguard",
+    ]);
+    assert!(
+        eventually(Duration::from_secs(20), || all_reach(&lab)),
+        "not every pod reaches every pod through WireGuard"
+    );
+    let status = lab.status();
+    let pods = pods(&status);
+    let b = &pods[1];
+    let (node_a, node_c) = (&pods[0].node, &pods[2].node);
+    assert!(node_a != &b.node && node_c != &b.node && node_a != node_c);
+    let ns_a = lab.node_netns(node_a);
+    let (ua, ub) = (underlay_of(&status, node_a), underlay_of(&status, &b.node));
+    let capture = Capture::start(&ns_a, &format!("host {ua} and host {ub}"));
+
+    // A process in node A's own namespace (what a hostNetwork pod is) to pod B: ICMP and TCP.
+    let ping = in_netns(&ns_a, {
+        let ip = b.ip.to_string();
+        move || {
+            Command::new("ping")
+                .args(["-c", "3", "-i", "0.2", "-W", "2", &ip])
+                .output()
+                .unwrap()
+        }
+    });
+    assert!(
+        ping.status.success(),
+        "node {node_a} cannot ping pod {} over WireGuard: {}",
+        b.ip,
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    const SECRET: &str = "sluice-node-sourced-4be1-never-in-the-clear";
+    let (addr, peers) = tcp_server(
+        &lab.pod_netns(&b.ns, &b.name),
+        SocketAddr::from((b.ip, 0)),
+        SECRET,
+        4,
+    );
+    assert_eq!(tcp_ask(&ns_a, addr).unwrap_or_default(), SECRET);
+    // Pod B saw node A's tunnel address, inside A's subnet, not its underlay address.
+    let seen = peers.recv_timeout(Duration::from_secs(3)).unwrap();
+    let subnet_a: ipnet::Ipv4Net = subnet_of(&status, node_a).parse().unwrap();
+    let std::net::IpAddr::V4(seen_v4) = seen.ip() else {
+        panic!("pod B saw {seen}");
+    };
+    assert!(
+        subnet_a.contains(&seen_v4),
+        "pod B saw {seen}, not an address of {subnet_a}"
+    );
+
+    // A NodePort as kube-proxy makes it: node A DNATs its port 30080 to pod B and masquerades,
+    // and node C is the client.
+    let table = sluice_e2e::unique("np");
+    let rules = format!(
+        "table ip {table} {{\n chain pre {{ type nat hook prerouting priority -100; tcp dport 30080 dnat to {addr}; }}\n chain post {{ type nat hook postrouting priority 100; ip daddr {} tcp dport {} masquerade; }}\n}}\n",
+        b.ip,
+        addr.port()
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns_a, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write as _;
+            c.stdin.take().unwrap().write_all(rules.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let node_port = SocketAddr::from((ua.parse::<Ipv4Addr>().unwrap(), 30080));
+    let answered = tcp_ask(&lab.node_netns(node_c), node_port).unwrap_or_default();
+    let _ = Command::new("ip")
+        .args([
+            "netns", "exec", &ns_a, "nft", "delete", "table", "ip", &table,
+        ])
+        .status();
+    assert_eq!(
+        answered, SECRET,
+        "the NodePort on {node_a} did not reach pod B"
+    );
+
+    let (lines, ascii) = capture.finish();
+    assert!(lines.len() >= 4, "captured too little: {lines:?}");
+    let not_wg: Vec<&String> = lines
+        .iter()
+        .filter(|l| !(l.contains(" UDP") && l.contains(".51820")))
+        .collect();
+    assert!(
+        not_wg.is_empty(),
+        "non-WireGuard packets between nodes: {not_wg:?}"
+    );
+    assert!(
+        !ascii.contains(SECRET),
+        "the payload crossed the underlay in the clear"
+    );
 }

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubnetSource {
+    /// The Node's `spec.podCIDRs` when it has them, a lease otherwise.
+    Auto,
     Lease,
     NodePodCidr,
 }
@@ -41,6 +43,8 @@ pub struct AgentConfig {
     pub masquerade: bool,
     pub log_level: String,
     pub health_port: u16,
+    /// Where `/healthz`, `/readyz` and `/metrics` listen (`/status` is on loopback only).
+    pub health_address: std::net::IpAddr,
     pub vxlan_port: u16,
     pub wireguard_port: u16,
     pub wireguard_keepalive: u16,
@@ -53,13 +57,14 @@ impl Default for AgentConfig {
             cluster_cidr: Ipv4Net::new(std::net::Ipv4Addr::new(10, 244, 0, 0), 16)
                 .unwrap_or_default(),
             subnet_length: 24,
-            subnet_source: SubnetSource::Lease,
+            subnet_source: SubnetSource::Auto,
             encryption: Encryption::None,
             policy_backend: PolicyBackend::Auto,
             mtu: Mtu::Auto,
             masquerade: true,
             log_level: "info".into(),
             health_port: 9099,
+            health_address: std::net::IpAddr::from([0, 0, 0, 0]),
             vxlan_port: 8472,
             wireguard_port: 51820,
             wireguard_keepalive: 0,
@@ -69,7 +74,7 @@ impl Default for AgentConfig {
 }
 
 /// Every key of sluice-config (DESIGN.md); the manifest's ConfigMap has exactly these.
-pub const KEYS: [&str; 13] = [
+pub const KEYS: [&str; 14] = [
     "cluster-cidr",
     "subnet-length",
     "subnet-source",
@@ -79,6 +84,7 @@ pub const KEYS: [&str; 13] = [
     "masquerade",
     "log-level",
     "health-port",
+    "health-address",
     "vxlan-port",
     "wireguard-port",
     "wireguard-keepalive",
@@ -141,9 +147,10 @@ pub fn parse(data: &BTreeMap<String, String>) -> Result<AgentConfig, ConfigError
                 _ => bad("a prefix length from 1 to 30"),
             },
             "subnet-source" => match v {
+                "auto" => c.subnet_source = SubnetSource::Auto,
                 "lease" => c.subnet_source = SubnetSource::Lease,
                 "node-podcidr" => c.subnet_source = SubnetSource::NodePodCidr,
-                _ => bad("lease or node-podcidr"),
+                _ => bad("auto, lease or node-podcidr"),
             },
             "encryption" => match v {
                 "none" => c.encryption = Encryption::None,
@@ -183,6 +190,10 @@ pub fn parse(data: &BTreeMap<String, String>) -> Result<AgentConfig, ConfigError
                 },
                 _ => bad("a port from 1 to 65535"),
             },
+            "health-address" => match v.parse::<std::net::IpAddr>() {
+                Ok(ip) => c.health_address = ip,
+                _ => bad("an IP address (0.0.0.0 for every address, 127.0.0.1 for loopback only)"),
+            },
             "wireguard-keepalive" => match v.parse::<u16>() {
                 Ok(s) => c.wireguard_keepalive = s,
                 _ => bad("seconds from 0 (off) to 65535"),
@@ -201,6 +212,45 @@ pub fn parse(data: &BTreeMap<String, String>) -> Result<AgentConfig, ConfigError
         Ok(c)
     } else {
         Err(ConfigError { problems })
+    }
+}
+
+/// Parses a ConfigMap's `data` as the API server sent it, before any typed decoding: a value that
+/// is not a string (`"mtu": 1400`, which a lenient API server stores) is a bad value like any
+/// other, not a reason to ignore the whole object. `None` (no `data`) is every default.
+pub fn parse_data_json(data: Option<&serde_json::Value>) -> Result<AgentConfig, ConfigError> {
+    let mut strings = BTreeMap::new();
+    let mut problems = Vec::new();
+    match data {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Object(map)) => {
+            for (key, value) in map {
+                match value {
+                    serde_json::Value::String(s) => {
+                        strings.insert(key.clone(), s.clone());
+                    }
+                    other => problems.push(BadValue {
+                        key: key.clone(),
+                        value: other.to_string(),
+                        expected: "a string (ConfigMap values are strings: quote it)",
+                    }),
+                }
+            }
+        }
+        Some(other) => problems.push(BadValue {
+            key: "data".into(),
+            value: other.to_string(),
+            expected: "a map of strings",
+        }),
+    }
+    match parse(&strings) {
+        Ok(c) if problems.is_empty() => Ok(c),
+        Ok(_) => Err(ConfigError { problems }),
+        Err(e) => {
+            problems.extend(e.problems);
+            problems.sort_by(|a, b| a.key.cmp(&b.key));
+            Err(ConfigError { problems })
+        }
     }
 }
 
@@ -224,6 +274,9 @@ pub fn needs_restart(old: &AgentConfig, new: &AgentConfig) -> Vec<&'static str> 
     }
     if old.health_port != new.health_port {
         keys.push("health-port");
+    }
+    if old.health_address != new.health_address {
+        keys.push("health-address");
     }
     if old.vxlan_port != new.vxlan_port {
         keys.push("vxlan-port");
@@ -311,6 +364,40 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(e.problems[0].key, "subnet-length");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_json_type_is_a_bad_value() {
+        let raw = serde_json::json!({"mtu": 1400, "encryption": "wireguard", "masquerade": true});
+        let e = parse_data_json(Some(&raw)).unwrap_err();
+        let keys: Vec<_> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["masquerade", "mtu"]);
+        assert!(
+            e.to_string().contains("mtu: \"1400\" is not a string"),
+            "{e}"
+        );
+        let e = parse_data_json(Some(&serde_json::json!(["mtu"]))).unwrap_err();
+        assert_eq!(e.problems[0].key, "data");
+        let ok = parse_data_json(Some(&serde_json::json!({"mtu": "1400"}))).unwrap();
+        assert_eq!(ok.mtu, Mtu::Fixed(1400));
+        assert_eq!(parse_data_json(None).unwrap(), AgentConfig::default());
+        // Strings and types are judged together: every problem in one message.
+        let e =
+            parse_data_json(Some(&serde_json::json!({"mtu": 1, "encryption": "x"}))).unwrap_err();
+        assert_eq!(e.problems.len(), 2);
+    }
+
+    #[test]
+    fn subnet_source_defaults_to_auto_and_health_address_parses() {
+        assert_eq!(AgentConfig::default().subnet_source, SubnetSource::Auto);
+        let c = parse(&data(&[
+            ("subnet-source", "auto"),
+            ("health-address", "127.0.0.1"),
+        ]))
+        .unwrap();
+        assert_eq!(c.subnet_source, SubnetSource::Auto);
+        assert!(c.health_address.is_loopback());
+        assert!(parse(&data(&[("health-address", "localhost")])).is_err());
     }
 
     #[test]

@@ -1,15 +1,82 @@
-//! [`LeaseStore`] over the API server's `coordination.k8s.io/v1` Leases in sluice's namespace.
+//! [`LeaseStore`] over the API server's `coordination.k8s.io/v1` Leases in sluice's namespace
+//! (`sluice-system`), read by their label and one at a time (see [`super::tolerant`]).
 
+use super::tolerant::Skips;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
-use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams, Preconditions,
+};
+use kube::Client;
+use sluice_health::Health;
 use sluice_net::lease::store::{LeaseStore, StoreError};
-use sluice_net::lease::{LeaseView, NodeOwner, LEASE_PREFIX};
+use sluice_net::lease::{LeaseView, NodeOwner, LEASE_LABEL, LEASE_LABEL_VALUE, LEASE_PREFIX};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 #[derive(Clone)]
 pub struct KubeLeases {
-    pub api: Api<Lease>,
+    api: Api<Lease>,
+    raw: Api<DynamicObject>,
+    skips: Arc<Skips>,
+    health: Health,
+}
+
+/// Leases as the dynamic API sees them, for watches that must survive an unreadable object.
+pub fn raw_api(client: Client, namespace: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(client, namespace, &ApiResource::erase::<Lease>(&()))
+}
+
+/// The selector of sluice's leases.
+pub fn selector() -> String {
+    format!("{LEASE_LABEL}={LEASE_LABEL_VALUE}")
+}
+
+impl KubeLeases {
+    pub fn new(client: Client, namespace: &str, skips: Arc<Skips>, health: Health) -> Self {
+        Self {
+            api: Api::namespaced(client.clone(), namespace),
+            raw: raw_api(client, namespace),
+            skips,
+            health,
+        }
+    }
+
+    /// A watched lease as sluice sees it; `None` (reported once) when it does not decode.
+    pub fn view(&self, obj: &DynamicObject) -> Option<LeaseView> {
+        self.skips
+            .decode::<Lease>("Lease", obj, &self.health)
+            .map(|l| to_view(&l))
+    }
+}
+
+/// sluice 0.1's leases in `kube-system`, read (never written) so that an upgraded node keeps its
+/// subnet and still sees the peers that run 0.1 while the DaemonSet rolls. They carry no label:
+/// they are found by name.
+pub async fn legacy_leases(
+    raw: &Api<DynamicObject>,
+    skips: &Skips,
+    health: &Health,
+) -> Result<Vec<LeaseView>, kube::Error> {
+    let list = raw.list(&ListParams::default()).await?;
+    Ok(legacy_views(list.items.iter(), skips, health))
+}
+
+pub fn legacy_views<'a>(
+    objects: impl Iterator<Item = &'a DynamicObject>,
+    skips: &Skips,
+    health: &Health,
+) -> Vec<LeaseView> {
+    objects
+        .filter(|o| {
+            o.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with(LEASE_PREFIX))
+        })
+        .filter_map(|o| skips.decode::<Lease>("Lease", o, health))
+        .map(|l| to_view(&l))
+        .collect()
 }
 
 fn micro(t: Option<SystemTime>) -> Option<MicroTime> {
@@ -25,6 +92,7 @@ pub fn to_lease(v: &LeaseView) -> Lease {
     Lease {
         metadata: ObjectMeta {
             name: Some(v.name.clone()),
+            labels: Some([(LEASE_LABEL.to_string(), LEASE_LABEL_VALUE.to_string())].into()),
             resource_version: v.resource_version.clone(),
             annotations: Some(v.annotations.clone()),
             owner_references: v.owner.as_ref().map(|o| {
@@ -91,8 +159,8 @@ fn map_err(op: &'static str, name: &str, e: kube::Error) -> StoreError {
 impl LeaseStore for KubeLeases {
     async fn list(&self) -> Result<Vec<LeaseView>, StoreError> {
         let leases = self
-            .api
-            .list(&ListParams::default())
+            .raw
+            .list(&ListParams::default().labels(&selector()))
             .await
             .map_err(|e| map_err("listing", "*", e))?;
         Ok(leases
@@ -104,7 +172,7 @@ impl LeaseStore for KubeLeases {
                     .as_deref()
                     .is_some_and(|n| n.starts_with(LEASE_PREFIX))
             })
-            .map(to_view)
+            .filter_map(|l| self.view(l))
             .collect())
     }
 
@@ -164,5 +232,7 @@ mod tests {
             }),
         };
         assert_eq!(to_view(&to_lease(&v)), v);
+        let labels = to_lease(&v).metadata.labels.unwrap();
+        assert_eq!(labels.get(LEASE_LABEL).map(String::as_str), Some("true"));
     }
 }

@@ -5,26 +5,29 @@
 pub mod config;
 mod droplog;
 mod kube_leases;
+mod node;
 mod policy;
+mod subnet;
+pub mod tolerant;
 mod wireguard;
 
 use anyhow::{bail, Context, Result};
-use config::{AgentConfig, SubnetSource};
+use config::AgentConfig;
 use futures::StreamExt;
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::Client;
 use kube_leases::KubeLeases;
 use sluice_health::Health;
-use sluice_net::lease::store::{acquire, publish, renew, AcquireRequest, LeaseStore, StoreError};
-use sluice_net::lease::{self, LeaseView, NodeOwner, NodeRecord, SubnetPool, DEFAULT_LEASE_SECS};
+use sluice_net::lease::store::{renew, LeaseStore, StoreError};
+use sluice_net::lease::{self, LeaseView, NodeOwner, NodeRecord};
 use sluice_net::subnet_env::SubnetEnv;
 use sluice_net::vxlan::{self, apply::VxlanKernel, VxlanConfig};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
+use subnet::Held;
 
 pub const CONFIG_MAP: &str = "sluice-config";
 
@@ -39,9 +42,18 @@ pub struct AgentArgs {
     /// Where the CNI plugin reads the node's subnet.
     #[arg(long, default_value = "/run/sluice/subnet.env")]
     pub subnet_file: PathBuf,
-    /// The namespace of sluice-config and the subnet leases.
+    /// The namespace of sluice-config.
     #[arg(long, default_value = "kube-system")]
     pub namespace: String,
+    /// The namespace of the subnet leases (only sluice writes Leases there).
+    #[arg(long, default_value = lease::LEASE_NAMESPACE)]
+    pub lease_namespace: String,
+    /// Where sluice 0.1 kept its leases: read, never written, to carry an upgrade ("" = none).
+    #[arg(long, default_value = lease::LEGACY_LEASE_NAMESPACE)]
+    pub legacy_lease_namespace: String,
+    /// Where the CNI config is written once the node's subnet and datapath are up.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
     /// The node's underlay address; by default its InternalIP.
     #[arg(long)]
     pub underlay_ip: Option<Ipv4Addr>,
@@ -51,7 +63,8 @@ pub struct AgentArgs {
     /// The CNI plugin's IPAM directory, whose call counts the agent exports.
     #[arg(long, default_value = "/var/lib/sluice/ipam")]
     pub ipam_dir: PathBuf,
-    /// Where the health server listens; by default 0.0.0.0 and sluice-config's `health-port`.
+    /// Where the health server listens; by default sluice-config's `health-address` and
+    /// `health-port`.
     #[arg(long)]
     pub health_addr: Option<std::net::SocketAddr>,
     /// The node's WireGuard private key (made on first use, mode 0600, never leaves the node).
@@ -59,25 +72,29 @@ pub struct AgentArgs {
     pub wireguard_key: PathBuf,
 }
 
-/// Every API call the agent makes, as (API group, resource, verb): the ClusterRole in
-/// `manifests/sluice.yaml` grants exactly these (a test holds them equal).
+/// Every API call the agent makes, as (API group, resource, verb, namespace; "" for
+/// cluster-wide): the ClusterRole and the Roles in `manifests/sluice.yaml` grant exactly these
+/// (a test holds them equal).
 #[cfg_attr(not(test), allow(dead_code))]
-pub const API_CALLS: &[(&str, &str, &str)] = &[
-    ("", "nodes", "get"),
-    ("", "nodes/status", "patch"),
-    ("", "configmaps", "get"),
-    ("", "configmaps", "list"),
-    ("", "configmaps", "watch"),
-    ("coordination.k8s.io", "leases", "list"),
-    ("coordination.k8s.io", "leases", "watch"),
-    ("coordination.k8s.io", "leases", "create"),
-    ("coordination.k8s.io", "leases", "update"),
-    ("", "pods", "list"),
-    ("", "pods", "watch"),
-    ("", "namespaces", "list"),
-    ("", "namespaces", "watch"),
-    ("networking.k8s.io", "networkpolicies", "list"),
-    ("networking.k8s.io", "networkpolicies", "watch"),
+pub const API_CALLS: &[(&str, &str, &str, &str)] = &[
+    ("", "nodes", "get", ""),
+    ("", "nodes/status", "patch", ""),
+    ("", "pods", "list", ""),
+    ("", "pods", "watch", ""),
+    ("", "namespaces", "list", ""),
+    ("", "namespaces", "watch", ""),
+    ("networking.k8s.io", "networkpolicies", "list", ""),
+    ("networking.k8s.io", "networkpolicies", "watch", ""),
+    ("", "configmaps", "get", "kube-system"),
+    ("", "configmaps", "list", "kube-system"),
+    ("", "configmaps", "watch", "kube-system"),
+    // sluice 0.1's leases, read to carry an upgrade (never written).
+    ("coordination.k8s.io", "leases", "list", "kube-system"),
+    ("coordination.k8s.io", "leases", "watch", "kube-system"),
+    ("coordination.k8s.io", "leases", "list", "sluice-system"),
+    ("coordination.k8s.io", "leases", "watch", "sluice-system"),
+    ("coordination.k8s.io", "leases", "create", "sluice-system"),
+    ("coordination.k8s.io", "leases", "update", "sluice-system"),
 ];
 
 /// Whether each loop's watches have listed once; `/readyz` wants both.
@@ -195,45 +212,21 @@ where
     }
 }
 
-/// What the agent knows of its node from the API.
-struct NodeFacts {
-    uid: String,
-    internal_ip: Option<Ipv4Addr>,
-    pod_cidr: Option<ipnet::Ipv4Net>,
+/// sluice-config as the dynamic API reads it, so a value of the wrong JSON type is a reported
+/// bad value rather than an object that never decodes.
+fn config_api(client: Client, namespace: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(client, namespace, &ApiResource::erase::<ConfigMap>(&()))
 }
 
-async fn node_facts(nodes: &Api<Node>, name: &str) -> Result<NodeFacts> {
-    let node = nodes
-        .get(name)
-        .await
-        .with_context(|| format!("reading node {name}"))?;
-    let internal_ip = node
-        .status
-        .as_ref()
-        .and_then(|s| s.addresses.as_ref())
-        .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
-        .and_then(|a| a.address.parse().ok());
-    let pod_cidr = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.pod_cidr.as_deref())
-        .and_then(|c| c.parse().ok());
-    Ok(NodeFacts {
-        uid: node.metadata.uid.unwrap_or_default(),
-        internal_ip,
-        pod_cidr,
-    })
-}
-
-async fn read_config(api: &Api<ConfigMap>, health: &Health) -> Result<AgentConfig> {
+async fn read_config(api: &Api<DynamicObject>, health: &Health) -> Result<AgentConfig> {
     let data = match api.get_opt(CONFIG_MAP).await? {
-        Some(cm) => cm.data.unwrap_or_default(),
+        Some(cm) => cm.data.get("data").cloned(),
         None => {
             tracing::info!("no {CONFIG_MAP}: using the defaults");
-            Default::default()
+            None
         }
     };
-    match config::parse(&data) {
+    match config::parse_data_json(data.as_ref()) {
         Ok(c) => {
             health.update(|s| s.config_error = None);
             Ok(c)
@@ -259,73 +252,28 @@ fn write_subnet_env(path: &std::path::Path, env: &SubnetEnv) -> Result<()> {
     Ok(())
 }
 
-/// The node's subnet lease as held now.
-struct Held {
-    lease: LeaseView,
-    record: NodeRecord,
-}
-
-async fn take_subnet(
-    store: &KubeLeases,
-    cfg: &AgentConfig,
-    record: &NodeRecord,
-    owner: &NodeOwner,
-    facts: &NodeFacts,
-    prefer: Option<ipnet::Ipv4Net>,
-) -> Result<Held> {
-    match cfg.subnet_source {
-        SubnetSource::Lease => {
-            let req = AcquireRequest {
-                pool: SubnetPool::new(cfg.cluster_cidr, cfg.subnet_length)?,
-                record: record.clone(),
-                owner: Some(owner.clone()),
-                duration_secs: DEFAULT_LEASE_SECS,
-                prefer,
-                max_attempts: 32,
-            };
-            let got = acquire(store, &req, SystemTime::now).await?;
-            Ok(Held {
-                lease: got.lease,
-                record: got.record,
-            })
-        }
-        SubnetSource::NodePodCidr => {
-            let Some(subnet) = facts.pod_cidr else {
-                bail!("subnet-source is node-podcidr but the node has no spec.podCIDR yet");
-            };
-            let mut record = record.clone();
-            record.subnet = subnet;
-            let view = lease::podcidr_lease(
-                &record,
-                Some(owner.clone()),
-                DEFAULT_LEASE_SECS,
-                SystemTime::now(),
-            );
-            let lease = publish(store, &view, 8).await?;
-            Ok(Held { lease, record })
+/// `net.ipv4.ip_forward` on: through `/proc/sys`, or, in a container whose `/proc/sys` is
+/// read-only, through the host's `/proc/sys/net` mounted at `/host/proc/sys/net` (the
+/// manifest mounts it, as Cilium's does). Already on is enough.
+fn enable_ip_forward() -> Result<(), String> {
+    let paths = [
+        "/proc/sys/net/ipv4/ip_forward",
+        "/host/proc/sys/net/ipv4/ip_forward",
+    ];
+    if std::fs::read_to_string(paths[0]).is_ok_and(|v| v.trim() == "1") {
+        return Ok(());
+    }
+    let mut errors = Vec::new();
+    for path in paths {
+        match std::fs::write(path, "1") {
+            Ok(()) => return Ok(()),
+            Err(e) => errors.push(format!("{path}: {e}")),
         }
     }
-}
-
-async fn mark_network_available(nodes: &Api<Node>, name: &str) -> Result<()> {
-    let now = jiff::Timestamp::now()
-        .round(jiff::Unit::Second)?
-        .to_string();
-    let patch = serde_json::json!({
-        "status": {"conditions": [{
-            "type": "NetworkUnavailable",
-            "status": "False",
-            "reason": "SluiceIsUp",
-            "message": "sluice programmed this node's datapath",
-            "lastTransitionTime": now,
-            "lastHeartbeatTime": now,
-        }]}
-    });
-    nodes
-        .patch_status(name, &PatchParams::default(), &Patch::Strategic(patch))
-        .await
-        .context("setting NetworkUnavailable=False")?;
-    Ok(())
+    Err(format!(
+        "net.ipv4.ip_forward is off and cannot be switched on ({})",
+        errors.join("; ")
+    ))
 }
 
 async fn run(args: AgentArgs) -> Result<()> {
@@ -342,11 +290,14 @@ async fn run(args: AgentArgs) -> Result<()> {
     );
     let client = client(&args).await?;
     let nodes: Api<Node> = Api::all(client.clone());
-    let configs: Api<ConfigMap> = Api::namespaced(client.clone(), &args.namespace);
-    let leases: Api<Lease> = Api::namespaced(client.clone(), &args.namespace);
-    let store = KubeLeases {
-        api: leases.clone(),
-    };
+    let configs = config_api(client.clone(), &args.namespace);
+    let skips = std::sync::Arc::new(tolerant::Skips::default());
+    let store = KubeLeases::new(
+        client.clone(),
+        &args.lease_namespace,
+        skips.clone(),
+        health.clone(),
+    );
 
     // The health server comes first, so that a node stuck on a bad ConfigMap or an absent API
     // server says why on /readyz while it retries.
@@ -354,14 +305,19 @@ async fn run(args: AgentArgs) -> Result<()> {
     let port = first
         .as_ref()
         .map_or(AgentConfig::default().health_port, |c| c.health_port);
+    let address = first
+        .as_ref()
+        .map_or(AgentConfig::default().health_address, |c| c.health_address);
     let addr = args
         .health_addr
-        .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], port)));
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the health server to {addr}"))?;
-    tracing::info!(%addr, "health server listening");
-    tokio::spawn(health.clone().serve(listener));
+        .unwrap_or_else(|| std::net::SocketAddr::new(address, port));
+    let server = health.clone();
+    tokio::spawn(async move {
+        if let Err(e) = server.serve_at(addr).await {
+            tracing::error!(%addr, error = %e, "the health server stopped");
+        }
+    });
+    tracing::info!(%addr, "health server listening (/status on loopback only)");
     health.beat("agent");
     let mut cfg = match first {
         Ok(c) => c,
@@ -373,7 +329,12 @@ async fn run(args: AgentArgs) -> Result<()> {
             with_backoff("reading sluice-config", || read_config(&configs, &health)).await
         }
     };
-    let facts = with_backoff("reading this node", || node_facts(&nodes, &node)).await;
+    crate::set_log_level(&cfg.log_level);
+    let facts = with_backoff("reading this node", || node::facts(&nodes, &node)).await;
+    // Until the datapath is up, the node says its network is unavailable (and is tainted).
+    if let Err(e) = node::set_network_available(&nodes, &node, false).await {
+        tracing::warn!(error = format!("{e:#}"), "cannot update the node's status");
+    }
     let underlay_ip = match args.underlay_ip.or(facts.internal_ip) {
         Some(ip) => ip,
         None => bail!("node {node} has no InternalIP and no --underlay-ip was given"),
@@ -421,23 +382,66 @@ async fn run(args: AgentArgs) -> Result<()> {
         wg_enabled(&cfg),
     );
     let prefer = SubnetEnv::load(&args.subnet_file).ok().map(|e| e.subnet);
+    let legacy_api = (!args.legacy_lease_namespace.is_empty())
+        .then(|| kube_leases::raw_api(client.clone(), &args.legacy_lease_namespace));
+    let legacy_now = match &legacy_api {
+        Some(api) => kube_leases::legacy_leases(api, &skips, &health)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read sluice 0.1's leases in kube-system");
+                Vec::new()
+            }),
+        None => Vec::new(),
+    };
     let mut held = with_backoff("taking a subnet", || {
-        take_subnet(&store, &cfg, &base_record, &owner, &facts, prefer)
+        subnet::take(
+            &store,
+            subnet::TakeRequest {
+                cfg: &cfg,
+                record: &base_record,
+                owner: &owner,
+                facts: &facts,
+                prefer,
+                legacy: &legacy_now,
+            },
+        )
     })
     .await;
-    let _ = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1");
+    let mut forwarding = enable_ip_forward();
+    if let Err(e) = &forwarding {
+        tracing::error!(error = e.as_str(), "pods cannot be forwarded");
+    }
 
     // Caches of the leases and of sluice-config, kept by watches; each change wakes the loop.
     // An event says which watch it came from and whether that watch has now listed everything.
-    let (lease_cache, lease_writer) = reflector::store::<Lease>();
+    let lease_resource = ApiResource::erase::<k8s_openapi::api::coordination::v1::Lease>(&());
+    let lease_writer = reflector::store::Writer::<DynamicObject>::new(lease_resource.clone());
+    let lease_cache = lease_writer.as_reader();
     let lease_events = reflector(
         lease_writer,
-        watcher(leases.clone(), watcher::Config::default()),
+        watcher(
+            kube_leases::raw_api(client.clone(), &args.lease_namespace),
+            watcher::Config::default().labels(&kube_leases::selector()),
+        ),
     )
     .default_backoff()
     .map(|e| (0usize, matches!(e, Ok(watcher::Event::InitDone))));
+    // sluice 0.1's leases: a cache only, which does not wake the loop (kube-system's
+    // leader-election leases change every two seconds).
+    let legacy_cache = legacy_api.map(|api| {
+        let writer = reflector::store::Writer::<DynamicObject>::new(lease_resource.clone());
+        let reader = writer.as_reader();
+        let stream = reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+        tokio::spawn(async move {
+            let mut stream = Box::pin(stream);
+            while stream.next().await.is_some() {}
+        });
+        reader
+    });
     let cm_config = watcher::Config::default().fields(&format!("metadata.name={CONFIG_MAP}"));
-    let (cm_cache, cm_writer) = reflector::store::<ConfigMap>();
+    let cm_writer =
+        reflector::store::Writer::<DynamicObject>::new(ApiResource::erase::<ConfigMap>(&()));
+    let cm_cache = cm_writer.as_reader();
     let cm_events = reflector(cm_writer, watcher(configs.clone(), cm_config))
         .default_backoff()
         .map(|e| (1usize, matches!(e, Ok(watcher::Event::InitDone))));
@@ -455,21 +459,25 @@ async fn run(args: AgentArgs) -> Result<()> {
     let mut synced = [false, false];
     let mut tick = tokio::time::interval(Duration::from_secs(args.resync_secs.max(1)));
     let mut marked_available = false;
+    let mut cni_config_written = false;
     let masq_nft = sluice_net::masq::NftCli::default();
     // The VXLAN device's address and port are fixed for the agent's life.
     let untracked = sluice_net::masq::UntrackedTunnel {
         underlay_ip: vx.underlay_ip,
         port: vx.port,
     };
-    let cm_ref = kube::runtime::reflector::ObjectRef::new(CONFIG_MAP).within(&args.namespace);
+    let cm_ref = kube::runtime::reflector::ObjectRef::<DynamicObject>::new_with(
+        CONFIG_MAP,
+        ApiResource::erase::<ConfigMap>(&()),
+    )
+    .within(&args.namespace);
     loop {
         // Sync now, then wait for a change or the resync tick; bursts coalesce into one pass.
         if synced[1] {
             let data = cm_cache
                 .get(&cm_ref)
-                .and_then(|cm| cm.data.clone())
-                .unwrap_or_default();
-            match config::parse(&data) {
+                .and_then(|cm| cm.data.get("data").cloned());
+            match config::parse_data_json(data.as_ref()) {
                 Ok(next) => {
                     health.update(|s| s.config_error = None);
                     if next != cfg {
@@ -477,6 +485,7 @@ async fn run(args: AgentArgs) -> Result<()> {
                         if !restart.is_empty() {
                             tracing::warn!(keys = ?restart, "sluice-config changed keys that take effect at the next restart");
                         }
+                        let previous_level = cfg.log_level.clone();
                         cfg = AgentConfig {
                             masquerade: next.masquerade,
                             encryption: next.encryption,
@@ -488,6 +497,13 @@ async fn run(args: AgentArgs) -> Result<()> {
                         log_drops.send_if_modified(|v| {
                             std::mem::replace(v, cfg.policy_log_drops) != cfg.policy_log_drops
                         });
+                        if cfg.log_level != previous_level && !crate::set_log_level(&cfg.log_level)
+                        {
+                            tracing::info!(
+                                log_level = cfg.log_level,
+                                "RUST_LOG is set and decides the log level; log-level ignored"
+                            );
+                        }
                         tracing::info!("sluice-config applied");
                     }
                 }
@@ -517,16 +533,24 @@ async fn run(args: AgentArgs) -> Result<()> {
                     // The lease went (its Node was deleted, and the lease with it) or changed.
                     // Only a node that still exists takes a subnet again, owned by the Node as
                     // it is now; a deleted node's agent waits for it to be registered again.
-                    match node_facts(&nodes, &node).await {
+                    match node::facts(&nodes, &node).await {
                         Ok(now_facts) => {
                             tracing::warn!(node, "subnet lease changed under us; taking it again");
                             let owner = NodeOwner {
                                 name: node.clone(),
                                 uid: now_facts.uid.clone(),
                             };
-                            let prefer = Some(held.record.subnet);
-                            let taken =
-                                take_subnet(&store, &cfg, &base_record, &owner, &now_facts, prefer);
+                            let taken = subnet::take(
+                                &store,
+                                subnet::TakeRequest {
+                                    cfg: &cfg,
+                                    record: &base_record,
+                                    owner: &owner,
+                                    facts: &now_facts,
+                                    prefer: Some(held.record.subnet),
+                                    legacy: &[],
+                                },
+                            );
                             match taken.await {
                                 Ok(h) => held = h,
                                 Err(e) => tracing::error!(
@@ -563,15 +587,24 @@ async fn run(args: AgentArgs) -> Result<()> {
         if let Err(e) = write_subnet_env(&args.subnet_file, &env) {
             tracing::error!(error = format!("{e:#}"), "cannot write the subnet file");
         }
-        let views: Vec<LeaseView> = if synced[0] {
+        let mut views: Vec<LeaseView> = if synced[0] {
             lease_cache
                 .state()
                 .iter()
-                .map(|l| kube_leases::to_view(l))
+                .filter_map(|l| store.view(l))
                 .collect()
         } else {
             store.list().await.unwrap_or_default()
         };
+        // Peers still on sluice 0.1; of two records of one node the newer wins.
+        if let Some(cache) = &legacy_cache {
+            let state = cache.state();
+            views.extend(kube_leases::legacy_views(
+                state.iter().map(|o| &**o),
+                &skips,
+                &health,
+            ));
+        }
         let (peers, skipped) = lease::peers_from_leases(&node, &views);
         for s in &skipped {
             tracing::debug!(lease = s.lease, reason = %s.reason, "peer record skipped");
@@ -598,7 +631,15 @@ async fn run(args: AgentArgs) -> Result<()> {
         if let Err(e) = wg.after_vxlan(&wg_plan).await {
             wg_error.get_or_insert(e);
         }
+        if forwarding.is_err() {
+            forwarding = enable_ip_forward();
+        }
         let synced_ok = match vx_result {
+            Ok(_) if forwarding.is_err() => {
+                let e = forwarding.clone().err().unwrap_or_default();
+                health.update(|s| s.datapath_error = Some(e));
+                false
+            }
             Ok(changes) if wg_error.is_none() => {
                 if !changes.is_empty() {
                     tracing::info!(node, peers = peers.len(), changes = changes.len(), took = ?started.elapsed(), "datapath synced");
@@ -632,8 +673,29 @@ async fn run(args: AgentArgs) -> Result<()> {
             .peers
             .set((plan.routes.len() + wg_plan.routes.len()) as i64);
         wg.export(&health).await;
-        if synced_ok && !marked_available {
-            match mark_network_available(&nodes, &node).await {
+        // The CNI config goes in place only now: a runtime that finds it takes pods, whose ADD
+        // needs the subnet file and a datapath. Once written it stays (and is repaired), even
+        // while the lease is lost: running pods keep running, and /readyz says why.
+        if synced_ok || cni_config_written {
+            match crate::install::write_conflist(
+                &args.cni_conf_dir,
+                &args.subnet_file,
+                &args.ipam_dir,
+            ) {
+                Ok(changed) => {
+                    if changed {
+                        tracing::info!(dir = %args.cni_conf_dir.display(), "CNI config installed");
+                    }
+                    cni_config_written = true;
+                }
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "cannot write the CNI config");
+                    health.update(|s| s.datapath_error = Some(format!("CNI config: {e:#}")));
+                }
+            }
+        }
+        if synced_ok && cni_config_written && !marked_available {
+            match node::set_network_available(&nodes, &node, true).await {
                 Ok(()) => marked_available = true,
                 Err(e) => {
                     tracing::warn!(error = format!("{e:#}"), "cannot update the node's status")

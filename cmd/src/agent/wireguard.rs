@@ -90,7 +90,10 @@ impl WgState {
         if let Some(dev) = self.device.as_mut() {
             if plan.device {
                 dev.apply(&plan.peers).await.map_err(|e| e.to_string())?;
-                dev.add_routes(&plan.routes)
+                dev.sync_address(plan.address)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                dev.add_routes(&plan.routes, plan.address)
                     .await
                     .map_err(|e| e.to_string())?;
             }
@@ -102,7 +105,7 @@ impl WgState {
     /// device goes when nobody needs it.
     pub async fn after_vxlan(&mut self, plan: &WgPlan) -> Result<(), String> {
         if let Some(dev) = self.device.as_ref() {
-            dev.sync_routes(&plan.routes)
+            dev.sync_routes(&plan.routes, plan.address)
                 .await
                 .map_err(|e| e.to_string())?;
         }

@@ -27,7 +27,12 @@ fn apply() -> PatchParams {
 /// Namespaces, the ConfigMap and the Nodes; idempotent (server-side apply).
 pub async fn register(client: &Client, plan: &LabPlan) -> Result<()> {
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    for ns in ["kube-system", plan.pod_namespace()] {
+    // sluice-system holds the subnet leases (the manifest makes it on a real cluster).
+    for ns in [
+        "kube-system",
+        sluice_net::lease::LEASE_NAMESPACE,
+        plan.pod_namespace(),
+    ] {
         namespaces
             .patch(
                 ns,
@@ -95,10 +100,7 @@ fn node_status(node: &NodePlan) -> serde_json::Value {
                 {"type": "InternalIP", "address": node.underlay.addr().to_string()},
                 {"type": "Hostname", "address": node.name},
             ],
-            "conditions": [{
-                "type": "Ready", "status": "True", "reason": "KubeletReady",
-                "message": "sluice lab node",
-            }]
+            "conditions": [super::kubelet::ready_condition(false)]
         }
     })
 }

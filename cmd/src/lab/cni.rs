@@ -25,22 +25,13 @@ pub fn bin_dir(lab: &str) -> PathBuf {
     state_dir(lab).join("bin")
 }
 
-/// The node's conflist: what `sluice install-cni` writes on a real node, with the node's own
-/// subnet file and IPAM directory since every lab node shares this machine's filesystem.
-pub fn conflist(lab: &str, node: &str) -> Value {
-    crate::install::conflist(&subnet_file(lab, node), &node_dir(lab, node).join("ipam"))
-}
-
-/// Writes the node's CNI files and the plugin link (`bin/sluice-cni` -> this executable). The
-/// subnet file is the node's agent's to write.
+/// Makes the node's CNI directory and the plugin link (`bin/sluice-cni` -> this executable), as
+/// `sluice install-cni` does on a real node. The subnet file and the CNI config are the node's
+/// agent's to write, once its network is up.
 pub fn install(plan: &LabPlan, node: &NodePlan) -> Result<()> {
     let lab = &plan.spec.name;
     let dir = node_dir(lab, &node.name);
     std::fs::create_dir_all(dir.join("ipam")).with_context(|| format!("creating {dir:?}"))?;
-    std::fs::write(
-        dir.join(CONFLIST),
-        serde_json::to_vec_pretty(&conflist(lab, &node.name))?,
-    )?;
     let bin = bin_dir(lab);
     std::fs::create_dir_all(&bin)?;
     let link = bin.join("sluice-cni");
@@ -66,7 +57,7 @@ pub fn call(command: &str, a: &Attachment<'_>) -> Result<Value> {
     let dir = node_dir(a.lab, &a.node.name);
     let list: Value = serde_json::from_slice(&std::fs::read(dir.join(CONFLIST))?)?;
     let mut conf = list["plugins"][0].clone();
-    conf["cniVersion"] = list["cniVersion"].clone();
+    conf["cniVersion"] = runtime_version(&list).into();
     conf["name"] = list["name"].clone();
     let node_ns = netns::named_path(&a.node.netns);
     let node_file = netns::open(&node_ns)?;
@@ -114,6 +105,27 @@ pub fn call(command: &str, a: &Attachment<'_>) -> Result<Value> {
         );
     }
     Ok(stdout)
+}
+
+/// The CNI version the lab's runtime runs a conflist at: as libcni 1.2 does, the highest of
+/// `cniVersions` it supports (up to 1.1.0), else `cniVersion`.
+pub fn runtime_version(list: &Value) -> String {
+    let supported = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+    list["cniVersions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .filter(|v| supported.contains(v))
+        .max_by_key(|v| supported.iter().position(|s| s == v))
+        .or_else(|| list["cniVersion"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Whether the node's agent has put the CNI config in place (the runtime's NetworkReady).
+pub fn network_ready(lab: &str, node: &str) -> bool {
+    node_dir(lab, node).join(CONFLIST).exists()
 }
 
 /// The pod's address from an ADD result.

@@ -225,10 +225,9 @@ fn spawn_agent(
         .arg(dir.join("ipam"))
         .arg("--wireguard-key")
         .arg(dir.join("wireguard.key"))
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .arg("--cni-conf-dir")
+        .arg(&dir)
+        // RUST_LOG only when the user set it (inherited): otherwise sluice-config's log-level rules.
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);

@@ -89,6 +89,20 @@ pub struct Kubelet {
     wired: HashMap<String, Wired>,
     failed: HashMap<String, Failed>,
     next_node: usize,
+    /// Nodes reported Ready: their agent has installed the CNI config.
+    ready: std::collections::HashSet<String>,
+}
+
+/// The node's Ready condition as a kubelet reports it: not Ready while the runtime's network is
+/// not (no CNI config yet), with the kubelet's own words.
+pub fn ready_condition(ready: bool) -> serde_json::Value {
+    if ready {
+        json!({"type": "Ready", "status": "True", "reason": "KubeletReady",
+               "message": "kubelet is posting ready status"})
+    } else {
+        json!({"type": "Ready", "status": "False", "reason": "KubeletNotReady",
+               "message": "container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady message:Network plugin returns error: cni plugin not initialized"})
+    }
 }
 
 impl Kubelet {
@@ -101,6 +115,7 @@ impl Kubelet {
             wired: HashMap::new(),
             failed: HashMap::new(),
             next_node: 0,
+            ready: std::collections::HashSet::new(),
         })
     }
 
@@ -120,11 +135,42 @@ impl Kubelet {
                 }
                 _ = tick.tick() => {}
             }
+            self.report_nodes().await;
             if cache.is_empty() && self.wired.is_empty() {
                 continue;
             }
             let pods: Vec<Pod> = cache.state().iter().map(|p| (**p).clone()).collect();
             self.pass(&pods).await;
+        }
+    }
+
+    /// Reports each node Ready once its agent has installed the CNI config, as a kubelet does
+    /// when its runtime's network turns ready.
+    async fn report_nodes(&mut self) {
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());
+        for node in &self.plan.nodes {
+            let ready = cni::network_ready(&self.lab, &node.name);
+            if ready == self.ready.contains(&node.name) {
+                continue;
+            }
+            let status = json!({"status": {"conditions": [ready_condition(ready)]}});
+            match nodes
+                .patch_status(
+                    &node.name,
+                    &PatchParams::default(),
+                    &Patch::Strategic(status),
+                )
+                .await
+            {
+                Ok(_) if ready => {
+                    tracing::info!(node = node.name, "node ready: its CNI config is installed");
+                    self.ready.insert(node.name.clone());
+                }
+                Ok(_) => {
+                    self.ready.remove(&node.name);
+                }
+                Err(e) => tracing::warn!(node = node.name, error = %e, "cannot report the node"),
+            }
         }
     }
 
@@ -191,6 +237,15 @@ impl Kubelet {
         }
         for (uid, pod) in desired {
             if self.wired.contains_key(&uid) {
+                continue;
+            }
+            // No sandbox on a node whose network is not ready: the pod waits (ContainerCreating).
+            let node = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_deref())
+                .unwrap_or_default();
+            if !self.ready.contains(node) {
                 continue;
             }
             if self

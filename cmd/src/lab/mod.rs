@@ -35,7 +35,7 @@ pub enum LabCmd {
         #[arg(long, default_value_t = 1)]
         segments: u8,
         /// How nodes get their pod subnet (sluice-config `subnet-source`).
-        #[arg(long, value_enum, default_value_t = plan::SubnetSource::Lease)]
+        #[arg(long, value_enum, default_value_t = plan::SubnetSource::Auto)]
         subnet_source: plan::SubnetSource,
         /// Use this real API server (on the host's loopback) instead of the embedded one.
         #[arg(long, env = "SLUICE_E2E_KUBECONFIG")]
@@ -438,10 +438,6 @@ async fn start_daemon(name: &str, files: &LabFiles) -> Result<daemon::DaemonInfo
     let log = std::fs::File::create(&files.daemon_log)?;
     let mut child = std::process::Command::new(exe)
         .args(["lab", "__daemon", "--name", name])
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -40,12 +40,14 @@ pub struct LabSpec {
     pub encryption: Encryption,
     /// 1: every node on one L2 segment; 2: nodes alternate between two routed segments.
     pub segments: u8,
-    /// sluice-config's `subnet-source`: the agents lease subnets, or take their Node's podCIDR.
+    /// sluice-config's `subnet-source`: the Node's podCIDR where it has one (`auto`), always a
+    /// lease, or always the podCIDR.
     pub subnet_source: SubnetSource,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 pub enum SubnetSource {
+    Auto,
     Lease,
     NodePodcidr,
 }
@@ -53,6 +55,7 @@ pub enum SubnetSource {
 impl SubnetSource {
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Auto => "auto",
             Self::Lease => "lease",
             Self::NodePodcidr => "node-podcidr",
         }

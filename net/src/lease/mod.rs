@@ -19,6 +19,14 @@ use std::time::{Duration, SystemTime};
 /// Every lease sluice makes is named `sluice-` + the subnet with dots and slash as dashes.
 pub const LEASE_PREFIX: &str = "sluice-";
 
+/// The label on every lease sluice makes (value [`LEASE_LABEL_VALUE`]): agents list and watch
+/// by it, so that no other object in their namespace can stop or confuse them.
+pub const LEASE_LABEL: &str = "sluice.dev/subnet-lease";
+pub const LEASE_LABEL_VALUE: &str = "true";
+/// Where sluice's leases live (DESIGN.md), and where sluice 0.1 kept them.
+pub const LEASE_NAMESPACE: &str = "sluice-system";
+pub const LEGACY_LEASE_NAMESPACE: &str = "kube-system";
+
 /// Annotation keys of a node's record on its lease. Stable: peers of other versions read them.
 pub const ANN_NODE: &str = "sluice.dev/node";
 pub const ANN_UNDERLAY_IP: &str = "sluice.dev/underlay-ip";

@@ -186,6 +186,8 @@ pub enum AcquireError {
     },
     #[error("lost the race for a subnet {attempts} times in a row")]
     TooManyConflicts { attempts: u32 },
+    #[error("subnet {subnet} is held by node {holder}, whose lease is still valid")]
+    HeldByOther { subnet: Ipv4Net, holder: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -275,11 +277,15 @@ pub async fn renew<S: LeaseStore>(
     store.update(&held.renewed(record, now)).await
 }
 
-/// `node-podcidr` mode: writes `lease` (from [`super::podcidr_lease`]) whatever is there, since
-/// the subnet was assigned by the cluster and not raced for: create, or update the current one.
+/// `node-podcidr` mode: writes `lease` (from [`super::podcidr_lease`]), since the subnet was
+/// assigned by the cluster and not raced for: create, or update the current one. Never over a
+/// valid lease of another node ([`AcquireError::HeldByOther`]): on a cluster that leased its
+/// subnets before, the podCIDR the controller-manager gave this node may be another node's
+/// subnet, and two nodes must never route the same one.
 pub async fn publish<S: LeaseStore>(
     store: &S,
     lease: &LeaseView,
+    now: SystemTime,
     max_attempts: u32,
 ) -> Result<LeaseView, AcquireError> {
     for _ in 0..max_attempts.max(1) {
@@ -296,6 +302,12 @@ pub async fn publish<S: LeaseStore>(
         else {
             continue;
         };
+        if current.holder != lease.holder && !super::is_expired(&current, now) {
+            return Err(AcquireError::HeldByOther {
+                subnet: super::parse_lease_name(&lease.name).unwrap_or_default(),
+                holder: current.holder.unwrap_or_default(),
+            });
+        }
         let mut next = lease.clone();
         next.resource_version = current.resource_version;
         if current.holder == lease.holder {

@@ -470,13 +470,13 @@ fn publish_creates_then_overwrites_the_podcidr_lease() {
     block_on(async {
         let store = FakeLeases::default();
         let r = record("a", "10.244.7.0/24");
-        let first = publish(&store, &podcidr_lease(&r, None, 40, at(1)), 4)
+        let first = publish(&store, &podcidr_lease(&r, None, 40, at(1)), at(1), 4)
             .await
             .unwrap();
         assert_eq!(first.name, "sluice-10-244-7-0-24");
         let mut moved = r.clone();
         moved.underlay_ip = Ipv4Addr::new(192, 168, 0, 9);
-        let second = publish(&store, &podcidr_lease(&moved, None, 40, at(5)), 4)
+        let second = publish(&store, &podcidr_lease(&moved, None, 40, at(5)), at(5), 4)
             .await
             .unwrap();
         assert_eq!(second.acquire_time, Some(at(1)));
@@ -487,6 +487,29 @@ fn publish_creates_then_overwrites_the_podcidr_lease() {
             NodeRecord::from_annotations(&stored[0].annotations).unwrap(),
             moved
         );
+    });
+}
+
+#[test]
+fn publish_never_takes_a_subnet_another_node_still_holds() {
+    block_on(async {
+        let store = FakeLeases::default();
+        // node b leased 10.244.7.0/24 itself; the controller-manager gave a the same podCIDR.
+        store.insert(lease("10.244.7.0/24", "b", 1));
+        let a = record("a", "10.244.7.0/24");
+        let refused = publish(&store, &podcidr_lease(&a, None, 40, at(2)), at(2), 4).await;
+        assert!(
+            matches!(&refused, Err(AcquireError::HeldByOther { holder, .. }) if holder == "b"),
+            "{refused:?}"
+        );
+        let held = &store.list().await.unwrap()[0];
+        assert_eq!(held.holder.as_deref(), Some("b"));
+        // Once b's lease has expired, a may publish its record there.
+        let later = at(1 + 41);
+        let taken = publish(&store, &podcidr_lease(&a, None, 40, later), later, 4)
+            .await
+            .unwrap();
+        assert_eq!(taken.holder.as_deref(), Some("a"));
     });
 }
 

@@ -18,10 +18,13 @@ use gotatun::tun::tun_async_device::TunDevice;
 use gotatun::udp::socket::UdpSocketFactory;
 use gotatun::x25519::PublicKey;
 use ipnet::Ipv4Net;
-use netlink_packet_route::route::{RouteHeader, RouteMessage, RouteProtocol, RouteScope};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+};
 use rtnetlink::{Handle, LinkUnspec, LinkWireguard, RouteMessageBuilder};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 type Gotatun = Device<(UdpSocketFactory, TunDevice, TunDevice)>;
@@ -102,6 +105,37 @@ fn to_peer(spec: &PeerSpec) -> Peer {
     peer
 }
 
+/// Orderly stops of gotatun's connection under way (device close, key change).
+static STOPPING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Marks an orderly stop of gotatun's connection for as long as it lives.
+struct Stopping;
+
+impl Stopping {
+    fn begin() -> Self {
+        STOPPING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self
+    }
+}
+
+impl Drop for Stopping {
+    fn drop(&mut self) {
+        STOPPING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Whether a log event is gotatun's complaint about its own orderly stop, for the agent's log
+/// filter to drop. gotatun 0.10 stops a connection by aborting its tasks one after the other,
+/// and its tun reader goes first: the outgoing task, not yet aborted, then finds its channel
+/// closed and logs two ERRORs ("Unexpected error on tun interface", "task handle_outgoing
+/// errored") on every close and key change, though nothing went wrong. Only gotatun's ERRORs,
+/// only while sluice itself is stopping the connection.
+pub fn is_shutdown_noise(meta: &tracing::Metadata<'_>) -> bool {
+    *meta.level() == tracing::Level::ERROR
+        && meta.target().starts_with("gotatun")
+        && STOPPING.load(std::sync::atomic::Ordering::SeqCst) > 0
+}
+
 /// How often, and how far apart, gotatun is asked to set up its connection again when the
 /// socket of the one it just stopped still holds the port (its tasks end asynchronously).
 const CONNECT_ATTEMPTS: u32 = 20;
@@ -117,6 +151,7 @@ async fn connect(
     key: Option<gotatun::x25519::StaticSecret>,
     peers: Vec<Peer>,
 ) -> Result<(), WgError> {
+    let _stopping = Stopping::begin();
     let mut last = None;
     for attempt in 0..CONNECT_ATTEMPTS {
         if attempt > 0 {
@@ -359,16 +394,62 @@ impl WgDevice {
             .collect()
     }
 
-    /// Routes each subnet of `want` through the device (protocol 77), replacing a route of the
-    /// same destination in place, so a subnet moving from VXLAN to WireGuard never has a moment
-    /// without a route. Returns how many it added.
-    pub async fn add_routes(&self, want: &BTreeSet<Ipv4Net>) -> Result<usize, WgError> {
+    /// Gives the device exactly the address `addr`/32 (see [`super::WgPlan::address`]).
+    pub async fn sync_address(&self, addr: Ipv4Addr) -> Result<(), WgError> {
+        let found: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(self.ifindex)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(netlink(format!("listing addresses on {}", self.ifname)))?;
+        let mut have = false;
+        for a in found.into_iter().filter(|a| a.header.index == self.ifindex) {
+            let ip = a.attributes.iter().find_map(|at| match at {
+                AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            });
+            match ip {
+                Some(ip) if ip == addr && a.header.prefix_len == 32 => have = true,
+                Some(ip) => {
+                    self.handle
+                        .address()
+                        .del(a)
+                        .execute()
+                        .await
+                        .map_err(netlink(format!("deleting {ip} from {}", self.ifname)))?;
+                }
+                None => {}
+            }
+        }
+        if !have {
+            self.handle
+                .address()
+                .add(self.ifindex, IpAddr::V4(addr), 32)
+                .replace()
+                .execute()
+                .await
+                .map_err(netlink(format!("adding {addr}/32 to {}", self.ifname)))?;
+        }
+        Ok(())
+    }
+
+    /// Routes each subnet of `want` through the device (protocol 77) from `src`, replacing a
+    /// route of the same destination in place, so a subnet moving from VXLAN to WireGuard never
+    /// has a moment without a route. Returns how many it added or changed.
+    pub async fn add_routes(
+        &self,
+        want: &BTreeSet<Ipv4Net>,
+        src: Ipv4Addr,
+    ) -> Result<usize, WgError> {
         let have = owned_routes(&self.handle, self.ifindex).await?;
         let mut added = 0;
-        for dst in want.difference(&have) {
+        for dst in want.iter().filter(|d| have.get(*d) != Some(&Some(src))) {
             self.handle
                 .route()
-                .add(route(*dst, self.ifindex))
+                .add(route(*dst, self.ifindex, Some(src)))
                 .replace()
                 .execute()
                 .await
@@ -378,15 +459,20 @@ impl WgDevice {
         Ok(added)
     }
 
-    /// Makes sluice's routes through the device exactly `want`. Returns the number of changes.
-    pub async fn sync_routes(&self, want: &BTreeSet<Ipv4Net>) -> Result<usize, WgError> {
+    /// Makes sluice's routes through the device exactly `want`, from `src`. Returns the number
+    /// of changes.
+    pub async fn sync_routes(
+        &self,
+        want: &BTreeSet<Ipv4Net>,
+        src: Ipv4Addr,
+    ) -> Result<usize, WgError> {
         let have = owned_routes(&self.handle, self.ifindex).await?;
         let mut changes = 0;
-        for dst in have.difference(want) {
+        for dst in have.keys().filter(|d| !want.contains(*d)) {
             match self
                 .handle
                 .route()
-                .del(route(*dst, self.ifindex))
+                .del(route(*dst, self.ifindex, None))
                 .execute()
                 .await
             {
@@ -395,7 +481,7 @@ impl WgDevice {
                 Err(e) => return Err(netlink(format!("deleting route {dst}"))(e)),
             }
         }
-        Ok(changes + self.add_routes(want).await?)
+        Ok(changes + self.add_routes(want, src).await?)
     }
 
     /// Stops the device and removes its link (and with it the routes through it).
@@ -403,6 +489,7 @@ impl WgDevice {
         let ifname = self.ifname.clone();
         match self.engine {
             Engine::Userspace { device, .. } => {
+                let _stopping = Stopping::begin();
                 // The kernel removes the tun device with its last file descriptor.
                 if tokio::time::timeout(Duration::from_secs(5), device.stop())
                     .await
@@ -490,17 +577,23 @@ async fn open_kernel(
     None
 }
 
-fn route(dst: Ipv4Net, ifindex: u32) -> RouteMessage {
-    RouteMessageBuilder::<Ipv4Addr>::new()
+fn route(dst: Ipv4Net, ifindex: u32, src: Option<Ipv4Addr>) -> RouteMessage {
+    let b = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(dst.network(), dst.prefix_len())
         .output_interface(ifindex)
         .scope(RouteScope::Link)
-        .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
-        .build()
+        .protocol(RouteProtocol::from(ROUTE_PROTOCOL));
+    match src {
+        Some(src) => b.pref_source(src).build(),
+        None => b.build(),
+    }
 }
 
-/// sluice's routes through the link `ifindex` in the main table.
-pub async fn owned_routes(handle: &Handle, ifindex: u32) -> Result<BTreeSet<Ipv4Net>, WgError> {
+/// sluice's routes through the link `ifindex` in the main table, with their preferred source.
+pub async fn owned_routes(
+    handle: &Handle,
+    ifindex: u32,
+) -> Result<BTreeMap<Ipv4Net, Option<Ipv4Addr>>, WgError> {
     let routes: Vec<RouteMessage> = handle
         .route()
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
@@ -517,7 +610,14 @@ pub async fn owned_routes(handle: &Handle, ifindex: u32) -> Result<BTreeSet<Ipv4
         })
         .filter_map(|r| {
             let dst = route_ip(r, true).unwrap_or(Ipv4Addr::UNSPECIFIED);
-            Ipv4Net::new(dst, r.header.destination_prefix_length).ok()
+            let src = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => Some(*ip),
+                _ => None,
+            });
+            Some((
+                Ipv4Net::new(dst, r.header.destination_prefix_length).ok()?,
+                src,
+            ))
         })
         .collect())
 }

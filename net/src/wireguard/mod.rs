@@ -78,16 +78,34 @@ pub enum PeerProblem {
 }
 
 /// The WireGuard part of a node's desired datapath.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WgPlan {
     /// Whether the device should exist: this node runs WireGuard, or a peer that it may still
     /// hear from over WireGuard does.
     pub device: bool,
+    /// The device's address, a /32 from this node's subnet (its network address, as VXLAN's
+    /// VTEP address) and the preferred source of the routes through it: traffic that starts on
+    /// the node (a hostNetwork pod, the kubelet, a NodePort kube-proxy SNATs to the node) then
+    /// leaves from an address within the node's subnet, which every peer's allowed IPs for this
+    /// node hold. From the underlay address it would be dropped by the receiver.
+    pub address: std::net::Ipv4Addr,
     /// The device's peers by node name (empty when there is no device).
     pub peers: BTreeMap<String, PeerSpec>,
     /// Peer subnets routed through the device; every other peer subnet stays on VXLAN.
     pub routes: BTreeSet<Ipv4Net>,
     pub skipped: Vec<(String, PeerProblem)>,
+}
+
+impl Default for WgPlan {
+    fn default() -> Self {
+        Self {
+            device: false,
+            address: std::net::Ipv4Addr::UNSPECIFIED,
+            peers: BTreeMap::new(),
+            routes: BTreeSet::new(),
+            skipped: Vec::new(),
+        }
+    }
 }
 
 /// What the plan needs besides the records.
@@ -109,6 +127,7 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], settings: &WgSettings) -> WgP
         .any(|p| p.encryption == WIREGUARD && p.wireguard_public_key.is_some());
     let mut out = WgPlan {
         device: settings.enabled || any_peer_wireguard,
+        address: crate::vxlan::vtep_address(me.subnet),
         ..WgPlan::default()
     };
     if !out.device {

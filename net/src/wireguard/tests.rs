@@ -28,7 +28,17 @@ fn on(enabled: bool) -> WgSettings {
 fn all_none_means_no_device() {
     let me = rec("a", 1, "none", Some(1));
     let peers = [rec("b", 2, "none", Some(2)), rec("c", 3, "none", Some(3))];
-    assert_eq!(plan(&me, &peers, &on(false)), WgPlan::default());
+    let p = plan(&me, &peers, &on(false));
+    assert!(!p.device && p.peers.is_empty() && p.routes.is_empty());
+}
+
+#[test]
+fn the_device_address_is_in_this_nodes_subnet() {
+    // Node-sourced traffic leaves with it; every peer's allowed IPs for this node hold it.
+    let me = rec("a", 1, "wireguard", Some(1));
+    let p = plan(&me, &[rec("b", 2, "wireguard", Some(2))], &on(true));
+    assert_eq!(p.address, Ipv4Addr::new(10, 244, 1, 0));
+    assert!(me.subnet.contains(&p.address));
 }
 
 #[test]

@@ -1115,7 +1115,7 @@ fn api_addr(lab: &Lab) -> SocketAddr {
         .unwrap_or_else(|| panic!("no http server address in the lab's kubeconfig:\n{kc}"))
 }
 
-const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases";
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/sluice-system/leases";
 
 /// A fake peer: subnet 10.B.C.0/24, underlay 172.30.x.y, its own VTEP MAC.
 fn fake_peer(index: usize, b: u8, c: u8) -> NodeRecord {
@@ -1135,7 +1135,8 @@ fn create_lease(api: SocketAddr, record: &NodeRecord) {
     let body = json!({
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
-        "metadata": {"name": lease_name(record.subnet), "namespace": "kube-system",
+        "metadata": {"name": lease_name(record.subnet), "namespace": "sluice-system",
+                     "labels": {"sluice.dev/subnet-lease": "true"},
                      "annotations": record.to_annotations()},
         // Valid for a day: no expiry during the run (peers_from_leases keeps expired ones anyway).
         "spec": {"holderIdentity": record.node, "leaseDurationSeconds": 86_400,

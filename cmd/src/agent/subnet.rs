@@ -1,0 +1,239 @@
+//! Where the node's subnet comes from (`subnet-source`), and taking it: the Node's podCIDR
+//! published in a lease named from it, or a lease sluice takes itself.
+
+use super::config::{AgentConfig, SubnetSource};
+use super::kube_leases::KubeLeases;
+use super::node::NodeFacts;
+use anyhow::{bail, Result};
+use ipnet::Ipv4Net;
+use sluice_net::lease::store::{
+    acquire, publish, AcquireError, AcquireRequest, LeaseStore, StoreError,
+};
+use sluice_net::lease::{self, LeaseView, NodeOwner, NodeRecord, SubnetPool, DEFAULT_LEASE_SECS};
+use std::time::SystemTime;
+
+/// Where this node's subnet comes from, this time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubnetChoice {
+    /// The Node's `spec.podCIDR`, published in the lease named from it.
+    PodCidr(Ipv4Net),
+    /// A lease sluice takes itself, asking first for `prefer`; `why` says why not the podCIDR
+    /// (under `auto`), for the log.
+    Lease {
+        prefer: Option<Ipv4Net>,
+        why: Option<String>,
+    },
+}
+
+/// Decides the source of the subnet from the configuration, the Node's podCIDR, and the subnet
+/// this node used before (its last `subnet.env`, or its lease from sluice 0.1):
+/// - `lease`: a lease, the old subnet first;
+/// - `node-podcidr`: the podCIDR, or an error while the node has none;
+/// - `auto`: the podCIDR, except when the node has none, when it lies outside `cluster-cidr`,
+///   or when the node's running pods use another subnet (a cluster that leased its subnets
+///   before): moving them would take every pod off the network, so the old subnet is kept.
+pub fn choose(
+    source: SubnetSource,
+    pod_cidr: Option<Ipv4Net>,
+    used_before: Option<Ipv4Net>,
+    cluster_cidr: Ipv4Net,
+) -> Result<SubnetChoice, String> {
+    let lease = |why: Option<String>| SubnetChoice::Lease {
+        prefer: used_before,
+        why,
+    };
+    match source {
+        SubnetSource::Lease => Ok(lease(None)),
+        SubnetSource::NodePodCidr => pod_cidr
+            .map(SubnetChoice::PodCidr)
+            .ok_or_else(|| "subnet-source is node-podcidr but the node has no spec.podCIDR yet".into()),
+        SubnetSource::Auto => Ok(match pod_cidr {
+            None => lease(Some("the node has no spec.podCIDR".into())),
+            Some(p) if !cluster_cidr.contains(&p) => lease(Some(format!(
+                "its spec.podCIDR {p} is outside cluster-cidr {cluster_cidr}"
+            ))),
+            Some(p) => match used_before {
+                Some(u) if u != p => lease(Some(format!(
+                    "its pods use {u} (leased before); spec.podCIDR {p} would take them off the network until they restart"
+                ))),
+                _ => SubnetChoice::PodCidr(p),
+            },
+        }),
+    }
+}
+
+/// The node's subnet lease as held now.
+pub struct Held {
+    pub lease: LeaseView,
+    pub record: NodeRecord,
+}
+
+/// Adds valid leases of other nodes from sluice 0.1's namespace to what [`acquire`] sees, so
+/// that no subnet a node not yet upgraded still holds is taken. Writes go to `inner` only.
+struct WithLegacy<'a> {
+    inner: &'a KubeLeases,
+    blockers: Vec<LeaseView>,
+}
+
+impl LeaseStore for WithLegacy<'_> {
+    async fn list(&self) -> Result<Vec<LeaseView>, StoreError> {
+        let mut all = self.inner.list().await?;
+        let names: std::collections::HashSet<String> = all.iter().map(|l| l.name.clone()).collect();
+        all.extend(
+            self.blockers
+                .iter()
+                .filter(|b| !names.contains(&b.name))
+                .cloned(),
+        );
+        Ok(all)
+    }
+    async fn create(&self, lease: &LeaseView) -> Result<LeaseView, StoreError> {
+        self.inner.create(lease).await
+    }
+    async fn update(&self, lease: &LeaseView) -> Result<LeaseView, StoreError> {
+        self.inner.update(lease).await
+    }
+    async fn delete(&self, name: &str, rv: Option<&str>) -> Result<(), StoreError> {
+        self.inner.delete(name, rv).await
+    }
+}
+
+/// What taking a subnet needs to know.
+pub struct TakeRequest<'a> {
+    pub cfg: &'a AgentConfig,
+    pub record: &'a NodeRecord,
+    pub owner: &'a NodeOwner,
+    pub facts: &'a NodeFacts,
+    /// The subnet of the last `subnet.env`.
+    pub prefer: Option<Ipv4Net>,
+    /// sluice 0.1's leases in `kube-system`.
+    pub legacy: &'a [LeaseView],
+}
+
+pub async fn take(store: &KubeLeases, req: TakeRequest<'_>) -> Result<Held> {
+    let node = req.record.node.as_str();
+    let now = SystemTime::now();
+    // A node upgraded from 0.1 keeps the subnet its 0.1 lease held (no subnet changes hands).
+    let legacy_mine = req
+        .legacy
+        .iter()
+        .find(|l| l.holder.as_deref() == Some(node))
+        .and_then(|l| lease::parse_lease_name(&l.name).ok());
+    let used_before = req.prefer.or(legacy_mine);
+    if let (Some(old), None) = (legacy_mine, req.prefer) {
+        tracing::info!(node, subnet = %old, "moving this node's lease from kube-system to sluice-system");
+    }
+    let choice = choose(
+        req.cfg.subnet_source,
+        req.facts.pod_cidr,
+        used_before,
+        req.cfg.cluster_cidr,
+    )
+    .map_err(anyhow::Error::msg)?;
+    if let SubnetChoice::PodCidr(subnet) = choice {
+        let mut record = req.record.clone();
+        record.subnet = subnet;
+        let view = lease::podcidr_lease(&record, Some(req.owner.clone()), DEFAULT_LEASE_SECS, now);
+        match publish(store, &view, now, 8).await {
+            Ok(lease) => return Ok(Held { lease, record }),
+            Err(AcquireError::HeldByOther { subnet, holder })
+                if req.cfg.subnet_source == SubnetSource::Auto =>
+            {
+                tracing::warn!(node, %subnet, holder, "spec.podCIDR is another node's leased subnet; taking a lease instead");
+            }
+            Err(e) => bail!(e),
+        }
+    } else if let SubnetChoice::Lease { why: Some(why), .. } = &choice {
+        tracing::info!(
+            node,
+            reason = why.as_str(),
+            "subnet-source auto: taking a lease"
+        );
+    }
+    let blockers: Vec<LeaseView> = req
+        .legacy
+        .iter()
+        .filter(|l| l.holder.as_deref() != Some(node) && !lease::is_expired(l, now))
+        .cloned()
+        .collect();
+    let req = AcquireRequest {
+        pool: SubnetPool::new(req.cfg.cluster_cidr, req.cfg.subnet_length)?,
+        record: req.record.clone(),
+        owner: Some(req.owner.clone()),
+        duration_secs: DEFAULT_LEASE_SECS,
+        prefer: used_before,
+        max_attempts: 32,
+    };
+    let with_legacy = WithLegacy {
+        inner: store,
+        blockers,
+    };
+    let got = acquire(&with_legacy, &req, SystemTime::now).await?;
+    Ok(Held {
+        lease: got.lease,
+        record: got.record,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn auto_takes_the_podcidr_unless_pods_use_another_subnet() {
+        let cluster = net("10.244.0.0/16");
+        let pod = Some(net("10.244.2.0/24"));
+        assert_eq!(
+            choose(SubnetSource::Auto, pod, None, cluster),
+            Ok(SubnetChoice::PodCidr(net("10.244.2.0/24")))
+        );
+        assert_eq!(
+            choose(SubnetSource::Auto, pod, pod, cluster),
+            Ok(SubnetChoice::PodCidr(net("10.244.2.0/24")))
+        );
+        // A node whose pods run on a leased 10.244.0.0/24 keeps it.
+        let kept = choose(SubnetSource::Auto, pod, Some(net("10.244.0.0/24")), cluster).unwrap();
+        assert!(
+            matches!(kept, SubnetChoice::Lease { prefer: Some(p), why: Some(_) } if p == net("10.244.0.0/24"))
+        );
+        // No podCIDR, or one outside sluice's cluster CIDR: a lease.
+        assert!(matches!(
+            choose(SubnetSource::Auto, None, None, cluster).unwrap(),
+            SubnetChoice::Lease {
+                prefer: None,
+                why: Some(_)
+            }
+        ));
+        assert!(matches!(
+            choose(SubnetSource::Auto, Some(net("10.99.1.0/24")), None, cluster).unwrap(),
+            SubnetChoice::Lease { why: Some(w), .. } if w.contains("outside")
+        ));
+    }
+
+    #[test]
+    fn lease_and_node_podcidr_do_what_they_say() {
+        let cluster = net("10.244.0.0/16");
+        let pod = Some(net("10.244.2.0/24"));
+        assert_eq!(
+            choose(SubnetSource::Lease, pod, None, cluster),
+            Ok(SubnetChoice::Lease {
+                prefer: None,
+                why: None
+            })
+        );
+        assert_eq!(
+            choose(
+                SubnetSource::NodePodCidr,
+                pod,
+                Some(net("10.244.9.0/24")),
+                cluster
+            ),
+            Ok(SubnetChoice::PodCidr(net("10.244.2.0/24")))
+        );
+        assert!(choose(SubnetSource::NodePodCidr, None, None, cluster).is_err());
+    }
+}
