@@ -16,6 +16,7 @@ pub mod kernel;
 pub mod lease;
 pub mod masq;
 pub mod netns;
+pub mod pod_repair;
 pub mod podnet;
 pub mod subnet_env;
 pub mod vxlan;

@@ -25,6 +25,68 @@ fn http_get(netns: &str, path: &str) -> (u16, String) {
     })
 }
 
+/// `GET path` on `addr` from inside `netns`.
+fn http_get_at(netns: &str, addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let path = path.to_string();
+    in_netns(netns, move || {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        (
+            head.split_whitespace().nth(1).unwrap().parse().unwrap(),
+            body.to_string(),
+        )
+    })
+}
+
+/// Issue 20, item 7: a pod reaching its node's health port gets readiness and metrics, not
+/// `/status`, which names every peer's underlay address, subnet and VTEP MAC.
+#[test]
+fn status_is_served_to_the_node_itself_only() {
+    if !have_root() {
+        return;
+    }
+    let lab = Lab::up(&["--nodes", "2", "--pods-per-node", "1"]);
+    let st = lab.status();
+    let pod = &st["pods"][0];
+    let node = pod["node"].as_str().unwrap();
+    let underlay = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == node)
+        .unwrap()["underlay"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pod_ns = lab.pod_netns(
+        pod["namespace"].as_str().unwrap(),
+        pod["name"].as_str().unwrap(),
+    );
+    let health =
+        std::net::SocketAddr::from((underlay.parse::<std::net::Ipv4Addr>().unwrap(), 9099));
+    assert!(eventually(Duration::from_secs(10), || http_get_at(
+        &pod_ns, health, "/readyz"
+    )
+    .0 == 200));
+    assert_eq!(http_get_at(&pod_ns, health, "/healthz").0, 200);
+    assert_eq!(http_get_at(&pod_ns, health, "/metrics").0, 200);
+    let (code, body) = http_get_at(&pod_ns, health, "/status");
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        !body.contains("underlay") && !body.contains("vtepMac"),
+        "{body}"
+    );
+    // The node itself still reads it (`sluice status` does).
+    let node_ns = lab.node_netns(node);
+    let (code, body) = http_get(&node_ns, "/status");
+    assert_eq!(code, 200);
+    assert!(body.contains("vtepMac"), "{body}");
+}
+
 fn status(node_ns: &str, format: &str) -> std::process::Output {
     std::process::Command::new("ip")
         .args(["netns", "exec", node_ns])

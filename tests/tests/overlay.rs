@@ -335,3 +335,91 @@ fn datapath_keeps_forwarding_while_the_api_server_is_away() {
         "{status:#}"
     );
 }
+
+/// Issue 20, item 3: what the CNI plugin made on the host for a pod (its /32 route to the veth,
+/// proxy ARP on the veth) and someone removed is put back by the node's agent within 10 s, and
+/// the pod is reachable again; before, the route stayed gone and the policy loop, which finds
+/// a pod's veth through it, stopped knowing the pod (`pods: 0`).
+#[test]
+fn a_pods_host_route_and_proxy_arp_removed_by_hand_come_back() {
+    if !have_root() {
+        return;
+    }
+    let lab = Lab::up(&["--nodes", "2", "--pods-per-node", "1"]);
+    let status = lab.status();
+    let pods = pods(&status);
+    let (a, b) = (&pods[0], &pods[1]);
+    assert_ne!(a.node, b.node);
+    let node_ns = lab.node_netns(&b.node);
+    let route = lab.ip_json(&node_ns, &["-4", "route", "show", &format!("{}/32", b.ip)]);
+    let veth = route[0]["dev"].as_str().unwrap().to_string();
+    assert!(veth.starts_with("sl"), "{route}");
+    let (addr, _) = tcp_server(
+        &lab.pod_netns(&b.ns, &b.name),
+        SocketAddr::from((b.ip, 0)),
+        "back",
+        4,
+    );
+    assert_eq!(
+        tcp_ask(&lab.pod_netns(&a.ns, &a.name), addr).unwrap(),
+        "back"
+    );
+
+    let del = std::process::Command::new("ip")
+        .args(["-n", &node_ns, "route", "del", &format!("{}/32", b.ip)])
+        .status()
+        .unwrap();
+    assert!(del.success());
+    let proxy_arp = format!("net.ipv4.conf.{veth}.proxy_arp");
+    let off = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node_ns,
+            "sysctl",
+            "-qw",
+            &format!("{proxy_arp}=0"),
+        ])
+        .status()
+        .unwrap();
+    assert!(off.success());
+    assert!(
+        tcp_ask(&lab.pod_netns(&a.ns, &a.name), addr).is_err(),
+        "the pod answered without its host route"
+    );
+    let started = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            lab.ip_json(
+                &node_ns,
+                &[
+                    "-4",
+                    "route",
+                    "show",
+                    &format!("{}/32", b.ip),
+                    "proto",
+                    "77",
+                ],
+            )[0]["dev"]
+                == veth.as_str()
+        }),
+        "the pod's host route was not restored within 10 s"
+    );
+    eprintln!("route restored after {:?}", started.elapsed());
+    let value = |key: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &node_ns, "sysctl", "-n", key])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert!(eventually(Duration::from_secs(10), || value(&proxy_arp) == "1"));
+    assert!(
+        eventually(Duration::from_secs(10), || tcp_ask(
+            &lab.pod_netns(&a.ns, &a.name),
+            addr
+        )
+        .is_ok_and(|r| r == "back")),
+        "the pod is not reachable after the repair"
+    );
+}

@@ -8,6 +8,7 @@ mod kube_leases;
 mod node;
 mod policy;
 mod subnet;
+mod sysctl;
 pub mod tolerant;
 mod wireguard;
 
@@ -252,28 +253,49 @@ fn write_subnet_env(path: &std::path::Path, env: &SubnetEnv) -> Result<()> {
     Ok(())
 }
 
-/// `net.ipv4.ip_forward` on: through `/proc/sys`, or, in a container whose `/proc/sys` is
-/// read-only, through the host's `/proc/sys/net` mounted at `/host/proc/sys/net` (the
-/// manifest mounts it, as Cilium's does). Already on is enough.
+/// `net.ipv4.ip_forward` on (see [`sysctl`]).
 fn enable_ip_forward() -> Result<(), String> {
-    let paths = [
-        "/proc/sys/net/ipv4/ip_forward",
-        "/host/proc/sys/net/ipv4/ip_forward",
-    ];
-    if std::fs::read_to_string(paths[0]).is_ok_and(|v| v.trim() == "1") {
-        return Ok(());
+    sysctl::ensure("net/ipv4/ip_forward", "1").map(|_| ())
+}
+
+/// Puts back what the CNI plugin made on the host for this node's pods and someone removed (a
+/// pod's /32 route, proxy ARP on its veth); returns how many it repaired.
+async fn repair_pods(
+    handle: &rtnetlink::Handle,
+    ipam: &sluice_net::ipam::IpamStore,
+) -> Result<usize> {
+    let state = ipam.read()?;
+    let seen = sluice_net::pod_repair::observe(handle).await?;
+    let (sides, repairs) = sluice_net::pod_repair::plan(&state, &seen);
+    let mut repaired = 0;
+    for r in &repairs {
+        let sluice_net::pod_repair::Repair::Route(side) = r;
+        sluice_net::pod_repair::apply(handle, r).await?;
+        tracing::warn!(pod_ip = %side.address, veth = side.ifname, "restored a pod's host route");
+        repaired += 1;
     }
-    let mut errors = Vec::new();
-    for path in paths {
-        match std::fs::write(path, "1") {
-            Ok(()) => return Ok(()),
-            Err(e) => errors.push(format!("{path}: {e}")),
+    for side in &sides {
+        let settings = [
+            (format!("net/ipv4/conf/{}/proxy_arp", side.ifname), "1"),
+            (format!("net/ipv4/neigh/{}/proxy_delay", side.ifname), "0"),
+        ];
+        for (key, value) in settings {
+            match sysctl::ensure(&key, value) {
+                Ok(true) => {
+                    tracing::warn!(pod_ip = %side.address, veth = side.ifname, key, "restored a pod veth's setting");
+                    repaired += 1;
+                }
+                Ok(false) => {}
+                // The veth went between the read and now.
+                Err(_)
+                    if !std::path::Path::new("/proc/sys/net/ipv4/conf")
+                        .join(&side.ifname)
+                        .exists() => {}
+                Err(e) => bail!(e),
+            }
         }
     }
-    Err(format!(
-        "net.ipv4.ip_forward is off and cannot be switched on ({})",
-        errors.join("; ")
-    ))
+    Ok(repaired)
 }
 
 async fn run(args: AgentArgs) -> Result<()> {
@@ -340,6 +362,10 @@ async fn run(args: AgentArgs) -> Result<()> {
         None => bail!("node {node} has no InternalIP and no --underlay-ip was given"),
     };
     let mut kernel = VxlanKernel::connect()?;
+    let (pod_conn, pod_handle, _) =
+        rtnetlink::new_connection().context("opening a netlink socket")?;
+    tokio::spawn(pod_conn);
+    let ipam_store = sluice_net::ipam::IpamStore::new(&args.ipam_dir);
     let underlay = kernel
         .underlay_by_address(underlay_ip)
         .await
@@ -701,6 +727,12 @@ async fn run(args: AgentArgs) -> Result<()> {
                     tracing::warn!(error = format!("{e:#}"), "cannot update the node's status")
                 }
             }
+        }
+        if let Err(e) = repair_pods(&pod_handle, &ipam_store).await {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "cannot check this node's pods' host side"
+            );
         }
         let masq = sluice_net::masq::plan(cfg.cluster_cidr, cfg.masquerade, Some(untracked));
         if let Err(e) = masq_nft.sync(&masq).await {

@@ -309,13 +309,17 @@ async fn build(
     let deadline = Instant::now() + Duration::from_secs(60);
     for node in &plan.nodes {
         let file = cni::subnet_file(name, &node.name);
+        // A node is up once its agent has a subnet and has installed the CNI config (which it
+        // does once the datapath is programmed): the node is Ready from then on.
         let env = loop {
             if let Ok(env) = sluice_net::subnet_env::SubnetEnv::load(&file) {
-                break env;
+                if cni::network_ready(name, &node.name) {
+                    break env;
+                }
             }
             if Instant::now() > deadline {
                 bail!(
-                    "the agent of {} wrote no subnet within 60 s (log: {:?})",
+                    "the agent of {} took no subnet or installed no CNI config within 60 s (log: {:?})",
                     node.name,
                     cni::node_dir(name, &node.name).join("agent.log")
                 );
