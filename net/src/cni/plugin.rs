@@ -17,7 +17,11 @@ use tracing::{info, warn};
 impl From<KernelError> for CniError {
     fn from(e: KernelError) -> Self {
         let code = match &e {
-            KernelError::Netns(NetnsError::Missing { .. } | NetnsError::NotANetns { .. })
+            KernelError::Netns(
+                NetnsError::Missing { .. }
+                | NetnsError::NotANetns { .. }
+                | NetnsError::NotNsfs { .. },
+            )
             | KernelError::NoPodNetns => ErrorCode::UnknownContainer,
             KernelError::Netns(NetnsError::Open { .. }) => ErrorCode::Io,
             KernelError::InterfaceExists { .. } => ErrorCode::InterfaceExists,
@@ -31,20 +35,28 @@ impl From<IpamError> for CniError {
     fn from(e: IpamError) -> Self {
         let code = match e {
             IpamError::Exhausted { .. } => ErrorCode::SubnetExhausted,
-            IpamError::Io { .. } | IpamError::Corrupt { .. } => ErrorCode::Io,
+            IpamError::LockTimeout { .. } => ErrorCode::TryAgainLater,
+            IpamError::Io { .. } | IpamError::File { .. } | IpamError::Corrupt { .. } => {
+                ErrorCode::Io
+            }
         };
         CniError::new(code, e.to_string())
     }
 }
 
 /// The node's subnet for ADD: while the agent has not published one, the runtime is told to try
-/// again later.
+/// again later; a file that cannot be read is an I/O error, and values that do not parse or may
+/// not hold pods are a configuration error.
 fn node_subnet(conf: &NetConf) -> Result<SubnetEnv, CniError> {
     SubnetEnv::load(&conf.subnet_file).map_err(|e| match e {
         SubnetEnvError::Read { .. } => CniError::new(ErrorCode::Io, e.to_string()),
-        _ => CniError::new(
+        SubnetEnvError::Missing { .. } | SubnetEnvError::MissingKey { .. } => CniError::new(
             ErrorCode::TryAgainLater,
             format!("this node has no usable pod subnet yet: {e}"),
+        ),
+        SubnetEnvError::BadValue { .. } | SubnetEnvError::Unsafe { .. } => CniError::new(
+            ErrorCode::InvalidConfig,
+            format!("this node has no usable pod subnet: {e}"),
         ),
     })
 }
