@@ -238,16 +238,23 @@ pub fn status(conf: &NetConf) -> Result<(), CniError> {
 }
 
 /// GC: frees every address, and removes every host-side veth, that belongs to no attachment in
-/// `cni.dev/valid-attachments`. The IPAM lock is held throughout so no ADD allocates meanwhile.
-/// Keeps going after an error and reports them all at the end.
+/// the runtime's list of valid attachments; without that list it changes nothing and fails
+/// ([`NetConf::gc_attachments`]). The IPAM lock is held throughout so no ADD allocates
+/// meanwhile. Keeps going after an error and reports them all at the end.
 pub async fn gc<K: PodKernel>(conf: &NetConf, kernel: &mut K) -> Result<(), CniError> {
-    let valid: BTreeSet<(&str, &str)> = conf
-        .valid_attachments
+    let attachments = conf.gc_attachments()?;
+    let valid: BTreeSet<(&str, &str)> = attachments
         .iter()
         .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
         .collect();
     let store = IpamStore::new(&conf.ipam_dir);
     let mut lock = store.lock()?;
+    let mut errors = Vec::new();
+    // A call killed while it wrote the state leaves its temporary copy; nothing else removes it.
+    if let Err(e) = lock.sweep_temporary() {
+        errors.push(e.to_string());
+    }
+    super::stats::sweep_temporary(&conf.ipam_dir);
     let stale: Vec<Ipv4Addr> = lock
         .state
         .allocations
@@ -260,7 +267,6 @@ pub async fn gc<K: PodKernel>(conf: &NetConf, kernel: &mut K) -> Result<(), CniE
         .iter()
         .map(|(c, i)| podnet::host_ifname(c, i))
         .collect();
-    let mut errors = Vec::new();
     keep.extend(
         lock.state
             .allocations
