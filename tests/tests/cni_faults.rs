@@ -35,7 +35,9 @@ impl Rng {
 fn fate(seed: u64, n: u64) -> Option<Duration> {
     let mut rng = Rng(seed ^ (n + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     rng.next();
-    rng.next().is_multiple_of(KILL_ONE_IN).then(|| Duration::from_millis(1 + rng.next() % 40))
+    rng.next()
+        .is_multiple_of(KILL_ONE_IN)
+        .then(|| Duration::from_millis(1 + rng.next() % 40))
 }
 
 fn call(
