@@ -10,15 +10,23 @@ use std::process::ExitCode;
 /// Log level for the plugin's stderr (`error` … `trace`); the runtime shows it when a call fails.
 const LOG_ENV: &str = "SLUICE_CNI_LOG";
 
+/// The most of stdin that is read. A configuration is a few KiB; GC's list of attachments for a
+/// node full of pods some tens of KiB.
+const MAX_STDIN: u64 = 16 << 20;
+
 pub fn main() -> ExitCode {
     init_logging();
     let mut stdin = Vec::new();
-    let read = std::io::stdin().read_to_end(&mut stdin);
+    let read = std::io::stdin().take(MAX_STDIN + 1).read_to_end(&mut stdin);
     let requested = peek_version(&stdin);
     let reply_version = requested
         .as_deref()
         .filter(|v| CniVersion::parse(v).is_some());
     let outcome = match read {
+        Ok(n) if n as u64 > MAX_STDIN => Err(CniError::new(
+            ErrorCode::Decoding,
+            format!("the network configuration on stdin is larger than {MAX_STDIN} bytes"),
+        )),
         Ok(_) => run(&stdin, requested.as_deref()),
         Err(e) => Err(CniError::new(ErrorCode::Io, format!("reading stdin: {e}"))),
     };

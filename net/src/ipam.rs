@@ -4,7 +4,13 @@
 //! exclusive `flock`, so concurrent plugin calls serialise on it and a crash never leaves a torn
 //! file. Allocations are keyed by (container id, interface name): a repeated ADD gets the same
 //! address back and a repeated DEL is a no-op.
+//!
+//! Nothing here costs in proportion to the subnet's size: the search for a free address looks at
+//! most at one more address than are allocated. The lock is waited for a bounded time, and the
+//! files are opened without blocking and read only when they are regular and not too large, so
+//! that no file put in the directory can make a call (and every call queued behind its lock) hang.
 
+use crate::file::{self, FileError};
 use ipnet::Ipv4Net;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -13,9 +19,17 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-const STATE_FILE: &str = "allocations.json";
-const LOCK_FILE: &str = "lock";
+pub const STATE_FILE: &str = "allocations.json";
+pub const LOCK_FILE: &str = "lock";
+/// Where the state is written before it is renamed over [`STATE_FILE`].
+pub const STATE_TEMP_FILE: &str = ".allocations.json.tmp";
+/// The most of [`STATE_FILE`] that is read: some 50 000 allocations, far more than any node has.
+pub const MAX_STATE_LEN: u64 = 16 << 20;
+/// How long a call waits for another to let go of the lock. A call holds it for milliseconds (GC,
+/// which removes links under it, for a little longer), so this much means the holder is stuck.
+pub const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// Who holds an address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,7 +63,7 @@ pub struct IpamState {
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
     #[error("no free address in {subnet}: all {capacity} addresses are allocated")]
-    Exhausted { subnet: Ipv4Net, capacity: u32 },
+    Exhausted { subnet: Ipv4Net, capacity: u64 },
     #[error("IPAM directory {dir}: {op}: {source}")]
     Io {
         dir: PathBuf,
@@ -57,30 +71,58 @@ pub enum IpamError {
         #[source]
         source: std::io::Error,
     },
+    #[error("IPAM: {source}")]
+    File {
+        #[source]
+        source: FileError,
+    },
     #[error("IPAM state {path} is corrupt: {source}")]
     Corrupt {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
     },
+    #[error("another call has held the IPAM lock {path} for over {}s; try again later", .waited.as_secs())]
+    LockTimeout { path: PathBuf, waited: Duration },
 }
 
-/// The addresses pods may get in `subnet`: all but the network and broadcast addresses. The
-/// network address is left for the node's own tunnel device.
+/// The first and last address pods may get in `subnet`, if it has any: all but the network and
+/// broadcast addresses. The network address is left for the node's own tunnel device.
+fn host_range(subnet: Ipv4Net) -> Option<(u32, u32)> {
+    let first = u32::from(subnet.network()).checked_add(1)?;
+    let last = u32::from(subnet.broadcast()).checked_sub(1)?;
+    (first <= last).then_some((first, last))
+}
+
+/// How many addresses pods may get in `subnet`.
+pub fn capacity(subnet: Ipv4Net) -> u64 {
+    host_range(subnet).map_or(0, |(first, last)| u64::from(last - first) + 1)
+}
+
+/// The addresses pods may get in `subnet`, in order (lazily: a /8 is not listed to be walked).
 pub fn usable(subnet: Ipv4Net) -> impl Iterator<Item = Ipv4Addr> {
-    let first = u32::from(subnet.network()).saturating_add(1);
-    let last = u32::from(subnet.broadcast()).saturating_sub(1);
+    let (first, last) = host_range(subnet).map_or((1, 0), |r| r);
     (first..=last).map(Ipv4Addr::from)
 }
 
 /// Picks the first free usable address after `last`, wrapping around the subnet. Pure.
+///
+/// Of any `n + 1` addresses in a row at most `n` can be among the `n` allocated, so the search
+/// stops after that many: its cost follows the allocations, not the subnet's size.
 pub fn choose(subnet: Ipv4Net, state: &IpamState) -> Option<Ipv4Addr> {
-    let start = state.last.filter(|l| subnet.contains(l)).map(u32::from);
-    let (after, before): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) =
-        usable(subnet).partition(|a| start.is_some_and(|s| u32::from(*a) > s));
-    after
-        .into_iter()
-        .chain(before)
+    let (first, last) = host_range(subnet)?;
+    let span = u64::from(last - first) + 1;
+    let start = state
+        .last
+        .map(u32::from)
+        .filter(|l| (first..last).contains(l))
+        .map_or(first, |l| l + 1);
+    let taken = state
+        .allocations
+        .range(Ipv4Addr::from(first)..=Ipv4Addr::from(last))
+        .count() as u64;
+    (0..=taken.min(span - 1))
+        .map(|i| Ipv4Addr::from(first + ((u64::from(start - first) + i) % span) as u32))
         .find(|a| !state.allocations.contains_key(a))
 }
 
@@ -107,7 +149,7 @@ impl IpamState {
         self.release(&owner);
         let ip = choose(subnet, self).ok_or(IpamError::Exhausted {
             subnet,
-            capacity: usable(subnet).count() as u32,
+            capacity: capacity(subnet),
         })?;
         self.allocations.insert(ip, owner);
         self.last = Some(ip);
@@ -125,11 +167,21 @@ impl IpamState {
 /// The on-disk store.
 pub struct IpamStore {
     dir: PathBuf,
+    lock_wait: Duration,
 }
 
 impl IpamStore {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            lock_wait: LOCK_WAIT,
+        }
+    }
+
+    /// Waits at most `wait` for the lock instead of [`LOCK_WAIT`].
+    pub fn with_lock_wait(mut self, wait: Duration) -> Self {
+        self.lock_wait = wait;
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -144,39 +196,56 @@ impl IpamStore {
         }
     }
 
-    /// Takes the lock and reads the state. The lock is held until the [`IpamLock`] is dropped,
-    /// so a caller may act on the kernel while no other call can allocate.
+    /// Takes the lock (waiting at most the store's lock wait for another call to let go of it)
+    /// and reads the state. The lock is held until the [`IpamLock`] is dropped, so a caller may
+    /// act on the kernel while no other call can allocate.
     pub fn lock(&self) -> Result<IpamLock<'_>, IpamError> {
         std::fs::create_dir_all(&self.dir).map_err(self.io("create"))?;
-        let lock_file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.dir.join(LOCK_FILE))
-            .map_err(self.io("open lock"))?;
-        let flock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, errno)| {
-            IpamError::Io {
-                dir: self.dir.clone(),
-                op: "lock",
-                source: errno.into(),
+        let path = self.dir.join(LOCK_FILE);
+        let mut lock_file = file::open_regular(
+            &path,
+            OpenOptions::new().create(true).truncate(false).write(true),
+        )
+        .map_err(|source| IpamError::File { source })?;
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        let flock = loop {
+            match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+                Ok(flock) => break flock,
+                Err((f, nix::Error::EWOULDBLOCK | nix::Error::EINTR)) => {
+                    if started.elapsed() >= self.lock_wait {
+                        return Err(IpamError::LockTimeout {
+                            path,
+                            waited: self.lock_wait,
+                        });
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                    lock_file = f;
+                }
+                Err((_, errno)) => return Err(self.io("lock")(errno.into())),
             }
-        })?;
-        let path = self.dir.join(STATE_FILE);
-        let state = match std::fs::read(&path) {
-            Ok(bytes) if bytes.is_empty() => IpamState::default(),
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| IpamError::Corrupt {
-                path: path.clone(),
-                source,
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => IpamState::default(),
-            Err(e) => return Err(self.io("read state")(e)),
         };
+        let state = self.read_state()?;
         Ok(IpamLock {
             store: self,
             _flock: flock,
             saved: state.clone(),
             state,
         })
+    }
+
+    fn read_state(&self) -> Result<IpamState, IpamError> {
+        let path = self.dir.join(STATE_FILE);
+        let bytes = match file::read_regular(&path, MAX_STATE_LEN) {
+            Ok(bytes) => bytes,
+            Err(FileError::NotFound { .. }) => return Ok(IpamState::default()),
+            Err(source) => return Err(IpamError::File { source }),
+        };
+        if bytes.is_empty() {
+            return Ok(IpamState::default());
+        }
+        serde_json::from_slice(&bytes).map_err(|source| IpamError::Corrupt { path, source })
     }
 
     /// Runs `f` on the state under the lock, and writes the state back if `f` changed it.
@@ -192,17 +261,34 @@ impl IpamStore {
         Ok(self.lock()?.state)
     }
 
+    /// Writes `state` to a fresh temporary file and renames it over the state. Called under the
+    /// lock; whatever an earlier call that died left at the temporary name (or put there) is
+    /// removed first, never written through.
     fn write(&self, state: &IpamState) -> Result<(), IpamError> {
         let path = self.dir.join(STATE_FILE);
-        let tmp = self.dir.join(format!(".{STATE_FILE}.tmp"));
+        let tmp = self.dir.join(STATE_TEMP_FILE);
         let bytes = serde_json::to_vec_pretty(state).map_err(|source| IpamError::Corrupt {
             path: path.clone(),
             source,
         })?;
-        let mut f = File::create(&tmp).map_err(self.io("write state"))?;
+        self.remove_temporary()?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(self.io("write state"))?;
         f.write_all(&bytes).map_err(self.io("write state"))?;
         drop(f);
         std::fs::rename(&tmp, &path).map_err(self.io("replace state"))
+    }
+
+    /// Removes the temporary state file, if there is one; true if there was.
+    fn remove_temporary(&self) -> Result<bool, IpamError> {
+        match std::fs::remove_file(self.dir.join(STATE_TEMP_FILE)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(self.io("remove stale temporary state")(e)),
+        }
     }
 }
 
@@ -222,6 +308,12 @@ impl IpamLock<'_> {
             self.saved = self.state.clone();
         }
         Ok(())
+    }
+
+    /// Removes the temporary copy of the state that a call killed mid-write left behind; true if
+    /// there was one.
+    pub fn sweep_temporary(&self) -> Result<bool, IpamError> {
+        self.store.remove_temporary()
     }
 }
 
@@ -321,6 +413,96 @@ mod tests {
         std::fs::write(dir.path().join("ipam").join(STATE_FILE), b"{not json").unwrap();
         let err = store.read().unwrap_err();
         assert!(err.to_string().contains("corrupt"), "{err}");
+    }
+
+    #[test]
+    fn the_search_starts_after_the_cursor_and_wraps() {
+        let subnet: Ipv4Net = "10.0.0.0/8".parse().unwrap();
+        assert_eq!(capacity(subnet), (1 << 24) - 2);
+        assert_eq!(capacity("10.0.0.0/30".parse().unwrap()), 2);
+        assert_eq!(capacity("10.0.0.0/31".parse().unwrap()), 0);
+        let mut st = IpamState {
+            last: Some(Ipv4Addr::new(10, 255, 255, 253)),
+            ..Default::default()
+        };
+        let (a, _) = st.allocate(subnet, owner("a")).unwrap();
+        assert_eq!(a, Ipv4Addr::new(10, 255, 255, 254), "the last host address");
+        let (b, _) = st.allocate(subnet, owner("b")).unwrap();
+        assert_eq!(
+            b,
+            Ipv4Addr::new(10, 0, 0, 1),
+            "wrapped past the broadcast address"
+        );
+        // A run of taken addresses after the cursor is skipped.
+        for c in ["c", "d", "e"] {
+            st.allocate(subnet, owner(c)).unwrap();
+        }
+        st.release(&owner("d"));
+        st.last = Some(Ipv4Addr::new(10, 0, 0, 1));
+        let (f, _) = st.allocate(subnet, owner("f")).unwrap();
+        assert_eq!(f, Ipv4Addr::new(10, 0, 0, 3), "the hole d left");
+        // A cursor outside the subnet (it changed) starts the search at its beginning.
+        st.last = Some(Ipv4Addr::new(192, 168, 0, 1));
+        let (g, _) = st.allocate(subnet, owner("g")).unwrap();
+        assert_eq!(g, Ipv4Addr::new(10, 0, 0, 5));
+    }
+
+    /// Runs `f` on another thread; fails the test if it has not returned within 10 s.
+    fn within_10s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the call blocked")
+    }
+
+    fn mkfifo(path: &Path) {
+        nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    }
+
+    #[test]
+    fn a_held_lock_is_waited_for_a_bounded_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IpamStore::new(dir.path()).with_lock_wait(Duration::from_millis(200));
+        let held = store.lock().unwrap();
+        let d = dir.path().to_path_buf();
+        let err = within_10s(move || {
+            IpamStore::new(d)
+                .with_lock_wait(Duration::from_millis(200))
+                .read()
+                .map(|_| ())
+        })
+        .unwrap_err();
+        assert!(matches!(err, IpamError::LockTimeout { .. }), "{err}");
+        assert!(err.to_string().contains("try again later"), "{err}");
+        drop(held);
+        assert!(store.read().is_ok());
+    }
+
+    #[test]
+    fn files_that_are_not_regular_are_errors_not_hangs() {
+        let dir = tempfile::tempdir().unwrap();
+        let subnet: Ipv4Net = "10.0.0.0/24".parse().unwrap();
+        mkfifo(&dir.path().join(STATE_FILE));
+        let d = dir.path().to_path_buf();
+        let err = within_10s(move || IpamStore::new(d).read().map(|_| ())).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        assert!(err.to_string().contains(STATE_FILE), "{err}");
+        std::fs::remove_file(dir.path().join(STATE_FILE)).unwrap();
+        // A FIFO at the temporary name is replaced, not written through.
+        mkfifo(&dir.path().join(STATE_TEMP_FILE));
+        let d = dir.path().to_path_buf();
+        within_10s(move || IpamStore::new(d).update(|s| s.allocate(subnet, owner("a"))))
+            .unwrap()
+            .unwrap();
+        assert!(!dir.path().join(STATE_TEMP_FILE).exists());
+        // The lock file as a FIFO.
+        std::fs::remove_file(dir.path().join(LOCK_FILE)).unwrap();
+        mkfifo(&dir.path().join(LOCK_FILE));
+        let d = dir.path().to_path_buf();
+        let err = within_10s(move || IpamStore::new(d).read().map(|_| ())).unwrap_err();
+        assert!(matches!(err, IpamError::File { .. }), "{err}");
     }
 
     #[test]

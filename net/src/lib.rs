@@ -8,8 +8,10 @@
 //! overlay, [`masq`] the NAT table, [`ethtool`] switches offloads over generic netlink, [`wireguard`]
 //! plans and runs the encrypted tunnel.
 
+pub mod cidr;
 pub mod cni;
 pub mod ethtool;
+pub mod file;
 pub mod genl;
 pub mod ipam;
 pub mod kernel;

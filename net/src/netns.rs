@@ -1,8 +1,11 @@
 //! Network namespaces: entered only long enough to open a socket there (netavark's rule), always
 //! on the calling thread, and always left again.
 
+use nix::fcntl::OFlag;
 use nix::sched::{setns, CloneFlags};
+use nix::sys::statfs::{fstatfs, NSFS_MAGIC};
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +24,8 @@ pub enum NetnsError {
         #[source]
         source: nix::Error,
     },
+    #[error("{path} is not a network namespace: it is a {kind}, not a namespace file (nsfs)")]
+    NotNsfs { path: PathBuf, kind: &'static str },
     #[error("returning to the original network namespace: {source}")]
     Restore {
         #[source]
@@ -28,20 +33,43 @@ pub enum NetnsError {
     },
 }
 
-/// Opens a netns by path (`/run/netns/x`, `/proc/PID/ns/net`).
+/// Opens a netns by path (`/run/netns/x`, `/proc/PID/ns/net`). The path must name an nsfs
+/// file: it is opened without blocking (a FIFO there would wait for a writer forever) and its
+/// filesystem checked before anything else is done with it.
 pub fn open(path: &Path) -> Result<File, NetnsError> {
-    File::open(path).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::NotFound {
-            NetnsError::Missing {
-                path: path.to_path_buf(),
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).bits())
+        .open(path)
+        .map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                NetnsError::Missing {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                NetnsError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                }
             }
-        } else {
-            NetnsError::Open {
-                path: path.to_path_buf(),
-                source,
-            }
-        }
-    })
+        })?;
+    let on_nsfs = fstatfs(&file)
+        .map(|fs| fs.filesystem_type() == NSFS_MAGIC)
+        .map_err(|source| NetnsError::Open {
+            path: path.to_path_buf(),
+            source: source.into(),
+        })?;
+    if !on_nsfs {
+        let kind = file
+            .metadata()
+            .map(|m| crate::file::kind_of(m.file_type()))
+            .unwrap_or("file of unknown kind");
+        return Err(NetnsError::NotNsfs {
+            path: path.to_path_buf(),
+            kind,
+        });
+    }
+    Ok(file)
 }
 
 /// Runs `f` with the calling thread inside `target` (opened from `path`), then returns the thread
@@ -224,4 +252,43 @@ pub fn list_named(prefix: &str) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_namespace_files_open() {
+        assert!(open(Path::new("/proc/self/ns/net")).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // A FIFO opened for reading would wait for a writer; this must return at once.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let f = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(open(&f).map(|_| ()).map_err(|e| e.to_string()));
+        });
+        let e = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("opening a FIFO as a netns blocked")
+            .unwrap_err();
+        assert!(e.contains("not a network namespace: it is a FIFO"), "{e}");
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"").unwrap();
+        let e = open(&plain).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                NetnsError::NotNsfs {
+                    kind: "regular file",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = open(&dir.path().join("gone")).unwrap_err();
+        assert!(matches!(e, NetnsError::Missing { .. }), "{e}");
+    }
 }

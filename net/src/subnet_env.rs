@@ -1,5 +1,7 @@
 //! `/run/sluice/subnet.env`: the agent's word to the plugin about this node's subnet.
 
+use crate::cidr::{self, UnsafeRange};
+use crate::file::{self, FileError};
 use ipnet::Ipv4Net;
 use std::path::Path;
 
@@ -18,15 +20,17 @@ pub struct SubnetEnv {
     pub ipmasq: bool,
 }
 
+/// The most the plugin reads of the file: the agent writes about a hundred bytes.
+pub const MAX_LEN: u64 = 64 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SubnetEnvError {
     #[error("the node has no subnet yet: {path} does not exist (is the sluice agent running?)")]
     Missing { path: String },
-    #[error("reading {path}: {source}")]
+    #[error("reading the node's subnet: {source}")]
     Read {
-        path: String,
         #[source]
-        source: std::io::Error,
+        source: FileError,
     },
     #[error("{path}: {key} is missing")]
     MissingKey { path: String, key: &'static str },
@@ -36,6 +40,13 @@ pub enum SubnetEnvError {
         key: &'static str,
         value: String,
         reason: String,
+    },
+    #[error("{path}: {key} may not hold pods: {source}")]
+    Unsafe {
+        path: String,
+        key: &'static str,
+        #[source]
+        source: UnsafeRange,
     },
 }
 
@@ -47,20 +58,16 @@ impl SubnetEnvError {
 }
 
 impl SubnetEnv {
+    /// Reads `path`, which must be a regular file of at most [`MAX_LEN`] bytes: a FIFO or a
+    /// device there gets an error at once instead of a read that never ends.
     pub fn load(path: &Path) -> Result<Self, SubnetEnvError> {
         let shown = path.display().to_string();
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(SubnetEnvError::Missing { path: shown })
-            }
-            Err(source) => {
-                return Err(SubnetEnvError::Read {
-                    path: shown,
-                    source,
-                })
-            }
+        let bytes = match file::read_regular(path, MAX_LEN) {
+            Ok(b) => b,
+            Err(FileError::NotFound { .. }) => return Err(SubnetEnvError::Missing { path: shown }),
+            Err(source) => return Err(SubnetEnvError::Read { source }),
         };
+        let text = String::from_utf8_lossy(&bytes);
         Self::parse(&text, &shown)
     }
 
@@ -114,6 +121,14 @@ impl SubnetEnv {
                 "a pod subnet must be /30 or larger".into(),
             ));
         }
+        let unsafe_range = |key: &'static str, source| SubnetEnvError::Unsafe {
+            path: origin.to_string(),
+            key,
+            source,
+        };
+        cidr::check_pod_range(network.into()).map_err(|e| unsafe_range("SLUICE_NETWORK", e))?;
+        cidr::check_node_subnet(network.into(), subnet.into())
+            .map_err(|e| unsafe_range("SLUICE_SUBNET", e))?;
         Ok(Self {
             network,
             subnet,
@@ -173,6 +188,72 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("SLUICE_MTU"), "{e}");
+    }
+
+    #[test]
+    fn unsafe_ranges_are_refused_by_name() {
+        for (network, subnet, key, why) in [
+            (
+                "10.244.0.0/16",
+                "169.254.1.0/24",
+                "SLUICE_SUBNET",
+                "link-local",
+            ),
+            (
+                "169.254.0.0/16",
+                "169.254.1.0/24",
+                "SLUICE_NETWORK",
+                "link-local",
+            ),
+            ("127.0.0.0/8", "127.0.0.0/24", "SLUICE_NETWORK", "loopback"),
+            ("0.0.0.0/8", "0.0.0.0/24", "SLUICE_NETWORK", "unspecified"),
+            ("0.0.0.0/0", "0.0.0.0/0", "SLUICE_NETWORK", "too broad"),
+            ("0.0.0.0/0", "10.244.1.0/24", "SLUICE_NETWORK", "too broad"),
+            ("10.244.0.0/16", "10.0.0.0/7", "SLUICE_SUBNET", "too broad"),
+            ("10.244.0.0/16", "10.245.1.0/24", "SLUICE_SUBNET", "outside"),
+        ] {
+            let text =
+                format!("SLUICE_NETWORK={network}\nSLUICE_SUBNET={subnet}\nSLUICE_MTU=1450\n");
+            let e = SubnetEnv::parse(&text, "t").unwrap_err();
+            assert!(matches!(e, SubnetEnvError::Unsafe { .. }), "{subnet}: {e}");
+            assert!(!e.is_not_ready());
+            let shown = e.to_string();
+            assert!(
+                shown.contains(key) && shown.contains(why),
+                "{subnet}: {shown}"
+            );
+        }
+    }
+
+    /// Runs `f` on another thread; fails the test if it has not returned within 10 s.
+    fn within_10s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the call blocked")
+    }
+
+    #[test]
+    fn a_file_that_never_ends_is_an_error_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = within_10s(move || SubnetEnv::load(&fifo)).unwrap_err();
+        assert!(
+            e.to_string().contains("not a regular file (it is a FIFO)"),
+            "{e}"
+        );
+        let big = dir.path().join("big");
+        let mut text =
+            "SLUICE_NETWORK=10.244.0.0/16\nSLUICE_SUBNET=10.244.3.0/24\nSLUICE_MTU=1450\n"
+                .to_string();
+        text.push_str(&"#".repeat(MAX_LEN as usize));
+        std::fs::write(&big, text).unwrap();
+        let e = SubnetEnv::load(&big).unwrap_err();
+        assert!(matches!(e, SubnetEnvError::Read { .. }), "{e}");
+        assert!(e.to_string().contains("larger than"), "{e}");
     }
 
     #[test]

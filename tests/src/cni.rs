@@ -3,9 +3,10 @@
 
 use crate::{run, sluice_bin, Netns};
 use serde_json::{json, Value};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// A node for the plugin: its namespace (the "host" side of every pod), and a directory with
 /// the plugin installed as `sluice-cni`, the node's subnet.env and IPAM state.
@@ -17,9 +18,14 @@ pub struct CniNode {
 /// What one plugin call gave back.
 #[derive(Debug)]
 pub struct Outcome {
+    /// The exit code; -1 when the process ended by a signal (see `killed`).
     pub exit: i32,
     pub stdout: String,
     pub stderr: String,
+    /// The harness killed it: its deadline passed (`timed_out`) or the caller asked for it.
+    pub killed: bool,
+    /// It was still running when its deadline passed.
+    pub timed_out: bool,
 }
 
 impl Outcome {
@@ -31,6 +37,10 @@ impl Outcome {
     /// The CNI error code, asserting the call failed the way the spec says (non-zero exit, error
     /// JSON on stdout) and did not panic.
     pub fn error_code(&self) -> u64 {
+        assert!(
+            !self.timed_out,
+            "the plugin did not return in time: {self:?}"
+        );
         assert_ne!(self.exit, 0, "expected a failure: {self:?}");
         assert!(
             !self.stderr.contains("panicked"),
@@ -47,6 +57,10 @@ impl Outcome {
     }
 
     pub fn assert_ok(&self) -> &Self {
+        assert!(
+            !self.timed_out,
+            "the plugin did not return in time: {self:?}"
+        );
         assert_eq!(self.exit, 0, "plugin call failed: {self:?}");
         self
     }
@@ -72,11 +86,23 @@ impl CniNode {
     }
 
     pub fn set_subnet(&self, subnet: &str) {
+        self.set_subnet_env("10.244.0.0/16", subnet);
+    }
+
+    /// Writes subnet.env with `network` as the cluster CIDR and `subnet` as the node's.
+    pub fn set_subnet_env(&self, network: &str, subnet: &str) {
+        // Replaced, not written through: a test may have left a FIFO or a symlink there.
+        let path = self.subnet_file();
+        let _ = std::fs::remove_file(&path);
         std::fs::write(
-            self.dir.path().join("subnet.env"),
-            format!("SLUICE_NETWORK=10.244.0.0/16\nSLUICE_SUBNET={subnet}\nSLUICE_MTU=1450\nSLUICE_IPMASQ=true\n"),
+            path,
+            format!("SLUICE_NETWORK={network}\nSLUICE_SUBNET={subnet}\nSLUICE_MTU=1450\nSLUICE_IPMASQ=true\n"),
         )
         .unwrap();
+    }
+
+    pub fn subnet_file(&self) -> PathBuf {
+        self.dir.path().join("subnet.env")
     }
 
     pub fn plugin(&self) -> PathBuf {
@@ -134,10 +160,19 @@ impl CniNode {
     /// Calls the plugin inside the node namespace, as the runtime would, with the raw `stdin`
     /// and the `CNI_*` variables in `env`.
     pub fn call_raw(&self, env: &[(&str, &str)], stdin: &[u8]) -> Outcome {
+        self.call_raw_with(env, stdin, Limits::default())
+    }
+
+    /// [`call_raw`](Self::call_raw) within `limits`. The plugin runs under an address-space limit
+    /// ([`MEMORY_LIMIT`]), so that a plugin that reads without end fails instead of taking the
+    /// machine's memory.
+    pub fn call_raw_with(&self, env: &[(&str, &str)], stdin: &[u8], limits: Limits) -> Outcome {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns.name])
+            .arg("prlimit")
+            .arg(format!("--as={MEMORY_LIMIT}"))
             .arg(self.plugin());
-        call(cmd, env, stdin)
+        call_with(cmd, env, stdin, limits)
     }
 
     /// Calls `command` for (`container`, `ifname`) in `netns` with `conf`.
@@ -164,8 +199,44 @@ impl CniNode {
     }
 }
 
+/// The address space a plugin call may take (bytes): far above what a call needs (tens of MiB),
+/// far below the machine's memory.
+pub const MEMORY_LIMIT: u64 = 2 << 30;
+
+/// How long a plugin call may run, and whether the harness kills it on purpose.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The call is killed (SIGKILL) and reported `timed_out` once this has passed.
+    pub deadline: Duration,
+    /// Kill the call (SIGKILL) this long after it started, as a crash would.
+    pub kill_after: Option<Duration>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_secs(60),
+            kill_after: None,
+        }
+    }
+}
+
+impl Limits {
+    pub fn deadline(deadline: Duration) -> Self {
+        Self {
+            deadline,
+            ..Self::default()
+        }
+    }
+}
+
 /// Runs a prepared plugin command with exactly `env` as its CNI environment.
-pub fn call(mut cmd: Command, env: &[(&str, &str)], stdin: &[u8]) -> Outcome {
+pub fn call(cmd: Command, env: &[(&str, &str)], stdin: &[u8]) -> Outcome {
+    call_with(cmd, env, stdin, Limits::default())
+}
+
+/// [`call`] within `limits`: the call never outlives its deadline.
+pub fn call_with(mut cmd: Command, env: &[(&str, &str)], stdin: &[u8], limits: Limits) -> Outcome {
     for key in [
         "CNI_COMMAND",
         "CNI_CONTAINERID",
@@ -182,18 +253,63 @@ pub fn call(mut cmd: Command, env: &[(&str, &str)], stdin: &[u8]) -> Outcome {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    let started = Instant::now();
     let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
-    if let Some(mut input) = child.stdin.take() {
+    let input = child.stdin.take().map(|mut pipe| {
+        let bytes = stdin.to_vec();
         // A plugin that fails before reading stdin closes the pipe; that is its answer.
-        let _ = input.write_all(stdin);
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&bytes);
+        })
+    });
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let (mut killed, mut timed_out) = (false, false);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        let elapsed = started.elapsed();
+        let kill_now = limits.kill_after.is_some_and(|k| elapsed >= k);
+        if kill_now || elapsed >= limits.deadline {
+            // Our own child, by its PID.
+            let _ = child.kill();
+            killed = true;
+            timed_out = !kill_now;
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    if let Some(t) = input {
+        let _ = t.join();
     }
-    let out = child.wait_with_output().unwrap();
     Outcome {
-        exit: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        exit: status.code().unwrap_or(-1),
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+        killed,
+        timed_out,
     }
 }
 

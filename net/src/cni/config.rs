@@ -2,7 +2,7 @@
 
 use super::{CniError, CniVersion, Command, ErrorCode};
 use serde::Deserialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 pub const DEFAULT_IPAM_DIR: &str = "/var/lib/sluice/ipam";
@@ -22,9 +22,19 @@ pub struct NetConf {
     pub dns: Option<serde_json::Value>,
     /// The result of the plugins before this one in a chain.
     pub prev_result: Option<serde_json::Value>,
-    /// GC: the attachments the runtime still knows.
-    pub valid_attachments: Vec<Attachment>,
+    /// GC: the attachments the runtime still knows, under [`VALID_ATTACHMENTS`]; see
+    /// [`NetConf::gc_attachments`].
+    pub valid_attachments: Option<Vec<Attachment>>,
+    /// The same list under [`ATTACHMENTS`], the name an earlier text of the spec gave it.
+    pub attachments: Option<Vec<Attachment>>,
+    /// The other `cni.dev/` keys of the configuration, to name in an error (a misspelled list).
+    pub other_cni_dev_keys: Vec<String>,
 }
+
+/// The GC list's key (CNI 1.1.0).
+pub const VALID_ATTACHMENTS: &str = "cni.dev/valid-attachments";
+/// The GC list's key in the spec's first text of GC; libcni sends both (containernetworking/cni#1101).
+pub const ATTACHMENTS: &str = "cni.dev/attachments";
 
 /// One (container, interface) the runtime considers live.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
@@ -45,8 +55,25 @@ struct RawConf {
     dns: Option<serde_json::Value>,
     prev_result: Option<serde_json::Value>,
     ipam: Option<serde_json::Value>,
-    #[serde(rename = "cni.dev/valid-attachments")]
-    valid_attachments: Option<Vec<Attachment>>,
+    #[serde(
+        rename = "cni.dev/valid-attachments",
+        default,
+        deserialize_with = "present"
+    )]
+    valid_attachments: Option<Option<Vec<Attachment>>>,
+    #[serde(rename = "cni.dev/attachments", default, deserialize_with = "present")]
+    attachments: Option<Option<Vec<Attachment>>>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, serde_json::Value>,
+}
+
+/// Tells a key given as `null` (`Some(None)`) from a missing one (`None`, the default).
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// Reads only `cniVersion`, for VERSION and for shaping an error before the rest is understood.
@@ -113,8 +140,51 @@ impl NetConf {
             mtu: raw.mtu,
             dns: raw.dns,
             prev_result: raw.prev_result,
-            valid_attachments: raw.valid_attachments.unwrap_or_default(),
+            // libcni sends a runtime's empty list as null (a nil Go slice; CRI-O passes one for
+            // a network without pods): null is the empty list, only a missing key is no list.
+            valid_attachments: raw.valid_attachments.map(Option::unwrap_or_default),
+            attachments: raw.attachments.map(Option::unwrap_or_default),
+            other_cni_dev_keys: raw
+                .rest
+                .into_keys()
+                .filter(|k| k.starts_with("cni.dev/"))
+                .collect(),
         })
+    }
+
+    /// GC's list of the attachments still valid. The spec makes it the runtime's duty to send
+    /// it; without it GC cannot tell a live pod from a leak, so a configuration without one (or
+    /// with two that differ) is an error and nothing is collected.
+    pub fn gc_attachments(&self) -> Result<Vec<Attachment>, CniError> {
+        match (&self.valid_attachments, &self.attachments) {
+            (Some(list), None) | (None, Some(list)) => Ok(list.clone()),
+            (Some(a), Some(b)) => {
+                let set = |l: &[Attachment]| l.iter().cloned().collect::<BTreeSet<_>>();
+                if set(a) == set(b) {
+                    Ok(a.clone())
+                } else {
+                    Err(CniError::new(
+                        ErrorCode::InvalidConfig,
+                        format!("GC got two lists of valid attachments that differ ({VALID_ATTACHMENTS}: {}, {ATTACHMENTS}: {}); nothing was collected", a.len(), b.len()),
+                    ))
+                }
+            }
+            (None, None) => {
+                let mut msg = format!("GC needs the runtime's list of valid attachments ({VALID_ATTACHMENTS}) and the network configuration has none; nothing was collected");
+                if !self.other_cni_dev_keys.is_empty() {
+                    let keys: Vec<String> = self
+                        .other_cni_dev_keys
+                        .iter()
+                        .map(|k| format!("{k:?}"))
+                        .collect();
+                    msg.push_str(&format!(
+                        " (it has {}: is the key misspelled?)",
+                        keys.join(", ")
+                    ));
+                }
+                Err(CniError::new(ErrorCode::InvalidConfig, msg))
+            }
+        }
     }
 }
 
@@ -248,12 +318,66 @@ mod tests {
         assert_eq!(c.subnet_file, PathBuf::from("/tmp/s.env"));
         assert_eq!(c.mtu, Some(1400));
         assert_eq!(
-            c.valid_attachments,
+            c.gc_attachments().unwrap(),
             vec![Attachment {
                 container_id: "abc".into(),
                 ifname: "eth0".into()
             }]
         );
+    }
+
+    #[test]
+    fn gc_needs_its_list() {
+        let parse = |extra: &str| {
+            NetConf::parse(format!(r#"{{"cniVersion":"1.1.0","name":"n"{extra}}}"#).as_bytes())
+                .unwrap()
+        };
+        let e = parse("").gc_attachments().unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidConfig);
+        assert!(e.msg.contains(VALID_ATTACHMENTS), "{e}");
+        assert!(e.msg.contains("nothing was collected"), "{e}");
+        let e = parse(r#","cni.dev/valid_attachments":[]"#)
+            .gc_attachments()
+            .unwrap_err();
+        assert!(e.msg.contains(r#""cni.dev/valid_attachments""#), "{e}");
+        assert!(e.msg.contains("misspelled"), "{e}");
+        // An empty list and null (libcni's empty list) are lists: nothing is valid.
+        assert_eq!(
+            parse(r#","cni.dev/valid-attachments":[]"#).gc_attachments(),
+            Ok(vec![])
+        );
+        assert_eq!(
+            parse(r#","cni.dev/valid-attachments":null"#).gc_attachments(),
+            Ok(vec![])
+        );
+        let one = r#"[{"containerID":"a","ifname":"eth0"}]"#;
+        let want = vec![Attachment {
+            container_id: "a".into(),
+            ifname: "eth0".into(),
+        }];
+        assert_eq!(
+            parse(&format!(r#","cni.dev/attachments":{one}"#)).gc_attachments(),
+            Ok(want.clone())
+        );
+        assert_eq!(
+            parse(&format!(
+                r#","cni.dev/attachments":{one},"cni.dev/valid-attachments":{one}"#
+            ))
+            .gc_attachments(),
+            Ok(want)
+        );
+        let e = parse(&format!(
+            r#","cni.dev/attachments":{one},"cni.dev/valid-attachments":[]"#
+        ))
+        .gc_attachments()
+        .unwrap_err();
+        assert!(e.msg.contains("differ"), "{e}");
+        // A list that is not a list of attachments does not decode.
+        let e = NetConf::parse(
+            br#"{"cniVersion":"1.1.0","name":"n","cni.dev/valid-attachments":[{"ifname":"eth0"}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::Decoding);
     }
 
     #[test]

@@ -17,7 +17,11 @@ use tracing::{info, warn};
 impl From<KernelError> for CniError {
     fn from(e: KernelError) -> Self {
         let code = match &e {
-            KernelError::Netns(NetnsError::Missing { .. } | NetnsError::NotANetns { .. })
+            KernelError::Netns(
+                NetnsError::Missing { .. }
+                | NetnsError::NotANetns { .. }
+                | NetnsError::NotNsfs { .. },
+            )
             | KernelError::NoPodNetns => ErrorCode::UnknownContainer,
             KernelError::Netns(NetnsError::Open { .. }) => ErrorCode::Io,
             KernelError::InterfaceExists { .. } => ErrorCode::InterfaceExists,
@@ -31,20 +35,28 @@ impl From<IpamError> for CniError {
     fn from(e: IpamError) -> Self {
         let code = match e {
             IpamError::Exhausted { .. } => ErrorCode::SubnetExhausted,
-            IpamError::Io { .. } | IpamError::Corrupt { .. } => ErrorCode::Io,
+            IpamError::LockTimeout { .. } => ErrorCode::TryAgainLater,
+            IpamError::Io { .. } | IpamError::File { .. } | IpamError::Corrupt { .. } => {
+                ErrorCode::Io
+            }
         };
         CniError::new(code, e.to_string())
     }
 }
 
 /// The node's subnet for ADD: while the agent has not published one, the runtime is told to try
-/// again later.
+/// again later; a file that cannot be read is an I/O error, and values that do not parse or may
+/// not hold pods are a configuration error.
 fn node_subnet(conf: &NetConf) -> Result<SubnetEnv, CniError> {
     SubnetEnv::load(&conf.subnet_file).map_err(|e| match e {
         SubnetEnvError::Read { .. } => CniError::new(ErrorCode::Io, e.to_string()),
-        _ => CniError::new(
+        SubnetEnvError::Missing { .. } | SubnetEnvError::MissingKey { .. } => CniError::new(
             ErrorCode::TryAgainLater,
             format!("this node has no usable pod subnet yet: {e}"),
+        ),
+        SubnetEnvError::BadValue { .. } | SubnetEnvError::Unsafe { .. } => CniError::new(
+            ErrorCode::InvalidConfig,
+            format!("this node has no usable pod subnet: {e}"),
         ),
     })
 }
@@ -226,16 +238,23 @@ pub fn status(conf: &NetConf) -> Result<(), CniError> {
 }
 
 /// GC: frees every address, and removes every host-side veth, that belongs to no attachment in
-/// `cni.dev/valid-attachments`. The IPAM lock is held throughout so no ADD allocates meanwhile.
-/// Keeps going after an error and reports them all at the end.
+/// the runtime's list of valid attachments; without that list it changes nothing and fails
+/// ([`NetConf::gc_attachments`]). The IPAM lock is held throughout so no ADD allocates
+/// meanwhile. Keeps going after an error and reports them all at the end.
 pub async fn gc<K: PodKernel>(conf: &NetConf, kernel: &mut K) -> Result<(), CniError> {
-    let valid: BTreeSet<(&str, &str)> = conf
-        .valid_attachments
+    let attachments = conf.gc_attachments()?;
+    let valid: BTreeSet<(&str, &str)> = attachments
         .iter()
         .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
         .collect();
     let store = IpamStore::new(&conf.ipam_dir);
     let mut lock = store.lock()?;
+    let mut errors = Vec::new();
+    // A call killed while it wrote the state leaves its temporary copy; nothing else removes it.
+    if let Err(e) = lock.sweep_temporary() {
+        errors.push(e.to_string());
+    }
+    super::stats::sweep_temporary(&conf.ipam_dir);
     let stale: Vec<Ipv4Addr> = lock
         .state
         .allocations
@@ -248,7 +267,6 @@ pub async fn gc<K: PodKernel>(conf: &NetConf, kernel: &mut K) -> Result<(), CniE
         .iter()
         .map(|(c, i)| podnet::host_ifname(c, i))
         .collect();
-    let mut errors = Vec::new();
     keep.extend(
         lock.state
             .allocations

@@ -51,6 +51,17 @@ impl AddResult {
         interfaces.extend(self.interfaces.iter().map(|i| render_interface(i, version)));
 
         let mut ips = take_array(&mut out, "ips");
+        // A chained address whose interface index points past the chain's interfaces names
+        // nothing; left as it is, it would name the interface sluice appends at that index.
+        for ip in ips.iter_mut().filter_map(Value::as_object_mut) {
+            if ip
+                .get("interface")
+                .and_then(Value::as_u64)
+                .is_some_and(|i| i >= offset as u64)
+            {
+                ip.remove("interface");
+            }
+        }
         ips.extend(self.ips.iter().map(|ip| {
             let mut o = Map::new();
             if version < CniVersion::V1_0_0 {
@@ -217,6 +228,21 @@ mod tests {
             Some("10.244.3.5/32".parse().unwrap())
         );
         assert_eq!(address_of(&j, "dummy0"), None, "dummy0 has no sandbox");
+    }
+
+    #[test]
+    fn a_chained_address_naming_no_interface_does_not_take_sluices() {
+        // Found by the fuzz target (proptest-regressions/fuzz_cni.txt): the chain's address
+        // points at interface 0 of an empty list, where sluice's own interfaces go.
+        let prev = json!({"cniVersion": "1.0.0", "interfaces": [],
+                          "ips": [{"address": "192.0.2.7/24", "interface": 0}]});
+        let j = sample().render(CniVersion::V1_0_0, Some(&prev), None);
+        assert!(j["ips"][0].get("interface").is_none(), "{j}");
+        assert_eq!(j["ips"][0]["address"], "192.0.2.7/24");
+        assert_eq!(
+            address_of(&j, "eth0"),
+            Some("10.244.3.5/32".parse().unwrap())
+        );
     }
 
     #[test]

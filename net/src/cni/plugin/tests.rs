@@ -302,13 +302,15 @@ fn gc_frees_stale_and_keeps_valid() {
     k.links
         .insert(podnet::host_ifname("orphan", "eth0"), FakeLink::default());
     let mut conf = node.conf("1.1.0");
-    conf.valid_attachments = ["keep1", "keep2"]
-        .iter()
-        .map(|c| Attachment {
-            container_id: c.to_string(),
-            ifname: "eth0".into(),
-        })
-        .collect();
+    conf.valid_attachments = Some(
+        ["keep1", "keep2"]
+            .iter()
+            .map(|c| Attachment {
+                container_id: c.to_string(),
+                ifname: "eth0".into(),
+            })
+            .collect(),
+    );
     run(gc(&conf, &mut k)).unwrap();
     let state = IpamStore::new(node.ipam_dir()).read().unwrap();
     let owners: Vec<_> = state
@@ -344,4 +346,103 @@ fn results_follow_the_requested_version() {
             "{v}"
         );
     }
+}
+
+/// Four pods on a node, and the fake kernel that holds their links.
+fn four_pods() -> (Node, FakeKernel) {
+    let node = Node::new("10.244.3.0/24");
+    let mut k = FakeKernel::new();
+    for c in ["p0", "p1", "p2", "p3"] {
+        run(add(&node.conf("1.1.0"), &req(c), &mut k)).unwrap();
+    }
+    (node, k)
+}
+
+#[test]
+fn gc_without_its_list_changes_nothing() {
+    for extra in [
+        "",
+        r#","cni.dev/valid-attachment":[{"containerID":"p0","ifname":"eth0"}]"#,
+        r#","cni.dev/validAttachments":[]"#,
+        r#","cni.dev/valid-attachments":[],"cni.dev/attachments":[{"containerID":"p0","ifname":"eth0"}]"#,
+    ] {
+        let (node, mut k) = four_pods();
+        let err = run(gc(&node.conf_with("1.1.0", extra), &mut k)).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidConfig, "{extra}: {err}");
+        assert!(err.msg.contains("nothing was collected"), "{extra}: {err}");
+        assert_eq!(node.allocations(), 4, "{extra}");
+        assert_eq!(k.links.len(), 4, "{extra}");
+    }
+}
+
+#[test]
+fn gc_takes_the_list_under_either_name() {
+    for key in ["cni.dev/valid-attachments", "cni.dev/attachments"] {
+        let (node, mut k) = four_pods();
+        let extra = format!(r#","{key}":[{{"containerID":"p1","ifname":"eth0"}}]"#);
+        run(gc(&node.conf_with("1.1.0", &extra), &mut k)).unwrap();
+        let state = IpamStore::new(node.ipam_dir()).read().unwrap();
+        let owners: Vec<_> = state
+            .allocations
+            .values()
+            .map(|o| o.container_id.as_str())
+            .collect();
+        assert_eq!(owners, vec!["p1"], "{key}");
+        assert_eq!(
+            k.links.keys().collect::<Vec<_>>(),
+            vec![&podnet::host_ifname("p1", "eth0")]
+        );
+    }
+    // An empty list (or libcni's null) means nothing on the node is valid any more.
+    for list in ["[]", "null"] {
+        let (node, mut k) = four_pods();
+        let extra = format!(r#","cni.dev/valid-attachments":{list}"#);
+        run(gc(&node.conf_with("1.1.0", &extra), &mut k)).unwrap();
+        assert_eq!(node.allocations(), 0, "{list}");
+        assert!(k.links.is_empty(), "{list}");
+    }
+}
+
+#[test]
+fn gc_removes_the_temporary_state_a_killed_call_left() {
+    let (node, mut k) = four_pods();
+    let tmp = node.ipam_dir().join(crate::ipam::STATE_TEMP_FILE);
+    std::fs::write(&tmp, b"{half a state").unwrap();
+    let all = r#","cni.dev/valid-attachments":[{"containerID":"p0","ifname":"eth0"},{"containerID":"p1","ifname":"eth0"},{"containerID":"p2","ifname":"eth0"},{"containerID":"p3","ifname":"eth0"}]"#;
+    run(gc(&node.conf_with("1.1.0", all), &mut k)).unwrap();
+    assert!(!tmp.exists());
+    assert_eq!(node.allocations(), 4);
+}
+
+#[test]
+fn an_unsafe_subnet_is_a_config_error_and_allocates_nothing() {
+    for subnet in [
+        "169.254.1.0/24",
+        "127.0.0.0/24",
+        "0.0.0.0/24",
+        "10.245.0.0/24",
+        "0.0.0.0/0",
+    ] {
+        let node = Node::new(subnet);
+        let err = run(add(&node.conf("1.1.0"), &req("c1"), &mut FakeKernel::new())).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidConfig, "{subnet}: {err}");
+        assert!(err.msg.contains("SLUICE_SUBNET"), "{subnet}: {err}");
+        assert_eq!(node.allocations(), 0, "{subnet}");
+    }
+}
+
+#[test]
+fn a_held_lock_is_try_again_later() {
+    let node = Node::new("10.244.3.0/24");
+    let store = IpamStore::new(node.ipam_dir());
+    let _held = store.lock().unwrap();
+    let conf = node.conf("1.1.0");
+    let err = std::thread::scope(|s| {
+        s.spawn(|| run(add(&conf, &req("c1"), &mut FakeKernel::new())))
+            .join()
+            .unwrap()
+    })
+    .unwrap_err();
+    assert_eq!(err.code, ErrorCode::TryAgainLater, "{err}");
+    assert!(err.msg.contains("try again later"), "{err}");
 }
