@@ -139,7 +139,13 @@ pub fn parse(data: &BTreeMap<String, String>) -> Result<AgentConfig, ConfigError
         };
         match key.as_str() {
             "cluster-cidr" => match v.parse::<Ipv4Net>() {
-                Ok(n) if n == n.trunc() => c.cluster_cidr = n,
+                Ok(n) if n != n.trunc() => bad("an IPv4 CIDR with no host bits (e.g. 10.244.0.0/16)"),
+                // Loopback, link-local (every pod's gateway is 169.254.1.1), multicast, "this
+                // network", or wider than a /8: the CNI plugin would refuse every pod.
+                Ok(n) => match sluice_net::cidr::check_pod_range(n.into()) {
+                    Ok(()) => c.cluster_cidr = n,
+                    Err(_) => bad("a pod range: not loopback, link-local, multicast or 0.0.0.0/8, and no wider than a /8"),
+                },
                 _ => bad("an IPv4 CIDR with no host bits (e.g. 10.244.0.0/16)"),
             },
             "subnet-length" => match v.parse::<u8>() {
@@ -354,6 +360,21 @@ mod tests {
         assert!(e
             .to_string()
             .contains("encryption: \"ipsec\" is not none or wireguard"));
+    }
+
+    #[test]
+    fn unsafe_cluster_cidrs_are_refused() {
+        for bad in [
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "0.0.0.0/0",
+            "224.0.0.0/4",
+            "10.0.0.0/7",
+        ] {
+            let e = parse(&data(&[("cluster-cidr", bad)])).unwrap_err();
+            assert_eq!(e.problems[0].key, "cluster-cidr", "{bad}");
+        }
+        assert!(parse(&data(&[("cluster-cidr", "10.0.0.0/8")])).is_ok());
     }
 
     #[test]
