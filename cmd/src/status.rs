@@ -82,6 +82,7 @@ fn print_table(doc: &serde_json::Value, ready: bool, reasons: &str) {
     );
     println!("underlay    {}", s(&doc["underlay"]));
     println!("encryption  {}", s(&doc["encryption"]));
+    println!("overlay     {}", s(&doc["overlay"]));
     println!(
         "tunnel      {} vni {} port {} mtu {}",
         s(&doc["tunnel"]["device"]),
@@ -97,15 +98,18 @@ fn print_table(doc: &serde_json::Value, ready: bool, reasons: &str) {
     );
     let empty = Vec::new();
     let peers = doc["peers"].as_array().unwrap_or(&empty);
-    println!("\nPEER              SUBNET            UNDERLAY         TUNNEL  VTEP MAC");
+    println!(
+        "\nPEER              SUBNET            UNDERLAY         PATH         VTEP MAC           WHY"
+    );
     for p in peers {
         println!(
-            "{:<17} {:<17} {:<16} {:<7} {}",
+            "{:<17} {:<17} {:<16} {:<12} {:<18} {}",
             s(&p["node"]),
             s(&p["subnet"]),
             s(&p["underlay"]),
-            s(&p["tunnel"]),
-            s(&p["vtepMac"])
+            s(&p["path"]),
+            s(&p["vtepMac"]),
+            s(&p["why"])
         );
     }
     if peers.is_empty() {

@@ -24,6 +24,8 @@ pub struct Snapshot {
     pub datapath_programmed: bool,
     /// The last datapath error, if the last pass failed.
     pub datapath_error: Option<String>,
+    /// Peers no path reaches (`overlay: never` and another underlay subnet), each with why.
+    pub unreachable_peers: Vec<String>,
     /// Every watch the agent depends on has listed once.
     pub watches_synced: bool,
     /// Why the last sluice-config was rejected (the last good one is kept).
@@ -52,6 +54,9 @@ pub fn readiness(s: &Snapshot, now: SystemTime) -> Result<(), Vec<String>> {
     }
     if let Some(e) = &s.datapath_error {
         why.push(format!("datapath: {e}"));
+    }
+    for peer in &s.unreachable_peers {
+        why.push(format!("peer unreachable: {peer}"));
     }
     if !s.watches_synced {
         why.push("watches not synced yet".into());

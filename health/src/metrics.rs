@@ -28,6 +28,11 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabels {
+    pub path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
     pub peer: String,
 }
@@ -47,6 +52,7 @@ pub struct Metrics {
     pub peer_tx_bytes: Family<PeerLabels, Gauge>,
     pub peer_handshake_age_seconds: Family<PeerLabels, Gauge<f64, AtomicU64>>,
     pub objects_skipped: Family<KindLabels, Counter>,
+    pub peers_by_path: Family<PathLabels, Gauge>,
 }
 
 impl Metrics {
@@ -134,6 +140,12 @@ impl Metrics {
             "API objects the agent could not read and skipped (each version counted once)",
             objects_skipped.clone(),
         );
+        let peers_by_path = Family::<PathLabels, Gauge>::default();
+        r.register(
+            "peer_paths",
+            "Peers by the path that reaches their pods (direct, vxlan, wireguard, unreachable)",
+            peers_by_path.clone(),
+        );
         Self {
             registry: r,
             lease_held,
@@ -149,6 +161,7 @@ impl Metrics {
             peer_tx_bytes,
             peer_handshake_age_seconds,
             objects_skipped,
+            peers_by_path,
         }
     }
 

@@ -59,6 +59,17 @@ fn a_failed_policy_pass_is_not_ready_and_says_why() {
 }
 
 #[test]
+fn an_unreachable_peer_is_not_ready_and_says_why() {
+    let mut s = ready_snapshot();
+    assert!(readiness(&s, SystemTime::now()).is_ok());
+    s.unreachable_peers =
+        vec!["n3 (underlay 172.31.1.13): other underlay subnet (overlay: never)".into()];
+    let why = readiness(&s, SystemTime::now()).unwrap_err();
+    assert_eq!(why.len(), 1);
+    assert!(why[0].starts_with("peer unreachable: n3"), "{why:?}");
+}
+
+#[test]
 fn liveness_fails_only_for_a_wedged_loop() {
     let now = Instant::now();
     let mut s = Snapshot::default();

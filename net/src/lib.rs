@@ -10,6 +10,7 @@
 
 pub mod cidr;
 pub mod cni;
+pub mod datapath;
 pub mod ethtool;
 pub mod file;
 pub mod genl;

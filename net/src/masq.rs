@@ -15,6 +15,7 @@ pub const NAT_TABLE: &str = "sluice-nat";
 const NAT_CHAIN: &str = "postrouting";
 const RAW_PREROUTING: &str = "raw-prerouting";
 const RAW_OUTPUT: &str = "raw-output";
+const MSS_CHAIN: &str = "mss-clamp";
 const MULTICAST: &str = "224.0.0.0/4";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +56,19 @@ pub struct UntrackedTunnel {
 pub struct MasqPlan {
     pub rules: Vec<NatRule>,
     pub untracked: Option<UntrackedTunnel>,
+    /// Pod traffic (to or from this range) whose TCP handshakes get their MSS clamped to the
+    /// MTU of the route they take. Pods keep the MTU they were made with when `overlay` or
+    /// `encryption` changes live; without the clamp a pod made under `overlay: never` (the
+    /// underlay's full MTU) would open connections whose segments no longer fit a tunnel. Only
+    /// ever lowers an MSS, and costs nothing past the SYNs.
+    pub mss_clamp: Option<Ipv4Net>,
+}
+
+impl MasqPlan {
+    pub fn with_mss_clamp(mut self, pods: Ipv4Net) -> Self {
+        self.mss_clamp = Some(pods);
+        self
+    }
 }
 
 /// Pods' traffic to the cluster CIDR (other pods, wherever they are) and to multicast keeps its
@@ -65,11 +79,13 @@ pub fn plan(cluster_cidr: Ipv4Net, enabled: bool, untracked: Option<UntrackedTun
         return MasqPlan {
             rules: Vec::new(),
             untracked,
+            mss_clamp: None,
         };
     }
     let multicast: Ipv4Net = MULTICAST.parse().unwrap_or(cluster_cidr);
     MasqPlan {
         untracked,
+        mss_clamp: None,
         rules: vec![
             NatRule {
                 saddr: cluster_cidr,
@@ -121,6 +137,17 @@ fn chains(plan: &MasqPlan) -> Vec<(&'static str, &'static str, Vec<String>)> {
             NAT_CHAIN,
             "type nat hook postrouting priority srcnat; policy accept;",
             plan.rules.iter().map(rule_body).collect(),
+        ));
+    }
+    if let Some(pods) = plan.mss_clamp {
+        let clamp = "tcp flags & (syn | rst) == syn tcp option maxseg size set rt mtu";
+        out.push((
+            MSS_CHAIN,
+            "type filter hook forward priority mangle; policy accept;",
+            vec![
+                format!("ip saddr {pods} {clamp}"),
+                format!("ip daddr {pods} {clamp}"),
+            ],
         ));
     }
     if let Some(t) = plan.untracked {
@@ -365,6 +392,28 @@ mod tests {
         );
         assert_eq!(diff(&moved, Some(&c)), Some(render(&moved)));
         assert_eq!(diff(&both, Some(&c)), None);
+    }
+
+    #[test]
+    fn pod_handshakes_are_clamped_to_the_path_mtu_both_ways() {
+        let p = plan(cidr(), false, None).with_mss_clamp(cidr());
+        let script = render(&p);
+        assert!(script.contains("chain mss-clamp {"), "{script}");
+        assert!(
+            script.contains("type filter hook forward priority mangle;"),
+            "{script}"
+        );
+        for dir in ["saddr", "daddr"] {
+            assert!(
+                script.contains(&format!(
+                    "ip {dir} 10.244.0.0/16 tcp flags & (syn | rst) == syn tcp option maxseg size set rt mtu"
+                )),
+                "{script}"
+            );
+        }
+        // Masquerade off: the clamp alone keeps the table.
+        assert_eq!(comments(&p).len(), 2);
+        assert!(diff(&p, None).is_some());
     }
 
     #[test]

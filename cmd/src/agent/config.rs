@@ -38,6 +38,8 @@ pub struct AgentConfig {
     pub subnet_length: u8,
     pub subnet_source: SubnetSource,
     pub encryption: Encryption,
+    /// Where VXLAN carries pod traffic between nodes (live).
+    pub overlay: sluice_net::datapath::Overlay,
     pub policy_backend: PolicyBackend,
     pub mtu: Mtu,
     pub masquerade: bool,
@@ -59,6 +61,7 @@ impl Default for AgentConfig {
             subnet_length: 24,
             subnet_source: SubnetSource::Auto,
             encryption: Encryption::None,
+            overlay: sluice_net::datapath::Overlay::Always,
             policy_backend: PolicyBackend::Auto,
             mtu: Mtu::Auto,
             masquerade: true,
@@ -74,11 +77,12 @@ impl Default for AgentConfig {
 }
 
 /// Every key of sluice-config (DESIGN.md); the manifest's ConfigMap has exactly these.
-pub const KEYS: [&str; 14] = [
+pub const KEYS: [&str; 15] = [
     "cluster-cidr",
     "subnet-length",
     "subnet-source",
     "encryption",
+    "overlay",
     "policy-backend",
     "mtu",
     "masquerade",
@@ -162,6 +166,10 @@ pub fn parse(data: &BTreeMap<String, String>) -> Result<AgentConfig, ConfigError
                 "none" => c.encryption = Encryption::None,
                 "wireguard" => c.encryption = Encryption::Wireguard,
                 _ => bad("none or wireguard"),
+            },
+            "overlay" => match sluice_net::datapath::Overlay::parse(v) {
+                Some(o) => c.overlay = o,
+                None => bad("always, cross-subnet or never"),
             },
             "policy-backend" => match v {
                 "nftables" => c.policy_backend = PolicyBackend::Nftables,
@@ -260,6 +268,19 @@ pub fn parse_data_json(data: Option<&serde_json::Value>) -> Result<AgentConfig, 
     }
 }
 
+/// `old` with the keys that take effect live taken from `new`; the rest wait for a restart.
+pub fn with_live_keys(old: &AgentConfig, new: &AgentConfig) -> AgentConfig {
+    AgentConfig {
+        masquerade: new.masquerade,
+        encryption: new.encryption,
+        overlay: new.overlay,
+        log_level: new.log_level.clone(),
+        wireguard_keepalive: new.wireguard_keepalive,
+        policy_log_drops: new.policy_log_drops,
+        ..old.clone()
+    }
+}
+
 /// Keys whose change needs a restart to take effect, between two good configurations.
 pub fn needs_restart(old: &AgentConfig, new: &AgentConfig) -> Vec<&'static str> {
     let mut keys = Vec::new();
@@ -322,6 +343,7 @@ mod tests {
             ("subnet-length", "26"),
             ("subnet-source", "node-podcidr"),
             ("encryption", "wireguard"),
+            ("overlay", "cross-subnet"),
             ("policy-backend", "iptables"),
             ("mtu", "1400"),
             ("masquerade", "false"),
@@ -336,6 +358,7 @@ mod tests {
         assert_eq!(c.subnet_length, 26);
         assert_eq!(c.subnet_source, SubnetSource::NodePodCidr);
         assert_eq!(c.encryption, Encryption::Wireguard);
+        assert_eq!(c.overlay, sluice_net::datapath::Overlay::CrossSubnet);
         assert_eq!(c.policy_backend, PolicyBackend::Iptables);
         assert_eq!(c.mtu, Mtu::Fixed(1400));
         assert!(!c.masquerade && c.policy_log_drops);
@@ -426,6 +449,7 @@ mod tests {
         let a = AgentConfig::default();
         let mut b = a.clone();
         b.encryption = Encryption::Wireguard;
+        b.overlay = sluice_net::datapath::Overlay::Never;
         b.masquerade = false;
         assert!(needs_restart(&a, &b).is_empty());
         b.vxlan_port = 4789;

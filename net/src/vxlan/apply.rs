@@ -66,6 +66,9 @@ pub struct Underlay {
     pub ifindex: u32,
     pub name: String,
     pub mtu: u32,
+    /// The node's underlay address with its prefix on that link: the subnet whose nodes it
+    /// reaches without a router.
+    pub network: ipnet::Ipv4Net,
 }
 
 /// The VXLAN datapath over netlink, in the network namespace of the thread that connected.
@@ -97,14 +100,14 @@ impl VxlanKernel {
             .try_collect()
             .await
             .map_err(netlink("listing addresses", "all"))?;
-        let index = addrs
+        let (index, prefix) = addrs
             .iter()
             .find(|a| {
                 a.attributes
                     .iter()
                     .any(|at| matches!(at, AddressAttribute::Address(IpAddr::V4(x)) if *x == ip))
             })
-            .map(|a| a.header.index)
+            .map(|a| (a.header.index, a.header.prefix_len))
             .ok_or(VxlanError::NoUnderlay { ip })?;
         let link = self
             .handle
@@ -120,6 +123,7 @@ impl VxlanKernel {
             ifindex: index,
             name: link_name(&link).unwrap_or_default().to_string(),
             mtu: link_mtu(&link).unwrap_or(1500),
+            network: ipnet::Ipv4Net::new(ip, prefix).unwrap_or_else(|_| ip.into()),
         })
     }
 
@@ -253,8 +257,20 @@ impl VxlanKernel {
     /// One reconciliation pass: observe, diff, apply. Returns the changes made (empty when the
     /// kernel already matched the plan).
     pub async fn sync(&mut self, plan: &VxlanPlan) -> Result<Vec<Change>, VxlanError> {
+        self.sync_where(plan, |_| true).await
+    }
+
+    /// Half a pass: only the changes `which` selects (see [`Change::is_removal`]).
+    pub async fn sync_where(
+        &mut self,
+        plan: &VxlanPlan,
+        which: impl Fn(&Change) -> bool,
+    ) -> Result<Vec<Change>, VxlanError> {
         let observed = self.observe(&plan.device.name).await?;
-        let changes = diff(plan, &observed);
+        let changes: Vec<Change> = diff(plan, &observed)
+            .into_iter()
+            .filter(|c| which(c))
+            .collect();
         self.apply(plan, &changes).await?;
         tracing::debug!(
             peers = plan.routes.len(),
@@ -296,6 +312,15 @@ impl VxlanKernel {
                 .await
                 .map_err(netlink("deleting link", name));
         }
+        if let Change::RemoveDevice { index } = change {
+            tracing::info!(
+                device = name,
+                "removing the vxlan device: no peer is reached through it"
+            );
+            *cached = None;
+            return ignore_missing(self.handle.link().del(*index).execute().await)
+                .map_err(netlink("deleting link", name));
+        }
         if let Change::CreateDevice = change {
             *cached = None;
             let msg = LinkVxlan::new(name, d.vni)
@@ -319,7 +344,9 @@ impl VxlanKernel {
         let h = &self.handle;
         let set = |b: LinkMessageBuilder<LinkUnspec>| h.link().set(b.build()).execute();
         match change {
-            Change::DeleteDevice { .. } | Change::CreateDevice => Ok(()),
+            Change::DeleteDevice { .. } | Change::RemoveDevice { .. } | Change::CreateDevice => {
+                Ok(())
+            }
             Change::SetMtu(m) => set(LinkUnspec::new_with_index(index).mtu(*m))
                 .await
                 .map_err(netlink("setting MTU of", name)),

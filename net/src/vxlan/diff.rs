@@ -51,6 +51,10 @@ pub enum Change {
         reason: String,
     },
     CreateDevice,
+    /// The plan wants no device: it goes, and everything through it with it.
+    RemoveDevice {
+        index: u32,
+    },
     SetMtu(u32),
     SetMac([u8; 6]),
     SetUp,
@@ -104,10 +108,31 @@ fn mismatch(want: &DeviceSpec, have: &ObservedDevice) -> Option<String> {
     (!wrong.is_empty()).then(|| format!("{} differ", wrong.join(", ")))
 }
 
+impl Change {
+    /// Whether the change takes something away (a route, an entry, the device) rather than
+    /// making or fixing something: those wait until every path has put its routes in place, so
+    /// that a subnet moving to another path never has a moment without one.
+    pub fn is_removal(&self) -> bool {
+        matches!(
+            self,
+            Change::DelRoute { .. }
+                | Change::DelNeighbour { .. }
+                | Change::DelFdb { .. }
+                | Change::RemoveDevice { .. }
+        )
+    }
+}
+
 /// The changes that make `observed` what `plan` wants. Empty when they agree.
 pub fn diff(plan: &VxlanPlan, observed: &Observed) -> Vec<Change> {
     let want = &plan.device;
     let mut out = Vec::new();
+    if !plan.wanted {
+        if let Some(dev) = &observed.device {
+            out.push(Change::RemoveDevice { index: dev.index });
+        }
+        return out;
+    }
     let empty = Observed::default();
     // What survives on the device: nothing, if it is (re)created.
     let (have, kept) = match &observed.device {
@@ -210,7 +235,9 @@ impl Observed {
     pub fn apply(&mut self, plan: &VxlanPlan, change: &Change) {
         let want = &plan.device;
         match change {
-            Change::DeleteDevice { .. } => *self = Observed::default(),
+            Change::DeleteDevice { .. } | Change::RemoveDevice { .. } => {
+                *self = Observed::default()
+            }
             Change::CreateDevice => {
                 *self = Observed::default();
                 self.device = Some(ObservedDevice {

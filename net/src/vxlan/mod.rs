@@ -140,6 +140,9 @@ pub struct SkippedPeer {
 /// The whole desired VXLAN datapath of one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VxlanPlan {
+    /// Whether the device should exist at all (not with `overlay: never`, where no peer is
+    /// reached through it and nothing arrives by it).
+    pub wanted: bool,
     pub device: DeviceSpec,
     /// Peer subnet → its VTEP address (the on-link gateway through the device).
     pub routes: BTreeMap<Ipv4Net, Ipv4Addr>,
@@ -148,6 +151,25 @@ pub struct VxlanPlan {
     /// Peer VTEP MAC → its underlay IP (FDB entries on the device).
     pub fdb: BTreeMap<[u8; 6], Ipv4Addr>,
     pub skipped: Vec<SkippedPeer>,
+}
+
+impl VxlanPlan {
+    /// Keeps only the peers whose subnets `keep` accepts (those the node reaches through VXLAN):
+    /// their routes, neighbour and FDB entries; the others' go.
+    pub fn retain_subnets(&mut self, keep: impl Fn(&Ipv4Net) -> bool) {
+        let dropped: Vec<Ipv4Addr> = self
+            .routes
+            .iter()
+            .filter(|(subnet, _)| !keep(subnet))
+            .map(|(_, vtep)| *vtep)
+            .collect();
+        self.routes.retain(|subnet, _| keep(subnet));
+        for vtep in dropped {
+            if let Some(mac) = self.neighbours.remove(&vtep) {
+                self.fdb.remove(&mac);
+            }
+        }
+    }
 }
 
 /// The desired datapath of `me` towards `peers`. Deterministic whatever the order of `peers`:
@@ -166,6 +188,7 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &VxlanConfig) -> VxlanPl
         tx_checksum_offload: cfg.tx_checksum_offload,
     };
     let mut out = VxlanPlan {
+        wanted: true,
         device,
         routes: BTreeMap::new(),
         neighbours: BTreeMap::new(),
