@@ -57,6 +57,7 @@ pub async fn register(client: &Client, plan: &LabPlan) -> Result<()> {
                     "subnet-length": super::plan::SUBNET_LENGTH.to_string(),
                     "subnet-source": plan.spec.subnet_source.as_str(),
                     "encryption": plan.spec.encryption.as_str(),
+                    "overlay": plan.spec.overlay.as_str(),
                 }
             })),
         )

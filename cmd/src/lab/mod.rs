@@ -31,6 +31,9 @@ pub enum LabCmd {
         pods_per_node: u8,
         #[arg(long, value_enum, default_value_t = Encryption::None)]
         encryption: Encryption,
+        /// Where VXLAN carries pod traffic between nodes (sluice-config `overlay`).
+        #[arg(long, value_enum, default_value_t = plan::Overlay::Always)]
+        overlay: plan::Overlay,
         /// 1: all nodes on one L2 segment; 2: nodes alternate between two routed segments.
         #[arg(long, default_value_t = 1)]
         segments: u8,
@@ -152,6 +155,7 @@ pub fn main(cmd: LabCmd) -> Result<()> {
             nodes,
             pods_per_node,
             encryption,
+            overlay,
             segments,
             subnet_source,
             kubeconfig,
@@ -161,6 +165,7 @@ pub fn main(cmd: LabCmd) -> Result<()> {
                 nodes,
                 pods_per_node,
                 encryption,
+                overlay,
                 segments,
                 subnet_source,
             };

@@ -32,12 +32,35 @@ impl Encryption {
     }
 }
 
+/// sluice-config's `overlay` for the lab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Overlay {
+    #[default]
+    Always,
+    CrossSubnet,
+    Never,
+}
+
+impl Overlay {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "always",
+            Self::CrossSubnet => "cross-subnet",
+            Self::Never => "never",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LabSpec {
     pub name: String,
     pub nodes: u8,
     pub pods_per_node: u8,
     pub encryption: Encryption,
+    /// sluice-config's `overlay`.
+    #[serde(default)]
+    pub overlay: Overlay,
     /// 1: every node on one L2 segment; 2: nodes alternate between two routed segments.
     pub segments: u8,
     /// sluice-config's `subnet-source`: the Node's podCIDR where it has one (`auto`), always a
@@ -260,6 +283,7 @@ mod tests {
             nodes,
             pods_per_node: pods,
             encryption: Encryption::None,
+            overlay: Overlay::Always,
             segments,
             subnet_source: SubnetSource::Lease,
         }

@@ -15,6 +15,12 @@
 //!    the agent) against Debian's `wireguard-go` and `boringtun-cli` configured by hand with
 //!    `wg` between the same shape of namespaces, and sluice's VXLAN.
 //!
+//! 4. Direct routing (`--only direct`): pod-to-pod TCP throughput (1 and 4 streams) and CPU per
+//!    Gbit (the whole machine's, from /proc/stat, over each run) through sluice's direct routes
+//!    (`overlay: never`) against the same two namespaces routed by hand without encapsulation
+//!    and carrying sluice's NAT/conntrack table (the like-for-like anchor), the same routed
+//!    bare, and sluice's VXLAN; with each path's pod MTU.
+//!
 //! Routes are observed as they happen: a netlink socket in the node's namespace subscribed to
 //! IPv4 route events timestamps each RTM_NEWROUTE (no polling interval), and a route dump
 //! confirms the final count.
@@ -24,7 +30,7 @@
 //! stays inside namespaces made here. Every wait is bounded.
 //!
 //! Usage: bench-overlay [--sluice PATH] [--seconds S] [--runs R] [--peers N] [--probes K]
-//!                      [--only throughput|convergence|wireguard]
+//!                      [--only throughput|convergence|wireguard|direct]
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -65,14 +71,15 @@ struct Args {
     throughput: bool,
     convergence: bool,
     wireguard: bool,
+    direct: bool,
 }
 
 const USAGE: &str = "\
-usage: bench-overlay [--sluice PATH] [--only throughput|convergence|wireguard]
+usage: bench-overlay [--sluice PATH] [--only throughput|convergence|wireguard|direct]
                      [--runs R] [--seconds S] [--peers N] [--probes K]
 
   --sluice PATH  the sluice binary under test (default target/release/sluice)
-  --only WHAT    one part of the bench instead of all three
+  --only WHAT    one part of the bench instead of all four
   --runs R       interleaved rounds per path (default 10)
   --seconds S    iperf3 seconds per round (default 4)
   --peers N      fake peers for the convergence figures, 1..=40000 (default 1000)
@@ -88,6 +95,7 @@ fn parse_args() -> Args {
         throughput: true,
         convergence: true,
         wireguard: true,
+        direct: true,
     };
     let mut flags = Flags::from_env("bench-overlay", USAGE);
     while let Some((flag, value)) = flags.next_pair() {
@@ -101,9 +109,12 @@ fn parse_args() -> Args {
                 a.throughput = value == "throughput";
                 a.convergence = value == "convergence";
                 a.wireguard = value == "wireguard";
+                a.direct = value == "direct";
                 flags.require(
-                    a.throughput || a.convergence || a.wireguard,
-                    &format!("--only takes throughput, convergence or wireguard, not {value:?}"),
+                    a.throughput || a.convergence || a.wireguard || a.direct,
+                    &format!(
+                        "--only takes throughput, convergence, wireguard or direct, not {value:?}"
+                    ),
                 );
             }
             other => flags.fail(&format!("unknown flag {other}")),
@@ -739,6 +750,139 @@ fn throughput(args: &Args) {
             );
         }
     }
+    println!();
+}
+
+/// The two hand-made nodes routed to each other without encapsulation (each pod subnet via the
+/// other node's underlay address), pods at the underlay's MTU; with `sluice_table`, each node
+/// also carries sluice's own NAT, MSS and conntrack table as its agent renders it.
+fn hand_routed_path(label: &'static str, sluice_table: bool) -> Contender {
+    let hand = hand_nodes("r", 1500);
+    for (i, n) in (1..=2u8).zip(&hand.nodes) {
+        let j = 3 - i;
+        ip(
+            n,
+            &format!("route add 10.99.{j}.0/24 via 172.31.0.{j} dev eth0"),
+        );
+        if sluice_table {
+            let cidr: Ipv4Net = "10.99.0.0/16".parse().unwrap();
+            let untracked = sluice_net::masq::UntrackedTunnel {
+                underlay_ip: format!("172.31.0.{i}").parse().unwrap(),
+                port: 8472,
+            };
+            let plan = sluice_net::masq::plan(cidr, true, Some(untracked)).with_mss_clamp(cidr);
+            nft(n, &sluice_net::masq::render(&plan));
+        }
+    }
+    hand.contender(label, None, Vec::new())
+}
+
+/// The whole machine's CPU seconds so far (all CPUs, every state but idle and iowait).
+fn machine_cpu_seconds() -> f64 {
+    const TICKS: f64 = 100.0;
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    let f: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: f64 = f
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    busy / TICKS
+}
+
+/// Issue 22's target for sluice's direct routes: this share of the same routes made by hand.
+const DIRECT_TARGET: f64 = 0.95;
+
+fn direct(args: &Args) {
+    println!("## Direct routing (overlay: never): pod-to-pod TCP across nodes");
+    println!();
+    let paths = [
+        sluice_lab_path(
+            "sluice direct (lab, 2 nodes, overlay never)",
+            &["--overlay", "never"],
+        ),
+        hand_routed_path(
+            "hand-routed + sluice's NAT/MSS/conntrack table (anchor)",
+            true,
+        ),
+        hand_routed_path("hand-routed, bare", false),
+        sluice_lab_path("sluice VXLAN (lab, 2 nodes, overlay always)", &[]),
+    ];
+    let mut servers = Vec::new();
+    for p in &paths {
+        assert!(ping_ok(&p.client, p.server), "{}: no ping", p.label);
+        servers.push(iperf_server(&p.server_ns));
+    }
+    let streams = [1u32, 4];
+    let mut gbits = vec![vec![Vec::new(); streams.len()]; paths.len()];
+    let mut cpu = vec![vec![Vec::new(); streams.len()]; paths.len()];
+    for _round in 0..args.runs {
+        for (pi, p) in paths.iter().enumerate() {
+            for (si, s) in streams.iter().enumerate() {
+                let before = machine_cpu_seconds();
+                let g = iperf(&p.client, p.server, args.seconds, *s);
+                let used = machine_cpu_seconds() - before;
+                gbits[pi][si].push(g);
+                cpu[pi][si].push(used / (g * f64::from(args.seconds)).max(1e-9));
+            }
+        }
+    }
+    drop(servers);
+    println!(
+        "iperf3 -t {} (-P 1 and -P 4), {} interleaved rounds; Gbit/s received and the machine's CPU seconds per Gbit (iperf3's own included, the same on every path): medians.",
+        args.seconds, args.runs
+    );
+    println!();
+    println!("| path | pod MTU | 1 stream | 4 streams | CPU s/Gbit (1 / 4) | / anchor (1 / 4) | target |");
+    println!("|---|---|---|---|---|---|---|");
+    let med = |v: &[Vec<Vec<f64>>], pi: usize, si: usize| median(&v[pi][si]);
+    for (pi, p) in paths.iter().enumerate() {
+        let target = match pi {
+            0 => format!("≥ {DIRECT_TARGET}"),
+            1 => "(anchor)".into(),
+            _ => "(reference)".into(),
+        };
+        println!(
+            "| {} | {} | {:.2} | {:.2} | {:.3} / {:.3} | {:.3} / {:.3} | {target} |",
+            p.label,
+            pod_mtu(&p.client),
+            med(&gbits, pi, 0),
+            med(&gbits, pi, 1),
+            med(&cpu, pi, 0),
+            med(&cpu, pi, 1),
+            med(&gbits, pi, 0) / med(&gbits, 1, 0),
+            med(&gbits, pi, 1) / med(&gbits, 1, 1),
+        );
+    }
+    println!();
+    let (r1, r4) = (
+        med(&gbits, 0, 0) / med(&gbits, 1, 0),
+        med(&gbits, 0, 1) / med(&gbits, 1, 1),
+    );
+    let interval = |si: usize| ratio_interval(&gbits[0][si], &gbits[1][si], 10_000, 0.9);
+    let ((lo1, hi1), (lo4, hi4)) = (interval(0), interval(1));
+    println!(
+        "sluice direct / hand-routed like-for-like: {r1:.3} (1 stream, 90% interval [{lo1:.3}, {hi1:.3}]), {r4:.3} (4 streams, [{lo4:.3}, {hi4:.3}]); target ≥ {DIRECT_TARGET}: {}",
+        if r1 >= DIRECT_TARGET && r4 >= DIRECT_TARGET { "met" } else { "NOT met" }
+    );
+    println!(
+        "sluice direct / sluice VXLAN (what the mode buys here): {:.3} (1 stream), {:.3} (4 streams); CPU per Gbit {:.3} / {:.3} (1 stream), {:.3} / {:.3} (4 streams)",
+        med(&gbits, 0, 0) / med(&gbits, 3, 0),
+        med(&gbits, 0, 1) / med(&gbits, 3, 1),
+        med(&cpu, 0, 0),
+        med(&cpu, 3, 0),
+        med(&cpu, 0, 1),
+        med(&cpu, 3, 1),
+    );
     println!();
 }
 
@@ -1384,6 +1528,9 @@ fn main() {
     }
     if args.wireguard {
         wireguard(&args);
+    }
+    if args.direct {
+        direct(&args);
     }
     if args.convergence {
         convergence(&args);
