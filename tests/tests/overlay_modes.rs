@@ -120,8 +120,7 @@ fn cross_subnet_routes_directly_within_a_segment_and_encapsulates_across() {
     // Nodes alternate between the segments: node-1 and node-3 share one, node-2 is across.
     let (p1, p2, p3) = (&pods[0], &pods[1], &pods[2]);
     let (n1, n2, n3) = (&p1.node, &p2.node, &p3.node);
-    let (u1, u2, u3) = (
-        node_field(&status, n1, "underlay"),
+    let (u2, u3) = (
         node_field(&status, n2, "underlay"),
         node_field(&status, n3, "underlay"),
     );
