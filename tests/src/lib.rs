@@ -11,6 +11,7 @@ pub mod bench;
 pub mod capture;
 pub mod cni;
 pub mod lab;
+pub mod ping;
 
 use serde_json::Value;
 use std::path::PathBuf;

@@ -396,15 +396,7 @@ fn switching_overlay_live_loses_under_a_second_per_switch() {
     let (p1, p2) = (&pods[0], &pods[1]);
     let s2 = node_field(&status, &p2.node, "subnet");
     // 900 pings 20 ms apart (18 s); a switch every 4 s.
-    let (src, dst) = (p1.netns.clone(), p2.ip.to_string());
-    let pinger = std::thread::spawn(move || {
-        in_netns(&src, move || {
-            Command::new("ping")
-                .args(["-c", "900", "-i", "0.02", "-W", "1", "-q", &dst])
-                .output()
-                .unwrap()
-        })
-    });
+    let pinger = sluice_e2e::ping::Pinger::start(&p1.netns, &p2.ip.to_string(), 900, "0.02");
     for (overlay, dev) in [
         ("cross-subnet", "eth0"),
         ("never", "eth0"),
@@ -419,17 +411,11 @@ fn switching_overlay_live_loses_under_a_second_per_switch() {
             route(&lab, &p1.node, &s2)
         );
     }
-    let out = pinger.join().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let received: u32 = text
-        .split(", ")
-        .find_map(|p| p.strip_suffix(" received")?.parse().ok())
-        .unwrap_or_else(|| panic!("no ping summary:\n{text}"));
+    let (lost, text) = pinger.lost();
     // Three switches, each allowed under 1 s (50 pings) of loss.
     assert!(
-        received > 900 - 150,
-        "lost {} of 900 across three switches:\n{text}",
-        900 - received
+        lost < 150,
+        "lost {lost} of 900 across three switches:\n{text}"
     );
 }
 

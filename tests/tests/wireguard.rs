@@ -6,10 +6,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::Value;
+use sluice_e2e::capture::Capture;
 use sluice_e2e::lab::{in_netns, lab_cmd, tcp_ask, tcp_server, Lab};
 use sluice_e2e::{eventually, have_root};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const KEY_ANNOTATION: &str = "sluice.dev/wireguard-public-key";
@@ -78,70 +79,6 @@ fn subnet_of(status: &Value, node: &str) -> String {
         .to_string()
 }
 
-/// A tcpdump on a node's underlay link, stopped (and its file read) on drop.
-struct Capture {
-    child: Child,
-    file: tempfile::NamedTempFile,
-}
-
-impl Capture {
-    fn start(netns: &str, filter: &str) -> Self {
-        let file = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                netns,
-                "tcpdump",
-                "--immediate-mode",
-                "-i",
-                "eth0",
-                "-n",
-                "-U",
-                "-w",
-            ])
-            .arg(file.path())
-            .arg(filter)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tcpdump (apt-get install tcpdump)");
-        // tcpdump writes the file header once it listens.
-        assert!(eventually(Duration::from_secs(5), || {
-            std::fs::metadata(file.path()).is_ok_and(|m| m.len() > 0)
-        }));
-        Self { child, file }
-    }
-
-    /// Stops the capture: (one summary line per packet, the packets' bytes as ASCII).
-    fn finish(mut self) -> (Vec<String>, String) {
-        std::thread::sleep(Duration::from_millis(500));
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let _ = self.child.wait();
-        let read = |extra: &[&str]| {
-            let out = Command::new("tcpdump")
-                .args(["-n", "-r"])
-                .arg(self.file.path())
-                .args(extra)
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        };
-        let lines = read(&[]).lines().map(str::to_string).collect();
-        (lines, read(&["-A"]))
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Sends `payload` from `server`'s pod to `client`'s pod over TCP, and returns what arrived.
 fn exchange(lab: &Lab, server: &Pod, client: &Pod, payload: &'static str) -> String {
     let (addr, _) = tcp_server(
@@ -180,7 +117,7 @@ fn the_underlay_carries_only_wireguard_and_never_the_payload() {
     let node_ns = lab.node_netns(&a.node);
 
     const SECRET: &str = "sluice-wg-payload-7f3a9c-never-in-the-clear";
-    let cap = Capture::start(&node_ns, &filter);
+    let cap = Capture::start(&node_ns, "eth0", &filter);
     assert_eq!(exchange(&lab, a, b, SECRET), SECRET);
     let (lines, ascii) = cap.finish();
     assert!(lines.len() >= 4, "captured too little: {lines:?}");
@@ -214,7 +151,7 @@ fn the_underlay_carries_only_wireguard_and_never_the_payload() {
         "the WireGuard device outlived the switch to none"
     );
     const CLEAR: &str = "sluice-vxlan-payload-0b1d2e-in-the-clear";
-    let cap = Capture::start(&node_ns, &filter);
+    let cap = Capture::start(&node_ns, "eth0", &filter);
     assert_eq!(exchange(&lab, a, b, CLEAR), CLEAR);
     let (lines, ascii) = cap.finish();
     assert!(
@@ -266,16 +203,7 @@ fn flipping_encryption_live_loses_under_two_seconds_and_restarts_nothing() {
     let subnet_b = subnet_of(&status, &b.node);
 
     // 700 pings 20 ms apart (14 s); none -> wireguard at 2 s, wireguard -> none at 8 s.
-    let src = pod_ns[0].clone();
-    let dst = b.ip.to_string();
-    let pinger = std::thread::spawn(move || {
-        in_netns(&src, move || {
-            Command::new("ping")
-                .args(["-c", "700", "-i", "0.02", "-W", "1", "-q", &dst])
-                .output()
-                .unwrap()
-        })
-    });
+    let pinger = sluice_e2e::ping::Pinger::start(&pod_ns[0], &b.ip.to_string(), 700, "0.02");
     std::thread::sleep(Duration::from_secs(2));
     set_encryption(&lab, "wireguard");
     assert!(
@@ -292,18 +220,9 @@ fn flipping_encryption_live_loses_under_two_seconds_and_restarts_nothing() {
         ) == "sluice.vxlan"),
         "the route did not move back to VXLAN"
     );
-    let out = pinger.join().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let received: u32 = text
-        .split(", ")
-        .find_map(|p| p.strip_suffix(" received")?.parse().ok())
-        .unwrap_or_else(|| panic!("no ping summary:\n{text}"));
+    let (lost, text) = pinger.lost();
     // Two flips, each allowed under 2 s (100 pings) of loss.
-    assert!(
-        received > 700 - 100,
-        "lost {} of 700 across two flips:\n{text}",
-        700 - received
-    );
+    assert!(lost < 100, "lost {lost} of 700 across two flips:\n{text}");
     for (node, pid) in [&a.node, &b.node].iter().zip(&pids) {
         assert_eq!(agent_pid(&lab, node), *pid, "the agent of {node} restarted");
     }
@@ -454,7 +373,7 @@ fn traffic_from_a_node_to_a_remote_pod_crosses_wireguard_encrypted() {
     assert!(node_a != &b.node && node_c != &b.node && node_a != node_c);
     let ns_a = lab.node_netns(node_a);
     let (ua, ub) = (underlay_of(&status, node_a), underlay_of(&status, &b.node));
-    let capture = Capture::start(&ns_a, &format!("host {ua} and host {ub}"));
+    let capture = Capture::start(&ns_a, "eth0", &format!("host {ua} and host {ub}"));
 
     // A process in node A's own namespace (what a hostNetwork pod is) to pod B: ICMP and TCP.
     let ping = in_netns(&ns_a, {
