@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+mod decode;
 mod discovery;
 mod http;
 mod managed;
@@ -151,8 +152,8 @@ impl ApiServer {
                 let api = ApiServer { inner };
                 let ctx = ops::Ctx {
                     now: jiff::Timestamp::now(),
-                    dry_run: false,
                     manager: "kube-apiserver".into(),
+                    ..ops::Ctx::default()
                 };
                 api.with_store(|s| ops::reap(s, &ctx));
             }
