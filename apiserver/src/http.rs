@@ -265,7 +265,7 @@ async fn dispatch(
     body: Bytes,
 ) -> Response {
     let Some(target) = parse_target(uri.path()) else {
-        return error_response(&ApiError::no_route());
+        return error_response(&crate::unserved::path(uri.path()));
     };
     let q = parse_query(uri.query());
     let table = wants_table(&headers);
@@ -324,7 +324,13 @@ async fn handle(
                     let st = api.with_store(|s| ops::bind(s, &ns, &name, &b, &ctx))?;
                     return Ok(json_response(201, &st));
                 }
-                Some(_) => return Err(ApiError::no_route()),
+                Some("log") if res.name == "pods" => {
+                    if *method != Method::GET {
+                        return Err(ApiError::method_not_allowed());
+                    }
+                    return crate::logs::serve(api, &ns, &name, q);
+                }
+                Some(sub) => return Err(crate::unserved::subresource(&res, sub, &ns, &name)),
             };
             match *method {
                 Method::GET => {

@@ -26,11 +26,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+pub use logs::PodLogs;
 pub use tls::{TlsConfig, TlsError};
+
+/// The Kubernetes version the server says it is (`/version`'s `gitVersion`).
+pub const KUBERNETES_VERSION: &str = discovery::GIT_VERSION;
 
 mod decode;
 mod discovery;
 mod http;
+mod logs;
 mod managed;
 mod objects;
 mod ops;
@@ -42,6 +47,7 @@ mod status;
 mod store;
 mod table;
 mod tls;
+mod unserved;
 mod validate;
 mod watch;
 
@@ -54,6 +60,8 @@ pub struct Options {
     pub watch_history: usize,
     /// How often a watch that asked for bookmarks (`allowWatchBookmarks=true`) gets one.
     pub bookmark_interval: Duration,
+    /// Where pods' logs are, for `pods/log` (`kubectl logs`); without it, `pods/log` says so.
+    pub pod_logs: Option<Arc<dyn PodLogs>>,
 }
 
 impl Default for Options {
@@ -62,6 +70,7 @@ impl Default for Options {
             state_file: None,
             watch_history: 10_000,
             bookmark_interval: Duration::from_secs(5),
+            pod_logs: None,
         }
     }
 }
