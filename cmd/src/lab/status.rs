@@ -3,7 +3,7 @@
 
 use super::plan::LabPlan;
 use super::supervisor::{self, SupervisorInfo};
-use super::{cluster, daemon, LabFiles};
+use super::{cluster, daemon, node_subnets, LabFiles};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use sluice_net::netns;
@@ -137,6 +137,18 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
     }
     let client = cluster::client(&files.kubeconfig).await?;
     let pods = cluster::running_pods(&client, &plan).await?;
+    let node_names: Vec<&str> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
+    let agent_subnets = plan
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n.name.clone(), subnet_of(name, &n.name)?)))
+        .collect();
+    let subnets = node_subnets::node_subnets(
+        &node_names,
+        &node_subnets::leases(&client).await?,
+        &node_subnets::pod_cidrs(&client).await?,
+        &agent_subnets,
+    );
     let sources: Vec<String> = pods
         .iter()
         .map(|(ns, pod, _, _)| plan.pod_netns(ns, pod))
@@ -156,10 +168,12 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
                 "pid": s.pid, "running": sup_running, "restarts": s.restarts,
                 "lastExit": s.last_exit, "gaveUp": s.gave_up,
             }))},
-            "nodes": plan.nodes.iter().map(|n| json!({
+            "nodes": plan.nodes.iter().zip(&subnets).map(|(n, s)| json!({
                 "name": n.name, "netns": n.netns, "underlay": n.underlay.addr().to_string(),
-                "podCIDR": n.pod_cidr.to_string(),
-                "subnet": subnet_of(name, &n.name),
+                "podCIDR": s.pod_cidr.clone().unwrap_or_else(|| n.pod_cidr.to_string()),
+                "subnet": s.subnet,
+                "agentSubnet": s.agent_subnet,
+                "leases": s.leases,
             })).collect::<Vec<_>>(),
             "pods": pods.iter().map(|(ns, pod, node, ip)| json!({
                 "namespace": ns, "name": pod, "node": node, "ip": ip.to_string(),
@@ -170,17 +184,14 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
         return Ok(());
     }
     println!("lab {name}: API {scheme}{} ({state})", info.api);
-    println!(
-        "\n{:<16} {:<22} {:<16} POD CIDR",
-        "NODE", "NETNS", "UNDERLAY"
-    );
-    for n in &plan.nodes {
+    println!("\n{:<16} {:<22} {:<16} SUBNET", "NODE", "NETNS", "UNDERLAY");
+    for (n, s) in plan.nodes.iter().zip(&subnets) {
         println!(
             "{:<16} {:<22} {:<16} {}",
             n.name,
             n.netns,
             n.underlay.addr(),
-            n.pod_cidr
+            s.cell()
         );
     }
     println!("\n{:>3}  {:<28} {:<16} IP", "#", "POD", "NODE");
