@@ -7,6 +7,7 @@ mod credentials;
 mod daemon;
 mod down;
 mod kubelet;
+mod machine;
 mod node_subnets;
 pub mod pki;
 pub mod plan;
