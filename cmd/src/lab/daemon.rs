@@ -73,6 +73,9 @@ pub async fn run(name: &str) -> Result<()> {
         None => {
             let server = sluice_apiserver::ApiServer::open(sluice_apiserver::Options {
                 state_file: Some(files.api_state.clone()),
+                pod_logs: Some(std::sync::Arc::new(super::kubelet::LabPodLogs {
+                    lab: name.to_string(),
+                })),
                 ..Default::default()
             })?;
             // HTTPS only, for clients with the lab's certificate (kubectl on the host and the

@@ -172,6 +172,24 @@ fn spawn_server(
     Ok(netns::run_in(&file, &path, || cmd.spawn())??)
 }
 
+/// The log file of pod `ns/name` on `node`: its server's stdout and stderr, in the CRI log
+/// format (`kubectl logs` reads it through the API server).
+pub fn pod_log(lab: &str, node: &str, ns: &str, name: &str) -> std::path::PathBuf {
+    cni::node_dir(lab, node).join(format!("pod-{ns}-{name}.log"))
+}
+
+/// Where the lab's API server finds its pods' logs.
+#[derive(Debug)]
+pub struct LabPodLogs {
+    pub lab: String,
+}
+
+impl sluice_apiserver::PodLogs for LabPodLogs {
+    fn log_file(&self, namespace: &str, pod: &str, node: &str) -> Option<std::path::PathBuf> {
+        Some(pod_log(&self.lab, node, namespace, pod))
+    }
+}
+
 pub struct Kubelet {
     lab: String,
     plan: LabPlan,
@@ -481,7 +499,9 @@ impl Kubelet {
         };
         let ip = cni::address_of(&result)?;
         let ports = ports_of(pod);
-        let log = cni::node_dir(&self.lab, &node.name).join(format!("pod-{ns}-{name}.log"));
+        let log = pod_log(&self.lab, &node.name, &ns, &name);
+        // A pod of the same name that ran before wrote here: its log is not this pod's.
+        let _ = std::fs::remove_file(&log);
         let server = if ports.is_empty() {
             None
         } else {
