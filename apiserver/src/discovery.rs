@@ -54,6 +54,7 @@ fn aggregated_group(group: &str) -> Value {
             if r.name == "pods" {
                 subs.push(json!({"subresource": "binding",
                     "responseKind": {"group": "", "version": "v1", "kind": "Binding"}, "verbs": ["create"]}));
+                subs.push(json!({"subresource": "log", "responseKind": kind("Pod"), "verbs": ["get"]}));
             }
             let mut d = json!({
                 "resource": r.name, "responseKind": kind(r.kind),
@@ -174,6 +175,10 @@ fn resource_list(group: &str, version: &str) -> Value {
             out.push(
                 json!({"name": "pods/binding", "singularName": "", "namespaced": true,
                 "kind": "Binding", "verbs": ["create"]}),
+            );
+            out.push(
+                json!({"name": "pods/log", "singularName": "", "namespaced": true,
+                "kind": "Pod", "verbs": ["get"]}),
             );
         }
     }

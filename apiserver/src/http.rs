@@ -4,12 +4,13 @@ use std::collections::HashMap;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde_json::{json, Value};
 
+use crate::decode::FieldValidation;
 use crate::discovery;
 use crate::objects::{name_of, namespace_of};
 use crate::ops::{self, Ctx, DeleteOpts, PatchType};
@@ -185,7 +186,49 @@ fn ctx_for(q: &HashMap<String, String>, headers: &HeaderMap, body_dry_run: bool)
         now: jiff::Timestamp::now(),
         dry_run: body_dry_run || q.get("dryRun").is_some_and(|d| d == "All"),
         manager: field_manager(q, headers),
+        ..Ctx::default()
     }
+}
+
+/// The context of a write that sends an object: it also reads `fieldValidation` (`options` is
+/// the options kind kube-apiserver names in its error: `CreateOptions`, `PatchOptions`...).
+fn write_ctx(
+    q: &HashMap<String, String>,
+    headers: &HeaderMap,
+    options: &str,
+) -> Result<Ctx, ApiError> {
+    let validation = FieldValidation::parse(q.get("fieldValidation").map(String::as_str))
+        .map_err(|c| ApiError::invalid_options(options, vec![c]))?;
+    Ok(Ctx {
+        validation,
+        ..ctx_for(q, headers, false)
+    })
+}
+
+/// kube-apiserver's `Warning` header value: code 299, no agent, the text quoted.
+fn warning_header(text: &str) -> Option<HeaderValue> {
+    let mut quoted = String::with_capacity(text.len() + 2);
+    quoted.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => quoted.push_str("\\\""),
+            '\\' => quoted.push_str("\\\\"),
+            c if c.is_control() => quoted.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('"');
+    HeaderValue::from_bytes(format!("299 - {quoted}").as_bytes()).ok()
+}
+
+/// `r` with the request's warnings as `Warning` headers.
+fn warned(mut r: Response, ctx: &Ctx) -> Response {
+    for w in ctx.warnings.take() {
+        if let Some(v) = warning_header(&w) {
+            r.headers_mut().append(header::WARNING, v);
+        }
+    }
+    r
 }
 
 fn content_type(headers: &HeaderMap) -> String {
@@ -222,7 +265,7 @@ async fn dispatch(
     body: Bytes,
 ) -> Response {
     let Some(target) = parse_target(uri.path()) else {
-        return error_response(&ApiError::no_route());
+        return error_response(&crate::unserved::path(uri.path()));
     };
     let q = parse_query(uri.query());
     let table = wants_table(&headers);
@@ -261,9 +304,9 @@ async fn handle(
                     (false, _) => String::new(),
                 };
                 let obj = parse_body(headers, body)?;
-                let ctx = ctx_for(q, headers, false);
+                let ctx = write_ctx(q, headers, "CreateOptions")?;
                 let created = api.with_store(|s| ops::create(s, &res, &ns, obj, &ctx))?;
-                Ok(json_response(201, &created))
+                Ok(warned(json_response(201, &created), &ctx))
             }
             Method::DELETE => delete_collection(api, &res, ns.as_deref(), q, headers, body),
             _ => Err(ApiError::method_not_allowed()),
@@ -281,7 +324,13 @@ async fn handle(
                     let st = api.with_store(|s| ops::bind(s, &ns, &name, &b, &ctx))?;
                     return Ok(json_response(201, &st));
                 }
-                Some(_) => return Err(ApiError::no_route()),
+                Some("log") if res.name == "pods" => {
+                    if *method != Method::GET {
+                        return Err(ApiError::method_not_allowed());
+                    }
+                    return crate::logs::serve(api, &ns, &name, q);
+                }
+                Some(sub) => return Err(crate::unserved::subresource(&res, sub, &ns, &name)),
             };
             match *method {
                 Method::GET => {
@@ -299,11 +348,14 @@ async fn handle(
                 }
                 Method::PUT => {
                     let obj = parse_body(headers, body)?;
-                    let ctx = ctx_for(q, headers, false);
+                    let ctx = write_ctx(q, headers, "UpdateOptions")?;
                     let (o, created) = api.with_store(|s| {
                         ops::update(s, &res, &ns, &name, obj, status_write, &ctx)
                     })?;
-                    Ok(json_response(if created { 201 } else { 200 }, &o))
+                    Ok(warned(
+                        json_response(if created { 201 } else { 200 }, &o),
+                        &ctx,
+                    ))
                 }
                 Method::PATCH => {
                     let ptype = match content_type(headers).as_str() {
@@ -322,11 +374,14 @@ async fn handle(
                         }
                         other => return Err(ApiError::unsupported_media_type(other)),
                     };
-                    let ctx = ctx_for(q, headers, false);
+                    let ctx = write_ctx(q, headers, "PatchOptions")?;
                     let (o, created) = api.with_store(|s| {
                         ops::patch(s, &res, &ns, &name, ptype, body, status_write, &ctx)
                     })?;
-                    Ok(json_response(if created { 201 } else { 200 }, &o))
+                    Ok(warned(
+                        json_response(if created { 201 } else { 200 }, &o),
+                        &ctx,
+                    ))
                 }
                 Method::DELETE if !status_write => {
                     let (opts, body_dry_run) = delete_options(q, body)?;

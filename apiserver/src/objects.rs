@@ -249,7 +249,13 @@ fn object_field<'a>(obj: &'a mut Value, key: &str) -> Option<&'a mut Map<String,
 /// Idempotent, so it also runs on updates.
 pub(crate) fn apply_defaults(res: &Resource, obj: &mut Value) {
     match res.name {
-        "pods" => default_pod(obj),
+        "pods" => {
+            default_pod(obj);
+            if let Some(status) = obj.get_mut("status").and_then(Value::as_object_mut) {
+                mirror_ips(status, "podIP", "podIPs");
+                mirror_ips(status, "hostIP", "hostIPs");
+            }
+        }
         "networkpolicies" => default_network_policy(obj),
         "leases" => {
             object_field(obj, "spec");
@@ -267,6 +273,30 @@ pub(crate) fn apply_defaults(res: &Resource, obj: &mut Value) {
                     set_default(status, "allocatable", cap);
                 }
             }
+        }
+        _ => {}
+    }
+}
+
+/// `status.podIP` is `status.podIPs[0]` (the v1 conversion: when both are sent and differ, the
+/// single field wins, as older kubelets send only it); likewise `hostIP` and `hostIPs`.
+fn mirror_ips(status: &mut Map<String, Value>, single: &str, list: &str) {
+    let one = status
+        .get(single)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(String::from);
+    let first = status
+        .get(list)
+        .and_then(|l| l.pointer("/0/ip"))
+        .and_then(Value::as_str)
+        .map(String::from);
+    match (one, first) {
+        (Some(ip), first) if first.as_deref() != Some(ip.as_str()) => {
+            status.insert(list.into(), json!([{ "ip": ip }]));
+        }
+        (None, Some(ip)) => {
+            status.insert(single.into(), json!(ip));
         }
         _ => {}
     }

@@ -3,6 +3,7 @@
 
 use serde_json::{json, Value};
 
+use crate::decode::{self, FieldValidation};
 use crate::managed;
 use crate::objects::{
     self, finalizers, metadata_mut, name_of, namespace_of, rv_of, timestamp, uid_of,
@@ -13,12 +14,41 @@ use crate::status::{ApiError, Cause};
 use crate::store::Store;
 
 /// Per-request context.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Ctx {
     pub now: jiff::Timestamp,
     pub dry_run: bool,
     /// Field manager (from `fieldManager` or the user agent).
     pub manager: String,
+    /// What to do with fields the kind does not have (`fieldValidation`).
+    pub validation: FieldValidation,
+    /// What the response warns about (`Warning` headers).
+    pub warnings: Warnings,
+}
+
+/// The warnings of one request, shared by the clones of its context.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Warnings(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Warnings {
+    pub fn push(&self, text: String) {
+        let mut w = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !w.contains(&text) {
+            w.push(text);
+        }
+    }
+
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(
+            &mut *self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
 }
 
 impl Ctx {
@@ -192,7 +222,8 @@ pub(crate) fn create(
     body: Value,
     ctx: &Ctx,
 ) -> Result<Value, ApiError> {
-    let mut obj = normalize(res, url_ns, body)?;
+    let obj = normalize(res, url_ns, body)?;
+    let mut obj = decode::body(res, &obj, ctx)?;
     metadata_mut(&mut obj).remove("managedFields");
     finish_create(s, res, obj, ctx, false)
 }
@@ -299,7 +330,8 @@ pub(crate) fn update(
     status_write: bool,
     ctx: &Ctx,
 ) -> Result<(Value, bool), ApiError> {
-    let mut new = normalize(res, ns, body)?;
+    let new = normalize(res, ns, body)?;
+    let mut new = decode::body(res, &new, ctx)?;
     let body_name = name_of(&new).to_string();
     if body_name.is_empty() {
         metadata_mut(&mut new).insert("name".into(), json!(name));
@@ -358,7 +390,8 @@ pub(crate) fn patch(
     let old = s.get(res, ns, name).cloned();
     let sub = if status_write { "status" } else { "" };
     if let PatchType::Apply { force } = ptype {
-        let mut applied = normalize(res, ns, patch_value)?;
+        let applied = normalize(res, ns, patch_value)?;
+        let mut applied = decode::apply_config(res, ns, name, &applied, ctx)?;
         let applied_name = name_of(&applied).to_string();
         if applied_name.is_empty() {
             metadata_mut(&mut applied).insert("name".into(), json!(name));
@@ -423,6 +456,7 @@ pub(crate) fn patch(
         m.insert("kind".into(), json!(res.kind));
         m.insert("apiVersion".into(), json!(res.api_version()));
     }
+    let new = decode::patched(res, name, &new, ctx)?;
     commit_update(s, res, &old, new, status_write, true, ctx).map(|o| (o, false))
 }
 

@@ -136,6 +136,9 @@ pub(crate) const EVENTS: Resource = Resource {
     create_on_update: false,
 };
 
+/// Every served kind. A kind added here also gets its typed form in `decode::codec` (a serde
+/// type, k8s-openapi's or its own), which checks its fields' types and drops unknown fields; a
+/// unit test there holds every kind of this list to it.
 pub(crate) const ALL: [Resource; 7] = [
     NAMESPACES,
     NODES,

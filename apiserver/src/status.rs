@@ -144,6 +144,23 @@ impl ApiError {
         e
     }
 
+    /// A 422 about the request's options (`PatchOptions.meta.k8s.io "" is invalid: ...`).
+    pub fn invalid_options(kind: &str, causes: Vec<Cause>) -> Self {
+        let list: Vec<String> = causes
+            .iter()
+            .map(|c| format!("{}: {}", c.field, c.message))
+            .collect();
+        let mut e = Self::new(
+            422,
+            "Invalid",
+            format!("{kind}.meta.k8s.io \"\" is invalid: {}", list.join(", ")),
+        );
+        e.group = Some("meta.k8s.io".into());
+        e.kind = Some(kind.to_string());
+        e.causes = causes;
+        e
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(400, "BadRequest", message)
     }

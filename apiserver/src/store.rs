@@ -73,6 +73,22 @@ pub(crate) struct Store {
     dirty: bool,
 }
 
+/// Writes `bytes` to a new file `path` readable by its owner alone (the state holds every
+/// object, ConfigMaps included), replacing what a crash left there.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    // An existing file keeps its mode through open: make it 0600 as well.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(bytes)
+}
+
 fn key(res: &Resource, ns: &str, name: &str) -> Key {
     (res.name, ns.to_string(), name.to_string())
 }
@@ -183,7 +199,7 @@ impl Store {
             .and_then(|bytes| {
                 let mut tmp = path.clone().into_os_string();
                 tmp.push(".tmp");
-                std::fs::write(&tmp, bytes)?;
+                write_private(std::path::Path::new(&tmp), &bytes)?;
                 std::fs::rename(&tmp, path)
             });
         if let Err(e) = result {
@@ -387,6 +403,9 @@ mod tests {
         let mut s = Store::open(Some(path.clone()), 10, "t").unwrap();
         s.put(&CONFIGMAPS, cm("default", "x"));
         s.flush();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the state file is its owner's alone");
         let rv = s.current_rv();
         let s2 = Store::open(Some(path), 10, "t").unwrap();
         assert_eq!(s2.current_rv(), rv);

@@ -61,7 +61,41 @@ fn port_ok(v: &Value) -> bool {
     v.as_i64().is_some_and(|p| (1..=65535).contains(&p))
 }
 
+const IP_MSG: &str = "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)";
+
+/// `status.podIPs` and `status.hostIPs`: addresses, at most one of each family (kube's
+/// `validatePodIPs`, `validateHostIPs`). `status.podIP` is `podIPs[0]` by then (defaulting).
+fn pod_status_rules(obj: &Value, causes: &mut Vec<Cause>) {
+    let Some(status) = obj.get("status") else {
+        return;
+    };
+    for list in ["podIPs", "hostIPs"] {
+        let field = format!("status.{list}");
+        let mut families = Vec::new();
+        let mut all_valid = true;
+        for (i, entry) in items(status, list) {
+            let ip = str_at(entry, "ip").unwrap_or("");
+            match ip.parse::<IpAddr>() {
+                Ok(a) => families.push(a.is_ipv4()),
+                Err(_) => {
+                    all_valid = false;
+                    causes.push(invalid_value(&format!("{field}[{i}]"), ip, IP_MSG));
+                }
+            }
+        }
+        let dual = families.len() == 2 && families[0] != families[1];
+        if all_valid && families.len() > 1 && !dual {
+            causes.push(invalid_value(
+                &field,
+                &status.get(list).map(Value::to_string).unwrap_or_default(),
+                "may specify no more than one IP for each IP family",
+            ));
+        }
+    }
+}
+
 fn pod_rules(obj: &Value, causes: &mut Vec<Cause>) {
+    pod_status_rules(obj, causes);
     let Some(spec) = obj.get("spec") else { return };
     one_of(
         spec,
@@ -455,6 +489,20 @@ mod tests {
         );
         assert_eq!(
             errs(&PODS, json!({"spec": {"restartPolicy": "Sometimes"}})),
+            1
+        );
+        let ips = |list: Value| json!({"status": {"podIPs": list}});
+        assert_eq!(errs(&PODS, ips(json!([{"ip": "not-an-ip"}]))), 1);
+        assert_eq!(
+            errs(&PODS, ips(json!([{"ip": "10.0.0.1"}, {"ip": "fd00::1"}]))),
+            0
+        );
+        assert_eq!(
+            errs(&PODS, ips(json!([{"ip": "10.0.0.1"}, {"ip": "10.0.0.2"}]))),
+            1
+        );
+        assert_eq!(
+            errs(&PODS, json!({"status": {"hostIPs": [{"ip": "bad"}]}})),
             1
         );
         let np = |spec: Value| json!({"spec": spec});

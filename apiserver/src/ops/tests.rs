@@ -8,8 +8,8 @@ use crate::resources::{CONFIGMAPS, LEASES, NODES};
 fn ctx() -> Ctx {
     Ctx {
         now: jiff::Timestamp::now(),
-        dry_run: false,
         manager: "test".into(),
+        ..Ctx::default()
     }
 }
 

@@ -64,13 +64,18 @@ pub async fn register(client: &Client, plan: &LabPlan) -> Result<()> {
         .await
         .context("writing kube-system/sluice-config")?;
     let nodes: Api<Node> = Api::all(client.clone());
+    let machine = super::machine::MachineInfo::read();
     for node in &plan.nodes {
         nodes
             .patch(&node.name, &apply(), &Patch::Apply(node_object(node)))
             .await
             .with_context(|| format!("registering node {}", node.name))?;
         nodes
-            .patch_status(&node.name, &apply(), &Patch::Apply(node_status(node)))
+            .patch_status(
+                &node.name,
+                &apply(),
+                &Patch::Apply(node_status(node, &machine)),
+            )
             .await
             .with_context(|| format!("writing the status of node {}", node.name))?;
     }
@@ -92,17 +97,45 @@ fn node_object(node: &NodePlan) -> serde_json::Value {
     })
 }
 
-fn node_status(node: &NodePlan) -> serde_json::Value {
+fn node_status(node: &NodePlan, machine: &super::machine::MachineInfo) -> serde_json::Value {
+    let now = jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let condition = |kind: &str, status: &str, reason: &str, message: &str| {
+        json!({"type": kind, "status": status, "reason": reason, "message": message,
+            "lastHeartbeatTime": now, "lastTransitionTime": now})
+    };
+    let mut status = machine.node_status(sluice_apiserver::KUBERNETES_VERSION);
+    status["addresses"] = json!([
+        {"type": "InternalIP", "address": node.underlay.addr().to_string()},
+        {"type": "Hostname", "address": node.name},
+    ]);
+    status["conditions"] = json!([
+        condition(
+            "MemoryPressure",
+            "False",
+            "KubeletHasSufficientMemory",
+            "kubelet has sufficient memory available"
+        ),
+        condition(
+            "DiskPressure",
+            "False",
+            "KubeletHasNoDiskPressure",
+            "kubelet has no disk pressure"
+        ),
+        condition(
+            "PIDPressure",
+            "False",
+            "KubeletHasSufficientPID",
+            "kubelet has sufficient PID available"
+        ),
+        // Ready once the node's agent has installed the CNI config (the lab's kubelet says so).
+        super::kubelet::ready_condition(false),
+    ]);
     json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": node.name},
-        "status": {
-            "addresses": [
-                {"type": "InternalIP", "address": node.underlay.addr().to_string()},
-                {"type": "Hostname", "address": node.name},
-            ],
-            "conditions": [super::kubelet::ready_condition(false)]
-        }
+        "status": status,
     })
 }
 

@@ -17,6 +17,9 @@ pub struct DaemonInfo {
     pub pid: u32,
     /// Where the API answers, on the host's and on every node's loopback.
     pub api: SocketAddr,
+    /// The supervisor that restarts the daemon when it dies.
+    #[serde(default)]
+    pub supervisor: Option<u32>,
 }
 
 /// Binds `addr` inside the named namespace (or the calling thread's, for `None`).
@@ -70,21 +73,32 @@ pub async fn run(name: &str) -> Result<()> {
         None => {
             let server = sluice_apiserver::ApiServer::open(sluice_apiserver::Options {
                 state_file: Some(files.api_state.clone()),
+                pod_logs: Some(std::sync::Arc::new(super::kubelet::LabPodLogs {
+                    lab: name.to_string(),
+                })),
                 ..Default::default()
             })?;
+            // HTTPS only, for clients with the lab's certificate (kubectl on the host and the
+            // agents in the nodes, from the one kubeconfig); the same address after a restart.
+            let creds = super::credentials::load(&files.dir)?;
+            let tls = creds.tls()?;
             let previous = read_info(&files.daemon).map(|i| i.api);
             let host = match previous {
                 Some(addr) => bind_in(None, addr)?,
                 None => bind_in(None, "127.0.0.1:0".parse()?)?,
             };
             let addr = host.local_addr()?;
-            tokio::spawn(server.clone().serve(host));
+            tokio::spawn(server.clone().serve_tls(host, tls.clone()));
             for ns in &node_ns {
-                tokio::spawn(server.clone().serve(bind_in(Some(ns), addr)?));
+                tokio::spawn(
+                    server
+                        .clone()
+                        .serve_tls(bind_in(Some(ns), addr)?, tls.clone()),
+                );
             }
-            std::fs::write(
+            super::credentials::write_private(
                 &files.kubeconfig,
-                sluice_apiserver::kubeconfig(&format!("http://{addr}"), &format!("sluice-{name}")),
+                &creds.kubeconfig(addr, &format!("sluice-{name}")),
             )?;
             addr
         }
@@ -103,6 +117,7 @@ pub async fn run(name: &str) -> Result<()> {
     let info = DaemonInfo {
         pid: std::process::id(),
         api,
+        supervisor: Some(std::os::unix::process::parent_id()),
     };
     write_atomic(&files.daemon, &serde_json::to_vec_pretty(&info)?)?;
     tracing::info!(lab = name, api = %api, "lab daemon serving");
@@ -156,8 +171,38 @@ pub fn agent_pid_file(lab: &str, node: &str) -> std::path::PathBuf {
     super::cni::node_dir(lab, node).join("agent.pid")
 }
 
+/// A node's agent: started by this daemon, or left running by the daemon before it.
+enum Agent {
+    Child(std::process::Child),
+    Adopted(u32),
+}
+
+impl Agent {
+    fn exited(&mut self, node: &str) -> bool {
+        match self {
+            Self::Child(c) => matches!(c.try_wait(), Ok(Some(_)) | Err(_)),
+            Self::Adopted(pid) => !is_agent_of(*pid, node),
+        }
+    }
+}
+
+fn is_agent_of(pid: u32, node: &str) -> bool {
+    super::supervisor::running_with(pid, &["agent", "--node-name", node])
+}
+
+/// The agent a previous daemon of this lab started for `node`, if it still runs.
+fn running_agent(lab: &str, node: &str) -> Option<u32> {
+    let pid = std::fs::read_to_string(agent_pid_file(lab, node))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    is_agent_of(pid, node).then_some(pid)
+}
+
 /// Keeps one `sluice agent` running in each node's namespace, as the DaemonSet's controller
-/// would: an agent that exits is started again after a second, unless stopped on purpose.
+/// would: an agent that exits is started again after a second, unless stopped on purpose. The
+/// agents a previous daemon left running are kept (they hold the nodes' subnets and datapaths).
 async fn supervise_agents(
     lab: String,
     plan: LabPlan,
@@ -171,14 +216,26 @@ async fn supervise_agents(
             return;
         }
     };
-    let mut children: Vec<Option<std::process::Child>> = plan.nodes.iter().map(|_| None).collect();
+    let mut children: Vec<Option<Agent>> = plan
+        .nodes
+        .iter()
+        .map(|n| {
+            let pid = running_agent(&lab, &n.name)?;
+            tracing::info!(
+                node = n.name,
+                pid,
+                "agent taken over from the previous lab daemon"
+            );
+            Some(Agent::Adopted(pid))
+        })
+        .collect();
     while !registered.exists() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     loop {
         for (node, child) in plan.nodes.iter().zip(children.iter_mut()) {
             if let Some(c) = child {
-                if matches!(c.try_wait(), Ok(Some(_)) | Err(_)) {
+                if c.exited(&node.name) {
                     tracing::warn!(node = node.name, "agent exited");
                     *child = None;
                 }
@@ -190,7 +247,7 @@ async fn supervise_agents(
                 Ok(c) => {
                     let _ = std::fs::write(agent_pid_file(&lab, &node.name), c.id().to_string());
                     tracing::info!(node = node.name, pid = c.id(), "agent started");
-                    *child = Some(c);
+                    *child = Some(Agent::Child(c));
                 }
                 Err(e) => tracing::error!(
                     node = node.name,

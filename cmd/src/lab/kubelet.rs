@@ -27,7 +27,98 @@ struct Wired {
     node: String,
     netns: String,
     ip: Ipv4Addr,
-    server: Option<std::process::Child>,
+    server: Option<Server>,
+}
+
+/// A pod's `sluice lab serve`: started by this kubelet, or left running by the lab daemon that
+/// ran before this one (its supervisor restarted the daemon).
+enum Server {
+    Child(std::process::Child),
+    Adopted(u32),
+}
+
+impl Server {
+    fn pid(&self) -> u32 {
+        match self {
+            Self::Child(c) => c.id(),
+            Self::Adopted(pid) => *pid,
+        }
+    }
+
+    fn stop(self) {
+        match self {
+            Self::Child(mut c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Self::Adopted(pid) => {
+                if let Ok(pid) = i32::try_from(pid) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// What the kubelet keeps on disk about a wired pod, so that a restarted lab daemon takes the
+/// pod over instead of wiring it again (which would leave the old server running).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Record {
+    uid: String,
+    namespace: String,
+    name: String,
+    node: String,
+    netns: String,
+    ip: Ipv4Addr,
+    server_pid: Option<u32>,
+}
+
+fn records_file(lab: &str) -> std::path::PathBuf {
+    super::plan::state_dir(lab).join("kubelet.json")
+}
+
+/// The pods a previous kubelet of this lab wired that are still there: namespace present, server
+/// (if it had one) still running.
+fn adopt(lab: &str) -> HashMap<String, Wired> {
+    let Ok(bytes) = std::fs::read(records_file(lab)) else {
+        return HashMap::new();
+    };
+    let records: Vec<Record> = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "kubelet.json unreadable; wiring pods afresh");
+            return HashMap::new();
+        }
+    };
+    let mut out = HashMap::new();
+    for r in records {
+        if !netns::named_path(&r.netns).exists() {
+            continue;
+        }
+        let identity = format!("{}/{}", r.namespace, r.name);
+        let server = r
+            .server_pid
+            .filter(|&p| {
+                super::supervisor::running_with(p, &["lab", "serve", "--identity", &identity])
+            })
+            .map(Server::Adopted);
+        tracing::info!(pod = identity, ip = %r.ip, "pod taken over from the previous lab daemon");
+        out.insert(
+            r.uid,
+            Wired {
+                namespace: r.namespace,
+                name: r.name,
+                node: r.node,
+                netns: r.netns,
+                ip: r.ip,
+                server,
+            },
+        );
+    }
+    out
 }
 
 /// A pod whose wiring failed, and when to try again.
@@ -81,6 +172,24 @@ fn spawn_server(
     Ok(netns::run_in(&file, &path, || cmd.spawn())??)
 }
 
+/// The log file of pod `ns/name` on `node`: its server's stdout and stderr, in the CRI log
+/// format (`kubectl logs` reads it through the API server).
+pub fn pod_log(lab: &str, node: &str, ns: &str, name: &str) -> std::path::PathBuf {
+    cni::node_dir(lab, node).join(format!("pod-{ns}-{name}.log"))
+}
+
+/// Where the lab's API server finds its pods' logs.
+#[derive(Debug)]
+pub struct LabPodLogs {
+    pub lab: String,
+}
+
+impl sluice_apiserver::PodLogs for LabPodLogs {
+    fn log_file(&self, namespace: &str, pod: &str, node: &str) -> Option<std::path::PathBuf> {
+        Some(pod_log(&self.lab, node, namespace, pod))
+    }
+}
+
 pub struct Kubelet {
     lab: String,
     plan: LabPlan,
@@ -110,9 +219,9 @@ impl Kubelet {
         Ok(Self {
             lab: plan.spec.name.clone(),
             exe: std::env::current_exe().context("finding the sluice executable")?,
+            wired: adopt(&plan.spec.name),
             plan,
             client,
-            wired: HashMap::new(),
             failed: HashMap::new(),
             next_node: 0,
             ready: std::collections::HashSet::new(),
@@ -128,6 +237,11 @@ impl Kubelet {
             .map(|_| ());
         let mut events = Box::pin(events);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        // Until the first list is in, an empty cache says nothing (and must not unwire the pods
+        // taken over from a previous daemon).
+        let store = cache.clone();
+        let mut synced = Box::pin(store.wait_until_ready());
+        let mut ready = false;
         loop {
             tokio::select! {
                 _ = events.next() => {
@@ -136,6 +250,13 @@ impl Kubelet {
                 _ = tick.tick() => {}
             }
             self.report_nodes().await;
+            if !ready {
+                ready =
+                    futures::FutureExt::now_or_never(synced.as_mut()).is_some_and(|r| r.is_ok());
+                if !ready {
+                    continue;
+                }
+            }
             if cache.is_empty() && self.wired.is_empty() {
                 continue;
             }
@@ -174,7 +295,42 @@ impl Kubelet {
         }
     }
 
+    /// Writes the wired pods' records (atomically).
+    fn save(&self) {
+        let records: Vec<Record> = self
+            .wired
+            .iter()
+            .map(|(uid, w)| Record {
+                uid: uid.clone(),
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+                node: w.node.clone(),
+                netns: w.netns.clone(),
+                ip: w.ip,
+                server_pid: w.server.as_ref().map(Server::pid),
+            })
+            .collect();
+        let written = serde_json::to_vec(&records)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| super::daemon::write_atomic(&records_file(&self.lab), &b));
+        if let Err(e) = written {
+            tracing::warn!(error = format!("{e:#}"), "cannot write kubelet.json");
+        }
+    }
+
     async fn pass(&mut self, pods: &[Pod]) {
+        let before: Vec<String> = self.wired.keys().cloned().collect();
+        self.reconcile(pods).await;
+        let mut after: Vec<String> = self.wired.keys().cloned().collect();
+        after.sort();
+        let mut before = before;
+        before.sort();
+        if before != after {
+            self.save();
+        }
+    }
+
+    async fn reconcile(&mut self, pods: &[Pod]) {
         let mut desired: BTreeMap<String, &Pod> = BTreeMap::new();
         for pod in pods {
             let Some(uid) = pod.metadata.uid.clone() else {
@@ -343,17 +499,19 @@ impl Kubelet {
         };
         let ip = cni::address_of(&result)?;
         let ports = ports_of(pod);
-        let log = cni::node_dir(&self.lab, &node.name).join(format!("pod-{ns}-{name}.log"));
+        let log = pod_log(&self.lab, &node.name, &ns, &name);
+        // A pod of the same name that ran before wrote here: its log is not this pod's.
+        let _ = std::fs::remove_file(&log);
         let server = if ports.is_empty() {
             None
         } else {
-            Some(spawn_server(
+            Some(Server::Child(spawn_server(
                 &self.exe,
                 &netns_name,
                 &format!("{ns}/{name}"),
                 &ports,
                 &log,
-            )?)
+            )?))
         };
         let w = Wired {
             namespace: ns,
@@ -373,9 +531,8 @@ impl Kubelet {
     }
 
     async fn unwire(&mut self, uid: &str, mut w: Wired) {
-        if let Some(mut s) = w.server.take() {
-            let _ = s.kill();
-            let _ = s.wait();
+        if let Some(s) = w.server.take() {
+            s.stop();
         }
         if let Some(node) = self.plan.node(&w.node).cloned() {
             let netns_path = netns::named_path(&w.netns);

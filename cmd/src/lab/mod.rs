@@ -3,15 +3,17 @@
 
 mod cluster;
 mod cni;
+mod credentials;
 mod daemon;
 mod down;
 mod kubelet;
-// Used by the TLS of the embedded API server and by the real-Kubernetes lab (both in progress).
-#[allow(dead_code)]
+mod machine;
+mod node_subnets;
 pub mod pki;
 pub mod plan;
 mod serve;
 mod status;
+mod supervisor;
 mod topo;
 
 use anyhow::{bail, Context, Result};
@@ -99,11 +101,13 @@ pub enum LabCmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// Internal: the lab's API server process.
+    /// Internal: the lab daemon's supervisor, or (`--serve`) the daemon: the API server process.
     #[command(name = "__daemon", hide = true)]
     Daemon {
         #[arg(long)]
         name: String,
+        #[arg(long)]
+        serve: bool,
     },
 }
 
@@ -149,7 +153,8 @@ pub fn main(cmd: LabCmd) -> Result<()> {
         .enable_all()
         .build()?;
     match cmd {
-        LabCmd::Daemon { name } => rt.block_on(daemon::run(&name)),
+        LabCmd::Daemon { name, serve: true } => rt.block_on(daemon::run(&name)),
+        LabCmd::Daemon { name, serve: false } => rt.block_on(supervisor::run(&name)),
         LabCmd::Up {
             name,
             nodes,
@@ -247,7 +252,10 @@ async fn up(spec: LabSpec, external: Option<PathBuf>) -> Result<()> {
     let plan = LabPlan::new(spec)?;
     let name = plan.spec.name.clone();
     let files = LabFiles::new(&name);
-    if files.dir.exists() || !sluice_net::netns::list_named(&plan.prefix).is_empty() {
+    if files.dir.exists() {
+        return supervisor::resume(&plan.spec, &files).await;
+    }
+    if !sluice_net::netns::list_named(&plan.prefix).is_empty() {
         bail!("lab {name} already exists (or left something behind): run `sluice lab down --name {name}` first");
     }
     let mut progress = Progress::new();
@@ -281,6 +289,8 @@ async fn build(
         let addr = external_address(kc)?;
         std::fs::copy(kc, &files.kubeconfig).with_context(|| format!("copying {kc:?}"))?;
         std::fs::write(&files.external, addr.to_string())?;
+    } else {
+        credentials::create(&files.dir, name)?;
     }
     topo::build(plan, &mut |l| progress.line(l)).await?;
     for node in &plan.nodes {
@@ -298,8 +308,10 @@ async fn build(
             info.api
         ),
         None => format!(
-            "API: embedded server at http://{} (pid {})",
-            info.api, info.pid
+            "API: embedded server at https://{} (pid {}, supervised by pid {})",
+            info.api,
+            info.pid,
+            info.supervisor.unwrap_or_default()
         ),
     });
     let client = cluster::client(&files.kubeconfig).await?;
@@ -444,7 +456,10 @@ fn external_address(kubeconfig: &std::path::Path) -> Result<std::net::SocketAddr
 async fn start_daemon(name: &str, files: &LabFiles) -> Result<daemon::DaemonInfo> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("finding the sluice executable")?;
-    let log = std::fs::File::create(&files.daemon_log)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&files.daemon_log)?;
     let mut child = std::process::Command::new(exe)
         .args(["lab", "__daemon", "--name", name])
         .stdin(std::process::Stdio::null())
@@ -456,8 +471,9 @@ async fn start_daemon(name: &str, files: &LabFiles) -> Result<daemon::DaemonInfo
         .context("starting the lab daemon")?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
+        // The child is the daemon's supervisor; the daemon names it once it serves.
         if let Some(info) = daemon::read_info(&files.daemon) {
-            if info.pid == child.id() {
+            if info.supervisor == Some(child.id()) {
                 return Ok(info);
             }
         }

@@ -48,6 +48,13 @@ fn sctp_socket() -> Result<Option<std::os::fd::OwnedFd>> {
     }
 }
 
+/// One line of the pod's log, on stderr (the pod's log file) in the CRI log format a kubelet
+/// writes, so that `kubectl logs` shows it with its time.
+fn log_line(text: &str) {
+    let now = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.9fZ");
+    eprintln!("{now} stderr F {text}");
+}
+
 /// Serves `identity` on each port until killed. Runs in the pod's network namespace.
 pub fn serve(identity: &str, ports: &[(Protocol, u16)]) -> Result<()> {
     let answer = format!("{identity}\n");
@@ -58,11 +65,14 @@ pub fn serve(identity: &str, ports: &[(Protocol, u16)]) -> Result<()> {
         match proto {
             Protocol::Tcp => {
                 let l = TcpListener::bind(any).with_context(|| format!("tcp/{port}"))?;
-                threads.push(std::thread::spawn(move || stream_loop(l, &answer)));
+                let what = format!("tcp/{port}");
+                threads.push(std::thread::spawn(move || stream_loop(l, &answer, &what)));
             }
             Protocol::Sctp => {
                 let Some(fd) = sctp_socket()? else {
-                    eprintln!("sctp/{port}: this kernel has no SCTP; not serving it");
+                    log_line(&format!(
+                        "sctp/{port}: this kernel has no SCTP; not serving it"
+                    ));
                     continue;
                 };
                 bind(
@@ -72,7 +82,8 @@ pub fn serve(identity: &str, ports: &[(Protocol, u16)]) -> Result<()> {
                 .with_context(|| format!("sctp/{port}"))?;
                 listen(&fd, Backlog::new(64).unwrap_or(Backlog::MAXCONN))?;
                 let l = TcpListener::from(fd);
-                threads.push(std::thread::spawn(move || stream_loop(l, &answer)));
+                let what = format!("sctp/{port}");
+                threads.push(std::thread::spawn(move || stream_loop(l, &answer, &what)));
             }
             Protocol::Udp => {
                 let s = UdpSocket::bind(any).with_context(|| format!("udp/{port}"))?;
@@ -81,12 +92,13 @@ pub fn serve(identity: &str, ports: &[(Protocol, u16)]) -> Result<()> {
                     loop {
                         if let Ok((_, from)) = s.recv_from(&mut buf) {
                             let _ = s.send_to(answer.as_bytes(), from);
+                            log_line(&format!("udp/{port}: answered {from}"));
                         }
                     }
                 }));
             }
         }
-        eprintln!("{identity}: serving {proto:?}/{port}");
+        log_line(&format!("{identity}: serving {proto:?}/{port}"));
     }
     for t in threads {
         let _ = t.join();
@@ -94,9 +106,14 @@ pub fn serve(identity: &str, ports: &[(Protocol, u16)]) -> Result<()> {
     Ok(())
 }
 
-fn stream_loop(l: TcpListener, answer: &str) {
+/// Answers each connection on `l`; `what` (`tcp/80`) names the port in the log.
+fn stream_loop(l: TcpListener, answer: &str, what: &str) {
     for mut s in l.incoming().flatten() {
         let _ = s.write_all(answer.as_bytes());
+        match s.peer_addr() {
+            Ok(peer) => log_line(&format!("{what}: answered {peer}")),
+            Err(_) => log_line(&format!("{what}: answered")),
+        }
     }
 }
 
@@ -203,7 +220,7 @@ mod tests {
         let SocketAddr::V4(taddr) = tcp.local_addr().unwrap() else {
             panic!()
         };
-        std::thread::spawn(move || stream_loop(tcp, "x/a\n"));
+        std::thread::spawn(move || stream_loop(tcp, "x/a\n", "tcp/test"));
         assert_eq!(
             probe(taddr, Protocol::Tcp, Duration::from_secs(2)),
             ProbeResult::Answered("x/a".into())

@@ -2,7 +2,8 @@
 //! sent inside the pods' namespaces.
 
 use super::plan::LabPlan;
-use super::{cluster, daemon, LabFiles};
+use super::supervisor::{self, SupervisorInfo};
+use super::{cluster, daemon, node_subnets, LabFiles};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use sluice_net::netns;
@@ -56,6 +57,64 @@ fn matrix(sources: &[String], targets: &[Ipv4Addr]) -> Vec<Vec<bool>> {
     m
 }
 
+/// The daemon's state in a line, e.g. "daemon pid 7, running; supervisor pid 6, 1 restart
+/// (last: killed by signal 9)".
+fn daemon_line(
+    info: &daemon::DaemonInfo,
+    running: bool,
+    sup: Option<&SupervisorInfo>,
+    sup_running: bool,
+) -> String {
+    let mut line = format!(
+        "daemon pid {}, {}",
+        info.pid,
+        if running { "running" } else { "NOT RUNNING" }
+    );
+    match sup {
+        Some(s) => {
+            line += &format!(
+                "; supervisor pid {}, {}",
+                s.pid,
+                if s.gave_up {
+                    "gave up".to_string()
+                } else if sup_running {
+                    "running".to_string()
+                } else {
+                    "NOT RUNNING".to_string()
+                }
+            );
+            if s.restarts > 0 || s.last_exit.is_some() {
+                line += &format!(
+                    ", {} restart{}",
+                    s.restarts,
+                    if s.restarts == 1 { "" } else { "s" }
+                );
+                if let Some(e) = &s.last_exit {
+                    line += &format!(" (last: {e})");
+                }
+            }
+        }
+        None => line += "; no supervisor",
+    }
+    line
+}
+
+/// The daemon's pid once it runs: at once, or after its supervisor restarted it (bounded wait).
+async fn wait_for_daemon(name: &str, files: &LabFiles) -> Option<u32> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        if let Some(pid) = supervisor::daemon_running(name, files) {
+            return Some(pid);
+        }
+        let restarting = supervisor::supervisor_running(name, files).is_some()
+            && supervisor::read_info(files).is_some_and(|s| !s.gave_up);
+        if !restarting || std::time::Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 pub async fn run(name: &str, as_json: bool) -> Result<()> {
     super::require_root()?;
     let files = LabFiles::new(name);
@@ -63,26 +122,58 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
         Ok(b) => serde_json::from_slice(&b)?,
         Err(_) => bail!("no lab named {name} (no {:?})", files.plan),
     };
+    let running = wait_for_daemon(name, &files).await.is_some();
     let info = daemon::read_info(&files.daemon)
         .with_context(|| format!("lab {name} has no running API (no {:?})", files.daemon))?;
-    let alive = std::path::Path::new(&format!("/proc/{}", info.pid)).exists();
+    let sup = supervisor::read_info(&files);
+    let sup_running = supervisor::supervisor_running(name, &files).is_some();
+    let state = daemon_line(&info, running, sup.as_ref(), sup_running);
+    if !running {
+        bail!(
+            "lab {name}: {state}. Its API at {} is down: the agents keep forwarding, but cannot renew their subnet leases. `sluice lab up --name {name}` resumes the lab from its saved state (log: {:?})",
+            info.api,
+            files.daemon_log
+        );
+    }
     let client = cluster::client(&files.kubeconfig).await?;
     let pods = cluster::running_pods(&client, &plan).await?;
+    let node_names: Vec<&str> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
+    let agent_subnets = plan
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n.name.clone(), subnet_of(name, &n.name)?)))
+        .collect();
+    let subnets = node_subnets::node_subnets(
+        &node_names,
+        &node_subnets::leases(&client).await?,
+        &node_subnets::pod_cidrs(&client).await?,
+        &agent_subnets,
+    );
     let sources: Vec<String> = pods
         .iter()
         .map(|(ns, pod, _, _)| plan.pod_netns(ns, pod))
         .collect();
     let targets: Vec<Ipv4Addr> = pods.iter().map(|p| p.3).collect();
     let m = tokio::task::spawn_blocking(move || matrix(&sources, &targets)).await?;
+    let scheme = if files.external.exists() {
+        ""
+    } else {
+        "https://"
+    };
     if as_json {
         let out = json!({
             "name": name,
             "api": info.api.to_string(),
-            "daemon": {"pid": info.pid, "running": alive},
-            "nodes": plan.nodes.iter().map(|n| json!({
+            "daemon": {"pid": info.pid, "running": running, "supervisor": sup.as_ref().map(|s| json!({
+                "pid": s.pid, "running": sup_running, "restarts": s.restarts,
+                "lastExit": s.last_exit, "gaveUp": s.gave_up,
+            }))},
+            "nodes": plan.nodes.iter().zip(&subnets).map(|(n, s)| json!({
                 "name": n.name, "netns": n.netns, "underlay": n.underlay.addr().to_string(),
-                "podCIDR": n.pod_cidr.to_string(),
-                "subnet": subnet_of(name, &n.name),
+                "podCIDR": s.pod_cidr.clone().unwrap_or_else(|| n.pod_cidr.to_string()),
+                "subnet": s.subnet,
+                "agentSubnet": s.agent_subnet,
+                "leases": s.leases,
             })).collect::<Vec<_>>(),
             "pods": pods.iter().map(|(ns, pod, node, ip)| json!({
                 "namespace": ns, "name": pod, "node": node, "ip": ip.to_string(),
@@ -92,23 +183,15 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!(
-        "lab {name}: API http://{} (daemon pid {}, {})",
-        info.api,
-        info.pid,
-        if alive { "running" } else { "NOT RUNNING" }
-    );
-    println!(
-        "\n{:<16} {:<22} {:<16} POD CIDR",
-        "NODE", "NETNS", "UNDERLAY"
-    );
-    for n in &plan.nodes {
+    println!("lab {name}: API {scheme}{} ({state})", info.api);
+    println!("\n{:<16} {:<22} {:<16} SUBNET", "NODE", "NETNS", "UNDERLAY");
+    for (n, s) in plan.nodes.iter().zip(&subnets) {
         println!(
             "{:<16} {:<22} {:<16} {}",
             n.name,
             n.netns,
             n.underlay.addr(),
-            n.pod_cidr
+            s.cell()
         );
     }
     println!("\n{:>3}  {:<28} {:<16} IP", "#", "POD", "NODE");
