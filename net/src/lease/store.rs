@@ -201,8 +201,19 @@ pub async fn acquire<S: LeaseStore>(
     now: impl Fn() -> SystemTime,
 ) -> Result<Acquired, AcquireError> {
     let node = req.record.node.as_str();
+    // Names a create found taken though the list did not show them (an object the store does
+    // not list, such as a Lease without sluice's label): their subnets count as held, or every
+    // attempt would pick the same one again.
+    let mut unseen: Vec<LeaseView> = Vec::new();
     for attempt in 1..=req.max_attempts.max(1) {
-        let leases = store.list().await?;
+        let mut leases = store.list().await?;
+        leases.extend(
+            unseen
+                .iter()
+                .filter(|u| !leases.iter().any(|l| l.name == u.name))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
         let t = now();
         let decision = choose_subnet(&req.pool, node, &leases, t, req.prefer);
         tracing::debug!(node, attempt, ?decision, "subnet decision");
@@ -251,11 +262,31 @@ pub async fn acquire<S: LeaseStore>(
                     record,
                 });
             }
-            Err(
-                e @ (StoreError::AlreadyExists { .. }
-                | StoreError::Conflict { .. }
-                | StoreError::NotFound { .. }),
-            ) => {
+            Err(StoreError::AlreadyExists { name }) => {
+                if let Decision::CreateNew { subnet } = decision {
+                    if !leases.iter().any(|l| l.name == name) {
+                        tracing::warn!(node, lease = name, "a lease of that name exists but is not one of sluice's: its subnet is skipped");
+                        let mut blocker = LeaseView::new_held(
+                            &NodeRecord {
+                                subnet,
+                                ..req.record.clone()
+                            },
+                            None,
+                            u32::MAX,
+                            t,
+                        );
+                        blocker.holder = Some(String::from("(not sluice's)"));
+                        unseen.push(blocker);
+                    }
+                }
+                tracing::debug!(
+                    node,
+                    attempt,
+                    lease = name,
+                    "lost a race for a subnet; retrying"
+                );
+            }
+            Err(e @ (StoreError::Conflict { .. } | StoreError::NotFound { .. })) => {
                 tracing::debug!(node, attempt, error = %e, "lost a race for a subnet; retrying");
             }
             Err(e) => return Err(e.into()),

@@ -491,6 +491,42 @@ fn publish_creates_then_overwrites_the_podcidr_lease() {
 }
 
 #[test]
+fn a_name_taken_by_an_object_the_store_does_not_list_is_skipped() {
+    block_on(async {
+        // A store whose list hides one lease (as a label selector hides an unlabelled one).
+        struct Hiding(FakeLeases, &'static str);
+        impl LeaseStore for Hiding {
+            async fn list(&self) -> Result<Vec<LeaseView>, StoreError> {
+                let all = self.0.list().await?;
+                Ok(all.into_iter().filter(|l| l.name != self.1).collect())
+            }
+            async fn create(&self, l: &LeaseView) -> Result<LeaseView, StoreError> {
+                self.0.create(l).await
+            }
+            async fn update(&self, l: &LeaseView) -> Result<LeaseView, StoreError> {
+                self.0.update(l).await
+            }
+            async fn delete(&self, n: &str, rv: Option<&str>) -> Result<(), StoreError> {
+                self.0.delete(n, rv).await
+            }
+        }
+        let inner = FakeLeases::default();
+        inner.insert(lease("10.244.0.0/24", "someone", 1));
+        let store = Hiding(inner, "sluice-10-244-0-0-24");
+        let req = AcquireRequest {
+            pool: SubnetPool::new(net("10.244.0.0/16"), 24).unwrap(),
+            record: record("a", "10.244.0.0/24"),
+            owner: None,
+            duration_secs: 40,
+            prefer: None,
+            max_attempts: 4,
+        };
+        let got = acquire(&store, &req, || at(2)).await.unwrap();
+        assert_eq!(got.subnet, net("10.244.1.0/24"));
+    });
+}
+
+#[test]
 fn publish_never_takes_a_subnet_another_node_still_holds() {
     block_on(async {
         let store = FakeLeases::default();
