@@ -134,17 +134,23 @@ fn status_readiness_and_metrics_of_a_lab_node() {
     );
     assert!(table.contains(&format!("{}-node-2", lab.name)), "{table}");
 
-    let (code, metrics) = http_get(&ns, "/metrics");
-    assert_eq!(code, 200);
-    for want in [
+    let wanted = [
         "sluice_lease_held 1",
         "sluice_peers 1",
         "sluice_build_info{",
         "sluice_cni_calls{verb=\"ADD\",result=\"ok\"} 1",
         "sluice_datapath_sync_seconds_count",
-    ] {
-        assert!(metrics.contains(want), "{want} missing:\n{metrics}");
-    }
+        "sluice_peer_paths{path=\"vxlan\"} 1",
+    ];
+    // The CNI plugin's counts are read by the agent's next pass (5 s at most).
+    let mut metrics = String::new();
+    let all_there = eventually(Duration::from_secs(10), || {
+        let (code, text) = http_get(&ns, "/metrics");
+        metrics = text;
+        code == 200 && wanted.iter().all(|w| metrics.contains(w))
+    });
+    let missing: Vec<&&str> = wanted.iter().filter(|w| !metrics.contains(**w)).collect();
+    assert!(all_there, "{missing:?} missing:\n{metrics}");
 
     // A value that does not parse: the last good configuration stays, /readyz says why.
     let patch = |value: &str| lab.set_config("encryption", value);

@@ -330,7 +330,11 @@ fn a_node_is_ready_only_once_its_agent_installed_the_cni_config() {
             .and_then(|c| c.iter().find(|c| c["type"] == kind).cloned())
             .unwrap_or(Value::Null)
     };
-    assert_eq!(condition("Ready")["status"], "True");
+    assert_eq!(
+        condition("Ready")["status"],
+        "True",
+        "lab up returned before the node was Ready"
+    );
     assert_eq!(condition("NetworkUnavailable")["status"], "False");
     assert_eq!(condition("NetworkUnavailable")["reason"], "SluiceIsUp");
     // A node whose network was never set up: no agent yet, no subnet, no CNI config.

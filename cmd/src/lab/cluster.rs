@@ -139,6 +139,23 @@ fn node_status(node: &NodePlan, machine: &super::machine::MachineInfo) -> serde_
     })
 }
 
+/// Whether every node of the lab reports Ready.
+pub async fn nodes_ready(client: &Client, plan: &LabPlan) -> Result<bool> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    for node in &plan.nodes {
+        let ready = nodes
+            .get_opt(&node.name)
+            .await
+            .with_context(|| format!("reading node {}", node.name))?
+            .and_then(|n| n.status?.conditions)
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        if !ready {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Creates the Pod object bound to its node; returns its uid.
 pub async fn create_pod(client: &Client, pod: &PodPlan) -> Result<String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);

@@ -348,6 +348,18 @@ async fn build(
             node.name, env.subnet, env.mtu
         ));
     }
+    // ...and Ready in the API once the lab's kubelet has seen that (within half a second).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster::nodes_ready(&client, plan).await? {
+        if Instant::now() > deadline {
+            bail!(
+                "the lab's nodes did not turn Ready within 30 s (see {:?})",
+                files.daemon_log
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    progress.line(format!("{} nodes Ready", plan.nodes.len()));
     // The lab's own pods take the path every pod takes: created in the API, made real by the
     // lab's kubelet on their node.
     for pod in &plan.pods {
