@@ -172,7 +172,21 @@ pub fn main(args: AgentArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run(args))
+    rt.block_on(async {
+        // The kubelet stops a container with TERM. As PID 1 of its container the agent would
+        // ignore it without a handler and die only at the end of the grace period, which a
+        // rolling update would wait for on every node. Whatever it is doing, it stops at once:
+        // the datapath stays in place for the next agent.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("watching for TERM")?;
+        tokio::select! {
+            r = run(args) => r,
+            _ = term.recv() => {
+                tracing::info!("TERM: sluice agent stopping; the datapath stays in place");
+                Ok(())
+            }
+        }
+    })
 }
 
 async fn client(args: &AgentArgs) -> Result<Client> {
