@@ -22,9 +22,11 @@ pub struct Lab {
     pub name: String,
 }
 
-/// Runs `sluice lab ARGS...`, bounded by `timeout`.
+/// Runs `sluice lab ARGS...`, bounded by `timeout`. `SLUICE_K8S_BIN` is not passed on: a lab
+/// runs on real Kubernetes only when a test says `--kubernetes DIR` itself.
 pub fn lab_cmd(args: &[&str], secs: u32) -> Output {
     run(Command::new("timeout")
+        .env_remove("SLUICE_K8S_BIN")
         .args(["-k", "5", &secs.to_string()])
         .arg(sluice_bin())
         .arg("lab")

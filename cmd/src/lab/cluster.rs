@@ -3,7 +3,7 @@
 
 use super::plan::{LabPlan, NodePlan, PodPlan};
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, ServiceAccount};
 use kube::api::{Api, Patch, PatchParams};
 use kube::Client;
 use serde_json::json;
@@ -24,8 +24,9 @@ fn apply() -> PatchParams {
     PatchParams::apply(MANAGER).force()
 }
 
-/// Namespaces, the ConfigMap and the Nodes; idempotent (server-side apply).
-pub async fn register(client: &Client, plan: &LabPlan) -> Result<()> {
+/// Namespaces, the ConfigMap and the Nodes; idempotent (server-side apply). `real_api`: the API
+/// server is a real one, which also needs each namespace's default ServiceAccount.
+pub async fn register(client: &Client, plan: &LabPlan, real_api: bool) -> Result<()> {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     // sluice-system holds the subnet leases (the manifest makes it on a real cluster).
     for ns in [
@@ -43,6 +44,23 @@ pub async fn register(client: &Client, plan: &LabPlan) -> Result<()> {
             )
             .await
             .with_context(|| format!("creating namespace {ns}"))?;
+        if !real_api {
+            continue;
+        }
+        // What a controller-manager would make: a real API server refuses pods in a namespace
+        // without its default ServiceAccount ("error looking up service account").
+        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+        accounts
+            .patch(
+                "default",
+                &apply(),
+                &Patch::Apply(json!({
+                    "apiVersion": "v1", "kind": "ServiceAccount",
+                    "metadata": {"name": "default", "namespace": ns}
+                })),
+            )
+            .await
+            .with_context(|| format!("creating {ns}/default's ServiceAccount"))?;
     }
     let config: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-system");
     config
@@ -195,8 +213,9 @@ pub async fn pod_running(
         "metadata": {"name": pod.name, "namespace": pod.namespace},
         "status": {
             "phase": "Running",
+            // `hostIP` alone, as kubelets before 1.28 write it: a v1.26 API server refuses a
+            // patch with `hostIPs` (not in its schema); the embedded one mirrors it.
             "hostIP": host_ip.to_string(),
-            "hostIPs": [{"ip": host_ip.to_string()}],
             "podIP": pod_ip.to_string(),
             "podIPs": [{"ip": pod_ip.to_string()}],
             "conditions": [

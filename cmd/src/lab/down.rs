@@ -12,8 +12,10 @@ use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
-/// Processes whose network namespace is one of `inodes`, or the lab daemon of `name`.
+/// Processes whose network namespace is one of `inodes`, the lab daemon of `name`, or a
+/// component of its real control plane (whose command line names the lab's `k8s` directory).
 fn lab_processes(name: &str, inodes: &HashSet<u64>) -> Vec<i32> {
+    let k8s_dir = format!("{}/", super::k8s::dir(&LabFiles::new(name)).display());
     let me = std::process::id() as i32;
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -25,9 +27,9 @@ fn lab_processes(name: &str, inodes: &HashSet<u64>) -> Vec<i32> {
         .filter(|pid| {
             let in_lab_ns = std::fs::metadata(format!("/proc/{pid}/ns/net"))
                 .is_ok_and(|m| inodes.contains(&m.ino()));
-            let is_daemon = std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&daemon_args));
-            in_lab_ns || is_daemon
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            in_lab_ns || cmdline.contains(&daemon_args) || cmdline.contains(&k8s_dir)
         })
         .collect()
 }
@@ -53,8 +55,9 @@ fn stop(pids: &[i32]) {
 pub async fn run(name: &str) -> Result<()> {
     super::require_root()?;
     let files = LabFiles::new(name);
-    // Against a real API server, the lab's Nodes and Pods outlive it unless removed.
-    if files.external.exists() {
+    // Against a real API server, the lab's Nodes and Pods outlive it unless removed (not when
+    // the lab runs that API server itself: it goes with the lab).
+    if files.external.exists() && !super::k8s::dir(&files).exists() {
         if let Ok(b) = std::fs::read(&files.plan) {
             let plan: LabPlan = serde_json::from_slice(&b)?;
             if let Ok(client) = cluster::client(&files.kubeconfig).await {

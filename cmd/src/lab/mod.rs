@@ -6,6 +6,8 @@ mod cni;
 mod credentials;
 mod daemon;
 mod down;
+mod k8s;
+pub mod k8s_plan;
 mod kubelet;
 mod machine;
 mod node_subnets;
@@ -43,8 +45,12 @@ pub enum LabCmd {
         #[arg(long, value_enum, default_value_t = plan::SubnetSource::Auto)]
         subnet_source: plan::SubnetSource,
         /// Use this real API server (on the host's loopback) instead of the embedded one.
-        #[arg(long, env = "SLUICE_E2E_KUBECONFIG")]
+        #[arg(long, env = "SLUICE_E2E_KUBECONFIG", conflicts_with = "kubernetes")]
         kubeconfig: Option<PathBuf>,
+        /// Run the control plane from the real Kubernetes server binaries in DIR (kube-apiserver,
+        /// kube-controller-manager, kube-scheduler, kubelet, kube-proxy; etcd from PATH).
+        #[arg(long, env = "SLUICE_K8S_BIN", value_name = "DIR")]
+        kubernetes: Option<PathBuf>,
     },
     /// Show the lab's nodes and pods and a pod-to-pod reachability matrix from real pings.
     Status {
@@ -164,6 +170,7 @@ pub fn main(cmd: LabCmd) -> Result<()> {
             segments,
             subnet_source,
             kubeconfig,
+            kubernetes,
         } => {
             let spec = LabSpec {
                 name,
@@ -174,7 +181,12 @@ pub fn main(cmd: LabCmd) -> Result<()> {
                 segments,
                 subnet_source,
             };
-            rt.block_on(up(spec, kubeconfig))
+            let api = match (kubeconfig, kubernetes) {
+                (Some(kc), _) => Api::External(kc),
+                (None, Some(bin)) => Api::Kubernetes(bin),
+                (None, None) => Api::Embedded,
+            };
+            rt.block_on(up(spec, api))
         }
         LabCmd::Status { name, json } => rt.block_on(status::run(&name, json)),
         LabCmd::Agent { name, action, node } => agent_control(&name, action, &node),
@@ -247,7 +259,17 @@ impl Progress {
     }
 }
 
-async fn up(spec: LabSpec, external: Option<PathBuf>) -> Result<()> {
+/// Which API server a lab uses.
+pub enum Api {
+    /// The one embedded in sluice, run by the lab daemon (the default).
+    Embedded,
+    /// A real one already running on the host's loopback, given by its kubeconfig.
+    External(PathBuf),
+    /// A real control plane the lab starts from the Kubernetes binaries in this directory.
+    Kubernetes(PathBuf),
+}
+
+async fn up(spec: LabSpec, api: Api) -> Result<()> {
     require_root()?;
     let plan = LabPlan::new(spec)?;
     let name = plan.spec.name.clone();
@@ -259,7 +281,11 @@ async fn up(spec: LabSpec, external: Option<PathBuf>) -> Result<()> {
         bail!("lab {name} already exists (or left something behind): run `sluice lab down --name {name}` first");
     }
     let mut progress = Progress::new();
-    let built = build(&plan, &files, external, &mut progress).await;
+    if let Api::Kubernetes(bin) = &api {
+        // Before anything is made: a missing or mismatched binary is only a message.
+        k8s::check_binaries(bin)?;
+    }
+    let built = build(&plan, &files, api, &mut progress).await;
     if let Err(e) = built {
         eprintln!("lab {name}: failed; removing what was made");
         if let Err(d) = down::run(&name).await {
@@ -276,22 +302,28 @@ async fn up(spec: LabSpec, external: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-async fn build(
-    plan: &LabPlan,
-    files: &LabFiles,
-    external: Option<PathBuf>,
-    progress: &mut Progress,
-) -> Result<()> {
+async fn build(plan: &LabPlan, files: &LabFiles, api: Api, progress: &mut Progress) -> Result<()> {
     let name = &plan.spec.name;
     std::fs::create_dir_all(&files.dir).with_context(|| format!("creating {:?}", files.dir))?;
     daemon::write_atomic(&files.plan, &serde_json::to_vec_pretty(plan)?)?;
-    if let Some(kc) = &external {
-        let addr = external_address(kc)?;
-        std::fs::copy(kc, &files.kubeconfig).with_context(|| format!("copying {kc:?}"))?;
-        std::fs::write(&files.external, addr.to_string())?;
-    } else {
-        credentials::create(&files.dir, name)?;
-    }
+    let external = match api {
+        Api::External(kc) => {
+            let addr = external_address(&kc)?;
+            std::fs::copy(&kc, &files.kubeconfig).with_context(|| format!("copying {kc:?}"))?;
+            std::fs::write(&files.external, addr.to_string())?;
+            Some(kc)
+        }
+        Api::Kubernetes(bin) => {
+            let cidr = plan.cluster_cidr.to_string();
+            let addr = k8s::start_control_plane(&bin, files, name, &cidr, progress).await?;
+            std::fs::write(&files.external, addr.to_string())?;
+            Some(files.kubeconfig.clone())
+        }
+        Api::Embedded => {
+            credentials::create(&files.dir, name)?;
+            None
+        }
+    };
     topo::build(plan, &mut |l| progress.line(l)).await?;
     for node in &plan.nodes {
         cni::install(plan, node)?;
@@ -315,7 +347,7 @@ async fn build(
         ),
     });
     let client = cluster::client(&files.kubeconfig).await?;
-    cluster::register(&client, plan).await?;
+    cluster::register(&client, plan, external.is_some()).await?;
     // The agents start once their Nodes and sluice-config exist, as the DaemonSet's pods would
     // after the manifest is applied.
     std::fs::write(&files.registered, b"")?;
@@ -323,6 +355,9 @@ async fn build(
         "API: {} nodes registered, kube-system/sluice-config written",
         plan.nodes.len()
     ));
+    if k8s::dir(files).exists() {
+        k8s::start_kube_proxies(plan, files, progress).await?;
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     for node in &plan.nodes {
         let file = cni::subnet_file(name, &node.name);

@@ -1,0 +1,223 @@
+//! `sluice lab up --kubernetes DIR` on real Kubernetes binaries (etcd, kube-apiserver,
+//! kube-controller-manager, kube-scheduler on the host's loopback, kube-proxy in every node):
+//! pods on different nodes reach each other, a ClusterIP Service answers through the real
+//! kube-proxy, a NetworkPolicy is enforced, and `lab down` leaves no process, namespace or file.
+//! Runs only when SLUICE_K8S_BIN names the binaries (CI unpacks them from ../shared/realk8s).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::Value;
+use sluice_e2e::have_root;
+use sluice_e2e::lab::{lab_cmd, netns_with_prefix, Lab};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+fn k8s_bin() -> Option<String> {
+    match std::env::var("SLUICE_K8S_BIN") {
+        Ok(dir) if !dir.is_empty() => Some(dir),
+        _ => {
+            eprintln!(
+                "realk8s: skipped: SLUICE_K8S_BIN is not set (it names a directory with the \
+                 Kubernetes server binaries; .ci/run sets it when ../shared/realk8s exists)"
+            );
+            None
+        }
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn ok(lab: &Lab, args: &[&str]) -> String {
+    let out = lab.kubectl(args);
+    assert!(out.status.success(), "kubectl {args:?}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `lab probe` from pod `from` to `to` (a pod or an address) on TCP `port`: true if answered.
+fn probe(lab: &Lab, from: &str, to: &str, port: u16) -> bool {
+    let out = lab_cmd(
+        &[
+            "probe",
+            "--name",
+            &lab.name,
+            from,
+            to,
+            &port.to_string(),
+            "--timeout",
+            "2s",
+        ],
+        30,
+    );
+    out.status.success()
+}
+
+/// Polls `probe` until it says `want`, bounded.
+fn eventually(lab: &Lab, from: &str, to: &str, port: u16, want: bool, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if probe(lab, from, to, port) == want {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Processes whose command line names the lab's directory (its control plane, kube-proxies).
+fn lab_processes(lab: &Lab) -> Vec<String> {
+    let marker = format!("/run/sluice/lab/{}/", lab.name);
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let c = std::fs::read(e.path().join("cmdline")).ok()?;
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            c.contains(&marker).then_some(c)
+        })
+        .collect()
+}
+
+#[test]
+fn a_directory_without_the_binaries_is_refused_and_nothing_is_made() {
+    if !have_root() || k8s_bin().is_none() {
+        return;
+    }
+    let empty = tempfile::tempdir().unwrap();
+    let name = sluice_e2e::lab::unique_lab_name();
+    let dir = empty.path().to_str().unwrap();
+    let out = lab_cmd(&["up", "--name", &name, "--kubernetes", dir], 60);
+    assert!(!out.status.success());
+    let msg = text(&out);
+    assert!(
+        msg.contains(
+            "lacks kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy"
+        ),
+        "{msg}"
+    );
+    assert!(netns_with_prefix(&format!("slab-{name}-")).is_empty());
+    assert!(!std::path::Path::new(&format!("/run/sluice/lab/{name}")).exists());
+}
+
+#[test]
+fn pods_services_and_policy_on_real_kubernetes() {
+    if !have_root() {
+        return;
+    }
+    let Some(bin) = k8s_bin() else { return };
+    let started = Instant::now();
+    let lab = Lab::up(&["--nodes", "3", "--pods-per-node", "1", "--kubernetes", &bin]);
+    eprintln!(
+        "realk8s: lab up took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(!lab_processes(&lab).is_empty());
+
+    // The real controller-manager handed every node a podCIDR.
+    let nodes: Value = serde_json::from_str(&ok(&lab, &["get", "nodes", "-o", "json"])).unwrap();
+    let items = nodes["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    for n in items {
+        assert!(n["spec"]["podCIDR"].is_string(), "no podCIDR: {n:#}");
+    }
+    let ver = ok(&lab, &["version", "-o", "json"]);
+    assert!(ver.contains("\"gitVersion\": \"v1."), "{ver}");
+
+    let status = lab.status();
+    let pods: Vec<(String, String)> = status["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                format!(
+                    "{}/{}",
+                    p["namespace"].as_str().unwrap(),
+                    p["name"].as_str().unwrap()
+                ),
+                p["node"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(pods.len(), 3, "{status:#}");
+    let (a, b, c) = (&pods[0], &pods[1], &pods[2]);
+    assert!(a.1 != b.1 && b.1 != c.1 && a.1 != c.1, "{pods:?}");
+
+    // Pod to pod across nodes.
+    for (from, to) in [(a, b), (b, c), (c, a)] {
+        assert!(
+            eventually(&lab, &from.0, &to.0, 80, true, Duration::from_secs(20)),
+            "{} ({}) -> {} ({}) unreachable",
+            from.0,
+            from.1,
+            to.0,
+            to.1
+        );
+    }
+
+    // A ClusterIP Service in front of pod b, through kube-proxy's rules in a's node.
+    let (ns, b_name) = b.0.split_once('/').unwrap();
+    ok(&lab, &["-n", ns, "label", "pod", b_name, "role=backend"]);
+    let svc = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: backend\n  namespace: {ns}\nspec:\n  selector:\n    role: backend\n  ports:\n  - port: 8080\n    targetPort: 80\n    protocol: TCP\n"
+    );
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), svc).unwrap();
+    ok(&lab, &["apply", "-f", file.path().to_str().unwrap()]);
+    let vip = ok(
+        &lab,
+        &[
+            "-n",
+            ns,
+            "get",
+            "service",
+            "backend",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ],
+    );
+    assert!(vip.starts_with("10."), "{vip}");
+    assert!(
+        eventually(&lab, &a.0, vip.trim(), 8080, true, Duration::from_secs(40)),
+        "{} -> Service backend {vip}:8080 unanswered",
+        a.0
+    );
+
+    // A NetworkPolicy admitting nobody to b: the Service and the pod both fall silent.
+    let policy = format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: deny-backend\n  namespace: {ns}\nspec:\n  podSelector:\n    matchLabels:\n      role: backend\n  policyTypes: [Ingress]\n"
+    );
+    std::fs::write(file.path(), policy).unwrap();
+    ok(&lab, &["apply", "-f", file.path().to_str().unwrap()]);
+    assert!(
+        eventually(&lab, &a.0, &b.0, 80, false, Duration::from_secs(20)),
+        "deny-all ingress to {} not enforced",
+        b.0
+    );
+    assert!(!probe(&lab, &a.0, vip.trim(), 8080));
+    // Other pods are untouched.
+    assert!(probe(&lab, &b.0, &c.0, 80));
+    ok(&lab, &["-n", ns, "delete", "networkpolicy", "deny-backend"]);
+    assert!(
+        eventually(&lab, &a.0, &b.0, 80, true, Duration::from_secs(20)),
+        "{} still blocked after the policy went",
+        b.0
+    );
+
+    let out = lab.down();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(netns_with_prefix(&lab.prefix()).is_empty());
+    assert!(
+        lab_processes(&lab).is_empty(),
+        "left running: {:?}",
+        lab_processes(&lab)
+    );
+    assert!(!std::path::Path::new(&format!("/run/sluice/lab/{}", lab.name)).exists());
+}
