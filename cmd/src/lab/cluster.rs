@@ -49,8 +49,9 @@ pub async fn register(client: &Client, plan: &LabPlan, real_api: bool) -> Result
         }
         // What a controller-manager would make: a real API server refuses pods in a namespace
         // without its default ServiceAccount ("error looking up service account").
+        // An API server that serves no ServiceAccounts (sluice's embedded one) needs none.
         let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
-        accounts
+        let made = accounts
             .patch(
                 "default",
                 &apply(),
@@ -59,8 +60,14 @@ pub async fn register(client: &Client, plan: &LabPlan, real_api: bool) -> Result
                     "metadata": {"name": "default", "namespace": ns}
                 })),
             )
-            .await
-            .with_context(|| format!("creating {ns}/default's ServiceAccount"))?;
+            .await;
+        match made {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("creating {ns}/default's ServiceAccount"))
+            }
+        }
     }
     let config: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-system");
     config
