@@ -269,7 +269,10 @@ pub async fn start_control_plane(
     )?;
     super::credentials::write_private(&files.kubeconfig, &admin)?;
     let client = super::cluster::client(&files.kubeconfig).await?;
-    wait_ready(
+    // Until it is ready, every /readyz is refused (connection refused, then 500s while its
+    // post-start hooks run), which kube's client logs as errors: expected here, so not shown.
+    let quiet = crate::set_log_level("info,kube_client=off");
+    let ready = wait_ready(
         &dir,
         "kube-apiserver",
         &mut api_child,
@@ -288,7 +291,11 @@ pub async fn start_control_plane(
             }
         },
     )
-    .await?;
+    .await;
+    if quiet {
+        crate::set_log_level("info");
+    }
+    ready?;
     progress.line(format!(
         "kube-apiserver at https://{api} (pid {}), RBAC and Node authorization",
         api_child.id()
