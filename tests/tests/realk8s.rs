@@ -211,6 +211,70 @@ fn pods_services_and_policy_on_real_kubernetes() {
         b.0
     );
 
+    // A Deployment: the real controller-manager makes its pods, the real scheduler spreads them,
+    // and every one of them is reachable from pod a.
+    let started = Instant::now();
+    ok(
+        &lab,
+        &[
+            "-n",
+            ns,
+            "create",
+            "deployment",
+            "web",
+            "--image=sluice-lab",
+            "--replicas=6",
+            "--port=80",
+        ],
+    );
+    let running = loop {
+        let list: Value = serde_json::from_str(&ok(
+            &lab,
+            &["-n", ns, "get", "pods", "-l", "app=web", "-o", "json"],
+        ))
+        .unwrap();
+        let running: Vec<(String, String)> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["status"]["phase"] == "Running" && p["status"]["podIP"].is_string())
+            .map(|p| {
+                (
+                    format!("{ns}/{}", p["metadata"]["name"].as_str().unwrap()),
+                    p["spec"]["nodeName"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        if running.len() == 6 {
+            break running;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "{} of 6 replicas running after 90 s: {list:#}",
+            running.len()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    eprintln!(
+        "realk8s: 6 replicas running {:.1} s after kubectl create deployment",
+        started.elapsed().as_secs_f64()
+    );
+    let mut spread: Vec<&str> = running.iter().map(|(_, n)| n.as_str()).collect();
+    spread.sort_unstable();
+    spread.dedup();
+    assert_eq!(
+        spread.len(),
+        3,
+        "replicas not spread over the nodes: {running:?}"
+    );
+    for (pod, node) in &running {
+        assert!(
+            eventually(&lab, &a.0, pod, 80, true, Duration::from_secs(20)),
+            "{} -> {pod} ({node}) unreachable",
+            a.0
+        );
+    }
+
     let out = lab.down();
     assert!(out.status.success(), "{}", text(&out));
     assert!(netns_with_prefix(&lab.prefix()).is_empty());
