@@ -392,3 +392,26 @@ async fn has_service_chain(netns: &str) -> bool {
         .await;
     out.is_ok_and(|s| s.success())
 }
+
+/// The components of a lab's real control plane (and kube-proxies) that no longer run: a pid
+/// file whose process is gone or runs something without the lab's path in its command line.
+pub fn dead_components(files: &LabFiles) -> Vec<String> {
+    let dir = dir(files);
+    let marker = format!("{}/", dir.display());
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut dead: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let file = e.file_name().into_string().ok()?;
+            let component = file.strip_suffix(".pid")?.to_string();
+            let pid = std::fs::read_to_string(e.path()).ok()?;
+            let cmdline =
+                std::fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap_or_default();
+            (!String::from_utf8_lossy(&cmdline).contains(&marker)).then_some(component)
+        })
+        .collect();
+    dead.sort();
+    dead
+}

@@ -206,6 +206,12 @@ pub async fn resume(spec: &LabSpec, files: &LabFiles) -> Result<()> {
             "lab {name} already exists but lost namespaces {missing:?}, so it cannot resume: run `sluice lab down --name {name}`, then `lab up` again"
         );
     }
+    let dead = super::k8s::dead_components(files);
+    if !dead.is_empty() {
+        bail!(
+            "lab {name} already exists but its Kubernetes components {dead:?} no longer run, so it cannot resume: run `sluice lab down --name {name}`, then `lab up` again"
+        );
+    }
     if plan.spec != *spec {
         eprintln!(
             "lab {name} exists: resuming it as it was made ({} nodes, {} pods per node); the options of `lab up` apply to new labs",
