@@ -206,6 +206,20 @@ pub fn remove(entries: &[HostportEntry], container_id: &str, ifname: &str) -> Ve
         .collect()
 }
 
+/// GC: `entries` of the attachments in `valid` (container, ifname) only; the rest are the
+/// mappings of attachments the runtime no longer knows.
+pub fn retain_valid(entries: &[HostportEntry], valid: &[(String, String)]) -> Vec<HostportEntry> {
+    entries
+        .iter()
+        .filter(|e| {
+            valid
+                .iter()
+                .any(|(c, i)| (c, i) == (&e.container_id, &e.ifname))
+        })
+        .cloned()
+        .collect()
+}
+
 /// Rules sorted with hostIP-specific mappings first, so that they win over a 0.0.0.0 mapping of
 /// the same port (which [`admit`] refuses anyway between attachments).
 fn ordered(entries: &[HostportEntry]) -> Vec<(Ipv4Addr, PortMapping)> {

@@ -242,3 +242,15 @@ COMMIT
         .iter()
         .all(|(_, spec)| spec.last() == Some(&IPT_CHAIN) || spec.last() == Some(&IPT_POST_CHAIN)));
 }
+
+#[test]
+fn gc_keeps_only_the_valid_attachments() {
+    let a = entry("a", "10.244.0.2", vec![m(80, 80, HpProtocol::Tcp, None)]);
+    let b = entry("b", "10.244.0.3", vec![m(81, 80, HpProtocol::Tcp, None)]);
+    let valid = vec![
+        ("b".to_string(), "eth0".to_string()),
+        ("a".to_string(), "net1".to_string()),
+    ];
+    assert_eq!(retain_valid(&[a, b.clone()], &valid), vec![b]);
+    assert_eq!(retain_valid(&[], &valid), vec![]);
+}
