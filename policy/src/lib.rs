@@ -16,6 +16,7 @@ pub mod compile;
 pub mod conntrack;
 pub mod droplog;
 pub mod firewall;
+pub mod hostport;
 pub mod iptables;
 pub mod ir;
 pub mod memo;

@@ -1,0 +1,322 @@
+//! hostPort: the CNI `portMappings` capability, decided here and applied by the CNI plugin.
+//!
+//! Pure: [`parse_mappings`] checks the runtime's `runtimeConfig.portMappings`, [`admit`] refuses a
+//! hostPort another attachment holds, and [`render_nft`] / [`render_iptables`] turn every mapping
+//! on the node into one script for `nft -f -` (table `inet sluice-hostport`) or
+//! `iptables-restore --noflush` (nat chains `SLUICE-HP*`). The script replaces sluice's hostPort
+//! rules in one transaction, so a failed write leaves the previous rules whole.
+//!
+//! What the rules do, for each mapping (`hostIP` or any local address, `hostPort`, protocol):
+//! - DNAT to `podIP:containerPort` in prerouting (traffic from outside and from other pods) and
+//!   in output (the node itself, `127.0.0.1:hostPort` included), only for destinations that are
+//!   addresses of the node (`fib daddr type local` / `-m addrtype --dst-type LOCAL`);
+//! - masquerade of DNATed traffic whose source is loopback (so the reply can come back) or the
+//!   pod itself (hairpin: the pod reaching its own hostPort).
+
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+/// The nftables table holding every hostPort rule.
+pub const NFT_TABLE: &str = "sluice-hostport";
+/// The iptables nat chain the DNAT rules live in (jumped to from PREROUTING and OUTPUT).
+pub const IPT_CHAIN: &str = "SLUICE-HP";
+/// The iptables nat chain the masquerade rules live in (jumped to from POSTROUTING).
+pub const IPT_POST_CHAIN: &str = "SLUICE-HP-POST";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum HpProtocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl HpProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HpProtocol::Tcp => "tcp",
+            HpProtocol::Udp => "udp",
+            HpProtocol::Sctp => "sctp",
+        }
+    }
+}
+
+/// One entry of `runtimeConfig.portMappings`, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortMapping {
+    pub host_port: u16,
+    pub container_port: u16,
+    pub protocol: HpProtocol,
+    /// `None` for every address of the node (`hostIP` absent, empty or `0.0.0.0`).
+    pub host_ip: Option<Ipv4Addr>,
+}
+
+/// The mappings of one attachment (container, interface) to its pod address.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HostportEntry {
+    pub container_id: String,
+    pub ifname: String,
+    pub pod_ip: Ipv4Addr,
+    pub mappings: Vec<PortMapping>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HostportError {
+    #[error("runtimeConfig.portMappings must be a list of objects")]
+    NotAList,
+    #[error("portMappings[{index}]: {reason}")]
+    Invalid { index: usize, reason: String },
+    #[error("hostPort {host_port}/{protocol} on {host_ip} is already held by container {holder}")]
+    Conflict {
+        host_port: u16,
+        protocol: &'static str,
+        host_ip: String,
+        holder: String,
+    },
+}
+
+fn port(v: Option<&Value>, index: usize, field: &str) -> Result<u16, HostportError> {
+    let invalid = |reason: String| HostportError::Invalid { index, reason };
+    let n = v
+        .and_then(Value::as_i64)
+        .ok_or_else(|| invalid(format!("{field} is missing or not an integer")))?;
+    match u16::try_from(n) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(invalid(format!("{field} {n} is not within 1..=65535"))),
+    }
+}
+
+/// Checks `runtimeConfig.portMappings` (`null` or absent means none). Duplicate entries collapse;
+/// an IPv6 `hostIP` is refused (sluice's pods are IPv4).
+pub fn parse_mappings(v: Option<&Value>) -> Result<Vec<PortMapping>, HostportError> {
+    let list = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(list)) => list,
+        Some(_) => return Err(HostportError::NotAList),
+    };
+    let mut out = BTreeSet::new();
+    for (index, m) in list.iter().enumerate() {
+        let invalid = |reason: String| HostportError::Invalid { index, reason };
+        let obj = m
+            .as_object()
+            .ok_or_else(|| invalid("not an object".into()))?;
+        let host_port = port(obj.get("hostPort"), index, "hostPort")?;
+        let container_port = port(obj.get("containerPort"), index, "containerPort")?;
+        let protocol = match obj.get("protocol") {
+            None | Some(Value::Null) => HpProtocol::Tcp,
+            Some(Value::String(s)) => match s.to_ascii_lowercase().as_str() {
+                "" | "tcp" => HpProtocol::Tcp,
+                "udp" => HpProtocol::Udp,
+                "sctp" => HpProtocol::Sctp,
+                _ => return Err(invalid(format!("protocol {s:?} is not TCP, UDP or SCTP"))),
+            },
+            Some(other) => return Err(invalid(format!("protocol {other} is not a string"))),
+        };
+        let host_ip = match obj.get("hostIP") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.is_empty() => None,
+            Some(Value::String(s)) => match s.parse::<Ipv4Addr>() {
+                Ok(a) if a.is_unspecified() => None,
+                Ok(a) => Some(a),
+                Err(_) => {
+                    return Err(invalid(format!("hostIP {s:?} is not an IPv4 address")));
+                }
+            },
+            Some(other) => return Err(invalid(format!("hostIP {other} is not a string"))),
+        };
+        out.insert(PortMapping {
+            host_port,
+            container_port,
+            protocol,
+            host_ip,
+        });
+    }
+    let out: Vec<PortMapping> = out.into_iter().collect();
+    // Within one request, two mappings of one host socket to different targets are a conflict too.
+    for (i, a) in out.iter().enumerate() {
+        if let Some(b) = out[i + 1..].iter().find(|b| overlaps(a, b)) {
+            return Err(HostportError::Invalid {
+                index: i,
+                reason: format!(
+                    "hostPort {}/{} is mapped twice (to {} and {})",
+                    a.host_port,
+                    a.protocol.as_str(),
+                    a.container_port,
+                    b.container_port
+                ),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Whether two mappings claim the same host socket.
+fn overlaps(a: &PortMapping, b: &PortMapping) -> bool {
+    a.host_port == b.host_port
+        && a.protocol == b.protocol
+        && match (a.host_ip, b.host_ip) {
+            (Some(x), Some(y)) => x == y,
+            _ => true,
+        }
+}
+
+/// Refuses `new` when another attachment in `existing` holds one of its host sockets. An entry
+/// of the same (container, interface) is not a conflict: it is being replaced.
+pub fn admit(existing: &[HostportEntry], new: &HostportEntry) -> Result<(), HostportError> {
+    for other in existing
+        .iter()
+        .filter(|e| (&e.container_id, &e.ifname) != (&new.container_id, &new.ifname))
+    {
+        for m in &new.mappings {
+            if other.mappings.iter().any(|o| overlaps(m, o)) {
+                return Err(HostportError::Conflict {
+                    host_port: m.host_port,
+                    protocol: m.protocol.as_str(),
+                    host_ip: m.host_ip.map_or("every address".into(), |a| a.to_string()),
+                    holder: other.container_id.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `entries` with the attachment's entry replaced by `new` (or removed when `new` has no
+/// mappings), sorted so that rendering is deterministic.
+pub fn upsert(entries: &[HostportEntry], new: HostportEntry) -> Vec<HostportEntry> {
+    let mut out: Vec<HostportEntry> = entries
+        .iter()
+        .filter(|e| (&e.container_id, &e.ifname) != (&new.container_id, &new.ifname))
+        .cloned()
+        .collect();
+    if !new.mappings.is_empty() {
+        out.push(new);
+    }
+    out.sort();
+    out
+}
+
+/// `entries` without the attachment (container, ifname).
+pub fn remove(entries: &[HostportEntry], container_id: &str, ifname: &str) -> Vec<HostportEntry> {
+    entries
+        .iter()
+        .filter(|e| (e.container_id.as_str(), e.ifname.as_str()) != (container_id, ifname))
+        .cloned()
+        .collect()
+}
+
+/// GC: `entries` of the attachments in `valid` (container, ifname) only; the rest are the
+/// mappings of attachments the runtime no longer knows.
+pub fn retain_valid(entries: &[HostportEntry], valid: &[(String, String)]) -> Vec<HostportEntry> {
+    entries
+        .iter()
+        .filter(|e| {
+            valid
+                .iter()
+                .any(|(c, i)| (c, i) == (&e.container_id, &e.ifname))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Rules sorted with hostIP-specific mappings first, so that they win over a 0.0.0.0 mapping of
+/// the same port (which [`admit`] refuses anyway between attachments).
+fn ordered(entries: &[HostportEntry]) -> Vec<(Ipv4Addr, PortMapping)> {
+    let mut rules: Vec<(Ipv4Addr, PortMapping)> = entries
+        .iter()
+        .flat_map(|e| e.mappings.iter().map(move |m| (e.pod_ip, *m)))
+        .collect();
+    rules.sort_by_key(|(ip, m)| (m.host_ip.is_none(), m.host_port, m.protocol, *ip));
+    rules
+}
+
+fn pod_ips(entries: &[HostportEntry]) -> BTreeSet<Ipv4Addr> {
+    entries
+        .iter()
+        .filter(|e| !e.mappings.is_empty())
+        .map(|e| e.pod_ip)
+        .collect()
+}
+
+/// The `nft -f -` script that makes table `inet sluice-hostport` hold exactly `entries`' rules
+/// (declared, flushed by delete, declared again: one transaction). With no entries the table is
+/// removed.
+pub fn render_nft(entries: &[HostportEntry]) -> String {
+    let mut s = format!("table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\n");
+    let rules = ordered(entries);
+    if rules.is_empty() {
+        return s;
+    }
+    let _ = writeln!(s, "table inet {NFT_TABLE} {{");
+    s.push_str("  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    fib daddr type local jump hostports\n  }\n");
+    s.push_str("  chain output {\n    type nat hook output priority -100; policy accept;\n    fib daddr type local jump hostports\n  }\n");
+    s.push_str("  chain hostports {\n");
+    for (pod, m) in &rules {
+        let daddr = m
+            .host_ip
+            .map_or(String::new(), |a| format!("ip daddr {a} "));
+        let _ = writeln!(
+            s,
+            "    {daddr}{p} dport {hp} dnat ip to {pod}:{cp}",
+            p = m.protocol.as_str(),
+            hp = m.host_port,
+            cp = m.container_port
+        );
+    }
+    s.push_str("  }\n");
+    s.push_str(
+        "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n",
+    );
+    s.push_str("    ct status dnat ip saddr 127.0.0.0/8 masquerade\n");
+    for pod in pod_ips(entries) {
+        let _ = writeln!(
+            s,
+            "    ct status dnat ip saddr {pod} ip daddr {pod} masquerade"
+        );
+    }
+    s.push_str("  }\n}\n");
+    s
+}
+
+/// The `iptables-restore --noflush` input for the nat table that makes chains `SLUICE-HP` and
+/// `SLUICE-HP-POST` hold exactly `entries`' rules (declaring a chain flushes it). The jumps from
+/// PREROUTING, OUTPUT and POSTROUTING are [`iptables_jumps`], added once by the applier.
+pub fn render_iptables(entries: &[HostportEntry]) -> String {
+    let mut s = format!("*nat\n:{IPT_CHAIN} - [0:0]\n:{IPT_POST_CHAIN} - [0:0]\n");
+    for (pod, m) in ordered(entries) {
+        let daddr = m.host_ip.map_or(String::new(), |a| format!("-d {a}/32 "));
+        let p = m.protocol.as_str();
+        let _ = writeln!(
+            s,
+            "-A {IPT_CHAIN} {daddr}-p {p} -m {p} --dport {hp} -j DNAT --to-destination {pod}:{cp}",
+            hp = m.host_port,
+            cp = m.container_port
+        );
+    }
+    let _ = writeln!(
+        s,
+        "-A {IPT_POST_CHAIN} -s 127.0.0.0/8 -m conntrack --ctstate DNAT -j MASQUERADE"
+    );
+    for pod in pod_ips(entries) {
+        let _ = writeln!(
+            s,
+            "-A {IPT_POST_CHAIN} -s {pod}/32 -d {pod}/32 -m conntrack --ctstate DNAT -j MASQUERADE"
+        );
+    }
+    s.push_str("COMMIT\n");
+    s
+}
+
+/// The jumps into sluice's chains, as (built-in chain, rule spec) for `iptables -t nat -C/-A`.
+pub fn iptables_jumps() -> Vec<(&'static str, Vec<&'static str>)> {
+    let local = ["-m", "addrtype", "--dst-type", "LOCAL", "-j", IPT_CHAIN];
+    vec![
+        ("PREROUTING", local.to_vec()),
+        ("OUTPUT", local.to_vec()),
+        ("POSTROUTING", vec!["-j", IPT_POST_CHAIN]),
+    ]
+}
+
+#[cfg(test)]
+mod tests;

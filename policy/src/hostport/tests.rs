@@ -1,0 +1,256 @@
+use super::*;
+use serde_json::json;
+
+fn m(host_port: u16, container_port: u16, protocol: HpProtocol, ip: Option<&str>) -> PortMapping {
+    PortMapping {
+        host_port,
+        container_port,
+        protocol,
+        host_ip: ip.map(|a| a.parse().unwrap()),
+    }
+}
+
+fn entry(id: &str, pod: &str, mappings: Vec<PortMapping>) -> HostportEntry {
+    HostportEntry {
+        container_id: id.into(),
+        ifname: "eth0".into(),
+        pod_ip: pod.parse().unwrap(),
+        mappings,
+    }
+}
+
+#[test]
+fn parses_the_runtime_shape_with_defaults() {
+    let v = json!([
+        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
+        {"hostPort": 53, "containerPort": 5353, "protocol": "UDP", "hostIP": "10.0.0.1"},
+        {"hostPort": 9, "containerPort": 9, "protocol": "sctp", "hostIP": "0.0.0.0"},
+        {"hostPort": 7, "containerPort": 7, "hostIP": ""}
+    ]);
+    let got = parse_mappings(Some(&v)).unwrap();
+    assert_eq!(
+        got,
+        vec![
+            m(7, 7, HpProtocol::Tcp, None),
+            m(9, 9, HpProtocol::Sctp, None),
+            m(53, 5353, HpProtocol::Udp, Some("10.0.0.1")),
+            m(8080, 80, HpProtocol::Tcp, None),
+        ]
+    );
+    assert_eq!(parse_mappings(None).unwrap(), vec![]);
+    assert_eq!(parse_mappings(Some(&Value::Null)).unwrap(), vec![]);
+}
+
+#[test]
+fn refuses_bad_input_with_the_entry_and_reason() {
+    let cases = [
+        (json!({"a": 1}), "must be a list"),
+        (
+            json!([{"hostPort": 0, "containerPort": 80}]),
+            "hostPort 0 is not within",
+        ),
+        (
+            json!([{"hostPort": 65536, "containerPort": 80}]),
+            "hostPort 65536",
+        ),
+        (
+            json!([{"hostPort": 80, "containerPort": -1}]),
+            "containerPort -1",
+        ),
+        (json!([{"hostPort": 80}]), "containerPort is missing"),
+        (
+            json!([{"hostPort": "80", "containerPort": 80}]),
+            "hostPort is missing or not an integer",
+        ),
+        (
+            json!([{"hostPort": 80, "containerPort": 80, "protocol": "icmp"}]),
+            "\"icmp\" is not TCP, UDP or SCTP",
+        ),
+        (
+            json!([{"hostPort": 80, "containerPort": 80, "hostIP": "fe80::1"}]),
+            "not an IPv4",
+        ),
+        (json!([1]), "not an object"),
+        (
+            json!([{"hostPort": 80, "containerPort": 80}, {"hostPort": 80, "containerPort": 81, "hostIP": "10.0.0.1"}]),
+            "mapped twice",
+        ),
+    ];
+    for (v, want) in cases {
+        let e = parse_mappings(Some(&v)).unwrap_err().to_string();
+        assert!(e.contains(want), "{v}: {e}");
+    }
+}
+
+#[test]
+fn same_port_other_protocol_or_other_host_ip_is_no_conflict() {
+    let held = vec![entry(
+        "a",
+        "10.244.0.2",
+        vec![m(80, 80, HpProtocol::Tcp, Some("10.0.0.1"))],
+    )];
+    admit(
+        &held,
+        &entry("b", "10.244.0.3", vec![m(80, 80, HpProtocol::Udp, None)]),
+    )
+    .unwrap();
+    admit(
+        &held,
+        &entry(
+            "b",
+            "10.244.0.3",
+            vec![m(80, 80, HpProtocol::Tcp, Some("10.0.0.2"))],
+        ),
+    )
+    .unwrap();
+    admit(
+        &held,
+        &entry("b", "10.244.0.3", vec![m(81, 80, HpProtocol::Tcp, None)]),
+    )
+    .unwrap();
+    // The same attachment again (a repeated ADD) replaces its own entry.
+    admit(
+        &held,
+        &entry("a", "10.244.0.2", vec![m(80, 80, HpProtocol::Tcp, None)]),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_held_host_socket_is_refused_naming_the_holder() {
+    let held = vec![entry(
+        "a",
+        "10.244.0.2",
+        vec![m(80, 80, HpProtocol::Tcp, Some("10.0.0.1"))],
+    )];
+    for ip in [None, Some("10.0.0.1")] {
+        let e = admit(
+            &held,
+            &entry("b", "10.244.0.3", vec![m(80, 90, HpProtocol::Tcp, ip)]),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, HostportError::Conflict { holder, host_port: 80, .. } if holder == "a"),
+            "{e}"
+        );
+    }
+    let any = vec![entry(
+        "a",
+        "10.244.0.2",
+        vec![m(80, 80, HpProtocol::Sctp, None)],
+    )];
+    assert!(admit(
+        &any,
+        &entry(
+            "b",
+            "10.244.0.3",
+            vec![m(80, 80, HpProtocol::Sctp, Some("10.0.0.9"))]
+        )
+    )
+    .is_err());
+}
+
+#[test]
+fn upsert_and_remove_touch_only_that_attachment() {
+    let a = entry("a", "10.244.0.2", vec![m(80, 80, HpProtocol::Tcp, None)]);
+    let b = entry("b", "10.244.0.3", vec![m(81, 80, HpProtocol::Tcp, None)]);
+    let both = upsert(&upsert(&[], b.clone()), a.clone());
+    assert_eq!(both, vec![a.clone(), b.clone()]);
+    assert_eq!(remove(&both, "a", "eth0"), vec![b.clone()]);
+    assert_eq!(remove(&both, "a", "eth1"), both);
+    assert_eq!(upsert(&both, entry("a", "10.244.0.2", vec![])), vec![b]);
+}
+
+#[test]
+fn nft_renders_dnat_for_each_case_and_hairpin_and_loopback_masquerade() {
+    let entries = vec![
+        entry(
+            "a",
+            "10.244.0.2",
+            vec![
+                m(8080, 80, HpProtocol::Tcp, None),
+                m(5353, 53, HpProtocol::Udp, Some("10.0.0.1")),
+            ],
+        ),
+        entry("b", "10.244.0.3", vec![m(9999, 9, HpProtocol::Sctp, None)]),
+    ];
+    let want = "\
+table inet sluice-hostport {}
+delete table inet sluice-hostport
+table inet sluice-hostport {
+  chain prerouting {
+    type nat hook prerouting priority dstnat; policy accept;
+    fib daddr type local jump hostports
+  }
+  chain output {
+    type nat hook output priority -100; policy accept;
+    fib daddr type local jump hostports
+  }
+  chain hostports {
+    ip daddr 10.0.0.1 udp dport 5353 dnat ip to 10.244.0.2:53
+    tcp dport 8080 dnat ip to 10.244.0.2:80
+    sctp dport 9999 dnat ip to 10.244.0.3:9
+  }
+  chain postrouting {
+    type nat hook postrouting priority srcnat; policy accept;
+    ct status dnat ip saddr 127.0.0.0/8 masquerade
+    ct status dnat ip saddr 10.244.0.2 ip daddr 10.244.0.2 masquerade
+    ct status dnat ip saddr 10.244.0.3 ip daddr 10.244.0.3 masquerade
+  }
+}
+";
+    assert_eq!(render_nft(&entries), want);
+}
+
+#[test]
+fn nft_with_no_mappings_only_removes_the_table() {
+    assert_eq!(
+        render_nft(&[entry("a", "10.244.0.2", vec![])]),
+        "table inet sluice-hostport {}\ndelete table inet sluice-hostport\n"
+    );
+}
+
+#[test]
+fn iptables_renders_the_same_rules_in_sluice_chains() {
+    let entries = vec![
+        entry(
+            "a",
+            "10.244.0.2",
+            vec![
+                m(8080, 80, HpProtocol::Tcp, None),
+                m(5353, 53, HpProtocol::Udp, Some("10.0.0.1")),
+            ],
+        ),
+        entry("b", "10.244.0.3", vec![m(9999, 9, HpProtocol::Sctp, None)]),
+    ];
+    let want = "\
+*nat
+:SLUICE-HP - [0:0]
+:SLUICE-HP-POST - [0:0]
+-A SLUICE-HP -d 10.0.0.1/32 -p udp -m udp --dport 5353 -j DNAT --to-destination 10.244.0.2:53
+-A SLUICE-HP -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.244.0.2:80
+-A SLUICE-HP -p sctp -m sctp --dport 9999 -j DNAT --to-destination 10.244.0.3:9
+-A SLUICE-HP-POST -s 127.0.0.0/8 -m conntrack --ctstate DNAT -j MASQUERADE
+-A SLUICE-HP-POST -s 10.244.0.2/32 -d 10.244.0.2/32 -m conntrack --ctstate DNAT -j MASQUERADE
+-A SLUICE-HP-POST -s 10.244.0.3/32 -d 10.244.0.3/32 -m conntrack --ctstate DNAT -j MASQUERADE
+COMMIT
+";
+    assert_eq!(render_iptables(&entries), want);
+    let jumps = iptables_jumps();
+    assert_eq!(jumps.len(), 3);
+    assert!(jumps
+        .iter()
+        .all(|(_, spec)| spec.last() == Some(&IPT_CHAIN) || spec.last() == Some(&IPT_POST_CHAIN)));
+}
+
+#[test]
+fn gc_keeps_only_the_valid_attachments() {
+    let a = entry("a", "10.244.0.2", vec![m(80, 80, HpProtocol::Tcp, None)]);
+    let b = entry("b", "10.244.0.3", vec![m(81, 80, HpProtocol::Tcp, None)]);
+    let valid = vec![
+        ("b".to_string(), "eth0".to_string()),
+        ("a".to_string(), "net1".to_string()),
+    ];
+    assert_eq!(retain_valid(&[a, b.clone()], &valid), vec![b]);
+    assert_eq!(retain_valid(&[], &valid), vec![]);
+}
