@@ -343,6 +343,7 @@ fn ir_for(policies: &[Value]) -> PolicyIr {
         namespaces: &namespaces,
         policies: &policies,
         host_addrs: &host,
+        ..Default::default()
     };
     compile(&input, &local)
 }
