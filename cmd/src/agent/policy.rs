@@ -395,8 +395,7 @@ pub async fn run(
                     &firewall,
                     flusher.as_ref(),
                     (&pod_cache, &ns_cache, &np_cache),
-                    (log, &names),
-                    (&cnp_cache, &skips, &health),
+                    ((log, &names), (&cnp_cache, &skips, &health)),
                 )
                 .await;
                 health
@@ -567,8 +566,10 @@ async fn sync_once(
     firewall: &Arc<dyn Firewall>,
     flusher: Option<&Flusher>,
     (pods, nss, nps): Caches<'_>,
-    (log_drops, names): (bool, &droplog::Names),
-    (cnp_cache, skips, health): (&reflector::Store<DynamicObject>, &tolerant::Skips, &Health),
+    ((log_drops, names), (cnp_cache, skips, health)): (
+        (bool, &droplog::Names),
+        (&reflector::Store<DynamicObject>, &tolerant::Skips, &Health),
+    ),
 ) -> Result<Pass, PolicyError> {
     let started = Instant::now();
     let kernel = kernel_view(handle, link_names).await?;
