@@ -714,4 +714,43 @@ mod tests {
         assert_eq!(doc["policy"]["pods"], 3);
         assert_eq!(doc["policy"]["rules"], 7);
     }
+
+    #[test]
+    fn cluster_network_policies_on_status_and_a_bad_one_is_skipped() {
+        let mut doc = serde_json::json!({"policy": {}});
+        set_cnp_status(&mut doc, CnpWatch::Unavailable, 0);
+        assert_eq!(
+            doc["policy"]["clusterNetworkPolicies"]["watch"],
+            "unavailable: NetworkPolicy only"
+        );
+        set_cnp_status(&mut doc, CnpWatch::Watching, 2);
+        assert_eq!(doc["policy"]["clusterNetworkPolicies"]["inForce"], 2);
+        let health = Health::new(Duration::from_secs(60), "v", "c");
+        let skips = tolerant::Skips::default();
+        let obj = |spec: serde_json::Value| -> DynamicObject {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "policy.networking.k8s.io/v1alpha2",
+                "kind": "ClusterNetworkPolicy",
+                "metadata": {"name": "c", "resourceVersion": "1"},
+                "spec": spec,
+            }))
+            .unwrap()
+        };
+        let good = obj(serde_json::json!({"tier": "Admin", "priority": 1,
+            "subject": {"namespaces": {}}, "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]}));
+        let cnp: ClusterNetworkPolicy = skips.decode(cnp::KIND, &good, &health).unwrap();
+        assert_eq!(cnp.spec.priority, 1);
+        let bad = obj(serde_json::json!({"tier": "Middle", "subject": {}}));
+        assert!(skips
+            .decode::<ClusterNetworkPolicy>(cnp::KIND, &bad, &health)
+            .is_none());
+        let skipped = health
+            .metrics
+            .objects_skipped
+            .get_or_create(&sluice_health::metrics::KindLabels {
+                kind: cnp::KIND.into(),
+            })
+            .get();
+        assert_eq!(skipped, 1);
+    }
 }
