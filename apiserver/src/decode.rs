@@ -81,6 +81,20 @@ pub(crate) struct Decoded {
 
 type Codec = fn(Value) -> Result<Value, TypeMismatch>;
 
+/// A custom resource as a CRD without a schema of its own stores it: typed metadata, the spec
+/// as sent (the agent reads each ClusterNetworkPolicy on its own and skips one it cannot).
+#[derive(serde::Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CustomObject {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    api_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kind: Option<String>,
+    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    spec: Option<Value>,
+}
+
 fn typed<K: DeserializeOwned + Serialize>(v: Value) -> Result<Value, TypeMismatch> {
     let k: K = serde_path_to_error::deserialize(v).map_err(|e| TypeMismatch {
         field: if e.path().iter().next().is_some() {
@@ -110,6 +124,7 @@ fn codec(res: &Resource) -> Option<Codec> {
         ("", "Event") => typed::<core::Event>,
         ("networking.k8s.io", "NetworkPolicy") => typed::<networking::NetworkPolicy>,
         ("coordination.k8s.io", "Lease") => typed::<coordination::Lease>,
+        ("policy.networking.k8s.io", "ClusterNetworkPolicy") => typed::<CustomObject>,
         _ => return None,
     })
 }

@@ -42,7 +42,8 @@ fn wants_aggregated(headers: &HeaderMap) -> bool {
 }
 
 fn aggregated_group(group: &str) -> Value {
-    let resources: Vec<Value> = resources::in_group_version(group, "v1")
+    let version = resources::group_version(group);
+    let resources: Vec<Value> = resources::in_group_version(group, version)
         .iter()
         .map(|r| {
             let kind = |k: &str| json!({"group": r.group, "version": r.version, "kind": k});
@@ -78,7 +79,7 @@ fn aggregated_group(group: &str) -> Value {
         metadata["name"] = json!(group);
     }
     json!({"metadata": metadata,
-        "versions": [{"version": "v1", "resources": resources, "freshness": "Current"}]})
+        "versions": [{"version": version, "resources": resources, "freshness": "Current"}]})
 }
 
 fn aggregated(groups: &[&str]) -> Response {
@@ -107,7 +108,8 @@ pub(crate) async fn api_versions(headers: HeaderMap) -> Response {
 }
 
 fn group_doc(g: &str) -> Value {
-    let gv = json!({"groupVersion": format!("{g}/v1"), "version": "v1"});
+    let v = resources::group_version(g);
+    let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
     json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
 }
 
@@ -195,7 +197,7 @@ pub(crate) async fn core_resources() -> Response {
 }
 
 pub(crate) async fn group_resources(Path((g, v)): Path<(String, String)>) -> Response {
-    if !GROUPS.contains(&g.as_str()) || v != "v1" {
+    if !GROUPS.contains(&g.as_str()) || v != resources::group_version(&g) {
         return error_response(&ApiError::no_route());
     }
     json_response(200, &resource_list(&g, &v))
@@ -210,7 +212,11 @@ pub(crate) async fn openapi_v2() -> Response {
 /// `api/v1`, `apis/<group>/v1`: the OpenAPI v3 group-versions served.
 fn v3_group_versions() -> Vec<(String, &'static str)> {
     let mut out = vec![("api/v1".to_string(), "")];
-    out.extend(GROUPS.iter().map(|g| (format!("apis/{g}/v1"), *g)));
+    out.extend(
+        GROUPS
+            .iter()
+            .map(|g| (format!("apis/{g}/{}", resources::group_version(g)), *g)),
+    );
     out
 }
 
@@ -232,13 +238,18 @@ pub(crate) async fn openapi_v3_doc(Path(p): Path<String>) -> Response {
     let Some((_, group)) = v3_group_versions().into_iter().find(|(gv, _)| *gv == p) else {
         return error_response(&ApiError::no_route());
     };
+    let version = if group.is_empty() {
+        "v1"
+    } else {
+        resources::group_version(group)
+    };
     let prefix = if group.is_empty() {
         "/api/v1".to_string()
     } else {
-        format!("/apis/{group}/v1")
+        format!("/apis/{group}/{version}")
     };
     let mut paths = serde_json::Map::new();
-    for r in resources::in_group_version(group, "v1") {
+    for r in resources::in_group_version(group, version) {
         let path = if r.namespaced {
             format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", r.name)
         } else {

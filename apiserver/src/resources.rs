@@ -108,6 +108,20 @@ pub(crate) const NETWORK_POLICIES: Resource = Resource {
     create_on_update: false,
 };
 
+/// network-policy-api's ClusterNetworkPolicy (a CRD on a real cluster), cluster-scoped.
+pub(crate) const CLUSTER_NETWORK_POLICIES: Resource = Resource {
+    name: "clusternetworkpolicies",
+    singular: "clusternetworkpolicy",
+    kind: "ClusterNetworkPolicy",
+    group: "policy.networking.k8s.io",
+    version: "v1alpha2",
+    namespaced: false,
+    short_names: &["cnp"],
+    status_subresource: false,
+    generation: true,
+    create_on_update: false,
+};
+
 pub(crate) const LEASES: Resource = Resource {
     name: "leases",
     singular: "lease",
@@ -139,18 +153,31 @@ pub(crate) const EVENTS: Resource = Resource {
 /// Every served kind. A kind added here also gets its typed form in `decode::codec` (a serde
 /// type, k8s-openapi's or its own), which checks its fields' types and drops unknown fields; a
 /// unit test there holds every kind of this list to it.
-pub(crate) const ALL: [Resource; 7] = [
+pub(crate) const ALL: [Resource; 8] = [
     NAMESPACES,
     NODES,
     PODS,
     CONFIGMAPS,
     NETWORK_POLICIES,
+    CLUSTER_NETWORK_POLICIES,
     LEASES,
     EVENTS,
 ];
 
 /// The groups served under `/apis`, in discovery order.
-pub(crate) const GROUPS: [&str; 2] = ["networking.k8s.io", "coordination.k8s.io"];
+pub(crate) const GROUPS: [&str; 3] = [
+    "networking.k8s.io",
+    "coordination.k8s.io",
+    "policy.networking.k8s.io",
+];
+
+/// The one version served of `group` (`v1`, but `v1alpha2` for network-policy-api's group).
+pub(crate) fn group_version(group: &str) -> &'static str {
+    ALL.iter()
+        .find(|r| r.group == group)
+        .map(|r| r.version)
+        .unwrap_or("v1")
+}
 
 /// The resource served at `group`/`version` with plural `name`.
 pub(crate) fn lookup(group: &str, version: &str, name: &str) -> Option<Resource> {

@@ -3452,3 +3452,49 @@ async fn lease_owned_by_a_vanished_node_uid_is_collected() {
     .await;
     assert!(bounded(leases.get_opt("current")).await.unwrap().is_some());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_network_policies_are_served_cluster_scoped_and_discovered() {
+    if is_e2e() {
+        // A real cluster serves them only with network-policy-api's CRD installed.
+        return;
+    }
+    let h = Harness::start().await;
+    let d = bounded(Discovery::new(h.client.clone()).run())
+        .await
+        .expect("discovery");
+    let gvk = GroupVersionKind::gvk(
+        "policy.networking.k8s.io",
+        "v1alpha2",
+        "ClusterNetworkPolicy",
+    );
+    let (ar, caps) = d
+        .resolve_gvk(&gvk)
+        .expect("ClusterNetworkPolicy discovered");
+    assert_eq!(caps.scope, Scope::Cluster);
+    assert_eq!(ar.plural, "clusternetworkpolicies");
+    let api: Api<kube::api::DynamicObject> = Api::all_with(h.client.clone(), &ar);
+    let name = unique("cnp");
+    let obj: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2",
+        "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": name},
+        "spec": {"tier": "Admin", "priority": 10, "subject": {"namespaces": {}},
+                 "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]}
+    }))
+    .unwrap();
+    let made = bounded(api.create(&PostParams::default(), &obj))
+        .await
+        .expect("create");
+    assert_eq!(made.data["spec"]["priority"], json!(10));
+    let listed = bounded(api.list(&ListParams::default()))
+        .await
+        .expect("list");
+    assert!(listed
+        .items
+        .iter()
+        .any(|o| o.metadata.name.as_deref() == Some(&name)));
+    bounded(api.delete(&name, &DeleteParams::default()))
+        .await
+        .expect("delete");
+}

@@ -23,7 +23,10 @@
 //! peer with no selector nor block) allows nothing. Traffic from `host_addrs` (the node's own
 //! addresses) is always allowed in, so that kubelet probes keep working under default deny.
 
-use crate::ir::{AddrSet, Direction, PodPolicy, PolicyIr, PortEntry, Protocol};
+use crate::cnp::{ClusterNetworkPolicy, NodeAddrs};
+use crate::ir::{
+    AddrSet, Direction, PodPolicy, PolicyIr, PortEntry, Protocol, Region, TierVerdict,
+};
 use crate::selector::{self, LabelIndex, Labels};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Namespace;
@@ -52,6 +55,10 @@ pub struct PolicyInput<'a> {
     pub policies: &'a [&'a NetworkPolicy],
     /// The node's addresses: host-to-pod traffic from them is always allowed.
     pub host_addrs: &'a [Ipv4Addr],
+    /// ClusterNetworkPolicies (both tiers).
+    pub cluster_policies: &'a [&'a ClusterNetworkPolicy],
+    /// The cluster's nodes, for egress `nodes` peers of ClusterNetworkPolicies.
+    pub nodes: &'a [NodeAddrs],
 }
 
 /// A container port that has a name.
@@ -192,18 +199,20 @@ impl Compiler {
                 }
             }
         }
+        let tiers = self.tiers(input.cluster_policies, input.nodes, local_pods);
         self.end_pass();
         let host = AddrSet::from_addrs(input.host_addrs.iter().copied());
         let mut pods: Vec<PodPolicy> = local_pods
             .iter()
             .zip(acc)
-            .map(|(pod, [ingress, egress])| PodPolicy {
+            .zip(tiers)
+            .map(|((pod, [ingress, egress]), [t_in, t_eg])| PodPolicy {
                 namespace: pod.namespace.clone(),
                 name: pod.name.clone(),
                 ip: pod.ip,
                 ifname: pod.ifname.clone(),
-                ingress: finish(ingress, Some(&host)),
-                egress: finish(egress, None),
+                ingress: finish(ingress, t_in, Some(&host)),
+                egress: finish(egress, t_eg, None),
             })
             .collect();
         pods.sort_by(|a, b| a.ifname.cmp(&b.ifname));
@@ -248,10 +257,22 @@ impl Compiler {
 
 /// A direction once every policy has been added: traffic from the node itself (`host`, for
 /// ingress) is let in when the pod is isolated, policy names sorted, ports made disjoint.
-fn finish((mut out, raw_ports): (Direction, Vec<PortEntry>), host: Option<&AddrSet>) -> Direction {
+fn finish(
+    (mut out, raw_ports): (Direction, Vec<PortEntry>),
+    (mut admin, mut baseline): (TierVerdict, TierVerdict),
+    host: Option<&AddrSet>,
+) -> Direction {
     if let (true, Some(host)) = (out.isolated, host) {
         out.all_ports.union_with(host);
     }
+    // The kubelet's probes come from the node: no tier denies them.
+    if let Some(host) = host.filter(|h| !h.is_empty()) {
+        let host = Region::everything(host);
+        admin.deny = admin.deny.subtract(&host);
+        baseline.deny = baseline.deny.subtract(&host);
+    }
+    out.admin = admin;
+    out.baseline = baseline;
     out.policies.sort();
     out.set_ports(raw_ports);
     out
@@ -603,3 +624,4 @@ mod peers;
 mod pod;
 #[cfg(test)]
 mod tests;
+mod tiers;

@@ -17,7 +17,7 @@
 
 use crate::droplog::{self, DropDirection};
 use crate::firewall::{Applied, Backend, Exec, Firewall, FirewallError, Observed, Rendered};
-use crate::ir::{AddrSet, Direction, PolicyIr, PortEntry, Protocol};
+use crate::ir::{AddrSet, Direction, PolicyIr, PortEntry, Protocol, Region};
 use crate::nft::HASH_MARK;
 use crate::{fnv1a, memo, FNV_START};
 use std::collections::BTreeMap;
@@ -171,61 +171,132 @@ fn render_direction(
     };
     let mut sets = Vec::new();
     let mut rules = Vec::new();
-    let mut set_match = |name: String, addrs: &AddrSet| {
-        if addrs.is_all() {
-            return String::new();
-        }
-        let m = format!(" -m set --match-set {name} {dir}");
-        sets.push(render_set(name, addrs));
-        m
+    let log_rule = droplog::iptables_log(drop_direction(ingress), Some(ifname));
+    // A rate-limited log is its own rule before the drop (over its rate it does not match).
+    let drop: Vec<&str> = if log {
+        vec!["LOG", "DROP"]
+    } else {
+        vec!["DROP"]
     };
-    if !d.all_ports.is_empty() {
-        let m = set_match(format!("{SET_PREFIX}{tag}-{ifname}-a"), &d.all_ports);
-        rules.push(format!("-A {chain}{m} -j {verdict}"));
+    let mut e = Emit {
+        sets: &mut sets,
+        rules: &mut rules,
+        chain,
+        dir,
+        log: &log_rule,
+    };
+    let admin = &d.admin;
+    e.region(&format!("{tag}-{ifname}-ad"), &admin.deny, &drop);
+    e.region(&format!("{tag}-{ifname}-aa"), &admin.accept, &[verdict]);
+    if d.isolated {
+        e.lookups(
+            &format!("{tag}-{ifname}"),
+            &d.all_ports,
+            &d.ports,
+            &[verdict],
+        );
+        e.lookups_done(&drop);
+    } else {
+        e.region(&format!("{tag}-{ifname}-bd"), &d.baseline.deny, &drop);
+        e.lookups_done(&[verdict]);
     }
-    // One set per distinct peer set; one rule per protocol and multiport list.
-    let mut groups: Vec<(&AddrSet, Vec<&PortEntry>)> = Vec::new();
-    for e in &d.ports {
-        match groups.iter_mut().find(|(a, _)| *a == &e.addrs) {
-            Some(g) => g.1.push(e),
-            None => groups.push((&e.addrs, vec![e])),
-        }
-    }
-    for (i, (addrs, entries)) in groups.into_iter().enumerate() {
-        let m = set_match(format!("{SET_PREFIX}{tag}-{ifname}-{i}"), addrs);
-        for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
-            let ranges: Vec<(u16, u16)> = entries
-                .iter()
-                .filter(|e| e.protocol == proto)
-                .map(|e| (e.first, e.last))
-                .collect();
-            if ranges.is_empty() {
-                continue;
-            }
-            let p = proto.name();
-            if ranges == [(0, u16::MAX)] {
-                rules.push(format!("-A {chain} -p {p}{m} -j {verdict}"));
-                continue;
-            }
-            for list in multiport_lists(&ranges) {
-                rules.push(format!(
-                    "-A {chain} -p {p}{m} -m multiport --dports {list} -j {verdict}"
-                ));
-            }
-        }
-    }
-    if log {
-        rules.push(format!(
-            "-A {chain} {}",
-            droplog::iptables_log(drop_direction(ingress), Some(ifname))
-        ));
-    }
-    rules.push(format!("-A {chain} -j DROP"));
     let mut text = String::new();
     for r in rules {
         let _ = writeln!(text, "{r}");
     }
     RenderedDirection { rules: text, sets }
+}
+
+/// The protocol numbers without ports (all but TCP 6, UDP 17, SCTP 132), for `-m u32` on the
+/// IPv4 header's protocol byte.
+const NO_PORT_PROTOCOLS: &str = "6&0xFF=0:5,7:16,18:131,133:255";
+
+/// Rules and sets of one direction's chain, as they are emitted.
+struct Emit<'a> {
+    sets: &'a mut Vec<RenderedSet>,
+    rules: &'a mut Vec<String>,
+    chain: &'a str,
+    dir: &'a str,
+    log: &'a str,
+}
+
+impl Emit<'_> {
+    /// `m` (a match, may be empty) once per verdict (`LOG` is the drop-log rule).
+    fn push(&mut self, m: &str, verdicts: &[&str]) {
+        for v in verdicts {
+            self.rules.push(match *v {
+                "LOG" => format!("-A {}{m} {}", self.chain, self.log),
+                v => format!("-A {}{m} -j {v}", self.chain),
+            });
+        }
+    }
+
+    fn set_match(&mut self, name: String, addrs: &AddrSet) -> String {
+        if addrs.is_all() {
+            return String::new();
+        }
+        let m = format!(" -m set --match-set {name} {}", self.dir);
+        self.sets.push(render_set(name, addrs));
+        m
+    }
+
+    /// Peers on every port (`all`), then per port entries: one set per distinct peer set,
+    /// one rule per protocol and multiport list.
+    fn lookups(&mut self, base: &str, all: &AddrSet, ports: &[PortEntry], verdicts: &[&str]) {
+        if !all.is_empty() {
+            let m = self.set_match(format!("{SET_PREFIX}{base}-a"), all);
+            self.push(&m, verdicts);
+        }
+        let mut groups: Vec<(&AddrSet, Vec<&PortEntry>)> = Vec::new();
+        for e in ports {
+            match groups.iter_mut().find(|(a, _)| *a == &e.addrs) {
+                Some(g) => g.1.push(e),
+                None => groups.push((&e.addrs, vec![e])),
+            }
+        }
+        for (i, (addrs, entries)) in groups.into_iter().enumerate() {
+            let m = self.set_match(format!("{SET_PREFIX}{base}-{i}"), addrs);
+            for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+                let ranges: Vec<(u16, u16)> = entries
+                    .iter()
+                    .filter(|e| e.protocol == proto)
+                    .map(|e| (e.first, e.last))
+                    .collect();
+                if ranges.is_empty() {
+                    continue;
+                }
+                let p = proto.name();
+                if ranges == [(0, u16::MAX)] {
+                    self.push(&format!(" -p {p}{m}"), verdicts);
+                    continue;
+                }
+                for list in multiport_lists(&ranges) {
+                    self.push(
+                        &format!(" -p {p}{m} -m multiport --dports {list}"),
+                        verdicts,
+                    );
+                }
+            }
+        }
+    }
+
+    /// A ClusterNetworkPolicy tier's region.
+    fn region(&mut self, base: &str, region: &Region, verdicts: &[&str]) {
+        if region.is_empty() {
+            return;
+        }
+        let (all, ports, other) = region.split();
+        self.lookups(base, &all, &ports, verdicts);
+        if !other.is_empty() {
+            let m = self.set_match(format!("{SET_PREFIX}{base}-o"), &other);
+            self.push(&format!(" -m u32 --u32 {NO_PORT_PROTOCOLS}{m}"), verdicts);
+        }
+    }
+
+    /// The chain's last word.
+    fn lookups_done(&mut self, verdicts: &[&str]) {
+        self.push("", verdicts);
+    }
 }
 
 /// The whole desired state of sluice's chains and sets.
@@ -249,7 +320,7 @@ pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> IptablesScript {
     let isolated = AddrSet::from_addrs(
         ir.pods
             .iter()
-            .filter(|p| p.ingress.isolated || p.egress.isolated)
+            .filter(|p| p.ingress.enforced() || p.egress.enforced())
             .map(|p| p.ip),
     );
     let isolated_set = format!("{SET_PREFIX}ISOLATED");
@@ -260,7 +331,7 @@ pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> IptablesScript {
             (true, &pod.ingress, &ing, "-o", "I"),
             (false, &pod.egress, &eg, "-i", "E"),
         ] {
-            if d.isolated {
+            if d.enforced() {
                 direction(&mut out, memo, ingress, &pod.ifname, d, ir.log_drops);
                 let _ = writeln!(
                     dispatch,

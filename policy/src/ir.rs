@@ -121,6 +121,18 @@ impl AddrSet {
         self.normalise();
     }
 
+    /// What of `self` is not in `other`.
+    pub fn difference(&self, other: &AddrSet) -> AddrSet {
+        let mut out = self.clone();
+        for &r in &other.ranges {
+            if out.ranges.is_empty() {
+                break;
+            }
+            out.subtract(r);
+        }
+        out
+    }
+
     pub fn intersect(&self, other: &AddrSet) -> AddrSet {
         let mut out = Vec::new();
         let (mut i, mut j) = (0, 0);
@@ -209,13 +221,31 @@ pub struct Direction {
     pub all_ports: AddrSet,
     /// Peers allowed on given ports: disjoint per protocol, sorted by (protocol, first).
     pub ports: Vec<PortEntry>,
+    /// ClusterNetworkPolicy tier `Admin`: decided before NetworkPolicy.
+    pub admin: TierVerdict,
+    /// ClusterNetworkPolicy tier `Baseline`: decides only when no NetworkPolicy isolates.
+    pub baseline: TierVerdict,
 }
 
 impl Direction {
     /// Whether traffic with `peer` (the source for ingress, the destination for egress) on
     /// protocol number `proto` to `dport` passes.
     pub fn allows(&self, peer: Ipv4Addr, proto: u8, dport: Option<u16>) -> bool {
-        if !self.isolated || self.all_ports.contains(peer) {
+        if self.admin.deny.contains(peer, proto, dport) {
+            return false;
+        }
+        if self.admin.accept.contains(peer, proto, dport) {
+            return true;
+        }
+        if self.isolated {
+            return self.network_policy_allows(peer, proto, dport);
+        }
+        !self.baseline.deny.contains(peer, proto, dport)
+    }
+
+    /// NetworkPolicy's own answer for an isolated direction.
+    fn network_policy_allows(&self, peer: Ipv4Addr, proto: u8, dport: Option<u16>) -> bool {
+        if self.all_ports.contains(peer) {
             return true;
         }
         let Some(port) = dport else { return false };
@@ -226,9 +256,173 @@ impl Direction {
         })
     }
 
+    /// Whether the direction needs a chain of its own: NetworkPolicy isolates it, or a
+    /// ClusterNetworkPolicy tier decides something for it.
+    pub fn enforced(&self) -> bool {
+        self.isolated || !self.admin.is_empty() || !self.baseline.is_empty()
+    }
+
     /// Replaces raw (possibly overlapping) port entries by disjoint ones with the same meaning.
     pub fn set_ports(&mut self, raw: Vec<PortEntry>) {
         self.ports = disjoint(raw);
+    }
+}
+
+/// The three protocols that carry ports.
+pub const PORT_PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+/// A part of the (peer, protocol, port) space, exact: `other` holds the peers matched on every
+/// protocol without ports (ICMP and the rest), `ports` the peers matched per TCP/UDP/SCTP port
+/// range (disjoint, sorted, adjacent equal ranges merged). A ClusterNetworkPolicy rule, and the
+/// decision of a whole tier, is one of these.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Region {
+    pub other: AddrSet,
+    pub ports: Vec<PortEntry>,
+}
+
+impl Region {
+    /// `addrs` on every protocol and port.
+    pub fn everything(addrs: &AddrSet) -> Self {
+        Self {
+            other: addrs.clone(),
+            ports: disjoint(
+                PORT_PROTOCOLS
+                    .iter()
+                    .map(|&protocol| PortEntry {
+                        protocol,
+                        first: 0,
+                        last: u16::MAX,
+                        addrs: addrs.clone(),
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Only the given port entries (possibly overlapping).
+    pub fn from_ports(raw: Vec<PortEntry>) -> Self {
+        Self {
+            other: AddrSet::new(),
+            ports: disjoint(raw),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.other.is_empty() && self.ports.is_empty()
+    }
+
+    pub fn contains(&self, peer: Ipv4Addr, proto: u8, dport: Option<u16>) -> bool {
+        if !PORT_PROTOCOLS.iter().any(|p| p.number() == proto) {
+            return self.other.contains(peer);
+        }
+        let Some(port) = dport else { return false };
+        self.ports.iter().any(|e| {
+            e.protocol.number() == proto
+                && (e.first..=e.last).contains(&port)
+                && e.addrs.contains(peer)
+        })
+    }
+
+    pub fn union(&self, other: &Region) -> Region {
+        let mut o = self.other.clone();
+        o.union_with(&other.other);
+        let mut raw = self.ports.clone();
+        raw.extend_from_slice(&other.ports);
+        Region {
+            other: o,
+            ports: disjoint(raw),
+        }
+    }
+
+    /// What of `self` is not in `minus`.
+    pub fn subtract(&self, minus: &Region) -> Region {
+        let other = self.other.difference(&minus.other);
+        let mut raw = Vec::new();
+        for proto in PORT_PROTOCOLS {
+            let mine: Vec<&PortEntry> = self.ports.iter().filter(|e| e.protocol == proto).collect();
+            let theirs: Vec<&PortEntry> =
+                minus.ports.iter().filter(|e| e.protocol == proto).collect();
+            let mut bounds: Vec<u32> = mine
+                .iter()
+                .chain(theirs.iter())
+                .flat_map(|e| [u32::from(e.first), u32::from(e.last) + 1])
+                .collect();
+            bounds.sort_unstable();
+            bounds.dedup();
+            let at = |list: &[&PortEntry], lo: u32| -> AddrSet {
+                list.iter()
+                    .find(|e| u32::from(e.first) <= lo && lo <= u32::from(e.last))
+                    .map(|e| e.addrs.clone())
+                    .unwrap_or_default()
+            };
+            for w in bounds.windows(2) {
+                let (lo, hi) = (w[0], w[1] - 1);
+                let addrs = at(&mine, lo).difference(&at(&theirs, lo));
+                if !addrs.is_empty() {
+                    raw.push(PortEntry {
+                        protocol: proto,
+                        first: lo as u16,
+                        last: hi as u16,
+                        addrs,
+                    });
+                }
+            }
+        }
+        Region {
+            other,
+            ports: disjoint(raw),
+        }
+    }
+
+    /// For rendering: the peers matched on everything (one address lookup), then what is left
+    /// per port, then what is left on protocols without ports.
+    pub fn split(&self) -> (AddrSet, Vec<PortEntry>, AddrSet) {
+        let mut all = self.other.clone();
+        for proto in PORT_PROTOCOLS {
+            let entries: Vec<&PortEntry> =
+                self.ports.iter().filter(|e| e.protocol == proto).collect();
+            let mut next = 0u32;
+            let mut common = all.clone();
+            for e in &entries {
+                if u32::from(e.first) != next {
+                    common = AddrSet::new();
+                    break;
+                }
+                common = common.intersect(&e.addrs);
+                next = u32::from(e.last) + 1;
+            }
+            if next != 1 << 16 {
+                common = AddrSet::new();
+            }
+            all = common;
+        }
+        let ports: Vec<PortEntry> = self
+            .ports
+            .iter()
+            .filter_map(|e| {
+                let addrs = e.addrs.difference(&all);
+                (!addrs.is_empty()).then(|| PortEntry { addrs, ..e.clone() })
+            })
+            .collect();
+        let other = self.other.difference(&all);
+        (all, disjoint(ports), other)
+    }
+}
+
+/// What one ClusterNetworkPolicy tier decides for one direction of one pod: disjoint regions
+/// of peers it accepts and denies; the rest (no rule, or `Pass`) goes on to the next stage.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct TierVerdict {
+    pub deny: Region,
+    pub accept: Region,
+    /// The ClusterNetworkPolicies that select the pod in this tier, sorted (for logs).
+    pub policies: Vec<String>,
+}
+
+impl TierVerdict {
+    pub fn is_empty(&self) -> bool {
+        self.deny.is_empty() && self.accept.is_empty()
     }
 }
 

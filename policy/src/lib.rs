@@ -12,6 +12,7 @@
 //!   observes the hash comment sluice left in the kernel and writes only when it differs.
 //! - [`conntrack`] cuts established flows the new IR denies.
 
+pub mod cnp;
 pub mod compile;
 pub mod conntrack;
 pub mod droplog;
@@ -29,7 +30,7 @@ pub use firewall::{
     auto, Applied, Backend, Exec, FakeFirewall, Firewall, FirewallError, Observed, Rendered,
 };
 pub use iptables::{IptablesMode, IptablesRestore};
-pub use ir::{AddrSet, Direction, PodPolicy, PolicyIr, PortEntry, Protocol};
+pub use ir::{AddrSet, Direction, PodPolicy, PolicyIr, PortEntry, Protocol, Region, TierVerdict};
 pub use nft::NftCli;
 
 /// Prefix of the host-side pod veths sluice makes (sluice-net's `LINK_PREFIX`); an interface

@@ -27,7 +27,7 @@
 
 use crate::droplog::{self, DropDirection};
 use crate::firewall::{Applied, Backend, Exec, Firewall, FirewallError, Observed, Rendered};
-use crate::ir::{AddrSet, Direction, PolicyIr, PortEntry};
+use crate::ir::{AddrSet, Direction, PolicyIr, PortEntry, Region};
 use crate::{memo, text_hash};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -201,37 +201,141 @@ fn render_direction(
     };
     let mut sets = Vec::new();
     let mut rules = Vec::new();
-    if d.all_ports.is_all() {
+    // A rate-limited log stops matching over its rate: it is a rule of its own before the drop.
+    let drop: Vec<String> = if log {
+        vec![
+            droplog::nft_log(drop_direction(prefix), Some(ifname)),
+            "drop".into(),
+        ]
+    } else {
+        vec!["drop".into()]
+    };
+    let allow_v = [allow.to_string()];
+    // Admin tier: one lookup per set, before NetworkPolicy.
+    let admin = &d.admin;
+    region_rules(
+        &mut sets,
+        &mut rules,
+        &format!("{name}-ad"),
+        field,
+        &admin.deny,
+        &drop,
+    );
+    region_rules(
+        &mut sets,
+        &mut rules,
+        &format!("{name}-aa"),
+        field,
+        &admin.accept,
+        &allow_v,
+    );
+    if d.isolated {
+        if d.all_ports.is_all() {
+            rules.push(allow.to_string());
+        } else if !d.all_ports.is_empty() {
+            let set = named_set(
+                &format!("{name}-all"),
+                interval_set("ipv4_addr", addr_elements(&d.all_ports)),
+            );
+            rules.push(format!("{field} @{} {allow}", set.0));
+            sets.push(set);
+        }
+        if !d.ports.is_empty() {
+            let set = named_set(
+                &format!("{name}-ports"),
+                interval_set(
+                    "ipv4_addr . inet_proto . inet_service",
+                    port_elements(&d.ports),
+                ),
+            );
+            rules.push(format!(
+                "{field} . meta l4proto . th dport @{} {allow}",
+                set.0
+            ));
+            sets.push(set);
+        }
+        if log {
+            rules.push(droplog::nft_log(drop_direction(prefix), Some(ifname)));
+        }
+        rules.push("drop".into());
+    } else {
+        // No NetworkPolicy isolates: the Baseline tier decides, else allow.
+        let base = &d.baseline;
+        region_rules(
+            &mut sets,
+            &mut rules,
+            &format!("{name}-bd"),
+            field,
+            &base.deny,
+            &drop,
+        );
         rules.push(allow.to_string());
-    } else if !d.all_ports.is_empty() {
-        let set = named_set(
-            &format!("{name}-all"),
-            interval_set("ipv4_addr", addr_elements(&d.all_ports)),
-        );
-        rules.push(format!("{field} @{} {allow}", set.0));
-        sets.push(set);
     }
-    if !d.ports.is_empty() {
-        let set = named_set(
-            &format!("{name}-ports"),
-            interval_set(
-                "ipv4_addr . inet_proto . inet_service",
-                port_elements(&d.ports),
-            ),
-        );
-        rules.push(format!(
-            "{field} . meta l4proto . th dport @{} {allow}",
-            set.0
-        ));
-        sets.push(set);
-    }
-    if log {
-        rules.push(droplog::nft_log(drop_direction(prefix), Some(ifname)));
-    }
-    rules.push("drop".into());
     RenderedDirection {
         sets,
         chain: Arc::new(NftChain { hook: None, rules }),
+    }
+}
+
+/// The rules (and sets) that give `verdict` to `region`: at most three lookups, whatever the
+/// number of ClusterNetworkPolicies behind it.
+fn region_rules(
+    sets: &mut Vec<(String, Arc<NftSet>)>,
+    rules: &mut Vec<String>,
+    base: &str,
+    field: &str,
+    region: &Region,
+    verdicts: &[String],
+) {
+    if region.is_empty() {
+        return;
+    }
+    let (all, ports, other) = region.split();
+    let push = |rules: &mut Vec<String>, m: String| {
+        for v in verdicts {
+            rules.push(if m.is_empty() {
+                v.clone()
+            } else {
+                format!("{m} {v}")
+            });
+        }
+    };
+    if all.is_all() {
+        push(rules, String::new());
+        return;
+    }
+    if !all.is_empty() {
+        let set = named_set(
+            &format!("{base}-all"),
+            interval_set("ipv4_addr", addr_elements(&all)),
+        );
+        push(rules, format!("{field} @{}", set.0));
+        sets.push(set);
+    }
+    if !ports.is_empty() {
+        let set = named_set(
+            &format!("{base}-ports"),
+            interval_set(
+                "ipv4_addr . inet_proto . inet_service",
+                port_elements(&ports),
+            ),
+        );
+        push(
+            rules,
+            format!("{field} . meta l4proto . th dport @{}", set.0),
+        );
+        sets.push(set);
+    }
+    if !other.is_empty() {
+        let set = named_set(
+            &format!("{base}-other"),
+            interval_set("ipv4_addr", addr_elements(&other)),
+        );
+        push(
+            rules,
+            format!("meta l4proto != {{ tcp, udp, sctp }} {field} @{}", set.0),
+        );
+        sets.push(set);
     }
 }
 
@@ -332,7 +436,7 @@ pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> NftScript {
             .into_iter()
             .enumerate()
         {
-            let verdict = if d.isolated {
+            let verdict = if d.enforced() {
                 direction(&mut table, memo, prefix, &pod.ifname, d, ir.log_drops);
                 format!("goto {prefix}-{}", pod.ifname)
             } else {
@@ -345,7 +449,7 @@ pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> NftScript {
     let isolated = AddrSet::from_addrs(
         ir.pods
             .iter()
-            .filter(|p| p.ingress.isolated || p.egress.isolated)
+            .filter(|p| p.ingress.enforced() || p.egress.enforced())
             .map(|p| p.ip),
     );
     let isolated = insert_set(

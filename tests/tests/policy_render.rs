@@ -12,6 +12,7 @@
 use serde_json::{json, Value};
 use sluice_e2e::lab::in_netns;
 use sluice_e2e::{have_root, sh, Netns};
+use sluice_policy::cnp::ClusterNetworkPolicy;
 use sluice_policy::k8s_openapi::api::core::v1::{Namespace, Pod};
 use sluice_policy::k8s_openapi::api::networking::v1::NetworkPolicy;
 use sluice_policy::{
@@ -326,6 +327,16 @@ fn cluster() -> (Vec<Pod>, Vec<Namespace>, Vec<LocalPod>) {
 }
 
 fn ir_for(policies: &[Value]) -> PolicyIr {
+    ir_with_tiers(policies, &[])
+}
+
+/// With ClusterNetworkPolicies (`policy.networking.k8s.io/v1alpha2`) too.
+fn ir_with_tiers(policies: &[Value], cnps: &[Value]) -> PolicyIr {
+    let cnps: Vec<ClusterNetworkPolicy> = cnps
+        .iter()
+        .map(|p| serde_json::from_value(p.clone()).unwrap())
+        .collect();
+    let cnps: Vec<&ClusterNetworkPolicy> = cnps.iter().collect();
     let (pods, namespaces, local) = cluster();
     let policies: Vec<NetworkPolicy> = policies
         .iter()
@@ -343,6 +354,8 @@ fn ir_for(policies: &[Value]) -> PolicyIr {
         namespaces: &namespaces,
         policies: &policies,
         host_addrs: &host,
+        cluster_policies: &cnps,
+        ..Default::default()
     };
     compile(&input, &local)
 }
@@ -507,9 +520,122 @@ fn diff(got: &[Probe], want: &[Probe]) -> Vec<String> {
 
 /// Applies every case with `fw` on `node` and returns the measured matrices.
 fn run_cases(node: &Node, fw: &dyn Firewall) -> Vec<Vec<Probe>> {
+    let cases = cases()
+        .into_iter()
+        .map(|(name, policies, allowed)| (name, policies, Vec::new(), allowed))
+        .collect();
+    run_tier_cases(node, fw, cases)
+}
+
+type TierCase = (&'static str, Vec<Value>, Vec<Value>, Vec<&'static str>);
+
+fn cnp(name: &str, tier: &str, priority: i32, subject: Value, ingress: Value) -> Value {
+    json!({"metadata": {"name": name}, "spec": {
+        "tier": tier, "priority": priority, "subject": subject, "ingress": ingress}})
+}
+
+/// ClusterNetworkPolicy cases: a name, NetworkPolicies, ClusterNetworkPolicies, what passes.
+fn tier_cases() -> Vec<TierCase> {
+    let all_of = |from: &str, to: &[&str]| -> Vec<String> {
+        to.iter()
+            .flat_map(|t| ["t80", "t81", "u53"].map(|p| format!("{from}>{t}:{p}")))
+            .collect()
+    };
+    let leak = |v: Vec<String>| -> Vec<&'static str> {
+        v.into_iter()
+            .map(|s| &*Box::leak(s.into_boxed_str()))
+            .collect()
+    };
+    let ns = |n: &str| json!({"namespaces": {"matchLabels": {"team": n}}});
+    let from = |n: &str| json!([{"namespaces": {"matchLabels": {"team": n}}}]);
+    let every = json!([{"namespaces": {}}]);
+    let open_x = np("x", "open", json!({"podSelector": {}, "ingress": [{}]}));
+    let mut case1 = all_of("x/a", &["x/b", "y/c"]);
+    case1.extend(all_of("x/b", &["x/a", "y/c"]));
+    let mut case2 = vec!["y/c>x/a:t80".to_string(), "y/c>x/b:t80".to_string()];
+    case2.extend(all_of("x/a", &["y/c"]));
+    case2.extend(all_of("x/b", &["y/c"]));
+    vec![
+        (
+            "Admin Deny from y overrides a NetworkPolicy that opens x",
+            vec![open_x],
+            vec![cnp(
+                "deny-y",
+                "Admin",
+                10,
+                ns("x"),
+                json!([{"action": "Deny", "from": from("y")}]),
+            )],
+            leak(case1),
+        ),
+        (
+            "Admin Pass for y defers to NetworkPolicy (TCP 80 only), Admin Deny for the rest",
+            vec![np(
+                "x",
+                "y-web",
+                json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "y"}}}], "ports": [{"port": 80}]}]}),
+            )],
+            vec![
+                cnp(
+                    "pass-y",
+                    "Admin",
+                    1,
+                    ns("x"),
+                    json!([{"action": "Pass", "from": from("y")}]),
+                ),
+                cnp(
+                    "deny-all",
+                    "Admin",
+                    2,
+                    ns("x"),
+                    json!([{"action": "Deny", "from": every.clone()}]),
+                ),
+            ],
+            leak(case2),
+        ),
+        (
+            "Baseline Deny everywhere, except where a NetworkPolicy selects (x/a from x/b)",
+            vec![np(
+                "x",
+                "a-from-b",
+                json!({"podSelector": {"matchLabels": {"app": "a"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "b"}}}]}]}),
+            )],
+            vec![cnp(
+                "base-deny",
+                "Baseline",
+                1,
+                json!({"namespaces": {}}),
+                json!([{"action": "Deny", "from": every}]),
+            )],
+            leak(all_of("x/b", &["x/a"])),
+        ),
+    ]
+}
+
+#[test]
+fn cluster_network_policy_tiers_on_both_renderers() {
+    if !have_root() || !need("nft") || !need("ipset") || !need("iptables-restore") {
+        return;
+    }
+    let nft_node = Node::new();
+    nft_node.add_others();
+    let nft = NftCli::new(nft_node.exec());
+    let by_nft = run_tier_cases(&nft_node, &nft, tier_cases());
+    nft.remove().unwrap();
+    drop(nft_node);
+    let ipt_node = Node::new();
+    ipt_node.add_others();
+    let ipt = IptablesRestore::detect(ipt_node.exec()).unwrap();
+    let by_ipt = run_tier_cases(&ipt_node, &ipt, tier_cases());
+    ipt.remove().unwrap();
+    assert_eq!(by_nft, by_ipt, "the renderers disagree");
+}
+
+/// [`run_cases`] for cases with ClusterNetworkPolicies.
+fn run_tier_cases(node: &Node, fw: &dyn Firewall, cases: Vec<TierCase>) -> Vec<Vec<Probe>> {
     let mut out = Vec::new();
-    for (i, (name, policies, allowed)) in cases().into_iter().enumerate() {
-        let ir = ir_for(&policies);
+    for (i, (name, policies, cnps, allowed)) in cases.into_iter().enumerate() {
+        let ir = ir_with_tiers(&policies, &cnps);
         let rendered = fw.render(&ir);
         let applied = fw.apply(&rendered).unwrap();
         assert!(applied.written, "{name}: first apply writes");

@@ -79,6 +79,18 @@ pub const API_CALLS: &[(&str, &str, &str, &str)] = &[
     ("", "namespaces", "watch", ""),
     ("networking.k8s.io", "networkpolicies", "list", ""),
     ("networking.k8s.io", "networkpolicies", "watch", ""),
+    (
+        "policy.networking.k8s.io",
+        "clusternetworkpolicies",
+        "list",
+        "",
+    ),
+    (
+        "policy.networking.k8s.io",
+        "clusternetworkpolicies",
+        "watch",
+        "",
+    ),
     ("", "configmaps", "get", "kube-system"),
     ("", "configmaps", "list", "kube-system"),
     ("", "configmaps", "watch", "kube-system"),

@@ -12,24 +12,25 @@
 //! plugin meant to do). A pod without such a route yet stays out of the IR, and its veth drops
 //! (fail closed) until a later pass finds it.
 
-use super::{droplog, WatchSync};
+use super::{droplog, tolerant, WatchSync};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::Api;
+use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::Client;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol};
 use sluice_health::Health;
+use sluice_policy::cnp::{self, ClusterNetworkPolicy};
 use sluice_policy::{
     ClusterPod, Compiler, ConntrackCli, Exec, Firewall, LocalPod, PolicyInput, PolicyIr,
 };
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Seconds between full passes when nothing changes (drift repair: rules removed by hand, a
@@ -226,6 +227,8 @@ fn local_pods(
 /// One pass's outcome, for logs and the status document.
 struct Pass {
     rules: usize,
+    /// ClusterNetworkPolicies in force (decoded).
+    cnps: usize,
     pods: usize,
     written: bool,
     /// Where the pass spent its time: reading the kernel's links and routes, compiling,
@@ -306,10 +309,43 @@ pub async fn run(
     )
     .default_backoff()
     .map(|e| (2usize, init_done("networkpolicies", &e)));
+    // ClusterNetworkPolicy is a CRD the cluster may not have: its watch never holds policy
+    // back (not part of `synced`); while it fails, NetworkPolicy is enforced alone and
+    // `/status` says so.
+    let cnp_resource = cnp_api_resource();
+    let cnp_writer = reflector::store::Writer::<DynamicObject>::new(cnp_resource.clone());
+    let cnp_cache = cnp_writer.as_reader();
+    let cnp_state = Arc::new(Mutex::new(CnpWatch::Starting));
+    let cnps = reflector(
+        cnp_writer,
+        watcher(
+            Api::<DynamicObject>::all_with(client.clone(), &cnp_resource),
+            wc(),
+        ),
+    )
+    .default_backoff()
+    .map({
+        let state = cnp_state.clone();
+        move |e| {
+            let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+            match &e {
+                Ok(watcher::Event::InitDone) => *st = CnpWatch::Watching,
+                Err(err) => {
+                    if *st != CnpWatch::Unavailable {
+                        tracing::warn!(error = %err, "no ClusterNetworkPolicy watch (is the policy.networking.k8s.io CRD installed?); NetworkPolicy is enforced without it");
+                    }
+                    *st = CnpWatch::Unavailable;
+                }
+                Ok(_) => {}
+            }
+            (CNP_SOURCE, false)
+        }
+    });
     let mut events = Box::pin(futures::stream::select(
         pods,
-        futures::stream::select(nss, nps),
+        futures::stream::select(nss, futures::stream::select(nps, cnps)),
     ));
+    let skips = tolerant::Skips::default();
     let handle = match rtnetlink::new_connection() {
         Ok((conn, handle, _)) => {
             tokio::spawn(conn);
@@ -359,7 +395,7 @@ pub async fn run(
                     &firewall,
                     flusher.as_ref(),
                     (&pod_cache, &ns_cache, &np_cache),
-                    (log, &names),
+                    ((log, &names), (&cnp_cache, &skips, &health)),
                 )
                 .await;
                 health
@@ -375,9 +411,11 @@ pub async fn run(
                             .metrics
                             .policy_rules
                             .set(i64::try_from(p.rules).unwrap_or(i64::MAX));
+                        let watch = *cnp_state.lock().unwrap_or_else(|p| p.into_inner());
                         health.update(|s| {
                             s.policy_error = None;
                             set_policy_status(&mut s.status, backend, p.rules, p.pods);
+                            set_cnp_status(&mut s.status, watch, p.cnps);
                         });
                         if !swept {
                             // Only once this backend's rules are in force, so that a switch of
@@ -465,6 +503,45 @@ fn sweep_other(using: sluice_policy::Backend) -> Result<(), sluice_policy::Firew
     }
 }
 
+/// The source number of the ClusterNetworkPolicy watch (not one of `synced`'s).
+const CNP_SOURCE: usize = 3;
+
+/// Where the ClusterNetworkPolicy watch stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CnpWatch {
+    Starting,
+    Watching,
+    /// The API refuses it (no CRD, no RBAC): NetworkPolicy alone is enforced.
+    Unavailable,
+}
+
+/// `policy.networking.k8s.io/v1alpha2` `clusternetworkpolicies`, cluster-scoped.
+pub fn cnp_api_resource() -> ApiResource {
+    ApiResource {
+        group: cnp::GROUP.into(),
+        version: cnp::VERSION.into(),
+        api_version: format!("{}/{}", cnp::GROUP, cnp::VERSION),
+        kind: cnp::KIND.into(),
+        plural: cnp::PLURAL.into(),
+    }
+}
+
+/// Writes `clusterNetworkPolicies` (the watch's state and how many are in force) into the
+/// status document's `policy`.
+pub fn set_cnp_status(status: &mut serde_json::Value, watch: CnpWatch, count: usize) {
+    if let Some(policy) = status.get_mut("policy").and_then(|p| p.as_object_mut()) {
+        let state = match watch {
+            CnpWatch::Starting => "starting",
+            CnpWatch::Watching => "watching",
+            CnpWatch::Unavailable => "unavailable: NetworkPolicy only",
+        };
+        policy.insert(
+            "clusterNetworkPolicies".into(),
+            serde_json::json!({"watch": state, "inForce": count}),
+        );
+    }
+}
+
 /// Writes `policy` into the status document if it is an object.
 /// `pods` is how many local pods the rules in force know (a pod's veth drops until then).
 pub fn set_policy_status(status: &mut serde_json::Value, backend: &str, rules: usize, pods: usize) {
@@ -489,7 +566,10 @@ async fn sync_once(
     firewall: &Arc<dyn Firewall>,
     flusher: Option<&Flusher>,
     (pods, nss, nps): Caches<'_>,
-    (log_drops, names): (bool, &droplog::Names),
+    ((log_drops, names), (cnp_cache, skips, health)): (
+        (bool, &droplog::Names),
+        (&reflector::Store<DynamicObject>, &tolerant::Skips, &Health),
+    ),
 ) -> Result<Pass, PolicyError> {
     let started = Instant::now();
     let kernel = kernel_view(handle, link_names).await?;
@@ -500,11 +580,20 @@ async fn sync_once(
     let namespaces: Vec<&Namespace> = namespaces.iter().map(|n| &**n).collect();
     let policies: Vec<&NetworkPolicy> = policies.iter().map(|n| &**n).collect();
     let local = local_pods(node, &pods, &kernel.links);
+    // One ClusterNetworkPolicy that does not decode is skipped and counted, never the rest.
+    let cnps: Vec<ClusterNetworkPolicy> = cnp_cache
+        .state()
+        .iter()
+        .filter_map(|o| skips.decode::<ClusterNetworkPolicy>(cnp::KIND, o, health))
+        .collect();
+    let cnps: Vec<&ClusterNetworkPolicy> = cnps.iter().collect();
     let input = PolicyInput {
         pods: &pods,
         namespaces: &namespaces,
         policies: &policies,
         host_addrs: &kernel.host_addrs,
+        cluster_policies: &cnps,
+        nodes: &[],
     };
     let mut ir = compiler.compile(&input, &local);
     ir.log_drops = log_drops;
@@ -528,6 +617,7 @@ async fn sync_once(
     }
     Ok(Pass {
         rules,
+        cnps: cnps.len(),
         pods: local.len(),
         written,
         kernel: read,
@@ -623,5 +713,44 @@ mod tests {
         assert_eq!(doc["policy"]["backend"], "nftables");
         assert_eq!(doc["policy"]["pods"], 3);
         assert_eq!(doc["policy"]["rules"], 7);
+    }
+
+    #[test]
+    fn cluster_network_policies_on_status_and_a_bad_one_is_skipped() {
+        let mut doc = serde_json::json!({"policy": {}});
+        set_cnp_status(&mut doc, CnpWatch::Unavailable, 0);
+        assert_eq!(
+            doc["policy"]["clusterNetworkPolicies"]["watch"],
+            "unavailable: NetworkPolicy only"
+        );
+        set_cnp_status(&mut doc, CnpWatch::Watching, 2);
+        assert_eq!(doc["policy"]["clusterNetworkPolicies"]["inForce"], 2);
+        let health = Health::new(Duration::from_secs(60), "v", "c");
+        let skips = tolerant::Skips::default();
+        let obj = |spec: serde_json::Value| -> DynamicObject {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "policy.networking.k8s.io/v1alpha2",
+                "kind": "ClusterNetworkPolicy",
+                "metadata": {"name": "c", "resourceVersion": "1"},
+                "spec": spec,
+            }))
+            .unwrap()
+        };
+        let good = obj(serde_json::json!({"tier": "Admin", "priority": 1,
+            "subject": {"namespaces": {}}, "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]}));
+        let cnp: ClusterNetworkPolicy = skips.decode(cnp::KIND, &good, &health).unwrap();
+        assert_eq!(cnp.spec.priority, 1);
+        let bad = obj(serde_json::json!({"tier": "Middle", "subject": {}}));
+        assert!(skips
+            .decode::<ClusterNetworkPolicy>(cnp::KIND, &bad, &health)
+            .is_none());
+        let skipped = health
+            .metrics
+            .objects_skipped
+            .get_or_create(&sluice_health::metrics::KindLabels {
+                kind: cnp::KIND.into(),
+            })
+            .get();
+        assert_eq!(skipped, 1);
     }
 }

@@ -95,6 +95,21 @@ impl Cluster {
     }
 
     fn compile(&self, policies: &[Value]) -> PolicyIr {
+        self.compile_tiers(policies, &[], &[])
+    }
+
+    /// With ClusterNetworkPolicies (and nodes for egress `nodes` peers).
+    fn compile_tiers(
+        &self,
+        policies: &[Value],
+        cnps: &[Value],
+        nodes: &[crate::cnp::NodeAddrs],
+    ) -> PolicyIr {
+        let cnps: Vec<ClusterNetworkPolicy> = cnps
+            .iter()
+            .map(|p| serde_json::from_value(p.clone()).unwrap())
+            .collect();
+        let cnps: Vec<&ClusterNetworkPolicy> = cnps.iter().collect();
         let policies: Vec<NetworkPolicy> = policies
             .iter()
             .map(|p| serde_json::from_value(p.clone()).unwrap())
@@ -112,6 +127,8 @@ impl Cluster {
             namespaces: &namespaces,
             policies: &policies,
             host_addrs: &host,
+            cluster_policies: &cnps,
+            nodes,
         };
         compile(&input, &self.local())
     }
@@ -741,3 +758,4 @@ fn compile_is_deterministic_and_sorted() {
 }
 
 mod incremental;
+mod tiers;

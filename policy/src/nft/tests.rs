@@ -19,6 +19,7 @@ pub(crate) fn sample() -> PolicyIr {
         policies: vec!["x/p".into()],
         all_ports: AddrSet::from_addrs(["10.0.0.1".parse().unwrap()]),
         ports: Vec::new(),
+        ..Default::default()
     };
     ingress.set_ports(vec![
         PortEntry {

@@ -252,6 +252,7 @@ fn walk(seed: u64, versioned: bool) {
             namespaces: &namespaces,
             policies: &policies,
             host_addrs: &host,
+            ..Default::default()
         };
         let local = world.local();
         let fresh = compile(&input, &local);
