@@ -10,6 +10,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 static LABS: AtomicUsize = AtomicUsize::new(0);
 
 /// A lab name unique to this test process (lab names are `[a-z][a-z0-9]{0,11}`).
+/// What a command printed, stdout then stderr, for assertion messages.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 pub fn unique_lab_name() -> String {
     format!(
         "e{}x{}",
@@ -75,6 +84,17 @@ impl Lab {
             .args(["-k", "5", "60", "kubectl", "--kubeconfig"])
             .arg(self.kubeconfig())
             .args(args))
+    }
+
+    /// kubectl's stdout; panics with everything kubectl printed if it fails.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            output_text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Sets `key` of the `sluice-config` ConfigMap to `value` (a merge patch); panics if

@@ -7,29 +7,15 @@
 
 use serde_json::{json, Value};
 use sluice_e2e::have_root;
-use sluice_e2e::lab::{lab_cmd, netns_with_prefix, Lab};
+use sluice_e2e::lab::{lab_cmd, netns_with_prefix, output_text, Lab};
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn ok(lab: &Lab, args: &[&str]) -> String {
-    let out = lab.kubectl(args);
-    assert!(out.status.success(), "kubectl {args:?}: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn json_of(lab: &Lab, args: &[&str]) -> Value {
     let mut all = args.to_vec();
     all.extend(["-o", "json"]);
-    serde_json::from_str(&ok(lab, &all)).unwrap()
+    serde_json::from_str(&lab.kubectl_ok(&all)).unwrap()
 }
 
 fn mode(path: &std::path::Path) -> u32 {
@@ -76,7 +62,7 @@ fn all_reach(status: &Value) -> bool {
 
 fn status_text(lab: &Lab) -> String {
     let out = lab_cmd(&["status", "--name", &lab.name], 120);
-    assert!(out.status.success(), "lab status: {}", text(&out));
+    assert!(out.status.success(), "lab status: {}", output_text(&out));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -122,10 +108,7 @@ fn the_api_is_https_for_the_kubeconfigs_certificate_only() {
     assert!(server.starts_with("https://127.0.0.1:"), "{server}");
     // kubectl with the lab's kubeconfig; the node's agent (same kubeconfig, in its namespace)
     // holds its lease.
-    ok(
-        &lab,
-        &["get", "configmap", "-n", "kube-system", "sluice-config"],
-    );
+    lab.kubectl_ok(&["get", "configmap", "-n", "kube-system", "sluice-config"]);
     assert_eq!(leases(&lab).len(), 1, "{:?}", leases(&lab));
     // Without the certificate: 401, whoever asks; plain HTTP gets no API at all.
     let dir = tempfile::tempdir().unwrap();
@@ -153,7 +136,11 @@ fn the_api_is_https_for_the_kubeconfigs_certificate_only() {
     };
     let out = kubectl(&anon, &[]);
     assert!(!out.status.success());
-    assert!(text(&out).contains("Unauthorized"), "{}", text(&out));
+    assert!(
+        output_text(&out).contains("Unauthorized"),
+        "{}",
+        output_text(&out)
+    );
     let out = kubectl(
         &anon,
         &[
@@ -162,11 +149,8 @@ fn the_api_is_https_for_the_kubeconfigs_certificate_only() {
             "--insecure-skip-tls-verify",
         ],
     );
-    assert!(!out.status.success(), "{}", text(&out));
-    ok(
-        &lab,
-        &["get", "configmap", "-n", "kube-system", "sluice-config"],
-    );
+    assert!(!out.status.success(), "{}", output_text(&out));
+    lab.kubectl_ok(&["get", "configmap", "-n", "kube-system", "sluice-config"]);
 }
 
 #[test]
@@ -232,15 +216,12 @@ fn a_killed_daemon_is_restarted_and_the_lab_carries_on() {
         "leases not renewed after the restart: {:#}",
         json_of(&lab, &["get", "leases", "-A"])
     );
-    ok(
-        &lab,
-        &[
-            "label",
-            "node",
-            &format!("{}-node-1", lab.name),
-            "after=restart",
-        ],
-    );
+    lab.kubectl_ok(&[
+        "label",
+        "node",
+        &format!("{}-node-1", lab.name),
+        "after=restart",
+    ]);
 
     // Daemon and supervisor both gone: status says so and how to resume; `up` resumes.
     let sup = after["daemon"]["supervisor"]["pid"].as_i64().unwrap() as i32;
@@ -257,15 +238,19 @@ fn a_killed_daemon_is_restarted_and_the_lab_carries_on() {
     }));
     let out = lab_cmd(&["status", "--name", &lab.name], 60);
     assert!(!out.status.success());
-    let said = text(&out);
+    let said = output_text(&out);
     assert!(
         said.contains("NOT RUNNING")
             && said.contains(&format!("sluice lab up --name {}", lab.name)),
         "{said}"
     );
     let out = lab_cmd(&["up", "--name", &lab.name], 60);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("resumed"), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("resumed"),
+        "{}",
+        output_text(&out)
+    );
     let resumed = lab.status();
     assert_eq!(resumed["pods"], pods_before);
     assert!(all_reach(&resumed), "{resumed:#}");
@@ -278,13 +263,13 @@ fn a_killed_daemon_is_restarted_and_the_lab_carries_on() {
     let again = lab_cmd(&["up", "--name", &lab.name], 60);
     assert!(!again.status.success());
     assert!(
-        text(&again).contains("already exists and is running"),
+        output_text(&again).contains("already exists and is running"),
         "{}",
-        text(&again)
+        output_text(&again)
     );
 
     let out = lab.down();
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert!(netns_with_prefix(&lab.prefix()).is_empty());
     let daemon_args = format!("__daemon\0--name\0{}\0", lab.name);
     let left = std::fs::read_dir("/proc")
@@ -318,7 +303,7 @@ fn status_shows_the_subnet_each_node_leased() {
     let (_, subnet1, lease_ns, lease1) = first.iter().find(|l| l.0 == node1).unwrap().clone();
     // node-1's agent stops; someone else holds its subnet; it comes back and leases another.
     lab_cmd(&["agent", "--name", &lab.name, "stop", &node1], 30);
-    ok(&lab, &["delete", "lease", "-n", &lease_ns, &lease1]);
+    lab.kubectl_ok(&["delete", "lease", "-n", &lease_ns, &lease1]);
     let squatter = json!({
         "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
         "metadata": {"name": lease1, "namespace": lease_ns,
@@ -330,7 +315,7 @@ fn status_shows_the_subnet_each_node_leased() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("squatter.json");
     std::fs::write(&file, squatter.to_string()).unwrap();
-    ok(&lab, &["create", "-f", file.to_str().unwrap()]);
+    lab.kubectl_ok(&["create", "-f", file.to_str().unwrap()]);
     lab_cmd(&["agent", "--name", &lab.name, "start", &node1], 30);
     let moved = sluice_e2e::eventually(Duration::from_secs(40), || {
         leases(&lab).iter().any(|l| l.0 == node1 && l.1 != subnet1)
@@ -376,7 +361,7 @@ fn nodes_describe_like_a_kubelets_and_kubectl_verbs_answer() {
     }
     let lab = Lab::up(&["--nodes", "1", "--pods-per-node", "1"]);
     let node = format!("{}-node-1", lab.name);
-    let described = ok(&lab, &["describe", "node", &node]);
+    let described = lab.kubectl_ok(&["describe", "node", &node]);
     assert!(!described.contains("-9223372036854775808"), "{described}");
     let cpus = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap()
@@ -407,17 +392,21 @@ fn nodes_describe_like_a_kubelets_and_kubectl_verbs_answer() {
     // logs: the pod's server says what it serves and whom it answered.
     let pod = format!("{}/pod-1-1", lab.name);
     let out = lab_cmd(&["probe", "--name", &lab.name, &pod, &pod, "80"], 30);
-    assert!(out.status.success(), "{}", text(&out));
-    let logs = ok(&lab, &["logs", "-n", &lab.name, "pod-1-1"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let logs = lab.kubectl_ok(&["logs", "-n", &lab.name, "pod-1-1"]);
     assert!(logs.contains(&format!("{pod}: serving Tcp/80")), "{logs}");
     assert!(logs.contains("tcp/80: answered "), "{logs}");
     // exec and create deployment: what the lab serves, and where to go instead.
     let out = lab.kubectl(&["exec", "-n", &lab.name, "pod-1-1", "--", "ip", "addr"]);
     assert!(!out.status.success());
-    assert!(text(&out).contains("sluice lab exec"), "{}", text(&out));
+    assert!(
+        output_text(&out).contains("sluice lab exec"),
+        "{}",
+        output_text(&out)
+    );
     let out = lab.kubectl(&["create", "deployment", "web", "--image=sluice-lab"]);
     assert!(!out.status.success());
-    let said = text(&out);
+    let said = output_text(&out);
     assert!(
         said.contains("deployments.apps is not served") && said.contains("lab up --kubernetes"),
         "{said}"

@@ -8,8 +8,8 @@
 
 use serde_json::Value;
 use sluice_e2e::have_root;
-use sluice_e2e::lab::{lab_cmd, netns_with_prefix, Lab};
-use std::process::Output;
+use sluice_e2e::lab::{lab_cmd, netns_with_prefix, output_text, Lab};
+
 use std::time::{Duration, Instant};
 
 fn k8s_bin() -> Option<String> {
@@ -23,20 +23,6 @@ fn k8s_bin() -> Option<String> {
             None
         }
     }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn ok(lab: &Lab, args: &[&str]) -> String {
-    let out = lab.kubectl(args);
-    assert!(out.status.success(), "kubectl {args:?}: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `lab probe` from pod `from` to `to` (a pod or an address) on TCP `port`: true if answered.
@@ -95,7 +81,7 @@ fn a_directory_without_the_binaries_is_refused_and_nothing_is_made() {
     let dir = empty.path().to_str().unwrap();
     let out = lab_cmd(&["up", "--name", &name, "--kubernetes", dir], 60);
     assert!(!out.status.success());
-    let msg = text(&out);
+    let msg = output_text(&out);
     assert!(
         msg.contains(
             "lacks kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy"
@@ -121,13 +107,14 @@ fn pods_services_and_policy_on_real_kubernetes() {
     assert!(!lab_processes(&lab).is_empty());
 
     // The real controller-manager handed every node a podCIDR.
-    let nodes: Value = serde_json::from_str(&ok(&lab, &["get", "nodes", "-o", "json"])).unwrap();
+    let nodes: Value =
+        serde_json::from_str(&lab.kubectl_ok(&["get", "nodes", "-o", "json"])).unwrap();
     let items = nodes["items"].as_array().unwrap();
     assert_eq!(items.len(), 3);
     for n in items {
         assert!(n["spec"]["podCIDR"].is_string(), "no podCIDR: {n:#}");
     }
-    let ver = ok(&lab, &["version", "-o", "json"]);
+    let ver = lab.kubectl_ok(&["version", "-o", "json"]);
     assert!(ver.contains("\"gitVersion\": \"v1."), "{ver}");
 
     let status = lab.status();
@@ -164,25 +151,22 @@ fn pods_services_and_policy_on_real_kubernetes() {
 
     // A ClusterIP Service in front of pod b, through kube-proxy's rules in a's node.
     let (ns, b_name) = b.0.split_once('/').unwrap();
-    ok(&lab, &["-n", ns, "label", "pod", b_name, "role=backend"]);
+    lab.kubectl_ok(&["-n", ns, "label", "pod", b_name, "role=backend"]);
     let svc = format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: backend\n  namespace: {ns}\nspec:\n  selector:\n    role: backend\n  ports:\n  - port: 8080\n    targetPort: 80\n    protocol: TCP\n"
     );
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), svc).unwrap();
-    ok(&lab, &["apply", "-f", file.path().to_str().unwrap()]);
-    let vip = ok(
-        &lab,
-        &[
-            "-n",
-            ns,
-            "get",
-            "service",
-            "backend",
-            "-o",
-            "jsonpath={.spec.clusterIP}",
-        ],
-    );
+    lab.kubectl_ok(&["apply", "-f", file.path().to_str().unwrap()]);
+    let vip = lab.kubectl_ok(&[
+        "-n",
+        ns,
+        "get",
+        "service",
+        "backend",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
     assert!(vip.starts_with("10."), "{vip}");
     assert!(
         eventually(&lab, &a.0, vip.trim(), 8080, true, Duration::from_secs(40)),
@@ -195,7 +179,7 @@ fn pods_services_and_policy_on_real_kubernetes() {
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: deny-backend\n  namespace: {ns}\nspec:\n  podSelector:\n    matchLabels:\n      role: backend\n  policyTypes: [Ingress]\n"
     );
     std::fs::write(file.path(), policy).unwrap();
-    ok(&lab, &["apply", "-f", file.path().to_str().unwrap()]);
+    lab.kubectl_ok(&["apply", "-f", file.path().to_str().unwrap()]);
     assert!(
         eventually(&lab, &a.0, &b.0, 80, false, Duration::from_secs(20)),
         "deny-all ingress to {} not enforced",
@@ -204,7 +188,7 @@ fn pods_services_and_policy_on_real_kubernetes() {
     assert!(!probe(&lab, &a.0, vip.trim(), 8080));
     // Other pods are untouched.
     assert!(probe(&lab, &b.0, &c.0, 80));
-    ok(&lab, &["-n", ns, "delete", "networkpolicy", "deny-backend"]);
+    lab.kubectl_ok(&["-n", ns, "delete", "networkpolicy", "deny-backend"]);
     assert!(
         eventually(&lab, &a.0, &b.0, 80, true, Duration::from_secs(20)),
         "{} still blocked after the policy went",
@@ -214,24 +198,20 @@ fn pods_services_and_policy_on_real_kubernetes() {
     // A Deployment: the real controller-manager makes its pods, the real scheduler spreads them,
     // and every one of them is reachable from pod a.
     let started = Instant::now();
-    ok(
-        &lab,
-        &[
-            "-n",
-            ns,
-            "create",
-            "deployment",
-            "web",
-            "--image=sluice-lab",
-            "--replicas=6",
-            "--port=80",
-        ],
-    );
+    lab.kubectl_ok(&[
+        "-n",
+        ns,
+        "create",
+        "deployment",
+        "web",
+        "--image=sluice-lab",
+        "--replicas=6",
+        "--port=80",
+    ]);
     let running = loop {
-        let list: Value = serde_json::from_str(&ok(
-            &lab,
-            &["-n", ns, "get", "pods", "-l", "app=web", "-o", "json"],
-        ))
+        let list: Value = serde_json::from_str(
+            &lab.kubectl_ok(&["-n", ns, "get", "pods", "-l", "app=web", "-o", "json"]),
+        )
         .unwrap();
         let running: Vec<(String, String)> = list["items"]
             .as_array()
@@ -276,7 +256,7 @@ fn pods_services_and_policy_on_real_kubernetes() {
     }
 
     let out = lab.down();
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert!(netns_with_prefix(&lab.prefix()).is_empty());
     assert!(
         lab_processes(&lab).is_empty(),
