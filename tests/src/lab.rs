@@ -19,6 +19,26 @@ pub fn output_text(out: &Output) -> String {
     )
 }
 
+/// The pods `lab status --json` lists: `namespace/name`, node, address.
+pub fn status_pods(status: &Value) -> Vec<(String, String, std::net::Ipv4Addr)> {
+    status["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                format!(
+                    "{}/{}",
+                    p["namespace"].as_str().unwrap(),
+                    p["name"].as_str().unwrap()
+                ),
+                p["node"].as_str().unwrap().to_string(),
+                p["ip"].as_str().unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
 pub fn unique_lab_name() -> String {
     format!(
         "e{}x{}",

@@ -6,27 +6,7 @@
 use ipnet::Ipv4Net;
 use serde_json::Value;
 use sluice_e2e::have_root;
-use sluice_e2e::lab::{lab_cmd, netns_with_prefix, Lab};
-use std::net::Ipv4Addr;
-
-fn pods(status: &Value) -> Vec<(String, String, Ipv4Addr)> {
-    status["pods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                format!(
-                    "{}/{}",
-                    p["namespace"].as_str().unwrap(),
-                    p["name"].as_str().unwrap()
-                ),
-                p["node"].as_str().unwrap().to_string(),
-                p["ip"].as_str().unwrap().parse().unwrap(),
-            )
-        })
-        .collect()
-}
+use sluice_e2e::lab::{lab_cmd, netns_with_prefix, status_pods, Lab};
 
 fn assert_gone(lab: &Lab) {
     assert!(
@@ -67,7 +47,7 @@ fn three_nodes_two_pods_each_status_and_down() {
             .parse()
             .unwrap()
     };
-    let pods = pods(&status);
+    let pods = status_pods(&status);
     assert_eq!(pods.len(), 6, "{status:#}");
     let mut ips: Vec<_> = pods.iter().map(|p| p.2).collect();
     ips.sort();

@@ -8,7 +8,7 @@
 
 use serde_json::Value;
 use sluice_e2e::have_root;
-use sluice_e2e::lab::{lab_cmd, netns_with_prefix, output_text, Lab};
+use sluice_e2e::lab::{lab_cmd, netns_with_prefix, output_text, status_pods, Lab};
 
 use std::time::{Duration, Instant};
 
@@ -118,20 +118,9 @@ fn pods_services_and_policy_on_real_kubernetes() {
     assert!(ver.contains("\"gitVersion\": \"v1."), "{ver}");
 
     let status = lab.status();
-    let pods: Vec<(String, String)> = status["pods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                format!(
-                    "{}/{}",
-                    p["namespace"].as_str().unwrap(),
-                    p["name"].as_str().unwrap()
-                ),
-                p["node"].as_str().unwrap().to_string(),
-            )
-        })
+    let pods: Vec<(String, String)> = status_pods(&status)
+        .into_iter()
+        .map(|(pod, node, _)| (pod, node))
         .collect();
     assert_eq!(pods.len(), 3, "{status:#}");
     let (a, b, c) = (&pods[0], &pods[1], &pods[2]);
