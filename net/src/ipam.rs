@@ -14,6 +14,7 @@ use crate::file::{self, FileError};
 use ipnet::Ipv4Net;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
+use sluice_policy::hostport::HostportEntry;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -58,6 +59,11 @@ pub struct IpamState {
     pub last: Option<Ipv4Addr>,
     #[serde(default)]
     pub allocations: BTreeMap<Ipv4Addr, Owner>,
+    /// The hostPort mappings of the attachments (CNI `runtimeConfig.portMappings`), kept in the
+    /// same file under the same lock as the addresses: ADD admits a mapping and allocates an
+    /// address in one locked step, and a state file from before hostPorts reads as none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostports: Vec<HostportEntry>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -320,6 +326,44 @@ impl IpamLock<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_policy::hostport::{HpProtocol, PortMapping};
+
+    #[test]
+    fn hostports_persist_with_the_addresses_and_an_old_state_file_has_none() {
+        let old = br#"{"last":"10.244.1.2","allocations":{"10.244.1.2":{"containerID":"a","ifname":"eth0"}}}"#;
+        let st: IpamState = serde_json::from_slice(old).unwrap();
+        assert!(st.hostports.is_empty());
+        assert_eq!(st.allocations.len(), 1);
+        assert!(!String::from_utf8(serde_json::to_vec(&st).unwrap())
+            .unwrap()
+            .contains("hostports"));
+        let dir = tempfile::tempdir().unwrap();
+        let store = IpamStore::new(dir.path());
+        let entry = HostportEntry {
+            container_id: "a".into(),
+            ifname: "eth0".into(),
+            pod_ip: Ipv4Addr::new(10, 244, 1, 2),
+            mappings: vec![
+                PortMapping {
+                    host_port: 8080,
+                    container_port: 80,
+                    protocol: HpProtocol::Tcp,
+                    host_ip: None,
+                },
+                PortMapping {
+                    host_port: 5353,
+                    container_port: 53,
+                    protocol: HpProtocol::Udp,
+                    host_ip: Some(Ipv4Addr::new(192, 0, 2, 1)),
+                },
+            ],
+        };
+        store.update(|s| s.hostports.push(entry.clone())).unwrap();
+        assert_eq!(store.read().unwrap().hostports, [entry]);
+        let text = std::fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+        assert!(text.contains(r#""hostIP": "192.0.2.1""#), "{text}");
+        assert!(text.contains(r#""protocol": "udp""#), "{text}");
+    }
 
     fn owner(c: &str) -> Owner {
         Owner {

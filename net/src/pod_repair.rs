@@ -152,6 +152,7 @@ mod tests {
         let ipam = IpamState {
             last: None,
             allocations: [(a, owner("ca")), (b, owner("cb")), (gone, owner("cgone"))].into(),
+            ..Default::default()
         };
         let (va, vb) = (host_ifname("ca", "eth0"), host_ifname("cb", "eth0"));
         let mut seen = Observed {

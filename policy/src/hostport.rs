@@ -25,7 +25,10 @@ pub const IPT_CHAIN: &str = "SLUICE-HP";
 /// The iptables nat chain the masquerade rules live in (jumped to from POSTROUTING).
 pub const IPT_POST_CHAIN: &str = "SLUICE-HP-POST";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum HpProtocol {
     Tcp,
     Udp,
@@ -43,18 +46,24 @@ impl HpProtocol {
 }
 
 /// One entry of `runtimeConfig.portMappings`, checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "camelCase")]
 pub struct PortMapping {
     pub host_port: u16,
     pub container_port: u16,
     pub protocol: HpProtocol,
     /// `None` for every address of the node (`hostIP` absent, empty or `0.0.0.0`).
+    #[serde(default, rename = "hostIP", skip_serializing_if = "Option::is_none")]
     pub host_ip: Option<Ipv4Addr>,
 }
 
 /// The mappings of one attachment (container, interface) to its pod address.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct HostportEntry {
+    #[serde(rename = "containerID")]
     pub container_id: String,
     pub ifname: String,
     pub pod_ip: Ipv4Addr,
