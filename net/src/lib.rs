@@ -8,6 +8,7 @@
 //! overlay, [`masq`] the NAT table, [`ethtool`] switches offloads over generic netlink, [`wireguard`]
 //! plans and runs the encrypted tunnel.
 
+pub mod bandwidth;
 pub mod cidr;
 pub mod cni;
 pub mod datapath;
