@@ -64,6 +64,21 @@ fn s(v: &serde_json::Value) -> String {
     }
 }
 
+/// The status line of the ClusterNetworkPolicies in force, per tier, from `/status`'s
+/// `policy.clusterNetworkPolicies`.
+fn cnp_line(c: &serde_json::Value) -> String {
+    if c.is_null() {
+        return "cnp         - (no ClusterNetworkPolicy state)".into();
+    }
+    format!(
+        "cnp         {} in force (Admin {}, Baseline {}); watch {}",
+        s(&c["inForce"]),
+        s(&c["admin"]),
+        s(&c["baseline"]),
+        s(&c["watch"])
+    )
+}
+
 fn print_table(doc: &serde_json::Value, ready: bool, reasons: &str) {
     println!("node        {}", s(&doc["node"]));
     println!(
@@ -96,6 +111,7 @@ fn print_table(doc: &serde_json::Value, ready: bool, reasons: &str) {
         s(&doc["policy"]["rules"]),
         s(&doc["policy"]["pods"])
     );
+    println!("{}", cnp_line(&doc["policy"]["clusterNetworkPolicies"]));
     let empty = Vec::new();
     let peers = doc["peers"].as_array().unwrap_or(&empty);
     println!(
@@ -114,5 +130,28 @@ fn print_table(doc: &serde_json::Value, ready: bool, reasons: &str) {
     }
     if peers.is_empty() {
         println!("(no peers)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cnp_line;
+
+    #[test]
+    fn cluster_network_policies_line_names_each_tier() {
+        let c = serde_json::json!({"watch": "watching", "inForce": 3, "admin": 2, "baseline": 1});
+        assert_eq!(
+            cnp_line(&c),
+            "cnp         3 in force (Admin 2, Baseline 1); watch watching"
+        );
+        let none = serde_json::json!({"watch": "unavailable: NetworkPolicy only", "inForce": 0, "admin": 0, "baseline": 0});
+        assert_eq!(
+            cnp_line(&none),
+            "cnp         0 in force (Admin 0, Baseline 0); watch unavailable: NetworkPolicy only"
+        );
+        assert_eq!(
+            cnp_line(&serde_json::Value::Null),
+            "cnp         - (no ClusterNetworkPolicy state)"
+        );
     }
 }

@@ -28,6 +28,11 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    pub tier: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PathLabels {
     pub path: String,
 }
@@ -47,6 +52,7 @@ pub struct Metrics {
     pub policy_rules: Gauge,
     pub policy_sync_seconds: Histogram,
     pub policy_errors: Counter,
+    pub cluster_network_policies: Family<TierLabels, Gauge>,
     pub cni_calls: Family<CniLabels, Gauge>,
     pub peer_rx_bytes: Family<PeerLabels, Gauge>,
     pub peer_tx_bytes: Family<PeerLabels, Gauge>,
@@ -110,6 +116,12 @@ impl Metrics {
             "Policy passes that failed",
             policy_errors.clone(),
         );
+        let cluster_network_policies = Family::<TierLabels, Gauge>::default();
+        r.register(
+            "cluster_network_policies",
+            "ClusterNetworkPolicies in force (decoded and compiled) by tier",
+            cluster_network_policies.clone(),
+        );
         let cni_calls = Family::<CniLabels, Gauge>::default();
         r.register(
             "cni_calls",
@@ -156,6 +168,7 @@ impl Metrics {
             policy_rules,
             policy_sync_seconds,
             policy_errors,
+            cluster_network_policies,
             cni_calls,
             peer_rx_bytes,
             peer_tx_bytes,

@@ -120,9 +120,19 @@ async fn endpoints_answer_per_state() {
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body.contains("loop datapath has not run"), "{body}");
     h.metrics.peers.set(3);
+    h.metrics
+        .cluster_network_policies
+        .get_or_create(&crate::metrics::TierLabels {
+            tier: "Baseline".into(),
+        })
+        .set(2);
     let (code, body) = get(&h, "/metrics").await;
     assert_eq!(code, StatusCode::OK);
     assert!(body.contains("sluice_peers 3"), "{body}");
+    assert!(
+        body.contains("sluice_cluster_network_policies{tier=\"Baseline\"} 2"),
+        "{body}"
+    );
     assert!(
         body.contains("sluice_build_info{version=\"0.1.0\",commit=\"abc\"} 1"),
         "{body}"

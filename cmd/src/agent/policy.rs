@@ -227,8 +227,8 @@ fn local_pods(
 /// One pass's outcome, for logs and the status document.
 struct Pass {
     rules: usize,
-    /// ClusterNetworkPolicies in force (decoded).
-    cnps: usize,
+    /// ClusterNetworkPolicies in force (decoded and compiled), per tier.
+    cnps: TierCounts,
     pods: usize,
     written: bool,
     /// Where the pass spent its time: reading the kernel's links and routes, compiling,
@@ -411,6 +411,15 @@ pub async fn run(
                             .metrics
                             .policy_rules
                             .set(i64::try_from(p.rules).unwrap_or(i64::MAX));
+                        for (tier, n) in [("Admin", p.cnps.admin), ("Baseline", p.cnps.baseline)] {
+                            health
+                                .metrics
+                                .cluster_network_policies
+                                .get_or_create(&sluice_health::metrics::TierLabels {
+                                    tier: tier.into(),
+                                })
+                                .set(i64::try_from(n).unwrap_or(i64::MAX));
+                        }
                         let watch = *cnp_state.lock().unwrap_or_else(|p| p.into_inner());
                         health.update(|s| {
                             s.policy_error = None;
@@ -526,9 +535,33 @@ pub fn cnp_api_resource() -> ApiResource {
     }
 }
 
-/// Writes `clusterNetworkPolicies` (the watch's state and how many are in force) into the
-/// status document's `policy`.
-pub fn set_cnp_status(status: &mut serde_json::Value, watch: CnpWatch, count: usize) {
+/// How many ClusterNetworkPolicies are in force in each tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TierCounts {
+    pub admin: usize,
+    pub baseline: usize,
+}
+
+impl TierCounts {
+    /// Counts the policies a pass compiled (the decoded ones; skipped ones are not here).
+    pub fn of(cnps: &[&ClusterNetworkPolicy]) -> Self {
+        cnps.iter().fold(Self::default(), |mut c, p| {
+            match p.spec.tier {
+                cnp::Tier::Admin => c.admin += 1,
+                cnp::Tier::Baseline => c.baseline += 1,
+            }
+            c
+        })
+    }
+
+    pub fn total(&self) -> usize {
+        self.admin + self.baseline
+    }
+}
+
+/// Writes `clusterNetworkPolicies` (the watch's state and how many are in force, in all and per
+/// tier) into the status document's `policy`.
+pub fn set_cnp_status(status: &mut serde_json::Value, watch: CnpWatch, count: TierCounts) {
     if let Some(policy) = status.get_mut("policy").and_then(|p| p.as_object_mut()) {
         let state = match watch {
             CnpWatch::Starting => "starting",
@@ -537,7 +570,12 @@ pub fn set_cnp_status(status: &mut serde_json::Value, watch: CnpWatch, count: us
         };
         policy.insert(
             "clusterNetworkPolicies".into(),
-            serde_json::json!({"watch": state, "inForce": count}),
+            serde_json::json!({
+                "watch": state,
+                "inForce": count.total(),
+                "admin": count.admin,
+                "baseline": count.baseline,
+            }),
         );
     }
 }
@@ -617,7 +655,7 @@ async fn sync_once(
     }
     Ok(Pass {
         rules,
-        cnps: cnps.len(),
+        cnps: TierCounts::of(&cnps),
         pods: local.len(),
         written,
         kernel: read,
@@ -716,15 +754,47 @@ mod tests {
     }
 
     #[test]
+    fn cluster_network_policies_are_counted_per_tier() {
+        let of = |name: &str, tier: cnp::Tier| ClusterNetworkPolicy {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            spec: cnp::CnpSpec {
+                tier,
+                ..Default::default()
+            },
+        };
+        let cnps = [
+            of("a1", cnp::Tier::Admin),
+            of("b1", cnp::Tier::Baseline),
+            of("a2", cnp::Tier::Admin),
+        ];
+        let refs: Vec<&ClusterNetworkPolicy> = cnps.iter().collect();
+        let c = TierCounts::of(&refs);
+        assert_eq!((c.admin, c.baseline, c.total()), (2, 1, 3));
+        assert_eq!(TierCounts::of(&[]), TierCounts::default());
+    }
+
+    #[test]
     fn cluster_network_policies_on_status_and_a_bad_one_is_skipped() {
         let mut doc = serde_json::json!({"policy": {}});
-        set_cnp_status(&mut doc, CnpWatch::Unavailable, 0);
+        set_cnp_status(&mut doc, CnpWatch::Unavailable, TierCounts::default());
         assert_eq!(
             doc["policy"]["clusterNetworkPolicies"]["watch"],
             "unavailable: NetworkPolicy only"
         );
-        set_cnp_status(&mut doc, CnpWatch::Watching, 2);
-        assert_eq!(doc["policy"]["clusterNetworkPolicies"]["inForce"], 2);
+        set_cnp_status(
+            &mut doc,
+            CnpWatch::Watching,
+            TierCounts {
+                admin: 2,
+                baseline: 1,
+            },
+        );
+        assert_eq!(doc["policy"]["clusterNetworkPolicies"]["inForce"], 3);
+        assert_eq!(doc["policy"]["clusterNetworkPolicies"]["admin"], 2);
+        assert_eq!(doc["policy"]["clusterNetworkPolicies"]["baseline"], 1);
         let health = Health::new(Duration::from_secs(60), "v", "c");
         let skips = tolerant::Skips::default();
         let obj = |spec: serde_json::Value| -> DynamicObject {
