@@ -254,3 +254,62 @@ fn pods_services_and_policy_on_real_kubernetes() {
     );
     assert!(!std::path::Path::new(&format!("/run/sluice/lab/{}", lab.name)).exists());
 }
+
+/// The external-API mode (`--kubeconfig`, as `SLUICE_E2E_KUBECONFIG`) against a real
+/// kube-apiserver with no controller-manager: the lab makes what the controllers would (its
+/// namespace's default ServiceAccount), else the API server refuses its pods ("error looking up
+/// service account"). The API server is a first lab's, its controller-manager killed first.
+#[test]
+fn external_mode_on_a_real_api_server_without_controllers() {
+    if !have_root() {
+        return;
+    }
+    let Some(bin) = k8s_bin() else { return };
+    let host = Lab::up(&["--nodes", "1", "--pods-per-node", "1", "--kubernetes", &bin]);
+    let marker = format!("/run/sluice/lab/{}/", host.name);
+    let mut killed = 0;
+    for e in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(c) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let c = String::from_utf8_lossy(&c).replace('\0', " ");
+        if c.contains(&marker) && c.contains("kube-controller-manager") {
+            // A process this test's lab started, found by its lab path, killed by PID.
+            let ok = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            killed += usize::from(ok);
+        }
+    }
+    assert_eq!(killed, 1, "no kube-controller-manager of lab {}", host.name);
+    let kc = host.kubeconfig();
+    let lab = Lab::up(&[
+        "--nodes",
+        "1",
+        "--pods-per-node",
+        "1",
+        "--kubeconfig",
+        kc.to_str().unwrap(),
+    ]);
+    let status = lab.status();
+    let pods = status_pods(&status);
+    assert_eq!(pods.len(), 1, "{status:#}");
+    let sa = host.kubectl_ok(&[
+        "get",
+        "serviceaccount",
+        "default",
+        "-n",
+        &lab.name,
+        "-o",
+        "jsonpath={.metadata.name}",
+    ]);
+    assert_eq!(sa.trim(), "default");
+    let out = lab.down();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let out = host.down();
+    assert!(out.status.success(), "{}", output_text(&out));
+}
