@@ -344,24 +344,19 @@ mod tests {
             ifname: "eth0".into(),
             pod_ip: Ipv4Addr::new(10, 244, 1, 2),
             mappings: vec![
-                PortMapping {
-                    host_port: 8080,
-                    container_port: 80,
-                    protocol: HpProtocol::Tcp,
-                    host_ip: None,
-                },
-                PortMapping {
-                    host_port: 5353,
-                    container_port: 53,
-                    protocol: HpProtocol::Udp,
-                    host_ip: Some(Ipv4Addr::new(192, 0, 2, 1)),
-                },
+                PortMapping::new(HpProtocol::Tcp, 8080, 80, None),
+                PortMapping::new(
+                    HpProtocol::Udp,
+                    5353,
+                    53,
+                    Some(Ipv4Addr::new(198, 51, 100, 1)),
+                ),
             ],
         };
         store.update(|s| s.hostports.push(entry.clone())).unwrap();
         assert_eq!(store.read().unwrap().hostports, [entry]);
         let text = std::fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
-        assert!(text.contains(r#""hostIP": "192.0.2.1""#), "{text}");
+        assert!(text.contains(r#""hostIP": "198.51.100.1""#), "{text}");
         assert!(text.contains(r#""protocol": "udp""#), "{text}");
     }
 

@@ -59,6 +59,23 @@ pub struct PortMapping {
     pub host_ip: Option<Ipv4Addr>,
 }
 
+impl PortMapping {
+    /// `host_port` on `host_ip` (every node address when `None`) to the pod's `container_port`.
+    pub fn new(
+        protocol: HpProtocol,
+        host_port: u16,
+        container_port: u16,
+        host_ip: Option<Ipv4Addr>,
+    ) -> Self {
+        PortMapping {
+            host_port,
+            container_port,
+            protocol,
+            host_ip,
+        }
+    }
+}
+
 /// The mappings of one attachment (container, interface) to its pod address.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -134,12 +151,12 @@ pub fn parse_mappings(v: Option<&Value>) -> Result<Vec<PortMapping>, HostportErr
             },
             Some(other) => return Err(invalid(format!("hostIP {other} is not a string"))),
         };
-        out.insert(PortMapping {
+        out.insert(PortMapping::new(
+            protocol,
             host_port,
             container_port,
-            protocol,
             host_ip,
-        });
+        ));
     }
     let out: Vec<PortMapping> = out.into_iter().collect();
     // Within one request, two mappings of one host socket to different targets are a conflict too.

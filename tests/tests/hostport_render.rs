@@ -70,18 +70,8 @@ fn world() -> World {
 fn entries(with_pod: bool) -> Vec<HostportEntry> {
     let mappings = if with_pod {
         vec![
-            PortMapping {
-                host_port: 8080,
-                container_port: 80,
-                protocol: HpProtocol::Tcp,
-                host_ip: None,
-            },
-            PortMapping {
-                host_port: 8081,
-                container_port: 80,
-                protocol: HpProtocol::Tcp,
-                host_ip: Some(NODE_IP2.parse().unwrap()),
-            },
+            PortMapping::new(HpProtocol::Tcp, 8080, 80, None),
+            PortMapping::new(HpProtocol::Tcp, 8081, 80, Some(NODE_IP2.parse().unwrap())),
         ]
     } else {
         vec![]

@@ -2,12 +2,12 @@ use super::*;
 use serde_json::json;
 
 fn m(host_port: u16, container_port: u16, protocol: HpProtocol, ip: Option<&str>) -> PortMapping {
-    PortMapping {
+    PortMapping::new(
+        protocol,
         host_port,
         container_port,
-        protocol,
-        host_ip: ip.map(|a| a.parse().unwrap()),
-    }
+        ip.map(|a| a.parse().unwrap()),
+    )
 }
 
 fn entry(id: &str, pod: &str, mappings: Vec<PortMapping>) -> HostportEntry {
