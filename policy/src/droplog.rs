@@ -1,9 +1,10 @@
 //! `policy-log-drops`: with [`PolicyIr::log_drops`](crate::PolicyIr) set, each rule that drops
 //! for policy first hands the packet to NFLOG group [`NFLOG_GROUP`], rate-limited in the kernel
 //! per pod and direction ([`RATE_PER_SECOND`], [`BURST`]), with a prefix that names the
-//! direction and the pod's veth ([`prefix`]). The agent reads the group and names the pod and
-//! the policies that isolated it; this module is the shared, pure part: the prefix both
-//! renderers write and the reader parses, and the reading of a logged IPv4 packet.
+//! direction, the stage that dropped (a ClusterNetworkPolicy tier or NetworkPolicy) and the pod's
+//! veth ([`prefix`]). The agent reads the group and names the pod and the policies of that stage;
+//! this module is the shared, pure part: the prefix both renderers write and the reader parses,
+//! and the reading of a logged IPv4 packet.
 
 use std::net::Ipv4Addr;
 
@@ -34,42 +35,82 @@ impl DropDirection {
     }
 }
 
-/// The log prefix of a drop in `direction` at `ifname` (`None`: an unknown pod veth). At most
-/// 30 bytes, well inside the 127 nft and iptables allow.
-pub fn prefix(direction: DropDirection, ifname: Option<&str>) -> String {
+/// Which stage of the pod's verdict dropped the packet, in the order they decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropStage {
+    /// A ClusterNetworkPolicy of the `Admin` tier (`Deny`).
+    Admin,
+    /// The NetworkPolicies isolating the pod (no rule allowed it), or an unknown pod (fail
+    /// closed).
+    NetworkPolicy,
+    /// A ClusterNetworkPolicy of the `Baseline` tier (`Deny`).
+    Baseline,
+}
+
+impl DropStage {
+    /// The name logs give the stage (the API's tier names, and NetworkPolicy's kind).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Admin => "Admin",
+            Self::NetworkPolicy => "NetworkPolicy",
+            Self::Baseline => "Baseline",
+        }
+    }
+
+    /// The stage's letter after the direction's in a prefix; none for NetworkPolicy, so a
+    /// NetworkPolicy drop's prefix reads as it did before the tiers existed.
+    fn tag(self) -> &'static str {
+        match self {
+            Self::Admin => "A",
+            Self::NetworkPolicy => "",
+            Self::Baseline => "B",
+        }
+    }
+}
+
+/// The log prefix of a drop in `direction` by `stage` at `ifname` (`None`: an unknown pod
+/// veth). At most 31 bytes, inside the 63 iptables' `--nflog-prefix` and the 127 nft allow.
+pub fn prefix(direction: DropDirection, stage: DropStage, ifname: Option<&str>) -> String {
     let d = match direction {
         DropDirection::Ingress => 'i',
         DropDirection::Egress => 'e',
     };
-    format!("{PREFIX}{d}:{}", ifname.unwrap_or(UNKNOWN))
+    format!("{PREFIX}{d}{}:{}", stage.tag(), ifname.unwrap_or(UNKNOWN))
 }
 
-/// The direction and veth of a prefix [`prefix`] made; `None` for anybody else's.
-pub fn parse_prefix(text: &str) -> Option<(DropDirection, Option<&str>)> {
+/// The direction, stage and veth of a prefix [`prefix`] made; `None` for anybody else's.
+pub fn parse_prefix(text: &str) -> Option<(DropDirection, DropStage, Option<&str>)> {
     let rest = text.strip_prefix(PREFIX)?;
     let (d, ifname) = rest.split_once(':')?;
-    let direction = match d {
-        "i" => DropDirection::Ingress,
-        "e" => DropDirection::Egress,
+    let mut letters = d.chars();
+    let direction = match letters.next()? {
+        'i' => DropDirection::Ingress,
+        'e' => DropDirection::Egress,
+        _ => return None,
+    };
+    let stage = match letters.as_str() {
+        "" => DropStage::NetworkPolicy,
+        "A" => DropStage::Admin,
+        "B" => DropStage::Baseline,
         _ => return None,
     };
     let ifname = (ifname != UNKNOWN).then_some(ifname);
-    Some((direction, ifname))
+    Some((direction, stage, ifname))
 }
 
 /// The nft statement that logs before a drop.
-pub fn nft_log(direction: DropDirection, ifname: Option<&str>) -> String {
+pub fn nft_log(direction: DropDirection, stage: DropStage, ifname: Option<&str>) -> String {
     format!(
         "limit rate {RATE_PER_SECOND}/second burst {BURST} packets log prefix \"{}\" group {NFLOG_GROUP}",
-        prefix(direction, ifname)
+        prefix(direction, stage, ifname)
     )
 }
 
 /// The iptables match and target that log before a drop (no `-A CHAIN`).
-pub fn iptables_log(direction: DropDirection, ifname: Option<&str>) -> String {
+pub fn iptables_log(direction: DropDirection, stage: DropStage, ifname: Option<&str>) -> String {
     format!(
         "-m limit --limit {RATE_PER_SECOND}/second --limit-burst {BURST} -j NFLOG --nflog-group {NFLOG_GROUP} --nflog-prefix {}",
-        prefix(direction, ifname)
+        prefix(direction, stage, ifname)
     )
 }
 
@@ -135,17 +176,46 @@ mod tests {
 
     #[test]
     fn prefixes_read_back() {
-        let p = prefix(DropDirection::Ingress, Some("sl0123456789abc"));
+        let p = prefix(
+            DropDirection::Ingress,
+            DropStage::NetworkPolicy,
+            Some("sl0123456789abc"),
+        );
         assert_eq!(p, "sluice-drop:i:sl0123456789abc");
-        assert!(p.len() <= 30);
         assert_eq!(
             parse_prefix(&p),
-            Some((DropDirection::Ingress, Some("sl0123456789abc")))
+            Some((
+                DropDirection::Ingress,
+                DropStage::NetworkPolicy,
+                Some("sl0123456789abc")
+            ))
         );
-        let u = prefix(DropDirection::Egress, None);
-        assert_eq!(parse_prefix(&u), Some((DropDirection::Egress, None)));
+        let u = prefix(DropDirection::Egress, DropStage::NetworkPolicy, None);
+        assert_eq!(
+            parse_prefix(&u),
+            Some((DropDirection::Egress, DropStage::NetworkPolicy, None))
+        );
+        for (d, stage, text) in [
+            (
+                DropDirection::Egress,
+                DropStage::Admin,
+                "sluice-drop:eA:sl0123456789abc",
+            ),
+            (
+                DropDirection::Ingress,
+                DropStage::Baseline,
+                "sluice-drop:iB:sl0123456789abc",
+            ),
+        ] {
+            let p = prefix(d, stage, Some("sl0123456789abc"));
+            assert_eq!(p, text);
+            assert!(p.len() <= 31);
+            assert_eq!(parse_prefix(&p), Some((d, stage, Some("sl0123456789abc"))));
+        }
         assert_eq!(parse_prefix("kube-proxy: drop"), None);
         assert_eq!(parse_prefix("sluice-drop:x:sl1"), None);
+        assert_eq!(parse_prefix("sluice-drop:iC:sl1"), None);
+        assert_eq!(parse_prefix("sluice-drop::sl1"), None);
         assert_eq!(parse_prefix("sluice-drop:i"), None);
     }
 

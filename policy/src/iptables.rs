@@ -15,7 +15,7 @@
 //! The backend (legacy or nf_tables) is detected as kube-proxy's iptables wrapper does:
 //! kubelet's hint chains first, then whichever backend holds more rules, then `iptables -V`.
 
-use crate::droplog::{self, DropDirection};
+use crate::droplog::{self, DropDirection, DropStage};
 use crate::firewall::{Applied, Backend, Exec, Firewall, FirewallError, Observed, Rendered};
 use crate::ir::{AddrSet, Direction, PolicyIr, PortEntry, Protocol, Region};
 use crate::nft::HASH_MARK;
@@ -171,22 +171,30 @@ fn render_direction(
     };
     let mut sets = Vec::new();
     let mut rules = Vec::new();
-    let log_rule = droplog::iptables_log(drop_direction(ingress), Some(ifname));
     // A rate-limited log is its own rule before the drop (over its rate it does not match).
-    let drop: Vec<&str> = if log {
-        vec!["LOG", "DROP"]
-    } else {
-        vec!["DROP"]
+    let log_rules: Vec<String> = [
+        DropStage::Admin,
+        DropStage::NetworkPolicy,
+        DropStage::Baseline,
+    ]
+    .into_iter()
+    .map(|stage| droplog::iptables_log(drop_direction(ingress), stage, Some(ifname)))
+    .collect();
+    let drop = |i: usize| -> Vec<&str> {
+        if log {
+            vec![log_rules[i].as_str(), "DROP"]
+        } else {
+            vec!["DROP"]
+        }
     };
     let mut e = Emit {
         sets: &mut sets,
         rules: &mut rules,
         chain,
         dir,
-        log: &log_rule,
     };
     let admin = &d.admin;
-    e.region(&format!("{tag}-{ifname}-ad"), &admin.deny, &drop);
+    e.region(&format!("{tag}-{ifname}-ad"), &admin.deny, &drop(0));
     e.region(&format!("{tag}-{ifname}-aa"), &admin.accept, &[verdict]);
     if d.isolated {
         e.lookups(
@@ -195,9 +203,9 @@ fn render_direction(
             &d.ports,
             &[verdict],
         );
-        e.lookups_done(&drop);
+        e.lookups_done(&drop(1));
     } else {
-        e.region(&format!("{tag}-{ifname}-bd"), &d.baseline.deny, &drop);
+        e.region(&format!("{tag}-{ifname}-bd"), &d.baseline.deny, &drop(2));
         e.lookups_done(&[verdict]);
     }
     let mut text = String::new();
@@ -217,16 +225,17 @@ struct Emit<'a> {
     rules: &'a mut Vec<String>,
     chain: &'a str,
     dir: &'a str,
-    log: &'a str,
 }
 
 impl Emit<'_> {
-    /// `m` (a match, may be empty) once per verdict (`LOG` is the drop-log rule).
+    /// `m` (a match, may be empty) once per verdict: a target, or a drop-log rule's own
+    /// matches and target (which start with `-`).
     fn push(&mut self, m: &str, verdicts: &[&str]) {
         for v in verdicts {
-            self.rules.push(match *v {
-                "LOG" => format!("-A {}{m} {}", self.chain, self.log),
-                v => format!("-A {}{m} -j {v}", self.chain),
+            self.rules.push(if v.starts_with('-') {
+                format!("-A {}{m} {v}", self.chain)
+            } else {
+                format!("-A {}{m} -j {v}", self.chain)
             });
         }
     }
@@ -347,7 +356,8 @@ pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> IptablesScript {
     for (chain, flag, ingress) in [(&ing, "-o", true), (&eg, "-i", false)] {
         let _ = writeln!(dispatch, "-A {chain} {flag} sluice+ -j RETURN");
         if ir.log_drops {
-            let log = droplog::iptables_log(drop_direction(ingress), None);
+            let log =
+                droplog::iptables_log(drop_direction(ingress), DropStage::NetworkPolicy, None);
             let _ = writeln!(dispatch, "-A {chain} {flag} {p}+ {log}");
         }
         let _ = writeln!(dispatch, "-A {chain} {flag} {p}+ -j DROP");

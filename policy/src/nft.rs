@@ -25,7 +25,7 @@
 //! hash of the table's text (sets by name, which says what they hold): [`NftCli::observe`] reads only that chain, an unchanged
 //! table is not rewritten, and a table edited by hand (or by an older sluice) is replaced.
 
-use crate::droplog::{self, DropDirection};
+use crate::droplog::{self, DropDirection, DropStage};
 use crate::firewall::{Applied, Backend, Exec, Firewall, FirewallError, Observed, Rendered};
 use crate::ir::{AddrSet, Direction, PolicyIr, PortEntry, Region};
 use crate::{memo, text_hash};
@@ -202,13 +202,15 @@ fn render_direction(
     let mut sets = Vec::new();
     let mut rules = Vec::new();
     // A rate-limited log stops matching over its rate: it is a rule of its own before the drop.
-    let drop: Vec<String> = if log {
-        vec![
-            droplog::nft_log(drop_direction(prefix), Some(ifname)),
-            "drop".into(),
-        ]
-    } else {
-        vec!["drop".into()]
+    let drop = |stage: DropStage| -> Vec<String> {
+        if log {
+            vec![
+                droplog::nft_log(drop_direction(prefix), stage, Some(ifname)),
+                "drop".into(),
+            ]
+        } else {
+            vec!["drop".into()]
+        }
     };
     let allow_v = [allow.to_string()];
     // Admin tier: one lookup per set, before NetworkPolicy.
@@ -219,7 +221,7 @@ fn render_direction(
         &format!("{name}-ad"),
         field,
         &admin.deny,
-        &drop,
+        &drop(DropStage::Admin),
     );
     region_rules(
         &mut sets,
@@ -254,10 +256,7 @@ fn render_direction(
             ));
             sets.push(set);
         }
-        if log {
-            rules.push(droplog::nft_log(drop_direction(prefix), Some(ifname)));
-        }
-        rules.push("drop".into());
+        rules.extend(drop(DropStage::NetworkPolicy));
     } else {
         // No NetworkPolicy isolates: the Baseline tier decides, else allow.
         let base = &d.baseline;
@@ -267,7 +266,7 @@ fn render_direction(
             &format!("{name}-bd"),
             field,
             &base.deny,
-            &drop,
+            &drop(DropStage::Baseline),
         );
         rules.push(allow.to_string());
     }
@@ -367,7 +366,7 @@ fn base_chains(table: &mut NftTable, log: bool, shared: &Shared) {
     let egress_map = format!("iifname vmap @{}", shared.egress_pods);
     let unknown = |field: &str, d: DropDirection| {
         let log = if log {
-            format!("{} ", droplog::nft_log(d, None))
+            format!("{} ", droplog::nft_log(d, DropStage::NetworkPolicy, None))
         } else {
             String::new()
         };

@@ -1405,7 +1405,8 @@ fn drop_lines(lab: &Lab, node: &str) -> Vec<String> {
 }
 
 /// `policy-log-drops`, switched live: a connect denied by a policy is logged by the agent with
-/// the pod, the direction, the policy and the flow; switched off, nothing more is logged.
+/// the pod, the direction, the stage (NetworkPolicy, then an Admin ClusterNetworkPolicy
+/// denying first), the policy and the flow; switched off, nothing more is logged.
 fn logged_drops(backend: &'static str) {
     let lab = Lab::up(&["--nodes", "1", "--pods-per-node", "0"]);
     use_backend(&lab, backend);
@@ -1462,6 +1463,41 @@ fn logged_drops(backend: &'static str) {
         "{backend}: no drop logged for d/cl -> d/sv; drop lines: {:#?}",
         drop_lines(&lab, &node)
     );
+    assert!(
+        drop_lines(&lab, &node)
+            .iter()
+            .filter(|l| want(l))
+            .all(|l| l.contains("tier=NetworkPolicy")),
+        "{backend}: a NetworkPolicy drop not logged as tier=NetworkPolicy: {:#?}",
+        drop_lines(&lab, &node)
+    );
+    // An Admin ClusterNetworkPolicy denying first: its drops name the tier and the policy.
+    apply_yaml(
+        &lab,
+        &cnp(
+            "deny-into-d",
+            "Admin",
+            1,
+            "d",
+            "  - action: Deny\n    from:\n    - namespaces: {}",
+        ),
+    );
+    let want_admin = |l: &String| {
+        l.contains("pod=d/sv")
+            && l.contains("direction=ingress")
+            && l.contains("tier=Admin")
+            && l.contains("policies=deny-into-d")
+            && l.contains(&format!("src={cl}"))
+    };
+    let found = sluice_e2e::eventually(Duration::from_secs(15), || {
+        let _ = reaches(&lab, "d/cl", "d/sv", &ips);
+        drop_lines(&lab, &node).iter().any(want_admin)
+    });
+    assert!(
+        found,
+        "{backend}: no Admin-tier drop logged for d/cl -> d/sv; drop lines: {:#?}",
+        drop_lines(&lab, &node)
+    );
     // Off again (live): the rules stop logging.
     set_log_drops(&lab, false);
     let rules_clean = sluice_e2e::eventually(Duration::from_secs(15), || {
@@ -1508,6 +1544,88 @@ fn logged_drops(backend: &'static str) {
         before,
         "{backend}: drops still logged after policy-log-drops: false: {after:#?}"
     );
+}
+
+/// The node's InternalIP, from its Node object.
+fn node_ip(lab: &Lab, node: &str) -> Ipv4Addr {
+    let v: Value =
+        serde_json::from_slice(&lab.kubectl(&["get", "node", node, "-o", "json"]).stdout)
+            .unwrap_or(Value::Null);
+    v["status"]["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["type"] == "InternalIP")
+        .and_then(|a| a["address"].as_str()?.parse().ok())
+        .unwrap_or_else(|| panic!("node {node} has no InternalIP: {v}"))
+}
+
+/// An Admin ClusterNetworkPolicy denying egress from namespace `ns` to the nodes `selector`
+/// picks.
+fn cnp_deny_to_nodes(name: &str, ns: &str, selector: &str) -> String {
+    format!(
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata:\n  name: {name}\nspec:\n  tier: Admin\n  priority: 1\n  subject:\n    namespaces:\n      matchLabels: {{kubernetes.io/metadata.name: \"{ns}\"}}\n  egress:\n  - action: Deny\n    to:\n    - nodes: {selector}\n"
+    )
+}
+
+/// Egress `nodes` peers as the agent reads the cluster's Nodes: a pod's connect to its node's
+/// address (the agent's health port) is denied by an Admin Deny to every node, and allowed
+/// again once the policy's node selector matches no node; then denied again when the Node
+/// gets the label the selector asks for.
+fn egress_to_nodes(backend: &'static str) {
+    let lab = Lab::up(&["--nodes", "1", "--pods-per-node", "0"]);
+    use_backend(&lab, backend);
+    let node = format!("{}-node-1", lab.name);
+    apply_yaml(
+        &lab,
+        &(namespace_yaml("d") + &pod_yaml("d", "cl", "cl", &node)),
+    );
+    wait_running(&lab, &[("d", "cl")]);
+    let to = SocketAddr::from((node_ip(&lab, &node), 9099));
+    let netns = lab.pod_netns("d", "cl");
+    let connects = |want: bool| {
+        sluice_e2e::eventually(Duration::from_secs(20), || {
+            let netns = netns.clone();
+            in_netns(&netns, move || {
+                std::net::TcpStream::connect_timeout(&to, Duration::from_millis(500)).is_ok()
+            }) == want
+        })
+    };
+    assert!(
+        connects(true),
+        "{backend}: d/cl cannot reach {to} before any policy"
+    );
+    apply_yaml(&lab, &cnp_deny_to_nodes("no-nodes", "d", "{}"));
+    assert!(
+        connects(false),
+        "{backend}: d/cl still reaches {to} past an Admin Deny to all nodes"
+    );
+    apply_yaml(
+        &lab,
+        &cnp_deny_to_nodes("no-nodes", "d", "{matchLabels: {sluice-test: blocked}}"),
+    );
+    assert!(
+        connects(true),
+        "{backend}: d/cl denied {to} by a node selector matching no node"
+    );
+    kubectl_ok(&lab, &["label", "node", &node, "sluice-test=blocked"]);
+    assert!(
+        connects(false),
+        "{backend}: d/cl still reaches {to} once its Node has the label"
+    );
+}
+
+#[test]
+fn cluster_network_policy_egress_to_nodes_on_both_renderers() {
+    if !have_root() {
+        return;
+    }
+    std::thread::scope(|s| {
+        let n = s.spawn(|| egress_to_nodes("nftables"));
+        let i = s.spawn(|| egress_to_nodes("iptables"));
+        n.join().expect("nftables");
+        i.join().expect("iptables");
+    });
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! `policy-log-drops`: the reader of the drops sluice's rules log to NFLOG group
 //! [`NFLOG_GROUP`] (see [`sluice_policy::droplog`]). Each logged packet becomes one log line
-//! naming the pod, the direction, the policies that isolate the pod in that direction, and the
-//! flow. The kernel already limits each pod and direction to a few per second; the reader
+//! naming the pod, the direction, the stage that dropped (`tier`: the ClusterNetworkPolicy tier
+//! `Admin` or `Baseline`, or `NetworkPolicy`), the policies of that stage for the pod in that
+//! direction, and the flow. The kernel already limits each pod and direction to a few per second; the reader
 //! also caps its own output ([`LINES_PER_SECOND`]) and says how many it left out.
 
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
@@ -11,9 +12,9 @@ use netlink_packet_netfilter::nflog::{
 use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily};
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 use sluice_policy::droplog::{
-    parse_ipv4, parse_prefix, protocol_name, DropDirection, PacketSummary, NFLOG_GROUP,
+    parse_ipv4, parse_prefix, protocol_name, DropDirection, DropStage, PacketSummary, NFLOG_GROUP,
 };
-use sluice_policy::PolicyIr;
+use sluice_policy::{Direction, PolicyIr};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -23,12 +24,39 @@ pub const LINES_PER_SECOND: u32 = 50;
 /// Bytes of each dropped packet copied to the agent: the IPv4 header and the ports.
 const COPY_RANGE: u32 = 64;
 
-/// Who a pod veth is, for the log: the pod and the policies isolating it per direction.
+/// Who a pod veth is, for the log: the pod and, per direction, the policies of each stage.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodNames {
     pub pod: String,
-    pub ingress: Vec<String>,
-    pub egress: Vec<String>,
+    pub ingress: StageNames,
+    pub egress: StageNames,
+}
+
+/// The policies of one direction of a pod, per stage: the ClusterNetworkPolicies selecting it
+/// in each tier, and the NetworkPolicies isolating it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StageNames {
+    pub admin: Vec<String>,
+    pub network: Vec<String>,
+    pub baseline: Vec<String>,
+}
+
+impl StageNames {
+    fn of(d: &Direction) -> Self {
+        StageNames {
+            admin: d.admin.policies.clone(),
+            network: d.policies.clone(),
+            baseline: d.baseline.policies.clone(),
+        }
+    }
+
+    fn stage(&self, stage: DropStage) -> &[String] {
+        match stage {
+            DropStage::Admin => &self.admin,
+            DropStage::NetworkPolicy => &self.network,
+            DropStage::Baseline => &self.baseline,
+        }
+    }
 }
 
 /// Veth name → who it is; replaced after every policy pass.
@@ -42,8 +70,8 @@ pub fn names_of(ir: &PolicyIr) -> HashMap<String, PodNames> {
                 p.ifname.clone(),
                 PodNames {
                     pod: format!("{}/{}", p.namespace, p.name),
-                    ingress: p.ingress.policies.clone(),
-                    egress: p.egress.policies.clone(),
+                    ingress: StageNames::of(&p.ingress),
+                    egress: StageNames::of(&p.egress),
                 },
             )
         })
@@ -54,9 +82,11 @@ pub fn names_of(ir: &PolicyIr) -> HashMap<String, PodNames> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DropLine {
     pub direction: DropDirection,
+    pub stage: DropStage,
     /// `namespace/name`, or the veth when sluice does not know its pod yet.
     pub pod: String,
-    /// The policies isolating the pod in this direction ("" for an unknown pod: fail closed).
+    /// The policies of the stage for the pod in this direction ("" for an unknown pod: fail
+    /// closed).
     pub policies: String,
     pub packet: Option<PacketSummary>,
 }
@@ -67,14 +97,14 @@ pub fn describe(
     prefix: &str,
     payload: Option<&[u8]>,
 ) -> Option<DropLine> {
-    let (direction, ifname) = parse_prefix(prefix)?;
+    let (direction, stage, ifname) = parse_prefix(prefix)?;
     let (pod, policies) = match ifname.and_then(|i| names.get(i).map(|n| (i, n))) {
         Some((_, n)) => {
             let list = match direction {
                 DropDirection::Ingress => &n.ingress,
                 DropDirection::Egress => &n.egress,
             };
-            (n.pod.clone(), list.join(","))
+            (n.pod.clone(), list.stage(stage).join(","))
         }
         None => (
             format!("unknown pod on {}", ifname.unwrap_or("a pod veth")),
@@ -83,6 +113,7 @@ pub fn describe(
     };
     Some(DropLine {
         direction,
+        stage,
         pod,
         policies,
         packet: payload.and_then(parse_ipv4),
@@ -141,6 +172,7 @@ fn log_line(line: &DropLine) {
     tracing::info!(
         pod = %line.pod,
         direction = %line.direction.name(),
+        tier = %line.stage.name(),
         policies = %line.policies,
         src = %src,
         dst = %dst,
@@ -256,7 +288,13 @@ mod tests {
     use super::*;
     use sluice_policy::{Direction, PodPolicy};
 
+    use sluice_policy::TierVerdict;
+
     fn names() -> HashMap<String, PodNames> {
+        let tier = |names: &[&str]| TierVerdict {
+            policies: names.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        };
         let ir = PolicyIr {
             pods: vec![PodPolicy {
                 namespace: "x".into(),
@@ -266,9 +304,13 @@ mod tests {
                 ingress: Direction {
                     isolated: true,
                     policies: vec!["x/deny".into(), "x/web".into()],
+                    admin: tier(&["block-metadata", "keep-monitoring"]),
                     ..Default::default()
                 },
-                egress: Direction::default(),
+                egress: Direction {
+                    baseline: tier(&["default-deny"]),
+                    ..Default::default()
+                },
             }],
             log_drops: true,
         };
@@ -284,10 +326,25 @@ mod tests {
         let line = describe(&names(), "sluice-drop:i:sl0000000000001", Some(&p)).unwrap();
         assert_eq!(line.pod, "x/a");
         assert_eq!(line.direction, DropDirection::Ingress);
+        assert_eq!(line.stage, DropStage::NetworkPolicy);
         assert_eq!(line.policies, "x/deny,x/web");
         let pkt = line.packet.unwrap();
         assert_eq!(pkt.src.to_string(), "10.244.2.3");
         assert_eq!(pkt.ports, Some((40000, 80)));
+    }
+
+    #[test]
+    fn a_tier_drop_names_the_tier_and_its_cluster_network_policies() {
+        let admin = describe(&names(), "sluice-drop:iA:sl0000000000001", None).unwrap();
+        assert_eq!(admin.stage, DropStage::Admin);
+        assert_eq!(admin.policies, "block-metadata,keep-monitoring");
+        let base = describe(&names(), "sluice-drop:eB:sl0000000000001", None).unwrap();
+        assert_eq!(base.direction, DropDirection::Egress);
+        assert_eq!(base.stage, DropStage::Baseline);
+        assert_eq!(base.policies, "default-deny");
+        // The pod's NetworkPolicies isolate only its ingress: an egress drop there names none.
+        let none = describe(&names(), "sluice-drop:e:sl0000000000001", None).unwrap();
+        assert_eq!(none.policies, "");
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub struct AgentArgs {
 #[cfg_attr(not(test), allow(dead_code))]
 pub const API_CALLS: &[(&str, &str, &str, &str)] = &[
     ("", "nodes", "get", ""),
+    // ClusterNetworkPolicy egress `nodes` peers: every Node's labels and addresses.
+    ("", "nodes", "list", ""),
+    ("", "nodes", "watch", ""),
     ("", "nodes/status", "patch", ""),
     ("", "pods", "list", ""),
     ("", "pods", "watch", ""),

@@ -14,7 +14,7 @@
 
 use super::{droplog, tolerant, WatchSync};
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
@@ -23,7 +23,7 @@ use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol};
 use sluice_health::Health;
-use sluice_policy::cnp::{self, ClusterNetworkPolicy};
+use sluice_policy::cnp::{self, ClusterNetworkPolicy, NodeAddrs};
 use sluice_policy::{
     ClusterPod, Compiler, ConntrackCli, Exec, Firewall, LocalPod, PolicyInput, PolicyIr,
 };
@@ -211,6 +211,35 @@ fn slim_meta<K: kube::Resource>(object: &mut K) {
     meta.annotations = None;
 }
 
+/// A Node as egress `nodes` peers read it: its labels and addresses, nothing else kept (a
+/// Node's status lists its images and conditions, and every node has a copy of every Node).
+fn slim_node(node: &mut Node) {
+    slim_meta(node);
+    node.spec = None;
+    if let Some(status) = node.status.as_mut() {
+        let addresses = status.addresses.take();
+        *status = Default::default();
+        status.addresses = addresses;
+    }
+}
+
+/// The labels and IPv4 addresses (InternalIP, ExternalIP) of a Node, for `nodes` peers.
+fn node_addrs(node: &Node) -> NodeAddrs {
+    let mut addrs: Vec<Ipv4Addr> = node
+        .status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    NodeAddrs {
+        labels: node.metadata.labels.clone().unwrap_or_default(),
+        addrs,
+    }
+}
+
 /// The node's pods as the compiler takes them: scheduled here, with an address, and a veth
 /// found in the kernel.
 fn local_pods(
@@ -285,6 +314,7 @@ pub async fn run(
     let pod_cache = SharedPodCache::default();
     let (ns_cache, ns_writer) = reflector::store::<Namespace>();
     let (np_cache, np_writer) = reflector::store::<NetworkPolicy>();
+    let (node_cache, node_writer) = reflector::store::<Node>();
     let wc = watcher::Config::default;
     let pods = watcher(Api::<Pod>::all(client.clone()), wc())
         .default_backoff()
@@ -309,6 +339,13 @@ pub async fn run(
     )
     .default_backoff()
     .map(|e| (2usize, init_done("networkpolicies", &e)));
+    // Part of `synced`: until the Nodes are known, a Deny to `nodes` would deny nothing.
+    let nodes = reflector(
+        node_writer,
+        watcher(Api::<Node>::all(client.clone()), wc()).modify(slim_node),
+    )
+    .default_backoff()
+    .map(|e| (3usize, init_done("nodes", &e)));
     // ClusterNetworkPolicy is a CRD the cluster may not have: its watch never holds policy
     // back (not part of `synced`); while it fails, NetworkPolicy is enforced alone and
     // `/status` says so.
@@ -343,7 +380,10 @@ pub async fn run(
     });
     let mut events = Box::pin(futures::stream::select(
         pods,
-        futures::stream::select(nss, futures::stream::select(nps, cnps)),
+        futures::stream::select(
+            nss,
+            futures::stream::select(nps, futures::stream::select(nodes, cnps)),
+        ),
     ));
     let skips = tolerant::Skips::default();
     let handle = match rtnetlink::new_connection() {
@@ -368,7 +408,7 @@ pub async fn run(
     };
     let names: droplog::Names = Arc::default();
     let mut reading_drops = false;
-    let mut synced = [false; 3];
+    let mut synced = [false; 4];
     let mut tick = tokio::time::interval(RESYNC);
     let mut swept = false;
     let mut link_names = LinkNames::new();
@@ -394,7 +434,7 @@ pub async fn run(
                     &mut compiler,
                     &firewall,
                     flusher.as_ref(),
-                    (&pod_cache, &ns_cache, &np_cache),
+                    (&pod_cache, &ns_cache, &np_cache, &node_cache),
                     ((log, &names), (&cnp_cache, &skips, &health)),
                 )
                 .await;
@@ -477,7 +517,7 @@ fn init_done<K>(watch: &str, e: &Result<watcher::Event<K>, watcher::Error>) -> b
     }
 }
 
-fn mark(synced: &mut [bool; 3], source: usize, init_done: bool, sync: &WatchSync, health: &Health) {
+fn mark(synced: &mut [bool; 4], source: usize, init_done: bool, sync: &WatchSync, health: &Health) {
     if let Some(s) = synced.get_mut(source) {
         *s |= init_done;
     }
@@ -513,7 +553,7 @@ fn sweep_other(using: sluice_policy::Backend) -> Result<(), sluice_policy::Firew
 }
 
 /// The source number of the ClusterNetworkPolicy watch (not one of `synced`'s).
-const CNP_SOURCE: usize = 3;
+const CNP_SOURCE: usize = 4;
 
 /// Where the ClusterNetworkPolicy watch stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -595,6 +635,7 @@ type Caches<'a> = (
     &'a SharedPodCache,
     &'a reflector::Store<Namespace>,
     &'a reflector::Store<NetworkPolicy>,
+    &'a reflector::Store<Node>,
 );
 
 async fn sync_once(
@@ -603,7 +644,7 @@ async fn sync_once(
     compiler: &mut Compiler,
     firewall: &Arc<dyn Firewall>,
     flusher: Option<&Flusher>,
-    (pods, nss, nps): Caches<'_>,
+    (pods, nss, nps, node_store): Caches<'_>,
     ((log_drops, names), (cnp_cache, skips, health)): (
         (bool, &droplog::Names),
         (&reflector::Store<DynamicObject>, &tolerant::Skips, &Health),
@@ -625,13 +666,14 @@ async fn sync_once(
         .filter_map(|o| skips.decode::<ClusterNetworkPolicy>(cnp::KIND, o, health))
         .collect();
     let cnps: Vec<&ClusterNetworkPolicy> = cnps.iter().collect();
+    let nodes: Vec<NodeAddrs> = node_store.state().iter().map(|n| node_addrs(n)).collect();
     let input = PolicyInput {
         pods: &pods,
         namespaces: &namespaces,
         policies: &policies,
         host_addrs: &kernel.host_addrs,
         cluster_policies: &cnps,
-        nodes: &[],
+        nodes: &nodes,
     };
     let mut ir = compiler.compile(&input, &local);
     ir.log_drops = log_drops;
@@ -722,6 +764,41 @@ mod tests {
         assert_eq!(names(&cache), ["b", "c"]);
         cache.apply(&Event::InitDone);
         assert_eq!(names(&cache), ["c"]);
+    }
+
+    #[test]
+    fn a_node_is_read_as_its_labels_and_ipv4_addresses_only() {
+        let mut node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1", "labels": {"role": "edge"}, "annotations": {"a": "b"}},
+            "spec": {"podCIDR": "10.244.1.0/24"},
+            "status": {
+                "addresses": [
+                    {"type": "Hostname", "address": "n1"},
+                    {"type": "InternalIP", "address": "172.31.1.11"},
+                    {"type": "InternalIP", "address": "fd00::11"},
+                    {"type": "ExternalIP", "address": "203.0.113.11"},
+                    {"type": "InternalIP", "address": "172.31.1.11"}
+                ],
+                "images": [{"names": ["busybox"], "sizeBytes": 1}],
+                "conditions": [{"type": "Ready", "status": "True"}]
+            }
+        }))
+        .unwrap();
+        slim_node(&mut node);
+        assert_eq!(node.spec, None);
+        assert_eq!(node.metadata.annotations, None);
+        let status = node.status.as_ref().unwrap();
+        assert_eq!(status.images, None);
+        assert_eq!(status.conditions, None);
+        let n = node_addrs(&node);
+        assert_eq!(n.labels.get("role").map(String::as_str), Some("edge"));
+        assert_eq!(
+            n.addrs,
+            [
+                "172.31.1.11".parse::<Ipv4Addr>().unwrap(),
+                "203.0.113.11".parse().unwrap()
+            ]
+        );
     }
 
     #[test]

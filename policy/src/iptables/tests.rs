@@ -174,6 +174,35 @@ fn logged_drops_go_to_nflog_before_each_drop() {
 }
 
 #[test]
+fn logged_tier_drops_name_their_tier() {
+    let s = render(&crate::nft::tests::tiered_sample()).filter;
+    for want in [
+        "--nflog-prefix sluice-drop:iA:slb\n",
+        "--nflog-prefix sluice-drop:eB:slb\n",
+        "--nflog-prefix sluice-drop:i:sla\n",
+    ] {
+        assert!(s.contains(want), "{want:?} missing from\n{s}");
+    }
+    // Each tier's log goes right before that tier's drop, with the same match.
+    for (chain, tier) in [("SLUICE-I-slb", "iA"), ("SLUICE-E-slb", "eB")] {
+        let lines: Vec<&str> = s
+            .lines()
+            .filter(|l| l.starts_with(&format!("-A {chain} ")))
+            .collect();
+        let at = lines
+            .iter()
+            .position(|l| l.contains(&format!("sluice-drop:{tier}:slb")))
+            .unwrap();
+        let matches = |l: &str| l.split(" -m limit").next().unwrap().to_string();
+        assert_eq!(
+            lines[at + 1],
+            format!("{} -j DROP", matches(lines[at])),
+            "{s}"
+        );
+    }
+}
+
+#[test]
 fn a_delta_writes_only_what_changed() {
     let old = render(&sample());
     let same = delta(&old, &old);

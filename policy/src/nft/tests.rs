@@ -1,7 +1,9 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
-use crate::ir::{AddrSet, Direction, PodPolicy, PolicyIr, PortEntry, Protocol};
+use crate::ir::{
+    AddrSet, Direction, PodPolicy, PolicyIr, PortEntry, Protocol, Region, TierVerdict,
+};
 
 /// Three pods: `sla` isolated for ingress (10.0.0.1 on everything, 10.0.1.0/24 on TCP 80-81,
 /// anyone on SCTP 82), `slb` open, `slc` isolated for egress with nothing allowed.
@@ -335,6 +337,38 @@ fn a_changed_base_chain_is_left_to_a_full_replace() {
     Arc::make_mut(retyped.sets.get_mut(&named(&a.table, "isolated")).unwrap()).spec =
         vec!["type ipv4_addr".into()];
     assert_eq!(delta(&a.table, &retyped, "h"), None);
+}
+
+/// `sample()` with pod `slb` denied 169.254.169.254 by an Admin tier on ingress and 10.0.9.0/24
+/// by a Baseline tier on egress, drops logged.
+pub(crate) fn tiered_sample() -> PolicyIr {
+    let mut ir = sample();
+    ir.log_drops = true;
+    let b = &mut ir.pods[1];
+    b.ingress.admin = TierVerdict {
+        deny: Region::everything(&AddrSet::from_addrs(["169.254.169.254".parse().unwrap()])),
+        policies: vec!["block-metadata".into()],
+        ..Default::default()
+    };
+    b.egress.baseline = TierVerdict {
+        deny: Region::everything(&AddrSet::from_block("10.0.9.0/24".parse().unwrap(), &[])),
+        policies: vec!["default-deny".into()],
+        ..Default::default()
+    };
+    ir
+}
+
+#[test]
+fn logged_tier_drops_name_their_tier() {
+    let t = unhashed(&render(&tiered_sample()).text());
+    for want in [
+        "ip saddr @i-slb-ad-all-# limit rate 10/second burst 20 packets log prefix \"sluice-drop:iA:slb\" group 77\n\t\tip saddr @i-slb-ad-all-# drop",
+        "ip daddr @e-slb-bd-all-# limit rate 10/second burst 20 packets log prefix \"sluice-drop:eB:slb\" group 77\n\t\tip daddr @e-slb-bd-all-# drop",
+    ] {
+        assert!(t.contains(want), "{want:?} missing from\n{t}");
+    }
+    // NetworkPolicy's own drops keep the prefix without a tier.
+    assert!(t.contains("log prefix \"sluice-drop:i:sla\""), "{t}");
 }
 
 #[test]
