@@ -20,7 +20,10 @@
 //! Where the API leaves room: two policies of one tier with equal priority are merged so that
 //! `Deny` wins over `Accept`, and both over `Pass` (the API calls the order undefined; this is
 //! the safe reading, and deterministic). A rule the API would reject (no peers, unknown
-//! action, a range with `end` below `start`) matches nothing.
+//! action, a range with `end` below `start`) matches nothing. A peer with no field sluice
+//! knows (a newer CRD's, such as `domainNames`, which sluice does not implement) or with more
+//! than one fails closed as the API's peer types ask: its `Accept` rule matches nothing, its
+//! `Deny` or `Pass` rule denies all traffic of the subject in that direction.
 
 use crate::selector::Labels;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -104,7 +107,7 @@ pub struct EgressRule {
     pub protocols: Option<Vec<ProtocolPort>>,
 }
 
-/// One peer: exactly one field is set (a peer with none matches nothing).
+/// One peer: exactly one field is set (else its rule fails closed, see the module's notes).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Peer {

@@ -66,7 +66,7 @@ impl Compiler {
             (a.spec.tier, a.spec.priority, a.name()).cmp(&(b.spec.tier, b.spec.priority, b.name()))
         });
         // Peer addresses per (policy, direction, rule): the same for every subject.
-        let mut peer_cache: HashMap<(usize, Dir, usize), AddrSet> = HashMap::new();
+        let mut peer_cache: HashMap<(usize, Dir, usize), Option<AddrSet>> = HashMap::new();
         for (i, pod) in local_pods.iter().enumerate() {
             let ns_labels = self.namespace_labels(&pod.namespace);
             let selecting: Vec<(usize, &ClusterNetworkPolicy)> = order
@@ -143,12 +143,12 @@ impl Compiler {
         dir: Dir,
         pod: &LocalPod,
         nodes: &[crate::cnp::NodeAddrs],
-        peer_cache: &mut HashMap<(usize, Dir, usize), AddrSet>,
+        peer_cache: &mut HashMap<(usize, Dir, usize), Option<AddrSet>>,
     ) -> Outcome {
         let mut o = Outcome::default();
         let mut decided = Region::default();
         for (ri, rule) in rule_views(cnp, dir).into_iter().enumerate() {
-            let addrs = match peer_cache.get(&(ci, dir, ri)) {
+            let peers = match peer_cache.get(&(ci, dir, ri)) {
                 Some(a) => a.clone(),
                 None => {
                     let a = self.cnp_peers(rule.peers, dir, nodes);
@@ -156,12 +156,20 @@ impl Compiler {
                     a
                 }
             };
-            if addrs.is_empty() {
-                continue;
-            }
-            let region = self.rule_region(&addrs, rule.protocols, dir, pod);
+            // A peer sluice cannot read (no field it knows, e.g. a newer CRD's, or more than
+            // one) fails closed as the API asks: an Accept rule matches nothing, a Deny or Pass
+            // rule denies everything.
+            let (action, region) = match (peers, rule.action) {
+                (Some(addrs), action) if !addrs.is_empty() => {
+                    (action, self.rule_region(&addrs, rule.protocols, dir, pod))
+                }
+                (Some(_), _) | (None, Action::Accept) => continue,
+                (None, Action::Deny | Action::Pass) => {
+                    (Action::Deny, Region::everything(&AddrSet::all()))
+                }
+            };
             let fresh = region.subtract(&decided);
-            let slot = match rule.action {
+            let slot = match action {
                 Action::Deny => &mut o.deny,
                 Action::Accept => &mut o.accept,
                 Action::Pass => &mut o.pass,
@@ -172,7 +180,13 @@ impl Compiler {
         o
     }
 
-    fn cnp_peers(&self, peers: &[Peer], dir: Dir, nodes: &[crate::cnp::NodeAddrs]) -> AddrSet {
+    /// The addresses of a rule's peers; `None` when one of them is not a peer sluice can read.
+    fn cnp_peers(
+        &self,
+        peers: &[Peer],
+        dir: Dir,
+        nodes: &[crate::cnp::NodeAddrs],
+    ) -> Option<AddrSet> {
         let mut ranges = Vec::new();
         for peer in peers {
             let set = match peer {
@@ -230,14 +244,14 @@ impl Compiler {
                 ),
                 _ => {
                     tracing::warn!(
-                        "ClusterNetworkPolicy peer without exactly one valid field matches nothing"
+                        "ClusterNetworkPolicy peer without exactly one field sluice knows: its rule fails closed"
                     );
-                    AddrSet::new()
+                    return None;
                 }
             };
             ranges.extend_from_slice(set.ranges());
         }
-        AddrSet::from_ranges(ranges)
+        Some(AddrSet::from_ranges(ranges))
     }
 
     /// The (peer, protocol, port) region of a rule with peers `addrs`.

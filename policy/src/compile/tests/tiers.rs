@@ -265,6 +265,65 @@ fn egress_to_networks_and_nodes() {
 }
 
 #[test]
+fn a_peer_sluice_cannot_read_fails_closed() {
+    let c = Cluster::new();
+    // `domainNames` (a newer CRD's peer sluice does not implement) reads as a peer with no field.
+    let unknown = json!([{"domainNames": ["example.test."]}]);
+    let subject = json!({"pods": {"namespaceSelector": {"matchLabels": {"ns": "x"}},
+                                  "podSelector": {"matchLabels": {"pod": "a"}}}});
+    let policy = |action: &str| {
+        cnp(
+            "unknown-peer",
+            "Admin",
+            1,
+            subject.clone(),
+            json!([]),
+            json!([{"action": action, "to": unknown.clone()}]),
+        )
+    };
+    // Below it, an Admin Accept of everything: only what the first policy decides differs.
+    let accept_rest = cnp(
+        "accept-rest",
+        "Admin",
+        2,
+        subject.clone(),
+        json!([]),
+        json!([rule("Accept", "to", every_ns())]),
+    );
+    let baseline_deny = cnp(
+        "deny-all",
+        "Baseline",
+        1,
+        subject.clone(),
+        json!([]),
+        json!([rule("Deny", "to", every_ns())]),
+    );
+    // Accept with it matches nothing: the Baseline deny below still decides.
+    let ir = c.compile_tiers(&[], &[policy("Accept"), baseline_deny], &[]);
+    assert!(!tcp(&ir, "x/a", "y/b", 80));
+    // Deny and Pass with it deny all of the subject's egress, whatever comes after.
+    for action in ["Deny", "Pass"] {
+        let ir = c.compile_tiers(&[], &[policy(action), accept_rest.clone()], &[]);
+        assert!(!tcp(&ir, "x/a", "y/b", 80), "{action}");
+        assert!(!tcp(&ir, "x/a", "203.0.113.9", 443), "{action}");
+        // Only the subject, only egress.
+        assert!(tcp(&ir, "x/b", "y/b", 80), "{action}");
+        assert!(tcp(&ir, "y/b", "x/a", 80), "{action}");
+    }
+    // Two fields in one peer are no readable peer either.
+    let two = cnp(
+        "two-fields",
+        "Admin",
+        1,
+        subject.clone(),
+        json!([]),
+        json!([{"action": "Deny", "to": [{"namespaces": {}, "networks": ["10.0.0.0/8"]}]}]),
+    );
+    let ir = c.compile_tiers(&[], &[two, accept_rest], &[]);
+    assert!(!tcp(&ir, "x/a", "z/c", 80));
+}
+
+#[test]
 fn named_ports_resolve_per_destination_pod() {
     let mut c = Cluster::new();
     // y/b serves "http" on 8080 instead.
