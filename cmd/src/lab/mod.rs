@@ -6,6 +6,7 @@ mod cni;
 mod credentials;
 mod daemon;
 mod down;
+pub mod image;
 mod k8s;
 pub mod k8s_plan;
 mod kubelet;
@@ -107,6 +108,23 @@ pub enum LabCmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Write the image manifests/sluice.yaml names, offline: a docker-archive (`docker save`'s
+    /// format, for `ctr images import` or `lab load`) of this binary as /usr/local/bin/sluice and
+    /// the tools the agent runs (nft, iptables, ipset, conntrack) with their libraries.
+    Image {
+        /// The archive to write.
+        #[arg(long, default_value = "sluice-image.tar")]
+        out: PathBuf,
+        /// The image's name (default: the one the manifest's DaemonSet runs).
+        #[arg(long, default_value = image::manifest_image())]
+        tag: String,
+        /// The sluice binary to put in (default: this one).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// The root file system the tools and their libraries are taken from.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
     /// Internal: the lab daemon's supervisor, or (`--serve`) the daemon: the API server process.
     #[command(name = "__daemon", hide = true)]
     Daemon {
@@ -188,6 +206,12 @@ pub fn main(cmd: LabCmd) -> Result<()> {
             };
             rt.block_on(up(spec, api))
         }
+        LabCmd::Image {
+            out,
+            tag,
+            binary,
+            root,
+        } => image::run(&out, &tag, binary.as_deref(), &root),
         LabCmd::Status { name, json } => rt.block_on(status::run(&name, json)),
         LabCmd::Agent { name, action, node } => agent_control(&name, action, &node),
         LabCmd::Serve {
