@@ -10,6 +10,7 @@ pub mod image;
 mod k8s;
 pub mod k8s_plan;
 mod kubelet;
+mod load;
 mod machine;
 mod node_subnets;
 pub mod pki;
@@ -125,6 +126,17 @@ pub enum LabCmd {
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
+    /// Import docker/OCI image archives into the containerd of every node of a lab on real
+    /// Kubernetes (`lab up --kubernetes DIR`), as `kind load image-archive` does.
+    Load {
+        #[arg(long, default_value = "lab")]
+        name: String,
+        /// Only these nodes (default: all), e.g. lab-node-1.
+        #[arg(long = "node", value_name = "NODE")]
+        nodes: Vec<String>,
+        #[arg(required = true, value_name = "ARCHIVE")]
+        archives: Vec<PathBuf>,
+    },
     /// Internal: the lab daemon's supervisor, or (`--serve`) the daemon: the API server process.
     #[command(name = "__daemon", hide = true)]
     Daemon {
@@ -212,6 +224,11 @@ pub fn main(cmd: LabCmd) -> Result<()> {
             binary,
             root,
         } => image::run(&out, &tag, binary.as_deref(), &root),
+        LabCmd::Load {
+            name,
+            nodes,
+            archives,
+        } => load::run(&name, &archives, &nodes),
         LabCmd::Status { name, json } => rt.block_on(status::run(&name, json)),
         LabCmd::Agent { name, action, node } => agent_control(&name, action, &node),
         LabCmd::Serve {
