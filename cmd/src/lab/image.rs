@@ -156,7 +156,7 @@ pub fn elf_deps(data: &[u8]) -> Result<Option<ElfDeps>, String> {
         }
         let table = file.elf_dynamic_table().map_err(|e| e.to_string())?;
         for d in &table {
-            if d.tag == i64::from(DT_NEEDED) {
+            if d.tag == DT_NEEDED {
                 let name = table.string(d).map_err(|e| e.to_string())?;
                 deps.needed.push(String::from_utf8_lossy(name).into_owned());
             }

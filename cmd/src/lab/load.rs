@@ -44,7 +44,6 @@ pub enum LoadError {
 /// `kubernetes`: the lab runs real Kubernetes components; `exists` says whether a path exists.
 pub fn targets(
     lab: &str,
-    lab_dir: &Path,
     nodes: &[String],
     only: &[String],
     kubernetes: bool,
@@ -68,7 +67,7 @@ pub fn targets(
         .iter()
         .filter(|n| only.is_empty() || only.contains(n))
         .map(|node| {
-            let socket = containerd_socket(lab_dir, node);
+            let socket = containerd_socket(lab, node);
             if exists(&socket) {
                 Ok((node.clone(), socket))
             } else {
@@ -114,9 +113,7 @@ pub fn run(name: &str, archives: &[PathBuf], only: &[String]) -> Result<()> {
     };
     let nodes: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
     let kubernetes = super::k8s::dir(&files).exists();
-    let targets = targets(
-        name, &files.dir, &nodes, only, kubernetes, archives, &exists,
-    )?;
+    let targets = targets(name, &nodes, only, kubernetes, archives, &exists)?;
     for (node, socket) in &targets {
         for archive in archives {
             let out = Command::new("ctr")
@@ -165,26 +162,23 @@ mod tests {
 
     #[test]
     fn every_node_is_a_target_at_its_conventional_socket() {
-        let dir = Path::new("/run/sluice/lab/lab");
         let archive = PathBuf::from("/tmp/img.tar");
         let mut present = vec![archive.clone()];
-        present.extend(nodes().iter().map(|n| containerd_socket(dir, n)));
+        present.extend(nodes().iter().map(|n| containerd_socket("lab", n)));
         let got = targets(
             "lab",
-            dir,
             &nodes(),
             &[],
             true,
-            &[archive.clone()],
+            std::slice::from_ref(&archive),
             &with(&present),
         )
         .unwrap();
         assert_eq!(got.len(), 3);
         assert_eq!(got[1].0, "lab-node-2");
-        assert_eq!(got[1].1, containerd_socket(dir, "lab-node-2"));
+        assert_eq!(got[1].1, containerd_socket("lab", "lab-node-2"));
         let only = targets(
             "lab",
-            dir,
             &nodes(),
             &["lab-node-3".to_string()],
             true,
@@ -196,28 +190,33 @@ mod tests {
             only,
             vec![(
                 "lab-node-3".to_string(),
-                containerd_socket(dir, "lab-node-3")
+                containerd_socket("lab", "lab-node-3")
             )]
         );
     }
 
     #[test]
     fn what_cannot_be_loaded_says_why() {
-        let dir = Path::new("/run/sluice/lab/lab");
         let archive = PathBuf::from("/tmp/img.tar");
         let none = with(&[]);
         assert_eq!(
-            targets("lab", dir, &nodes(), &[], true, &[archive.clone()], &none),
+            targets(
+                "lab",
+                &nodes(),
+                &[],
+                true,
+                std::slice::from_ref(&archive),
+                &none
+            ),
             Err(LoadError::MissingArchive("/tmp/img.tar".into()))
         );
-        let only_archive = with(&[archive.clone()]);
+        let only_archive = with(std::slice::from_ref(&archive));
         let embedded = targets(
             "lab",
-            dir,
             &nodes(),
             &[],
             false,
-            &[archive.clone()],
+            std::slice::from_ref(&archive),
             &only_archive,
         )
         .unwrap_err();
@@ -228,11 +227,10 @@ mod tests {
         );
         let missing = targets(
             "lab",
-            dir,
             &nodes(),
             &[],
             true,
-            &[archive.clone()],
+            std::slice::from_ref(&archive),
             &only_archive,
         )
         .unwrap_err();
@@ -246,7 +244,6 @@ mod tests {
         );
         let unknown = targets(
             "lab",
-            dir,
             &nodes(),
             &["lab-node-9".into()],
             true,
