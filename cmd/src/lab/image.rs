@@ -19,24 +19,43 @@ use std::path::{Component, Path, PathBuf};
 /// Where the binary lives in the image (the DaemonSet's `command` and the Dockerfile's ENTRYPOINT).
 pub const BINARY_PATH: &str = "usr/local/bin/sluice";
 
-/// The tools the agent runs, by name, and the Debian package that ships each (for the message
-/// when one is missing). Looked up in [`TOOL_DIRS`] of the source root.
-pub const TOOLS: &[(&str, &str)] = &[
-    ("nft", "nftables"),
-    ("iptables", "iptables"),
-    ("iptables-save", "iptables"),
-    ("iptables-restore", "iptables"),
-    ("iptables-nft", "iptables"),
-    ("iptables-nft-save", "iptables"),
-    ("iptables-nft-restore", "iptables"),
-    ("iptables-legacy", "iptables"),
-    ("iptables-legacy-save", "iptables"),
-    ("iptables-legacy-restore", "iptables"),
-    ("ip6tables", "iptables"),
-    ("ip6tables-save", "iptables"),
-    ("ip6tables-restore", "iptables"),
-    ("ipset", "ipset"),
-    ("conntrack", "conntrack"),
+/// A tool the image carries: its name, the Debian package that ships it (for the message when
+/// it is missing) and whether the image is refused without it.
+#[derive(Debug, Clone, Copy)]
+pub struct Tool {
+    pub name: &'static str,
+    pub package: &'static str,
+    pub required: bool,
+}
+
+const fn tool(name: &'static str, package: &'static str, required: bool) -> Tool {
+    Tool {
+        name,
+        package,
+        required,
+    }
+}
+
+/// The tools the agent runs, looked up in [`TOOL_DIRS`] of the source root. Required: what the
+/// agent cannot work without; the rest (the explicit nft and legacy variants, which the agent
+/// prefers when it detects the host's iptables mode, and ip6tables) come along where the
+/// packages have them.
+pub const TOOLS: &[Tool] = &[
+    tool("nft", "nftables", true),
+    tool("iptables", "iptables", true),
+    tool("iptables-save", "iptables", true),
+    tool("iptables-restore", "iptables", true),
+    tool("ipset", "ipset", true),
+    tool("conntrack", "conntrack", true),
+    tool("iptables-nft", "iptables", false),
+    tool("iptables-nft-save", "iptables", false),
+    tool("iptables-nft-restore", "iptables", false),
+    tool("iptables-legacy", "iptables", false),
+    tool("iptables-legacy-save", "iptables", false),
+    tool("iptables-legacy-restore", "iptables", false),
+    tool("ip6tables", "iptables", false),
+    tool("ip6tables-save", "iptables", false),
+    tool("ip6tables-restore", "iptables", false),
 ];
 
 /// Where tools are looked for (and kept, at the same path, in the image).
@@ -347,7 +366,7 @@ fn mode_of(meta: &std::fs::Metadata) -> u32 {
 pub fn plan_rootfs(
     root: &Path,
     binary: &Path,
-    tools: &[(&str, &str)],
+    tools: &[Tool],
     deps: &dyn Fn(&Path) -> Result<Option<ElfDeps>, ImageError>,
 ) -> Result<Rootfs, ImageError> {
     let mut fs = Rootfs::default();
@@ -363,15 +382,18 @@ pub fn plan_rootfs(
     );
     // Files (host paths) whose needs are still to be read.
     let mut queue: VecDeque<PathBuf> = VecDeque::from([binary.to_path_buf()]);
-    for (tool, package) in tools {
+    for t in tools {
         let found = TOOL_DIRS
             .iter()
-            .map(|d| Path::new(d).join(tool))
+            .map(|d| Path::new(d).join(t.name))
             .find(|p| std::fs::symlink_metadata(root.join(p)).is_ok());
         let Some(path) = found else {
+            if !t.required {
+                continue;
+            }
             return Err(ImageError::MissingTool {
-                tool: (*tool).to_string(),
-                package: (*package).to_string(),
+                tool: t.name.to_string(),
+                package: t.package.to_string(),
                 dirs: TOOL_DIRS
                     .iter()
                     .map(|d| format!("/{d}"))
@@ -385,7 +407,7 @@ pub fn plan_rootfs(
     }
     let lib_dirs = ld_paths(root);
     // iptables loads its matches and targets (libxt_*.so, ...) from `LIBDIR/xtables`.
-    if tools.iter().any(|(t, _)| t.starts_with("iptables")) {
+    if tools.iter().any(|t| t.name.starts_with("iptables")) {
         let xtables: Vec<PathBuf> = lib_dirs
             .iter()
             .map(|d| d.join("xtables"))
@@ -649,15 +671,22 @@ pub fn write_archive(
     })
 }
 
-/// `sluice lab image`: plans the tree from `root` and writes the archive.
-pub fn run(out: &Path, tag: &str, binary: Option<&Path>, root: &Path) -> anyhow::Result<()> {
+/// Plans the tree from `root` (the tools, their libraries) with `binary` (default: this
+/// executable) and writes the archive tagged `tag` to `out`. What `lab image` runs, and what a
+/// lab that installs sluice from its manifest calls to make the image itself.
+pub fn build(out: &Path, tag: &str, binary: Option<&Path>, root: &Path) -> anyhow::Result<Written> {
     use anyhow::Context;
     let binary = match binary {
         Some(b) => b.to_path_buf(),
         None => std::env::current_exe().context("finding the sluice executable")?,
     };
     let fs = plan_rootfs(root, &binary, TOOLS, &file_deps)?;
-    let w = write_archive(&fs, tag, env!("CARGO_PKG_VERSION"), out)?;
+    Ok(write_archive(&fs, tag, env!("CARGO_PKG_VERSION"), out)?)
+}
+
+/// `sluice lab image`.
+pub fn run(out: &Path, tag: &str, binary: Option<&Path>, root: &Path) -> anyhow::Result<()> {
+    let w = build(out, tag, binary, root)?;
     eprintln!(
         "image {tag}: {} files, layer {} ({:.1} MiB), id {}",
         w.files,
@@ -796,7 +825,11 @@ mod tests {
         let fs = plan_rootfs(
             root,
             &binary,
-            &[("iptables", "iptables"), ("nft", "nftables")],
+            &[
+                tool("iptables", "iptables", true),
+                tool("nft", "nftables", true),
+                tool("iptables-legacy", "iptables", false),
+            ],
             &deps,
         )
         .unwrap();
@@ -861,6 +894,10 @@ mod tests {
                 );
             }
         }
+        // An optional tool the tree lacks is left out, not an error.
+        assert!(!fs
+            .entries
+            .contains_key(Path::new("usr/sbin/iptables-legacy")));
         assert!(!fs.entries.contains_key(Path::new("etc/ld.so.conf")));
         assert!(!fs.entries.contains_key(Path::new("etc/alternatives/.keep")));
         assert_eq!(
@@ -876,7 +913,13 @@ mod tests {
         fake_root(root);
         let binary = root.join("usr/sbin/nft");
         let none = fake_deps(HashMap::new());
-        let err = plan_rootfs(root, &binary, &[("conntrack", "conntrack")], &none).unwrap_err();
+        let err = plan_rootfs(
+            root,
+            &binary,
+            &[tool("conntrack", "conntrack", true)],
+            &none,
+        )
+        .unwrap_err();
         let msg = err.to_string();
         assert!(
             msg.contains("conntrack not found in /usr/sbin, /usr/bin, /sbin, /bin"),
@@ -884,7 +927,7 @@ mod tests {
         );
         assert!(msg.contains("package conntrack"), "{msg}");
         let deps = fake_deps(HashMap::from([("nft", needs(false, &["libjansson.so.4"]))]));
-        let err = plan_rootfs(root, &binary, &[("nft", "nftables")], &deps).unwrap_err();
+        let err = plan_rootfs(root, &binary, &[tool("nft", "nftables", true)], &deps).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("needs libjansson.so.4"), "{msg}");
         assert!(msg.contains("/usr/lib/x86_64-linux-gnu"), "{msg}");
@@ -898,7 +941,13 @@ mod tests {
         symlink("b", root.join("usr/sbin/nft")).unwrap();
         symlink("nft", root.join("usr/sbin/b")).unwrap();
         let none = fake_deps(HashMap::new());
-        let err = plan_rootfs(root, &root.join("x"), &[("nft", "nftables")], &none).unwrap_err();
+        let err = plan_rootfs(
+            root,
+            &root.join("x"),
+            &[tool("nft", "nftables", true)],
+            &none,
+        )
+        .unwrap_err();
         assert!(matches!(err, ImageError::SymlinkLoop { .. }), "{err}");
     }
 
@@ -957,7 +1006,7 @@ mod tests {
         fake_root(root);
         let deps = fake_deps(HashMap::new());
         let binary = root.join("usr/sbin/nft");
-        let fs = plan_rootfs(root, &binary, &[("iptables", "iptables")], &deps).unwrap();
+        let fs = plan_rootfs(root, &binary, &[tool("iptables", "iptables", true)], &deps).unwrap();
         let mut a = Vec::new();
         let sha_a = write_layer(&fs, &mut a).unwrap();
         // Touching a source's mtime changes nothing.

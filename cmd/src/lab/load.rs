@@ -97,6 +97,29 @@ pub fn import_args(socket: &Path, archive: &Path) -> Vec<String> {
     ]
 }
 
+/// Imports `archive` into the containerd at `socket` (bounded in time); returns what ctr says
+/// it unpacked (`REF (sha256:...)` per image).
+pub fn import(socket: &Path, archive: &Path) -> Result<Vec<String>> {
+    let out = Command::new("ctr")
+        .args(import_args(socket, archive))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running ctr (Debian's package containerd ships it)")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "ctr images import {} failed ({}): {}",
+            archive.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("unpacking "))
+        .map(|w| w.trim_end_matches("...done").to_string())
+        .collect())
+}
+
 /// `sluice lab load`: every archive into every chosen node, in order; stops at the first failure.
 pub fn run(name: &str, archives: &[PathBuf], only: &[String]) -> Result<()> {
     validate_name(name)?;
@@ -116,25 +139,8 @@ pub fn run(name: &str, archives: &[PathBuf], only: &[String]) -> Result<()> {
     let targets = targets(name, &nodes, only, kubernetes, archives, &exists)?;
     for (node, socket) in &targets {
         for archive in archives {
-            let out = Command::new("ctr")
-                .args(import_args(socket, archive))
-                .stdin(std::process::Stdio::null())
-                .output()
-                .context("running ctr (Debian's package containerd ships it)")?;
-            if !out.status.success() {
-                anyhow::bail!(
-                    "node {node}: ctr images import {} failed ({}): {}",
-                    archive.display(),
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-            // ctr prints `unpacking REF (sha256:...)...done` per image.
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                let line = line.trim();
-                if let Some(what) = line.strip_prefix("unpacking ") {
-                    eprintln!("{node}: {}", what.trim_end_matches("...done"));
-                }
+            for image in import(socket, archive).with_context(|| format!("node {node}"))? {
+                eprintln!("{node}: {image}");
             }
         }
     }
