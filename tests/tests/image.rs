@@ -2,7 +2,8 @@
 //! containerd (Debian's 1.6) imports the archive and runs it with nothing of the host's file
 //! system bound in, and inside it, in the container's own network namespace, sluice and every
 //! tool the agent runs work (nft, iptables in both variants with their extension modules,
-//! ipset, conntrack): the image is self-contained. `sluice lab load` imports it into a node's
+//! ipset, conntrack): the image is self-contained. Its init step runs as the DaemonSet runs it
+//! (read-only root, no capability, `/opt/cni/bin` its one volume). `sluice lab load` imports it into a node's
 //! containerd at the lab's conventional socket, and refuses what it cannot load.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -21,6 +22,24 @@ fn write_image(out: &Path, tag: &str) {
         .args(["--tag", tag]));
     assert!(o.status.success(), "lab image: {}", output_text(&o));
 }
+
+/// containerd's default capability set (what `capabilities: drop: ["ALL"]` takes away).
+const DEFAULT_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
 
 /// A tag no other run uses, in a registry that does not exist (nothing can be pulled).
 fn test_tag() -> String {
@@ -163,6 +182,50 @@ fn the_image_runs_sluice_and_its_tools_with_nothing_of_the_host() {
     assert!(!String::from_utf8_lossy(&host_sets.stdout).contains("sluice-image-test"));
 
     c.remove(&id);
+    c.ctr_ok(&["images", "remove", &tag]);
+}
+
+#[test]
+fn the_install_cni_init_container_runs_from_the_image_as_the_daemonset_runs_it() {
+    if !have_root() || !have_containerd() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let tag = test_tag();
+    let archive = w.join("sluice.tar");
+    write_image(&archive, &tag);
+    let c = Containerd::start(&w.join("containerd"), &w.join("containerd/containerd.sock"));
+    c.ctr_ok(&["images", "import", &archive.display().to_string()]);
+    // The DaemonSet's init container: read-only root, every capability dropped, its one volume
+    // (the node's /opt/cni/bin: here a directory of the test's) and its command.
+    let cni_bin = w.join("cni-bin");
+    std::fs::create_dir_all(&cni_bin).unwrap();
+    let mount = format!(
+        "type=bind,src={},dst=/opt/cni/bin,options=rbind:rw",
+        cni_bin.display()
+    );
+    let id = unique("init");
+    // ctr 1.6 takes no `ALL`: every capability of its default set, by name.
+    let mut args = vec!["run", "--rm", "--read-only", "--mount", &mount];
+    for cap in DEFAULT_CAPS {
+        args.extend(["--cap-drop", cap]);
+    }
+    args.extend([tag.as_str(), &id, "/usr/local/bin/sluice", "install-cni"]);
+    c.ctr_ok(&args);
+    let installed =
+        std::fs::read(cni_bin.join("sluice-cni")).expect("install-cni wrote sluice-cni");
+    assert!(
+        installed == std::fs::read(sluice_bin()).unwrap(),
+        "the installed plugin is not the image's sluice"
+    );
+    // The installed plugin is the CNI plugin by its name.
+    let out = run(Command::new(cni_bin.join("sluice-cni")).env("CNI_COMMAND", "VERSION"));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("supportedVersions"),
+        "{}",
+        output_text(&out)
+    );
     c.ctr_ok(&["images", "remove", &tag]);
 }
 
