@@ -971,6 +971,19 @@ mod tests {
     }
 
     #[test]
+    fn a_static_binary_needs_nothing() {
+        // The shipped binary is static (musl): no loader, no library. Debian's busybox-static
+        // (README's test packages) is one at hand.
+        let busybox = Path::new("/bin/busybox");
+        if !busybox.exists() {
+            assert!(std::env::var_os("CI").is_none(), "CI installs busybox-static");
+            eprintln!("skipping: /bin/busybox (busybox-static) is not installed");
+            return;
+        }
+        assert_eq!(file_deps(busybox).unwrap(), Some(ElfDeps::default()));
+    }
+
+    #[test]
     fn config_and_manifest_are_what_docker_save_writes() {
         let config = image_config("sha256:abc", "0.1.0");
         assert_eq!(config["os"], "linux");
