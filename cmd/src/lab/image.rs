@@ -976,7 +976,10 @@ mod tests {
         // (README's test packages) is one at hand.
         let busybox = Path::new("/bin/busybox");
         if !busybox.exists() {
-            assert!(std::env::var_os("CI").is_none(), "CI installs busybox-static");
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI installs busybox-static"
+            );
             eprintln!("skipping: /bin/busybox (busybox-static) is not installed");
             return;
         }
