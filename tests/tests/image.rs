@@ -241,8 +241,11 @@ fn lab_load_imports_into_the_node_containerd_and_refuses_what_it_cannot_load() {
     write_image(&archive, &tag);
     let a = archive.display().to_string();
 
-    let lab = Lab::up(&["--nodes", "1", "--pods-per-node", "1"]);
-    let node = format!("{}-node-1", lab.name);
+    let lab = Lab::up(&["--nodes", "2", "--pods-per-node", "1"]);
+    let nodes = [
+        format!("{}-node-1", lab.name),
+        format!("{}-node-2", lab.name),
+    ];
     let refused = |args: &[&str], why: &str| {
         let out = lab_cmd(args, 60);
         let text = output_text(&out);
@@ -260,27 +263,49 @@ fn lab_load_imports_into_the_node_containerd_and_refuses_what_it_cannot_load() {
         "has no containerd to load images into",
     );
 
-    // The node's containerd, at the socket a real-Kubernetes lab gives it.
-    let socket = Path::new("/run/sluice/lab")
-        .join(&lab.name)
-        .join("k8s/nodes")
-        .join(&node)
-        .join("containerd/containerd.sock");
-    let c = Containerd::start(&w.join("containerd"), &socket);
+    // Each node's containerd, at the socket a real-Kubernetes lab gives it.
+    let socket = |node: &str| {
+        Path::new("/run/sluice/lab")
+            .join(&lab.name)
+            .join("k8s/nodes")
+            .join(node)
+            .join("containerd/containerd.sock")
+    };
+    let first = Containerd::start(&w.join("containerd-1"), &socket(&nodes[0]));
+    // The second node's containerd is not up yet: nothing is imported anywhere.
+    refused(
+        &["load", "--name", &lab.name, &a],
+        &format!("node {} has no containerd at", nodes[1]),
+    );
+    let has = |c: &Containerd| {
+        c.ctr_ok(&["images", "list", "--quiet"])
+            .lines()
+            .any(|l| l == tag)
+    };
+    assert!(!has(&first));
+    let second = Containerd::start(&w.join("containerd-2"), &socket(&nodes[1]));
     refused(
         &["load", "--name", &lab.name, "--node", "nosuchnode", &a],
         "has no node nosuchnode",
     );
+    // One node, by name: only its containerd has the image.
+    let out = lab_cmd(&["load", "--name", &lab.name, "--node", &nodes[1], &a], 120);
+    let text = output_text(&out);
+    assert!(out.status.success(), "lab load --node: {text}");
+    assert!(has(&second) && !has(&first), "{text}");
+    // Every node.
     let out = lab_cmd(&["load", "--name", &lab.name, &a], 120);
     let text = output_text(&out);
     assert!(out.status.success(), "lab load: {text}");
-    assert!(text.contains(&format!("{node}: {tag}")), "{text}");
-    let listed = c.ctr_ok(&["images", "list", "--quiet"]);
-    assert!(listed.lines().any(|l| l == tag), "{listed}");
-    // Loaded means runnable there.
-    let id = unique("load");
-    let ran = c.ctr_ok(&["run", "--rm", &tag, &id, "/usr/local/bin/sluice", "version"]);
-    assert!(ran.contains("sluice 0.1"), "{ran}");
-    drop(c);
+    for (node, c) in nodes.iter().zip([&first, &second]) {
+        assert!(text.contains(&format!("{node}: {tag}")), "{text}");
+        assert!(has(c), "{node} lacks {tag}");
+        // Loaded means runnable there.
+        let id = unique("load");
+        let ran = c.ctr_ok(&["run", "--rm", &tag, &id, "/usr/local/bin/sluice", "version"]);
+        assert!(ran.contains("sluice 0.1"), "{ran}");
+    }
+    drop(first);
+    drop(second);
     drop(lab);
 }
