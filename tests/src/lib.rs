@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod capture;
 pub mod cni;
+pub mod containerd;
 pub mod lab;
 pub mod ping;
 

@@ -7,22 +7,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use sluice_e2e::containerd::have_containerd;
 use sluice_e2e::{have_root, run, sluice_bin, Netns};
 use std::path::Path;
 use std::process::Command;
-
-fn have_containerd() -> bool {
-    let found = Command::new("ctr").arg("--version").output().is_ok()
-        && Command::new("containerd").arg("--version").output().is_ok();
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have containerd (README's test command installs it)"
-        );
-        eprintln!("skipping: containerd is not installed");
-    }
-    found
-}
 
 /// A one-binary root file system: busybox, and its applets the container runs.
 fn rootfs(dir: &Path) {

@@ -225,9 +225,29 @@ conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeo
     )
 }
 
+/// Where containerd of `node` in lab `lab` listens: its kubelet's runtime endpoint, and where
+/// `sluice lab load` imports images (`/run/sluice/lab/LAB/k8s/nodes/NODE/containerd/containerd.sock`).
+/// One place for the path, so the node's containerd and `lab load` agree on it.
+pub fn containerd_socket(lab: &str, node: &str) -> std::path::PathBuf {
+    super::plan::state_dir(lab)
+        .join("k8s")
+        .join("nodes")
+        .join(node)
+        .join("containerd")
+        .join("containerd.sock")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_containerd_socket_is_under_the_lab_k8s_directory() {
+        assert_eq!(
+            containerd_socket("lab", "lab-node-2"),
+            Path::new("/run/sluice/lab/lab/k8s/nodes/lab-node-2/containerd/containerd.sock")
+        );
+    }
 
     fn all(v: &str) -> Vec<(&'static str, Option<String>)> {
         BINARIES.iter().map(|b| (*b, Some(v.to_string()))).collect()

@@ -6,9 +6,11 @@ mod cni;
 mod credentials;
 mod daemon;
 mod down;
+pub mod image;
 mod k8s;
 pub mod k8s_plan;
 mod kubelet;
+mod load;
 mod machine;
 mod node_subnets;
 pub mod pki;
@@ -107,6 +109,34 @@ pub enum LabCmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Write the image manifests/sluice.yaml names, offline: a docker-archive (`docker save`'s
+    /// format, for `ctr images import` or `lab load`) of this binary as /usr/local/bin/sluice and
+    /// the tools the agent runs (nft, iptables, ipset, conntrack) with their libraries.
+    Image {
+        /// The archive to write.
+        #[arg(long, default_value = "sluice-image.tar")]
+        out: PathBuf,
+        /// The image's name (default: the one the manifest's DaemonSet runs).
+        #[arg(long, default_value = image::manifest_image())]
+        tag: String,
+        /// The sluice binary to put in (default: this one).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// The root file system the tools and their libraries are taken from.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+    /// Import docker/OCI image archives into the containerd of every node of a lab on real
+    /// Kubernetes (`lab up --kubernetes DIR`), as `kind load image-archive` does.
+    Load {
+        #[arg(long, default_value = "lab")]
+        name: String,
+        /// Only these nodes (default: all), e.g. lab-node-1.
+        #[arg(long = "node", value_name = "NODE")]
+        nodes: Vec<String>,
+        #[arg(required = true, value_name = "ARCHIVE")]
+        archives: Vec<PathBuf>,
+    },
     /// Internal: the lab daemon's supervisor, or (`--serve`) the daemon: the API server process.
     #[command(name = "__daemon", hide = true)]
     Daemon {
@@ -188,6 +218,17 @@ pub fn main(cmd: LabCmd) -> Result<()> {
             };
             rt.block_on(up(spec, api))
         }
+        LabCmd::Image {
+            out,
+            tag,
+            binary,
+            root,
+        } => image::run(&out, &tag, binary.as_deref(), &root),
+        LabCmd::Load {
+            name,
+            nodes,
+            archives,
+        } => load::run(&name, &archives, &nodes),
         LabCmd::Status { name, json } => rt.block_on(status::run(&name, json)),
         LabCmd::Agent { name, action, node } => agent_control(&name, action, &node),
         LabCmd::Serve {
