@@ -1,6 +1,6 @@
 //! Traffic shaping for the CNI `bandwidth` capability (issue 21, bandwidth half).
 //!
-//! Deciding only, so far: [`plan`] turns `runtimeConfig.bandwidth` into a plain [`ShapingPlan`]
+//! Deciding: [`plan`] turns `runtimeConfig.bandwidth` into a plain [`ShapingPlan`]
 //! with the semantics of the containernetworking-plugins `bandwidth` plugin: rates in bits per
 //! second, bursts in bits; a rate needs a burst and a burst a rate; a burst of 4 GiB (in bytes) or
 //! more is refused. kubelet/containerd send the `kubernetes.io/ingress-bandwidth` /
@@ -8,11 +8,13 @@
 //!
 //! Ingress (to the pod) is shaped by a tbf on the host veth's root qdisc; egress (from the pod) by
 //! an ingress qdisc on the host veth redirecting to an ifb device named by [`ifb_name`], with a tbf
-//! on the ifb. The netlink applier is NOT written yet.
+//! on the ifb. [`crate::shaping`] applies a plan over netlink and reads back an [`ObservedShaping`],
+//! which [`problems`] compares with the plan for CHECK.
 
 use serde::Deserialize;
 
 use crate::cni::{CniError, ErrorCode};
+use crate::tc::SeenTbf;
 use crate::LINK_PREFIX;
 
 /// Latency the bandwidth plugin gives every tbf (`limit` = rate × latency + burst).
@@ -64,6 +66,71 @@ pub fn ifb_name(host_ifname: &str) -> String {
     let digits = host_ifname.get(LINK_PREFIX.len()..).unwrap_or("");
     let digits: String = digits.chars().take(12).collect();
     format!("{LINK_PREFIX}i{digits}")
+}
+
+/// Whether `name` has the shape of an ifb made by [`ifb_name`].
+pub fn is_ifb_name(name: &str) -> bool {
+    let prefix = format!("{LINK_PREFIX}i");
+    name.len() == prefix.len() + 12
+        && name.starts_with(&prefix)
+        && name[prefix.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// What the kernel holds for one attachment's shaping.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ObservedShaping {
+    pub host_present: bool,
+    /// The host veth's root tbf.
+    pub ingress: Option<SeenTbf>,
+    /// Whether the host veth's ingress qdisc redirects to the attachment's ifb.
+    pub redirect_to_ifb: bool,
+    /// Whether the ifb is up; `None` if there is no ifb.
+    pub ifb_up: Option<bool>,
+    /// The ifb's root tbf.
+    pub egress: Option<SeenTbf>,
+}
+
+/// What differs between the plan and what the kernel holds, one sentence each; empty when the
+/// shaping is in place. A direction the plan leaves alone is not looked at.
+pub fn problems(plan: &ShapingPlan, host_ifname: &str, seen: &ObservedShaping) -> Vec<String> {
+    let mut out = Vec::new();
+    if !seen.host_present {
+        out.push(format!("host interface {host_ifname} is missing"));
+        return out;
+    }
+    let ifb = ifb_name(host_ifname);
+    let tbf = |which: &str, dev: &str, want: &Tbf, got: &Option<SeenTbf>, out: &mut Vec<String>| {
+        match got {
+            None => out.push(format!("{which} shaping: {dev} has no tbf")),
+            Some(g) if g.rate_bytes != want.rate_bytes || g.limit_bytes != want.limit_bytes => out
+                .push(format!(
+                    "{which} shaping: the tbf on {dev} has rate {} bytes/s limit {} bytes, \
+                     not {} bytes/s limit {} bytes",
+                    g.rate_bytes, g.limit_bytes, want.rate_bytes, want.limit_bytes
+                )),
+            Some(_) => {}
+        }
+    };
+    if let Some(want) = &plan.ingress {
+        tbf("ingress", host_ifname, want, &seen.ingress, &mut out);
+    }
+    if let Some(want) = &plan.egress {
+        match seen.ifb_up {
+            None => out.push(format!("egress shaping: ifb {ifb} is missing")),
+            Some(false) => out.push(format!("egress shaping: ifb {ifb} is down")),
+            Some(true) => {
+                tbf("egress", &ifb, want, &seen.egress, &mut out);
+                if !seen.redirect_to_ifb {
+                    out.push(format!(
+                        "egress shaping: {host_ifname} does not redirect its ingress to {ifb}"
+                    ));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Turns the runtime's bandwidth request into a plan, or a CNI error naming what is wrong.
@@ -222,5 +289,58 @@ mod tests {
         assert!(ifb.starts_with("sli"));
         assert!(!crate::podnet::is_host_ifname(&ifb));
         assert_ne!(ifb, ifb_name(&crate::podnet::host_ifname("abc124", "eth0")));
+        assert!(is_ifb_name(&ifb));
+        assert!(!is_ifb_name(&host));
+        assert!(!is_ifb_name("sliXYZ456789abc"));
+        assert!(!is_ifb_name("sli0123"));
+    }
+
+    fn seen_as_planned(p: &ShapingPlan) -> ObservedShaping {
+        let seen = |t: &Option<Tbf>| {
+            t.map(|t| SeenTbf {
+                rate_bytes: t.rate_bytes,
+                limit_bytes: t.limit_bytes,
+            })
+        };
+        ObservedShaping {
+            host_present: true,
+            ingress: seen(&p.ingress),
+            redirect_to_ifb: p.egress.is_some(),
+            ifb_up: p.egress.map(|_| true),
+            egress: seen(&p.egress),
+        }
+    }
+
+    #[test]
+    fn problems_name_what_differs() {
+        let p = plan(&entry(20_000_000, 160_000, 8_000_000, 80_000)).unwrap();
+        let ok = seen_as_planned(&p);
+        assert!(problems(&p, "slabc", &ok).is_empty());
+        let gone = ObservedShaping::default();
+        assert_eq!(
+            problems(&p, "slabc", &gone),
+            ["host interface slabc is missing"]
+        );
+        let mut other_rate = ok;
+        other_rate.ingress = Some(SeenTbf {
+            rate_bytes: 1,
+            limit_bytes: 82_500,
+        });
+        let msgs = problems(&p, "slabc", &other_rate);
+        assert_eq!(msgs.len(), 1, "{msgs:?}");
+        assert!(msgs[0].contains("rate 1 bytes/s"), "{msgs:?}");
+        let mut no_redirect = ok;
+        no_redirect.redirect_to_ifb = false;
+        assert!(problems(&p, "slabc", &no_redirect)[0].contains("redirect"));
+        let mut ifb_down = ok;
+        ifb_down.ifb_up = Some(false);
+        assert!(problems(&p, "slabc", &ifb_down)[0].contains("down"));
+        let mut no_ifb = ok;
+        no_ifb.ifb_up = None;
+        no_ifb.egress = None;
+        assert!(problems(&p, "slabc", &no_ifb)[0].contains("missing"));
+        // Unplanned directions are not looked at.
+        let only_in = plan(&entry(20_000_000, 160_000, 0, 0)).unwrap();
+        assert!(problems(&only_in, "slabc", &no_ifb).is_empty());
     }
 }

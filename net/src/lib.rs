@@ -22,7 +22,9 @@ pub mod masq;
 pub mod netns;
 pub mod pod_repair;
 pub mod podnet;
+pub mod shaping;
 pub mod subnet_env;
+pub mod tc;
 pub mod vxlan;
 pub mod wireguard;
 

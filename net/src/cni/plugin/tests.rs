@@ -12,6 +12,7 @@ enum Step {
     CreateVeth,
     ConfigureHost,
     ConfigurePod,
+    Shape,
 }
 
 /// What the fake kernel holds per host link: whether host and pod sides are configured.
@@ -25,6 +26,9 @@ struct FakeLink {
 #[derive(Default)]
 struct FakeKernel {
     links: BTreeMap<String, FakeLink>,
+    /// Shaping per host link, and the ifbs it made.
+    shaped: BTreeMap<String, crate::bandwidth::ShapingPlan>,
+    ifbs: std::collections::BTreeSet<String>,
     fail_at: Option<Step>,
     has_netns: bool,
 }
@@ -104,6 +108,48 @@ impl PodKernel for FakeKernel {
             .cloned()
             .chain(["eth9".to_string()])
             .collect())
+    }
+    async fn apply_shaping(
+        &mut self,
+        host_ifname: &str,
+        plan: &crate::bandwidth::ShapingPlan,
+    ) -> Result<(), KernelError> {
+        if plan.egress.is_some() {
+            self.ifbs.insert(crate::bandwidth::ifb_name(host_ifname));
+        }
+        self.fail(Step::Shape)?;
+        self.shaped.insert(host_ifname.to_string(), *plan);
+        Ok(())
+    }
+    async fn remove_shaping(&mut self, host_ifname: &str) -> Result<bool, KernelError> {
+        Ok(self.ifbs.remove(&crate::bandwidth::ifb_name(host_ifname)))
+    }
+    async fn observe_shaping(
+        &mut self,
+        host_ifname: &str,
+    ) -> Result<crate::bandwidth::ObservedShaping, KernelError> {
+        let mut seen = crate::bandwidth::ObservedShaping {
+            host_present: self.links.contains_key(host_ifname),
+            ..Default::default()
+        };
+        // The veth's qdiscs go with the veth.
+        let Some(plan) = self.shaped.get(host_ifname).filter(|_| seen.host_present) else {
+            return Ok(seen);
+        };
+        let as_seen = |t: &crate::bandwidth::Tbf| crate::tc::SeenTbf {
+            rate_bytes: t.rate_bytes,
+            limit_bytes: t.limit_bytes,
+        };
+        seen.ingress = plan.ingress.as_ref().map(as_seen);
+        if self.ifbs.contains(&crate::bandwidth::ifb_name(host_ifname)) {
+            seen.ifb_up = Some(true);
+            seen.egress = plan.egress.as_ref().map(as_seen);
+            seen.redirect_to_ifb = plan.egress.is_some();
+        }
+        Ok(seen)
+    }
+    async fn shaping_ifbs(&mut self) -> Result<Vec<String>, KernelError> {
+        Ok(self.ifbs.iter().cloned().collect())
     }
 }
 
