@@ -1,12 +1,15 @@
 //! Pod shaping with real packets: two namespaces joined by a veth, the netlink applier
 //! (`sluice_net::shaping`, through `RtNetlink`) shaping the "host" side as for a pod, and iperf3
 //! measuring each direction against the configured rate. The kernel's view is read back with
-//! iproute2's `tc -j`, an encoder independent of sluice's.
+//! iproute2's `tc -j`, an encoder independent of sluice's. Then the same through the plugin binary:
+//! ADD with `runtimeConfig.bandwidth`, iperf3 between the pod and a peer namespace behind the
+//! node, CHECK, DEL and GC leaving no ifb.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::Value;
 use sluice_e2e::bench::{iperf_server, IPERF_PORT};
+use sluice_e2e::cni::CniNode;
 use sluice_e2e::lab::in_netns;
 use sluice_e2e::{have_root, sh, Netns};
 use sluice_net::bandwidth::{self, BandwidthEntry, ShapingPlan};
@@ -275,4 +278,140 @@ fn a_missing_host_veth_is_an_error_and_makes_nothing() {
     };
     assert!(err.contains(&host), "{err}");
     assert_eq!(ns.links(), ["lo"]);
+}
+
+fn bandwidth_conf(node: &CniNode, bandwidth: Value) -> Value {
+    node.conf(
+        "1.1.0",
+        serde_json::json!({"runtimeConfig": {"bandwidth": bandwidth}}),
+    )
+}
+
+fn ifbs(ns: &Netns) -> Vec<String> {
+    ns.links()
+        .into_iter()
+        .filter(|l| bandwidth::is_ifb_name(l))
+        .collect()
+}
+
+#[test]
+fn the_plugin_shapes_a_pod_both_ways_and_del_and_gc_leave_no_ifb() {
+    if !have_root() || !have_iperf3() {
+        return;
+    }
+    let node = CniNode::new(Some("10.244.21.0/24"));
+    // A peer behind the node, as another host would be: 172.31.202.2, routed through the node.
+    let peer = Netns::new("bwq");
+    node.ns.ip(&[
+        "link", "add", "bwpeer0", "type", "veth", "peer", "name", "eth0", "netns", &peer.name,
+    ]);
+    node.ns
+        .ip(&["addr", "add", "172.31.202.1/30", "dev", "bwpeer0"]);
+    node.ns.ip(&["link", "set", "bwpeer0", "up"]);
+    peer.ip(&["addr", "add", "172.31.202.2/30", "dev", "eth0"]);
+    peer.ip(&["link", "set", "eth0", "up"]);
+    peer.ip(&["route", "add", "default", "via", "172.31.202.1"]);
+    let peer_ip = Ipv4Addr::new(172, 31, 202, 2);
+
+    let conf = bandwidth_conf(
+        &node,
+        serde_json::json!({
+            "ingressRate": RATE, "ingressBurst": BURST,
+            "egressRate": RATE, "egressBurst": BURST,
+        }),
+    );
+    let pod = Netns::new("bwc");
+    let out = node
+        .call("ADD", "bwpod", Some(&pod.path()), &conf)
+        .assert_ok()
+        .json();
+    let pod_ip: Ipv4Addr = out["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/32")
+        .parse()
+        .unwrap();
+    let host = sluice_net::podnet::host_ifname("bwpod", "eth0");
+    let ifb = bandwidth::ifb_name(&host);
+    let want = Some((RATE / 8, BURST / 8));
+    assert_eq!(root_tbf(&node.ns.name, &host), want);
+    assert_eq!(root_tbf(&node.ns.name, &ifb), want);
+    assert_eq!(
+        ingress_redirects(&node.ns.name, &host),
+        [("all".to_string(), ifb.clone())]
+    );
+    node.call("CHECK", "bwpod", Some(&pod.path()), &conf)
+        .assert_ok();
+
+    let _pod_server = iperf_server(&pod.name);
+    let _peer_server = iperf_server(&peer.name);
+    within_ten_percent("to the pod (plugin)", iperf(&peer.name, pod_ip));
+    within_ten_percent("from the pod (plugin)", iperf(&pod.name, peer_ip));
+
+    // CHECK sees a lost ifb.
+    node.ns.ip(&["link", "del", &ifb]);
+    let failed = node.call("CHECK", "bwpod", Some(&pod.path()), &conf);
+    assert_eq!(failed.error_code(), 102, "{failed:?}");
+    assert!(failed.json()["msg"].as_str().unwrap().contains(&ifb));
+    // A repeated ADD puts everything back; DEL takes it all away.
+    node.call("ADD", "bwpod", Some(&pod.path()), &conf)
+        .assert_ok();
+    assert_eq!(ifbs(&node.ns), [ifb.clone()]);
+    node.call("DEL", "bwpod", Some(&pod.path()), &conf)
+        .assert_ok();
+    assert!(ifbs(&node.ns).is_empty(), "{:?}", node.ns.links());
+    assert!(node.pod_links().is_empty(), "{:?}", node.pod_links());
+
+    // GC removes the ifb of an attachment the runtime no longer lists, and keeps a listed one's.
+    let pod2 = Netns::new("bwc");
+    for c in ["bwkeep", "bwgone"] {
+        let p = if c == "bwkeep" { &pod } else { &pod2 };
+        node.call("ADD", c, Some(&p.path()), &conf).assert_ok();
+    }
+    assert_eq!(ifbs(&node.ns).len(), 2);
+    let mut gc = node.conf(
+        "1.1.0",
+        serde_json::json!({"cni.dev/valid-attachments": [{"containerID": "bwkeep", "ifname": "eth0"}]}),
+    );
+    gc["runtimeConfig"] = conf["runtimeConfig"].clone();
+    node.call("GC", "", None, &gc).assert_ok();
+    assert_eq!(
+        ifbs(&node.ns),
+        [bandwidth::ifb_name(&sluice_net::podnet::host_ifname(
+            "bwkeep", "eth0"
+        ))]
+    );
+    node.call("DEL", "bwkeep", Some(&pod.path()), &conf)
+        .assert_ok();
+    assert!(ifbs(&node.ns).is_empty());
+}
+
+#[test]
+fn the_plugin_refuses_bad_bandwidth_and_makes_nothing() {
+    if !have_root() {
+        return;
+    }
+    let node = CniNode::new(Some("10.244.22.0/24"));
+    let pod = Netns::new("bwc");
+    for (bw, code) in [
+        (serde_json::json!({"ingressRate": RATE}), 7),
+        (
+            serde_json::json!({"egressRate": RATE, "egressBurst": 34_359_738_368u64}),
+            7,
+        ),
+        (
+            serde_json::json!({"ingressRate": -1, "ingressBurst": BURST}),
+            6,
+        ),
+    ] {
+        let conf = bandwidth_conf(&node, bw.clone());
+        let out = node.call("ADD", "bwbad", Some(&pod.path()), &conf);
+        assert_eq!(out.error_code(), code, "{bw}: {out:?}");
+        assert!(node.pod_links().is_empty(), "{bw}: {:?}", node.pod_links());
+        assert!(node.allocations().is_empty(), "{bw}");
+        assert_eq!(pod.links(), ["lo"], "{bw}");
+        // DEL of the same attachment, same configuration, succeeds.
+        node.call("DEL", "bwbad", Some(&pod.path()), &conf)
+            .assert_ok();
+    }
 }
