@@ -356,7 +356,7 @@ fn the_plugin_shapes_a_pod_both_ways_and_del_and_gc_leave_no_ifb() {
     // A repeated ADD puts everything back; DEL takes it all away.
     node.call("ADD", "bwpod", Some(&pod.path()), &conf)
         .assert_ok();
-    assert_eq!(ifbs(&node.ns), [ifb.clone()]);
+    assert_eq!(ifbs(&node.ns), [ifb]);
     node.call("DEL", "bwpod", Some(&pod.path()), &conf)
         .assert_ok();
     assert!(ifbs(&node.ns).is_empty(), "{:?}", node.ns.links());
