@@ -5,6 +5,8 @@
 //! second, bursts in bits; a rate needs a burst and a burst a rate; a burst of 4 GiB (in bytes) or
 //! more is refused. kubelet/containerd send the `kubernetes.io/ingress-bandwidth` /
 //! `egress-bandwidth` annotations as the same object, with the burst set to `u32::MAX` bits.
+//! The bucket holds at most what the rate delivers in 2^32 ns, about 4.3 s ([`bucket_cap`]), as
+//! the bandwidth plugin's does in effect.
 //!
 //! Ingress (to the pod) is shaped by a tbf on the host veth's root qdisc; egress (from the pod) by
 //! an ingress qdisc on the host veth redirecting to an ifb device named by [`ifb_name`], with a tbf
@@ -19,6 +21,20 @@ use crate::LINK_PREFIX;
 
 /// Latency the bandwidth plugin gives every tbf (`limit` = rate × latency + burst).
 pub const LATENCY_MICROS: u64 = 25_000;
+
+/// The smallest bucket [`bucket_cap`] leaves: one full-size GSO packet.
+pub const MIN_BUCKET_BYTES: u32 = 65_536;
+
+/// The largest bucket for `rate_bytes`: what the rate delivers in 2^32 ns (about 4.3 s), never
+/// below [`MIN_BUCKET_BYTES`]. The bandwidth plugin gives the burst to the kernel as a time in
+/// `tc_tbf_qopt.buffer`, which the kernel caps at 2^32 ns; sluice gives it in bytes
+/// (`TCA_TBF_BURST`), which the kernel does not cap, so the cap is applied here. Without it the
+/// kubelet annotations' burst of `u32::MAX` bits (512 MiB) would leave a 10 Mbit/s pod unshaped
+/// for its first seven minutes, behind a queue as long.
+pub fn bucket_cap(rate_bytes: u64) -> u32 {
+    let cap = u128::from(rate_bytes) * u128::from(u32::MAX) / 1_000_000_000;
+    u32::try_from(cap).unwrap_or(u32::MAX).max(MIN_BUCKET_BYTES)
+}
 
 /// `runtimeConfig.bandwidth` as the runtime sends it. Values are unsigned: a negative or
 /// non-integer value fails to decode, which the caller reports as a decoding error.
@@ -179,6 +195,7 @@ fn direction(which: &str, rate_bits: u64, burst_bits: u64) -> Result<Option<Tbf>
             "bandwidth: {which}Burst {burst_bits} bits is below the smallest burst, 8 bits"
         )));
     }
+    let burst_bytes = burst_bytes.min(bucket_cap(rate_bytes));
     let in_flight = u128::from(rate_bytes) * u128::from(LATENCY_MICROS) / 1_000_000;
     let limit_bytes = u32::try_from(in_flight + u128::from(burst_bytes)).map_err(|_| {
         invalid(format!(
@@ -233,8 +250,21 @@ mod tests {
         let p = plan(&entry(0, 0, 10_000_000, u64::from(u32::MAX))).unwrap();
         let e = p.egress.unwrap();
         assert_eq!(e.rate_bytes, 1_250_000);
-        assert_eq!(e.burst_bytes, u32::MAX / 8);
-        assert_eq!(e.limit_bytes, 31_250 + u32::MAX / 8);
+        // 512 MiB asked; the bucket holds 2^32 ns of 1.25 MB/s.
+        assert_eq!(e.burst_bytes, 5_368_709);
+        assert_eq!(e.limit_bytes, 31_250 + 5_368_709);
+    }
+
+    #[test]
+    fn the_bucket_is_capped_at_2_pow_32_ns_of_the_rate_but_not_below_64_kib() {
+        assert_eq!(bucket_cap(1_000_000_000), u32::MAX);
+        assert_eq!(bucket_cap(1_000), MIN_BUCKET_BYTES);
+        // Bursts below the cap are kept as asked.
+        let p = plan(&entry(20_000_000, 8_000_000, 0, 0)).unwrap();
+        assert_eq!(p.ingress.unwrap().burst_bytes, 1_000_000);
+        // A slow rate with a big burst gets the 64 KiB floor.
+        let p = plan(&entry(8_000, 80_000_000, 0, 0)).unwrap();
+        assert_eq!(p.ingress.unwrap().burst_bytes, MIN_BUCKET_BYTES);
     }
 
     #[test]

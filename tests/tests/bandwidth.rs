@@ -415,3 +415,36 @@ fn the_plugin_refuses_bad_bandwidth_and_makes_nothing() {
             .assert_ok();
     }
 }
+
+#[test]
+fn the_kernel_takes_the_burst_kubelet_annotations_bring() {
+    if !have_root() {
+        return;
+    }
+    // containerd turns `kubernetes.io/egress-bandwidth: 10M` into a rate with a burst of
+    // u32::MAX bits (512 MiB); and a rate past 2^32 bytes/s needs TCA_TBF_RATE64.
+    let ns = Netns::new("bwk");
+    let host = sluice_net::podnet::host_ifname(&ns.name, "eth0");
+    ns.ip(&["link", "add", &host, "type", "veth", "peer", "name", "bwk0"]);
+    ns.ip(&["link", "set", &host, "up"]);
+    let burst = u64::from(u32::MAX);
+    let plan = bandwidth::plan(&BandwidthEntry {
+        ingress_rate: 40_000_000_000,
+        ingress_burst: 8_000_000,
+        egress_rate: 10_000_000,
+        egress_burst: burst,
+    })
+    .unwrap();
+    apply(&ns.name, &host, plan);
+    let ifb = bandwidth::ifb_name(&host);
+    // iproute2 reads the burst back from the kernel's bucket time in 64 ns ticks, which at
+    // 5 GB/s rounds it by up to 320 bytes a tick: a percent.
+    let (rate, got_burst) = root_tbf(&ns.name, &host).unwrap();
+    assert_eq!(rate, 5_000_000_000);
+    assert!(got_burst.abs_diff(1_000_000) <= 10_000, "{got_burst}");
+    // 512 MiB asked; the bucket holds 2^32 ns of the rate, 5.37 MB.
+    let (rate, got_burst) = root_tbf(&ns.name, &ifb).unwrap();
+    assert_eq!(rate, 1_250_000);
+    assert!(got_burst.abs_diff(5_368_709) <= 1_000, "{got_burst}");
+    assert!(burst / 8 > 100 * got_burst);
+}
