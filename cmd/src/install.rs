@@ -45,7 +45,8 @@ pub const CNI_VERSIONS: [&str; 4] = ["0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 pub const CNI_VERSION: &str = "1.0.0";
 
 /// The conflist DESIGN.md names: `cniVersion` 1.0.0 with `cniVersions` up to 1.1.0, one plugin
-/// of type `sluice-cni`.
+/// of type `sluice-cni`, which shapes traffic itself (the `bandwidth` capability: the runtime
+/// sends the pod's bandwidth annotations as `runtimeConfig.bandwidth`).
 pub fn conflist(subnet_file: &Path, ipam_dir: &Path) -> serde_json::Value {
     serde_json::json!({
         "cniVersion": CNI_VERSION,
@@ -55,6 +56,7 @@ pub fn conflist(subnet_file: &Path, ipam_dir: &Path) -> serde_json::Value {
             "type": PLUGIN_NAME,
             "subnetFile": subnet_file,
             "ipamDir": ipam_dir,
+            "capabilities": {"bandwidth": true},
         }]
     })
 }
@@ -136,6 +138,7 @@ mod tests {
         assert_eq!(plugins.len(), 1);
         assert_eq!(plugins[0]["type"], "sluice-cni");
         assert_eq!(plugins[0]["subnetFile"], "/run/sluice/subnet.env");
+        assert_eq!(plugins[0]["capabilities"]["bandwidth"], true);
     }
 
     #[test]

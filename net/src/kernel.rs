@@ -2,6 +2,7 @@
 //! [`RtNetlink`] does it over netlink sockets, one opened in the host namespace and one opened
 //! (by entering it briefly) in the pod's.
 
+use crate::bandwidth::{ObservedShaping, ShapingPlan};
 use crate::netns::{self, NetnsError};
 use crate::podnet::{PodPlan, GATEWAY, HOST_VETH_MAC};
 use crate::ROUTE_PROTOCOL;
@@ -66,7 +67,7 @@ pub async fn delete_link(index: u32, name: &str) -> Result<(), KernelError> {
 }
 
 impl KernelError {
-    fn netlink(
+    pub(crate) fn netlink(
         op: &'static str,
         target: impl Into<String>,
     ) -> impl FnOnce(rtnetlink::Error) -> Self {
@@ -125,6 +126,20 @@ pub trait PodKernel {
     async fn observe(&mut self, plan: &PodPlan) -> Result<ObservedPod, KernelError>;
     /// Names of the veth links in the host namespace.
     async fn host_veths(&mut self) -> Result<Vec<String>, KernelError>;
+    /// Shapes the attachment whose host veth is `host_ifname` as `plan` says
+    /// ([`crate::shaping::apply`]); idempotent.
+    async fn apply_shaping(
+        &mut self,
+        host_ifname: &str,
+        plan: &ShapingPlan,
+    ) -> Result<(), KernelError>;
+    /// Deletes the attachment's ifb, the one piece of shaping that outlives the veth; false if
+    /// there was none.
+    async fn remove_shaping(&mut self, host_ifname: &str) -> Result<bool, KernelError>;
+    /// What shaping is in place for the attachment.
+    async fn observe_shaping(&mut self, host_ifname: &str) -> Result<ObservedShaping, KernelError>;
+    /// Names of the shaping ifb devices in the host namespace.
+    async fn shaping_ifbs(&mut self) -> Result<Vec<String>, KernelError>;
 }
 
 /// [`PodKernel`] over rtnetlink. Must be made inside a tokio runtime (it spawns its connections).
@@ -190,7 +205,10 @@ impl RtNetlink {
     }
 }
 
-async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, KernelError> {
+pub(crate) async fn link_by_name(
+    handle: &Handle,
+    name: &str,
+) -> Result<Option<LinkMessage>, KernelError> {
     match handle
         .link()
         .get()
@@ -211,7 +229,7 @@ async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>
     }
 }
 
-fn is_up(link: &LinkMessage) -> bool {
+pub(crate) fn is_up(link: &LinkMessage) -> bool {
     link.header.flags.contains(LinkFlags::Up)
 }
 
@@ -234,7 +252,7 @@ fn is_veth(link: &LinkMessage) -> bool {
     })
 }
 
-fn name_of(link: &LinkMessage) -> Option<&str> {
+pub(crate) fn name_of(link: &LinkMessage) -> Option<&str> {
     link.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(n) => Some(n.as_str()),
         _ => None,
@@ -544,5 +562,25 @@ impl PodKernel for RtNetlink {
             .filter_map(name_of)
             .map(str::to_string)
             .collect())
+    }
+
+    async fn apply_shaping(
+        &mut self,
+        host_ifname: &str,
+        plan: &ShapingPlan,
+    ) -> Result<(), KernelError> {
+        crate::shaping::apply(&self.host, host_ifname, plan).await
+    }
+
+    async fn remove_shaping(&mut self, host_ifname: &str) -> Result<bool, KernelError> {
+        crate::shaping::remove(&self.host, host_ifname).await
+    }
+
+    async fn observe_shaping(&mut self, host_ifname: &str) -> Result<ObservedShaping, KernelError> {
+        crate::shaping::observe(&self.host, host_ifname).await
+    }
+
+    async fn shaping_ifbs(&mut self) -> Result<Vec<String>, KernelError> {
+        crate::shaping::ifbs(&self.host).await
     }
 }

@@ -2,8 +2,9 @@
 //! applier that wires routed veth pods over netlink.
 //!
 //! Deciding is kept apart from doing: [`cni`] parses and shapes protocol data, [`podnet`] turns a
-//! request into a plain [`podnet::PodPlan`], [`ipam`] picks addresses; only [`kernel`] and
-//! [`netns`] touch the kernel. The node agent's half: [`lease`] decides subnets from plain lease
+//! request into a plain [`podnet::PodPlan`], [`ipam`] picks addresses, [`bandwidth`] plans a pod's
+//! traffic shaping and [`tc`] builds its messages; only [`kernel`], [`shaping`] and [`netns`] touch
+//! the kernel. The node agent's half: [`lease`] decides subnets from plain lease
 //! data (the API behind a [`lease::store::LeaseStore`]), [`vxlan`] plans, diffs and applies the
 //! overlay, [`masq`] the NAT table, [`ethtool`] switches offloads over generic netlink, [`wireguard`]
 //! plans and runs the encrypted tunnel.
@@ -22,7 +23,9 @@ pub mod masq;
 pub mod netns;
 pub mod pod_repair;
 pub mod podnet;
+pub mod shaping;
 pub mod subnet_env;
+pub mod tc;
 pub mod vxlan;
 pub mod wireguard;
 

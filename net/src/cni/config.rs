@@ -29,6 +29,10 @@ pub struct NetConf {
     pub attachments: Option<Vec<Attachment>>,
     /// The other `cni.dev/` keys of the configuration, to name in an error (a misspelled list).
     pub other_cni_dev_keys: Vec<String>,
+    /// `runtimeConfig`: what the runtime sends for the capabilities the conflist advertises.
+    /// Kept as JSON; each capability decodes its own key, in the verbs that use it, so that a
+    /// malformed value fails ADD and never blocks DEL.
+    pub runtime_config: Option<serde_json::Value>,
 }
 
 /// The GC list's key (CNI 1.1.0).
@@ -63,6 +67,7 @@ struct RawConf {
     valid_attachments: Option<Option<Vec<Attachment>>>,
     #[serde(rename = "cni.dev/attachments", default, deserialize_with = "present")]
     attachments: Option<Option<Vec<Attachment>>>,
+    runtime_config: Option<serde_json::Value>,
     #[serde(flatten)]
     rest: BTreeMap<String, serde_json::Value>,
 }
@@ -149,6 +154,7 @@ impl NetConf {
                 .into_keys()
                 .filter(|k| k.starts_with("cni.dev/"))
                 .collect(),
+            runtime_config: raw.runtime_config,
         })
     }
 
@@ -317,6 +323,7 @@ mod tests {
         assert_eq!(c.version, CniVersion::V1_1_0);
         assert_eq!(c.subnet_file, PathBuf::from("/tmp/s.env"));
         assert_eq!(c.mtu, Some(1400));
+        assert_eq!(c.runtime_config, Some(serde_json::json!({"whatever":1})));
         assert_eq!(
             c.gc_attachments().unwrap(),
             vec![Attachment {

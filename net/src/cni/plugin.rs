@@ -5,6 +5,7 @@
 use super::config::{NetConf, Request};
 use super::result::{self, AddResult, Interface, IpConfig, Route};
 use super::{CniError, ErrorCode};
+use crate::bandwidth::ShapingPlan;
 use crate::ipam::{IpamError, IpamStore, Owner};
 use crate::kernel::{KernelError, PodKernel};
 use crate::netns::NetnsError;
@@ -74,13 +75,14 @@ pub async fn add<K: PodKernel>(
     req: &Request,
     kernel: &mut K,
 ) -> Result<serde_json::Value, CniError> {
+    let shaping = shaping::requested(conf)?;
     let env = node_subnet(conf)?;
     let mtu = conf.mtu.unwrap_or(env.mtu);
     let store = IpamStore::new(&conf.ipam_dir);
     let owner = owner(req);
     let (address, fresh) = store.update(|s| s.allocate(env.subnet, owner.clone()))??;
     let plan = PodPlan::new(&req.container_id, &req.ifname, address, mtu);
-    match wire(kernel, &plan).await {
+    match wire(kernel, &plan, shaping.as_ref()).await {
         Ok(pod_mac) => {
             info!(container_id = %req.container_id, pod = ?req.pod(), address = %address, host_ifname = %plan.host_ifname, "pod wired");
             Ok(add_result(&plan, &pod_mac, req).render(
@@ -94,6 +96,7 @@ pub async fn add<K: PodKernel>(
             if let Err(undo) = kernel.delete_host_link(&plan.host_ifname).await {
                 warn!(container_id = %req.container_id, error = %undo, "rollback: deleting the veth failed");
             }
+            shaping::undo(kernel, &plan.host_ifname, &req.container_id).await;
             if fresh {
                 if let Err(undo) = store.update(|s| s.release(&owner)) {
                     warn!(container_id = %req.container_id, error = %undo, "rollback: releasing the address failed");
@@ -104,10 +107,17 @@ pub async fn add<K: PodKernel>(
     }
 }
 
-async fn wire<K: PodKernel>(kernel: &mut K, plan: &PodPlan) -> Result<Vec<u8>, KernelError> {
+async fn wire<K: PodKernel>(
+    kernel: &mut K,
+    plan: &PodPlan,
+    shaping: Option<&ShapingPlan>,
+) -> Result<Vec<u8>, KernelError> {
     let link = kernel.create_veth(plan).await?;
     kernel.configure_host(plan).await?;
     kernel.configure_pod(plan).await?;
+    if let Some(shaping) = shaping {
+        kernel.apply_shaping(&plan.host_ifname, shaping).await?;
+    }
     Ok(link.mac)
 }
 
@@ -149,8 +159,9 @@ pub async fn del<K: PodKernel>(
 ) -> Result<(), CniError> {
     let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
     let removed_link = kernel.unlink_host_link(&host_ifname).await?;
+    let removed_ifb = kernel.remove_shaping(&host_ifname).await?;
     let freed = IpamStore::new(&conf.ipam_dir).update(|s| s.release(&owner(req)))?;
-    info!(container_id = %req.container_id, pod = ?req.pod(), removed_link, freed = ?freed, "pod unwired");
+    info!(container_id = %req.container_id, pod = ?req.pod(), removed_link, removed_ifb, freed = ?freed, "pod unwired");
     Ok(())
 }
 
@@ -181,7 +192,8 @@ pub async fn check<K: PodKernel>(
     }
     let plan = PodPlan::new(&req.container_id, &req.ifname, address, 0);
     let seen = kernel.observe(&plan).await?;
-    let problems = compare(&plan, &seen);
+    let mut problems = compare(&plan, &seen);
+    problems.extend(shaping::check(conf, &plan.host_ifname, kernel).await?);
     if problems.is_empty() {
         Ok(())
     } else {
@@ -288,12 +300,14 @@ pub async fn gc<K: PodKernel>(conf: &NetConf, kernel: &mut K) -> Result<(), CniE
         }
         Err(e) => errors.push(e.to_string()),
     }
+    let removed_ifbs = shaping::gc(kernel, &keep, &mut errors).await;
     if let Err(e) = lock.save() {
         errors.push(e.to_string());
     }
     info!(
         freed = stale.len(),
         removed_links = removed,
+        removed_ifbs,
         errors = errors.len(),
         "garbage collected"
     );
@@ -308,5 +322,6 @@ pub async fn gc<K: PodKernel>(conf: &NetConf, kernel: &mut K) -> Result<(), CniE
     }
 }
 
+mod shaping;
 #[cfg(test)]
 mod tests;

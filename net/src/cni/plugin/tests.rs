@@ -12,6 +12,7 @@ enum Step {
     CreateVeth,
     ConfigureHost,
     ConfigurePod,
+    Shape,
 }
 
 /// What the fake kernel holds per host link: whether host and pod sides are configured.
@@ -25,6 +26,9 @@ struct FakeLink {
 #[derive(Default)]
 struct FakeKernel {
     links: BTreeMap<String, FakeLink>,
+    /// Shaping per host link, and the ifbs it made.
+    shaped: BTreeMap<String, crate::bandwidth::ShapingPlan>,
+    ifbs: std::collections::BTreeSet<String>,
     fail_at: Option<Step>,
     has_netns: bool,
 }
@@ -79,7 +83,9 @@ impl PodKernel for FakeKernel {
         Ok(())
     }
     async fn delete_host_link(&mut self, name: &str) -> Result<bool, KernelError> {
-        Ok(self.links.remove(name).is_some())
+        // A veth's qdiscs go with it.
+        self.shaped.remove(name);
+        Ok(self.links.remove(name).is_some() | self.ifbs.remove(name))
     }
     async fn observe(&mut self, plan: &PodPlan) -> Result<ObservedPod, KernelError> {
         let Some(l) = self.links.get(&plan.host_ifname) else {
@@ -104,6 +110,48 @@ impl PodKernel for FakeKernel {
             .cloned()
             .chain(["eth9".to_string()])
             .collect())
+    }
+    async fn apply_shaping(
+        &mut self,
+        host_ifname: &str,
+        plan: &crate::bandwidth::ShapingPlan,
+    ) -> Result<(), KernelError> {
+        if plan.egress.is_some() {
+            self.ifbs.insert(crate::bandwidth::ifb_name(host_ifname));
+        }
+        self.fail(Step::Shape)?;
+        self.shaped.insert(host_ifname.to_string(), *plan);
+        Ok(())
+    }
+    async fn remove_shaping(&mut self, host_ifname: &str) -> Result<bool, KernelError> {
+        Ok(self.ifbs.remove(&crate::bandwidth::ifb_name(host_ifname)))
+    }
+    async fn observe_shaping(
+        &mut self,
+        host_ifname: &str,
+    ) -> Result<crate::bandwidth::ObservedShaping, KernelError> {
+        let mut seen = crate::bandwidth::ObservedShaping {
+            host_present: self.links.contains_key(host_ifname),
+            ..Default::default()
+        };
+        // The veth's qdiscs go with the veth.
+        let Some(plan) = self.shaped.get(host_ifname).filter(|_| seen.host_present) else {
+            return Ok(seen);
+        };
+        let as_seen = |t: &crate::bandwidth::Tbf| crate::tc::SeenTbf {
+            rate_bytes: t.rate_bytes,
+            limit_bytes: t.limit_bytes,
+        };
+        seen.ingress = plan.ingress.as_ref().map(as_seen);
+        if self.ifbs.contains(&crate::bandwidth::ifb_name(host_ifname)) {
+            seen.ifb_up = Some(true);
+            seen.egress = plan.egress.as_ref().map(as_seen);
+            seen.redirect_to_ifb = plan.egress.is_some();
+        }
+        Ok(seen)
+    }
+    async fn shaping_ifbs(&mut self) -> Result<Vec<String>, KernelError> {
+        Ok(self.ifbs.iter().cloned().collect())
     }
 }
 
@@ -445,4 +493,127 @@ fn a_held_lock_is_try_again_later() {
     .unwrap_err();
     assert_eq!(err.code, ErrorCode::TryAgainLater, "{err}");
     assert!(err.msg.contains("try again later"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bandwidth capability.
+
+const SHAPED: &str = r#","runtimeConfig":{"bandwidth":{"ingressRate":20000000,"ingressBurst":160000,"egressRate":8000000,"egressBurst":80000}}"#;
+
+#[test]
+fn add_with_bandwidth_shapes_and_del_removes_the_ifb() {
+    let node = Node::new("10.244.3.0/24");
+    let mut k = FakeKernel::new();
+    let conf = node.conf_with("1.1.0", SHAPED);
+    run(add(&conf, &req("c1"), &mut k)).unwrap();
+    let host = podnet::host_ifname("c1", "eth0");
+    let plan = k.shaped[&host];
+    assert_eq!(plan.ingress.unwrap().rate_bytes, 2_500_000);
+    assert_eq!(plan.egress.unwrap().rate_bytes, 1_000_000);
+    assert!(k.ifbs.contains(&crate::bandwidth::ifb_name(&host)));
+    run(check(&conf, &req("c1"), &mut k)).unwrap();
+    run(del(&conf, &req("c1"), &mut k)).unwrap();
+    assert!(k.ifbs.is_empty(), "{:?}", k.ifbs);
+    assert!(k.links.is_empty());
+    // Without bandwidth nothing is shaped.
+    run(add(&node.conf("1.1.0"), &req("c2"), &mut k)).unwrap();
+    assert!(k.shaped.is_empty() && k.ifbs.is_empty());
+    // Nor with every value 0, or null.
+    for zero in [
+        r#","runtimeConfig":{"bandwidth":{"ingressRate":0}}"#,
+        r#","runtimeConfig":{"bandwidth":null}"#,
+    ] {
+        run(add(&node.conf_with("1.1.0", zero), &req("c3"), &mut k)).unwrap();
+        assert!(k.shaped.is_empty(), "{zero}");
+    }
+}
+
+#[test]
+fn a_failed_shaping_leaves_nothing() {
+    let node = Node::new("10.244.3.0/24");
+    let mut k = FakeKernel {
+        fail_at: Some(Step::Shape),
+        ..FakeKernel::new()
+    };
+    let err = run(add(&node.conf_with("1.1.0", SHAPED), &req("c1"), &mut k)).unwrap_err();
+    assert_eq!(err.code, ErrorCode::Kernel);
+    assert!(k.links.is_empty(), "veth left: {:?}", k.links.keys());
+    assert!(k.ifbs.is_empty(), "ifb left: {:?}", k.ifbs);
+    assert_eq!(node.allocations(), 0);
+}
+
+#[test]
+fn bad_bandwidth_is_refused_before_anything_is_made() {
+    let node = Node::new("10.244.3.0/24");
+    for (extra, code, word) in [
+        (
+            r#","runtimeConfig":{"bandwidth":{"ingressRate":1000000}}"#,
+            ErrorCode::InvalidConfig,
+            "ingressBurst",
+        ),
+        (
+            r#","runtimeConfig":{"bandwidth":{"egressRate":-5,"egressBurst":8}}"#,
+            ErrorCode::Decoding,
+            "runtimeConfig.bandwidth",
+        ),
+        (
+            r#","runtimeConfig":{"bandwidth":"20M"}"#,
+            ErrorCode::Decoding,
+            "runtimeConfig.bandwidth",
+        ),
+    ] {
+        let mut k = FakeKernel::new();
+        let err = run(add(&node.conf_with("1.1.0", extra), &req("c1"), &mut k)).unwrap_err();
+        assert_eq!(err.code, code, "{extra}: {err}");
+        assert!(err.msg.contains(word), "{extra}: {err}");
+        assert!(k.links.is_empty() && k.ifbs.is_empty(), "{extra}");
+        assert_eq!(node.allocations(), 0, "{extra}");
+        // DEL with the same configuration still succeeds: it does not decode bandwidth.
+        run(del(&node.conf_with("1.1.0", extra), &req("c1"), &mut k)).unwrap();
+    }
+}
+
+#[test]
+fn check_finds_missing_shaping() {
+    let node = Node::new("10.244.3.0/24");
+    let mut k = FakeKernel::new();
+    let conf = node.conf_with("1.1.0", SHAPED);
+    run(add(&conf, &req("c1"), &mut k)).unwrap();
+    k.ifbs.clear();
+    let err = run(check(&conf, &req("c1"), &mut k)).unwrap_err();
+    assert_eq!(err.code, ErrorCode::CheckFailed);
+    assert!(err.msg.contains("ifb"), "{}", err.msg);
+    // Unrequested shaping is not looked for.
+    run(check(&node.conf("1.1.0"), &req("c1"), &mut k)).unwrap();
+    k.shaped.clear();
+    let err = run(check(&conf, &req("c1"), &mut k)).unwrap_err();
+    assert!(err.msg.contains("no tbf"), "{}", err.msg);
+}
+
+#[test]
+fn gc_removes_the_ifbs_of_stale_attachments() {
+    let node = Node::new("10.244.3.0/24");
+    let mut k = FakeKernel::new();
+    for c in ["keep", "stale"] {
+        run(add(&node.conf_with("1.1.0", SHAPED), &req(c), &mut k)).unwrap();
+    }
+    // An ifb whose attachment the runtime forgot entirely, and one of no shape of sluice's.
+    k.ifbs
+        .insert(crate::bandwidth::ifb_name(&podnet::host_ifname(
+            "orphan", "eth0",
+        )));
+    k.ifbs.insert("ifb0".into());
+    let mut conf = node.conf("1.1.0");
+    conf.valid_attachments = Some(vec![Attachment {
+        container_id: "keep".into(),
+        ifname: "eth0".into(),
+    }]);
+    run(gc(&conf, &mut k)).unwrap();
+    let left: Vec<_> = k.ifbs.iter().cloned().collect();
+    let mut want = vec![
+        crate::bandwidth::ifb_name(&podnet::host_ifname("keep", "eth0")),
+        "ifb0".to_string(),
+    ];
+    want.sort();
+    assert_eq!(left, want);
 }
