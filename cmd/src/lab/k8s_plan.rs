@@ -644,4 +644,155 @@ mod tests {
             assert!(args.iter().all(|a| !a.contains("0.0.0.0")));
         }
     }
+
+    #[test]
+    fn node_private_paths_shadow_the_nearest_existing_ancestor_and_make_nothing_on_the_host() {
+        // A host with /run, /etc/cni/net.d, /opt and /var/log, /var/lib but none of the rest.
+        let host = [
+            "/run",
+            "/etc",
+            "/etc/cni",
+            "/etc/cni/net.d",
+            "/opt",
+            "/var",
+            "/var/log",
+            "/var/lib",
+        ];
+        let exists = |p: &Path| host.iter().any(|h| Path::new(h) == p);
+        let t = private_targets(&NODE_PRIVATE, exists).unwrap();
+        let t: Vec<&str> = t.iter().map(|p| p.to_str().unwrap()).collect();
+        assert_eq!(
+            t,
+            ["/etc/cni/net.d", "/opt", "/run", "/var/lib", "/var/log"]
+        );
+        // Where the host has the paths themselves, they are the targets; a target under
+        // another is covered by it.
+        let all = |_: &Path| true;
+        let t = private_targets(&["/run", "/run/sluice", "/var/log/pods"], all).unwrap();
+        assert_eq!(t, [PathBuf::from("/run"), PathBuf::from("/var/log/pods")]);
+        // Only "/" there: refused, never "/" shadowed.
+        assert_eq!(
+            private_targets(&["/nowhere/x"], |p: &Path| p == Path::new("/")),
+            None
+        );
+    }
+
+    #[test]
+    fn the_mount_script_keeps_cgroups_and_the_labs_state_and_binds_run_last() {
+        let l = NodeLayout::new("t1", "t1-node-1");
+        let targets = vec![
+            PathBuf::from("/etc/cni/net.d"),
+            PathBuf::from("/opt"),
+            PathBuf::from("/run"),
+        ];
+        let s = mount_script(&l, &targets);
+        let root = "/run/sluice/lab/t1/k8s/nodes/t1-node-1/root";
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines[0], "set -e");
+        assert_eq!(
+            lines[1],
+            format!("mount --rbind /sys/fs/cgroup '{root}/.cgroup'")
+        );
+        assert_eq!(lines[2], "mount -t sysfs sysfs /sys");
+        assert_eq!(
+            lines[3],
+            format!("mount --move '{root}/.cgroup' /sys/fs/cgroup")
+        );
+        assert!(lines.contains(&format!("mount --rbind '{root}/opt' '/opt'").as_str()));
+        let keep = lines
+            .iter()
+            .position(|l| *l == format!("mount --bind '/run/sluice/lab' '{root}/run/sluice/lab'"))
+            .unwrap();
+        let run = lines
+            .iter()
+            .position(|l| *l == format!("mount --rbind '{root}/run' '/run'"))
+            .unwrap();
+        assert!(keep < run && run == lines.len() - 3, "{s}");
+        assert_eq!(lines.last(), Some(&"exec sleep infinity"));
+        let dirs = private_dirs(&l, &targets);
+        assert!(dirs.contains(&PathBuf::from(format!("{root}/run/sluice/lab"))));
+        assert!(dirs.contains(&PathBuf::from(format!("{root}/var/lib/sluice"))));
+    }
+
+    #[test]
+    fn containerd_and_kubelet_are_configured_for_this_machine_kind() {
+        assert_eq!(
+            containerd_socket("t1", "t1-node-2"),
+            PathBuf::from("/run/sluice/lab/t1/k8s/nodes/t1-node-2/containerd/containerd.sock")
+        );
+        // A unix socket path has at most 107 bytes: the longest lab and node names fit.
+        let long = containerd_socket("abcdefghijkl", "abcdefghijkl-node-50");
+        assert!(long.as_os_str().len() + ".ttrpc".len() < 108);
+        let c = containerd_config("t1", "t1-node-2", "rk8s.local/pause:1");
+        for want in [
+            "restrict_oom_score_adj = true",
+            "netns_mounts_under_state_dir = true",
+            "SystemdCgroup = false",
+            "sandbox_image = \"rk8s.local/pause:1\"",
+            "bin_dir = \"/opt/cni/bin\"",
+            "conf_dir = \"/etc/cni/net.d\"",
+            "address = \"/run/sluice/lab/t1/k8s/nodes/t1-node-2/containerd/containerd.sock\"",
+            "root = \"/run/sluice/lab/t1/k8s/nodes/t1-node-2/containerd/root\"",
+            "Root = \"/run/sluice/lab/t1/k8s/nodes/t1-node-2/runc\"",
+        ] {
+            assert!(c.contains(want), "{want} not in {c}");
+        }
+        let k = kubelet_config("t1-node-2", [172, 31, 0, 2].into(), "/ca.crt", "/r");
+        for want in [
+            "cgroupDriver: cgroupfs",
+            "cgroupRoot: /sluice-lab-t1-node-2",
+            "failSwapOn: false",
+            "webhook: {enabled: true}",
+            "authorization: {mode: Webhook}",
+            "anonymous: {enabled: false}",
+            "readOnlyPort: 0",
+            "address: 172.31.0.2",
+        ] {
+            assert!(k.contains(want), "{want} not in {k}");
+        }
+        let a = kubelet_args("t1", "t1-node-2", [172, 31, 0, 2].into(), "p:1");
+        for want in [
+            "--hostname-override=t1-node-2",
+            "--node-ip=172.31.0.2",
+            "--pod-infra-container-image=p:1",
+            "--root-dir=/run/sluice/lab/t1/k8s/nodes/t1-node-2/kubelet",
+            "--container-runtime-endpoint=unix:///run/sluice/lab/t1/k8s/nodes/t1-node-2/containerd/containerd.sock",
+        ] {
+            assert!(a.iter().any(|x| x == want), "{want} not in {a:?}");
+        }
+    }
+
+    #[test]
+    fn the_egress_proxy_dials_only_the_labs_nodes() {
+        let nodes: Vec<std::net::Ipv4Addr> = vec![[172, 31, 0, 1].into(), [172, 31, 0, 2].into()];
+        let ok = connect_target(
+            "CONNECT 172.31.0.2:10250 HTTP/1.1\r\nHost: 172.31.0.2:10250\r\n\r\n",
+            &nodes,
+        );
+        assert_eq!(ok, Ok("172.31.0.2:10250".parse().unwrap()));
+        for bad in [
+            "CONNECT 192.0.2.1:443 HTTP/1.1\r\n\r\n",
+            "CONNECT 172.31.0.3:10250 HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "CONNECT node-1:10250 HTTP/1.1\r\n\r\n",
+            "CONNECT 172.31.0.1:10250 SPDY/3\r\n\r\n",
+            "",
+        ] {
+            assert!(connect_target(bad, &nodes).is_err(), "{bad:?}");
+        }
+        let e = egress_config(Path::new("/s/egress.sock"));
+        assert!(
+            e.contains("proxyProtocol: HTTPConnect") && e.contains("udsName: \"/s/egress.sock\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn image_names_come_from_the_archive_manifest() {
+        let m =
+            r#"[{"Config":"c.json","RepoTags":["rk8s.local/pause:1"],"Layers":["l/layer.tar"]}]"#;
+        assert_eq!(archive_tags(m), ["rk8s.local/pause:1"]);
+        assert!(archive_tags("not json").is_empty());
+        assert!(archive_tags(r#"[{"Config":"c.json"}]"#).is_empty());
+    }
 }
