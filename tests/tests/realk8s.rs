@@ -3,7 +3,7 @@
 //! mount namespace, containerd, the kubelet, kube-proxy and sluice's agent. Nodes turn Ready
 //! once the agent installed the CNI config; a Deployment's pods, wired by the real kubelet
 //! through the node's /opt/cni/bin/sluice-cni, reach each other (ICMP, TCP, UDP through
-//! `kubectl exec`), `kubectl logs` works, a ClusterIP Service answers through the real
+//! `kubectl exec`), `kubectl logs` and `port-forward` work, a ClusterIP Service answers through the real
 //! kube-proxy, a NetworkPolicy is enforced, and `lab down` leaves no process (containerd, its
 //! shims, the pods' containers), cgroup, mount, namespace or file. Runs only when
 //! SLUICE_K8S_BIN names the binaries (CI unpacks them from ../shared/realk8s; the images come
@@ -190,6 +190,48 @@ fn eventually_connects(lab: &Lab, from: &str, to: &str, want: bool, limit: Durat
     }
 }
 
+/// `kubectl port-forward POD :8080` (a free local port on 127.0.0.1), then one HTTP GET of
+/// `path` through it; the body. Bounded; the port-forward is stopped (by its PID) after.
+fn port_forward_get(lab: &Lab, pod: &str, path: &str) -> String {
+    use std::io::{BufRead, Read, Write};
+    let mut child = std::process::Command::new("timeout")
+        .args(["-k", "5", "60", "kubectl", "--kubeconfig"])
+        .arg(lab.kubeconfig())
+        .args(["port-forward", "--address", "127.0.0.1", pod, ":8080"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    // "Forwarding from 127.0.0.1:PORT -> 8080" (kubectl ends within 60 s at the latest).
+    let line = lines.next().unwrap().unwrap();
+    let port: u16 = line
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("kubectl port-forward said {line:?}"));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    // TERM to `timeout`, which passes it on to kubectl (a KILL would orphan kubectl).
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    assert!(
+        reply.starts_with("HTTP/1.") && reply.contains(" 200 "),
+        "{reply}"
+    );
+    reply
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
 #[test]
 fn a_directory_without_the_binaries_is_refused_and_nothing_is_made() {
     if !have_root() || k8s_bin().is_none() {
@@ -325,6 +367,11 @@ fn pods_services_and_policy_on_real_kubernetes() {
     // kubectl logs: the API server reads them from the kubelet.
     let logs = lab.kubectl_ok(&["logs", &pods[0].name]);
     assert!(logs.contains("Started HTTP server on port 8080"), "{logs}");
+
+    // kubectl port-forward: the API server -> the kubelet -> containerd's stream server in the
+    // node; a local port on the host's loopback (chosen by kubectl) reaches the pod.
+    let answer = port_forward_get(&lab, &pods[1].name, "/hostname");
+    assert_eq!(answer.trim(), pods[1].name);
 
     // A ClusterIP Service in front of the replicas on other nodes, through the real kube-proxy.
     let a = &pods[0];

@@ -62,13 +62,39 @@ pub fn check_binaries(bin: &Path) -> Result<String> {
     Ok(version)
 }
 
-fn etcd() -> Result<PathBuf> {
+fn on_path(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
-        .map(|d| d.join("etcd"))
+        .map(|d| d.join(program))
         .find(|p| p.is_file())
-        .context("no etcd on PATH: install it (Debian: apt-get install etcd-server)")
+}
+
+fn etcd() -> Result<PathBuf> {
+    on_path("etcd").context("no etcd on PATH: install it (Debian: apt-get install etcd-server)")
+}
+
+/// Checks what the nodes run besides DIR's binaries: containerd, its `ctr`, runc and the
+/// namespace tools.
+pub fn check_node_tools() -> Result<()> {
+    let missing: Vec<&str> = [
+        "containerd",
+        "ctr",
+        "containerd-shim-runc-v2",
+        "runc",
+        "nsenter",
+        "unshare",
+    ]
+    .into_iter()
+    .filter(|p| on_path(p).is_none())
+    .collect();
+    if !missing.is_empty() {
+        bail!(
+            "the nodes of a real-Kubernetes lab need {} on PATH (Debian: apt-get install containerd runc util-linux)",
+            missing.join(", ")
+        );
+    }
+    standard_plugins().map(|_| ())
 }
 
 /// Free loopback ports, asked of the kernel (held together so that they differ).

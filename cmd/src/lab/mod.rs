@@ -304,7 +304,7 @@ async fn up(spec: LabSpec, api: Api) -> Result<()> {
         // Before anything is made: a missing or mismatched binary is only a message.
         k8s::check_binaries(bin)?;
         k8s::images(images)?;
-        k8s::standard_plugins()?;
+        k8s::check_node_tools()?;
     }
     let built = build(&plan, &files, api, &mut progress).await;
     if let Err(e) = built {
