@@ -251,6 +251,26 @@ fn a_directory_without_the_binaries_is_refused_and_nothing_is_made() {
     );
     assert!(netns_with_prefix(&format!("slab-{name}-")).is_empty());
     assert!(!std::path::Path::new(&format!("/run/sluice/lab/{name}")).exists());
+
+    // Real binaries but no sandbox image to import (nothing is pulled): refused up front too.
+    let bin = k8s_bin().unwrap();
+    let out = lab_cmd(
+        &[
+            "up",
+            "--name",
+            &name,
+            "--kubernetes",
+            &bin,
+            "--k8s-images",
+            dir,
+        ],
+        60,
+    );
+    assert!(!out.status.success());
+    let msg = output_text(&out);
+    assert!(msg.contains("has no pause.tar"), "{msg}");
+    assert!(netns_with_prefix(&format!("slab-{name}-")).is_empty());
+    assert!(!std::path::Path::new(&format!("/run/sluice/lab/{name}")).exists());
 }
 
 #[test]
