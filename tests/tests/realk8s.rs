@@ -308,8 +308,32 @@ fn pods_services_and_policy_on_real_kubernetes() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|c| c["type"] == "Ready" && c["status"] == "True");
-        assert!(ready, "{name} not Ready: {n:#}");
+            .find(|c| c["type"] == "Ready" && c["status"] == "True")
+            .unwrap_or_else(|| panic!("{name} not Ready: {n:#}"));
+        // Ready came after the agent's CNI config (the kubelet registered the node NotReady
+        // some seconds before the agents started).
+        let root = format!("/run/sluice/lab/{}/k8s/nodes/{name}/root", lab.name);
+        let conf = std::fs::metadata(format!("{root}/etc/cni/net.d/10-sluice.conflist"))
+            .unwrap()
+            .modified()
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let since: jiff::Timestamp = ready["lastTransitionTime"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let registered: jiff::Timestamp = n["metadata"]["creationTimestamp"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            since.as_second() >= conf as i64 && registered.as_second() < since.as_second(),
+            "{name}: Ready since {since}, registered {registered}, CNI config written at {conf}"
+        );
         cidrs.insert(name, cidr);
     }
     // The CNI config Ready waited for is sluice's, in the node's own /etc/cni/net.d, and the
