@@ -453,6 +453,22 @@ pub fn dead_components(files: &LabFiles) -> Vec<String> {
             (!String::from_utf8_lossy(&cmdline).contains(&marker)).then_some(component)
         })
         .collect();
+    // The holders of the nodes' mount namespaces (their command line is `sleep infinity`).
+    let lab = files
+        .dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let nodes: Vec<String> = std::fs::read(dir.join("nodes.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    dead.extend(
+        nodes
+            .into_iter()
+            .filter(|n| mount_holder(lab, n).is_none())
+            .map(|n| format!("{n}-mountns")),
+    );
     dead.sort();
     dead
 }
