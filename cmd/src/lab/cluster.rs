@@ -26,7 +26,8 @@ fn apply() -> PatchParams {
 
 /// Namespaces, the ConfigMap and the Nodes; idempotent (server-side apply). `real_api`: the API
 /// server is a real one, which also needs each namespace's default ServiceAccount.
-pub async fn register(client: &Client, plan: &LabPlan, real_api: bool) -> Result<()> {
+/// `nodes`: register the Nodes too (not when real kubelets do).
+pub async fn register(client: &Client, plan: &LabPlan, real_api: bool, nodes: bool) -> Result<()> {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     // sluice-system holds the subnet leases (the manifest makes it on a real cluster).
     for ns in [
@@ -88,6 +89,9 @@ pub async fn register(client: &Client, plan: &LabPlan, real_api: bool) -> Result
         )
         .await
         .context("writing kube-system/sluice-config")?;
+    if !nodes {
+        return Ok(());
+    }
     let nodes: Api<Node> = Api::all(client.clone());
     let machine = super::machine::MachineInfo::read();
     for node in &plan.nodes {

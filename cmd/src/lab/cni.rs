@@ -18,6 +18,10 @@ pub fn node_dir(lab: &str, node: &str) -> PathBuf {
 
 /// The subnet file the node's agent writes and its CNI plugin reads.
 pub fn subnet_file(lab: &str, node: &str) -> PathBuf {
+    if super::k8s::real_nodes(lab) {
+        // The agent runs in the node's mount namespace with the DaemonSet's paths.
+        return super::k8s_plan::NodeLayout::new(lab, node).private("/run/sluice/subnet.env");
+    }
     node_dir(lab, node).join("subnet.env")
 }
 
@@ -125,6 +129,12 @@ pub fn runtime_version(list: &Value) -> String {
 
 /// Whether the node's agent has put the CNI config in place (the runtime's NetworkReady).
 pub fn network_ready(lab: &str, node: &str) -> bool {
+    if super::k8s::real_nodes(lab) {
+        return super::k8s_plan::NodeLayout::new(lab, node)
+            .private("/etc/cni/net.d")
+            .join(CONFLIST)
+            .exists();
+    }
     node_dir(lab, node).join(CONFLIST).exists()
 }
 

@@ -103,6 +103,13 @@ pub async fn run(name: &str) -> Result<()> {
             addr
         }
     };
+    if super::k8s::dir(&files).exists() {
+        // The real API server reaches the kubelets (exec, logs, port-forward) through this.
+        tokio::spawn(serve_egress(
+            super::k8s::egress_socket(&files),
+            plan.clone(),
+        ));
+    }
     let supervisor = tokio::spawn(supervise_agents(
         name.to_string(),
         plan.clone(),
@@ -271,6 +278,9 @@ fn spawn_agent(
         .create(true)
         .append(true)
         .open(dir.join("agent.log"))?;
+    if super::k8s::real_nodes(lab) {
+        return spawn_agent_in_node(exe, lab, node, kubeconfig, log);
+    }
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("agent")
         .args(["--node-name", &node.name])
@@ -318,6 +328,10 @@ async fn run_kubelet(
     while !registered.exists() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    if super::k8s::real_nodes(&plan.spec.name) {
+        tracing::info!("real kubelets run this lab's nodes: no stand-in");
+        return;
+    }
     let kubelet = match super::cluster::client(&kubeconfig).await {
         Ok(client) => super::kubelet::Kubelet::new(plan, client),
         Err(e) => Err(e),
@@ -326,4 +340,122 @@ async fn run_kubelet(
         Ok(k) => k.run().await,
         Err(e) => tracing::error!(error = format!("{e:#}"), "the lab's kubelet cannot start"),
     }
+}
+
+/// A real node's agent, as the DaemonSet runs it: in the node's network and mount namespaces
+/// with its default paths (`/run/sluice`, `/var/lib/sluice`, `/etc/cni/net.d`: the node's
+/// own), after `sluice install-cni` has put `sluice-cni` in the node's `/opt/cni/bin`.
+fn spawn_agent_in_node(
+    exe: &Path,
+    lab: &str,
+    node: &super::plan::NodePlan,
+    kubeconfig: &Path,
+    log: std::fs::File,
+) -> Result<std::process::Child> {
+    let argv = super::k8s::in_node(lab, &node.name, &node.netns)?;
+    let mut install = std::process::Command::new("nsenter");
+    install.args(&argv).arg(exe).arg("install-cni");
+    let out = super::k8s::output_within(&mut install, std::time::Duration::from_secs(60))?;
+    if !out.status.success() {
+        bail!(
+            "install-cni on {}: {}",
+            node.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.args(&argv)
+        .arg(exe)
+        .arg("agent")
+        .args(["--node-name", &node.name])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    Ok(cmd.spawn()?)
+}
+
+/// Serves HTTP CONNECT on `socket` for the API server's egress: a tunnel to a node's address,
+/// dialled from the lab's underlay namespace; any other target is refused.
+async fn serve_egress(socket: std::path::PathBuf, plan: LabPlan) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(&socket);
+    let listener = match tokio::net::UnixListener::bind(&socket) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(socket = %socket.display(), error = %e, "cannot serve the API server's egress");
+            return;
+        }
+    };
+    let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
+    let allowed: Vec<std::net::Ipv4Addr> = plan.nodes.iter().map(|n| n.underlay.addr()).collect();
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let (allowed, underlay) = (allowed.clone(), plan.underlay_netns.clone());
+        tokio::spawn(async move {
+            if let Err(e) = egress_tunnel(conn, &allowed, underlay).await {
+                tracing::warn!(error = format!("{e:#}"), "egress tunnel");
+            }
+        });
+    }
+}
+
+async fn egress_tunnel(
+    mut conn: tokio::net::UnixStream,
+    allowed: &[std::net::Ipv4Addr],
+    underlay: String,
+) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let limit = std::time::Duration::from_secs(10);
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    let end = loop {
+        let n = tokio::time::timeout(limit, conn.read(&mut buf))
+            .await
+            .context("no CONNECT request within 10 s")??;
+        if n == 0 {
+            bail!("closed before a CONNECT request");
+        }
+        head.extend_from_slice(&buf[..n]);
+        if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if head.len() > 8192 {
+            bail!("CONNECT request head over 8 KiB");
+        }
+    };
+    let target =
+        match super::k8s_plan::connect_target(&String::from_utf8_lossy(&head[..end]), allowed) {
+            Ok(t) => t,
+            Err(why) => {
+                let _ = conn.write_all(b"HTTP/1.1 403 Forbidden\r\n\r\n").await;
+                bail!("{why}");
+            }
+        };
+    let dial = move || -> Result<std::net::TcpStream> {
+        let path = netns::named_path(&underlay);
+        let file = netns::open(&path)?;
+        let s = netns::run_in(&file, &path, || {
+            std::net::TcpStream::connect_timeout(&target.into(), std::time::Duration::from_secs(5))
+        })??;
+        s.set_nonblocking(true)?;
+        Ok(s)
+    };
+    let stream = match tokio::task::spawn_blocking(dial).await? {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = conn.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+            return Err(e.context(format!("dialling {target}")));
+        }
+    };
+    let mut out = tokio::net::TcpStream::from_std(stream)?;
+    conn.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await?;
+    out.write_all(&head[end..]).await?;
+    let _ = tokio::io::copy_bidirectional(&mut conn, &mut out).await;
+    Ok(())
 }

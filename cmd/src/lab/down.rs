@@ -29,9 +29,63 @@ fn lab_processes(name: &str, inodes: &HashSet<u64>) -> Vec<i32> {
                 .is_ok_and(|m| inodes.contains(&m.ino()));
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline);
-            in_lab_ns || cmdline.contains(&daemon_args) || cmdline.contains(&k8s_dir)
+            in_lab_ns
+                || cmdline.contains(&daemon_args)
+                || cmdline.contains(&k8s_dir)
+                || in_lab_cgroup(*pid, name)
         })
         .collect()
+}
+
+/// The start of the cgroup names of lab `name`'s real kubelets (see `k8s_plan::cgroup_root`).
+fn cgroup_prefix(name: &str) -> String {
+    super::k8s_plan::cgroup_root(&format!("{name}-node-"))
+}
+
+/// Whether `pid` runs in a cgroup of the lab's kubelets: the containers of its pods, which
+/// live in network namespaces of containerd's and whose command lines name nothing of the lab.
+fn in_lab_cgroup(pid: i32, name: &str) -> bool {
+    let prefix = cgroup_prefix(name);
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| {
+        c.lines()
+            .filter_map(|l| l.splitn(3, ':').nth(2))
+            .any(|path| path.starts_with(&prefix))
+    })
+}
+
+/// Removes the lab's kubelet cgroups in every hierarchy, deepest first; how many were left.
+fn remove_cgroups(name: &str) -> usize {
+    fn remove_tree(dir: &std::path::Path) -> bool {
+        let children: Vec<_> = std::fs::read_dir(dir)
+            .map(|r| {
+                r.filter_map(|e| e.ok())
+                    .filter(|e| e.path().is_dir())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut ok = true;
+        for c in children {
+            ok &= remove_tree(&c.path());
+        }
+        ok && std::fs::remove_dir(dir).is_ok()
+    }
+    let prefix = cgroup_prefix(name);
+    let prefix = prefix.trim_start_matches('/');
+    let mut left = 0;
+    let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return 0;
+    };
+    for h in hierarchies.filter_map(|e| e.ok()) {
+        let Ok(entries) = std::fs::read_dir(h.path()) else {
+            continue;
+        };
+        for e in entries.filter_map(|e| e.ok()) {
+            if e.file_name().to_string_lossy().starts_with(prefix) && !remove_tree(&e.path()) {
+                left += 1;
+            }
+        }
+    }
+    left
 }
 
 /// TERM, then KILL after a bounded wait.
@@ -93,6 +147,16 @@ pub async fn run(name: &str) -> Result<()> {
         }
         stop(&pids);
         stopped.extend(pids);
+    }
+    // A cgroup is removable once its last process is reaped: a moment after KILL.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut cgroups_left = remove_cgroups(name);
+    while cgroups_left > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        cgroups_left = remove_cgroups(name);
+    }
+    if cgroups_left > 0 {
+        eprintln!("lab {name}: {cgroups_left} cgroups of its kubelets could not be removed");
     }
     for n in &names {
         netns::remove_named(n).with_context(|| format!("removing network namespace {n}"))?;

@@ -62,13 +62,39 @@ pub fn check_binaries(bin: &Path) -> Result<String> {
     Ok(version)
 }
 
-fn etcd() -> Result<PathBuf> {
+fn on_path(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
-        .map(|d| d.join("etcd"))
+        .map(|d| d.join(program))
         .find(|p| p.is_file())
-        .context("no etcd on PATH: install it (Debian: apt-get install etcd-server)")
+}
+
+fn etcd() -> Result<PathBuf> {
+    on_path("etcd").context("no etcd on PATH: install it (Debian: apt-get install etcd-server)")
+}
+
+/// Checks what the nodes run besides DIR's binaries: containerd, its `ctr`, runc and the
+/// namespace tools.
+pub fn check_node_tools() -> Result<()> {
+    let missing: Vec<&str> = [
+        "containerd",
+        "ctr",
+        "containerd-shim-runc-v2",
+        "runc",
+        "nsenter",
+        "unshare",
+    ]
+    .into_iter()
+    .filter(|p| on_path(p).is_none())
+    .collect();
+    if !missing.is_empty() {
+        bail!(
+            "the nodes of a real-Kubernetes lab need {} on PATH (Debian: apt-get install containerd runc util-linux)",
+            missing.join(", ")
+        );
+    }
+    standard_plugins().map(|_| ())
 }
 
 /// Free loopback ports, asked of the kernel (held together so that they differ).
@@ -92,7 +118,7 @@ fn free_ports() -> Result<Ports> {
 
 /// The CA, the serving and client certificates, the service-account key pair and one
 /// kubeconfig per component, written under `layout.dir`.
-fn write_pki(layout: &Layout, api: SocketAddr, lab: &str) -> Result<String> {
+fn write_pki(layout: &Layout, api: SocketAddr, lab: &str, nodes: &[String]) -> Result<String> {
     let pki_dir = layout.dir.join("pki");
     let kc_dir = layout.dir.join("kubeconfig");
     for d in [layout.dir, &pki_dir, &kc_dir] {
@@ -121,6 +147,14 @@ fn write_pki(layout: &Layout, api: SocketAddr, lab: &str) -> Result<String> {
     pki::write_file(&pki_dir.join("sa.pub"), &sa_pub, 0o644)?;
     let server = format!("https://{api}");
     let mut admin = String::new();
+    // Each kubelet as the Node authorizer knows it: `system:node:NAME` in `system:nodes`.
+    let kubelets: Vec<(String, String)> = nodes
+        .iter()
+        .map(|n| (format!("kubelet-{n}"), format!("system:node:{n}")))
+        .collect();
+    let kubelets = kubelets
+        .iter()
+        .map(|(who, user)| (who.as_str(), user.as_str(), &["system:nodes"][..]));
     for (who, user, groups) in [
         ("admin", ADMIN_USER, &["system:masters"][..]),
         (
@@ -130,7 +164,10 @@ fn write_pki(layout: &Layout, api: SocketAddr, lab: &str) -> Result<String> {
         ),
         ("kube-scheduler", "system:kube-scheduler", &[][..]),
         ("kube-proxy", "system:kube-proxy", &[][..]),
-    ] {
+    ]
+    .into_iter()
+    .chain(kubelets)
+    {
         let cert = ca.client(user, groups)?;
         let text = sluice_apiserver::kubeconfig_with_client_cert(
             &server,
@@ -229,6 +266,7 @@ pub async fn start_control_plane(
     files: &LabFiles,
     lab: &str,
     cluster_cidr: &str,
+    nodes: &[String],
     progress: &mut super::Progress,
 ) -> Result<SocketAddr> {
     let version = check_binaries(bin)?;
@@ -238,7 +276,11 @@ pub async fn start_control_plane(
     let layout = Layout { dir: &dir };
     let ports = free_ports()?;
     let api = SocketAddr::from(([127, 0, 0, 1], ports.apiserver));
-    let admin = write_pki(&layout, api, lab)?;
+    let admin = write_pki(&layout, api, lab, nodes)?;
+    std::fs::write(
+        dir.join("egress.yaml"),
+        kp::egress_config(&egress_socket(files)),
+    )?;
     std::fs::write(dir.join("ports.json"), serde_json::to_vec_pretty(&ports)?)?;
     std::fs::write(dir.join("bin"), bin.display().to_string())?;
     progress.line(format!(
@@ -346,12 +388,11 @@ pub async fn start_kube_proxies(
         )?;
         let name = format!("kube-proxy-{}", node.name);
         let args = [format!("--config={}", config.display()), "--v=1".into()];
-        let path = sluice_net::netns::named_path(&node.netns);
-        let file = sluice_net::netns::open(&path)?;
-        let program = bin.join("kube-proxy");
-        let pid = sluice_net::netns::run_in(&file, &path, || {
-            spawn(&dir, &name, &program, &args).map(|c| c.id())
-        })??;
+        // In the node's mount namespace too: its xtables lock and /run are the node's.
+        let mut argv = in_node(&plan.spec.name, &node.name, &node.netns)?;
+        argv.push(bin.join("kube-proxy").display().to_string());
+        argv.extend(args);
+        let pid = spawn(&dir, &name, Path::new("nsenter"), &argv)?.id();
         progress.line(format!("kube-proxy on {} (pid {pid})", node.name));
     }
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -412,6 +453,377 @@ pub fn dead_components(files: &LabFiles) -> Vec<String> {
             (!String::from_utf8_lossy(&cmdline).contains(&marker)).then_some(component)
         })
         .collect();
+    // The holders of the nodes' mount namespaces (their command line is `sleep infinity`).
+    let lab = files
+        .dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let nodes: Vec<String> = std::fs::read(dir.join("nodes.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    dead.extend(
+        nodes
+            .into_iter()
+            .filter(|n| mount_holder(lab, n).is_none())
+            .map(|n| format!("{n}-mountns")),
+    );
     dead.sort();
     dead
+}
+
+/// The unix socket on which the lab daemon serves the API server's egress (HTTP CONNECT).
+pub fn egress_socket(files: &LabFiles) -> PathBuf {
+    dir(files).join("egress.sock")
+}
+
+/// The pid of the process holding `node`'s mount namespace, if it still runs.
+pub fn mount_holder(lab: &str, node: &str) -> Option<u32> {
+    let layout = kp::NodeLayout::new(lab, node);
+    let pid: u32 = std::fs::read_to_string(layout.holder_pid())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    (cmdline == b"sleep\0infinity\0" && layout.mount_ready().exists()).then_some(pid)
+}
+
+/// `nsenter` arguments that run a program in `node`'s network and mount namespaces (as one
+/// process tree: `ip netns exec` would give each process a mount namespace of its own).
+pub fn in_node(lab: &str, node: &str, netns: &str) -> Result<Vec<String>> {
+    let holder = mount_holder(lab, node)
+        .with_context(|| format!("node {node} has no mount namespace (its holder is gone)"))?;
+    Ok(vec![
+        format!("--net={}", sluice_net::netns::named_path(netns).display()),
+        format!("--mount=/proc/{holder}/ns/mnt"),
+        "--".into(),
+    ])
+}
+
+/// Whether lab `lab` runs real containerd and kubelets on its nodes (the lab's kubelet
+/// stand-in is not used then).
+pub fn real_nodes(lab: &str) -> bool {
+    dir(&LabFiles::new(lab)).join("nodes.json").exists()
+}
+
+/// Runs `cmd` to its end within `limit` (killed after it), its output captured.
+pub fn output_within(
+    cmd: &mut std::process::Command,
+    limit: Duration,
+) -> Result<std::process::Output> {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
+    let reader = std::thread::spawn(move || {
+        let mut o = Vec::new();
+        if let Some(s) = out.as_mut() {
+            let _ = s.read_to_end(&mut o);
+        }
+        o
+    });
+    let mut e = Vec::new();
+    if let Some(s) = err.as_mut() {
+        let _ = s.read_to_end(&mut e);
+    }
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?} did not finish within {} s", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = reader.join().unwrap_or_default();
+    Ok(std::process::Output {
+        status,
+        stdout,
+        stderr: e,
+    })
+}
+
+/// The kit's (or a user's) image archives to load into every node: every `*.tar` of `dir`,
+/// the pause image among them (the sandbox image: nothing is pulled). Returns the archives
+/// (pause first) and the pause image's name.
+pub fn images(dir: &Path) -> Result<(Vec<PathBuf>, String)> {
+    let pause = dir.join("pause.tar");
+    if !pause.is_file() {
+        bail!("{dir:?} has no pause.tar: a real-Kubernetes lab pulls nothing, so it needs the sandbox (pause) image as an archive (the kit's ../shared/realk8s/images/; --k8s-images DIR)");
+    }
+    let out = output_within(
+        std::process::Command::new("tar")
+            .arg("-xOf")
+            .arg(&pause)
+            .arg("manifest.json"),
+        Duration::from_secs(30),
+    )?;
+    let tags = kp::archive_tags(&String::from_utf8_lossy(&out.stdout));
+    let sandbox = tags.first().cloned().with_context(|| {
+        format!("{pause:?}: a docker archive with a RepoTags name was expected")
+    })?;
+    let mut archives: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {dir:?}"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "tar") && *p != pause)
+        .collect();
+    archives.sort();
+    archives.insert(0, pause);
+    Ok((archives, sandbox))
+}
+
+/// The standard CNI plugins a node has (containerd runs `loopback` for every sandbox).
+pub struct StandardPlugins {
+    pub loopback: PathBuf,
+}
+
+/// Finds the standard CNI plugins (Debian: containernetworking-plugins, in /usr/lib/cni).
+pub fn standard_plugins() -> Result<StandardPlugins> {
+    let loopback = ["/usr/lib/cni/loopback", "/opt/cni/bin/loopback"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .context("no CNI loopback plugin (containerd sets up every sandbox's lo with it): install it (Debian: apt-get install containernetworking-plugins)")?;
+    Ok(StandardPlugins { loopback })
+}
+
+/// Makes `cgroup_root` in every cgroup v1 hierarchy (the kubelet requires it to exist), with
+/// the cpuset of the machine.
+fn make_cgroup_root(root: &str) -> Result<()> {
+    for h in std::fs::read_dir("/sys/fs/cgroup")?.filter_map(|e| e.ok()) {
+        let path = h.path();
+        if h.file_name() == "unified" || !path.join("cgroup.procs").exists() {
+            continue;
+        }
+        let mine = path.join(root.trim_start_matches('/'));
+        std::fs::create_dir_all(&mine).with_context(|| format!("creating {mine:?}"))?;
+        for f in ["cpuset.cpus", "cpuset.mems"] {
+            if let Ok(v) = std::fs::read_to_string(path.join(f)) {
+                std::fs::write(mine.join(f), v.trim())
+                    .with_context(|| format!("writing {:?}", mine.join(f)))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every node's own mount namespace, containerd (the images imported) and kubelet; returns
+/// once every kubelet has registered its Node and the controller-manager has given it a
+/// podCIDR.
+pub async fn start_nodes(
+    plan: &super::plan::LabPlan,
+    files: &LabFiles,
+    image_dir: &Path,
+    progress: &mut super::Progress,
+) -> Result<()> {
+    let lab = plan.spec.name.as_str();
+    let dir = dir(files);
+    let layout = Layout { dir: &dir };
+    let bin = PathBuf::from(std::fs::read_to_string(dir.join("bin"))?.trim());
+    let (archives, sandbox) = images(image_dir)?;
+    let plugins = standard_plugins()?;
+    let exists = |p: &Path| p.exists();
+    let targets = kp::private_targets(&kp::NODE_PRIVATE, exists)
+        .context("the host has none of the paths a node needs its own of")?;
+    std::fs::write(
+        dir.join("nodes.json"),
+        serde_json::to_vec_pretty(&plan.nodes.iter().map(|n| &n.name).collect::<Vec<_>>())?,
+    )?;
+    for node in &plan.nodes {
+        let nl = kp::NodeLayout::new(lab, &node.name);
+        for d in [
+            "containerd/root",
+            "containerd/state",
+            "containerd/opt",
+            "runc",
+            "kubelet/pki",
+            "logs",
+        ] {
+            std::fs::create_dir_all(nl.dir.join(d))?;
+        }
+        for d in kp::private_dirs(&nl, &targets) {
+            std::fs::create_dir_all(&d).with_context(|| format!("creating {d:?}"))?;
+        }
+        make_cgroup_root(&kp::cgroup_root(&node.name))?;
+        // What a node's OS package puts beside the network provider's plugin: containerd
+        // sets up every sandbox's `lo` with the standard `loopback` plugin.
+        let loopback = nl.private("/opt/cni/bin").join("loopback");
+        if !loopback.exists() {
+            std::os::unix::fs::symlink(&plugins.loopback, &loopback)
+                .with_context(|| format!("linking {loopback:?}"))?;
+        }
+        // The holder: in the node's network namespace, a mount namespace of its own.
+        let script = kp::mount_script(&nl, &targets);
+        let netns_path = sluice_net::netns::named_path(&node.netns);
+        let mut holder = spawn(
+            &nl.dir,
+            "mountns",
+            Path::new("nsenter"),
+            &[
+                format!("--net={}", netns_path.display()),
+                "--".into(),
+                "unshare".into(),
+                "--mount".into(),
+                "--propagation".into(),
+                "slave".into(),
+                "--".into(),
+                "sh".into(),
+                "-c".into(),
+                script,
+            ],
+        )?;
+        let ready = nl.mount_ready();
+        let held = || ready.exists() && mount_holder(lab, &node.name).is_some();
+        wait_ready(
+            &nl.dir,
+            "mountns",
+            &mut holder,
+            Duration::from_secs(10),
+            || {
+                let ok = held();
+                async move { ok }
+            },
+        )
+        .await?;
+        let mut node_argv = in_node(lab, &node.name, &node.netns)?;
+
+        let config = nl.file("containerd.toml");
+        std::fs::write(&config, kp::containerd_config(lab, &node.name, &sandbox))?;
+        let mut argv = node_argv.clone();
+        argv.extend([
+            "containerd".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ]);
+        let name = format!("{}-containerd", node.name);
+        let mut containerd = spawn(&dir, &name, Path::new("nsenter"), &argv)?;
+        let sock = kp::containerd_socket(lab, &node.name);
+        let sock_str = sock.display().to_string();
+        wait_ready(
+            &dir,
+            &name,
+            &mut containerd,
+            Duration::from_secs(30),
+            || {
+                let sock = sock_str.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        output_within(
+                            std::process::Command::new("ctr").args(["--address", &sock, "version"]),
+                            Duration::from_secs(5),
+                        )
+                        .is_ok_and(|o| o.status.success())
+                    })
+                    .await
+                    .unwrap_or(false)
+                }
+            },
+        )
+        .await?;
+        let started = Instant::now();
+        for archive in &archives {
+            let a = archive.clone();
+            let s = sock_str.clone();
+            let out = tokio::task::spawn_blocking(move || {
+                output_within(
+                    std::process::Command::new("ctr")
+                        .args(["--address", &s, "-n", "k8s.io", "images", "import"])
+                        .arg(&a),
+                    Duration::from_secs(120),
+                )
+            })
+            .await??;
+            if !out.status.success() {
+                bail!(
+                    "importing {archive:?} into {}: {}",
+                    node.name,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        progress.line(format!(
+            "node {}: mount namespace (pid {}), containerd at {sock:?} (pid {}), {} images in {:.1} s",
+            node.name,
+            holder.id(),
+            containerd.id(),
+            archives.len(),
+            started.elapsed().as_secs_f64()
+        ));
+
+        std::fs::copy(
+            layout.kubeconfig(&format!("kubelet-{}", node.name)),
+            nl.file("kubelet.kubeconfig"),
+        )?;
+        std::fs::write(
+            nl.file("resolv.conf"),
+            "search cluster.local\noptions ndots:1\n",
+        )?;
+        std::fs::write(
+            nl.file("kubelet.yaml"),
+            kp::kubelet_config(
+                &node.name,
+                node.underlay.addr(),
+                &layout.pki("ca.crt"),
+                &nl.file("resolv.conf").display().to_string(),
+            ),
+        )?;
+        node_argv.push(bin.join("kubelet").display().to_string());
+        node_argv.extend(kp::kubelet_args(
+            lab,
+            &node.name,
+            node.underlay.addr(),
+            &sandbox,
+        ));
+        let kubelet = spawn(
+            &dir,
+            &format!("{}-kubelet", node.name),
+            Path::new("nsenter"),
+            &node_argv,
+        )?;
+        progress.line(format!(
+            "node {}: kubelet (pid {})",
+            node.name,
+            kubelet.id()
+        ));
+        drop((holder, containerd, kubelet));
+    }
+    // Each kubelet registers its Node; the controller-manager gives it a podCIDR.
+    let client = super::cluster::client(&files.kubeconfig).await?;
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for node in &plan.nodes {
+        loop {
+            let cidr = nodes
+                .get_opt(&node.name)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|n| n.spec?.pod_cidr);
+            if let Some(cidr) = cidr {
+                progress.line(format!(
+                    "node {}: registered by its kubelet, podCIDR {cidr}",
+                    node.name
+                ));
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the kubelet of {} registered no Node with a podCIDR within 90 s:\n{}",
+                    node.name,
+                    log_tail(&dir, &format!("{}-kubelet", node.name))
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
 }

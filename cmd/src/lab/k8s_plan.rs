@@ -3,7 +3,7 @@
 //! kube-apiserver, kube-controller-manager and kube-scheduler on the host's loopback. The
 //! applier (`k8s.rs`) only starts what these functions say.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The binaries of a Kubernetes release the lab runs, as the release names them.
 pub const BINARIES: [&str; 5] = [
@@ -165,6 +165,11 @@ pub fn apiserver_args(layout: &Layout, ports: &Ports) -> Vec<String> {
             layout.pki("apiserver-kubelet-client.key"),
         ),
         flag("kubelet-preferred-address-types", "InternalIP,Hostname"),
+        // exec, logs and port-forward reach the kubelets through the lab's underlay.
+        flag(
+            "egress-selector-config-file",
+            layout.dir.join("egress.yaml").display(),
+        ),
         flag("profiling", "false"),
     ]
 }
@@ -225,16 +230,311 @@ conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeo
     )
 }
 
-/// Where containerd of `node` in lab `lab` listens: its kubelet's runtime endpoint, and where
-/// `sluice lab load` imports images (`/run/sluice/lab/LAB/k8s/nodes/NODE/containerd/containerd.sock`).
-/// One place for the path, so the node's containerd and `lab load` agree on it.
-pub fn containerd_socket(lab: &str, node: &str) -> std::path::PathBuf {
+/// Where containerd of `node` in lab `lab` listens (what `ctr --address` and `sluice lab load`
+/// take; every shim names it in its `-address` argument).
+pub fn containerd_socket(lab: &str, node: &str) -> PathBuf {
+    node_dir(lab, node)
+        .join("containerd")
+        .join("containerd.sock")
+}
+
+/// The directory of one node of a real-Kubernetes lab: its containerd, kubelet and the trees
+/// behind its own `/run`, `/opt/cni/bin`, `/etc/cni/net.d`, `/var/lib/sluice` and `/var/log`.
+pub fn node_dir(lab: &str, node: &str) -> PathBuf {
     super::plan::state_dir(lab)
         .join("k8s")
         .join("nodes")
         .join(node)
-        .join("containerd")
-        .join("containerd.sock")
+}
+
+/// The cgroup (in every v1 hierarchy) under which the kubelet of `node` puts its pods.
+pub fn cgroup_root(node: &str) -> String {
+    format!("/sluice-lab-{node}")
+}
+
+/// The files of one node, under [`node_dir`].
+pub struct NodeLayout {
+    pub dir: PathBuf,
+}
+
+impl NodeLayout {
+    pub fn new(lab: &str, node: &str) -> Self {
+        Self {
+            dir: node_dir(lab, node),
+        }
+    }
+    /// Holds the node-private trees bound over the host's paths in the node's mount namespace.
+    pub fn root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+    /// The host's path of what the node sees at `path` (one of [`NODE_PRIVATE`]).
+    pub fn private(&self, path: &str) -> PathBuf {
+        self.root().join(path.trim_start_matches('/'))
+    }
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+    /// Written by the node's mount-namespace holder once its mounts are in place.
+    pub fn mount_ready(&self) -> PathBuf {
+        self.dir.join("mountns.ready")
+    }
+    pub fn holder_pid(&self) -> PathBuf {
+        self.dir.join("mountns.pid")
+    }
+}
+
+/// The paths every node has its own of: the DaemonSet's hostPaths, the kubelet's pod logs (two
+/// kubelets would collect each other's), and `/run` (containerd's shim sockets, sluice's
+/// subnet file).
+pub const NODE_PRIVATE: [&str; 6] = [
+    "/run",
+    "/opt/cni/bin",
+    "/etc/cni/net.d",
+    "/var/lib/sluice",
+    "/var/log/pods",
+    "/var/log/containers",
+];
+
+/// What stays the host's inside a node's private `/run`: the labs' state (kubeconfigs, the
+/// control plane's files, every node's containerd socket at the same path as on the host).
+pub const HOST_UNDER_RUN: &str = "/run/sluice/lab";
+
+/// Which host paths the node's private trees are bound over: each wanted path itself when the
+/// host has it, else its nearest ancestor the host has (so nothing is made on the host; the
+/// node then has its own, empty, copy of that ancestor). A target under another is covered by
+/// it. Sorted, no duplicates; `None` when only `/` exists for some path.
+pub fn private_targets(wanted: &[&str], exists: impl Fn(&Path) -> bool) -> Option<Vec<PathBuf>> {
+    let mut targets: Vec<PathBuf> = Vec::new();
+    for w in wanted {
+        let target = Path::new(w)
+            .ancestors()
+            .take_while(|a| *a != Path::new("/"))
+            .find(|a| exists(a))?;
+        targets.push(target.to_path_buf());
+    }
+    targets.sort();
+    targets.dedup();
+    let all = targets.clone();
+    targets.retain(|t| !all.iter().any(|o| o != t && t.starts_with(o)));
+    Some(targets)
+}
+
+fn quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+}
+
+/// The script the holder of a node's mount namespace runs (in the node's network namespace,
+/// after `unshare --mount --propagation slave`): a sysfs of the node's own with the host's
+/// cgroup tree moved back on top, the node-private trees over `targets` (the labs' state kept
+/// visible under the private `/run`), then it says so and holds the namespace.
+pub fn mount_script(layout: &NodeLayout, targets: &[PathBuf]) -> String {
+    let aside = layout.root().join(".cgroup");
+    let mut s = String::from("set -e\n");
+    s += &format!(
+        "mount --rbind /sys/fs/cgroup {a}\nmount -t sysfs sysfs /sys\nmount --move {a} /sys/fs/cgroup\n",
+        a = quote(&aside)
+    );
+    let host = Path::new(HOST_UNDER_RUN);
+    // `/run` last: the node's own trees are reached through the labs' state until then.
+    let mut ordered: Vec<&PathBuf> = targets.iter().filter(|t| !host.starts_with(t)).collect();
+    ordered.extend(targets.iter().filter(|t| host.starts_with(t)));
+    for t in ordered {
+        if host.starts_with(t) {
+            s += &format!(
+                "mount --bind {h} {into}\n",
+                h = quote(host),
+                into = quote(&layout.root().join(host.strip_prefix("/").unwrap_or(host)))
+            );
+        }
+        let src = layout.root().join(t.strip_prefix("/").unwrap_or(t));
+        s += &format!("mount --rbind {} {}\n", quote(&src), quote(t));
+    }
+    s += &format!(
+        ": > {}\nexec sleep infinity\n",
+        quote(&layout.mount_ready())
+    );
+    s
+}
+
+/// The directories [`mount_script`] needs under the node's root (made before it runs).
+pub fn private_dirs(layout: &NodeLayout, targets: &[PathBuf]) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = NODE_PRIVATE.iter().map(|p| layout.private(p)).collect();
+    dirs.extend(
+        targets
+            .iter()
+            .map(|t| layout.private(&t.display().to_string())),
+    );
+    dirs.push(layout.private(HOST_UNDER_RUN));
+    dirs.push(layout.root().join(".cgroup"));
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+/// containerd's config for a node: private root, state, sockets and runc root; CRI with the
+/// node's own CNI directories; what this machine kind needs (see `../shared/realk8s`).
+pub fn containerd_config(lab: &str, node: &str, sandbox_image: &str) -> String {
+    let l = NodeLayout::new(lab, node);
+    let d = |p: &str| l.dir.join(p).display().to_string();
+    let sock = containerd_socket(lab, node).display().to_string();
+    format!(
+        r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{sandbox_image}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  netns_mounts_under_state_dir = true
+  # root here lacks CAP_SYS_RESOURCE: runc cannot lower oom_score_adj (without this every
+  # sandbox fails: "can't get final child's PID from pipe: EOF")
+  restrict_oom_score_adj = true
+  disable_tcp_service = true
+  enable_selinux = false
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        Root = "{runc}"
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/opt/cni/bin"
+    conf_dir = "/etc/cni/net.d"
+    max_conf_num = 1
+"#,
+        root = d("containerd/root"),
+        state = d("containerd/state"),
+        opt = d("containerd/opt"),
+        runc = d("runc"),
+    )
+}
+
+/// The kubelet's config file for a node at `node_ip`: cgroupfs under its own cgroup root,
+/// webhook authentication and authorization against the cluster CA, no read-only port, no
+/// host-global kernel settings asked for.
+pub fn kubelet_config(node: &str, node_ip: std::net::Ipv4Addr, ca: &str, resolv: &str) -> String {
+    format!(
+        "apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: {node_ip}
+port: 10250
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: 10248
+authentication:
+  anonymous: {{enabled: false}}
+  webhook: {{enabled: true}}
+  x509: {{clientCAFile: {ca:?}}}
+authorization: {{mode: Webhook}}
+cgroupDriver: cgroupfs
+cgroupRoot: {root}
+cgroupsPerQOS: true
+failSwapOn: false
+protectKernelDefaults: false
+makeIPTablesUtilChains: true
+clusterDomain: cluster.local
+resolvConf: {resolv:?}
+rotateCertificates: false
+serverTLSBootstrap: false
+registerNode: true
+maxPods: 50
+imageGCHighThresholdPercent: 95
+imageGCLowThresholdPercent: 90
+evictionHard: {{memory.available: 100Mi, nodefs.available: 5%, imagefs.available: 5%}}
+",
+        root = cgroup_root(node),
+    )
+}
+
+pub fn kubelet_args(
+    lab: &str,
+    node: &str,
+    node_ip: std::net::Ipv4Addr,
+    sandbox_image: &str,
+) -> Vec<String> {
+    let l = NodeLayout::new(lab, node);
+    let d = |p: &str| l.dir.join(p).display().to_string();
+    vec![
+        flag("config", d("kubelet.yaml")),
+        flag("kubeconfig", d("kubelet.kubeconfig")),
+        flag(
+            "container-runtime-endpoint",
+            format!("unix://{}", containerd_socket(lab, node).display()),
+        ),
+        flag("root-dir", d("kubelet")),
+        flag("cert-dir", d("kubelet/pki")),
+        flag("hostname-override", node),
+        flag("node-ip", node_ip),
+        flag("pod-infra-container-image", sandbox_image),
+        "--v=1".into(),
+    ]
+}
+
+/// The API server's egress for the cluster (kubelets: exec, logs, port-forward): HTTP CONNECT
+/// through the lab daemon's unix socket, which dials from the lab's underlay (the host has no
+/// route to node addresses, and several labs use the same ones).
+pub fn egress_config(socket: &Path) -> String {
+    format!(
+        "apiVersion: apiserver.k8s.io/v1beta1
+kind: EgressSelectorConfiguration
+egressSelections:
+- name: cluster
+  connection:
+    proxyProtocol: HTTPConnect
+    transport:
+      uds:
+        udsName: {:?}
+",
+        socket.display().to_string()
+    )
+}
+
+/// The target of an HTTP CONNECT request head (`CONNECT 172.31.0.1:10250 HTTP/1.1 ...`), if it
+/// is one of `allowed` (the lab's node addresses: nothing else is dialled).
+pub fn connect_target(
+    head: &str,
+    allowed: &[std::net::Ipv4Addr],
+) -> Result<std::net::SocketAddrV4, String> {
+    let line = head.lines().next().unwrap_or_default();
+    let mut words = line.split_whitespace();
+    let (Some("CONNECT"), Some(target), Some(v)) = (words.next(), words.next(), words.next())
+    else {
+        return Err(format!("not a CONNECT request: {line:?}"));
+    };
+    if !v.starts_with("HTTP/1.") {
+        return Err(format!("not HTTP/1: {line:?}"));
+    }
+    let addr: std::net::SocketAddrV4 = target
+        .parse()
+        .map_err(|_| format!("CONNECT target {target:?} is not an IPv4 address and port"))?;
+    if !allowed.contains(addr.ip()) {
+        return Err(format!("CONNECT to {addr}: not a node of this lab"));
+    }
+    Ok(addr)
+}
+
+/// The image names a docker-archive's `manifest.json` gives (its `RepoTags`).
+pub fn archive_tags(manifest_json: &str) -> Vec<String> {
+    let doc: serde_json::Value = serde_json::from_str(manifest_json).unwrap_or_default();
+    doc.as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|m| m["RepoTags"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t.as_str().map(str::to_string))
+        .collect()
 }
 
 #[cfg(test)]
@@ -351,5 +651,156 @@ mod tests {
             assert!(args.iter().any(|a| a == "--bind-address=127.0.0.1"));
             assert!(args.iter().all(|a| !a.contains("0.0.0.0")));
         }
+    }
+
+    #[test]
+    fn node_private_paths_shadow_the_nearest_existing_ancestor_and_make_nothing_on_the_host() {
+        // A host with /run, /etc/cni/net.d, /opt and /var/log, /var/lib but none of the rest.
+        let host = [
+            "/run",
+            "/etc",
+            "/etc/cni",
+            "/etc/cni/net.d",
+            "/opt",
+            "/var",
+            "/var/log",
+            "/var/lib",
+        ];
+        let exists = |p: &Path| host.iter().any(|h| Path::new(h) == p);
+        let t = private_targets(&NODE_PRIVATE, exists).unwrap();
+        let t: Vec<&str> = t.iter().map(|p| p.to_str().unwrap()).collect();
+        assert_eq!(
+            t,
+            ["/etc/cni/net.d", "/opt", "/run", "/var/lib", "/var/log"]
+        );
+        // Where the host has the paths themselves, they are the targets; a target under
+        // another is covered by it.
+        let all = |_: &Path| true;
+        let t = private_targets(&["/run", "/run/sluice", "/var/log/pods"], all).unwrap();
+        assert_eq!(t, [PathBuf::from("/run"), PathBuf::from("/var/log/pods")]);
+        // Only "/" there: refused, never "/" shadowed.
+        assert_eq!(
+            private_targets(&["/nowhere/x"], |p: &Path| p == Path::new("/")),
+            None
+        );
+    }
+
+    #[test]
+    fn the_mount_script_keeps_cgroups_and_the_labs_state_and_binds_run_last() {
+        let l = NodeLayout::new("t1", "t1-node-1");
+        let targets = vec![
+            PathBuf::from("/etc/cni/net.d"),
+            PathBuf::from("/opt"),
+            PathBuf::from("/run"),
+        ];
+        let s = mount_script(&l, &targets);
+        let root = "/run/sluice/lab/t1/k8s/nodes/t1-node-1/root";
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines[0], "set -e");
+        assert_eq!(
+            lines[1],
+            format!("mount --rbind /sys/fs/cgroup '{root}/.cgroup'")
+        );
+        assert_eq!(lines[2], "mount -t sysfs sysfs /sys");
+        assert_eq!(
+            lines[3],
+            format!("mount --move '{root}/.cgroup' /sys/fs/cgroup")
+        );
+        assert!(lines.contains(&format!("mount --rbind '{root}/opt' '/opt'").as_str()));
+        let keep = lines
+            .iter()
+            .position(|l| *l == format!("mount --bind '/run/sluice/lab' '{root}/run/sluice/lab'"))
+            .unwrap();
+        let run = lines
+            .iter()
+            .position(|l| *l == format!("mount --rbind '{root}/run' '/run'"))
+            .unwrap();
+        assert!(keep < run && run == lines.len() - 3, "{s}");
+        assert_eq!(lines.last(), Some(&"exec sleep infinity"));
+        let dirs = private_dirs(&l, &targets);
+        assert!(dirs.contains(&PathBuf::from(format!("{root}/run/sluice/lab"))));
+        assert!(dirs.contains(&PathBuf::from(format!("{root}/var/lib/sluice"))));
+    }
+
+    #[test]
+    fn containerd_and_kubelet_are_configured_for_this_machine_kind() {
+        assert_eq!(
+            containerd_socket("t1", "t1-node-2"),
+            PathBuf::from("/run/sluice/lab/t1/k8s/nodes/t1-node-2/containerd/containerd.sock")
+        );
+        // A unix socket path has at most 107 bytes: the longest lab and node names fit.
+        let long = containerd_socket("abcdefghijkl", "abcdefghijkl-node-50");
+        assert!(long.as_os_str().len() + ".ttrpc".len() < 108);
+        let c = containerd_config("t1", "t1-node-2", "rk8s.local/pause:1");
+        for want in [
+            "restrict_oom_score_adj = true",
+            "netns_mounts_under_state_dir = true",
+            "SystemdCgroup = false",
+            "sandbox_image = \"rk8s.local/pause:1\"",
+            "bin_dir = \"/opt/cni/bin\"",
+            "conf_dir = \"/etc/cni/net.d\"",
+            "address = \"/run/sluice/lab/t1/k8s/nodes/t1-node-2/containerd/containerd.sock\"",
+            "root = \"/run/sluice/lab/t1/k8s/nodes/t1-node-2/containerd/root\"",
+            "Root = \"/run/sluice/lab/t1/k8s/nodes/t1-node-2/runc\"",
+        ] {
+            assert!(c.contains(want), "{want} not in {c}");
+        }
+        let k = kubelet_config("t1-node-2", [172, 31, 0, 2].into(), "/ca.crt", "/r");
+        for want in [
+            "cgroupDriver: cgroupfs",
+            "cgroupRoot: /sluice-lab-t1-node-2",
+            "failSwapOn: false",
+            "webhook: {enabled: true}",
+            "authorization: {mode: Webhook}",
+            "anonymous: {enabled: false}",
+            "readOnlyPort: 0",
+            "address: 172.31.0.2",
+        ] {
+            assert!(k.contains(want), "{want} not in {k}");
+        }
+        let a = kubelet_args("t1", "t1-node-2", [172, 31, 0, 2].into(), "p:1");
+        for want in [
+            "--hostname-override=t1-node-2",
+            "--node-ip=172.31.0.2",
+            "--pod-infra-container-image=p:1",
+            "--root-dir=/run/sluice/lab/t1/k8s/nodes/t1-node-2/kubelet",
+            "--container-runtime-endpoint=unix:///run/sluice/lab/t1/k8s/nodes/t1-node-2/containerd/containerd.sock",
+        ] {
+            assert!(a.iter().any(|x| x == want), "{want} not in {a:?}");
+        }
+    }
+
+    #[test]
+    fn the_egress_proxy_dials_only_the_labs_nodes() {
+        let nodes: Vec<std::net::Ipv4Addr> = vec![[172, 31, 0, 1].into(), [172, 31, 0, 2].into()];
+        let ok = connect_target(
+            "CONNECT 172.31.0.2:10250 HTTP/1.1\r\nHost: 172.31.0.2:10250\r\n\r\n",
+            &nodes,
+        );
+        assert_eq!(ok, Ok("172.31.0.2:10250".parse().unwrap()));
+        for bad in [
+            "CONNECT 192.0.2.1:443 HTTP/1.1\r\n\r\n",
+            "CONNECT 172.31.0.3:10250 HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "CONNECT node-1:10250 HTTP/1.1\r\n\r\n",
+            "CONNECT 172.31.0.1:10250 SPDY/3\r\n\r\n",
+            "",
+        ] {
+            assert!(connect_target(bad, &nodes).is_err(), "{bad:?}");
+        }
+        let e = egress_config(Path::new("/s/egress.sock"));
+        assert!(
+            e.contains("proxyProtocol: HTTPConnect") && e.contains("udsName: \"/s/egress.sock\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn image_names_come_from_the_archive_manifest() {
+        let m =
+            r#"[{"Config":"c.json","RepoTags":["rk8s.local/pause:1"],"Layers":["l/layer.tar"]}]"#;
+        assert_eq!(archive_tags(m), ["rk8s.local/pause:1"]);
+        assert!(archive_tags("not json").is_empty());
+        assert!(archive_tags(r#"[{"Config":"c.json"}]"#).is_empty());
     }
 }

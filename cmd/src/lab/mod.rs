@@ -53,6 +53,15 @@ pub enum LabCmd {
         /// kube-controller-manager, kube-scheduler, kubelet, kube-proxy; etcd from PATH).
         #[arg(long, env = "SLUICE_K8S_BIN", value_name = "DIR")]
         kubernetes: Option<PathBuf>,
+        /// With --kubernetes: the image archives (`*.tar`, pause.tar among them) imported into
+        /// every node's containerd; by default DIR/../images (the kit's layout).
+        #[arg(
+            long,
+            env = "SLUICE_K8S_IMAGES",
+            value_name = "IMAGES",
+            requires = "kubernetes"
+        )]
+        k8s_images: Option<PathBuf>,
     },
     /// Show the lab's nodes and pods and a pod-to-pod reachability matrix from real pings.
     Status {
@@ -201,11 +210,17 @@ pub fn main(cmd: LabCmd) -> Result<()> {
             subnet_source,
             kubeconfig,
             kubernetes,
+            k8s_images,
         } => {
             let spec = LabSpec {
                 name,
                 nodes,
-                pods_per_node,
+                // Real kubelets run the pods users create; the lab makes none of its own.
+                pods_per_node: if kubernetes.is_some() && kubeconfig.is_none() {
+                    0
+                } else {
+                    pods_per_node
+                },
                 encryption,
                 overlay,
                 segments,
@@ -213,7 +228,10 @@ pub fn main(cmd: LabCmd) -> Result<()> {
             };
             let api = match (kubeconfig, kubernetes) {
                 (Some(kc), _) => Api::External(kc),
-                (None, Some(bin)) => Api::Kubernetes(bin),
+                (None, Some(bin)) => {
+                    let images = k8s_images.unwrap_or_else(|| bin.join("..").join("images"));
+                    Api::Kubernetes(bin, images)
+                }
                 (None, None) => Api::Embedded,
             };
             rt.block_on(up(spec, api))
@@ -306,8 +324,9 @@ pub enum Api {
     Embedded,
     /// A real one already running on the host's loopback, given by its kubeconfig.
     External(PathBuf),
-    /// A real control plane the lab starts from the Kubernetes binaries in this directory.
-    Kubernetes(PathBuf),
+    /// A real control plane the lab starts from the Kubernetes binaries in this directory, and
+    /// real containerd and kubelets on its nodes with the image archives of the second.
+    Kubernetes(PathBuf, PathBuf),
 }
 
 async fn up(spec: LabSpec, api: Api) -> Result<()> {
@@ -322,9 +341,11 @@ async fn up(spec: LabSpec, api: Api) -> Result<()> {
         bail!("lab {name} already exists (or left something behind): run `sluice lab down --name {name}` first");
     }
     let mut progress = Progress::new();
-    if let Api::Kubernetes(bin) = &api {
+    if let Api::Kubernetes(bin, images) = &api {
         // Before anything is made: a missing or mismatched binary is only a message.
         k8s::check_binaries(bin)?;
+        k8s::images(images)?;
+        k8s::check_node_tools()?;
     }
     let built = build(&plan, &files, api, &mut progress).await;
     if let Err(e) = built {
@@ -347,6 +368,7 @@ async fn build(plan: &LabPlan, files: &LabFiles, api: Api, progress: &mut Progre
     let name = &plan.spec.name;
     std::fs::create_dir_all(&files.dir).with_context(|| format!("creating {:?}", files.dir))?;
     daemon::write_atomic(&files.plan, &serde_json::to_vec_pretty(plan)?)?;
+    let mut image_dir = None;
     let external = match api {
         Api::External(kc) => {
             let addr = external_address(&kc)?;
@@ -354,9 +376,11 @@ async fn build(plan: &LabPlan, files: &LabFiles, api: Api, progress: &mut Progre
             std::fs::write(&files.external, addr.to_string())?;
             Some(kc)
         }
-        Api::Kubernetes(bin) => {
+        Api::Kubernetes(bin, images) => {
             let cidr = plan.cluster_cidr.to_string();
-            let addr = k8s::start_control_plane(&bin, files, name, &cidr, progress).await?;
+            let nodes: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
+            let addr = k8s::start_control_plane(&bin, files, name, &cidr, &nodes, progress).await?;
+            image_dir = Some(images);
             std::fs::write(&files.external, addr.to_string())?;
             Some(files.kubeconfig.clone())
         }
@@ -388,7 +412,11 @@ async fn build(plan: &LabPlan, files: &LabFiles, api: Api, progress: &mut Progre
         ),
     });
     let client = cluster::client(&files.kubeconfig).await?;
-    cluster::register(&client, plan, external.is_some()).await?;
+    cluster::register(&client, plan, external.is_some(), image_dir.is_none()).await?;
+    if let Some(images) = &image_dir {
+        // Real kubelets register the Nodes themselves.
+        k8s::start_nodes(plan, files, images, progress).await?;
+    }
     // The agents start once their Nodes and sluice-config exist, as the DaemonSet's pods would
     // after the manifest is applied.
     std::fs::write(&files.registered, b"")?;
@@ -424,12 +452,14 @@ async fn build(plan: &LabPlan, files: &LabFiles, api: Api, progress: &mut Progre
             node.name, env.subnet, env.mtu
         ));
     }
-    // ...and Ready in the API once the lab's kubelet has seen that (within half a second).
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // ...and Ready in the API once the lab's kubelet has seen that (within half a second; a
+    // real kubelet, from containerd's NetworkReady, within its 10 s node-status period).
+    let limit = if image_dir.is_some() { 60 } else { 30 };
+    let deadline = Instant::now() + Duration::from_secs(limit);
     while !cluster::nodes_ready(&client, plan).await? {
         if Instant::now() > deadline {
             bail!(
-                "the lab's nodes did not turn Ready within 30 s (see {:?})",
+                "the lab's nodes did not turn Ready within {limit} s (see {:?})",
                 files.daemon_log
             );
         }

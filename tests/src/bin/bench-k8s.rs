@@ -5,7 +5,7 @@
 //!    each pod is seen Running with an address (polled every 50 ms), p50/p99/max per pod, over R
 //!    rounds (the deployment is deleted and its pods gone between rounds). The pods are made by
 //!    the real controller-manager, placed by the real scheduler, wired by sluice-cni through the
-//!    lab's kubelet.
+//!    real kubelet and containerd of each node.
 //!
 //! The lab is removed on every exit path (guard on return and panic, and on SIGINT/TERM/HUP).
 //! Every wait is bounded.
@@ -22,6 +22,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+/// The kit's agnhost image, which `lab up --kubernetes` imports into every node's containerd.
+const AGNHOST: &str = "--image=registry.k8s.io/e2e-test-images/agnhost:2.43";
 
 const USAGE: &str =
     "usage: bench-k8s [--kubernetes DIR] [--sluice PATH] [--nodes N] [--pods P] [--runs R]";
@@ -109,8 +112,11 @@ fn main() {
             "create",
             "deployment",
             "warm",
-            "--image=sluice-lab",
+            AGNHOST,
             "--replicas=1",
+            "--",
+            "/agnhost",
+            "pause",
         ],
     );
     let t = Instant::now();
@@ -138,9 +144,12 @@ fn main() {
                 "create",
                 "deployment",
                 "bench",
-                "--image=sluice-lab",
+                AGNHOST,
                 &pods_s,
                 "--port=80",
+                "--",
+                "/agnhost",
+                "pause",
             ],
         );
         let mut seen: HashMap<String, Duration> = HashMap::new();
