@@ -248,6 +248,77 @@ fn pod_ips(entries: &[HostportEntry]) -> BTreeSet<Ipv4Addr> {
         .collect()
 }
 
+/// One mapping's DNAT rule in chain `hostports` of table [`NFT_TABLE`], as `nft list` prints it.
+pub fn nft_rule(pod: Ipv4Addr, m: &PortMapping) -> String {
+    let daddr = m
+        .host_ip
+        .map_or(String::new(), |a| format!("ip daddr {a} "));
+    format!(
+        "{daddr}{p} dport {hp} dnat ip to {pod}:{cp}",
+        p = m.protocol.as_str(),
+        hp = m.host_port,
+        cp = m.container_port
+    )
+}
+
+/// One mapping's DNAT rule in chain [`IPT_CHAIN`], as `iptables-save` prints it.
+pub fn iptables_rule(pod: Ipv4Addr, m: &PortMapping) -> String {
+    let daddr = m.host_ip.map_or(String::new(), |a| format!("-d {a}/32 "));
+    let p = m.protocol.as_str();
+    format!(
+        "-A {IPT_CHAIN} {daddr}-p {p} -m {p} --dport {hp} -j DNAT --to-destination {pod}:{cp}",
+        hp = m.host_port,
+        cp = m.container_port
+    )
+}
+
+/// The masquerade of a pod reaching its own hostPort (hairpin), in chain `postrouting`.
+fn nft_hairpin(pod: Ipv4Addr) -> String {
+    format!("ct status dnat ip saddr {pod} ip daddr {pod} masquerade")
+}
+
+/// The masquerade of a pod reaching its own hostPort (hairpin), in chain [`IPT_POST_CHAIN`].
+fn iptables_hairpin(pod: Ipv4Addr) -> String {
+    format!("-A {IPT_POST_CHAIN} -s {pod}/32 -d {pod}/32 -m conntrack --ctstate DNAT -j MASQUERADE")
+}
+
+/// Which rule text [`missing_rules`] looks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listing {
+    /// `nft list table inet sluice-hostport`.
+    Nft,
+    /// `iptables-save -t nat`.
+    Iptables,
+}
+
+/// CHECK: the rules of `entry` (and the hooks that lead to them) that `listing` lacks, as
+/// text for an error message; empty when everything is in place.
+pub fn missing_rules(kind: Listing, listing: &str, entry: &HostportEntry) -> Vec<String> {
+    let lines: BTreeSet<&str> = listing.lines().map(str::trim).collect();
+    let mut want: Vec<String> = Vec::new();
+    match kind {
+        Listing::Nft => {
+            want.push("fib daddr type local jump hostports".into());
+            want.extend(entry.mappings.iter().map(|m| nft_rule(entry.pod_ip, m)));
+            want.push(nft_hairpin(entry.pod_ip));
+        }
+        Listing::Iptables => {
+            for (chain, spec) in iptables_jumps() {
+                want.push(format!("-A {chain} {}", spec.join(" ")));
+            }
+            want.extend(
+                entry
+                    .mappings
+                    .iter()
+                    .map(|m| iptables_rule(entry.pod_ip, m)),
+            );
+            want.push(iptables_hairpin(entry.pod_ip));
+        }
+    }
+    want.retain(|w| !lines.contains(w.as_str()));
+    want
+}
+
 /// The `nft -f -` script that makes table `inet sluice-hostport` hold exactly `entries`' rules
 /// (declared, flushed by delete, declared again: one transaction). With no entries the table is
 /// removed.
@@ -262,16 +333,7 @@ pub fn render_nft(entries: &[HostportEntry]) -> String {
     s.push_str("  chain output {\n    type nat hook output priority -100; policy accept;\n    fib daddr type local jump hostports\n  }\n");
     s.push_str("  chain hostports {\n");
     for (pod, m) in &rules {
-        let daddr = m
-            .host_ip
-            .map_or(String::new(), |a| format!("ip daddr {a} "));
-        let _ = writeln!(
-            s,
-            "    {daddr}{p} dport {hp} dnat ip to {pod}:{cp}",
-            p = m.protocol.as_str(),
-            hp = m.host_port,
-            cp = m.container_port
-        );
+        let _ = writeln!(s, "    {}", nft_rule(*pod, m));
     }
     s.push_str("  }\n");
     s.push_str(
@@ -279,10 +341,7 @@ pub fn render_nft(entries: &[HostportEntry]) -> String {
     );
     s.push_str("    ct status dnat ip saddr 127.0.0.0/8 masquerade\n");
     for pod in pod_ips(entries) {
-        let _ = writeln!(
-            s,
-            "    ct status dnat ip saddr {pod} ip daddr {pod} masquerade"
-        );
+        let _ = writeln!(s, "    {}", nft_hairpin(pod));
     }
     s.push_str("  }\n}\n");
     s
@@ -294,24 +353,14 @@ pub fn render_nft(entries: &[HostportEntry]) -> String {
 pub fn render_iptables(entries: &[HostportEntry]) -> String {
     let mut s = format!("*nat\n:{IPT_CHAIN} - [0:0]\n:{IPT_POST_CHAIN} - [0:0]\n");
     for (pod, m) in ordered(entries) {
-        let daddr = m.host_ip.map_or(String::new(), |a| format!("-d {a}/32 "));
-        let p = m.protocol.as_str();
-        let _ = writeln!(
-            s,
-            "-A {IPT_CHAIN} {daddr}-p {p} -m {p} --dport {hp} -j DNAT --to-destination {pod}:{cp}",
-            hp = m.host_port,
-            cp = m.container_port
-        );
+        let _ = writeln!(s, "{}", iptables_rule(pod, &m));
     }
     let _ = writeln!(
         s,
         "-A {IPT_POST_CHAIN} -s 127.0.0.0/8 -m conntrack --ctstate DNAT -j MASQUERADE"
     );
     for pod in pod_ips(entries) {
-        let _ = writeln!(
-            s,
-            "-A {IPT_POST_CHAIN} -s {pod}/32 -d {pod}/32 -m conntrack --ctstate DNAT -j MASQUERADE"
-        );
+        let _ = writeln!(s, "{}", iptables_hairpin(pod));
     }
     s.push_str("COMMIT\n");
     s
@@ -326,6 +375,9 @@ pub fn iptables_jumps() -> Vec<(&'static str, Vec<&'static str>)> {
         ("POSTROUTING", vec!["-j", IPT_POST_CHAIN]),
     ]
 }
+
+pub mod apply;
+pub use apply::{HostportBackend, HostportFirewall, BACKEND_NAMES};
 
 #[cfg(test)]
 mod tests;

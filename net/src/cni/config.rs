@@ -29,6 +29,9 @@ pub struct NetConf {
     pub attachments: Option<Vec<Attachment>>,
     /// The other `cni.dev/` keys of the configuration, to name in an error (a misspelled list).
     pub other_cni_dev_keys: Vec<String>,
+    /// `runtimeConfig.portMappings` (the `portMappings` capability), unchecked: see
+    /// [`super::hostport::requested`].
+    pub port_mappings: Option<serde_json::Value>,
 }
 
 /// The GC list's key (CNI 1.1.0).
@@ -144,6 +147,11 @@ impl NetConf {
             // a network without pods): null is the empty list, only a missing key is no list.
             valid_attachments: raw.valid_attachments.map(Option::unwrap_or_default),
             attachments: raw.attachments.map(Option::unwrap_or_default),
+            port_mappings: raw
+                .rest
+                .get("runtimeConfig")
+                .and_then(|r| r.get("portMappings"))
+                .cloned(),
             other_cni_dev_keys: raw
                 .rest
                 .into_keys()

@@ -254,3 +254,62 @@ fn gc_keeps_only_the_valid_attachments() {
     assert_eq!(retain_valid(&[a, b.clone()], &valid), vec![b]);
     assert_eq!(retain_valid(&[], &valid), vec![]);
 }
+
+#[test]
+fn check_finds_the_missing_rules_of_one_attachment_in_either_listing() {
+    let a = entry(
+        "a",
+        "10.244.0.2",
+        vec![
+            m(8080, 80, HpProtocol::Tcp, None),
+            m(5353, 53, HpProtocol::Udp, Some("10.0.0.1")),
+        ],
+    );
+    let b = entry("b", "10.244.0.3", vec![m(9999, 9, HpProtocol::Sctp, None)]);
+    // What `nft list table` prints for the rendered script: tab-indented, hooks dropped.
+    let nft_listing = render_nft(&[a.clone(), b.clone()]).replace("  ", "\t");
+    assert_eq!(
+        missing_rules(Listing::Nft, &nft_listing, &a),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        missing_rules(Listing::Nft, &nft_listing, &b),
+        Vec::<String>::new()
+    );
+    let without_b = render_nft(std::slice::from_ref(&a));
+    assert_eq!(
+        missing_rules(Listing::Nft, &without_b, &b),
+        vec![
+            "sctp dport 9999 dnat ip to 10.244.0.3:9".to_string(),
+            "ct status dnat ip saddr 10.244.0.3 ip daddr 10.244.0.3 masquerade".into(),
+        ]
+    );
+    // No table at all: the hook is reported too.
+    assert_eq!(missing_rules(Listing::Nft, "", &a).len(), 4);
+
+    let mut save = render_iptables(&[a.clone(), b.clone()]);
+    assert_eq!(
+        missing_rules(Listing::Iptables, &save, &a).len(),
+        3,
+        "no jumps yet"
+    );
+    for (chain, spec) in iptables_jumps() {
+        save.push_str(&format!("-A {chain} {}\n", spec.join(" ")));
+    }
+    assert_eq!(
+        missing_rules(Listing::Iptables, &save, &a),
+        Vec::<String>::new()
+    );
+    let save = save.replace(
+        "-A SLUICE-HP -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.244.0.2:80\n",
+        "",
+    );
+    assert_eq!(
+        missing_rules(Listing::Iptables, &save, &a),
+        vec!["-A SLUICE-HP -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.244.0.2:80"]
+    );
+    assert_eq!(
+        missing_rules(Listing::Iptables, &save, &b),
+        Vec::<String>::new()
+    );
+}

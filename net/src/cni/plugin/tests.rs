@@ -4,6 +4,7 @@ use super::*;
 use crate::cni::config::Attachment;
 use crate::cni::CniVersion;
 use crate::kernel::{ObservedPod, PodLink};
+use sluice_policy::hostport::HostportEntry;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -27,6 +28,14 @@ struct FakeKernel {
     links: BTreeMap<String, FakeLink>,
     fail_at: Option<Step>,
     has_netns: bool,
+    /// The hostPort rules in the fake firewall, as last applied (`None`: never written).
+    hostports: Option<Vec<HostportEntry>>,
+    /// Makes every hostPort write fail.
+    fail_hostports: bool,
+    /// Host veths with route_localnet set.
+    localnet: Vec<String>,
+    /// The backend each hostPort write was told.
+    backends: Vec<Option<String>>,
 }
 
 impl FakeKernel {
@@ -104,6 +113,46 @@ impl PodKernel for FakeKernel {
             .cloned()
             .chain(["eth9".to_string()])
             .collect())
+    }
+}
+
+impl HostportKernel for FakeKernel {
+    fn apply_hostports(
+        &mut self,
+        backend: Option<&str>,
+        entries: &[HostportEntry],
+    ) -> Result<(), sluice_policy::FirewallError> {
+        self.backends.push(backend.map(str::to_string));
+        if self.fail_hostports {
+            return Err(sluice_policy::FirewallError::Command {
+                program: "nft".into(),
+                op: "apply",
+                stderr: "injected".into(),
+            });
+        }
+        self.hostports = Some(entries.to_vec());
+        Ok(())
+    }
+    fn missing_hostports(
+        &mut self,
+        _backend: Option<&str>,
+        entry: &HostportEntry,
+    ) -> Result<Vec<String>, sluice_policy::FirewallError> {
+        let have = self.hostports.clone().unwrap_or_default();
+        Ok(entry
+            .mappings
+            .iter()
+            .filter(|m| {
+                !have
+                    .iter()
+                    .any(|e| e.pod_ip == entry.pod_ip && e.mappings.contains(m))
+            })
+            .map(|m| format!("{}:{}", m.host_port, m.container_port))
+            .collect())
+    }
+    fn route_localnet(&mut self, host_ifname: &str) -> Result<(), KernelError> {
+        self.localnet.push(host_ifname.to_string());
+        Ok(())
     }
 }
 
@@ -446,3 +495,5 @@ fn a_held_lock_is_try_again_later() {
     assert_eq!(err.code, ErrorCode::TryAgainLater, "{err}");
     assert!(err.msg.contains("try again later"), "{err}");
 }
+
+mod hostports;
