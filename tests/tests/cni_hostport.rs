@@ -1,0 +1,273 @@
+//! hostPorts through the built plugin (`runtimeConfig.portMappings`), on real packets, in each
+//! backend the agent may publish (`SLUICE_POLICY_BACKEND` in subnet.env): a pod's mapping is
+//! reached from another namespace through the node's address (the client's source kept, so the
+//! pod's ingress policy sees it), from the node itself, through 127.0.0.1 and from the pod itself; CHECK sees lost
+//! rules; a second pod asking for the same hostPort fails and leaves nothing; DEL removes
+//! exactly that pod's mapping; GC removes the mapping of a pod whose runtime died before DEL.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::json;
+use sluice_e2e::cni::CniNode;
+use sluice_e2e::lab::{tcp_ask, tcp_server};
+use sluice_e2e::{have_root, sh, Netns};
+use std::net::{Ipv4Addr, SocketAddr};
+
+/// The node's address on the link to the client namespace.
+const NODE_IP: &str = "172.31.250.1";
+const CLIENT_IP: &str = "172.31.250.2";
+
+fn at(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::from((ip.parse::<Ipv4Addr>().unwrap(), port))
+}
+
+fn have(tool: &str) -> bool {
+    let found = std::process::Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have {tool} (README's test command installs it)"
+        );
+        eprintln!("skipping: {tool} is not installed");
+    }
+    found
+}
+
+fn ports(host_port: u16) -> serde_json::Value {
+    json!({"runtimeConfig": {"portMappings": [
+        {"hostPort": host_port, "containerPort": 80, "protocol": "tcp", "hostIP": ""}
+    ]}})
+}
+
+/// The rules sluice holds in the node for `backend`, as text.
+fn rules(node: &CniNode, backend: &str) -> String {
+    let ns = node.ns.name.as_str();
+    match backend {
+        "nftables" => sh(&["ip", "netns", "exec", ns, "nft", "list", "ruleset"]),
+        b => sh(&["ip", "netns", "exec", ns, &format!("{b}-save"), "-t", "nat"]),
+    }
+}
+
+fn hostports_in_state(node: &CniNode) -> Vec<serde_json::Value> {
+    let b = std::fs::read(node.ipam_dir().join("allocations.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    v["hostports"].as_array().cloned().unwrap_or_default()
+}
+
+fn scenario(backend: &str) {
+    let node = CniNode::new(Some("10.244.21.0/24"));
+    let env = std::fs::read_to_string(node.subnet_file()).unwrap();
+    std::fs::write(
+        node.subnet_file(),
+        format!("{env}SLUICE_POLICY_BACKEND={backend}\n"),
+    )
+    .unwrap();
+    let client = Netns::new("hpc");
+    let cv = sluice_e2e::unique("hc");
+    node.ns.ip(&[
+        "link",
+        "add",
+        &cv,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &client.name,
+    ]);
+    node.ns
+        .ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", &cv]);
+    node.ns.ip(&["link", "set", &cv, "up"]);
+    client.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"]);
+    client.ip(&["link", "set", "eth0", "up"]);
+
+    let pod = Netns::new("hpp");
+    let conf = node.conf("1.1.0", ports(8080));
+    let added = node.call("ADD", "hp1", Some(&pod.path()), &conf);
+    added.assert_ok();
+    let (_, seen) = tcp_server(&pod.name, at("0.0.0.0", 80), "pod1", 16);
+    let veth = node.pod_links().pop().unwrap();
+    let flag = sluice_e2e::run(
+        node.ns
+            .command("cat")
+            .arg(format!("/proc/sys/net/ipv4/conf/{veth}/route_localnet")),
+    );
+    assert_eq!(String::from_utf8_lossy(&flag.stdout).trim(), "1");
+    for (ns, to, source) in [
+        (&client.name, at(NODE_IP, 8080), Some(CLIENT_IP)),
+        (&node.ns.name, at(NODE_IP, 8080), None),
+        (&node.ns.name, at("127.0.0.1", 8080), None),
+        // Hairpin: the pod through its own hostPort.
+        (&pod.name, at(NODE_IP, 8080), None),
+    ] {
+        let got = tcp_ask(ns, to);
+        assert_eq!(
+            got.as_deref().ok(),
+            Some("pod1"),
+            "{backend}: {ns} -> {to}: {got:?}\n{}",
+            rules(&node, backend)
+        );
+        let peer = seen
+            .recv_timeout(std::time::Duration::from_secs(3))
+            .unwrap();
+        if let Some(src) = source {
+            assert_eq!(
+                peer.ip().to_string(),
+                src,
+                "{backend}: the client's source is kept"
+            );
+        }
+    }
+    node.call("CHECK", "hp1", Some(&pod.path()), &conf)
+        .assert_ok();
+
+    // The same hostPort for another pod: a clear error, and nothing left of the attempt.
+    let state_before = std::fs::read(node.ipam_dir().join("allocations.json")).unwrap();
+    let links_before = node.pod_links();
+    let pod2 = Netns::new("hpq");
+    let refused = node.call("ADD", "hp2", Some(&pod2.path()), &conf);
+    assert_eq!(refused.error_code(), 104, "{refused:?}");
+    let msg = refused.json()["msg"].as_str().unwrap().to_string();
+    assert!(
+        msg.contains("hostPort 8080/tcp") && msg.contains("held by container hp1"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read(node.ipam_dir().join("allocations.json")).unwrap(),
+        state_before
+    );
+    assert_eq!(node.pod_links(), links_before);
+    assert!(pod2.links().iter().all(|l| l == "lo"));
+
+    // A pod whose runtime dies before DEL: GC (valid list without it) removes its mapping.
+    let pod3 = Netns::new("hpr");
+    node.call(
+        "ADD",
+        "hp3",
+        Some(&pod3.path()),
+        &node.conf("1.1.0", ports(8083)),
+    )
+    .assert_ok();
+    let (_, _seen3) = tcp_server(&pod3.name, at("0.0.0.0", 80), "pod3", 4);
+    assert_eq!(
+        tcp_ask(&client.name, at(NODE_IP, 8083)).ok().as_deref(),
+        Some("pod3")
+    );
+    let valid = json!({ "cni.dev/valid-attachments": [{"containerID": "hp1", "ifname": "eth0"}]});
+    node.call_raw(
+        &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")],
+        node.conf("1.1.0", valid).to_string().as_bytes(),
+    )
+    .assert_ok();
+    assert!(
+        tcp_ask(&client.name, at(NODE_IP, 8083)).is_err(),
+        "{backend}: GC left 8083"
+    );
+    assert!(
+        !rules(&node, backend).contains("8083"),
+        "{}",
+        rules(&node, backend)
+    );
+    assert_eq!(hostports_in_state(&node).len(), 1);
+    // GC kept the valid pod's mapping.
+    assert_eq!(
+        tcp_ask(&client.name, at(NODE_IP, 8080)).ok().as_deref(),
+        Some("pod1")
+    );
+
+    // Rules flushed behind sluice's back: CHECK says so.
+    match backend {
+        "nftables" => {
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &node.ns.name,
+                "nft",
+                "flush",
+                "chain",
+                "inet",
+                "sluice-hostport",
+                "hostports",
+            ]);
+        }
+        b => {
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &node.ns.name,
+                b,
+                "-t",
+                "nat",
+                "-F",
+                "SLUICE-HP",
+            ]);
+        }
+    }
+    let check = node.call("CHECK", "hp1", Some(&pod.path()), &conf);
+    assert_eq!(check.error_code(), 102, "{check:?}");
+    assert!(
+        check.json()["msg"]
+            .as_str()
+            .unwrap()
+            .contains("hostPort rules missing"),
+        "{check:?}"
+    );
+    // A repeated ADD writes them back.
+    node.call("ADD", "hp1", Some(&pod.path()), &conf)
+        .assert_ok();
+    node.call("CHECK", "hp1", Some(&pod.path()), &conf)
+        .assert_ok();
+
+    // DEL removes the mapping; the hostPort is then free for another pod.
+    node.call("DEL", "hp1", Some(&pod.path()), &conf)
+        .assert_ok();
+    assert!(
+        tcp_ask(&client.name, at(NODE_IP, 8080)).is_err(),
+        "{backend}: DEL left 8080"
+    );
+    assert!(hostports_in_state(&node).is_empty());
+    assert!(!rules(&node, backend).contains("dport 8080"));
+    assert!(!rules(&node, backend).contains("--dport 8080"));
+    node.call("ADD", "hp2", Some(&pod2.path()), &conf)
+        .assert_ok();
+    node.call("DEL", "hp2", Some(&pod2.path()), &conf)
+        .assert_ok();
+    node.call(
+        "DEL",
+        "hp3",
+        Some(&pod3.path()),
+        &node.conf("1.1.0", ports(8083)),
+    )
+    .assert_ok();
+    assert!(node.allocations().is_empty());
+}
+
+#[test]
+fn hostports_with_nftables() {
+    if !have_root() || !have("nft") {
+        return;
+    }
+    scenario("nftables");
+}
+
+#[test]
+fn hostports_with_iptables_nft() {
+    if !have_root() || !have("iptables-nft") {
+        return;
+    }
+    scenario("iptables-nft");
+}
+
+#[test]
+fn hostports_with_iptables_legacy() {
+    if !have_root() || !have("iptables-legacy") {
+        return;
+    }
+    scenario("iptables-legacy");
+}
