@@ -45,7 +45,7 @@ pub const CNI_VERSIONS: [&str; 4] = ["0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 pub const CNI_VERSION: &str = "1.0.0";
 
 /// The conflist DESIGN.md names: `cniVersion` 1.0.0 with `cniVersions` up to 1.1.0, one plugin
-/// of type `sluice-cni`.
+/// of type `sluice-cni`, which takes the `portMappings` capability (hostPorts) itself.
 pub fn conflist(subnet_file: &Path, ipam_dir: &Path) -> serde_json::Value {
     serde_json::json!({
         "cniVersion": CNI_VERSION,
@@ -55,6 +55,7 @@ pub fn conflist(subnet_file: &Path, ipam_dir: &Path) -> serde_json::Value {
             "type": PLUGIN_NAME,
             "subnetFile": subnet_file,
             "ipamDir": ipam_dir,
+            "capabilities": {"portMappings": true},
         }]
     })
 }
@@ -136,6 +137,8 @@ mod tests {
         assert_eq!(plugins.len(), 1);
         assert_eq!(plugins[0]["type"], "sluice-cni");
         assert_eq!(plugins[0]["subnetFile"], "/run/sluice/subnet.env");
+        // hostPorts are sluice-cni's own: the runtime sends runtimeConfig.portMappings.
+        assert_eq!(plugins[0]["capabilities"]["portMappings"], true);
     }
 
     #[test]
