@@ -11,6 +11,7 @@ use serde_json::json;
 use sluice_e2e::cni::CniNode;
 use sluice_e2e::lab::{tcp_ask, tcp_server};
 use sluice_e2e::{have_root, sh, Netns};
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 
 /// The node's address on the link to the client namespace.
@@ -270,4 +271,133 @@ fn hostports_with_iptables_legacy() {
         return;
     }
     scenario("iptables-legacy");
+}
+
+/// The agent's start (`sluice_net::cni::hostport::restore`, which the agent runs once the
+/// backend is published): a live pod's mapping stays reachable, with its
+/// established connection kept; the mapping of a pod whose runtime died (veth gone, no DEL) is
+/// swept from state and kernel; a switch of backend moves the rules and leaves none behind.
+#[test]
+fn the_agent_start_keeps_live_mappings_and_sweeps_gone_pods() {
+    if !have_root() || !have("nft") || !have("iptables-nft") {
+        return;
+    }
+    use sluice_policy::hostport::HostportBackend;
+    use sluice_policy::{Exec, IptablesMode};
+    use std::io::{Read, Write};
+    let node = CniNode::new(Some("10.244.22.0/24"));
+    let env = std::fs::read_to_string(node.subnet_file()).unwrap();
+    std::fs::write(
+        node.subnet_file(),
+        format!("{env}SLUICE_POLICY_BACKEND=nftables\n"),
+    )
+    .unwrap();
+    let live = Netns::new("hpl");
+    let dead = Netns::new("hpd");
+    node.call(
+        "ADD",
+        "live",
+        Some(&live.path()),
+        &node.conf("1.1.0", ports(8080)),
+    )
+    .assert_ok();
+    node.call(
+        "ADD",
+        "dead",
+        Some(&dead.path()),
+        &node.conf("1.1.0", ports(8081)),
+    )
+    .assert_ok();
+    // An echo server in the live pod, and a connection to it through the hostPort from the
+    // node (127.0.0.1) that stays open across the restore.
+    let listener = sluice_e2e::lab::in_netns(&live.name, || {
+        std::net::TcpListener::bind("0.0.0.0:80").unwrap()
+    });
+    std::thread::spawn(move || {
+        for s in listener.incoming().take(8) {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut conn = sluice_e2e::lab::in_netns(&node.ns.name, || {
+        std::net::TcpStream::connect_timeout(
+            &at("127.0.0.1", 8080),
+            std::time::Duration::from_secs(3),
+        )
+        .unwrap()
+    });
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .unwrap();
+    let echo = |conn: &mut std::net::TcpStream, word: &[u8]| {
+        conn.write_all(word).unwrap();
+        let mut got = vec![0u8; word.len()];
+        conn.read_exact(&mut got).unwrap();
+        assert_eq!(got, word);
+    };
+    echo(&mut conn, b"before");
+    // The dead pod's runtime is gone without a DEL: its veth went with its namespace.
+    let dead_veth = sluice_net::podnet::host_ifname("dead", "eth0");
+    node.ns.ip(&["link", "del", &dead_veth]);
+    let links: BTreeSet<String> = node.pod_links().into_iter().collect();
+    let store = sluice_net::ipam::IpamStore::new(node.ipam_dir());
+    let exec = Exec::in_netns(&node.ns.name);
+    let r = sluice_net::cni::hostport::restore(&store, &exec, HostportBackend::Nftables, &links)
+        .unwrap();
+    assert_eq!((r.kept, r.swept), (1, 1));
+    echo(&mut conn, b"after");
+    let nft = rules(&node, "nftables");
+    assert!(
+        nft.contains("dport 8080") && !nft.contains("dport 8081"),
+        "{nft}"
+    );
+    let state = hostports_in_state(&node);
+    assert_eq!(state.len(), 1);
+    assert_eq!(state[0]["containerID"], "live");
+    // A restart with policy-backend switched to iptables: the rules move, none stay behind.
+    let ipt = HostportBackend::Iptables(IptablesMode::Nft);
+    sluice_net::cni::hostport::restore(&store, &exec, ipt, &links).unwrap();
+    assert!(!sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &node.ns.name,
+        "nft",
+        "list",
+        "tables"
+    ])
+    .contains("sluice-hostport"));
+    let saved = rules(&node, "iptables-nft");
+    assert!(saved.contains("--dport 8080"), "{saved}");
+    echo(&mut conn, b"switched");
+    // New connections through the moved rules.
+    let fresh = sluice_e2e::lab::in_netns(&node.ns.name, || {
+        std::net::TcpStream::connect_timeout(
+            &at("127.0.0.1", 8080),
+            std::time::Duration::from_secs(3),
+        )
+    });
+    assert!(fresh.is_ok(), "{fresh:?}");
+    // And back, with the pod gone as well: nothing anywhere.
+    node.ns.ip(&[
+        "link",
+        "del",
+        &sluice_net::podnet::host_ifname("live", "eth0"),
+    ]);
+    let r = sluice_net::cni::hostport::restore(
+        &store,
+        &exec,
+        HostportBackend::Nftables,
+        &BTreeSet::new(),
+    )
+    .unwrap();
+    assert_eq!((r.kept, r.swept), (0, 1));
+    assert!(!rules(&node, "iptables-nft").contains("SLUICE-HP"));
+    assert!(!rules(&node, "nftables").contains("sluice-hostport"));
 }

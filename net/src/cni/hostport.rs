@@ -14,8 +14,10 @@ use crate::ipam::{IpamLock, IpamState, IpamStore};
 use crate::kernel::{KernelError, RtNetlink};
 use crate::podnet;
 use crate::subnet_env::SubnetEnv;
-use sluice_policy::hostport::{self, HostportEntry, HostportError, PortMapping};
-use sluice_policy::{Exec, FirewallError};
+use sluice_policy::hostport::{
+    self, HostportBackend, HostportEntry, HostportError, HostportFirewall, PortMapping,
+};
+use sluice_policy::{Exec, FirewallError, IptablesMode};
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use tracing::{info, warn};
@@ -46,7 +48,7 @@ impl HostportKernel for RtNetlink {
         backend: Option<&str>,
         entries: &[HostportEntry],
     ) -> Result<(), FirewallError> {
-        hostport::HostportFirewall::resolve(Exec::host(), backend)?.apply(entries)
+        HostportFirewall::resolve(Exec::host(), backend)?.apply(entries)
     }
 
     fn missing_hostports(
@@ -54,7 +56,7 @@ impl HostportKernel for RtNetlink {
         backend: Option<&str>,
         entry: &HostportEntry,
     ) -> Result<Vec<String>, FirewallError> {
-        hostport::HostportFirewall::resolve(Exec::host(), backend)?.missing(entry)
+        HostportFirewall::resolve(Exec::host(), backend)?.missing(entry)
     }
 
     fn route_localnet(&mut self, host_ifname: &str) -> Result<(), KernelError> {
@@ -313,6 +315,83 @@ pub fn live_entries(state: &IpamState, host_links: &BTreeSet<String>) -> Vec<Hos
         .collect()
 }
 
+/// Backends other than `chosen`, whose hostPort rules a switch of `policy-backend` leaves.
+pub fn other_backends(chosen: HostportBackend) -> Vec<HostportBackend> {
+    [
+        HostportBackend::Nftables,
+        HostportBackend::Iptables(IptablesMode::Legacy),
+        HostportBackend::Iptables(IptablesMode::Nft),
+    ]
+    .into_iter()
+    .filter(|b| *b != chosen)
+    .collect()
+}
+
+/// What [`restore`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    pub kept: usize,
+    pub swept: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Ipam(#[from] crate::ipam::IpamError),
+    #[error("writing the hostPort rules: {0}")]
+    Firewall(#[from] FirewallError),
+}
+
+/// The agent's start, under the IPAM lock: drops the entries of pods that are gone (see
+/// [`live_entries`]; `host_links` are the host-side veths), writes the rest in `backend` in one
+/// transaction (no flush first: a live pod's rules are never absent), and removes sluice's
+/// hostPort rules from the other backends where there are any. Blocks (runs binaries).
+pub fn restore(
+    store: &IpamStore,
+    exec: &Exec,
+    backend: HostportBackend,
+    host_links: &BTreeSet<String>,
+) -> Result<Restored, RestoreError> {
+    let mut lock = store.lock()?;
+    let live = live_entries(&lock.state, host_links);
+    let swept = lock.state.hostports.len() - live.len();
+    for gone in lock.state.hostports.iter().filter(|e| !live.contains(e)) {
+        info!(container_id = gone.container_id, pod_ip = %gone.pod_ip, "dropping the hostPorts of a pod that is gone");
+    }
+    let fw = HostportFirewall::new(exec.clone(), backend);
+    if live.is_empty() {
+        fw.remove()?;
+    } else {
+        fw.apply(&live)?;
+    }
+    lock.state.hostports = live;
+    lock.save()?;
+    for other in other_backends(backend) {
+        let fw = HostportFirewall::new(exec.clone(), other);
+        match fw.present() {
+            Ok(true) => match fw.remove() {
+                Ok(()) => {
+                    info!(
+                        backend = other.name(),
+                        "removed the hostPort rules of a backend no longer used"
+                    )
+                }
+                Err(e) => {
+                    warn!(backend = other.name(), error = %e, "cannot remove the hostPort rules of a backend no longer used")
+                }
+            },
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(backend = other.name(), error = %e, "backend not usable here")
+            }
+        }
+    }
+    Ok(Restored {
+        kept: lock.state.hostports.len(),
+        swept,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,6 +448,19 @@ mod tests {
         let r = reserve(&mut s, &req("c"), "10.0.0.3".parse().unwrap(), &[]);
         assert!(!r.touches_rules());
         assert_eq!(s.hostports.len(), 1);
+    }
+
+    #[test]
+    fn the_other_backends_are_the_two_not_chosen() {
+        for chosen in [
+            HostportBackend::Nftables,
+            HostportBackend::Iptables(IptablesMode::Legacy),
+            HostportBackend::Iptables(IptablesMode::Nft),
+        ] {
+            let o = other_backends(chosen);
+            assert_eq!(o.len(), 2);
+            assert!(!o.contains(&chosen));
+        }
     }
 
     #[test]
