@@ -160,8 +160,8 @@ fn add_result(plan: &PodPlan, pod_mac: &[u8], req: &Request) -> AddResult {
 }
 
 /// DEL: the veth (and with it the host route and the pod's interface) goes first, then the
-/// address, so an address is never handed out again while a route to it remains. Whatever is
-/// already gone counts as deleted.
+/// address and the pod's hostPort mappings ([`hostport::release`]), so an address is never
+/// handed out again while a route to it remains. Whatever is already gone counts as deleted.
 pub async fn del<K: PodKernel + HostportKernel>(
     conf: &NetConf,
     req: &Request,
