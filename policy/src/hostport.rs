@@ -248,17 +248,116 @@ fn pod_ips(entries: &[HostportEntry]) -> BTreeSet<Ipv4Addr> {
         .collect()
 }
 
-/// One mapping's DNAT rule in chain `hostports` of table [`NFT_TABLE`], as `nft list` prints it.
-pub fn nft_rule(pod: Ipv4Addr, m: &PortMapping) -> String {
-    let daddr = m
-        .host_ip
-        .map_or(String::new(), |a| format!("ip daddr {a} "));
-    format!(
-        "{daddr}{p} dport {hp} dnat ip to {pod}:{cp}",
-        p = m.protocol.as_str(),
-        hp = m.host_port,
-        cp = m.container_port
-    )
+/// The nftables map of mappings with a `hostIP`: (address . protocol . hostPort) to
+/// (pod . containerPort).
+pub const NFT_MAP_IP: &str = "hp_ip";
+/// The nftables map of mappings on every address of the node: (protocol . hostPort) to
+/// (pod . containerPort).
+pub const NFT_MAP_ANY: &str = "hp_any";
+/// The nftables set of (pod . pod) pairs whose DNATed traffic is masqueraded (hairpin).
+pub const NFT_SET_HAIRPIN: &str = "hairpin";
+
+/// One element of sluice's nftables maps and set.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NftElement {
+    /// [`NFT_MAP_IP`], [`NFT_MAP_ANY`] or [`NFT_SET_HAIRPIN`].
+    pub set: &'static str,
+    pub key: String,
+    /// The mapped value (maps only).
+    pub value: Option<String>,
+}
+
+impl NftElement {
+    /// As `nft` writes and lists it: `key : value`, or `key`.
+    pub fn text(&self) -> String {
+        match &self.value {
+            Some(v) => format!("{} : {v}", self.key),
+            None => self.key.clone(),
+        }
+    }
+}
+
+/// One mapping's element: in [`NFT_MAP_IP`] with a `hostIP`, else in [`NFT_MAP_ANY`].
+pub fn nft_element(pod: Ipv4Addr, m: &PortMapping) -> NftElement {
+    let key = format!("{} . {}", m.protocol.as_str(), m.host_port);
+    let value = Some(format!("{pod} . {}", m.container_port));
+    match m.host_ip {
+        Some(a) => NftElement {
+            set: NFT_MAP_IP,
+            key: format!("{a} . {key}"),
+            value,
+        },
+        None => NftElement {
+            set: NFT_MAP_ANY,
+            key,
+            value,
+        },
+    }
+}
+
+/// Every element `entries` put in sluice's table: one per mapping, and a hairpin pair per pod.
+pub fn nft_elements(entries: &[HostportEntry]) -> BTreeSet<NftElement> {
+    let mut out: BTreeSet<NftElement> = ordered(entries)
+        .iter()
+        .map(|(pod, m)| nft_element(*pod, m))
+        .collect();
+    out.extend(pod_ips(entries).into_iter().map(|pod| NftElement {
+        set: NFT_SET_HAIRPIN,
+        key: format!("{pod} . {pod}"),
+        value: None,
+    }));
+    out
+}
+
+/// `verb element` lines for `elements`, one per set, keys only when `keys_only` (deletion).
+fn element_lines(verb: &str, elements: &[&NftElement], keys_only: bool) -> String {
+    let mut s = String::new();
+    for set in [NFT_MAP_IP, NFT_MAP_ANY, NFT_SET_HAIRPIN] {
+        let these: Vec<String> = elements
+            .iter()
+            .filter(|e| e.set == set)
+            .map(|e| if keys_only { e.key.clone() } else { e.text() })
+            .collect();
+        if !these.is_empty() {
+            let _ = writeln!(
+                s,
+                "{verb} element inet {NFT_TABLE} {set} {{ {} }}",
+                these.join(", ")
+            );
+        }
+    }
+    s
+}
+
+/// The script that takes the kernel from `before`'s elements to `after`'s, touching only what
+/// differs (one transaction: deletions, then additions): what ADD and DEL write, so that their
+/// cost does not grow with the node's mappings. `None` when nothing differs. It fails (and
+/// changes nothing) when the table is not as `before` says; the applier then writes
+/// [`render_nft`]`(after)` whole.
+pub fn nft_delta(before: &[HostportEntry], after: &[HostportEntry]) -> Option<String> {
+    let (old, new) = (nft_elements(before), nft_elements(after));
+    let gone: Vec<&NftElement> = old.difference(&new).collect();
+    let added: Vec<&NftElement> = new.difference(&old).collect();
+    // A mapping whose target changed is deleted by its key and added again.
+    let changed: Vec<&NftElement> = added
+        .iter()
+        .copied()
+        .filter(|a| old.iter().any(|o| o.set == a.set && o.key == a.key))
+        .collect();
+    if gone.is_empty() && added.is_empty() {
+        return None;
+    }
+    let mut gone_keys: Vec<&NftElement> = gone
+        .iter()
+        .copied()
+        .filter(|g| !new.iter().any(|n| n.set == g.set && n.key == g.key))
+        .collect();
+    gone_keys.extend(changed);
+    Some(format!(
+        "{}{}",
+        element_lines("delete", &gone_keys, true),
+        element_lines("add", &added, false)
+    ))
 }
 
 /// One mapping's DNAT rule in chain [`IPT_CHAIN`], as `iptables-save` prints it.
@@ -270,11 +369,6 @@ pub fn iptables_rule(pod: Ipv4Addr, m: &PortMapping) -> String {
         hp = m.host_port,
         cp = m.container_port
     )
-}
-
-/// The masquerade of a pod reaching its own hostPort (hairpin), in chain `postrouting`.
-fn nft_hairpin(pod: Ipv4Addr) -> String {
-    format!("ct status dnat ip saddr {pod} ip daddr {pod} masquerade")
 }
 
 /// The masquerade of a pod reaching its own hostPort (hairpin), in chain [`IPT_POST_CHAIN`].
@@ -298,9 +392,31 @@ pub fn missing_rules(kind: Listing, listing: &str, entry: &HostportEntry) -> Vec
     let mut want: Vec<String> = Vec::new();
     match kind {
         Listing::Nft => {
-            want.push("fib daddr type local jump hostports".into());
-            want.extend(entry.mappings.iter().map(|m| nft_rule(entry.pod_ip, m)));
-            want.push(nft_hairpin(entry.pod_ip));
+            let flat = format!(
+                " {} ",
+                listing.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
+            let mut want: Vec<String> = NFT_RULES
+                .iter()
+                .filter(|r| !lines.contains(**r))
+                .map(|r| r.to_string())
+                .collect();
+            let one = HostportEntry {
+                mappings: entry.mappings.clone(),
+                ..entry.clone()
+            };
+            for e in nft_elements(std::slice::from_ref(&one)) {
+                let t = e.text();
+                let listed = ["{ ", ", "].iter().any(|before| {
+                    [",", " }"]
+                        .iter()
+                        .any(|after| flat.contains(&format!("{before}{t}{after}")))
+                });
+                if !listed {
+                    want.push(format!("{} element {t}", e.set));
+                }
+            }
+            return want;
         }
         Listing::Iptables => {
             for (chain, spec) in iptables_jumps() {
@@ -319,31 +435,62 @@ pub fn missing_rules(kind: Listing, listing: &str, entry: &HostportEntry) -> Vec
     want
 }
 
-/// The `nft -f -` script that makes table `inet sluice-hostport` hold exactly `entries`' rules
-/// (declared, flushed by delete, declared again: one transaction). With no entries the table is
-/// removed.
+/// The rules of sluice's table, whatever its mappings (they live in its maps and set), as
+/// `nft list` prints them.
+const NFT_RULES: [&str; 5] = [
+    "fib daddr type local jump hostports",
+    "dnat ip to ip daddr . meta l4proto . th dport map @hp_ip",
+    "dnat ip to meta l4proto . th dport map @hp_any",
+    "ct status dnat ip saddr 127.0.0.0/8 masquerade",
+    "ct status dnat ip saddr . ip daddr @hairpin masquerade",
+];
+
+/// The `nft -f -` script that makes table `inet sluice-hostport` hold exactly `entries`'
+/// mappings (declared, removed, declared again with its elements: one transaction). The
+/// mappings are elements of maps looked up by two fixed rules (hostIP-specific first), so
+/// that [`nft_delta`] can change one pod's without rewriting the rest. With no entries the
+/// table is removed.
 pub fn render_nft(entries: &[HostportEntry]) -> String {
     let mut s = format!("table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\n");
-    let rules = ordered(entries);
-    if rules.is_empty() {
+    let elements = nft_elements(entries);
+    if elements.is_empty() {
         return s;
     }
     let _ = writeln!(s, "table inet {NFT_TABLE} {{");
-    s.push_str("  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    fib daddr type local jump hostports\n  }\n");
-    s.push_str("  chain output {\n    type nat hook output priority -100; policy accept;\n    fib daddr type local jump hostports\n  }\n");
-    s.push_str("  chain hostports {\n");
-    for (pod, m) in &rules {
-        let _ = writeln!(s, "    {}", nft_rule(*pod, m));
-    }
-    s.push_str("  }\n");
-    s.push_str(
-        "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n",
+    let _ = writeln!(
+        s,
+        "  map {NFT_MAP_IP} {{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; }}"
     );
-    s.push_str("    ct status dnat ip saddr 127.0.0.0/8 masquerade\n");
-    for pod in pod_ips(entries) {
-        let _ = writeln!(s, "    {}", nft_hairpin(pod));
-    }
-    s.push_str("  }\n}\n");
+    let _ = writeln!(
+        s,
+        "  map {NFT_MAP_ANY} {{ type inet_proto . inet_service : ipv4_addr . inet_service; }}"
+    );
+    let _ = writeln!(
+        s,
+        "  set {NFT_SET_HAIRPIN} {{ type ipv4_addr . ipv4_addr; }}"
+    );
+    let _ = writeln!(
+        s,
+        "  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    {}\n  }}",
+        NFT_RULES[0]
+    );
+    let _ = writeln!(
+        s,
+        "  chain output {{\n    type nat hook output priority -100; policy accept;\n    {}\n  }}",
+        NFT_RULES[0]
+    );
+    let _ = writeln!(
+        s,
+        "  chain hostports {{\n    {}\n    {}\n  }}",
+        NFT_RULES[1], NFT_RULES[2]
+    );
+    let _ = writeln!(
+        s,
+        "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    {}\n    {}\n  }}\n}}",
+        NFT_RULES[3], NFT_RULES[4]
+    );
+    let all: Vec<&NftElement> = elements.iter().collect();
+    s.push_str(&element_lines("add", &all, false));
     s
 }
 

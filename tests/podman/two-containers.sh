@@ -541,11 +541,13 @@ rules() {
 }
 sl_links() { ip -n "$NODE_NS" -o link show | awk -F': ' '{print $2}' | sed 's/@.*//' | grep '^sl' | sort; }
 
+# The hostPort's rule as nft lists sluice's map element, or as iptables-save lists the DNAT.
+HP_RULE="(tcp \\. $HOSTPORT : |--dport $HOSTPORT )"
 in_backend() {  # the DNAT rule for the hostPort is where BACKEND says
     case "${BACKEND:-nftables}" in
         nftables) nsenter --net="/run/netns/$NODE_NS" nft list table inet sluice-hostport ;;
         *) nsenter --net="/run/netns/$NODE_NS" "$BACKEND-save" -t nat | grep '^-A SLUICE-HP ' ;;
-    esac | grep "dport $HOSTPORT "
+    esac | grep -E "$HP_RULE"
 }
 check "hostport rule in ${BACKEND:-nftables}" in_backend
 check "hostport from another netns via $NODE_IP:$HOSTPORT" hp_from "$CLIENT_NS" "$NODE_IP"
@@ -591,7 +593,7 @@ check "GC after the killed runtime (rc 0)" test -z "$gc_out"
 [ -n "$gc_out" ] && log "GC said: $gc_out"
 check "no hostport after GC (from another netns)" hp_closed "$CLIENT_NS" "$NODE_IP"
 check "no hostport after GC (127.0.0.1)" hp_closed "$NODE_NS" 127.0.0.1
-check "no hostport rule after GC" bash -c "! printf '%s' \"\$1\" | grep -q 'dport $HOSTPORT'" _ "$(rules)"
+check "no hostport rule after GC" bash -c "! printf '%s' \"\$1\" | grep -qE \"\$2\"" _ "$(rules)" "$HP_RULE"
 if [ "$FAILS" -ne 0 ]; then
     rules | sed 's/^/    /' >&2
     diag

@@ -233,8 +233,11 @@ fn scenario(backend: &str) {
         "{backend}: DEL left 8080"
     );
     assert!(hostports_in_state(&node).is_empty());
-    assert!(!rules(&node, backend).contains("dport 8080"));
-    assert!(!rules(&node, backend).contains("--dport 8080"));
+    let left = rules(&node, backend);
+    assert!(
+        !left.contains("tcp . 8080 :") && !left.contains("--dport 8080"),
+        "{left}"
+    );
     node.call("ADD", "hp2", Some(&pod2.path()), &conf)
         .assert_ok();
     node.call("DEL", "hp2", Some(&pod2.path()), &conf)
@@ -354,7 +357,7 @@ fn the_agent_start_keeps_live_mappings_and_sweeps_gone_pods() {
     echo(&mut conn, b"after");
     let nft = rules(&node, "nftables");
     assert!(
-        nft.contains("dport 8080") && !nft.contains("dport 8081"),
+        nft.contains("tcp . 8080 :") && !nft.contains("tcp . 8081 :"),
         "{nft}"
     );
     let state = hostports_in_state(&node);

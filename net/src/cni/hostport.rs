@@ -25,11 +25,13 @@ use tracing::{info, warn};
 /// What the hostPort steps do to the node. `backend` is subnet.env's `SLUICE_POLICY_BACKEND`
 /// (`None`: not published, see [`hostport::HostportFirewall::resolve`]).
 pub trait HostportKernel {
-    /// Makes the kernel hold exactly `entries`' hostPort rules.
+    /// Makes the kernel hold exactly `after`'s hostPort rules; `before` is what the state said
+    /// it held (see [`HostportFirewall::update`]).
     fn apply_hostports(
         &mut self,
         backend: Option<&str>,
-        entries: &[HostportEntry],
+        before: &[HostportEntry],
+        after: &[HostportEntry],
     ) -> Result<(), FirewallError>;
     /// The rules of `entry` the kernel lacks.
     fn missing_hostports(
@@ -46,9 +48,10 @@ impl HostportKernel for RtNetlink {
     fn apply_hostports(
         &mut self,
         backend: Option<&str>,
-        entries: &[HostportEntry],
+        before: &[HostportEntry],
+        after: &[HostportEntry],
     ) -> Result<(), FirewallError> {
-        HostportFirewall::resolve(Exec::host(), backend)?.apply(entries)
+        HostportFirewall::resolve(Exec::host(), backend)?.update(before, after)
     }
 
     fn missing_hostports(
@@ -151,15 +154,16 @@ fn backend(conf: &NetConf) -> Option<String> {
         .and_then(|e| e.policy_backend)
 }
 
-/// Renders every entry in `lock`'s state and writes it; the lock stays held so that no other
-/// call writes in between.
+/// Writes the change from `before` to the entries in `lock`'s state; the lock stays held so
+/// that no other call writes in between.
 fn write_all<K: HostportKernel>(
     lock: &IpamLock<'_>,
+    before: &[HostportEntry],
     backend: Option<&str>,
     kernel: &mut K,
 ) -> Result<(), CniError> {
     kernel
-        .apply_hostports(backend, &lock.state.hostports)
+        .apply_hostports(backend, before, &lock.state.hostports)
         .map_err(firewall_error)
 }
 
@@ -184,12 +188,18 @@ pub fn activate<K: HostportKernel>(
     }
     let mut lock = store.lock()?;
     admit(&lock.state, req, &reserved.mappings)?;
+    // The kernel holds the state as it was before this ADD's first step. A repeated ADD writes
+    // the rules whole (no `before`): it also repairs rules lost since.
+    let before = match &reserved.previous {
+        Some(_) => Vec::new(),
+        None => hostport::remove(&lock.state.hostports, &req.container_id, &req.ifname),
+    };
     lock.state.hostports = hostport::upsert(
         &lock.state.hostports,
         entry(req, address, &reserved.mappings),
     );
     lock.save()?;
-    write_all(&lock, backend(conf).as_deref(), kernel)?;
+    write_all(&lock, &before, backend(conf).as_deref(), kernel)?;
     info!(container_id = %req.container_id, mappings = reserved.mappings.len(), "hostPorts written");
     Ok(())
 }
@@ -207,13 +217,14 @@ pub fn undo<K: HostportKernel>(
         return;
     }
     let result = store.lock().map_err(CniError::from).and_then(|mut lock| {
+        let before = lock.state.hostports.clone();
         let now = hostport::remove(&lock.state.hostports, &req.container_id, &req.ifname);
         lock.state.hostports = match &reserved.previous {
             Some(prev) => hostport::upsert(&now, prev.clone()),
             None => now,
         };
         lock.save()?;
-        write_all(&lock, backend(conf).as_deref(), kernel)
+        write_all(&lock, &before, backend(conf).as_deref(), kernel)
     });
     if let Err(e) = result {
         warn!(container_id = %req.container_id, error = %e, "rollback: restoring the hostPort rules failed");
@@ -233,9 +244,10 @@ pub fn release<K: HostportKernel>(
     let mut lock = store.lock()?;
     let freed = lock.state.release(owner);
     if existing(&lock.state, req).is_some() {
+        let before = lock.state.hostports.clone();
         lock.state.hostports =
             hostport::remove(&lock.state.hostports, &req.container_id, &req.ifname);
-        write_all(&lock, backend(conf).as_deref(), kernel)?;
+        write_all(&lock, &before, backend(conf).as_deref(), kernel)?;
         info!(container_id = %req.container_id, "hostPorts removed");
     }
     lock.save()?;
@@ -290,7 +302,7 @@ pub fn collect<K: HostportKernel>(
         return Ok(0);
     }
     let before = std::mem::replace(&mut lock.state.hostports, kept);
-    if let Err(e) = write_all(lock, backend(conf).as_deref(), kernel) {
+    if let Err(e) = write_all(lock, &before, backend(conf).as_deref(), kernel) {
         lock.state.hostports = before;
         return Err(e);
     }

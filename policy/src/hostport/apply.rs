@@ -2,8 +2,8 @@
 //! [`IptablesRestore`], through [`Exec`]), in the backend the agent resolved for the policy.
 
 use super::{
-    iptables_jumps, missing_rules, render_iptables, render_nft, HostportEntry, Listing, IPT_CHAIN,
-    IPT_POST_CHAIN, NFT_TABLE,
+    iptables_jumps, missing_rules, nft_delta, render_iptables, render_nft, HostportEntry, Listing,
+    IPT_CHAIN, IPT_POST_CHAIN, NFT_TABLE,
 };
 use crate::firewall::{Exec, FirewallError};
 use crate::iptables::{IptablesMode, IptablesRestore};
@@ -119,6 +119,28 @@ impl HostportFirewall {
                 Ok(())
             }
         }
+    }
+
+    /// Takes the kernel from `before` (what the caller's state says it holds) to `after`. In
+    /// nftables only the elements that differ are written ([`nft_delta`]); should that fail (the
+    /// table is not as `before` says) the whole table is written. iptables is written whole.
+    pub fn update(
+        &self,
+        before: &[HostportEntry],
+        after: &[HostportEntry],
+    ) -> Result<(), FirewallError> {
+        if self.backend == HostportBackend::Nftables && !before.is_empty() && !after.is_empty() {
+            let Some(delta) = nft_delta(before, after) else {
+                return Ok(());
+            };
+            match self.nft.script(&delta) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "the hostPort delta did not apply; writing the table whole")
+                }
+            }
+        }
+        self.apply(after)
     }
 
     /// The rules of `entry` (and the hooks to them) that the kernel lacks; empty when all are

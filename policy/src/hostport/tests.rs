@@ -178,6 +178,9 @@ fn nft_renders_dnat_for_each_case_and_hairpin_and_loopback_masquerade() {
 table inet sluice-hostport {}
 delete table inet sluice-hostport
 table inet sluice-hostport {
+  map hp_ip { type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; }
+  map hp_any { type inet_proto . inet_service : ipv4_addr . inet_service; }
+  set hairpin { type ipv4_addr . ipv4_addr; }
   chain prerouting {
     type nat hook prerouting priority dstnat; policy accept;
     fib daddr type local jump hostports
@@ -187,17 +190,18 @@ table inet sluice-hostport {
     fib daddr type local jump hostports
   }
   chain hostports {
-    ip daddr 10.0.0.1 udp dport 5353 dnat ip to 10.244.0.2:53
-    tcp dport 8080 dnat ip to 10.244.0.2:80
-    sctp dport 9999 dnat ip to 10.244.0.3:9
+    dnat ip to ip daddr . meta l4proto . th dport map @hp_ip
+    dnat ip to meta l4proto . th dport map @hp_any
   }
   chain postrouting {
     type nat hook postrouting priority srcnat; policy accept;
     ct status dnat ip saddr 127.0.0.0/8 masquerade
-    ct status dnat ip saddr 10.244.0.2 ip daddr 10.244.0.2 masquerade
-    ct status dnat ip saddr 10.244.0.3 ip daddr 10.244.0.3 masquerade
+    ct status dnat ip saddr . ip daddr @hairpin masquerade
   }
 }
+add element inet sluice-hostport hp_ip { 10.0.0.1 . udp . 5353 : 10.244.0.2 . 53 }
+add element inet sluice-hostport hp_any { sctp . 9999 : 10.244.0.3 . 9, tcp . 8080 : 10.244.0.2 . 80 }
+add element inet sluice-hostport hairpin { 10.244.0.2 . 10.244.0.2, 10.244.0.3 . 10.244.0.3 }
 ";
     assert_eq!(render_nft(&entries), want);
 }
@@ -266,26 +270,49 @@ fn check_finds_the_missing_rules_of_one_attachment_in_either_listing() {
         ],
     );
     let b = entry("b", "10.244.0.3", vec![m(9999, 9, HpProtocol::Sctp, None)]);
-    // What `nft list table` prints for the rendered script: tab-indented, hooks dropped.
-    let nft_listing = render_nft(&[a.clone(), b.clone()]).replace("  ", "\t");
+    // What `nft list table` prints: rules one a line, elements listed in braces (here wrapped
+    // as nft wraps long lists).
+    let listing = |entries: &[HostportEntry]| {
+        let mut l = String::from("table inet sluice-hostport {\n");
+        for r in NFT_RULES {
+            l.push_str(&format!("\t\t{r}\n"));
+        }
+        for set in [NFT_MAP_IP, NFT_MAP_ANY, NFT_SET_HAIRPIN] {
+            let els: Vec<String> = nft_elements(entries)
+                .iter()
+                .filter(|e| e.set == set)
+                .map(NftElement::text)
+                .collect();
+            if !els.is_empty() {
+                l.push_str(&format!(
+                    "\t\telements = {{ {} }}\n",
+                    els.join(",\n\t\t\t     ")
+                ));
+            }
+        }
+        l + "}\n"
+    };
+    let both = listing(&[a.clone(), b.clone()]);
+    assert_eq!(missing_rules(Listing::Nft, &both, &a), Vec::<String>::new());
+    assert_eq!(missing_rules(Listing::Nft, &both, &b), Vec::<String>::new());
     assert_eq!(
-        missing_rules(Listing::Nft, &nft_listing, &a),
-        Vec::<String>::new()
-    );
-    assert_eq!(
-        missing_rules(Listing::Nft, &nft_listing, &b),
-        Vec::<String>::new()
-    );
-    let without_b = render_nft(std::slice::from_ref(&a));
-    assert_eq!(
-        missing_rules(Listing::Nft, &without_b, &b),
+        missing_rules(Listing::Nft, &listing(std::slice::from_ref(&a)), &b),
         vec![
-            "sctp dport 9999 dnat ip to 10.244.0.3:9".to_string(),
-            "ct status dnat ip saddr 10.244.0.3 ip daddr 10.244.0.3 masquerade".into(),
+            "hairpin element 10.244.0.3 . 10.244.0.3".to_string(),
+            "hp_any element sctp . 9999 : 10.244.0.3 . 9".into(),
         ]
     );
-    // No table at all: the hook is reported too.
-    assert_eq!(missing_rules(Listing::Nft, "", &a).len(), 4);
+    // A hostIP mapping's element does not stand in for the same port on every address.
+    let any = entry("c", "10.244.0.2", vec![m(5353, 53, HpProtocol::Udp, None)]);
+    assert_eq!(
+        missing_rules(Listing::Nft, &both, &any),
+        vec!["hp_any element udp . 5353 : 10.244.0.2 . 53".to_string()]
+    );
+    // No table at all: the rules are reported too.
+    assert_eq!(
+        missing_rules(Listing::Nft, "", &a).len(),
+        NFT_RULES.len() + 3
+    );
 
     let mut save = render_iptables(&[a.clone(), b.clone()]);
     assert_eq!(
@@ -311,5 +338,36 @@ fn check_finds_the_missing_rules_of_one_attachment_in_either_listing() {
     assert_eq!(
         missing_rules(Listing::Iptables, &save, &b),
         Vec::<String>::new()
+    );
+}
+
+#[test]
+fn nft_delta_touches_only_what_differs() {
+    let a = entry("a", "10.244.0.2", vec![m(8080, 80, HpProtocol::Tcp, None)]);
+    let b = entry(
+        "b",
+        "10.244.0.3",
+        vec![m(53, 5353, HpProtocol::Udp, Some("10.0.0.1"))],
+    );
+    assert_eq!(
+        nft_delta(std::slice::from_ref(&a), std::slice::from_ref(&a)),
+        None
+    );
+    assert_eq!(
+        nft_delta(std::slice::from_ref(&a), &[a.clone(), b.clone()]).unwrap(),
+        "add element inet sluice-hostport hp_ip { 10.0.0.1 . udp . 53 : 10.244.0.3 . 5353 }\n\
+         add element inet sluice-hostport hairpin { 10.244.0.3 . 10.244.0.3 }\n"
+    );
+    assert_eq!(
+        nft_delta(&[a.clone(), b.clone()], std::slice::from_ref(&b)).unwrap(),
+        "delete element inet sluice-hostport hp_any { tcp . 8080 }\n\
+         delete element inet sluice-hostport hairpin { 10.244.0.2 . 10.244.0.2 }\n"
+    );
+    // The same hostPort to another container port: deleted by key, added again.
+    let a2 = entry("a", "10.244.0.2", vec![m(8080, 81, HpProtocol::Tcp, None)]);
+    assert_eq!(
+        nft_delta(std::slice::from_ref(&a), std::slice::from_ref(&a2)).unwrap(),
+        "delete element inet sluice-hostport hp_any { tcp . 8080 }\n\
+         add element inet sluice-hostport hp_any { tcp . 8080 : 10.244.0.2 . 81 }\n"
     );
 }

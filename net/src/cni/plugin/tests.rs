@@ -32,6 +32,8 @@ struct FakeKernel {
     hostports: Option<Vec<HostportEntry>>,
     /// Makes every hostPort write fail.
     fail_hostports: bool,
+    /// A hostPort write failed since the last that worked.
+    hostports_drifted: bool,
     /// Host veths with route_localnet set.
     localnet: Vec<String>,
     /// The backend each hostPort write was told.
@@ -120,10 +122,22 @@ impl HostportKernel for FakeKernel {
     fn apply_hostports(
         &mut self,
         backend: Option<&str>,
+        before: &[HostportEntry],
         entries: &[HostportEntry],
     ) -> Result<(), sluice_policy::FirewallError> {
+        // The verbs say what they believe the kernel holds: it must be what it holds (unless a
+        // write failed since: the real firewall then writes the table whole).
+        // An empty `before` asks for the table whole.
+        if self.hostports.is_some() && !self.hostports_drifted && !before.is_empty() {
+            assert_eq!(
+                self.hostports.as_deref().unwrap_or_default(),
+                before,
+                "the state's idea of the kernel drifted"
+            );
+        }
         self.backends.push(backend.map(str::to_string));
         if self.fail_hostports {
+            self.hostports_drifted = true;
             return Err(sluice_policy::FirewallError::Command {
                 program: "nft".into(),
                 op: "apply",
@@ -131,6 +145,7 @@ impl HostportKernel for FakeKernel {
             });
         }
         self.hostports = Some(entries.to_vec());
+        self.hostports_drifted = false;
         Ok(())
     }
     fn missing_hostports(
