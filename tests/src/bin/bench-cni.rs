@@ -247,7 +247,8 @@ fn bench(c: &Contender, pods: usize, parallel: usize) -> Stats {
     }
 }
 
-/// DNAT rules in the node, in nftables (sluice's table, or iptables-nft's) and iptables-legacy.
+/// Port mappings in the node: DNAT rules in nftables (iptables-nft's) and iptables-legacy, and
+/// elements of sluice's nftables maps.
 fn nat_rules(node: &Netns) -> usize {
     let count = |program: &str, args: &[&str]| {
         node.command(program)
@@ -256,8 +257,23 @@ fn nat_rules(node: &Netns) -> usize {
             .map(|o| {
                 String::from_utf8_lossy(&o.stdout)
                     .lines()
-                    .filter(|l| l.contains("dnat") || l.contains("DNAT --to-destination"))
-                    .count()
+                    .map(|l| {
+                        if l.contains("map @hp_") {
+                            0
+                        } else if l.contains("dnat") || l.contains("DNAT --to-destination") {
+                            1
+                        } else {
+                            l.split([',', '{', '}'])
+                                .filter(|e| {
+                                    e.contains(" : ")
+                                        && ["tcp . ", "udp . ", "sctp . "]
+                                            .iter()
+                                            .any(|p| e.contains(p))
+                                })
+                                .count()
+                        }
+                    })
+                    .sum::<usize>()
             })
             .unwrap_or(0)
     };
