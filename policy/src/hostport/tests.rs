@@ -371,3 +371,88 @@ fn nft_delta_touches_only_what_differs() {
          add element inet sluice-hostport hp_any { tcp . 8080 : 10.244.0.2 . 81 }\n"
     );
 }
+
+/// Applies `delta` to `elements` as nftables would (a delete of a missing key or an add of a
+/// present one fails the transaction).
+fn apply_delta(
+    elements: &BTreeSet<NftElement>,
+    delta: &str,
+) -> Result<BTreeSet<(String, String, Option<String>)>, String> {
+    let mut now: std::collections::BTreeMap<(String, String), Option<String>> = elements
+        .iter()
+        .map(|e| ((e.set.to_string(), e.key.clone()), e.value.clone()))
+        .collect();
+    for line in delta.lines() {
+        let (verb, rest) = line.split_once(" element inet sluice-hostport ").unwrap();
+        let (set, list) = rest.split_once(' ').unwrap();
+        let list = list.trim_start_matches("{ ").trim_end_matches(" }");
+        for item in list.split(", ") {
+            let (key, value) = match item.split_once(" : ") {
+                Some((k, v)) => (k.to_string(), Some(v.to_string())),
+                None => (item.to_string(), None),
+            };
+            let k = (set.to_string(), key);
+            match verb {
+                "delete" => {
+                    now.remove(&k).ok_or(format!("delete of missing {k:?}"))?;
+                }
+                "add" => {
+                    if now.insert(k.clone(), value).is_some() {
+                        return Err(format!("add of present {k:?}"));
+                    }
+                }
+                other => return Err(format!("verb {other}")),
+            }
+        }
+    }
+    Ok(now.into_iter().map(|((s, k), v)| (s, k, v)).collect())
+}
+
+#[test]
+fn nft_delta_takes_every_before_to_its_after() {
+    let universe = [
+        entry("a", "10.244.0.2", vec![m(8080, 80, HpProtocol::Tcp, None)]),
+        entry("a", "10.244.0.2", vec![m(8080, 81, HpProtocol::Tcp, None)]),
+        entry(
+            "b",
+            "10.244.0.3",
+            vec![
+                m(53, 53, HpProtocol::Udp, Some("10.0.0.1")),
+                m(9, 9, HpProtocol::Sctp, None),
+            ],
+        ),
+        entry("c", "10.244.0.4", vec![m(8081, 80, HpProtocol::Tcp, None)]),
+        entry("c", "10.244.0.5", vec![m(8081, 80, HpProtocol::Tcp, None)]),
+    ];
+    // Every pair of subsets of the universe that hold each attachment at most once.
+    let subsets: Vec<Vec<HostportEntry>> = (0u32..32)
+        .map(|bits| {
+            let mut out: Vec<HostportEntry> = Vec::new();
+            for (i, e) in universe.iter().enumerate() {
+                if bits & (1 << i) != 0 {
+                    out = upsert(&out, e.clone());
+                }
+            }
+            out
+        })
+        .collect();
+    let mut checked = 0;
+    for before in &subsets {
+        for after in &subsets {
+            let want: BTreeSet<(String, String, Option<String>)> = nft_elements(after)
+                .into_iter()
+                .map(|e| (e.set.to_string(), e.key, e.value))
+                .collect();
+            match nft_delta(before, after) {
+                None => assert_eq!(nft_elements(before), nft_elements(after)),
+                Some(delta) => {
+                    let got = apply_delta(&nft_elements(before), &delta)
+                        .unwrap_or_else(|e| panic!("{e}\n{delta}"));
+                    assert_eq!(got, want, "{before:?} -> {after:?}\n{delta}");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 500, "{checked}");
+}
