@@ -404,3 +404,124 @@ fn the_agent_start_keeps_live_mappings_and_sweeps_gone_pods() {
     assert!(!rules(&node, "iptables-nft").contains("SLUICE-HP"));
     assert!(!rules(&node, "nftables").contains("sluice-hostport"));
 }
+
+/// NetworkPolicy still applies to what arrives through a hostPort: the DNAT keeps the client's
+/// source, so the pod's ingress rules (sluice-policy's nftables table, compiled from a real
+/// NetworkPolicy) let one client's network in and keep another's out.
+#[test]
+fn network_policy_applies_to_hostport_traffic() {
+    if !have_root() || !have("nft") {
+        return;
+    }
+    use sluice_policy::k8s_openapi::api::core::v1::{Namespace, Pod};
+    use sluice_policy::k8s_openapi::api::networking::v1::NetworkPolicy;
+    use sluice_policy::{compile, ClusterPod, Exec, Firewall, LocalPod, NftCli, PolicyInput};
+    let node = CniNode::new(Some("10.244.23.0/24"));
+    let env = std::fs::read_to_string(node.subnet_file()).unwrap();
+    std::fs::write(
+        node.subnet_file(),
+        format!("{env}SLUICE_POLICY_BACKEND=nftables\n"),
+    )
+    .unwrap();
+    // Two clients on two links of the node; link names outside sluice's `sl` prefix.
+    let pid = std::process::id() % 100_000;
+    let clients: Vec<(Netns, &str, &str)> = [
+        ("172.31.248.1", "172.31.248.2"),
+        ("172.31.247.1", "172.31.247.2"),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, (node_ip, client_ip))| {
+        let c = Netns::new("hpn");
+        let link = format!("hq{pid}{i}");
+        node.ns.ip(&[
+            "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", &c.name,
+        ]);
+        node.ns
+            .ip(&["addr", "add", &format!("{node_ip}/24"), "dev", &link]);
+        node.ns.ip(&["link", "set", &link, "up"]);
+        c.ip(&["addr", "add", &format!("{client_ip}/24"), "dev", "eth0"]);
+        c.ip(&["link", "set", "eth0", "up"]);
+        (c, *node_ip, *client_ip)
+    })
+    .collect();
+    let pod = Netns::new("hpo");
+    let out = node
+        .call(
+            "ADD",
+            "np1",
+            Some(&pod.path()),
+            &node.conf("1.1.0", ports(8080)),
+        )
+        .assert_ok()
+        .json();
+    let pod_ip = out["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/32")
+        .to_string();
+    let veth = node.pod_links().pop().unwrap();
+    let (_, _seen) = tcp_server(&pod.name, at("0.0.0.0", 80), "np1", 16);
+    for (c, node_ip, _) in &clients {
+        assert_eq!(
+            tcp_ask(&c.name, at(node_ip, 8080)).ok().as_deref(),
+            Some("np1")
+        );
+    }
+    // Pod x/a may be reached on port 80 from the first client's network only.
+    let k8s_pod: Pod = serde_json::from_value(json!({
+        "metadata": {"namespace": "x", "name": "a", "labels": {"app": "a"}},
+        "spec": {"containers": [{"name": "c"}]},
+        "status": {"phase": "Running", "podIP": pod_ip}
+    }))
+    .unwrap();
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "x"}})).unwrap();
+    let np: NetworkPolicy = serde_json::from_value(json!({
+        "metadata": {"namespace": "x", "name": "only-first"},
+        "spec": {"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"ipBlock": {"cidr": "172.31.248.0/24"}}],
+                              "ports": [{"port": 80, "protocol": "TCP"}]}]}
+    }))
+    .unwrap();
+    let cluster_pod = std::sync::Arc::new(ClusterPod::from(&k8s_pod));
+    let local = vec![LocalPod::from_pod(&cluster_pod, &veth).unwrap()];
+    let host: Vec<Ipv4Addr> = vec![
+        "172.31.248.1".parse().unwrap(),
+        "172.31.247.1".parse().unwrap(),
+    ];
+    let ir = compile(
+        &PolicyInput {
+            pods: &[cluster_pod],
+            namespaces: &[&ns],
+            policies: &[&np],
+            host_addrs: &host,
+            ..Default::default()
+        },
+        &local,
+    );
+    let fw = NftCli::new(Exec::in_netns(&node.ns.name));
+    fw.apply(&fw.render(&ir)).unwrap();
+    let (first, second) = (&clients[0], &clients[1]);
+    assert_eq!(
+        tcp_ask(&first.0.name, at(first.1, 8080)).ok().as_deref(),
+        Some("np1"),
+        "the allowed client through the hostPort"
+    );
+    assert!(
+        tcp_ask(&second.0.name, at(second.1, 8080)).is_err(),
+        "the other client passed the pod's ingress policy through the hostPort"
+    );
+    // Without the policy the second client is let in again: it was the policy that kept it out.
+    fw.remove().unwrap();
+    assert_eq!(
+        tcp_ask(&second.0.name, at(second.1, 8080)).ok().as_deref(),
+        Some("np1")
+    );
+    node.call(
+        "DEL",
+        "np1",
+        Some(&pod.path()),
+        &node.conf("1.1.0", ports(8080)),
+    )
+    .assert_ok();
+}
