@@ -45,8 +45,8 @@ pub const CNI_VERSIONS: [&str; 4] = ["0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 pub const CNI_VERSION: &str = "1.0.0";
 
 /// The conflist DESIGN.md names: `cniVersion` 1.0.0 with `cniVersions` up to 1.1.0, one plugin
-/// of type `sluice-cni`, which shapes traffic itself (the `bandwidth` capability: the runtime
-/// sends the pod's bandwidth annotations as `runtimeConfig.bandwidth`).
+/// of type `sluice-cni`, which takes the `portMappings` (hostPorts) and `bandwidth` capabilities
+/// itself: the runtime sends them as `runtimeConfig.portMappings` and `runtimeConfig.bandwidth`.
 pub fn conflist(subnet_file: &Path, ipam_dir: &Path) -> serde_json::Value {
     serde_json::json!({
         "cniVersion": CNI_VERSION,
@@ -56,7 +56,7 @@ pub fn conflist(subnet_file: &Path, ipam_dir: &Path) -> serde_json::Value {
             "type": PLUGIN_NAME,
             "subnetFile": subnet_file,
             "ipamDir": ipam_dir,
-            "capabilities": {"bandwidth": true},
+            "capabilities": {"portMappings": true, "bandwidth": true},
         }]
     })
 }
@@ -138,6 +138,8 @@ mod tests {
         assert_eq!(plugins.len(), 1);
         assert_eq!(plugins[0]["type"], "sluice-cni");
         assert_eq!(plugins[0]["subnetFile"], "/run/sluice/subnet.env");
+        // hostPorts and shaping are sluice-cni's own: the runtime sends runtimeConfig for both.
+        assert_eq!(plugins[0]["capabilities"]["portMappings"], true);
         assert_eq!(plugins[0]["capabilities"]["bandwidth"], true);
     }
 

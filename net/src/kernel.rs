@@ -196,7 +196,7 @@ impl RtNetlink {
         self.pod.as_ref().ok_or(KernelError::NoPodNetns)
     }
 
-    fn sysctl(&self, key: &str, value: &str) -> Result<(), KernelError> {
+    pub(crate) fn sysctl(&self, key: &str, value: &str) -> Result<(), KernelError> {
         let path = self.sysctl_root.join(key);
         std::fs::write(&path, value).map_err(|source| KernelError::Sysctl {
             path: path.display().to_string(),

@@ -18,6 +18,10 @@ pub struct SubnetEnv {
     pub mtu: u32,
     /// Whether pod traffic leaving the cluster CIDR is masqueraded (`SLUICE_IPMASQ`).
     pub ipmasq: bool,
+    /// The firewall the agent resolved `policy-backend` to (`SLUICE_POLICY_BACKEND`: one of
+    /// [`sluice_policy::hostport::BACKEND_NAMES`]), where the plugin writes hostPort
+    /// rules; absent until the agent has resolved it.
+    pub policy_backend: Option<String>,
 }
 
 /// The most the plugin reads of the file: the agent writes about a hundred bytes.
@@ -114,6 +118,14 @@ impl SubnetEnv {
                 .map_err(|e| bad("SLUICE_IPMASQ", v, e.to_string()))?,
             Err(_) => true,
         };
+        let policy_backend = match lookup("SLUICE_POLICY_BACKEND") {
+            Ok(v) => {
+                sluice_policy::hostport::HostportBackend::parse_name(v)
+                    .map_err(|e| bad("SLUICE_POLICY_BACKEND", v, e.to_string()))?;
+                Some(v.to_string())
+            }
+            Err(_) => None,
+        };
         if subnet.prefix_len() > 30 {
             return Err(bad(
                 "SLUICE_SUBNET",
@@ -134,14 +146,19 @@ impl SubnetEnv {
             subnet,
             mtu,
             ipmasq,
+            policy_backend,
         })
     }
 
     pub fn render(&self) -> String {
-        format!(
+        let mut s = format!(
             "SLUICE_NETWORK={}\nSLUICE_SUBNET={}\nSLUICE_MTU={}\nSLUICE_IPMASQ={}\n",
             self.network, self.subnet, self.mtu, self.ipmasq
-        )
+        );
+        if let Some(b) = &self.policy_backend {
+            s.push_str(&format!("SLUICE_POLICY_BACKEND={b}\n"));
+        }
+        s
     }
 }
 
@@ -156,8 +173,36 @@ mod tests {
             subnet: "10.244.3.0/24".parse().unwrap(),
             mtu: 1450,
             ipmasq: false,
+            policy_backend: None,
         };
         assert_eq!(SubnetEnv::parse(&env.render(), "t").unwrap(), env);
+        assert!(!env.render().contains("SLUICE_POLICY_BACKEND"));
+        for b in ["nftables", "iptables-legacy", "iptables-nft", "iptables"] {
+            let env = SubnetEnv {
+                policy_backend: Some(b.into()),
+                ..env.clone()
+            };
+            assert_eq!(SubnetEnv::parse(&env.render(), "t").unwrap(), env);
+        }
+    }
+
+    #[test]
+    fn an_unknown_policy_backend_is_a_bad_value() {
+        let e = SubnetEnv::parse(
+            "SLUICE_NETWORK=10.244.0.0/16\nSLUICE_SUBNET=10.244.3.0/24\nSLUICE_MTU=1450\nSLUICE_POLICY_BACKEND=pf\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SubnetEnvError::BadValue {
+                    key: "SLUICE_POLICY_BACKEND",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]

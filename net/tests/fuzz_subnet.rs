@@ -154,7 +154,7 @@ proptest! {
     ) {
         let network = network.trunc();
         let subnet = Ipv4Net::new(v4_in(network, pick), sub_len.max(network.prefix_len())).unwrap().trunc();
-        let env = SubnetEnv { network, subnet, mtu, ipmasq };
+        let env = SubnetEnv { network, subnet, mtu, ipmasq, policy_backend: None };
         let safe = cidr::check_pod_range(network.into()).is_ok() && cidr::check_node_subnet(network.into(), subnet.into()).is_ok();
         match SubnetEnv::parse(&env.render(), "fuzz") {
             Ok(back) => {

@@ -265,43 +265,249 @@ fn pod_ips(entries: &[HostportEntry]) -> BTreeSet<Ipv4Addr> {
         .collect()
 }
 
-/// The `nft -f -` script that makes table `inet sluice-hostport` hold exactly `entries`' rules
-/// (declared, flushed by delete, declared again: one transaction). With no entries the table is
-/// removed.
+/// The nftables map of mappings with a `hostIP`: (address . protocol . hostPort) to
+/// (pod . containerPort).
+pub const NFT_MAP_IP: &str = "hp_ip";
+/// The nftables map of mappings on every address of the node: (protocol . hostPort) to
+/// (pod . containerPort).
+pub const NFT_MAP_ANY: &str = "hp_any";
+/// The nftables set of (pod . pod) pairs whose DNATed traffic is masqueraded (hairpin).
+pub const NFT_SET_HAIRPIN: &str = "hairpin";
+
+/// One element of sluice's nftables maps and set.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NftElement {
+    /// [`NFT_MAP_IP`], [`NFT_MAP_ANY`] or [`NFT_SET_HAIRPIN`].
+    pub set: &'static str,
+    pub key: String,
+    /// The mapped value (maps only).
+    pub value: Option<String>,
+}
+
+impl NftElement {
+    /// As `nft` writes and lists it: `key : value`, or `key`.
+    pub fn text(&self) -> String {
+        match &self.value {
+            Some(v) => format!("{} : {v}", self.key),
+            None => self.key.clone(),
+        }
+    }
+}
+
+/// One mapping's element: in [`NFT_MAP_IP`] with a `hostIP`, else in [`NFT_MAP_ANY`].
+pub fn nft_element(pod: Ipv4Addr, m: &PortMapping) -> NftElement {
+    let key = format!("{} . {}", m.protocol.as_str(), m.host_port);
+    let value = Some(format!("{pod} . {}", m.container_port));
+    match m.host_ip {
+        Some(a) => NftElement {
+            set: NFT_MAP_IP,
+            key: format!("{a} . {key}"),
+            value,
+        },
+        None => NftElement {
+            set: NFT_MAP_ANY,
+            key,
+            value,
+        },
+    }
+}
+
+/// Every element `entries` put in sluice's table: one per mapping, and a hairpin pair per pod.
+pub fn nft_elements(entries: &[HostportEntry]) -> BTreeSet<NftElement> {
+    let mut out: BTreeSet<NftElement> = ordered(entries)
+        .iter()
+        .map(|(pod, m)| nft_element(*pod, m))
+        .collect();
+    out.extend(pod_ips(entries).into_iter().map(|pod| NftElement {
+        set: NFT_SET_HAIRPIN,
+        key: format!("{pod} . {pod}"),
+        value: None,
+    }));
+    out
+}
+
+/// `verb element` lines for `elements`, one per set, keys only when `keys_only` (deletion).
+fn element_lines(verb: &str, elements: &[&NftElement], keys_only: bool) -> String {
+    let mut s = String::new();
+    for set in [NFT_MAP_IP, NFT_MAP_ANY, NFT_SET_HAIRPIN] {
+        let these: Vec<String> = elements
+            .iter()
+            .filter(|e| e.set == set)
+            .map(|e| if keys_only { e.key.clone() } else { e.text() })
+            .collect();
+        if !these.is_empty() {
+            let _ = writeln!(
+                s,
+                "{verb} element inet {NFT_TABLE} {set} {{ {} }}",
+                these.join(", ")
+            );
+        }
+    }
+    s
+}
+
+/// The script that takes the kernel from `before`'s elements to `after`'s, touching only what
+/// differs (one transaction: deletions, then additions): what ADD and DEL write, so that their
+/// cost does not grow with the node's mappings. `None` when nothing differs. It fails (and
+/// changes nothing) when the table is not as `before` says; the applier then writes
+/// [`render_nft`]`(after)` whole.
+pub fn nft_delta(before: &[HostportEntry], after: &[HostportEntry]) -> Option<String> {
+    let (old, new) = (nft_elements(before), nft_elements(after));
+    let gone: Vec<&NftElement> = old.difference(&new).collect();
+    let added: Vec<&NftElement> = new.difference(&old).collect();
+    // A mapping whose target changed is deleted by its key and added again.
+    let changed: Vec<&NftElement> = added
+        .iter()
+        .copied()
+        .filter(|a| old.iter().any(|o| o.set == a.set && o.key == a.key))
+        .collect();
+    if gone.is_empty() && added.is_empty() {
+        return None;
+    }
+    let mut gone_keys: Vec<&NftElement> = gone
+        .iter()
+        .copied()
+        .filter(|g| !new.iter().any(|n| n.set == g.set && n.key == g.key))
+        .collect();
+    gone_keys.extend(changed);
+    Some(format!(
+        "{}{}",
+        element_lines("delete", &gone_keys, true),
+        element_lines("add", &added, false)
+    ))
+}
+
+/// One mapping's DNAT rule in chain [`IPT_CHAIN`], as `iptables-save` prints it.
+pub fn iptables_rule(pod: Ipv4Addr, m: &PortMapping) -> String {
+    let daddr = m.host_ip.map_or(String::new(), |a| format!("-d {a}/32 "));
+    let p = m.protocol.as_str();
+    format!(
+        "-A {IPT_CHAIN} {daddr}-p {p} -m {p} --dport {hp} -j DNAT --to-destination {pod}:{cp}",
+        hp = m.host_port,
+        cp = m.container_port
+    )
+}
+
+/// The masquerade of a pod reaching its own hostPort (hairpin), in chain [`IPT_POST_CHAIN`].
+fn iptables_hairpin(pod: Ipv4Addr) -> String {
+    format!("-A {IPT_POST_CHAIN} -s {pod}/32 -d {pod}/32 -m conntrack --ctstate DNAT -j MASQUERADE")
+}
+
+/// Which rule text [`missing_rules`] looks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listing {
+    /// `nft list table inet sluice-hostport`.
+    Nft,
+    /// `iptables-save -t nat`.
+    Iptables,
+}
+
+/// CHECK: the rules of `entry` (and the hooks that lead to them) that `listing` lacks, as
+/// text for an error message; empty when everything is in place.
+pub fn missing_rules(kind: Listing, listing: &str, entry: &HostportEntry) -> Vec<String> {
+    let lines: BTreeSet<&str> = listing.lines().map(str::trim).collect();
+    let mut want: Vec<String> = Vec::new();
+    match kind {
+        Listing::Nft => {
+            let flat = format!(
+                " {} ",
+                listing.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
+            let mut want: Vec<String> = NFT_RULES
+                .iter()
+                .filter(|r| !lines.contains(**r))
+                .map(|r| r.to_string())
+                .collect();
+            let one = HostportEntry {
+                mappings: entry.mappings.clone(),
+                ..entry.clone()
+            };
+            for e in nft_elements(std::slice::from_ref(&one)) {
+                let t = e.text();
+                let listed = ["{ ", ", "].iter().any(|before| {
+                    [",", " }"]
+                        .iter()
+                        .any(|after| flat.contains(&format!("{before}{t}{after}")))
+                });
+                if !listed {
+                    want.push(format!("{} element {t}", e.set));
+                }
+            }
+            return want;
+        }
+        Listing::Iptables => {
+            for (chain, spec) in iptables_jumps() {
+                want.push(format!("-A {chain} {}", spec.join(" ")));
+            }
+            want.extend(
+                entry
+                    .mappings
+                    .iter()
+                    .map(|m| iptables_rule(entry.pod_ip, m)),
+            );
+            want.push(iptables_hairpin(entry.pod_ip));
+        }
+    }
+    want.retain(|w| !lines.contains(w.as_str()));
+    want
+}
+
+/// The rules of sluice's table, whatever its mappings (they live in its maps and set), as
+/// `nft list` prints them.
+const NFT_RULES: [&str; 5] = [
+    "fib daddr type local jump hostports",
+    "dnat ip to ip daddr . meta l4proto . th dport map @hp_ip",
+    "dnat ip to meta l4proto . th dport map @hp_any",
+    "ct status dnat ip saddr 127.0.0.0/8 masquerade",
+    "ct status dnat ip saddr . ip daddr @hairpin masquerade",
+];
+
+/// The `nft -f -` script that makes table `inet sluice-hostport` hold exactly `entries`'
+/// mappings (declared, removed, declared again with its elements: one transaction). The
+/// mappings are elements of maps looked up by two fixed rules (hostIP-specific first), so
+/// that [`nft_delta`] can change one pod's without rewriting the rest. With no entries the
+/// table is removed.
 pub fn render_nft(entries: &[HostportEntry]) -> String {
     let mut s = format!("table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\n");
-    let rules = ordered(entries);
-    if rules.is_empty() {
+    let elements = nft_elements(entries);
+    if elements.is_empty() {
         return s;
     }
     let _ = writeln!(s, "table inet {NFT_TABLE} {{");
-    s.push_str("  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    fib daddr type local jump hostports\n  }\n");
-    s.push_str("  chain output {\n    type nat hook output priority -100; policy accept;\n    fib daddr type local jump hostports\n  }\n");
-    s.push_str("  chain hostports {\n");
-    for (pod, m) in &rules {
-        let daddr = m
-            .host_ip
-            .map_or(String::new(), |a| format!("ip daddr {a} "));
-        let _ = writeln!(
-            s,
-            "    {daddr}{p} dport {hp} dnat ip to {pod}:{cp}",
-            p = m.protocol.as_str(),
-            hp = m.host_port,
-            cp = m.container_port
-        );
-    }
-    s.push_str("  }\n");
-    s.push_str(
-        "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n",
+    let _ = writeln!(
+        s,
+        "  map {NFT_MAP_IP} {{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; }}"
     );
-    s.push_str("    ct status dnat ip saddr 127.0.0.0/8 masquerade\n");
-    for pod in pod_ips(entries) {
-        let _ = writeln!(
-            s,
-            "    ct status dnat ip saddr {pod} ip daddr {pod} masquerade"
-        );
-    }
-    s.push_str("  }\n}\n");
+    let _ = writeln!(
+        s,
+        "  map {NFT_MAP_ANY} {{ type inet_proto . inet_service : ipv4_addr . inet_service; }}"
+    );
+    let _ = writeln!(
+        s,
+        "  set {NFT_SET_HAIRPIN} {{ type ipv4_addr . ipv4_addr; }}"
+    );
+    let _ = writeln!(
+        s,
+        "  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    {}\n  }}",
+        NFT_RULES[0]
+    );
+    let _ = writeln!(
+        s,
+        "  chain output {{\n    type nat hook output priority -100; policy accept;\n    {}\n  }}",
+        NFT_RULES[0]
+    );
+    let _ = writeln!(
+        s,
+        "  chain hostports {{\n    {}\n    {}\n  }}",
+        NFT_RULES[1], NFT_RULES[2]
+    );
+    let _ = writeln!(
+        s,
+        "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    {}\n    {}\n  }}\n}}",
+        NFT_RULES[3], NFT_RULES[4]
+    );
+    let all: Vec<&NftElement> = elements.iter().collect();
+    s.push_str(&element_lines("add", &all, false));
     s
 }
 
@@ -311,24 +517,14 @@ pub fn render_nft(entries: &[HostportEntry]) -> String {
 pub fn render_iptables(entries: &[HostportEntry]) -> String {
     let mut s = format!("*nat\n:{IPT_CHAIN} - [0:0]\n:{IPT_POST_CHAIN} - [0:0]\n");
     for (pod, m) in ordered(entries) {
-        let daddr = m.host_ip.map_or(String::new(), |a| format!("-d {a}/32 "));
-        let p = m.protocol.as_str();
-        let _ = writeln!(
-            s,
-            "-A {IPT_CHAIN} {daddr}-p {p} -m {p} --dport {hp} -j DNAT --to-destination {pod}:{cp}",
-            hp = m.host_port,
-            cp = m.container_port
-        );
+        let _ = writeln!(s, "{}", iptables_rule(pod, &m));
     }
     let _ = writeln!(
         s,
         "-A {IPT_POST_CHAIN} -s 127.0.0.0/8 -m conntrack --ctstate DNAT -j MASQUERADE"
     );
     for pod in pod_ips(entries) {
-        let _ = writeln!(
-            s,
-            "-A {IPT_POST_CHAIN} -s {pod}/32 -d {pod}/32 -m conntrack --ctstate DNAT -j MASQUERADE"
-        );
+        let _ = writeln!(s, "{}", iptables_hairpin(pod));
     }
     s.push_str("COMMIT\n");
     s
@@ -343,6 +539,9 @@ pub fn iptables_jumps() -> Vec<(&'static str, Vec<&'static str>)> {
         ("POSTROUTING", vec!["-j", IPT_POST_CHAIN]),
     ]
 }
+
+pub mod apply;
+pub use apply::{HostportBackend, HostportFirewall, BACKEND_NAMES};
 
 #[cfg(test)]
 mod tests;

@@ -604,12 +604,12 @@ impl IptablesRestore {
     }
 
     /// `iptables-save` → `iptables-nft-save` or `iptables-legacy-save`.
-    fn bin(&self, tool: &str) -> String {
+    pub(crate) fn bin(&self, tool: &str) -> String {
         let rest = tool.strip_prefix("iptables").unwrap_or(tool);
         format!("iptables-{}{rest}", self.mode.suffix())
     }
 
-    fn checked(
+    pub(crate) fn checked(
         &self,
         program: &str,
         args: &[&str],

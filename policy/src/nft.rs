@@ -695,7 +695,7 @@ impl NftCli {
         })
     }
 
-    fn script(&self, text: &str) -> Result<(), FirewallError> {
+    pub(crate) fn script(&self, text: &str) -> Result<(), FirewallError> {
         let out = self.exec.run(&self.program, &["-f", "-"], Some(text))?;
         if out.status.success() {
             return Ok(());

@@ -23,6 +23,16 @@
 #   PODMAN_TIMEOUT  seconds per podman call (default 60)
 #   KEEP_ON_FAIL=1  on failure, wait for ENTER before cleaning up (debugging)
 #   PODMAN_LOG_LEVEL (default warn)
+#   HOSTPORT        when set (e.g. 8080), also checks hostPorts: a third container run with
+#                   `-p HOSTPORT:80` answers from another namespace through the node's address,
+#                   from the node and through 127.0.0.1; a fourth asking the same hostPort fails
+#                   and leaves no veth or address; then the third's runtime is killed (conmon
+#                   and the container, so no DEL comes) and the plugin's GC, given the live
+#                   containers as valid attachments, must remove its mapping.
+#   PLUGIN_CONF     with HOSTPORT: the plugin's JSON object from the conflist, for the GC call
+#   IPAM_FILE       with HOSTPORT: the plugin's allocations.json (a refused ADD adds nothing)
+#   BACKEND         with HOSTPORT: where the rules must be (nftables, iptables-nft or
+#                   iptables-legacy: subnet.env's SLUICE_POLICY_BACKEND)
 #
 # Must run as root. Needs: podman (4.x), runc, conmon, busybox (static),
 # nsenter, ip, timeout, /usr/lib/cni (containernetworking-plugins).
@@ -77,6 +87,9 @@ NODE_NS="${PFX}node"
 NET_NAME="${PFX}net"
 C1="${PFX}c1"
 C2="${PFX}c2"
+C3="${PFX}c3"
+C4="${PFX}c4"
+CLIENT_NS="${PFX}cli"
 IMAGE="localhost/${PFX}img:latest"
 TCP_PORT=7777
 CNI_CACHE=/var/lib/cni          # libcni's default cache dir (podman does not override it)
@@ -213,6 +226,7 @@ cleanup() {
         done
     fi
     [ -e "/run/netns/$NODE_NS" ] && ip netns del "$NODE_NS"
+    [ -e "/run/netns/$CLIENT_NS" ] && ip netns del "$CLIENT_NS"
     # libcni result cache entries for our network (named <net>-<container id>-<if>).
     rm -f "$CNI_CACHE/results/${NET_NAME}-"* 2>/dev/null
     rm -rf "$CNI_CACHE/networks/${NET_NAME}" 2>/dev/null
@@ -470,4 +484,120 @@ if [ "$FAILS" -ne 0 ]; then
     die "$FAILS connectivity check(s) failed between $C1 ($IP1) and $C2 ($IP2)"
 fi
 log "containers reach each other ($IP1 <-> $IP2)"
+[ -n "${HOSTPORT:-}" ] || exit 0
+
+# ---------------------------------------------------------------- hostPort -
+[[ "$HOSTPORT" =~ ^[0-9]+$ ]] || die "HOSTPORT '$HOSTPORT' is not a port"
+[ -n "${PLUGIN_CONF:-}" ] || die "HOSTPORT needs PLUGIN_CONF"
+[ -n "${IPAM_FILE:-}" ] || die "HOSTPORT needs IPAM_FILE"
+NODE_IP=172.31.251.1
+CLIENT_IP=172.31.251.2
+ip netns add "$CLIENT_NS" || die "ip netns add $CLIENT_NS failed"
+ip -n "$NODE_NS" link add "${PFX}v" type veth peer name eth0 netns "$CLIENT_NS" \
+    || die "cannot make the client's veth"
+ip -n "$NODE_NS" addr add "$NODE_IP/24" dev "${PFX}v"
+ip -n "$NODE_NS" link set "${PFX}v" up
+ip -n "$CLIENT_NS" addr add "$CLIENT_IP/24" dev eth0
+ip -n "$CLIENT_NS" link set eth0 up
+ip -n "$CLIENT_NS" link set lo up
+
+run_ct() {   # run_ct NAME PODMAN-RUN-ARGS... (the netns is recorded for cleanup)
+    local name=$1; shift
+    local rlog="$WORK/run-$name.log" rc
+    pm_raw --log-level debug run -d --pull never --name "$name" --hostname "$name" \
+        --cgroup-parent "/$PFX" --network "$NET_NAME" "$@" >/dev/null 2>"$rlog"
+    rc=$?
+    while read -r ns; do CT_NETNS+=("$ns"); done \
+        < <(sed -n 's/.*Made network namespace at \([^ ]*\) for container.*/\1/p' "$rlog")
+    return $rc
+}
+HCMD="nc -ll -p 80 -e /bin/hello & exec sleep 3600"
+run_ct "$C3" -p "$HOSTPORT:80" "$IMAGE" /bin/sh -c "$HCMD" || {
+    grep -E 'level=(warning|error|fatal)|^Error' "$WORK/run-$C3.log" | tail -n 20 | sed 's/^/    /' >&2
+    die "podman run -p $HOSTPORT:80 $C3 failed"
+}
+grep -q '"portMappings"' "$WORK/run-$C3.log" 2>/dev/null \
+    || log "note: podman's debug log does not show the portMappings it sent"
+
+hp_from() {  # hp_from NETNS IP: the hostPort answers with C3's greeting (retried while it starts)
+    local i out
+    for i in 1 2 3 4 5; do
+        out=$(timeout 10 nsenter --net="/run/netns/$1" "$BUSYBOX" nc -w 3 "$2" "$HOSTPORT" </dev/null 2>&1)
+        if [[ "$out" == *"tcp-hello-from $C3"* ]]; then echo "$out"; return 0; fi
+        sleep 1
+    done
+    echo "no/wrong answer: $out"; return 1
+}
+hp_closed() {  # hp_closed NETNS IP: nothing answers on the hostPort
+    local out
+    out=$(timeout 10 nsenter --net="/run/netns/$1" "$BUSYBOX" nc -w 2 "$2" "$HOSTPORT" </dev/null 2>&1)
+    [[ "$out" != *"tcp-hello-from"* ]] || { echo "still answers: $out"; return 1; }
+}
+rules() {
+    nsenter --net="/run/netns/$NODE_NS" nft list ruleset 2>/dev/null
+    for t in iptables-nft-save iptables-legacy-save; do
+        command -v "$t" >/dev/null && nsenter --net="/run/netns/$NODE_NS" "$t" -t nat 2>/dev/null
+    done
+}
+sl_links() { ip -n "$NODE_NS" -o link show | awk -F': ' '{print $2}' | sed 's/@.*//' | grep '^sl' | sort; }
+
+# The hostPort's rule as nft lists sluice's map element, or as iptables-save lists the DNAT.
+HP_RULE="(tcp \\. $HOSTPORT : |--dport $HOSTPORT )"
+in_backend() {  # the DNAT rule for the hostPort is where BACKEND says
+    case "${BACKEND:-nftables}" in
+        nftables) nsenter --net="/run/netns/$NODE_NS" nft list table inet sluice-hostport ;;
+        *) nsenter --net="/run/netns/$NODE_NS" "$BACKEND-save" -t nat | grep '^-A SLUICE-HP ' ;;
+    esac | grep -E "$HP_RULE"
+}
+check "hostport rule in ${BACKEND:-nftables}" in_backend
+check "hostport from another netns via $NODE_IP:$HOSTPORT" hp_from "$CLIENT_NS" "$NODE_IP"
+check "hostport from the node via $NODE_IP:$HOSTPORT" hp_from "$NODE_NS" "$NODE_IP"
+check "hostport from the node via 127.0.0.1:$HOSTPORT" hp_from "$NODE_NS" 127.0.0.1
+
+links_before=$(sl_links)
+owners() { grep -c '"containerID"' "$IPAM_FILE" 2>/dev/null; }
+owners_before=$(owners)
+if run_ct "$C4" -p "$HOSTPORT:80" "$IMAGE" /bin/sh -c "$HCMD"; then
+    echo "FAIL second container got hostPort $HOSTPORT"; FAILS=$((FAILS + 1))
+else
+    if grep -q "already held by container" "$WORK/run-$C4.log"; then
+        echo "PASS second container refused hostPort $HOSTPORT"
+        log "OK   second container refused: $(grep -o 'hostPort [^"]*already held[^"]*' "$WORK/run-$C4.log" | head -n 1)"
+    else
+        echo "FAIL second container failed for another reason"
+        grep -E 'level=(error|fatal)|^Error' "$WORK/run-$C4.log" | tail -n 5 | sed 's/^/    /' >&2
+        FAILS=$((FAILS + 1))
+    fi
+fi
+pm_raw rm -f -t 0 "$C4" >/dev/null 2>&1
+check "the refused container left no veth" test "$(sl_links)" = "$links_before"
+check "the refused container left no address or mapping" test "$(owners)" = "$owners_before"
+check "hostport still served by $C3" hp_from "$CLIENT_NS" "$NODE_IP"
+
+# The runtime dies without DEL: conmon first (so nothing runs podman's cleanup), then the
+# container; then GC with the containers still alive as the valid attachments.
+C3ID=$(pm inspect -f '{{.Id}}' "$C3") || die "cannot inspect $C3"
+C1ID=$(pm inspect -f '{{.Id}}' "$C1")
+C2ID=$(pm inspect -f '{{.Id}}' "$C2")
+CONMON=$(pm inspect -f '{{.State.ConmonPid}}' "$C3")
+[[ "$CONMON" =~ ^[0-9]+$ ]] && [ "$CONMON" -gt 1 ] && kill -9 "$CONMON"
+timeout 20 "$WORK/bin/runc" kill "$C3ID" KILL >/dev/null 2>&1
+for i in $(seq 1 50); do
+    st=$(timeout 10 "$WORK/bin/runc" state "$C3ID" 2>/dev/null | grep -o '"status": *"[a-z]*"')
+    [[ "$st" == *stopped* || -z "$st" ]] && break
+    sleep 0.1
+done
+GC_CONF="${PLUGIN_CONF%\}},\"cniVersion\":\"1.1.0\",\"name\":\"$NET_NAME\",\"cni.dev/valid-attachments\":[{\"containerID\":\"$C1ID\",\"ifname\":\"eth0\"},{\"containerID\":\"$C2ID\",\"ifname\":\"eth0\"}]}"
+gc_out=$(printf '%s' "$GC_CONF" | nsenter --net="/run/netns/$NODE_NS" env CNI_COMMAND=GC CNI_PATH="$WORK/cni-bin" "$WORK/cni-bin/$PLUGIN_TYPE" 2>&1)
+check "GC after the killed runtime (rc 0)" test -z "$gc_out"
+[ -n "$gc_out" ] && log "GC said: $gc_out"
+check "no hostport after GC (from another netns)" hp_closed "$CLIENT_NS" "$NODE_IP"
+check "no hostport after GC (127.0.0.1)" hp_closed "$NODE_NS" 127.0.0.1
+check "no hostport rule after GC" bash -c "! printf '%s' \"\$1\" | grep -qE \"\$2\"" _ "$(rules)" "$HP_RULE"
+if [ "$FAILS" -ne 0 ]; then
+    rules | sed 's/^/    /' >&2
+    diag
+    die "$FAILS hostPort check(s) failed"
+fi
+log "hostPort $HOSTPORT: reached, refused to a second container, collected after a killed runtime"
 exit 0

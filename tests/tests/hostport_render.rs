@@ -17,9 +17,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-const NODE_IP: &str = "192.0.2.1";
-const CLIENT_IP: &str = "192.0.2.2";
-const NODE_IP2: &str = "192.0.2.3";
+const NODE_IP: &str = "172.31.252.1";
+const CLIENT_IP: &str = "172.31.252.2";
+const NODE_IP2: &str = "172.31.253.3";
 const HOST_POD_SIDE: &str = "10.244.1.1";
 const POD_IP: &str = "10.244.1.2";
 

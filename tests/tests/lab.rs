@@ -88,6 +88,30 @@ fn three_nodes_two_pods_each_status_and_down() {
         .filter(|p| p["status"]["phase"] == "Running" && p["status"]["podIP"].is_string())
         .count();
     assert_eq!(running, 6);
+    // Each agent tells its plugin where hostPort rules go: the firewall policy-backend
+    // (auto) resolved to, nftables where nft works.
+    let nodes_dir = format!("/run/sluice/lab/{}/nodes", lab.name);
+    let published = || -> Vec<String> {
+        std::fs::read_dir(&nodes_dir)
+            .unwrap()
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("subnet.env")).ok())
+            .filter_map(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("SLUICE_POLICY_BACKEND=").map(str::to_string))
+            })
+            .collect()
+    };
+    assert!(
+        sluice_e2e::wait_until(std::time::Duration::from_secs(30), || published().len()
+            == 3),
+        "not every agent published its backend: {:?}",
+        published()
+    );
+    assert!(
+        published().iter().all(|b| b == "nftables"),
+        "{:?}",
+        published()
+    );
     // A second `up` of the same name is refused without touching the running lab.
     let again = lab_cmd(&["up", "--name", &lab.name], 60);
     assert!(!again.status.success());

@@ -6,6 +6,7 @@
 
 pub mod config;
 mod droplog;
+mod hostports;
 mod kube_leases;
 mod node;
 mod node_loop;
@@ -142,6 +143,7 @@ async fn start_policy(
     health: Health,
     sync: std::sync::Arc<WatchSync>,
     log_drops: tokio::sync::watch::Receiver<bool>,
+    hostport_backend: hostports::Resolved,
 ) {
     let name = match choice {
         config::PolicyBackend::Nftables => "nftables",
@@ -167,6 +169,14 @@ async fn start_policy(
     .await;
     tracing::info!(node, backend = ?firewall.backend(), "policy firewall chosen");
     health.update(|s| s.policy_error = None);
+    // hostPorts go where the policy goes; the node loop publishes it for the CNI plugin.
+    let policy_backend = firewall.backend();
+    let hostport = with_backoff("choosing the hostPort firewall", || async move {
+        tokio::task::spawn_blocking(move || hostports::resolve(policy_backend)).await?
+    })
+    .await;
+    tracing::info!(node, backend = hostport.name(), "hostPort firewall chosen");
+    let _ = hostport_backend.set(hostport);
     policy::run(
         client,
         node,
@@ -331,6 +341,7 @@ async fn run(args: AgentArgs) -> Result<()> {
     let (log_drops, log_drops_rx) = tokio::sync::watch::channel(cfg.policy_log_drops);
     let policy_backend = cfg.policy_backend;
     let node = args.node_name.clone();
+    let hostport_backend = hostports::Resolved::default();
     let nodes = node_loop::NodeLoop::start(
         args,
         client.clone(),
@@ -338,6 +349,7 @@ async fn run(args: AgentArgs) -> Result<()> {
         cfg,
         watch_sync.clone(),
         log_drops,
+        hostport_backend.clone(),
     )
     .await?;
     tokio::spawn(start_policy(
@@ -347,6 +359,7 @@ async fn run(args: AgentArgs) -> Result<()> {
         health,
         watch_sync,
         log_drops_rx,
+        hostport_backend,
     ));
     nodes.run().await;
     Ok(())

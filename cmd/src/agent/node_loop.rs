@@ -64,6 +64,10 @@ pub struct NodeLoop {
     masq: sluice_net::masq::NftCli,
     pod_handle: rtnetlink::Handle,
     ipam: sluice_net::ipam::IpamStore,
+    /// Where hostPorts go, once the policy firewall is chosen.
+    hostport_backend: super::hostports::Resolved,
+    /// Whether this start's restore of the hostPorts is done.
+    hostports_restored: bool,
 }
 
 /// sluice-config as the dynamic API reads it, so a value of the wrong JSON type is a reported
@@ -164,6 +168,7 @@ impl NodeLoop {
         cfg: AgentConfig,
         watch_sync: Arc<WatchSync>,
         log_drops: tokio::sync::watch::Sender<bool>,
+        hostport_backend: super::hostports::Resolved,
     ) -> Result<Self> {
         let node = args.node_name.clone();
         let nodes: Api<Node> = Api::all(client.clone());
@@ -306,6 +311,8 @@ impl NodeLoop {
             forwarding,
             masq: sluice_net::masq::NftCli::default(),
             pod_handle: handle,
+            hostport_backend,
+            hostports_restored: false,
             args,
         })
     }
@@ -347,9 +354,13 @@ impl NodeLoop {
             subnet: self.held.record.subnet,
             mtu: pod_mtu(&self.cfg, self.underlay.mtu),
             ipmasq: self.cfg.masquerade,
+            policy_backend: self.hostport_backend.get().map(|b| b.name().to_string()),
         };
-        if let Err(e) = write_subnet_env(&self.args.subnet_file, &env) {
-            tracing::error!(error = format!("{e:#}"), "cannot write the subnet file");
+        match write_subnet_env(&self.args.subnet_file, &env) {
+            // Restored only once the plugin is told the same backend (an ADD after this
+            // writes where the restore did).
+            Ok(()) => self.restore_hostports(env.policy_backend.as_deref()).await,
+            Err(e) => tracing::error!(error = format!("{e:#}"), "cannot write the subnet file"),
         }
         let peers = self.peers().await;
         let plan = datapath::plan(&self.held.record, &peers, &dp_cfg);
@@ -632,6 +643,50 @@ impl NodeLoop {
 
     /// The node's own state beside the datapath: its pods' host side, the NAT and conntrack
     /// table, and the CNI plugin's call counts.
+    /// Once per start, when the hostPort backend is known and published: the mappings of live
+    /// pods written back, those of pods that are gone dropped (see [`super::hostports`]).
+    async fn restore_hostports(&mut self, published: Option<&str>) {
+        if self.hostports_restored {
+            return;
+        }
+        let Some(&backend) = self.hostport_backend.get() else {
+            return;
+        };
+        if published != Some(backend.name()) {
+            return;
+        }
+        let links = match sluice_net::pod_repair::observe(&self.pod_handle).await {
+            Ok(seen) => seen.links.into_keys().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the pods' veths; hostPorts restored at a later pass");
+                return;
+            }
+        };
+        let dir = self.args.ipam_dir.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            super::hostports::restore(&sluice_net::ipam::IpamStore::new(dir), backend, &links)
+        })
+        .await;
+        match done {
+            Ok(Ok(r)) => {
+                tracing::info!(
+                    backend = backend.name(),
+                    kept = r.kept,
+                    swept = r.swept,
+                    "hostPorts restored"
+                );
+                self.hostports_restored = true;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "restoring hostPorts failed; will retry"
+                )
+            }
+            Err(e) => tracing::warn!(error = %e, "restoring hostPorts failed; will retry"),
+        }
+    }
+
     async fn host_side(&mut self) {
         if let Err(e) = super::repair_pods(&self.pod_handle, &self.ipam).await {
             tracing::warn!(

@@ -2,6 +2,7 @@
 //! result shaping. Pure data and pure functions; the verbs themselves live in [`plugin`].
 
 pub mod config;
+pub mod hostport;
 pub mod plugin;
 pub mod result;
 pub mod stats;
@@ -117,6 +118,8 @@ pub enum ErrorCode {
     CheckFailed = 102,
     /// The container already has an interface of the requested name that sluice did not make.
     InterfaceExists = 103,
+    /// A hostPort of `runtimeConfig.portMappings` is held by another attachment.
+    PortConflict = 104,
 }
 
 impl From<ErrorCode> for u32 {

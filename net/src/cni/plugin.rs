@@ -3,6 +3,7 @@
 //! spec's codes here and nowhere else.
 
 use super::config::{NetConf, Request};
+use super::hostport::{self, HostportKernel};
 use super::result::{self, AddResult, Interface, IpConfig, Route};
 use super::{CniError, ErrorCode};
 use crate::bandwidth::ShapingPlan;
@@ -70,7 +71,7 @@ fn owner(req: &Request) -> Owner {
     }
 }
 
-pub async fn add<K: PodKernel>(
+pub async fn add<K: PodKernel + HostportKernel>(
     conf: &NetConf,
     req: &Request,
     kernel: &mut K,
@@ -78,11 +79,29 @@ pub async fn add<K: PodKernel>(
     let shaping = shaping::requested(conf)?;
     let env = node_subnet(conf)?;
     let mtu = conf.mtu.unwrap_or(env.mtu);
+    let mappings = hostport::requested(conf)?;
     let store = IpamStore::new(&conf.ipam_dir);
     let owner = owner(req);
-    let (address, fresh) = store.update(|s| s.allocate(env.subnet, owner.clone()))??;
+    let ((address, fresh), reserved) = store.update(|s| -> Result<_, CniError> {
+        hostport::admit(s, req, &mappings)?;
+        let got = s.allocate(env.subnet, owner.clone())?;
+        Ok((got, hostport::reserve(s, req, got.0, &mappings)))
+    })??;
     let plan = PodPlan::new(&req.container_id, &req.ifname, address, mtu);
-    match wire(kernel, &plan, shaping.as_ref()).await {
+    let wired = match wire(kernel, &plan, shaping.as_ref()).await {
+        Ok(pod_mac) => hostport::activate(
+            conf,
+            &store,
+            req,
+            address,
+            &plan.host_ifname,
+            &reserved,
+            kernel,
+        )
+        .map(|()| pod_mac),
+        Err(e) => Err(e.into()),
+    };
+    match wired {
         Ok(pod_mac) => {
             info!(container_id = %req.container_id, pod = ?req.pod(), address = %address, host_ifname = %plan.host_ifname, "pod wired");
             Ok(add_result(&plan, &pod_mac, req).render(
@@ -97,12 +116,13 @@ pub async fn add<K: PodKernel>(
                 warn!(container_id = %req.container_id, error = %undo, "rollback: deleting the veth failed");
             }
             shaping::undo(kernel, &plan.host_ifname, &req.container_id).await;
+            hostport::undo(conf, &store, req, &reserved, kernel);
             if fresh {
                 if let Err(undo) = store.update(|s| s.release(&owner)) {
                     warn!(container_id = %req.container_id, error = %undo, "rollback: releasing the address failed");
                 }
             }
-            Err(e.into())
+            Err(e)
         }
     }
 }
@@ -150,9 +170,9 @@ fn add_result(plan: &PodPlan, pod_mac: &[u8], req: &Request) -> AddResult {
 }
 
 /// DEL: the veth (and with it the host route and the pod's interface) goes first, then the
-/// address, so an address is never handed out again while a route to it remains. Whatever is
-/// already gone counts as deleted.
-pub async fn del<K: PodKernel>(
+/// address and the pod's hostPort mappings ([`hostport::release`]), so an address is never
+/// handed out again while a route to it remains. Whatever is already gone counts as deleted.
+pub async fn del<K: PodKernel + HostportKernel>(
     conf: &NetConf,
     req: &Request,
     kernel: &mut K,
@@ -160,13 +180,14 @@ pub async fn del<K: PodKernel>(
     let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
     let removed_link = kernel.unlink_host_link(&host_ifname).await?;
     let removed_ifb = kernel.remove_shaping(&host_ifname).await?;
-    let freed = IpamStore::new(&conf.ipam_dir).update(|s| s.release(&owner(req)))?;
+    let store = IpamStore::new(&conf.ipam_dir);
+    let freed = hostport::release(conf, &store, req, &owner(req), kernel)?;
     info!(container_id = %req.container_id, pod = ?req.pod(), removed_link, removed_ifb, freed = ?freed, "pod unwired");
     Ok(())
 }
 
 /// CHECK: the attachment is as ADD left it.
-pub async fn check<K: PodKernel>(
+pub async fn check<K: PodKernel + HostportKernel>(
     conf: &NetConf,
     req: &Request,
     kernel: &mut K,
@@ -194,6 +215,7 @@ pub async fn check<K: PodKernel>(
     let seen = kernel.observe(&plan).await?;
     let mut problems = compare(&plan, &seen);
     problems.extend(shaping::check(conf, &plan.host_ifname, kernel).await?);
+    problems.extend(hostport::check(conf, &state, req, kernel)?);
     if problems.is_empty() {
         Ok(())
     } else {
@@ -253,7 +275,10 @@ pub fn status(conf: &NetConf) -> Result<(), CniError> {
 /// the runtime's list of valid attachments; without that list it changes nothing and fails
 /// ([`NetConf::gc_attachments`]). The IPAM lock is held throughout so no ADD allocates
 /// meanwhile. Keeps going after an error and reports them all at the end.
-pub async fn gc<K: PodKernel>(conf: &NetConf, kernel: &mut K) -> Result<(), CniError> {
+pub async fn gc<K: PodKernel + HostportKernel>(
+    conf: &NetConf,
+    kernel: &mut K,
+) -> Result<(), CniError> {
     let attachments = conf.gc_attachments()?;
     let valid: BTreeSet<(&str, &str)> = attachments
         .iter()
@@ -275,6 +300,10 @@ pub async fn gc<K: PodKernel>(conf: &NetConf, kernel: &mut K) -> Result<(), CniE
         .map(|(ip, _)| *ip)
         .collect();
     lock.state.allocations.retain(|ip, _| !stale.contains(ip));
+    let unmapped = hostport::collect(conf, &mut lock, &valid, kernel).unwrap_or_else(|e| {
+        errors.push(e.to_string());
+        0
+    });
     let mut keep: BTreeSet<String> = valid
         .iter()
         .map(|(c, i)| podnet::host_ifname(c, i))
@@ -308,6 +337,7 @@ pub async fn gc<K: PodKernel>(conf: &NetConf, kernel: &mut K) -> Result<(), CniE
         freed = stale.len(),
         removed_links = removed,
         removed_ifbs,
+        unmapped,
         errors = errors.len(),
         "garbage collected"
     );

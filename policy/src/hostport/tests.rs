@@ -178,6 +178,9 @@ fn nft_renders_dnat_for_each_case_and_hairpin_and_loopback_masquerade() {
 table inet sluice-hostport {}
 delete table inet sluice-hostport
 table inet sluice-hostport {
+  map hp_ip { type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; }
+  map hp_any { type inet_proto . inet_service : ipv4_addr . inet_service; }
+  set hairpin { type ipv4_addr . ipv4_addr; }
   chain prerouting {
     type nat hook prerouting priority dstnat; policy accept;
     fib daddr type local jump hostports
@@ -187,17 +190,18 @@ table inet sluice-hostport {
     fib daddr type local jump hostports
   }
   chain hostports {
-    ip daddr 10.0.0.1 udp dport 5353 dnat ip to 10.244.0.2:53
-    tcp dport 8080 dnat ip to 10.244.0.2:80
-    sctp dport 9999 dnat ip to 10.244.0.3:9
+    dnat ip to ip daddr . meta l4proto . th dport map @hp_ip
+    dnat ip to meta l4proto . th dport map @hp_any
   }
   chain postrouting {
     type nat hook postrouting priority srcnat; policy accept;
     ct status dnat ip saddr 127.0.0.0/8 masquerade
-    ct status dnat ip saddr 10.244.0.2 ip daddr 10.244.0.2 masquerade
-    ct status dnat ip saddr 10.244.0.3 ip daddr 10.244.0.3 masquerade
+    ct status dnat ip saddr . ip daddr @hairpin masquerade
   }
 }
+add element inet sluice-hostport hp_ip { 10.0.0.1 . udp . 5353 : 10.244.0.2 . 53 }
+add element inet sluice-hostport hp_any { sctp . 9999 : 10.244.0.3 . 9, tcp . 8080 : 10.244.0.2 . 80 }
+add element inet sluice-hostport hairpin { 10.244.0.2 . 10.244.0.2, 10.244.0.3 . 10.244.0.3 }
 ";
     assert_eq!(render_nft(&entries), want);
 }
@@ -253,4 +257,202 @@ fn gc_keeps_only_the_valid_attachments() {
     ];
     assert_eq!(retain_valid(&[a, b.clone()], &valid), vec![b]);
     assert_eq!(retain_valid(&[], &valid), vec![]);
+}
+
+#[test]
+fn check_finds_the_missing_rules_of_one_attachment_in_either_listing() {
+    let a = entry(
+        "a",
+        "10.244.0.2",
+        vec![
+            m(8080, 80, HpProtocol::Tcp, None),
+            m(5353, 53, HpProtocol::Udp, Some("10.0.0.1")),
+        ],
+    );
+    let b = entry("b", "10.244.0.3", vec![m(9999, 9, HpProtocol::Sctp, None)]);
+    // What `nft list table` prints: rules one a line, elements listed in braces (here wrapped
+    // as nft wraps long lists).
+    let listing = |entries: &[HostportEntry]| {
+        let mut l = String::from("table inet sluice-hostport {\n");
+        for r in NFT_RULES {
+            l.push_str(&format!("\t\t{r}\n"));
+        }
+        for set in [NFT_MAP_IP, NFT_MAP_ANY, NFT_SET_HAIRPIN] {
+            let els: Vec<String> = nft_elements(entries)
+                .iter()
+                .filter(|e| e.set == set)
+                .map(NftElement::text)
+                .collect();
+            if !els.is_empty() {
+                l.push_str(&format!(
+                    "\t\telements = {{ {} }}\n",
+                    els.join(",\n\t\t\t     ")
+                ));
+            }
+        }
+        l + "}\n"
+    };
+    let both = listing(&[a.clone(), b.clone()]);
+    assert_eq!(missing_rules(Listing::Nft, &both, &a), Vec::<String>::new());
+    assert_eq!(missing_rules(Listing::Nft, &both, &b), Vec::<String>::new());
+    assert_eq!(
+        missing_rules(Listing::Nft, &listing(std::slice::from_ref(&a)), &b),
+        vec![
+            "hairpin element 10.244.0.3 . 10.244.0.3".to_string(),
+            "hp_any element sctp . 9999 : 10.244.0.3 . 9".into(),
+        ]
+    );
+    // A hostIP mapping's element does not stand in for the same port on every address.
+    let any = entry("c", "10.244.0.2", vec![m(5353, 53, HpProtocol::Udp, None)]);
+    assert_eq!(
+        missing_rules(Listing::Nft, &both, &any),
+        vec!["hp_any element udp . 5353 : 10.244.0.2 . 53".to_string()]
+    );
+    // No table at all: the rules are reported too.
+    assert_eq!(
+        missing_rules(Listing::Nft, "", &a).len(),
+        NFT_RULES.len() + 3
+    );
+
+    let mut save = render_iptables(&[a.clone(), b.clone()]);
+    assert_eq!(
+        missing_rules(Listing::Iptables, &save, &a).len(),
+        3,
+        "no jumps yet"
+    );
+    for (chain, spec) in iptables_jumps() {
+        save.push_str(&format!("-A {chain} {}\n", spec.join(" ")));
+    }
+    assert_eq!(
+        missing_rules(Listing::Iptables, &save, &a),
+        Vec::<String>::new()
+    );
+    let save = save.replace(
+        "-A SLUICE-HP -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.244.0.2:80\n",
+        "",
+    );
+    assert_eq!(
+        missing_rules(Listing::Iptables, &save, &a),
+        vec!["-A SLUICE-HP -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.244.0.2:80"]
+    );
+    assert_eq!(
+        missing_rules(Listing::Iptables, &save, &b),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn nft_delta_touches_only_what_differs() {
+    let a = entry("a", "10.244.0.2", vec![m(8080, 80, HpProtocol::Tcp, None)]);
+    let b = entry(
+        "b",
+        "10.244.0.3",
+        vec![m(53, 5353, HpProtocol::Udp, Some("10.0.0.1"))],
+    );
+    assert_eq!(
+        nft_delta(std::slice::from_ref(&a), std::slice::from_ref(&a)),
+        None
+    );
+    assert_eq!(
+        nft_delta(std::slice::from_ref(&a), &[a.clone(), b.clone()]).unwrap(),
+        "add element inet sluice-hostport hp_ip { 10.0.0.1 . udp . 53 : 10.244.0.3 . 5353 }\n\
+         add element inet sluice-hostport hairpin { 10.244.0.3 . 10.244.0.3 }\n"
+    );
+    assert_eq!(
+        nft_delta(&[a.clone(), b.clone()], std::slice::from_ref(&b)).unwrap(),
+        "delete element inet sluice-hostport hp_any { tcp . 8080 }\n\
+         delete element inet sluice-hostport hairpin { 10.244.0.2 . 10.244.0.2 }\n"
+    );
+    // The same hostPort to another container port: deleted by key, added again.
+    let a2 = entry("a", "10.244.0.2", vec![m(8080, 81, HpProtocol::Tcp, None)]);
+    assert_eq!(
+        nft_delta(std::slice::from_ref(&a), std::slice::from_ref(&a2)).unwrap(),
+        "delete element inet sluice-hostport hp_any { tcp . 8080 }\n\
+         add element inet sluice-hostport hp_any { tcp . 8080 : 10.244.0.2 . 81 }\n"
+    );
+}
+
+/// Applies `delta` to `elements` as nftables would (a delete of a missing key or an add of a
+/// present one fails the transaction).
+fn apply_delta(
+    elements: &BTreeSet<NftElement>,
+    delta: &str,
+) -> Result<BTreeSet<(String, String, Option<String>)>, String> {
+    let mut now: std::collections::BTreeMap<(String, String), Option<String>> = elements
+        .iter()
+        .map(|e| ((e.set.to_string(), e.key.clone()), e.value.clone()))
+        .collect();
+    for line in delta.lines() {
+        let (verb, rest) = line.split_once(" element inet sluice-hostport ").unwrap();
+        let (set, list) = rest.split_once(' ').unwrap();
+        let list = list.trim_start_matches("{ ").trim_end_matches(" }");
+        for item in list.split(", ") {
+            let (key, value) = match item.split_once(" : ") {
+                Some((k, v)) => (k.to_string(), Some(v.to_string())),
+                None => (item.to_string(), None),
+            };
+            let k = (set.to_string(), key);
+            match verb {
+                "delete" => {
+                    now.remove(&k).ok_or(format!("delete of missing {k:?}"))?;
+                }
+                "add" => {
+                    if now.insert(k.clone(), value).is_some() {
+                        return Err(format!("add of present {k:?}"));
+                    }
+                }
+                other => return Err(format!("verb {other}")),
+            }
+        }
+    }
+    Ok(now.into_iter().map(|((s, k), v)| (s, k, v)).collect())
+}
+
+#[test]
+fn nft_delta_takes_every_before_to_its_after() {
+    let universe = [
+        entry("a", "10.244.0.2", vec![m(8080, 80, HpProtocol::Tcp, None)]),
+        entry("a", "10.244.0.2", vec![m(8080, 81, HpProtocol::Tcp, None)]),
+        entry(
+            "b",
+            "10.244.0.3",
+            vec![
+                m(53, 53, HpProtocol::Udp, Some("10.0.0.1")),
+                m(9, 9, HpProtocol::Sctp, None),
+            ],
+        ),
+        entry("c", "10.244.0.4", vec![m(8081, 80, HpProtocol::Tcp, None)]),
+        entry("c", "10.244.0.5", vec![m(8081, 80, HpProtocol::Tcp, None)]),
+    ];
+    // Every pair of subsets of the universe that hold each attachment at most once.
+    let subsets: Vec<Vec<HostportEntry>> = (0u32..32)
+        .map(|bits| {
+            let mut out: Vec<HostportEntry> = Vec::new();
+            for (i, e) in universe.iter().enumerate() {
+                if bits & (1 << i) != 0 {
+                    out = upsert(&out, e.clone());
+                }
+            }
+            out
+        })
+        .collect();
+    let mut checked = 0;
+    for before in &subsets {
+        for after in &subsets {
+            let want: BTreeSet<(String, String, Option<String>)> = nft_elements(after)
+                .into_iter()
+                .map(|e| (e.set.to_string(), e.key, e.value))
+                .collect();
+            match nft_delta(before, after) {
+                None => assert_eq!(nft_elements(before), nft_elements(after)),
+                Some(delta) => {
+                    let got = apply_delta(&nft_elements(before), &delta)
+                        .unwrap_or_else(|e| panic!("{e}\n{delta}"));
+                    assert_eq!(got, want, "{before:?} -> {after:?}\n{delta}");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 500, "{checked}");
 }

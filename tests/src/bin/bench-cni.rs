@@ -1,9 +1,12 @@
 //! `bench-cni`: ADD and DEL latency of sluice-cni against Debian's containernetworking-plugins
 //! (bridge + host-local, ptp + host-local) on the same workload in the same run: 200 pods one
-//! after another, then 200 pods 8 at a time. Each plugin is spawned directly from a thread that
+//! after another, then 200 pods 8 at a time. With hostPorts (`--hostports on`), each pod also gets
+//! one port mapping (a hostPort of its own): sluice-cni with `runtimeConfig.portMappings` against
+//! bridge + host-local chained with portmap (ADD: bridge then portmap with bridge's result as
+//! `prevResult`; DEL: portmap then bridge, timed together). Each plugin is spawned directly from a thread that
 //! entered the node namespace, as a runtime spawns it, so no wrapper cost is measured.
 //!
-//! Usage: bench-cni [--pods N] [--parallel P] [--sluice PATH] [--cni-dir DIR]
+//! Usage: bench-cni [--pods N] [--parallel P] [--sluice PATH] [--cni-dir DIR] [--hostports on|off]
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -22,9 +25,11 @@ struct Args {
     parallel: usize,
     sluice: PathBuf,
     cni_dir: PathBuf,
+    hostports: bool,
 }
 
-const USAGE: &str = "usage: bench-cni [--pods N] [--parallel P] [--sluice PATH] [--cni-dir DIR]";
+const USAGE: &str =
+    "usage: bench-cni [--pods N] [--parallel P] [--sluice PATH] [--cni-dir DIR] [--hostports on|off]";
 
 fn parse_args() -> Args {
     let mut a = Args {
@@ -32,6 +37,7 @@ fn parse_args() -> Args {
         parallel: 8,
         sluice: PathBuf::from("target/release/sluice"),
         cni_dir: PathBuf::from("/usr/lib/cni"),
+        hostports: false,
     };
     let mut flags = Flags::from_env("bench-cni", USAGE);
     while let Some((flag, value)) = flags.next_pair() {
@@ -40,6 +46,11 @@ fn parse_args() -> Args {
             "--parallel" => a.parallel = flags.number(&flag, &value),
             "--sluice" => a.sluice = PathBuf::from(value),
             "--cni-dir" => a.cni_dir = PathBuf::from(value),
+            "--hostports" => match value.as_str() {
+                "on" => a.hostports = true,
+                "off" => a.hostports = false,
+                _ => flags.fail("--hostports takes on or off"),
+            },
             other => flags.fail(&format!("unknown flag {other}")),
         }
     }
@@ -49,6 +60,7 @@ fn parse_args() -> Args {
 }
 
 /// One contender: its plugin directory (what CNI_PATH points at) and its network config.
+#[derive(Clone)]
 struct Contender {
     label: &'static str,
     bin_dir: PathBuf,
@@ -56,6 +68,19 @@ struct Contender {
     conf: Value,
     /// Directory whose entries are its IPAM allocations.
     ipam_dir: PathBuf,
+    /// Each pod gets one port mapping (hostPort 20000 + its index): in the plugin's own
+    /// `runtimeConfig.portMappings`, or through this chained `portmap` binary.
+    hostports: Option<HostportMode>,
+}
+
+#[derive(Clone)]
+enum HostportMode {
+    Own,
+    Chained(PathBuf),
+}
+
+fn mapping(i: usize) -> Value {
+    json!([{"hostPort": 20000 + i, "containerPort": 80, "protocol": "tcp"}])
 }
 
 struct Stats {
@@ -115,7 +140,7 @@ fn run_phase(
     (all, wall)
 }
 
-fn invoke(c: &Contender, command: &str, id: &str, netns: &Path) -> Outcome {
+fn invoke(c: &Contender, command: &str, i: usize, id: &str, netns: &Path) -> Outcome {
     let netns = netns.display().to_string();
     let bin_dir = c.bin_dir.display().to_string();
     let env = [
@@ -125,7 +150,40 @@ fn invoke(c: &Contender, command: &str, id: &str, netns: &Path) -> Outcome {
         ("CNI_IFNAME", "eth0"),
         ("CNI_PATH", bin_dir.as_str()),
     ];
-    call(Command::new(&c.plugin), &env, c.conf.to_string().as_bytes())
+    let mut conf = c.conf.clone();
+    let portmap = match &c.hostports {
+        None => None,
+        Some(HostportMode::Own) => {
+            conf["runtimeConfig"] = json!({"portMappings": mapping(i)});
+            None
+        }
+        Some(HostportMode::Chained(p)) => Some(p),
+    };
+    let Some(portmap) = portmap else {
+        return call(Command::new(&c.plugin), &env, conf.to_string().as_bytes());
+    };
+    let chained = |prev: Option<Value>| {
+        let mut pm = json!({"cniVersion": conf["cniVersion"], "name": conf["name"], "type": "portmap",
+                            "capabilities": {"portMappings": true},
+                            "runtimeConfig": {"portMappings": mapping(i)}});
+        if let Some(p) = prev {
+            pm["prevResult"] = p;
+        }
+        call(Command::new(portmap), &env, pm.to_string().as_bytes())
+    };
+    if command == "ADD" {
+        let first = call(Command::new(&c.plugin), &env, conf.to_string().as_bytes());
+        if first.exit != 0 {
+            return first;
+        }
+        chained(Some(first.json()))
+    } else {
+        let first = chained(None);
+        if first.exit != 0 {
+            return first;
+        }
+        call(Command::new(&c.plugin), &env, conf.to_string().as_bytes())
+    }
 }
 
 fn bench(c: &Contender, pods: usize, parallel: usize) -> Stats {
@@ -134,11 +192,28 @@ fn bench(c: &Contender, pods: usize, parallel: usize) -> Stats {
     let sandboxes: Vec<Netns> = (0..pods).map(|_| Netns::new("bp")).collect();
     let id = |i: usize| format!("bench{parallel}x{i}");
     let (add, add_wall) = run_phase(&node, pods, parallel, |i| {
-        invoke(c, "ADD", &id(i), &sandboxes[i].path())
+        invoke(c, "ADD", i, &id(i), &sandboxes[i].path())
     });
+    let mapped = if c.hostports.is_some() {
+        nat_rules(&node)
+    } else {
+        0
+    };
     let (del, del_wall) = run_phase(&node, pods, parallel, |i| {
-        invoke(c, "DEL", &id(i), &sandboxes[i].path())
+        invoke(c, "DEL", i, &id(i), &sandboxes[i].path())
     });
+    if c.hostports.is_some() {
+        assert!(
+            mapped >= pods,
+            "{}: only {mapped} DNAT rules for {pods} pods",
+            c.label
+        );
+    }
+    let left_nat = if c.hostports.is_some() {
+        nat_rules(&node)
+    } else {
+        0
+    };
     let veths = node.ip_json(&["link", "show", "type", "veth"]).len();
     let host_routes = node
         .routes()
@@ -158,10 +233,10 @@ fn bench(c: &Contender, pods: usize, parallel: usize) -> Stats {
         .unwrap_or(0)
         + sluice_allocations(&c.ipam_dir);
     let pod_links: usize = sandboxes.iter().map(|s| s.links().len() - 1).sum();
-    let leaks = if veths + host_routes + allocations + pod_links == 0 {
+    let leaks = if veths + host_routes + allocations + pod_links + left_nat == 0 {
         "none".to_string()
     } else {
-        format!("veths {veths}, /32 routes {host_routes}, allocations {allocations}, pod links {pod_links}")
+        format!("veths {veths}, /32 routes {host_routes}, allocations {allocations}, pod links {pod_links}, DNAT rules {left_nat}")
     };
     Stats {
         add,
@@ -170,6 +245,39 @@ fn bench(c: &Contender, pods: usize, parallel: usize) -> Stats {
         del_wall,
         leaks,
     }
+}
+
+/// Port mappings in the node: DNAT rules in nftables (iptables-nft's) and iptables-legacy, and
+/// elements of sluice's nftables maps.
+fn nat_rules(node: &Netns) -> usize {
+    let count = |program: &str, args: &[&str]| {
+        node.command(program)
+            .args(args)
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .map(|l| {
+                        if l.contains("map @hp_") {
+                            0
+                        } else if l.contains("dnat") || l.contains("DNAT --to-destination") {
+                            1
+                        } else {
+                            l.split([',', '{', '}'])
+                                .filter(|e| {
+                                    e.contains(" : ")
+                                        && ["tcp . ", "udp . ", "sctp . "]
+                                            .iter()
+                                            .any(|p| e.contains(p))
+                                })
+                                .count()
+                        }
+                    })
+                    .sum::<usize>()
+            })
+            .unwrap_or(0)
+    };
+    count("nft", &["list", "ruleset"]) + count("iptables-legacy-save", &["-t", "nat"])
 }
 
 fn sluice_allocations(dir: &Path) -> usize {
@@ -206,6 +314,7 @@ fn main() {
             conf: json!({"cniVersion": "1.0.0", "name": "benchsl", "type": "sluice-cni",
                          "subnetFile": work.path().join("subnet.env"), "ipamDir": work.path().join("sl-ipam")}),
             ipam_dir: work.path().join("sl-ipam"),
+            hostports: None,
         },
         Contender {
             label: "ptp + host-local",
@@ -214,6 +323,7 @@ fn main() {
             conf: json!({"cniVersion": "1.0.0", "name": "benchptp", "type": "ptp", "ipMasq": false, "mtu": 1450,
                          "ipam": host_local("ptp-ipam", "10.245.0.0/23")}),
             ipam_dir: work.path().join("ptp-ipam/benchptp"),
+            hostports: None,
         },
         Contender {
             label: "bridge + host-local",
@@ -223,8 +333,31 @@ fn main() {
                          "isGateway": true, "ipMasq": false, "mtu": 1450,
                          "ipam": host_local("br-ipam", "10.246.0.0/23")}),
             ipam_dir: work.path().join("br-ipam/benchbr"),
+            hostports: None,
         },
     ];
+    let mut contenders = contenders.to_vec();
+    if args.hostports {
+        contenders.push(Contender {
+            label: "sluice-cni + hostPort",
+            bin_dir: sluice_bin.clone(),
+            plugin: sluice_bin.join("sluice-cni"),
+            conf: json!({"cniVersion": "1.0.0", "name": "benchslhp", "type": "sluice-cni",
+                         "subnetFile": work.path().join("subnet.env"), "ipamDir": work.path().join("slhp-ipam")}),
+            ipam_dir: work.path().join("slhp-ipam"),
+            hostports: Some(HostportMode::Own),
+        });
+        contenders.push(Contender {
+            label: "bridge + host-local + portmap",
+            bin_dir: args.cni_dir.clone(),
+            plugin: args.cni_dir.join("bridge"),
+            conf: json!({"cniVersion": "1.0.0", "name": "benchbrpm", "type": "bridge", "bridge": "benchbr0",
+                         "isGateway": true, "ipMasq": false, "mtu": 1450,
+                         "ipam": host_local("brpm-ipam", "10.247.0.0/23")}),
+            ipam_dir: work.path().join("brpm-ipam/benchbrpm"),
+            hostports: Some(HostportMode::Chained(args.cni_dir.join("portmap"))),
+        });
+    }
     println!("bench-cni: {} pods, sequential and {} at a time; times in ms per call (process spawn to exit)", args.pods, args.parallel);
     println!("sluice binary: {}", sluice.display());
     println!();
@@ -269,5 +402,20 @@ fn main() {
             ours.2.as_secs_f64() / best_add.as_secs_f64(),
             ours.3.as_secs_f64() / best_del.as_secs_f64()
         );
+        if args.hostports {
+            let hp = row("sluice-cni + hostPort");
+            let pm = row("bridge + host-local + portmap");
+            println!(
+                "parallel {parallel}: one port mapping: sluice ADD p50 {} ms ({:+.2} ms over sluice without; target <= +2), DEL p50 {} ms ({:+.2} ms); bridge + host-local + portmap ADD p50 {} ms, DEL p50 {} ms: ADD ratio {:.2}, DEL ratio {:.2} (target <= 0.50; issue 21's anchor for that chain: 44-68 ms ADD p50)",
+                ms(hp.2),
+                (hp.2.as_secs_f64() - ours.2.as_secs_f64()) * 1000.0,
+                ms(hp.3),
+                (hp.3.as_secs_f64() - ours.3.as_secs_f64()) * 1000.0,
+                ms(pm.2),
+                ms(pm.3),
+                hp.2.as_secs_f64() / pm.2.as_secs_f64(),
+                hp.3.as_secs_f64() / pm.3.as_secs_f64()
+            );
+        }
     }
 }

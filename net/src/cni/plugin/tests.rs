@@ -4,6 +4,7 @@ use super::*;
 use crate::cni::config::Attachment;
 use crate::cni::CniVersion;
 use crate::kernel::{ObservedPod, PodLink};
+use sluice_policy::hostport::HostportEntry;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -31,6 +32,16 @@ struct FakeKernel {
     ifbs: std::collections::BTreeSet<String>,
     fail_at: Option<Step>,
     has_netns: bool,
+    /// The hostPort rules in the fake firewall, as last applied (`None`: never written).
+    hostports: Option<Vec<HostportEntry>>,
+    /// Makes every hostPort write fail.
+    fail_hostports: bool,
+    /// A hostPort write failed since the last that worked.
+    hostports_drifted: bool,
+    /// Host veths with route_localnet set.
+    localnet: Vec<String>,
+    /// The backend each hostPort write was told.
+    backends: Vec<Option<String>>,
 }
 
 impl FakeKernel {
@@ -152,6 +163,59 @@ impl PodKernel for FakeKernel {
     }
     async fn shaping_ifbs(&mut self) -> Result<Vec<String>, KernelError> {
         Ok(self.ifbs.iter().cloned().collect())
+    }
+}
+
+impl HostportKernel for FakeKernel {
+    fn apply_hostports(
+        &mut self,
+        backend: Option<&str>,
+        before: &[HostportEntry],
+        entries: &[HostportEntry],
+    ) -> Result<(), sluice_policy::FirewallError> {
+        // The verbs say what they believe the kernel holds: it must be what it holds (unless a
+        // write failed since: the real firewall then writes the table whole).
+        // An empty `before` asks for the table whole.
+        if self.hostports.is_some() && !self.hostports_drifted && !before.is_empty() {
+            assert_eq!(
+                self.hostports.as_deref().unwrap_or_default(),
+                before,
+                "the state's idea of the kernel drifted"
+            );
+        }
+        self.backends.push(backend.map(str::to_string));
+        if self.fail_hostports {
+            self.hostports_drifted = true;
+            return Err(sluice_policy::FirewallError::Command {
+                program: "nft".into(),
+                op: "apply",
+                stderr: "injected".into(),
+            });
+        }
+        self.hostports = Some(entries.to_vec());
+        self.hostports_drifted = false;
+        Ok(())
+    }
+    fn missing_hostports(
+        &mut self,
+        _backend: Option<&str>,
+        entry: &HostportEntry,
+    ) -> Result<Vec<String>, sluice_policy::FirewallError> {
+        let have = self.hostports.clone().unwrap_or_default();
+        Ok(entry
+            .mappings
+            .iter()
+            .filter(|m| {
+                !have
+                    .iter()
+                    .any(|e| e.pod_ip == entry.pod_ip && e.mappings.contains(m))
+            })
+            .map(|m| format!("{}:{}", m.host_port, m.container_port))
+            .collect())
+    }
+    fn route_localnet(&mut self, host_ifname: &str) -> Result<(), KernelError> {
+        self.localnet.push(host_ifname.to_string());
+        Ok(())
     }
 }
 
@@ -617,3 +681,5 @@ fn gc_removes_the_ifbs_of_stale_attachments() {
     want.sort();
     assert_eq!(left, want);
 }
+
+mod hostports;

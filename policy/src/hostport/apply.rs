@@ -1,0 +1,270 @@
+//! Doing: the rendered hostPort rules written with the policy engine's runners ([`NftCli`] and
+//! [`IptablesRestore`], through [`Exec`]), in the backend the agent resolved for the policy.
+
+use super::{
+    iptables_jumps, missing_rules, nft_delta, render_iptables, render_nft, HostportEntry, Listing,
+    IPT_CHAIN, IPT_POST_CHAIN, NFT_TABLE,
+};
+use crate::firewall::{Exec, FirewallError};
+use crate::iptables::{IptablesMode, IptablesRestore};
+use crate::nft::NftCli;
+use std::path::Path;
+
+/// Where the hostPort rules go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostportBackend {
+    Nftables,
+    Iptables(IptablesMode),
+}
+
+/// The names [`HostportBackend::parse_name`] accepts (`SLUICE_POLICY_BACKEND` in subnet.env);
+/// plain `iptables` leaves the iptables flavour to be detected.
+pub const BACKEND_NAMES: [&str; 4] = ["nftables", "iptables", "iptables-legacy", "iptables-nft"];
+
+impl HostportBackend {
+    /// The name the agent publishes: `nftables`, `iptables-legacy` or `iptables-nft`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Nftables => "nftables",
+            Self::Iptables(IptablesMode::Legacy) => "iptables-legacy",
+            Self::Iptables(IptablesMode::Nft) => "iptables-nft",
+        }
+    }
+
+    /// A published name: `Ok(None)` for plain `iptables` (flavour to be detected), an error for
+    /// a name that is none of [`BACKEND_NAMES`].
+    pub fn parse_name(name: &str) -> Result<Option<Self>, FirewallError> {
+        match name {
+            "nftables" => Ok(Some(Self::Nftables)),
+            "iptables" => Ok(None),
+            "iptables-legacy" => Ok(Some(Self::Iptables(IptablesMode::Legacy))),
+            "iptables-nft" => Ok(Some(Self::Iptables(IptablesMode::Nft))),
+            other => Err(FirewallError::UnknownBackend(other.to_string())),
+        }
+    }
+}
+
+/// Whether an executable named `program` is in one of the `PATH`-style `dirs` (no process is
+/// started: the CNI plugin asks this on every ADD).
+pub fn on_path(program: &str, dirs: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(dirs).any(|d| {
+        std::fs::metadata(Path::new(&d).join(program))
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+/// sluice's hostPort rules in one backend.
+#[derive(Debug, Clone)]
+pub struct HostportFirewall {
+    pub backend: HostportBackend,
+    nft: NftCli,
+    ipt: IptablesRestore,
+}
+
+impl HostportFirewall {
+    pub fn new(exec: Exec, backend: HostportBackend) -> Self {
+        let mode = match backend {
+            HostportBackend::Iptables(mode) => mode,
+            HostportBackend::Nftables => IptablesMode::Nft,
+        };
+        Self {
+            backend,
+            nft: NftCli::new(exec.clone()),
+            ipt: IptablesRestore::new(exec, mode),
+        }
+    }
+
+    /// The backend of `published` (subnet.env's `SLUICE_POLICY_BACKEND`); without one,
+    /// nftables where `nft` is on `PATH`, else iptables. Plain `iptables` detects the flavour
+    /// as the policy engine does.
+    pub fn resolve(exec: Exec, published: Option<&str>) -> Result<Self, FirewallError> {
+        let chosen = match published {
+            Some(name) => HostportBackend::parse_name(name)?,
+            None => {
+                let path = std::env::var("PATH").unwrap_or_default();
+                on_path("nft", &path).then_some(HostportBackend::Nftables)
+            }
+        };
+        let backend = match chosen {
+            Some(b) => b,
+            None => HostportBackend::Iptables(IptablesRestore::detect(exec.clone())?.mode),
+        };
+        Ok(Self::new(exec, backend))
+    }
+
+    /// Makes the kernel hold exactly `entries`' rules, in one transaction (the jumps into
+    /// sluice's iptables chains are put at the top of the built-in chains once).
+    pub fn apply(&self, entries: &[HostportEntry]) -> Result<(), FirewallError> {
+        match self.backend {
+            HostportBackend::Nftables => self.nft.script(&render_nft(entries)),
+            HostportBackend::Iptables(_) => {
+                self.ipt.checked(
+                    &self.ipt.bin("iptables-restore"),
+                    &["-w", "5", "--noflush"],
+                    Some(&render_iptables(entries)),
+                    "restore",
+                )?;
+                let ipt = self.ipt.bin("iptables");
+                for (chain, spec) in iptables_jumps() {
+                    let mut check = vec!["-w", "5", "-t", "nat", "-C", chain];
+                    check.extend(&spec);
+                    if self.ipt.exec.run(&ipt, &check, None)?.status.success() {
+                        continue;
+                    }
+                    let mut insert = vec!["-w", "5", "-t", "nat", "-I", chain, "1"];
+                    insert.extend(&spec);
+                    self.ipt.checked(&ipt, &insert, None, "insert")?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes the kernel from `before` (what the caller's state says it holds) to `after`. In
+    /// nftables only the elements that differ are written ([`nft_delta`]); should that fail (the
+    /// table is not as `before` says) the whole table is written. iptables is written whole.
+    pub fn update(
+        &self,
+        before: &[HostportEntry],
+        after: &[HostportEntry],
+    ) -> Result<(), FirewallError> {
+        if self.backend == HostportBackend::Nftables && !before.is_empty() && !after.is_empty() {
+            let Some(delta) = nft_delta(before, after) else {
+                return Ok(());
+            };
+            match self.nft.script(&delta) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "the hostPort delta did not apply; writing the table whole")
+                }
+            }
+        }
+        self.apply(after)
+    }
+
+    /// The rules of `entry` (and the hooks to them) that the kernel lacks; empty when all are
+    /// there.
+    pub fn missing(&self, entry: &HostportEntry) -> Result<Vec<String>, FirewallError> {
+        let (kind, listing) = match self.backend {
+            HostportBackend::Nftables => {
+                let out = self
+                    .nft
+                    .exec
+                    .run("nft", &["list", "table", "inet", NFT_TABLE], None)?;
+                // A missing table lists nothing: every rule is then missing.
+                (
+                    Listing::Nft,
+                    String::from_utf8_lossy(&out.stdout).into_owned(),
+                )
+            }
+            HostportBackend::Iptables(_) => (
+                Listing::Iptables,
+                self.ipt
+                    .checked(&self.ipt.bin("iptables-save"), &["-t", "nat"], None, "save")?,
+            ),
+        };
+        Ok(missing_rules(kind, &listing, entry))
+    }
+
+    /// Whether sluice has hostPort rules (or their empty table or chains) in this backend.
+    pub fn present(&self) -> Result<bool, FirewallError> {
+        match self.backend {
+            HostportBackend::Nftables => Ok(self
+                .nft
+                .exec
+                .run("nft", &["list", "table", "inet", NFT_TABLE], None)?
+                .status
+                .success()),
+            HostportBackend::Iptables(_) => {
+                let save = self.ipt.checked(
+                    &self.ipt.bin("iptables-save"),
+                    &["-t", "nat"],
+                    None,
+                    "save",
+                )?;
+                Ok(save.lines().any(|l| {
+                    l.strip_prefix(':')
+                        .and_then(|l| l.split_whitespace().next())
+                        .is_some_and(|c| c == IPT_CHAIN || c == IPT_POST_CHAIN)
+                }))
+            }
+        }
+    }
+
+    /// Removes every hostPort rule of this backend, jumps and chains included (a switch of
+    /// backend); harmless when there are none.
+    pub fn remove(&self) -> Result<(), FirewallError> {
+        match self.backend {
+            HostportBackend::Nftables => self.nft.script(&render_nft(&[])),
+            HostportBackend::Iptables(_) => {
+                let ipt = self.ipt.bin("iptables");
+                for (chain, spec) in iptables_jumps() {
+                    let mut delete = vec!["-w", "5", "-t", "nat", "-D", chain];
+                    delete.extend(&spec);
+                    // Bounded: a jump put in a few times by hand goes too.
+                    for _ in 0..16 {
+                        if !self.ipt.exec.run(&ipt, &delete, None)?.status.success() {
+                            break;
+                        }
+                    }
+                }
+                let text = format!(
+                    "*nat\n:{IPT_CHAIN} - [0:0]\n:{IPT_POST_CHAIN} - [0:0]\n-X {IPT_CHAIN}\n-X {IPT_POST_CHAIN}\nCOMMIT\n"
+                );
+                self.ipt
+                    .checked(
+                        &self.ipt.bin("iptables-restore"),
+                        &["-w", "5", "--noflush"],
+                        Some(&text),
+                        "restore",
+                    )
+                    .map(|_| ())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_names_round_trip_and_garbage_is_refused() {
+        for b in [
+            HostportBackend::Nftables,
+            HostportBackend::Iptables(IptablesMode::Legacy),
+            HostportBackend::Iptables(IptablesMode::Nft),
+        ] {
+            assert!(BACKEND_NAMES.contains(&b.name()));
+            assert_eq!(HostportBackend::parse_name(b.name()).unwrap(), Some(b));
+        }
+        assert_eq!(HostportBackend::parse_name("iptables").unwrap(), None);
+        let e = HostportBackend::parse_name("ebtables").unwrap_err();
+        assert!(e.to_string().contains("ebtables"), "{e}");
+    }
+
+    #[test]
+    fn on_path_finds_only_executable_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let a = tempfile_dir("a");
+        let b = tempfile_dir("b");
+        std::fs::write(b.join("nft"), "").unwrap();
+        std::fs::set_permissions(b.join("nft"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(a.join("plain"), "").unwrap();
+        std::fs::create_dir(a.join("dir")).unwrap();
+        let path = format!("{}:{}", a.display(), b.display());
+        assert!(on_path("nft", &path));
+        assert!(!on_path("plain", &path), "not executable");
+        assert!(!on_path("dir", &path), "a directory");
+        assert!(!on_path("nft", ""));
+        let _ = std::fs::remove_dir_all(a.parent().unwrap());
+    }
+
+    fn tempfile_dir(name: &str) -> std::path::PathBuf {
+        let base = std::env::temp_dir().join(format!("sluice-onpath-{}", std::process::id()));
+        let d = base.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}
