@@ -44,6 +44,8 @@ pub struct NodeLoop {
     store: KubeLeases,
     skips: Arc<tolerant::Skips>,
     cfg: AgentConfig,
+    /// `cluster-cidr`'s IPv4 range, checked at the start (it needs a restart to change).
+    cluster_v4: ipnet::Ipv4Net,
     /// This node's record before the backends add theirs (name, underlay, VTEP MAC).
     base_record: NodeRecord,
     held: Held,
@@ -166,6 +168,10 @@ impl NodeLoop {
         log_drops: tokio::sync::watch::Sender<bool>,
     ) -> Result<Self> {
         let node = args.node_name.clone();
+        let cluster_v4 = cfg.ipv4_cluster_cidr().map_err(anyhow::Error::msg)?;
+        if let Some(v6) = cfg.cluster_cidr.v6 {
+            tracing::warn!(cluster_cidr_v6 = %v6, "cluster-cidr has an IPv6 range, which this agent does not wire yet: pods get IPv4 addresses only");
+        }
         let nodes: Api<Node> = Api::all(client.clone());
         let skips = Arc::new(tolerant::Skips::default());
         let store = KubeLeases::new(
@@ -288,6 +294,7 @@ impl NodeLoop {
             store,
             skips,
             cfg,
+            cluster_v4,
             base_record,
             held,
             datapath,
@@ -343,7 +350,7 @@ impl NodeLoop {
         }
         self.keep_lease(&dp_cfg).await;
         let env = SubnetEnv {
-            network: self.cfg.cluster_cidr,
+            network: self.cluster_v4,
             subnet: self.held.record.subnet,
             mtu: pod_mtu(&self.cfg, self.underlay.mtu),
             ipmasq: self.cfg.masquerade,
@@ -644,9 +651,8 @@ impl NodeLoop {
             underlay_ip: self.vxlan.underlay_ip,
             port: self.vxlan.port,
         };
-        let masq =
-            sluice_net::masq::plan(self.cfg.cluster_cidr, self.cfg.masquerade, Some(untracked))
-                .with_mss_clamp(self.cfg.cluster_cidr);
+        let masq = sluice_net::masq::plan(self.cluster_v4, self.cfg.masquerade, Some(untracked))
+            .with_mss_clamp(self.cluster_v4);
         if let Err(e) = self.masq.sync(&masq).await {
             tracing::warn!(error = %e, "masquerade sync failed; will retry");
         }

@@ -123,11 +123,12 @@ pub async fn take(store: &KubeLeases, req: TakeRequest<'_>) -> Result<Held> {
     if let (Some(old), None) = (legacy_mine, req.prefer) {
         tracing::info!(node, subnet = %old, "moving this node's lease from kube-system to sluice-system");
     }
+    let cluster_v4 = req.cfg.ipv4_cluster_cidr().map_err(anyhow::Error::msg)?;
     let choice = choose(
         req.cfg.subnet_source,
         req.facts.pod_cidr,
         used_before,
-        req.cfg.cluster_cidr,
+        cluster_v4,
     )
     .map_err(anyhow::Error::msg)?;
     if let SubnetChoice::PodCidr(subnet) = choice {
@@ -157,7 +158,7 @@ pub async fn take(store: &KubeLeases, req: TakeRequest<'_>) -> Result<Held> {
         .cloned()
         .collect();
     let req = AcquireRequest {
-        pool: SubnetPool::new(req.cfg.cluster_cidr, req.cfg.subnet_length)?,
+        pool: SubnetPool::new(cluster_v4, req.cfg.subnet_length)?,
         record: req.record.clone(),
         owner: Some(req.owner.clone()),
         duration_secs: DEFAULT_LEASE_SECS,
