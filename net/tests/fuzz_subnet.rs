@@ -132,10 +132,14 @@ proptest! {
     fn any_text_as_subnet_env_gives_a_safe_subnet_or_an_error(text in prop_oneof![
         ".{0,200}",
         "(SLUICE_(NETWORK|SUBNET|MTU|IPMASQ)=[0-9./a-z\"]{0,20}\n){0,6}",
+        "(SLUICE_(NETWORK6?|SUBNET6?|MTU|IPMASQ)=[0-9./a-f:\"]{0,24}\n){0,8}",
     ]) {
         match SubnetEnv::parse(&text, "fuzz") {
             Ok(env) => {
                 prop_assert_eq!(cidr::check_node_subnet(env.network.into(), env.subnet.into()), Ok(()));
+                if let Some(v6) = env.v6 {
+                    prop_assert_eq!(cidr::check_node_subnet(v6.network.into(), v6.subnet.into()), Ok(()));
+                }
                 prop_assert!((576..=65535).contains(&env.mtu));
                 // What was accepted reads back the same after the agent writes it.
                 prop_assert_eq!(SubnetEnv::parse(&env.render(), "fuzz").unwrap(), env);
@@ -154,7 +158,7 @@ proptest! {
     ) {
         let network = network.trunc();
         let subnet = Ipv4Net::new(v4_in(network, pick), sub_len.max(network.prefix_len())).unwrap().trunc();
-        let env = SubnetEnv { network, subnet, mtu, ipmasq };
+        let env = SubnetEnv { network, subnet, mtu, ipmasq, v6: None };
         let safe = cidr::check_pod_range(network.into()).is_ok() && cidr::check_node_subnet(network.into(), subnet.into()).is_ok();
         match SubnetEnv::parse(&env.render(), "fuzz") {
             Ok(back) => {

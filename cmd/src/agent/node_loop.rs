@@ -354,6 +354,8 @@ impl NodeLoop {
             subnet: self.held.record.subnet,
             mtu: pod_mtu(&self.cfg, self.underlay.mtu),
             ipmasq: self.cfg.masquerade,
+            // The agent takes no IPv6 subnet yet (issue 23): the file stays IPv4 only.
+            v6: None,
         };
         if let Err(e) = write_subnet_env(&self.args.subnet_file, &env) {
             tracing::error!(error = format!("{e:#}"), "cannot write the subnet file");

@@ -635,7 +635,6 @@ fn ipv6_subnet_choice_follows_the_ipv4_rules() {
     let pool = SubnetPool::new(net6("fd00:10:244::/56"), 64).unwrap();
     let now = at(1000);
     let fresh = |s: &str, holder: &str| lease6(s, holder, 990);
-    let stale = |s: &str, holder: &str| lease6(s, holder, 100);
     let got = |leases: &[LeaseView], prefer: Option<&str>| {
         choose_subnet(&pool, "me", leases, now, prefer.map(net6))
     };
