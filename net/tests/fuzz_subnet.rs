@@ -230,8 +230,8 @@ proptest! {
                         }
                         Err(ipam::IpamError::Exhausted { capacity, .. }) => {
                             prop_assert_eq!(expected, None);
-                            prop_assert_eq!(state.allocations.len() as u64, capacity);
-                            prop_assert_eq!(capacity, ipam::capacity(subnet));
+                            prop_assert_eq!(state.allocations.len() as u128, capacity);
+                            prop_assert_eq!(capacity, u128::from(ipam::capacity(subnet)));
                         }
                         Err(e) => prop_assert!(false, "{e}"),
                     }
