@@ -86,7 +86,8 @@ impl Default for AgentConfig {
 impl AgentConfig {
     /// The IPv4 cluster CIDR the agent runs on. The agent's datapath, subnet lease, subnet file
     /// and masquerade are IPv4 only so far (issue 23 parses IPv6 but has not wired it), so an
-    /// IPv6-only `cluster-cidr` is refused here, by name, rather than run half-made.
+    /// IPv6-only `cluster-cidr` is refused here, by name, rather than run half-made: the agent
+    /// waits on it at start as on a bad value (`node_loop::read_config`).
     pub fn ipv4_cluster_cidr(&self) -> Result<Ipv4Net, String> {
         self.cluster_cidr.v4.ok_or_else(|| {
             format!(

@@ -82,11 +82,19 @@ pub async fn read_config(api: &Api<DynamicObject>, health: &Health) -> Result<Ag
             None
         }
     };
+    // An IPv6-only cluster-cidr parses but is not run yet: the agent waits on it as on a bad
+    // value, saying why on /readyz, rather than exit.
     match config::parse_data_json(data.as_ref()) {
-        Ok(c) => {
-            health.update(|s| s.config_error = None);
-            Ok(c)
-        }
+        Ok(c) => match c.ipv4_cluster_cidr() {
+            Ok(_) => {
+                health.update(|s| s.config_error = None);
+                Ok(c)
+            }
+            Err(why) => {
+                health.update(|s| s.config_error = Some(why.clone()));
+                Err(anyhow::Error::msg(why))
+            }
+        },
         Err(e) => {
             health.update(|s| s.config_error = Some(e.to_string()));
             Err(e.into())
