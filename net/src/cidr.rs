@@ -162,7 +162,7 @@ pub enum ClusterCidrError {
 
 impl ClusterCidr {
     /// An IPv4-only cluster.
-    pub fn v4(net: Ipv4Net) -> Self {
+    pub fn ipv4_only(net: Ipv4Net) -> Self {
         Self {
             v4: Some(net),
             v6: None,
@@ -320,7 +320,7 @@ mod tests {
     #[test]
     fn cluster_cidr_takes_one_of_each_family() {
         let c = ClusterCidr::parse("10.244.0.0/16").unwrap();
-        assert_eq!(c, ClusterCidr::v4("10.244.0.0/16".parse().unwrap()));
+        assert_eq!(c, ClusterCidr::ipv4_only("10.244.0.0/16".parse().unwrap()));
         assert!(!c.is_dual());
         let c = ClusterCidr::parse("fd00:10:244::/56").unwrap();
         assert_eq!(

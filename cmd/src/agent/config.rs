@@ -61,7 +61,7 @@ pub struct AgentConfig {
 impl Default for AgentConfig {
     fn default() -> Self {
         Self {
-            cluster_cidr: ClusterCidr::v4(
+            cluster_cidr: ClusterCidr::ipv4_only(
                 Ipv4Net::new(std::net::Ipv4Addr::new(10, 244, 0, 0), 16).unwrap_or_default(),
             ),
             subnet_length: 24,
