@@ -130,6 +130,108 @@ pub fn check_node_subnet(network: IpNet, subnet: IpNet) -> Result<(), UnsafeRang
     Ok(())
 }
 
+/// `cluster-cidr`: one range of either family or one of each, as kube-controller-manager's
+/// `--cluster-cidr` takes them (`10.244.0.0/16`, `fd00:10:244::/56`, or both comma-separated, in
+/// either order). At least one family is there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterCidr {
+    pub v4: Option<Ipv4Net>,
+    pub v6: Option<Ipv6Net>,
+}
+
+/// Why a `cluster-cidr` value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterCidrError {
+    #[error("no CIDR given")]
+    Empty,
+    #[error("{part:?} is not a CIDR (e.g. 10.244.0.0/16 or fd00:10:244::/56)")]
+    NotCidr { part: String },
+    #[error("{part} has host bits set (its network is {network})")]
+    HostBits { part: String, network: IpNet },
+    #[error("two IPv{family} CIDRs ({first}, {second}): give at most one of each family")]
+    SameFamily {
+        family: u8,
+        first: IpNet,
+        second: IpNet,
+    },
+    #[error("{count} CIDRs: give one, or one IPv4 and one IPv6")]
+    TooMany { count: usize },
+    #[error(transparent)]
+    Unsafe(#[from] UnsafeRange),
+}
+
+impl ClusterCidr {
+    /// An IPv4-only cluster.
+    pub fn ipv4_only(net: Ipv4Net) -> Self {
+        Self {
+            v4: Some(net),
+            v6: None,
+        }
+    }
+
+    /// Parses `text`; every range must be a safe pod range ([`check_pod_range`]) with no host
+    /// bits, since a typo there would cut nodes' subnets out of a range nobody meant.
+    pub fn parse(text: &str) -> Result<Self, ClusterCidrError> {
+        let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+        if parts.iter().all(|p| p.is_empty()) {
+            return Err(ClusterCidrError::Empty);
+        }
+        if parts.len() > 2 {
+            return Err(ClusterCidrError::TooMany { count: parts.len() });
+        }
+        let mut out = Self { v4: None, v6: None };
+        for part in parts {
+            let net: IpNet = part.parse().map_err(|_| ClusterCidrError::NotCidr {
+                part: part.to_string(),
+            })?;
+            if net != net.trunc() {
+                return Err(ClusterCidrError::HostBits {
+                    part: part.to_string(),
+                    network: net.trunc(),
+                });
+            }
+            check_pod_range(net)?;
+            let same = |family, first: IpNet| ClusterCidrError::SameFamily {
+                family,
+                first,
+                second: net,
+            };
+            match net {
+                IpNet::V4(n) => match out.v4 {
+                    Some(first) => return Err(same(4, first.into())),
+                    None => out.v4 = Some(n),
+                },
+                IpNet::V6(n) => match out.v6 {
+                    Some(first) => return Err(same(6, first.into())),
+                    None => out.v6 = Some(n),
+                },
+            }
+        }
+        Ok(out)
+    }
+
+    /// Both families.
+    pub fn is_dual(&self) -> bool {
+        self.v4.is_some() && self.v6.is_some()
+    }
+
+    /// The ranges, IPv4 first.
+    pub fn ranges(&self) -> impl Iterator<Item = IpNet> {
+        self.v4
+            .map(IpNet::V4)
+            .into_iter()
+            .chain(self.v6.map(IpNet::V6))
+    }
+}
+
+impl std::fmt::Display for ClusterCidr {
+    /// The form [`ClusterCidr::parse`] reads back: IPv4 first, comma-separated.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.ranges().map(|r| r.to_string()).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,5 +315,69 @@ mod tests {
             check_node_subnet(n("10.244.0.1/16"), n("10.244.3.1/24")),
             Ok(())
         );
+    }
+
+    #[test]
+    fn cluster_cidr_takes_one_of_each_family() {
+        let c = ClusterCidr::parse("10.244.0.0/16").unwrap();
+        assert_eq!(c, ClusterCidr::ipv4_only("10.244.0.0/16".parse().unwrap()));
+        assert!(!c.is_dual());
+        let c = ClusterCidr::parse("fd00:10:244::/56").unwrap();
+        assert_eq!(
+            (c.v4, c.v6),
+            (None, Some("fd00:10:244::/56".parse().unwrap()))
+        );
+        // Either order, spaces around the comma, as kube-controller-manager takes it.
+        for text in [
+            "10.244.0.0/16,fd00:10:244::/56",
+            " fd00:10:244::/56 , 10.244.0.0/16 ",
+        ] {
+            let c = ClusterCidr::parse(text).unwrap();
+            assert!(c.is_dual(), "{text}");
+            assert_eq!(c.v4, Some("10.244.0.0/16".parse().unwrap()));
+            assert_eq!(c.v6, Some("fd00:10:244::/56".parse().unwrap()));
+            assert_eq!(c.to_string(), "10.244.0.0/16,fd00:10:244::/56");
+            assert_eq!(ClusterCidr::parse(&c.to_string()), Ok(c));
+        }
+    }
+
+    #[test]
+    fn cluster_cidr_refusals_say_why() {
+        let e = |text: &str| ClusterCidr::parse(text).unwrap_err();
+        assert_eq!(e(""), ClusterCidrError::Empty);
+        assert_eq!(e(" , "), ClusterCidrError::Empty);
+        assert!(matches!(
+            e("10.1.0.0/16,10.2.0.0/16"),
+            ClusterCidrError::SameFamily { family: 4, .. }
+        ));
+        let two6 = e("fd00:1::/48,fd00:2::/48");
+        assert!(matches!(
+            two6,
+            ClusterCidrError::SameFamily { family: 6, .. }
+        ));
+        assert!(
+            two6.to_string().contains("at most one of each family"),
+            "{two6}"
+        );
+        assert!(matches!(
+            e("10.1.0.0/16,fd00::/48,10.2.0.0/16"),
+            ClusterCidrError::TooMany { count: 3 }
+        ));
+        assert!(matches!(
+            e("10.244.0.0/16,"),
+            ClusterCidrError::NotCidr { .. }
+        ));
+        assert!(matches!(e("10.244.0.0"), ClusterCidrError::NotCidr { .. }));
+        assert!(matches!(e("fd00::1/64"), ClusterCidrError::HostBits { .. }));
+        let host = e("10.244.1.0/16");
+        assert!(host.to_string().contains("10.244.0.0/16"), "{host}");
+        assert!(matches!(
+            e("fe80::/64"),
+            ClusterCidrError::Unsafe(UnsafeRange::Reserved { .. })
+        ));
+        assert!(matches!(
+            e("10.244.0.0/16,fd00::/8"),
+            ClusterCidrError::Unsafe(UnsafeRange::TooBroad { .. })
+        ));
     }
 }

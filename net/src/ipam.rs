@@ -11,14 +11,14 @@
 //! that no file put in the directory can make a call (and every call queued behind its lock) hang.
 
 use crate::file::{self, FileError};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use sluice_policy::hostport::HostportEntry;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -64,12 +64,20 @@ pub struct IpamState {
     /// address in one locked step, and a state file from before hostPorts reads as none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hostports: Vec<HostportEntry>,
+    /// [`IpamState::last`] for the IPv6 family.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_v6: Option<Ipv6Addr>,
+    /// The IPv6 addresses, keyed and owned as [`IpamState::allocations`]. Absent from a state
+    /// file from before IPv6 (and from an IPv4-only node's), which reads as none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub allocations_v6: BTreeMap<Ipv6Addr, Owner>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
+    /// One family's subnet is full (the subnet says which family).
     #[error("no free address in {subnet}: all {capacity} addresses are allocated")]
-    Exhausted { subnet: Ipv4Net, capacity: u64 },
+    Exhausted { subnet: IpNet, capacity: u128 },
     #[error("IPAM directory {dir}: {op}: {source}")]
     Io {
         dir: PathBuf,
@@ -154,8 +162,8 @@ impl IpamState {
         // The node's subnet changed since this attachment was made: its old address is useless.
         self.release(&owner);
         let ip = choose(subnet, self).ok_or(IpamError::Exhausted {
-            subnet,
-            capacity: capacity(subnet),
+            subnet: subnet.into(),
+            capacity: capacity(subnet).into(),
         })?;
         self.allocations.insert(ip, owner);
         self.last = Some(ip);
@@ -167,6 +175,151 @@ impl IpamState {
         let ip = self.lookup(owner)?;
         self.allocations.remove(&ip);
         Some(ip)
+    }
+}
+
+/// The first and last address pods may get in an IPv6 `subnet`, if it has any: all but the
+/// network address (the subnet-router anycast address, RFC 4291), which is left for the node's
+/// own tunnel device as IPv4's is. IPv6 has no broadcast address.
+fn host_range_v6(subnet: Ipv6Net) -> Option<(u128, u128)> {
+    let first = u128::from(subnet.network()).checked_add(1)?;
+    let last = u128::from(subnet.broadcast());
+    (first <= last).then_some((first, last))
+}
+
+/// How many addresses pods may get in an IPv6 `subnet`.
+pub fn capacity_v6(subnet: Ipv6Net) -> u128 {
+    host_range_v6(subnet).map_or(0, |(first, last)| last - first + 1)
+}
+
+/// [`choose`] for IPv6: the first free usable address after [`IpamState::last_v6`], wrapping
+/// around the subnet, looking at most at one more address than are allocated (a /64 has 2^64).
+pub fn choose_v6(subnet: Ipv6Net, state: &IpamState) -> Option<Ipv6Addr> {
+    let (first, last) = host_range_v6(subnet)?;
+    let span = last - first + 1;
+    let start = state
+        .last_v6
+        .map(u128::from)
+        .filter(|l| (first..last).contains(l))
+        .map_or(first, |l| l + 1);
+    let offset = start - first;
+    let taken = state
+        .allocations_v6
+        .range(Ipv6Addr::from(first)..=Ipv6Addr::from(last))
+        .count() as u128;
+    (0..=taken.min(span - 1))
+        // offset + i, modulo span, without overflowing on the widest subnets.
+        .map(|i| {
+            let pos = if i < span - offset {
+                offset + i
+            } else {
+                i - (span - offset)
+            };
+            Ipv6Addr::from(first + pos)
+        })
+        .find(|a| !state.allocations_v6.contains_key(a))
+}
+
+/// What one ADD holds, per family the node has: the address and whether it is new.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FamilyAddresses {
+    pub v4: Option<(Ipv4Addr, bool)>,
+    pub v6: Option<(Ipv6Addr, bool)>,
+}
+
+/// The addresses GC freed, per family.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Freed {
+    pub v4: Vec<Ipv4Addr>,
+    pub v6: Vec<Ipv6Addr>,
+}
+
+impl IpamState {
+    /// The IPv6 address `owner`'s attachment holds, if any.
+    pub fn lookup_v6(&self, owner: &Owner) -> Option<Ipv6Addr> {
+        self.allocations_v6
+            .iter()
+            .find(|(_, o)| o.same_attachment(owner))
+            .map(|(ip, _)| *ip)
+    }
+
+    /// [`IpamState::allocate`] for IPv6: the address `owner` holds in `subnet`, else a free one;
+    /// an address it held in another subnet is freed. Returns the address and whether it is new.
+    pub fn allocate_v6(
+        &mut self,
+        subnet: Ipv6Net,
+        owner: Owner,
+    ) -> Result<(Ipv6Addr, bool), IpamError> {
+        if let Some(ip) = self.lookup_v6(&owner).filter(|ip| subnet.contains(ip)) {
+            return Ok((ip, false));
+        }
+        self.release_v6(&owner);
+        let ip = choose_v6(subnet, self).ok_or(IpamError::Exhausted {
+            subnet: subnet.into(),
+            capacity: capacity_v6(subnet),
+        })?;
+        self.allocations_v6.insert(ip, owner);
+        self.last_v6 = Some(ip);
+        Ok((ip, true))
+    }
+
+    /// Frees the IPv6 address `owner`'s attachment holds; returns it.
+    pub fn release_v6(&mut self, owner: &Owner) -> Option<Ipv6Addr> {
+        let ip = self.lookup_v6(owner)?;
+        self.allocations_v6.remove(&ip);
+        Some(ip)
+    }
+
+    /// An address of each family the node has a subnet of, all or nothing: when one family is
+    /// exhausted the other's address made by this call is given back and the state is as it
+    /// was, so a failed ADD holds nothing. Idempotent per attachment as the per-family calls.
+    pub fn allocate_families(
+        &mut self,
+        v4: Option<Ipv4Net>,
+        v6: Option<Ipv6Net>,
+        owner: Owner,
+    ) -> Result<FamilyAddresses, IpamError> {
+        let before = (v4.is_some() && v6.is_some()).then(|| self.clone());
+        let mut out = FamilyAddresses::default();
+        let result = (|| {
+            if let Some(subnet) = v4 {
+                out.v4 = Some(self.allocate(subnet, owner.clone())?);
+            }
+            if let Some(subnet) = v6 {
+                out.v6 = Some(self.allocate_v6(subnet, owner.clone())?);
+            }
+            Ok(out)
+        })();
+        if let (Err(_), Some(before)) = (&result, before) {
+            *self = before;
+        }
+        result
+    }
+
+    /// Frees what `owner`'s attachment holds in both families (DEL).
+    pub fn release_families(&mut self, owner: &Owner) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
+        (self.release(owner), self.release_v6(owner))
+    }
+
+    /// GC: frees, in both families, every address whose attachment `valid` does not keep.
+    pub fn collect_garbage(&mut self, valid: impl Fn(&Owner) -> bool) -> Freed {
+        let freed = Freed {
+            v4: self
+                .allocations
+                .iter()
+                .filter(|(_, o)| !valid(o))
+                .map(|(ip, _)| *ip)
+                .collect(),
+            v6: self
+                .allocations_v6
+                .iter()
+                .filter(|(_, o)| !valid(o))
+                .map(|(ip, _)| *ip)
+                .collect(),
+        };
+        self.allocations.retain(|_, o| valid(o));
+        self.allocations_v6.retain(|_, o| valid(o));
+        freed
     }
 }
 
@@ -568,5 +721,217 @@ mod tests {
             IpamStore::new(dir.path()).read().unwrap().allocations.len(),
             32
         );
+    }
+
+    fn v6(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_state_file_from_before_ipv6_reads_and_writes_as_it_was() {
+        let old = br#"{"last":"10.244.1.2","allocations":{"10.244.1.2":{"containerID":"a","ifname":"eth0"}}}"#;
+        let st: IpamState = serde_json::from_slice(old).unwrap();
+        assert!(st.allocations_v6.is_empty() && st.last_v6.is_none());
+        assert_eq!(serde_json::to_vec(&st).unwrap(), old.to_vec());
+        let mut dual = st.clone();
+        dual.allocate_v6("fd00:10:244:1::/64".parse().unwrap(), owner("a"))
+            .unwrap();
+        let text = serde_json::to_string(&dual).unwrap();
+        assert!(
+            text.contains(r#""lastV6":"fd00:10:244:1::1","allocationsV6":{"fd00:10:244:1::1":{"containerID":"a""#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<IpamState>(&text).unwrap(), dual);
+    }
+
+    #[test]
+    fn ipv6_allocation_is_idempotent_and_round_robin() {
+        let subnet: Ipv6Net = "fd00:10:244:1::/64".parse().unwrap();
+        let mut st = IpamState::default();
+        let (a, new) = st.allocate_v6(subnet, owner("a")).unwrap();
+        assert!(new);
+        assert_eq!(a, v6("fd00:10:244:1::1"), "the network address is left out");
+        assert_eq!(st.allocate_v6(subnet, owner("a")).unwrap(), (a, false));
+        let (b, _) = st.allocate_v6(subnet, owner("b")).unwrap();
+        assert_eq!(b, v6("fd00:10:244:1::2"));
+        assert_eq!(st.release_v6(&owner("a")), Some(a));
+        assert_eq!(st.release_v6(&owner("a")), None);
+        let (c, _) = st.allocate_v6(subnet, owner("c")).unwrap();
+        assert_eq!(
+            c,
+            v6("fd00:10:244:1::3"),
+            "a freed address is not reused at once"
+        );
+        let (d, _) = st
+            .allocate_v6(
+                subnet,
+                Owner {
+                    ifname: "net1".into(),
+                    ..owner("c")
+                },
+            )
+            .unwrap();
+        assert_ne!(c, d);
+        // The families are apart: IPv6 allocations hold no IPv4 address.
+        assert!(st.allocations.is_empty() && st.last.is_none());
+        // A new IPv6 subnet moves the attachment.
+        let (e, new) = st
+            .allocate_v6("fd00:10:244:2::/64".parse().unwrap(), owner("c"))
+            .unwrap();
+        assert!(new && e == v6("fd00:10:244:2::1"));
+        assert_eq!(st.lookup_v6(&owner("c")), Some(e));
+        assert_eq!(st.allocations_v6.len(), 3);
+    }
+
+    #[test]
+    fn ipv6_exhaustion_is_its_own_familys() {
+        let subnet: Ipv6Net = "fd00:10:244:1::/124".parse().unwrap();
+        assert_eq!(capacity_v6(subnet), 15);
+        assert_eq!(capacity_v6("fd00::/128".parse().unwrap()), 0);
+        assert_eq!(capacity_v6("fd00::/64".parse().unwrap()), (1 << 64) - 1);
+        let mut st = IpamState::default();
+        for i in 0..15 {
+            let (ip, _) = st.allocate_v6(subnet, owner(&format!("c{i}"))).unwrap();
+            assert!(subnet.contains(&ip) && ip != subnet.network());
+        }
+        let err = st.allocate_v6(subnet, owner("c15")).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                IpamError::Exhausted {
+                    capacity: 15,
+                    subnet: IpNet::V6(_)
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("fd00:10:244:1::/124"), "{err}");
+        // The IPv4 family is not full because the IPv6 one is.
+        let v4: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        assert!(st.allocate(v4, owner("c15")).is_ok());
+        st.release_v6(&owner("c3"));
+        assert_eq!(
+            st.allocate_v6(subnet, owner("c15")).unwrap().0,
+            v6("fd00:10:244:1::4")
+        );
+    }
+
+    #[test]
+    fn the_ipv6_search_wraps_without_overflow_on_wide_subnets() {
+        let subnet: Ipv6Net = "fd00::/16".parse().unwrap();
+        let mut st = IpamState {
+            last_v6: Some(v6("fd00:ffff:ffff:ffff:ffff:ffff:ffff:fffe")),
+            ..Default::default()
+        };
+        let (a, _) = st.allocate_v6(subnet, owner("a")).unwrap();
+        assert_eq!(
+            a,
+            v6("fd00:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
+            "IPv6 has no broadcast"
+        );
+        let (b, _) = st.allocate_v6(subnet, owner("b")).unwrap();
+        assert_eq!(b, v6("fd00::1"), "wrapped past the end");
+        // A cursor outside the subnet starts the search at its beginning.
+        st.last_v6 = Some(v6("2001:db8::1"));
+        let (c, _) = st.allocate_v6(subnet, owner("c")).unwrap();
+        assert_eq!(c, v6("fd00::2"));
+    }
+
+    #[test]
+    fn both_families_or_neither() {
+        let v4: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let full: Ipv6Net = "fd00:10:244:1::/126".parse().unwrap();
+        let mut st = IpamState::default();
+        let got = st
+            .allocate_families(Some(v4), Some(full), owner("a"))
+            .unwrap();
+        assert_eq!(
+            got,
+            FamilyAddresses {
+                v4: Some((Ipv4Addr::new(10, 244, 1, 1), true)),
+                v6: Some((v6("fd00:10:244:1::1"), true)),
+            }
+        );
+        // Again: the same addresses, nothing new.
+        let again = st
+            .allocate_families(Some(v4), Some(full), owner("a"))
+            .unwrap();
+        assert_eq!(again.v4, Some((Ipv4Addr::new(10, 244, 1, 1), false)));
+        assert_eq!(again.v6, Some((v6("fd00:10:244:1::1"), false)));
+        for c in ["b", "c"] {
+            st.allocate_families(Some(v4), Some(full), owner(c))
+                .unwrap();
+        }
+        // The IPv6 subnet is full: d gets no IPv4 address either, and the state is unchanged.
+        let before = st.clone();
+        let err = st
+            .allocate_families(Some(v4), Some(full), owner("d"))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                IpamError::Exhausted {
+                    subnet: IpNet::V6(_),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(st, before);
+        // One family only, either one.
+        let only4 = st.allocate_families(Some(v4), None, owner("d")).unwrap();
+        assert!(only4.v4.is_some() && only4.v6.is_none());
+        let mut st6 = IpamState::default();
+        let only6 = st6.allocate_families(None, Some(full), owner("d")).unwrap();
+        assert!(only6.v4.is_none() && only6.v6.is_some());
+        assert!(st6.allocations.is_empty());
+        // DEL frees both; GC frees both families of what is not valid.
+        assert_eq!(
+            st.release_families(&owner("a")),
+            (
+                Some(Ipv4Addr::new(10, 244, 1, 1)),
+                Some(v6("fd00:10:244:1::1"))
+            )
+        );
+        assert_eq!(st.release_families(&owner("a")), (None, None));
+        let freed = st.collect_garbage(|o| o.container_id == "b");
+        assert_eq!(
+            freed.v4,
+            [Ipv4Addr::new(10, 244, 1, 3), Ipv4Addr::new(10, 244, 1, 4)]
+        );
+        assert_eq!(freed.v6, [v6("fd00:10:244:1::3")]);
+        assert_eq!(st.allocations.len(), 1);
+        assert_eq!(st.allocations_v6.len(), 1);
+        assert_eq!(st.lookup_v6(&owner("b")), Some(v6("fd00:10:244:1::2")));
+    }
+
+    #[test]
+    fn concurrent_dual_allocations_never_share_an_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let v4: Ipv4Net = "10.0.0.0/24".parse().unwrap();
+        let v6net: Ipv6Net = "fd00:10::/64".parse().unwrap();
+        let handles: Vec<_> = (0..24)
+            .map(|i| {
+                let d = dir.path().to_path_buf();
+                std::thread::spawn(move || {
+                    IpamStore::new(d)
+                        .update(|s| {
+                            s.allocate_families(Some(v4), Some(v6net), owner(&format!("c{i}")))
+                        })
+                        .unwrap()
+                        .unwrap()
+                })
+            })
+            .collect();
+        let got: Vec<FamilyAddresses> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let mut a4: Vec<_> = got.iter().map(|g| g.v4.unwrap().0).collect();
+        let mut a6: Vec<_> = got.iter().map(|g| g.v6.unwrap().0).collect();
+        a4.sort();
+        a4.dedup();
+        a6.sort();
+        a6.dedup();
+        assert_eq!((a4.len(), a6.len()), (24, 24));
+        let st = IpamStore::new(dir.path()).read().unwrap();
+        assert_eq!((st.allocations.len(), st.allocations_v6.len()), (24, 24));
     }
 }

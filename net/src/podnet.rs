@@ -2,7 +2,7 @@
 //! as a /32 and a default route through a link-local gateway that the host side of its veth
 //! answers for; the host routes the /32 to that veth. No bridge.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::LINK_PREFIX;
 
@@ -13,6 +13,28 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// Every host-side veth has this MAC, so the pod's static neighbour entry for [`GATEWAY`] is the
 /// same everywhere and survives the host side being re-created.
 pub const HOST_VETH_MAC: [u8; 6] = [0xee; 6];
+
+/// The pod's IPv6 next hop: the EUI-64 link-local address of [`HOST_VETH_MAC`]
+/// (`fe80::ecee:eeff:feee:eeee`), which the kernel gives every host-side veth by itself, so it is
+/// the same on every node and on every veth, like [`GATEWAY`]. The pod holds its IPv6 address as
+/// a /128 with `::/0` via this on its veth.
+pub const GATEWAY_V6: Ipv6Addr = eui64_link_local(HOST_VETH_MAC);
+
+/// The link-local address the kernel derives from `mac` (RFC 4291 appendix A: ff:fe in the
+/// middle, the universal/local bit flipped).
+pub const fn eui64_link_local(mac: [u8; 6]) -> Ipv6Addr {
+    let [a, b, c, d, e, f] = mac;
+    Ipv6Addr::new(
+        0xfe80,
+        0,
+        0,
+        0,
+        u16::from_be_bytes([a ^ 0x02, b]),
+        u16::from_be_bytes([c, 0xff]),
+        u16::from_be_bytes([0xfe, d]),
+        u16::from_be_bytes([e, f]),
+    )
+}
 
 /// Length of the hash part of a host-side veth name: `sl` + 13 hex digits = 15, the kernel's limit.
 const HASH_DIGITS: usize = 13;
@@ -104,6 +126,17 @@ mod tests {
         assert!(!is_host_ifname("sl0123"));
         assert!(!is_host_ifname("slXYZ4567890abc"));
         assert!(!is_host_ifname("eth0"));
+    }
+
+    #[test]
+    fn the_ipv6_gateway_is_the_host_veths_own_link_local_address() {
+        assert_eq!(GATEWAY_V6.to_string(), "fe80::ecee:eeff:feee:eeee");
+        assert!(GATEWAY_V6.is_unicast_link_local());
+        // The kernel's example, RFC 4291 appendix A / what `ip -6 addr` shows for 02:11:22:33:44:55.
+        assert_eq!(
+            eui64_link_local([0x02, 0x11, 0x22, 0x33, 0x44, 0x55]).to_string(),
+            "fe80::11:22ff:fe33:4455"
+        );
     }
 
     #[test]

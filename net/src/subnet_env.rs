@@ -1,8 +1,12 @@
 //! `/run/sluice/subnet.env`: the agent's word to the plugin about this node's subnet.
+//!
+//! The IPv4 pair (`SLUICE_NETWORK`, `SLUICE_SUBNET`) is always there so far; a node with IPv6
+//! adds `SLUICE_NETWORK6` and `SLUICE_SUBNET6` (DESIGN.md). A file from before IPv6 has no such
+//! keys and reads as IPv4 only.
 
 use crate::cidr::{self, UnsafeRange};
 use crate::file::{self, FileError};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use std::path::Path;
 
 pub const DEFAULT_PATH: &str = "/run/sluice/subnet.env";
@@ -22,7 +26,21 @@ pub struct SubnetEnv {
     /// [`sluice_policy::hostport::BACKEND_NAMES`]), where the plugin writes hostPort
     /// rules; absent until the agent has resolved it.
     pub policy_backend: Option<String>,
+    /// The node's IPv6 family, when the cluster runs one (`SLUICE_NETWORK6`, `SLUICE_SUBNET6`).
+    pub v6: Option<SubnetV6>,
 }
+
+/// The IPv6 half of a dual-stack node's subnet file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubnetV6 {
+    /// The IPv6 cluster CIDR (`SLUICE_NETWORK6`).
+    pub network: Ipv6Net,
+    /// This node's IPv6 pod subnet (`SLUICE_SUBNET6`).
+    pub subnet: Ipv6Net,
+}
+
+/// The longest IPv6 pod subnet: sixteen addresses (the agent's `subnet-length-v6` stops there).
+pub const MAX_SUBNET_LEN_V6: u8 = 124;
 
 /// The most the plugin reads of the file: the agent writes about a hundred bytes.
 pub const MAX_LEN: u64 = 64 * 1024;
@@ -99,6 +117,52 @@ impl SubnetEnv {
                 .map(|n| n.trunc())
                 .map_err(|e| bad(key, v, e.to_string()))
         };
+        let net6 = |key: &'static str| -> Result<Ipv6Net, SubnetEnvError> {
+            let v = lookup(key)?;
+            v.parse::<Ipv6Net>()
+                .map(|n| n.trunc())
+                .map_err(|e| bad(key, v, e.to_string()))
+        };
+        let has = |key: &str| {
+            text.lines()
+                .filter_map(|l| l.trim().split_once('='))
+                .any(|(k, _)| k.trim() == key)
+        };
+        let unsafe_range = |key: &'static str, source| SubnetEnvError::Unsafe {
+            path: origin.to_string(),
+            key,
+            source,
+        };
+        // Both keys or neither: a file with one of them is not what the agent writes.
+        let v6 = if has("SLUICE_NETWORK6") || has("SLUICE_SUBNET6") {
+            let v6 = SubnetV6 {
+                network: net6("SLUICE_NETWORK6")?,
+                subnet: net6("SLUICE_SUBNET6")?,
+            };
+            if v6.subnet.prefix_len() > MAX_SUBNET_LEN_V6 {
+                return Err(bad(
+                    "SLUICE_SUBNET6",
+                    &v6.subnet.to_string(),
+                    format!("an IPv6 pod subnet must be /{MAX_SUBNET_LEN_V6} or larger"),
+                ));
+            }
+            cidr::check_pod_range(v6.network.into())
+                .map_err(|e| unsafe_range("SLUICE_NETWORK6", e))?;
+            cidr::check_node_subnet(v6.network.into(), v6.subnet.into())
+                .map_err(|e| unsafe_range("SLUICE_SUBNET6", e))?;
+            Some(v6)
+        } else {
+            None
+        };
+        // An IPv6-only node (DESIGN.md: only the IPv6 pair) is a configuration this plugin
+        // cannot serve yet, not a node that is still starting: said so, not "try again".
+        if v6.is_some() && !has("SLUICE_NETWORK") && !has("SLUICE_SUBNET") {
+            return Err(bad(
+                "SLUICE_NETWORK",
+                "",
+                "absent beside SLUICE_NETWORK6: an IPv6-only node, which this sluice-cni does not serve yet (it gives pods IPv4 addresses)".into(),
+            ));
+        }
         let network = net("SLUICE_NETWORK")?;
         let subnet = net("SLUICE_SUBNET")?;
         let mtu_text = lookup("SLUICE_MTU")?;
@@ -133,11 +197,6 @@ impl SubnetEnv {
                 "a pod subnet must be /30 or larger".into(),
             ));
         }
-        let unsafe_range = |key: &'static str, source| SubnetEnvError::Unsafe {
-            path: origin.to_string(),
-            key,
-            source,
-        };
         cidr::check_pod_range(network.into()).map_err(|e| unsafe_range("SLUICE_NETWORK", e))?;
         cidr::check_node_subnet(network.into(), subnet.into())
             .map_err(|e| unsafe_range("SLUICE_SUBNET", e))?;
@@ -147,18 +206,25 @@ impl SubnetEnv {
             mtu,
             ipmasq,
             policy_backend,
+            v6,
         })
     }
 
     pub fn render(&self) -> String {
-        let mut s = format!(
+        let mut out = format!(
             "SLUICE_NETWORK={}\nSLUICE_SUBNET={}\nSLUICE_MTU={}\nSLUICE_IPMASQ={}\n",
             self.network, self.subnet, self.mtu, self.ipmasq
         );
-        if let Some(b) = &self.policy_backend {
-            s.push_str(&format!("SLUICE_POLICY_BACKEND={b}\n"));
+        if let Some(v6) = &self.v6 {
+            out.push_str(&format!(
+                "SLUICE_NETWORK6={}\nSLUICE_SUBNET6={}\n",
+                v6.network, v6.subnet
+            ));
         }
-        s
+        if let Some(b) = &self.policy_backend {
+            out.push_str(&format!("SLUICE_POLICY_BACKEND={b}\n"));
+        }
+        out
     }
 }
 
@@ -174,8 +240,117 @@ mod tests {
             mtu: 1450,
             ipmasq: false,
             policy_backend: None,
+            v6: None,
         };
         assert_eq!(SubnetEnv::parse(&env.render(), "t").unwrap(), env);
+        assert!(!env.render().contains("SLUICE_NETWORK6"));
+        let dual = SubnetEnv {
+            v6: Some(SubnetV6 {
+                network: "fd00:10:244::/56".parse().unwrap(),
+                subnet: "fd00:10:244:3::/64".parse().unwrap(),
+            }),
+            ..env
+        };
+        let text = dual.render();
+        assert!(
+            text.contains("SLUICE_NETWORK6=fd00:10:244::/56\nSLUICE_SUBNET6=fd00:10:244:3::/64\n"),
+            "{text}"
+        );
+        assert_eq!(SubnetEnv::parse(&text, "t").unwrap(), dual);
+    }
+
+    #[test]
+    fn a_file_from_before_ipv6_reads_as_ipv4_only() {
+        let env = SubnetEnv::parse(
+            "SLUICE_NETWORK=10.244.0.0/16\nSLUICE_SUBNET=10.244.3.0/24\nSLUICE_MTU=1450\nSLUICE_IPMASQ=true\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(env.v6, None);
+    }
+
+    #[test]
+    fn the_ipv6_pair_is_checked_like_the_ipv4_one() {
+        let base = "SLUICE_NETWORK=10.244.0.0/16\nSLUICE_SUBNET=10.244.3.0/24\nSLUICE_MTU=1450\n";
+        let with = |extra: &str| SubnetEnv::parse(&format!("{base}{extra}"), "t");
+        // Host bits are dropped, as for IPv4.
+        let env =
+            with("SLUICE_NETWORK6=\"fd00:10:244::/56\"\nSLUICE_SUBNET6=fd00:10:244:3::1/64\n")
+                .unwrap();
+        assert_eq!(env.v6.unwrap().subnet.to_string(), "fd00:10:244:3::/64");
+        for (extra, key, why) in [
+            (
+                "SLUICE_NETWORK6=fd00:10:244::/56\n",
+                "SLUICE_SUBNET6",
+                "missing",
+            ),
+            (
+                "SLUICE_SUBNET6=fd00:10:244:3::/64\n",
+                "SLUICE_NETWORK6",
+                "missing",
+            ),
+            (
+                "SLUICE_NETWORK6=fd00:10:244::/56\nSLUICE_SUBNET6=10.244.3.0/24\n",
+                "SLUICE_SUBNET6",
+                "does not parse",
+            ),
+            (
+                "SLUICE_NETWORK6=fd00:10:244::/56\nSLUICE_SUBNET6=fd00:10:244:3::/126\n",
+                "SLUICE_SUBNET6",
+                "/124 or larger",
+            ),
+            (
+                "SLUICE_NETWORK6=fe80::/56\nSLUICE_SUBNET6=fe80::/64\n",
+                "SLUICE_NETWORK6",
+                "link-local",
+            ),
+            (
+                "SLUICE_NETWORK6=fd00::/8\nSLUICE_SUBNET6=fd00::/64\n",
+                "SLUICE_NETWORK6",
+                "too broad",
+            ),
+            (
+                "SLUICE_NETWORK6=fd00:10:244::/56\nSLUICE_SUBNET6=fd00:10:245::/64\n",
+                "SLUICE_SUBNET6",
+                "outside",
+            ),
+        ] {
+            let e = with(extra).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(why), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_ipv6_only_file_is_refused_by_name_not_as_not_ready() {
+        let e = SubnetEnv::parse(
+            "SLUICE_NETWORK6=fd00:10:244::/56\nSLUICE_SUBNET6=fd00:10:244:3::/64\nSLUICE_MTU=1450\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SubnetEnvError::BadValue {
+                    key: "SLUICE_NETWORK",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(!e.is_not_ready());
+        assert!(e.to_string().contains("an IPv6-only node"), "{e}");
+    }
+
+    #[test]
+    fn the_policy_backend_round_trips_and_an_unknown_one_is_a_bad_value() {
+        let env = SubnetEnv {
+            network: "10.244.0.0/16".parse().unwrap(),
+            subnet: "10.244.3.0/24".parse().unwrap(),
+            mtu: 1450,
+            ipmasq: false,
+            policy_backend: None,
+            v6: None,
+        };
         assert!(!env.render().contains("SLUICE_POLICY_BACKEND"));
         for b in ["nftables", "iptables-legacy", "iptables-nft", "iptables"] {
             let env = SubnetEnv {
@@ -184,10 +359,6 @@ mod tests {
             };
             assert_eq!(SubnetEnv::parse(&env.render(), "t").unwrap(), env);
         }
-    }
-
-    #[test]
-    fn an_unknown_policy_backend_is_a_bad_value() {
         let e = SubnetEnv::parse(
             "SLUICE_NETWORK=10.244.0.0/16\nSLUICE_SUBNET=10.244.3.0/24\nSLUICE_MTU=1450\nSLUICE_POLICY_BACKEND=pf\n",
             "t",

@@ -1,7 +1,8 @@
 //! The standing fuzz targets of the node's subnet as the plugin takes it: `subnet.env` (any text,
 //! and round trips of what the agent writes), the pod-range rules (against the standard library's
 //! own address classes as an independent oracle), and address allocation (against the naive
-//! search it replaced, which listed the subnet). 1024 cases a property by default
+//! search it replaced, which listed the subnet), per family, and both families at once (all or
+//! nothing). 1024 cases a property by default
 //! (`PROPTEST_CASES` for more); failures' seeds in `proptest-regressions/fuzz_subnet.txt`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -132,10 +133,14 @@ proptest! {
     fn any_text_as_subnet_env_gives_a_safe_subnet_or_an_error(text in prop_oneof![
         ".{0,200}",
         "(SLUICE_(NETWORK|SUBNET|MTU|IPMASQ)=[0-9./a-z\"]{0,20}\n){0,6}",
+        "(SLUICE_(NETWORK6?|SUBNET6?|MTU|IPMASQ)=[0-9./a-f:\"]{0,24}\n){0,8}",
     ]) {
         match SubnetEnv::parse(&text, "fuzz") {
             Ok(env) => {
                 prop_assert_eq!(cidr::check_node_subnet(env.network.into(), env.subnet.into()), Ok(()));
+                if let Some(v6) = env.v6 {
+                    prop_assert_eq!(cidr::check_node_subnet(v6.network.into(), v6.subnet.into()), Ok(()));
+                }
                 prop_assert!((576..=65535).contains(&env.mtu));
                 // What was accepted reads back the same after the agent writes it.
                 prop_assert_eq!(SubnetEnv::parse(&env.render(), "fuzz").unwrap(), env);
@@ -154,7 +159,7 @@ proptest! {
     ) {
         let network = network.trunc();
         let subnet = Ipv4Net::new(v4_in(network, pick), sub_len.max(network.prefix_len())).unwrap().trunc();
-        let env = SubnetEnv { network, subnet, mtu, ipmasq, policy_backend: None };
+        let env = SubnetEnv { network, subnet, mtu, ipmasq, policy_backend: None, v6: None };
         let safe = cidr::check_pod_range(network.into()).is_ok() && cidr::check_node_subnet(network.into(), subnet.into()).is_ok();
         match SubnetEnv::parse(&env.render(), "fuzz") {
             Ok(back) => {
@@ -180,6 +185,20 @@ fn naive_choose(subnet: Ipv4Net, state: &IpamState) -> Option<Ipv4Addr> {
         .into_iter()
         .chain(before)
         .find(|a| !state.allocations.contains_key(a))
+}
+
+/// [`naive_choose`] for IPv6: list every address but the network one, start after the cursor.
+fn naive_choose_v6(subnet: Ipv6Net, state: &IpamState) -> Option<Ipv6Addr> {
+    let first = u128::from(subnet.network()) + 1;
+    let last = u128::from(subnet.broadcast());
+    let start = state.last_v6.filter(|l| subnet.contains(l)).map(u128::from);
+    let (after, before): (Vec<u128>, Vec<u128>) =
+        (first..=last).partition(|a| start.is_some_and(|s| *a > s));
+    after
+        .into_iter()
+        .chain(before)
+        .map(Ipv6Addr::from)
+        .find(|a| !state.allocations_v6.contains_key(a))
 }
 
 #[derive(Debug, Clone)]
@@ -226,8 +245,8 @@ proptest! {
                         }
                         Err(ipam::IpamError::Exhausted { capacity, .. }) => {
                             prop_assert_eq!(expected, None);
-                            prop_assert_eq!(state.allocations.len() as u64, capacity);
-                            prop_assert_eq!(capacity, ipam::capacity(subnet));
+                            prop_assert_eq!(state.allocations.len() as u128, capacity);
+                            prop_assert_eq!(capacity, u128::from(ipam::capacity(subnet)));
                         }
                         Err(e) => prop_assert!(false, "{e}"),
                     }
@@ -245,5 +264,94 @@ proptest! {
         // The state survives its file.
         let text = serde_json::to_vec(&state).unwrap();
         prop_assert_eq!(serde_json::from_slice::<IpamState>(&text).unwrap(), state);
+    }
+
+    #[test]
+    fn ipv6_allocation_matches_the_naive_search_and_never_shares(
+        base in any::<u128>(),
+        len in 120u8..=127,
+        ops in prop::collection::vec(prop_oneof![
+            6 => (0usize..300).prop_map(Op::Allocate),
+            3 => (0usize..300).prop_map(Op::Release),
+            1 => any::<u32>().prop_map(Op::Cursor),
+        ], 1..200),
+    ) {
+        let subnet = Ipv6Net::new(Ipv6Addr::from(base), len).unwrap().trunc();
+        let mut state = IpamState::default();
+        for op in ops {
+            match op {
+                Op::Allocate(i) => {
+                    let held = state.lookup_v6(&owner(i));
+                    let expected = held.map(Some).unwrap_or_else(|| naive_choose_v6(subnet, &state));
+                    match state.allocate_v6(subnet, owner(i)) {
+                        Ok((ip, fresh)) => {
+                            prop_assert_eq!(Some(ip), expected);
+                            prop_assert_eq!(fresh, held.is_none());
+                            prop_assert!(ip != subnet.network() && subnet.contains(&ip));
+                        }
+                        Err(ipam::IpamError::Exhausted { capacity, subnet: IpNet::V6(s) }) => {
+                            prop_assert_eq!(s, subnet);
+                            prop_assert_eq!(expected, None);
+                            prop_assert_eq!(state.allocations_v6.len() as u128, capacity);
+                            prop_assert_eq!(capacity, ipam::capacity_v6(subnet));
+                        }
+                        Err(e) => prop_assert!(false, "{e}"),
+                    }
+                }
+                Op::Release(i) => {
+                    let held = state.lookup_v6(&owner(i));
+                    prop_assert_eq!(state.release_v6(&owner(i)), held);
+                }
+                // Somewhere in or near the subnet, or anywhere.
+                Op::Cursor(c) => {
+                    let near = u128::from(subnet.network()).wrapping_add(u128::from(c % 512));
+                    state.last_v6 = Some(Ipv6Addr::from(if c % 3 == 0 { u128::from(c) } else { near }));
+                }
+            }
+            let owners: BTreeSet<&str> = state.allocations_v6.values().map(|o| o.container_id.as_str()).collect();
+            prop_assert_eq!(owners.len(), state.allocations_v6.len());
+            prop_assert!(state.allocations.is_empty());
+        }
+        let text = serde_json::to_vec(&state).unwrap();
+        prop_assert_eq!(serde_json::from_slice::<IpamState>(&text).unwrap(), state);
+    }
+
+    #[test]
+    fn a_dual_allocation_gets_both_families_or_changes_nothing(
+        len4 in 28u8..=30,
+        len6 in 124u8..=127,
+        ops in prop::collection::vec(prop_oneof![
+            3 => (0usize..40).prop_map(Op::Allocate),
+            1 => (0usize..40).prop_map(Op::Release),
+        ], 1..120),
+    ) {
+        let v4 = Ipv4Net::new(Ipv4Addr::new(10, 244, 1, 0), len4).unwrap();
+        let v6 = Ipv6Net::new("fd00:10:244:1::".parse().unwrap(), len6).unwrap();
+        let mut state = IpamState::default();
+        for op in ops {
+            match op {
+                Op::Allocate(i) => {
+                    let before = state.clone();
+                    match state.allocate_families(Some(v4), Some(v6), owner(i)) {
+                        Ok(got) => {
+                            prop_assert_eq!(got.v4.map(|a| a.0), state.lookup(&owner(i)));
+                            prop_assert_eq!(got.v6.map(|a| a.0), state.lookup_v6(&owner(i)));
+                            prop_assert!(got.v4.is_some() && got.v6.is_some());
+                        }
+                        Err(ipam::IpamError::Exhausted { .. }) => prop_assert_eq!(&state, &before),
+                        Err(e) => prop_assert!(false, "{e}"),
+                    }
+                }
+                Op::Release(i) => {
+                    let held = (state.lookup(&owner(i)), state.lookup_v6(&owner(i)));
+                    prop_assert_eq!(state.release_families(&owner(i)), held);
+                }
+                Op::Cursor(_) => {}
+            }
+            // Every attachment holds both families or neither.
+            let a4: BTreeSet<&str> = state.allocations.values().map(|o| o.container_id.as_str()).collect();
+            let a6: BTreeSet<&str> = state.allocations_v6.values().map(|o| o.container_id.as_str()).collect();
+            prop_assert_eq!(a4, a6);
+        }
     }
 }

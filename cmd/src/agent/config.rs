@@ -3,6 +3,7 @@
 //! bad value never half-applies and the agent keeps its last good configuration.
 
 use ipnet::Ipv4Net;
+use sluice_net::cidr::ClusterCidr;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,8 +35,12 @@ pub enum Mtu {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
-    pub cluster_cidr: Ipv4Net,
+    /// One range per family the cluster runs (IPv4, IPv6 or both).
+    pub cluster_cidr: ClusterCidr,
+    /// A node's IPv4 subnet's prefix length (`subnet-length`).
     pub subnet_length: u8,
+    /// A node's IPv6 subnet's prefix length (`subnet-length-v6`).
+    pub subnet_length_v6: u8,
     pub subnet_source: SubnetSource,
     pub encryption: Encryption,
     /// Where VXLAN carries pod traffic between nodes (live).
@@ -56,9 +61,11 @@ pub struct AgentConfig {
 impl Default for AgentConfig {
     fn default() -> Self {
         Self {
-            cluster_cidr: Ipv4Net::new(std::net::Ipv4Addr::new(10, 244, 0, 0), 16)
-                .unwrap_or_default(),
+            cluster_cidr: ClusterCidr::ipv4_only(
+                Ipv4Net::new(std::net::Ipv4Addr::new(10, 244, 0, 0), 16).unwrap_or_default(),
+            ),
             subnet_length: 24,
+            subnet_length_v6: 64,
             subnet_source: SubnetSource::Auto,
             encryption: Encryption::None,
             overlay: sluice_net::datapath::Overlay::Always,
@@ -76,10 +83,26 @@ impl Default for AgentConfig {
     }
 }
 
+impl AgentConfig {
+    /// The IPv4 cluster CIDR the agent runs on. The agent's datapath, subnet lease, subnet file
+    /// and masquerade are IPv4 only so far (issue 23 parses IPv6 but has not wired it), so an
+    /// IPv6-only `cluster-cidr` is refused here, by name, rather than run half-made: the agent
+    /// waits on it at start as on a bad value (`node_loop::read_config`).
+    pub fn ipv4_cluster_cidr(&self) -> Result<Ipv4Net, String> {
+        self.cluster_cidr.v4.ok_or_else(|| {
+            format!(
+                "cluster-cidr {} has no IPv4 range: this agent does not run IPv6-only clusters yet",
+                self.cluster_cidr
+            )
+        })
+    }
+}
+
 /// Every key of sluice-config (DESIGN.md); the manifest's ConfigMap has exactly these.
-pub const KEYS: [&str; 15] = [
+pub const KEYS: [&str; 16] = [
     "cluster-cidr",
     "subnet-length",
+    "subnet-length-v6",
     "subnet-source",
     "encryption",
     "overlay",
@@ -97,11 +120,13 @@ pub const KEYS: [&str; 15] = [
 
 /// One key that did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{key}: {value:?} is not {expected}")]
+#[error("{key}: {value:?} is not {expected}{}", .reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default())]
 pub struct BadValue {
     pub key: String,
     pub value: String,
     pub expected: &'static str,
+    /// What exactly is wrong, when more can be said than `expected`.
+    pub reason: Option<String>,
 }
 
 /// Why a ConfigMap was not taken: every bad key, and keys sluice does not know.
@@ -130,31 +155,39 @@ pub fn parse(data: &BTreeMap<String, String>) -> Result<AgentConfig, ConfigError
                 key: key.clone(),
                 value: raw.clone(),
                 expected: "a sluice-config key",
+                reason: None,
             });
             continue;
         }
         let v = raw.trim();
-        let mut bad = |expected: &'static str| {
+        let mut bad_because = |expected: &'static str, reason: Option<String>| {
             problems.push(BadValue {
                 key: key.clone(),
                 value: raw.clone(),
                 expected,
+                reason,
             })
         };
+        let mut bad = |expected: &'static str| bad_because(expected, None);
         match key.as_str() {
-            "cluster-cidr" => match v.parse::<Ipv4Net>() {
-                Ok(n) if n != n.trunc() => bad("an IPv4 CIDR with no host bits (e.g. 10.244.0.0/16)"),
-                // Loopback, link-local (every pod's gateway is 169.254.1.1), multicast, "this
-                // network", or wider than a /8: the CNI plugin would refuse every pod.
-                Ok(n) => match sluice_net::cidr::check_pod_range(n.into()) {
-                    Ok(()) => c.cluster_cidr = n,
-                    Err(_) => bad("a pod range: not loopback, link-local, multicast or 0.0.0.0/8, and no wider than a /8"),
-                },
-                _ => bad("an IPv4 CIDR with no host bits (e.g. 10.244.0.0/16)"),
+            // Loopback, link-local (every pod's gateway is 169.254.1.1), multicast, "this
+            // network", or wider than a /8 (IPv6: /16): the CNI plugin would refuse every pod.
+            "cluster-cidr" => match ClusterCidr::parse(v) {
+                Ok(n) => c.cluster_cidr = n,
+                Err(e) => bad_because(
+                    "one IPv4 CIDR, one IPv6 CIDR, or one of each comma-separated (e.g. 10.244.0.0/16,fd00:10:244::/56), each a pod range",
+                    Some(e.to_string()),
+                ),
             },
             "subnet-length" => match v.parse::<u8>() {
                 Ok(n) if (1..=30).contains(&n) => c.subnet_length = n,
                 _ => bad("a prefix length from 1 to 30"),
+            },
+            "subnet-length-v6" => match v.parse::<u8>() {
+                Ok(n) if (MIN_SUBNET_LENGTH_V6..=MAX_SUBNET_LENGTH_V6).contains(&n) => {
+                    c.subnet_length_v6 = n
+                }
+                _ => bad("a prefix length from 16 to 124"),
             },
             "subnet-source" => match v {
                 "auto" => c.subnet_source = SubnetSource::Auto,
@@ -215,18 +248,50 @@ pub fn parse(data: &BTreeMap<String, String>) -> Result<AgentConfig, ConfigError
             _ => bad("a sluice-config key"),
         }
     }
-    if problems.is_empty() && c.subnet_length <= c.cluster_cidr.prefix_len() {
-        problems.push(BadValue {
-            key: "subnet-length".into(),
-            value: c.subnet_length.to_string(),
-            expected: "longer than the cluster CIDR's prefix",
-        });
+    if problems.is_empty() {
+        problems.extend(subnet_length_problems(&c));
     }
     if problems.is_empty() {
         Ok(c)
     } else {
         Err(ConfigError { problems })
     }
+}
+
+/// The shortest and longest `subnet-length-v6`: no shorter than the shortest IPv6 pod range
+/// ([`sluice_net::cidr::MIN_PREFIX_V6`]), and at least 16 addresses per node.
+pub const MIN_SUBNET_LENGTH_V6: u8 = sluice_net::cidr::MIN_PREFIX_V6;
+pub const MAX_SUBNET_LENGTH_V6: u8 = 124;
+
+/// Each family's subnet length against that family's cluster CIDR. A family the cluster does
+/// not run has nothing to fit in: its length is not judged.
+///
+/// IPv4 subnets must be longer than the cluster CIDR (as before dual-stack); an IPv6 subnet may
+/// be the whole IPv6 cluster CIDR (a /64 cluster CIDR with `subnet-length-v6` 64 is one node, as
+/// kube-controller-manager allows), since IPv6 ranges are commonly handed out as exactly a /64.
+fn subnet_length_problems(c: &AgentConfig) -> Vec<BadValue> {
+    let mut problems = Vec::new();
+    if let Some(v4) = c.cluster_cidr.v4 {
+        if c.subnet_length <= v4.prefix_len() {
+            problems.push(BadValue {
+                key: "subnet-length".into(),
+                value: c.subnet_length.to_string(),
+                expected: "longer than the cluster CIDR's prefix",
+                reason: Some(format!("the IPv4 cluster CIDR is {v4}")),
+            });
+        }
+    }
+    if let Some(v6) = c.cluster_cidr.v6 {
+        if c.subnet_length_v6 < v6.prefix_len() {
+            problems.push(BadValue {
+                key: "subnet-length-v6".into(),
+                value: c.subnet_length_v6.to_string(),
+                expected: "at least the IPv6 cluster CIDR's prefix",
+                reason: Some(format!("the IPv6 cluster CIDR is {v6}")),
+            });
+        }
+    }
+    problems
 }
 
 /// Parses a ConfigMap's `data` as the API server sent it, before any typed decoding: a value that
@@ -247,6 +312,7 @@ pub fn parse_data_json(data: Option<&serde_json::Value>) -> Result<AgentConfig, 
                         key: key.clone(),
                         value: other.to_string(),
                         expected: "a string (ConfigMap values are strings: quote it)",
+                        reason: None,
                     }),
                 }
             }
@@ -255,6 +321,7 @@ pub fn parse_data_json(data: Option<&serde_json::Value>) -> Result<AgentConfig, 
             key: "data".into(),
             value: other.to_string(),
             expected: "a map of strings",
+            reason: None,
         }),
     }
     match parse(&strings) {
@@ -289,6 +356,9 @@ pub fn needs_restart(old: &AgentConfig, new: &AgentConfig) -> Vec<&'static str> 
     }
     if old.subnet_length != new.subnet_length {
         keys.push("subnet-length");
+    }
+    if old.subnet_length_v6 != new.subnet_length_v6 {
+        keys.push("subnet-length-v6");
     }
     if old.subnet_source != new.subnet_source {
         keys.push("subnet-source");
@@ -330,6 +400,7 @@ mod tests {
         let c = parse(&BTreeMap::new()).unwrap();
         assert_eq!(c, AgentConfig::default());
         assert_eq!(c.cluster_cidr.to_string(), "10.244.0.0/16");
+        assert_eq!((c.cluster_cidr.v6, c.subnet_length_v6), (None, 64));
         assert_eq!(
             (c.health_port, c.vxlan_port, c.wireguard_port),
             (9099, 8472, 51820)
@@ -341,6 +412,7 @@ mod tests {
         let c = parse(&data(&[
             ("cluster-cidr", "10.42.0.0/16"),
             ("subnet-length", "26"),
+            ("subnet-length-v6", "80"),
             ("subnet-source", "node-podcidr"),
             ("encryption", "wireguard"),
             ("overlay", "cross-subnet"),
@@ -355,7 +427,7 @@ mod tests {
             ("policy-log-drops", "true"),
         ]))
         .unwrap();
-        assert_eq!(c.subnet_length, 26);
+        assert_eq!((c.subnet_length, c.subnet_length_v6), (26, 80));
         assert_eq!(c.subnet_source, SubnetSource::NodePodCidr);
         assert_eq!(c.encryption, Encryption::Wireguard);
         assert_eq!(c.overlay, sluice_net::datapath::Overlay::CrossSubnet);
@@ -454,5 +526,95 @@ mod tests {
         assert!(needs_restart(&a, &b).is_empty());
         b.vxlan_port = 4789;
         assert_eq!(needs_restart(&a, &b), ["vxlan-port"]);
+    }
+
+    #[test]
+    fn cluster_cidr_takes_either_family_or_both() {
+        let c = parse(&data(&[("cluster-cidr", "10.244.0.0/16,fd00:10:244::/56")])).unwrap();
+        assert_eq!(c.cluster_cidr.v4, Some("10.244.0.0/16".parse().unwrap()));
+        assert_eq!(c.cluster_cidr.v6, Some("fd00:10:244::/56".parse().unwrap()));
+        assert_eq!((c.subnet_length, c.subnet_length_v6), (24, 64));
+        let c = parse(&data(&[
+            ("cluster-cidr", "fd00:10:244::/48"),
+            ("subnet-length-v6", "80"),
+        ]))
+        .unwrap();
+        assert_eq!(c.cluster_cidr.v4, None);
+        assert_eq!(c.subnet_length_v6, 80);
+        let e = c.ipv4_cluster_cidr().unwrap_err();
+        assert!(
+            e.contains("no IPv4 range") && e.contains("fd00:10:244::/48"),
+            "{e}"
+        );
+        // IPv6 only: subnet-length has no IPv4 range to fit in and is not judged.
+        assert!(parse(&data(&[
+            ("cluster-cidr", "fd00:10:244::/48"),
+            ("subnet-length", "8"),
+        ]))
+        .is_ok());
+    }
+
+    #[test]
+    fn a_bad_cluster_cidr_says_what_is_wrong() {
+        for (text, why) in [
+            ("10.1.0.0/16,10.2.0.0/16", "two IPv4 CIDRs"),
+            ("fd00:1::/48,fd00:2::/48", "two IPv6 CIDRs"),
+            ("10.1.0.0/16,fd00::/48,fd01::/48", "3 CIDRs"),
+            ("fd00:10:244::1/56", "host bits"),
+            ("fe80::/64", "link-local"),
+            ("10.244.0.0/16,fd00::/12", "too broad"),
+            ("", "no CIDR"),
+            ("10.244.0.0/16;fd00::/48", "not a CIDR"),
+        ] {
+            let e = parse(&data(&[("cluster-cidr", text)])).unwrap_err();
+            assert_eq!(e.problems.len(), 1, "{text}: {e}");
+            assert_eq!(e.problems[0].key, "cluster-cidr", "{text}");
+            let shown = e.to_string();
+            assert!(shown.contains(why), "{text}: {shown}");
+            assert!(shown.contains("one of each comma-separated"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn subnet_length_v6_fits_the_ipv6_cluster_cidr() {
+        // A /64 cluster CIDR cut into /64s: one node's worth, allowed.
+        let c = parse(&data(&[("cluster-cidr", "fd00:10:244::/64")])).unwrap();
+        assert_eq!(c.subnet_length_v6, 64);
+        let e = parse(&data(&[
+            ("cluster-cidr", "10.244.0.0/16,fd00:10:244::/64"),
+            ("subnet-length-v6", "60"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert_eq!(e.problems[0].key, "subnet-length-v6");
+        assert!(e.to_string().contains("fd00:10:244::/64"), "{e}");
+        // Both families wrong: both reported.
+        let e = parse(&data(&[
+            ("cluster-cidr", "10.244.0.0/24,fd00:10:244::/64"),
+            ("subnet-length", "24"),
+            ("subnet-length-v6", "56"),
+        ]))
+        .unwrap_err();
+        let keys: Vec<_> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["subnet-length", "subnet-length-v6"]);
+        for bad in ["0", "15", "125", "128", "64.0", "-64", "x"] {
+            let e = parse(&data(&[("subnet-length-v6", bad)])).unwrap_err();
+            assert_eq!(e.problems[0].key, "subnet-length-v6", "{bad}");
+            assert!(e.to_string().contains("from 16 to 124"), "{e}");
+        }
+        // Without IPv6 in the cluster CIDR the length is still checked as a value.
+        assert!(parse(&data(&[("subnet-length-v6", "120")])).is_ok());
+    }
+
+    #[test]
+    fn the_families_need_a_restart() {
+        let a = AgentConfig::default();
+        let b = parse(&data(&[
+            ("cluster-cidr", "10.244.0.0/16,fd00:10:244::/56"),
+            ("subnet-length-v6", "72"),
+        ]))
+        .unwrap();
+        assert_eq!(needs_restart(&a, &b), ["cluster-cidr", "subnet-length-v6"]);
+        assert_eq!(with_live_keys(&a, &b).cluster_cidr, a.cluster_cidr);
     }
 }

@@ -2,7 +2,7 @@
 //! it writes (`NetworkUnavailable`).
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, NodeSpec};
 use kube::api::{Api, Patch, PatchParams};
 use std::net::Ipv4Addr;
 
@@ -10,8 +10,32 @@ use std::net::Ipv4Addr;
 pub struct NodeFacts {
     pub uid: String,
     pub internal_ip: Option<Ipv4Addr>,
-    /// `spec.podCIDRs` (or the older `spec.podCIDR`) as far as it parses as IPv4.
+    /// `spec.podCIDRs` (or the older `spec.podCIDR`): its IPv4 range.
     pub pod_cidr: Option<ipnet::Ipv4Net>,
+    /// `spec.podCIDRs`: its IPv6 range (a dual-stack or IPv6-only cluster's).
+    pub pod_cidr_v6: Option<ipnet::Ipv6Net>,
+}
+
+/// The Node's pod ranges per family: the first of each family in `spec.podCIDRs`, then in the
+/// older `spec.podCIDR` (kube-controller-manager writes one of each family, the primary first,
+/// and `podCIDR` equal to the first). What does not parse as a CIDR is skipped.
+pub fn pod_cidrs(spec: Option<&NodeSpec>) -> (Option<ipnet::Ipv4Net>, Option<ipnet::Ipv6Net>) {
+    let all: Vec<ipnet::IpNet> = spec
+        .and_then(|s| s.pod_cidrs.as_ref())
+        .into_iter()
+        .flatten()
+        .chain(spec.and_then(|s| s.pod_cidr.as_ref()))
+        .filter_map(|c| c.trim().parse().ok())
+        .collect();
+    let v4 = all.iter().find_map(|n| match n {
+        ipnet::IpNet::V4(n) => Some(*n),
+        ipnet::IpNet::V6(_) => None,
+    });
+    let v6 = all.iter().find_map(|n| match n {
+        ipnet::IpNet::V6(n) => Some(*n),
+        ipnet::IpNet::V4(_) => None,
+    });
+    (v4, v6)
 }
 
 pub async fn facts(nodes: &Api<Node>, name: &str) -> Result<NodeFacts> {
@@ -25,17 +49,12 @@ pub async fn facts(nodes: &Api<Node>, name: &str) -> Result<NodeFacts> {
         .and_then(|s| s.addresses.as_ref())
         .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
         .and_then(|a| a.address.parse().ok());
-    let spec = node.spec.as_ref();
-    let pod_cidr = spec
-        .and_then(|s| s.pod_cidrs.as_ref())
-        .into_iter()
-        .flatten()
-        .chain(spec.and_then(|s| s.pod_cidr.as_ref()))
-        .find_map(|c| c.parse().ok());
+    let (pod_cidr, pod_cidr_v6) = pod_cidrs(node.spec.as_ref());
     Ok(NodeFacts {
         uid: node.metadata.uid.unwrap_or_default(),
         internal_ip,
         pod_cidr,
+        pod_cidr_v6,
     })
 }
 
@@ -86,6 +105,47 @@ pub async fn set_network_available(nodes: &Api<Node>, name: &str, available: boo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec(pod_cidrs: &[&str], pod_cidr: Option<&str>) -> NodeSpec {
+        NodeSpec {
+            pod_cidrs: Some(pod_cidrs.iter().map(|s| s.to_string()).collect()),
+            pod_cidr: pod_cidr.map(Into::into),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pod_cidrs_of_both_families_are_read() {
+        let v4 = |s: &str| Some(s.parse::<ipnet::Ipv4Net>().unwrap());
+        let v6 = |s: &str| Some(s.parse::<ipnet::Ipv6Net>().unwrap());
+        // Dual-stack, either family first (the primary is first).
+        for spec in [
+            spec(
+                &["10.244.2.0/24", "fd00:10:244:2::/64"],
+                Some("10.244.2.0/24"),
+            ),
+            spec(
+                &["fd00:10:244:2::/64", "10.244.2.0/24"],
+                Some("fd00:10:244:2::/64"),
+            ),
+        ] {
+            assert_eq!(
+                pod_cidrs(Some(&spec)),
+                (v4("10.244.2.0/24"), v6("fd00:10:244:2::/64"))
+            );
+        }
+        assert_eq!(
+            pod_cidrs(Some(&spec(&["fd00:10:244:2::/64"], None))),
+            (None, v6("fd00:10:244:2::/64"))
+        );
+        // Only the older field, and garbage skipped.
+        assert_eq!(
+            pod_cidrs(Some(&spec(&["nonsense"], Some("10.244.2.0/24")))),
+            (v4("10.244.2.0/24"), None)
+        );
+        assert_eq!(pod_cidrs(None), (None, None));
+        assert_eq!(pod_cidrs(Some(&NodeSpec::default())), (None, None));
+    }
 
     #[test]
     fn the_condition_says_unavailable_until_the_datapath_is_up() {

@@ -44,6 +44,8 @@ pub struct NodeLoop {
     store: KubeLeases,
     skips: Arc<tolerant::Skips>,
     cfg: AgentConfig,
+    /// `cluster-cidr`'s IPv4 range, checked at the start (it needs a restart to change).
+    cluster_v4: ipnet::Ipv4Net,
     /// This node's record before the backends add theirs (name, underlay, VTEP MAC).
     base_record: NodeRecord,
     held: Held,
@@ -84,11 +86,19 @@ pub async fn read_config(api: &Api<DynamicObject>, health: &Health) -> Result<Ag
             None
         }
     };
+    // An IPv6-only cluster-cidr parses but is not run yet: the agent waits on it as on a bad
+    // value, saying why on /readyz, rather than exit.
     match config::parse_data_json(data.as_ref()) {
-        Ok(c) => {
-            health.update(|s| s.config_error = None);
-            Ok(c)
-        }
+        Ok(c) => match c.ipv4_cluster_cidr() {
+            Ok(_) => {
+                health.update(|s| s.config_error = None);
+                Ok(c)
+            }
+            Err(why) => {
+                health.update(|s| s.config_error = Some(why.clone()));
+                Err(anyhow::Error::msg(why))
+            }
+        },
         Err(e) => {
             health.update(|s| s.config_error = Some(e.to_string()));
             Err(e.into())
@@ -171,6 +181,10 @@ impl NodeLoop {
         hostport_backend: super::hostports::Resolved,
     ) -> Result<Self> {
         let node = args.node_name.clone();
+        let cluster_v4 = cfg.ipv4_cluster_cidr().map_err(anyhow::Error::msg)?;
+        if let Some(v6) = cfg.cluster_cidr.v6 {
+            tracing::warn!(cluster_cidr_v6 = %v6, "cluster-cidr has an IPv6 range, which this agent does not wire yet: pods get IPv4 addresses only");
+        }
         let nodes: Api<Node> = Api::all(client.clone());
         let skips = Arc::new(tolerant::Skips::default());
         let store = KubeLeases::new(
@@ -293,6 +307,7 @@ impl NodeLoop {
             store,
             skips,
             cfg,
+            cluster_v4,
             base_record,
             held,
             datapath,
@@ -350,11 +365,13 @@ impl NodeLoop {
         }
         self.keep_lease(&dp_cfg).await;
         let env = SubnetEnv {
-            network: self.cfg.cluster_cidr,
+            network: self.cluster_v4,
             subnet: self.held.record.subnet,
             mtu: pod_mtu(&self.cfg, self.underlay.mtu),
             ipmasq: self.cfg.masquerade,
             policy_backend: self.hostport_backend.get().map(|b| b.name().to_string()),
+            // The agent takes no IPv6 subnet yet (issue 23): the file stays IPv4 only.
+            v6: None,
         };
         match write_subnet_env(&self.args.subnet_file, &env) {
             // Restored only once the plugin is told the same backend (an ADD after this
@@ -699,9 +716,8 @@ impl NodeLoop {
             underlay_ip: self.vxlan.underlay_ip,
             port: self.vxlan.port,
         };
-        let masq =
-            sluice_net::masq::plan(self.cfg.cluster_cidr, self.cfg.masquerade, Some(untracked))
-                .with_mss_clamp(self.cfg.cluster_cidr);
+        let masq = sluice_net::masq::plan(self.cluster_v4, self.cfg.masquerade, Some(untracked))
+            .with_mss_clamp(self.cluster_v4);
         if let Err(e) = self.masq.sync(&masq).await {
             tracing::warn!(error = %e, "masquerade sync failed; will retry");
         }

@@ -9,18 +9,21 @@ use ipnet::Ipv4Net;
 use sluice_net::lease::store::{
     acquire, publish, AcquireError, AcquireRequest, LeaseStore, StoreError,
 };
-use sluice_net::lease::{self, LeaseView, NodeOwner, NodeRecord, SubnetPool, DEFAULT_LEASE_SECS};
+use sluice_net::lease::{
+    self, FamilyNet, LeaseView, NodeOwner, NodeRecord, SubnetPool, DEFAULT_LEASE_SECS,
+};
 use std::time::SystemTime;
 
 /// Where this node's subnet comes from, this time.
+/// One family's: IPv4 ([`Ipv4Net`], the default) or IPv6 (`Ipv6Net`), each decided alike.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SubnetChoice {
+pub enum SubnetChoice<N = Ipv4Net> {
     /// The Node's `spec.podCIDR`, published in the lease named from it.
-    PodCidr(Ipv4Net),
+    PodCidr(N),
     /// A lease sluice takes itself, asking first for `prefer`; `why` says why not the podCIDR
     /// (under `auto`), for the log.
     Lease {
-        prefer: Option<Ipv4Net>,
+        prefer: Option<N>,
         why: Option<String>,
     },
 }
@@ -32,12 +35,18 @@ pub enum SubnetChoice {
 /// - `auto`: the podCIDR, except when the node has none, when it lies outside `cluster-cidr`,
 ///   or when the node's running pods use another subnet (a cluster that leased its subnets
 ///   before): moving them would take every pod off the network, so the old subnet is kept.
-pub fn choose(
+///
+/// Per family: a dual-stack node decides its IPv4 and its IPv6 subnet each with this.
+pub fn choose<N: FamilyNet>(
     source: SubnetSource,
-    pod_cidr: Option<Ipv4Net>,
-    used_before: Option<Ipv4Net>,
-    cluster_cidr: Ipv4Net,
-) -> Result<SubnetChoice, String> {
+    pod_cidr: Option<N>,
+    used_before: Option<N>,
+    cluster_cidr: N,
+) -> Result<SubnetChoice<N>, String> {
+    let inside = |p: N| {
+        let (cluster, p): (ipnet::IpNet, ipnet::IpNet) = (cluster_cidr.into(), p.into());
+        cluster.contains(&p)
+    };
     let lease = |why: Option<String>| SubnetChoice::Lease {
         prefer: used_before,
         why,
@@ -49,7 +58,7 @@ pub fn choose(
             .ok_or_else(|| "subnet-source is node-podcidr but the node has no spec.podCIDR yet".into()),
         SubnetSource::Auto => Ok(match pod_cidr {
             None => lease(Some("the node has no spec.podCIDR".into())),
-            Some(p) if !cluster_cidr.contains(&p) => lease(Some(format!(
+            Some(p) if !inside(p) => lease(Some(format!(
                 "its spec.podCIDR {p} is outside cluster-cidr {cluster_cidr}"
             ))),
             Some(p) => match used_before {
@@ -123,11 +132,15 @@ pub async fn take(store: &KubeLeases, req: TakeRequest<'_>) -> Result<Held> {
     if let (Some(old), None) = (legacy_mine, req.prefer) {
         tracing::info!(node, subnet = %old, "moving this node's lease from kube-system to sluice-system");
     }
+    let cluster_v4 = req.cfg.ipv4_cluster_cidr().map_err(anyhow::Error::msg)?;
+    if let (Some(v6), Some(_)) = (req.facts.pod_cidr_v6, req.cfg.cluster_cidr.v6) {
+        tracing::info!(node, pod_cidr_v6 = %v6, "the node's IPv6 podCIDR is not used yet: sluice wires IPv4 only");
+    }
     let choice = choose(
         req.cfg.subnet_source,
         req.facts.pod_cidr,
         used_before,
-        req.cfg.cluster_cidr,
+        cluster_v4,
     )
     .map_err(anyhow::Error::msg)?;
     if let SubnetChoice::PodCidr(subnet) = choice {
@@ -157,7 +170,7 @@ pub async fn take(store: &KubeLeases, req: TakeRequest<'_>) -> Result<Held> {
         .cloned()
         .collect();
     let req = AcquireRequest {
-        pool: SubnetPool::new(req.cfg.cluster_cidr, req.cfg.subnet_length)?,
+        pool: SubnetPool::new(cluster_v4, req.cfg.subnet_length)?,
         record: req.record.clone(),
         owner: Some(req.owner.clone()),
         duration_secs: DEFAULT_LEASE_SECS,
@@ -235,5 +248,33 @@ mod tests {
             Ok(SubnetChoice::PodCidr(net("10.244.2.0/24")))
         );
         assert!(choose(SubnetSource::NodePodCidr, None, None, cluster).is_err());
+    }
+
+    #[test]
+    fn ipv6_subnets_are_chosen_by_the_same_rules() {
+        let n6 = |s: &str| s.parse::<ipnet::Ipv6Net>().unwrap();
+        let cluster = n6("fd00:10:244::/56");
+        let pod = Some(n6("fd00:10:244:2::/64"));
+        assert_eq!(
+            choose(SubnetSource::Auto, pod, None, cluster),
+            Ok(SubnetChoice::PodCidr(n6("fd00:10:244:2::/64")))
+        );
+        assert!(matches!(
+            choose(SubnetSource::Auto, Some(n6("fd00:99::/64")), None, cluster).unwrap(),
+            SubnetChoice::Lease { why: Some(w), .. } if w.contains("outside")
+        ));
+        let kept = choose(
+            SubnetSource::Auto,
+            pod,
+            Some(n6("fd00:10:244::/64")),
+            cluster,
+        )
+        .unwrap();
+        assert!(
+            matches!(kept, SubnetChoice::Lease { prefer: Some(p), .. } if p == n6("fd00:10:244::/64"))
+        );
+        let e =
+            choose::<ipnet::Ipv6Net>(SubnetSource::NodePodCidr, None, None, cluster).unwrap_err();
+        assert!(e.contains("no spec.podCIDR"), "{e}");
     }
 }

@@ -2,9 +2,10 @@
 //! when sluice is chained after another plugin.
 
 use super::CniVersion;
-use ipnet::Ipv4Net;
+use crate::podnet::{GATEWAY, GATEWAY_V6};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::{json, Map, Value};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interface {
@@ -29,6 +30,7 @@ pub struct Route {
     pub gw: Option<Ipv4Addr>,
 }
 
+/// An IPv4-only result (what the plugin builds so far); rendered as [`AddResultAny`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AddResult {
     pub interfaces: Vec<Interface>,
@@ -37,9 +39,105 @@ pub struct AddResult {
 }
 
 impl AddResult {
+    /// The result JSON for `version`: see [`AddResultAny::render`].
+    pub fn render(&self, version: CniVersion, prev: Option<&Value>, dns: Option<&Value>) -> Value {
+        AddResultAny::from(self).render(version, prev, dns)
+    }
+}
+
+/// An address of either family in a result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpConfigAny {
+    pub address: IpNet,
+    pub gateway: Option<IpAddr>,
+    /// Index into this result's own `interfaces`.
+    pub interface: Option<usize>,
+}
+
+/// A route of either family in a result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteAny {
+    pub dst: IpNet,
+    pub gw: Option<IpAddr>,
+}
+
+/// A result whose `ips` and `routes` may be of both families (dual-stack and IPv6-only pods).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AddResultAny {
+    pub interfaces: Vec<Interface>,
+    pub ips: Vec<IpConfigAny>,
+    pub routes: Vec<RouteAny>,
+}
+
+impl From<&AddResult> for AddResultAny {
+    fn from(r: &AddResult) -> Self {
+        Self {
+            interfaces: r.interfaces.clone(),
+            ips: r
+                .ips
+                .iter()
+                .map(|ip| IpConfigAny {
+                    address: ip.address.into(),
+                    gateway: ip.gateway.map(IpAddr::V4),
+                    interface: ip.interface,
+                })
+                .collect(),
+            routes: r
+                .routes
+                .iter()
+                .map(|rt| RouteAny {
+                    dst: rt.dst.into(),
+                    gw: rt.gw.map(IpAddr::V4),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The result of wiring one pod: the host-side veth and the pod's interface (`interfaces` 0 and
+/// 1), and for each family it has an address of, that address as a host route (/32, /128) via
+/// the family's link-local gateway ([`GATEWAY`], [`GATEWAY_V6`]) and a default route through it.
+/// IPv4 comes first, as in the node's `spec.podCIDRs` of a dual-stack cluster.
+pub fn pod_result(
+    host: Interface,
+    pod: Interface,
+    v4: Option<Ipv4Addr>,
+    v6: Option<Ipv6Addr>,
+) -> AddResultAny {
+    let mut out = AddResultAny {
+        interfaces: vec![host, pod],
+        ..Default::default()
+    };
+    if let Some(ip) = v4 {
+        out.ips.push(IpConfigAny {
+            address: IpNet::V4(Ipv4Net::from(ip)),
+            gateway: Some(IpAddr::V4(GATEWAY)),
+            interface: Some(1),
+        });
+        out.routes.push(RouteAny {
+            dst: IpNet::V4(Ipv4Net::default()),
+            gw: Some(IpAddr::V4(GATEWAY)),
+        });
+    }
+    if let Some(ip) = v6 {
+        out.ips.push(IpConfigAny {
+            address: IpNet::V6(Ipv6Net::from(ip)),
+            gateway: Some(IpAddr::V6(GATEWAY_V6)),
+            interface: Some(1),
+        });
+        out.routes.push(RouteAny {
+            dst: IpNet::V6(Ipv6Net::default()),
+            gw: Some(IpAddr::V6(GATEWAY_V6)),
+        });
+    }
+    out
+}
+
+impl AddResultAny {
     /// The result JSON for `version`. With `prev` (the chain's `prevResult`), sluice's interfaces,
     /// addresses and routes are appended to it and everything else it carries is kept; `dns` from
-    /// the network configuration is used when the chain has none.
+    /// the network configuration is used when the chain has none. Before 1.0.0 each address says
+    /// its family (`"version": "4"` or `"6"`).
     pub fn render(&self, version: CniVersion, prev: Option<&Value>, dns: Option<&Value>) -> Value {
         let mut out: Map<String, Value> = prev
             .and_then(|p| p.as_object().cloned())
@@ -65,7 +163,11 @@ impl AddResult {
         ips.extend(self.ips.iter().map(|ip| {
             let mut o = Map::new();
             if version < CniVersion::V1_0_0 {
-                o.insert("version".into(), "4".into());
+                let family = match ip.address {
+                    IpNet::V4(_) => "4",
+                    IpNet::V6(_) => "6",
+                };
+                o.insert("version".into(), family.into());
             }
             o.insert("address".into(), ip.address.to_string().into());
             if let Some(gw) = ip.gateway {
@@ -126,16 +228,42 @@ fn take_array(out: &mut Map<String, Value>, key: &str) -> Vec<Value> {
 
 /// The address `prev` (a `prevResult`) assigns to the interface `ifname` inside a sandbox, if any.
 pub fn address_of(prev: &Value, ifname: &str) -> Option<Ipv4Net> {
-    let interfaces = prev.get("interfaces")?.as_array()?;
-    let index = interfaces.iter().position(|i| {
+    addresses_of(prev, ifname)
+        .into_iter()
+        .find_map(|a| match a {
+            IpNet::V4(a) => Some(a),
+            IpNet::V6(_) => None,
+        })
+}
+
+/// The IPv6 address `prev` assigns to the interface `ifname` inside a sandbox, if any.
+pub fn address_of_v6(prev: &Value, ifname: &str) -> Option<Ipv6Net> {
+    addresses_of(prev, ifname)
+        .into_iter()
+        .find_map(|a| match a {
+            IpNet::V6(a) => Some(a),
+            IpNet::V4(_) => None,
+        })
+}
+
+/// Every address, of either family, `prev` assigns to the interface `ifname` inside a sandbox.
+fn addresses_of(prev: &Value, ifname: &str) -> Vec<IpNet> {
+    let Some(interfaces) = prev.get("interfaces").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    let Some(index) = interfaces.iter().position(|i| {
         i.get("name").and_then(Value::as_str) == Some(ifname)
             && i.get("sandbox").is_some_and(|s| !s.is_null())
-    })?;
-    prev.get("ips")?
-        .as_array()?
-        .iter()
+    }) else {
+        return Vec::new();
+    };
+    prev.get("ips")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
         .filter(|ip| ip.get("interface").and_then(Value::as_u64) == Some(index as u64))
-        .find_map(|ip| ip.get("address")?.as_str()?.parse().ok())
+        .filter_map(|ip| ip.get("address")?.as_str()?.parse().ok())
+        .collect()
 }
 
 #[cfg(test)]
@@ -253,5 +381,136 @@ mod tests {
             Some(&json!({"nameservers": ["10.96.0.10"]})),
         );
         assert_eq!(j["dns"]["nameservers"][0], "10.96.0.10");
+    }
+
+    fn interfaces() -> (Interface, Interface) {
+        let r = sample();
+        (r.interfaces[0].clone(), r.interfaces[1].clone())
+    }
+
+    fn dual() -> AddResultAny {
+        let (host, pod) = interfaces();
+        pod_result(
+            host,
+            pod,
+            Some(Ipv4Addr::new(10, 244, 3, 5)),
+            Some("fd00:10:244:3::5".parse().unwrap()),
+        )
+    }
+
+    #[test]
+    fn the_builder_gives_what_the_ipv4_plugin_gives_today() {
+        let (host, pod) = interfaces();
+        let built = pod_result(host, pod, Some(Ipv4Addr::new(10, 244, 3, 5)), None);
+        assert_eq!(built, AddResultAny::from(&sample()));
+        for v in CniVersion::ALL {
+            assert_eq!(
+                built.render(v, None, None),
+                sample().render(v, None, None),
+                "{v}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_dual_stack_result_carries_both_families_in_every_version() {
+        let r = dual();
+        for v in CniVersion::ALL {
+            let j = r.render(v, None, None);
+            assert_eq!(j["cniVersion"], v.as_str());
+            let ips = j["ips"].as_array().unwrap();
+            assert_eq!(ips.len(), 2, "{v}");
+            assert_eq!(ips[0]["address"], "10.244.3.5/32");
+            assert_eq!(ips[0]["gateway"], "169.254.1.1");
+            assert_eq!(ips[1]["address"], "fd00:10:244:3::5/128");
+            assert_eq!(ips[1]["gateway"], "fe80::ecee:eeff:feee:eeee");
+            assert!(ips.iter().all(|ip| ip["interface"] == 1), "{v}");
+            if v < CniVersion::V1_0_0 {
+                assert_eq!(
+                    (&ips[0]["version"], &ips[1]["version"]),
+                    (&json!("4"), &json!("6")),
+                    "{v}"
+                );
+            } else {
+                assert!(ips.iter().all(|ip| ip.get("version").is_none()), "{v}");
+            }
+            assert_eq!(
+                j["routes"],
+                json!([
+                    {"dst": "0.0.0.0/0", "gw": "169.254.1.1"},
+                    {"dst": "::/0", "gw": "fe80::ecee:eeff:feee:eeee"}
+                ]),
+                "{v}"
+            );
+            assert_eq!(j["interfaces"][1]["sandbox"], "/run/netns/p");
+            assert_eq!(
+                j["interfaces"][1].get("mtu").is_some(),
+                v >= CniVersion::V1_1_0,
+                "{v}"
+            );
+            assert_eq!(
+                address_of(&j, "eth0"),
+                Some("10.244.3.5/32".parse().unwrap())
+            );
+            assert_eq!(
+                address_of_v6(&j, "eth0"),
+                Some("fd00:10:244:3::5/128".parse().unwrap())
+            );
+        }
+    }
+
+    #[test]
+    fn an_ipv6_only_result_has_no_ipv4_address_or_route() {
+        let (host, pod) = interfaces();
+        let r = pod_result(host, pod, None, Some("fd00:10:244:3::5".parse().unwrap()));
+        for v in CniVersion::ALL {
+            let j = r.render(v, None, None);
+            assert_eq!(j["ips"].as_array().unwrap().len(), 1, "{v}");
+            assert_eq!(j["ips"][0]["address"], "fd00:10:244:3::5/128");
+            if v < CniVersion::V1_0_0 {
+                assert_eq!(j["ips"][0]["version"], "6", "{v}");
+            }
+            assert_eq!(
+                j["routes"],
+                json!([{"dst": "::/0", "gw": "fe80::ecee:eeff:feee:eeee"}]),
+                "{v}"
+            );
+            assert_eq!(address_of(&j, "eth0"), None);
+            assert!(address_of_v6(&j, "eth0").is_some());
+        }
+        // No address at all: the interfaces only (a node with no subnet never gets here).
+        let (host, pod) = interfaces();
+        let none = pod_result(host, pod, None, None);
+        assert!(none.ips.is_empty() && none.routes.is_empty());
+    }
+
+    #[test]
+    fn a_dual_result_chains_onto_a_previous_one() {
+        let prev = json!({
+            "cniVersion": "0.4.0",
+            "interfaces": [{"name": "dummy0", "mac": "aa:aa:aa:aa:aa:aa", "sandbox": "/run/netns/p"}],
+            "ips": [{"version": "6", "address": "fd99::9/64", "interface": 0}],
+            "routes": [{"dst": "::/0", "gw": "fd99::1"}]
+        });
+        let j = dual().render(CniVersion::V0_4_0, Some(&prev), None);
+        let ips = j["ips"].as_array().unwrap();
+        assert_eq!(ips.len(), 3);
+        assert_eq!(
+            (&ips[1]["interface"], &ips[2]["interface"]),
+            (&json!(2), &json!(2))
+        );
+        // The chain's IPv6 default route stays, sluice's IPv4 one is added.
+        assert_eq!(
+            j["routes"],
+            json!([{"dst": "::/0", "gw": "fd99::1"}, {"dst": "0.0.0.0/0", "gw": "169.254.1.1"}])
+        );
+        assert_eq!(
+            address_of_v6(&j, "dummy0"),
+            Some("fd99::9/64".parse().unwrap())
+        );
+        assert_eq!(
+            address_of_v6(&j, "eth0"),
+            Some("fd00:10:244:3::5/128".parse().unwrap())
+        );
     }
 }

@@ -11,9 +11,9 @@ pub mod store;
 #[cfg(test)]
 mod tests;
 
-use ipnet::Ipv4Net;
-use std::collections::{BTreeMap, HashSet};
-use std::net::Ipv4Addr;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, SystemTime};
 
 /// Every lease sluice makes is named `sluice-` + the subnet with dots and slash as dashes.
@@ -40,13 +40,10 @@ pub const DEFAULT_LEASE_SECS: u32 = 40;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LeaseError {
-    #[error("lease name {name:?} is not `{LEASE_PREFIX}A-B-C-D-LEN`")]
+    #[error("lease name {name:?} is not `{LEASE_PREFIX}A-B-C-D-LEN` (IPv6: the address's colons as dashes)")]
     BadName { name: String },
     #[error("subnet length /{subnet_len} does not fit in cluster CIDR {cluster_cidr}")]
-    BadSubnetLength {
-        cluster_cidr: Ipv4Net,
-        subnet_len: u8,
-    },
+    BadSubnetLength { cluster_cidr: IpNet, subnet_len: u8 },
 }
 
 /// Why a lease's annotations are not a usable node record. The peer is skipped with this reason.
@@ -88,6 +85,136 @@ pub fn parse_lease_name(name: &str) -> Result<Ipv4Net, LeaseError> {
         return Err(bad());
     }
     Ok(net)
+}
+
+/// The lease name of an IPv6 `subnet`: its canonical text with colons and the slash as dashes,
+/// `fd00:10:244:3::/64` → `sluice-fd00-10-244-3---64` (DESIGN.md). No IPv4 name reads as one
+/// (an IPv4 name has four groups and no `::`), so the two families never share a name.
+pub fn lease_name_v6(subnet: Ipv6Net) -> String {
+    let text = format!("{}-{}", subnet.network(), subnet.prefix_len());
+    format!("{LEASE_PREFIX}{}", text.replace(':', "-"))
+}
+
+/// The IPv6 subnet a lease name stands for; the inverse of [`lease_name_v6`], canonical form
+/// only (lower case, shortest `::`, no host bits), so one subnet has one name.
+pub fn parse_lease_name_v6(name: &str) -> Result<Ipv6Net, LeaseError> {
+    let bad = || LeaseError::BadName { name: name.into() };
+    let rest = name.strip_prefix(LEASE_PREFIX).ok_or_else(bad)?;
+    let (addr, len) = rest.rsplit_once('-').ok_or_else(bad)?;
+    let addr: Ipv6Addr = addr.replace('-', ":").parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    let net = Ipv6Net::new(addr, len).map_err(|_| bad())?;
+    if net.network() != addr || lease_name_v6(net) != name {
+        return Err(bad());
+    }
+    Ok(net)
+}
+
+/// A family's subnet type: [`Ipv4Net`] or [`Ipv6Net`]. Subnet choice ([`SubnetPool`],
+/// [`choose_subnet`]) is written once for both through it.
+pub trait FamilyNet:
+    Copy + Ord + std::fmt::Debug + std::fmt::Display + Into<IpNet> + Send + Sync + 'static
+{
+    /// The longest subnet a node may hold (IPv4 /30: two pods; IPv6 /124: sixteen addresses).
+    const MAX_SUBNET_LEN: u8;
+    fn lease_name(self) -> String;
+    fn parse_lease_name(name: &str) -> Result<Self, LeaseError>;
+    /// `net` if it is of this family.
+    fn of(net: IpNet) -> Option<Self>;
+}
+
+impl FamilyNet for Ipv4Net {
+    const MAX_SUBNET_LEN: u8 = 30;
+    fn lease_name(self) -> String {
+        lease_name(self)
+    }
+    fn parse_lease_name(name: &str) -> Result<Self, LeaseError> {
+        parse_lease_name(name)
+    }
+    fn of(net: IpNet) -> Option<Self> {
+        match net {
+            IpNet::V4(n) => Some(n),
+            IpNet::V6(_) => None,
+        }
+    }
+}
+
+impl FamilyNet for Ipv6Net {
+    const MAX_SUBNET_LEN: u8 = 124;
+    fn lease_name(self) -> String {
+        lease_name_v6(self)
+    }
+    fn parse_lease_name(name: &str) -> Result<Self, LeaseError> {
+        parse_lease_name_v6(name)
+    }
+    fn of(net: IpNet) -> Option<Self> {
+        match net {
+            IpNet::V6(n) => Some(n),
+            IpNet::V4(_) => None,
+        }
+    }
+}
+
+/// A range as the first and last address, as numbers, and the family's width in bits.
+fn bounds(net: IpNet) -> (u128, u128, u32) {
+    match net.trunc() {
+        IpNet::V4(n) => (
+            u128::from(u32::from(n.network())),
+            u128::from(u32::from(n.broadcast())),
+            32,
+        ),
+        IpNet::V6(n) => (u128::from(n.network()), u128::from(n.broadcast()), 128),
+    }
+}
+
+/// The lowest `/subnet_len` of `cluster` that overlaps none of `taken` (ranges of any length,
+/// of either family: the other family's never overlap). Its cost follows `taken`, not the size
+/// of `cluster`: a run of taken subnets is jumped over, never walked, which an IPv6 cluster CIDR
+/// with 2^48 subnets of /64 needs.
+pub fn lowest_free(cluster: IpNet, subnet_len: u8, taken: &[IpNet]) -> Option<IpNet> {
+    let cluster = cluster.trunc();
+    let (first, last, bits) = bounds(cluster);
+    if subnet_len < cluster.prefix_len() || u32::from(subnet_len) > bits {
+        return None;
+    }
+    let step = 1u128.checked_shl(bits - u32::from(subnet_len))?;
+    let mut blocked: Vec<(u128, u128)> = taken
+        .iter()
+        .filter(|t| {
+            matches!(
+                (t, cluster),
+                (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_))
+            )
+        })
+        .map(|t| {
+            let (a, b, _) = bounds(*t);
+            (a, b)
+        })
+        .filter(|&(a, b)| b >= first && a <= last)
+        .collect();
+    blocked.sort_unstable();
+    let mut cand = first;
+    for (a, b) in blocked {
+        if b < cand {
+            continue;
+        }
+        if a > cand + (step - 1) {
+            break;
+        }
+        // `cand` overlaps [a, b]: the next candidate is the first subnet after b.
+        cand = (b - first) / step * step + first;
+        cand = cand.checked_add(step)?;
+        if cand > last {
+            return None;
+        }
+    }
+    let addr: IpNet = match cluster {
+        IpNet::V4(_) => {
+            IpNet::V4(Ipv4Net::new(Ipv4Addr::from(u32::try_from(cand).ok()?), subnet_len).ok()?)
+        }
+        IpNet::V6(_) => IpNet::V6(Ipv6Net::new(Ipv6Addr::from(cand), subnet_len).ok()?),
+    };
+    Some(addr)
 }
 
 /// What a node tells its peers, published in its lease's annotations.
@@ -283,28 +410,31 @@ pub fn renew_due(view: &LeaseView, now: SystemTime) -> bool {
         .is_ok_and(|elapsed| elapsed >= renew_interval(secs))
 }
 
-/// The subnets a cluster CIDR is cut into, validated once.
+/// The subnets a cluster CIDR of one family is cut into, validated once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SubnetPool {
-    cluster_cidr: Ipv4Net,
+pub struct SubnetPool<N: FamilyNet = Ipv4Net> {
+    cluster_cidr: N,
     subnet_len: u8,
 }
 
-impl SubnetPool {
-    pub fn new(cluster_cidr: Ipv4Net, subnet_len: u8) -> Result<Self, LeaseError> {
-        if subnet_len < cluster_cidr.prefix_len() || subnet_len > 30 {
-            return Err(LeaseError::BadSubnetLength {
-                cluster_cidr,
-                subnet_len,
-            });
+impl<N: FamilyNet> SubnetPool<N> {
+    /// A pool of `/subnet_len` subnets; the length may equal the cluster CIDR's (one subnet).
+    pub fn new(cluster_cidr: N, subnet_len: u8) -> Result<Self, LeaseError> {
+        let net: IpNet = cluster_cidr.into();
+        let bad = LeaseError::BadSubnetLength {
+            cluster_cidr: net,
+            subnet_len,
+        };
+        if subnet_len < net.prefix_len() || subnet_len > N::MAX_SUBNET_LEN {
+            return Err(bad);
         }
         Ok(Self {
-            cluster_cidr: cluster_cidr.trunc(),
+            cluster_cidr: N::of(net.trunc()).ok_or(bad)?,
             subnet_len,
         })
     }
 
-    pub fn cluster_cidr(&self) -> Ipv4Net {
+    pub fn cluster_cidr(&self) -> N {
         self.cluster_cidr
     }
 
@@ -313,12 +443,20 @@ impl SubnetPool {
     }
 
     /// True when `subnet` is one of the pool's subnets.
-    pub fn contains(&self, subnet: Ipv4Net) -> bool {
+    pub fn contains(&self, subnet: N) -> bool {
+        let (subnet, cluster): (IpNet, IpNet) = (subnet.into(), self.cluster_cidr.into());
         subnet.prefix_len() == self.subnet_len
             && subnet.network() == subnet.addr()
-            && self.cluster_cidr.contains(&subnet)
+            && cluster.contains(&subnet)
     }
 
+    /// The lowest subnet of the pool that overlaps none of `taken` ([`lowest_free`]).
+    pub fn lowest_free(&self, taken: &[IpNet]) -> Option<N> {
+        lowest_free(self.cluster_cidr.into(), self.subnet_len, taken).and_then(N::of)
+    }
+}
+
+impl SubnetPool<Ipv4Net> {
     /// Every subnet of the pool, lowest first.
     pub fn subnets(&self) -> impl Iterator<Item = Ipv4Net> {
         self.cluster_cidr
@@ -330,23 +468,23 @@ impl SubnetPool {
 
 /// What a node does about its subnet, given every sluice lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub enum Decision<N = Ipv4Net> {
     /// A lease held by this node already: renew it (update conditioned on `resource_version`).
     /// A restarted node gets its own subnet back this way.
     Keep {
         name: String,
-        subnet: Ipv4Net,
+        subnet: N,
         resource_version: Option<String>,
     },
     /// An expired lease of another (or a deleted) node: take it over with an update conditioned
     /// on `resource_version`, so that of two nodes racing for it one wins.
     TakeExpired {
         name: String,
-        subnet: Ipv4Net,
+        subnet: N,
         resource_version: Option<String>,
     },
     /// No lease names this subnet: create one (the API server's name uniqueness arbitrates).
-    CreateNew { subnet: Ipv4Net },
+    CreateNew { subnet: N },
     /// Every subnet has a valid lease of another node.
     Exhausted,
 }
@@ -358,23 +496,24 @@ pub enum Decision {
 /// 4. the lowest subnet whose lease expired;
 /// 5. else [`Decision::Exhausted`].
 ///
-/// A valid lease of another node is never taken. Leases with names that are not sluice's are
-/// ignored.
-pub fn choose_subnet(
-    pool: &SubnetPool,
+/// A valid lease of another node is never taken. Leases with names that are not sluice's, or
+/// name a subnet of the other family, are ignored. Both families use it: an IPv6 pool reads the
+/// IPv6 lease names ([`lease_name_v6`]), and its cost follows the leases, not the pool's size.
+pub fn choose_subnet<N: FamilyNet>(
+    pool: &SubnetPool<N>,
     my_node: &str,
     leases: &[LeaseView],
     now: SystemTime,
-    prefer: Option<Ipv4Net>,
-) -> Decision {
-    let mut named: Vec<(Ipv4Net, &LeaseView)> = leases
+    prefer: Option<N>,
+) -> Decision<N> {
+    let mut named: Vec<(N, &LeaseView)> = leases
         .iter()
-        .filter_map(|l| parse_lease_name(&l.name).ok().map(|s| (s, l)))
+        .filter_map(|l| N::parse_lease_name(&l.name).ok().map(|s| (s, l)))
         .collect();
     named.sort_by_key(|(s, _)| *s);
     let prefer = prefer.filter(|p| pool.contains(*p));
 
-    let mine: Vec<&(Ipv4Net, &LeaseView)> = named
+    let mine: Vec<&(N, &LeaseView)> = named
         .iter()
         .filter(|(s, l)| pool.contains(*s) && l.holder.as_deref() == Some(my_node))
         .collect();
@@ -390,20 +529,16 @@ pub fn choose_subnet(
         };
     }
 
-    let exact: HashSet<Ipv4Net> = named.iter().map(|(s, _)| *s).collect();
-    // Leases of other lengths (the subnet length was changed) still block what they overlap.
-    let odd: Vec<Ipv4Net> = named
-        .iter()
-        .map(|(s, _)| *s)
-        .filter(|s| s.prefix_len() != pool.subnet_len())
-        .collect();
-    let free = |cand: &Ipv4Net| {
-        !exact.contains(cand)
-            && !odd
-                .iter()
-                .any(|o| o.contains(&cand.network()) || cand.contains(&o.network()))
+    // Every lease blocks what it overlaps, leases of other lengths too (the subnet length was
+    // changed).
+    let taken: Vec<IpNet> = named.iter().map(|(s, _)| (*s).into()).collect();
+    let free = |cand: &N| {
+        let cand: IpNet = (*cand).into();
+        !taken
+            .iter()
+            .any(|o| o.contains(&cand.network()) || cand.contains(&o.network()))
     };
-    let expired = |cand: &Ipv4Net| {
+    let expired = |cand: &N| {
         named
             .iter()
             .find(|(s, _)| s == cand)
@@ -423,7 +558,7 @@ pub fn choose_subnet(
             return d;
         }
     }
-    if let Some(subnet) = pool.subnets().find(free) {
+    if let Some(subnet) = pool.lowest_free(&taken) {
         return Decision::CreateNew { subnet };
     }
     named

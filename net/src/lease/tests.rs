@@ -581,3 +581,212 @@ fn the_fake_store_has_the_api_servers_preconditions() {
         ));
     });
 }
+
+fn net6(s: &str) -> Ipv6Net {
+    s.parse().unwrap()
+}
+
+/// A lease of the IPv6 `subnet` held by `holder`, renewed at `renewed` for 40 s.
+fn lease6(subnet: &str, holder: &str, renewed: u64) -> LeaseView {
+    LeaseView {
+        name: lease_name_v6(net6(subnet)),
+        holder: Some(holder.into()),
+        acquire_time: Some(at(renewed)),
+        renew_time: Some(at(renewed)),
+        duration_secs: Some(40),
+        resource_version: Some(format!("rv-{subnet}")),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn ipv6_lease_names_round_trip_and_never_read_as_the_other_family() {
+    assert_eq!(
+        lease_name_v6(net6("fd00:10:244:3::/64")),
+        "sluice-fd00-10-244-3---64"
+    );
+    assert_eq!(lease_name_v6(net6("2001:db8::/48")), "sluice-2001-db8---48");
+    for subnet in [
+        "fd00:10:244:3::/64",
+        "2001:db8:0:1:2:3:4:0/120",
+        "fd00::/16",
+    ] {
+        let n = net6(subnet);
+        assert_eq!(parse_lease_name_v6(&lease_name_v6(n)), Ok(n), "{subnet}");
+        assert!(parse_lease_name(&lease_name_v6(n)).is_err(), "{subnet}");
+    }
+    assert!(parse_lease_name_v6(&lease_name(net("10.244.3.0/24"))).is_err());
+    for bad in [
+        "sluice-FD00-10-244-3---64",       // upper case
+        "sluice-fd00-10-244-3-0-0-0-0-64", // not the shortest form
+        "sluice-fd00-10-244-3--1-64",      // host bits
+        "sluice-fd00-10-244-3---129",
+        "sluice-fd00-10-244-3--",
+        "sluice-fd00-10-244-3---064",
+        "other-fd00---64",
+        "sluice-",
+    ] {
+        assert!(parse_lease_name_v6(bad).is_err(), "{bad} must not parse");
+    }
+}
+
+#[test]
+fn ipv6_subnet_choice_follows_the_ipv4_rules() {
+    let pool = SubnetPool::new(net6("fd00:10:244::/56"), 64).unwrap();
+    let now = at(1000);
+    let fresh = |s: &str, holder: &str| lease6(s, holder, 990);
+    let got = |leases: &[LeaseView], prefer: Option<&str>| {
+        choose_subnet(&pool, "me", leases, now, prefer.map(net6))
+    };
+    assert_eq!(
+        got(&[], None),
+        Decision::CreateNew {
+            subnet: net6("fd00:10:244::/64")
+        }
+    );
+    // The lowest free one, past the taken ones; IPv4 leases are not in the way.
+    let taken = [
+        fresh("fd00:10:244::/64", "a"),
+        fresh("fd00:10:244:1::/64", "b"),
+        lease("10.244.0.0/24", "c", 990),
+    ];
+    assert_eq!(
+        got(&taken, None),
+        Decision::CreateNew {
+            subnet: net6("fd00:10:244:2::/64")
+        }
+    );
+    // Its own lease is kept; a preferred free one is created; another node's valid one is not.
+    let mut with_mine = taken.to_vec();
+    with_mine.push(fresh("fd00:10:244:7::/64", "me"));
+    assert!(matches!(
+        got(&with_mine, None),
+        Decision::Keep { subnet, .. } if subnet == net6("fd00:10:244:7::/64")
+    ));
+    assert_eq!(
+        got(&taken, Some("fd00:10:244:9::/64")),
+        Decision::CreateNew {
+            subnet: net6("fd00:10:244:9::/64")
+        }
+    );
+    assert_eq!(
+        got(&taken, Some("fd00:10:244:1::/64")),
+        Decision::CreateNew {
+            subnet: net6("fd00:10:244:2::/64")
+        }
+    );
+    // A preference outside the pool (another length) is no preference.
+    assert_eq!(
+        got(&taken, Some("fd00:10:244:9::/80")),
+        Decision::CreateNew {
+            subnet: net6("fd00:10:244:2::/64")
+        }
+    );
+    // A lease of another length (subnet-length-v6 was changed) blocks what it overlaps.
+    let odd = [fresh("fd00:10:244::/62", "a")];
+    assert_eq!(
+        got(&odd, None),
+        Decision::CreateNew {
+            subnet: net6("fd00:10:244:4::/64")
+        }
+    );
+}
+
+#[test]
+fn a_slash_64_cluster_cidr_cut_into_slash_64s_is_one_node() {
+    let pool = SubnetPool::new(net6("fd00:10:244::/64"), 64).unwrap();
+    let now = at(1000);
+    let first = choose_subnet(&pool, "a", &[], now, None);
+    assert_eq!(
+        first,
+        Decision::CreateNew {
+            subnet: net6("fd00:10:244::/64")
+        }
+    );
+    let held = [lease6("fd00:10:244::/64", "a", 990)];
+    assert_eq!(
+        choose_subnet(&pool, "b", &held, now, None),
+        Decision::Exhausted
+    );
+    assert!(matches!(
+        choose_subnet(&pool, "a", &held, now, None),
+        Decision::Keep { .. }
+    ));
+    // Once a's lease has expired, b may take it over.
+    let gone = [lease6("fd00:10:244::/64", "a", 100)];
+    assert!(matches!(
+        choose_subnet(&pool, "b", &gone, now, None),
+        Decision::TakeExpired { subnet, .. } if subnet == net6("fd00:10:244::/64")
+    ));
+}
+
+#[test]
+fn ipv6_pools_check_their_lengths() {
+    assert!(SubnetPool::new(net6("fd00:10:244::/56"), 55).is_err());
+    assert!(SubnetPool::new(net6("fd00:10:244::/56"), 125).is_err());
+    assert!(SubnetPool::new(net6("fd00:10:244::/56"), 124).is_ok());
+    let e = SubnetPool::new(net6("fd00:10:244::/56"), 48).unwrap_err();
+    assert!(e.to_string().contains("fd00:10:244::/56"), "{e}");
+    // The IPv4 pool's bounds are as before.
+    assert!(SubnetPool::new(net("10.244.0.0/16"), 16).is_ok());
+}
+
+#[test]
+fn the_free_subnet_search_jumps_over_what_is_taken() {
+    let cidr: IpNet = "fd00::/16".parse().unwrap();
+    // 2^48 candidates; a /20 and a run of /64s in the way are jumped over, not walked.
+    let mut taken: Vec<IpNet> = vec!["fd00::/20".parse().unwrap()];
+    taken.extend((0..1000u16).map(|i| format!("fd00:1000:0:{i:x}::/64").parse::<IpNet>().unwrap()));
+    let started = std::time::Instant::now();
+    assert_eq!(
+        lowest_free(cidr, 64, &taken),
+        Some("fd00:1000:0:3e8::/64".parse().unwrap())
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // The whole range taken by one wider range: nothing free.
+    assert_eq!(lowest_free(cidr, 64, &["fd00::/12".parse().unwrap()]), None);
+    // The last subnet of the range.
+    assert_eq!(
+        lowest_free(
+            "fd00:10:244::/62".parse().unwrap(),
+            64,
+            &[
+                "fd00:10:244::/63".parse().unwrap(),
+                "fd00:10:244:2::/64".parse().unwrap()
+            ]
+        ),
+        Some("fd00:10:244:3::/64".parse().unwrap())
+    );
+    // The other family's ranges never block.
+    assert_eq!(
+        lowest_free(
+            "10.244.0.0/16".parse().unwrap(),
+            24,
+            &["fd00::/16".parse().unwrap()]
+        ),
+        Some("10.244.0.0/24".parse().unwrap())
+    );
+    // A length the range cannot be cut into.
+    assert_eq!(lowest_free(cidr, 8, &[]), None);
+    assert_eq!(lowest_free(cidr, 129, &[]), None);
+}
+
+proptest::proptest! {
+    /// For IPv4 the jumping search finds what walking every subnet finds.
+    #[test]
+    fn the_free_subnet_search_agrees_with_walking_every_subnet(
+        taken in proptest::collection::vec((0u32..64, 20u8..=28), 0..24),
+        len in 22u8..=26,
+    ) {
+        let cluster: Ipv4Net = "10.244.0.0/20".parse().unwrap();
+        let taken: Vec<IpNet> = taken
+            .into_iter()
+            .map(|(i, l)| IpNet::V4(Ipv4Net::new(Ipv4Addr::from(u32::from(cluster.network()) + i * 64), l).unwrap().trunc()))
+            .collect();
+        let walked = cluster.subnets(len).unwrap().find(|c| {
+            let c = IpNet::V4(*c);
+            !taken.iter().any(|t| t.contains(&c.network()) || c.contains(&t.network()))
+        });
+        proptest::prop_assert_eq!(lowest_free(cluster.into(), len, &taken), walked.map(IpNet::V4));
+    }
+}
