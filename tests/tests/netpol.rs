@@ -861,14 +861,122 @@ fn cases(env: &Env) -> Vec<Case> {
             ),
             |_, t, _| t.ns != "y" || t.pod == "a",
         ),
+        Case {
+            name: "ClusterNetworkPolicy priority changed at run time: Accept moved above Deny",
+            steps: vec![
+                step(
+                    format!(
+                        "{}{}",
+                        cnp("accept-z", "Admin", 20, "x", "  - action: Accept\n    from:\n    - namespaces:\n        matchLabels: {ns: \"z\"}"),
+                        cnp("deny-z", "Admin", 10, "x", "  - action: Deny\n    from:\n    - namespaces:\n        matchLabels: {ns: \"z\"}"),
+                    ),
+                    BASIC,
+                    |f, t, _| !(t.ns == "x" && f.ns == "z"),
+                ),
+                step(
+                    cnp("accept-z", "Admin", 5, "x", "  - action: Accept\n    from:\n    - namespaces:\n        matchLabels: {ns: \"z\"}"),
+                    BASIC,
+                    |_, _, _| true,
+                ),
+            ],
+            undo: vec![args(&["delete", "clusternetworkpolicies", "--all"])],
+        },
+        Case {
+            name: "ClusterNetworkPolicy subject picked up by a namespace label added at run time",
+            steps: vec![
+                step(
+                    cnp_spec(
+                        "guard",
+                        "Admin",
+                        1,
+                        "    namespaces:\n      matchLabels: {guard: \"on\"}",
+                        "ingress",
+                        "  - action: Deny\n    from:\n    - namespaces: {}",
+                    ),
+                    BASIC,
+                    |_, _, _| true,
+                ),
+                kubectl_step(
+                    &["label", "namespace", "y", "guard=on"],
+                    BASIC,
+                    |_, t, _| t.ns != "y",
+                ),
+            ],
+            undo: vec![
+                args(&["delete", "clusternetworkpolicies", "--all"]),
+                args(&["label", "namespace", "y", "guard-"]),
+            ],
+        },
+        Case {
+            name: "ClusterNetworkPolicy peer picked up by a namespace label added at run time",
+            steps: vec![
+                step(
+                    cnp("deny-bad", "Admin", 1, "x", "  - action: Deny\n    from:\n    - namespaces:\n        matchLabels: {peer: \"bad\"}"),
+                    BASIC,
+                    |_, _, _| true,
+                ),
+                kubectl_step(
+                    &["label", "namespace", "z", "peer=bad"],
+                    BASIC,
+                    |f, t, _| !(t.ns == "x" && f.ns == "z"),
+                ),
+            ],
+            undo: vec![
+                args(&["delete", "clusternetworkpolicies", "--all"]),
+                args(&["label", "namespace", "z", "peer-"]),
+            ],
+        },
+        cnp_case(
+            "ClusterNetworkPolicy Admin Deny of egress from x to a CIDR (y/b's address)",
+            cnp_spec(
+                "deny-cidr",
+                "Admin",
+                1,
+                "    namespaces:\n      matchLabels: {ns: \"x\"}",
+                "egress",
+                &format!("  - action: Deny\n    to:\n    - networks: [\"{yb}/32\"]"),
+            ),
+            move |f, t, _| !(f.ns == "x" && t.ip == yb),
+        ),
+        Case {
+            name: "ClusterNetworkPolicy Admin Deny into x on the named port serve-81-tcp",
+            steps: vec![step(
+                cnp("deny-81", "Admin", 1, "x", "  - action: Deny\n    from:\n    - namespaces: {}\n    protocols:\n    - destinationNamedPort: serve-81-tcp"),
+                ALL_PORTS,
+                |_, t, port| !(t.ns == "x" && port == TCP81),
+            )],
+            undo: vec![args(&["delete", "clusternetworkpolicies", "--all"])],
+        },
     ]
+}
+
+/// A ClusterNetworkPolicy with `subject` (YAML under `subject:`) and rules `rules` (YAML list
+/// items) in `direction` (`ingress` or `egress`).
+fn cnp_spec(
+    name: &str,
+    tier: &str,
+    priority: i32,
+    subject: &str,
+    direction: &str,
+    rules: &str,
+) -> String {
+    format!(
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata:\n  name: {name}\nspec:\n  tier: {tier}\n  priority: {priority}\n  subject:\n{subject}\n  {direction}:\n{rules}\n---\n"
+    )
 }
 
 /// A ClusterNetworkPolicy (`policy.networking.k8s.io/v1alpha2`) whose subject is namespace
 /// `subject_ns`, with ingress rules `ingress` (YAML list items).
 fn cnp(name: &str, tier: &str, priority: i32, subject_ns: &str, ingress: &str) -> String {
-    format!(
-        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata:\n  name: {name}\nspec:\n  tier: {tier}\n  priority: {priority}\n  subject:\n    namespaces:\n      matchLabels: {{kubernetes.io/metadata.name: \"{subject_ns}\"}}\n  ingress:\n{ingress}\n---\n"
+    cnp_spec(
+        name,
+        tier,
+        priority,
+        &format!(
+            "    namespaces:\n      matchLabels: {{kubernetes.io/metadata.name: \"{subject_ns}\"}}"
+        ),
+        "ingress",
+        ingress,
     )
 }
 
@@ -1563,8 +1671,13 @@ fn node_ip(lab: &Lab, node: &str) -> Ipv4Addr {
 /// An Admin ClusterNetworkPolicy denying egress from namespace `ns` to the nodes `selector`
 /// picks.
 fn cnp_deny_to_nodes(name: &str, ns: &str, selector: &str) -> String {
-    format!(
-        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata:\n  name: {name}\nspec:\n  tier: Admin\n  priority: 1\n  subject:\n    namespaces:\n      matchLabels: {{kubernetes.io/metadata.name: \"{ns}\"}}\n  egress:\n  - action: Deny\n    to:\n    - nodes: {selector}\n"
+    cnp_spec(
+        name,
+        "Admin",
+        1,
+        &format!("    namespaces:\n      matchLabels: {{kubernetes.io/metadata.name: \"{ns}\"}}"),
+        "egress",
+        &format!("  - action: Deny\n    to:\n    - nodes: {selector}"),
     )
 }
 
