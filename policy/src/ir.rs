@@ -418,6 +418,9 @@ pub struct TierVerdict {
     pub accept: Region,
     /// The ClusterNetworkPolicies that select the pod in this tier, sorted (for logs).
     pub policies: Vec<String>,
+    /// Which policy denies each part of `deny`, in the order the tier decides (for drop logs:
+    /// the first entry holding a dropped flow names the policy that dropped it).
+    pub denied_by: Vec<(String, Region)>,
 }
 
 impl TierVerdict {

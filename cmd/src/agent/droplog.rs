@@ -14,8 +14,9 @@ use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 use sluice_policy::droplog::{
     parse_ipv4, parse_prefix, protocol_name, DropDirection, DropStage, PacketSummary, NFLOG_GROUP,
 };
-use sluice_policy::{Direction, PolicyIr};
+use sluice_policy::{Direction, PolicyIr, Region};
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -33,28 +34,45 @@ pub struct PodNames {
 }
 
 /// The policies of one direction of a pod, per stage: the ClusterNetworkPolicies selecting it
-/// in each tier, and the NetworkPolicies isolating it.
+/// in each tier (and which of them denies what), and the NetworkPolicies isolating it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StageNames {
     pub admin: Vec<String>,
+    pub admin_denied_by: Vec<(String, Region)>,
     pub network: Vec<String>,
     pub baseline: Vec<String>,
+    pub baseline_denied_by: Vec<(String, Region)>,
 }
 
 impl StageNames {
-    fn of(d: &Direction) -> Self {
+    /// `attribute`: keep which policy denies what (only worth its copy while drops are logged).
+    fn of(d: &Direction, attribute: bool) -> Self {
+        let by = |v: &Vec<(String, Region)>| if attribute { v.clone() } else { Vec::new() };
         StageNames {
             admin: d.admin.policies.clone(),
+            admin_denied_by: by(&d.admin.denied_by),
             network: d.policies.clone(),
             baseline: d.baseline.policies.clone(),
+            baseline_denied_by: by(&d.baseline.denied_by),
         }
     }
 
-    fn stage(&self, stage: DropStage) -> &[String] {
-        match stage {
-            DropStage::Admin => &self.admin,
-            DropStage::NetworkPolicy => &self.network,
-            DropStage::Baseline => &self.baseline,
+    /// The policies to name for a drop by `stage`: for a tier, the one whose rules deny the
+    /// flow (`peer`, protocol, destination port) when the packet says it, else all the tier's.
+    fn stage(&self, stage: DropStage, flow: Option<(Ipv4Addr, u8, Option<u16>)>) -> Vec<&str> {
+        let (all, denied_by): (&[String], &[(String, Region)]) = match stage {
+            DropStage::Admin => (&self.admin, &self.admin_denied_by),
+            DropStage::NetworkPolicy => (&self.network, &[]),
+            DropStage::Baseline => (&self.baseline, &self.baseline_denied_by),
+        };
+        let decided = flow.and_then(|(peer, proto, dport)| {
+            denied_by
+                .iter()
+                .find(|(_, region)| region.contains(peer, proto, dport))
+        });
+        match decided {
+            Some((name, _)) => vec![name.as_str()],
+            None => all.iter().map(String::as_str).collect(),
         }
     }
 }
@@ -70,8 +88,8 @@ pub fn names_of(ir: &PolicyIr) -> HashMap<String, PodNames> {
                 p.ifname.clone(),
                 PodNames {
                     pod: format!("{}/{}", p.namespace, p.name),
-                    ingress: StageNames::of(&p.ingress),
-                    egress: StageNames::of(&p.egress),
+                    ingress: StageNames::of(&p.ingress, ir.log_drops),
+                    egress: StageNames::of(&p.egress, ir.log_drops),
                 },
             )
         })
@@ -98,13 +116,21 @@ pub fn describe(
     payload: Option<&[u8]>,
 ) -> Option<DropLine> {
     let (direction, stage, ifname) = parse_prefix(prefix)?;
+    let packet = payload.and_then(parse_ipv4);
     let (pod, policies) = match ifname.and_then(|i| names.get(i).map(|n| (i, n))) {
         Some((_, n)) => {
             let list = match direction {
                 DropDirection::Ingress => &n.ingress,
                 DropDirection::Egress => &n.egress,
             };
-            (n.pod.clone(), list.stage(stage).join(","))
+            let flow = packet.map(|p| {
+                let peer = match direction {
+                    DropDirection::Ingress => p.src,
+                    DropDirection::Egress => p.dst,
+                };
+                (peer, p.protocol, p.ports.map(|(_, d)| d))
+            });
+            (n.pod.clone(), list.stage(stage, flow).join(","))
         }
         None => (
             format!("unknown pod on {}", ifname.unwrap_or("a pod veth")),
@@ -116,7 +142,7 @@ pub fn describe(
         stage,
         pod,
         policies,
-        packet: payload.and_then(parse_ipv4),
+        packet,
     })
 }
 
@@ -288,11 +314,20 @@ mod tests {
     use super::*;
     use sluice_policy::{Direction, PodPolicy};
 
-    use sluice_policy::TierVerdict;
+    use sluice_policy::{AddrSet, TierVerdict};
 
     fn names() -> HashMap<String, PodNames> {
         let tier = |names: &[&str]| TierVerdict {
             policies: names.iter().map(|n| n.to_string()).collect(),
+            // The first policy denies 10.244.2.3, the second everyone else.
+            denied_by: names
+                .iter()
+                .zip([
+                    Region::everything(&AddrSet::from_addrs(["10.244.2.3".parse().unwrap()])),
+                    Region::everything(&AddrSet::all()),
+                ])
+                .map(|(n, r)| (n.to_string(), r))
+                .collect(),
             ..Default::default()
         };
         let ir = PolicyIr {
@@ -337,7 +372,27 @@ mod tests {
     fn a_tier_drop_names_the_tier_and_its_cluster_network_policies() {
         let admin = describe(&names(), "sluice-drop:iA:sl0000000000001", None).unwrap();
         assert_eq!(admin.stage, DropStage::Admin);
+        // Without the packet: every policy of the tier selecting the pod.
         assert_eq!(admin.policies, "block-metadata,keep-monitoring");
+        // With it: the one whose rules deny the flow.
+        let from = |src: [u8; 4]| {
+            let mut p = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+            p.extend_from_slice(&src);
+            p.extend_from_slice(&[10, 244, 1, 2, 0x9c, 0x40, 0, 80]);
+            p
+        };
+        let first = describe(
+            &names(),
+            "sluice-drop:iA:sl0000000000001",
+            Some(&from([10, 244, 2, 3])),
+        );
+        assert_eq!(first.unwrap().policies, "block-metadata");
+        let second = describe(
+            &names(),
+            "sluice-drop:iA:sl0000000000001",
+            Some(&from([10, 244, 2, 9])),
+        );
+        assert_eq!(second.unwrap().policies, "keep-monitoring");
         let base = describe(&names(), "sluice-drop:eB:sl0000000000001", None).unwrap();
         assert_eq!(base.direction, DropDirection::Egress);
         assert_eq!(base.stage, DropStage::Baseline);

@@ -101,6 +101,10 @@ impl Compiler {
                         while k < in_tier.len() && in_tier[k].1.spec.priority == priority {
                             let (ci, cnp) = in_tier[k];
                             let o = self.policy_outcome(ci, cnp, dir, pod, nodes, &mut peer_cache);
+                            let mine = o.deny.subtract(&decided);
+                            if !mine.is_empty() {
+                                verdict.denied_by.push((cnp.name().to_string(), mine));
+                            }
                             group.deny = group.deny.union(&o.deny);
                             group.accept = group.accept.union(&o.accept);
                             group.pass = group.pass.union(&o.pass);

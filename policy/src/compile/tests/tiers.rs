@@ -324,6 +324,47 @@ fn a_peer_sluice_cannot_read_fails_closed() {
 }
 
 #[test]
+fn each_denied_flow_is_attributed_to_the_policy_that_decides_it() {
+    let c = Cluster::new();
+    let deny_y = cnp(
+        "deny-y",
+        "Admin",
+        1,
+        ns_subject("x"),
+        json!([rule("Deny", "from", from_ns("y"))]),
+        json!([]),
+    );
+    let deny_all = cnp(
+        "deny-all",
+        "Admin",
+        2,
+        ns_subject("x"),
+        json!([rule("Deny", "from", every_ns())]),
+        json!([]),
+    );
+    let ir = c.compile_tiers(&[], &[deny_all, deny_y], &[]);
+    let xa = ir
+        .pods
+        .iter()
+        .find(|p| p.namespace == "x" && p.name == "a")
+        .unwrap();
+    let by = &xa.ingress.admin.denied_by;
+    let who = |from: &str| {
+        by.iter()
+            .find(|(_, r)| r.contains(addr(from), TCP, Some(80)))
+            .map(|(n, _)| n.as_str())
+    };
+    // In the order the tier decides: the higher-ranked policy first, each with what it decides.
+    assert_eq!(
+        by.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["deny-y", "deny-all"]
+    );
+    assert_eq!(who("y/b"), Some("deny-y"));
+    assert_eq!(who("z/c"), Some("deny-all"));
+    assert!(!by[1].1.contains(addr("y/b"), TCP, Some(80)));
+}
+
+#[test]
 fn named_ports_resolve_per_destination_pod() {
     let mut c = Cluster::new();
     // y/b serves "http" on 8080 instead.
