@@ -25,7 +25,10 @@ fn addresses(result: &Value, version: &str) -> (Ipv4Addr, Ipv6Addr) {
     assert_eq!(ips[1]["gateway"], GATEWAY_V6, "{result}");
     assert!(ips.iter().all(|ip| ip["interface"] == 1), "{result}");
     if version == "0.4.0" {
-        assert_eq!((&ips[0]["version"], &ips[1]["version"]), (&json!("4"), &json!("6")));
+        assert_eq!(
+            (&ips[0]["version"], &ips[1]["version"]),
+            (&json!("4"), &json!("6"))
+        );
     } else {
         assert!(ips.iter().all(|ip| ip.get("version").is_none()), "{result}");
     }
@@ -59,7 +62,12 @@ fn dual_stack_pods_reach_each_other_over_both_families_and_del_leaves_nothing() 
         return;
     }
     let node = CniNode::new(None);
-    node.set_dual_subnet_env("10.244.0.0/16", "10.244.7.0/24", "fd00:10:244::/56", SUBNET6);
+    node.set_dual_subnet_env(
+        "10.244.0.0/16",
+        "10.244.7.0/24",
+        "fd00:10:244::/56",
+        SUBNET6,
+    );
     // The node forwards IPv6 between its pods' veths (the agent will set this; IPv4's is set by
     // CniNode).
     node.ns.sysctl("net.ipv6.conf.all.forwarding", "1");
@@ -133,7 +141,10 @@ fn dual_stack_pods_reach_each_other_over_both_families_and_del_leaves_nothing() 
         "dual",
         2,
     );
-    for (family, to) in [("IPv6", IpAddr::V6(addrs[1].1)), ("IPv4", addrs[1].0.into())] {
+    for (family, to) in [
+        ("IPv6", IpAddr::V6(addrs[1].1)),
+        ("IPv4", addrs[1].0.into()),
+    ] {
         let answer = tcp_ask(&pods[0].name, SocketAddr::new(to, server.port()))
             .unwrap_or_else(|e| panic!("{family} TCP pod0 -> {to}: {e}"));
         assert_eq!(answer, "dual", "{family}");
@@ -170,7 +181,11 @@ fn dual_stack_pods_reach_each_other_over_both_families_and_del_leaves_nothing() 
     }
     assert!(node.pod_links().is_empty(), "{:?}", node.pod_links());
     assert!(node.pod_routes().is_empty(), "{:?}", node.pod_routes());
-    assert!(node.pod_routes_v6().is_empty(), "{:?}", node.pod_routes_v6());
+    assert!(
+        node.pod_routes_v6().is_empty(),
+        "{:?}",
+        node.pod_routes_v6()
+    );
     assert!(node.allocations().is_empty(), "{:?}", node.allocations());
     assert!(
         node.allocations_v6().is_empty(),
@@ -202,7 +217,11 @@ fn an_exhausted_ipv6_subnet_fails_the_add_and_holds_no_ipv4_address() {
     let out = node.call("ADD", "full15", Some(&pods[15].path()), &conf);
     assert_eq!(out.error_code(), 101, "{out:?}");
     assert!(out.stdout.contains("fd00:10:244:9::/124"), "{out:?}");
-    assert_eq!(node.allocations().len(), 15, "the failed ADD gave its IPv4 address back");
+    assert_eq!(
+        node.allocations().len(),
+        15,
+        "the failed ADD gave its IPv4 address back"
+    );
     assert_eq!(node.allocations_v6().len(), 15);
     assert_eq!(node.pod_links().len(), 15);
     assert!(pods[15].links().iter().all(|l| l == "lo"));
