@@ -14,8 +14,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 const GATEWAY_V6: &str = "fe80::ecee:eeff:feee:eeee";
 const SUBNET6: &str = "fd00:10:244:7::/64";
 
-/// The pod's two addresses in an ADD result, checking their shape for `version`.
-fn addresses(result: &Value, version: &str) -> (Ipv4Addr, Ipv6Addr) {
+/// The pod's two addresses in an ADD result, checking their shape for `version` and that the
+/// IPv6 one starts with `prefix6`.
+fn addresses(result: &Value, version: &str, prefix6: &str) -> (Ipv4Addr, Ipv6Addr) {
     assert_eq!(result["cniVersion"], version);
     let ips = result["ips"].as_array().unwrap();
     assert_eq!(ips.len(), 2, "{version}: both families: {result}");
@@ -42,7 +43,7 @@ fn addresses(result: &Value, version: &str) -> (Ipv4Addr, Ipv6Addr) {
         .unwrap_or_else(|| panic!("not a /128: {v6}"))
         .parse()
         .unwrap();
-    assert!(v6.to_string().starts_with("fd00:10:244:7:"), "{v6}");
+    assert!(v6.to_string().starts_with(prefix6), "{v6}");
     (v4, v6)
 }
 
@@ -80,7 +81,7 @@ fn dual_stack_pods_reach_each_other_over_both_families_and_del_leaves_nothing() 
             .call("ADD", &format!("dual{i}"), Some(&pod.path()), &conf)
             .assert_ok()
             .json();
-        addrs.push(addresses(&out, versions[i]));
+        addrs.push(addresses(&out, versions[i], "fd00:10:244:7:"));
         // CHECK with the result as prevResult finds both families in place.
         let mut checked = conf.clone();
         checked["prevResult"] = out;
@@ -231,4 +232,70 @@ fn an_exhausted_ipv6_subnet_fails_the_add_and_holds_no_ipv4_address() {
     }
     assert!(node.allocations().is_empty() && node.allocations_v6().is_empty());
     assert!(node.pod_routes().is_empty() && node.pod_routes_v6().is_empty());
+}
+
+#[test]
+fn a_failed_dual_add_and_gc_leave_nothing_of_either_family() {
+    if !have_root() {
+        return;
+    }
+    let node = CniNode::new(None);
+    node.set_dual_subnet_env(
+        "10.244.0.0/16",
+        "10.244.10.0/24",
+        "fd00:10:244::/56",
+        "fd00:10:244:a::/64",
+    );
+    node.ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+    let conf = node.conf("1.1.0", json!({}));
+    // A container that already has an eth0 sluice did not make: the ADD fails in the kernel,
+    // after both addresses were allocated, and gives both back.
+    let taken = Netns::new("t");
+    taken.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "other0",
+    ]);
+    let out = node.call("ADD", "taken", Some(&taken.path()), &conf);
+    assert_eq!(out.error_code(), 103, "{out:?}");
+    assert!(node.allocations().is_empty(), "{:?}", node.allocations());
+    assert!(
+        node.allocations_v6().is_empty(),
+        "{:?}",
+        node.allocations_v6()
+    );
+    assert!(node.pod_links().is_empty() && node.pod_routes_v6().is_empty());
+    let mut left = taken.links();
+    left.sort();
+    assert_eq!(
+        left,
+        vec!["eth0", "lo", "other0"],
+        "its own eth0 is left alone"
+    );
+    // GC keeps the valid attachment's addresses of both families and frees the other's.
+    let pods = [Netns::new("g"), Netns::new("g")];
+    let mut addrs = Vec::new();
+    for (i, pod) in pods.iter().enumerate() {
+        let out = node
+            .call("ADD", &format!("gc{i}"), Some(&pod.path()), &conf)
+            .assert_ok()
+            .json();
+        addrs.push(addresses(&out, "1.1.0", "fd00:10:244:a:"));
+    }
+    let valid = json!({ "cni.dev/valid-attachments": [{"containerID": "gc1", "ifname": "eth0"}]});
+    node.call_raw(
+        &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")],
+        node.conf("1.1.0", valid).to_string().as_bytes(),
+    )
+    .assert_ok();
+    let kept: Vec<String> = node.allocations_v6().keys().cloned().collect();
+    assert_eq!(kept, vec![addrs[1].1.to_string()]);
+    assert_eq!(node.allocations().len(), 1);
+    assert_eq!(node.pod_links().len(), 1);
+    let routes = node.pod_routes_v6();
+    assert_eq!(routes.len(), 1, "{routes:?}");
+    assert_eq!(routes[0]["dst"], addrs[1].1.to_string().as_str());
+    assert!(pods[0].links().iter().all(|l| l == "lo"));
+    node.call("DEL", "gc1", Some(&pods[1].path()), &conf)
+        .assert_ok();
+    assert!(node.allocations().is_empty() && node.allocations_v6().is_empty());
+    assert!(node.pod_links().is_empty() && node.pod_routes_v6().is_empty());
 }
