@@ -4,10 +4,10 @@
 
 use crate::bandwidth::{ObservedShaping, ShapingPlan};
 use crate::netns::{self, NetnsError};
-use crate::podnet::{PodPlan, GATEWAY, HOST_VETH_MAC};
+use crate::podnet::{PodPlan, GATEWAY, GATEWAY_V6, HOST_VETH_MAC};
 use crate::ROUTE_PROTOCOL;
 use futures::TryStreamExt;
-use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -16,7 +16,7 @@ use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
 };
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -95,6 +95,12 @@ pub struct ObservedPod {
     pub pod_link_up: Option<bool>,
     pub pod_addresses: Vec<(Ipv4Addr, u8)>,
     pub pod_default_via_gateway: bool,
+    /// The host route to the pod's IPv6 /128 (looked for only when the plan has one).
+    pub host_route_v6: bool,
+    /// The host veth holds [`GATEWAY_V6`].
+    pub host_gateway_v6: bool,
+    pub pod_addresses_v6: Vec<(Ipv6Addr, u8)>,
+    pub pod_default_v6_via_gateway: bool,
 }
 
 /// What ADD learns about the pod's end of the veth.
@@ -110,9 +116,11 @@ pub trait PodKernel {
     /// Creates the veth pair (host side in the host namespace, pod side in the pod's) with the
     /// host side up. An existing host side of the same name is replaced.
     async fn create_veth(&mut self, plan: &PodPlan) -> Result<PodLink, KernelError>;
-    /// Host side: proxy ARP for the gateway, and the route to the pod's /32.
+    /// Host side: proxy ARP for the gateway, and the route to the pod's /32; with an IPv6
+    /// address, IPv6 on without DAD, [`GATEWAY_V6`] on the veth and the route to the pod's /128.
     async fn configure_host(&mut self, plan: &PodPlan) -> Result<(), KernelError>;
-    /// Pod side: up, the /32, the gateway's neighbour entry and routes.
+    /// Pod side: up, the /32, the gateway's neighbour entry and routes; with an IPv6 address,
+    /// IPv6 on without DAD, the /128, [`GATEWAY_V6`]'s neighbour entry and `::/0` through it.
     async fn configure_pod(&mut self, plan: &PodPlan) -> Result<(), KernelError>;
     /// Deletes a host link (and so its veth peer); false if it was not there.
     async fn delete_host_link(&mut self, name: &str) -> Result<bool, KernelError>;
@@ -155,6 +163,7 @@ pub struct RtNetlink {
 struct PodNs {
     handle: Handle,
     file: std::fs::File,
+    path: PathBuf,
 }
 
 fn connect() -> Result<Handle, KernelError> {
@@ -172,7 +181,11 @@ impl RtNetlink {
             Some(path) => {
                 let file = netns::open(path)?;
                 let handle = netns::run_in(&file, path, connect)??;
-                Some(PodNs { handle, file })
+                Some(PodNs {
+                    handle,
+                    file,
+                    path: path.to_path_buf(),
+                })
             }
         };
         Ok(Self {
@@ -197,12 +210,76 @@ impl RtNetlink {
     }
 
     pub(crate) fn sysctl(&self, key: &str, value: &str) -> Result<(), KernelError> {
-        let path = self.sysctl_root.join(key);
-        std::fs::write(&path, value).map_err(|source| KernelError::Sysctl {
-            path: path.display().to_string(),
-            source,
-        })
+        write_sysctl(&self.sysctl_root.join(key), value)
     }
+
+    /// Sets `key` in the pod's namespace: `/proc/sys/net` shows the namespace of the thread that
+    /// opens it, so the write is done from inside.
+    fn pod_sysctl(&self, key: &str, value: &str) -> Result<(), KernelError> {
+        let pod = self.pod()?;
+        let path = Path::new("/proc/sys").join(key);
+        netns::run_in(&pod.file, &pod.path, || write_sysctl(&path, value))?
+    }
+}
+
+fn write_sysctl(path: &Path, value: &str) -> Result<(), KernelError> {
+    std::fs::write(path, value).map_err(|source| KernelError::Sysctl {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// IPv6 on for `ifname` without duplicate address detection: the addresses on a pod's veth are
+/// sluice's to give, and DAD would hold them back (tentative) for a second after ADD.
+const IPV6_SYSCTLS: [(&str, &str); 2] = [("disable_ipv6", "0"), ("accept_dad", "0")];
+
+fn ipv6_sysctl(ifname: &str, key: &str) -> String {
+    format!("net/ipv6/conf/{ifname}/{key}")
+}
+
+/// Adds `address/prefix_len` on `index` without DAD (replacing it if it is there).
+async fn add_address_nodad(
+    handle: &Handle,
+    index: u32,
+    address: Ipv6Addr,
+    prefix_len: u8,
+) -> Result<(), KernelError> {
+    let mut req = handle
+        .address()
+        .add(index, IpAddr::V6(address), prefix_len)
+        .replace();
+    let msg = req.message_mut();
+    msg.header.flags |= AddressHeaderFlags::Nodad;
+    msg.attributes
+        .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    req.execute()
+        .await
+        .map_err(KernelError::netlink("adding address", address.to_string()))
+}
+
+async fn addresses_v6(
+    handle: &Handle,
+    index: u32,
+    ifname: &str,
+) -> Result<Vec<(Ipv6Addr, u8)>, KernelError> {
+    let addrs: Vec<_> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(KernelError::netlink("listing addresses on", ifname))?;
+    Ok(addrs
+        .iter()
+        .filter(|a| a.header.index == index)
+        .filter_map(|a| {
+            a.attributes.iter().find_map(|at| match at {
+                AddressAttribute::Address(IpAddr::V6(ip)) => Some((*ip, a.header.prefix_len)),
+                _ => None,
+            })
+        })
+        .collect())
 }
 
 pub(crate) async fn link_by_name(
@@ -266,6 +343,34 @@ fn host_route(plan: &PodPlan, index: u32) -> RouteMessage {
         .scope(RouteScope::Link)
         .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
         .build()
+}
+
+fn host_route_v6(address: Ipv6Addr, index: u32) -> RouteMessage {
+    RouteMessageBuilder::<Ipv6Addr>::new()
+        .destination_prefix(address, 128)
+        .output_interface(index)
+        .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
+        .build()
+}
+
+async fn routes_v6(handle: &Handle) -> Result<Vec<RouteMessage>, KernelError> {
+    handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(KernelError::netlink("listing routes", "ipv6"))
+}
+
+fn route_addr_v6(
+    r: &RouteMessage,
+    want: fn(&RouteAttribute) -> Option<&RouteAddress>,
+) -> Option<Ipv6Addr> {
+    r.attributes.iter().find_map(|a| match want(a) {
+        Some(RouteAddress::Inet6(ip)) => Some(*ip),
+        _ => None,
+    })
 }
 
 async fn routes(handle: &Handle) -> Result<Vec<RouteMessage>, KernelError> {
@@ -362,19 +467,43 @@ impl PodKernel for RtNetlink {
         let link = link_by_name(&self.host, host).await?.ok_or_else(|| {
             KernelError::netlink("looking up link", host.clone())(rtnetlink::Error::RequestFailed)
         })?;
+        let index = link.header.index;
         self.host
             .route()
-            .add(host_route(plan, link.header.index))
+            .add(host_route(plan, index))
             .replace()
             .execute()
             .await
             .map_err(KernelError::netlink(
                 "adding host route to",
                 plan.address.to_string(),
-            ))
+            ))?;
+        let Some(v6) = plan.address_v6 else {
+            return Ok(());
+        };
+        // Set before the pod's end comes up (configure_pod): the kernel derives the veth's
+        // link-local address when the link gets its carrier, and without DAD it is usable at
+        // once. It is added here too, so it is there whatever addr_gen_mode the host runs.
+        for (key, value) in IPV6_SYSCTLS {
+            self.sysctl(&ipv6_sysctl(host, key), value)?;
+        }
+        add_address_nodad(&self.host, index, GATEWAY_V6, 64).await?;
+        self.host
+            .route()
+            .add(host_route_v6(v6, index))
+            .replace()
+            .execute()
+            .await
+            .map_err(KernelError::netlink("adding host route to", v6.to_string()))
     }
 
     async fn configure_pod(&mut self, plan: &PodPlan) -> Result<(), KernelError> {
+        if plan.address_v6.is_some() {
+            // Before the link comes up, so that not even its link-local address waits for DAD.
+            for (key, value) in IPV6_SYSCTLS {
+                self.pod_sysctl(&ipv6_sysctl(&plan.pod_ifname, key), value)?;
+            }
+        }
         let pod = &self.pod()?.handle;
         let index = link_by_name(pod, &plan.pod_ifname)
             .await?
@@ -437,6 +566,36 @@ impl PodKernel for RtNetlink {
             .await
             .map_err(KernelError::netlink(
                 "adding default route on",
+                plan.pod_ifname.clone(),
+            ))?;
+        let Some(v6) = plan.address_v6 else {
+            return Ok(());
+        };
+        add_address_nodad(pod, index, v6, 128).await?;
+        // As for IPv4: a static entry, so the pod never waits on neighbour discovery for its
+        // gateway (the host veth answers for it too, since it holds the address).
+        pod.neighbours()
+            .add(index, IpAddr::V6(GATEWAY_V6))
+            .link_layer_address(&HOST_VETH_MAC)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(KernelError::netlink(
+                "adding IPv6 gateway neighbour on",
+                plan.pod_ifname.clone(),
+            ))?;
+        let default = RouteMessageBuilder::<Ipv6Addr>::new()
+            .gateway(GATEWAY_V6)
+            .output_interface(index)
+            .build();
+        pod.route()
+            .add(default)
+            .replace()
+            .execute()
+            .await
+            .map_err(KernelError::netlink(
+                "adding IPv6 default route on",
                 plan.pod_ifname.clone(),
             ))
     }
@@ -510,6 +669,17 @@ impl PodKernel for RtNetlink {
                     && route_oif(r) == Some(index)
                     && route_addr(r, dst_of) == Some(plan.address)
             });
+            if let Some(v6) = plan.address_v6 {
+                seen.host_route_v6 = routes_v6(&self.host).await?.iter().any(|r| {
+                    r.header.destination_prefix_length == 128
+                        && route_oif(r) == Some(index)
+                        && route_addr_v6(r, dst_of) == Some(v6)
+                });
+                seen.host_gateway_v6 = addresses_v6(&self.host, index, &plan.host_ifname)
+                    .await?
+                    .iter()
+                    .any(|(a, _)| *a == GATEWAY_V6);
+            }
         }
         let pod = &self.pod()?.handle;
         if let Some(link) = link_by_name(pod, &plan.pod_ifname).await? {
@@ -543,6 +713,14 @@ impl PodKernel for RtNetlink {
                     && route_oif(r) == Some(index)
                     && route_addr(r, gw_of) == Some(GATEWAY)
             });
+            if plan.address_v6.is_some() {
+                seen.pod_addresses_v6 = addresses_v6(pod, index, &plan.pod_ifname).await?;
+                seen.pod_default_v6_via_gateway = routes_v6(pod).await?.iter().any(|r| {
+                    r.header.destination_prefix_length == 0
+                        && route_oif(r) == Some(index)
+                        && route_addr_v6(r, gw_of) == Some(GATEWAY_V6)
+                });
+            }
         }
         Ok(seen)
     }

@@ -1,6 +1,8 @@
 //! How a pod is wired, decided as plain data: routed veth, Calico-style. The pod holds its address
 //! as a /32 and a default route through a link-local gateway that the host side of its veth
-//! answers for; the host routes the /32 to that veth. No bridge.
+//! answers for; the host routes the /32 to that veth. No bridge. On a dual-stack node the pod
+//! also holds an IPv6 /128 with `::/0` via [`GATEWAY_V6`], the host veth's own link-local
+//! address, and the host routes the /128 to that veth the same way.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -78,6 +80,8 @@ pub struct PodPlan {
     pub host_ifname: String,
     pub pod_ifname: String,
     pub address: Ipv4Addr,
+    /// The pod's IPv6 address, on a node that holds an IPv6 subnet.
+    pub address_v6: Option<Ipv6Addr>,
     pub mtu: u32,
 }
 
@@ -87,8 +91,14 @@ impl PodPlan {
             host_ifname: host_ifname(container_id, ifname),
             pod_ifname: ifname.to_string(),
             address,
+            address_v6: None,
             mtu,
         }
+    }
+
+    /// The plan with the pod's IPv6 address too (dual-stack), or without one (`None`).
+    pub fn with_v6(self, address_v6: Option<Ipv6Addr>) -> Self {
+        Self { address_v6, ..self }
     }
 }
 

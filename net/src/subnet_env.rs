@@ -160,7 +160,7 @@ impl SubnetEnv {
             return Err(bad(
                 "SLUICE_NETWORK",
                 "",
-                "absent beside SLUICE_NETWORK6: an IPv6-only node, which this sluice-cni does not serve yet (it gives pods IPv4 addresses)".into(),
+                "absent beside SLUICE_NETWORK6: an IPv6-only node, which this sluice-cni does not serve yet (it gives every pod an IPv4 address, and an IPv6 one beside it on a dual-stack node)".into(),
             ));
         }
         let network = net("SLUICE_NETWORK")?;

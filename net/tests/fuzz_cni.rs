@@ -7,15 +7,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, FileFailurePersistence};
 use serde_json::{json, Map, Value};
 use sluice_net::cni::config::{peek_version, Attachment, NetConf, Request};
-use sluice_net::cni::result::{self, AddResult, Interface, IpConfig, Route};
+use sluice_net::cni::result::{self, AddResultAny, Interface, IpConfigAny, RouteAny};
 use sluice_net::cni::{CniError, CniVersion, Command, ErrorCode};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// 1024 cases a property (a second or two in all), or `PROPTEST_CASES`.
 fn cases() -> u32 {
@@ -215,7 +215,23 @@ fn ipv4() -> impl Strategy<Value = Ipv4Addr> {
     any::<u32>().prop_map(Ipv4Addr::from)
 }
 
-fn add_result() -> impl Strategy<Value = AddResult> {
+/// A prefix of either family.
+fn ip_net() -> impl Strategy<Value = IpNet> {
+    prop_oneof![
+        (ipv4(), 0u8..=32).prop_map(|(a, len)| IpNet::V4(Ipv4Net::new(a, len).unwrap())),
+        (any::<u128>(), 0u8..=128)
+            .prop_map(|(a, len)| IpNet::V6(Ipv6Net::new(Ipv6Addr::from(a), len).unwrap())),
+    ]
+}
+
+fn ip_addr() -> impl Strategy<Value = IpAddr> {
+    prop_oneof![
+        ipv4().prop_map(IpAddr::V4),
+        any::<u128>().prop_map(|a| IpAddr::V6(Ipv6Addr::from(a)))
+    ]
+}
+
+fn add_result() -> impl Strategy<Value = AddResultAny> {
     let interface = (
         "[a-z]{1,6}[0-9]?",
         prop::option::of("/run/netns/[a-z]{1,6}"),
@@ -231,30 +247,29 @@ fn add_result() -> impl Strategy<Value = AddResult> {
         prop::collection::vec(interface, 1..4),
         prop::collection::vec(
             (
-                ipv4(),
-                0u8..=32,
-                prop::option::of(ipv4()),
+                ip_net(),
+                prop::option::of(ip_addr()),
                 any::<prop::sample::Index>(),
             ),
             0..4,
         ),
-        prop::collection::vec((ipv4(), 0u8..=32, prop::option::of(ipv4())), 0..4),
+        prop::collection::vec((ip_net(), prop::option::of(ip_addr())), 0..4),
     )
         .prop_map(|(interfaces, ips, routes)| {
             let n = interfaces.len();
-            AddResult {
+            AddResultAny {
                 ips: ips
                     .into_iter()
-                    .map(|(a, len, gateway, i)| IpConfig {
-                        address: Ipv4Net::new(a, len).unwrap(),
+                    .map(|(address, gateway, i)| IpConfigAny {
+                        address,
                         gateway,
                         interface: Some(i.index(n)),
                     })
                     .collect(),
                 routes: routes
                     .into_iter()
-                    .map(|(a, len, gw)| Route {
-                        dst: Ipv4Net::new(a, len).unwrap().trunc(),
+                    .map(|(dst, gw)| RouteAny {
+                        dst: dst.trunc(),
                         gw,
                     })
                     .collect(),
@@ -331,14 +346,19 @@ proptest! {
             }
         }
         prop_assert!(out.get("dns").is_some());
-        // CHECK reads back the address of a sandbox interface from the result it is handed.
+        // CHECK reads back the address of each family of a sandbox interface from the result
+        // it is handed.
         for mine in &r.ips {
             let iface = &r.interfaces[mine.interface.unwrap()];
-            let first_ip_of_iface = r.ips.iter().find(|ip| ip.interface == mine.interface);
+            let same_family = |ip: &&IpConfigAny| ip.address.addr().is_ipv4() == mine.address.addr().is_ipv4();
+            let first_of_family = r.ips.iter().filter(same_family).find(|ip| ip.interface == mine.interface);
             let unique_name = r.interfaces.iter().filter(|i| i.name == iface.name).count() == 1
                 && !array(&prev_value, "interfaces").iter().any(|i| i["name"] == json!(iface.name));
-            if iface.sandbox.is_some() && unique_name && first_ip_of_iface == Some(mine) {
-                prop_assert_eq!(result::address_of(&out, &iface.name), Some(mine.address));
+            if iface.sandbox.is_some() && unique_name && first_of_family == Some(mine) {
+                match mine.address {
+                    IpNet::V4(a) => prop_assert_eq!(result::address_of(&out, &iface.name), Some(a)),
+                    IpNet::V6(a) => prop_assert_eq!(result::address_of_v6(&out, &iface.name), Some(a)),
+                }
             }
         }
     }

@@ -101,6 +101,17 @@ impl CniNode {
         .unwrap();
     }
 
+    /// Writes a dual-stack subnet.env: `network`/`subnet` and the IPv6 pair `network6`/`subnet6`.
+    pub fn set_dual_subnet_env(&self, network: &str, subnet: &str, network6: &str, subnet6: &str) {
+        let path = self.subnet_file();
+        let _ = std::fs::remove_file(&path);
+        std::fs::write(
+            path,
+            format!("SLUICE_NETWORK={network}\nSLUICE_SUBNET={subnet}\nSLUICE_NETWORK6={network6}\nSLUICE_SUBNET6={subnet6}\nSLUICE_MTU=1450\nSLUICE_IPMASQ=true\n"),
+        )
+        .unwrap();
+    }
+
     pub fn subnet_file(&self) -> PathBuf {
         self.dir.path().join("subnet.env")
     }
@@ -137,6 +148,22 @@ impl CniNode {
                 .unwrap_or_default(),
             Err(_) => Default::default(),
         }
+    }
+
+    /// The IPv6 IPAM allocations on record (address → owner).
+    pub fn allocations_v6(&self) -> serde_json::Map<String, Value> {
+        match std::fs::read(self.ipam_dir().join("allocations.json")) {
+            Ok(b) => serde_json::from_slice::<Value>(&b).unwrap()["allocationsV6"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            Err(_) => Default::default(),
+        }
+    }
+
+    /// IPv6 host routes sluice installed (proto 77).
+    pub fn pod_routes_v6(&self) -> Vec<Value> {
+        self.ns.ip_json(&["-6", "route", "show", "proto", "77"])
     }
 
     /// Host-side pod veths in the node.

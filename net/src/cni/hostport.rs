@@ -235,18 +235,18 @@ pub fn undo<K: HostportKernel>(
     }
 }
 
-/// DEL: frees the attachment's address and drops its mappings under one lock; when it had
+/// DEL: frees the attachment's addresses (both families) and drops its mappings under one lock; when it had
 /// mappings the rules are rewritten first, and if that fails nothing is saved (the runtime's
-/// retry of DEL tries again). Returns the address it had.
+/// retry of DEL tries again). Returns the addresses it had.
 pub fn release<K: HostportKernel>(
     conf: &NetConf,
     store: &IpamStore,
     req: &Request,
     owner: &crate::ipam::Owner,
     kernel: &mut K,
-) -> Result<Option<Ipv4Addr>, CniError> {
+) -> Result<(Option<Ipv4Addr>, Option<std::net::Ipv6Addr>), CniError> {
     let mut lock = store.lock()?;
-    let freed = lock.state.release(owner);
+    let freed = lock.state.release_families(owner);
     if existing(&lock.state, req).is_some() {
         let before = lock.state.hostports.clone();
         lock.state.hostports =

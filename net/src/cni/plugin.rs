@@ -4,16 +4,16 @@
 
 use super::config::{NetConf, Request};
 use super::hostport::{self, HostportKernel};
-use super::result::{self, AddResult, Interface, IpConfig, Route};
+use super::result::{self, Interface};
 use super::{CniError, ErrorCode};
 use crate::bandwidth::ShapingPlan;
-use crate::ipam::{IpamError, IpamStore, Owner};
+use crate::ipam::{IpamError, IpamState, IpamStore, Owner};
 use crate::kernel::{KernelError, PodKernel};
 use crate::netns::NetnsError;
-use crate::podnet::{self, format_mac, PodPlan, GATEWAY, HOST_VETH_MAC};
+use crate::podnet::{self, format_mac, PodPlan, GATEWAY, GATEWAY_V6, HOST_VETH_MAC};
 use crate::subnet_env::{SubnetEnv, SubnetEnvError};
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use tracing::{info, warn};
 
 impl From<KernelError> for CniError {
@@ -82,12 +82,15 @@ pub async fn add<K: PodKernel + HostportKernel>(
     let mappings = hostport::requested(conf)?;
     let store = IpamStore::new(&conf.ipam_dir);
     let owner = owner(req);
-    let ((address, fresh), reserved) = store.update(|s| -> Result<_, CniError> {
+    // An address of each family the node holds, both or neither.
+    let (got, reserved) = store.update(|s| -> Result<_, CniError> {
         hostport::admit(s, req, &mappings)?;
-        let got = s.allocate(env.subnet, owner.clone())?;
-        Ok((got, hostport::reserve(s, req, got.0, &mappings)))
+        let got = allocate(s, &env, &owner)?;
+        Ok((got, hostport::reserve(s, req, got.v4.0, &mappings)))
     })??;
-    let plan = PodPlan::new(&req.container_id, &req.ifname, address, mtu);
+    let address = got.v4.0;
+    let address_v6 = got.v6.map(|(ip, _)| ip);
+    let plan = PodPlan::new(&req.container_id, &req.ifname, address, mtu).with_v6(address_v6);
     let wired = match wire(kernel, &plan, shaping.as_ref()).await {
         Ok(pod_mac) => hostport::activate(
             conf,
@@ -103,7 +106,7 @@ pub async fn add<K: PodKernel + HostportKernel>(
     };
     match wired {
         Ok(pod_mac) => {
-            info!(container_id = %req.container_id, pod = ?req.pod(), address = %address, host_ifname = %plan.host_ifname, "pod wired");
+            info!(container_id = %req.container_id, pod = ?req.pod(), address = %address, address_v6 = ?address_v6, host_ifname = %plan.host_ifname, "pod wired");
             Ok(add_result(&plan, &pod_mac, req).render(
                 conf.version,
                 conf.prev_result.as_ref(),
@@ -117,13 +120,50 @@ pub async fn add<K: PodKernel + HostportKernel>(
             }
             shaping::undo(kernel, &plan.host_ifname, &req.container_id).await;
             hostport::undo(conf, &store, req, &reserved, kernel);
-            if fresh {
-                if let Err(undo) = store.update(|s| s.release(&owner)) {
-                    warn!(container_id = %req.container_id, error = %undo, "rollback: releasing the address failed");
+            // Only what this call allocated: an address an earlier ADD gave the attachment stays
+            // until the runtime's DEL.
+            let (fresh_v4, fresh_v6) = (got.v4.1, got.v6.is_some_and(|(_, fresh)| fresh));
+            if fresh_v4 || fresh_v6 {
+                let released = store.update(|s| {
+                    if fresh_v4 {
+                        s.release(&owner);
+                    }
+                    if fresh_v6 {
+                        s.release_v6(&owner);
+                    }
+                });
+                if let Err(undo) = released {
+                    warn!(container_id = %req.container_id, error = %undo, "rollback: releasing the addresses failed");
                 }
             }
             Err(e)
         }
+    }
+}
+
+/// What one ADD holds: the IPv4 address, and the IPv6 one on a dual-stack node, each with
+/// whether this call allocated it.
+#[derive(Debug, Clone, Copy)]
+struct Allocated {
+    v4: (Ipv4Addr, bool),
+    v6: Option<(Ipv6Addr, bool)>,
+}
+
+/// [`IpamState::allocate_families`] over the node's subnets: a subnet.env always has the IPv4
+/// pair (one with only the IPv6 pair does not load), the IPv6 one only on a dual-stack node.
+fn allocate(s: &mut IpamState, env: &SubnetEnv, owner: &Owner) -> Result<Allocated, CniError> {
+    let got = s.allocate_families(
+        Some(env.subnet),
+        env.v6.as_ref().map(|v| v.subnet),
+        owner.clone(),
+    )?;
+    match got.v4 {
+        Some(v4) => Ok(Allocated { v4, v6: got.v6 }),
+        // allocate_families gives an address of every family it is given a subnet of.
+        None => Err(CniError::new(
+            ErrorCode::Io,
+            format!("IPAM gave no IPv4 address in {}", env.subnet),
+        )),
     }
 }
 
@@ -141,36 +181,27 @@ async fn wire<K: PodKernel>(
     Ok(link.mac)
 }
 
-fn add_result(plan: &PodPlan, pod_mac: &[u8], req: &Request) -> AddResult {
-    AddResult {
-        interfaces: vec![
-            Interface {
-                name: plan.host_ifname.clone(),
-                mac: format_mac(&HOST_VETH_MAC),
-                sandbox: None,
-                mtu: Some(plan.mtu),
-            },
-            Interface {
-                name: plan.pod_ifname.clone(),
-                mac: format_mac(pod_mac),
-                sandbox: req.netns.as_ref().map(|p| p.display().to_string()),
-                mtu: Some(plan.mtu),
-            },
-        ],
-        ips: vec![IpConfig {
-            address: ipnet::Ipv4Net::from(plan.address),
-            gateway: Some(GATEWAY),
-            interface: Some(1),
-        }],
-        routes: vec![Route {
-            dst: ipnet::Ipv4Net::default(),
-            gw: Some(GATEWAY),
-        }],
-    }
+fn add_result(plan: &PodPlan, pod_mac: &[u8], req: &Request) -> result::AddResultAny {
+    result::pod_result(
+        Interface {
+            name: plan.host_ifname.clone(),
+            mac: format_mac(&HOST_VETH_MAC),
+            sandbox: None,
+            mtu: Some(plan.mtu),
+        },
+        Interface {
+            name: plan.pod_ifname.clone(),
+            mac: format_mac(pod_mac),
+            sandbox: req.netns.as_ref().map(|p| p.display().to_string()),
+            mtu: Some(plan.mtu),
+        },
+        Some(plan.address),
+        plan.address_v6,
+    )
 }
 
-/// DEL: the veth (and with it the host route and the pod's interface) goes first, then the
-/// address and the pod's hostPort mappings ([`hostport::release`]), so an address is never
+/// DEL: the veth (and with it the host routes and the pod's interface) goes first, then the
+/// addresses of both families and the pod's hostPort mappings ([`hostport::release`]), so an address is never
 /// handed out again while a route to it remains. Whatever is already gone counts as deleted.
 pub async fn del<K: PodKernel + HostportKernel>(
     conf: &NetConf,
@@ -182,7 +213,7 @@ pub async fn del<K: PodKernel + HostportKernel>(
     let removed_ifb = kernel.remove_shaping(&host_ifname).await?;
     let store = IpamStore::new(&conf.ipam_dir);
     let freed = hostport::release(conf, &store, req, &owner(req), kernel)?;
-    info!(container_id = %req.container_id, pod = ?req.pod(), removed_link, removed_ifb, freed = ?freed, "pod unwired");
+    info!(container_id = %req.container_id, pod = ?req.pod(), removed_link, removed_ifb, freed = ?freed.0, freed_v6 = ?freed.1, "pod unwired");
     Ok(())
 }
 
@@ -211,7 +242,20 @@ pub async fn check<K: PodKernel + HostportKernel>(
             )));
         }
     }
-    let plan = PodPlan::new(&req.container_id, &req.ifname, address, 0);
+    let address_v6 = state.lookup_v6(&owner(req));
+    if let Some(expected) = conf
+        .prev_result
+        .as_ref()
+        .and_then(|p| result::address_of_v6(p, &req.ifname))
+    {
+        if Some(expected.addr()) != address_v6 || expected.prefix_len() != 128 {
+            let held = address_v6.map_or("no IPv6 address".to_string(), |a| format!("{a}/128"));
+            return Err(failed(format!(
+                "prevResult says {expected} but sluice allocated {held}"
+            )));
+        }
+    }
+    let plan = PodPlan::new(&req.container_id, &req.ifname, address, 0).with_v6(address_v6);
     let seen = kernel.observe(&plan).await?;
     let mut problems = compare(&plan, &seen);
     problems.extend(shaping::check(conf, &plan.host_ifname, kernel).await?);
@@ -257,6 +301,35 @@ fn compare(plan: &PodPlan, seen: &crate::kernel::ObservedPod) -> Vec<String> {
             }
         }
     }
+    if let Some(v6) = plan.address_v6 {
+        if seen.host_link_up == Some(true) {
+            if !seen.host_route_v6 {
+                problems.push(format!(
+                    "host route to {v6}/128 via {} is missing",
+                    plan.host_ifname
+                ));
+            }
+            if !seen.host_gateway_v6 {
+                problems.push(format!(
+                    "host interface {} lacks the gateway {GATEWAY_V6}",
+                    plan.host_ifname
+                ));
+            }
+        }
+        if seen.pod_link_up == Some(true) {
+            if !seen.pod_addresses_v6.contains(&(v6, 128)) {
+                problems.push(format!(
+                    "container interface {} lacks {v6}/128",
+                    plan.pod_ifname
+                ));
+            }
+            if !seen.pod_default_v6_via_gateway {
+                problems.push(format!(
+                    "container default route ::/0 via {GATEWAY_V6} is missing"
+                ));
+            }
+        }
+    }
     problems
 }
 
@@ -292,14 +365,9 @@ pub async fn gc<K: PodKernel + HostportKernel>(
         errors.push(e.to_string());
     }
     super::stats::sweep_temporary(&conf.ipam_dir);
-    let stale: Vec<Ipv4Addr> = lock
+    let stale = lock
         .state
-        .allocations
-        .iter()
-        .filter(|(_, o)| !valid.contains(&(o.container_id.as_str(), o.ifname.as_str())))
-        .map(|(ip, _)| *ip)
-        .collect();
-    lock.state.allocations.retain(|ip, _| !stale.contains(ip));
+        .collect_garbage(|o| valid.contains(&(o.container_id.as_str(), o.ifname.as_str())));
     let unmapped = hostport::collect(conf, &mut lock, &valid, kernel).unwrap_or_else(|e| {
         errors.push(e.to_string());
         0
@@ -312,6 +380,7 @@ pub async fn gc<K: PodKernel + HostportKernel>(
         lock.state
             .allocations
             .values()
+            .chain(lock.state.allocations_v6.values())
             .map(|o| podnet::host_ifname(&o.container_id, &o.ifname)),
     );
     let mut removed = 0usize;
@@ -334,7 +403,8 @@ pub async fn gc<K: PodKernel + HostportKernel>(
         errors.push(e.to_string());
     }
     info!(
-        freed = stale.len(),
+        freed = stale.v4.len(),
+        freed_v6 = stale.v6.len(),
         removed_links = removed,
         removed_ifbs,
         unmapped,

@@ -5,8 +5,11 @@
 //! bridge + host-local chained with portmap (ADD: bridge then portmap with bridge's result as
 //! `prevResult`; DEL: portmap then bridge, timed together). Each plugin is spawned directly from a thread that
 //! entered the node namespace, as a runtime spawns it, so no wrapper cost is measured.
+//! With `--dual on`, sluice-cni also runs on a dual-stack subnet.env (the IPv6 pair beside the
+//! IPv4 one: every pod gets a /32 and a /128), against the same plugin IPv4 only.
 //!
 //! Usage: bench-cni [--pods N] [--parallel P] [--sluice PATH] [--cni-dir DIR] [--hostports on|off]
+//! [--dual on|off]
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -26,10 +29,11 @@ struct Args {
     sluice: PathBuf,
     cni_dir: PathBuf,
     hostports: bool,
+    dual: bool,
 }
 
 const USAGE: &str =
-    "usage: bench-cni [--pods N] [--parallel P] [--sluice PATH] [--cni-dir DIR] [--hostports on|off]";
+    "usage: bench-cni [--pods N] [--parallel P] [--sluice PATH] [--cni-dir DIR] [--hostports on|off] [--dual on|off]";
 
 fn parse_args() -> Args {
     let mut a = Args {
@@ -38,6 +42,7 @@ fn parse_args() -> Args {
         sluice: PathBuf::from("target/release/sluice"),
         cni_dir: PathBuf::from("/usr/lib/cni"),
         hostports: false,
+        dual: false,
     };
     let mut flags = Flags::from_env("bench-cni", USAGE);
     while let Some((flag, value)) = flags.next_pair() {
@@ -50,6 +55,11 @@ fn parse_args() -> Args {
                 "on" => a.hostports = true,
                 "off" => a.hostports = false,
                 _ => flags.fail("--hostports takes on or off"),
+            },
+            "--dual" => match value.as_str() {
+                "on" => a.dual = true,
+                "off" => a.dual = false,
+                _ => flags.fail("--dual takes on or off"),
             },
             other => flags.fail(&format!("unknown flag {other}")),
         }
@@ -189,6 +199,7 @@ fn invoke(c: &Contender, command: &str, i: usize, id: &str, netns: &Path) -> Out
 fn bench(c: &Contender, pods: usize, parallel: usize) -> Stats {
     let node = Netns::new("bn");
     node.sysctl("net.ipv4.ip_forward", "1");
+    node.sysctl("net.ipv6.conf.all.forwarding", "1");
     let sandboxes: Vec<Netns> = (0..pods).map(|_| Netns::new("bp")).collect();
     let id = |i: usize| format!("bench{parallel}x{i}");
     let (add, add_wall) = run_phase(&node, pods, parallel, |i| {
@@ -219,7 +230,8 @@ fn bench(c: &Contender, pods: usize, parallel: usize) -> Stats {
         .routes()
         .iter()
         .filter(|r| r["scope"] == "link" && r["dst"].as_str().is_some_and(|d| !d.contains('/')))
-        .count();
+        .count()
+        + node.ip_json(&["-6", "route", "show", "proto", "77"]).len();
     let allocations = std::fs::read_dir(&c.ipam_dir)
         .map(|d| {
             d.filter_map(Result::ok)
@@ -236,7 +248,7 @@ fn bench(c: &Contender, pods: usize, parallel: usize) -> Stats {
     let leaks = if veths + host_routes + allocations + pod_links + left_nat == 0 {
         "none".to_string()
     } else {
-        format!("veths {veths}, /32 routes {host_routes}, allocations {allocations}, pod links {pod_links}, DNAT rules {left_nat}")
+        format!("veths {veths}, /32 and /128 routes {host_routes}, allocations {allocations}, pod links {pod_links}, DNAT rules {left_nat}")
     };
     Stats {
         add,
@@ -284,7 +296,12 @@ fn sluice_allocations(dir: &Path) -> usize {
     std::fs::read(dir.join("allocations.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        .and_then(|v| v["allocations"].as_object().map(|o| o.len()))
+        .map(|v| {
+            ["allocations", "allocationsV6"]
+                .iter()
+                .filter_map(|k| v[*k].as_object().map(|o| o.len()))
+                .sum()
+        })
         .unwrap_or(0)
 }
 
@@ -303,6 +320,11 @@ fn main() {
     std::fs::write(
         work.path().join("subnet.env"),
         "SLUICE_NETWORK=10.244.0.0/16\nSLUICE_SUBNET=10.244.0.0/23\nSLUICE_MTU=1450\nSLUICE_IPMASQ=false\n",
+    )
+    .unwrap();
+    std::fs::write(
+        work.path().join("subnet-dual.env"),
+        "SLUICE_NETWORK=10.244.0.0/16\nSLUICE_SUBNET=10.244.0.0/23\nSLUICE_NETWORK6=fd00:10:244::/56\nSLUICE_SUBNET6=fd00:10:244::/64\nSLUICE_MTU=1450\nSLUICE_IPMASQ=false\n",
     )
     .unwrap();
     let host_local = |name: &str, subnet: &str| json!({"type": "host-local", "subnet": subnet, "dataDir": work.path().join(name)});
@@ -358,6 +380,17 @@ fn main() {
             hostports: Some(HostportMode::Chained(args.cni_dir.join("portmap"))),
         });
     }
+    if args.dual {
+        contenders.push(Contender {
+            label: "sluice-cni dual-stack",
+            bin_dir: sluice_bin.clone(),
+            plugin: sluice_bin.join("sluice-cni"),
+            conf: json!({"cniVersion": "1.0.0", "name": "benchsl6", "type": "sluice-cni",
+                         "subnetFile": work.path().join("subnet-dual.env"), "ipamDir": work.path().join("sl6-ipam")}),
+            ipam_dir: work.path().join("sl6-ipam"),
+            hostports: None,
+        });
+    }
     println!("bench-cni: {} pods, sequential and {} at a time; times in ms per call (process spawn to exit)", args.pods, args.parallel);
     println!("sluice binary: {}", sluice.display());
     println!();
@@ -402,6 +435,17 @@ fn main() {
             ours.2.as_secs_f64() / best_add.as_secs_f64(),
             ours.3.as_secs_f64() / best_del.as_secs_f64()
         );
+        if args.dual {
+            let dual = row("sluice-cni dual-stack");
+            println!(
+                "parallel {parallel}: dual-stack sluice ADD p50 {} ms ({:+.2} ms, x{:.2} of IPv4 only), DEL p50 {} ms ({:+.2} ms)",
+                ms(dual.2),
+                (dual.2.as_secs_f64() - ours.2.as_secs_f64()) * 1000.0,
+                dual.2.as_secs_f64() / ours.2.as_secs_f64(),
+                ms(dual.3),
+                (dual.3.as_secs_f64() - ours.3.as_secs_f64()) * 1000.0
+            );
+        }
         if args.hostports {
             let hp = row("sluice-cni + hostPort");
             let pm = row("bridge + host-local + portmap");

@@ -20,6 +20,8 @@ enum Step {
 #[derive(Debug, Default, Clone)]
 struct FakeLink {
     address: Option<Ipv4Addr>,
+    /// The IPv6 address the host routes to this link (and the pod holds, once configured).
+    address_v6: Option<Ipv6Addr>,
     host_configured: bool,
     pod_configured: bool,
 }
@@ -83,6 +85,7 @@ impl PodKernel for FakeKernel {
             .ok_or(KernelError::NoPodNetns)?;
         l.host_configured = true;
         l.address = Some(plan.address);
+        l.address_v6 = plan.address_v6;
         Ok(())
     }
     async fn configure_pod(&mut self, plan: &PodPlan) -> Result<(), KernelError> {
@@ -102,6 +105,7 @@ impl PodKernel for FakeKernel {
         let Some(l) = self.links.get(&plan.host_ifname) else {
             return Ok(ObservedPod::default());
         };
+        let v6 = plan.address_v6.filter(|a| l.address_v6 == Some(*a));
         Ok(ObservedPod {
             host_link_up: Some(true),
             host_route: l.host_configured && l.address == Some(plan.address),
@@ -112,6 +116,13 @@ impl PodKernel for FakeKernel {
                 vec![]
             },
             pod_default_via_gateway: l.pod_configured,
+            host_route_v6: l.host_configured && v6.is_some(),
+            host_gateway_v6: l.host_configured && l.address_v6.is_some(),
+            pod_addresses_v6: match v6 {
+                Some(a) if l.pod_configured => vec![(a, 128)],
+                _ => vec![],
+            },
+            pod_default_v6_via_gateway: l.pod_configured && v6.is_some(),
         })
     }
     async fn host_veths(&mut self) -> Result<Vec<String>, KernelError> {
@@ -224,6 +235,25 @@ struct Node {
 }
 
 impl Node {
+    /// A dual-stack node: `subnet` and `subnet6` (in fd00:10:244::/56).
+    fn dual(subnet: &str, subnet6: &str) -> Self {
+        let node = Self::new(subnet);
+        std::fs::write(
+            node.dir.path().join("subnet.env"),
+            format!("SLUICE_NETWORK=10.244.0.0/16\nSLUICE_SUBNET={subnet}\nSLUICE_NETWORK6=fd00:10:244::/56\nSLUICE_SUBNET6={subnet6}\nSLUICE_MTU=1450\nSLUICE_IPMASQ=true\n"),
+        )
+        .unwrap();
+        node
+    }
+
+    fn allocations_v6(&self) -> usize {
+        IpamStore::new(self.ipam_dir())
+            .read()
+            .unwrap()
+            .allocations_v6
+            .len()
+    }
+
     fn new(subnet: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
@@ -682,4 +712,5 @@ fn gc_removes_the_ifbs_of_stale_attachments() {
     assert_eq!(left, want);
 }
 
+mod dual;
 mod hostports;
