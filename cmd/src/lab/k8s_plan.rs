@@ -132,14 +132,21 @@ pub fn etcd_args(layout: &Layout, ports: &Ports) -> Vec<String> {
     ]
 }
 
-pub fn apiserver_args(layout: &Layout, ports: &Ports) -> Vec<String> {
+/// The API server's flags. It listens on the host's loopback only and advertises `advertise`
+/// (an underlay address the lab forwards to that loopback port), so the `kubernetes` Service
+/// has real Endpoints that pods and nodes reach, as on any cluster.
+pub fn apiserver_args(
+    layout: &Layout,
+    ports: &Ports,
+    advertise: std::net::Ipv4Addr,
+) -> Vec<String> {
     vec![
         flag(
             "etcd-servers",
             format!("http://127.0.0.1:{}", ports.etcd_client),
         ),
         flag("bind-address", "127.0.0.1"),
-        flag("advertise-address", "127.0.0.1"),
+        flag("advertise-address", advertise),
         flag("secure-port", ports.apiserver),
         flag("tls-cert-file", layout.pki("apiserver.crt")),
         flag("tls-private-key-file", layout.pki("apiserver.key")),
@@ -154,8 +161,6 @@ pub fn apiserver_args(layout: &Layout, ports: &Ports) -> Vec<String> {
             "https://kubernetes.default.svc.cluster.local",
         ),
         flag("service-cluster-ip-range", SERVICE_CIDR),
-        // A loopback advertise address is refused in Endpoints.
-        flag("endpoint-reconciler-type", "none"),
         flag(
             "kubelet-client-certificate",
             layout.pki("apiserver-kubelet-client.crt"),
@@ -228,6 +233,45 @@ metricsBindAddress: 127.0.0.1:10249
 conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}}
 "
     )
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ManifestError {
+    #[error("the manifest has no ConfigMap sluice-config with a data key {0:?}")]
+    NoKey(String),
+}
+
+/// The manifest as a user edits it before `kubectl apply`: the values of `sluice-config`'s data
+/// keys in `values` replaced (each line `  KEY: "VALUE"` of the ConfigMap's `data`), every other
+/// line kept as it is. A key the ConfigMap does not have is an error (the manifest changed).
+pub fn render_manifest(manifest: &str, values: &[(&str, String)]) -> Result<String, ManifestError> {
+    let mut out = String::with_capacity(manifest.len());
+    let mut found = vec![false; values.len()];
+    let (mut config_map, mut in_data) = (false, false);
+    for line in manifest.split_inclusive('\n') {
+        let text = line.trim_end_matches(['\n', '\r']);
+        if text == "---" {
+            (config_map, in_data) = (false, false);
+        } else if text == "kind: ConfigMap" {
+            config_map = true;
+        } else if !text.starts_with(' ') && !text.is_empty() {
+            in_data = config_map && text == "data:";
+        }
+        let replaced = in_data.then(|| {
+            let (key, _) = text.strip_prefix("  ")?.split_once(": ")?;
+            let i = values.iter().position(|(k, _)| *k == key)?;
+            found[i] = true;
+            Some(format!("  {key}: {:?}\n", values[i].1))
+        });
+        match replaced.flatten() {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+    }
+    if let Some(i) = found.iter().position(|f| !f) {
+        return Err(ManifestError::NoKey(values[i].0.to_string()));
+    }
+    Ok(out)
 }
 
 /// Where containerd of `node` in lab `lab` listens (what `ctr --address` and `sluice lab load`
@@ -617,6 +661,36 @@ mod tests {
     }
 
     #[test]
+    fn the_manifest_is_rendered_with_the_labs_config_and_nothing_else_changes() {
+        let manifest = "kind: Namespace\nmetadata:\n  name: x\n---\nkind: ConfigMap\nmetadata:\n  name: sluice-config\ndata:\n  # Live: none or wireguard.\n  encryption: \"none\"\n  overlay: \"always\"\n---\nkind: DaemonSet\nspec:\n  encryption: \"none\"\n";
+        let out = render_manifest(manifest, &[("encryption", "wireguard".into())]).unwrap();
+        assert_eq!(
+            out,
+            manifest.replacen("  encryption: \"none\"", "  encryption: \"wireguard\"", 1)
+        );
+        // Only the ConfigMap's data: the DaemonSet's line of the same shape is kept.
+        assert!(out.ends_with("spec:\n  encryption: \"none\"\n"));
+        assert_eq!(
+            render_manifest(manifest, &[("mtu", "1400".into())]),
+            Err(ManifestError::NoKey("mtu".into()))
+        );
+        // The real manifest has every key the lab sets.
+        let keys = [
+            "cluster-cidr",
+            "subnet-length",
+            "subnet-source",
+            "encryption",
+            "overlay",
+        ];
+        let values: Vec<(&str, String)> = keys.iter().map(|k| (*k, "v".to_string())).collect();
+        let real = render_manifest(super::super::image::MANIFEST, &values).unwrap();
+        assert_eq!(
+            real.lines().count(),
+            super::super::image::MANIFEST.lines().count()
+        );
+    }
+
+    #[test]
     fn the_control_plane_listens_on_loopback_only_with_tls_and_rbac() {
         let ports = Ports {
             etcd_client: 1,
@@ -628,9 +702,10 @@ mod tests {
         let layout = Layout {
             dir: Path::new("/s"),
         };
-        let api = apiserver_args(&layout, &ports);
+        let api = apiserver_args(&layout, &ports, "172.31.0.254".parse().unwrap());
         for want in [
             "--bind-address=127.0.0.1",
+            "--advertise-address=172.31.0.254",
             "--secure-port=3",
             "--authorization-mode=Node,RBAC",
             "--etcd-servers=http://127.0.0.1:1",
@@ -639,6 +714,10 @@ mod tests {
         ] {
             assert!(api.iter().any(|a| a == want), "{want} not in {api:?}");
         }
+        // The default (lease) endpoint reconciler: the `kubernetes` Service has Endpoints.
+        assert!(api
+            .iter()
+            .all(|a| !a.starts_with("--endpoint-reconciler-type")));
         let etcd = etcd_args(&layout, &ports);
         assert!(etcd
             .iter()
