@@ -422,18 +422,25 @@ async fn build(plan: &LabPlan, files: &LabFiles, api: Api, progress: &mut Progre
     });
     let client = cluster::client(&files.kubeconfig).await?;
     cluster::register(&client, plan, external.is_some(), image_dir.is_none()).await?;
+    let real_nodes = image_dir.is_some();
     if let Some(images) = &image_dir {
         // Real kubelets register the Nodes themselves.
         k8s::start_nodes(plan, files, images, progress).await?;
     }
-    // The agents start once their Nodes and sluice-config exist, as the DaemonSet's pods would
-    // after the manifest is applied.
+    // The lab daemon's agents (not on real nodes: the DaemonSet's) start once their Nodes
+    // and sluice-config exist, as the DaemonSet's pods would after the manifest is applied.
     std::fs::write(&files.registered, b"")?;
-    progress.line(format!(
-        "API: {} nodes registered, kube-system/sluice-config written",
-        plan.nodes.len()
-    ));
-    let real_nodes = image_dir.is_some();
+    progress.line(if real_nodes {
+        format!(
+            "API: {} nodes registered by their kubelets",
+            plan.nodes.len()
+        )
+    } else {
+        format!(
+            "API: {} nodes registered, kube-system/sluice-config written",
+            plan.nodes.len()
+        )
+    });
     if real_nodes {
         k8s::start_kube_proxies(plan, files, progress).await?;
         // sluice as a user installs it: its DaemonSet runs the agents (the daemon does not).
