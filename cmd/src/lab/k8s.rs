@@ -91,7 +91,7 @@ pub fn check_node_tools() -> Result<()> {
     .collect();
     if !missing.is_empty() {
         bail!(
-            "a real-Kubernetes lab needs {} on PATH (Debian: apt-get install containerd runc util-linux kubectl)",
+            "a real-Kubernetes lab needs {} on PATH (Debian: apt-get install containerd runc util-linux; kubectl from a Kubernetes release's client binaries)",
             missing.join(", ")
         );
     }
