@@ -579,6 +579,41 @@ fn pods_services_and_policy_on_real_kubernetes() {
         b.name
     );
 
+    // `lab agent` does not pretend to run the DaemonSet's agents: it says how to restart one,
+    // and that works: the DaemonSet makes a new pod, which rolls out, and pods still connect.
+    let out = lab_cmd(&["agent", "--name", &lab.name, "stop", &a.node], 30);
+    let said = output_text(&out);
+    assert!(
+        !out.status.success() && said.contains("DaemonSet kube-system/sluice"),
+        "{said}"
+    );
+    let field = format!("spec.nodeName={}", a.node);
+    lab.kubectl_ok(&[
+        "-n",
+        "kube-system",
+        "delete",
+        "pod",
+        "-l",
+        "app.kubernetes.io/name=sluice",
+        "--field-selector",
+        &field,
+    ]);
+    lab.kubectl_ok(&[
+        "-n",
+        "kube-system",
+        "rollout",
+        "status",
+        "ds/sluice",
+        "--timeout=60s",
+    ]);
+    assert!(
+        eventually_connects(&lab, &a.name, &b_addr, true, Duration::from_secs(20)),
+        "{} -> {} after {}'s agent was replaced",
+        a.name,
+        b.name,
+        a.node
+    );
+
     let started = Instant::now();
     let out = lab.down();
     assert!(out.status.success(), "{}", output_text(&out));
