@@ -411,17 +411,24 @@ fn pods_services_and_policy_on_real_kubernetes() {
     // An in-cluster client in a pod (agnhost's `inclusterclient`: client-go's in-cluster
     // config, i.e. https://10.96.0.1:443 with the service-account CA and token), started now
     // and read after the Deployment is up.
-    lab.kubectl_ok(&[
-        "run",
-        "incluster",
-        &format!("--image={AGNHOST}"),
-        "--restart=Never",
-        "--command",
-        "--",
-        "/agnhost",
-        "inclusterclient",
-        "--poll-interval=1",
-    ]);
+    // The same from a host-network pod (as sluice's own agents are).
+    for (pod, overrides) in [
+        ("incluster", "{}"),
+        ("incluster-host", r#"{"spec":{"hostNetwork":true}}"#),
+    ] {
+        lab.kubectl_ok(&[
+            "run",
+            pod,
+            &format!("--image={AGNHOST}"),
+            "--restart=Never",
+            &format!("--overrides={overrides}"),
+            "--command",
+            "--",
+            "/agnhost",
+            "inclusterclient",
+            "--poll-interval=1",
+        ]);
+    }
 
     // A Deployment of 6 agnhost replicas: the controller-manager makes the pods, the scheduler
     // spreads them, the kubelets run them through containerd and sluice-cni.
@@ -506,24 +513,36 @@ fn pods_services_and_policy_on_real_kubernetes() {
             output_text(&out)
         );
     }
-    let started = Instant::now();
-    let logs = loop {
-        let logs = lab.kubectl(&["logs", "incluster"]);
-        let text = String::from_utf8_lossy(&logs.stdout).into_owned();
-        // Each request is logged before it is sent ("authz_header=..."); the third means two
-        // came back (the loop waits for each), and every failure is logged "status=failed".
-        if text.matches("authz_header=").count() >= 3 || started.elapsed() > Duration::from_secs(30)
-        {
-            break text;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
-    assert!(
-        logs.matches("authz_header=").count() >= 3
-            && !logs.contains("status=failed")
-            && !logs.contains("authz_header=<empty>"),
-        "in-cluster client through the kubernetes Service: {logs}"
-    );
+    let host = lab.kubectl_ok(&[
+        "get",
+        "pod",
+        "incluster-host",
+        "-o",
+        "jsonpath={.spec.hostNetwork}",
+    ]);
+    assert_eq!(host.trim(), "true");
+    for pod in ["incluster", "incluster-host"] {
+        let started = Instant::now();
+        let logs = loop {
+            let logs = lab.kubectl(&["logs", pod]);
+            let text = String::from_utf8_lossy(&logs.stdout).into_owned();
+            // Each request is logged before it is sent ("authz_header=..."); the third means
+            // two came back (the loop waits for each), and every failure is logged
+            // "status=failed".
+            if text.matches("authz_header=").count() >= 3
+                || started.elapsed() > Duration::from_secs(30)
+            {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        assert!(
+            logs.matches("authz_header=").count() >= 3
+                && !logs.contains("status=failed")
+                && !logs.contains("authz_header=<empty>"),
+            "{pod}: in-cluster client through the kubernetes Service: {logs}"
+        );
+    }
 
     // kubectl logs: the API server reads them from the kubelet.
     let logs = lab.kubectl_ok(&["logs", &pods[0].name]);
