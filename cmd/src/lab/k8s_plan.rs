@@ -343,18 +343,33 @@ pub const NODE_PRIVATE: [&str; 6] = [
 /// control plane's files, every node's containerd socket at the same path as on the host).
 pub const HOST_UNDER_RUN: &str = "/run/sluice/lab";
 
-/// Which host paths the node's private trees are bound over: each wanted path itself when the
-/// host has it, else its nearest ancestor the host has (so nothing is made on the host; the
-/// node then has its own, empty, copy of that ancestor). A target under another is covered by
-/// it. Sorted, no duplicates; `None` when only `/` exists for some path.
+/// Host directories a node must share with the host (its programs, libraries, configuration):
+/// never shadowed whole when a deeper one will do.
+const SHARED_WITH_HOST: [&str; 3] = ["/etc", "/usr", "/var"];
+
+/// Which host paths the node's private trees are bound over: for each wanted path its
+/// shallowest ancestor the host has below `/` and below the directories the node shares with
+/// the host (`/opt` for `/opt/cni/bin`, `/var/lib` for `/var/lib/sluice`, `/etc/cni` for
+/// `/etc/cni/net.d`), so nothing is made on the host and the mount sits on a directory no
+/// other program on the host removes (a bind on `/opt/cni/bin` would be detached from the node
+/// by a host program that removes the host's `/opt/cni/bin`, and the node's next writes there
+/// would land on the host). Where the host has none of those, the nearest ancestor it has. A
+/// target under another is covered by it. Sorted, no duplicates; `None` when only `/` exists
+/// for some path.
 pub fn private_targets(wanted: &[&str], exists: impl Fn(&Path) -> bool) -> Option<Vec<PathBuf>> {
+    let shared = |p: &Path| SHARED_WITH_HOST.iter().any(|s| Path::new(s) == p);
     let mut targets: Vec<PathBuf> = Vec::new();
     for w in wanted {
-        let target = Path::new(w)
+        let ancestors: Vec<&Path> = Path::new(w)
             .ancestors()
             .take_while(|a| *a != Path::new("/"))
-            .find(|a| exists(a))?;
-        targets.push(target.to_path_buf());
+            .collect();
+        let shallowest = ancestors
+            .iter()
+            .rev()
+            .find(|a| !shared(a) && exists(a))
+            .or_else(|| ancestors.iter().find(|a| exists(a)))?;
+        targets.push(shallowest.to_path_buf());
     }
     targets.sort();
     targets.dedup();
@@ -733,7 +748,7 @@ mod tests {
     }
 
     #[test]
-    fn node_private_paths_shadow_the_nearest_existing_ancestor_and_make_nothing_on_the_host() {
+    fn node_private_paths_shadow_the_shallowest_unshared_ancestor_and_make_nothing_on_the_host() {
         // A host with /run, /etc/cni/net.d, /opt and /var/log, /var/lib but none of the rest.
         let host = [
             "/run",
@@ -748,15 +763,21 @@ mod tests {
         let exists = |p: &Path| host.iter().any(|h| Path::new(h) == p);
         let t = private_targets(&NODE_PRIVATE, exists).unwrap();
         let t: Vec<&str> = t.iter().map(|p| p.to_str().unwrap()).collect();
-        assert_eq!(
-            t,
-            ["/etc/cni/net.d", "/opt", "/run", "/var/lib", "/var/log"]
-        );
-        // Where the host has the paths themselves, they are the targets; a target under
-        // another is covered by it.
+        assert_eq!(t, ["/etc/cni", "/opt", "/run", "/var/lib", "/var/log"]);
+        // Where the host has the paths themselves (a host program may have made
+        // /opt/cni/bin, and may remove it), the shallowest ancestor below the shared ones
+        // still: the same targets, whatever comes and goes below them.
         let all = |_: &Path| true;
+        let t = private_targets(&NODE_PRIVATE, all).unwrap();
+        let t: Vec<&str> = t.iter().map(|p| p.to_str().unwrap()).collect();
+        assert_eq!(t, ["/etc/cni", "/opt", "/run", "/var/lib", "/var/log"]);
+        // A target under another is covered by it.
         let t = private_targets(&["/run", "/run/sluice", "/var/log/pods"], all).unwrap();
-        assert_eq!(t, [PathBuf::from("/run"), PathBuf::from("/var/log/pods")]);
+        assert_eq!(t, [PathBuf::from("/run"), PathBuf::from("/var/log")]);
+        // A host without /etc/cni: the nearest ancestor it has (as before).
+        let no_cni = |p: &Path| p == Path::new("/etc");
+        let t = private_targets(&["/etc/cni/net.d"], no_cni).unwrap();
+        assert_eq!(t, [PathBuf::from("/etc")]);
         // Only "/" there: refused, never "/" shadowed.
         assert_eq!(
             private_targets(&["/nowhere/x"], |p: &Path| p == Path::new("/")),
