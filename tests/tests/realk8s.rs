@@ -1,7 +1,10 @@
 //! `sluice lab up --kubernetes DIR` on real Kubernetes binaries: etcd, kube-apiserver,
 //! kube-controller-manager and kube-scheduler on the host's loopback; in every node, in its own
-//! mount namespace, containerd, the kubelet, kube-proxy and sluice's agent. Nodes turn Ready
-//! once the agent installed the CNI config; a Deployment's pods, wired by the real kubelet
+//! mount namespace, containerd, the kubelet and kube-proxy; sluice installed as a user installs
+//! it (its image loaded into every node's containerd, `kubectl apply` of the manifest), its
+//! DaemonSet rolled out on every node. Nodes turn Ready once the DaemonSet's agent installed the
+//! CNI config; pods reach the API server through the `kubernetes` Service (TCP and TLS, with
+//! their service-account token); a Deployment's pods, wired by the real kubelet
 //! through the node's /opt/cni/bin/sluice-cni, reach each other (ICMP, TCP, UDP through
 //! `kubectl exec`), `kubectl logs` and `port-forward` work, a ClusterIP Service answers through the real
 //! kube-proxy, a NetworkPolicy is enforced, and `lab down` leaves no process (containerd, its
@@ -287,8 +290,53 @@ fn pods_services_and_policy_on_real_kubernetes() {
     );
     assert!(!lab_processes(&lab).is_empty());
 
+    // sluice as a user installs it: the DaemonSet of manifests/sluice.yaml rolled out on every
+    // node (bounded), its agents in containers of the manifest's image, none the lab's own.
+    let started = Instant::now();
+    lab.kubectl_ok(&[
+        "-n",
+        "kube-system",
+        "rollout",
+        "status",
+        "ds/sluice",
+        "--timeout=60s",
+    ]);
+    eprintln!(
+        "realk8s: kubectl rollout status ds/sluice: done in {:.1} s after lab up",
+        started.elapsed().as_secs_f64()
+    );
+    let agents: Value = serde_json::from_str(&lab.kubectl_ok(&[
+        "-n",
+        "kube-system",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=sluice",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let agents = agents["items"].as_array().unwrap().clone();
+    let mut agent_started = std::collections::HashMap::new();
+    for a in &agents {
+        let node = a["spec"]["nodeName"].as_str().unwrap().to_string();
+        let c = &a["status"]["containerStatuses"][0];
+        assert_eq!(c["image"], "ghcr.io/sluice-net/sluice:v0.1.0", "{a:#}");
+        assert_eq!(c["ready"], true, "{a:#}");
+        let since: jiff::Timestamp = c["state"]["running"]["startedAt"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        // No agent of the lab's own: the lab daemon started none.
+        let pid_file = format!("/run/sluice/lab/{}/nodes/{node}/agent.pid", lab.name);
+        assert!(!std::path::Path::new(&pid_file).exists(), "{pid_file}");
+        agent_started.insert(node, since);
+    }
+    assert_eq!(agent_started.len(), 3, "{agents:#?}");
+
     // The real kubelets registered the Nodes; the real controller-manager gave each a
-    // podCIDR; every node is Ready (the agent has installed the CNI config).
+    // podCIDR; every node is Ready (the DaemonSet's agent has installed the CNI config).
     let nodes: Value =
         serde_json::from_str(&lab.kubectl_ok(&["get", "nodes", "-o", "json"])).unwrap();
     let items = nodes["items"].as_array().unwrap();
@@ -334,6 +382,11 @@ fn pods_services_and_policy_on_real_kubernetes() {
             since.as_second() >= conf as i64 && registered.as_second() < since.as_second(),
             "{name}: Ready since {since}, registered {registered}, CNI config written at {conf}"
         );
+        let agent = agent_started[&name];
+        assert!(
+            agent.as_second() <= since.as_second(),
+            "{name}: Ready since {since}, before its sluice pod started ({agent})"
+        );
         cidrs.insert(name, cidr);
     }
     // The CNI config Ready waited for is sluice's, in the node's own /etc/cni/net.d, and the
@@ -344,6 +397,37 @@ fn pods_services_and_policy_on_real_kubernetes() {
             std::fs::read_to_string(format!("{root}/etc/cni/net.d/10-sluice.conflist")).unwrap();
         assert!(conf.contains("\"sluice-cni\""), "{conf}");
         assert!(std::path::Path::new(&format!("{root}/opt/cni/bin/sluice-cni")).is_file());
+    }
+
+    // The `kubernetes` Service has the advertised address as its endpoint (not loopback).
+    let endpoints = lab.kubectl_ok(&[
+        "get",
+        "endpoints",
+        "kubernetes",
+        "-o",
+        "jsonpath={.subsets[0].addresses[0].ip}",
+    ]);
+    assert_eq!(endpoints.trim(), "172.31.0.254");
+    // An in-cluster client in a pod (agnhost's `inclusterclient`: client-go's in-cluster
+    // config, i.e. https://10.96.0.1:443 with the service-account CA and token), started now
+    // and read after the Deployment is up.
+    // The same from a host-network pod (as sluice's own agents are).
+    for (pod, overrides) in [
+        ("incluster", "{}"),
+        ("incluster-host", r#"{"spec":{"hostNetwork":true}}"#),
+    ] {
+        lab.kubectl_ok(&[
+            "run",
+            pod,
+            &format!("--image={AGNHOST}"),
+            "--restart=Never",
+            &format!("--overrides={overrides}"),
+            "--command",
+            "--",
+            "/agnhost",
+            "inclusterclient",
+            "--poll-interval=1",
+        ]);
     }
 
     // A Deployment of 6 agnhost replicas: the controller-manager makes the pods, the scheduler
@@ -408,6 +492,58 @@ fn pods_services_and_policy_on_real_kubernetes() {
         started.elapsed().as_secs_f64()
     );
 
+    // Pods reach the API server through the `kubernetes` Service: a TCP connect from a pod
+    // on every node, and the in-cluster client's TLS requests (verified against the cluster
+    // CA, for the name 10.96.0.1) answered, none failed.
+    for node in cidrs.keys() {
+        let p = pods.iter().find(|p| &p.node == node).unwrap();
+        let out = lab.kubectl(&[
+            "exec",
+            &p.name,
+            "--",
+            "/agnhost",
+            "connect",
+            "--timeout=5s",
+            "10.96.0.1:443",
+        ]);
+        assert!(
+            out.status.success(),
+            "{} on {node} -> kubernetes Service 10.96.0.1:443: {}",
+            p.name,
+            output_text(&out)
+        );
+    }
+    let host = lab.kubectl_ok(&[
+        "get",
+        "pod",
+        "incluster-host",
+        "-o",
+        "jsonpath={.spec.hostNetwork}",
+    ]);
+    assert_eq!(host.trim(), "true");
+    for pod in ["incluster", "incluster-host"] {
+        let started = Instant::now();
+        let logs = loop {
+            let logs = lab.kubectl(&["logs", pod]);
+            let text = String::from_utf8_lossy(&logs.stdout).into_owned();
+            // Each request is logged before it is sent ("authz_header=..."); the third means
+            // two came back (the loop waits for each), and every failure is logged
+            // "status=failed".
+            if text.matches("authz_header=").count() >= 3
+                || started.elapsed() > Duration::from_secs(30)
+            {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        assert!(
+            logs.matches("authz_header=").count() >= 3
+                && !logs.contains("status=failed")
+                && !logs.contains("authz_header=<empty>"),
+            "{pod}: in-cluster client through the kubernetes Service: {logs}"
+        );
+    }
+
     // kubectl logs: the API server reads them from the kubelet.
     let logs = lab.kubectl_ok(&["logs", &pods[0].name]);
     assert!(logs.contains("Started HTTP server on port 8080"), "{logs}");
@@ -460,6 +596,41 @@ fn pods_services_and_policy_on_real_kubernetes() {
         eventually_connects(&lab, &a.name, &b_addr, true, Duration::from_secs(20)),
         "{} still blocked after the policy went",
         b.name
+    );
+
+    // `lab agent` does not pretend to run the DaemonSet's agents: it says how to restart one,
+    // and that works: the DaemonSet makes a new pod, which rolls out, and pods still connect.
+    let out = lab_cmd(&["agent", "--name", &lab.name, "stop", &a.node], 30);
+    let said = output_text(&out);
+    assert!(
+        !out.status.success() && said.contains("DaemonSet kube-system/sluice"),
+        "{said}"
+    );
+    let field = format!("spec.nodeName={}", a.node);
+    lab.kubectl_ok(&[
+        "-n",
+        "kube-system",
+        "delete",
+        "pod",
+        "-l",
+        "app.kubernetes.io/name=sluice",
+        "--field-selector",
+        &field,
+    ]);
+    lab.kubectl_ok(&[
+        "-n",
+        "kube-system",
+        "rollout",
+        "status",
+        "ds/sluice",
+        "--timeout=60s",
+    ]);
+    assert!(
+        eventually_connects(&lab, &a.name, &b_addr, true, Duration::from_secs(20)),
+        "{} -> {} after {}'s agent was replaced",
+        a.name,
+        b.name,
+        a.node
     );
 
     let started = Instant::now();

@@ -26,15 +26,16 @@ fn apply() -> PatchParams {
 
 /// Namespaces, the ConfigMap and the Nodes; idempotent (server-side apply). `real_api`: the API
 /// server is a real one, which also needs each namespace's default ServiceAccount.
-/// `nodes`: register the Nodes too (not when real kubelets do).
+/// `nodes`: register the Nodes and write sluice-config too (not when real kubelets register the
+/// Nodes: sluice is then installed from the manifest, which makes sluice-system and the config).
 pub async fn register(client: &Client, plan: &LabPlan, real_api: bool, nodes: bool) -> Result<()> {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     // sluice-system holds the subnet leases (the manifest makes it on a real cluster).
-    for ns in [
-        "kube-system",
-        sluice_net::lease::LEASE_NAMESPACE,
-        plan.pod_namespace(),
-    ] {
+    let lease_ns = nodes.then_some(sluice_net::lease::LEASE_NAMESPACE);
+    for ns in ["kube-system", plan.pod_namespace()]
+        .into_iter()
+        .chain(lease_ns)
+    {
         namespaces
             .patch(
                 ns,
@@ -70,6 +71,10 @@ pub async fn register(client: &Client, plan: &LabPlan, real_api: bool, nodes: bo
             }
         }
     }
+    if !nodes {
+        // Real kubelets: sluice is installed from the manifest, which carries sluice-config.
+        return Ok(());
+    }
     let config: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-system");
     config
         .patch(
@@ -89,9 +94,6 @@ pub async fn register(client: &Client, plan: &LabPlan, real_api: bool, nodes: bo
         )
         .await
         .context("writing kube-system/sluice-config")?;
-    if !nodes {
-        return Ok(());
-    }
     let nodes: Api<Node> = Api::all(client.clone());
     let machine = super::machine::MachineInfo::read();
     for node in &plan.nodes {

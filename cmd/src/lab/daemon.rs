@@ -68,6 +68,16 @@ pub async fn run(name: &str) -> Result<()> {
             for ns in &node_ns {
                 tokio::spawn(forward(bind_in(Some(ns), *target)?, *target));
             }
+            if super::k8s::dir(&files).exists() {
+                // The address the real API server advertises (the `kubernetes` Service's
+                // Endpoints), on the underlay, routed from every node and, through kube-proxy
+                // and the node's masquerade, from every pod.
+                let advertised = SocketAddr::from((plan.api_address(), target.port()));
+                tokio::spawn(forward(
+                    bind_in(Some(&plan.underlay_netns), advertised)?,
+                    *target,
+                ));
+            }
             *target
         }
         None => {
@@ -239,6 +249,10 @@ async fn supervise_agents(
     while !registered.exists() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    if super::k8s::real_nodes(&lab) {
+        tracing::info!("sluice's DaemonSet runs this lab's agents: none started by the lab");
+        return;
+    }
     loop {
         for (node, child) in plan.nodes.iter().zip(children.iter_mut()) {
             if let Some(c) = child {
@@ -278,9 +292,6 @@ fn spawn_agent(
         .create(true)
         .append(true)
         .open(dir.join("agent.log"))?;
-    if super::k8s::real_nodes(lab) {
-        return spawn_agent_in_node(exe, lab, node, kubeconfig, log);
-    }
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("agent")
         .args(["--node-name", &node.name])
@@ -340,40 +351,6 @@ async fn run_kubelet(
         Ok(k) => k.run().await,
         Err(e) => tracing::error!(error = format!("{e:#}"), "the lab's kubelet cannot start"),
     }
-}
-
-/// A real node's agent, as the DaemonSet runs it: in the node's network and mount namespaces
-/// with its default paths (`/run/sluice`, `/var/lib/sluice`, `/etc/cni/net.d`: the node's
-/// own), after `sluice install-cni` has put `sluice-cni` in the node's `/opt/cni/bin`.
-fn spawn_agent_in_node(
-    exe: &Path,
-    lab: &str,
-    node: &super::plan::NodePlan,
-    kubeconfig: &Path,
-    log: std::fs::File,
-) -> Result<std::process::Child> {
-    let argv = super::k8s::in_node(lab, &node.name, &node.netns)?;
-    let mut install = std::process::Command::new("nsenter");
-    install.args(&argv).arg(exe).arg("install-cni");
-    let out = super::k8s::output_within(&mut install, std::time::Duration::from_secs(60))?;
-    if !out.status.success() {
-        bail!(
-            "install-cni on {}: {}",
-            node.name,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let mut cmd = std::process::Command::new("nsenter");
-    cmd.args(&argv)
-        .arg(exe)
-        .arg("agent")
-        .args(["--node-name", &node.name])
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    Ok(cmd.spawn()?)
 }
 
 /// Serves HTTP CONNECT on `socket` for the API server's egress: a tunnel to a node's address,

@@ -81,7 +81,8 @@ const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/
 const EPOCH: &str = "1970-01-01T00:00:00Z";
 
 /// The manifest the image is for: its DaemonSet's `image:` is the default tag.
-const MANIFEST: &str = include_str!("../../../manifests/sluice.yaml");
+/// Embedded, so that `lab up --kubernetes` installs sluice from it outside the repository too.
+pub const MANIFEST: &str = include_str!("../../../manifests/sluice.yaml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {

@@ -84,13 +84,14 @@ pub fn check_node_tools() -> Result<()> {
         "runc",
         "nsenter",
         "unshare",
+        "kubectl",
     ]
     .into_iter()
     .filter(|p| on_path(p).is_none())
     .collect();
     if !missing.is_empty() {
         bail!(
-            "the nodes of a real-Kubernetes lab need {} on PATH (Debian: apt-get install containerd runc util-linux)",
+            "a real-Kubernetes lab needs {} on PATH (Debian: apt-get install containerd runc util-linux; kubectl from a Kubernetes release's client binaries)",
             missing.join(", ")
         );
     }
@@ -118,7 +119,15 @@ fn free_ports() -> Result<Ports> {
 
 /// The CA, the serving and client certificates, the service-account key pair and one
 /// kubeconfig per component, written under `layout.dir`.
-fn write_pki(layout: &Layout, api: SocketAddr, lab: &str, nodes: &[String]) -> Result<String> {
+/// The serving certificate names the host's loopback (kubectl, the components), the advertised
+/// underlay address (the `kubernetes` Service's Endpoints), the Service IP and its DNS names.
+fn write_pki(
+    layout: &Layout,
+    api: SocketAddr,
+    advertise: std::net::Ipv4Addr,
+    lab: &str,
+    nodes: &[String],
+) -> Result<String> {
     let pki_dir = layout.dir.join("pki");
     let kc_dir = layout.dir.join("kubeconfig");
     for d in [layout.dir, &pki_dir, &kc_dir] {
@@ -127,11 +136,13 @@ fn write_pki(layout: &Layout, api: SocketAddr, lab: &str, nodes: &[String]) -> R
     }
     let ca = Ca::new(&format!("sluice-lab-{lab}-ca"))?;
     pki::write_file(&pki_dir.join("ca.crt"), &ca.cert.cert_pem, 0o644)?;
+    let advertise = advertise.to_string();
     ca.serving(
         "kube-apiserver",
         &[
             "127.0.0.1",
             "localhost",
+            &advertise,
             kp::API_SERVICE_IP,
             "kubernetes",
             "kubernetes.default",
@@ -267,6 +278,7 @@ pub async fn start_control_plane(
     lab: &str,
     cluster_cidr: &str,
     nodes: &[String],
+    advertise: std::net::Ipv4Addr,
     progress: &mut super::Progress,
 ) -> Result<SocketAddr> {
     let version = check_binaries(bin)?;
@@ -276,7 +288,7 @@ pub async fn start_control_plane(
     let layout = Layout { dir: &dir };
     let ports = free_ports()?;
     let api = SocketAddr::from(([127, 0, 0, 1], ports.apiserver));
-    let admin = write_pki(&layout, api, lab, nodes)?;
+    let admin = write_pki(&layout, api, advertise, lab, nodes)?;
     std::fs::write(
         dir.join("egress.yaml"),
         kp::egress_config(&egress_socket(files)),
@@ -307,7 +319,7 @@ pub async fn start_control_plane(
         &dir,
         "kube-apiserver",
         &bin.join("kube-apiserver"),
-        &kp::apiserver_args(&layout, &ports),
+        &kp::apiserver_args(&layout, &ports, advertise),
     )?;
     super::credentials::write_private(&files.kubeconfig, &admin)?;
     let client = super::cluster::client(&files.kubeconfig).await?;
@@ -339,8 +351,9 @@ pub async fn start_control_plane(
     }
     ready?;
     progress.line(format!(
-        "kube-apiserver at https://{api} (pid {}), RBAC and Node authorization",
-        api_child.id()
+        "kube-apiserver at https://{api} (pid {}), RBAC and Node authorization, advertising {advertise}:{} (the kubernetes Service's endpoint)",
+        api_child.id(),
+        api.port()
     ));
     let cm = spawn(
         &dir,
@@ -826,4 +839,81 @@ pub async fn start_nodes(
         }
     }
     Ok(())
+}
+
+/// The DaemonSet that runs sluice's agents, as `manifests/sluice.yaml` names it.
+pub const DAEMONSET_NAMESPACE: &str = "kube-system";
+pub const DAEMONSET: &str = "sluice";
+
+/// Installs sluice on the lab as a user installs it: the image the manifest names, written
+/// offline from this binary and the agent's tools, imported into every node's containerd;
+/// then `kubectl apply -f` of the manifest (embedded in this binary), its `sluice-config` set to
+/// the lab's settings. The DaemonSet's pods then install the plugin and, once each node's
+/// datapath is up, the CNI config, which makes the node Ready.
+pub async fn install_sluice(
+    plan: &super::plan::LabPlan,
+    files: &LabFiles,
+    progress: &mut super::Progress,
+) -> Result<()> {
+    let lab = plan.spec.name.clone();
+    let dir = dir(files);
+    let archive = dir.join("sluice-image.tar");
+    let tag = super::image::manifest_image();
+    let started = Instant::now();
+    let out = archive.clone();
+    let written =
+        tokio::task::spawn_blocking(move || super::image::build(&out, tag, None, Path::new("/")))
+            .await??;
+    progress.line(format!(
+        "image {tag}: {} files, {:.1} MiB, written offline to {archive:?} in {:.1} s",
+        written.files,
+        written.layer_bytes as f64 / 1048576.0,
+        started.elapsed().as_secs_f64()
+    ));
+    let started = Instant::now();
+    for node in &plan.nodes {
+        let socket = kp::containerd_socket(&lab, &node.name);
+        let a = archive.clone();
+        tokio::task::spawn_blocking(move || super::load::import(&socket, &a))
+            .await?
+            .with_context(|| format!("loading the sluice image into {}", node.name))?;
+    }
+    progress.line(format!(
+        "image {tag} loaded into the containerd of {} nodes in {:.1} s",
+        plan.nodes.len(),
+        started.elapsed().as_secs_f64()
+    ));
+    let manifest = kp::render_manifest(super::image::MANIFEST, &lab_config(plan))?;
+    let file = dir.join("sluice.yaml");
+    std::fs::write(&file, manifest).with_context(|| format!("writing {file:?}"))?;
+    let kubectl = on_path("kubectl").context("no kubectl on PATH")?;
+    let out = output_within(
+        std::process::Command::new(kubectl)
+            .arg("--kubeconfig")
+            .arg(&files.kubeconfig)
+            .args(["apply", "-f"])
+            .arg(&file),
+        Duration::from_secs(60),
+    )?;
+    if !out.status.success() {
+        bail!(
+            "kubectl apply -f {file:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    progress.line(format!(
+        "sluice installed: kubectl apply -f {file:?} (the embedded manifests/sluice.yaml, sluice-config set to the lab's)"
+    ));
+    Ok(())
+}
+
+/// The `sluice-config` values the lab sets (what `register` writes on the other labs).
+fn lab_config(plan: &super::plan::LabPlan) -> Vec<(&'static str, String)> {
+    vec![
+        ("cluster-cidr", plan.cluster_cidr.to_string()),
+        ("subnet-length", super::plan::SUBNET_LENGTH.to_string()),
+        ("subnet-source", plan.spec.subnet_source.as_str().into()),
+        ("encryption", plan.spec.encryption.as_str().into()),
+        ("overlay", plan.spec.overlay.as_str().into()),
+    ]
 }

@@ -132,14 +132,21 @@ pub fn etcd_args(layout: &Layout, ports: &Ports) -> Vec<String> {
     ]
 }
 
-pub fn apiserver_args(layout: &Layout, ports: &Ports) -> Vec<String> {
+/// The API server's flags. It listens on the host's loopback only and advertises `advertise`
+/// (an underlay address the lab forwards to that loopback port), so the `kubernetes` Service
+/// has real Endpoints that pods and nodes reach, as on any cluster.
+pub fn apiserver_args(
+    layout: &Layout,
+    ports: &Ports,
+    advertise: std::net::Ipv4Addr,
+) -> Vec<String> {
     vec![
         flag(
             "etcd-servers",
             format!("http://127.0.0.1:{}", ports.etcd_client),
         ),
         flag("bind-address", "127.0.0.1"),
-        flag("advertise-address", "127.0.0.1"),
+        flag("advertise-address", advertise),
         flag("secure-port", ports.apiserver),
         flag("tls-cert-file", layout.pki("apiserver.crt")),
         flag("tls-private-key-file", layout.pki("apiserver.key")),
@@ -154,8 +161,6 @@ pub fn apiserver_args(layout: &Layout, ports: &Ports) -> Vec<String> {
             "https://kubernetes.default.svc.cluster.local",
         ),
         flag("service-cluster-ip-range", SERVICE_CIDR),
-        // A loopback advertise address is refused in Endpoints.
-        flag("endpoint-reconciler-type", "none"),
         flag(
             "kubelet-client-certificate",
             layout.pki("apiserver-kubelet-client.crt"),
@@ -230,6 +235,45 @@ conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeo
     )
 }
 
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ManifestError {
+    #[error("the manifest has no ConfigMap sluice-config with a data key {0:?}")]
+    NoKey(String),
+}
+
+/// The manifest as a user edits it before `kubectl apply`: the values of `sluice-config`'s data
+/// keys in `values` replaced (each line `  KEY: "VALUE"` of the ConfigMap's `data`), every other
+/// line kept as it is. A key the ConfigMap does not have is an error (the manifest changed).
+pub fn render_manifest(manifest: &str, values: &[(&str, String)]) -> Result<String, ManifestError> {
+    let mut out = String::with_capacity(manifest.len());
+    let mut found = vec![false; values.len()];
+    let (mut config_map, mut in_data) = (false, false);
+    for line in manifest.split_inclusive('\n') {
+        let text = line.trim_end_matches(['\n', '\r']);
+        if text == "---" {
+            (config_map, in_data) = (false, false);
+        } else if text == "kind: ConfigMap" {
+            config_map = true;
+        } else if !text.starts_with(' ') && !text.is_empty() {
+            in_data = config_map && text == "data:";
+        }
+        let replaced = in_data.then(|| {
+            let (key, _) = text.strip_prefix("  ")?.split_once(": ")?;
+            let i = values.iter().position(|(k, _)| *k == key)?;
+            found[i] = true;
+            Some(format!("  {key}: {:?}\n", values[i].1))
+        });
+        match replaced.flatten() {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+    }
+    if let Some(i) = found.iter().position(|f| !f) {
+        return Err(ManifestError::NoKey(values[i].0.to_string()));
+    }
+    Ok(out)
+}
+
 /// Where containerd of `node` in lab `lab` listens (what `ctr --address` and `sluice lab load`
 /// take; every shim names it in its `-address` argument).
 pub fn containerd_socket(lab: &str, node: &str) -> PathBuf {
@@ -299,18 +343,33 @@ pub const NODE_PRIVATE: [&str; 6] = [
 /// control plane's files, every node's containerd socket at the same path as on the host).
 pub const HOST_UNDER_RUN: &str = "/run/sluice/lab";
 
-/// Which host paths the node's private trees are bound over: each wanted path itself when the
-/// host has it, else its nearest ancestor the host has (so nothing is made on the host; the
-/// node then has its own, empty, copy of that ancestor). A target under another is covered by
-/// it. Sorted, no duplicates; `None` when only `/` exists for some path.
+/// Host directories a node must share with the host (its programs, libraries, configuration):
+/// never shadowed whole when a deeper one will do.
+const SHARED_WITH_HOST: [&str; 3] = ["/etc", "/usr", "/var"];
+
+/// Which host paths the node's private trees are bound over: for each wanted path its
+/// shallowest ancestor the host has below `/` and below the directories the node shares with
+/// the host (`/opt` for `/opt/cni/bin`, `/var/lib` for `/var/lib/sluice`, `/etc/cni` for
+/// `/etc/cni/net.d`), so nothing is made on the host and the mount sits on a directory no
+/// other program on the host removes (a bind on `/opt/cni/bin` would be detached from the node
+/// by a host program that removes the host's `/opt/cni/bin`, and the node's next writes there
+/// would land on the host). Where the host has none of those, the nearest ancestor it has. A
+/// target under another is covered by it. Sorted, no duplicates; `None` when only `/` exists
+/// for some path.
 pub fn private_targets(wanted: &[&str], exists: impl Fn(&Path) -> bool) -> Option<Vec<PathBuf>> {
+    let shared = |p: &Path| SHARED_WITH_HOST.iter().any(|s| Path::new(s) == p);
     let mut targets: Vec<PathBuf> = Vec::new();
     for w in wanted {
-        let target = Path::new(w)
+        let ancestors: Vec<&Path> = Path::new(w)
             .ancestors()
             .take_while(|a| *a != Path::new("/"))
-            .find(|a| exists(a))?;
-        targets.push(target.to_path_buf());
+            .collect();
+        let shallowest = ancestors
+            .iter()
+            .rev()
+            .find(|a| !shared(a) && exists(a))
+            .or_else(|| ancestors.iter().find(|a| exists(a)))?;
+        targets.push(shallowest.to_path_buf());
     }
     targets.sort();
     targets.dedup();
@@ -617,6 +676,36 @@ mod tests {
     }
 
     #[test]
+    fn the_manifest_is_rendered_with_the_labs_config_and_nothing_else_changes() {
+        let manifest = "kind: Namespace\nmetadata:\n  name: x\n---\nkind: ConfigMap\nmetadata:\n  name: sluice-config\ndata:\n  # Live: none or wireguard.\n  encryption: \"none\"\n  overlay: \"always\"\n---\nkind: DaemonSet\nspec:\n  encryption: \"none\"\n";
+        let out = render_manifest(manifest, &[("encryption", "wireguard".into())]).unwrap();
+        assert_eq!(
+            out,
+            manifest.replacen("  encryption: \"none\"", "  encryption: \"wireguard\"", 1)
+        );
+        // Only the ConfigMap's data: the DaemonSet's line of the same shape is kept.
+        assert!(out.ends_with("spec:\n  encryption: \"none\"\n"));
+        assert_eq!(
+            render_manifest(manifest, &[("mtu", "1400".into())]),
+            Err(ManifestError::NoKey("mtu".into()))
+        );
+        // The real manifest has every key the lab sets.
+        let keys = [
+            "cluster-cidr",
+            "subnet-length",
+            "subnet-source",
+            "encryption",
+            "overlay",
+        ];
+        let values: Vec<(&str, String)> = keys.iter().map(|k| (*k, "v".to_string())).collect();
+        let real = render_manifest(super::super::image::MANIFEST, &values).unwrap();
+        assert_eq!(
+            real.lines().count(),
+            super::super::image::MANIFEST.lines().count()
+        );
+    }
+
+    #[test]
     fn the_control_plane_listens_on_loopback_only_with_tls_and_rbac() {
         let ports = Ports {
             etcd_client: 1,
@@ -628,9 +717,10 @@ mod tests {
         let layout = Layout {
             dir: Path::new("/s"),
         };
-        let api = apiserver_args(&layout, &ports);
+        let api = apiserver_args(&layout, &ports, "172.31.0.254".parse().unwrap());
         for want in [
             "--bind-address=127.0.0.1",
+            "--advertise-address=172.31.0.254",
             "--secure-port=3",
             "--authorization-mode=Node,RBAC",
             "--etcd-servers=http://127.0.0.1:1",
@@ -639,6 +729,10 @@ mod tests {
         ] {
             assert!(api.iter().any(|a| a == want), "{want} not in {api:?}");
         }
+        // The default (lease) endpoint reconciler: the `kubernetes` Service has Endpoints.
+        assert!(api
+            .iter()
+            .all(|a| !a.starts_with("--endpoint-reconciler-type")));
         let etcd = etcd_args(&layout, &ports);
         assert!(etcd
             .iter()
@@ -654,7 +748,7 @@ mod tests {
     }
 
     #[test]
-    fn node_private_paths_shadow_the_nearest_existing_ancestor_and_make_nothing_on_the_host() {
+    fn node_private_paths_shadow_the_shallowest_unshared_ancestor_and_make_nothing_on_the_host() {
         // A host with /run, /etc/cni/net.d, /opt and /var/log, /var/lib but none of the rest.
         let host = [
             "/run",
@@ -669,15 +763,21 @@ mod tests {
         let exists = |p: &Path| host.iter().any(|h| Path::new(h) == p);
         let t = private_targets(&NODE_PRIVATE, exists).unwrap();
         let t: Vec<&str> = t.iter().map(|p| p.to_str().unwrap()).collect();
-        assert_eq!(
-            t,
-            ["/etc/cni/net.d", "/opt", "/run", "/var/lib", "/var/log"]
-        );
-        // Where the host has the paths themselves, they are the targets; a target under
-        // another is covered by it.
+        assert_eq!(t, ["/etc/cni", "/opt", "/run", "/var/lib", "/var/log"]);
+        // Where the host has the paths themselves (a host program may have made
+        // /opt/cni/bin, and may remove it), the shallowest ancestor below the shared ones
+        // still: the same targets, whatever comes and goes below them.
         let all = |_: &Path| true;
+        let t = private_targets(&NODE_PRIVATE, all).unwrap();
+        let t: Vec<&str> = t.iter().map(|p| p.to_str().unwrap()).collect();
+        assert_eq!(t, ["/etc/cni", "/opt", "/run", "/var/lib", "/var/log"]);
+        // A target under another is covered by it.
         let t = private_targets(&["/run", "/run/sluice", "/var/log/pods"], all).unwrap();
-        assert_eq!(t, [PathBuf::from("/run"), PathBuf::from("/var/log/pods")]);
+        assert_eq!(t, [PathBuf::from("/run"), PathBuf::from("/var/log")]);
+        // A host without /etc/cni: the nearest ancestor it has (as before).
+        let no_cni = |p: &Path| p == Path::new("/etc");
+        let t = private_targets(&["/etc/cni/net.d"], no_cni).unwrap();
+        assert_eq!(t, [PathBuf::from("/etc")]);
         // Only "/" there: refused, never "/" shadowed.
         assert_eq!(
             private_targets(&["/nowhere/x"], |p: &Path| p == Path::new("/")),

@@ -379,7 +379,16 @@ async fn build(plan: &LabPlan, files: &LabFiles, api: Api, progress: &mut Progre
         Api::Kubernetes(bin, images) => {
             let cidr = plan.cluster_cidr.to_string();
             let nodes: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
-            let addr = k8s::start_control_plane(&bin, files, name, &cidr, &nodes, progress).await?;
+            let addr = k8s::start_control_plane(
+                &bin,
+                files,
+                name,
+                &cidr,
+                &nodes,
+                plan.api_address(),
+                progress,
+            )
+            .await?;
             image_dir = Some(images);
             std::fs::write(&files.external, addr.to_string())?;
             Some(files.kubeconfig.clone())
@@ -413,21 +422,32 @@ async fn build(plan: &LabPlan, files: &LabFiles, api: Api, progress: &mut Progre
     });
     let client = cluster::client(&files.kubeconfig).await?;
     cluster::register(&client, plan, external.is_some(), image_dir.is_none()).await?;
+    let real_nodes = image_dir.is_some();
     if let Some(images) = &image_dir {
         // Real kubelets register the Nodes themselves.
         k8s::start_nodes(plan, files, images, progress).await?;
     }
-    // The agents start once their Nodes and sluice-config exist, as the DaemonSet's pods would
-    // after the manifest is applied.
+    // The lab daemon's agents (not on real nodes: the DaemonSet's) start once their Nodes
+    // and sluice-config exist, as the DaemonSet's pods would after the manifest is applied.
     std::fs::write(&files.registered, b"")?;
-    progress.line(format!(
-        "API: {} nodes registered, kube-system/sluice-config written",
-        plan.nodes.len()
-    ));
-    if k8s::dir(files).exists() {
+    progress.line(if real_nodes {
+        format!(
+            "API: {} nodes registered by their kubelets",
+            plan.nodes.len()
+        )
+    } else {
+        format!(
+            "API: {} nodes registered, kube-system/sluice-config written",
+            plan.nodes.len()
+        )
+    });
+    if real_nodes {
         k8s::start_kube_proxies(plan, files, progress).await?;
+        // sluice as a user installs it: its DaemonSet runs the agents (the daemon does not).
+        k8s::install_sluice(plan, files, progress).await?;
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let limit = if real_nodes { 120 } else { 60 };
+    let deadline = Instant::now() + Duration::from_secs(limit);
     for node in &plan.nodes {
         let file = cni::subnet_file(name, &node.name);
         // A node is up once its agent has a subnet and has installed the CNI config (which it
@@ -439,10 +459,18 @@ async fn build(plan: &LabPlan, files: &LabFiles, api: Api, progress: &mut Progre
                 }
             }
             if Instant::now() > deadline {
+                let log = if real_nodes {
+                    format!(
+                        "kubectl -n {} logs ds/{} and get pods -o wide",
+                        k8s::DAEMONSET_NAMESPACE,
+                        k8s::DAEMONSET
+                    )
+                } else {
+                    format!("{:?}", cni::node_dir(name, &node.name).join("agent.log"))
+                };
                 bail!(
-                    "the agent of {} took no subnet or installed no CNI config within 60 s (log: {:?})",
+                    "the agent of {} took no subnet or installed no CNI config within {limit} s (log: {log})",
                     node.name,
-                    cni::node_dir(name, &node.name).join("agent.log")
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -454,7 +482,7 @@ async fn build(plan: &LabPlan, files: &LabFiles, api: Api, progress: &mut Progre
     }
     // ...and Ready in the API once the lab's kubelet has seen that (within half a second; a
     // real kubelet, from containerd's NetworkReady, within its 10 s node-status period).
-    let limit = if image_dir.is_some() { 60 } else { 30 };
+    let limit = if real_nodes { 60 } else { 30 };
     let deadline = Instant::now() + Duration::from_secs(limit);
     while !cluster::nodes_ready(&client, plan).await? {
         if Instant::now() > deadline {
@@ -619,6 +647,13 @@ fn agent_control(name: &str, action: AgentAction, node: &str) -> Result<()> {
     )?;
     if plan.node(node).is_none() {
         bail!("lab {name} has no node {node}");
+    }
+    if k8s::real_nodes(name) {
+        bail!(
+            "lab {name} runs sluice's agents from the DaemonSet {ns}/{ds} (installed from the manifest), not from the lab daemon: restart {node}'s agent with `kubectl -n {ns} delete pod -l app.kubernetes.io/name=sluice --field-selector spec.nodeName={node}` (the DaemonSet makes a new one); to keep it off a node, give the DaemonSet a nodeSelector or affinity",
+            ns = k8s::DAEMONSET_NAMESPACE,
+            ds = k8s::DAEMONSET,
+        );
     }
     let marker = daemon::agent_stop_marker(name, node);
     match action {

@@ -254,6 +254,16 @@ impl LabPlan {
         self.nodes.iter().find(|n| n.name == name)
     }
 
+    /// Where a real-Kubernetes lab's API server is reached from the nodes and pods (what it
+    /// advertises, so the `kubernetes` Service's Endpoints): the underlay namespace's address on
+    /// the first segment, routed from every node, on which the lab daemon forwards to the API
+    /// server on the host's loopback.
+    pub fn api_address(&self) -> Ipv4Addr {
+        self.segments
+            .first()
+            .map_or(Ipv4Addr::new(172, 31, 0, 254), |s| s.gateway.addr())
+    }
+
     /// The namespace that holds the lab's own pods.
     pub fn pod_namespace(&self) -> &str {
         &self.spec.name
@@ -314,6 +324,12 @@ mod tests {
         assert_eq!(segs, [0, 1, 0, 1]);
         assert_eq!(p.nodes[1].underlay.to_string(), "172.31.1.2/24");
         assert_eq!(p.segments[1].gateway.to_string(), "172.31.1.254/24");
+        // The API server's advertised address is the underlay's own, on the first segment:
+        // no node's, no pod's, not loopback (a real API server refuses that in Endpoints).
+        let api = p.api_address();
+        assert_eq!(api.to_string(), "172.31.0.254");
+        assert!(p.nodes.iter().all(|n| n.underlay.addr() != api));
+        assert!(!p.cluster_cidr.contains(&api) && !api.is_loopback());
         // Subnets and underlay addresses are distinct.
         let mut cidrs: Vec<_> = p.nodes.iter().map(|n| n.pod_cidr).collect();
         cidrs.dedup();

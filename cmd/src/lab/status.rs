@@ -149,12 +149,23 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
         &node_subnets::pod_cidrs(&client).await?,
         &agent_subnets,
     );
+    // On real nodes the pods' namespaces are containerd's, and the DaemonSet runs the agents.
+    let real = super::k8s::real_nodes(name);
+    let agents = if real {
+        daemonset_pods(&client).await?
+    } else {
+        Vec::new()
+    };
     let sources: Vec<String> = pods
         .iter()
         .map(|(ns, pod, _, _)| plan.pod_netns(ns, pod))
         .collect();
     let targets: Vec<Ipv4Addr> = pods.iter().map(|p| p.3).collect();
-    let m = tokio::task::spawn_blocking(move || matrix(&sources, &targets)).await?;
+    let m = if real {
+        Vec::new()
+    } else {
+        tokio::task::spawn_blocking(move || matrix(&sources, &targets)).await?
+    };
     let scheme = if files.external.exists() {
         ""
     } else {
@@ -178,7 +189,10 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
             "pods": pods.iter().map(|(ns, pod, node, ip)| json!({
                 "namespace": ns, "name": pod, "node": node, "ip": ip.to_string(),
             })).collect::<Vec<_>>(),
-            "reachability": m,
+            "reachability": if real { serde_json::Value::Null } else { json!(m) },
+            "agents": agents.iter().map(|(node, pod, ready)| json!({
+                "node": node, "pod": pod, "ready": ready,
+            })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -202,6 +216,23 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
             format!("{ns}/{pod}"),
             node
         );
+    }
+    if real {
+        println!(
+            "\nagents: the DaemonSet {}/{} (installed from the manifest)",
+            super::k8s::DAEMONSET_NAMESPACE,
+            super::k8s::DAEMONSET
+        );
+        for n in &plan.nodes {
+            let (pod, ready) = agents
+                .iter()
+                .find(|(node, _, _)| *node == n.name)
+                .map_or(("none", false), |(_, p, r)| (p.as_str(), *r));
+            let state = if ready { "ready" } else { "not ready" };
+            println!("  {:<16} {pod} ({state})", n.name);
+        }
+        println!("\nreachability: not measured here on real pods (their namespaces are containerd's): use kubectl exec");
+        return Ok(());
     }
     let reached: usize = m.iter().flatten().filter(|&&b| b).count();
     println!(
@@ -228,4 +259,28 @@ fn subnet_of(lab: &str, node: &str) -> Option<String> {
     sluice_net::subnet_env::SubnetEnv::load(&super::cni::subnet_file(lab, node))
         .ok()
         .map(|e| e.subnet.to_string())
+}
+
+/// The DaemonSet's pods: (node, pod, ready).
+async fn daemonset_pods(client: &kube::Client) -> Result<Vec<(String, String, bool)>> {
+    use k8s_openapi::api::core::v1::Pod;
+    let api: kube::Api<Pod> =
+        kube::Api::namespaced(client.clone(), super::k8s::DAEMONSET_NAMESPACE);
+    let list = api
+        .list(&kube::api::ListParams::default().labels("app.kubernetes.io/name=sluice"))
+        .await
+        .context("listing sluice's DaemonSet pods")?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter_map(|p| {
+            let node = p.spec.as_ref()?.node_name.clone()?;
+            let ready = p
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            Some((node, p.metadata.name?, ready))
+        })
+        .collect())
 }
