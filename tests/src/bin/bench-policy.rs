@@ -446,6 +446,9 @@ fn start_agent(args: &Args, node: &Ns, kubeconfig: &Path, dir: &Path, log: &Path
         .arg(dir.join("ipam"))
         .arg("--wireguard-key")
         .arg(dir.join("wireguard.key"))
+        // `ip netns exec` shares the host's /etc: the CNI config goes to the run's directory.
+        .arg("--cni-conf-dir")
+        .arg(dir.join("net.d"))
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
