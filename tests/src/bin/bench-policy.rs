@@ -770,10 +770,12 @@ fn cnp_figures(api: SocketAddr, client: &str, args: &Args, agent_pid: i32) -> Cn
             in_force(loaded);
         });
     println!(
-        "per packet, no ClusterNetworkPolicy: {rate0:>8.0} new connections/s  {gbps0:>6.2} Gbit/s"
+        "per packet, {:<27} {rate0:>8.0} new connections/s  {gbps0:>6.2} Gbit/s",
+        "no ClusterNetworkPolicy:"
     );
     println!(
-        "per packet, {count} in force:         {rate_n:>8.0} new connections/s  {gbps_n:>6.2} Gbit/s   ratio {:.3} / {:.3}",
+        "per packet, {:<27} {rate_n:>8.0} new connections/s  {gbps_n:>6.2} Gbit/s   ratio {:.3} / {:.3}",
+        format!("{count} ClusterNetworkPolicies:"),
         rate_n / rate0,
         gbps_n / gbps0
     );
@@ -867,8 +869,9 @@ fn main() {
         sluice_apiserver::kubeconfig(&format!("http://{api}"), "bench"),
     )
     .unwrap();
-    // kube-system (and default) come with the server.
-    for ns in ["bench", "probe"] {
+    // kube-system (and default) come with the server; the agent's subnet lease lives in
+    // sluice-system, which the manifest makes on a real cluster.
+    for ns in ["bench", "probe", sluice_net::lease::LEASE_NAMESPACE] {
         namespace(api, ns);
     }
     create(
