@@ -697,7 +697,17 @@ struct CnpRow {
 }
 
 /// Section 5 of the module's notes, with the agent running and no ClusterNetworkPolicy yet.
-fn cnp_figures(api: SocketAddr, client: &str, args: &Args, agent_pid: i32) -> CnpRow {
+/// The ClusterNetworkPolicies are made and deleted with the agent stopped, and it is started
+/// again (`start`), so that it takes them in one pass: with the agent running, 100 arriving at
+/// once land a few to a pass, each pass rewriting every local pod's tier rules, which takes
+/// minutes at this scale. Returns the figures and the agent now running.
+fn cnp_figures(
+    api: SocketAddr,
+    client: &str,
+    args: &Args,
+    agent: Agent,
+    start: &dyn Fn() -> Agent,
+) -> (CnpRow, Agent) {
     let (count, apps) = (args.cnps, args.policies);
     let probe = format!("{CNPS}/{PROBE_CNP}");
     let set_probe = |action: &str, port: u16| {
@@ -707,81 +717,41 @@ fn cnp_figures(api: SocketAddr, client: &str, args: &Args, agent_pid: i32) -> Cn
             &json!({"spec": {"ingress": probe_cnp_ingress(action, port)}}),
         );
     };
-    // The NetworkPolicy denies the client all along (from before the first ClusterNetworkPolicy
-    // is sent): the Admin tier decides.
-    merge_patch(
-        api,
-        PROBE_POLICY,
-        &json!({"spec": {"ingress": probe_ingress(false)}}),
-    );
-    assert!(
-        until_verdict(client, false, Duration::from_secs(10)).is_some(),
-        "the probe NetworkPolicy's deny never came into force"
-    );
-    let started = Instant::now();
-    create_cnps(api, count, apps, probe_cnp_ingress("Accept", PORT));
-    let sent = started.elapsed();
-    assert!(
-        until_verdict(client, true, Duration::from_secs(180)).is_some(),
-        "the {count} ClusterNetworkPolicies never came into force"
-    );
-    println!(
-        "{count} ClusterNetworkPolicies sent in {}, in force {} after the first",
-        ms(sent),
-        ms(started.elapsed())
-    );
-    set_probe("Deny", PORT);
-    assert!(
-        until_verdict(client, false, Duration::from_secs(10)).is_some(),
-        "the probe ClusterNetworkPolicy's Deny never came into force"
-    );
-    let (opened, denied) = enforcement_latency(client, args.samples, |open| {
-        set_probe(if open { "Accept" } else { "Deny" }, PORT);
-    });
-    let mut all: Vec<Duration> = opened.iter().chain(&denied).copied().collect();
-    println!(
-        "{}",
-        summary("ClusterNetworkPolicy change → enforced (all)", all.clone())
-    );
-    println!("{}", summary("  Deny → Accept", opened));
-    println!("{}", summary("  Accept → Deny", denied));
-    let (rss, hwm) = rss_mib(agent_pid);
-    println!(
-        "agent memory with {count} ClusterNetworkPolicies: VmRSS {rss:.1} MiB, VmHWM {hwm:.1} MiB"
-    );
     // Per-packet cost: the client admitted by the NetworkPolicy on the echo and iperf3 ports;
     // the probe ClusterNetworkPolicy admits it on the marker port, which so says whether the
-    // ClusterNetworkPolicies are in force (it is made last and deleted last).
+    // ClusterNetworkPolicies are in force (the probe one is made last and deleted last).
     merge_patch(
         api,
         PROBE_POLICY,
         &json!({"spec": {"ingress": probe_peers(0)}}),
     );
-    set_probe("Accept", MARKER);
-    let in_force = |loaded: bool| {
-        assert!(
-            until_marker(client, loaded, Duration::from_secs(180)),
-            "the {count} ClusterNetworkPolicies never came into force (or out of it: {loaded})"
-        );
-    };
-    in_force(true);
+    let mut agent = Some(agent);
     let [(rate0, gbps0), (rate_n, gbps_n)] =
         per_packet(client, "ClusterNetworkPolicies", |loaded| {
-            let started = Instant::now();
+            let made = http(api, "GET", &probe, "application/json", "").0 == 200;
+            if !loaded && !made {
+                // The first round: none yet, the agent as it runs.
+                return;
+            }
+            drop(agent.take());
             if loaded {
                 create_cnps(api, count, apps, probe_cnp_ingress("Accept", MARKER));
             } else {
                 delete_cnps(api, count);
             }
-            let sent = started.elapsed();
-            in_force(loaded);
+            let started = Instant::now();
+            agent = Some(start());
+            assert!(
+                until_marker(client, loaded, Duration::from_secs(180)),
+                "the {count} ClusterNetworkPolicies never came into force (or out of it: {loaded})"
+            );
             println!(
-                "{count} ClusterNetworkPolicies {} in {}, in force {} after the first",
-                if loaded { "made" } else { "deleted" },
-                ms(sent),
+                "agent restarted with {} ClusterNetworkPolicies: in force {} after its start",
+                if loaded { count } else { 0 },
                 ms(started.elapsed())
             );
         });
+    let agent = agent.take().expect("per_packet leaves an agent running");
     println!(
         "per packet, {:<27} {rate0:>8.0} new connections/s  {gbps0:>6.2} Gbit/s",
         "no ClusterNetworkPolicy:"
@@ -792,17 +762,43 @@ fn cnp_figures(api: SocketAddr, client: &str, args: &Args, agent_pid: i32) -> Cn
         rate_n / rate0,
         gbps_n / gbps0
     );
-    // The next renderer starts as this one did: no ClusterNetworkPolicy.
-    delete_cnps(api, count);
-    in_force(false);
+    // Latency, all of them in force: the NetworkPolicy denies the client all along, the
+    // Admin tier decides.
+    merge_patch(
+        api,
+        PROBE_POLICY,
+        &json!({"spec": {"ingress": probe_ingress(false)}}),
+    );
+    set_probe("Deny", PORT);
+    assert!(
+        until_verdict(client, false, Duration::from_secs(30)).is_some(),
+        "the probe NetworkPolicy's deny never came into force"
+    );
+    // The agent's pass for the Deny may still be running: let it end.
+    std::thread::sleep(Duration::from_secs(3));
+    let (opened, denied) = enforcement_latency(client, args.samples, |open| {
+        set_probe(if open { "Accept" } else { "Deny" }, PORT);
+    });
+    let mut all: Vec<Duration> = opened.iter().chain(&denied).copied().collect();
+    println!(
+        "{}",
+        summary("ClusterNetworkPolicy change → enforced (all)", all.clone())
+    );
+    println!("{}", summary("  Deny → Accept", opened));
+    println!("{}", summary("  Accept → Deny", denied));
+    let (rss, hwm) = rss_mib(agent.pid);
+    println!(
+        "agent memory with {count} ClusterNetworkPolicies: VmRSS {rss:.1} MiB, VmHWM {hwm:.1} MiB"
+    );
     all.sort();
-    CnpRow {
+    let row = CnpRow {
         p50: pct(&all, 50.0),
         p99: pct(&all, 99.0),
         peak_rss: hwm,
         rates: (rate0, rate_n),
         gbps: (gbps0, gbps_n),
-    }
+    };
+    (row, agent)
 }
 
 fn summary(label: &str, mut v: Vec<Duration>) -> String {
@@ -973,7 +969,8 @@ fn main() {
         }
         println!("\n## {backend}");
         let t0 = Instant::now();
-        let agent = start_agent(&args, &node, &kubeconfig, dir.path(), &log);
+        let start = || start_agent(&args, &node, &kubeconfig, dir.path(), &log);
+        let agent = start();
         let Some(first) = until_verdict(&client.name, false, Duration::from_secs(180)) else {
             let tail = std::fs::read_to_string(&log).unwrap_or_default();
             panic!(
@@ -1025,7 +1022,12 @@ fn main() {
             rate_n / rate0,
             gbps_n / gbps0
         );
-        let cnp = (args.cnps > 0).then(|| cnp_figures(api, &client.name, &args, agent.pid));
+        let (cnp, agent) = if args.cnps > 0 {
+            let (row, agent) = cnp_figures(api, &client.name, &args, agent, &start);
+            (Some(row), agent)
+        } else {
+            (None, agent)
+        };
         merge_patch(
             api,
             PROBE_POLICY,
@@ -1044,6 +1046,11 @@ fn main() {
             cnp,
         });
         drop(agent);
+        // The next renderer starts as this one did: no ClusterNetworkPolicy (deleted with no
+        // agent running, see `cnp_figures`).
+        if args.cnps > 0 {
+            delete_cnps(api, args.cnps);
+        }
         // The next renderer starts from no rules at all, so that its start is measured whole
         // (a real switch keeps these in force until the new ones are in).
         let _ = Command::new("ip")
