@@ -22,10 +22,12 @@
 //!    ClusterNetworkPolicies put in force on top of the above (a mix of Admin and Baseline,
 //!    priorities, namespace and pod subjects, Accept/Deny/Pass, ports by number, range and
 //!    name, egress to networks and nodes; ten select every namespace, so the real pods' packets
-//!    go through the tiers' lookups). One of them, an Admin policy on the server pod, is
+//!    go through the tiers' lookups). First the flows of 4 with none and then with all of them
+//!    in force (once each: the agent's start with them takes minutes; anchor: at least 0.9);
+//!    they are made with the agent stopped, then it is started again, so that it takes them
+//!    in one pass (see [`cnp_figures`]). Then, all in force, one of them, an Admin policy on the server pod, is
 //!    switched between Deny and Accept of the client (the NetworkPolicy denies it all along),
-//!    timed as in 1 (anchor: p99 under 100 ms); then the flows of 4 with all of them in force
-//!    and with none (anchor: at least 0.9).
+//!    timed as in 1 (anchor: p99 under 100 ms).
 //!
 //! Everything it makes (namespaces, the agent) is removed on every exit path; traffic stays
 //! inside namespaces made here; every wait is bounded.
@@ -577,7 +579,7 @@ fn enforcement_latency(
         std::thread::sleep(Duration::from_millis(150));
         let sent = Instant::now();
         change(open);
-        let seen = until_verdict(client, open, Duration::from_secs(10))
+        let seen = until_verdict(client, open, Duration::from_secs(30))
             .unwrap_or_else(|| panic!("sample {s}: the verdict never changed (open={open})"));
         let took = seen.saturating_duration_since(sent);
         if open {
@@ -591,11 +593,16 @@ fn enforcement_latency(
 
 /// Per-packet cost: the same flows from the client pod to the server pod (new connections a
 /// second for 2 s, iperf3 for 3 s) with the cluster in its plain state and in its `loaded`
-/// one, each put in force by `set(loaded)` (which returns once it is), twice each,
+/// one, each put in force by `set(loaded)` (which returns once it is), `rounds` times each,
 /// alternately. Returns the medians, plain then loaded: (connections/s, Gbit/s).
-fn per_packet(client: &str, what: &str, mut set: impl FnMut(bool)) -> [(f64, f64); 2] {
+fn per_packet(
+    client: &str,
+    what: &str,
+    rounds: usize,
+    mut set: impl FnMut(bool),
+) -> [(f64, f64); 2] {
     let mut runs: [(Vec<f64>, Vec<f64>); 2] = Default::default();
-    for _round in 0..2 {
+    for _round in 0..rounds {
         for (loaded, (rates, gbps)) in [false, true].into_iter().zip(runs.iter_mut()) {
             set(loaded);
             assert!(
@@ -727,7 +734,7 @@ fn cnp_figures(
     );
     let mut agent = Some(agent);
     let [(rate0, gbps0), (rate_n, gbps_n)] =
-        per_packet(client, "ClusterNetworkPolicies", |loaded| {
+        per_packet(client, "ClusterNetworkPolicies", 1, |loaded| {
             let made = http(api, "GET", &probe, "application/json", "").0 == 200;
             if !loaded && !made {
                 // The first round: none yet, the agent as it runs.
@@ -1002,7 +1009,7 @@ fn main() {
         );
         // Per-packet cost: the same flows with 0 and with `PEERS` more allowed peers in force.
         let [(rate0, gbps0), (rate_n, gbps_n)] =
-            per_packet(&client.name, "10k more peers", |many| {
+            per_packet(&client.name, "10k more peers", 2, |many| {
                 let extra = if many { PEERS } else { 0 };
                 merge_patch(
                     api,
