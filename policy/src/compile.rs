@@ -59,6 +59,9 @@ pub struct PolicyInput<'a> {
     pub cluster_policies: &'a [&'a ClusterNetworkPolicy],
     /// The cluster's nodes, for egress `nodes` peers of ClusterNetworkPolicies.
     pub nodes: &'a [NodeAddrs],
+    /// Keep which ClusterNetworkPolicy denies what ([`crate::TierVerdict::denied_by`]): work
+    /// and memory only drop logs use.
+    pub attribute_drops: bool,
 }
 
 /// A container port that has a name.
@@ -199,7 +202,12 @@ impl Compiler {
                 }
             }
         }
-        let tiers = self.tiers(input.cluster_policies, input.nodes, local_pods);
+        let tiers = self.tiers(
+            input.cluster_policies,
+            input.nodes,
+            local_pods,
+            input.attribute_drops,
+        );
         self.end_pass();
         let host = AddrSet::from_addrs(input.host_addrs.iter().copied());
         let mut pods: Vec<PodPolicy> = local_pods

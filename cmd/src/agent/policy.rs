@@ -674,6 +674,7 @@ async fn sync_once(
         host_addrs: &kernel.host_addrs,
         cluster_policies: &cnps,
         nodes: &nodes,
+        attribute_drops: log_drops,
     };
     let mut ir = compiler.compile(&input, &local);
     ir.log_drops = log_drops;

@@ -129,6 +129,7 @@ impl Cluster {
             host_addrs: &host,
             cluster_policies: &cnps,
             nodes,
+            attribute_drops: true,
         };
         compile(&input, &self.local())
     }

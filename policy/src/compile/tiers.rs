@@ -54,6 +54,7 @@ impl Compiler {
         policies: &[&ClusterNetworkPolicy],
         nodes: &[crate::cnp::NodeAddrs],
         local_pods: &[LocalPod],
+        attribute_drops: bool,
     ) -> Vec<[(TierVerdict, TierVerdict); 2]> {
         let mut out: Vec<[(TierVerdict, TierVerdict); 2]> =
             local_pods.iter().map(|_| Default::default()).collect();
@@ -101,9 +102,11 @@ impl Compiler {
                         while k < in_tier.len() && in_tier[k].1.spec.priority == priority {
                             let (ci, cnp) = in_tier[k];
                             let o = self.policy_outcome(ci, cnp, dir, pod, nodes, &mut peer_cache);
-                            let mine = o.deny.subtract(&decided);
-                            if !mine.is_empty() {
-                                verdict.denied_by.push((cnp.name().to_string(), mine));
+                            if attribute_drops {
+                                let mine = o.deny.subtract(&decided);
+                                if !mine.is_empty() {
+                                    verdict.denied_by.push((cnp.name().to_string(), mine));
+                                }
                             }
                             group.deny = group.deny.union(&o.deny);
                             group.accept = group.accept.union(&o.accept);
