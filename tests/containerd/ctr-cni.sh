@@ -12,6 +12,8 @@ set -u -o pipefail
 work=$1
 [ -d "$work" ] || { echo "no $work" >&2; exit 2; }
 mount -t tmpfs sluice-test /etc/cni 2>/dev/null || { mkdir -p /etc/cni && mount -t tmpfs sluice-test /etc/cni; }
+# /opt is the host's: a tmpfs over it here, so that making /opt/cni/bin makes nothing there.
+mount -t tmpfs sluice-test /opt
 mkdir -p /etc/cni/net.d /opt/cni/bin
 cp "$work"/net.d/* /etc/cni/net.d/
 mount --bind "$work/bin" /opt/cni/bin

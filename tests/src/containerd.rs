@@ -49,7 +49,8 @@ impl Containerd {
                 "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
                  disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
                  [grpc]\n  address = \"{s}\"\n[ttrpc]\n  address = \"{s}.ttrpc\"\n\
-                 [debug]\n  address = \"\"\n[metrics]\n  address = \"\"\n"
+                 [debug]\n  address = \"\"\n[metrics]\n  address = \"\"\n\
+                 [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{d}/opt\"\n"
             ),
         )
         .unwrap();
