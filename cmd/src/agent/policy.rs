@@ -410,6 +410,9 @@ pub async fn run(
     let mut reading_drops = false;
     let mut synced = [false; 4];
     let mut tick = tokio::time::interval(RESYNC);
+    // A pass longer than RESYNC must not leave a burst of ticks behind: each would win the
+    // select below and run another pass on caches the watches had no turn to update.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut swept = false;
     let mut link_names = LinkNames::new();
     // Kept across passes: a pass re-reads only the pods and rules that changed.
@@ -488,7 +491,9 @@ pub async fn run(
             }
         }
         health.beat("policy");
+        // Changes first: the resync tick and a log switch only when no watch event waits.
         tokio::select! {
+            biased;
             Some((source, init_done)) = events.next() => {
                 mark(&mut synced, source, init_done, &sync, &health);
                 // Let a burst of events land before the next pass; short, for it is paid by
