@@ -373,6 +373,22 @@ fn route_addr_v6(
     })
 }
 
+/// Adds `route`, replacing one to the same destination (what every route of a pod plan wants).
+async fn replace_route(
+    handle: &Handle,
+    route: RouteMessage,
+    op: &'static str,
+    target: impl Into<String>,
+) -> Result<(), KernelError> {
+    handle
+        .route()
+        .add(route)
+        .replace()
+        .execute()
+        .await
+        .map_err(KernelError::netlink(op, target))
+}
+
 async fn routes(handle: &Handle) -> Result<Vec<RouteMessage>, KernelError> {
     handle
         .route()
@@ -468,16 +484,13 @@ impl PodKernel for RtNetlink {
             KernelError::netlink("looking up link", host.clone())(rtnetlink::Error::RequestFailed)
         })?;
         let index = link.header.index;
-        self.host
-            .route()
-            .add(host_route(plan, index))
-            .replace()
-            .execute()
-            .await
-            .map_err(KernelError::netlink(
-                "adding host route to",
-                plan.address.to_string(),
-            ))?;
+        replace_route(
+            &self.host,
+            host_route(plan, index),
+            "adding host route to",
+            plan.address.to_string(),
+        )
+        .await?;
         let Some(v6) = plan.address_v6 else {
             return Ok(());
         };
@@ -488,13 +501,13 @@ impl PodKernel for RtNetlink {
             self.sysctl(&ipv6_sysctl(host, key), value)?;
         }
         add_address_nodad(&self.host, index, GATEWAY_V6, 64).await?;
-        self.host
-            .route()
-            .add(host_route_v6(v6, index))
-            .replace()
-            .execute()
-            .await
-            .map_err(KernelError::netlink("adding host route to", v6.to_string()))
+        replace_route(
+            &self.host,
+            host_route_v6(v6, index),
+            "adding host route to",
+            v6.to_string(),
+        )
+        .await
     }
 
     async fn configure_pod(&mut self, plan: &PodPlan) -> Result<(), KernelError> {
@@ -546,28 +559,24 @@ impl PodKernel for RtNetlink {
             .output_interface(index)
             .scope(RouteScope::Link)
             .build();
-        pod.route()
-            .add(to_gateway)
-            .replace()
-            .execute()
-            .await
-            .map_err(KernelError::netlink(
-                "adding gateway route on",
-                plan.pod_ifname.clone(),
-            ))?;
+        replace_route(
+            pod,
+            to_gateway,
+            "adding gateway route on",
+            plan.pod_ifname.clone(),
+        )
+        .await?;
         let default = RouteMessageBuilder::<Ipv4Addr>::new()
             .gateway(GATEWAY)
             .output_interface(index)
             .build();
-        pod.route()
-            .add(default)
-            .replace()
-            .execute()
-            .await
-            .map_err(KernelError::netlink(
-                "adding default route on",
-                plan.pod_ifname.clone(),
-            ))?;
+        replace_route(
+            pod,
+            default,
+            "adding default route on",
+            plan.pod_ifname.clone(),
+        )
+        .await?;
         let Some(v6) = plan.address_v6 else {
             return Ok(());
         };
@@ -589,15 +598,13 @@ impl PodKernel for RtNetlink {
             .gateway(GATEWAY_V6)
             .output_interface(index)
             .build();
-        pod.route()
-            .add(default)
-            .replace()
-            .execute()
-            .await
-            .map_err(KernelError::netlink(
-                "adding IPv6 default route on",
-                plan.pod_ifname.clone(),
-            ))
+        replace_route(
+            pod,
+            default,
+            "adding IPv6 default route on",
+            plan.pod_ifname.clone(),
+        )
+        .await
     }
 
     async fn delete_host_link(&mut self, name: &str) -> Result<bool, KernelError> {
