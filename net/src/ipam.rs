@@ -143,10 +143,7 @@ pub fn choose(subnet: Ipv4Net, state: &IpamState) -> Option<Ipv4Addr> {
 impl IpamState {
     /// The address `owner`'s attachment holds, if any.
     pub fn lookup(&self, owner: &Owner) -> Option<Ipv4Addr> {
-        self.allocations
-            .iter()
-            .find(|(_, o)| o.same_attachment(owner))
-            .map(|(ip, _)| *ip)
+        held_by(&self.allocations, owner)
     }
 
     /// Gives `owner` an address in `subnet`: the one it already holds there, else a free one.
@@ -172,10 +169,23 @@ impl IpamState {
 
     /// Frees what `owner`'s attachment holds; returns the address it had.
     pub fn release(&mut self, owner: &Owner) -> Option<Ipv4Addr> {
-        let ip = self.lookup(owner)?;
-        self.allocations.remove(&ip);
-        Some(ip)
+        release_held(&mut self.allocations, owner)
     }
+}
+
+/// The address of either family `owner`'s attachment holds in `allocations`, if any.
+fn held_by<A: Copy>(allocations: &BTreeMap<A, Owner>, owner: &Owner) -> Option<A> {
+    allocations
+        .iter()
+        .find(|(_, o)| o.same_attachment(owner))
+        .map(|(ip, _)| *ip)
+}
+
+/// Frees the address `owner`'s attachment holds in `allocations`; returns it.
+fn release_held<A: Copy + Ord>(allocations: &mut BTreeMap<A, Owner>, owner: &Owner) -> Option<A> {
+    let ip = held_by(allocations, owner)?;
+    allocations.remove(&ip);
+    Some(ip)
 }
 
 /// The first and last address pods may get in an IPv6 `subnet`, if it has any: all but the
@@ -237,10 +247,7 @@ pub struct Freed {
 impl IpamState {
     /// The IPv6 address `owner`'s attachment holds, if any.
     pub fn lookup_v6(&self, owner: &Owner) -> Option<Ipv6Addr> {
-        self.allocations_v6
-            .iter()
-            .find(|(_, o)| o.same_attachment(owner))
-            .map(|(ip, _)| *ip)
+        held_by(&self.allocations_v6, owner)
     }
 
     /// [`IpamState::allocate`] for IPv6: the address `owner` holds in `subnet`, else a free one;
@@ -265,9 +272,7 @@ impl IpamState {
 
     /// Frees the IPv6 address `owner`'s attachment holds; returns it.
     pub fn release_v6(&mut self, owner: &Owner) -> Option<Ipv6Addr> {
-        let ip = self.lookup_v6(owner)?;
-        self.allocations_v6.remove(&ip);
-        Some(ip)
+        release_held(&mut self.allocations_v6, owner)
     }
 
     /// An address of each family the node has a subnet of, all or nothing: when one family is
