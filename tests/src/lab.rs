@@ -163,7 +163,15 @@ pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
 
 /// Runs `f` on a fresh thread that entered the named network namespace.
 pub fn in_netns<R: Send + 'static>(netns: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
-    let path = PathBuf::from("/run/netns").join(netns);
+    in_netns_path(PathBuf::from("/run/netns").join(netns), f)
+}
+
+/// Runs `f` on a fresh thread that entered the network namespace at `path` (a named one's
+/// file, or a process's `/proc/PID/ns/net`).
+pub fn in_netns_path<R: Send + 'static>(
+    path: PathBuf,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> R {
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path).expect("open netns");
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
