@@ -171,8 +171,9 @@ impl Cluster {
         bad
     }
 
-    /// The hostNetwork pod (node 0) to `srv-I` on every other node, and each of those back
-    /// to it at its node's address; the paths that failed.
+    /// The hostNetwork pod (node 0) to `srv-I` on every other node, directly and through its
+    /// Service `np-I`, and each of those pods back to it at its node's address; the paths that
+    /// failed.
     fn host_network_round(&self, token: &str) -> Vec<String> {
         let mut bad = Vec::new();
         let path = format!("/echo?msg={token}");
@@ -181,6 +182,13 @@ impl Cluster {
             match exec_get(&self.lab, &self.hostnet.name, &to, &path) {
                 Ok(body) if body == token => {}
                 other => bad.push(format!("hostnet -> {} {to}: {other:?}", p.name)),
+            }
+            // Through the Service: kube-proxy DNATs the node-sourced connection to the pod.
+            let i = self.srv.iter().position(|s| s.name == p.name).unwrap();
+            let vip = format!("{}:80", self.np[i].0);
+            match exec_get(&self.lab, &self.hostnet.name, &vip, "/hostname") {
+                Ok(body) if body == p.name => {}
+                other => bad.push(format!("hostnet -> np-{i} {vip}: {other:?}")),
             }
             let back = format!("{}:{HOST_PORT}", self.hostnet.ip);
             match exec_get(&self.lab, &p.name, &back, &path) {
@@ -261,7 +269,7 @@ fn node_ports_hairpin_and_host_network_through_the_real_kube_proxy() {
     let bad = settle(Duration::from_secs(20), || c.host_network_round(&token));
     assert!(bad.is_empty(), "hostNetwork paths: {bad:#?}");
     eprintln!(
-        "realk8s-svc: hostNetwork pod <-> 2 remote pods, both ways ({:.1} s)",
+        "realk8s-svc: hostNetwork pod <-> 2 remote pods, both ways, and to them through their Services ({:.1} s)",
         t.elapsed().as_secs_f64()
     );
 
@@ -379,18 +387,28 @@ fn encryption_flips_live_under_traffic_on_real_kubernetes() {
     let bare = Capture::start(&node0, "eth0", "net 10.244.0.0/16 or udp port 8472");
     let token = format!("wg-{}", std::process::id());
     let to_b = format!("{}:8080", b.ip);
-    let mut node_sourced = 0;
+    // Node-sourced connections with WireGuard on (the issue's defect: 11 of 45 lost), every
+    // one tried and counted: in the capture, the hostNetwork pod to pod b and the NodePorts
+    // between nodes 0 and 1 (5 times each); after it, every NodePort path (4 rounds of 12) and
+    // the hostNetwork pod with both remote pods (both ways, and through their Services).
+    let mut tried = 0;
+    let mut failed: Vec<String> = Vec::new();
     for _ in 0..5 {
-        let got = exec_get(
+        match exec_get(
             &c.lab,
             &c.hostnet.name,
             &to_b,
             &format!("/echo?msg={token}"),
-        );
-        assert_eq!(got.as_deref(), Ok(token.as_str()), "hostnet -> {to_b}");
-        c.node_port(2, 0, 1).unwrap();
-        c.node_port(2, 1, 0).unwrap();
-        node_sourced += 3;
+        ) {
+            Ok(body) if body == token => {}
+            other => failed.push(format!("hostnet -> {to_b}: {other:?}")),
+        }
+        for (entry, backend) in [(0, 1), (1, 0)] {
+            if let Err(e) = c.node_port(2, entry, backend) {
+                failed.push(format!("node 2 -> node {entry} np-{backend}: {e}"));
+            }
+        }
+        tried += 3;
     }
     std::thread::sleep(Duration::from_secs(1));
     let (lines, ascii) = between.finish();
@@ -410,32 +428,30 @@ fn encryption_flips_live_under_traffic_on_real_kubernetes() {
         bare_lines.len(),
         ascii.contains(PATTERN)
     );
+    let t = Instant::now();
+    for _ in 0..4 {
+        failed.extend(c.node_port_round());
+        tried += 12;
+    }
+    failed.extend(c.host_network_round(&token));
+    tried += 6;
+    eprintln!(
+        "realk8s-svc: WireGuard on: {} of {tried} node-sourced connections answered ({:.1} s \
+         for the last {}; issue anchor: 11 of 45 lost)",
+        tried - failed.len(),
+        t.elapsed().as_secs_f64(),
+        4 * 12 + 6
+    );
+    assert!(
+        failed.is_empty(),
+        "WireGuard on: {} of {tried} node-sourced connections failed: {failed:#?}",
+        failed.len()
+    );
     // 50/s pings for ~5 s and the connections: hundreds of packets.
     assert!(lines.len() >= 100, "captured too little: {lines:?}");
     assert_eq!(wg, lines.len(), "not WireGuard between nodes: {lines:#?}");
     assert!(bare_lines.is_empty(), "{bare_lines:#?}");
     assert!(!ascii.contains(PATTERN), "the ping's payload in the clear");
-
-    // Node-sourced connections with WireGuard on (the issue's defect: 11 of 45 lost): every
-    // NodePort path, 4 rounds of 12, and the hostNetwork pod both ways with both remote pods.
-    let t = Instant::now();
-    for round in 0..4 {
-        let bad = c.node_port_round();
-        assert!(
-            bad.is_empty(),
-            "WireGuard on, round {round}: NodePort paths unanswered: {bad:#?}"
-        );
-        node_sourced += 12;
-    }
-    let bad = c.host_network_round(&token);
-    assert!(bad.is_empty(), "WireGuard on: hostNetwork paths: {bad:#?}");
-    node_sourced += 4;
-    eprintln!(
-        "realk8s-svc: WireGuard on: {node_sourced} of {node_sourced} node-sourced connections \
-         answered ({:.1} s for the last {})",
-        t.elapsed().as_secs_f64(),
-        4 * 12 + 4
-    );
 
     // Flip 2, wireguard -> none, the same ping still running.
     let took = flip(&c, "none", "sluice.vxlan");
@@ -493,10 +509,13 @@ fn encryption_flips_live_under_traffic_on_real_kubernetes() {
         ),
         inodes
     );
-    for (name, _, _) in lives
+    let agents: Vec<&String> = lives
         .iter()
-        .filter(|l| l.0.starts_with("kube-system/sluice-"))
-    {
+        .map(|l| &l.0)
+        .filter(|n| n.starts_with("kube-system/sluice-"))
+        .collect();
+    assert_eq!(agents.len(), 3, "{lives:#?}");
+    for name in agents {
         let pod = name.trim_start_matches("kube-system/");
         let log = c.lab.kubectl_ok(&["logs", "-n", "kube-system", pod]);
         let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
