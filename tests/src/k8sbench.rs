@@ -161,6 +161,36 @@ pub fn loadavg(text: &str) -> Option<(f64, f64, f64)> {
     Some((w.next()??, w.next()??, w.next()??))
 }
 
+/// A duration as Rust's `Debug` prints it (`850µs`, `12.5ms`, `1.25s`, `40ns`): how the agent's
+/// log fields (`took`, `compile`, ...) show them.
+pub fn debug_duration(text: &str) -> Option<std::time::Duration> {
+    let (number, scale) = [
+        ("ns", 1e-9),
+        ("µs", 1e-6),
+        ("us", 1e-6),
+        ("ms", 1e-3),
+        ("s", 1.0),
+    ]
+    .iter()
+    .find_map(|(unit, scale)| Some((text.strip_suffix(unit)?, *scale)))?;
+    let v: f64 = number.parse().ok()?;
+    (v.is_finite() && v >= 0.0).then(|| std::time::Duration::from_secs_f64(v * scale))
+}
+
+/// The values of field `field` (`field=VALUE`, a duration) on every line of the agent's log
+/// that carries `message` (e.g. `policy applied`).
+pub fn logged_durations(log: &str, message: &str, field: &str) -> Vec<std::time::Duration> {
+    let key = format!("{field}=");
+    log.lines()
+        .filter(|l| l.contains(message))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(key.as_str()))
+                .and_then(debug_duration)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,6 +359,34 @@ mod tests {
         ];
         opts.extend_from_slice(&icmp);
         assert_eq!(echo_reply(&opts), Some(([10, 244, 1, 7].into(), 0x1234, 7)));
+    }
+
+    #[test]
+    fn the_agents_pass_times_are_read_from_its_log() {
+        use std::time::Duration;
+        assert_eq!(
+            debug_duration("12.5ms"),
+            Some(Duration::from_micros(12_500))
+        );
+        assert_eq!(debug_duration("850µs"), Some(Duration::from_micros(850)));
+        assert_eq!(debug_duration("1.25s"), Some(Duration::from_millis(1250)));
+        assert_eq!(debug_duration("40ns"), Some(Duration::from_nanos(40)));
+        for bad in ["", "ms", "12", "-1ms", "1.2.3ms", "NaNs", "12 ms"] {
+            assert_eq!(debug_duration(bad), None, "{bad}");
+        }
+        let log = "2026-12-03T13:20:01.1Z  INFO sluice::agent::policy: policy applied node=\"n2\" backend=\"nftables\" pods=4 rules=1003 took=312.5ms kernel=1.2ms compile=250ms render=40ms apply=20.1ms\n\
+2026-12-03T13:20:02.1Z  INFO sluice::agent: lease renewed took=3ms\n\
+2026-12-03T13:20:03.1Z  INFO sluice::agent::policy: policy applied node=\"n2\" pods=5 took=1.5s compile=1.2s\n\
+policy applied took=garbage\n";
+        assert_eq!(
+            logged_durations(log, "policy applied", "took"),
+            [Duration::from_micros(312_500), Duration::from_millis(1500)]
+        );
+        assert_eq!(
+            logged_durations(log, "policy applied", "compile"),
+            [Duration::from_millis(250), Duration::from_millis(1200)]
+        );
+        assert!(logged_durations(log, "policy applied", "missing").is_empty());
     }
 
     #[test]

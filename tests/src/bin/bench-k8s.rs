@@ -373,6 +373,32 @@ struct Measured {
     reaction: Vec<Duration>,
     unreached: usize,
     reach_load: String,
+    /// sluice's agents' policy passes during the reachability rounds: field -> durations.
+    passes: Vec<(&'static str, Vec<Duration>)>,
+}
+
+/// The durations sluice's agents logged for their policy passes since `since` (RFC 3339): how
+/// long a pass took in all and in its steps.
+fn agent_passes(kc: &str, since: &str) -> Vec<(&'static str, Vec<Duration>)> {
+    let since = format!("--since-time={since}");
+    let log = kubectl(
+        kc,
+        &[
+            "-n",
+            "kube-system",
+            "logs",
+            "-l",
+            "app.kubernetes.io/name=sluice",
+            "-c",
+            "agent",
+            "--tail=-1",
+            &since,
+        ],
+    );
+    ["took", "compile", "render", "apply"]
+        .into_iter()
+        .map(|f| (f, kb::logged_durations(&log, "policy applied", f)))
+        .collect()
 }
 
 fn apply(kc: &str, ns: &str, list: &Value) {
@@ -559,11 +585,13 @@ fn measure(s: &Settings, network: Network) -> Measured {
     m.start_load = load();
 
     let t = Instant::now();
-    kubectl_in(
-        &kc,
-        &["-n", ns, "create", "-f", "-", "-o", "name"],
-        Some(&kb::policies(s.policies).to_string()),
-    );
+    if s.policies > 0 {
+        kubectl_in(
+            &kc,
+            &["-n", ns, "create", "-f", "-", "-o", "name"],
+            Some(&kb::policies(s.policies).to_string()),
+        );
+    }
     println!(
         "[{}] {} NetworkPolicies created in {:.1} s",
         network.label(),
@@ -573,6 +601,7 @@ fn measure(s: &Settings, network: Network) -> Measured {
     // Give the agents the policies before the first probed pod (they are in the cluster now).
     std::thread::sleep(Duration::from_secs(5));
     let prober = Prober::start(&pod_netns(&name, &prober_seen), s.interval);
+    let reach_started = jiff::Timestamp::now().to_string();
     for round in 0..s.reach_runs {
         let results = reach_round(&kc, ns, &watch, &prober, round, s.reach_pods, &nodes[1..]);
         let mut lat = Vec::new();
@@ -601,6 +630,9 @@ fn measure(s: &Settings, network: Network) -> Measured {
         m.reach.extend(lat);
     }
     m.reach_load = load();
+    if network == Network::Sluice {
+        m.passes = agent_passes(&kc, &reach_started);
+    }
     drop(prober);
     drop(watch);
     m
@@ -710,6 +742,12 @@ fn main() {
             "    the prober's reaction (address in status -> first request sent): {}",
             figures(&mut m.reaction)
         );
+        for (field, times) in &mut m.passes {
+            println!(
+                "    agents' policy passes meanwhile, {field}: {}",
+                figures(times)
+            );
+        }
     }
     let get = |n: Network| results.iter().find(|(k, _)| *k == n).map(|(_, m)| m);
     if let (Some(sl), Some(re)) = (get(Network::Sluice), get(Network::Reference)) {
