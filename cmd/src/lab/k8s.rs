@@ -917,3 +917,89 @@ fn lab_config(plan: &super::plan::LabPlan) -> Vec<(&'static str, String)> {
         ("overlay", plan.spec.overlay.as_str().into()),
     ]
 }
+
+/// Where the reference network's plugins are on the host (Debian's containernetworking-plugins).
+fn reference_plugin(name: &str) -> Result<PathBuf> {
+    ["/usr/lib/cni", "/opt/cni/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .with_context(|| format!("no CNI {name} plugin for --reference-cni: install it (Debian: apt-get install containernetworking-plugins)"))
+}
+
+/// Checks, before anything is made, what `--reference-cni` needs: the standard plugins and one
+/// L2 segment (its routes go straight to the other nodes' addresses).
+pub fn check_reference(segments: u8) -> Result<()> {
+    if segments != 1 {
+        bail!("--reference-cni routes each podCIDR straight to its node: it needs --segments 1");
+    }
+    for p in kp::REFERENCE_PLUGINS {
+        reference_plugin(p)?;
+    }
+    Ok(())
+}
+
+/// Wires the nodes with the reference network instead of sluice (`--reference-cni`, a
+/// baseline for benchmarks): in every node, the standard plugins beside `loopback`, the kit's
+/// bridge + host-local + portmap config on the node's podCIDR, and routes to every other
+/// node's podCIDR. containerd sees the config and the kubelet turns the node Ready.
+pub async fn install_reference_cni(
+    plan: &super::plan::LabPlan,
+    files: &LabFiles,
+    progress: &mut super::Progress,
+) -> Result<()> {
+    let lab = plan.spec.name.as_str();
+    let client = super::cluster::client(&files.kubeconfig).await?;
+    let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+    let mut nodes = Vec::new();
+    for node in &plan.nodes {
+        let cidr = api
+            .get_opt(&node.name)
+            .await?
+            .and_then(|n| n.spec?.pod_cidr)
+            .with_context(|| format!("node {} has no podCIDR", node.name))?;
+        nodes.push((node.name.clone(), node.underlay.addr(), cidr));
+    }
+    for (node, (_, _, cidr)) in plan.nodes.iter().zip(&nodes) {
+        let nl = kp::NodeLayout::new(lab, &node.name);
+        for p in kp::REFERENCE_PLUGINS {
+            let link = nl.private("/opt/cni/bin").join(p);
+            if !link.exists() {
+                std::os::unix::fs::symlink(reference_plugin(p)?, &link)
+                    .with_context(|| format!("linking {link:?}"))?;
+            }
+        }
+        for (dst, via) in kp::reference_routes(&nodes, &node.name) {
+            let out = output_within(
+                std::process::Command::new("ip").args([
+                    "-n",
+                    &node.netns,
+                    "route",
+                    "replace",
+                    &dst,
+                    "via",
+                    &via.to_string(),
+                ]),
+                Duration::from_secs(10),
+            )?;
+            if !out.status.success() {
+                bail!(
+                    "route {dst} via {via} in {}: {}",
+                    node.netns,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        let ipam = nl.file("cni-ipam");
+        std::fs::create_dir_all(&ipam)?;
+        let conf = nl.private("/etc/cni/net.d").join(kp::REFERENCE_CONFLIST);
+        std::fs::write(&conf, kp::reference_conflist(cidr, &ipam))
+            .with_context(|| format!("writing {conf:?}"))?;
+        progress.line(format!(
+            "node {}: reference network (bridge + host-local on {cidr} + portmap), routes to {} other nodes",
+            node.name,
+            nodes.len() - 1
+        ));
+    }
+    Ok(())
+}

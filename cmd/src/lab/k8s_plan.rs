@@ -542,6 +542,50 @@ pub fn kubelet_args(
     ]
 }
 
+/// The standard CNI plugins the reference network (`lab up --kubernetes DIR --reference-cni`)
+/// runs: Debian's containernetworking-plugins, as the kit's reference cluster wires its pods.
+pub const REFERENCE_PLUGINS: [&str; 3] = ["bridge", "host-local", "portmap"];
+
+/// The reference network's CNI config file in a node's `/etc/cni/net.d`.
+pub const REFERENCE_CONFLIST: &str = "10-reference.conflist";
+
+/// The reference network's config for a node whose `spec.podCIDR` is `pod_cidr`: a bridge
+/// `cni0` that is the pods' gateway, host-local addresses from the podCIDR (state in
+/// `ipam_dir`), no masquerade, hairpin on, and portmap (the kit's `10-rk8s.conflist`).
+pub fn reference_conflist(pod_cidr: &str, ipam_dir: &Path) -> String {
+    let doc = serde_json::json!({
+        "cniVersion": "0.4.0",
+        "name": "reference",
+        "plugins": [
+            {
+                "type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+                "hairpinMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": pod_cidr}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": ipam_dir.display().to_string(),
+                },
+            },
+            {"type": "portmap", "capabilities": {"portMappings": true}},
+        ],
+    });
+    format!("{doc:#}\n")
+}
+
+/// The routes node `me` needs for the reference network: every other node's podCIDR via that
+/// node's address (all nodes on one L2 segment). `nodes`: name, address, podCIDR.
+pub fn reference_routes(
+    nodes: &[(String, std::net::Ipv4Addr, String)],
+    me: &str,
+) -> Vec<(String, std::net::Ipv4Addr)> {
+    nodes
+        .iter()
+        .filter(|(name, _, _)| name != me)
+        .map(|(_, addr, cidr)| (cidr.clone(), *addr))
+        .collect()
+}
+
 /// The API server's egress for the cluster (kubelets: exec, logs, port-forward): HTTP CONNECT
 /// through the lab daemon's unix socket, which dials from the lab's underlay (the host has no
 /// route to node addresses, and several labs use the same ones).
@@ -893,6 +937,50 @@ mod tests {
             e.contains("proxyProtocol: HTTPConnect") && e.contains("udsName: \"/s/egress.sock\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_reference_network_is_the_kits_bridge_host_local_portmap_on_the_pod_cidr() {
+        let c = reference_conflist("10.244.1.0/24", Path::new("/n/cni-ipam"));
+        let doc: serde_json::Value = serde_json::from_str(&c).unwrap();
+        let types: Vec<&str> = doc["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["bridge", "portmap"]);
+        let bridge = &doc["plugins"][0];
+        assert_eq!(bridge["isGateway"], true);
+        assert_eq!(bridge["ipMasq"], false);
+        assert_eq!(bridge["ipam"]["type"], "host-local");
+        assert_eq!(bridge["ipam"]["ranges"][0][0]["subnet"], "10.244.1.0/24");
+        assert_eq!(bridge["ipam"]["dataDir"], "/n/cni-ipam");
+        let nodes = vec![
+            (
+                "a".to_string(),
+                [172, 31, 0, 1].into(),
+                "10.244.0.0/24".to_string(),
+            ),
+            (
+                "b".to_string(),
+                [172, 31, 0, 2].into(),
+                "10.244.1.0/24".to_string(),
+            ),
+            (
+                "c".to_string(),
+                [172, 31, 0, 3].into(),
+                "10.244.2.0/24".to_string(),
+            ),
+        ];
+        assert_eq!(
+            reference_routes(&nodes, "b"),
+            [
+                ("10.244.0.0/24".to_string(), [172, 31, 0, 1].into()),
+                ("10.244.2.0/24".to_string(), [172, 31, 0, 3].into()),
+            ]
+        );
+        assert!(reference_routes(&nodes[..1], "a").is_empty());
     }
 
     #[test]

@@ -62,6 +62,11 @@ pub enum LabCmd {
             requires = "kubernetes"
         )]
         k8s_images: Option<PathBuf>,
+        /// With --kubernetes: wire the pods with the standard CNI plugins instead of sluice
+        /// (bridge + host-local on each node's podCIDR + portmap, routes between the nodes: the
+        /// kit's reference cluster), as the baseline of `bench-k8s`. sluice is not installed.
+        #[arg(long, requires = "kubernetes")]
+        reference_cni: bool,
     },
     /// Show the lab's nodes and pods and a pod-to-pod reachability matrix from real pings.
     Status {
@@ -211,6 +216,7 @@ pub fn main(cmd: LabCmd) -> Result<()> {
             kubeconfig,
             kubernetes,
             k8s_images,
+            reference_cni,
         } => {
             let spec = LabSpec {
                 name,
@@ -230,7 +236,11 @@ pub fn main(cmd: LabCmd) -> Result<()> {
                 (Some(kc), _) => Api::External(kc),
                 (None, Some(bin)) => {
                     let images = k8s_images.unwrap_or_else(|| bin.join("..").join("images"));
-                    Api::Kubernetes(bin, images)
+                    Api::Kubernetes {
+                        bin,
+                        images,
+                        reference_cni,
+                    }
                 }
                 (None, None) => Api::Embedded,
             };
@@ -324,9 +334,14 @@ pub enum Api {
     Embedded,
     /// A real one already running on the host's loopback, given by its kubeconfig.
     External(PathBuf),
-    /// A real control plane the lab starts from the Kubernetes binaries in this directory, and
-    /// real containerd and kubelets on its nodes with the image archives of the second.
-    Kubernetes(PathBuf, PathBuf),
+    /// A real control plane the lab starts from the Kubernetes binaries in `bin`, and real
+    /// containerd and kubelets on its nodes with the image archives of `images`; sluice
+    /// installed from its manifest, or the standard plugins instead (`reference_cni`).
+    Kubernetes {
+        bin: PathBuf,
+        images: PathBuf,
+        reference_cni: bool,
+    },
 }
 
 async fn up(spec: LabSpec, api: Api) -> Result<()> {
@@ -341,11 +356,19 @@ async fn up(spec: LabSpec, api: Api) -> Result<()> {
         bail!("lab {name} already exists (or left something behind): run `sluice lab down --name {name}` first");
     }
     let mut progress = Progress::new();
-    if let Api::Kubernetes(bin, images) = &api {
+    if let Api::Kubernetes {
+        bin,
+        images,
+        reference_cni,
+    } = &api
+    {
         // Before anything is made: a missing or mismatched binary is only a message.
         k8s::check_binaries(bin)?;
         k8s::images(images)?;
         k8s::check_node_tools()?;
+        if *reference_cni {
+            k8s::check_reference(plan.spec.segments)?;
+        }
     }
     let built = build(&plan, &files, api, &mut progress).await;
     if let Err(e) = built {
@@ -369,6 +392,7 @@ async fn build(plan: &LabPlan, files: &LabFiles, api: Api, progress: &mut Progre
     std::fs::create_dir_all(&files.dir).with_context(|| format!("creating {:?}", files.dir))?;
     daemon::write_atomic(&files.plan, &serde_json::to_vec_pretty(plan)?)?;
     let mut image_dir = None;
+    let mut reference = false;
     let external = match api {
         Api::External(kc) => {
             let addr = external_address(&kc)?;
@@ -376,7 +400,12 @@ async fn build(plan: &LabPlan, files: &LabFiles, api: Api, progress: &mut Progre
             std::fs::write(&files.external, addr.to_string())?;
             Some(kc)
         }
-        Api::Kubernetes(bin, images) => {
+        Api::Kubernetes {
+            bin,
+            images,
+            reference_cni,
+        } => {
+            reference = reference_cni;
             let cidr = plan.cluster_cidr.to_string();
             let nodes: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
             let addr = k8s::start_control_plane(
@@ -443,12 +472,17 @@ async fn build(plan: &LabPlan, files: &LabFiles, api: Api, progress: &mut Progre
     });
     if real_nodes {
         k8s::start_kube_proxies(plan, files, progress).await?;
-        // sluice as a user installs it: its DaemonSet runs the agents (the daemon does not).
-        k8s::install_sluice(plan, files, progress).await?;
+        if reference {
+            k8s::install_reference_cni(plan, files, progress).await?;
+        } else {
+            // sluice as a user installs it: its DaemonSet runs the agents (the daemon does not).
+            k8s::install_sluice(plan, files, progress).await?;
+        }
     }
     let limit = if real_nodes { 120 } else { 60 };
     let deadline = Instant::now() + Duration::from_secs(limit);
-    for node in &plan.nodes {
+    // The reference network has no agents: its nodes are up once Ready.
+    for node in plan.nodes.iter().filter(|_| !reference) {
         let file = cni::subnet_file(name, &node.name);
         // A node is up once its agent has a subnet and has installed the CNI config (which it
         // does once the datapath is programmed): the node is Ready from then on.
