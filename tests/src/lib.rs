@@ -13,6 +13,7 @@ pub mod cni;
 pub mod containerd;
 pub mod lab;
 pub mod ping;
+pub mod realk8s;
 
 use serde_json::Value;
 use std::path::PathBuf;

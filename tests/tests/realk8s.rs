@@ -17,25 +17,9 @@
 use serde_json::Value;
 use sluice_e2e::have_root;
 use sluice_e2e::lab::{lab_cmd, netns_with_prefix, output_text, status_pods, Lab};
+use sluice_e2e::realk8s::{k8s_bin, running, sweep_until_all, RealPod, AGNHOST};
 
 use std::time::{Duration, Instant};
-
-fn k8s_bin() -> Option<String> {
-    match std::env::var("SLUICE_K8S_BIN") {
-        Ok(dir) if !dir.is_empty() => Some(dir),
-        _ => {
-            eprintln!(
-                "realk8s: skipped: SLUICE_K8S_BIN is not set (it names a directory with the \
-                 Kubernetes server binaries; .ci/run sets it when ../shared/realk8s exists)"
-            );
-            None
-        }
-    }
-}
-
-/// The kit's agnhost image (`../shared/realk8s/images/agnhost.tar`, which `lab up
-/// --kubernetes` imports into every node's containerd; it carries busybox's ping and nc).
-const AGNHOST: &str = "registry.k8s.io/e2e-test-images/agnhost:2.43";
 
 /// Processes left by the lab: any naming its directory (control plane, containerd, its shims,
 /// kubelets, kube-proxies), or in its kubelets' cgroups (the pods' containers).
@@ -84,85 +68,6 @@ fn in_subnet(ip: &str, cidr: &str) -> bool {
     let ip: std::net::Ipv4Addr = ip.parse().unwrap();
     let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
     u32::from(ip) & mask == u32::from(net) & mask
-}
-
-/// A pod of the test's Deployment: name, node, address.
-#[derive(Debug, Clone)]
-struct RealPod {
-    name: String,
-    node: String,
-    ip: String,
-}
-
-/// Running pods labelled `app=APP` with an address.
-fn running(lab: &Lab, app: &str) -> (Vec<RealPod>, Value) {
-    let list: Value = serde_json::from_str(&lab.kubectl_ok(&[
-        "get",
-        "pods",
-        "-l",
-        &format!("app={app}"),
-        "-o",
-        "json",
-    ]))
-    .unwrap();
-    let pods = list["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| {
-            p["status"]["phase"] == "Running"
-                && p["status"]["podIP"].is_string()
-                && p["metadata"]["deletionTimestamp"].is_null()
-        })
-        .map(|p| RealPod {
-            name: p["metadata"]["name"].as_str().unwrap().to_string(),
-            node: p["spec"]["nodeName"].as_str().unwrap().to_string(),
-            ip: p["status"]["podIP"].as_str().unwrap().to_string(),
-        })
-        .collect();
-    (pods, list)
-}
-
-/// From pod `from`, through `kubectl exec` (API server -> kubelet -> containerd), one round of
-/// ICMP, TCP and UDP to every target; returns the lines that did not answer.
-fn sweep(lab: &Lab, from: &str, targets: &[RealPod]) -> Vec<String> {
-    let mut script = String::new();
-    for t in targets {
-        let ip = &t.ip;
-        script += &format!(
-            "ping -c1 -W2 {ip} >/dev/null 2>&1 && echo icmp {ip} ok || echo icmp {ip} lost; \
-             /agnhost connect {ip}:8080 --timeout=3s >/dev/null 2>&1 && echo tcp {ip} ok || echo tcp {ip} lost; \
-             /agnhost connect {ip}:8081 --protocol=udp --timeout=3s >/dev/null 2>&1 && echo udp {ip} ok || echo udp {ip} lost; "
-        );
-    }
-    let out = lab.kubectl(&["exec", from, "--", "sh", "-c", &script]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut bad = Vec::new();
-    for t in targets {
-        // agnhost connect over UDP waits for netexec's answer (to its "hostname" request).
-        for proto in ["icmp", "tcp", "udp"] {
-            if !text.contains(&format!("{proto} {} ok", t.ip)) {
-                bad.push(format!("{from} -> {} ({}) {proto}", t.name, t.ip));
-            }
-        }
-    }
-    if !out.status.success() && bad.is_empty() {
-        bad.push(format!("kubectl exec {from}: {}", output_text(&out)));
-    }
-    bad
-}
-
-/// Sweeps until every target answers (a new pod is held closed until its policy is in
-/// place), bounded; the misses of the last round.
-fn sweep_until_all(lab: &Lab, from: &str, targets: &[RealPod], limit: Duration) -> Vec<String> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let bad = sweep(lab, from, targets);
-        if bad.is_empty() || Instant::now() > deadline {
-            return bad;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// TCP from pod `from` to `to:port` (agnhost connect): true if it connected.
