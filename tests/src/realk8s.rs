@@ -143,16 +143,48 @@ pub fn pod_pid(uid: &str) -> Option<u32> {
         })
 }
 
-/// The pod's TCP RetransSegs (`/proc/PID/net/snmp` is of the process's network namespace).
-pub fn tcp_retransmits(pid: u32) -> u64 {
-    let snmp = std::fs::read_to_string(format!("/proc/{pid}/net/snmp")).unwrap();
-    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
-    let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
-    let i = names
-        .split_whitespace()
-        .position(|n| n == "RetransSegs")
-        .unwrap();
-    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+/// Counters of the TCP stack of the network namespace of process `pid`: `RetransSegs` of
+/// `Tcp:` in `/proc/PID/net/snmp` and the D-SACKs it sent (`TCPDSACKOldSent` and
+/// `TCPDSACKOfoSent` of `TcpExt:` in `/proc/PID/net/netstat`): a retransmitted segment whose
+/// original did arrive is answered with a D-SACK, so over a set of namespaces that hold both ends
+/// of every connection, retransmissions minus D-SACKs sent are the segments really lost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpCounters {
+    pub retransmits: u64,
+    pub dsacks_sent: u64,
+}
+
+impl std::ops::Sub for TcpCounters {
+    type Output = Self;
+    fn sub(self, o: Self) -> Self {
+        Self {
+            retransmits: self.retransmits - o.retransmits,
+            dsacks_sent: self.dsacks_sent - o.dsacks_sent,
+        }
+    }
+}
+
+fn counter(file: &str, section: &str, names: &[&str]) -> u64 {
+    let text = std::fs::read_to_string(file).unwrap();
+    let mut lines = text.lines().filter(|l| l.starts_with(section));
+    let (keys, values) = (lines.next().unwrap(), lines.next().unwrap());
+    let values: Vec<&str> = values.split_whitespace().collect();
+    keys.split_whitespace()
+        .enumerate()
+        .filter(|(_, k)| names.contains(k))
+        .map(|(i, _)| values[i].parse::<u64>().unwrap())
+        .sum()
+}
+
+pub fn tcp_counters(pid: u32) -> TcpCounters {
+    TcpCounters {
+        retransmits: counter(&format!("/proc/{pid}/net/snmp"), "Tcp:", &["RetransSegs"]),
+        dsacks_sent: counter(
+            &format!("/proc/{pid}/net/netstat"),
+            "TcpExt:",
+            &["TCPDSACKOldSent", "TCPDSACKOfoSent"],
+        ),
+    }
 }
 
 /// Runs `f` on a fresh thread that entered the network namespace of process `pid`.
@@ -184,6 +216,8 @@ pub struct FlowReport {
     pub max_rtt_ms: f64,
     /// Resets, stalls, short reads: each with its time since the flow started.
     pub errors: Vec<String>,
+    /// Round trips over 50 ms after the first second: (seconds since the start, ms).
+    pub slow: Vec<(f64, f64)>,
 }
 
 struct Shared {
@@ -194,6 +228,7 @@ struct Shared {
     echoed: AtomicU64,
     max_rtt_us: AtomicU64,
     errors: Mutex<Vec<String>>,
+    slow: Mutex<Vec<(f64, f64)>>,
 }
 
 impl Shared {
@@ -226,6 +261,8 @@ impl Flow {
     ) -> Self {
         let addr = SocketAddr::from((server_ip, port));
         let listener = in_pid_netns(server_pid, move || TcpListener::bind(addr).unwrap());
+        // Port 0: the one the kernel chose.
+        let addr = listener.local_addr().unwrap();
         let client = in_pid_netns(client_pid, move || {
             TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         })
@@ -244,6 +281,7 @@ impl Flow {
             echoed: AtomicU64::new(0),
             max_rtt_us: AtomicU64::new(0),
             errors: Mutex::new(Vec::new()),
+            slow: Mutex::new(Vec::new()),
         });
         let mut threads = Vec::new();
         // The server: echo each message until the client's end of stream.
@@ -286,9 +324,13 @@ impl Flow {
                 let sent_at = u64::from_be_bytes(buf);
                 let now = sh.start.elapsed().as_micros() as u64;
                 sh.echoed.fetch_add(1, Ordering::SeqCst);
+                let rtt = now.saturating_sub(sent_at);
                 if sent_at >= 1_000_000 {
-                    sh.max_rtt_us
-                        .fetch_max(now.saturating_sub(sent_at), Ordering::SeqCst);
+                    sh.max_rtt_us.fetch_max(rtt, Ordering::SeqCst);
+                    if rtt > 50_000 {
+                        let at = sent_at as f64 / 1e6;
+                        sh.slow.lock().unwrap().push((at, rtt as f64 / 1000.0));
+                    }
                 }
             }
         }));
@@ -335,6 +377,7 @@ impl Flow {
             echoed: s.echoed.load(Ordering::SeqCst),
             max_rtt_ms: s.max_rtt_us.load(Ordering::SeqCst) as f64 / 1000.0,
             errors: s.errors.lock().unwrap().clone(),
+            slow: s.slow.lock().unwrap().clone(),
         }
     }
 }

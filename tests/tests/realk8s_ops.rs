@@ -19,7 +19,7 @@ use serde_json::Value;
 use sluice_e2e::have_root;
 use sluice_e2e::lab::{lab_cmd, output_text, Lab};
 use sluice_e2e::realk8s::{
-    k8s_bin, pod_pid, sweep_until_all, tcp_retransmits, wait_running, Flow, RealPod,
+    k8s_bin, pod_pid, sweep_until_all, tcp_counters, wait_running, Flow, RealPod, TcpCounters,
     AGNHOST,
 };
 use std::collections::BTreeSet;
@@ -134,12 +134,32 @@ fn pod_addresses(lab: &Lab, node: &str) -> (BTreeSet<String>, bool, Value) {
 
 #[test]
 fn rolling_update_restarts_and_node_removal_on_real_kubernetes() {
+    day_two("none");
+}
+
+/// The same with `encryption: wireguard`. Here the kernel has no WireGuard, so the agent runs
+/// it in userspace on a tun device that lives and dies with the agent's process: a rolling
+/// update stops encrypted traffic of a node while its agent is replaced (see the README).
+#[test]
+#[ignore = "userspace WireGuard goes with the agent's process: a rolling update interrupts encrypted traffic"]
+fn rolling_update_restarts_and_node_removal_with_wireguard() {
+    day_two("wireguard");
+}
+
+fn day_two(encryption: &str) {
     if !have_root() {
         return;
     }
     let Some(bin) = k8s_bin() else { return };
     let whole = Instant::now();
-    let lab = Lab::up(&["--nodes", "3", "--kubernetes", &bin]);
+    let lab = Lab::up(&[
+        "--nodes",
+        "3",
+        "--kubernetes",
+        &bin,
+        "--encryption",
+        encryption,
+    ]);
     lab.kubectl_ok(&[
         "-n",
         "kube-system",
@@ -192,11 +212,24 @@ fn rolling_update_restarts_and_node_removal_on_real_kubernetes() {
             Flow::start(&name, pids[c], pids[s], ends[s].ip.parse().unwrap(), port)
         })
         .collect();
+    // A control on the host's loopback: a round trip slow there too was the machine's (a 2-core
+    // machine shared with builds), not the datapath's.
+    let me = std::process::id();
+    let mut flows = flows;
+    flows.push(Flow::start(
+        "control (host loopback)",
+        me,
+        me,
+        Ipv4Addr::LOCALHOST,
+        0,
+    ));
+    let flows_started = Instant::now();
     // The first second is the flows' own: the baseline of retransmissions is taken after it.
     std::thread::sleep(Duration::from_millis(1200));
-    let before: Vec<u64> = pids.iter().map(|&p| tcp_retransmits(p)).collect();
+    let before: Vec<TcpCounters> = pids.iter().map(|&p| tcp_counters(p)).collect();
     let old_agents = agents(&lab);
     let rollout = Instant::now();
+    let rollout_at = flows_started.elapsed().as_secs_f64();
     lab.kubectl_ok(&[
         "-n",
         "kube-system",
@@ -219,13 +252,18 @@ fn rolling_update_restarts_and_node_removal_on_real_kubernetes() {
     std::thread::sleep(Duration::from_secs(3));
     let sent_by: Vec<u64> = flows.iter().map(Flow::sent).collect();
     let reports: Vec<_> = flows.into_iter().map(Flow::finish).collect();
-    let after: Vec<u64> = pids.iter().map(|&p| tcp_retransmits(p)).collect();
+    let after: Vec<TcpCounters> = pids.iter().map(|&p| tcp_counters(p)).collect();
     for r in &reports {
         eprintln!(
-            "realk8s-ops: flow {}: sent {}, served {}, echoed {}, max round trip after 1 s {:.1} ms",
-            r.name, r.sent, r.served, r.echoed, r.max_rtt_ms
+            "realk8s-ops: flow {}: sent {}, served {}, echoed {}, max round trip after 1 s {:.1} ms, over 50 ms (at s, ms): {:.1?}",
+            r.name, r.sent, r.served, r.echoed, r.max_rtt_ms, r.slow
         );
     }
+    let during: Vec<TcpCounters> = after.iter().zip(&before).map(|(a, b)| *a - *b).collect();
+    eprintln!(
+        "realk8s-ops: rollout from {rollout_at:.1} s to {:.1} s of the flows; TCP counters of the pods during it: {during:?}",
+        rollout_at + rolled.as_secs_f64()
+    );
     let new_agents = agents(&lab);
     eprintln!(
         "realk8s-ops: DaemonSet rolled to {NEXT_IMAGE} in {:.1} s (phase {:.1} s)",
@@ -248,17 +286,15 @@ fn rolling_update_restarts_and_node_removal_on_real_kubernetes() {
         let want = (rolled.as_millis() / 100) as u64;
         assert!(*s >= want, "flow {}: {s} messages in {rolled:?}", r.name);
     }
-    for (i, p) in ends.iter().enumerate() {
-        assert_eq!(
-            after[i] - before[i],
-            0,
-            "pod {} on {}: TCP retransmissions during the rollout ({} -> {})",
-            p.name,
-            p.node,
-            before[i],
-            after[i]
-        );
-    }
+    // Every connection has both ends in these pods: a retransmission whose original arrived
+    // was answered with a D-SACK; the rest were lost.
+    let retransmits: u64 = during.iter().map(|c| c.retransmits).sum();
+    let dsacks: u64 = during.iter().map(|c| c.dsacks_sent).sum();
+    assert!(
+        retransmits <= dsacks,
+        "{} TCP segments lost during the rollout ({retransmits} retransmitted, {dsacks} of them had arrived): {during:?} of {ends:?}",
+        retransmits - dsacks
+    );
     assert_eq!(new_agents.len(), 3, "{new_agents:?}");
     for (node, pod, image, ready) in &new_agents {
         assert!(
@@ -370,7 +406,17 @@ fn rolling_update_restarts_and_node_removal_on_real_kubernetes() {
     // something).
     for n in &remaining {
         let entries = entries_of(&lab, n, subnet, &underlay, &mac);
-        assert!(entries.len() >= 3, "{n} has only {entries:?} of {gone}");
+        let kinds: &[&str] = if encryption == "none" {
+            &["route", "neighbour", "fdb", "agent peer"]
+        } else {
+            &["route", "agent peer"]
+        };
+        for kind in kinds {
+            assert!(
+                entries.iter().any(|e| e.starts_with(kind)),
+                "{n} has no {kind} of {gone}: {entries:#?}"
+            );
+        }
     }
     lab.kubectl_ok(&[
         "drain",
@@ -501,15 +547,27 @@ fn entries_of(
             found.push(format!("fdb {e}"));
         }
     }
-    // WireGuard (when encryption is on): no peer allowed into the subnet.
-    let wg = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns, "wg", "show", "all", "allowed-ips"])
-        .output();
-    if let Ok(wg) = wg {
-        for line in String::from_utf8_lossy(&wg.stdout).lines() {
-            if line.contains(&subnet.to_string()) {
-                found.push(format!("wireguard {line}"));
-            }
+    // The agent's own peers (its VXLAN and WireGuard paths; its WireGuard device is userspace
+    // where the kernel has none, so `wg` would not see it): `/status` on the node's loopback.
+    let status = sluice_e2e::lab::in_netns(&ns, || {
+        let addr = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, 9099));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        std::io::Write::write_all(&mut s, b"GET /status HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+        let mut reply = String::new();
+        std::io::Read::read_to_string(&mut s, &mut reply)?;
+        Ok::<_, std::io::Error>(reply)
+    })
+    .unwrap_or_else(|e| panic!("{n}: agent /status: {e}"));
+    let body: Value = status
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or_else(|| panic!("{n}: agent /status: {status}"));
+    let peers = body["peers"].as_array().cloned().unwrap_or_default();
+    assert!(body["subnet"].is_string(), "{n}: agent /status: {body:#}");
+    for p in peers {
+        if p["subnet"] == subnet.to_string().as_str() || p["underlay"] == underlay {
+            found.push(format!("agent peer {p}"));
         }
     }
     found
