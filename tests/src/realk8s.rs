@@ -1,12 +1,17 @@
 //! Helpers for the suites on a real-Kubernetes lab (`sluice lab up --kubernetes DIR`): the
 //! binaries' directory (or why a suite skips), pods pinned to nodes, `kubectl exec` probes, a
 //! pod's network namespace found through its kubelet cgroup, and HTTP to agnhost's `netexec`
-//! from a namespace. Every wait is bounded.
+//! from a namespace, sweeps of ICMP, TCP and UDP through `kubectl exec`, and long-lived TCP
+//! flows between pods (Cilium's `conn-disrupt`: a small message every 100 ms, echoed, any
+//! reset or stall a failure). Every wait is bounded.
 
 use crate::lab::{in_netns_path, output_text, Lab};
 use serde_json::Value;
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The kit's agnhost image (`../shared/realk8s/images/agnhost.tar`, which `lab up
@@ -27,12 +32,13 @@ pub fn k8s_bin() -> Option<String> {
     }
 }
 
-/// A running pod: name, node, address.
+/// A running pod: name, node, address, uid.
 #[derive(Debug, Clone)]
 pub struct RealPod {
     pub name: String,
     pub node: String,
     pub ip: String,
+    pub uid: String,
 }
 
 /// Running pods labelled `app=APP` with an address.
@@ -59,6 +65,7 @@ pub fn running(lab: &Lab, app: &str) -> (Vec<RealPod>, Value) {
             name: p["metadata"]["name"].as_str().unwrap().to_string(),
             node: p["spec"]["nodeName"].as_str().unwrap().to_string(),
             ip: p["status"]["podIP"].as_str().unwrap().to_string(),
+            uid: p["metadata"]["uid"].as_str().unwrap().to_string(),
         })
         .collect();
     (pods, list)
@@ -229,7 +236,6 @@ pub fn exec_get(lab: &Lab, from: &str, to: &str, path: &str) -> Result<String, S
 /// From the network namespace at `netns` (a path), one HTTP GET of `path` at `to` (bounded by
 /// 3 s); the body.
 pub fn ns_get(netns: PathBuf, to: SocketAddr, path: &str) -> Result<String, String> {
-    use std::io::{Read, Write};
     let path = path.to_string();
     in_netns_path(netns, move || {
         let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))
@@ -244,20 +250,301 @@ pub fn ns_get(netns: PathBuf, to: SocketAddr, path: &str) -> Result<String, Stri
     })
 }
 
-/// The network namespace of pod `name` (default namespace): `/proc/PID/ns/net` of a process in
-/// its kubelet cgroup (`.../pod<UID>/...`, the cgroupfs driver's layout).
+/// The network namespace of pod `name` (default namespace), as [`pod_pid`] finds it.
 pub fn pod_netns_path(lab: &Lab, name: &str) -> PathBuf {
     let uid = lab.kubectl_ok(&["get", "pod", name, "-o", "jsonpath={.metadata.uid}"]);
-    let want = format!("/pod{}/", uid.trim());
-    let root = format!(":/sluice-lab-{}-node-", lab.name);
-    for e in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
-        if e.file_name().to_string_lossy().parse::<u32>().is_err() {
-            continue;
-        }
-        let g = std::fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
-        if g.lines().any(|l| l.contains(&root) && l.contains(&want)) {
-            return e.path().join("ns/net");
+    match pod_pid(uid.trim()) {
+        Some(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
+        None => panic!("no process of pod {name} (uid {uid}) in lab {}", lab.name),
+    }
+}
+
+/// From pod `from`, through `kubectl exec` (API server -> kubelet -> containerd), one round of
+/// ICMP, TCP and UDP to every target (agnhost netexec on 8080/TCP and 8081/UDP); returns the
+/// lines that did not answer.
+pub fn sweep(lab: &Lab, from: &str, targets: &[RealPod]) -> Vec<String> {
+    let mut script = String::new();
+    for t in targets {
+        let ip = &t.ip;
+        script += &format!(
+            "ping -c1 -W2 {ip} >/dev/null 2>&1 && echo icmp {ip} ok || echo icmp {ip} lost; \
+             /agnhost connect {ip}:8080 --timeout=3s >/dev/null 2>&1 && echo tcp {ip} ok || echo tcp {ip} lost; \
+             /agnhost connect {ip}:8081 --protocol=udp --timeout=3s >/dev/null 2>&1 && echo udp {ip} ok || echo udp {ip} lost; "
+        );
+    }
+    let out = lab.kubectl(&["exec", from, "--", "sh", "-c", &script]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut bad = Vec::new();
+    for t in targets {
+        // agnhost connect over UDP waits for netexec's answer (to its "hostname" request).
+        for proto in ["icmp", "tcp", "udp"] {
+            if !text.contains(&format!("{proto} {} ok", t.ip)) {
+                bad.push(format!("{from} -> {} ({}) {proto}", t.name, t.ip));
+            }
         }
     }
-    panic!("no process of pod {name} (uid {uid}) in lab {}", lab.name);
+    if !out.status.success() && bad.is_empty() {
+        bad.push(format!("kubectl exec {from}: {}", output_text(&out)));
+    }
+    bad
+}
+
+/// Sweeps until every target answers (a new pod is held closed until its policy is in
+/// place), bounded; the misses of the last round.
+pub fn sweep_until_all(lab: &Lab, from: &str, targets: &[RealPod], limit: Duration) -> Vec<String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let bad = sweep(lab, from, targets);
+        if bad.is_empty() || Instant::now() > deadline {
+            return bad;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A process of pod `uid` on the host (its containers' processes are in the kubelet's cgroup
+/// `.../pod<UID>/...`, cgroupfs driver): `/proc/PID/ns/net` is the pod's network namespace.
+pub fn pod_pid(uid: &str) -> Option<u32> {
+    let needle = format!("/pod{uid}/");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .is_ok_and(|c| c.contains(&needle))
+        })
+}
+
+/// Counters of the TCP stack of the network namespace of process `pid`: `RetransSegs` of
+/// `Tcp:` in `/proc/PID/net/snmp` and the D-SACKs it sent (`TCPDSACKOldSent` and
+/// `TCPDSACKOfoSent` of `TcpExt:` in `/proc/PID/net/netstat`): a retransmitted segment whose
+/// original did arrive is answered with a D-SACK, so over a set of namespaces that hold both ends
+/// of every connection, retransmissions minus D-SACKs sent are the segments really lost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpCounters {
+    pub retransmits: u64,
+    pub dsacks_sent: u64,
+}
+
+impl std::ops::Sub for TcpCounters {
+    type Output = Self;
+    fn sub(self, o: Self) -> Self {
+        Self {
+            retransmits: self.retransmits - o.retransmits,
+            dsacks_sent: self.dsacks_sent - o.dsacks_sent,
+        }
+    }
+}
+
+fn counter(file: &str, section: &str, names: &[&str]) -> u64 {
+    let text = std::fs::read_to_string(file).unwrap();
+    let mut lines = text.lines().filter(|l| l.starts_with(section));
+    let (keys, values) = (lines.next().unwrap(), lines.next().unwrap());
+    let values: Vec<&str> = values.split_whitespace().collect();
+    keys.split_whitespace()
+        .enumerate()
+        .filter(|(_, k)| names.contains(k))
+        .map(|(i, _)| values[i].parse::<u64>().unwrap())
+        .sum()
+}
+
+pub fn tcp_counters(pid: u32) -> TcpCounters {
+    TcpCounters {
+        retransmits: counter(&format!("/proc/{pid}/net/snmp"), "Tcp:", &["RetransSegs"]),
+        dsacks_sent: counter(
+            &format!("/proc/{pid}/net/netstat"),
+            "TcpExt:",
+            &["TCPDSACKOldSent", "TCPDSACKOfoSent"],
+        ),
+    }
+}
+
+/// Runs `f` on a fresh thread that entered the network namespace of process `pid`.
+fn in_pid_netns<R: Send + 'static>(pid: u32, f: impl FnOnce() -> R + Send + 'static) -> R {
+    in_netns_path(PathBuf::from(format!("/proc/{pid}/ns/net")), f)
+}
+
+/// The message period of a flow.
+pub const PERIOD: Duration = Duration::from_millis(100);
+/// A read that waits longer than this is a stall (a failure).
+const STALL: Duration = Duration::from_secs(3);
+
+/// What one flow saw.
+#[derive(Debug, Default)]
+pub struct FlowReport {
+    pub name: String,
+    pub sent: u64,
+    /// Messages the server read.
+    pub served: u64,
+    /// Echoes the client read.
+    pub echoed: u64,
+    /// The longest round trip of a message sent after the first second, in ms.
+    pub max_rtt_ms: f64,
+    /// Resets, stalls, short reads: each with its time since the flow started.
+    pub errors: Vec<String>,
+    /// Round trips over 50 ms after the first second: (seconds since the start, ms).
+    pub slow: Vec<(f64, f64)>,
+}
+
+struct Shared {
+    start: Instant,
+    stop: AtomicBool,
+    sent: AtomicU64,
+    served: AtomicU64,
+    echoed: AtomicU64,
+    max_rtt_us: AtomicU64,
+    errors: Mutex<Vec<String>>,
+    slow: Mutex<Vec<(f64, f64)>>,
+}
+
+impl Shared {
+    fn fail(&self, what: &str, e: &dyn std::fmt::Display) {
+        let at = self.start.elapsed().as_secs_f64();
+        self.errors
+            .lock()
+            .unwrap()
+            .push(format!("{what} at {at:.2} s: {e}"));
+    }
+}
+
+/// A long-lived TCP connection from a pod to another's `ip:port`: every [`PERIOD`] the client
+/// sends 8 bytes (its send time), the server echoes them, the client reads the echo.
+pub struct Flow {
+    name: String,
+    shared: Arc<Shared>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Flow {
+    /// Listens in the network namespace of `server_pid` on `server_ip:port`, connects from that
+    /// of `client_pid`, and starts the three loops (client writer, client reader, server echo).
+    pub fn start(
+        name: &str,
+        client_pid: u32,
+        server_pid: u32,
+        server_ip: Ipv4Addr,
+        port: u16,
+    ) -> Self {
+        let addr = SocketAddr::from((server_ip, port));
+        let listener = in_pid_netns(server_pid, move || TcpListener::bind(addr).unwrap());
+        // Port 0: the one the kernel chose.
+        let addr = listener.local_addr().unwrap();
+        let client = in_pid_netns(client_pid, move || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        })
+        .unwrap_or_else(|e| panic!("{name}: connect to {addr}: {e}"));
+        let (server, _) = listener.accept().unwrap();
+        for s in [&client, &server] {
+            s.set_read_timeout(Some(STALL)).unwrap();
+            s.set_write_timeout(Some(STALL)).unwrap();
+            s.set_nodelay(true).unwrap();
+        }
+        let shared = Arc::new(Shared {
+            start: Instant::now(),
+            stop: AtomicBool::new(false),
+            sent: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+            echoed: AtomicU64::new(0),
+            max_rtt_us: AtomicU64::new(0),
+            errors: Mutex::new(Vec::new()),
+            slow: Mutex::new(Vec::new()),
+        });
+        let mut threads = Vec::new();
+        // The server: echo each message until the client's end of stream.
+        let (sh, mut s) = (shared.clone(), server);
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 8];
+            loop {
+                match s.read_exact(&mut buf) {
+                    Ok(()) => {}
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::UnexpectedEof
+                            && sh.stop.load(Ordering::SeqCst) =>
+                    {
+                        break
+                    }
+                    Err(e) => return sh.fail("server read", &e),
+                }
+                sh.served.fetch_add(1, Ordering::SeqCst);
+                if let Err(e) = s.write_all(&buf) {
+                    return sh.fail("server write", &e);
+                }
+            }
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        }));
+        // The client's reader: the echoes, each one's round trip.
+        let (sh, mut r) = (shared.clone(), client.try_clone().unwrap());
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 8];
+            loop {
+                match r.read_exact(&mut buf) {
+                    Ok(()) => {}
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::UnexpectedEof
+                            && sh.stop.load(Ordering::SeqCst) =>
+                    {
+                        break
+                    }
+                    Err(e) => return sh.fail("client read", &e),
+                }
+                let sent_at = u64::from_be_bytes(buf);
+                let now = sh.start.elapsed().as_micros() as u64;
+                sh.echoed.fetch_add(1, Ordering::SeqCst);
+                let rtt = now.saturating_sub(sent_at);
+                if sent_at >= 1_000_000 {
+                    sh.max_rtt_us.fetch_max(rtt, Ordering::SeqCst);
+                    if rtt > 50_000 {
+                        let at = sent_at as f64 / 1e6;
+                        sh.slow.lock().unwrap().push((at, rtt as f64 / 1000.0));
+                    }
+                }
+            }
+        }));
+        // The client's writer: one message per period, on a fixed schedule.
+        let (sh, mut w) = (shared.clone(), client);
+        threads.push(std::thread::spawn(move || {
+            let mut n: u32 = 0;
+            while !sh.stop.load(Ordering::SeqCst) {
+                let now = sh.start.elapsed().as_micros() as u64;
+                if let Err(e) = w.write_all(&now.to_be_bytes()) {
+                    return sh.fail("client write", &e);
+                }
+                sh.sent.fetch_add(1, Ordering::SeqCst);
+                n += 1;
+                if let Some(wait) = (PERIOD * n).checked_sub(sh.start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            let _ = w.shutdown(std::net::Shutdown::Write);
+        }));
+        Self {
+            name: name.to_string(),
+            shared,
+            threads,
+        }
+    }
+
+    /// Messages sent so far.
+    pub fn sent(&self) -> u64 {
+        self.shared.sent.load(Ordering::SeqCst)
+    }
+
+    /// Stops sending, lets the last echoes come back (bounded by the stall timeout) and reports.
+    pub fn finish(self) -> FlowReport {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        let s = &self.shared;
+        FlowReport {
+            name: self.name,
+            sent: s.sent.load(Ordering::SeqCst),
+            served: s.served.load(Ordering::SeqCst),
+            echoed: s.echoed.load(Ordering::SeqCst),
+            max_rtt_ms: s.max_rtt_us.load(Ordering::SeqCst) as f64 / 1000.0,
+            errors: s.errors.lock().unwrap().clone(),
+            slow: s.slow.lock().unwrap().clone(),
+        }
+    }
 }

@@ -17,7 +17,9 @@
 use serde_json::Value;
 use sluice_e2e::have_root;
 use sluice_e2e::lab::{lab_cmd, netns_with_prefix, output_text, status_pods, Lab};
-use sluice_e2e::realk8s::{connects, eventually_connects, k8s_bin, running, RealPod, AGNHOST};
+use sluice_e2e::realk8s::{
+    connects, eventually_connects, k8s_bin, running, sweep_until_all, RealPod, AGNHOST,
+};
 
 use std::time::{Duration, Instant};
 
@@ -68,48 +70,6 @@ fn in_subnet(ip: &str, cidr: &str) -> bool {
     let ip: std::net::Ipv4Addr = ip.parse().unwrap();
     let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
     u32::from(ip) & mask == u32::from(net) & mask
-}
-
-/// From pod `from`, through `kubectl exec` (API server -> kubelet -> containerd), one round of
-/// ICMP, TCP and UDP to every target; returns the lines that did not answer.
-fn sweep(lab: &Lab, from: &str, targets: &[RealPod]) -> Vec<String> {
-    let mut script = String::new();
-    for t in targets {
-        let ip = &t.ip;
-        script += &format!(
-            "ping -c1 -W2 {ip} >/dev/null 2>&1 && echo icmp {ip} ok || echo icmp {ip} lost; \
-             /agnhost connect {ip}:8080 --timeout=3s >/dev/null 2>&1 && echo tcp {ip} ok || echo tcp {ip} lost; \
-             /agnhost connect {ip}:8081 --protocol=udp --timeout=3s >/dev/null 2>&1 && echo udp {ip} ok || echo udp {ip} lost; "
-        );
-    }
-    let out = lab.kubectl(&["exec", from, "--", "sh", "-c", &script]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut bad = Vec::new();
-    for t in targets {
-        // agnhost connect over UDP waits for netexec's answer (to its "hostname" request).
-        for proto in ["icmp", "tcp", "udp"] {
-            if !text.contains(&format!("{proto} {} ok", t.ip)) {
-                bad.push(format!("{from} -> {} ({}) {proto}", t.name, t.ip));
-            }
-        }
-    }
-    if !out.status.success() && bad.is_empty() {
-        bad.push(format!("kubectl exec {from}: {}", output_text(&out)));
-    }
-    bad
-}
-
-/// Sweeps until every target answers (a new pod is held closed until its policy is in
-/// place), bounded; the misses of the last round.
-fn sweep_until_all(lab: &Lab, from: &str, targets: &[RealPod], limit: Duration) -> Vec<String> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let bad = sweep(lab, from, targets);
-        if bad.is_empty() || Instant::now() > deadline {
-            return bad;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// `kubectl port-forward POD :8080` (a free local port on 127.0.0.1), then one HTTP GET of

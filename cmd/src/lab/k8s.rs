@@ -198,12 +198,38 @@ fn write_pki(
 }
 
 /// Starts `program args` in its own process group, output to `logs/NAME.log`, and records its
-/// pid in `NAME.pid`.
+/// pid in `NAME.pid` and its command line in `NAME.argv` (what `lab restart` starts again).
 fn spawn(dir: &Path, name: &str, program: &Path, args: &[String]) -> Result<std::process::Child> {
-    use std::os::unix::process::CommandExt;
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
+    let mut argv = vec![program.display().to_string()];
+    argv.extend(args.iter().cloned());
+    std::fs::write(dir.join(format!("{name}.argv")), serde_json::to_vec(&argv)?)?;
+    start_logged(dir, name, &argv, log)
+}
+
+/// Starts `argv` (as [`spawn`] recorded it) again, its output appended to `logs/NAME.log`.
+pub fn respawn(dir: &Path, name: &str) -> Result<std::process::Child> {
+    let file = dir.join(format!("{name}.argv"));
+    let argv: Vec<String> =
+        serde_json::from_slice(&std::fs::read(&file).with_context(|| format!("reading {file:?}"))?)
+            .with_context(|| format!("{file:?}: a JSON list of strings was expected"))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("logs").join(format!("{name}.log")))?;
+    start_logged(dir, name, &argv, log)
+}
+
+fn start_logged(
+    dir: &Path,
+    name: &str,
+    argv: &[String],
+    log: std::fs::File,
+) -> Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let (program, args) = argv.split_first().context("an empty command line")?;
     let child = std::process::Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())

@@ -15,6 +15,7 @@ mod machine;
 mod node_subnets;
 pub mod pki;
 pub mod plan;
+mod restart;
 mod serve;
 mod status;
 mod supervisor;
@@ -151,6 +152,20 @@ pub enum LabCmd {
         #[arg(required = true, value_name = "ARCHIVE")]
         archives: Vec<PathBuf>,
     },
+    /// Restart a node's containerd, kubelet or kube-proxy on a lab on real Kubernetes (`lab up
+    /// --kubernetes`): stopped by PID (dependents first), started again with the same command
+    /// line in the node's namespaces; the node's pods and containerd's shims keep running.
+    Restart {
+        #[arg(long, default_value = "lab")]
+        name: String,
+        /// Stop with KILL (as a crash would) instead of TERM.
+        #[arg(long)]
+        kill: bool,
+        /// The node, e.g. lab-node-1.
+        node: String,
+        #[arg(value_enum, required = true)]
+        components: Vec<restart::Component>,
+    },
     /// Internal: the lab daemon's supervisor, or (`--serve`) the daemon: the API server process.
     #[command(name = "__daemon", hide = true)]
     Daemon {
@@ -257,6 +272,16 @@ pub fn main(cmd: LabCmd) -> Result<()> {
             nodes,
             archives,
         } => load::run(&name, &archives, &nodes),
+        LabCmd::Restart {
+            name,
+            kill,
+            node,
+            components,
+        } => {
+            require_root()?;
+            plan::validate_name(&name)?;
+            restart::run(&name, &node, &components, kill)
+        }
         LabCmd::Status { name, json } => rt.block_on(status::run(&name, json)),
         LabCmd::Agent { name, action, node } => agent_control(&name, action, &node),
         LabCmd::Serve {

@@ -140,6 +140,8 @@ pub fn is_shutdown_noise(meta: &tracing::Metadata<'_>) -> bool {
 /// socket of the one it just stopped still holds the port (its tasks end asynchronously).
 const CONNECT_ATTEMPTS: u32 = 20;
 const CONNECT_RETRY: Duration = Duration::from_millis(100);
+/// How long a new connection waits for its handshakes with the peers it starts at once.
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(1);
 
 /// Has gotatun (re)build its connection (UDP socket and tasks) around `peers`, with a new key if
 /// given. Clearing the peers is what makes a write "reconfigure" in gotatun; peers are
@@ -158,19 +160,20 @@ async fn connect(
             tokio::time::sleep(CONNECT_RETRY).await;
         }
         let key = key.clone();
-        let peers = peers.clone();
+        let peers_now = peers.clone();
         match device
             .write(async |d| {
                 if let Some(key) = key {
                     d.set_private_key(key).await;
                 }
                 d.clear_peers();
-                d.add_or_update_peers(peers).await;
+                d.add_or_update_peers(peers_now).await;
             })
             .await
         {
             Ok(()) => {
                 *connected = true;
+                handshake_all(device, ifname, &peers).await;
                 return Ok(());
             }
             Err(e) => {
@@ -188,6 +191,30 @@ async fn connect(
             last.map(|e| e.to_string()).unwrap_or_default()
         ),
     ))
+}
+
+/// Starts a handshake with every peer at once (bounded wait) instead of at the first packet
+/// to each. A device new to its peers (the agent restarted: userspace WireGuard goes with its
+/// process) is otherwise not heard by a peer that still holds its session with the old device
+/// and keeps sending on it: that peer only starts over when it has had no answer for 15 s
+/// (WireGuard's keepalive and rekey timeouts), which is how long pods of a restarted node stayed
+/// unreachable from its peers' pods.
+async fn handshake_all(device: &Gotatun, ifname: &str, peers: &[Peer]) {
+    let started = std::time::Instant::now();
+    let done = futures::future::join_all(peers.iter().map(|p| async move {
+        tokio::time::timeout(HANDSHAKE_WAIT, device.force_handshake(&p.public_key))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }))
+    .await;
+    let completed = done.iter().filter(|ok| **ok).count();
+    tracing::info!(
+        ifname,
+        peers = peers.len(),
+        completed,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "WireGuard handshakes started with every peer"
+    );
 }
 
 impl WgDevice {
