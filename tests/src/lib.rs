@@ -12,6 +12,7 @@ pub mod capture;
 pub mod cni;
 pub mod containerd;
 pub mod lab;
+pub mod netpol;
 pub mod ping;
 
 use serde_json::Value;

@@ -862,7 +862,7 @@ pub async fn install_sluice(
     let started = Instant::now();
     let out = archive.clone();
     let written =
-        tokio::task::spawn_blocking(move || super::image::build(&out, tag, None, Path::new("/")))
+        tokio::task::spawn_blocking(move || super::image::build(&out, tag, None, Path::new("/"), &[]))
             .await??;
     progress.line(format!(
         "image {tag}: {} files, {:.1} MiB, written offline to {archive:?} in {:.1} s",
