@@ -32,6 +32,9 @@ const CNP_CRD: &str = "apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
 metadata:
   name: clusternetworkpolicies.policy.networking.k8s.io
+  # A *.k8s.io group must say whether its API review approved it; this test's own CRD was not.
+  annotations:
+    api-approved.kubernetes.io: unapproved, a test CRD for the ClusterNetworkPolicy cases
 spec:
   group: policy.networking.k8s.io
   scope: Cluster
