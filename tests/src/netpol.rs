@@ -274,7 +274,6 @@ impl Env {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-
 }
 
 pub fn render(env: &Env, m: &Matrix, other: Option<&Matrix>) -> String {

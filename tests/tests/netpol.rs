@@ -22,37 +22,39 @@ use std::time::{Duration, Instant};
 
 /// The embedded lab's pods run `sluice lab serve` (image `sluice-lab`), placed by the lab.
 fn manifest() -> String {
-    sluice_e2e::netpol::manifest(&|_, _| "  containers:\n  - name: cont\n    image: sluice-lab\n".into())
+    sluice_e2e::netpol::manifest(&|_, _| {
+        "  containers:\n  - name: cont\n    image: sluice-lab\n".into()
+    })
 }
 
 /// SCTP: measured where the kernel has it, else every probe must say so (exit 2).
 fn check_sctp(env: &Env) -> Option<String> {
-        if std::path::Path::new("/proc/net/sctp").exists() {
-            // Not reached on this machine kind; SCTP rules are proven by the renderers' tests.
-            return None;
-        }
-        let out = lab_cmd(
-            &[
-                "probe",
-                "--name",
-                &env.lab.name,
-                "x/a",
-                "y/b",
-                "80",
-                "--protocol",
-                "sctp",
-                "--timeout",
-                "1s",
-            ],
-            20,
-        );
-        (out.status.code() != Some(2)).then(|| {
-            format!(
-                "sctp probe: exit {:?}: {}",
-                out.status.code(),
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+    if std::path::Path::new("/proc/net/sctp").exists() {
+        // Not reached on this machine kind; SCTP rules are proven by the renderers' tests.
+        return None;
+    }
+    let out = lab_cmd(
+        &[
+            "probe",
+            "--name",
+            &env.lab.name,
+            "x/a",
+            "y/b",
+            "80",
+            "--protocol",
+            "sctp",
+            "--timeout",
+            "1s",
+        ],
+        20,
+    );
+    (out.status.code() != Some(2)).then(|| {
+        format!(
+            "sctp probe: exit {:?}: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 /// Sets `policy-backend` and restarts every agent (the key is read at start); waits until each

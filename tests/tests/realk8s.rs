@@ -21,16 +21,7 @@ use sluice_e2e::lab::{lab_cmd, netns_with_prefix, output_text, status_pods, Lab}
 use std::time::{Duration, Instant};
 
 fn k8s_bin() -> Option<String> {
-    match std::env::var("SLUICE_K8S_BIN") {
-        Ok(dir) if !dir.is_empty() => Some(dir),
-        _ => {
-            eprintln!(
-                "realk8s: skipped: SLUICE_K8S_BIN is not set (it names a directory with the \
-                 Kubernetes server binaries; .ci/run sets it when ../shared/realk8s exists)"
-            );
-            None
-        }
-    }
+    sluice_e2e::lab::k8s_bin("realk8s")
 }
 
 /// The kit's agnhost image (`../shared/realk8s/images/agnhost.tar`, which `lab up

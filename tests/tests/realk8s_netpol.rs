@@ -184,7 +184,10 @@ fn pods(lab: &Lab, nodes: &[String]) -> (Vec<P>, Vec<std::fs::File>) {
             .unwrap();
         let want = container(nodes, ns, pod);
         let node = item["spec"]["nodeName"].as_str().unwrap();
-        assert!(want.contains(&format!("hostname: {node}}}")), "{ns}/{pod} on {node}");
+        assert!(
+            want.contains(&format!("hostname: {node}}}")),
+            "{ns}/{pod} on {node}"
+        );
         let id = item["status"]["containerStatuses"][0]["containerID"]
             .as_str()
             .unwrap_or_else(|| panic!("{ns}/{pod}: no container: {item:#}"));
@@ -293,7 +296,10 @@ fn truth_tables_hold_on_real_pods_on_both_renderers() {
     // The ClusterNetworkPolicy watch ran on the real API server (through the CRD).
     for node in node_names(&env.lab) {
         let status = agent_http(&env.lab, &node, "/status");
-        assert!(status.contains("\"watch\":\"watching\""), "{node}: {status}");
+        assert!(
+            status.contains("\"watch\":\"watching\""),
+            "{node}: {status}"
+        );
     }
     assert!(nft.len() >= 25, "{} cases", nft.len());
     let failures = compare(&nft, &ipt);

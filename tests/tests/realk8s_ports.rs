@@ -65,7 +65,12 @@ fn get(netns: &str, to: SocketAddr, path: &str) -> Result<String, String> {
 }
 
 /// [`get`] until it answers (bounded); the last result.
-fn get_until_ok(netns: &str, to: SocketAddr, path: &str, limit: Duration) -> Result<String, String> {
+fn get_until_ok(
+    netns: &str,
+    to: SocketAddr,
+    path: &str,
+    limit: Duration,
+) -> Result<String, String> {
     let deadline = Instant::now() + limit;
     loop {
         let r = get(netns, to, path);
@@ -91,7 +96,10 @@ fn iperf(netns: &str, server: Ipv4Addr, reverse: bool) -> (f64, Value) {
     let out = cmd.output().unwrap();
     let v: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("iperf3 printed no JSON ({e}): {}", output_text(&out)));
-    assert!(out.status.success() && v["error"].is_null(), "iperf3: {v:#}");
+    assert!(
+        out.status.success() && v["error"].is_null(),
+        "iperf3: {v:#}"
+    );
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .unwrap_or_else(|| panic!("no end.sum_received in {v:#}"));
@@ -179,7 +187,7 @@ spec:
         "--for=condition=Ready",
         "pod/hp",
         "pod/bw",
-        "--timeout=90s",
+        "--timeout=50s",
     ]);
     let bw_ip: Ipv4Addr = lab
         .kubectl_ok(&["get", "pod", "bw", "-o", "jsonpath={.status.podIP}"])
@@ -206,7 +214,10 @@ spec:
     }
     // Not on the other node's address: the mapping is the pod's node's only.
     let at_node2 = SocketAddr::from((ip2, HOST_PORT));
-    assert!(get(&ns1, at_node2, "/hostname").is_err(), "{at_node2} answered");
+    assert!(
+        get(&ns1, at_node2, "/hostname").is_err(),
+        "{at_node2} answered"
+    );
     eprintln!("realk8s-ports: hostPort {HOST_PORT} of hp on {n1} answered from {n2} at {at_node1} (source {client}), from {n1} at its address and 127.0.0.1");
 
     // Bandwidth: node 2 -> the pod (its ingress), then the pod -> node 2 (its egress).

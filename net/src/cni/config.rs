@@ -45,7 +45,9 @@ pub struct NetConf {
 pub fn go_json_keys(value: &serde_json::Value, fields: &[&str]) -> serde_json::Value {
     use serde_json::Value;
     match value {
-        Value::Array(items) => Value::Array(items.iter().map(|v| go_json_keys(v, fields)).collect()),
+        Value::Array(items) => {
+            Value::Array(items.iter().map(|v| go_json_keys(v, fields)).collect())
+        }
         Value::Object(obj) => {
             let mut out = serde_json::Map::new();
             // Exact names first, so that a folded key never overrides one.
@@ -555,7 +557,10 @@ mod tests {
         );
         let bw = serde_json::json!({"IngressRate": 20000000_u64, "EGRESSBURST": 7, "other": 1});
         assert_eq!(
-            go_json_keys(&bw, &["ingressRate", "ingressBurst", "egressRate", "egressBurst"]),
+            go_json_keys(
+                &bw,
+                &["ingressRate", "ingressBurst", "egressRate", "egressBurst"]
+            ),
             serde_json::json!({"ingressRate": 20000000_u64, "egressBurst": 7, "other": 1})
         );
         // The exact name wins over a folded one, whatever their order.
