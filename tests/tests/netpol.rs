@@ -137,6 +137,7 @@ fn setup(backend: &'static str) -> Env {
         lab,
         pods,
         netns,
+        deadline: ENFORCE_DEADLINE,
     };
     // Only the chosen renderer's rules are in the kernel (the other was swept at the switch).
     for node in node_names(&env.lab) {
