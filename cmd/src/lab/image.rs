@@ -957,6 +957,16 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("package conntrack"), "{msg}");
+        // A tool asked for with `--tool` is required too, named without a package guess.
+        let extra = tools_with(&["iperf3".to_string()]);
+        assert_eq!(extra.len(), TOOLS.len() + 1);
+        let err = plan_rootfs(root, &binary, &extra[TOOLS.len()..], &none).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("iperf3 not found in /usr/sbin, /usr/bin, /sbin, /bin")
+                && !msg.contains("package"),
+            "{msg}"
+        );
         let deps = fake_deps(HashMap::from([("nft", needs(false, &["libjansson.so.4"]))]));
         let err = plan_rootfs(root, &binary, &[tool("nft", "nftables", true)], &deps).unwrap_err();
         let msg = err.to_string();
