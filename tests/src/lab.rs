@@ -242,3 +242,40 @@ impl Lab {
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
     }
 }
+
+/// The directory of real Kubernetes server binaries a real-Kubernetes test runs on
+/// (`SLUICE_K8S_BIN`), or `None` after saying that `test` is skipped and why.
+pub fn k8s_bin(test: &str) -> Option<String> {
+    match std::env::var("SLUICE_K8S_BIN") {
+        Ok(dir) if !dir.is_empty() => Some(dir),
+        _ => {
+            eprintln!(
+                "{test}: skipped: SLUICE_K8S_BIN is not set (it names a directory with the \
+                 Kubernetes server binaries; .ci/run sets it when ../shared/realk8s exists)"
+            );
+            None
+        }
+    }
+}
+
+/// The PID of a process of the container `container_id` (as a pod's status names it,
+/// `containerd://ID` or the bare ID) in a real-Kubernetes lab: found by its cgroup, whose path
+/// ends in the ID (the kubelets use cgroupfs); `None` if none runs.
+pub fn container_pid(container_id: &str) -> Option<u32> {
+    let id = container_id.rsplit("://").next().unwrap_or(container_id);
+    if id.is_empty() {
+        return None;
+    }
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cgroup = std::fs::read_to_string(e.path().join("cgroup")).ok()?;
+            cgroup
+                .lines()
+                .any(|l| l.trim_end().ends_with(id))
+                .then_some(pid)
+        })
+        .min()
+}

@@ -13,6 +13,7 @@ pub mod cni;
 pub mod containerd;
 pub mod k8sbench;
 pub mod lab;
+pub mod netpol;
 pub mod ping;
 pub mod realk8s;
 

@@ -18,19 +18,7 @@ use std::time::{Duration, Instant};
 /// --kubernetes` imports into every node's containerd; it carries busybox's ping and nc).
 pub const AGNHOST: &str = "registry.k8s.io/e2e-test-images/agnhost:2.43";
 
-/// `SLUICE_K8S_BIN`, or None after saying why the suite is skipped.
-pub fn k8s_bin() -> Option<String> {
-    match std::env::var("SLUICE_K8S_BIN") {
-        Ok(dir) if !dir.is_empty() => Some(dir),
-        _ => {
-            eprintln!(
-                "realk8s: skipped: SLUICE_K8S_BIN is not set (it names a directory with the \
-                 Kubernetes server binaries; .ci/run sets it when ../shared/realk8s exists)"
-            );
-            None
-        }
-    }
-}
+pub use crate::lab::k8s_bin;
 
 /// A running pod: name, node, address, uid.
 #[derive(Debug, Clone)]

@@ -116,7 +116,7 @@ fn port_forward_get(lab: &Lab, pod: &str, path: &str) -> String {
 
 #[test]
 fn a_directory_without_the_binaries_is_refused_and_nothing_is_made() {
-    if !have_root() || k8s_bin().is_none() {
+    if !have_root() || k8s_bin("realk8s").is_none() {
         return;
     }
     let empty = tempfile::tempdir().unwrap();
@@ -135,7 +135,7 @@ fn a_directory_without_the_binaries_is_refused_and_nothing_is_made() {
     assert!(!std::path::Path::new(&format!("/run/sluice/lab/{name}")).exists());
 
     // Real binaries but no sandbox image to import (nothing is pulled): refused up front too.
-    let bin = k8s_bin().unwrap();
+    let bin = k8s_bin("realk8s").unwrap();
     let out = lab_cmd(
         &[
             "up",
@@ -160,7 +160,9 @@ fn pods_services_and_policy_on_real_kubernetes() {
     if !have_root() {
         return;
     }
-    let Some(bin) = k8s_bin() else { return };
+    let Some(bin) = k8s_bin("realk8s") else {
+        return;
+    };
     let started = Instant::now();
     let lab = Lab::up(&["--nodes", "3", "--kubernetes", &bin]);
     eprintln!(
@@ -539,7 +541,9 @@ fn external_mode_on_a_real_api_server_without_controllers() {
     if !have_root() {
         return;
     }
-    let Some(bin) = k8s_bin() else { return };
+    let Some(bin) = k8s_bin("realk8s") else {
+        return;
+    };
     let host = Lab::up(&["--nodes", "1", "--pods-per-node", "1", "--kubernetes", &bin]);
     let marker = format!("/run/sluice/lab/{}/", host.name);
     let mut killed = 0;

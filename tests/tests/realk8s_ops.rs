@@ -150,7 +150,9 @@ fn day_two(encryption: &str) {
     if !have_root() {
         return;
     }
-    let Some(bin) = k8s_bin() else { return };
+    let Some(bin) = k8s_bin("realk8s-ops") else {
+        return;
+    };
     let whole = Instant::now();
     let lab = Lab::up(&[
         "--nodes",

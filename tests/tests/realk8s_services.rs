@@ -218,7 +218,9 @@ fn node_ports_hairpin_and_host_network_through_the_real_kube_proxy() {
     if !have_root() {
         return;
     }
-    let Some(bin) = k8s_bin() else { return };
+    let Some(bin) = k8s_bin("realk8s-services") else {
+        return;
+    };
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let started = Instant::now();
     let c = Cluster::up(&bin);
@@ -344,7 +346,9 @@ fn encryption_flips_live_under_traffic_on_real_kubernetes() {
     if !have_root() {
         return;
     }
-    let Some(bin) = k8s_bin() else { return };
+    let Some(bin) = k8s_bin("realk8s-services") else {
+        return;
+    };
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let started = Instant::now();
     let c = Cluster::up(&bin);

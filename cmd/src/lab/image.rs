@@ -21,19 +21,33 @@ pub const BINARY_PATH: &str = "usr/local/bin/sluice";
 
 /// A tool the image carries: its name, the Debian package that ships it (for the message when
 /// it is missing) and whether the image is refused without it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Tool {
-    pub name: &'static str,
+    pub name: std::borrow::Cow<'static, str>,
     pub package: &'static str,
     pub required: bool,
 }
 
 const fn tool(name: &'static str, package: &'static str, required: bool) -> Tool {
     Tool {
-        name,
+        name: std::borrow::Cow::Borrowed(name),
         package,
         required,
     }
+}
+
+/// The image's tools: [`TOOLS`] and the `extra` ones a user asked for (`lab image --tool`,
+/// e.g. iperf3 for a test's pods), each required.
+pub fn tools_with(extra: &[String]) -> Vec<Tool> {
+    TOOLS
+        .iter()
+        .cloned()
+        .chain(extra.iter().map(|name| Tool {
+            name: std::borrow::Cow::Owned(name.clone()),
+            package: "",
+            required: true,
+        }))
+        .collect()
 }
 
 /// The tools the agent runs, looked up in [`TOOL_DIRS`] of the source root. Required: what the
@@ -86,7 +100,7 @@ pub const MANIFEST: &str = include_str!("../../../manifests/sluice.yaml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("{tool} not found in {dirs} under {root} (Debian ships it in package {package})")]
+    #[error("{tool} not found in {dirs} under {root}{package}")]
     MissingTool {
         tool: String,
         package: String,
@@ -386,7 +400,7 @@ pub fn plan_rootfs(
     for t in tools {
         let found = TOOL_DIRS
             .iter()
-            .map(|d| Path::new(d).join(t.name))
+            .map(|d| Path::new(d).join(&*t.name))
             .find(|p| std::fs::symlink_metadata(root.join(p)).is_ok());
         let Some(path) = found else {
             if !t.required {
@@ -394,7 +408,11 @@ pub fn plan_rootfs(
             }
             return Err(ImageError::MissingTool {
                 tool: t.name.to_string(),
-                package: t.package.to_string(),
+                package: if t.package.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (Debian ships it in package {})", t.package)
+                },
                 dirs: TOOL_DIRS
                     .iter()
                     .map(|d| format!("/{d}"))
@@ -675,19 +693,31 @@ pub fn write_archive(
 /// Plans the tree from `root` (the tools, their libraries) with `binary` (default: this
 /// executable) and writes the archive tagged `tag` to `out`. What `lab image` runs, and what a
 /// lab that installs sluice from its manifest calls to make the image itself.
-pub fn build(out: &Path, tag: &str, binary: Option<&Path>, root: &Path) -> anyhow::Result<Written> {
+pub fn build(
+    out: &Path,
+    tag: &str,
+    binary: Option<&Path>,
+    root: &Path,
+    extra: &[String],
+) -> anyhow::Result<Written> {
     use anyhow::Context;
     let binary = match binary {
         Some(b) => b.to_path_buf(),
         None => std::env::current_exe().context("finding the sluice executable")?,
     };
-    let fs = plan_rootfs(root, &binary, TOOLS, &file_deps)?;
+    let fs = plan_rootfs(root, &binary, &tools_with(extra), &file_deps)?;
     Ok(write_archive(&fs, tag, env!("CARGO_PKG_VERSION"), out)?)
 }
 
 /// `sluice lab image`.
-pub fn run(out: &Path, tag: &str, binary: Option<&Path>, root: &Path) -> anyhow::Result<()> {
-    let w = build(out, tag, binary, root)?;
+pub fn run(
+    out: &Path,
+    tag: &str,
+    binary: Option<&Path>,
+    root: &Path,
+    extra: &[String],
+) -> anyhow::Result<()> {
+    let w = build(out, tag, binary, root, extra)?;
     eprintln!(
         "image {tag}: {} files, layer {} ({:.1} MiB), id {}",
         w.files,
@@ -927,6 +957,16 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("package conntrack"), "{msg}");
+        // A tool asked for with `--tool` is required too, named without a package guess.
+        let extra = tools_with(&["iperf3".to_string()]);
+        assert_eq!(extra.len(), TOOLS.len() + 1);
+        let err = plan_rootfs(root, &binary, &extra[TOOLS.len()..], &none).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("iperf3 not found in /usr/sbin, /usr/bin, /sbin, /bin")
+                && !msg.contains("package"),
+            "{msg}"
+        );
         let deps = fake_deps(HashMap::from([("nft", needs(false, &["libjansson.so.4"]))]));
         let err = plan_rootfs(root, &binary, &[tool("nft", "nftables", true)], &deps).unwrap_err();
         let msg = err.to_string();

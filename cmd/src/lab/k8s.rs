@@ -887,9 +887,10 @@ pub async fn install_sluice(
     let tag = super::image::manifest_image();
     let started = Instant::now();
     let out = archive.clone();
-    let written =
-        tokio::task::spawn_blocking(move || super::image::build(&out, tag, None, Path::new("/")))
-            .await??;
+    let written = tokio::task::spawn_blocking(move || {
+        super::image::build(&out, tag, None, Path::new("/"), &[])
+    })
+    .await??;
     progress.line(format!(
         "image {tag}: {} files, {:.1} MiB, written offline to {archive:?} in {:.1} s",
         written.files,

@@ -140,6 +140,11 @@ pub enum LabCmd {
         /// The root file system the tools and their libraries are taken from.
         #[arg(long, default_value = "/")]
         root: PathBuf,
+        /// Another tool to carry, found like the agent's (in /usr/sbin, /usr/bin, /sbin, /bin
+        /// of the root) with the libraries it loads, e.g. `--tool iperf3` for a test's pods,
+        /// which name it in their `command`. Repeatable.
+        #[arg(long = "tool")]
+        tools: Vec<String>,
     },
     /// Import docker/OCI image archives into the containerd of every node of a lab on real
     /// Kubernetes (`lab up --kubernetes DIR`), as `kind load image-archive` does.
@@ -266,7 +271,8 @@ pub fn main(cmd: LabCmd) -> Result<()> {
             tag,
             binary,
             root,
-        } => image::run(&out, &tag, binary.as_deref(), &root),
+            tools,
+        } => image::run(&out, &tag, binary.as_deref(), &root, &tools),
         LabCmd::Load {
             name,
             nodes,

@@ -35,6 +35,42 @@ pub struct NetConf {
     pub runtime_config: Option<serde_json::Value>,
 }
 
+/// A capability argument with its object keys matched to `fields` as Go's `encoding/json`
+/// matches a struct's fields: case-insensitively, an exact match first. containerd's CRI (through
+/// go-cni) sends `runtimeConfig` with Go's field names, `{"HostPort": 30880, "ContainerPort":
+/// 8080, "Protocol": "TCP", "HostIP": ""}` and `{"IngressRate": ..., "IngressBurst": ...}`,
+/// which the reference plugins (portmap, bandwidth), decoding with `encoding/json`, read as
+/// `hostPort`, `ingressRate`: so must sluice. Arrays are matched element by element; keys that
+/// match no field, and values that are not objects, are kept as they are.
+pub fn go_json_keys(value: &serde_json::Value, fields: &[&str]) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Array(items) => {
+            Value::Array(items.iter().map(|v| go_json_keys(v, fields)).collect())
+        }
+        Value::Object(obj) => {
+            let mut out = serde_json::Map::new();
+            // Exact names first, so that a folded key never overrides one.
+            for (k, v) in obj.iter().filter(|(k, _)| fields.contains(&k.as_str())) {
+                out.insert(k.clone(), v.clone());
+            }
+            for (k, v) in obj.iter().filter(|(k, _)| !fields.contains(&k.as_str())) {
+                match fields.iter().find(|f| f.eq_ignore_ascii_case(k)) {
+                    Some(f) if !out.contains_key(*f) => {
+                        out.insert((*f).to_string(), v.clone());
+                    }
+                    Some(_) => {}
+                    None => {
+                        out.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+            Value::Object(out)
+        }
+        other => other.clone(),
+    }
+}
+
 /// The GC list's key (CNI 1.1.0).
 pub const VALID_ATTACHMENTS: &str = "cni.dev/valid-attachments";
 /// The GC list's key in the spec's first text of GC; libcni sends both (containernetworking/cni#1101).
@@ -502,5 +538,41 @@ mod tests {
         .is_none());
         assert!(Request::from_env(Command::Gc, env(&[])).is_ok());
         assert!(Request::from_env(Command::Status, env(&[])).is_ok());
+    }
+
+    #[test]
+    fn capability_keys_are_matched_as_go_matches_them() {
+        // What containerd's CRI sends (go-cni's structs have no JSON tags).
+        let from_containerd = serde_json::json!([
+            {"HostPort": 30880, "ContainerPort": 8080, "Protocol": "TCP", "HostIP": ""}
+        ]);
+        assert_eq!(
+            go_json_keys(
+                &from_containerd,
+                &["hostPort", "containerPort", "protocol", "hostIP"]
+            ),
+            serde_json::json!([
+                {"hostPort": 30880, "containerPort": 8080, "protocol": "TCP", "hostIP": ""}
+            ])
+        );
+        let bw = serde_json::json!({"IngressRate": 20000000_u64, "EGRESSBURST": 7, "other": 1});
+        assert_eq!(
+            go_json_keys(
+                &bw,
+                &["ingressRate", "ingressBurst", "egressRate", "egressBurst"]
+            ),
+            serde_json::json!({"ingressRate": 20000000_u64, "egressBurst": 7, "other": 1})
+        );
+        // The exact name wins over a folded one, whatever their order.
+        let both = serde_json::json!({"HostPort": 1, "hostPort": 2});
+        assert_eq!(
+            go_json_keys(&both, &["hostPort"]),
+            serde_json::json!({"hostPort": 2})
+        );
+        // Not an object: unchanged.
+        assert_eq!(
+            go_json_keys(&serde_json::json!(5), &["hostPort"]),
+            serde_json::json!(5)
+        );
     }
 }

@@ -88,8 +88,11 @@ pub fn requested(conf: &NetConf) -> Result<Vec<PortMapping>, CniError> {
     let mappings = conf
         .runtime_config
         .as_ref()
-        .and_then(|r| r.get("portMappings"));
-    hostport::parse_mappings(mappings).map_err(hostport_error)
+        .and_then(|r| r.get("portMappings"))
+        .map(|m| {
+            super::config::go_json_keys(m, &["hostPort", "containerPort", "protocol", "hostIP"])
+        });
+    hostport::parse_mappings(mappings.as_ref()).map_err(hostport_error)
 }
 
 fn entry(req: &Request, pod_ip: Ipv4Addr, mappings: &[PortMapping]) -> HostportEntry {

@@ -20,7 +20,11 @@ pub(super) fn requested(conf: &NetConf) -> Result<Option<ShapingPlan>, CniError>
     else {
         return Ok(None);
     };
-    let entry = BandwidthEntry::deserialize(value).map_err(|e| {
+    let value = super::super::config::go_json_keys(
+        value,
+        &["ingressRate", "ingressBurst", "egressRate", "egressBurst"],
+    );
+    let entry = BandwidthEntry::deserialize(&value).map_err(|e| {
         CniError::new(
             ErrorCode::Decoding,
             "runtimeConfig.bandwidth is not a bandwidth entry (ingressRate, ingressBurst, \
