@@ -24,6 +24,7 @@ fn record(node: &str, subnet: &str) -> NodeRecord {
         wireguard_public_key: None,
         encryption: "none".into(),
         subnet: net(subnet),
+        subnet_v6: None,
     }
 }
 

@@ -20,6 +20,7 @@ fn node(name: &str, underlay: &str, subnet: &str) -> NodeRecord {
         wireguard_public_key: None,
         encryption: "none".into(),
         subnet: net(subnet),
+        subnet_v6: None,
     }
 }
 

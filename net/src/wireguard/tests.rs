@@ -13,6 +13,7 @@ fn rec(node: &str, third: u8, enc: &str, key_n: Option<u8>) -> NodeRecord {
         wireguard_public_key: key_n.map(key),
         encryption: enc.into(),
         subnet: format!("10.244.{third}.0/24").parse().unwrap(),
+    subnet_v6: None,
     }
 }
 
