@@ -1,0 +1,144 @@
+//! A dual-stack lab (`--ip-family dual`) on real packets: every node holds an IPv4 and an IPv6
+//! subnet lease, every pod an address of each, and every pod reaches every pod over both
+//! families (ICMP, TCP, UDP) across nodes: through VXLAN (IPv6 inside IPv4), and through
+//! WireGuard.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde_json::Value;
+use sluice_e2e::lab::{lab_cmd, output_text, Lab};
+use sluice_e2e::{eventually, have_root};
+use std::net::Ipv6Addr;
+use std::time::Duration;
+
+struct Pod {
+    id: String,
+    node: String,
+    v4: std::net::Ipv4Addr,
+    v6: Ipv6Addr,
+}
+
+fn pods(status: &Value) -> Vec<Pod> {
+    status["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| Pod {
+            id: format!("{}/{}", p["namespace"].as_str().unwrap(), p["name"].as_str().unwrap()),
+            node: p["node"].as_str().unwrap().into(),
+            v4: p["ip"].as_str().unwrap().parse().unwrap(),
+            v6: p["ipv6"]
+                .as_str()
+                .unwrap_or_else(|| panic!("pod without IPv6: {p}"))
+                .parse()
+                .unwrap(),
+        })
+        .collect()
+}
+
+fn all_true(m: &Value) -> bool {
+    m.as_array()
+        .is_some_and(|rows| rows.iter().flat_map(|r| r.as_array().unwrap()).all(|b| b == true))
+}
+
+/// `lab probe FROM TO PORT` over TCP or UDP, IPv6 or IPv4; true when answered by `to`.
+fn probe(lab: &Lab, from: &Pod, to: &Pod, proto: &str, ipv6: bool) -> bool {
+    let port = if proto == "udp" { "53" } else { "80" };
+    let mut args = vec![
+        "probe", "--name", &lab.name, &from.id, &to.id, port, "--protocol", proto,
+        "--timeout", "2s",
+    ];
+    if ipv6 {
+        args.push("--ipv6");
+    }
+    let out = lab_cmd(&args, 30);
+    out.status.success() && output_text(&out).contains(&format!("answered by {}", to.id))
+}
+
+fn ping6(lab: &Lab, from: &Pod, to: Ipv6Addr) -> bool {
+    let to = to.to_string();
+    let out = lab_cmd(
+        &["exec", "--name", &lab.name, &from.id, "--", "ping", "-6", "-c", "1", "-W", "2", &to],
+        30,
+    );
+    out.status.success()
+}
+
+/// The device the node routes `subnet` through (IPv6 routes).
+fn route6_dev(lab: &Lab, node: &str, subnet: &str) -> String {
+    let r = lab.ip_json(&lab.node_netns(node), &["-6", "route", "show", subnet]);
+    r[0]["dev"].as_str().unwrap_or_default().to_string()
+}
+
+fn dual_lab_pods_reach_each_other(encryption: &str, device: &str) {
+    let lab = Lab::up(&[
+        "--nodes", "3", "--pods-per-node", "1", "--ip-family", "dual", "--encryption", encryption,
+    ]);
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let s = lab.status();
+            all_true(&s["reachability"]) && all_true(&s["reachabilityIpv6"])
+        }),
+        "not every pair reached over both families: {:#}",
+        lab.status()
+    );
+    let status = lab.status();
+    let pods = pods(&status);
+    assert_eq!(pods.len(), 3);
+    // Each node holds one lease of each family, and its pod's addresses are in them.
+    let cluster6: Ipv6Net = "fd00:10:244::/56".parse().unwrap();
+    for node in status["nodes"].as_array().unwrap() {
+        let name = node["name"].as_str().unwrap();
+        let leases: Vec<String> = node["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["subnet"].as_str().unwrap().to_string())
+            .collect();
+        let v4: Vec<Ipv4Net> = leases.iter().filter_map(|l| l.parse().ok()).collect();
+        let v6: Vec<Ipv6Net> = leases.iter().filter_map(|l| l.parse().ok()).collect();
+        assert_eq!((v4.len(), v6.len()), (1, 1), "{name}: {leases:?}");
+        assert!(cluster6.contains(&v6[0]) && v6[0].prefix_len() == 64, "{v6:?}");
+        for p in pods.iter().filter(|p| p.node == name) {
+            assert!(v4[0].contains(&p.v4) && v6[0].contains(&p.v6), "{} {} {}", p.id, p.v4, p.v6);
+        }
+        // The subnet file the plugin reads has the IPv6 pair.
+        let env = std::fs::read_to_string(format!(
+            "/run/sluice/lab/{}/nodes/{name}/subnet.env",
+            lab.name
+        ))
+        .unwrap_or_default();
+        assert!(env.contains(&format!("SLUICE_SUBNET6={}", v6[0])), "{env}");
+    }
+    for a in &pods {
+        for b in pods.iter().filter(|b| b.node != a.node) {
+            // The peer's IPv6 subnet goes through the tunnel under test.
+            let sub6 = Ipv6Net::new(b.v6, 64).unwrap().trunc().to_string();
+            assert_eq!(route6_dev(&lab, &a.node, &sub6), device, "{} -> {sub6}", a.node);
+            assert!(ping6(&lab, a, b.v6), "ICMPv6 {} -> {}", a.id, b.id);
+            for proto in ["tcp", "udp"] {
+                assert!(probe(&lab, a, b, proto, true), "{proto}/IPv6 {} -> {}", a.id, b.id);
+                assert!(probe(&lab, a, b, proto, false), "{proto}/IPv4 {} -> {}", a.id, b.id);
+            }
+        }
+    }
+    let down = lab.down();
+    assert!(down.status.success(), "{}", output_text(&down));
+}
+
+#[test]
+fn dual_stack_pods_reach_each_other_over_vxlan() {
+    if !have_root() {
+        return;
+    }
+    dual_lab_pods_reach_each_other("none", "sluice.vxlan");
+}
+
+#[test]
+fn dual_stack_pods_reach_each_other_over_wireguard() {
+    if !have_root() {
+        return;
+    }
+    dual_lab_pods_reach_each_other("wireguard", "sluice.wg");
+}
