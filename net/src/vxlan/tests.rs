@@ -439,3 +439,77 @@ fn tx_checksum_offload_is_safe_from_linux_5_7() {
         assert_eq!(tx_checksum_offload_safe(release), safe, "{release:?}");
     }
 }
+
+fn dual(name: &str, underlay: &str, subnet: &str, v6: &str) -> NodeRecord {
+    NodeRecord {
+        subnet_v6: Some(v6.parse().unwrap()),
+        ..node(name, underlay, subnet)
+    }
+}
+
+#[test]
+fn a_dual_stack_plan_routes_ipv6_inside_the_same_device() {
+    let me = dual("a", "192.168.0.1", "10.244.1.0/24", "fd00:10:244:1::/64");
+    let peers = [
+        dual("b", "192.168.0.2", "10.244.2.0/24", "fd00:10:244:2::/64"),
+        // An IPv4-only peer (older, or an IPv4 cluster it came from).
+        node("c", "192.168.0.3", "10.244.3.0/24"),
+    ];
+    let p = plan(&me, &peers, &cfg());
+    assert_eq!(p.device.address_v6, Some("fd00:10:244:1::".parse().unwrap()));
+    let routes: Vec<(String, String)> = p
+        .routes
+        .iter()
+        .map(|(d, v)| (d.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            ("10.244.2.0/24".into(), "10.244.2.0".into()),
+            ("10.244.3.0/24".into(), "10.244.3.0".into()),
+            ("fd00:10:244:2::/64".into(), "fd00:10:244:2::".into()),
+        ]
+    );
+    // Both of b's VTEP addresses name its one MAC; one FDB entry per peer.
+    let b_mac = vtep_mac("b");
+    assert_eq!(p.neighbours[&"10.244.2.0".parse::<IpAddr>().unwrap()], b_mac);
+    assert_eq!(p.neighbours[&"fd00:10:244:2::".parse::<IpAddr>().unwrap()], b_mac);
+    assert_eq!(p.fdb.len(), 2);
+    // An IPv4-only node routes no IPv6, whatever its peers have.
+    let v4 = plan(&node("a", "192.168.0.1", "10.244.1.0/24"), &peers, &cfg());
+    assert!(v4.routes.keys().all(|d| matches!(d, IpNet::V4(_))));
+    assert_eq!(v4.device.address_v6, None);
+    // A peer whose IPv6 subnet overlaps this node's is skipped, whole.
+    let bad = dual("d", "192.168.0.4", "10.244.4.0/24", "fd00:10:244:1::/64");
+    let p = plan(&me, &[bad], &cfg());
+    assert!(p.routes.is_empty() && p.fdb.is_empty());
+    assert!(matches!(p.skipped[0].reason, PeerConflict::OverlapsMine { .. }));
+}
+
+#[test]
+fn a_dual_stack_device_gets_its_ipv6_address_and_entries_by_diff() {
+    let me = dual("a", "192.168.0.1", "10.244.1.0/24", "fd00:10:244:1::/64");
+    let peers = [dual("b", "192.168.0.2", "10.244.2.0/24", "fd00:10:244:2::/64")];
+    let want = plan(&me, &peers, &cfg());
+    let mut seen = Observed::default();
+    let changes = diff(&want, &seen);
+    assert!(changes.contains(&Change::AddAddress("fd00:10:244:1::".parse().unwrap())));
+    assert!(changes.contains(&Change::ReplaceRoute {
+        dst: "fd00:10:244:2::/64".parse().unwrap(),
+        via: "fd00:10:244:2::".parse().unwrap(),
+    }));
+    for c in &changes {
+        seen.apply(&want, c);
+    }
+    assert_eq!(diff(&want, &seen), [], "converged");
+    // b goes IPv4 only: its IPv6 route and neighbour go, the FDB entry stays.
+    let v4_only = plan(&me, &[node("b", "192.168.0.2", "10.244.2.0/24")], &cfg());
+    let changes = diff(&v4_only, &seen);
+    assert_eq!(
+        changes,
+        [
+            Change::DelRoute { dst: "fd00:10:244:2::/64".parse().unwrap() },
+            Change::DelNeighbour { ip: "fd00:10:244:2::".parse().unwrap() },
+        ]
+    );
+}
