@@ -123,6 +123,33 @@ fn dual_lab_pods_reach_each_other(encryption: &str, device: &str) {
             }
         }
     }
+    if encryption == "wireguard" {
+        // The live flip: every IPv6 subnet moves to VXLAN and back, and stays reachable (an
+        // IPv6 on-link gateway inside the subnet would be refused while the subnet is on
+        // WireGuard: the link-local gateway is not).
+        for (value, dev) in [("none", "sluice.vxlan"), ("wireguard", "sluice.wg")] {
+            lab.set_config("encryption", value);
+            for a in &pods {
+                for b in pods.iter().filter(|b| b.node != a.node) {
+                    let sub6 = Ipv6Net::new(b.v6, 64).unwrap().trunc().to_string();
+                    assert!(
+                        eventually(Duration::from_secs(20), || route6_dev(&lab, &a.node, &sub6)
+                            == dev),
+                        "encryption {value}: {} routes {sub6} via {}",
+                        a.node,
+                        route6_dev(&lab, &a.node, &sub6)
+                    );
+                }
+            }
+            assert!(
+                eventually(Duration::from_secs(20), || all_true(
+                    &lab.status()["reachabilityIpv6"]
+                )),
+                "encryption {value}: IPv6 not all reachable"
+            );
+            assert!(probe(&lab, &pods[0], &pods[1], "tcp", true));
+        }
+    }
     let down = lab.down();
     assert!(down.status.success(), "{}", output_text(&down));
 }

@@ -578,8 +578,9 @@ fn route_message(dst: IpNet, via: Option<IpAddr>, index: u32) -> RouteMessage {
                 .destination_prefix(d.network(), d.prefix_len())
                 .output_interface(index)
                 .protocol(proto);
+            // A link-local gateway on the device: no on-link flag (see the module's notes).
             if let Some(IpAddr::V6(gw)) = via {
-                b = b.gateway(gw).onlink().scope(RouteScope::Universe);
+                b = b.gateway(gw);
             }
             b.build()
         }

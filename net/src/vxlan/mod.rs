@@ -6,8 +6,12 @@
 //!
 //! Dual-stack: the same device carries IPv6 inner traffic over the IPv4 underlay. A node with
 //! an IPv6 subnet holds its network address as a /128 on the device too (its IPv6 VTEP
-//! address); a peer's IPv6 subnet is routed on-link via the peer's IPv6 VTEP address, whose
-//! permanent neighbour entry names the same VTEP MAC, so one FDB entry per peer serves both.
+//! address, the source of IPv6 traffic the node itself sends through it); a peer's IPv6 subnet
+//! is routed via a link-local gateway made from the peer's VTEP MAC ([`vtep_gateway_v6`]),
+//! whose permanent neighbour entry names that MAC, so one FDB entry per peer serves both
+//! families. Not via the peer's IPv6 VTEP address on-link, as for IPv4: the kernel refuses an
+//! IPv6 on-link gateway that its table routes through another device, which is just what the
+//! gateway inside the peer's subnet is while that subnet moves from WireGuard to VXLAN.
 //!
 //! [`plan`] is pure; [`diff::diff`] compares a plan with what the kernel holds
 //! ([`diff::Observed`]); [`apply::VxlanKernel`] observes and applies over rtnetlink.
@@ -63,6 +67,18 @@ pub fn vtep_address(subnet: Ipv4Net) -> Ipv4Addr {
 /// never gives it to a pod (its range starts one above it: [`crate::ipam::capacity_v6`]).
 pub fn vtep_address_v6(subnet: Ipv6Net) -> Ipv6Addr {
     subnet.network()
+}
+
+/// The link-local gateway of a peer's IPv6 subnet on the VXLAN device: the modified EUI-64
+/// address of its VTEP MAC (`fe80::` + the MAC with the universal/local bit flipped and
+/// `ff:fe` in the middle). Only this node's neighbour entry uses it (it maps it to the MAC): the
+/// peer need not hold it, since it takes the frame by its MAC and routes the packet by its
+/// destination.
+pub fn vtep_gateway_v6(mac: [u8; 6]) -> Ipv6Addr {
+    let [a, b, c, d, e, f] = mac;
+    Ipv6Addr::from([
+        0xfe, 0x80, 0, 0, 0, 0, 0, 0, a ^ 0x02, b, c, 0xff, 0xfe, d, e, f,
+    ])
 }
 
 /// How the device is made, from the agent's configuration and the underlay it found.
@@ -157,8 +173,8 @@ pub struct VxlanPlan {
     /// reached through it and nothing arrives by it).
     pub wanted: bool,
     pub device: DeviceSpec,
-    /// Peer subnet → its VTEP address of the same family (the on-link gateway through the
-    /// device).
+    /// Peer subnet → its gateway through the device: the peer's VTEP address on-link (IPv4),
+    /// or its link-local [`vtep_gateway_v6`] (IPv6).
     pub routes: BTreeMap<IpNet, IpAddr>,
     /// Peer VTEP address (either family) → its VTEP MAC (permanent neighbour entries).
     pub neighbours: BTreeMap<IpAddr, [u8; 6]>,
@@ -259,7 +275,7 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &VxlanConfig) -> VxlanPl
             taken.push((subnet, &peer.node));
             let vtep: IpAddr = match subnet {
                 IpNet::V4(s) => vtep_address(s).into(),
-                IpNet::V6(s) => vtep_address_v6(s).into(),
+                IpNet::V6(_) => vtep_gateway_v6(peer.vtep_mac).into(),
             };
             out.routes.insert(subnet, vtep);
             out.neighbours.insert(vtep, peer.vtep_mac);

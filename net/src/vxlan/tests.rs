@@ -448,6 +448,17 @@ fn dual(name: &str, underlay: &str, subnet: &str, v6: &str) -> NodeRecord {
 }
 
 #[test]
+fn the_ipv6_gateway_is_the_macs_modified_eui64_link_local_address() {
+    assert_eq!(
+        vtep_gateway_v6([0x0a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f]).to_string(),
+        "fe80::81b:2cff:fe3d:4e5f"
+    );
+    let g = vtep_gateway_v6(vtep_mac("node-a"));
+    assert!(g.is_unicast_link_local());
+    assert_ne!(g, vtep_gateway_v6(vtep_mac("node-b")));
+}
+
+#[test]
 fn a_dual_stack_plan_routes_ipv6_inside_the_same_device() {
     let me = dual("a", "192.168.0.1", "10.244.1.0/24", "fd00:10:244:1::/64");
     let peers = [
@@ -467,13 +478,13 @@ fn a_dual_stack_plan_routes_ipv6_inside_the_same_device() {
         [
             ("10.244.2.0/24".into(), "10.244.2.0".into()),
             ("10.244.3.0/24".into(), "10.244.3.0".into()),
-            ("fd00:10:244:2::/64".into(), "fd00:10:244:2::".into()),
+            ("fd00:10:244:2::/64".into(), vtep_gateway_v6(vtep_mac("b")).to_string()),
         ]
     );
-    // Both of b's VTEP addresses name its one MAC; one FDB entry per peer.
+    // b's IPv4 VTEP address and IPv6 gateway name its one MAC; one FDB entry per peer.
     let b_mac = vtep_mac("b");
     assert_eq!(p.neighbours[&"10.244.2.0".parse::<IpAddr>().unwrap()], b_mac);
-    assert_eq!(p.neighbours[&"fd00:10:244:2::".parse::<IpAddr>().unwrap()], b_mac);
+    assert_eq!(p.neighbours[&IpAddr::V6(vtep_gateway_v6(b_mac))], b_mac);
     assert_eq!(p.fdb.len(), 2);
     // An IPv4-only node routes no IPv6, whatever its peers have.
     let v4 = plan(&node("a", "192.168.0.1", "10.244.1.0/24"), &peers, &cfg());
@@ -494,9 +505,10 @@ fn a_dual_stack_device_gets_its_ipv6_address_and_entries_by_diff() {
     let mut seen = Observed::default();
     let changes = diff(&want, &seen);
     assert!(changes.contains(&Change::AddAddress("fd00:10:244:1::".parse().unwrap())));
+    let gw6 = IpAddr::V6(vtep_gateway_v6(vtep_mac("b")));
     assert!(changes.contains(&Change::ReplaceRoute {
         dst: "fd00:10:244:2::/64".parse().unwrap(),
-        via: "fd00:10:244:2::".parse().unwrap(),
+        via: gw6,
     }));
     for c in &changes {
         seen.apply(&want, c);
@@ -509,7 +521,7 @@ fn a_dual_stack_device_gets_its_ipv6_address_and_entries_by_diff() {
         changes,
         [
             Change::DelRoute { dst: "fd00:10:244:2::/64".parse().unwrap() },
-            Change::DelNeighbour { ip: "fd00:10:244:2::".parse().unwrap() },
+            Change::DelNeighbour { ip: gw6 },
         ]
     );
 }
