@@ -1,13 +1,13 @@
 //! A dual-stack lab (`--ip-family dual`) on real packets: every node holds an IPv4 and an IPv6
 //! subnet lease, every pod an address of each, and every pod reaches every pod over both
 //! families (ICMP, TCP, UDP) across nodes: through VXLAN (IPv6 inside IPv4), and through
-//! WireGuard.
+//! WireGuard (and the live flip between them); IPv6 egress is masqueraded to the lab's internet.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::Value;
-use sluice_e2e::lab::{lab_cmd, output_text, Lab};
+use sluice_e2e::lab::{lab_cmd, output_text, tcp_ask, tcp_server, Lab};
 use sluice_e2e::{eventually, have_root};
 use std::net::Ipv6Addr;
 use std::time::Duration;
@@ -25,7 +25,11 @@ fn pods(status: &Value) -> Vec<Pod> {
         .unwrap()
         .iter()
         .map(|p| Pod {
-            id: format!("{}/{}", p["namespace"].as_str().unwrap(), p["name"].as_str().unwrap()),
+            id: format!(
+                "{}/{}",
+                p["namespace"].as_str().unwrap(),
+                p["name"].as_str().unwrap()
+            ),
             node: p["node"].as_str().unwrap().into(),
             v4: p["ip"].as_str().unwrap().parse().unwrap(),
             v6: p["ipv6"]
@@ -38,16 +42,27 @@ fn pods(status: &Value) -> Vec<Pod> {
 }
 
 fn all_true(m: &Value) -> bool {
-    m.as_array()
-        .is_some_and(|rows| rows.iter().flat_map(|r| r.as_array().unwrap()).all(|b| b == true))
+    m.as_array().is_some_and(|rows| {
+        rows.iter()
+            .flat_map(|r| r.as_array().unwrap())
+            .all(|b| b == true)
+    })
 }
 
 /// `lab probe FROM TO PORT` over TCP or UDP, IPv6 or IPv4; true when answered by `to`.
 fn probe(lab: &Lab, from: &Pod, to: &Pod, proto: &str, ipv6: bool) -> bool {
     let port = if proto == "udp" { "53" } else { "80" };
     let mut args = vec![
-        "probe", "--name", &lab.name, &from.id, &to.id, port, "--protocol", proto,
-        "--timeout", "2s",
+        "probe",
+        "--name",
+        &lab.name,
+        &from.id,
+        &to.id,
+        port,
+        "--protocol",
+        proto,
+        "--timeout",
+        "2s",
     ];
     if ipv6 {
         args.push("--ipv6");
@@ -59,7 +74,9 @@ fn probe(lab: &Lab, from: &Pod, to: &Pod, proto: &str, ipv6: bool) -> bool {
 fn ping6(lab: &Lab, from: &Pod, to: Ipv6Addr) -> bool {
     let to = to.to_string();
     let out = lab_cmd(
-        &["exec", "--name", &lab.name, &from.id, "--", "ping", "-6", "-c", "1", "-W", "2", &to],
+        &[
+            "exec", "--name", &lab.name, &from.id, "--", "ping", "-6", "-c", "1", "-W", "2", &to,
+        ],
         30,
     );
     out.status.success()
@@ -73,7 +90,14 @@ fn route6_dev(lab: &Lab, node: &str, subnet: &str) -> String {
 
 fn dual_lab_pods_reach_each_other(encryption: &str, device: &str) {
     let lab = Lab::up(&[
-        "--nodes", "3", "--pods-per-node", "1", "--ip-family", "dual", "--encryption", encryption,
+        "--nodes",
+        "3",
+        "--pods-per-node",
+        "1",
+        "--ip-family",
+        "dual",
+        "--encryption",
+        encryption,
     ]);
     assert!(
         eventually(Duration::from_secs(30), || {
@@ -99,9 +123,18 @@ fn dual_lab_pods_reach_each_other(encryption: &str, device: &str) {
         let v4: Vec<Ipv4Net> = leases.iter().filter_map(|l| l.parse().ok()).collect();
         let v6: Vec<Ipv6Net> = leases.iter().filter_map(|l| l.parse().ok()).collect();
         assert_eq!((v4.len(), v6.len()), (1, 1), "{name}: {leases:?}");
-        assert!(cluster6.contains(&v6[0]) && v6[0].prefix_len() == 64, "{v6:?}");
+        assert!(
+            cluster6.contains(&v6[0]) && v6[0].prefix_len() == 64,
+            "{v6:?}"
+        );
         for p in pods.iter().filter(|p| p.node == name) {
-            assert!(v4[0].contains(&p.v4) && v6[0].contains(&p.v6), "{} {} {}", p.id, p.v4, p.v6);
+            assert!(
+                v4[0].contains(&p.v4) && v6[0].contains(&p.v6),
+                "{} {} {}",
+                p.id,
+                p.v4,
+                p.v6
+            );
         }
         // The subnet file the plugin reads has the IPv6 pair.
         let env = std::fs::read_to_string(format!(
@@ -115,13 +148,31 @@ fn dual_lab_pods_reach_each_other(encryption: &str, device: &str) {
         for b in pods.iter().filter(|b| b.node != a.node) {
             // The peer's IPv6 subnet goes through the tunnel under test.
             let sub6 = Ipv6Net::new(b.v6, 64).unwrap().trunc().to_string();
-            assert_eq!(route6_dev(&lab, &a.node, &sub6), device, "{} -> {sub6}", a.node);
+            assert_eq!(
+                route6_dev(&lab, &a.node, &sub6),
+                device,
+                "{} -> {sub6}",
+                a.node
+            );
             assert!(ping6(&lab, a, b.v6), "ICMPv6 {} -> {}", a.id, b.id);
             for proto in ["tcp", "udp"] {
-                assert!(probe(&lab, a, b, proto, true), "{proto}/IPv6 {} -> {}", a.id, b.id);
-                assert!(probe(&lab, a, b, proto, false), "{proto}/IPv4 {} -> {}", a.id, b.id);
+                assert!(
+                    probe(&lab, a, b, proto, true),
+                    "{proto}/IPv6 {} -> {}",
+                    a.id,
+                    b.id
+                );
+                assert!(
+                    probe(&lab, a, b, proto, false),
+                    "{proto}/IPv4 {} -> {}",
+                    a.id,
+                    b.id
+                );
             }
         }
+    }
+    if encryption == "none" {
+        ipv6_egress_is_masqueraded(&lab, &pods);
     }
     if encryption == "wireguard" {
         // The live flip: every IPv6 subnet moves to VXLAN and back, and stays reachable (an
@@ -152,6 +203,53 @@ fn dual_lab_pods_reach_each_other(encryption: &str, device: &str) {
     }
     let down = lab.down();
     assert!(down.status.success(), "{}", output_text(&down));
+}
+
+/// IPv6 pod traffic leaving the cluster CIDR reaches the lab's internet (`fdff:203::1`, which
+/// has no route to pods) from the node's IPv6 address, and not at all with masquerade off.
+fn ipv6_egress_is_masqueraded(lab: &Lab, pods: &[Pod]) {
+    let internet = format!("{}internet", lab.prefix());
+    let (addr, peers) = tcp_server(&internet, "[fdff:203::1]:0".parse().unwrap(), "world", 64);
+    let nodes: Vec<String> = (1..=3).map(|i| format!("fd00:31::{i}")).collect();
+    for p in pods {
+        let netns = lab.pod_netns(
+            p.id.split('/').next().unwrap(),
+            p.id.split('/').nth(1).unwrap(),
+        );
+        let mut answer = String::new();
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                answer = tcp_ask(&netns, addr).unwrap_or_default();
+                answer == "world"
+            }),
+            "{} cannot reach the internet over IPv6",
+            p.id
+        );
+        let seen = peers.recv_timeout(Duration::from_secs(5)).unwrap();
+        while peers.try_recv().is_ok() {}
+        assert!(
+            nodes.contains(&seen.ip().to_string()),
+            "{} reached the internet as {seen}, not as a node",
+            p.id
+        );
+        assert_ne!(seen.ip(), std::net::IpAddr::V6(p.v6));
+    }
+    // Without masquerade the pod's own address goes out, and nothing comes back.
+    lab.set_config("masquerade", "false");
+    let netns = lab.pod_netns(
+        pods[0].id.split('/').next().unwrap(),
+        pods[0].id.split('/').nth(1).unwrap(),
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || tcp_ask(&netns, addr).is_err()),
+        "IPv6 egress still answered with masquerade off"
+    );
+    lab.set_config("masquerade", "true");
+    assert!(
+        eventually(Duration::from_secs(20), || tcp_ask(&netns, addr)
+            .is_ok_and(|a| a == "world")),
+        "IPv6 egress not back with masquerade on"
+    );
 }
 
 #[test]

@@ -248,7 +248,8 @@ where
 /// `net.ipv4.ip_forward` on (see [`sysctl`]).
 /// Forwarding on, for IPv6 too on a node with an IPv6 subnet ([`sysctl::forwarding_plan`]).
 fn enable_ip_forward(ipv6: bool, underlay: &str) -> Result<(), String> {
-    let accept_ra = std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{underlay}/accept_ra")).ok();
+    let accept_ra =
+        std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{underlay}/accept_ra")).ok();
     let mut errors = Vec::new();
     for (key, value) in sysctl::forwarding_plan(ipv6, underlay, accept_ra.as_deref()) {
         match sysctl::ensure(&key, value) {

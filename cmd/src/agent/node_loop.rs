@@ -240,7 +240,7 @@ impl NodeLoop {
             wireguard_public_key: None,
             encryption: "none".into(),
             subnet: ipnet::Ipv4Net::default(),
-        subnet_v6: None,
+            subnet_v6: None,
         };
         let published = datapath.publish(&base_record, &datapath_config(&cfg, &underlay, &vx));
         let before = SubnetEnv::load(&args.subnet_file).ok();
@@ -562,10 +562,8 @@ impl NodeLoop {
         started: Instant,
     ) -> bool {
         if self.forwarding.is_err() {
-            self.forwarding = super::enable_ip_forward(
-                self.held.record.subnet_v6.is_some(),
-                &self.underlay.name,
-            );
+            self.forwarding =
+                super::enable_ip_forward(self.held.record.subnet_v6.is_some(), &self.underlay.name);
         }
         let error = match (&self.forwarding, applied.errors.as_slice()) {
             (Err(e), _) => Some(e.clone()),
@@ -742,8 +740,13 @@ impl NodeLoop {
             underlay_ip: self.vxlan.underlay_ip,
             port: self.vxlan.port,
         };
-        let masq = sluice_net::masq::plan(self.cluster_v4, self.cfg.masquerade, Some(untracked))
-            .with_mss_clamp(self.cluster_v4);
+        let mut masq =
+            sluice_net::masq::plan(self.cluster_v4, self.cfg.masquerade, Some(untracked))
+                .with_mss_clamp(self.cluster_v4);
+        // A dual-stack node: IPv6 pod egress leaving the cluster is masqueraded alike.
+        if let (Some(v6), Some(_)) = (self.cfg.cluster_cidr.v6, self.held.record.subnet_v6) {
+            masq = masq.with_ipv6(v6, self.cfg.masquerade).with_mss_clamp(v6);
+        }
         if let Err(e) = self.masq.sync(&masq).await {
             tracing::warn!(error = %e, "masquerade sync failed; will retry");
         }

@@ -174,8 +174,13 @@ async fn take_v6(
     if let SubnetChoice::PodCidr(subnet) = choice {
         let mut record = record.clone();
         record.subnet_v6 = Some(subnet);
-        let view =
-            lease::podcidr_lease_of(subnet, &record, Some(req.owner.clone()), DEFAULT_LEASE_SECS, now);
+        let view = lease::podcidr_lease_of(
+            subnet,
+            &record,
+            Some(req.owner.clone()),
+            DEFAULT_LEASE_SECS,
+            now,
+        );
         match publish(store, &view, now, 8).await {
             Ok(lease) => return Ok((lease, record)),
             Err(AcquireError::HeldByOther { subnet, holder })
@@ -186,7 +191,11 @@ async fn take_v6(
             Err(e) => bail!(e),
         }
     } else if let SubnetChoice::Lease { why: Some(why), .. } = &choice {
-        tracing::info!(node, reason = why.as_str(), "subnet-source auto: taking an IPv6 lease");
+        tracing::info!(
+            node,
+            reason = why.as_str(),
+            "subnet-source auto: taking an IPv6 lease"
+        );
     }
     let areq = AcquireRequest {
         pool: SubnetPool::new(cluster_v6, req.cfg.subnet_length_v6)?,

@@ -158,6 +158,10 @@ pub struct Segment {
     pub bridge: String,
     /// The underlay namespace's address on the bridge, with the segment's prefix.
     pub gateway: Ipv4Net,
+    /// A dual-stack lab's IPv6 on the segment (`fd00:31:S::fe/64`): the nodes' IPv6 way out to
+    /// the lab's internet. The tunnels stay on the IPv4 underlay.
+    #[serde(default)]
+    pub gateway_v6: Option<Ipv6Net>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +179,9 @@ pub struct NodePlan {
     /// A dual-stack lab's second `spec.podCIDRs` entry.
     #[serde(default)]
     pub pod_cidr_v6: Option<Ipv6Net>,
+    /// A dual-stack lab's IPv6 address of the node on its segment (`fd00:31:S::I/64`).
+    #[serde(default)]
+    pub underlay_v6: Option<Ipv6Net>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,20 +217,34 @@ pub struct Internet {
     /// The underlay namespace's end of that link.
     pub gateway: Ipv4Net,
     pub uplink: String,
+    /// A dual-stack lab's IPv6 address of the internet (`fdff:203::1/64`, unique local: no
+    /// real address) and the underlay namespace's end (`fdff:203::fe/64`).
+    #[serde(default)]
+    pub address_v6: Option<Ipv6Net>,
+    #[serde(default)]
+    pub gateway_v6: Option<Ipv6Net>,
 }
 
 /// The node's interface on the underlay.
 pub const NODE_UPLINK: &str = "eth0";
+
+/// `segments`/`len` as an IPv6 network (the lab's own fixed, valid layout).
+fn v6_net(segments: [u16; 8], len: u8) -> Ipv6Net {
+    Ipv6Net::new(std::net::Ipv6Addr::from(segments), len).unwrap_or_default()
+}
 
 impl LabPlan {
     pub fn new(spec: LabSpec) -> Result<Self, SpecError> {
         spec.validate()?;
         let prefix = prefix(&spec.name);
         let cluster_cidr: Ipv4Net = CLUSTER_CIDR.parse().unwrap_or_default();
+        let dual = spec.ip_family == IpFamily::Dual;
         let segments = (0..spec.segments)
             .map(|s| Segment {
                 bridge: format!("br{s}"),
                 gateway: Ipv4Net::new(Ipv4Addr::new(172, 31, s, 254), 24).unwrap_or_default(),
+                gateway_v6: dual
+                    .then(|| v6_net([0xfd00, 0x31, u16::from(s), 0, 0, 0, 0, 0xfe], 64)),
             })
             .collect::<Vec<_>>();
         let subnets = cluster_cidr
@@ -249,6 +270,9 @@ impl LabPlan {
                     uplink: format!("n{i}"),
                     pod_cidr,
                     pod_cidr_v6: subnets_v6.get(usize::from(i - 1)).copied(),
+                    underlay_v6: dual.then(|| {
+                        v6_net([0xfd00, 0x31, segment as u16, 0, 0, 0, 0, u16::from(i)], 64)
+                    }),
                 }
             })
             .collect::<Vec<_>>();
@@ -268,6 +292,8 @@ impl LabPlan {
             address: Ipv4Net::new(Ipv4Addr::new(203, 0, 113, 1), 24).unwrap_or_default(),
             gateway: Ipv4Net::new(Ipv4Addr::new(203, 0, 113, 254), 24).unwrap_or_default(),
             uplink: "inet".into(),
+            address_v6: dual.then(|| v6_net([0xfdff, 0x203, 0, 0, 0, 0, 0, 1], 64)),
+            gateway_v6: dual.then(|| v6_net([0xfdff, 0x203, 0, 0, 0, 0, 0, 0xfe], 64)),
         };
         Ok(Self {
             internet,
@@ -358,8 +384,29 @@ mod tests {
             .collect();
         assert_eq!(
             v6,
-            ["fd00:10:244::/64", "fd00:10:244:1::/64", "fd00:10:244:2::/64"]
+            [
+                "fd00:10:244::/64",
+                "fd00:10:244:1::/64",
+                "fd00:10:244:2::/64"
+            ]
         );
+        // The IPv6 way out: each node on its segment's IPv6 net, the internet beyond.
+        assert_eq!(
+            dual.nodes[1].underlay_v6.map(|n| n.to_string()).as_deref(),
+            Some("fd00:31::2/64")
+        );
+        assert_eq!(
+            dual.segments[0]
+                .gateway_v6
+                .map(|n| n.to_string())
+                .as_deref(),
+            Some("fd00:31::fe/64")
+        );
+        assert_eq!(
+            dual.internet.address_v6.map(|n| n.to_string()).as_deref(),
+            Some("fdff:203::1/64")
+        );
+        assert!(four.internet.address_v6.is_none() && four.nodes[0].underlay_v6.is_none());
         // A plan saved before --ip-family reads as IPv4.
         let mut old = serde_json::to_value(&four).unwrap();
         old["spec"].as_object_mut().unwrap().remove("ip_family");

@@ -17,7 +17,7 @@ fn node(name: &str, n: u8, seg: u8, enc: &str) -> NodeRecord {
         wireguard_public_key: Some(key(n)),
         encryption: enc.into(),
         subnet: format!("10.244.{n}.0/24").parse().unwrap(),
-    subnet_v6: None,
+        subnet_v6: None,
     }
 }
 

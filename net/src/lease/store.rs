@@ -225,8 +225,13 @@ pub async fn acquire<S: LeaseStore, N: FamilyNet>(
             }
             Decision::CreateNew { subnet } => {
                 subnet.set_in(&mut record);
-                let lease =
-                    LeaseView::new_held_of(*subnet, &record, req.owner.clone(), req.duration_secs, t);
+                let lease = LeaseView::new_held_of(
+                    *subnet,
+                    &record,
+                    req.owner.clone(),
+                    req.duration_secs,
+                    t,
+                );
                 store.create(&lease).await.map(|l| (l, AcquiredBy::Created))
             }
             Decision::Keep { name, subnet, .. } | Decision::TakeExpired { name, subnet, .. } => {

@@ -822,7 +822,10 @@ fn a_dual_stack_record_round_trips_and_an_old_one_reads_as_ipv4_only() {
         assert!(
             matches!(
                 NodeRecord::from_annotations(&a),
-                Err(RecordError::Bad { key: ANN_SUBNET_V6, .. })
+                Err(RecordError::Bad {
+                    key: ANN_SUBNET_V6,
+                    ..
+                })
             ),
             "{bad}"
         );
@@ -857,7 +860,11 @@ fn peers_carry_their_ipv6_subnet_only_while_they_hold_its_lease() {
     assert_eq!(
         got,
         [
-            ("b".into(), "10.244.2.0/24".into(), Some("fd00:10:244:2::/64".into())),
+            (
+                "b".into(),
+                "10.244.2.0/24".into(),
+                Some("fd00:10:244:2::/64".into())
+            ),
             ("c".into(), "10.244.3.0/24".into(), None),
             ("d".into(), "10.244.4.0/24".into(), None),
             ("e".into(), "10.244.5.0/24".into(), None),
@@ -870,7 +877,13 @@ fn peers_carry_their_ipv6_subnet_only_while_they_hold_its_lease() {
     let wrong = LeaseView::new_held_of(net6("fd00:10:244:2::/64"), &b, None, 40, at(10));
     let (_, skipped) = peers_from_leases("me", &[wrong]);
     assert!(
-        matches!(&skipped[..], [SkippedLease { reason: RecordError::SubnetMismatch { .. }, .. }]),
+        matches!(
+            &skipped[..],
+            [SkippedLease {
+                reason: RecordError::SubnetMismatch { .. },
+                ..
+            }]
+        ),
         "{skipped:?}"
     );
 }

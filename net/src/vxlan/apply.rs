@@ -165,7 +165,9 @@ impl VxlanKernel {
             .filter(|a| a.header.index == index)
             .filter_map(|a| {
                 a.attributes.iter().find_map(|at| match at {
-                    AddressAttribute::Address(ip @ IpAddr::V4(_)) => Some((*ip, a.header.prefix_len)),
+                    AddressAttribute::Address(ip @ IpAddr::V4(_)) => {
+                        Some((*ip, a.header.prefix_len))
+                    }
                     // The kernel's own link-local address is not sluice's.
                     AddressAttribute::Address(ip @ IpAddr::V6(v6))
                         if v6.segments()[0] & 0xffc0 != 0xfe80 =>
@@ -215,7 +217,11 @@ impl VxlanKernel {
             }
         }
 
-        for family in [AddressFamily::Inet, AddressFamily::Inet6, AddressFamily::Bridge] {
+        for family in [
+            AddressFamily::Inet,
+            AddressFamily::Inet6,
+            AddressFamily::Bridge,
+        ] {
             let entries: Vec<NeighbourMessage> = self
                 .handle
                 .neighbours()
@@ -395,9 +401,9 @@ impl VxlanKernel {
                 for a in found.into_iter().filter(|a| {
                     a.header.index == index
                         && a.header.prefix_len == *len
-                        && a.attributes.iter().any(
-                            |at| matches!(at, AddressAttribute::Address(x) if x == ip),
-                        )
+                        && a.attributes
+                            .iter()
+                            .any(|at| matches!(at, AddressAttribute::Address(x) if x == ip))
                 }) {
                     h.address()
                         .del(a)

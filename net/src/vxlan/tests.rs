@@ -467,7 +467,10 @@ fn a_dual_stack_plan_routes_ipv6_inside_the_same_device() {
         node("c", "192.168.0.3", "10.244.3.0/24"),
     ];
     let p = plan(&me, &peers, &cfg());
-    assert_eq!(p.device.address_v6, Some("fd00:10:244:1::".parse().unwrap()));
+    assert_eq!(
+        p.device.address_v6,
+        Some("fd00:10:244:1::".parse().unwrap())
+    );
     let routes: Vec<(String, String)> = p
         .routes
         .iter()
@@ -478,12 +481,18 @@ fn a_dual_stack_plan_routes_ipv6_inside_the_same_device() {
         [
             ("10.244.2.0/24".into(), "10.244.2.0".into()),
             ("10.244.3.0/24".into(), "10.244.3.0".into()),
-            ("fd00:10:244:2::/64".into(), vtep_gateway_v6(vtep_mac("b")).to_string()),
+            (
+                "fd00:10:244:2::/64".into(),
+                vtep_gateway_v6(vtep_mac("b")).to_string()
+            ),
         ]
     );
     // b's IPv4 VTEP address and IPv6 gateway name its one MAC; one FDB entry per peer.
     let b_mac = vtep_mac("b");
-    assert_eq!(p.neighbours[&"10.244.2.0".parse::<IpAddr>().unwrap()], b_mac);
+    assert_eq!(
+        p.neighbours[&"10.244.2.0".parse::<IpAddr>().unwrap()],
+        b_mac
+    );
     assert_eq!(p.neighbours[&IpAddr::V6(vtep_gateway_v6(b_mac))], b_mac);
     assert_eq!(p.fdb.len(), 2);
     // An IPv4-only node routes no IPv6, whatever its peers have.
@@ -494,13 +503,21 @@ fn a_dual_stack_plan_routes_ipv6_inside_the_same_device() {
     let bad = dual("d", "192.168.0.4", "10.244.4.0/24", "fd00:10:244:1::/64");
     let p = plan(&me, &[bad], &cfg());
     assert!(p.routes.is_empty() && p.fdb.is_empty());
-    assert!(matches!(p.skipped[0].reason, PeerConflict::OverlapsMine { .. }));
+    assert!(matches!(
+        p.skipped[0].reason,
+        PeerConflict::OverlapsMine { .. }
+    ));
 }
 
 #[test]
 fn a_dual_stack_device_gets_its_ipv6_address_and_entries_by_diff() {
     let me = dual("a", "192.168.0.1", "10.244.1.0/24", "fd00:10:244:1::/64");
-    let peers = [dual("b", "192.168.0.2", "10.244.2.0/24", "fd00:10:244:2::/64")];
+    let peers = [dual(
+        "b",
+        "192.168.0.2",
+        "10.244.2.0/24",
+        "fd00:10:244:2::/64",
+    )];
     let want = plan(&me, &peers, &cfg());
     let mut seen = Observed::default();
     let changes = diff(&want, &seen);
@@ -520,7 +537,9 @@ fn a_dual_stack_device_gets_its_ipv6_address_and_entries_by_diff() {
     assert_eq!(
         changes,
         [
-            Change::DelRoute { dst: "fd00:10:244:2::/64".parse().unwrap() },
+            Change::DelRoute {
+                dst: "fd00:10:244:2::/64".parse().unwrap()
+            },
             Change::DelNeighbour { ip: gw6 },
         ]
     );

@@ -396,7 +396,11 @@ impl WgDevice {
 
     /// Gives the device exactly the address `addr`/32, and `addr6`/128 on a dual-stack node
     /// (see [`super::WgPlan::address`]); the kernel's own link-local address stays.
-    pub async fn sync_address(&self, addr: Ipv4Addr, addr6: Option<Ipv6Addr>) -> Result<(), WgError> {
+    pub async fn sync_address(
+        &self,
+        addr: Ipv4Addr,
+        addr6: Option<Ipv6Addr>,
+    ) -> Result<(), WgError> {
         let found: Vec<AddressMessage> = self
             .handle
             .address()
@@ -449,7 +453,10 @@ impl WgDevice {
     /// the device (protocol 77), replacing a route of the same destination in place, so a
     /// subnet moving from VXLAN to WireGuard never has a moment without a route. Returns how
     /// many it added or changed.
-    pub async fn add_routes(&self, want: &BTreeMap<IpNet, Option<IpAddr>>) -> Result<usize, WgError> {
+    pub async fn add_routes(
+        &self,
+        want: &BTreeMap<IpNet, Option<IpAddr>>,
+    ) -> Result<usize, WgError> {
         let have = owned_routes(&self.handle, self.ifindex).await?;
         let mut added = 0;
         for (dst, src) in want.iter().filter(|(d, s)| have.get(*d) != Some(*s)) {
@@ -466,7 +473,10 @@ impl WgDevice {
     }
 
     /// Makes sluice's routes through the device exactly `want`. Returns the number of changes.
-    pub async fn sync_routes(&self, want: &BTreeMap<IpNet, Option<IpAddr>>) -> Result<usize, WgError> {
+    pub async fn sync_routes(
+        &self,
+        want: &BTreeMap<IpNet, Option<IpAddr>>,
+    ) -> Result<usize, WgError> {
         let have = owned_routes(&self.handle, self.ifindex).await?;
         let mut changes = 0;
         for dst in have.keys().filter(|d| !want.contains_key(*d)) {
@@ -641,7 +651,10 @@ pub async fn owned_routes(
                         }
                         _ => None,
                     });
-                    Some((IpNet::new(dst, r.header.destination_prefix_length).ok()?, src))
+                    Some((
+                        IpNet::new(dst, r.header.destination_prefix_length).ok()?,
+                        src,
+                    ))
                 }),
         );
     }

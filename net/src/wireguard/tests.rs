@@ -13,7 +13,7 @@ fn rec(node: &str, third: u8, enc: &str, key_n: Option<u8>) -> NodeRecord {
         wireguard_public_key: key_n.map(key),
         encryption: enc.into(),
         subnet: format!("10.244.{third}.0/24").parse().unwrap(),
-    subnet_v6: None,
+        subnet_v6: None,
     }
 }
 
@@ -233,12 +233,19 @@ fn a_dual_stack_pair_allows_and_routes_both_families() {
     let p = plan(&me, &peers, &on(true));
     assert_eq!(p.address_v6, Some("fd00:10:244:1::".parse().unwrap()));
     let allowed = |n: &str| -> Vec<String> {
-        p.peers[n].allowed_ips.iter().map(|a| a.to_string()).collect()
+        p.peers[n]
+            .allowed_ips
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
     };
     assert_eq!(allowed("b"), ["10.244.2.0/24", "fd00:10:244:2::/64"]);
     assert_eq!(allowed("c"), ["10.244.3.0/24"]);
     assert_eq!(
-        p.routes_v6.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        p.routes_v6
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>(),
         ["fd00:10:244:2::/64"]
     );
     // An IPv4-only node neither allows nor routes its peers' IPv6.
