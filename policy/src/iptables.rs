@@ -786,9 +786,11 @@ impl Firewall for IptablesRestore {
 }
 
 impl IptablesRestore {
-    /// `ip6tables-save` → `ip6tables-nft-save` or `ip6tables-legacy-save`.
-    fn bin6(&self, tool: &str) -> String {
-        format!("ip6{}", self.bin(tool))
+    /// `ip6tables-save` → `ip6tables-nft-save` or `ip6tables-legacy-save` (`tool` named as
+    /// for [`Self::bin`]: `iptables-save`).
+    pub(crate) fn bin6(&self, tool: &str) -> String {
+        let rest = tool.strip_prefix("iptables").unwrap_or(tool);
+        format!("ip6tables-{}{rest}", self.mode.suffix())
     }
 
     /// Whether this kernel has IPv6 at all (else there is no IPv6 traffic to guard).

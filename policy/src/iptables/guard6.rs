@@ -114,3 +114,22 @@ COMMIT
         assert!(chain().len() <= 28);
     }
 }
+
+#[cfg(test)]
+mod names {
+    #![allow(clippy::unwrap_used)]
+    use crate::firewall::Exec;
+    use crate::iptables::{IptablesMode, IptablesRestore};
+
+    #[test]
+    fn the_ipv6_tools_are_named_for_the_backend() {
+        for (mode, want) in [
+            (IptablesMode::Nft, "ip6tables-nft-restore"),
+            (IptablesMode::Legacy, "ip6tables-legacy-restore"),
+        ] {
+            let r = IptablesRestore::new(Exec::host(), mode);
+            assert_eq!(r.bin6("iptables-restore"), want);
+            assert_eq!(r.bin6("iptables"), want.trim_end_matches("-restore"));
+        }
+    }
+}
