@@ -792,10 +792,6 @@ proptest::proptest! {
     }
 }
 
-fn net6(s: &str) -> Ipv6Net {
-    s.parse().unwrap()
-}
-
 /// A dual-stack node's two leases, both carrying its record with both subnets.
 fn dual_leases(node: &str, v4: &str, v6: &str, renewed: u64) -> [LeaseView; 2] {
     let mut r = record(node, v4);

@@ -4,11 +4,19 @@ use super::diff::{diff, Change, Observed};
 use super::*;
 use std::collections::BTreeSet;
 
-fn net(s: &str) -> Ipv4Net {
+/// A network of the family the use asks for (records hold `Ipv4Net`, plans `IpNet`).
+fn net<T: std::str::FromStr>(s: &str) -> T
+where
+    T::Err: std::fmt::Debug,
+{
     s.parse().unwrap()
 }
 
-fn ip(s: &str) -> Ipv4Addr {
+/// An address of the family the use asks for (`Ipv4Addr` or `IpAddr`).
+fn ip<T: std::str::FromStr>(s: &str) -> T
+where
+    T::Err: std::fmt::Debug,
+{
     s.parse().unwrap()
 }
 
@@ -72,6 +80,7 @@ fn plan_routes_each_peer_via_its_vtep_with_neighbour_and_fdb() {
             mtu: 1450,
             mac: vtep_mac("a"),
             address: ip("10.244.1.0"),
+            address_v6: None,
             tx_checksum_offload: true,
         }
     );
