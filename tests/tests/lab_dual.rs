@@ -267,3 +267,95 @@ fn dual_stack_pods_reach_each_other_over_wireguard() {
     }
     dual_lab_pods_reach_each_other("wireguard", "sluice.wg");
 }
+
+/// A NetworkPolicy that selects a pod closes its IPv6 as well as its IPv4, on both policy
+/// backends: node 2 runs `iptables` (whose IPv4 chains alone would let IPv6 through: its IPv6
+/// guard drops it), node 3 `nftables` (an `inet` table).
+#[test]
+fn selected_pods_fail_closed_on_ipv6_with_both_policy_backends() {
+    if !have_root() {
+        return;
+    }
+    let lab = Lab::up(&[
+        "--nodes",
+        "3",
+        "--pods-per-node",
+        "1",
+        "--ip-family",
+        "dual",
+    ]);
+    let node2 = format!("{}-node-2", lab.name);
+    lab.set_config("policy-backend", "iptables");
+    for action in ["stop", "start"] {
+        let out = lab_cmd(&["agent", "--name", &lab.name, action, &node2], 30);
+        assert!(out.status.success(), "{}", output_text(&out));
+    }
+    let status = lab.status();
+    let pods = pods(&status);
+    let from = pods.iter().find(|p| p.node.ends_with("-node-1")).unwrap();
+    let targets: Vec<&Pod> = pods.iter().filter(|p| p.node != from.node).collect();
+    for to in &targets {
+        assert!(
+            eventually(Duration::from_secs(20), || probe(
+                &lab, from, to, "tcp", true
+            )),
+            "before any policy: {} -> {} over IPv6",
+            from.id,
+            to.id
+        );
+    }
+    let guard_jump = || {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.node_netns(&node2),
+                "ip6tables",
+                "-S",
+                "FORWARD",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("-j SLUICE-V6-GUARD")
+    };
+    assert!(
+        eventually(Duration::from_secs(20), guard_jump),
+        "no IPv6 guard on {node2}"
+    );
+    let ns = from.id.split('/').next().unwrap();
+    let file = std::env::temp_dir().join(format!("{}-deny.yaml", lab.name));
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: deny-ingress, namespace: {ns}}}\nspec:\n  podSelector: {{}}\n  policyTypes: [Ingress]\n"
+        ),
+    )
+    .unwrap();
+    lab.kubectl_ok(&["apply", "-f", file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&file);
+    for to in &targets {
+        for (proto, ipv6) in [("tcp", true), ("udp", true), ("tcp", false)] {
+            assert!(
+                eventually(Duration::from_secs(20), || !probe(
+                    &lab, from, to, proto, ipv6
+                )),
+                "deny-ingress: {} -> {} ({proto}, ipv6={ipv6}) still answered",
+                from.id,
+                to.id
+            );
+        }
+    }
+    lab.kubectl_ok(&["delete", "networkpolicy", "-n", ns, "deny-ingress"]);
+    for to in &targets {
+        assert!(
+            eventually(Duration::from_secs(20), || probe(
+                &lab, from, to, "tcp", true
+            )),
+            "policy gone: {} -> {} over IPv6",
+            from.id,
+            to.id
+        );
+    }
+    let down = lab.down();
+    assert!(down.status.success(), "{}", output_text(&down));
+}
