@@ -4,8 +4,12 @@
 //! into one nftables transaction on sluice's own table `ip sluice-nat` (nobody else's table is
 //! touched, and nothing is flushed but it); [`diff`] compares the rules' hash comments with what
 //! `nft -j` shows, so an unchanged table is not rewritten and a rule deleted by hand comes back.
+//!
+//! A dual-stack node ([`MasqPlan::with_ipv6`]) has the IPv6 counterparts (pod traffic leaving the
+//! IPv6 cluster CIDR masqueraded, the MSS clamp) in the table of the same name in family `ip6`,
+//! written in the same transaction; it is removed with the IPv4 one, and when IPv6 is off.
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::net::Ipv4Addr;
 use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
@@ -17,6 +21,10 @@ const RAW_PREROUTING: &str = "raw-prerouting";
 const RAW_OUTPUT: &str = "raw-output";
 const MSS_CHAIN: &str = "mss-clamp";
 const MULTICAST: &str = "224.0.0.0/4";
+const MULTICAST_V6: &str = "ff00::/8";
+
+/// The two table families sluice's NAT table is written in.
+const FAMILIES: [&str; 2] = ["ip", "ip6"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -26,12 +34,20 @@ pub enum Verdict {
     Masquerade,
 }
 
-/// One postrouting rule: `ip saddr SADDR [ip daddr DADDR] VERDICT`.
+/// One postrouting rule: `ip saddr SADDR [ip daddr DADDR] VERDICT` (`ip6` for IPv6; `daddr`
+/// is of `saddr`'s family).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NatRule {
-    pub saddr: Ipv4Net,
-    pub daddr: Option<Ipv4Net>,
+    pub saddr: IpNet,
+    pub daddr: Option<IpNet>,
     pub verdict: Verdict,
+}
+
+fn family_of(net: &IpNet) -> &'static str {
+    match net {
+        IpNet::V4(_) => "ip",
+        IpNet::V6(_) => "ip6",
+    }
 }
 
 /// The node's VXLAN packets (UDP to `port`, from or to the node's `underlay_ip`), which
@@ -61,14 +77,48 @@ pub struct MasqPlan {
     /// `encryption` changes live; without the clamp a pod made under `overlay: never` (the
     /// underlay's full MTU) would open connections whose segments no longer fit a tunnel. Only
     /// ever lowers an MSS, and costs nothing past the SYNs.
-    pub mss_clamp: Option<Ipv4Net>,
+    pub mss_clamp: Vec<IpNet>,
 }
 
 impl MasqPlan {
-    pub fn with_mss_clamp(mut self, pods: Ipv4Net) -> Self {
-        self.mss_clamp = Some(pods);
+    /// Clamps the MSS of pod traffic to or from `pods` (called once per family).
+    pub fn with_mss_clamp(mut self, pods: impl Into<IpNet>) -> Self {
+        self.mss_clamp.push(pods.into());
         self
     }
+
+    /// A dual-stack node: its pods' IPv6 traffic leaving `cluster_v6` masqueraded too (when
+    /// masquerade is on, as for IPv4: to other pods and to multicast it keeps its source).
+    pub fn with_ipv6(mut self, cluster_v6: Ipv6Net, enabled: bool) -> Self {
+        if enabled {
+            self.rules.extend(pod_rules(
+                cluster_v6.into(),
+                MULTICAST_V6.parse().unwrap_or(cluster_v6.into()),
+            ));
+        }
+        self
+    }
+}
+
+/// Pod traffic from `cluster` to `cluster` and to `multicast` returns; the rest is masqueraded.
+fn pod_rules(cluster: IpNet, multicast: IpNet) -> [NatRule; 3] {
+    [
+        NatRule {
+            saddr: cluster,
+            daddr: Some(cluster),
+            verdict: Verdict::Return,
+        },
+        NatRule {
+            saddr: cluster,
+            daddr: Some(multicast),
+            verdict: Verdict::Return,
+        },
+        NatRule {
+            saddr: cluster,
+            daddr: None,
+            verdict: Verdict::Masquerade,
+        },
+    ]
 }
 
 /// Pods' traffic to the cluster CIDR (other pods, wherever they are) and to multicast keeps its
@@ -79,37 +129,22 @@ pub fn plan(cluster_cidr: Ipv4Net, enabled: bool, untracked: Option<UntrackedTun
         return MasqPlan {
             rules: Vec::new(),
             untracked,
-            mss_clamp: None,
+            mss_clamp: Vec::new(),
         };
     }
     let multicast: Ipv4Net = MULTICAST.parse().unwrap_or(cluster_cidr);
     MasqPlan {
         untracked,
-        mss_clamp: None,
-        rules: vec![
-            NatRule {
-                saddr: cluster_cidr,
-                daddr: Some(cluster_cidr),
-                verdict: Verdict::Return,
-            },
-            NatRule {
-                saddr: cluster_cidr,
-                daddr: Some(multicast),
-                verdict: Verdict::Return,
-            },
-            NatRule {
-                saddr: cluster_cidr,
-                daddr: None,
-                verdict: Verdict::Masquerade,
-            },
-        ],
+        mss_clamp: Vec::new(),
+        rules: pod_rules(cluster_cidr.into(), multicast.into()).to_vec(),
     }
 }
 
 fn rule_body(rule: &NatRule) -> String {
-    let mut s = format!("ip saddr {}", rule.saddr);
+    let f = family_of(&rule.saddr);
+    let mut s = format!("{f} saddr {}", rule.saddr);
     if let Some(d) = rule.daddr {
-        s.push_str(&format!(" ip daddr {d}"));
+        s.push_str(&format!(" {f} daddr {d}"));
     }
     s.push_str(match rule.verdict {
         Verdict::Return => " return",
@@ -128,27 +163,36 @@ fn rule_comment(i: usize, body: &str) -> String {
     format!("sluice:{i}:{hash:016x}")
 }
 
-/// The table's chains as (name, declaration, rule bodies), in the order they are written and
-/// listed; a chain without rules is left out.
-fn chains(plan: &MasqPlan) -> Vec<(&'static str, &'static str, Vec<String>)> {
+/// The chains of the table in `family` (`ip` or `ip6`) as (name, declaration, rule bodies),
+/// in the order they are written and listed; a chain without rules is left out.
+fn chains(plan: &MasqPlan, family: &str) -> Vec<(&'static str, &'static str, Vec<String>)> {
     let mut out = Vec::new();
-    if !plan.rules.is_empty() {
+    let rules: Vec<String> = plan
+        .rules
+        .iter()
+        .filter(|r| family_of(&r.saddr) == family)
+        .map(rule_body)
+        .collect();
+    if !rules.is_empty() {
         out.push((
             NAT_CHAIN,
             "type nat hook postrouting priority srcnat; policy accept;",
-            plan.rules.iter().map(rule_body).collect(),
+            rules,
         ));
     }
-    if let Some(pods) = plan.mss_clamp {
+    for pods in plan.mss_clamp.iter().filter(|p| family_of(p) == family) {
         let clamp = "tcp flags & (syn | rst) == syn tcp option maxseg size set rt mtu";
         out.push((
             MSS_CHAIN,
             "type filter hook forward priority mangle; policy accept;",
             vec![
-                format!("ip saddr {pods} {clamp}"),
-                format!("ip daddr {pods} {clamp}"),
+                format!("{family} saddr {pods} {clamp}"),
+                format!("{family} daddr {pods} {clamp}"),
             ],
         ));
+    }
+    if family != "ip" {
+        return out;
     }
     if let Some(t) = plan.untracked {
         let (ip, port) = (t.underlay_ip, t.port);
@@ -168,8 +212,9 @@ fn chains(plan: &MasqPlan) -> Vec<(&'static str, &'static str, Vec<String>)> {
 
 /// The comments the plan's rules carry, in order (chain by chain).
 pub fn comments(plan: &MasqPlan) -> Vec<String> {
-    chains(plan)
-        .into_iter()
+    FAMILIES
+        .iter()
+        .flat_map(|f| chains(plan, f))
         .flat_map(|(_, _, bodies)| bodies)
         .enumerate()
         .map(|(i, body)| rule_comment(i, &body))
@@ -179,25 +224,32 @@ pub fn comments(plan: &MasqPlan) -> Vec<String> {
 /// The whole transaction for `nft -f -`: sluice's table is (re)made from scratch, or removed
 /// when the plan has no rules. Creating it first makes the delete safe when it is absent.
 pub fn render(plan: &MasqPlan) -> String {
-    let mut s = format!("table ip {NAT_TABLE}\ndelete table ip {NAT_TABLE}\n");
-    let chains = chains(plan);
-    if chains.is_empty() {
-        return s;
+    let mut s = String::new();
+    for f in FAMILIES {
+        s.push_str(&format!(
+            "table {f} {NAT_TABLE}\ndelete table {f} {NAT_TABLE}\n"
+        ));
     }
-    s.push_str(&format!("table ip {NAT_TABLE} {{\n"));
     let mut i = 0;
-    for (name, declaration, bodies) in chains {
-        s.push_str(&format!("\tchain {name} {{\n\t\t{declaration}\n"));
-        for body in bodies {
-            s.push_str(&format!(
-                "\t\t{body} comment \"{}\"\n",
-                rule_comment(i, &body)
-            ));
-            i += 1;
+    for f in FAMILIES {
+        let chains = chains(plan, f);
+        if chains.is_empty() {
+            continue;
         }
-        s.push_str("\t}\n");
+        s.push_str(&format!("table {f} {NAT_TABLE} {{\n"));
+        for (name, declaration, bodies) in chains {
+            s.push_str(&format!("\tchain {name} {{\n\t\t{declaration}\n"));
+            for body in bodies {
+                s.push_str(&format!(
+                    "\t\t{body} comment \"{}\"\n",
+                    rule_comment(i, &body)
+                ));
+                i += 1;
+            }
+            s.push_str("\t}\n");
+        }
+        s.push_str("}\n");
     }
-    s.push_str("}\n");
     s
 }
 
@@ -286,19 +338,26 @@ impl NftCli {
         child.wait_with_output().await.map_err(spawn)
     }
 
-    /// The comments of sluice's NAT rules, or `None` when the table is absent.
+    /// The comments of sluice's NAT rules (the `ip` table's, then the `ip6` one's), or `None`
+    /// when neither table is there.
     pub async fn observe(&self) -> Result<Option<Vec<String>>, MasqError> {
-        let out = self
-            .run(&["-j", "list", "table", "ip", NAT_TABLE], None)
-            .await?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-            if stderr.contains("No such file or directory") {
-                return Ok(None);
+        let mut all: Option<Vec<String>> = None;
+        for f in FAMILIES {
+            let out = self
+                .run(&["-j", "list", "table", f, NAT_TABLE], None)
+                .await?;
+            if !out.status.success() {
+                let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+                if stderr.contains("No such file or directory") {
+                    continue;
+                }
+                return Err(MasqError::Nft { op: "list", stderr });
             }
-            return Err(MasqError::Nft { op: "list", stderr });
+            if let Some(rules) = parse_observed(&String::from_utf8_lossy(&out.stdout))? {
+                all.get_or_insert_with(Vec::new).extend(rules);
+            }
         }
-        parse_observed(&String::from_utf8_lossy(&out.stdout))
+        Ok(all)
     }
 
     /// Applies a [`render`]ed transaction (atomically: nft applies a file as one).
@@ -351,16 +410,48 @@ mod tests {
         let script = render(&plan(cidr(), true, None));
         let c = comments(&plan(cidr(), true, None));
         let want = format!(
-            "table ip sluice-nat\ndelete table ip sluice-nat\ntable ip sluice-nat {{\n\tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 return comment \"{}\"\n\t\tip saddr 10.244.0.0/16 ip daddr 224.0.0.0/4 return comment \"{}\"\n\t\tip saddr 10.244.0.0/16 masquerade fully-random comment \"{}\"\n\t}}\n}}\n",
+            "{NONE}table ip sluice-nat {{\n\tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 return comment \"{}\"\n\t\tip saddr 10.244.0.0/16 ip daddr 224.0.0.0/4 return comment \"{}\"\n\t\tip saddr 10.244.0.0/16 masquerade fully-random comment \"{}\"\n\t}}\n}}\n",
             c[0], c[1], c[2]
         );
         assert_eq!(script, want);
         assert!(c[0].starts_with("sluice:0:"));
         assert_ne!(c[0][9..], c[1][9..]);
-        assert_eq!(
-            render(&plan(cidr(), false, None)),
-            "table ip sluice-nat\ndelete table ip sluice-nat\n"
+        assert_eq!(render(&plan(cidr(), false, None)), NONE);
+    }
+
+    /// The start of every transaction: both families' tables made (so the delete is safe) and
+    /// deleted.
+    const NONE: &str = "table ip sluice-nat\ndelete table ip sluice-nat\ntable ip6 sluice-nat\ndelete table ip6 sluice-nat\n";
+
+    #[test]
+    fn a_dual_stack_node_masquerades_ipv6_leaving_its_cluster_cidr() {
+        let v6: Ipv6Net = "fd00:10:244::/56".parse().unwrap();
+        let p = plan(cidr(), true, vxlan())
+            .with_ipv6(v6, true)
+            .with_mss_clamp(cidr())
+            .with_mss_clamp(v6);
+        let c = comments(&p);
+        let script = render(&p);
+        // The IPv6 table, after the IPv4 one (whose rules keep their comments' positions).
+        let want_tail = format!(
+            "table ip6 sluice-nat {{\n\tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tip6 saddr fd00:10:244::/56 ip6 daddr fd00:10:244::/56 return comment \"{}\"\n\t\tip6 saddr fd00:10:244::/56 ip6 daddr ff00::/8 return comment \"{}\"\n\t\tip6 saddr fd00:10:244::/56 masquerade fully-random comment \"{}\"\n\t}}\n\tchain mss-clamp {{\n\t\ttype filter hook forward priority mangle; policy accept;\n\t\tip6 saddr fd00:10:244::/56 tcp flags & (syn | rst) == syn tcp option maxseg size set rt mtu comment \"{}\"\n\t\tip6 daddr fd00:10:244::/56 tcp flags & (syn | rst) == syn tcp option maxseg size set rt mtu comment \"{}\"\n\t}}\n}}\n",
+            c[7], c[8], c[9], c[10], c[11]
         );
+        assert!(script.ends_with(&want_tail), "{script}");
+        assert_eq!(c.len(), 12);
+        // The IPv4 table has no IPv6 rule, and the notrack rules stay IPv4.
+        let v4_part = &script[..script.find("table ip6 sluice-nat {").unwrap()];
+        assert!(!v4_part.contains("fd00"), "{script}");
+        // Masquerade off: only the clamp is left in the IPv6 table.
+        let off = plan(cidr(), false, None)
+            .with_ipv6(v6, false)
+            .with_mss_clamp(v6);
+        assert!(!render(&off).contains("ip6 saddr fd00:10:244::/56 masquerade"));
+        assert_eq!(comments(&off).len(), 2);
+        // Turning IPv6 on rewrites the tables; the same plan again does not.
+        let v4_only = plan(cidr(), true, vxlan());
+        assert_eq!(diff(&p, Some(&comments(&v4_only))), Some(render(&p)));
+        assert_eq!(diff(&p, Some(&c)), None);
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub struct IptablesScript {
     /// render memo): what [`delta`] compares.
     pub chain_rules: BTreeMap<String, String>,
     pub set_lines: BTreeMap<String, Arc<str>>,
+    /// `ip6tables-restore --noflush` input of the IPv6 guard ([`guard6`]).
+    pub guard6: String,
 }
 
 impl IptablesScript {
@@ -402,6 +404,7 @@ pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> IptablesScript {
         hash,
         chain_rules,
         set_lines: out.set_lines,
+        guard6: guard6::render(ir),
     }
 }
 
@@ -566,6 +569,8 @@ pub struct IptablesRestore {
     /// and sets takes most of a second).
     last: Arc<Mutex<Option<IptablesScript>>>,
     memo: Arc<Mutex<RenderMemo>>,
+    /// The IPv6 guard this process last wrote.
+    guard6: Arc<Mutex<Option<String>>>,
 }
 
 impl IptablesRestore {
@@ -575,6 +580,7 @@ impl IptablesRestore {
             mode,
             last: Arc::default(),
             memo: Arc::default(),
+            guard6: Arc::default(),
         }
     }
 
@@ -761,12 +767,103 @@ impl Firewall for IptablesRestore {
         })
     }
 
+    /// The IPv4 chains, then the IPv6 guard ([`guard6`]).
     fn apply(&self, desired: &Rendered) -> Result<Applied, FirewallError> {
         let Rendered::Iptables(script) = desired else {
             return Err(FirewallError::WrongBackend {
                 want: Backend::Iptables,
             });
         };
+        let applied = self.apply_v4(script)?;
+        self.sync_guard6(&script.guard6)?;
+        Ok(applied)
+    }
+
+    fn remove(&self) -> Result<(), FirewallError> {
+        self.remove_guard6()?;
+        self.remove_v4()
+    }
+}
+
+impl IptablesRestore {
+    /// `ip6tables-save` → `ip6tables-nft-save` or `ip6tables-legacy-save` (`tool` named as
+    /// for [`Self::bin`]: `iptables-save`).
+    pub(crate) fn bin6(&self, tool: &str) -> String {
+        let rest = tool.strip_prefix("iptables").unwrap_or(tool);
+        format!("ip6tables-{}{rest}", self.mode.suffix())
+    }
+
+    /// Whether this kernel has IPv6 at all (else there is no IPv6 traffic to guard).
+    fn has_ipv6() -> bool {
+        std::path::Path::new("/proc/sys/net/ipv6").exists()
+    }
+
+    /// Writes the guard chain when it changed (or was never written by this process) and
+    /// makes sure `FORWARD` and `INPUT` jump to it.
+    fn sync_guard6(&self, text: &str) -> Result<(), FirewallError> {
+        if !Self::has_ipv6() {
+            return Ok(());
+        }
+        let mut last = self.guard6.lock().unwrap_or_else(|p| p.into_inner());
+        let target = guard6::chain();
+        let ipt = self.bin6("iptables");
+        if last.as_deref() != Some(text) {
+            self.checked(
+                &self.bin6("iptables-restore"),
+                &["-w", "5", "--noflush"],
+                Some(text),
+                "restore",
+            )?;
+            *last = Some(text.to_string());
+        }
+        for from in ["FORWARD", "INPUT"] {
+            let check = self.exec.run(
+                &ipt,
+                &["-w", "5", "-t", "filter", "-C", from, "-j", &target],
+                None,
+            )?;
+            if !check.status.success() {
+                self.checked(
+                    &ipt,
+                    &["-w", "5", "-t", "filter", "-I", from, "1", "-j", &target],
+                    None,
+                    "insert",
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_guard6(&self) -> Result<(), FirewallError> {
+        *self.guard6.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if !Self::has_ipv6() {
+            return Ok(());
+        }
+        let target = guard6::chain();
+        let ipt = self.bin6("iptables");
+        for from in ["FORWARD", "INPUT"] {
+            // Bounded: a jump is deleted once per turn, and nobody adds ours twice.
+            for _ in 0..8 {
+                let del = self.exec.run(
+                    &ipt,
+                    &["-w", "5", "-t", "filter", "-D", from, "-j", &target],
+                    None,
+                )?;
+                if !del.status.success() {
+                    break;
+                }
+            }
+        }
+        for op in ["-F", "-X"] {
+            // Absent already is fine.
+            let _ = self
+                .exec
+                .run(&ipt, &["-w", "5", "-t", "filter", op, &target], None)?;
+        }
+        Ok(())
+    }
+
+    fn apply_v4(&self, script: &IptablesScript) -> Result<Applied, FirewallError> {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(prev) = last.take() {
             match self.forward_hash() {
@@ -842,7 +939,7 @@ impl Firewall for IptablesRestore {
         })
     }
 
-    fn remove(&self) -> Result<(), FirewallError> {
+    fn remove_v4(&self) -> Result<(), FirewallError> {
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.unhook("FORWARD", "FORWARD")?;
         self.unhook("INPUT", "INPUT")?;
@@ -860,5 +957,6 @@ impl Firewall for IptablesRestore {
     }
 }
 
+pub mod guard6;
 #[cfg(test)]
 mod tests;

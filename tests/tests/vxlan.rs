@@ -146,6 +146,7 @@ fn lab(n: u8) -> Lab {
                 wireguard_public_key: None,
                 encryption: "none".into(),
                 subnet: format!("10.244.{i}.0/24").parse().unwrap(),
+                subnet_v6: None,
             };
             let under = in_ns(&ns, async move |k| {
                 k.underlay_by_address(underlay).await.unwrap()

@@ -246,8 +246,23 @@ where
 }
 
 /// `net.ipv4.ip_forward` on (see [`sysctl`]).
-fn enable_ip_forward() -> Result<(), String> {
-    sysctl::ensure("net/ipv4/ip_forward", "1").map(|_| ())
+/// Forwarding on, for IPv6 too on a node with an IPv6 subnet ([`sysctl::forwarding_plan`]).
+fn enable_ip_forward(ipv6: bool, underlay: &str) -> Result<(), String> {
+    let accept_ra =
+        std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{underlay}/accept_ra")).ok();
+    let mut errors = Vec::new();
+    for (key, value) in sysctl::forwarding_plan(ipv6, underlay, accept_ra.as_deref()) {
+        match sysctl::ensure(&key, value) {
+            Ok(true) => tracing::info!(key, value, "sysctl set"),
+            Ok(false) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
 }
 
 /// Puts back what the CNI plugin made on the host for this node's pods and someone removed (a

@@ -182,9 +182,6 @@ impl NodeLoop {
     ) -> Result<Self> {
         let node = args.node_name.clone();
         let cluster_v4 = cfg.ipv4_cluster_cidr().map_err(anyhow::Error::msg)?;
-        if let Some(v6) = cfg.cluster_cidr.v6 {
-            tracing::warn!(cluster_cidr_v6 = %v6, "cluster-cidr has an IPv6 range, which this agent does not wire yet: pods get IPv4 addresses only");
-        }
         let nodes: Api<Node> = Api::all(client.clone());
         let skips = Arc::new(tolerant::Skips::default());
         let store = KubeLeases::new(
@@ -243,9 +240,12 @@ impl NodeLoop {
             wireguard_public_key: None,
             encryption: "none".into(),
             subnet: ipnet::Ipv4Net::default(),
+            subnet_v6: None,
         };
         let published = datapath.publish(&base_record, &datapath_config(&cfg, &underlay, &vx));
-        let prefer = SubnetEnv::load(&args.subnet_file).ok().map(|e| e.subnet);
+        let before = SubnetEnv::load(&args.subnet_file).ok();
+        let prefer = before.as_ref().map(|e| e.subnet);
+        let prefer_v6 = before.and_then(|e| e.v6).map(|v6| v6.subnet);
         let legacy_api = (!args.legacy_lease_namespace.is_empty())
             .then(|| kube_leases::raw_api(client.clone(), &args.legacy_lease_namespace));
         let legacy_now = match &legacy_api {
@@ -266,12 +266,13 @@ impl NodeLoop {
                     owner: &owner,
                     facts: &facts,
                     prefer,
+                    prefer_v6,
                     legacy: &legacy_now,
                 },
             )
         })
         .await;
-        let forwarding = super::enable_ip_forward();
+        let forwarding = super::enable_ip_forward(held.record.subnet_v6.is_some(), &underlay.name);
         if let Err(e) = &forwarding {
             tracing::error!(error = e.as_str(), "pods cannot be forwarded");
         }
@@ -370,8 +371,13 @@ impl NodeLoop {
             mtu: pod_mtu(&self.cfg, self.underlay.mtu),
             ipmasq: self.cfg.masquerade,
             policy_backend: self.hostport_backend.get().map(|b| b.name().to_string()),
-            // The agent takes no IPv6 subnet yet (issue 23): the file stays IPv4 only.
-            v6: None,
+            // A dual-stack node's IPv6 pair: sluice-cni gives every pod an address of each.
+            v6: self
+                .cfg
+                .cluster_cidr
+                .v6
+                .zip(self.held.record.subnet_v6)
+                .map(|(network, subnet)| sluice_net::subnet_env::SubnetV6 { network, subnet }),
         };
         match write_subnet_env(&self.args.subnet_file, &env) {
             // Restored only once the plugin is told the same backend (an ADD after this
@@ -443,14 +449,30 @@ impl NodeLoop {
             self.held.record = record;
         }
         let now = SystemTime::now();
+        let mut retaken = false;
         if changed || lease::renew_due(&self.held.lease, now) {
             match renew(&self.store, &self.held.lease, &self.held.record, now).await {
                 Ok(l) => self.held.lease = l,
                 Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
-                    self.retake(dp_cfg).await
+                    self.retake(dp_cfg).await;
+                    retaken = true;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "renewing the subnet lease failed; will retry")
+                }
+            }
+        }
+        // A dual-stack node's IPv6 lease, renewed alike (a retake just wrote both).
+        if let Some(v6) = self.held.lease_v6.clone().filter(|_| !retaken) {
+            if changed || lease::renew_due(&v6, now) {
+                match renew(&self.store, &v6, &self.held.record, now).await {
+                    Ok(l) => self.held.lease_v6 = Some(l),
+                    Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
+                        self.retake(dp_cfg).await
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "renewing the IPv6 subnet lease failed; will retry")
+                    }
                 }
             }
         }
@@ -495,6 +517,7 @@ impl NodeLoop {
                 owner: &owner,
                 facts: &facts,
                 prefer: Some(self.held.record.subnet),
+                prefer_v6: self.held.record.subnet_v6,
                 legacy: &[],
             },
         );
@@ -539,7 +562,8 @@ impl NodeLoop {
         started: Instant,
     ) -> bool {
         if self.forwarding.is_err() {
-            self.forwarding = super::enable_ip_forward();
+            self.forwarding =
+                super::enable_ip_forward(self.held.record.subnet_v6.is_some(), &self.underlay.name);
         }
         let error = match (&self.forwarding, applied.errors.as_slice()) {
             (Err(e), _) => Some(e.clone()),
@@ -716,8 +740,13 @@ impl NodeLoop {
             underlay_ip: self.vxlan.underlay_ip,
             port: self.vxlan.port,
         };
-        let masq = sluice_net::masq::plan(self.cluster_v4, self.cfg.masquerade, Some(untracked))
-            .with_mss_clamp(self.cluster_v4);
+        let mut masq =
+            sluice_net::masq::plan(self.cluster_v4, self.cfg.masquerade, Some(untracked))
+                .with_mss_clamp(self.cluster_v4);
+        // A dual-stack node: IPv6 pod egress leaving the cluster is masqueraded alike.
+        if let (Some(v6), Some(_)) = (self.cfg.cluster_cidr.v6, self.held.record.subnet_v6) {
+            masq = masq.with_ipv6(v6, self.cfg.masquerade).with_mss_clamp(v6);
+        }
         if let Err(e) = self.masq.sync(&masq).await {
             tracing::warn!(error = %e, "masquerade sync failed; will retry");
         }
@@ -770,13 +799,16 @@ fn status_document(
     serde_json::json!({
         "node": node,
         "subnet": held.record.subnet.to_string(),
+        "subnetV6": held.record.subnet_v6.map(|s| s.to_string()),
         "lease": {"name": held.lease.name, "expires": expires},
+        "leaseV6": held.lease_v6.as_ref().map(|l| l.name.clone()),
         "underlay": held.record.underlay_ip.to_string(),
         "encryption": match cfg.encryption { Encryption::None => "none", Encryption::Wireguard => "wireguard" },
         "overlay": cfg.overlay.as_str(),
         "peers": plan.paths.iter().map(|p| serde_json::json!({
             "node": p.peer.node,
             "subnet": p.peer.subnet.to_string(),
+            "subnetV6": p.peer.subnet_v6.map(|s| s.to_string()),
             "underlay": p.peer.underlay_ip.to_string(),
             "path": p.path.as_str(),
             "tunnel": p.path.as_str(),

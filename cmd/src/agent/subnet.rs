@@ -5,9 +5,9 @@ use super::config::{AgentConfig, SubnetSource};
 use super::kube_leases::KubeLeases;
 use super::node::NodeFacts;
 use anyhow::{bail, Result};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use sluice_net::lease::store::{
-    acquire, publish, AcquireError, AcquireRequest, LeaseStore, StoreError,
+    acquire, publish, renew, AcquireError, AcquireRequest, LeaseStore, StoreError,
 };
 use sluice_net::lease::{
     self, FamilyNet, LeaseView, NodeOwner, NodeRecord, SubnetPool, DEFAULT_LEASE_SECS,
@@ -71,9 +71,11 @@ pub fn choose<N: FamilyNet>(
     }
 }
 
-/// The node's subnet lease as held now.
+/// The node's subnet leases as held now: the IPv4 one, and on a dual-stack node the IPv6 one
+/// (both carry `record`).
 pub struct Held {
     pub lease: LeaseView,
+    pub lease_v6: Option<LeaseView>,
     pub record: NodeRecord,
 }
 
@@ -115,6 +117,8 @@ pub struct TakeRequest<'a> {
     pub facts: &'a NodeFacts,
     /// The subnet of the last `subnet.env`.
     pub prefer: Option<Ipv4Net>,
+    /// Its IPv6 subnet.
+    pub prefer_v6: Option<Ipv6Net>,
     /// sluice 0.1's leases in `kube-system`.
     pub legacy: &'a [LeaseView],
 }
@@ -132,10 +136,88 @@ pub async fn take(store: &KubeLeases, req: TakeRequest<'_>) -> Result<Held> {
     if let (Some(old), None) = (legacy_mine, req.prefer) {
         tracing::info!(node, subnet = %old, "moving this node's lease from kube-system to sluice-system");
     }
-    let cluster_v4 = req.cfg.ipv4_cluster_cidr().map_err(anyhow::Error::msg)?;
-    if let (Some(v6), Some(_)) = (req.facts.pod_cidr_v6, req.cfg.cluster_cidr.v6) {
-        tracing::info!(node, pod_cidr_v6 = %v6, "the node's IPv6 podCIDR is not used yet: sluice wires IPv4 only");
+    let v4 = take_v4(store, &req, used_before, now).await?;
+    let Some(cluster_v6) = req.cfg.cluster_cidr.v6 else {
+        return Ok(Held {
+            lease: v4.lease,
+            lease_v6: None,
+            record: v4.record,
+        });
+    };
+    // Dual-stack: the IPv6 subnet by the same rules, its lease carrying the record with both;
+    // then the IPv4 lease is written again with that record, so both say the same.
+    let (lease_v6, record) = take_v6(store, &req, &v4.record, cluster_v6).await?;
+    let lease = renew(store, &v4.lease, &record, SystemTime::now()).await?;
+    Ok(Held {
+        lease,
+        lease_v6: Some(lease_v6),
+        record,
+    })
+}
+
+/// The IPv6 lease of a dual-stack node, for `record` (which holds its IPv4 subnet already).
+async fn take_v6(
+    store: &KubeLeases,
+    req: &TakeRequest<'_>,
+    record: &NodeRecord,
+    cluster_v6: Ipv6Net,
+) -> Result<(LeaseView, NodeRecord)> {
+    let node = record.node.as_str();
+    let now = SystemTime::now();
+    let choice = choose(
+        req.cfg.subnet_source,
+        req.facts.pod_cidr_v6,
+        req.prefer_v6,
+        cluster_v6,
+    )
+    .map_err(anyhow::Error::msg)?;
+    if let SubnetChoice::PodCidr(subnet) = choice {
+        let mut record = record.clone();
+        record.subnet_v6 = Some(subnet);
+        let view = lease::podcidr_lease_of(
+            subnet,
+            &record,
+            Some(req.owner.clone()),
+            DEFAULT_LEASE_SECS,
+            now,
+        );
+        match publish(store, &view, now, 8).await {
+            Ok(lease) => return Ok((lease, record)),
+            Err(AcquireError::HeldByOther { subnet, holder })
+                if req.cfg.subnet_source == SubnetSource::Auto =>
+            {
+                tracing::warn!(node, %subnet, holder, "IPv6 spec.podCIDR is another node's leased subnet; taking a lease instead");
+            }
+            Err(e) => bail!(e),
+        }
+    } else if let SubnetChoice::Lease { why: Some(why), .. } = &choice {
+        tracing::info!(
+            node,
+            reason = why.as_str(),
+            "subnet-source auto: taking an IPv6 lease"
+        );
     }
+    let areq = AcquireRequest {
+        pool: SubnetPool::new(cluster_v6, req.cfg.subnet_length_v6)?,
+        record: record.clone(),
+        owner: Some(req.owner.clone()),
+        duration_secs: DEFAULT_LEASE_SECS,
+        prefer: req.prefer_v6,
+        max_attempts: 32,
+    };
+    let got = acquire(store, &areq, SystemTime::now).await?;
+    Ok((got.lease, got.record))
+}
+
+/// The IPv4 lease ([`take`] without the IPv6 half).
+async fn take_v4(
+    store: &KubeLeases,
+    req: &TakeRequest<'_>,
+    used_before: Option<Ipv4Net>,
+    now: SystemTime,
+) -> Result<sluice_net::lease::store::Acquired> {
+    let node = req.record.node.as_str();
+    let cluster_v4 = req.cfg.ipv4_cluster_cidr().map_err(anyhow::Error::msg)?;
     let choice = choose(
         req.cfg.subnet_source,
         req.facts.pod_cidr,
@@ -148,7 +230,14 @@ pub async fn take(store: &KubeLeases, req: TakeRequest<'_>) -> Result<Held> {
         record.subnet = subnet;
         let view = lease::podcidr_lease(&record, Some(req.owner.clone()), DEFAULT_LEASE_SECS, now);
         match publish(store, &view, now, 8).await {
-            Ok(lease) => return Ok(Held { lease, record }),
+            Ok(lease) => {
+                return Ok(sluice_net::lease::store::Acquired {
+                    subnet,
+                    lease,
+                    by: sluice_net::lease::store::AcquiredBy::Kept,
+                    record,
+                })
+            }
             Err(AcquireError::HeldByOther { subnet, holder })
                 if req.cfg.subnet_source == SubnetSource::Auto =>
             {
@@ -181,11 +270,7 @@ pub async fn take(store: &KubeLeases, req: TakeRequest<'_>) -> Result<Held> {
         inner: store,
         blockers,
     };
-    let got = acquire(&with_legacy, &req, SystemTime::now).await?;
-    Ok(Held {
-        lease: got.lease,
-        record: got.record,
-    })
+    Ok(acquire(&with_legacy, &req, SystemTime::now).await?)
 }
 
 #[cfg(test)]

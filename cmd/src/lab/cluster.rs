@@ -84,8 +84,9 @@ pub async fn register(client: &Client, plan: &LabPlan, real_api: bool, nodes: bo
                 "apiVersion": "v1", "kind": "ConfigMap",
                 "metadata": {"name": "sluice-config", "namespace": "kube-system"},
                 "data": {
-                    "cluster-cidr": plan.cluster_cidr.to_string(),
+                    "cluster-cidr": plan.cluster_cidr_value(),
                     "subnet-length": super::plan::SUBNET_LENGTH.to_string(),
+                    "subnet-length-v6": super::plan::SUBNET_LENGTH_V6.to_string(),
                     "subnet-source": plan.spec.subnet_source.as_str(),
                     "encryption": plan.spec.encryption.as_str(),
                     "overlay": plan.spec.overlay.as_str(),
@@ -124,7 +125,12 @@ fn node_object(node: &NodePlan) -> serde_json::Value {
                 "sluice.dev/lab-segment": node.segment.to_string(),
             }
         },
-        "spec": {"podCIDR": node.pod_cidr.to_string(), "podCIDRs": [node.pod_cidr.to_string()]}
+        "spec": {
+            "podCIDR": node.pod_cidr.to_string(),
+            "podCIDRs": std::iter::once(node.pod_cidr.to_string())
+                .chain(node.pod_cidr_v6.map(|s| s.to_string()))
+                .collect::<Vec<_>>(),
+        }
     })
 }
 

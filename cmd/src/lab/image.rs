@@ -70,6 +70,11 @@ pub const TOOLS: &[Tool] = &[
     tool("ip6tables", "iptables", false),
     tool("ip6tables-save", "iptables", false),
     tool("ip6tables-restore", "iptables", false),
+    // The iptables policy backend's IPv6 guard runs these, per detected mode.
+    tool("ip6tables-nft", "iptables", false),
+    tool("ip6tables-nft-restore", "iptables", false),
+    tool("ip6tables-legacy", "iptables", false),
+    tool("ip6tables-legacy-restore", "iptables", false),
 ];
 
 /// Where tools are looked for (and kept, at the same path, in the image).

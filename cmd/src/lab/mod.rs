@@ -47,6 +47,9 @@ pub enum LabCmd {
         /// How nodes get their pod subnet (sluice-config `subnet-source`).
         #[arg(long, value_enum, default_value_t = plan::SubnetSource::Auto)]
         subnet_source: plan::SubnetSource,
+        /// The pods' address families: ipv4, or dual (IPv4 and IPv6, over the IPv4 underlay).
+        #[arg(long, value_enum, default_value_t = plan::IpFamily::Ipv4)]
+        ip_family: plan::IpFamily,
         /// Use this real API server (on the host's loopback) instead of the embedded one.
         #[arg(long, env = "SLUICE_E2E_KUBECONFIG", conflicts_with = "kubernetes")]
         kubeconfig: Option<PathBuf>,
@@ -115,6 +118,10 @@ pub enum LabCmd {
         /// e.g. 1s, 500ms.
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
         timeout: Duration,
+        /// With TO a pod: connect to its IPv6 address (a dual-stack lab's pods have one of
+        /// each). An address TO may be IPv6 without it.
+        #[arg(long)]
+        ipv6: bool,
     },
     /// Run a command inside a pod's network namespace, like `kubectl exec`.
     Exec {
@@ -233,11 +240,15 @@ pub fn main(cmd: LabCmd) -> Result<()> {
             overlay,
             segments,
             subnet_source,
+            ip_family,
             kubeconfig,
             kubernetes,
             k8s_images,
             reference_cni,
         } => {
+            if ip_family == plan::IpFamily::Dual && kubernetes.is_some() {
+                bail!("--ip-family dual runs on the embedded API server only so far (not with --kubernetes)");
+            }
             let spec = LabSpec {
                 name,
                 nodes,
@@ -251,6 +262,7 @@ pub fn main(cmd: LabCmd) -> Result<()> {
                 overlay,
                 segments,
                 subnet_source,
+                ip_family,
             };
             let api = match (kubeconfig, kubernetes) {
                 (Some(kc), _) => Api::External(kc),
@@ -311,8 +323,14 @@ pub fn main(cmd: LabCmd) -> Result<()> {
             port,
             protocol,
             timeout,
+            ipv6,
         } => {
-            let code = rt.block_on(probe(&name, &from, &to, port, protocol, timeout))?;
+            let target = ProbeTarget {
+                to: &to,
+                port,
+                ipv6,
+            };
+            let code = rt.block_on(probe(&name, &from, target, protocol, timeout))?;
             std::process::exit(i32::from(code));
         }
         LabCmd::Exec { name, pod, command } => {
@@ -785,25 +803,41 @@ async fn pod_place(name: &str, pod: &str) -> Result<(String, Option<std::net::Ip
     Ok((plan.pod_netns(&ns, &pod_name), ip))
 }
 
+/// What `lab probe` connects to.
+struct ProbeTarget<'a> {
+    /// `ns/pod` or an address of either family.
+    to: &'a str,
+    port: u16,
+    /// A pod's IPv6 address rather than its IPv4 one.
+    ipv6: bool,
+}
+
 async fn probe(
     name: &str,
     from: &str,
-    to: &str,
-    port: u16,
+    target: ProbeTarget<'_>,
     protocol: serve::Protocol,
     timeout: Duration,
 ) -> Result<u8> {
+    let (to, port) = (target.to, target.port);
     let (netns_name, _) = pod_place(name, from).await?;
-    let target = match to.parse::<std::net::Ipv4Addr>() {
+    let ip: std::net::IpAddr = match to.parse::<std::net::IpAddr>() {
         Ok(ip) => ip,
-        Err(_) => pod_place(name, to)
-            .await?
-            .1
-            .with_context(|| format!("pod {to} has no address yet"))?,
+        Err(_) => {
+            let (to_netns, v4) = pod_place(name, to).await?;
+            if target.ipv6 {
+                status::pod_ipv6(&to_netns)
+                    .with_context(|| format!("pod {to} has no IPv6 address"))?
+                    .into()
+            } else {
+                v4.with_context(|| format!("pod {to} has no address yet"))?
+                    .into()
+            }
+        }
     };
     let path = sluice_net::netns::named_path(&netns_name);
     let file = sluice_net::netns::open(&path)?;
-    let addr = std::net::SocketAddrV4::new(target, port);
+    let addr = std::net::SocketAddr::new(ip, port);
     let result = sluice_net::netns::run_in(&file, &path, || serve::probe(addr, protocol, timeout))?;
     Ok(match result {
         serve::ProbeResult::Answered(who) => {

@@ -44,14 +44,13 @@ pub fn held_lease(lease: &Lease, now: jiff::Timestamp) -> Option<HeldLease> {
         return None;
     }
     let spec = lease.spec.clone().unwrap_or_default();
-    let subnet = annotations
-        .get(sluice_net::lease::ANN_SUBNET)
-        .cloned()
-        .or_else(|| {
-            sluice_net::lease::parse_lease_name(&name)
-                .ok()
-                .map(|n| n.to_string())
-        })?;
+    // The subnet the lease's name stands for (a dual-stack node's IPv6 lease carries the same
+    // record as its IPv4 one, so the record's IPv4 subnet would show twice).
+    let subnet = sluice_net::lease::parse_lease_name(&name)
+        .map(|n| n.to_string())
+        .or_else(|_| sluice_net::lease::parse_lease_name_v6(&name).map(|n| n.to_string()))
+        .ok()
+        .or_else(|| annotations.get(sluice_net::lease::ANN_SUBNET).cloned())?;
     let expired = match (spec.renew_time, spec.lease_duration_seconds) {
         (Some(renewed), Some(secs)) => renewed
             .0

@@ -1,7 +1,7 @@
 //! What a lab is made of, computed from its spec alone: names, addresses, subnets. Nothing here
 //! touches the kernel or the API, so the whole layout is unit-tested without root.
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -52,6 +52,17 @@ impl Overlay {
     }
 }
 
+/// The pod address families of the lab (`--ip-family`): IPv4, or IPv4 and IPv6 (dual-stack:
+/// `cluster-cidr` of both, every pod an address of each, IPv6 carried over the IPv4 underlay).
+/// IPv6-only over an IPv6 underlay is a later step of issue 23.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IpFamily {
+    #[default]
+    Ipv4,
+    Dual,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LabSpec {
     pub name: String,
@@ -66,6 +77,9 @@ pub struct LabSpec {
     /// sluice-config's `subnet-source`: the Node's podCIDR where it has one (`auto`), always a
     /// lease, or always the podCIDR.
     pub subnet_source: SubnetSource,
+    /// The pods' address families (a lab saved before it is IPv4).
+    #[serde(default)]
+    pub ip_family: IpFamily,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -102,6 +116,9 @@ pub const MAX_PODS_PER_NODE: u8 = 50;
 /// The lab's cluster CIDR and each node's share of it (DESIGN.md's defaults).
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 pub const SUBNET_LENGTH: u8 = 24;
+/// A dual-stack lab's IPv6 cluster CIDR (unique local addresses) and node subnet length.
+pub const CLUSTER_CIDR_V6: &str = "fd00:10:244::/56";
+pub const SUBNET_LENGTH_V6: u8 = 64;
 /// MTU of the underlay links (veth), as on an ordinary Ethernet.
 pub const UNDERLAY_MTU: u32 = 1500;
 
@@ -141,6 +158,10 @@ pub struct Segment {
     pub bridge: String,
     /// The underlay namespace's address on the bridge, with the segment's prefix.
     pub gateway: Ipv4Net,
+    /// A dual-stack lab's IPv6 on the segment (`fd00:31:S::fe/64`): the nodes' IPv6 way out to
+    /// the lab's internet. The tunnels stay on the IPv4 underlay.
+    #[serde(default)]
+    pub gateway_v6: Option<Ipv6Net>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +176,12 @@ pub struct NodePlan {
     pub uplink: String,
     /// The node's pod subnet (its `spec.podCIDR`), until an agent leases one itself.
     pub pod_cidr: Ipv4Net,
+    /// A dual-stack lab's second `spec.podCIDRs` entry.
+    #[serde(default)]
+    pub pod_cidr_v6: Option<Ipv6Net>,
+    /// A dual-stack lab's IPv6 address of the node on its segment (`fd00:31:S::I/64`).
+    #[serde(default)]
+    pub underlay_v6: Option<Ipv6Net>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,6 +201,9 @@ pub struct LabPlan {
     /// The lab's own pods (`--pods-per-node`), in the namespace named after the lab.
     pub pods: Vec<PodPlan>,
     pub cluster_cidr: Ipv4Net,
+    /// A dual-stack lab's IPv6 cluster CIDR.
+    #[serde(default)]
+    pub cluster_cidr_v6: Option<Ipv6Net>,
     /// A host outside the cluster ("the internet"), routed by the underlay namespace: it has no
     /// route to pod subnets, so pod traffic reaches it only masqueraded.
     pub internet: Internet,
@@ -187,25 +217,46 @@ pub struct Internet {
     /// The underlay namespace's end of that link.
     pub gateway: Ipv4Net,
     pub uplink: String,
+    /// A dual-stack lab's IPv6 address of the internet (`fdff:203::1/64`, unique local: no
+    /// real address) and the underlay namespace's end (`fdff:203::fe/64`).
+    #[serde(default)]
+    pub address_v6: Option<Ipv6Net>,
+    #[serde(default)]
+    pub gateway_v6: Option<Ipv6Net>,
 }
 
 /// The node's interface on the underlay.
 pub const NODE_UPLINK: &str = "eth0";
+
+/// `segments`/`len` as an IPv6 network (the lab's own fixed, valid layout).
+fn v6_net(segments: [u16; 8], len: u8) -> Ipv6Net {
+    Ipv6Net::new(std::net::Ipv6Addr::from(segments), len).unwrap_or_default()
+}
 
 impl LabPlan {
     pub fn new(spec: LabSpec) -> Result<Self, SpecError> {
         spec.validate()?;
         let prefix = prefix(&spec.name);
         let cluster_cidr: Ipv4Net = CLUSTER_CIDR.parse().unwrap_or_default();
+        let dual = spec.ip_family == IpFamily::Dual;
         let segments = (0..spec.segments)
             .map(|s| Segment {
                 bridge: format!("br{s}"),
                 gateway: Ipv4Net::new(Ipv4Addr::new(172, 31, s, 254), 24).unwrap_or_default(),
+                gateway_v6: dual
+                    .then(|| v6_net([0xfd00, 0x31, u16::from(s), 0, 0, 0, 0, 0xfe], 64)),
             })
             .collect::<Vec<_>>();
         let subnets = cluster_cidr
             .subnets(SUBNET_LENGTH)
             .map_err(|_| SpecError::Nodes(spec.nodes))?;
+        let cluster_cidr_v6: Option<Ipv6Net> = (spec.ip_family == IpFamily::Dual)
+            .then(|| CLUSTER_CIDR_V6.parse().ok())
+            .flatten();
+        let subnets_v6: Vec<Ipv6Net> = cluster_cidr_v6
+            .and_then(|c| c.subnets(SUBNET_LENGTH_V6).ok())
+            .map(|s| s.take(usize::from(spec.nodes)).collect())
+            .unwrap_or_default();
         let nodes = (1..=spec.nodes)
             .zip(subnets)
             .map(|(i, pod_cidr)| {
@@ -218,6 +269,10 @@ impl LabPlan {
                         .unwrap_or_default(),
                     uplink: format!("n{i}"),
                     pod_cidr,
+                    pod_cidr_v6: subnets_v6.get(usize::from(i - 1)).copied(),
+                    underlay_v6: dual.then(|| {
+                        v6_net([0xfd00, 0x31, segment as u16, 0, 0, 0, 0, u16::from(i)], 64)
+                    }),
                 }
             })
             .collect::<Vec<_>>();
@@ -237,6 +292,8 @@ impl LabPlan {
             address: Ipv4Net::new(Ipv4Addr::new(203, 0, 113, 1), 24).unwrap_or_default(),
             gateway: Ipv4Net::new(Ipv4Addr::new(203, 0, 113, 254), 24).unwrap_or_default(),
             uplink: "inet".into(),
+            address_v6: dual.then(|| v6_net([0xfdff, 0x203, 0, 0, 0, 0, 0, 1], 64)),
+            gateway_v6: dual.then(|| v6_net([0xfdff, 0x203, 0, 0, 0, 0, 0, 0xfe], 64)),
         };
         Ok(Self {
             internet,
@@ -246,12 +303,21 @@ impl LabPlan {
             nodes,
             pods,
             cluster_cidr,
+            cluster_cidr_v6,
             spec,
         })
     }
 
     pub fn node(&self, name: &str) -> Option<&NodePlan> {
         self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// sluice-config's `cluster-cidr`: the IPv4 range, and the IPv6 one after a comma when dual.
+    pub fn cluster_cidr_value(&self) -> String {
+        match self.cluster_cidr_v6 {
+            Some(v6) => format!("{},{v6}", self.cluster_cidr),
+            None => self.cluster_cidr.to_string(),
+        }
     }
 
     /// Where a real-Kubernetes lab's API server is reached from the nodes and pods (what it
@@ -296,7 +362,57 @@ mod tests {
             overlay: Overlay::Always,
             segments,
             subnet_source: SubnetSource::Lease,
+            ip_family: IpFamily::Ipv4,
         }
+    }
+
+    #[test]
+    fn a_dual_lab_gives_every_node_a_subnet_of_each_family() {
+        let four = LabPlan::new(spec(3, 1, 1)).unwrap();
+        assert_eq!(four.cluster_cidr_value(), "10.244.0.0/16");
+        assert!(four.nodes.iter().all(|n| n.pod_cidr_v6.is_none()));
+        let dual = LabPlan::new(LabSpec {
+            ip_family: IpFamily::Dual,
+            ..spec(3, 1, 1)
+        })
+        .unwrap();
+        assert_eq!(dual.cluster_cidr_value(), "10.244.0.0/16,fd00:10:244::/56");
+        let v6: Vec<String> = dual
+            .nodes
+            .iter()
+            .map(|n| n.pod_cidr_v6.map(|s| s.to_string()).unwrap_or_default())
+            .collect();
+        assert_eq!(
+            v6,
+            [
+                "fd00:10:244::/64",
+                "fd00:10:244:1::/64",
+                "fd00:10:244:2::/64"
+            ]
+        );
+        // The IPv6 way out: each node on its segment's IPv6 net, the internet beyond.
+        assert_eq!(
+            dual.nodes[1].underlay_v6.map(|n| n.to_string()).as_deref(),
+            Some("fd00:31::2/64")
+        );
+        assert_eq!(
+            dual.segments[0]
+                .gateway_v6
+                .map(|n| n.to_string())
+                .as_deref(),
+            Some("fd00:31::fe/64")
+        );
+        assert_eq!(
+            dual.internet.address_v6.map(|n| n.to_string()).as_deref(),
+            Some("fdff:203::1/64")
+        );
+        assert!(four.internet.address_v6.is_none() && four.nodes[0].underlay_v6.is_none());
+        // A plan saved before --ip-family reads as IPv4.
+        let mut old = serde_json::to_value(&four).unwrap();
+        old["spec"].as_object_mut().unwrap().remove("ip_family");
+        old.as_object_mut().unwrap().remove("cluster_cidr_v6");
+        let back: LabPlan = serde_json::from_value(old).unwrap();
+        assert_eq!(back.spec.ip_family, IpFamily::Ipv4);
     }
 
     #[test]

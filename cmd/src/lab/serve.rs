@@ -4,10 +4,13 @@
 
 use anyhow::{bail, Context, Result};
 use nix::sys::socket::{
-    bind, listen, socket, AddressFamily, Backlog, SockFlag, SockProtocol, SockType, SockaddrIn,
+    bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockProtocol,
+    SockType, SockaddrIn, SockaddrIn6,
 };
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream, UdpSocket,
+};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -48,6 +51,20 @@ fn sctp_socket() -> Result<Option<std::os::fd::OwnedFd>> {
     }
 }
 
+/// A socket bound to `[::]:port` for IPv6 only (the IPv4 one serves IPv4, so peers show as
+/// themselves in the log), listening if a stream; None where the pod has no IPv6.
+fn ipv6_socket(kind: SockType, port: u16) -> Option<std::os::fd::OwnedFd> {
+    let fd = socket(AddressFamily::Inet6, kind, SockFlag::SOCK_CLOEXEC, None).ok()?;
+    setsockopt(&fd, sockopt::Ipv6V6Only, &true).ok()?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).ok()?;
+    let any = SockaddrIn6::from(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0));
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &any).ok()?;
+    if kind == SockType::Stream {
+        listen(&fd, Backlog::new(64).unwrap_or(Backlog::MAXCONN)).ok()?;
+    }
+    Some(fd)
+}
+
 /// One line of the pod's log, on stderr (the pod's log file) in the CRI log format a kubelet
 /// writes, so that `kubectl logs` shows it with its time.
 fn log_line(text: &str) {
@@ -66,6 +83,11 @@ pub fn serve(identity: &str, ports: &[(Protocol, u16)]) -> Result<()> {
             Protocol::Tcp => {
                 let l = TcpListener::bind(any).with_context(|| format!("tcp/{port}"))?;
                 let what = format!("tcp/{port}");
+                if let Some(fd) = ipv6_socket(SockType::Stream, port) {
+                    let (answer, what) = (answer.clone(), what.clone());
+                    let l6 = TcpListener::from(fd);
+                    threads.push(std::thread::spawn(move || stream_loop(l6, &answer, &what)));
+                }
                 threads.push(std::thread::spawn(move || stream_loop(l, &answer, &what)));
             }
             Protocol::Sctp => {
@@ -87,6 +109,19 @@ pub fn serve(identity: &str, ports: &[(Protocol, u16)]) -> Result<()> {
             }
             Protocol::Udp => {
                 let s = UdpSocket::bind(any).with_context(|| format!("udp/{port}"))?;
+                if let Some(fd) = ipv6_socket(SockType::Datagram, port) {
+                    let answer = answer.clone();
+                    let s6 = UdpSocket::from(fd);
+                    threads.push(std::thread::spawn(move || {
+                        let mut buf = [0u8; 512];
+                        loop {
+                            if let Ok((_, from)) = s6.recv_from(&mut buf) {
+                                let _ = s6.send_to(answer.as_bytes(), from);
+                                log_line(&format!("udp/{port}: answered {from}"));
+                            }
+                        }
+                    }));
+                }
                 threads.push(std::thread::spawn(move || {
                     let mut buf = [0u8; 512];
                     loop {
@@ -126,7 +161,7 @@ pub enum ProbeResult {
 }
 
 /// Connects to `to` (from the calling thread's namespace) and reads the server's answer.
-pub fn probe(to: SocketAddrV4, proto: Protocol, timeout: Duration) -> ProbeResult {
+pub fn probe(to: SocketAddr, proto: Protocol, timeout: Duration) -> ProbeResult {
     let read_answer = |mut s: TcpStream| -> ProbeResult {
         let _ = s.set_read_timeout(Some(timeout));
         let mut out = String::new();
@@ -137,11 +172,14 @@ pub fn probe(to: SocketAddrV4, proto: Protocol, timeout: Duration) -> ProbeResul
         }
     };
     match proto {
-        Protocol::Tcp => match TcpStream::connect_timeout(&SocketAddr::V4(to), timeout) {
+        Protocol::Tcp => match TcpStream::connect_timeout(&to, timeout) {
             Ok(s) => read_answer(s),
             Err(e) => ProbeResult::NoAnswer(format!("connecting: {e}")),
         },
         Protocol::Sctp => {
+            let SocketAddr::V4(to) = to else {
+                return ProbeResult::NoAnswer("SCTP probes are IPv4 only so far".into());
+            };
             let fd = match sctp_socket() {
                 Ok(Some(fd)) => fd,
                 Ok(None) => return ProbeResult::SctpUnsupported,
@@ -160,7 +198,10 @@ pub fn probe(to: SocketAddrV4, proto: Protocol, timeout: Duration) -> ProbeResul
         }
         Protocol::Udp => {
             let attempt = || -> std::io::Result<String> {
-                let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+                let s = match to {
+                    SocketAddr::V4(_) => UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?,
+                    SocketAddr::V6(_) => UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?,
+                };
                 s.connect(to)?;
                 // Three tries within the timeout: a first datagram may be lost to ARP.
                 let per_try = timeout / 3;
@@ -222,7 +263,7 @@ mod tests {
         };
         std::thread::spawn(move || stream_loop(tcp, "x/a\n", "tcp/test"));
         assert_eq!(
-            probe(taddr, Protocol::Tcp, Duration::from_secs(2)),
+            probe(taddr.into(), Protocol::Tcp, Duration::from_secs(2)),
             ProbeResult::Answered("x/a".into())
         );
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -236,7 +277,7 @@ mod tests {
             }
         });
         assert_eq!(
-            probe(uaddr, Protocol::Udp, Duration::from_secs(2)),
+            probe(uaddr.into(), Protocol::Udp, Duration::from_secs(2)),
             ProbeResult::Answered("x/b".into())
         );
         // Nobody listens on a port just freed.
@@ -246,7 +287,48 @@ mod tests {
             .unwrap();
         let SocketAddr::V4(gone) = gone else { panic!() };
         assert!(matches!(
-            probe(gone, Protocol::Tcp, Duration::from_millis(500)),
+            probe(gone.into(), Protocol::Tcp, Duration::from_millis(500)),
+            ProbeResult::NoAnswer(_)
+        ));
+    }
+
+    #[test]
+    fn ipv6_loopback_tcp_and_udp_probe() {
+        let Some(fd) = ipv6_socket(SockType::Stream, 0) else {
+            eprintln!("no IPv6 here; skipped");
+            return;
+        };
+        let tcp = TcpListener::from(fd);
+        let port = tcp.local_addr().unwrap().port();
+        std::thread::spawn(move || stream_loop(tcp, "x/6\n", "tcp/test"));
+        let to = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+        assert_eq!(
+            probe(to, Protocol::Tcp, Duration::from_secs(2)),
+            ProbeResult::Answered("x/6".into())
+        );
+        let udp = UdpSocket::from(ipv6_socket(SockType::Datagram, 0).unwrap());
+        let uport = udp.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            if let Ok((_, from)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(b"x/u6\n", from);
+            }
+        });
+        assert_eq!(
+            probe(
+                SocketAddr::from((Ipv6Addr::LOCALHOST, uport)),
+                Protocol::Udp,
+                Duration::from_secs(2)
+            ),
+            ProbeResult::Answered("x/u6".into())
+        );
+        // The IPv6 socket is IPv6 only: IPv4 on its port finds nobody.
+        assert!(matches!(
+            probe(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                Protocol::Tcp,
+                Duration::from_millis(500)
+            ),
             ProbeResult::NoAnswer(_)
         ));
     }

@@ -7,11 +7,34 @@ use super::{cluster, daemon, node_subnets, LabFiles};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use sluice_net::netns;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::process::{Command, Stdio};
 
+/// A pod's global IPv6 address on its `eth0` (a dual-stack lab's pods have one beside the
+/// IPv4 one), read inside its namespace with `ip -j`.
+pub fn pod_ipv6(netns_name: &str) -> Option<Ipv6Addr> {
+    let path = netns::named_path(netns_name);
+    let file = netns::open(&path).ok()?;
+    let mut cmd = Command::new("ip");
+    cmd.args(["-j", "-6", "addr", "show", "dev", "eth0", "scope", "global"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null());
+    let out = netns::run_in(&file, &path, || cmd.output()).ok()?.ok()?;
+    first_global_v6(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The first IPv6 address in `ip -j -6 addr` output.
+fn first_global_v6(json_text: &str) -> Option<Ipv6Addr> {
+    let v: serde_json::Value = serde_json::from_str(json_text).ok()?;
+    v.as_array()?
+        .iter()
+        .flat_map(|link| link["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter(|a| a["family"] == "inet6" && a["scope"] == "global")
+        .find_map(|a| a["local"].as_str()?.parse().ok())
+}
+
 /// One ping from inside `netns` to `to`; true on an answer within a second.
-fn ping(netns_name: &str, to: Ipv4Addr) -> bool {
+fn ping(netns_name: &str, to: IpAddr) -> bool {
     let path = netns::named_path(netns_name);
     let Ok(file) = netns::open(&path) else {
         return false;
@@ -29,7 +52,7 @@ fn ping(netns_name: &str, to: Ipv4Addr) -> bool {
 
 /// The reachability matrix: `m[i][j]` is whether pod i reached pod j. Pings run in parallel,
 /// bounded by `WORKERS` threads; each is bounded by ping's own one-second wait.
-fn matrix(sources: &[String], targets: &[Ipv4Addr]) -> Vec<Vec<bool>> {
+fn matrix(sources: &[String], targets: &[IpAddr]) -> Vec<Vec<bool>> {
     const WORKERS: usize = 16;
     let pairs: Vec<(usize, usize)> = (0..sources.len())
         .flat_map(|i| (0..targets.len()).map(move |j| (i, j)))
@@ -160,11 +183,28 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
         .iter()
         .map(|(ns, pod, _, _)| plan.pod_netns(ns, pod))
         .collect();
-    let targets: Vec<Ipv4Addr> = pods.iter().map(|p| p.3).collect();
-    let m = if real {
+    let targets: Vec<IpAddr> = pods.iter().map(|p| p.3.into()).collect();
+    // A dual-stack lab's pods: their IPv6 addresses, and a second matrix over them.
+    let ipv6: Vec<Option<Ipv6Addr>> = if real {
         Vec::new()
     } else {
-        tokio::task::spawn_blocking(move || matrix(&sources, &targets)).await?
+        sources.iter().map(|s| pod_ipv6(s)).collect()
+    };
+    let targets6: Vec<IpAddr> = ipv6.iter().flatten().map(|a| (*a).into()).collect();
+    let dual = !targets6.is_empty() && targets6.len() == pods.len();
+    let sources6 = sources.clone();
+    let (m, m6) = if real {
+        (Vec::new(), Vec::new())
+    } else {
+        tokio::task::spawn_blocking(move || {
+            let m6 = if dual {
+                matrix(&sources6, &targets6)
+            } else {
+                Vec::new()
+            };
+            (matrix(&sources, &targets), m6)
+        })
+        .await?
     };
     let scheme = if files.external.exists() {
         ""
@@ -186,10 +226,12 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
                 "agentSubnet": s.agent_subnet,
                 "leases": s.leases,
             })).collect::<Vec<_>>(),
-            "pods": pods.iter().map(|(ns, pod, node, ip)| json!({
+            "pods": pods.iter().enumerate().map(|(i, (ns, pod, node, ip))| json!({
                 "namespace": ns, "name": pod, "node": node, "ip": ip.to_string(),
+                "ipv6": ipv6.get(i).copied().flatten().map(|a| a.to_string()),
             })).collect::<Vec<_>>(),
             "reachability": if real { serde_json::Value::Null } else { json!(m) },
+            "reachabilityIpv6": if dual { json!(m6) } else { serde_json::Value::Null },
             "agents": agents.iter().map(|(node, pod, ready)| json!({
                 "node": node, "pod": pod, "ready": ready,
             })).collect::<Vec<_>>(),
@@ -210,8 +252,14 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
     }
     println!("\n{:>3}  {:<28} {:<16} IP", "#", "POD", "NODE");
     for (i, (ns, pod, node, ip)) in pods.iter().enumerate() {
+        let v6 = ipv6
+            .get(i)
+            .copied()
+            .flatten()
+            .map(|a| format!(" {a}"))
+            .unwrap_or_default();
         println!(
-            "{:>3}  {:<28} {:<16} {ip}",
+            "{:>3}  {:<28} {:<16} {ip}{v6}",
             i + 1,
             format!("{ns}/{pod}"),
             node
@@ -234,13 +282,21 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
         println!("\nreachability: not measured here on real pods (their namespaces are containerd's): use kubectl exec");
         return Ok(());
     }
+    print_matrix("reachability", &m);
+    if dual {
+        print_matrix("IPv6 reachability", &m6);
+    }
+    Ok(())
+}
+
+fn print_matrix(title: &str, m: &[Vec<bool>]) {
     let reached: usize = m.iter().flatten().filter(|&&b| b).count();
     println!(
-        "\nreachability (ping from row to column; o = answered, . = no answer): {reached}/{} pairs",
+        "\n{title} (ping from row to column; o = answered, . = no answer): {reached}/{} pairs",
         m.len() * m.len()
     );
     print!("{:>5}", "");
-    for j in 0..pods.len() {
+    for j in 0..m.len() {
         print!("{:>3}", j + 1);
     }
     println!();
@@ -251,7 +307,6 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
         }
         println!();
     }
-    Ok(())
 }
 
 /// The subnet the node's agent holds, from the file it writes for the CNI plugin.
@@ -283,4 +338,20 @@ async fn daemonset_pods(client: &kube::Client) -> Result<Vec<(String, String, bo
             Some((node, p.metadata.name?, ready))
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_pods_global_ipv6_address_is_read_from_ip_json() {
+        let out = r#"[{"ifindex":2,"ifname":"eth0","addr_info":[
+            {"family":"inet6","local":"fe80::1","prefixlen":64,"scope":"link"},
+            {"family":"inet6","local":"fd00:10:244:1::5","prefixlen":128,"scope":"global"}]}]"#;
+        assert_eq!(
+            super::first_global_v6(out),
+            Some("fd00:10:244:1::5".parse().unwrap())
+        );
+        assert_eq!(super::first_global_v6("[]"), None);
+        assert_eq!(super::first_global_v6("not json"), None);
+    }
 }

@@ -8,7 +8,7 @@ use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 use sluice_net::netns;
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
@@ -66,10 +66,11 @@ impl NsHandle {
         .with_context(|| format!("setting {key}={value} in {}", self.name))
     }
 
-    async fn address(&self, index: u32, net: ipnet::Ipv4Net, what: &str) -> Result<()> {
+    async fn address(&self, index: u32, net: impl Into<ipnet::IpNet>, what: &str) -> Result<()> {
+        let net: ipnet::IpNet = net.into();
         self.handle
             .address()
-            .add(index, IpAddr::V4(net.addr()), net.prefix_len())
+            .add(index, net.addr(), net.prefix_len())
             .replace()
             .execute()
             .await
@@ -132,10 +133,30 @@ async fn default_route(ns: &NsHandle, via: Ipv4Addr) -> Result<()> {
         .with_context(|| format!("adding the default route of {}", ns.name))
 }
 
+/// A dual-stack lab's IPv6 default route of `ns` (its way out to the lab's internet).
+async fn default_route_v6(ns: &NsHandle, via: Option<ipnet::Ipv6Net>) -> Result<()> {
+    let Some(via) = via else {
+        return Ok(());
+    };
+    let default = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+        .gateway(via.addr())
+        .build();
+    ns.handle
+        .route()
+        .add(default)
+        .replace()
+        .execute()
+        .await
+        .with_context(|| format!("adding the IPv6 default route of {}", ns.name))
+}
+
 /// Builds the underlay. `step` prints a progress line.
 pub async fn build(plan: &LabPlan, step: &mut dyn FnMut(String)) -> Result<()> {
     let underlay = namespace(&plan.underlay_netns).await?;
     underlay.sysctl("net/ipv4/ip_forward", "1")?;
+    if plan.internet.address_v6.is_some() {
+        underlay.sysctl("net/ipv6/conf/all/forwarding", "1")?;
+    }
     for seg in &plan.segments {
         underlay
             .handle
@@ -147,6 +168,9 @@ pub async fn build(plan: &LabPlan, step: &mut dyn FnMut(String)) -> Result<()> {
             .map_err(|e| explain_missing("bridge", e))?;
         let index = underlay.link(&seg.bridge).await?.header.index;
         underlay.address(index, seg.gateway, &seg.bridge).await?;
+        if let Some(v6) = seg.gateway_v6 {
+            underlay.address(index, v6, &seg.bridge).await?;
+        }
     }
     step(format!(
         "underlay: namespace {}, {} segment(s) {}",
@@ -169,6 +193,11 @@ pub async fn build(plan: &LabPlan, step: &mut dyn FnMut(String)) -> Result<()> {
         .address(eth0, plan.internet.address, NODE_UPLINK)
         .await?;
     default_route(&internet, plan.internet.gateway.addr()).await?;
+    if let (Some(addr), Some(gw)) = (plan.internet.address_v6, plan.internet.gateway_v6) {
+        underlay.address(inet, gw, &plan.internet.uplink).await?;
+        internet.address(eth0, addr, NODE_UPLINK).await?;
+        default_route_v6(&internet, Some(gw)).await?;
+    }
     step(format!(
         "internet: namespace {}, {} (no route to pods: it sees them only masqueraded)",
         plan.internet.netns, plan.internet.address
@@ -194,6 +223,10 @@ pub async fn build(plan: &LabPlan, step: &mut dyn FnMut(String)) -> Result<()> {
         let eth0 = ns.up(NODE_UPLINK).await?;
         ns.address(eth0, node.underlay, NODE_UPLINK).await?;
         default_route(&ns, seg.gateway.addr()).await?;
+        if let Some(v6) = node.underlay_v6 {
+            ns.address(eth0, v6, NODE_UPLINK).await?;
+            default_route_v6(&ns, seg.gateway_v6).await?;
+        }
         ns.sysctl("net/ipv4/ip_forward", "1")?;
         step(format!(
             "node {}: namespace {}, underlay {} on {}",

@@ -195,7 +195,16 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &DatapathConfig) -> Data
             .map(|p| p.peer.subnet)
             .collect()
     };
-    let on_vxlan = on(Path::Vxlan);
+    // A peer's path carries both its families (VXLAN and WireGuard; direct routes are IPv4
+    // only: an IPv6 subnet has no IPv6 underlay address to be routed to yet).
+    let on_vxlan: BTreeSet<ipnet::IpNet> = paths
+        .iter()
+        .filter(|p| p.path == Path::Vxlan)
+        .flat_map(|p| {
+            std::iter::once(ipnet::IpNet::from(p.peer.subnet))
+                .chain(p.peer.subnet_v6.map(ipnet::IpNet::from))
+        })
+        .collect();
     vxlan.retain_subnets(|s| on_vxlan.contains(s));
     // No VXLAN device where nothing goes through it or comes by it.
     vxlan.wanted = cfg.overlay != Overlay::Never;

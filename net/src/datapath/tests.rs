@@ -17,6 +17,7 @@ fn node(name: &str, n: u8, seg: u8, enc: &str) -> NodeRecord {
         wireguard_public_key: Some(key(n)),
         encryption: enc.into(),
         subnet: format!("10.244.{n}.0/24").parse().unwrap(),
+        subnet_v6: None,
     }
 }
 
@@ -86,7 +87,11 @@ fn the_path_for_every_combination_of_overlay_segment_and_encryption() {
         assert_eq!(p.paths.len(), 1, "{case}");
         assert_eq!(p.paths[0].path, want, "{case}");
         let s = peer.subnet;
-        assert_eq!(p.vxlan.routes.contains_key(&s), want == Vxlan, "{case}");
+        assert_eq!(
+            p.vxlan.routes.contains_key(&ipnet::IpNet::from(s)),
+            want == Vxlan,
+            "{case}"
+        );
         assert_eq!(p.wireguard.routes.contains(&s), want == Wireguard, "{case}");
         assert_eq!(
             p.direct.routes.get(&s) == Some(&peer.underlay_ip),

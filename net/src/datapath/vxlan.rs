@@ -50,7 +50,7 @@ impl Backend for VxlanBackend {
                 "vni": d.vni,
                 "port": d.port,
                 "mtu": d.mtu,
-                "peers": plan.vxlan.routes.len(),
+                "peers": plan.vxlan.fdb.len(),
             }),
         )
     }

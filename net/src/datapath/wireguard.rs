@@ -23,6 +23,22 @@ fn failed(e: impl std::fmt::Display) -> DatapathError {
     DatapathError::Wireguard(e.to_string())
 }
 
+/// The routes through the device, each with its preferred source (the device's address of the
+/// route's family).
+fn routes_of(
+    wg: &wireguard::WgPlan,
+) -> std::collections::BTreeMap<ipnet::IpNet, Option<std::net::IpAddr>> {
+    let v4 = wg
+        .routes
+        .iter()
+        .map(|r| ((*r).into(), Some(wg.address.into())));
+    let v6 = wg
+        .routes_v6
+        .iter()
+        .map(|r| ((*r).into(), wg.address_v6.map(Into::into)));
+    v4.chain(v6).collect()
+}
+
 impl WgBackend {
     pub fn new(key_path: PathBuf, port: u16, mtu: u32) -> Self {
         let mut s = Self {
@@ -116,11 +132,10 @@ impl Backend for WgBackend {
             if let Some(dev) = self.device.as_mut() {
                 let diff = dev.apply(&wg.peers).await.map_err(failed)?;
                 changes += diff.remove.len() + diff.upsert.len();
-                dev.sync_address(wg.address).await.map_err(failed)?;
-                changes += dev
-                    .add_routes(&wg.routes, wg.address)
+                dev.sync_address(wg.address, wg.address_v6)
                     .await
                     .map_err(failed)?;
+                changes += dev.add_routes(&routes_of(wg)).await.map_err(failed)?;
             }
             Ok(changes)
         })
@@ -132,10 +147,7 @@ impl Backend for WgBackend {
             let wg = &plan.wireguard;
             let mut changes = 0;
             if let Some(dev) = self.device.as_ref() {
-                changes += dev
-                    .sync_routes(&wg.routes, wg.address)
-                    .await
-                    .map_err(failed)?;
+                changes += dev.sync_routes(&routes_of(wg)).await.map_err(failed)?;
             }
             if !wg.device {
                 if let Some(dev) = self.device.take() {

@@ -34,6 +34,9 @@ pub const ANN_VTEP_MAC: &str = "sluice.dev/vtep-mac";
 pub const ANN_WIREGUARD_PUBLIC_KEY: &str = "sluice.dev/wireguard-public-key";
 pub const ANN_ENCRYPTION: &str = "sluice.dev/encryption";
 pub const ANN_SUBNET: &str = "sluice.dev/subnet";
+/// A dual-stack node's IPv6 subnet. Peers of a sluice before IPv6 ignore it, and the IPv6
+/// lease too (its name is not an IPv4 one), so they keep reaching the node over IPv4.
+pub const ANN_SUBNET_V6: &str = "sluice.dev/subnet-v6";
 
 /// Lease duration the agent asks for unless configured otherwise (Kubernetes node leases use 40 s).
 pub const DEFAULT_LEASE_SECS: u32 = 40;
@@ -58,7 +61,7 @@ pub enum RecordError {
         reason: &'static str,
     },
     #[error("record subnet {record} differs from the lease's name {lease}")]
-    SubnetMismatch { record: Ipv4Net, lease: String },
+    SubnetMismatch { record: IpNet, lease: String },
     #[error("lease {lease} has no holder")]
     NoHolder { lease: String },
 }
@@ -121,6 +124,10 @@ pub trait FamilyNet:
     fn parse_lease_name(name: &str) -> Result<Self, LeaseError>;
     /// `net` if it is of this family.
     fn of(net: IpNet) -> Option<Self>;
+    /// The record's subnet of this family.
+    fn in_record(record: &NodeRecord) -> Option<Self>;
+    /// `record` with this family's subnet set to `self`.
+    fn set_in(self, record: &mut NodeRecord);
 }
 
 impl FamilyNet for Ipv4Net {
@@ -137,6 +144,12 @@ impl FamilyNet for Ipv4Net {
             IpNet::V6(_) => None,
         }
     }
+    fn in_record(record: &NodeRecord) -> Option<Self> {
+        Some(record.subnet)
+    }
+    fn set_in(self, record: &mut NodeRecord) {
+        record.subnet = self;
+    }
 }
 
 impl FamilyNet for Ipv6Net {
@@ -152,6 +165,12 @@ impl FamilyNet for Ipv6Net {
             IpNet::V6(n) => Some(n),
             IpNet::V4(_) => None,
         }
+    }
+    fn in_record(record: &NodeRecord) -> Option<Self> {
+        record.subnet_v6
+    }
+    fn set_in(self, record: &mut NodeRecord) {
+        record.subnet_v6 = Some(self);
     }
 }
 
@@ -227,6 +246,9 @@ pub struct NodeRecord {
     /// `none` or `wireguard` (the `encryption` key of `sluice-config`).
     pub encryption: String,
     pub subnet: Ipv4Net,
+    /// A dual-stack node's IPv6 subnet (`sluice.dev/subnet-v6`), held in a lease of its own
+    /// named from it; both of the node's leases carry the same record.
+    pub subnet_v6: Option<Ipv6Net>,
 }
 
 /// `aa:bb:cc:dd:ee:ff`, lower case.
@@ -263,6 +285,9 @@ impl NodeRecord {
         }
         a.insert(ANN_ENCRYPTION.into(), self.encryption.clone());
         a.insert(ANN_SUBNET.into(), self.subnet.to_string());
+        if let Some(v6) = self.subnet_v6 {
+            a.insert(ANN_SUBNET_V6.into(), v6.to_string());
+        }
         a
     }
 
@@ -296,6 +321,18 @@ impl NodeRecord {
         if subnet.network() != subnet.addr() {
             return Err(bad(ANN_SUBNET, subnet_text, "host bits set"));
         }
+        let subnet_v6 = match a.get(ANN_SUBNET_V6).filter(|v| !v.is_empty()) {
+            None => None,
+            Some(text) => {
+                let v6: Ipv6Net = text
+                    .parse()
+                    .map_err(|_| bad(ANN_SUBNET_V6, text, "not an IPv6 CIDR"))?;
+                if v6.network() != v6.addr() {
+                    return Err(bad(ANN_SUBNET_V6, text, "host bits set"));
+                }
+                Some(v6)
+            }
+        };
         Ok(Self {
             node,
             underlay_ip,
@@ -306,6 +343,7 @@ impl NodeRecord {
                 .cloned()
                 .unwrap_or_else(|| "none".into()),
             subnet,
+            subnet_v6,
         })
     }
 }
@@ -339,15 +377,27 @@ impl LeaseView {
         Some(since + Duration::from_secs(u64::from(self.duration_secs?)))
     }
 
-    /// A fresh lease of `subnet` held by `record.node`, acquired and renewed `now`.
+    /// A fresh lease of the record's IPv4 `subnet` held by `record.node`, acquired and renewed
+    /// `now`.
     pub fn new_held(
         record: &NodeRecord,
         owner: Option<NodeOwner>,
         duration_secs: u32,
         now: SystemTime,
     ) -> Self {
+        Self::new_held_of(record.subnet, record, owner, duration_secs, now)
+    }
+
+    /// A fresh lease named from `subnet` (of either family) carrying `record`.
+    pub fn new_held_of<N: FamilyNet>(
+        subnet: N,
+        record: &NodeRecord,
+        owner: Option<NodeOwner>,
+        duration_secs: u32,
+        now: SystemTime,
+    ) -> Self {
         Self {
-            name: lease_name(record.subnet),
+            name: subnet.lease_name(),
             holder: Some(record.node.clone()),
             acquire_time: Some(now),
             renew_time: Some(now),
@@ -579,15 +629,26 @@ pub struct SkippedLease {
 /// name and have a holder. Expired leases still count (their node may only have a stopped
 /// agent, and its datapath keeps forwarding); a lease that goes away takes its peer with it.
 /// If two leases name the same node, the most recently renewed wins. Sorted by node name.
+///
+/// A dual-stack node holds an IPv4 and an IPv6 lease, both carrying its record. A record's
+/// IPv6 subnet counts only while the node holds the lease named from it: a record cannot claim
+/// an IPv6 subnet its node never won (or lost since), so two nodes never route the same one.
 pub fn peers_from_leases(
     my_node: &str,
     leases: &[LeaseView],
 ) -> (Vec<NodeRecord>, Vec<SkippedLease>) {
     let mut best: BTreeMap<String, (Option<SystemTime>, NodeRecord)> = BTreeMap::new();
     let mut skipped = Vec::new();
+    // IPv6 subnet → the node whose record in that lease names it.
+    let mut held_v6: BTreeMap<Ipv6Net, String> = BTreeMap::new();
     for lease in leases {
-        let Ok(subnet) = parse_lease_name(&lease.name) else {
-            continue;
+        let subnet: IpNet = match (
+            parse_lease_name(&lease.name),
+            parse_lease_name_v6(&lease.name),
+        ) {
+            (Ok(s), _) => s.into(),
+            (_, Ok(s)) => s.into(),
+            _ => continue,
         };
         let skip = |reason| SkippedLease {
             lease: lease.name.clone(),
@@ -606,11 +667,24 @@ pub fn peers_from_leases(
                 continue;
             }
         };
-        if record.subnet != subnet {
+        let matches = match subnet {
+            IpNet::V4(s) => record.subnet == s,
+            IpNet::V6(s) => record.subnet_v6 == Some(s),
+        };
+        if !matches {
+            let record_subnet = match subnet {
+                IpNet::V4(_) => record.subnet.into(),
+                IpNet::V6(_) => record.subnet_v6.map_or(subnet, Into::into),
+            };
             skipped.push(skip(RecordError::SubnetMismatch {
-                record: record.subnet,
+                record: record_subnet,
                 lease: lease.name.clone(),
             }));
+            continue;
+        }
+        if let IpNet::V6(s) = subnet {
+            held_v6.insert(s, record.node.clone());
+            // The IPv4 lease brings the node in: a peer is reached at its IPv4 subnet first.
             continue;
         }
         if record.node == my_node {
@@ -624,7 +698,19 @@ pub fn peers_from_leases(
             }
         }
     }
-    (best.into_values().map(|(_, r)| r).collect(), skipped)
+    let peers = best
+        .into_values()
+        .map(|(_, mut r)| {
+            if let Some(v6) = r.subnet_v6 {
+                if held_v6.get(&v6) != Some(&r.node) {
+                    tracing::debug!(peer = %r.node, subnet = %v6, "record's IPv6 subnet has no lease of the node's: left out");
+                    r.subnet_v6 = None;
+                }
+            }
+            r
+        })
+        .collect();
+    (peers, skipped)
 }
 
 /// `node-podcidr` mode: the lease that publishes `record`, named from the node's podCIDR (which
@@ -636,4 +722,16 @@ pub fn podcidr_lease(
     now: SystemTime,
 ) -> LeaseView {
     LeaseView::new_held(record, owner, duration_secs, now)
+}
+
+/// `node-podcidr` mode on a dual-stack node: the lease named from its IPv6 podCIDR, carrying
+/// the same record as its IPv4 one.
+pub fn podcidr_lease_of<N: FamilyNet>(
+    subnet: N,
+    record: &NodeRecord,
+    owner: Option<NodeOwner>,
+    duration_secs: u32,
+    now: SystemTime,
+) -> LeaseView {
+    LeaseView::new_held_of(subnet, record, owner, duration_secs, now)
 }

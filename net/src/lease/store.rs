@@ -2,8 +2,8 @@
 //! `Api<Lease>`), an in-memory [`FakeLeases`] with the API server's conflict semantics, and the
 //! loops that use [`super::choose_subnet`] against a store.
 
-use super::{choose_subnet, Decision, LeaseView, NodeOwner, NodeRecord, SubnetPool};
-use ipnet::Ipv4Net;
+use super::{choose_subnet, Decision, FamilyNet, LeaseView, NodeOwner, NodeRecord, SubnetPool};
+use ipnet::{IpNet, Ipv4Net};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -147,14 +147,14 @@ impl LeaseStore for FakeLeases {
 
 /// What [`acquire`] needs to know about the node.
 #[derive(Debug, Clone)]
-pub struct AcquireRequest {
-    pub pool: SubnetPool,
-    /// The node's record; its `subnet` is overwritten with the subnet acquired.
+pub struct AcquireRequest<N: FamilyNet = Ipv4Net> {
+    pub pool: SubnetPool<N>,
+    /// The node's record; its subnet of the pool's family is overwritten with the one acquired.
     pub record: NodeRecord,
     pub owner: Option<NodeOwner>,
     pub duration_secs: u32,
     /// A subnet to ask for first (e.g. the one in the last `subnet.env`).
-    pub prefer: Option<Ipv4Net>,
+    pub prefer: Option<N>,
     /// Attempts before giving up when every attempt loses a race.
     pub max_attempts: u32,
 }
@@ -168,26 +168,23 @@ pub enum AcquiredBy {
 }
 
 #[derive(Debug, Clone)]
-pub struct Acquired {
-    pub subnet: Ipv4Net,
+pub struct Acquired<N: FamilyNet = Ipv4Net> {
+    pub subnet: N,
     /// The lease as stored (with the resource version for the next renewal).
     pub lease: LeaseView,
     pub by: AcquiredBy,
-    /// The node's record as published (with `subnet` set).
+    /// The node's record as published (with the family's subnet set).
     pub record: NodeRecord,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcquireError {
     #[error("no free subnet of /{subnet_len} left in {cluster_cidr}")]
-    Exhausted {
-        cluster_cidr: Ipv4Net,
-        subnet_len: u8,
-    },
+    Exhausted { cluster_cidr: IpNet, subnet_len: u8 },
     #[error("lost the race for a subnet {attempts} times in a row")]
     TooManyConflicts { attempts: u32 },
     #[error("subnet {subnet} is held by node {holder}, whose lease is still valid")]
-    HeldByOther { subnet: Ipv4Net, holder: String },
+    HeldByOther { subnet: IpNet, holder: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -195,11 +192,11 @@ pub enum AcquireError {
 /// Takes a subnet for `req.record.node`: lists the leases, decides with [`choose_subnet`], and
 /// performs the decision; losing a race (`AlreadyExists`, `Conflict`, `NotFound`) re-lists and
 /// decides again, up to `req.max_attempts` times. `now` is read at every attempt.
-pub async fn acquire<S: LeaseStore>(
+pub async fn acquire<S: LeaseStore, N: FamilyNet>(
     store: &S,
-    req: &AcquireRequest,
+    req: &AcquireRequest<N>,
     now: impl Fn() -> SystemTime,
-) -> Result<Acquired, AcquireError> {
+) -> Result<Acquired<N>, AcquireError> {
     let node = req.record.node.as_str();
     // Names a create found taken though the list did not show them (an object the store does
     // not list, such as a Lease without sluice's label): their subnets count as held, or every
@@ -222,17 +219,23 @@ pub async fn acquire<S: LeaseStore>(
         let outcome = match &decision {
             Decision::Exhausted => {
                 return Err(AcquireError::Exhausted {
-                    cluster_cidr: req.pool.cluster_cidr(),
+                    cluster_cidr: req.pool.cluster_cidr().into(),
                     subnet_len: req.pool.subnet_len(),
                 })
             }
             Decision::CreateNew { subnet } => {
-                record.subnet = *subnet;
-                let lease = LeaseView::new_held(&record, req.owner.clone(), req.duration_secs, t);
+                subnet.set_in(&mut record);
+                let lease = LeaseView::new_held_of(
+                    *subnet,
+                    &record,
+                    req.owner.clone(),
+                    req.duration_secs,
+                    t,
+                );
                 store.create(&lease).await.map(|l| (l, AcquiredBy::Created))
             }
             Decision::Keep { name, subnet, .. } | Decision::TakeExpired { name, subnet, .. } => {
-                record.subnet = *subnet;
+                subnet.set_in(&mut record);
                 let Some(old) = current(name) else {
                     continue;
                 };
@@ -254,9 +257,10 @@ pub async fn acquire<S: LeaseStore>(
         };
         match outcome {
             Ok((lease, by)) => {
-                tracing::info!(node, subnet = %record.subnet, ?by, attempt, "subnet lease held");
+                let subnet = N::in_record(&record).unwrap_or(req.pool.cluster_cidr());
+                tracing::info!(node, %subnet, ?by, attempt, "subnet lease held");
                 return Ok(Acquired {
-                    subnet: record.subnet,
+                    subnet,
                     lease,
                     by,
                     record,
@@ -266,15 +270,8 @@ pub async fn acquire<S: LeaseStore>(
                 if let Decision::CreateNew { subnet } = decision {
                     if !leases.iter().any(|l| l.name == name) {
                         tracing::warn!(node, lease = name, "a lease of that name exists but is not one of sluice's: its subnet is skipped");
-                        let mut blocker = LeaseView::new_held(
-                            &NodeRecord {
-                                subnet,
-                                ..req.record.clone()
-                            },
-                            None,
-                            u32::MAX,
-                            t,
-                        );
+                        let mut blocker =
+                            LeaseView::new_held_of(subnet, &req.record, None, u32::MAX, t);
                         blocker.holder = Some(String::from("(not sluice's)"));
                         unseen.push(blocker);
                     }
@@ -334,8 +331,12 @@ pub async fn publish<S: LeaseStore>(
             continue;
         };
         if current.holder != lease.holder && !super::is_expired(&current, now) {
+            let subnet = super::parse_lease_name(&lease.name)
+                .map(IpNet::from)
+                .or_else(|_| super::parse_lease_name_v6(&lease.name).map(IpNet::from))
+                .unwrap_or_default();
             return Err(AcquireError::HeldByOther {
-                subnet: super::parse_lease_name(&lease.name).unwrap_or_default(),
+                subnet,
                 holder: current.holder.unwrap_or_default(),
             });
         }

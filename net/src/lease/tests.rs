@@ -24,6 +24,7 @@ fn record(node: &str, subnet: &str) -> NodeRecord {
         wireguard_public_key: None,
         encryption: "none".into(),
         subnet: net(subnet),
+        subnet_v6: None,
     }
 }
 
@@ -789,4 +790,124 @@ proptest::proptest! {
         });
         proptest::prop_assert_eq!(lowest_free(cluster.into(), len, &taken), walked.map(IpNet::V4));
     }
+}
+
+/// A dual-stack node's two leases, both carrying its record with both subnets.
+fn dual_leases(node: &str, v4: &str, v6: &str, renewed: u64) -> [LeaseView; 2] {
+    let mut r = record(node, v4);
+    r.subnet_v6 = Some(net6(v6));
+    [
+        LeaseView::new_held(&r, None, 40, at(renewed)),
+        LeaseView::new_held_of(net6(v6), &r, None, 40, at(renewed)),
+    ]
+}
+
+#[test]
+fn a_dual_stack_record_round_trips_and_an_old_one_reads_as_ipv4_only() {
+    let mut r = record("a", "10.244.1.0/24");
+    r.subnet_v6 = Some(net6("fd00:10:244:1::/64"));
+    let ann = r.to_annotations();
+    assert_eq!(ann[ANN_SUBNET_V6], "fd00:10:244:1::/64");
+    assert_eq!(NodeRecord::from_annotations(&ann).unwrap(), r);
+    let old = record("a", "10.244.1.0/24").to_annotations();
+    assert!(!old.contains_key(ANN_SUBNET_V6));
+    assert_eq!(NodeRecord::from_annotations(&old).unwrap().subnet_v6, None);
+    for bad in ["10.244.1.0/24", "fd00:10:244:1::1/64", "nonsense"] {
+        let mut a = ann.clone();
+        a.insert(ANN_SUBNET_V6.into(), bad.into());
+        assert!(
+            matches!(
+                NodeRecord::from_annotations(&a),
+                Err(RecordError::Bad {
+                    key: ANN_SUBNET_V6,
+                    ..
+                })
+            ),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn peers_carry_their_ipv6_subnet_only_while_they_hold_its_lease() {
+    let mut leases: Vec<LeaseView> = Vec::new();
+    leases.extend(dual_leases("b", "10.244.2.0/24", "fd00:10:244:2::/64", 10));
+    leases.extend(dual_leases("me", "10.244.1.0/24", "fd00:10:244:1::/64", 10));
+    // c's record claims an IPv6 subnet it holds no lease of (b's, or none at all).
+    let mut c = record("c", "10.244.3.0/24");
+    c.subnet_v6 = Some(net6("fd00:10:244:2::/64"));
+    leases.push(LeaseView::new_held(&c, None, 40, at(10)));
+    let mut d = record("d", "10.244.4.0/24");
+    d.subnet_v6 = Some(net6("fd00:10:244:4::/64"));
+    leases.push(LeaseView::new_held(&d, None, 40, at(10)));
+    // An old peer: IPv4 only.
+    leases.push(lease("10.244.5.0/24", "e", 10));
+    let (peers, skipped) = peers_from_leases("me", &leases);
+    let got: Vec<(String, String, Option<String>)> = peers
+        .iter()
+        .map(|p| {
+            (
+                p.node.clone(),
+                p.subnet.to_string(),
+                p.subnet_v6.map(|s| s.to_string()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "b".into(),
+                "10.244.2.0/24".into(),
+                Some("fd00:10:244:2::/64".into())
+            ),
+            ("c".into(), "10.244.3.0/24".into(), None),
+            ("d".into(), "10.244.4.0/24".into(), None),
+            ("e".into(), "10.244.5.0/24".into(), None),
+        ]
+    );
+    assert!(skipped.is_empty(), "{skipped:?}");
+    // An IPv6 lease whose record names another IPv6 subnet is skipped, by name.
+    let mut b = record("b", "10.244.2.0/24");
+    b.subnet_v6 = Some(net6("fd00:10:244:9::/64"));
+    let wrong = LeaseView::new_held_of(net6("fd00:10:244:2::/64"), &b, None, 40, at(10));
+    let (_, skipped) = peers_from_leases("me", &[wrong]);
+    assert!(
+        matches!(
+            &skipped[..],
+            [SkippedLease {
+                reason: RecordError::SubnetMismatch { .. },
+                ..
+            }]
+        ),
+        "{skipped:?}"
+    );
+}
+
+#[test]
+fn a_dual_stack_node_acquires_an_ipv6_lease_by_the_same_rules() {
+    let store = FakeLeases::default();
+    let pool = SubnetPool::<Ipv6Net>::new(net6("fd00:10:244::/62"), 64).unwrap();
+    let req = |node: &str| AcquireRequest {
+        pool,
+        record: record(node, "10.244.1.0/24"),
+        owner: None,
+        duration_secs: 40,
+        prefer: None,
+        max_attempts: 4,
+    };
+    let a = block_on(acquire(&store, &req("a"), || at(100))).unwrap();
+    assert_eq!(a.subnet, net6("fd00:10:244::/64"));
+    assert_eq!(a.record.subnet_v6, Some(a.subnet));
+    assert_eq!(a.lease.name, "sluice-fd00-10-244---64");
+    assert_eq!(a.lease.annotations[ANN_SUBNET_V6], "fd00:10:244::/64");
+    let again = block_on(acquire(&store, &req("a"), || at(110))).unwrap();
+    assert_eq!((again.subnet, again.by), (a.subnet, AcquiredBy::Kept));
+    let b = block_on(acquire(&store, &req("b"), || at(110))).unwrap();
+    assert_eq!(b.subnet, net6("fd00:10:244:1::/64"));
+    for n in ["c", "d"] {
+        block_on(acquire(&store, &req(n), || at(110))).unwrap();
+    }
+    let e = block_on(acquire(&store, &req("e"), || at(110)));
+    assert!(matches!(e, Err(AcquireError::Exhausted { .. })), "{e:?}");
 }

@@ -8,7 +8,7 @@ use super::VxlanPlan;
 use crate::ethtool::{Ethtool, EthtoolError};
 use crate::ROUTE_PROTOCOL;
 use futures::TryStreamExt;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
@@ -22,7 +22,7 @@ use netlink_packet_route::route::{
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VxlanError {
@@ -165,7 +165,15 @@ impl VxlanKernel {
             .filter(|a| a.header.index == index)
             .filter_map(|a| {
                 a.attributes.iter().find_map(|at| match at {
-                    AddressAttribute::Address(IpAddr::V4(ip)) => Some((*ip, a.header.prefix_len)),
+                    AddressAttribute::Address(ip @ IpAddr::V4(_)) => {
+                        Some((*ip, a.header.prefix_len))
+                    }
+                    // The kernel's own link-local address is not sluice's.
+                    AddressAttribute::Address(ip @ IpAddr::V6(v6))
+                        if v6.segments()[0] & 0xffc0 != 0xfe80 =>
+                    {
+                        Some((*ip, a.header.prefix_len))
+                    }
                     _ => None,
                 })
             })
@@ -178,28 +186,42 @@ impl VxlanKernel {
         }
         seen.device = Some(dev);
 
-        let routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(netlink("listing routes", "ipv4"))?;
-        for r in &routes {
-            if r.header.protocol != RouteProtocol::from(ROUTE_PROTOCOL)
-                || route_table(r) != u32::from(RouteHeader::RT_TABLE_MAIN)
-                || route_oif(r) != Some(index)
-            {
-                continue;
-            }
-            let dst = route_ip(r, true).unwrap_or(Ipv4Addr::UNSPECIFIED);
-            if let Ok(net) = Ipv4Net::new(dst, r.header.destination_prefix_length) {
-                seen.routes.insert(net, route_ip(r, false));
+        for query in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let routes: Vec<RouteMessage> = self
+                .handle
+                .route()
+                .get(query)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(netlink("listing routes", ifname))?;
+            for r in &routes {
+                if r.header.protocol != RouteProtocol::from(ROUTE_PROTOCOL)
+                    || route_table(r) != u32::from(RouteHeader::RT_TABLE_MAIN)
+                    || route_oif(r) != Some(index)
+                {
+                    continue;
+                }
+                let Some(dst) = route_addr_any(r, true).or(match r.header.address_family {
+                    AddressFamily::Inet6 => Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+                    _ => Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                }) else {
+                    continue;
+                };
+                if let Ok(net) = IpNet::new(dst, r.header.destination_prefix_length) {
+                    seen.routes.insert(net, route_addr_any(r, false));
+                }
             }
         }
 
-        for family in [AddressFamily::Inet, AddressFamily::Bridge] {
+        for family in [
+            AddressFamily::Inet,
+            AddressFamily::Inet6,
+            AddressFamily::Bridge,
+        ] {
             let entries: Vec<NeighbourMessage> = self
                 .handle
                 .neighbours()
@@ -212,12 +234,12 @@ impl VxlanKernel {
             for n in entries.iter().filter(|n| n.header.ifindex == index) {
                 let (ip, mac) = neigh_fields(n);
                 match (family, ip, mac) {
-                    (AddressFamily::Inet, Some(ip), Some(mac))
+                    (AddressFamily::Inet | AddressFamily::Inet6, Some(ip), Some(mac))
                         if n.header.state == NeighbourState::Permanent =>
                     {
                         seen.neighbours.insert(ip, mac);
                     }
-                    (AddressFamily::Bridge, Some(ip), Some(mac))
+                    (AddressFamily::Bridge, Some(IpAddr::V4(ip)), Some(mac))
                         if n.header.flags.contains(NeighbourFlags::Own) =>
                     {
                         seen.fdb.entry(mac).or_default().insert(ip);
@@ -273,7 +295,7 @@ impl VxlanKernel {
             .collect();
         self.apply(plan, &changes).await?;
         tracing::debug!(
-            peers = plan.routes.len(),
+            peers = plan.fdb.len(),
             skipped = plan.skipped.len(),
             changes = changes.len(),
             "vxlan datapath synced"
@@ -362,7 +384,7 @@ impl VxlanKernel {
             },
             Change::AddAddress(ip) => h
                 .address()
-                .add(index, IpAddr::V4(*ip), 32)
+                .add(index, *ip, super::diff::host_len(*ip))
                 .replace()
                 .execute()
                 .await
@@ -379,9 +401,9 @@ impl VxlanKernel {
                 for a in found.into_iter().filter(|a| {
                     a.header.index == index
                         && a.header.prefix_len == *len
-                        && a.attributes.iter().any(
-                            |at| matches!(at, AddressAttribute::Address(IpAddr::V4(x)) if x == ip),
-                        )
+                        && a.attributes
+                            .iter()
+                            .any(|at| matches!(at, AddressAttribute::Address(x) if x == ip))
                 }) {
                     h.address()
                         .del(a)
@@ -392,23 +414,12 @@ impl VxlanKernel {
                 Ok(())
             }
             Change::DelRoute { dst } => {
-                let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-                    .destination_prefix(dst.network(), dst.prefix_len())
-                    .output_interface(index)
-                    .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
-                    .build();
+                let msg = route_message(*dst, None, index);
                 ignore_missing(h.route().del(msg).execute().await)
                     .map_err(netlink("deleting route", dst))
             }
             Change::ReplaceRoute { dst, via } => {
-                let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-                    .destination_prefix(dst.network(), dst.prefix_len())
-                    .gateway(*via)
-                    .output_interface(index)
-                    .onlink()
-                    .scope(RouteScope::Universe)
-                    .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
-                    .build();
+                let msg = route_message(*dst, Some(*via), index);
                 h.route()
                     .add(msg)
                     .replace()
@@ -418,16 +429,19 @@ impl VxlanKernel {
             }
             Change::DelNeighbour { ip } => {
                 let mut msg = NeighbourMessage::default();
-                msg.header.family = AddressFamily::Inet;
                 msg.header.ifindex = index;
-                msg.attributes
-                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*ip)));
+                let (family, addr) = match ip {
+                    IpAddr::V4(v4) => (AddressFamily::Inet, NeighbourAddress::Inet(*v4)),
+                    IpAddr::V6(v6) => (AddressFamily::Inet6, NeighbourAddress::Inet6(*v6)),
+                };
+                msg.header.family = family;
+                msg.attributes.push(NeighbourAttribute::Destination(addr));
                 ignore_missing(h.neighbours().del(msg).execute().await)
                     .map_err(netlink("deleting neighbour", ip))
             }
             Change::ReplaceNeighbour { ip, mac } => h
                 .neighbours()
-                .add(index, IpAddr::V4(*ip))
+                .add(index, *ip)
                 .link_layer_address(mac)
                 .state(NeighbourState::Permanent)
                 .replace()
@@ -550,6 +564,46 @@ pub(crate) fn route_table(r: &RouteMessage) -> u32 {
         .unwrap_or(u32::from(r.header.table))
 }
 
+/// A sluice route through the device `index` to `dst`, on-link via `via` when given (the
+/// gateway's family is `dst`'s: the plan pairs them so).
+fn route_message(dst: IpNet, via: Option<IpAddr>, index: u32) -> RouteMessage {
+    let proto = RouteProtocol::from(ROUTE_PROTOCOL);
+    match dst {
+        IpNet::V4(d) => {
+            let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(d.network(), d.prefix_len())
+                .output_interface(index)
+                .protocol(proto);
+            if let Some(IpAddr::V4(gw)) = via {
+                b = b.gateway(gw).onlink().scope(RouteScope::Universe);
+            }
+            b.build()
+        }
+        IpNet::V6(d) => {
+            let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(d.network(), d.prefix_len())
+                .output_interface(index)
+                .protocol(proto);
+            // A link-local gateway on the device: no on-link flag (see the module's notes).
+            if let Some(IpAddr::V6(gw)) = via {
+                b = b.gateway(gw);
+            }
+            b.build()
+        }
+    }
+}
+
+/// The destination (`dst`) or gateway of a route of either family.
+pub(crate) fn route_addr_any(r: &RouteMessage, dst: bool) -> Option<IpAddr> {
+    r.attributes.iter().find_map(|a| match (a, dst) {
+        (RouteAttribute::Destination(RouteAddress::Inet(ip)), true)
+        | (RouteAttribute::Gateway(RouteAddress::Inet(ip)), false) => Some(IpAddr::V4(*ip)),
+        (RouteAttribute::Destination(RouteAddress::Inet6(ip)), true)
+        | (RouteAttribute::Gateway(RouteAddress::Inet6(ip)), false) => Some(IpAddr::V6(*ip)),
+        _ => None,
+    })
+}
+
 /// The destination (`dst`) or gateway of a route.
 pub(crate) fn route_ip(r: &RouteMessage, dst: bool) -> Option<Ipv4Addr> {
     r.attributes.iter().find_map(|a| match (a, dst) {
@@ -559,15 +613,18 @@ pub(crate) fn route_ip(r: &RouteMessage, dst: bool) -> Option<Ipv4Addr> {
     })
 }
 
-fn neigh_fields(n: &NeighbourMessage) -> (Option<Ipv4Addr>, Option<[u8; 6]>) {
+fn neigh_fields(n: &NeighbourMessage) -> (Option<IpAddr>, Option<[u8; 6]>) {
     let mut ip = None;
     let mut mac = None;
     for a in &n.attributes {
         match a {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(x)) => ip = Some(*x),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(x)) => ip = Some((*x).into()),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(x)) => ip = Some((*x).into()),
             // FDB entries (family bridge) carry their IPv4 destination undecoded.
             NeighbourAttribute::Destination(NeighbourAddress::Other(raw)) => {
-                ip = <[u8; 4]>::try_from(raw.as_slice()).ok().map(Ipv4Addr::from);
+                ip = <[u8; 4]>::try_from(raw.as_slice())
+                    .ok()
+                    .map(|b| IpAddr::V4(Ipv4Addr::from(b)));
             }
             NeighbourAttribute::LinkLayerAddress(m) => mac = <[u8; 6]>::try_from(m.as_slice()).ok(),
             _ => {}

@@ -4,9 +4,9 @@
 //! and FDB entries on it.
 
 use super::{DeviceSpec, VxlanPlan};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 /// The device as found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,8 +22,9 @@ pub struct ObservedDevice {
     pub mtu: Option<u32>,
     pub mac: Option<[u8; 6]>,
     pub up: bool,
-    /// IPv4 addresses with their prefix lengths.
-    pub addresses: BTreeSet<(Ipv4Addr, u8)>,
+    /// Addresses with their prefix lengths (IPv6 ones the kernel makes itself, link-local,
+    /// not among them).
+    pub addresses: BTreeSet<(IpAddr, u8)>,
     /// Whether TX checksum offload is on; `None` when it could not be read.
     pub tx_checksum: Option<bool>,
 }
@@ -32,10 +33,10 @@ pub struct ObservedDevice {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Observed {
     pub device: Option<ObservedDevice>,
-    /// Protocol-77 routes through the device: destination → gateway.
-    pub routes: BTreeMap<Ipv4Net, Option<Ipv4Addr>>,
-    /// Permanent neighbour entries on the device.
-    pub neighbours: BTreeMap<Ipv4Addr, [u8; 6]>,
+    /// Protocol-77 routes through the device (both families): destination → gateway.
+    pub routes: BTreeMap<IpNet, Option<IpAddr>>,
+    /// Permanent neighbour entries on the device (both families).
+    pub neighbours: BTreeMap<IpAddr, [u8; 6]>,
     /// FDB entries on the device: MAC → its remote destinations.
     pub fdb: BTreeMap<[u8; 6], BTreeSet<Ipv4Addr>>,
 }
@@ -59,13 +60,14 @@ pub enum Change {
     SetMac([u8; 6]),
     SetUp,
     SetTxChecksum(bool),
-    AddAddress(Ipv4Addr),
-    DelAddress(Ipv4Addr, u8),
+    /// The address as a host route (/32, or /128 for IPv6).
+    AddAddress(IpAddr),
+    DelAddress(IpAddr, u8),
     DelRoute {
-        dst: Ipv4Net,
+        dst: IpNet,
     },
     DelNeighbour {
-        ip: Ipv4Addr,
+        ip: IpAddr,
     },
     DelFdb {
         mac: [u8; 6],
@@ -76,13 +78,28 @@ pub enum Change {
         dst: Ipv4Addr,
     },
     ReplaceNeighbour {
-        ip: Ipv4Addr,
+        ip: IpAddr,
         mac: [u8; 6],
     },
     ReplaceRoute {
-        dst: Ipv4Net,
-        via: Ipv4Addr,
+        dst: IpNet,
+        via: IpAddr,
     },
+}
+
+/// A host route's length in `ip`'s family: 32 or 128.
+pub fn host_len(ip: IpAddr) -> u8 {
+    match ip {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    }
+}
+
+impl DeviceSpec {
+    /// The device's addresses: the IPv4 VTEP address, and the IPv6 one on a dual-stack node.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> {
+        std::iter::once(IpAddr::V4(self.address)).chain(self.address_v6.map(IpAddr::V6))
+    }
 }
 
 /// Why the device must be made again, if it must.
@@ -154,7 +171,9 @@ pub fn diff(plan: &VxlanPlan, observed: &Observed) -> Vec<Change> {
             if !want.tx_checksum_offload {
                 out.push(Change::SetTxChecksum(false));
             }
-            out.push(Change::AddAddress(want.address));
+            for ip in want.addresses() {
+                out.push(Change::AddAddress(ip));
+            }
         }
         Some(dev) => {
             if dev.mtu != Some(want.mtu) {
@@ -172,13 +191,17 @@ pub fn diff(plan: &VxlanPlan, observed: &Observed) -> Vec<Change> {
             {
                 out.push(Change::SetTxChecksum(want.tx_checksum_offload));
             }
+            let wanted: BTreeSet<(IpAddr, u8)> =
+                want.addresses().map(|ip| (ip, host_len(ip))).collect();
             for (ip, len) in &dev.addresses {
-                if (*ip, *len) != (want.address, 32) {
+                if !wanted.contains(&(*ip, *len)) {
                     out.push(Change::DelAddress(*ip, *len));
                 }
             }
-            if !dev.addresses.contains(&(want.address, 32)) {
-                out.push(Change::AddAddress(want.address));
+            for (ip, len) in &wanted {
+                if !dev.addresses.contains(&(*ip, *len)) {
+                    out.push(Change::AddAddress(*ip));
+                }
             }
         }
     }
@@ -260,7 +283,7 @@ impl Observed {
             Change::SetUp => self.with_device(|d| d.up = true),
             Change::SetTxChecksum(on) => self.with_device(|d| d.tx_checksum = Some(*on)),
             Change::AddAddress(ip) => self.with_device(|d| {
-                d.addresses.insert((*ip, 32));
+                d.addresses.insert((*ip, host_len(*ip)));
             }),
             Change::DelAddress(ip, len) => self.with_device(|d| {
                 d.addresses.remove(&(*ip, *len));

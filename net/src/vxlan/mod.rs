@@ -4,6 +4,15 @@
 //! (protocol [`crate::ROUTE_PROTOCOL`]); a permanent neighbour entry VTEP address → the peer's
 //! VTEP MAC; and an FDB entry VTEP MAC → the peer's underlay IP.
 //!
+//! Dual-stack: the same device carries IPv6 inner traffic over the IPv4 underlay. A node with
+//! an IPv6 subnet holds its network address as a /128 on the device too (its IPv6 VTEP
+//! address, the source of IPv6 traffic the node itself sends through it); a peer's IPv6 subnet
+//! is routed via a link-local gateway made from the peer's VTEP MAC ([`vtep_gateway_v6`]),
+//! whose permanent neighbour entry names that MAC, so one FDB entry per peer serves both
+//! families. Not via the peer's IPv6 VTEP address on-link, as for IPv4: the kernel refuses an
+//! IPv6 on-link gateway that its table routes through another device, which is just what the
+//! gateway inside the peer's subnet is while that subnet moves from WireGuard to VXLAN.
+//!
 //! [`plan`] is pure; [`diff::diff`] compares a plan with what the kernel holds
 //! ([`diff::Observed`]); [`apply::VxlanKernel`] observes and applies over rtnetlink.
 
@@ -13,9 +22,9 @@ pub mod diff;
 mod tests;
 
 use crate::lease::NodeRecord;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The VXLAN device's name (sluice's link prefix `sl`, DESIGN.md; at most 15 characters).
 pub const VXLAN_IFNAME: &str = "sluice.vxlan";
@@ -52,6 +61,39 @@ pub fn vtep_mac(node: &str) -> [u8; 6] {
 /// A node's VTEP address: its subnet's network address (`10.244.3.0` for `10.244.3.0/24`).
 pub fn vtep_address(subnet: Ipv4Net) -> Ipv4Addr {
     subnet.network()
+}
+
+/// A node's IPv6 VTEP address: its IPv6 subnet's network address (`fd00:10:244:3::`). IPAM
+/// never gives it to a pod (its range starts one above it: [`crate::ipam::capacity_v6`]).
+pub fn vtep_address_v6(subnet: Ipv6Net) -> Ipv6Addr {
+    subnet.network()
+}
+
+/// The link-local gateway of a peer's IPv6 subnet on the VXLAN device: the modified EUI-64
+/// address of its VTEP MAC (`fe80::` + the MAC with the universal/local bit flipped and
+/// `ff:fe` in the middle). Only this node's neighbour entry uses it (it maps it to the MAC): the
+/// peer need not hold it, since it takes the frame by its MAC and routes the packet by its
+/// destination.
+pub fn vtep_gateway_v6(mac: [u8; 6]) -> Ipv6Addr {
+    let [a, b, c, d, e, f] = mac;
+    Ipv6Addr::from([
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        a ^ 0x02,
+        b,
+        c,
+        0xff,
+        0xfe,
+        d,
+        e,
+        f,
+    ])
 }
 
 /// How the device is made, from the agent's configuration and the underlay it found.
@@ -115,6 +157,8 @@ pub struct DeviceSpec {
     pub mac: [u8; 6],
     /// The node's VTEP address, held as a /32.
     pub address: Ipv4Addr,
+    /// Its IPv6 VTEP address, held as a /128, when the node has an IPv6 subnet.
+    pub address_v6: Option<Ipv6Addr>,
     pub tx_checksum_offload: bool,
 }
 
@@ -122,9 +166,9 @@ pub struct DeviceSpec {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PeerConflict {
     #[error("its subnet {subnet} overlaps this node's {mine}")]
-    OverlapsMine { subnet: Ipv4Net, mine: Ipv4Net },
+    OverlapsMine { subnet: IpNet, mine: IpNet },
     #[error("its subnet {subnet} overlaps that of {other}")]
-    OverlapsPeer { subnet: Ipv4Net, other: String },
+    OverlapsPeer { subnet: IpNet, other: String },
     #[error("its VTEP MAC is already used by {other}")]
     MacInUse { other: String },
     #[error("its underlay address {ip} is this node's")]
@@ -144,10 +188,11 @@ pub struct VxlanPlan {
     /// reached through it and nothing arrives by it).
     pub wanted: bool,
     pub device: DeviceSpec,
-    /// Peer subnet → its VTEP address (the on-link gateway through the device).
-    pub routes: BTreeMap<Ipv4Net, Ipv4Addr>,
-    /// Peer VTEP address → its VTEP MAC (permanent neighbour entries on the device).
-    pub neighbours: BTreeMap<Ipv4Addr, [u8; 6]>,
+    /// Peer subnet → its gateway through the device: the peer's VTEP address on-link (IPv4),
+    /// or its link-local [`vtep_gateway_v6`] (IPv6).
+    pub routes: BTreeMap<IpNet, IpAddr>,
+    /// Peer VTEP address (either family) → its VTEP MAC (permanent neighbour entries).
+    pub neighbours: BTreeMap<IpAddr, [u8; 6]>,
     /// Peer VTEP MAC → its underlay IP (FDB entries on the device).
     pub fdb: BTreeMap<[u8; 6], Ipv4Addr>,
     pub skipped: Vec<SkippedPeer>,
@@ -156,19 +201,13 @@ pub struct VxlanPlan {
 impl VxlanPlan {
     /// Keeps only the peers whose subnets `keep` accepts (those the node reaches through VXLAN):
     /// their routes, neighbour and FDB entries; the others' go.
-    pub fn retain_subnets(&mut self, keep: impl Fn(&Ipv4Net) -> bool) {
-        let dropped: Vec<Ipv4Addr> = self
-            .routes
-            .iter()
-            .filter(|(subnet, _)| !keep(subnet))
-            .map(|(_, vtep)| *vtep)
-            .collect();
+    /// A dual-stack peer's subnets of both families go together.
+    pub fn retain_subnets(&mut self, keep: impl Fn(&IpNet) -> bool) {
         self.routes.retain(|subnet, _| keep(subnet));
-        for vtep in dropped {
-            if let Some(mac) = self.neighbours.remove(&vtep) {
-                self.fdb.remove(&mac);
-            }
-        }
+        let gateways: std::collections::BTreeSet<IpAddr> = self.routes.values().copied().collect();
+        self.neighbours.retain(|vtep, _| gateways.contains(vtep));
+        let macs: std::collections::BTreeSet<[u8; 6]> = self.neighbours.values().copied().collect();
+        self.fdb.retain(|mac, _| macs.contains(mac));
     }
 }
 
@@ -185,6 +224,7 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &VxlanConfig) -> VxlanPl
         mtu: cfg.mtu,
         mac: me.vtep_mac,
         address: vtep_address(me.subnet),
+        address_v6: me.subnet_v6.map(vtep_address_v6),
         tx_checksum_offload: cfg.tx_checksum_offload,
     };
     let mut out = VxlanPlan {
@@ -197,23 +237,39 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &VxlanConfig) -> VxlanPl
     };
     let mut sorted: Vec<&NodeRecord> = peers.iter().filter(|p| p.node != me.node).collect();
     sorted.sort_by(|a, b| (a.subnet, &a.node).cmp(&(b.subnet, &b.node)));
-    let mut taken: Vec<(Ipv4Net, &str)> = Vec::new();
+    let mut taken: Vec<(IpNet, &str)> = Vec::new();
     let mut macs: BTreeMap<[u8; 6], &str> = BTreeMap::from([(me.vtep_mac, me.node.as_str())]);
-    let overlaps = |a: &Ipv4Net, b: &Ipv4Net| a.contains(&b.network()) || b.contains(&a.network());
+    let overlaps = |a: &IpNet, b: &IpNet| a.contains(&b.network()) || b.contains(&a.network());
+    let mine: Vec<IpNet> = std::iter::once(me.subnet.into())
+        .chain(me.subnet_v6.map(IpNet::from))
+        .collect();
     for peer in sorted {
-        let conflict = if overlaps(&peer.subnet, &me.subnet) {
-            Some(PeerConflict::OverlapsMine {
-                subnet: peer.subnet,
-                mine: me.subnet,
-            })
+        // The peer's subnets this node routes: its IPv6 one only when this node has IPv6 too.
+        let theirs: Vec<IpNet> = std::iter::once(peer.subnet.into())
+            .chain(
+                peer.subnet_v6
+                    .filter(|_| me.subnet_v6.is_some())
+                    .map(IpNet::from),
+            )
+            .collect();
+        let conflict = if let Some((subnet, m)) = theirs
+            .iter()
+            .find_map(|t| mine.iter().find(|m| overlaps(t, m)).map(|m| (*t, *m)))
+        {
+            Some(PeerConflict::OverlapsMine { subnet, mine: m })
         } else if peer.underlay_ip == cfg.underlay_ip {
             Some(PeerConflict::UnderlayIsMine {
                 ip: peer.underlay_ip,
             })
-        } else if let Some((_, other)) = taken.iter().find(|(s, _)| overlaps(s, &peer.subnet)) {
+        } else if let Some((subnet, other)) = theirs.iter().find_map(|t| {
+            taken
+                .iter()
+                .find(|(s, _)| overlaps(s, t))
+                .map(|(_, o)| (*t, *o))
+        }) {
             Some(PeerConflict::OverlapsPeer {
-                subnet: peer.subnet,
-                other: (*other).to_string(),
+                subnet,
+                other: other.to_string(),
             })
         } else {
             macs.get(&peer.vtep_mac)
@@ -229,11 +285,16 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &VxlanConfig) -> VxlanPl
             });
             continue;
         }
-        taken.push((peer.subnet, &peer.node));
         macs.insert(peer.vtep_mac, &peer.node);
-        let vtep = vtep_address(peer.subnet);
-        out.routes.insert(peer.subnet, vtep);
-        out.neighbours.insert(vtep, peer.vtep_mac);
+        for subnet in theirs {
+            taken.push((subnet, &peer.node));
+            let vtep: IpAddr = match subnet {
+                IpNet::V4(s) => vtep_address(s).into(),
+                IpNet::V6(_) => vtep_gateway_v6(peer.vtep_mac).into(),
+            };
+            out.routes.insert(subnet, vtep);
+            out.neighbours.insert(vtep, peer.vtep_mac);
+        }
         out.fdb.insert(peer.vtep_mac, peer.underlay_ip);
     }
     out

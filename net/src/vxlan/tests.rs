@@ -4,11 +4,19 @@ use super::diff::{diff, Change, Observed};
 use super::*;
 use std::collections::BTreeSet;
 
-fn net(s: &str) -> Ipv4Net {
+/// A network of the family the use asks for (records hold `Ipv4Net`, plans `IpNet`).
+fn net<T: std::str::FromStr>(s: &str) -> T
+where
+    T::Err: std::fmt::Debug,
+{
     s.parse().unwrap()
 }
 
-fn ip(s: &str) -> Ipv4Addr {
+/// An address of the family the use asks for (`Ipv4Addr` or `IpAddr`).
+fn ip<T: std::str::FromStr>(s: &str) -> T
+where
+    T::Err: std::fmt::Debug,
+{
     s.parse().unwrap()
 }
 
@@ -20,6 +28,7 @@ fn node(name: &str, underlay: &str, subnet: &str) -> NodeRecord {
         wireguard_public_key: None,
         encryption: "none".into(),
         subnet: net(subnet),
+        subnet_v6: None,
     }
 }
 
@@ -71,6 +80,7 @@ fn plan_routes_each_peer_via_its_vtep_with_neighbour_and_fdb() {
             mtu: 1450,
             mac: vtep_mac("a"),
             address: ip("10.244.1.0"),
+            address_v6: None,
             tx_checksum_offload: true,
         }
     );
@@ -437,4 +447,109 @@ fn tx_checksum_offload_is_safe_from_linux_5_7() {
     ] {
         assert_eq!(tx_checksum_offload_safe(release), safe, "{release:?}");
     }
+}
+
+fn dual(name: &str, underlay: &str, subnet: &str, v6: &str) -> NodeRecord {
+    NodeRecord {
+        subnet_v6: Some(v6.parse().unwrap()),
+        ..node(name, underlay, subnet)
+    }
+}
+
+#[test]
+fn the_ipv6_gateway_is_the_macs_modified_eui64_link_local_address() {
+    assert_eq!(
+        vtep_gateway_v6([0x0a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f]).to_string(),
+        "fe80::81b:2cff:fe3d:4e5f"
+    );
+    let g = vtep_gateway_v6(vtep_mac("node-a"));
+    assert!(g.is_unicast_link_local());
+    assert_ne!(g, vtep_gateway_v6(vtep_mac("node-b")));
+}
+
+#[test]
+fn a_dual_stack_plan_routes_ipv6_inside_the_same_device() {
+    let me = dual("a", "192.168.0.1", "10.244.1.0/24", "fd00:10:244:1::/64");
+    let peers = [
+        dual("b", "192.168.0.2", "10.244.2.0/24", "fd00:10:244:2::/64"),
+        // An IPv4-only peer (older, or an IPv4 cluster it came from).
+        node("c", "192.168.0.3", "10.244.3.0/24"),
+    ];
+    let p = plan(&me, &peers, &cfg());
+    assert_eq!(
+        p.device.address_v6,
+        Some("fd00:10:244:1::".parse().unwrap())
+    );
+    let routes: Vec<(String, String)> = p
+        .routes
+        .iter()
+        .map(|(d, v)| (d.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            ("10.244.2.0/24".into(), "10.244.2.0".into()),
+            ("10.244.3.0/24".into(), "10.244.3.0".into()),
+            (
+                "fd00:10:244:2::/64".into(),
+                vtep_gateway_v6(vtep_mac("b")).to_string()
+            ),
+        ]
+    );
+    // b's IPv4 VTEP address and IPv6 gateway name its one MAC; one FDB entry per peer.
+    let b_mac = vtep_mac("b");
+    assert_eq!(
+        p.neighbours[&"10.244.2.0".parse::<IpAddr>().unwrap()],
+        b_mac
+    );
+    assert_eq!(p.neighbours[&IpAddr::V6(vtep_gateway_v6(b_mac))], b_mac);
+    assert_eq!(p.fdb.len(), 2);
+    // An IPv4-only node routes no IPv6, whatever its peers have.
+    let v4 = plan(&node("a", "192.168.0.1", "10.244.1.0/24"), &peers, &cfg());
+    assert!(v4.routes.keys().all(|d| matches!(d, IpNet::V4(_))));
+    assert_eq!(v4.device.address_v6, None);
+    // A peer whose IPv6 subnet overlaps this node's is skipped, whole.
+    let bad = dual("d", "192.168.0.4", "10.244.4.0/24", "fd00:10:244:1::/64");
+    let p = plan(&me, &[bad], &cfg());
+    assert!(p.routes.is_empty() && p.fdb.is_empty());
+    assert!(matches!(
+        p.skipped[0].reason,
+        PeerConflict::OverlapsMine { .. }
+    ));
+}
+
+#[test]
+fn a_dual_stack_device_gets_its_ipv6_address_and_entries_by_diff() {
+    let me = dual("a", "192.168.0.1", "10.244.1.0/24", "fd00:10:244:1::/64");
+    let peers = [dual(
+        "b",
+        "192.168.0.2",
+        "10.244.2.0/24",
+        "fd00:10:244:2::/64",
+    )];
+    let want = plan(&me, &peers, &cfg());
+    let mut seen = Observed::default();
+    let changes = diff(&want, &seen);
+    assert!(changes.contains(&Change::AddAddress("fd00:10:244:1::".parse().unwrap())));
+    let gw6 = IpAddr::V6(vtep_gateway_v6(vtep_mac("b")));
+    assert!(changes.contains(&Change::ReplaceRoute {
+        dst: "fd00:10:244:2::/64".parse().unwrap(),
+        via: gw6,
+    }));
+    for c in &changes {
+        seen.apply(&want, c);
+    }
+    assert_eq!(diff(&want, &seen), [], "converged");
+    // b goes IPv4 only: its IPv6 route and neighbour go, the FDB entry stays.
+    let v4_only = plan(&me, &[node("b", "192.168.0.2", "10.244.2.0/24")], &cfg());
+    let changes = diff(&v4_only, &seen);
+    assert_eq!(
+        changes,
+        [
+            Change::DelRoute {
+                dst: "fd00:10:244:2::/64".parse().unwrap()
+            },
+            Change::DelNeighbour { ip: gw6 },
+        ]
+    );
 }

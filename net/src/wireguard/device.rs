@@ -10,21 +10,21 @@
 
 use super::kernel::{self, KernelWg};
 use super::{diff_peers, KeyPair, PeerDiff, PeerSpec, WgError};
-use crate::vxlan::apply::{route_ip, route_oif, route_table};
+use crate::vxlan::apply::{route_addr_any, route_oif, route_table};
 use crate::ROUTE_PROTOCOL;
 use futures::TryStreamExt;
 use gotatun::device::{Device, DeviceBuilder, Peer};
 use gotatun::tun::tun_async_device::TunDevice;
 use gotatun::udp::socket::UdpSocketFactory;
 use gotatun::x25519::PublicKey;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
 };
 use rtnetlink::{Handle, LinkUnspec, LinkWireguard, RouteMessageBuilder};
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 type Gotatun = Device<(UdpSocketFactory, TunDevice, TunDevice)>;
@@ -96,11 +96,11 @@ fn netlink(what: impl std::fmt::Display) -> impl FnOnce(rtnetlink::Error) -> WgE
 fn to_peer(spec: &PeerSpec) -> Peer {
     let mut peer = Peer::new(PublicKey::from(spec.public_key))
         .with_endpoint(SocketAddr::V4(spec.endpoint))
-        .with_allowed_ips(spec.allowed_ips.iter().filter_map(|n| {
-            ipnetwork::Ipv4Network::new(n.network(), n.prefix_len())
-                .ok()
-                .map(ipnetwork::IpNetwork::V4)
-        }));
+        .with_allowed_ips(
+            spec.allowed_ips
+                .iter()
+                .filter_map(|n| ipnetwork::IpNetwork::new(n.network(), n.prefix_len()).ok()),
+        );
     peer.keepalive = (spec.keepalive_secs > 0).then_some(spec.keepalive_secs);
     peer
 }
@@ -421,8 +421,13 @@ impl WgDevice {
             .collect()
     }
 
-    /// Gives the device exactly the address `addr`/32 (see [`super::WgPlan::address`]).
-    pub async fn sync_address(&self, addr: Ipv4Addr) -> Result<(), WgError> {
+    /// Gives the device exactly the address `addr`/32, and `addr6`/128 on a dual-stack node
+    /// (see [`super::WgPlan::address`]); the kernel's own link-local address stays.
+    pub async fn sync_address(
+        &self,
+        addr: Ipv4Addr,
+        addr6: Option<Ipv6Addr>,
+    ) -> Result<(), WgError> {
         let found: Vec<AddressMessage> = self
             .handle
             .address()
@@ -432,14 +437,22 @@ impl WgDevice {
             .try_collect()
             .await
             .map_err(netlink(format!("listing addresses on {}", self.ifname)))?;
-        let mut have = false;
+        let wanted: Vec<(IpAddr, u8)> = std::iter::once((IpAddr::V4(addr), 32))
+            .chain(addr6.map(|a| (IpAddr::V6(a), 128)))
+            .collect();
+        let mut have = Vec::new();
         for a in found.into_iter().filter(|a| a.header.index == self.ifindex) {
             let ip = a.attributes.iter().find_map(|at| match at {
-                AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                AddressAttribute::Address(ip @ IpAddr::V4(_)) => Some(*ip),
+                AddressAttribute::Address(ip @ IpAddr::V6(v6))
+                    if v6.segments()[0] & 0xffc0 != 0xfe80 =>
+                {
+                    Some(*ip)
+                }
                 _ => None,
             });
             match ip {
-                Some(ip) if ip == addr && a.header.prefix_len == 32 => have = true,
+                Some(ip) if wanted.contains(&(ip, a.header.prefix_len)) => have.push(ip),
                 Some(ip) => {
                     self.handle
                         .address()
@@ -451,32 +464,32 @@ impl WgDevice {
                 None => {}
             }
         }
-        if !have {
+        for (ip, len) in wanted.into_iter().filter(|(ip, _)| !have.contains(ip)) {
             self.handle
                 .address()
-                .add(self.ifindex, IpAddr::V4(addr), 32)
+                .add(self.ifindex, ip, len)
                 .replace()
                 .execute()
                 .await
-                .map_err(netlink(format!("adding {addr}/32 to {}", self.ifname)))?;
+                .map_err(netlink(format!("adding {ip}/{len} to {}", self.ifname)))?;
         }
         Ok(())
     }
 
-    /// Routes each subnet of `want` through the device (protocol 77) from `src`, replacing a
-    /// route of the same destination in place, so a subnet moving from VXLAN to WireGuard never
-    /// has a moment without a route. Returns how many it added or changed.
+    /// Routes each subnet of `want` (either family; each with its preferred source) through
+    /// the device (protocol 77), replacing a route of the same destination in place, so a
+    /// subnet moving from VXLAN to WireGuard never has a moment without a route. Returns how
+    /// many it added or changed.
     pub async fn add_routes(
         &self,
-        want: &BTreeSet<Ipv4Net>,
-        src: Ipv4Addr,
+        want: &BTreeMap<IpNet, Option<IpAddr>>,
     ) -> Result<usize, WgError> {
         let have = owned_routes(&self.handle, self.ifindex).await?;
         let mut added = 0;
-        for dst in want.iter().filter(|d| have.get(*d) != Some(&Some(src))) {
+        for (dst, src) in want.iter().filter(|(d, s)| have.get(*d) != Some(*s)) {
             self.handle
                 .route()
-                .add(route(*dst, self.ifindex, Some(src)))
+                .add(route(*dst, self.ifindex, *src))
                 .replace()
                 .execute()
                 .await
@@ -486,16 +499,14 @@ impl WgDevice {
         Ok(added)
     }
 
-    /// Makes sluice's routes through the device exactly `want`, from `src`. Returns the number
-    /// of changes.
+    /// Makes sluice's routes through the device exactly `want`. Returns the number of changes.
     pub async fn sync_routes(
         &self,
-        want: &BTreeSet<Ipv4Net>,
-        src: Ipv4Addr,
+        want: &BTreeMap<IpNet, Option<IpAddr>>,
     ) -> Result<usize, WgError> {
         let have = owned_routes(&self.handle, self.ifindex).await?;
         let mut changes = 0;
-        for dst in have.keys().filter(|d| !want.contains(*d)) {
+        for dst in have.keys().filter(|d| !want.contains_key(*d)) {
             match self
                 .handle
                 .route()
@@ -508,7 +519,7 @@ impl WgDevice {
                 Err(e) => return Err(netlink(format!("deleting route {dst}"))(e)),
             }
         }
-        Ok(changes + self.add_routes(want, src).await?)
+        Ok(changes + self.add_routes(want).await?)
     }
 
     /// Stops the device and removes its link (and with it the routes through it).
@@ -604,47 +615,75 @@ async fn open_kernel(
     None
 }
 
-fn route(dst: Ipv4Net, ifindex: u32, src: Option<Ipv4Addr>) -> RouteMessage {
-    let b = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(dst.network(), dst.prefix_len())
-        .output_interface(ifindex)
-        .scope(RouteScope::Link)
-        .protocol(RouteProtocol::from(ROUTE_PROTOCOL));
-    match src {
-        Some(src) => b.pref_source(src).build(),
-        None => b.build(),
+fn route(dst: IpNet, ifindex: u32, src: Option<IpAddr>) -> RouteMessage {
+    let proto = RouteProtocol::from(ROUTE_PROTOCOL);
+    match dst {
+        IpNet::V4(d) => {
+            let b = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(d.network(), d.prefix_len())
+                .output_interface(ifindex)
+                .scope(RouteScope::Link)
+                .protocol(proto);
+            match src {
+                Some(IpAddr::V4(src)) => b.pref_source(src).build(),
+                _ => b.build(),
+            }
+        }
+        IpNet::V6(d) => {
+            // IPv6 routes have no scope but universe.
+            let b = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(d.network(), d.prefix_len())
+                .output_interface(ifindex)
+                .protocol(proto);
+            match src {
+                Some(IpAddr::V6(src)) => b.pref_source(src).build(),
+                _ => b.build(),
+            }
+        }
     }
 }
 
-/// sluice's routes through the link `ifindex` in the main table, with their preferred source.
+/// sluice's routes of both families through the link `ifindex` in the main table, with their
+/// preferred source.
 pub async fn owned_routes(
     handle: &Handle,
     ifindex: u32,
-) -> Result<BTreeMap<Ipv4Net, Option<Ipv4Addr>>, WgError> {
-    let routes: Vec<RouteMessage> = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
-        .await
-        .map_err(netlink("listing routes"))?;
-    Ok(routes
-        .iter()
-        .filter(|r| {
-            r.header.protocol == RouteProtocol::from(ROUTE_PROTOCOL)
-                && route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN)
-                && route_oif(r) == Some(ifindex)
-        })
-        .filter_map(|r| {
-            let dst = route_ip(r, true).unwrap_or(Ipv4Addr::UNSPECIFIED);
-            let src = r.attributes.iter().find_map(|a| match a {
-                RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => Some(*ip),
-                _ => None,
-            });
-            Some((
-                Ipv4Net::new(dst, r.header.destination_prefix_length).ok()?,
-                src,
-            ))
-        })
-        .collect())
+) -> Result<BTreeMap<IpNet, Option<IpAddr>>, WgError> {
+    let mut out = BTreeMap::new();
+    for query in [
+        RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    ] {
+        let routes: Vec<RouteMessage> = handle
+            .route()
+            .get(query)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(netlink("listing routes"))?;
+        out.extend(
+            routes
+                .iter()
+                .filter(|r| {
+                    r.header.protocol == RouteProtocol::from(ROUTE_PROTOCOL)
+                        && route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN)
+                        && route_oif(r) == Some(ifindex)
+                })
+                .filter_map(|r| {
+                    let dst = route_addr_any(r, true)?;
+                    let src = r.attributes.iter().find_map(|a| match a {
+                        RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+                        RouteAttribute::PrefSource(RouteAddress::Inet6(ip)) => {
+                            Some(IpAddr::V6(*ip))
+                        }
+                        _ => None,
+                    });
+                    Some((
+                        IpNet::new(dst, r.header.destination_prefix_length).ok()?,
+                        src,
+                    ))
+                }),
+        );
+    }
+    Ok(out)
 }

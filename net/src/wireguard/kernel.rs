@@ -16,7 +16,7 @@ use netlink_packet_wireguard::{
     WireguardCmd, WireguardDeviceFlags, WireguardMessage, WireguardPeer, WireguardPeerAttribute,
     WireguardPeerFlags,
 };
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 /// The attributes of a peer to add or update: endpoint, keepalive, and allowed IPs replacing
@@ -26,9 +26,13 @@ fn upsert_peer(p: &PeerSpec) -> WireguardPeer {
         .allowed_ips
         .iter()
         .map(|n| {
+            let family = match n {
+                ipnet::IpNet::V4(_) => WireguardAddressFamily::Ipv4,
+                ipnet::IpNet::V6(_) => WireguardAddressFamily::Ipv6,
+            };
             WireguardAllowedIp(vec![
-                WireguardAllowedIpAttr::Family(WireguardAddressFamily::Ipv4),
-                WireguardAllowedIpAttr::IpAddr(IpAddr::V4(n.network())),
+                WireguardAllowedIpAttr::Family(family),
+                WireguardAllowedIpAttr::IpAddr(n.network()),
                 WireguardAllowedIpAttr::Cidr(n.prefix_len()),
             ])
         })

@@ -1,5 +1,6 @@
 //! The WireGuard datapath: one device per node (`sluice.wg`, UDP 51820), a peer per other node
-//! (endpoint = its underlay address, allowed IPs = its pod subnet), keyed by node.
+//! (endpoint = its underlay address, allowed IPs = its pod subnet, and on a dual-stack pair its
+//! IPv6 pod subnet too), keyed by node.
 //!
 //! - [`keys`]: the node's key pair in `/var/lib/sluice/wireguard.key` (0600); only the public
 //!   key is ever published (in the lease record).
@@ -20,7 +21,7 @@ pub mod keys;
 mod tests;
 
 use crate::lease::NodeRecord;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddrV4;
 
@@ -61,7 +62,8 @@ pub struct PeerSpec {
     pub node: String,
     pub public_key: [u8; 32],
     pub endpoint: SocketAddrV4,
-    pub allowed_ips: Vec<Ipv4Net>,
+    /// Its pod subnets: the IPv4 one, and its IPv6 one when both nodes have IPv6.
+    pub allowed_ips: Vec<IpNet>,
     /// Persistent keepalive in seconds; 0 = off.
     pub keepalive_secs: u16,
 }
@@ -89,10 +91,15 @@ pub struct WgPlan {
     /// leaves from an address within the node's subnet, which every peer's allowed IPs for this
     /// node hold. From the underlay address it would be dropped by the receiver.
     pub address: std::net::Ipv4Addr,
+    /// Its IPv6 address on a dual-stack node (the IPv6 subnet's network address, as a /128),
+    /// the preferred source of its IPv6 routes alike.
+    pub address_v6: Option<std::net::Ipv6Addr>,
     /// The device's peers by node name (empty when there is no device).
     pub peers: BTreeMap<String, PeerSpec>,
     /// Peer subnets routed through the device; every other peer subnet stays on VXLAN.
     pub routes: BTreeSet<Ipv4Net>,
+    /// The IPv6 subnets of those peers, routed through the device with them.
+    pub routes_v6: BTreeSet<Ipv6Net>,
     pub skipped: Vec<(String, PeerProblem)>,
 }
 
@@ -101,8 +108,10 @@ impl Default for WgPlan {
         Self {
             device: false,
             address: std::net::Ipv4Addr::UNSPECIFIED,
+            address_v6: None,
             peers: BTreeMap::new(),
             routes: BTreeSet::new(),
+            routes_v6: BTreeSet::new(),
             skipped: Vec::new(),
         }
     }
@@ -128,6 +137,7 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], settings: &WgSettings) -> WgP
     let mut out = WgPlan {
         device: settings.enabled || any_peer_wireguard,
         address: crate::vxlan::vtep_address(me.subnet),
+        address_v6: me.subnet_v6.map(crate::vxlan::vtep_address_v6),
         ..WgPlan::default()
     };
     if !out.device {
@@ -161,18 +171,23 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], settings: &WgSettings) -> WgP
             }
         };
         keys.insert(key, &peer.node);
+        // A peer's IPv6 subnet only where this node has IPv6 too.
+        let peer_v6 = peer.subnet_v6.filter(|_| me.subnet_v6.is_some());
         out.peers.insert(
             peer.node.clone(),
             PeerSpec {
                 node: peer.node.clone(),
                 public_key: key,
                 endpoint: SocketAddrV4::new(peer.underlay_ip, settings.port),
-                allowed_ips: vec![peer.subnet],
+                allowed_ips: std::iter::once(IpNet::from(peer.subnet))
+                    .chain(peer_v6.map(IpNet::from))
+                    .collect(),
                 keepalive_secs: settings.keepalive_secs,
             },
         );
         if settings.enabled && mine.is_some() && peer.encryption == WIREGUARD {
             out.routes.insert(peer.subnet);
+            out.routes_v6.extend(peer_v6);
         }
     }
     out

@@ -13,6 +13,7 @@ fn rec(node: &str, third: u8, enc: &str, key_n: Option<u8>) -> NodeRecord {
         wireguard_public_key: key_n.map(key),
         encryption: enc.into(),
         subnet: format!("10.244.{third}.0/24").parse().unwrap(),
+        subnet_v6: None,
     }
 }
 
@@ -216,4 +217,39 @@ fn the_key_file_is_made_0600_kept_and_never_replaced_when_bad() {
         1,
         "no temp file left"
     );
+}
+
+#[test]
+fn a_dual_stack_pair_allows_and_routes_both_families() {
+    let v6 = |r: NodeRecord, s: &str| NodeRecord {
+        subnet_v6: Some(s.parse().unwrap()),
+        ..r
+    };
+    let me = v6(rec("a", 1, "wireguard", Some(1)), "fd00:10:244:1::/64");
+    let peers = [
+        v6(rec("b", 2, "wireguard", Some(2)), "fd00:10:244:2::/64"),
+        rec("c", 3, "wireguard", Some(3)),
+    ];
+    let p = plan(&me, &peers, &on(true));
+    assert_eq!(p.address_v6, Some("fd00:10:244:1::".parse().unwrap()));
+    let allowed = |n: &str| -> Vec<String> {
+        p.peers[n]
+            .allowed_ips
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
+    };
+    assert_eq!(allowed("b"), ["10.244.2.0/24", "fd00:10:244:2::/64"]);
+    assert_eq!(allowed("c"), ["10.244.3.0/24"]);
+    assert_eq!(
+        p.routes_v6
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>(),
+        ["fd00:10:244:2::/64"]
+    );
+    // An IPv4-only node neither allows nor routes its peers' IPv6.
+    let p4 = plan(&rec("a", 1, "wireguard", Some(1)), &peers, &on(true));
+    assert_eq!(p4.peers["b"].allowed_ips.len(), 1);
+    assert!(p4.routes_v6.is_empty() && p4.address_v6.is_none());
 }

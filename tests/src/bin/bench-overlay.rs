@@ -1271,6 +1271,7 @@ fn fake_peer(index: usize, b: u8, c: u8) -> NodeRecord {
         wireguard_public_key: None,
         encryption: "none".into(),
         subnet: Ipv4Net::new(Ipv4Addr::new(10, b, c, 0), 24).unwrap(),
+        subnet_v6: None,
     }
 }
 
