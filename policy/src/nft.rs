@@ -218,7 +218,7 @@ fn render_direction(
     region_rules(
         &mut sets,
         &mut rules,
-        &format!("{name}-ad"),
+        TIER_SETS,
         field,
         &admin.deny,
         &drop(DropStage::Admin),
@@ -226,7 +226,7 @@ fn render_direction(
     region_rules(
         &mut sets,
         &mut rules,
-        &format!("{name}-aa"),
+        TIER_SETS,
         field,
         &admin.accept,
         &allow_v,
@@ -263,7 +263,7 @@ fn render_direction(
         region_rules(
             &mut sets,
             &mut rules,
-            &format!("{name}-bd"),
+            TIER_SETS,
             field,
             &base.deny,
             &drop(DropStage::Baseline),
@@ -275,6 +275,11 @@ fn render_direction(
         chain: Arc::new(NftChain { hook: None, rules }),
     }
 }
+
+/// Base name of the tiers' sets: named by their contents alone, so that a region the pods of a
+/// group (or several tiers) share is one set in the table, made once, and a change of one
+/// ClusterNetworkPolicy makes only the sets it changes.
+const TIER_SETS: &str = "t";
 
 /// The rules (and sets) that give `verdict` to `region`: at most three lookups, whatever the
 /// number of ClusterNetworkPolicies behind it.

@@ -345,16 +345,16 @@ pub(crate) fn tiered_sample() -> PolicyIr {
     let mut ir = sample();
     ir.log_drops = true;
     let b = &mut ir.pods[1];
-    b.ingress.admin = TierVerdict {
+    b.ingress.admin = Arc::new(TierVerdict {
         deny: Region::everything(&AddrSet::from_addrs(["169.254.169.254".parse().unwrap()])),
         policies: vec!["block-metadata".into()],
         ..Default::default()
-    };
-    b.egress.baseline = TierVerdict {
+    });
+    b.egress.baseline = Arc::new(TierVerdict {
         deny: Region::everything(&AddrSet::from_block("10.0.9.0/24".parse().unwrap(), &[])),
         policies: vec!["default-deny".into()],
         ..Default::default()
-    };
+    });
     ir
 }
 
@@ -362,8 +362,8 @@ pub(crate) fn tiered_sample() -> PolicyIr {
 fn logged_tier_drops_name_their_tier() {
     let t = unhashed(&render(&tiered_sample()).text());
     for want in [
-        "ip saddr @i-slb-ad-all-# limit rate 10/second burst 20 packets log prefix \"sluice-drop:iA:slb\" group 77\n\t\tip saddr @i-slb-ad-all-# drop",
-        "ip daddr @e-slb-bd-all-# limit rate 10/second burst 20 packets log prefix \"sluice-drop:eB:slb\" group 77\n\t\tip daddr @e-slb-bd-all-# drop",
+        "ip saddr @t-all-# limit rate 10/second burst 20 packets log prefix \"sluice-drop:iA:slb\" group 77\n\t\tip saddr @t-all-# drop",
+        "ip daddr @t-all-# limit rate 10/second burst 20 packets log prefix \"sluice-drop:eB:slb\" group 77\n\t\tip daddr @t-all-# drop",
     ] {
         assert!(t.contains(want), "{want:?} missing from\n{t}");
     }
