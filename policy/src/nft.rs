@@ -16,6 +16,12 @@
 //!   peers allowed on every port (`…-all`) and a concatenated interval set
 //!   `ipv4_addr . inet_proto . inet_service` (`…-ports`), then `drop`. Egress allows `return`
 //!   (the ingress check of the destination still runs), ingress allows `accept`.
+//! - ClusterNetworkPolicy tiers come first (Admin) and last (Baseline, for a direction no
+//!   NetworkPolicy isolates) in the same chain, each at most three lookups whatever the number
+//!   of policies behind it, in sets named by their contents alone (`t-…-HASH`): the pods the
+//!   same policies select alike share one verdict in the IR and one set per region in the
+//!   table, and a change of one ClusterNetworkPolicy makes only the sets it changes and writes
+//!   only the chains of the pods whose verdict changed.
 //!
 //! - TCP packets that would start a flow without being a SYN are dropped to and from isolated
 //!   pods (set `isolated`), so that a connection cut by [`crate::conntrack`] cannot be picked
