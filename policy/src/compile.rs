@@ -24,9 +24,7 @@
 //! addresses) is always allowed in, so that kubelet probes keep working under default deny.
 
 use crate::cnp::{ClusterNetworkPolicy, NodeAddrs};
-use crate::ir::{
-    AddrSet, Direction, PodPolicy, PolicyIr, PortEntry, Protocol, Region, TierVerdict,
-};
+use crate::ir::{AddrSet, Direction, PodPolicy, PolicyIr, PortEntry, Protocol, TierVerdict};
 use crate::selector::{self, LabelIndex, Labels};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Namespace;
@@ -65,7 +63,7 @@ pub struct PolicyInput<'a> {
 }
 
 /// A container port that has a name.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct NamedPort {
     pub name: String,
     pub protocol: Protocol,
@@ -137,6 +135,8 @@ pub struct Compiler {
     peer_cache: HashMap<(usize, Dir, usize), AddrSet>,
     /// This pass's egress named ports: (name, protocol) → port → pod addresses.
     named_cache: HashMap<(String, Protocol), BTreeMap<u16, AddrSet>>,
+    /// ClusterNetworkPolicy tiers, per group of pods they decide alike.
+    tier_memo: tiers::TierMemo,
 }
 
 /// The node's policy: one [`PodPolicy`] per local pod, sorted by interface name.
@@ -202,25 +202,37 @@ impl Compiler {
                 }
             }
         }
+        let host = AddrSet::from_addrs(input.host_addrs.iter().copied());
+        let locals = tiers::Locals {
+            pods: local_pods,
+            labels: &local_labels,
+            by_ns: &local_by_ns,
+        };
         let tiers = self.tiers(
             input.cluster_policies,
             input.nodes,
-            local_pods,
+            &locals,
+            &host,
             input.attribute_drops,
         );
         self.end_pass();
-        let host = AddrSet::from_addrs(input.host_addrs.iter().copied());
         let mut pods: Vec<PodPolicy> = local_pods
             .iter()
             .zip(acc)
             .zip(tiers)
-            .map(|((pod, [ingress, egress]), [t_in, t_eg])| PodPolicy {
-                namespace: pod.namespace.clone(),
-                name: pod.name.clone(),
-                ip: pod.ip,
-                ifname: pod.ifname.clone(),
-                ingress: finish(ingress, t_in, Some(&host)),
-                egress: finish(egress, t_eg, None),
+            .map(|((pod, [ingress, egress]), tiers)| {
+                let [t_in, t_eg] = match tiers {
+                    Some(t) => (*t).clone(),
+                    None => Default::default(),
+                };
+                PodPolicy {
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                    ip: pod.ip,
+                    ifname: pod.ifname.clone(),
+                    ingress: finish(ingress, t_in, Some(&host)),
+                    egress: finish(egress, t_eg, None),
+                }
             })
             .collect();
         pods.sort_by(|a, b| a.ifname.cmp(&b.ifname));
@@ -250,6 +262,10 @@ impl Compiler {
         if ns_labels != self.ns_labels || matches!(self.peers.changes(), Changes::Many) {
             self.resolved.clear();
         }
+        // What a tier's rules name may have changed: its groups are decided again.
+        if ns_labels != self.ns_labels || self.peers.changed() {
+            self.tier_memo.forget();
+        }
         self.ns_labels = ns_labels;
     }
 
@@ -265,19 +281,15 @@ impl Compiler {
 
 /// A direction once every policy has been added: traffic from the node itself (`host`, for
 /// ingress) is let in when the pod is isolated, policy names sorted, ports made disjoint.
+/// The tiers' verdicts come shared with the pod's group, the node's addresses already out of
+/// their ingress denies.
 fn finish(
     (mut out, raw_ports): (Direction, Vec<PortEntry>),
-    (mut admin, mut baseline): (TierVerdict, TierVerdict),
+    (admin, baseline): (Arc<TierVerdict>, Arc<TierVerdict>),
     host: Option<&AddrSet>,
 ) -> Direction {
     if let (true, Some(host)) = (out.isolated, host) {
         out.all_ports.union_with(host);
-    }
-    // The kubelet's probes come from the node: no tier denies them.
-    if let Some(host) = host.filter(|h| !h.is_empty()) {
-        let host = Region::everything(host);
-        admin.deny = admin.deny.subtract(&host);
-        baseline.deny = baseline.deny.subtract(&host);
     }
     out.admin = admin;
     out.baseline = baseline;

@@ -76,6 +76,10 @@ struct Out {
 
 impl Out {
     fn add_set(&mut self, (name, lines, hash): &RenderedSet) {
+        // A tier's set, shared by the pods of a group: once.
+        if self.set_lines.contains_key(name) {
+            return;
+        }
         self.sets_hash = fnv1a(self.sets_hash, name.as_bytes());
         self.sets_hash = fnv1a(self.sets_hash, &hash.to_le_bytes());
         self.set_lines.insert(name.clone(), lines.clone());
@@ -95,6 +99,18 @@ fn render_set(name: String, addrs: &AddrSet) -> RenderedSet {
     );
     let hash = fnv1a(FNV_START, lines.as_bytes());
     (name, lines.into(), hash)
+}
+
+/// A tier's set, named by what it holds (`SLUICE-T` and 16 hex digits, within ipset's 31
+/// characters): the pods of a group, and the tiers, share one set per distinct address set,
+/// and a changed one is a new set, made aside and swapped into the rules that name it.
+fn tier_set_name(addrs: &AddrSet) -> String {
+    let mut hash = FNV_START;
+    for (a, b) in addrs.ranges() {
+        hash = fnv1a(hash, &a.to_le_bytes());
+        hash = fnv1a(hash, &b.to_le_bytes());
+    }
+    format!("{SET_PREFIX}T{hash:016x}")
 }
 
 /// `--dports` lists of at most [`MULTIPORT_MAX`] ports each.
@@ -196,18 +212,18 @@ fn render_direction(
         dir,
     };
     let admin = &d.admin;
-    e.region(&format!("{tag}-{ifname}-ad"), &admin.deny, &drop(0));
-    e.region(&format!("{tag}-{ifname}-aa"), &admin.accept, &[verdict]);
+    e.region(&admin.deny, &drop(0));
+    e.region(&admin.accept, &[verdict]);
     if d.isolated {
         e.lookups(
-            &format!("{tag}-{ifname}"),
+            Some(&format!("{tag}-{ifname}")),
             &d.all_ports,
             &d.ports,
             &[verdict],
         );
         e.lookups_done(&drop(1));
     } else {
-        e.region(&format!("{tag}-{ifname}-bd"), &d.baseline.deny, &drop(2));
+        e.region(&d.baseline.deny, &drop(2));
         e.lookups_done(&[verdict]);
     }
     let mut text = String::new();
@@ -242,20 +258,30 @@ impl Emit<'_> {
         }
     }
 
-    fn set_match(&mut self, name: String, addrs: &AddrSet) -> String {
+    /// The match of set `name` (`None`: named by its contents, see [`tier_set_name`]).
+    fn set_match(&mut self, name: Option<String>, addrs: &AddrSet) -> String {
         if addrs.is_all() {
             return String::new();
         }
+        let name = name.unwrap_or_else(|| tier_set_name(addrs));
         let m = format!(" -m set --match-set {name} {}", self.dir);
         self.sets.push(render_set(name, addrs));
         m
     }
 
     /// Peers on every port (`all`), then per port entries: one set per distinct peer set,
-    /// one rule per protocol and multiport list.
-    fn lookups(&mut self, base: &str, all: &AddrSet, ports: &[PortEntry], verdicts: &[&str]) {
+    /// one rule per protocol and multiport list. Sets are named after `base`, or by their
+    /// contents when it is `None` (a tier's).
+    fn lookups(
+        &mut self,
+        base: Option<&str>,
+        all: &AddrSet,
+        ports: &[PortEntry],
+        verdicts: &[&str],
+    ) {
+        let name = |suffix: &str| base.map(|b| format!("{SET_PREFIX}{b}-{suffix}"));
         if !all.is_empty() {
-            let m = self.set_match(format!("{SET_PREFIX}{base}-a"), all);
+            let m = self.set_match(name("a"), all);
             self.push(&m, verdicts);
         }
         let mut groups: Vec<(&AddrSet, Vec<&PortEntry>)> = Vec::new();
@@ -266,7 +292,7 @@ impl Emit<'_> {
             }
         }
         for (i, (addrs, entries)) in groups.into_iter().enumerate() {
-            let m = self.set_match(format!("{SET_PREFIX}{base}-{i}"), addrs);
+            let m = self.set_match(name(&i.to_string()), addrs);
             for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
                 let ranges: Vec<(u16, u16)> = entries
                     .iter()
@@ -291,15 +317,15 @@ impl Emit<'_> {
         }
     }
 
-    /// A ClusterNetworkPolicy tier's region.
-    fn region(&mut self, base: &str, region: &Region, verdicts: &[&str]) {
+    /// A ClusterNetworkPolicy tier's region; its sets named by their contents.
+    fn region(&mut self, region: &Region, verdicts: &[&str]) {
         if region.is_empty() {
             return;
         }
         let (all, ports, other) = region.split();
-        self.lookups(base, &all, &ports, verdicts);
+        self.lookups(None, &all, &ports, verdicts);
         if !other.is_empty() {
-            let m = self.set_match(format!("{SET_PREFIX}{base}-o"), &other);
+            let m = self.set_match(None, &other);
             self.push(&format!(" -m u32 --u32 {NO_PORT_PROTOCOLS}{m}"), verdicts);
         }
     }

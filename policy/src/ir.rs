@@ -6,6 +6,7 @@
 
 use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 /// Transport protocols a NetworkPolicy port can name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -221,10 +222,12 @@ pub struct Direction {
     pub all_ports: AddrSet,
     /// Peers allowed on given ports: disjoint per protocol, sorted by (protocol, first).
     pub ports: Vec<PortEntry>,
-    /// ClusterNetworkPolicy tier `Admin`: decided before NetworkPolicy.
-    pub admin: TierVerdict,
+    /// ClusterNetworkPolicy tier `Admin`: decided before NetworkPolicy. Shared by the pods
+    /// the same ClusterNetworkPolicies select alike (equal pointers, equal verdicts; the
+    /// renderers key what they make of it by content).
+    pub admin: Arc<TierVerdict>,
     /// ClusterNetworkPolicy tier `Baseline`: decides only when no NetworkPolicy isolates.
-    pub baseline: TierVerdict,
+    pub baseline: Arc<TierVerdict>,
 }
 
 impl Direction {

@@ -16,6 +16,12 @@
 //!   peers allowed on every port (`…-all`) and a concatenated interval set
 //!   `ipv4_addr . inet_proto . inet_service` (`…-ports`), then `drop`. Egress allows `return`
 //!   (the ingress check of the destination still runs), ingress allows `accept`.
+//! - ClusterNetworkPolicy tiers come first (Admin) and last (Baseline, for a direction no
+//!   NetworkPolicy isolates) in the same chain, each at most three lookups whatever the number
+//!   of policies behind it, in sets named by their contents alone (`t-…-HASH`): the pods the
+//!   same policies select alike share one verdict in the IR and one set per region in the
+//!   table, and a change of one ClusterNetworkPolicy makes only the sets it changes and writes
+//!   only the chains of the pods whose verdict changed.
 //!
 //! - TCP packets that would start a flow without being a SYN are dropped to and from isolated
 //!   pods (set `isolated`), so that a connection cut by [`crate::conntrack`] cannot be picked
@@ -218,7 +224,7 @@ fn render_direction(
     region_rules(
         &mut sets,
         &mut rules,
-        &format!("{name}-ad"),
+        TIER_SETS,
         field,
         &admin.deny,
         &drop(DropStage::Admin),
@@ -226,7 +232,7 @@ fn render_direction(
     region_rules(
         &mut sets,
         &mut rules,
-        &format!("{name}-aa"),
+        TIER_SETS,
         field,
         &admin.accept,
         &allow_v,
@@ -263,7 +269,7 @@ fn render_direction(
         region_rules(
             &mut sets,
             &mut rules,
-            &format!("{name}-bd"),
+            TIER_SETS,
             field,
             &base.deny,
             &drop(DropStage::Baseline),
@@ -275,6 +281,11 @@ fn render_direction(
         chain: Arc::new(NftChain { hook: None, rules }),
     }
 }
+
+/// Base name of the tiers' sets: named by their contents alone, so that a region the pods of a
+/// group (or several tiers) share is one set in the table, made once, and a change of one
+/// ClusterNetworkPolicy makes only the sets it changes.
+const TIER_SETS: &str = "t";
 
 /// The rules (and sets) that give `verdict` to `region`: at most three lookups, whatever the
 /// number of ClusterNetworkPolicies behind it.

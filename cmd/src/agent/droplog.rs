@@ -317,18 +317,20 @@ mod tests {
     use sluice_policy::{AddrSet, TierVerdict};
 
     fn names() -> HashMap<String, PodNames> {
-        let tier = |names: &[&str]| TierVerdict {
-            policies: names.iter().map(|n| n.to_string()).collect(),
-            // The first policy denies 10.244.2.3, the second everyone else.
-            denied_by: names
-                .iter()
-                .zip([
-                    Region::everything(&AddrSet::from_addrs(["10.244.2.3".parse().unwrap()])),
-                    Region::everything(&AddrSet::all()),
-                ])
-                .map(|(n, r)| (n.to_string(), r))
-                .collect(),
-            ..Default::default()
+        let tier = |names: &[&str]| {
+            std::sync::Arc::new(TierVerdict {
+                policies: names.iter().map(|n| n.to_string()).collect(),
+                // The first policy denies 10.244.2.3, the second everyone else.
+                denied_by: names
+                    .iter()
+                    .zip([
+                        Region::everything(&AddrSet::from_addrs(["10.244.2.3".parse().unwrap()])),
+                        Region::everything(&AddrSet::all()),
+                    ])
+                    .map(|(n, r)| (n.to_string(), r))
+                    .collect(),
+                ..Default::default()
+            })
         };
         let ir = PolicyIr {
             pods: vec![PodPolicy {

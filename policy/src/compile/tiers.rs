@@ -1,11 +1,13 @@
 //! ClusterNetworkPolicy tiers, compiled per local pod and direction (see [`crate::cnp`]).
 
-use super::{ip_block, Compiler, Dir, LocalPod, NAMESPACE_NAME_LABEL};
+use super::{ip_block, Compiler, Dir, LocalPod, NamedPort, NAMESPACE_NAME_LABEL};
 use crate::cnp::{Action, ClusterNetworkPolicy, Peer, PodsPeer, ProtocolPort, Tier};
 use crate::ir::{AddrSet, PortEntry, Protocol, Region, TierVerdict, PORT_PROTOCOLS};
-use crate::selector::{self, Labels};
+use crate::selector::{self, LabelIndex, Labels};
 use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
-use std::collections::{BTreeMap, HashMap};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 /// A rule as the tiers read it: its action, peers and protocols.
 struct RuleView<'a> {
@@ -47,18 +49,101 @@ struct Outcome {
     pass: Region,
 }
 
+/// What the tiers decide for one group of pods, per direction (ingress, egress): (Admin,
+/// Baseline), shared by every pod of the group.
+pub(super) type GroupVerdict = [(Arc<TierVerdict>, Arc<TierVerdict>); 2];
+
+/// Pods whose tiers decide alike: the ClusterNetworkPolicies that select them (by
+/// [`fingerprint`], in the tiers' order of evaluation) and, when one of those names ports on
+/// ingress by name, the pods' named ports (resolved on the subject itself). Everything else a
+/// tier reads is the same for every pod: the peers' addresses, the nodes, the node's own
+/// addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct GroupKey {
+    policies: Vec<u64>,
+    ports: Vec<NamedPort>,
+}
+
+/// Group verdicts kept from pass to pass (Calico's calculation graph, for the tiers): a pass
+/// computes only the groups it has not seen with the same world ([`TierMemo::world`]), so a
+/// change of one ClusterNetworkPolicy recomputes the groups it selects and nothing else, and a
+/// pass where nothing changed recomputes nothing.
+#[derive(Debug, Default)]
+pub(super) struct TierMemo {
+    /// What every group's verdict also depends on: the node's addresses, the nodes, whether
+    /// drops are attributed. (Peers and namespaces: [`TierMemo::forget`].)
+    world: Option<(Vec<u32>, Vec<crate::cnp::NodeAddrs>, bool)>,
+    groups: HashMap<GroupKey, (Arc<GroupVerdict>, u64)>,
+    pass: u64,
+    /// Groups computed by the last pass (for tests and logs).
+    pub(super) computed: usize,
+}
+
+impl TierMemo {
+    /// Forgets every group: the peers or namespaces changed, and with them what rules name.
+    pub(super) fn forget(&mut self) {
+        self.groups.clear();
+    }
+
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.groups.len()
+    }
+}
+
+/// A ClusterNetworkPolicy's identity and content: equal fingerprints, equal decisions.
+fn fingerprint(cnp: &ClusterNetworkPolicy) -> u64 {
+    let text = format!("{}\u{0}{:?}", cnp.name(), cnp.spec);
+    crate::fnv1a(crate::FNV_START, text.as_bytes())
+}
+
+/// Whether a policy names ports by name on ingress: then its decision depends on the subject's
+/// own named ports.
+fn names_ingress_ports(cnp: &ClusterNetworkPolicy) -> bool {
+    cnp.spec.ingress.iter().any(|r| {
+        r.protocols
+            .iter()
+            .flatten()
+            .any(|p| p.destination_named_port.is_some())
+    })
+}
+
+/// The local pods and how to find them, as [`Compiler::compile`] indexed them.
+pub(super) struct Locals<'a> {
+    pub pods: &'a [LocalPod],
+    pub labels: &'a LabelIndex,
+    pub by_ns: &'a HashMap<&'a str, Vec<usize>>,
+}
+
 impl Compiler {
-    /// Per local pod, per direction (ingress, egress): (Admin, Baseline).
+    /// Per local pod: what the tiers decide for it, shared by every pod of its group (`None`:
+    /// no ClusterNetworkPolicy selects it). `host` (the node's addresses) is taken out of
+    /// every ingress deny: the kubelet's probes come from the node.
     pub(super) fn tiers(
         &mut self,
         policies: &[&ClusterNetworkPolicy],
         nodes: &[crate::cnp::NodeAddrs],
-        local_pods: &[LocalPod],
+        locals: &Locals<'_>,
+        host: &AddrSet,
         attribute_drops: bool,
-    ) -> Vec<[(TierVerdict, TierVerdict); 2]> {
-        let mut out: Vec<[(TierVerdict, TierVerdict); 2]> =
-            local_pods.iter().map(|_| Default::default()).collect();
+    ) -> Vec<Option<Arc<GroupVerdict>>> {
+        let local_pods = locals.pods;
+        let mut out: Vec<Option<Arc<GroupVerdict>>> = vec![None; local_pods.len()];
+        let world = (
+            host.ranges().iter().flat_map(|&(a, b)| [a, b]).collect(),
+            nodes.to_vec(),
+            attribute_drops,
+        );
+        let memo = &mut self.tier_memo;
+        if memo.world.as_ref() != Some(&world) {
+            memo.groups.clear();
+            memo.world = Some(world);
+        }
+        memo.pass += 1;
+        memo.computed = 0;
+        let pass = memo.pass;
         if policies.is_empty() {
+            memo.groups.clear();
             return out;
         }
         // Tier, then priority, then name: the order of evaluation.
@@ -66,73 +151,177 @@ impl Compiler {
         order.sort_by(|a, b| {
             (a.spec.tier, a.spec.priority, a.name()).cmp(&(b.spec.tier, b.spec.priority, b.name()))
         });
-        // Peer addresses per (policy, direction, rule): the same for every subject.
+        let prints: Vec<u64> = order.iter().map(|c| fingerprint(c)).collect();
+        let named: Vec<bool> = order.iter().map(|c| names_ingress_ports(c)).collect();
+        // Per local pod, the policies (indexes into `order`) that select it, in order: each
+        // policy finds its subjects through the namespaces and the label index.
+        let mut selecting: Vec<Vec<usize>> = vec![Vec::new(); local_pods.len()];
+        let ns_labels: HashMap<&str, Labels> = locals
+            .by_ns
+            .keys()
+            .map(|ns| (*ns, self.namespace_labels(ns)))
+            .collect();
+        for (ci, cnp) in order.iter().enumerate() {
+            for i in self.subjects(cnp, locals, &ns_labels) {
+                selecting[i].push(ci);
+            }
+        }
+        // Per pass: the peers of (policy, direction, rule), the same for every subject.
         let mut peer_cache: HashMap<(usize, Dir, usize), Option<AddrSet>> = HashMap::new();
         for (i, pod) in local_pods.iter().enumerate() {
-            let ns_labels = self.namespace_labels(&pod.namespace);
-            let selecting: Vec<(usize, &ClusterNetworkPolicy)> = order
-                .iter()
-                .copied()
-                .enumerate()
-                .filter(|(_, c)| subject_selects(c, &ns_labels, &pod.labels))
-                .collect();
-            if selecting.is_empty() {
+            let sel = &selecting[i];
+            if sel.is_empty() {
                 continue;
             }
-            for dir in [Dir::Ingress, Dir::Egress] {
-                for tier in [Tier::Admin, Tier::Baseline] {
-                    let in_tier: Vec<(usize, &ClusterNetworkPolicy)> = selecting
+            let key = GroupKey {
+                policies: sel.iter().map(|&ci| prints[ci]).collect(),
+                ports: if sel.iter().any(|&ci| named[ci]) {
+                    pod.ports.clone()
+                } else {
+                    Vec::new()
+                },
+            };
+            if let Some((verdict, seen)) = self.tier_memo.groups.get_mut(&key) {
+                *seen = pass;
+                out[i] = Some(verdict.clone());
+                continue;
+            }
+            let in_order: Vec<(usize, &ClusterNetworkPolicy)> =
+                sel.iter().map(|&ci| (ci, order[ci])).collect();
+            let verdict = Arc::new(self.group_verdict(
+                &in_order,
+                pod,
+                nodes,
+                host,
+                attribute_drops,
+                &mut peer_cache,
+            ));
+            self.tier_memo.computed += 1;
+            self.tier_memo.groups.insert(key, (verdict.clone(), pass));
+            out[i] = Some(verdict);
+        }
+        self.tier_memo.groups.retain(|_, (_, seen)| *seen == pass);
+        out
+    }
+
+    /// The local pods `cnp`'s subject selects, ascending.
+    fn subjects(
+        &self,
+        cnp: &ClusterNetworkPolicy,
+        locals: &Locals<'_>,
+        ns_labels: &HashMap<&str, Labels>,
+    ) -> Vec<usize> {
+        let in_namespaces = |sel: &LabelSelector| -> Vec<&str> {
+            ns_labels
+                .iter()
+                .filter(|(_, labels)| selector::matches(sel, labels))
+                .map(|(ns, _)| *ns)
+                .collect()
+        };
+        let mut out: Vec<usize> = match (&cnp.spec.subject.namespaces, &cnp.spec.subject.pods) {
+            (Some(ns), None) => in_namespaces(ns)
+                .iter()
+                .flat_map(|ns| locals.by_ns.get(ns).into_iter().flatten().copied())
+                .collect(),
+            (None, Some(p)) => {
+                let namespaces: HashSet<&str> =
+                    in_namespaces(&p.namespace_selector).into_iter().collect();
+                let pod_ok = |i: &usize| {
+                    let pod = &locals.pods[*i];
+                    namespaces.contains(pod.namespace.as_str())
+                        && selector::matches(&p.pod_selector, &pod.labels)
+                };
+                match locals.labels.narrow(&p.pod_selector) {
+                    Some(list) => list.iter().copied().filter(pod_ok).collect(),
+                    None => namespaces
                         .iter()
-                        .copied()
-                        .filter(|(_, c)| c.spec.tier == tier)
-                        .collect();
-                    if in_tier.is_empty() {
-                        continue;
-                    }
-                    let mut verdict = TierVerdict {
-                        policies: in_tier.iter().map(|(_, c)| c.name().to_string()).collect(),
-                        ..Default::default()
-                    };
-                    verdict.policies.sort();
-                    let mut decided = Region::default();
-                    let mut k = 0;
-                    while k < in_tier.len() {
-                        let priority = in_tier[k].1.spec.priority;
-                        let mut group = Outcome::default();
-                        while k < in_tier.len() && in_tier[k].1.spec.priority == priority {
-                            let (ci, cnp) = in_tier[k];
-                            let o = self.policy_outcome(ci, cnp, dir, pod, nodes, &mut peer_cache);
-                            if attribute_drops {
-                                let mine = o.deny.subtract(&decided);
-                                if !mine.is_empty() {
-                                    verdict.denied_by.push((cnp.name().to_string(), mine));
-                                }
+                        .flat_map(|ns| locals.by_ns.get(ns).into_iter().flatten().copied())
+                        .filter(pod_ok)
+                        .collect(),
+                }
+            }
+            _ => {
+                tracing::warn!(
+                    policy = cnp.name(),
+                    "subject needs exactly one of namespaces, pods"
+                );
+                Vec::new()
+            }
+        };
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// What the policies `selecting` (in the order of evaluation, each with its index there)
+    /// decide for `pod`, and every pod of its group.
+    fn group_verdict(
+        &mut self,
+        selecting: &[(usize, &ClusterNetworkPolicy)],
+        pod: &LocalPod,
+        nodes: &[crate::cnp::NodeAddrs],
+        host: &AddrSet,
+        attribute_drops: bool,
+        peer_cache: &mut HashMap<(usize, Dir, usize), Option<AddrSet>>,
+    ) -> GroupVerdict {
+        let mut out: [(TierVerdict, TierVerdict); 2] = Default::default();
+        for dir in [Dir::Ingress, Dir::Egress] {
+            for tier in [Tier::Admin, Tier::Baseline] {
+                let in_tier: Vec<(usize, &ClusterNetworkPolicy)> = selecting
+                    .iter()
+                    .copied()
+                    .filter(|(_, c)| c.spec.tier == tier)
+                    .collect();
+                if in_tier.is_empty() {
+                    continue;
+                }
+                let mut verdict = TierVerdict {
+                    policies: in_tier.iter().map(|(_, c)| c.name().to_string()).collect(),
+                    ..Default::default()
+                };
+                verdict.policies.sort();
+                let mut decided = Region::default();
+                let mut k = 0;
+                while k < in_tier.len() {
+                    let priority = in_tier[k].1.spec.priority;
+                    let mut group = Outcome::default();
+                    while k < in_tier.len() && in_tier[k].1.spec.priority == priority {
+                        let (ci, cnp) = in_tier[k];
+                        let o = self.policy_outcome(ci, cnp, dir, pod, nodes, peer_cache);
+                        if attribute_drops {
+                            let mine = o.deny.subtract(&decided);
+                            if !mine.is_empty() {
+                                verdict.denied_by.push((cnp.name().to_string(), mine));
                             }
-                            group.deny = group.deny.union(&o.deny);
-                            group.accept = group.accept.union(&o.accept);
-                            group.pass = group.pass.union(&o.pass);
-                            k += 1;
                         }
-                        // Equal priority: Deny over Accept over Pass.
-                        let accept = group.accept.subtract(&group.deny);
-                        let deny = group.deny.subtract(&decided);
-                        let accept = accept.subtract(&decided);
-                        verdict.deny = verdict.deny.union(&deny);
-                        verdict.accept = verdict.accept.union(&accept);
-                        decided = decided
-                            .union(&group.deny)
-                            .union(&group.accept)
-                            .union(&group.pass);
+                        group.deny = group.deny.union(&o.deny);
+                        group.accept = group.accept.union(&o.accept);
+                        group.pass = group.pass.union(&o.pass);
+                        k += 1;
                     }
-                    let slot = &mut out[i][dir.slot()];
-                    match tier {
-                        Tier::Admin => slot.0 = verdict,
-                        Tier::Baseline => slot.1 = verdict,
-                    }
+                    // Equal priority: Deny over Accept over Pass.
+                    let accept = group.accept.subtract(&group.deny);
+                    let deny = group.deny.subtract(&decided);
+                    let accept = accept.subtract(&decided);
+                    verdict.deny = verdict.deny.union(&deny);
+                    verdict.accept = verdict.accept.union(&accept);
+                    decided = decided
+                        .union(&group.deny)
+                        .union(&group.accept)
+                        .union(&group.pass);
+                }
+                // The kubelet's probes come from the node: no tier denies them.
+                if dir == Dir::Ingress && !host.is_empty() {
+                    verdict.deny = verdict.deny.subtract(&Region::everything(host));
+                }
+                let slot = &mut out[dir.slot()];
+                match tier {
+                    Tier::Admin => slot.0 = verdict,
+                    Tier::Baseline => slot.1 = verdict,
                 }
             }
         }
-        out
+        out.map(|(a, b)| (Arc::new(a), Arc::new(b)))
     }
 
     fn namespace_labels(&self, ns: &str) -> Labels {
@@ -332,22 +521,5 @@ impl Compiler {
             }
         }
         Region::from_ports(raw)
-    }
-}
-
-fn subject_selects(cnp: &ClusterNetworkPolicy, ns_labels: &Labels, pod_labels: &Labels) -> bool {
-    match (&cnp.spec.subject.namespaces, &cnp.spec.subject.pods) {
-        (Some(ns), None) => selector::matches(ns, ns_labels),
-        (None, Some(p)) => {
-            selector::matches(&p.namespace_selector, ns_labels)
-                && selector::matches(&p.pod_selector, pod_labels)
-        }
-        _ => {
-            tracing::warn!(
-                policy = cnp.name(),
-                "subject needs exactly one of namespaces, pods"
-            );
-            false
-        }
     }
 }

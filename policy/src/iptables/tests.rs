@@ -268,3 +268,28 @@ fn a_kept_render_memo_renders_what_a_fresh_render_does() {
     let hashes: std::collections::BTreeSet<String> = irs.iter().map(|ir| render(ir).hash).collect();
     assert_eq!(hashes.len(), irs.len());
 }
+
+#[test]
+fn pods_of_one_group_share_the_tier_sets_named_by_content() {
+    let a = render(&crate::nft::tests::grouped_sample("169.254.0.0/16"));
+    let tier_sets: Vec<&String> = a
+        .sets
+        .iter()
+        .filter(|s| s.starts_with("SLUICE-T"))
+        .collect();
+    assert_eq!(tier_sets.len(), 2, "{tier_sets:?}");
+    assert!(tier_sets.iter().all(|s| s.len() <= 31));
+    // Each set once in `ipset restore`, however many chains name it.
+    assert_eq!(
+        a.ipsets()
+            .matches(&format!("swap SLUICE-TMP {}", tier_sets[0]))
+            .count(),
+        1
+    );
+    let b = render(&crate::nft::tests::grouped_sample("169.254.169.0/24"));
+    let d = delta(&a, &b);
+    // The changed region is a new set, the old one goes; NetworkPolicy's sets stay.
+    assert_eq!(d.ipsets.matches("\nswap ").count(), 1, "{}", d.ipsets);
+    assert_eq!(d.stale_sets.len(), 1, "{:?}", d.stale_sets);
+    assert!(d.stale_sets[0].starts_with("SLUICE-T"));
+}

@@ -345,16 +345,16 @@ pub(crate) fn tiered_sample() -> PolicyIr {
     let mut ir = sample();
     ir.log_drops = true;
     let b = &mut ir.pods[1];
-    b.ingress.admin = TierVerdict {
+    b.ingress.admin = Arc::new(TierVerdict {
         deny: Region::everything(&AddrSet::from_addrs(["169.254.169.254".parse().unwrap()])),
         policies: vec!["block-metadata".into()],
         ..Default::default()
-    };
-    b.egress.baseline = TierVerdict {
+    });
+    b.egress.baseline = Arc::new(TierVerdict {
         deny: Region::everything(&AddrSet::from_block("10.0.9.0/24".parse().unwrap(), &[])),
         policies: vec!["default-deny".into()],
         ..Default::default()
-    };
+    });
     ir
 }
 
@@ -362,8 +362,8 @@ pub(crate) fn tiered_sample() -> PolicyIr {
 fn logged_tier_drops_name_their_tier() {
     let t = unhashed(&render(&tiered_sample()).text());
     for want in [
-        "ip saddr @i-slb-ad-all-# limit rate 10/second burst 20 packets log prefix \"sluice-drop:iA:slb\" group 77\n\t\tip saddr @i-slb-ad-all-# drop",
-        "ip daddr @e-slb-bd-all-# limit rate 10/second burst 20 packets log prefix \"sluice-drop:eB:slb\" group 77\n\t\tip daddr @e-slb-bd-all-# drop",
+        "ip saddr @t-all-# limit rate 10/second burst 20 packets log prefix \"sluice-drop:iA:slb\" group 77\n\t\tip saddr @t-all-# drop",
+        "ip daddr @t-all-# limit rate 10/second burst 20 packets log prefix \"sluice-drop:eB:slb\" group 77\n\t\tip daddr @t-all-# drop",
     ] {
         assert!(t.contains(want), "{want:?} missing from\n{t}");
     }
@@ -418,4 +418,59 @@ fn a_memo_renders_what_a_fresh_render_does_and_keeps_unchanged_pods() {
     let empty = render_with(&PolicyIr::default(), &mut memo);
     assert_eq!(empty, render(&PolicyIr::default()));
     assert!(memo.is_empty());
+}
+
+/// Four pods in one group (the same Admin verdict, shared), plus `sla`'s own NetworkPolicy.
+pub(crate) fn grouped_sample(deny: &str) -> PolicyIr {
+    let mut ir = sample();
+    let verdict = Arc::new(TierVerdict {
+        deny: Region::everything(&AddrSet::from_block(deny.parse().unwrap(), &[])),
+        accept: Region::from_ports(vec![PortEntry {
+            protocol: Protocol::Tcp,
+            first: 8080,
+            last: 8080,
+            addrs: AddrSet::from_block("10.9.0.0/16".parse().unwrap(), &[]),
+        }]),
+        policies: vec!["shared".into()],
+        ..Default::default()
+    });
+    for p in &mut ir.pods {
+        p.ingress.admin = verdict.clone();
+    }
+    let mut d = ir.pods[2].clone();
+    d.name = "d".into();
+    d.ifname = "sld".into();
+    d.ip = "10.244.1.4".parse().unwrap();
+    ir.pods.push(d);
+    ir
+}
+
+#[test]
+fn pods_of_one_group_share_the_tier_sets_and_a_region_change_touches_only_its_sets() {
+    let a = render(&grouped_sample("169.254.0.0/16"));
+    let tier_sets: Vec<&String> = a
+        .table
+        .sets
+        .keys()
+        .filter(|n| n.starts_with("t-"))
+        .collect();
+    // One deny set and one accept set, whatever the number of pods using them.
+    assert_eq!(tier_sets.len(), 2, "{tier_sets:?}");
+    for pod in ["i-sla", "i-slb", "i-slc", "i-sld"] {
+        let rules = &a.table.chains[pod].rules;
+        // The tier costs two lookups in each pod's chain, before NetworkPolicy's.
+        assert!(rules[0].starts_with("ip saddr @t-all-"), "{rules:?}");
+        assert!(
+            rules[1].starts_with("ip saddr . meta l4proto . th dport @t-ports-"),
+            "{rules:?}"
+        );
+    }
+    // Another region for the group: one new set, the old one deleted, the pods' rules
+    // written again; no NetworkPolicy set touched.
+    let b = render(&grouped_sample("169.254.169.0/24"));
+    let d = delta(&a.table, &b.table, &b.hash).unwrap();
+    assert_eq!(d.matches("add set ").count(), 1, "{d}");
+    assert_eq!(d.matches("delete set ").count(), 1, "{d}");
+    assert!(!d.contains("add set inet sluice-policy i-sla"), "{d}");
+    assert!(!d.contains("e-slc"), "{d}");
 }

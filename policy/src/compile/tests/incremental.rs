@@ -1,6 +1,7 @@
 //! A [`Compiler`] kept from pass to pass gives what a fresh [`compile`] gives, whatever changed
 //! in between: a seeded random walk of cluster changes (pod labels, addresses, phases, pods
-//! coming and going, namespace labels, policies edited), each version stamped as an API
+//! coming and going, namespace labels, policies and ClusterNetworkPolicies edited, added and
+//! removed, nodes relabelled, drop attribution switched), each version stamped as an API
 //! server would, compared pass by pass.
 
 use super::*;
@@ -32,6 +33,10 @@ struct World {
     pods: Vec<Pod>,
     namespaces: Vec<Namespace>,
     policies: Vec<NetworkPolicy>,
+    cnps: Vec<ClusterNetworkPolicy>,
+    nodes: Vec<crate::cnp::NodeAddrs>,
+    attribute_drops: bool,
+    next_cnp: usize,
     version: u64,
     next_pod: u64,
     /// Whether objects carry a resourceVersion (objects not from an API server do not).
@@ -112,11 +117,78 @@ impl World {
         p
     }
 
+    /// A ClusterNetworkPolicy of a random shape: either tier, few priorities (so that equal
+    /// ones meet), namespace and pod subjects, every action, ports by number and name, egress
+    /// to networks and nodes.
+    fn cnp(&mut self, rng: &mut Rng) -> ClusterNetworkPolicy {
+        self.next_cnp += 1;
+        let baseline = rng.below(3) == 0;
+        let subject = [
+            json!({"namespaces": {}}),
+            json!({"namespaces": {"matchLabels": {"team": "blue"}}}),
+            json!({"pods": {"namespaceSelector": {}, "podSelector":
+                {"matchLabels": {"app": rng.pick(&APPS)}}}}),
+            json!({"pods": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "n0"}},
+                "podSelector": {"matchLabels": {"tier": "front"}}}}),
+        ];
+        let action = if baseline {
+            *rng.pick(&["Accept", "Deny"])
+        } else {
+            *rng.pick(&["Accept", "Deny", "Pass"])
+        };
+        let from = [
+            json!([{"pods": {"namespaceSelector": {}, "podSelector":
+                {"matchLabels": {"app": rng.pick(&APPS)}}}}]),
+            json!([{"namespaces": {"matchLabels": {"team": "red"}}}]),
+        ];
+        let protocols = [
+            Value::Null,
+            json!([{"tcp": {"destinationPort": {"number": 80}}}]),
+            json!([{"tcp": {"destinationPort": {"range": {"start": 8000, "end": 8100}}}},
+                   {"udp": {"destinationPort": {"number": 53}}}]),
+            json!([{"destinationNamedPort": "http"}]),
+        ];
+        let mut rule = json!({"action": action, "from": rng.pick(&from).clone()});
+        let p = rng.pick(&protocols).clone();
+        if !p.is_null() {
+            rule["protocols"] = p;
+        }
+        let egress = [
+            json!([]),
+            json!([{"action": action, "to": [{"networks": ["10.244.0.0/24"]}]}]),
+            json!([{"action": action, "to": [{"nodes": {"matchLabels": {"role": "infra"}}}]}]),
+            json!([{"action": action, "to": [{"pods": {"namespaceSelector": {},
+                "podSelector": {"matchLabels": {"tier": "back"}}}}],
+                "protocols": [{"destinationNamedPort": "http"}]}]),
+        ];
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("c{}", self.next_cnp)},
+            "spec": {"tier": if baseline { "Baseline" } else { "Admin" },
+                     "priority": *rng.pick(&[0, 10, 10, 20]),
+                     "subject": rng.pick(&subject).clone(),
+                     "ingress": [rule], "egress": rng.pick(&egress).clone()}
+        }))
+        .unwrap()
+    }
+
     fn new(rng: &mut Rng, versioned: bool) -> Self {
         let mut w = World {
             pods: Vec::new(),
             namespaces: Vec::new(),
             policies: Vec::new(),
+            cnps: Vec::new(),
+            nodes: vec![
+                crate::cnp::NodeAddrs {
+                    labels: [("role".to_string(), "infra".to_string())].into(),
+                    addrs: vec!["10.0.0.1".parse().unwrap()],
+                },
+                crate::cnp::NodeAddrs {
+                    labels: Default::default(),
+                    addrs: vec!["10.0.0.2".parse().unwrap()],
+                },
+            ],
+            attribute_drops: false,
+            next_cnp: 0,
             version: 0,
             next_pod: 0,
             versioned,
@@ -137,13 +209,55 @@ impl World {
             let p = w.policy(rng, i);
             w.policies.push(p);
         }
+        for _ in 0..8 {
+            let c = w.cnp(rng);
+            w.cnps.push(c);
+        }
         w
     }
 
     /// One change, as the API would make it (a new version of what it touches).
     fn change(&mut self, rng: &mut Rng) -> &'static str {
         let i = self.below_pods(rng);
-        match rng.below(8) {
+        match rng.below(14) {
+            8 | 9 => {
+                // One ClusterNetworkPolicy edited in place (same name).
+                if self.cnps.is_empty() {
+                    return "no cnp to edit";
+                }
+                let at = rng.below(self.cnps.len());
+                let name = self.cnps[at].metadata.name.clone();
+                let mut c = self.cnp(rng);
+                c.metadata.name = name;
+                self.cnps[at] = c;
+                "cnp edited"
+            }
+            10 => {
+                if !self.cnps.is_empty() && rng.below(2) == 0 {
+                    let at = rng.below(self.cnps.len());
+                    self.cnps.remove(at);
+                    "cnp deleted"
+                } else {
+                    let c = self.cnp(rng);
+                    self.cnps.push(c);
+                    "cnp added"
+                }
+            }
+            11 => {
+                if let Some(c) = self.cnps.get_mut(i % 8) {
+                    c.spec.priority = *rng.pick(&[0, 5, 10, 20]);
+                }
+                "cnp priority"
+            }
+            12 => {
+                let role = *rng.pick(&["infra", "worker"]);
+                self.nodes[1].labels.insert("role".into(), role.into());
+                "node labels"
+            }
+            13 => {
+                self.attribute_drops = !self.attribute_drops;
+                "drop attribution"
+            }
             0 => {
                 let app = *rng.pick(&APPS);
                 self.edit_pod(i, |p| {
@@ -247,12 +361,15 @@ fn walk(seed: u64, versioned: bool) {
             .collect();
         let namespaces: Vec<&Namespace> = world.namespaces.iter().collect();
         let policies: Vec<&NetworkPolicy> = world.policies.iter().collect();
+        let cnps: Vec<&ClusterNetworkPolicy> = world.cnps.iter().collect();
         let input = PolicyInput {
             pods: &pods,
             namespaces: &namespaces,
             policies: &policies,
             host_addrs: &host,
-            ..Default::default()
+            cluster_policies: &cnps,
+            nodes: &world.nodes,
+            attribute_drops: world.attribute_drops,
         };
         let local = world.local();
         let fresh = compile(&input, &local);
@@ -274,6 +391,13 @@ fn walk(seed: u64, versioned: bool) {
                 fresh.pods.iter().any(|p| p.ingress.isolated),
                 "the walk starts with policy in force"
             );
+            assert!(
+                fresh.pods.iter().any(|p| !p.ingress.admin.is_empty()),
+                "the walk starts with tiers in force"
+            );
+        }
+        if step % 20 == 0 {
+            alone_as_in_a_group(&input, &local, &fresh, seed, step);
         }
     }
 }
@@ -288,4 +412,118 @@ fn a_kept_compiler_gives_what_a_fresh_one_gives() {
 #[test]
 fn objects_without_versions_are_read_every_pass() {
     walk(5, false);
+}
+
+/// Region sharing changes no verdict: each pod's tiers, compiled with the pod as the only local
+/// one (a group of its own), are what it got in the group it shares with others.
+fn alone_as_in_a_group(
+    input: &PolicyInput<'_>,
+    local: &[LocalPod],
+    together: &PolicyIr,
+    seed: u64,
+    step: usize,
+) {
+    // Every third pod: each is a whole compile.
+    for pod in local.iter().step_by(3) {
+        let alone = compile(input, std::slice::from_ref(pod));
+        let got = together
+            .pods
+            .iter()
+            .find(|p| p.ifname == pod.ifname)
+            .unwrap();
+        let want = &alone.pods[0];
+        for (g, w) in [(&got.ingress, &want.ingress), (&got.egress, &want.egress)] {
+            assert_eq!(g.admin, w.admin, "seed {seed}, step {step}, {}", pod.ifname);
+            assert_eq!(
+                g.baseline, w.baseline,
+                "seed {seed}, step {step}, {}",
+                pod.ifname
+            );
+        }
+    }
+}
+
+/// A world of one tier policy per app plus one on every pod: 60 pods in a handful of groups.
+fn grouped_world() -> (World, Vec<Arc<ClusterPod>>) {
+    let mut rng = Rng(77);
+    let mut w = World::new(&mut rng, true);
+    w.cnps.clear();
+    for (k, app) in APPS.iter().enumerate() {
+        w.cnps.push(
+            serde_json::from_value(json!({
+                "metadata": {"name": format!("app-{app}")},
+                "spec": {"tier": "Admin", "priority": 10 * k as i32,
+                         "subject": {"pods": {"namespaceSelector": {},
+                                              "podSelector": {"matchLabels": {"app": app}}}},
+                         "ingress": [{"action": "Deny", "from": [{"namespaces": {"matchLabels": {"team": "red"}}}],
+                                      "protocols": [{"tcp": {"destinationPort": {"number": 80}}}]}]}
+            }))
+            .unwrap(),
+        );
+    }
+    w.cnps.push(
+        serde_json::from_value(json!({
+            "metadata": {"name": "everyone"},
+            "spec": {"tier": "Baseline", "priority": 0, "subject": {"namespaces": {}},
+                     "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]}
+        }))
+        .unwrap(),
+    );
+    let pods = w
+        .pods
+        .iter()
+        .map(|p| Arc::new(ClusterPod::from(p)))
+        .collect();
+    (w, pods)
+}
+
+#[test]
+fn pods_selected_alike_share_one_verdict_and_a_change_recomputes_only_its_groups() {
+    let (mut w, pods) = grouped_world();
+    let host = [HOST.parse().unwrap()];
+    let local = w.local();
+    let namespaces: Vec<&Namespace> = w.namespaces.iter().collect();
+    let mut kept = Compiler::default();
+    let run = |kept: &mut Compiler, w: &World| {
+        let cnps: Vec<&ClusterNetworkPolicy> = w.cnps.iter().collect();
+        let input = PolicyInput {
+            pods: &pods,
+            namespaces: &namespaces,
+            host_addrs: &host,
+            cluster_policies: &cnps,
+            nodes: &w.nodes,
+            ..Default::default()
+        };
+        let ir = kept.compile(&input, &local);
+        assert_eq!(ir, compile(&input, &local));
+        ir
+    };
+    let ir = run(&mut kept, &w);
+    // One group per app (every pod has one app label), each shared by its pods.
+    assert_eq!(kept.tier_memo.len(), APPS.len());
+    assert_eq!(kept.tier_memo.computed, APPS.len());
+    let web: Vec<&PodPolicy> = ir
+        .pods
+        .iter()
+        .filter(|p| {
+            local.iter().any(|l| {
+                l.ifname == p.ifname && l.labels.get("app").map(String::as_str) == Some("web")
+            })
+        })
+        .collect();
+    assert!(web.len() > 1);
+    assert!(web
+        .windows(2)
+        .all(|w| Arc::ptr_eq(&w[0].ingress.admin, &w[1].ingress.admin)));
+    // Nothing changed: nothing computed.
+    run(&mut kept, &w);
+    assert_eq!(kept.tier_memo.computed, 0);
+    // One policy changed: its group only.
+    w.cnps[1].spec.priority = 99;
+    run(&mut kept, &w);
+    assert_eq!(kept.tier_memo.computed, 1);
+    // The one on every pod changed: every group.
+    w.cnps[4].spec.ingress.clear();
+    run(&mut kept, &w);
+    assert_eq!(kept.tier_memo.computed, APPS.len());
 }
