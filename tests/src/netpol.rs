@@ -72,13 +72,7 @@ pub fn apply_yaml(lab: &Lab, yaml: &str) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("objects.yaml");
     std::fs::write(&file, yaml).unwrap();
-    let mut args = vec!["apply", "-f", file.to_str().unwrap()];
-    // kubectl's client-side schema check does not find the lab's ClusterNetworkPolicy schema
-    // (a CRD's on a real cluster); the agent decodes each object itself.
-    if yaml.contains("kind: ClusterNetworkPolicy") {
-        args.push("--validate=false");
-    }
-    let out = lab.kubectl(&args);
+    let out = lab.kubectl(&["apply", "-f", file.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "kubectl apply failed: {}\n{yaml}",
