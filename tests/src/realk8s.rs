@@ -20,6 +20,61 @@ pub const AGNHOST: &str = "registry.k8s.io/e2e-test-images/agnhost:2.43";
 
 pub use crate::lab::k8s_bin;
 
+/// Waits (bounded by `limit`, kubectl's own `--timeout`) until sluice's DaemonSet has rolled
+/// out on every node; panics with kubectl's words otherwise.
+pub fn sluice_rolled_out(lab: &Lab, limit: Duration) {
+    lab.kubectl_ok(&[
+        "-n",
+        "kube-system",
+        "rollout",
+        "status",
+        "ds/sluice",
+        &format!("--timeout={}s", limit.as_secs().max(1)),
+    ]);
+}
+
+/// An agent pod of sluice's DaemonSet as the API server lists it.
+#[derive(Debug, Clone)]
+pub struct AgentPod {
+    pub node: String,
+    pub pod: String,
+    /// The image of its first container (the agent's).
+    pub image: String,
+    pub ready: bool,
+    /// It has a deletionTimestamp.
+    pub deleting: bool,
+}
+
+/// The agent pods of sluice's DaemonSet, those being deleted included.
+pub fn agent_pods(lab: &Lab) -> Vec<AgentPod> {
+    let list: Value = serde_json::from_str(&lab.kubectl_ok(&[
+        "-n",
+        "kube-system",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=sluice",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let c = &p["status"]["containerStatuses"][0];
+            AgentPod {
+                node: p["spec"]["nodeName"].as_str().unwrap_or("").to_string(),
+                pod: p["metadata"]["name"].as_str().unwrap_or("").to_string(),
+                image: c["image"].as_str().unwrap_or("").to_string(),
+                ready: c["ready"] == true,
+                deleting: !p["metadata"]["deletionTimestamp"].is_null(),
+            }
+        })
+        .collect()
+}
+
 /// A running pod: name, node, address, uid.
 #[derive(Debug, Clone)]
 pub struct RealPod {

@@ -18,7 +18,8 @@ use serde_json::Value;
 use sluice_e2e::have_root;
 use sluice_e2e::lab::{lab_cmd, netns_with_prefix, output_text, status_pods, Lab};
 use sluice_e2e::realk8s::{
-    connects, eventually_connects, k8s_bin, running, sweep_until_all, RealPod, AGNHOST,
+    connects, eventually_connects, k8s_bin, running, sluice_rolled_out, sweep_until_all, RealPod,
+    AGNHOST,
 };
 
 use std::time::{Duration, Instant};
@@ -174,14 +175,7 @@ fn pods_services_and_policy_on_real_kubernetes() {
     // sluice as a user installs it: the DaemonSet of manifests/sluice.yaml rolled out on every
     // node (bounded), its agents in containers of the manifest's image, none the lab's own.
     let started = Instant::now();
-    lab.kubectl_ok(&[
-        "-n",
-        "kube-system",
-        "rollout",
-        "status",
-        "ds/sluice",
-        "--timeout=60s",
-    ]);
+    sluice_rolled_out(&lab, Duration::from_secs(60));
     eprintln!(
         "realk8s: kubectl rollout status ds/sluice: done in {:.1} s after lab up",
         started.elapsed().as_secs_f64()
@@ -498,14 +492,7 @@ fn pods_services_and_policy_on_real_kubernetes() {
         "--field-selector",
         &field,
     ]);
-    lab.kubectl_ok(&[
-        "-n",
-        "kube-system",
-        "rollout",
-        "status",
-        "ds/sluice",
-        "--timeout=60s",
-    ]);
+    sluice_rolled_out(&lab, Duration::from_secs(60));
     assert!(
         eventually_connects(&lab, &a.name, &b_addr, true, Duration::from_secs(20)),
         "{} -> {} after {}'s agent was replaced",

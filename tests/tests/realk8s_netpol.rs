@@ -20,6 +20,7 @@ use serde_json::Value;
 use sluice_e2e::have_root;
 use sluice_e2e::lab::{container_pid, k8s_bin, output_text, Lab};
 use sluice_e2e::netpol::*;
+use sluice_e2e::realk8s::{agent_pods, sluice_rolled_out, AgentPod};
 use std::time::{Duration, Instant};
 
 /// The image every container of the manifest's DaemonSet runs, which `lab up --kubernetes`
@@ -72,40 +73,16 @@ fn container(nodes: &[String], ns: &str, pod: &str) -> String {
     )
 }
 
-/// The DaemonSet's agent pods: node -> pod name.
-fn agents(lab: &Lab) -> Vec<(String, String)> {
-    let v: Value = serde_json::from_str(&lab.kubectl_ok(&[
-        "-n",
-        "kube-system",
-        "get",
-        "pods",
-        "-l",
-        "app.kubernetes.io/name=sluice",
-        "-o",
-        "json",
-    ]))
-    .unwrap();
-    v["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
-        .map(|p| {
-            (
-                p["spec"]["nodeName"].as_str().unwrap().to_string(),
-                p["metadata"]["name"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
 /// Sets `policy-backend` in the ConfigMap and restarts the DaemonSet's agents (the key is read
 /// at start): deletes them, waits for the rollout and until every node's new agent reports the
 /// backend and is ready.
 fn use_backend(lab: &Lab, backend: &str) {
     let started = Instant::now();
     lab.set_config("policy-backend", backend);
-    let before = agents(lab);
+    let before: Vec<AgentPod> = agent_pods(lab)
+        .into_iter()
+        .filter(|a| !a.deleting)
+        .collect();
     lab.kubectl_ok(&[
         "-n",
         "kube-system",
@@ -116,23 +93,16 @@ fn use_backend(lab: &Lab, backend: &str) {
         "--wait=true",
         "--timeout=50s",
     ]);
-    lab.kubectl_ok(&[
-        "-n",
-        "kube-system",
-        "rollout",
-        "status",
-        "ds/sluice",
-        "--timeout=55s",
-    ]);
+    sluice_rolled_out(lab, Duration::from_secs(55));
     let nodes = node_names(lab);
     for node in &nodes {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let status = agent_http(lab, node, "/status");
             let ready = agent_http(lab, node, "/readyz");
-            let replaced = agents(lab)
-                .iter()
-                .any(|(n, p)| n == node && !before.iter().any(|(_, old)| old == p));
+            let replaced = agent_pods(lab).iter().any(|a| {
+                !a.deleting && a.node == *node && !before.iter().any(|old| old.pod == a.pod)
+            });
             if replaced
                 && status.contains(&format!("\"backend\":\"{backend}\""))
                 && ready.contains(" 200 ")
@@ -262,14 +232,7 @@ fn truth_tables_hold_on_real_pods_on_both_renderers() {
         "realk8s-netpol: lab up (3 nodes) took {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    lab.kubectl_ok(&[
-        "-n",
-        "kube-system",
-        "rollout",
-        "status",
-        "ds/sluice",
-        "--timeout=55s",
-    ]);
+    sluice_rolled_out(&lab, Duration::from_secs(55));
     let crd = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(crd.path(), CNP_CRD).unwrap();
     lab.kubectl_ok(&["apply", "-f", crd.path().to_str().unwrap()]);

@@ -19,8 +19,8 @@ use serde_json::Value;
 use sluice_e2e::have_root;
 use sluice_e2e::lab::{lab_cmd, output_text, Lab};
 use sluice_e2e::realk8s::{
-    k8s_bin, pod_pid, sweep_until_all, tcp_counters, wait_running, Flow, RealPod, TcpCounters,
-    AGNHOST,
+    agent_pods, k8s_bin, pod_pid, sluice_rolled_out, sweep_until_all, tcp_counters, wait_running,
+    AgentPod, Flow, RealPod, TcpCounters, AGNHOST,
 };
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -36,35 +36,6 @@ fn lab_ok(args: &[&str], secs: u32) -> String {
         output_text(&out)
     );
     output_text(&out)
-}
-
-/// The agents of sluice's DaemonSet: node -> (pod, image, ready).
-fn agents(lab: &Lab) -> Vec<(String, String, String, bool)> {
-    let list: Value = serde_json::from_str(&lab.kubectl_ok(&[
-        "-n",
-        "kube-system",
-        "get",
-        "pods",
-        "-l",
-        "app.kubernetes.io/name=sluice",
-        "-o",
-        "json",
-    ]))
-    .unwrap();
-    list["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            let c = &p["status"]["containerStatuses"][0];
-            (
-                p["spec"]["nodeName"].as_str().unwrap_or("").to_string(),
-                p["metadata"]["name"].as_str().unwrap_or("").to_string(),
-                c["image"].as_str().unwrap_or("").to_string(),
-                c["ready"] == true,
-            )
-        })
-        .collect()
 }
 
 /// One pod per node of `pods`, in the nodes' order.
@@ -162,14 +133,7 @@ fn day_two(encryption: &str) {
         "--encryption",
         encryption,
     ]);
-    lab.kubectl_ok(&[
-        "-n",
-        "kube-system",
-        "rollout",
-        "status",
-        "ds/sluice",
-        "--timeout=60s",
-    ]);
+    sluice_rolled_out(&lab, Duration::from_secs(60));
     eprintln!(
         "realk8s-ops: lab up and DaemonSet rolled out in {:.1} s",
         whole.elapsed().as_secs_f64()
@@ -229,7 +193,7 @@ fn day_two(encryption: &str) {
     // The first second is the flows' own: the baseline of retransmissions is taken after it.
     std::thread::sleep(Duration::from_millis(1200));
     let before: Vec<TcpCounters> = pids.iter().map(|&p| tcp_counters(p)).collect();
-    let old_agents = agents(&lab);
+    let old_agents = agent_pods(&lab);
     let rollout = Instant::now();
     let rollout_at = flows_started.elapsed().as_secs_f64();
     lab.kubectl_ok(&[
@@ -241,14 +205,7 @@ fn day_two(encryption: &str) {
         &format!("install-cni={NEXT_IMAGE}"),
         &format!("agent={NEXT_IMAGE}"),
     ]);
-    lab.kubectl_ok(&[
-        "-n",
-        "kube-system",
-        "rollout",
-        "status",
-        "ds/sluice",
-        "--timeout=150s",
-    ]);
+    sluice_rolled_out(&lab, Duration::from_secs(150));
     let rolled = rollout.elapsed();
     // The new agents have settled the datapath: traffic a few seconds more, then stop.
     std::thread::sleep(Duration::from_secs(3));
@@ -266,7 +223,7 @@ fn day_two(encryption: &str) {
         "realk8s-ops: rollout from {rollout_at:.1} s to {:.1} s of the flows; TCP counters of the pods during it: {during:?}",
         rollout_at + rolled.as_secs_f64()
     );
-    let new_agents = agents(&lab);
+    let new_agents = agent_pods(&lab);
     eprintln!(
         "realk8s-ops: DaemonSet rolled to {NEXT_IMAGE} in {:.1} s (phase {:.1} s)",
         rolled.as_secs_f64(),
@@ -298,17 +255,24 @@ fn day_two(encryption: &str) {
         retransmits - dsacks
     );
     assert_eq!(new_agents.len(), 3, "{new_agents:?}");
-    for (node, pod, image, ready) in &new_agents {
+    for AgentPod {
+        node,
+        pod,
+        image,
+        ready,
+        ..
+    } in &new_agents
+    {
         assert!(
             image == NEXT_IMAGE && *ready,
             "{node}: agent {pod} runs {image}, ready {ready}"
         );
         assert!(
-            !old_agents.iter().any(|(_, old, _, _)| old == pod),
+            !old_agents.iter().any(|old| old.pod == *pod),
             "{node}: agent {pod} was not replaced"
         );
     }
-    let covered: BTreeSet<&str> = new_agents.iter().map(|a| a.0.as_str()).collect();
+    let covered: BTreeSet<&str> = new_agents.iter().map(|a| a.node.as_str()).collect();
     assert_eq!(covered.len(), 3, "{new_agents:?}");
 
     // 2. A node's kubelet and containerd killed and started again while its pods change.

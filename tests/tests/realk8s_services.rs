@@ -23,7 +23,7 @@ use sluice_e2e::lab::Lab;
 use sluice_e2e::ping::{PingStream, StreamLoss};
 use sluice_e2e::realk8s::{
     exec_get, k8s_bin, netexec_pod, node_addresses, ns_get, pod_cidrs, pod_netns_path, service,
-    wait_running, RealPod,
+    sluice_rolled_out, wait_running, RealPod,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -55,14 +55,7 @@ impl Cluster {
     fn up(bin: &str) -> Self {
         let started = Instant::now();
         let lab = Lab::up(&["--nodes", "3", "--kubernetes", bin]);
-        lab.kubectl_ok(&[
-            "-n",
-            "kube-system",
-            "rollout",
-            "status",
-            "ds/sluice",
-            "--timeout=60s",
-        ]);
+        sluice_rolled_out(&lab, Duration::from_secs(60));
         let nodes = node_addresses(&lab);
         assert_eq!(nodes.len(), 3, "{nodes:?}");
         let cidrs = pod_cidrs(&lab);
