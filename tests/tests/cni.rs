@@ -471,3 +471,89 @@ fn version_and_subcommand_dispatch() {
         json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
     );
 }
+
+/// sluice-cni as the first plugin of a longer chain, as a runtime runs one: the next plugin
+/// (containernetworking-plugins' `tuning`) takes sluice's result as its prevResult, does its
+/// part in the pod and passes the result on; CHECK goes down the chain with the final result,
+/// DEL in reverse order, and nothing is left.
+#[test]
+fn first_plugin_of_a_longer_chain() {
+    if !have_root() {
+        return;
+    }
+    let tuning = std::path::Path::new("/usr/lib/cni/tuning");
+    if !tuning.exists() {
+        eprintln!(
+            "first_plugin_of_a_longer_chain: skipped: no {} (Debian's containernetworking-plugins)",
+            tuning.display()
+        );
+        return;
+    }
+    let node = CniNode::new(Some("10.244.15.0/24"));
+    let pod = Netns::new("ch");
+    let netns = pod.path().display().to_string();
+    let tuning_call = |command: &str, prev: &serde_json::Value| {
+        let conf = json!({"cniVersion": "1.0.0", "name": "sluice", "type": "tuning",
+                          "sysctl": {"net.ipv4.conf.eth0.accept_local": "1"}, "prevResult": prev});
+        let env = [
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", "chain"),
+            ("CNI_NETNS", netns.as_str()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/usr/lib/cni"),
+        ];
+        sluice_e2e::cni::call(
+            std::process::Command::new(tuning),
+            &env,
+            conf.to_string().as_bytes(),
+        )
+    };
+    let first = node
+        .call(
+            "ADD",
+            "chain",
+            Some(&pod.path()),
+            &node.conf("1.0.0", json!({})),
+        )
+        .assert_ok()
+        .json();
+    let out = tuning_call("ADD", &first);
+    assert_eq!(out.exit, 0, "tuning ADD after sluice-cni: {out:?}");
+    let last = out.json();
+    assert_eq!(last["ips"], first["ips"], "{last}");
+    assert_eq!(last["interfaces"], first["interfaces"], "{last}");
+    assert_eq!(last["routes"], first["routes"], "{last}");
+    let sysctl = std::process::Command::new("nsenter")
+        .arg(format!("--net={netns}"))
+        .args(["cat", "/proc/sys/net/ipv4/conf/eth0/accept_local"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&sysctl.stdout).trim(),
+        "1",
+        "{sysctl:?}"
+    );
+    // The pod is wired as the chain's result says: its node reaches it at that address.
+    let ip = address_of(&last);
+    assert!(node.ns.ping(&ip, PING), "the node cannot reach {ip}");
+    node.call(
+        "CHECK",
+        "chain",
+        Some(&pod.path()),
+        &node.conf("1.0.0", json!({ "prevResult": last })),
+    )
+    .assert_ok();
+    let out = tuning_call("CHECK", &last);
+    assert_eq!(out.exit, 0, "tuning CHECK: {out:?}");
+    let out = tuning_call("DEL", &last);
+    assert_eq!(out.exit, 0, "tuning DEL: {out:?}");
+    node.call(
+        "DEL",
+        "chain",
+        Some(&pod.path()),
+        &node.conf("1.0.0", json!({})),
+    )
+    .assert_ok();
+    assert!(node.allocations().is_empty(), "{:?}", node.allocations());
+    assert!(node.pod_links().is_empty(), "{:?}", node.pod_links());
+}
