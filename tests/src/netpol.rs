@@ -1133,3 +1133,27 @@ pub fn compare(nft: &[Outcome], ipt: &[Outcome]) -> Vec<String> {
     }
     failures
 }
+
+/// Whether sluice's nftables table / iptables chains exist in a node's namespace (on a
+/// real-Kubernetes node kube-proxy's own chains are there either way).
+pub fn kernel_has(lab: &Lab, node: &str) -> (bool, bool) {
+    let netns = lab.node_netns(node);
+    let nft = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &netns,
+            "nft",
+            "list",
+            "table",
+            "inet",
+            "sluice-policy",
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let ipt = std::process::Command::new("ip")
+        .args(["netns", "exec", &netns, "iptables-save", "-t", "filter"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(":SLUICE-FORWARD"));
+    (nft, ipt)
+}

@@ -122,30 +122,6 @@ fn use_backend(lab: &Lab, backend: &str) {
     );
 }
 
-/// Whether sluice's nftables table / iptables chains exist in a node's namespace (kube-proxy's
-/// own chains are there either way).
-fn kernel_has(lab: &Lab, node: &str) -> (bool, bool) {
-    let netns = lab.node_netns(node);
-    let nft = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &netns,
-            "nft",
-            "list",
-            "table",
-            "inet",
-            "sluice-policy",
-        ])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let ipt = std::process::Command::new("ip")
-        .args(["netns", "exec", &netns, "iptables-save", "-t", "filter"])
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(":SLUICE-FORWARD"));
-    (nft, ipt)
-}
-
 /// The nine pods with their addresses and open network namespaces (their containers'), once
 /// all run; and where each landed.
 fn pods(lab: &Lab, nodes: &[String]) -> (Vec<P>, Vec<std::fs::File>) {
