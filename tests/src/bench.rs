@@ -380,3 +380,39 @@ mod tests {
         assert_eq!((lo, hi), ratio_interval(&a, &b, 2000, 0.9));
     }
 }
+
+/// Runs of a shaped transfer one direction gets before it is called too slow.
+pub const SHAPED_RUNS: usize = 3;
+
+/// A shaper holds a transfer to `rate_bps` within 10 %, `measure` giving one run's goodput in
+/// bit/s. Going over is the shaper's fault, so every run must stay at or under 110 %; falling short
+/// can also be a busy machine starving one TCP flow (CI once measured 89.6 % under load), so the
+/// best of up to [`SHAPED_RUNS`] runs must reach 90 %. A shaper holding a wrong rate fails either
+/// way. Returns the figures measured, for the caller's report.
+pub fn within_ten_percent(what: &str, rate_bps: f64, mut measure: impl FnMut() -> f64) -> Vec<f64> {
+    let mut runs = Vec::new();
+    for run in 1..=SHAPED_RUNS {
+        let bps = measure();
+        runs.push(bps);
+        eprintln!(
+            "{what}, run {run}: {:.2} Mbit/s ({:.1} % of {:.0} Mbit/s)",
+            bps / 1e6,
+            100.0 * bps / rate_bps,
+            rate_bps / 1e6
+        );
+        assert!(
+            bps <= 1.1 * rate_bps,
+            "{what}: {:.2} Mbit/s is over {:.0} Mbit/s by more than 10 %",
+            bps / 1e6,
+            rate_bps / 1e6
+        );
+        if bps >= 0.9 * rate_bps {
+            return runs;
+        }
+    }
+    panic!(
+        "{what}: the best of {SHAPED_RUNS} runs, {:.2} Mbit/s, is under {:.0} Mbit/s by more than 10 %",
+        runs.iter().cloned().fold(0.0, f64::max) / 1e6,
+        rate_bps / 1e6
+    );
+}

@@ -139,20 +139,8 @@ fn iperf(ns: &str, server: Ipv4Addr) -> f64 {
     panic!("iperf3 from {ns} to {server} failed 3 times: {last}");
 }
 
-fn within_ten_percent(what: &str, measured_bps: f64) {
-    let ratio = measured_bps / RATE as f64;
-    eprintln!(
-        "{what}: {:.2} Mbit/s ({:.1} % of {} Mbit/s)",
-        measured_bps / 1e6,
-        ratio * 100.0,
-        RATE / 1_000_000
-    );
-    assert!(
-        (0.9..=1.1).contains(&ratio),
-        "{what}: {:.2} Mbit/s is not within 10 % of {} Mbit/s",
-        measured_bps / 1e6,
-        RATE / 1_000_000
-    );
+fn within_ten_percent(what: &str, ns: &str, server: Ipv4Addr) {
+    sluice_e2e::bench::within_ten_percent(what, RATE as f64, || iperf(ns, server));
 }
 
 #[test]
@@ -222,8 +210,8 @@ fn shaping_holds_each_direction_to_its_rate_and_goes_away() {
 
     // To the pod: the pod serves, the host sends; from the pod: the other way round. iperf3
     // counts payload, tbf frames: at MTU 1500 the payload is 1448 of 1514 bytes, 95.6 %.
-    within_ten_percent("to the pod", iperf(&host_ns.name, pod_ip));
-    within_ten_percent("from the pod", iperf(&pod_ns.name, host_ip));
+    within_ten_percent("to the pod", &host_ns.name, pod_ip);
+    within_ten_percent("from the pod", &pod_ns.name, host_ip);
 
     // A plan without egress takes the redirect and the ifb away and keeps the ingress tbf.
     apply(
@@ -345,8 +333,8 @@ fn the_plugin_shapes_a_pod_both_ways_and_del_and_gc_leave_no_ifb() {
 
     let _pod_server = iperf_server(&pod.name);
     let _peer_server = iperf_server(&peer.name);
-    within_ten_percent("to the pod (plugin)", iperf(&peer.name, pod_ip));
-    within_ten_percent("from the pod (plugin)", iperf(&pod.name, peer_ip));
+    within_ten_percent("to the pod (plugin)", &peer.name, pod_ip);
+    within_ten_percent("from the pod (plugin)", &pod.name, peer_ip);
 
     // CHECK sees a lost ifb.
     node.ns.ip(&["link", "del", &ifb]);

@@ -18,6 +18,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::Value;
+use sluice_e2e::bench::within_ten_percent;
 use sluice_e2e::have_root;
 use sluice_e2e::lab::{in_netns, k8s_bin, lab_cmd, output_text, Lab};
 use std::io::{Read, Write};
@@ -221,23 +222,18 @@ spec:
     eprintln!("realk8s-ports: hostPort {HOST_PORT} of hp on {n1} answered from {n2} at {at_node1} (source {client}), from {n1} at its address and 127.0.0.1");
 
     // Bandwidth: node 2 -> the pod (its ingress), then the pod -> node 2 (its egress).
-    let (ingress, _) = iperf(&ns2, bw_ip, false);
-    let (egress, _) = iperf(&ns2, bw_ip, true);
+    let ingress = within_ten_percent("realk8s-ports: ingress", LIMIT, || {
+        iperf(&ns2, bw_ip, false).0
+    });
+    let egress = within_ten_percent("realk8s-ports: egress", LIMIT, || {
+        iperf(&ns2, bw_ip, true).0
+    });
     eprintln!(
-        "realk8s-ports: bandwidth 20M annotations: ingress {:.2} Mbit/s ({:.1} %), egress {:.2} Mbit/s ({:.1} %) of {:.0} Mbit/s (iperf3 -t {IPERF_SECS} -O {IPERF_OMIT})",
-        ingress / 1e6,
-        100.0 * ingress / LIMIT,
-        egress / 1e6,
-        100.0 * egress / LIMIT,
+        "realk8s-ports: bandwidth 20M annotations: ingress {:.2?} Mbit/s, egress {:.2?} Mbit/s of {:.0} Mbit/s (iperf3 -t {IPERF_SECS} -O {IPERF_OMIT})",
+        ingress.iter().map(|b| b / 1e6).collect::<Vec<_>>(),
+        egress.iter().map(|b| b / 1e6).collect::<Vec<_>>(),
         LIMIT / 1e6
     );
-    for (what, bps) in [("ingress", ingress), ("egress", egress)] {
-        assert!(
-            (bps - LIMIT).abs() <= 0.1 * LIMIT,
-            "{what}: {:.2} Mbit/s, not within 10 % of 20",
-            bps / 1e6
-        );
-    }
 
     let out = lab.down();
     assert!(out.status.success(), "{}", output_text(&out));
