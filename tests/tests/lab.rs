@@ -116,6 +116,27 @@ fn three_nodes_two_pods_each_status_and_down() {
     let again = lab_cmd(&["up", "--name", &lab.name], 60);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    // `lab restart` is for real node components: refused on this lab, and for a node or a
+    // component that does not exist, each with a reason, nothing stopped.
+    let (node1, node9) = (
+        format!("{}-node-1", lab.name),
+        format!("{}-node-9", lab.name),
+    );
+    for (args, why) in [
+        (
+            [node1.as_str(), "kubelet"],
+            "embedded API server".to_string(),
+        ),
+        ([node9.as_str(), "kubelet"], format!("has no node {node9}")),
+        ([node1.as_str(), "etcd"], "invalid value".to_string()),
+    ] {
+        let mut all = vec!["restart", "--name", &lab.name];
+        all.extend(args);
+        let out = lab_cmd(&all, 30);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "lab {all:?} succeeded");
+        assert!(err.contains(&why), "lab {all:?}: {err}");
+    }
     // underlay, internet, 3 nodes, 6 pods
     assert_eq!(netns_with_prefix(&lab.prefix()).len(), 2 + 3 + 6);
 
