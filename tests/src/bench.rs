@@ -345,42 +345,6 @@ pub fn iperf(ns: &str, server: Ipv4Addr, secs: u32, streams: u32) -> f64 {
     panic!("iperf3 from {ns} to {server} failed 3 times: {last}");
 }
 
-#[cfg(test)]
-mod tests {
-    use super::{median, ratio_interval};
-
-    #[test]
-    fn median_of_odd_even_and_empty() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert!(median(&[]).is_nan());
-    }
-
-    #[test]
-    fn interval_of_a_constant_ratio_is_that_ratio() {
-        let b = [30.0, 24.0, 36.0, 31.0, 28.0];
-        let a: Vec<f64> = b.iter().map(|x| x * 0.9).collect();
-        let (lo, hi) = ratio_interval(&a, &b, 500, 0.9);
-        assert!(
-            (lo - 0.9).abs() < 1e-9 && (hi - 0.9).abs() < 1e-9,
-            "{lo} {hi}"
-        );
-    }
-
-    #[test]
-    fn interval_brackets_the_point_estimate_and_narrows_at_a_lower_level() {
-        let b = [27.8, 24.7, 32.1, 31.5, 31.0, 35.2, 33.2, 27.7, 29.3, 27.8];
-        let a = [28.2, 29.8, 30.3, 29.7, 31.6, 32.6, 32.5, 31.9, 30.7, 31.1];
-        let point = median(&a) / median(&b);
-        let (lo, hi) = ratio_interval(&a, &b, 2000, 0.9);
-        assert!(lo < point && point < hi, "{lo} {point} {hi}");
-        let (lo50, hi50) = ratio_interval(&a, &b, 2000, 0.5);
-        assert!(lo <= lo50 && hi50 <= hi && hi50 - lo50 < hi - lo);
-        // The same figures give the same interval: the seed is fixed.
-        assert_eq!((lo, hi), ratio_interval(&a, &b, 2000, 0.9));
-    }
-}
-
 /// Runs of a shaped transfer one direction gets before it is called too slow.
 pub const SHAPED_RUNS: usize = 3;
 
@@ -415,4 +379,40 @@ pub fn within_ten_percent(what: &str, rate_bps: f64, mut measure: impl FnMut() -
         runs.iter().cloned().fold(0.0, f64::max) / 1e6,
         rate_bps / 1e6
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{median, ratio_interval};
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn interval_of_a_constant_ratio_is_that_ratio() {
+        let b = [30.0, 24.0, 36.0, 31.0, 28.0];
+        let a: Vec<f64> = b.iter().map(|x| x * 0.9).collect();
+        let (lo, hi) = ratio_interval(&a, &b, 500, 0.9);
+        assert!(
+            (lo - 0.9).abs() < 1e-9 && (hi - 0.9).abs() < 1e-9,
+            "{lo} {hi}"
+        );
+    }
+
+    #[test]
+    fn interval_brackets_the_point_estimate_and_narrows_at_a_lower_level() {
+        let b = [27.8, 24.7, 32.1, 31.5, 31.0, 35.2, 33.2, 27.7, 29.3, 27.8];
+        let a = [28.2, 29.8, 30.3, 29.7, 31.6, 32.6, 32.5, 31.9, 30.7, 31.1];
+        let point = median(&a) / median(&b);
+        let (lo, hi) = ratio_interval(&a, &b, 2000, 0.9);
+        assert!(lo < point && point < hi, "{lo} {point} {hi}");
+        let (lo50, hi50) = ratio_interval(&a, &b, 2000, 0.5);
+        assert!(lo <= lo50 && hi50 <= hi && hi50 - lo50 < hi - lo);
+        // The same figures give the same interval: the seed is fixed.
+        assert_eq!((lo, hi), ratio_interval(&a, &b, 2000, 0.9));
+    }
 }
