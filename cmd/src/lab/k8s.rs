@@ -955,7 +955,10 @@ fn lab_config(plan: &super::plan::LabPlan) -> Vec<(&'static str, String)> {
     vec![
         ("cluster-cidr", plan.cluster_cidr_value()),
         ("subnet-length", super::plan::SUBNET_LENGTH.to_string()),
-        ("subnet-length-v6", super::plan::SUBNET_LENGTH_V6.to_string()),
+        (
+            "subnet-length-v6",
+            super::plan::SUBNET_LENGTH_V6.to_string(),
+        ),
         ("subnet-source", plan.spec.subnet_source.as_str().into()),
         ("encryption", plan.spec.encryption.as_str().into()),
         ("overlay", plan.spec.overlay.as_str().into()),

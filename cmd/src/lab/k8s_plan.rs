@@ -927,9 +927,7 @@ mod tests {
             assert!(cm.iter().any(|a| a == want), "{want} not in {cm:?}");
         }
         // The single mask size is refused by a dual-stack controller-manager.
-        assert!(cm
-            .iter()
-            .all(|a| !a.starts_with("--node-cidr-mask-size=")));
+        assert!(cm.iter().all(|a| !a.starts_with("--node-cidr-mask-size=")));
         // Every node a /64 of the /56 (a controller-manager takes at most 16 bits more).
         assert!(super::super::plan::SUBNET_LENGTH_V6 - pods6.prefix_len() <= 16);
 
@@ -946,7 +944,10 @@ mod tests {
             "{k:?}"
         );
         let p = kube_proxy_config("/k", &n.name, n.underlay.addr(), &dual.cluster_cidr());
-        assert!(p.contains("clusterCIDR: 10.244.0.0/16,fd00:10:244::/56"), "{p}");
+        assert!(
+            p.contains("clusterCIDR: 10.244.0.0/16,fd00:10:244::/56"),
+            "{p}"
+        );
         assert!(p.contains("bindAddress: 172.31.0.2"), "{p}");
     }
 

@@ -106,8 +106,10 @@ pub async fn pod_cidrs(client: &kube::Client) -> Result<BTreeMap<String, String>
 
 /// Whether two comma-separated lists of subnets hold the same subnets (in any order).
 fn same_subnets(a: &str, b: &str) -> bool {
-    let (a, b): (std::collections::BTreeSet<&str>, std::collections::BTreeSet<&str>) =
-        (a.split(',').collect(), b.split(',').collect());
+    let (a, b): (
+        std::collections::BTreeSet<&str>,
+        std::collections::BTreeSet<&str>,
+    ) = (a.split(',').collect(), b.split(',').collect());
     a == b
 }
 

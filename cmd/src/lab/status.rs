@@ -396,13 +396,8 @@ mod tests {
     #[test]
     fn a_real_pods_ipv6_address_is_the_ipv6_one_of_its_pod_ips() {
         use k8s_openapi::api::core::v1::PodIP;
-        let ips = |a: &[&str]| -> Vec<PodIP> {
-            a.iter()
-                .map(|s| PodIP {
-                    ip: s.to_string(),
-                })
-                .collect()
-        };
+        let ips =
+            |a: &[&str]| -> Vec<PodIP> { a.iter().map(|s| PodIP { ip: s.to_string() }).collect() };
         assert_eq!(
             super::ipv6_of(&ips(&["10.244.1.3", "fd00:10:244:1::3"])),
             Some("fd00:10:244:1::3".parse().unwrap())
