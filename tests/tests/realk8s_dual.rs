@@ -398,6 +398,14 @@ fn dual_stack_service(lab: &Lab, pods: &[RealPod], nodes: &[String]) {
             "{family} ClusterIP {to} from {} ({}): answered by {answered:?}; errors {errors:#?}",
             client.name, client.node
         );
+        // The backend sees the client's own address of that family (no SNAT inside the
+        // cluster: kube-proxy knows the pods' range of each family).
+        let clientip = exec_get(lab, &client.name, &to, "/clientip").unwrap();
+        let seen = clientip
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+            .unwrap_or_default();
+        assert_eq!(seen, client.ips[idx], "{to}/clientip said {clientip:?}");
         // UDP through the same ClusterIP (agnhost connect waits for netexec's answer).
         let udp = host_port(vip, 81);
         let udp_ok = eventually(Duration::from_secs(20), || {
@@ -425,8 +433,36 @@ fn dual_stack_service(lab: &Lab, pods: &[RealPod], nodes: &[String]) {
                 .any(|l| backend_ips.iter().any(|b| l.contains(&format!("src={b} ")))),
             "no DNAT of {vip}:80 to {backend_ips:?} in {client_netns}'s conntrack:\n{flows}"
         );
+        // kube-proxy has the pods' range of this family: traffic to the ClusterIP from outside
+        // it is marked for masquerade, from inside it is not.
+        let (save, range) = if idx == 0 {
+            ("iptables-save", CLUSTER_V4)
+        } else {
+            ("ip6tables-save", CLUSTER_V6)
+        };
+        let out = std::process::Command::new("timeout")
+            .args([
+                "10",
+                "ip",
+                "netns",
+                "exec",
+                &client_netns,
+                save,
+                "-t",
+                "nat",
+            ])
+            .output()
+            .unwrap();
+        let rules = String::from_utf8_lossy(&out.stdout);
+        let masq = format!("-d {}/{} ", vip, if idx == 0 { 32 } else { 128 });
+        assert!(
+            rules.lines().any(|l| l.contains(&masq)
+                && l.contains(&format!("! -s {range} "))
+                && l.contains("KUBE-MARK-MASQ")),
+            "no off-cluster masquerade rule for {vip} with ! -s {range} in {client_netns}:\n{rules}"
+        );
         eprintln!(
-            "realk8s-dual: {family} ClusterIP {vip}: TCP answered by {answered:?}, UDP answered, DNAT in conntrack"
+            "realk8s-dual: {family} ClusterIP {vip}: TCP answered by {answered:?}, the client's own address seen, UDP answered, DNAT in conntrack"
         );
     }
 }
