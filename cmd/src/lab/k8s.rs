@@ -857,16 +857,19 @@ pub async fn start_nodes(
     let deadline = Instant::now() + Duration::from_secs(90);
     for node in &plan.nodes {
         loop {
-            let cidr = nodes
+            // A dual-stack lab's Nodes get both podCIDRs at once (IPv4 first).
+            let cidrs = nodes
                 .get_opt(&node.name)
                 .await
                 .ok()
                 .flatten()
-                .and_then(|n| n.spec?.pod_cidr);
-            if let Some(cidr) = cidr {
+                .and_then(|n| n.spec?.pod_cidrs)
+                .unwrap_or_default();
+            if !cidrs.is_empty() {
                 progress.line(format!(
-                    "node {}: registered by its kubelet, podCIDR {cidr}",
-                    node.name
+                    "node {}: registered by its kubelet, podCIDRs {}",
+                    node.name,
+                    cidrs.join(",")
                 ));
                 break;
             }
