@@ -81,6 +81,8 @@ pub struct RealPod {
     pub name: String,
     pub node: String,
     pub ip: String,
+    /// `status.podIPs`: `ip` first, then a dual-stack pod's other family.
+    pub ips: Vec<String>,
     pub uid: String,
 }
 
@@ -108,6 +110,12 @@ pub fn running(lab: &Lab, app: &str) -> (Vec<RealPod>, Value) {
             name: p["metadata"]["name"].as_str().unwrap().to_string(),
             node: p["spec"]["nodeName"].as_str().unwrap().to_string(),
             ip: p["status"]["podIP"].as_str().unwrap().to_string(),
+            ips: p["status"]["podIPs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| Some(a["ip"].as_str()?.to_string()))
+                .collect(),
             uid: p["metadata"]["uid"].as_str().unwrap().to_string(),
         })
         .collect();
@@ -265,9 +273,20 @@ fn http_body(reply: &str) -> Result<String, String> {
     Ok(body.trim().to_string())
 }
 
-/// From pod `from` (`kubectl exec`, busybox nc), one HTTP GET of `path` at `to`; the body.
+/// `ip:port`, an IPv6 address in brackets (what agnhost's `connect` and HTTP take).
+pub fn host_port(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
+/// From pod `from` (`kubectl exec`, busybox nc), one HTTP GET of `path` at `to` (`ip:port`,
+/// `[ipv6]:port`); the body.
 pub fn exec_get(lab: &Lab, from: &str, to: &str, path: &str) -> Result<String, String> {
     let (host, port) = to.rsplit_once(':').unwrap();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
     let script = format!(
         "printf 'GET {path} HTTP/1.0\\r\\nHost: {to}\\r\\n\\r\\n' | timeout 5 nc {host} {port}"
     );
@@ -306,23 +325,33 @@ pub fn pod_netns_path(lab: &Lab, name: &str) -> PathBuf {
 /// ICMP, TCP and UDP to every target (agnhost netexec on 8080/TCP and 8081/UDP); returns the
 /// lines that did not answer.
 pub fn sweep(lab: &Lab, from: &str, targets: &[RealPod]) -> Vec<String> {
+    let addrs: Vec<(String, String)> = targets
+        .iter()
+        .map(|t| (t.name.clone(), t.ip.clone()))
+        .collect();
+    sweep_addrs(lab, from, &addrs)
+}
+
+/// [`sweep`] to addresses: `(name, address)` of each target, IPv4 or IPv6.
+pub fn sweep_addrs(lab: &Lab, from: &str, targets: &[(String, String)]) -> Vec<String> {
     let mut script = String::new();
-    for t in targets {
-        let ip = &t.ip;
+    for (_, ip) in targets {
+        let (tcp, udp) = (host_port(ip, 8080), host_port(ip, 8081));
+        // busybox's ping takes either family.
         script += &format!(
             "ping -c1 -W2 {ip} >/dev/null 2>&1 && echo icmp {ip} ok || echo icmp {ip} lost; \
-             /agnhost connect {ip}:8080 --timeout=3s >/dev/null 2>&1 && echo tcp {ip} ok || echo tcp {ip} lost; \
-             /agnhost connect {ip}:8081 --protocol=udp --timeout=3s >/dev/null 2>&1 && echo udp {ip} ok || echo udp {ip} lost; "
+             /agnhost connect {tcp} --timeout=3s >/dev/null 2>&1 && echo tcp {ip} ok || echo tcp {ip} lost; \
+             /agnhost connect {udp} --protocol=udp --timeout=3s >/dev/null 2>&1 && echo udp {ip} ok || echo udp {ip} lost; "
         );
     }
     let out = lab.kubectl(&["exec", from, "--", "sh", "-c", &script]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut bad = Vec::new();
-    for t in targets {
+    for (name, ip) in targets {
         // agnhost connect over UDP waits for netexec's answer (to its "hostname" request).
         for proto in ["icmp", "tcp", "udp"] {
-            if !text.contains(&format!("{proto} {} ok", t.ip)) {
-                bad.push(format!("{from} -> {} ({}) {proto}", t.name, t.ip));
+            if !text.lines().any(|l| l == format!("{proto} {ip} ok")) {
+                bad.push(format!("{from} -> {name} ({ip}) {proto}"));
             }
         }
     }
@@ -335,9 +364,23 @@ pub fn sweep(lab: &Lab, from: &str, targets: &[RealPod]) -> Vec<String> {
 /// Sweeps until every target answers (a new pod is held closed until its policy is in
 /// place), bounded; the misses of the last round.
 pub fn sweep_until_all(lab: &Lab, from: &str, targets: &[RealPod], limit: Duration) -> Vec<String> {
+    let addrs: Vec<(String, String)> = targets
+        .iter()
+        .map(|t| (t.name.clone(), t.ip.clone()))
+        .collect();
+    sweep_addrs_until_all(lab, from, &addrs, limit)
+}
+
+/// [`sweep_until_all`] to addresses (see [`sweep_addrs`]).
+pub fn sweep_addrs_until_all(
+    lab: &Lab,
+    from: &str,
+    targets: &[(String, String)],
+    limit: Duration,
+) -> Vec<String> {
     let deadline = Instant::now() + limit;
     loop {
-        let bad = sweep(lab, from, targets);
+        let bad = sweep_addrs(lab, from, targets);
         if bad.is_empty() || Instant::now() > deadline {
             return bad;
         }
@@ -590,4 +633,45 @@ impl Flow {
             slow: s.slow.lock().unwrap().clone(),
         }
     }
+}
+
+/// Processes left by the lab: any naming its directory (control plane, containerd, its shims,
+/// kubelets, kube-proxies), or in its kubelets' cgroups (the pods' containers).
+pub fn lab_processes(lab: &Lab) -> Vec<String> {
+    let marker = format!("/run/sluice/lab/{}/", lab.name);
+    let cgroup = format!(":/sluice-lab-{}-node-", lab.name);
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let c = std::fs::read(e.path().join("cmdline")).ok()?;
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            let g = std::fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
+            (c.contains(&marker) || g.contains(&cgroup)).then_some(c)
+        })
+        .collect()
+}
+
+/// The lab's kubelet cgroups left in any hierarchy.
+pub fn lab_cgroups(lab: &Lab) -> Vec<String> {
+    let prefix = format!("sluice-lab-{}-node-", lab.name);
+    std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .filter_map(|h| std::fs::read_dir(h.ok()?.path()).ok())
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path().display().to_string())
+        .collect()
+}
+
+/// Mounts of the host's mount namespace under the lab's directory.
+pub fn lab_mounts(lab: &Lab) -> Vec<String> {
+    let marker = format!("/run/sluice/lab/{}", lab.name);
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&marker))
+        .map(str::to_string)
+        .collect()
 }

@@ -18,52 +18,11 @@ use serde_json::Value;
 use sluice_e2e::have_root;
 use sluice_e2e::lab::{lab_cmd, netns_with_prefix, output_text, status_pods, Lab};
 use sluice_e2e::realk8s::{
-    connects, eventually_connects, k8s_bin, running, sluice_rolled_out, sweep_until_all, RealPod,
-    AGNHOST,
+    connects, eventually_connects, k8s_bin, lab_cgroups, lab_mounts, lab_processes, running,
+    sluice_rolled_out, sweep_until_all, RealPod, AGNHOST,
 };
 
 use std::time::{Duration, Instant};
-
-/// Processes left by the lab: any naming its directory (control plane, containerd, its shims,
-/// kubelets, kube-proxies), or in its kubelets' cgroups (the pods' containers).
-fn lab_processes(lab: &Lab) -> Vec<String> {
-    let marker = format!("/run/sluice/lab/{}/", lab.name);
-    let cgroup = format!(":/sluice-lab-{}-node-", lab.name);
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let c = std::fs::read(e.path().join("cmdline")).ok()?;
-            let c = String::from_utf8_lossy(&c).replace('\0', " ");
-            let g = std::fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
-            (c.contains(&marker) || g.contains(&cgroup)).then_some(c)
-        })
-        .collect()
-}
-
-/// The lab's kubelet cgroups left in any hierarchy.
-fn lab_cgroups(lab: &Lab) -> Vec<String> {
-    let prefix = format!("sluice-lab-{}-node-", lab.name);
-    std::fs::read_dir("/sys/fs/cgroup")
-        .unwrap()
-        .filter_map(|h| std::fs::read_dir(h.ok()?.path()).ok())
-        .flatten()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .map(|e| e.path().display().to_string())
-        .collect()
-}
-
-/// Mounts of the host's mount namespace under the lab's directory.
-fn lab_mounts(lab: &Lab) -> Vec<String> {
-    let marker = format!("/run/sluice/lab/{}", lab.name);
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains(&marker))
-        .map(str::to_string)
-        .collect()
-}
 
 fn in_subnet(ip: &str, cidr: &str) -> bool {
     let (net, len) = cidr.split_once('/').unwrap();

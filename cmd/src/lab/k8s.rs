@@ -302,7 +302,7 @@ pub async fn start_control_plane(
     bin: &Path,
     files: &LabFiles,
     lab: &str,
-    cluster_cidr: &str,
+    ranges: &kp::Ranges,
     nodes: &[String],
     advertise: std::net::Ipv4Addr,
     progress: &mut super::Progress,
@@ -345,7 +345,7 @@ pub async fn start_control_plane(
         &dir,
         "kube-apiserver",
         &bin.join("kube-apiserver"),
-        &kp::apiserver_args(&layout, &ports, advertise),
+        &kp::apiserver_args(&layout, &ports, advertise, ranges),
     )?;
     super::credentials::write_private(&files.kubeconfig, &admin)?;
     let client = super::cluster::client(&files.kubeconfig).await?;
@@ -385,7 +385,7 @@ pub async fn start_control_plane(
         &dir,
         "kube-controller-manager",
         &bin.join("kube-controller-manager"),
-        &kp::controller_manager_args(&layout, &ports, cluster_cidr),
+        &kp::controller_manager_args(&layout, &ports, ranges),
     )?;
     let sched = spawn(
         &dir,
@@ -394,8 +394,10 @@ pub async fn start_control_plane(
         &kp::scheduler_args(&layout, &ports),
     )?;
     progress.line(format!(
-        "kube-controller-manager (pid {}, podCIDRs from {cluster_cidr}), kube-scheduler (pid {})",
+        "kube-controller-manager (pid {}, podCIDRs from {}, Services from {}), kube-scheduler (pid {})",
         cm.id(),
+        ranges.cluster_cidr(),
+        ranges.service_cidr(),
         sched.id()
     ));
     // The children run on after `lab up` exits (dropping a Child neither waits for nor kills
@@ -416,7 +418,8 @@ pub async fn start_kube_proxies(
     let layout = Layout { dir: &dir };
     let bin = PathBuf::from(std::fs::read_to_string(dir.join("bin"))?.trim());
     let kubeconfig = layout.kubeconfig("kube-proxy");
-    let cidr = plan.cluster_cidr.to_string();
+    let ranges = kp::Ranges::of(plan);
+    let cidr = ranges.cluster_cidr();
     for node in &plan.nodes {
         let node_dir = dir.join("nodes").join(&node.name);
         std::fs::create_dir_all(&node_dir)?;
@@ -435,30 +438,42 @@ pub async fn start_kube_proxies(
         progress.line(format!("kube-proxy on {} (pid {pid})", node.name));
     }
     let deadline = Instant::now() + Duration::from_secs(60);
+    // Dual-stack: kube-proxy writes the IPv6 Services' rules through ip6tables as well.
+    let tools: &[&str] = if ranges.dual() {
+        &["iptables", "ip6tables"]
+    } else {
+        &["iptables"]
+    };
     for node in &plan.nodes {
-        while !has_service_chain(&node.netns).await {
-            if Instant::now() > deadline {
-                bail!(
-                    "kube-proxy on {} wrote no KUBE-SERVICES chain within 60 s:\n{}",
-                    node.name,
-                    log_tail(&dir, &format!("kube-proxy-{}", node.name))
-                );
+        for tool in tools {
+            while !has_service_chain(&node.netns, tool).await {
+                if Instant::now() > deadline {
+                    bail!(
+                        "kube-proxy on {} wrote no KUBE-SERVICES chain ({tool}) within 60 s:\n{}",
+                        node.name,
+                        log_tail(&dir, &format!("kube-proxy-{}", node.name))
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    progress.line("kube-proxy: Service rules in every node".into());
+    progress.line(format!(
+        "kube-proxy: Service rules in every node ({})",
+        tools.join(" and ")
+    ));
     Ok(())
 }
 
-/// Whether the nat table of `netns` has kube-proxy's `KUBE-SERVICES` chain.
-async fn has_service_chain(netns: &str) -> bool {
+/// Whether the nat table of `netns` has kube-proxy's `KUBE-SERVICES` chain (`tool`: iptables
+/// or ip6tables).
+async fn has_service_chain(netns: &str, tool: &str) -> bool {
     let out = tokio::process::Command::new("ip")
         .args([
             "netns",
             "exec",
             netns,
-            "iptables",
+            tool,
             "-w",
             "5",
             "-t",
@@ -820,6 +835,7 @@ pub async fn start_nodes(
             lab,
             &node.name,
             node.underlay.addr(),
+            node.underlay_v6.map(|a| a.addr()),
             &sandbox,
         ));
         let kubelet = spawn(
@@ -841,16 +857,19 @@ pub async fn start_nodes(
     let deadline = Instant::now() + Duration::from_secs(90);
     for node in &plan.nodes {
         loop {
-            let cidr = nodes
+            // A dual-stack lab's Nodes get both podCIDRs at once (IPv4 first).
+            let cidrs = nodes
                 .get_opt(&node.name)
                 .await
                 .ok()
                 .flatten()
-                .and_then(|n| n.spec?.pod_cidr);
-            if let Some(cidr) = cidr {
+                .and_then(|n| n.spec?.pod_cidrs)
+                .unwrap_or_default();
+            if !cidrs.is_empty() {
                 progress.line(format!(
-                    "node {}: registered by its kubelet, podCIDR {cidr}",
-                    node.name
+                    "node {}: registered by its kubelet, podCIDRs {}",
+                    node.name,
+                    cidrs.join(",")
                 ));
                 break;
             }
@@ -937,8 +956,12 @@ pub async fn install_sluice(
 /// The `sluice-config` values the lab sets (what `register` writes on the other labs).
 fn lab_config(plan: &super::plan::LabPlan) -> Vec<(&'static str, String)> {
     vec![
-        ("cluster-cidr", plan.cluster_cidr.to_string()),
+        ("cluster-cidr", plan.cluster_cidr_value()),
         ("subnet-length", super::plan::SUBNET_LENGTH.to_string()),
+        (
+            "subnet-length-v6",
+            super::plan::SUBNET_LENGTH_V6.to_string(),
+        ),
         ("subnet-source", plan.spec.subnet_source.as_str().into()),
         ("encryption", plan.spec.encryption.as_str().into()),
         ("overlay", plan.spec.overlay.as_str().into()),

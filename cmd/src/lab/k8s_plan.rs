@@ -20,6 +20,48 @@ pub const MIN_MINOR: u32 = 26;
 /// The Service range of the real cluster; the API server's own Service takes its first address.
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
 pub const API_SERVICE_IP: &str = "10.96.0.1";
+/// A dual-stack cluster's IPv6 Service range (unique local; the API server takes at most a
+/// /108 of 128-bit addresses, 2^20 Services).
+pub const SERVICE_CIDR_V6: &str = "fd00:10:96::/112";
+
+/// The address ranges a real cluster is started with: its pods' (kube-controller-manager's
+/// `--cluster-cidr`, kube-proxy's `clusterCIDR`, sluice-config's `cluster-cidr`) and its
+/// Services', IPv4 first, and an IPv6 range of each on a dual-stack lab (`--ip-family dual`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ranges {
+    pub cluster: ipnet::Ipv4Net,
+    pub cluster_v6: Option<ipnet::Ipv6Net>,
+}
+
+impl Ranges {
+    pub fn of(plan: &super::plan::LabPlan) -> Self {
+        Self {
+            cluster: plan.cluster_cidr,
+            cluster_v6: plan.cluster_cidr_v6,
+        }
+    }
+
+    pub fn dual(&self) -> bool {
+        self.cluster_v6.is_some()
+    }
+
+    /// The pods' ranges as the components take them: comma-separated, IPv4 first.
+    pub fn cluster_cidr(&self) -> String {
+        match self.cluster_v6 {
+            Some(v6) => format!("{},{v6}", self.cluster),
+            None => self.cluster.to_string(),
+        }
+    }
+
+    /// The Services' ranges as the API server and the controller-manager take them.
+    pub fn service_cidr(&self) -> String {
+        if self.dual() {
+            format!("{SERVICE_CIDR},{SERVICE_CIDR_V6}")
+        } else {
+            SERVICE_CIDR.to_string()
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BinError {
@@ -139,6 +181,7 @@ pub fn apiserver_args(
     layout: &Layout,
     ports: &Ports,
     advertise: std::net::Ipv4Addr,
+    ranges: &Ranges,
 ) -> Vec<String> {
     vec![
         flag(
@@ -160,7 +203,8 @@ pub fn apiserver_args(
             "service-account-issuer",
             "https://kubernetes.default.svc.cluster.local",
         ),
-        flag("service-cluster-ip-range", SERVICE_CIDR),
+        // Dual-stack: a Service of each family, IPv4 the primary (the `kubernetes` Service's).
+        flag("service-cluster-ip-range", ranges.service_cidr()),
         flag(
             "kubelet-client-certificate",
             layout.pki("apiserver-kubelet-client.crt"),
@@ -179,24 +223,37 @@ pub fn apiserver_args(
     ]
 }
 
-pub fn controller_manager_args(layout: &Layout, ports: &Ports, cluster_cidr: &str) -> Vec<String> {
+/// The controller-manager's flags: it hands every Node a podCIDR of each range in `ranges`
+/// (`spec.podCIDRs`, IPv4 first), cut at the lab's subnet lengths.
+pub fn controller_manager_args(layout: &Layout, ports: &Ports, ranges: &Ranges) -> Vec<String> {
     let kc = layout.kubeconfig("kube-controller-manager");
-    vec![
+    let mut args = vec![
         flag("kubeconfig", &kc),
         flag("authentication-kubeconfig", &kc),
         flag("authorization-kubeconfig", &kc),
         flag("bind-address", "127.0.0.1"),
         flag("secure-port", ports.controller_manager),
         flag("allocate-node-cidrs", "true"),
-        flag("cluster-cidr", cluster_cidr),
-        flag("node-cidr-mask-size", super::plan::SUBNET_LENGTH),
-        flag("service-cluster-ip-range", SERVICE_CIDR),
+        flag("cluster-cidr", ranges.cluster_cidr()),
+    ];
+    if ranges.dual() {
+        // A dual-stack cluster refuses the single `--node-cidr-mask-size`: one per family.
+        args.extend([
+            flag("node-cidr-mask-size-ipv4", super::plan::SUBNET_LENGTH),
+            flag("node-cidr-mask-size-ipv6", super::plan::SUBNET_LENGTH_V6),
+        ]);
+    } else {
+        args.push(flag("node-cidr-mask-size", super::plan::SUBNET_LENGTH));
+    }
+    args.extend([
+        flag("service-cluster-ip-range", ranges.service_cidr()),
         flag("use-service-account-credentials", "true"),
         flag("service-account-private-key-file", layout.pki("sa.key")),
         flag("root-ca-file", layout.pki("ca.crt")),
         flag("leader-elect", "false"),
         flag("profiling", "false"),
-    ]
+    ]);
+    args
 }
 
 pub fn scheduler_args(layout: &Layout, ports: &Ports) -> Vec<String> {
@@ -213,7 +270,9 @@ pub fn scheduler_args(layout: &Layout, ports: &Ports) -> Vec<String> {
 }
 
 /// kube-proxy's config file for `node` (address `node_ip`): iptables mode in the node's own
-/// namespace, and no conntrack sizing (`nf_conntrack_max` is global to the machine).
+/// namespace, and no conntrack sizing (`nf_conntrack_max` is global to the machine). With a
+/// range of each family (`cluster_cidr` "v4,v6") kube-proxy runs dual-stack: the same rules
+/// through iptables and ip6tables, IPv4 its primary family (the family of `node_ip`).
 pub fn kube_proxy_config(
     kubeconfig: &str,
     node: &str,
@@ -518,12 +577,19 @@ evictionHard: {{memory.available: 100Mi, nodefs.available: 5%, imagefs.available
     )
 }
 
+/// The kubelet's flags for `node`: its Node's addresses are `node_ip` and, on a dual-stack lab,
+/// `node_ip_v6` (`--node-ip` of both, IPv4 first: the Node's InternalIPs of each family).
 pub fn kubelet_args(
     lab: &str,
     node: &str,
     node_ip: std::net::Ipv4Addr,
+    node_ip_v6: Option<std::net::Ipv6Addr>,
     sandbox_image: &str,
 ) -> Vec<String> {
+    let node_ip = match node_ip_v6 {
+        Some(v6) => format!("{node_ip},{v6}"),
+        None => node_ip.to_string(),
+    };
     let l = NodeLayout::new(lab, node);
     let d = |p: &str| l.dir.join(p).display().to_string();
     vec![
@@ -737,6 +803,7 @@ mod tests {
         let keys = [
             "cluster-cidr",
             "subnet-length",
+            "subnet-length-v6",
             "subnet-source",
             "encryption",
             "overlay",
@@ -761,7 +828,11 @@ mod tests {
         let layout = Layout {
             dir: Path::new("/s"),
         };
-        let api = apiserver_args(&layout, &ports, "172.31.0.254".parse().unwrap());
+        let four = Ranges {
+            cluster: "10.244.0.0/16".parse().unwrap(),
+            cluster_v6: None,
+        };
+        let api = apiserver_args(&layout, &ports, "172.31.0.254".parse().unwrap(), &four);
         for want in [
             "--bind-address=127.0.0.1",
             "--advertise-address=172.31.0.254",
@@ -782,13 +853,102 @@ mod tests {
             .iter()
             .filter(|a| a.contains("://"))
             .all(|a| a.contains("://127.0.0.1:")));
-        let cm = controller_manager_args(&layout, &ports, "10.244.0.0/16");
+        let cm = controller_manager_args(&layout, &ports, &four);
         assert!(cm.iter().any(|a| a == "--allocate-node-cidrs=true"));
         assert!(cm.iter().any(|a| a == "--cluster-cidr=10.244.0.0/16"));
+        assert!(cm.iter().any(|a| a == "--node-cidr-mask-size=24"));
         for args in [&cm, &scheduler_args(&layout, &ports)] {
             assert!(args.iter().any(|a| a == "--bind-address=127.0.0.1"));
             assert!(args.iter().all(|a| !a.contains("0.0.0.0")));
         }
+    }
+
+    #[test]
+    fn a_dual_stack_cluster_gets_ranges_of_both_families_ipv4_first() {
+        let plan = |ip_family| {
+            super::super::plan::LabPlan::new(super::super::plan::LabSpec {
+                name: "t1".into(),
+                nodes: 2,
+                pods_per_node: 0,
+                encryption: super::super::plan::Encryption::None,
+                overlay: super::super::plan::Overlay::Always,
+                segments: 1,
+                subnet_source: super::super::plan::SubnetSource::Auto,
+                ip_family,
+            })
+            .unwrap()
+        };
+        let four = Ranges::of(&plan(super::super::plan::IpFamily::Ipv4));
+        assert!(!four.dual());
+        assert_eq!(four.cluster_cidr(), "10.244.0.0/16");
+        assert_eq!(four.service_cidr(), "10.96.0.0/12");
+        let dual_plan = plan(super::super::plan::IpFamily::Dual);
+        let dual = Ranges::of(&dual_plan);
+        assert!(dual.dual());
+        // What the components take is what sluice-config says: the same two ranges.
+        assert_eq!(dual.cluster_cidr(), "10.244.0.0/16,fd00:10:244::/56");
+        assert_eq!(dual.cluster_cidr(), dual_plan.cluster_cidr_value());
+        assert_eq!(dual.service_cidr(), "10.96.0.0/12,fd00:10:96::/112");
+        // The IPv6 Service range is unique local and no larger than the API server takes
+        // (a /108 of 128-bit addresses); it overlaps neither the pods' nor the underlay's.
+        let svc6: ipnet::Ipv6Net = SERVICE_CIDR_V6.parse().unwrap();
+        assert!(svc6.prefix_len() >= 108 && svc6.addr().segments()[0] & 0xff00 == 0xfd00);
+        let pods6 = dual.cluster_v6.unwrap();
+        assert!(!pods6.contains(&svc6.network()) && !svc6.contains(&pods6.network()));
+        for n in &dual_plan.nodes {
+            let u = n.underlay_v6.unwrap();
+            assert!(!svc6.contains(&u.addr()) && !pods6.contains(&u.addr()));
+        }
+
+        let ports = Ports {
+            etcd_client: 1,
+            etcd_peer: 2,
+            apiserver: 3,
+            controller_manager: 4,
+            scheduler: 5,
+        };
+        let layout = Layout {
+            dir: Path::new("/s"),
+        };
+        let api = apiserver_args(&layout, &ports, "172.31.0.254".parse().unwrap(), &dual);
+        assert!(api
+            .iter()
+            .any(|a| a == "--service-cluster-ip-range=10.96.0.0/12,fd00:10:96::/112"));
+        // The advertised address (the `kubernetes` Service's endpoint) stays IPv4, the
+        // primary family.
+        assert!(api.iter().any(|a| a == "--advertise-address=172.31.0.254"));
+        let cm = controller_manager_args(&layout, &ports, &dual);
+        for want in [
+            "--cluster-cidr=10.244.0.0/16,fd00:10:244::/56",
+            "--node-cidr-mask-size-ipv4=24",
+            "--node-cidr-mask-size-ipv6=64",
+            "--service-cluster-ip-range=10.96.0.0/12,fd00:10:96::/112",
+        ] {
+            assert!(cm.iter().any(|a| a == want), "{want} not in {cm:?}");
+        }
+        // The single mask size is refused by a dual-stack controller-manager.
+        assert!(cm.iter().all(|a| !a.starts_with("--node-cidr-mask-size=")));
+        // Every node a /64 of the /56 (a controller-manager takes at most 16 bits more).
+        assert!(super::super::plan::SUBNET_LENGTH_V6 - pods6.prefix_len() <= 16);
+
+        let n = &dual_plan.nodes[1];
+        let k = kubelet_args(
+            "t1",
+            &n.name,
+            n.underlay.addr(),
+            n.underlay_v6.map(|a| a.addr()),
+            "p:1",
+        );
+        assert!(
+            k.iter().any(|a| a == "--node-ip=172.31.0.2,fd00:31::2"),
+            "{k:?}"
+        );
+        let p = kube_proxy_config("/k", &n.name, n.underlay.addr(), &dual.cluster_cidr());
+        assert!(
+            p.contains("clusterCIDR: 10.244.0.0/16,fd00:10:244::/56"),
+            "{p}"
+        );
+        assert!(p.contains("bindAddress: 172.31.0.2"), "{p}");
     }
 
     #[test]
@@ -902,7 +1062,7 @@ mod tests {
         ] {
             assert!(k.contains(want), "{want} not in {k}");
         }
-        let a = kubelet_args("t1", "t1-node-2", [172, 31, 0, 2].into(), "p:1");
+        let a = kubelet_args("t1", "t1-node-2", [172, 31, 0, 2].into(), None, "p:1");
         for want in [
             "--hostname-override=t1-node-2",
             "--node-ip=172.31.0.2",

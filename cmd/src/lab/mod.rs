@@ -246,8 +246,8 @@ pub fn main(cmd: LabCmd) -> Result<()> {
             k8s_images,
             reference_cni,
         } => {
-            if ip_family == plan::IpFamily::Dual && kubernetes.is_some() {
-                bail!("--ip-family dual runs on the embedded API server only so far (not with --kubernetes)");
+            if ip_family == plan::IpFamily::Dual && kubernetes.is_some() && reference_cni {
+                bail!("--reference-cni wires IPv4 only (the kit's bridge + host-local on the IPv4 podCIDR): not with --ip-family dual");
             }
             let spec = LabSpec {
                 name,
@@ -455,13 +455,13 @@ async fn build(plan: &LabPlan, files: &LabFiles, api: Api, progress: &mut Progre
             reference_cni,
         } => {
             reference = reference_cni;
-            let cidr = plan.cluster_cidr.to_string();
+            let ranges = k8s_plan::Ranges::of(plan);
             let nodes: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
             let addr = k8s::start_control_plane(
                 &bin,
                 files,
                 name,
-                &cidr,
+                &ranges,
                 &nodes,
                 plan.api_address(),
                 progress,

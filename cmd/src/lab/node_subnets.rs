@@ -82,7 +82,8 @@ pub async fn leases(client: &kube::Client) -> Result<Vec<HeldLease>> {
     Ok(out)
 }
 
-/// Each Node's `spec.podCIDR`, from the API.
+/// Each Node's `spec.podCIDRs` (a dual-stack Node's both, comma-separated; else its
+/// `spec.podCIDR`), from the API.
 pub async fn pod_cidrs(client: &kube::Client) -> Result<BTreeMap<String, String>> {
     let api: Api<Node> = Api::all(client.clone());
     let nodes = api
@@ -92,8 +93,24 @@ pub async fn pod_cidrs(client: &kube::Client) -> Result<BTreeMap<String, String>
     Ok(nodes
         .items
         .into_iter()
-        .filter_map(|n| Some((n.metadata.name?, n.spec?.pod_cidr?)))
+        .filter_map(|n| {
+            let spec = n.spec?;
+            let cidrs = match spec.pod_cidrs {
+                Some(all) if !all.is_empty() => all.join(","),
+                _ => spec.pod_cidr?,
+            };
+            Some((n.metadata.name?, cidrs))
+        })
         .collect())
+}
+
+/// Whether two comma-separated lists of subnets hold the same subnets (in any order).
+fn same_subnets(a: &str, b: &str) -> bool {
+    let (a, b): (
+        std::collections::BTreeSet<&str>,
+        std::collections::BTreeSet<&str>,
+    ) = (a.split(',').collect(), b.split(',').collect());
+    a == b
 }
 
 /// A node's subnet, from its three sources.
@@ -160,7 +177,7 @@ impl NodeSubnet {
         if let Some(p) = self
             .pod_cidr
             .as_ref()
-            .filter(|p| Some(*p) != self.subnet.as_ref())
+            .filter(|p| !self.subnet.as_ref().is_some_and(|s| same_subnets(p, s)))
         {
             notes.push(format!("spec.podCIDR {p}"));
         }
@@ -261,5 +278,32 @@ mod tests {
             ]
         );
         assert_eq!(rows[0].subnet.as_deref(), Some("10.244.2.0/24"));
+    }
+
+    #[test]
+    fn a_dual_stack_node_holding_both_pod_cidrs_shows_no_difference() {
+        let leases = [
+            held("sluice-fd00-10-244-1-64", "n1", "fd00:10:244:1::/64", false),
+            held("sluice-10-244-1-0-24", "n1", "10.244.1.0/24", false),
+        ];
+        let cidrs: BTreeMap<String, String> = [
+            ("n1", "10.244.1.0/24,fd00:10:244:1::/64"),
+            ("n2", "10.244.2.0/24,fd00:10:244:2::/64"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        let n2 = [held("sluice-10-244-2-0-24", "n2", "10.244.2.0/24", false)];
+        let all: Vec<HeldLease> = leases.iter().chain(&n2).cloned().collect();
+        let rows = node_subnets(&["n1", "n2"], &all, &cidrs, &BTreeMap::new());
+        let cells: Vec<String> = rows.iter().map(NodeSubnet::cell).collect();
+        assert_eq!(
+            cells,
+            [
+                "10.244.1.0/24,fd00:10:244:1::/64",
+                // Holding only the IPv4 one of its two podCIDRs: shown.
+                "10.244.2.0/24 (spec.podCIDR 10.244.2.0/24,fd00:10:244:2::/64)",
+            ]
+        );
     }
 }

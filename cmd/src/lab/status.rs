@@ -184,9 +184,13 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
         .map(|(ns, pod, _, _)| plan.pod_netns(ns, pod))
         .collect();
     let targets: Vec<IpAddr> = pods.iter().map(|p| p.3.into()).collect();
-    // A dual-stack lab's pods: their IPv6 addresses, and a second matrix over them.
+    // A dual-stack lab's pods: their IPv6 addresses, and a second matrix over them. Real
+    // pods' as their kubelets report them (`status.podIPs`, from the CNI result).
     let ipv6: Vec<Option<Ipv6Addr>> = if real {
-        Vec::new()
+        let reported = pod_ipv6s(&client).await?;
+        pods.iter()
+            .map(|(ns, pod, _, _)| reported.get(&(ns.clone(), pod.clone())).copied())
+            .collect()
     } else {
         sources.iter().map(|s| pod_ipv6(s)).collect()
     };
@@ -221,7 +225,10 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
             }))},
             "nodes": plan.nodes.iter().zip(&subnets).map(|(n, s)| json!({
                 "name": n.name, "netns": n.netns, "underlay": n.underlay.addr().to_string(),
-                "podCIDR": s.pod_cidr.clone().unwrap_or_else(|| n.pod_cidr.to_string()),
+                "underlayIpv6": n.underlay_v6.map(|a| a.addr().to_string()),
+                "podCIDR": s.pod_cidr.as_deref().and_then(|c| c.split(',').next())
+                    .map_or_else(|| n.pod_cidr.to_string(), str::to_string),
+                "podCIDRs": s.pod_cidr.as_deref().map(|c| c.split(',').collect::<Vec<_>>()),
                 "subnet": s.subnet,
                 "agentSubnet": s.agent_subnet,
                 "leases": s.leases,
@@ -316,6 +323,37 @@ fn subnet_of(lab: &str, node: &str) -> Option<String> {
         .map(|e| e.subnet.to_string())
 }
 
+/// The IPv6 address in a pod's `status.podIPs` (a dual-stack pod's second one).
+fn ipv6_of(pod_ips: &[k8s_openapi::api::core::v1::PodIP]) -> Option<Ipv6Addr> {
+    pod_ips
+        .iter()
+        .filter_map(|p| p.ip.parse::<IpAddr>().ok())
+        .find_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(v6),
+            IpAddr::V4(_) => None,
+        })
+}
+
+/// Every pod's IPv6 address as the API has it, by (namespace, name).
+async fn pod_ipv6s(
+    client: &kube::Client,
+) -> Result<std::collections::BTreeMap<(String, String), Ipv6Addr>> {
+    use k8s_openapi::api::core::v1::Pod;
+    let api: kube::Api<Pod> = kube::Api::all(client.clone());
+    let list = api
+        .list(&kube::api::ListParams::default())
+        .await
+        .context("listing pods")?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter_map(|p| {
+            let v6 = ipv6_of(p.status.as_ref()?.pod_ips.as_deref()?)?;
+            Some(((p.metadata.namespace?, p.metadata.name?), v6))
+        })
+        .collect())
+}
+
 /// The DaemonSet's pods: (node, pod, ready).
 async fn daemonset_pods(client: &kube::Client) -> Result<Vec<(String, String, bool)>> {
     use k8s_openapi::api::core::v1::Pod;
@@ -353,5 +391,19 @@ mod tests {
         );
         assert_eq!(super::first_global_v6("[]"), None);
         assert_eq!(super::first_global_v6("not json"), None);
+    }
+
+    #[test]
+    fn a_real_pods_ipv6_address_is_the_ipv6_one_of_its_pod_ips() {
+        use k8s_openapi::api::core::v1::PodIP;
+        let ips =
+            |a: &[&str]| -> Vec<PodIP> { a.iter().map(|s| PodIP { ip: s.to_string() }).collect() };
+        assert_eq!(
+            super::ipv6_of(&ips(&["10.244.1.3", "fd00:10:244:1::3"])),
+            Some("fd00:10:244:1::3".parse().unwrap())
+        );
+        assert_eq!(super::ipv6_of(&ips(&["10.244.1.3"])), None);
+        assert_eq!(super::ipv6_of(&ips(&["nonsense", "10.244.1.3"])), None);
+        assert_eq!(super::ipv6_of(&[]), None);
     }
 }
