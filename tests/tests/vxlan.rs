@@ -142,6 +142,7 @@ fn lab(n: u8) -> Lab {
             let record = NodeRecord {
                 node: name.clone(),
                 underlay_ip: underlay,
+                underlay_ip_v6: None,
                 vtep_mac: vtep_mac(&name),
                 wireguard_public_key: None,
                 encryption: "none".into(),

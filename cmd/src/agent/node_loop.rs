@@ -115,6 +115,7 @@ fn datapath_config(
     DatapathConfig {
         overlay: cfg.overlay,
         underlay: underlay.network,
+        underlay_v6: underlay.network_v6,
         underlay_ifindex: underlay.ifindex,
         vxlan: vx.clone(),
         wireguard: WgSettings {
@@ -236,6 +237,7 @@ impl NodeLoop {
         let base_record = NodeRecord {
             node: node.clone(),
             underlay_ip,
+            underlay_ip_v6: underlay.network_v6.map(|n| n.addr()),
             vtep_mac: vxlan::vtep_mac(&node),
             wireguard_public_key: None,
             encryption: "none".into(),
@@ -578,17 +580,19 @@ impl NodeLoop {
         };
         let unreachable: Vec<String> = plan
             .unreachable()
-            .map(|p| {
-                format!(
-                    "{} (underlay {}): {}",
-                    p.peer.node, p.peer.underlay_ip, p.reason
-                )
+            .filter_map(|p| {
+                let why = p.unreachable_why()?;
+                Some(format!(
+                    "{} (underlay {}): {why}",
+                    p.peer.node, p.peer.underlay_ip
+                ))
             })
             .collect();
         let m = &self.health.metrics;
         m.datapath_sync_seconds
             .observe(started.elapsed().as_secs_f64());
-        m.peers.set((plan.paths.len() - unreachable.len()) as i64);
+        m.peers
+            .set((plan.paths.len() - plan.count(Path::Unreachable)) as i64);
         for path in [
             Path::Direct,
             Path::Vxlan,
@@ -803,6 +807,7 @@ fn status_document(
         "lease": {"name": held.lease.name, "expires": expires},
         "leaseV6": held.lease_v6.as_ref().map(|l| l.name.clone()),
         "underlay": held.record.underlay_ip.to_string(),
+        "underlayV6": held.record.underlay_ip_v6.map(|a| a.to_string()),
         "encryption": match cfg.encryption { Encryption::None => "none", Encryption::Wireguard => "wireguard" },
         "overlay": cfg.overlay.as_str(),
         "peers": plan.paths.iter().map(|p| serde_json::json!({
@@ -810,7 +815,10 @@ fn status_document(
             "subnet": p.peer.subnet.to_string(),
             "subnetV6": p.peer.subnet_v6.map(|s| s.to_string()),
             "underlay": p.peer.underlay_ip.to_string(),
+            "underlayV6": p.peer.underlay_ip_v6.map(|a| a.to_string()),
             "path": p.path.as_str(),
+            "pathV6": p.v6.map(|(path, _)| path.as_str()),
+            "whyV6": p.v6.map(|(_, why)| why.to_string()),
             "tunnel": p.path.as_str(),
             "why": p.reason.to_string(),
             "vtepMac": lease::format_mac(&p.peer.vtep_mac),

@@ -69,6 +69,25 @@ pub struct Underlay {
     /// The node's underlay address with its prefix on that link: the subnet whose nodes it
     /// reaches without a router.
     pub network: ipnet::Ipv4Net,
+    /// The node's IPv6 address on the same link with its prefix, when it has one that is not
+    /// link-local (see [`underlay_v6`]): direct IPv6 routes reach the peers on that prefix.
+    pub network_v6: Option<ipnet::Ipv6Net>,
+}
+
+/// The IPv6 address the node publishes as its underlay beside `ifindex`'s IPv4 one: of the
+/// link's `(address, prefix)` pairs, the lowest global (not link-local, not multicast, not
+/// loopback) one, so that the choice is stable whatever the kernel's order.
+pub fn underlay_v6(addrs: &[(Ipv6Addr, u8)]) -> Option<ipnet::Ipv6Net> {
+    addrs
+        .iter()
+        .filter(|(a, _)| {
+            (a.segments()[0] & 0xffc0) != 0xfe80
+                && !a.is_multicast()
+                && !a.is_loopback()
+                && !a.is_unspecified()
+        })
+        .filter_map(|&(a, p)| ipnet::Ipv6Net::new(a, p).ok())
+        .min()
 }
 
 /// The VXLAN datapath over netlink, in the network namespace of the thread that connected.
@@ -124,6 +143,7 @@ impl VxlanKernel {
             name: link_name(&link).unwrap_or_default().to_string(),
             mtu: link_mtu(&link).unwrap_or(1500),
             network: ipnet::Ipv4Net::new(ip, prefix).unwrap_or_else(|_| ip.into()),
+            network_v6: underlay_v6(&v6_on(&addrs, index)),
         })
     }
 
@@ -602,6 +622,20 @@ pub(crate) fn route_addr_any(r: &RouteMessage, dst: bool) -> Option<IpAddr> {
         | (RouteAttribute::Gateway(RouteAddress::Inet6(ip)), false) => Some(IpAddr::V6(*ip)),
         _ => None,
     })
+}
+
+/// The IPv6 addresses (with prefix) of link `index` in an address dump.
+fn v6_on(addrs: &[AddressMessage], index: u32) -> Vec<(Ipv6Addr, u8)> {
+    addrs
+        .iter()
+        .filter(|a| a.header.index == index)
+        .flat_map(|a| {
+            a.attributes.iter().filter_map(move |at| match at {
+                AddressAttribute::Address(IpAddr::V6(x)) => Some((*x, a.header.prefix_len)),
+                _ => None,
+            })
+        })
+        .collect()
 }
 
 /// The destination (`dst`) or gateway of a route.

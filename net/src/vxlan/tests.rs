@@ -24,6 +24,7 @@ fn node(name: &str, underlay: &str, subnet: &str) -> NodeRecord {
     NodeRecord {
         node: name.into(),
         underlay_ip: ip(underlay),
+        underlay_ip_v6: None,
         vtep_mac: vtep_mac(name),
         wireguard_public_key: None,
         encryption: "none".into(),
@@ -552,4 +553,20 @@ fn a_dual_stack_device_gets_its_ipv6_address_and_entries_by_diff() {
             Change::DelNeighbour { ip: gw6 },
         ]
     );
+}
+
+#[test]
+fn the_published_ipv6_underlay_is_the_lowest_global_address_of_the_link() {
+    use crate::vxlan::apply::underlay_v6;
+    let a = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap();
+    assert_eq!(underlay_v6(&[]), None);
+    // Link-local only (every IPv6 link has one): none to publish.
+    assert_eq!(underlay_v6(&[(a("fe80::1"), 64)]), None);
+    let got = underlay_v6(&[
+        (a("fe80::1"), 64),
+        (a("fd00:31::9"), 64),
+        (a("fd00:31::3"), 64),
+        (a("ff02::1"), 128),
+    ]);
+    assert_eq!(got.map(|n| n.to_string()).as_deref(), Some("fd00:31::3/64"));
 }

@@ -9,6 +9,7 @@ fn rec(node: &str, third: u8, enc: &str, key_n: Option<u8>) -> NodeRecord {
     NodeRecord {
         node: node.into(),
         underlay_ip: Ipv4Addr::new(192, 168, 0, third),
+        underlay_ip_v6: None,
         vtep_mac: [2, 0, 0, 0, 0, third],
         wireguard_public_key: key_n.map(key),
         encryption: enc.into(),
