@@ -127,13 +127,15 @@ fn datapath_config(
 }
 
 /// The pods' MTU: a fixed `mtu`, or what `overlay` and `encryption` leave of the underlay's.
-fn pod_mtu(cfg: &AgentConfig, underlay_mtu: u32) -> u32 {
+/// Over an IPv6 underlay the tunnels' outer header is 20 bytes longer.
+fn pod_mtu(cfg: &AgentConfig, underlay: &vxlan::apply::Underlay) -> u32 {
     match cfg.mtu {
         Mtu::Fixed(m) => m,
-        Mtu::Auto => datapath::auto_pod_mtu(
+        Mtu::Auto => datapath::auto_pod_mtu_for(
             cfg.overlay,
             cfg.encryption == Encryption::Wireguard,
-            underlay_mtu,
+            underlay.mtu,
+            underlay.network.addr().is_ipv6(),
         ),
     }
 }
@@ -214,7 +216,7 @@ impl NodeLoop {
                 vx.mtu = m;
                 m
             }
-            Mtu::Auto => sluice_net::wireguard::auto_mtu(underlay.mtu),
+            Mtu::Auto => sluice_net::wireguard::auto_mtu_for(underlay.mtu, underlay_ip.is_ipv6()),
         };
         let (conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket")?;
         tokio::spawn(conn);
@@ -370,7 +372,7 @@ impl NodeLoop {
         let env = SubnetEnv {
             network: self.cluster_v4,
             subnet: self.held.record.subnet,
-            mtu: pod_mtu(&self.cfg, self.underlay.mtu),
+            mtu: pod_mtu(&self.cfg, &self.underlay),
             ipmasq: self.cfg.masquerade,
             policy_backend: self.hostport_backend.get().map(|b| b.name().to_string()),
             // A dual-stack node's IPv6 pair: sluice-cni gives every pod an address of each.
@@ -740,13 +742,16 @@ impl NodeLoop {
             );
         }
         // The VXLAN device's address and port are fixed for the agent's life.
-        let untracked = sluice_net::masq::UntrackedTunnel {
-            underlay_ip: self.vxlan.underlay_ip,
-            port: self.vxlan.port,
+        // (IPv4 only: the `ip sluice-nat` table's; VXLAN over an IPv6 underlay stays tracked.)
+        let untracked = match self.vxlan.underlay_ip {
+            std::net::IpAddr::V4(underlay_ip) => Some(sluice_net::masq::UntrackedTunnel {
+                underlay_ip,
+                port: self.vxlan.port,
+            }),
+            std::net::IpAddr::V6(_) => None,
         };
-        let mut masq =
-            sluice_net::masq::plan(self.cluster_v4, self.cfg.masquerade, Some(untracked))
-                .with_mss_clamp(self.cluster_v4);
+        let mut masq = sluice_net::masq::plan(self.cluster_v4, self.cfg.masquerade, untracked)
+            .with_mss_clamp(self.cluster_v4);
         // A dual-stack node: IPv6 pod egress leaving the cluster is masqueraded alike.
         if let (Some(v6), Some(_)) = (self.cfg.cluster_cidr.v6, self.held.record.subnet_v6) {
             masq = masq.with_ipv6(v6, self.cfg.masquerade).with_mss_clamp(v6);

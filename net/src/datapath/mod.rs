@@ -198,7 +198,8 @@ fn path_v6(
 pub struct DatapathConfig {
     pub overlay: Overlay,
     /// This node's underlay address with its link's prefix: direct routes reach the peers on it.
-    pub underlay: Ipv4Net,
+    /// (Either family: an IPv6-underlay node's is IPv6.)
+    pub underlay: ipnet::IpNet,
     /// Its IPv6 address on the same link with that prefix, if it has one: direct IPv6 routes
     /// reach the peers on it.
     pub underlay_v6: Option<Ipv6Net>,
@@ -261,7 +262,9 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &DatapathConfig) -> Data
     let paths: Vec<PeerPath> = accepted
         .into_iter()
         .map(|peer| {
-            let same = cfg.underlay.contains(&peer.underlay_ip);
+            // Direct IPv4 routes need an IPv4 underlay neighbour: over an IPv6 underlay a
+            // peer's IPv4 subnet is never on-link (it goes by VXLAN, or is unreachable).
+            let same = peer.underlay_ip.is_ipv4() && cfg.underlay.contains(&peer.underlay_ip);
             let (path, reason) = if wireguard.routes.contains(&peer.subnet) {
                 (Path::Wireguard, Reason::Encrypted)
             } else {
@@ -313,7 +316,10 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &DatapathConfig) -> Data
         routes: paths
             .iter()
             .filter(|p| p.path == Path::Direct)
-            .map(|p| (p.peer.subnet, p.peer.underlay_ip))
+            .filter_map(|p| match p.peer.underlay_ip {
+                std::net::IpAddr::V4(a) => Some((p.peer.subnet, a)),
+                std::net::IpAddr::V6(_) => None,
+            })
             .collect(),
         unreachable: on(Path::Unreachable),
         routes_v6: on_v6(Path::Direct)
@@ -349,10 +355,22 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &DatapathConfig) -> Data
 /// running when a tunnel comes in, the node clamps TCP's MSS to the path: see
 /// [`crate::masq`]).
 pub fn auto_pod_mtu(overlay: Overlay, encryption: bool, underlay_mtu: u32) -> u32 {
+    auto_pod_mtu_for(overlay, encryption, underlay_mtu, false)
+}
+
+/// [`auto_pod_mtu`] over an underlay of either family (tunnels over IPv6 carry a 20 bytes
+/// longer outer header).
+pub fn auto_pod_mtu_for(
+    overlay: Overlay,
+    encryption: bool,
+    underlay_mtu: u32,
+    ipv6_underlay: bool,
+) -> u32 {
     if overlay == Overlay::Never && !encryption {
         underlay_mtu
     } else {
-        crate::vxlan::auto_mtu(underlay_mtu).min(crate::wireguard::auto_mtu(underlay_mtu))
+        crate::vxlan::auto_mtu_for(underlay_mtu, ipv6_underlay)
+            .min(crate::wireguard::auto_mtu_for(underlay_mtu, ipv6_underlay))
     }
 }
 

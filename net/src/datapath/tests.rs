@@ -12,7 +12,7 @@ fn key(n: u8) -> String {
 fn node(name: &str, n: u8, seg: u8, enc: &str) -> NodeRecord {
     NodeRecord {
         node: name.into(),
-        underlay_ip: Ipv4Addr::new(172, 31, seg, 10 + n),
+        underlay_ip: Ipv4Addr::new(172, 31, seg, 10 + n).into(),
         underlay_ip_v6: None,
         vtep_mac: vtep_mac(name),
         wireguard_public_key: Some(key(n)),
@@ -28,7 +28,7 @@ fn cfg(overlay: Overlay, encryption: bool) -> DatapathConfig {
         underlay: "172.31.0.11/24".parse().unwrap(),
         underlay_v6: None,
         underlay_ifindex: 2,
-        vxlan: VxlanConfig::auto(2, Ipv4Addr::new(172, 31, 0, 11), 1500),
+        vxlan: VxlanConfig::auto(2, Ipv4Addr::new(172, 31, 0, 11).into(), 1500),
         wireguard: WgSettings {
             enabled: encryption,
             port: 51820,
@@ -96,7 +96,7 @@ fn the_path_for_every_combination_of_overlay_segment_and_encryption() {
         );
         assert_eq!(p.wireguard.routes.contains(&s), want == Wireguard, "{case}");
         assert_eq!(
-            p.direct.routes.get(&s) == Some(&peer.underlay_ip),
+            p.direct.routes.get(&s).map(|a| std::net::IpAddr::V4(*a)) == Some(peer.underlay_ip),
             want == Direct,
             "{case}"
         );
@@ -413,4 +413,31 @@ fn ipv6_subnets_take_a_direct_route_only_via_an_ipv6_underlay_neighbour() {
     );
     assert_eq!(p.paths[0].v6, None);
     assert!(p.unreachable().next().is_none());
+}
+
+/// Over an IPv6 underlay (the node's first InternalIP is IPv6) a peer's IPv4 subnet has no
+/// IPv4 neighbour to be routed to: never a route via an IPv6 address; with cross-subnet the
+/// peer (both families) goes by VXLAN over IPv6.
+#[test]
+fn over_an_ipv6_underlay_only_ipv6_subnets_are_routed_directly() {
+    let v6 = |name: &str, n: u8| NodeRecord {
+        underlay_ip: format!("fd00:31::{}", 10 + n).parse().unwrap(),
+        ..dual(name, n, 0, Some(0))
+    };
+    let c = DatapathConfig {
+        underlay: "fd00:31::11/64".parse().unwrap(),
+        vxlan: VxlanConfig::auto(2, "fd00:31::11".parse().unwrap(), 1500),
+        ..cfg_v6(Overlay::CrossSubnet, Some("fd00:31::11/64"))
+    };
+    let peer = v6("b", 2);
+    let p = plan(&v6("a", 1), std::slice::from_ref(&peer), &c);
+    assert_eq!(
+        (p.paths[0].path, p.paths[0].v6),
+        (Path::Vxlan, Some((Path::Vxlan, ReasonV6::AsIpv4)))
+    );
+    assert!(p.direct.routes.is_empty());
+    assert_eq!(
+        auto_pod_mtu_for(Overlay::CrossSubnet, false, 1500, true),
+        1420
+    );
 }

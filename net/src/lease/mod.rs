@@ -13,7 +13,7 @@ mod tests;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, SystemTime};
 
 /// Every lease sluice makes is named `sluice-` + the subnet with dots and slash as dashes.
@@ -243,7 +243,9 @@ pub fn lowest_free(cluster: IpNet, subnet_len: u8, taken: &[IpNet]) -> Option<Ip
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct NodeRecord {
     pub node: String,
-    pub underlay_ip: Ipv4Addr,
+    /// The node's underlay address, of either family: its VXLAN and WireGuard endpoint (an
+    /// IPv6-underlay node's is IPv6).
+    pub underlay_ip: IpAddr,
     /// The node's IPv6 address on the same underlay link, when it has one
     /// (`sluice.dev/underlay-ip-v6`): direct IPv6 routes to its IPv6 subnet go via it.
     pub underlay_ip_v6: Option<Ipv6Addr>,
@@ -255,6 +257,22 @@ pub struct NodeRecord {
     /// A dual-stack node's IPv6 subnet (`sluice.dev/subnet-v6`), held in a lease of its own
     /// named from it; both of the node's leases carry the same record.
     pub subnet_v6: Option<Ipv6Net>,
+}
+
+/// Whether `ip` can be a node's underlay address: unicast, not loopback or unspecified, and for
+/// IPv6 not link-local (which needs an interface to mean anything).
+pub fn usable_underlay(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            !(a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast())
+        }
+        IpAddr::V6(a) => {
+            !(a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast()
+                || (a.segments()[0] & 0xffc0) == 0xfe80)
+        }
+    }
 }
 
 /// `aa:bb:cc:dd:ee:ff`, lower case.
@@ -315,16 +333,19 @@ impl NodeRecord {
         };
         let node = get(ANN_NODE)?.to_string();
         let ip = get(ANN_UNDERLAY_IP)?;
-        let underlay_ip = ip
+        let underlay_ip: IpAddr = ip
             .parse()
-            .map_err(|_| bad(ANN_UNDERLAY_IP, ip, "not an IPv4 address"))?;
+            .map_err(|_| bad(ANN_UNDERLAY_IP, ip, "not an IP address"))?;
+        if !usable_underlay(underlay_ip) {
+            return Err(bad(ANN_UNDERLAY_IP, ip, "not a unicast, routable address"));
+        }
         let underlay_ip_v6 = match a.get(ANN_UNDERLAY_IP_V6).filter(|v| !v.is_empty()) {
             None => None,
             Some(text) => {
                 let v6: Ipv6Addr = text
                     .parse()
                     .map_err(|_| bad(ANN_UNDERLAY_IP_V6, text, "not an IPv6 address"))?;
-                if v6.is_unspecified() || v6.is_multicast() || v6.is_loopback() {
+                if !usable_underlay(v6.into()) {
                     return Err(bad(ANN_UNDERLAY_IP_V6, text, "not a unicast address"));
                 }
                 Some(v6)

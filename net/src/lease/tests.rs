@@ -19,7 +19,7 @@ fn at(secs: u64) -> SystemTime {
 fn record(node: &str, subnet: &str) -> NodeRecord {
     NodeRecord {
         node: node.into(),
-        underlay_ip: Ipv4Addr::new(192, 168, 0, 1),
+        underlay_ip: Ipv4Addr::new(192, 168, 0, 1).into(),
         underlay_ip_v6: None,
         vtep_mac: [0x0a, 1, 2, 3, 4, 5],
         wireguard_public_key: None,
@@ -477,7 +477,7 @@ fn publish_creates_then_overwrites_the_podcidr_lease() {
             .unwrap();
         assert_eq!(first.name, "sluice-10-244-7-0-24");
         let mut moved = r.clone();
-        moved.underlay_ip = Ipv4Addr::new(192, 168, 0, 9);
+        moved.underlay_ip = Ipv4Addr::new(192, 168, 0, 9).into();
         let second = publish(&store, &podcidr_lease(&moved, None, 40, at(5)), at(5), 4)
             .await
             .unwrap();
