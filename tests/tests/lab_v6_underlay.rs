@@ -196,6 +196,18 @@ fn v6_underlay_lab(encryption: &str) {
     for p in &pods {
         let doc = node_doc(&lab, &p.node);
         assert_eq!(doc["underlay"], underlay_of(p), "{doc:#}");
+        let lab_node = lab.status()["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == p.node.as_str())
+            .cloned()
+            .unwrap();
+        assert_eq!(
+            lab_node["underlay"],
+            underlay_of(p),
+            "lab status: {lab_node}"
+        );
         for peer in doc["peers"].as_array().unwrap() {
             assert!(
                 peer["underlay"].as_str().unwrap().starts_with("fd00:31::"),
