@@ -342,6 +342,14 @@ async fn daemonset_pods(client: &kube::Client) -> Result<Vec<(String, String, bo
         .collect())
 }
 
+/// The node's tunnel underlay address: its (first) InternalIP.
+fn primary_underlay(n: &super::plan::NodePlan, plan: &LabPlan) -> std::net::IpAddr {
+    n.internal_ips(plan.spec.underlay)
+        .first()
+        .copied()
+        .unwrap_or(n.underlay.addr().into())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -356,12 +364,4 @@ mod tests {
         assert_eq!(super::first_global_v6("[]"), None);
         assert_eq!(super::first_global_v6("not json"), None);
     }
-}
-
-/// The node's tunnel underlay address: its (first) InternalIP.
-fn primary_underlay(n: &super::plan::NodePlan, plan: &LabPlan) -> std::net::IpAddr {
-    n.internal_ips(plan.spec.underlay)
-        .first()
-        .copied()
-        .unwrap_or(n.underlay.addr().into())
 }
