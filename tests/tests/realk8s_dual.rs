@@ -229,7 +229,7 @@ fn dual_stack_pods_and_services_on_real_kubernetes() {
         assert_eq!(row["ipv6"], v6_of[&p.name].as_str(), "{row}");
     }
     for n in status["nodes"].as_array().unwrap() {
-        let v6 = n["underlayIpv6"].as_str().unwrap_or_default();
+        let v6 = n["underlayV6"].as_str().unwrap_or_default();
         assert!(net("fd00:31::/32").contains(&ip(v6)), "{n}");
         assert_eq!(n["podCIDRs"].as_array().map(Vec::len), Some(2), "{n}");
     }

@@ -141,7 +141,8 @@ fn lab(n: u8) -> Lab {
             let name = format!("node-{i}");
             let record = NodeRecord {
                 node: name.clone(),
-                underlay_ip: underlay,
+                underlay_ip: underlay.into(),
+                underlay_ip_v6: None,
                 vtep_mac: vtep_mac(&name),
                 wireguard_public_key: None,
                 encryption: "none".into(),
@@ -149,10 +150,10 @@ fn lab(n: u8) -> Lab {
                 subnet_v6: None,
             };
             let under = in_ns(&ns, async move |k| {
-                k.underlay_by_address(underlay).await.unwrap()
+                k.underlay_by_address(underlay.into()).await.unwrap()
             });
             assert_eq!(under.name, "eth0");
-            let cfg = VxlanConfig::auto(under.ifindex, underlay, under.mtu);
+            let cfg = VxlanConfig::auto(under.ifindex, underlay.into(), under.mtu);
             Node {
                 ns,
                 pod,
@@ -509,8 +510,11 @@ fn the_vxlan_packets_are_left_out_of_conntrack_and_the_pod_flows_inside_them_are
     let [a, b] = [&lab.nodes[0], &lab.nodes[1]];
     let cidr: ipnet::Ipv4Net = "10.244.0.0/16".parse().unwrap();
     let sync = |node: &Node, untracked: bool| {
+        let std::net::IpAddr::V4(underlay_ip) = node.cfg.underlay_ip else {
+            panic!("this lab's underlay is IPv4");
+        };
         let tunnel = untracked.then_some(UntrackedTunnel {
-            underlay_ip: node.cfg.underlay_ip,
+            underlay_ip,
             port: node.cfg.port,
         });
         sync_nat(node, masq::plan(cidr, true, tunnel))

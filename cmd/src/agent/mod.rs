@@ -20,7 +20,6 @@ use config::AgentConfig;
 use kube::Client;
 use sluice_health::Health;
 use sluice_net::lease;
-use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -49,9 +48,10 @@ pub struct AgentArgs {
     /// Where the CNI config is written once the node's subnet and datapath are up.
     #[arg(long, default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
-    /// The node's underlay address; by default its InternalIP.
+    /// The node's underlay address, of either family (IPv6: the tunnels run over IPv6); by
+    /// default its first InternalIP.
     #[arg(long)]
-    pub underlay_ip: Option<Ipv4Addr>,
+    pub underlay_ip: Option<std::net::IpAddr>,
     /// Seconds between full resyncs (drift repair) when nothing changes.
     #[arg(long, default_value_t = 5)]
     pub resync_secs: u64,

@@ -4,12 +4,12 @@
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{Node, NodeSpec};
 use kube::api::{Api, Patch, PatchParams};
-use std::net::Ipv4Addr;
 
 /// What the agent knows of its node from the API.
 pub struct NodeFacts {
     pub uid: String,
-    pub internal_ip: Option<Ipv4Addr>,
+    /// The first InternalIP (either family: an IPv6-only node's is IPv6).
+    pub internal_ip: Option<std::net::IpAddr>,
     /// `spec.podCIDRs` (or the older `spec.podCIDR`): its IPv4 range.
     pub pod_cidr: Option<ipnet::Ipv4Net>,
     /// `spec.podCIDRs`: its IPv6 range (a dual-stack or IPv6-only cluster's).

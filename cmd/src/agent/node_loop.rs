@@ -115,6 +115,7 @@ fn datapath_config(
     DatapathConfig {
         overlay: cfg.overlay,
         underlay: underlay.network,
+        underlay_v6: underlay.network_v6,
         underlay_ifindex: underlay.ifindex,
         vxlan: vx.clone(),
         wireguard: WgSettings {
@@ -126,13 +127,15 @@ fn datapath_config(
 }
 
 /// The pods' MTU: a fixed `mtu`, or what `overlay` and `encryption` leave of the underlay's.
-fn pod_mtu(cfg: &AgentConfig, underlay_mtu: u32) -> u32 {
+/// Over an IPv6 underlay the tunnels' outer header is 20 bytes longer.
+fn pod_mtu(cfg: &AgentConfig, underlay: &vxlan::apply::Underlay) -> u32 {
     match cfg.mtu {
         Mtu::Fixed(m) => m,
-        Mtu::Auto => datapath::auto_pod_mtu(
+        Mtu::Auto => datapath::auto_pod_mtu_for(
             cfg.overlay,
             cfg.encryption == Encryption::Wireguard,
-            underlay_mtu,
+            underlay.mtu,
+            underlay.network.addr().is_ipv6(),
         ),
     }
 }
@@ -213,7 +216,7 @@ impl NodeLoop {
                 vx.mtu = m;
                 m
             }
-            Mtu::Auto => sluice_net::wireguard::auto_mtu(underlay.mtu),
+            Mtu::Auto => sluice_net::wireguard::auto_mtu_for(underlay.mtu, underlay_ip.is_ipv6()),
         };
         let (conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket")?;
         tokio::spawn(conn);
@@ -236,6 +239,7 @@ impl NodeLoop {
         let base_record = NodeRecord {
             node: node.clone(),
             underlay_ip,
+            underlay_ip_v6: underlay.network_v6.map(|n| n.addr()),
             vtep_mac: vxlan::vtep_mac(&node),
             wireguard_public_key: None,
             encryption: "none".into(),
@@ -368,7 +372,7 @@ impl NodeLoop {
         let env = SubnetEnv {
             network: self.cluster_v4,
             subnet: self.held.record.subnet,
-            mtu: pod_mtu(&self.cfg, self.underlay.mtu),
+            mtu: pod_mtu(&self.cfg, &self.underlay),
             ipmasq: self.cfg.masquerade,
             policy_backend: self.hostport_backend.get().map(|b| b.name().to_string()),
             // A dual-stack node's IPv6 pair: sluice-cni gives every pod an address of each.
@@ -578,17 +582,19 @@ impl NodeLoop {
         };
         let unreachable: Vec<String> = plan
             .unreachable()
-            .map(|p| {
-                format!(
-                    "{} (underlay {}): {}",
-                    p.peer.node, p.peer.underlay_ip, p.reason
-                )
+            .filter_map(|p| {
+                let why = p.unreachable_why()?;
+                Some(format!(
+                    "{} (underlay {}): {why}",
+                    p.peer.node, p.peer.underlay_ip
+                ))
             })
             .collect();
         let m = &self.health.metrics;
         m.datapath_sync_seconds
             .observe(started.elapsed().as_secs_f64());
-        m.peers.set((plan.paths.len() - unreachable.len()) as i64);
+        m.peers
+            .set((plan.paths.len() - plan.count(Path::Unreachable)) as i64);
         for path in [
             Path::Direct,
             Path::Vxlan,
@@ -736,13 +742,16 @@ impl NodeLoop {
             );
         }
         // The VXLAN device's address and port are fixed for the agent's life.
-        let untracked = sluice_net::masq::UntrackedTunnel {
-            underlay_ip: self.vxlan.underlay_ip,
-            port: self.vxlan.port,
+        // (IPv4 only: the `ip sluice-nat` table's; VXLAN over an IPv6 underlay stays tracked.)
+        let untracked = match self.vxlan.underlay_ip {
+            std::net::IpAddr::V4(underlay_ip) => Some(sluice_net::masq::UntrackedTunnel {
+                underlay_ip,
+                port: self.vxlan.port,
+            }),
+            std::net::IpAddr::V6(_) => None,
         };
-        let mut masq =
-            sluice_net::masq::plan(self.cluster_v4, self.cfg.masquerade, Some(untracked))
-                .with_mss_clamp(self.cluster_v4);
+        let mut masq = sluice_net::masq::plan(self.cluster_v4, self.cfg.masquerade, untracked)
+            .with_mss_clamp(self.cluster_v4);
         // A dual-stack node: IPv6 pod egress leaving the cluster is masqueraded alike.
         if let (Some(v6), Some(_)) = (self.cfg.cluster_cidr.v6, self.held.record.subnet_v6) {
             masq = masq.with_ipv6(v6, self.cfg.masquerade).with_mss_clamp(v6);
@@ -803,6 +812,7 @@ fn status_document(
         "lease": {"name": held.lease.name, "expires": expires},
         "leaseV6": held.lease_v6.as_ref().map(|l| l.name.clone()),
         "underlay": held.record.underlay_ip.to_string(),
+        "underlayV6": held.record.underlay_ip_v6.map(|a| a.to_string()),
         "encryption": match cfg.encryption { Encryption::None => "none", Encryption::Wireguard => "wireguard" },
         "overlay": cfg.overlay.as_str(),
         "peers": plan.paths.iter().map(|p| serde_json::json!({
@@ -810,7 +820,10 @@ fn status_document(
             "subnet": p.peer.subnet.to_string(),
             "subnetV6": p.peer.subnet_v6.map(|s| s.to_string()),
             "underlay": p.peer.underlay_ip.to_string(),
+            "underlayV6": p.peer.underlay_ip_v6.map(|a| a.to_string()),
             "path": p.path.as_str(),
+            "pathV6": p.v6.map(|(path, _)| path.as_str()),
+            "whyV6": p.v6.map(|(_, why)| why.to_string()),
             "tunnel": p.path.as_str(),
             "why": p.reason.to_string(),
             "vtepMac": lease::format_mac(&p.peer.vtep_mac),

@@ -106,7 +106,7 @@ pub async fn register(client: &Client, plan: &LabPlan, real_api: bool, nodes: bo
             .patch_status(
                 &node.name,
                 &apply(),
-                &Patch::Apply(node_status(node, &machine)),
+                &Patch::Apply(node_status(node, plan.spec.underlay, &machine)),
             )
             .await
             .with_context(|| format!("writing the status of node {}", node.name))?;
@@ -134,7 +134,11 @@ fn node_object(node: &NodePlan) -> serde_json::Value {
     })
 }
 
-fn node_status(node: &NodePlan, machine: &super::machine::MachineInfo) -> serde_json::Value {
+fn node_status(
+    node: &NodePlan,
+    underlay: super::plan::UnderlayFamily,
+    machine: &super::machine::MachineInfo,
+) -> serde_json::Value {
     let now = jiff::Timestamp::now()
         .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string();
@@ -143,10 +147,13 @@ fn node_status(node: &NodePlan, machine: &super::machine::MachineInfo) -> serde_
             "lastHeartbeatTime": now, "lastTransitionTime": now})
     };
     let mut status = machine.node_status(sluice_apiserver::KUBERNETES_VERSION);
-    status["addresses"] = json!([
-        {"type": "InternalIP", "address": node.underlay.addr().to_string()},
-        {"type": "Hostname", "address": node.name},
-    ]);
+    let mut addresses: Vec<serde_json::Value> = node
+        .internal_ips(underlay)
+        .iter()
+        .map(|ip| json!({"type": "InternalIP", "address": ip.to_string()}))
+        .collect();
+    addresses.push(json!({"type": "Hostname", "address": node.name}));
+    status["addresses"] = serde_json::Value::Array(addresses);
     status["conditions"] = json!([
         condition(
             "MemoryPressure",

@@ -50,6 +50,10 @@ pub enum LabCmd {
         /// The pods' address families: ipv4, or dual (IPv4 and IPv6, over the IPv4 underlay).
         #[arg(long, value_enum, default_value_t = plan::IpFamily::Ipv4)]
         ip_family: plan::IpFamily,
+        /// The family the nodes' tunnels (VXLAN, WireGuard) run over: each Node's first
+        /// InternalIP, which its agent takes as its underlay address.
+        #[arg(long, value_enum, default_value_t = plan::UnderlayFamily::Ipv4)]
+        underlay: plan::UnderlayFamily,
         /// Use this real API server (on the host's loopback) instead of the embedded one.
         #[arg(long, env = "SLUICE_E2E_KUBECONFIG", conflicts_with = "kubernetes")]
         kubeconfig: Option<PathBuf>,
@@ -241,6 +245,7 @@ pub fn main(cmd: LabCmd) -> Result<()> {
             segments,
             subnet_source,
             ip_family,
+            underlay,
             kubeconfig,
             kubernetes,
             k8s_images,
@@ -248,6 +253,9 @@ pub fn main(cmd: LabCmd) -> Result<()> {
         } => {
             if ip_family == plan::IpFamily::Dual && kubernetes.is_some() && reference_cni {
                 bail!("--reference-cni wires IPv4 only (the kit's bridge + host-local on the IPv4 podCIDR): not with --ip-family dual");
+            }
+            if underlay == plan::UnderlayFamily::Ipv6 && kubernetes.is_some() {
+                bail!("--underlay ipv6 is for the embedded API server's labs so far: a real kubelet's --node-ip and kube-proxy would need the IPv6 underlay too; use --ip-family dual for dual-stack on real Kubernetes");
             }
             let spec = LabSpec {
                 name,
@@ -263,6 +271,7 @@ pub fn main(cmd: LabCmd) -> Result<()> {
                 segments,
                 subnet_source,
                 ip_family,
+                underlay,
             };
             let api = match (kubeconfig, kubernetes) {
                 (Some(kc), _) => Api::External(kc),

@@ -63,6 +63,19 @@ pub enum IpFamily {
     Dual,
 }
 
+/// The family of the nodes' primary underlay address (`--underlay`): the first InternalIP of
+/// each Node, which the agent takes as its underlay, so the family its VXLAN and WireGuard
+/// tunnels run over. With `ipv6` every node has an IPv6 address on its segment
+/// (`fd00:31:S::I/64`, unique local) and publishes it; the IPv4 one stays on the link (the
+/// lab's API and IPv4 internet are reached over it) but carries no pod traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum UnderlayFamily {
+    #[default]
+    Ipv4,
+    Ipv6,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LabSpec {
     pub name: String,
@@ -80,6 +93,9 @@ pub struct LabSpec {
     /// The pods' address families (a lab saved before it is IPv4).
     #[serde(default)]
     pub ip_family: IpFamily,
+    /// The tunnels' underlay family (a lab saved before it is IPv4).
+    #[serde(default)]
+    pub underlay: UnderlayFamily,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -179,9 +195,22 @@ pub struct NodePlan {
     /// A dual-stack lab's second `spec.podCIDRs` entry.
     #[serde(default)]
     pub pod_cidr_v6: Option<Ipv6Net>,
-    /// A dual-stack lab's IPv6 address of the node on its segment (`fd00:31:S::I/64`).
+    /// A dual-stack or IPv6-underlay lab's IPv6 address of the node on its segment
+    /// (`fd00:31:S::I/64`).
     #[serde(default)]
     pub underlay_v6: Option<Ipv6Net>,
+}
+
+impl NodePlan {
+    /// The Node's InternalIPs (the first is the agent's underlay): the IPv6 one alone with
+    /// `--underlay ipv6`. One only: `status.addresses` merges by `type`, so a patch with two
+    /// InternalIPs keeps one of them (the embedded API server does as a real one).
+    pub fn internal_ips(&self, underlay: UnderlayFamily) -> Vec<std::net::IpAddr> {
+        match (underlay, self.underlay_v6) {
+            (UnderlayFamily::Ipv6, Some(v6)) => vec![v6.addr().into()],
+            _ => vec![self.underlay.addr().into()],
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,11 +268,13 @@ impl LabPlan {
         let prefix = prefix(&spec.name);
         let cluster_cidr: Ipv4Net = CLUSTER_CIDR.parse().unwrap_or_default();
         let dual = spec.ip_family == IpFamily::Dual;
+        // Nodes get IPv6 on their segment for dual-stack pods' egress or as the underlay.
+        let node_v6 = dual || spec.underlay == UnderlayFamily::Ipv6;
         let segments = (0..spec.segments)
             .map(|s| Segment {
                 bridge: format!("br{s}"),
                 gateway: Ipv4Net::new(Ipv4Addr::new(172, 31, s, 254), 24).unwrap_or_default(),
-                gateway_v6: dual
+                gateway_v6: node_v6
                     .then(|| v6_net([0xfd00, 0x31, u16::from(s), 0, 0, 0, 0, 0xfe], 64)),
             })
             .collect::<Vec<_>>();
@@ -270,7 +301,7 @@ impl LabPlan {
                     uplink: format!("n{i}"),
                     pod_cidr,
                     pod_cidr_v6: subnets_v6.get(usize::from(i - 1)).copied(),
-                    underlay_v6: dual.then(|| {
+                    underlay_v6: node_v6.then(|| {
                         v6_net([0xfd00, 0x31, segment as u16, 0, 0, 0, 0, u16::from(i)], 64)
                     }),
                 }
@@ -363,7 +394,45 @@ mod tests {
             segments,
             subnet_source: SubnetSource::Lease,
             ip_family: IpFamily::Ipv4,
+            underlay: UnderlayFamily::Ipv4,
         }
+    }
+
+    #[test]
+    fn an_ipv6_underlay_makes_each_nodes_ipv6_address_its_internal_ip() {
+        let four = LabPlan::new(spec(2, 1, 2)).unwrap();
+        assert_eq!(
+            four.nodes[1].internal_ips(four.spec.underlay),
+            ["172.31.1.2".parse::<std::net::IpAddr>().unwrap()]
+        );
+        for ip_family in [IpFamily::Ipv4, IpFamily::Dual] {
+            let six = LabPlan::new(LabSpec {
+                underlay: UnderlayFamily::Ipv6,
+                ip_family,
+                ..spec(2, 1, 2)
+            })
+            .unwrap();
+            let ips: Vec<String> = six.nodes[1]
+                .internal_ips(six.spec.underlay)
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
+            assert_eq!(ips, ["fd00:31:1::2"], "{ip_family:?}");
+            // Only unique local addresses: nothing routable outside the machine.
+            assert!(six
+                .nodes
+                .iter()
+                .chain(&six.nodes)
+                .filter_map(|n| n.underlay_v6)
+                .chain(six.segments.iter().filter_map(|s| s.gateway_v6))
+                .all(|n| (n.addr().segments()[0] & 0xfe00) == 0xfc00));
+            assert_eq!(six.cluster_cidr_v6.is_some(), ip_family == IpFamily::Dual);
+        }
+        // A plan saved before --underlay reads as IPv4.
+        let mut old = serde_json::to_value(&four).unwrap();
+        old["spec"].as_object_mut().unwrap().remove("underlay");
+        let back: LabPlan = serde_json::from_value(old).unwrap();
+        assert_eq!(back.spec.underlay, UnderlayFamily::Ipv4);
     }
 
     #[test]

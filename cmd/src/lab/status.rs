@@ -224,8 +224,9 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
                 "lastExit": s.last_exit, "gaveUp": s.gave_up,
             }))},
             "nodes": plan.nodes.iter().zip(&subnets).map(|(n, s)| json!({
-                "name": n.name, "netns": n.netns, "underlay": n.underlay.addr().to_string(),
-                "underlayIpv6": n.underlay_v6.map(|a| a.addr().to_string()),
+                // The tunnels' underlay (the Node's InternalIP), and the node's IPv6 on its link.
+                "name": n.name, "netns": n.netns, "underlay": primary_underlay(n, &plan).to_string(),
+                "underlayV6": n.underlay_v6.map(|a| a.addr().to_string()),
                 "podCIDR": s.pod_cidr.as_deref().and_then(|c| c.split(',').next())
                     .map_or_else(|| n.pod_cidr.to_string(), str::to_string),
                 "podCIDRs": s.pod_cidr.as_deref().map(|c| c.split(',').collect::<Vec<_>>()),
@@ -253,7 +254,7 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
             "{:<16} {:<22} {:<16} {}",
             n.name,
             n.netns,
-            n.underlay.addr(),
+            primary_underlay(n, &plan),
             s.cell()
         );
     }
@@ -376,6 +377,14 @@ async fn daemonset_pods(client: &kube::Client) -> Result<Vec<(String, String, bo
             Some((node, p.metadata.name?, ready))
         })
         .collect())
+}
+
+/// The node's tunnel underlay address: its (first) InternalIP.
+fn primary_underlay(n: &super::plan::NodePlan, plan: &LabPlan) -> std::net::IpAddr {
+    n.internal_ips(plan.spec.underlay)
+        .first()
+        .copied()
+        .unwrap_or(n.underlay.addr().into())
 }
 
 #[cfg(test)]

@@ -154,8 +154,12 @@ async fn default_route_v6(ns: &NsHandle, via: Option<ipnet::Ipv6Net>) -> Result<
 pub async fn build(plan: &LabPlan, step: &mut dyn FnMut(String)) -> Result<()> {
     let underlay = namespace(&plan.underlay_netns).await?;
     underlay.sysctl("net/ipv4/ip_forward", "1")?;
-    if plan.internet.address_v6.is_some() {
+    let any_v6 = plan.segments.iter().any(|s| s.gateway_v6.is_some());
+    if any_v6 {
         underlay.sysctl("net/ipv6/conf/all/forwarding", "1")?;
+        // The lab's IPv6 addresses are its own: no duplicate to detect, and a tunnel's local
+        // address must be usable at once (a tentative one cannot be bound).
+        underlay.sysctl("net/ipv6/conf/default/accept_dad", "0")?;
     }
     for seg in &plan.segments {
         underlay
@@ -224,13 +228,20 @@ pub async fn build(plan: &LabPlan, step: &mut dyn FnMut(String)) -> Result<()> {
         ns.address(eth0, node.underlay, NODE_UPLINK).await?;
         default_route(&ns, seg.gateway.addr()).await?;
         if let Some(v6) = node.underlay_v6 {
+            ns.sysctl(&format!("net/ipv6/conf/{NODE_UPLINK}/accept_dad"), "0")?;
             ns.address(eth0, v6, NODE_UPLINK).await?;
             default_route_v6(&ns, seg.gateway_v6).await?;
         }
         ns.sysctl("net/ipv4/ip_forward", "1")?;
         step(format!(
-            "node {}: namespace {}, underlay {} on {}",
-            node.name, node.netns, node.underlay, seg.bridge
+            "node {}: namespace {}, underlay {}{} on {}",
+            node.name,
+            node.netns,
+            node.underlay,
+            node.underlay_v6
+                .map(|v6| format!(" and {v6}"))
+                .unwrap_or_default(),
+            seg.bridge
         ));
     }
     Ok(())

@@ -5,32 +5,33 @@
 //! one is put back by the next pass.
 
 use super::{Backend, BackendFuture, DatapathError, DatapathPlan};
-use crate::vxlan::apply::{is_missing, route_ip, route_oif, route_table};
+use crate::vxlan::apply::{is_missing, route_addr_any, route_oif, route_table};
 use crate::ROUTE_PROTOCOL;
 use futures::TryStreamExt;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use netlink_packet_route::route::{
     RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
+use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, RouteMessageBuilder};
-use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// What the kernel holds of this backend's routes.
+/// What the kernel holds of this backend's routes, of both families.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Observed {
     /// Subnet → gateway, for sluice's routes through the underlay link.
-    pub routes: BTreeMap<Ipv4Net, Option<Ipv4Addr>>,
-    pub unreachable: std::collections::BTreeSet<Ipv4Net>,
+    pub routes: BTreeMap<IpNet, Option<IpAddr>>,
+    pub unreachable: BTreeSet<IpNet>,
 }
 
 /// One change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    ReplaceRoute { dst: Ipv4Net, via: Ipv4Addr },
-    ReplaceUnreachable { dst: Ipv4Net },
-    DelRoute { dst: Ipv4Net },
-    DelUnreachable { dst: Ipv4Net },
+    ReplaceRoute { dst: IpNet, via: IpAddr },
+    ReplaceUnreachable { dst: IpNet },
+    DelRoute { dst: IpNet },
+    DelUnreachable { dst: IpNet },
 }
 
 impl Change {
@@ -42,10 +43,32 @@ impl Change {
     }
 }
 
+/// The plan's routes of both families, as one map and one set.
+fn wanted(plan: &super::DirectPlan) -> (BTreeMap<IpNet, IpAddr>, BTreeSet<IpNet>) {
+    let routes = plan
+        .routes
+        .iter()
+        .map(|(d, v)| (IpNet::from(*d), IpAddr::from(*v)))
+        .chain(
+            plan.routes_v6
+                .iter()
+                .map(|(d, v)| (IpNet::from(*d), IpAddr::from(*v))),
+        )
+        .collect();
+    let unreachable = plan
+        .unreachable
+        .iter()
+        .map(|d| IpNet::from(*d))
+        .chain(plan.unreachable_v6.iter().map(|d| IpNet::from(*d)))
+        .collect();
+    (routes, unreachable)
+}
+
 /// The changes that make `seen` what `plan` wants.
 pub fn diff(plan: &super::DirectPlan, seen: &Observed) -> Vec<Change> {
+    let (routes, unreachable) = wanted(plan);
     let mut out = Vec::new();
-    for (dst, via) in &plan.routes {
+    for (dst, via) in &routes {
         if seen.routes.get(dst) != Some(&Some(*via)) {
             out.push(Change::ReplaceRoute {
                 dst: *dst,
@@ -53,22 +76,36 @@ pub fn diff(plan: &super::DirectPlan, seen: &Observed) -> Vec<Change> {
             });
         }
     }
-    for dst in &plan.unreachable {
+    for dst in &unreachable {
         if !seen.unreachable.contains(dst) {
             out.push(Change::ReplaceUnreachable { dst: *dst });
         }
     }
     for dst in seen.routes.keys() {
-        if !plan.routes.contains_key(dst) {
+        if !routes.contains_key(dst) {
             out.push(Change::DelRoute { dst: *dst });
         }
     }
     for dst in &seen.unreachable {
-        if !plan.unreachable.contains(dst) {
+        if !unreachable.contains(dst) {
             out.push(Change::DelUnreachable { dst: *dst });
         }
     }
     out
+}
+
+/// A route message for `dst` of sluice's protocol, in `dst`'s family.
+fn base(dst: &IpNet) -> RouteMessage {
+    let mut msg = match dst {
+        IpNet::V4(d) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(d.network(), d.prefix_len())
+            .build(),
+        IpNet::V6(d) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(d.network(), d.prefix_len())
+            .build(),
+    };
+    msg.header.protocol = RouteProtocol::from(ROUTE_PROTOCOL);
+    msg
 }
 
 pub struct DirectBackend {
@@ -80,53 +117,61 @@ impl DirectBackend {
         Self { handle }
     }
 
-    /// sluice's subnet routes through `underlay` and its unreachable routes. A pod's own /32
-    /// (the CNI plugin's) is never among them: they go to veths, not the underlay.
+    /// sluice's subnet routes through `underlay` and its unreachable routes, of both
+    /// families. A pod's own /32 or /128 (the CNI plugin's) is never among them: they go to
+    /// veths, not the underlay.
     async fn observe(&self, underlay: u32) -> Result<Observed, DatapathError> {
-        let routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|source| DatapathError::Routes {
-                what: "listing routes".into(),
-                source,
-            })?;
         let mut seen = Observed::default();
-        for r in routes.iter().filter(|r| {
-            r.header.protocol == RouteProtocol::from(ROUTE_PROTOCOL)
-                && route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN)
-        }) {
-            let dst = route_ip(r, true).unwrap_or(Ipv4Addr::UNSPECIFIED);
-            let Ok(dst) = Ipv4Net::new(dst, r.header.destination_prefix_length) else {
-                continue;
-            };
-            if r.header.kind == RouteType::Unreachable {
-                seen.unreachable.insert(dst);
-            } else if route_oif(r) == Some(underlay) && dst.prefix_len() < 32 {
-                seen.routes.insert(dst, route_ip(r, false));
+        for query in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let routes: Vec<RouteMessage> = self
+                .handle
+                .route()
+                .get(query)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|source| DatapathError::Routes {
+                    what: "listing routes".into(),
+                    source,
+                })?;
+            for r in routes.iter().filter(|r| {
+                r.header.protocol == RouteProtocol::from(ROUTE_PROTOCOL)
+                    && route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN)
+            }) {
+                let (any, host) = match r.header.address_family {
+                    AddressFamily::Inet6 => (IpAddr::V6(Ipv6Addr::UNSPECIFIED), 128),
+                    _ => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 32),
+                };
+                let dst = route_addr_any(r, true).unwrap_or(any);
+                let Ok(dst) = IpNet::new(dst, r.header.destination_prefix_length) else {
+                    continue;
+                };
+                if r.header.kind == RouteType::Unreachable {
+                    seen.unreachable.insert(dst);
+                } else if route_oif(r) == Some(underlay) && dst.prefix_len() < host {
+                    seen.routes.insert(dst, route_addr_any(r, false));
+                }
             }
         }
         Ok(seen)
     }
 
     async fn run(&self, change: &Change, underlay: u32) -> Result<(), DatapathError> {
-        let base = |dst: &Ipv4Net| {
-            RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(dst.network(), dst.prefix_len())
-                .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
-        };
         let err = |what: String| move |source| DatapathError::Routes { what, source };
         let routes = self.handle.route();
         match change {
             Change::ReplaceRoute { dst, via } => {
-                let msg = base(dst)
-                    .gateway(*via)
-                    .output_interface(underlay)
-                    .scope(RouteScope::Universe)
-                    .build();
+                let mut msg = base(dst);
+                msg.header.scope = RouteScope::Universe;
+                msg.attributes
+                    .push(netlink_packet_route::route::RouteAttribute::Gateway(
+                        (*via).into(),
+                    ));
+                msg.attributes
+                    .push(netlink_packet_route::route::RouteAttribute::Oif(underlay));
                 routes
                     .add(msg)
                     .replace()
@@ -135,7 +180,8 @@ impl DirectBackend {
                     .map_err(err(format!("route {dst} via {via}")))
             }
             Change::ReplaceUnreachable { dst } => {
-                let msg = base(dst).kind(RouteType::Unreachable).build();
+                let mut msg = base(dst);
+                msg.header.kind = RouteType::Unreachable;
                 routes
                     .add(msg)
                     .replace()
@@ -144,14 +190,17 @@ impl DirectBackend {
                     .map_err(err(format!("unreachable route {dst}")))
             }
             Change::DelRoute { dst } => {
-                let msg = base(dst).output_interface(underlay).build();
+                let mut msg = base(dst);
+                msg.attributes
+                    .push(netlink_packet_route::route::RouteAttribute::Oif(underlay));
                 match routes.del(msg).execute().await {
                     Err(e) if !is_missing(&e) => Err(err(format!("deleting route {dst}"))(e)),
                     _ => Ok(()),
                 }
             }
             Change::DelUnreachable { dst } => {
-                let msg = base(dst).kind(RouteType::Unreachable).build();
+                let mut msg = base(dst);
+                msg.header.kind = RouteType::Unreachable;
                 match routes.del(msg).execute().await {
                     Err(e) if !is_missing(&e) => {
                         Err(err(format!("deleting unreachable route {dst}"))(e))
@@ -195,6 +244,8 @@ impl Backend for DirectBackend {
             serde_json::json!({
                 "peers": plan.direct.routes.len(),
                 "unreachable": plan.direct.unreachable.len(),
+                "peersV6": plan.direct.routes_v6.len(),
+                "unreachableV6": plan.direct.unreachable_v6.len(),
             }),
         )
     }
@@ -203,6 +254,7 @@ impl Backend for DirectBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ipnet::{Ipv4Net, Ipv6Net};
 
     #[test]
     fn diff_replaces_moves_and_removes_only_its_own() {
@@ -214,23 +266,69 @@ mod tests {
             underlay_ifindex: 2,
             routes: [(a, gw)].into(),
             unreachable: [b].into(),
+            ..Default::default()
         };
         let seen = Observed {
-            routes: [(a, Some("172.31.0.99".parse().unwrap())), (c, Some(gw))].into(),
+            routes: [
+                (a.into(), Some("172.31.0.99".parse().unwrap())),
+                (c.into(), Some(gw.into())),
+            ]
+            .into(),
             unreachable: Default::default(),
         };
         assert_eq!(
             diff(&plan, &seen),
             [
-                Change::ReplaceRoute { dst: a, via: gw },
-                Change::ReplaceUnreachable { dst: b },
-                Change::DelRoute { dst: c },
+                Change::ReplaceRoute {
+                    dst: a.into(),
+                    via: gw.into()
+                },
+                Change::ReplaceUnreachable { dst: b.into() },
+                Change::DelRoute { dst: c.into() },
             ]
         );
         let done = Observed {
-            routes: [(a, Some(gw))].into(),
-            unreachable: [b].into(),
+            routes: [(a.into(), Some(gw.into()))].into(),
+            unreachable: [b.into()].into(),
         };
         assert!(diff(&plan, &done).is_empty());
+    }
+
+    /// IPv6 routes and unreachable routes are diffed beside the IPv4 ones: one family's
+    /// entries never remove the other's.
+    #[test]
+    fn diff_of_both_families() {
+        let v4: Ipv4Net = "10.244.2.0/24".parse().unwrap();
+        let v6: Ipv6Net = "fd00:10:244:2::/64".parse().unwrap();
+        let gone: Ipv6Net = "fd00:10:244:9::/64".parse().unwrap();
+        let far: Ipv6Net = "fd00:10:244:3::/64".parse().unwrap();
+        let gw4: Ipv4Addr = "172.31.0.2".parse().unwrap();
+        let gw6: Ipv6Addr = "fd00:31::2".parse().unwrap();
+        let plan = super::super::DirectPlan {
+            underlay_ifindex: 2,
+            routes: [(v4, gw4)].into(),
+            routes_v6: [(v6, gw6)].into(),
+            unreachable_v6: [far].into(),
+            ..Default::default()
+        };
+        let seen = Observed {
+            routes: [
+                (v4.into(), Some(gw4.into())),
+                (gone.into(), Some(gw6.into())),
+            ]
+            .into(),
+            unreachable: Default::default(),
+        };
+        assert_eq!(
+            diff(&plan, &seen),
+            [
+                Change::ReplaceRoute {
+                    dst: v6.into(),
+                    via: gw6.into()
+                },
+                Change::ReplaceUnreachable { dst: far.into() },
+                Change::DelRoute { dst: gone.into() },
+            ]
+        );
     }
 }

@@ -20,10 +20,10 @@ pub mod wireguard;
 use crate::lease::NodeRecord;
 use crate::vxlan::{VxlanConfig, VxlanPlan};
 use crate::wireguard::{WgPlan, WgSettings};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::pin::Pin;
 
 /// sluice-config's `overlay`: where VXLAN carries pod traffic between nodes.
@@ -104,12 +104,93 @@ impl std::fmt::Display for Reason {
     }
 }
 
+/// Why a peer's IPv6 subnet takes its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReasonV6 {
+    /// The IPv4 subnet's path carries it too (VXLAN and WireGuard carry both families; a peer
+    /// unreachable over IPv4 is unreachable over IPv6).
+    AsIpv4,
+    /// A direct peer whose IPv6 underlay address is on this node's IPv6 underlay prefix.
+    SameSubnet,
+    /// A direct peer, but this node has no IPv6 address on its underlay link to route via.
+    NoLocalUnderlay,
+    /// A direct peer that publishes no IPv6 underlay address.
+    NoPeerUnderlay,
+    /// A direct peer whose IPv6 underlay address is not on this node's IPv6 prefix.
+    OtherSubnet,
+}
+
+impl std::fmt::Display for ReasonV6 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::AsIpv4 => "as its IPv4 subnet",
+            Self::SameSubnet => "same IPv6 underlay subnet",
+            Self::NoLocalUnderlay => "this node has no IPv6 underlay address",
+            Self::NoPeerUnderlay => "the peer publishes no IPv6 underlay address",
+            Self::OtherSubnet => "other IPv6 underlay subnet",
+        })
+    }
+}
+
 /// One peer and the way to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerPath {
     pub peer: NodeRecord,
     pub path: Path,
     pub reason: Reason,
+    /// Its IPv6 subnet's path, when it has one: the IPv4 one's, except for a direct peer, whose
+    /// IPv6 subnet needs an IPv6 underlay neighbour to be routed to (else it goes by VXLAN with
+    /// `overlay: cross-subnet`, and is unreachable with `never`).
+    pub v6: Option<(Path, ReasonV6)>,
+}
+
+impl PeerPath {
+    /// Whether some family of the peer's pods cannot be reached.
+    pub fn unreachable(&self) -> bool {
+        self.path == Path::Unreachable || matches!(self.v6, Some((Path::Unreachable, _)))
+    }
+
+    /// Why, for `/readyz` (empty when it is reachable).
+    pub fn unreachable_why(&self) -> Option<String> {
+        if self.path == Path::Unreachable {
+            return Some(self.reason.to_string());
+        }
+        match self.v6 {
+            Some((Path::Unreachable, why)) => Some(format!(
+                "IPv6 subnet {}: {why} (overlay: never)",
+                self.peer
+                    .subnet_v6
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// The path of `peer`'s IPv6 subnet when its IPv4 one takes `path`.
+fn path_v6(
+    peer: &NodeRecord,
+    path: Path,
+    overlay: Overlay,
+    underlay_v6: Option<Ipv6Net>,
+) -> Option<(Path, ReasonV6)> {
+    peer.subnet_v6?;
+    if path != Path::Direct {
+        return Some((path, ReasonV6::AsIpv4));
+    }
+    let why = match (underlay_v6, peer.underlay_ip_v6) {
+        (None, _) => ReasonV6::NoLocalUnderlay,
+        (_, None) => ReasonV6::NoPeerUnderlay,
+        (Some(mine), Some(theirs)) if mine.contains(&theirs) => {
+            return Some((Path::Direct, ReasonV6::SameSubnet))
+        }
+        _ => ReasonV6::OtherSubnet,
+    };
+    Some(match overlay {
+        Overlay::Never => (Path::Unreachable, why),
+        _ => (Path::Vxlan, why),
+    })
 }
 
 /// What the plan needs besides the records.
@@ -117,7 +198,11 @@ pub struct PeerPath {
 pub struct DatapathConfig {
     pub overlay: Overlay,
     /// This node's underlay address with its link's prefix: direct routes reach the peers on it.
-    pub underlay: Ipv4Net,
+    /// (Either family: an IPv6-underlay node's is IPv6.)
+    pub underlay: ipnet::IpNet,
+    /// Its IPv6 address on the same link with that prefix, if it has one: direct IPv6 routes
+    /// reach the peers on it.
+    pub underlay_v6: Option<Ipv6Net>,
     pub underlay_ifindex: u32,
     pub vxlan: VxlanConfig,
     pub wireguard: WgSettings,
@@ -130,6 +215,9 @@ pub struct DirectPlan {
     /// Peer subnet → the peer's underlay address.
     pub routes: BTreeMap<Ipv4Net, Ipv4Addr>,
     pub unreachable: BTreeSet<Ipv4Net>,
+    /// Peer IPv6 subnet → the peer's IPv6 underlay address.
+    pub routes_v6: BTreeMap<Ipv6Net, Ipv6Addr>,
+    pub unreachable_v6: BTreeSet<Ipv6Net>,
 }
 
 /// The node's whole desired datapath: each peer's path, and each backend's share.
@@ -146,9 +234,9 @@ pub struct DatapathPlan {
 }
 
 impl DatapathPlan {
-    /// Peers whose pods this node cannot reach, each with why.
+    /// Peers some of whose pods this node cannot reach (either family), each with why.
     pub fn unreachable(&self) -> impl Iterator<Item = &PeerPath> {
-        self.paths.iter().filter(|p| p.path == Path::Unreachable)
+        self.paths.iter().filter(|p| p.unreachable())
     }
 
     /// How many peers each path carries.
@@ -174,7 +262,9 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &DatapathConfig) -> Data
     let paths: Vec<PeerPath> = accepted
         .into_iter()
         .map(|peer| {
-            let same = cfg.underlay.contains(&peer.underlay_ip);
+            // Direct IPv4 routes need an IPv4 underlay neighbour: over an IPv6 underlay a
+            // peer's IPv4 subnet is never on-link (it goes by VXLAN, or is unreachable).
+            let same = peer.underlay_ip.is_ipv4() && cfg.underlay.contains(&peer.underlay_ip);
             let (path, reason) = if wireguard.routes.contains(&peer.subnet) {
                 (Path::Wireguard, Reason::Encrypted)
             } else {
@@ -185,7 +275,13 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &DatapathConfig) -> Data
                     (o @ Overlay::Never, false) => (Path::Unreachable, Reason::OtherSubnet(o)),
                 }
             };
-            PeerPath { peer, path, reason }
+            let v6 = path_v6(&peer, path, cfg.overlay, cfg.underlay_v6);
+            PeerPath {
+                peer,
+                path,
+                reason,
+                v6,
+            }
         })
         .collect();
     let on = |path: Path| -> BTreeSet<Ipv4Net> {
@@ -195,15 +291,22 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &DatapathConfig) -> Data
             .map(|p| p.peer.subnet)
             .collect()
     };
-    // A peer's path carries both its families (VXLAN and WireGuard; direct routes are IPv4
-    // only: an IPv6 subnet has no IPv6 underlay address to be routed to yet).
+    // Each family of a peer on its own path (VXLAN carries both; a direct peer's IPv6 subnet
+    // may go by VXLAN where it has no IPv6 underlay neighbour).
+    let on_v6 = |path: Path| -> BTreeMap<Ipv6Net, &NodeRecord> {
+        paths
+            .iter()
+            .filter_map(|p| match (p.v6, p.peer.subnet_v6) {
+                (Some((got, _)), Some(s)) if got == path => Some((s, &p.peer)),
+                _ => None,
+            })
+            .collect()
+    };
     let on_vxlan: BTreeSet<ipnet::IpNet> = paths
         .iter()
         .filter(|p| p.path == Path::Vxlan)
-        .flat_map(|p| {
-            std::iter::once(ipnet::IpNet::from(p.peer.subnet))
-                .chain(p.peer.subnet_v6.map(ipnet::IpNet::from))
-        })
+        .map(|p| ipnet::IpNet::from(p.peer.subnet))
+        .chain(on_v6(Path::Vxlan).into_keys().map(ipnet::IpNet::from))
         .collect();
     vxlan.retain_subnets(|s| on_vxlan.contains(s));
     // No VXLAN device where nothing goes through it or comes by it.
@@ -213,9 +316,17 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &DatapathConfig) -> Data
         routes: paths
             .iter()
             .filter(|p| p.path == Path::Direct)
-            .map(|p| (p.peer.subnet, p.peer.underlay_ip))
+            .filter_map(|p| match p.peer.underlay_ip {
+                std::net::IpAddr::V4(a) => Some((p.peer.subnet, a)),
+                std::net::IpAddr::V6(_) => None,
+            })
             .collect(),
         unreachable: on(Path::Unreachable),
+        routes_v6: on_v6(Path::Direct)
+            .into_iter()
+            .filter_map(|(s, p)| Some((s, p.underlay_ip_v6?)))
+            .collect(),
+        unreachable_v6: on_v6(Path::Unreachable).into_keys().collect(),
     };
     let skipped = vxlan
         .skipped
@@ -244,10 +355,22 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &DatapathConfig) -> Data
 /// running when a tunnel comes in, the node clamps TCP's MSS to the path: see
 /// [`crate::masq`]).
 pub fn auto_pod_mtu(overlay: Overlay, encryption: bool, underlay_mtu: u32) -> u32 {
+    auto_pod_mtu_for(overlay, encryption, underlay_mtu, false)
+}
+
+/// [`auto_pod_mtu`] over an underlay of either family (tunnels over IPv6 carry a 20 bytes
+/// longer outer header).
+pub fn auto_pod_mtu_for(
+    overlay: Overlay,
+    encryption: bool,
+    underlay_mtu: u32,
+    ipv6_underlay: bool,
+) -> u32 {
     if overlay == Overlay::Never && !encryption {
         underlay_mtu
     } else {
-        crate::vxlan::auto_mtu(underlay_mtu).min(crate::wireguard::auto_mtu(underlay_mtu))
+        crate::vxlan::auto_mtu_for(underlay_mtu, ipv6_underlay)
+            .min(crate::wireguard::auto_mtu_for(underlay_mtu, ipv6_underlay))
     }
 }
 

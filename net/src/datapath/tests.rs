@@ -12,7 +12,8 @@ fn key(n: u8) -> String {
 fn node(name: &str, n: u8, seg: u8, enc: &str) -> NodeRecord {
     NodeRecord {
         node: name.into(),
-        underlay_ip: Ipv4Addr::new(172, 31, seg, 10 + n),
+        underlay_ip: Ipv4Addr::new(172, 31, seg, 10 + n).into(),
+        underlay_ip_v6: None,
         vtep_mac: vtep_mac(name),
         wireguard_public_key: Some(key(n)),
         encryption: enc.into(),
@@ -25,8 +26,9 @@ fn cfg(overlay: Overlay, encryption: bool) -> DatapathConfig {
     DatapathConfig {
         overlay,
         underlay: "172.31.0.11/24".parse().unwrap(),
+        underlay_v6: None,
         underlay_ifindex: 2,
-        vxlan: VxlanConfig::auto(2, Ipv4Addr::new(172, 31, 0, 11), 1500),
+        vxlan: VxlanConfig::auto(2, Ipv4Addr::new(172, 31, 0, 11).into(), 1500),
         wireguard: WgSettings {
             enabled: encryption,
             port: 51820,
@@ -94,7 +96,7 @@ fn the_path_for_every_combination_of_overlay_segment_and_encryption() {
         );
         assert_eq!(p.wireguard.routes.contains(&s), want == Wireguard, "{case}");
         assert_eq!(
-            p.direct.routes.get(&s) == Some(&peer.underlay_ip),
+            p.direct.routes.get(&s).map(|a| std::net::IpAddr::V4(*a)) == Some(peer.underlay_ip),
             want == Direct,
             "{case}"
         );
@@ -240,4 +242,202 @@ fn overlay_values_parse_and_print() {
     }
     assert_eq!(Overlay::parse("host-gw"), None);
     assert_eq!(Overlay::default(), Overlay::Always);
+}
+
+/// A dual-stack node `node(name, n, seg)` with IPv6 subnet fd00:10:244:n::/64 and, when
+/// `v6_seg` is given, the IPv6 underlay address fd00:31:v6_seg::(10+n).
+fn dual(name: &str, n: u8, seg: u8, v6_seg: Option<u16>) -> NodeRecord {
+    NodeRecord {
+        subnet_v6: Some(format!("fd00:10:244:{n}::/64").parse().unwrap()),
+        underlay_ip_v6: v6_seg.map(|s| format!("fd00:31:{s}::{}", 10 + n).parse().unwrap()),
+        ..node(name, n, seg, "none")
+    }
+}
+
+fn cfg_v6(overlay: Overlay, underlay_v6: Option<&str>) -> DatapathConfig {
+    DatapathConfig {
+        underlay_v6: underlay_v6.map(|s| s.parse().unwrap()),
+        ..cfg(overlay, false)
+    }
+}
+
+/// A direct peer's IPv6 subnet is routed via its IPv6 underlay address only when that is on
+/// this node's IPv6 prefix; else it rides VXLAN (cross-subnet) or is unreachable, said why
+/// (never). Tunnelled peers carry both families whatever the IPv6 underlay.
+#[test]
+fn ipv6_subnets_take_a_direct_route_only_via_an_ipv6_underlay_neighbour() {
+    use Overlay::*;
+    use Path::*;
+    let mine = Some("fd00:31:0::11/64");
+    // (overlay, my IPv6 underlay, peer's IPv4 segment, peer's IPv6 segment) -> (v4, v6, why)
+    let table = [
+        (
+            Never,
+            mine,
+            0,
+            Some(0),
+            Direct,
+            Direct,
+            ReasonV6::SameSubnet,
+        ),
+        (
+            Never,
+            mine,
+            0,
+            Some(1),
+            Direct,
+            Unreachable,
+            ReasonV6::OtherSubnet,
+        ),
+        (
+            Never,
+            mine,
+            0,
+            None,
+            Direct,
+            Unreachable,
+            ReasonV6::NoPeerUnderlay,
+        ),
+        (
+            Never,
+            None,
+            0,
+            Some(0),
+            Direct,
+            Unreachable,
+            ReasonV6::NoLocalUnderlay,
+        ),
+        (
+            Never,
+            mine,
+            1,
+            Some(1),
+            Unreachable,
+            Unreachable,
+            ReasonV6::AsIpv4,
+        ),
+        (
+            CrossSubnet,
+            mine,
+            0,
+            Some(0),
+            Direct,
+            Direct,
+            ReasonV6::SameSubnet,
+        ),
+        (
+            CrossSubnet,
+            mine,
+            0,
+            None,
+            Direct,
+            Vxlan,
+            ReasonV6::NoPeerUnderlay,
+        ),
+        (
+            CrossSubnet,
+            mine,
+            0,
+            Some(1),
+            Direct,
+            Vxlan,
+            ReasonV6::OtherSubnet,
+        ),
+        (
+            CrossSubnet,
+            mine,
+            1,
+            Some(1),
+            Vxlan,
+            Vxlan,
+            ReasonV6::AsIpv4,
+        ),
+        (Always, mine, 0, Some(0), Vxlan, Vxlan, ReasonV6::AsIpv4),
+    ];
+    for (overlay, local, seg, v6_seg, want4, want6, why) in table {
+        let case = format!("{overlay:?} local={local:?} seg={seg} v6_seg={v6_seg:?}");
+        let me = dual("a", 1, 0, local.map(|_| 0));
+        let peer = dual("b", 2, seg, v6_seg);
+        let p = plan(&me, std::slice::from_ref(&peer), &cfg_v6(overlay, local));
+        let got = &p.paths[0];
+        assert_eq!((got.path, got.v6), (want4, Some((want6, why))), "{case}");
+        let s6 = peer.subnet_v6.unwrap();
+        assert_eq!(
+            p.direct.routes_v6.get(&s6).copied(),
+            (want6 == Direct).then(|| peer.underlay_ip_v6.unwrap()),
+            "{case}"
+        );
+        assert_eq!(
+            p.direct.unreachable_v6.contains(&s6),
+            want6 == Unreachable,
+            "{case}"
+        );
+        assert_eq!(
+            p.vxlan.routes.contains_key(&ipnet::IpNet::from(s6)),
+            want6 == Vxlan,
+            "{case}"
+        );
+        assert_eq!(
+            p.vxlan
+                .routes
+                .contains_key(&ipnet::IpNet::from(peer.subnet)),
+            want4 == Vxlan,
+            "{case}"
+        );
+        // VXLAN keeps the peer's FDB entry while either family goes through it.
+        assert_eq!(
+            p.vxlan.fdb.contains_key(&peer.vtep_mac),
+            want4 == Vxlan || want6 == Vxlan,
+            "{case}"
+        );
+        // /readyz names a peer either of whose families is unreachable, and why.
+        let why_ready = got.unreachable_why();
+        assert_eq!(
+            why_ready.is_some(),
+            want4 == Unreachable || want6 == Unreachable,
+            "{case}"
+        );
+        if want4 == Direct && want6 == Unreachable {
+            let text = why_ready.unwrap();
+            assert!(
+                text.contains("fd00:10:244:2::/64") && text.contains(&why.to_string()),
+                "{case}: {text}"
+            );
+        }
+    }
+    // An IPv4-only peer has no IPv6 path at all.
+    let p = plan(
+        &dual("a", 1, 0, Some(0)),
+        &[node("c", 3, 0, "none")],
+        &cfg_v6(Never, mine),
+    );
+    assert_eq!(p.paths[0].v6, None);
+    assert!(p.unreachable().next().is_none());
+}
+
+/// Over an IPv6 underlay (the node's first InternalIP is IPv6) a peer's IPv4 subnet has no
+/// IPv4 neighbour to be routed to: never a route via an IPv6 address; with cross-subnet the
+/// peer (both families) goes by VXLAN over IPv6.
+#[test]
+fn over_an_ipv6_underlay_only_ipv6_subnets_are_routed_directly() {
+    let v6 = |name: &str, n: u8| NodeRecord {
+        underlay_ip: format!("fd00:31::{}", 10 + n).parse().unwrap(),
+        ..dual(name, n, 0, Some(0))
+    };
+    let c = DatapathConfig {
+        underlay: "fd00:31::11/64".parse().unwrap(),
+        vxlan: VxlanConfig::auto(2, "fd00:31::11".parse().unwrap(), 1500),
+        ..cfg_v6(Overlay::CrossSubnet, Some("fd00:31::11/64"))
+    };
+    let peer = v6("b", 2);
+    let p = plan(&v6("a", 1), std::slice::from_ref(&peer), &c);
+    assert_eq!(
+        (p.paths[0].path, p.paths[0].v6),
+        (Path::Vxlan, Some((Path::Vxlan, ReasonV6::AsIpv4)))
+    );
+    assert!(p.direct.routes.is_empty());
+    assert_eq!(
+        auto_pod_mtu_for(Overlay::CrossSubnet, false, 1500, true),
+        1420
+    );
 }

@@ -13,7 +13,7 @@ mod tests;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, SystemTime};
 
 /// Every lease sluice makes is named `sluice-` + the subnet with dots and slash as dashes.
@@ -37,6 +37,9 @@ pub const ANN_SUBNET: &str = "sluice.dev/subnet";
 /// A dual-stack node's IPv6 subnet. Peers of a sluice before IPv6 ignore it, and the IPv6
 /// lease too (its name is not an IPv4 one), so they keep reaching the node over IPv4.
 pub const ANN_SUBNET_V6: &str = "sluice.dev/subnet-v6";
+/// A node's IPv6 address on its underlay link, beside the IPv4 `underlay-ip`: the gateway of
+/// direct IPv6 routes to its IPv6 subnet (a dual-stack node).
+pub const ANN_UNDERLAY_IP_V6: &str = "sluice.dev/underlay-ip-v6";
 
 /// Lease duration the agent asks for unless configured otherwise (Kubernetes node leases use 40 s).
 pub const DEFAULT_LEASE_SECS: u32 = 40;
@@ -240,7 +243,12 @@ pub fn lowest_free(cluster: IpNet, subnet_len: u8, taken: &[IpNet]) -> Option<Ip
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct NodeRecord {
     pub node: String,
-    pub underlay_ip: Ipv4Addr,
+    /// The node's underlay address, of either family: its VXLAN and WireGuard endpoint (an
+    /// IPv6-underlay node's is IPv6).
+    pub underlay_ip: IpAddr,
+    /// The node's IPv6 address on the same underlay link, when it has one
+    /// (`sluice.dev/underlay-ip-v6`): direct IPv6 routes to its IPv6 subnet go via it.
+    pub underlay_ip_v6: Option<Ipv6Addr>,
     pub vtep_mac: [u8; 6],
     pub wireguard_public_key: Option<String>,
     /// `none` or `wireguard` (the `encryption` key of `sluice-config`).
@@ -249,6 +257,22 @@ pub struct NodeRecord {
     /// A dual-stack node's IPv6 subnet (`sluice.dev/subnet-v6`), held in a lease of its own
     /// named from it; both of the node's leases carry the same record.
     pub subnet_v6: Option<Ipv6Net>,
+}
+
+/// Whether `ip` can be a node's underlay address: unicast, not loopback or unspecified, and for
+/// IPv6 not link-local (which needs an interface to mean anything).
+pub fn usable_underlay(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            !(a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast())
+        }
+        IpAddr::V6(a) => {
+            !(a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast()
+                || (a.segments()[0] & 0xffc0) == 0xfe80)
+        }
+    }
 }
 
 /// `aa:bb:cc:dd:ee:ff`, lower case.
@@ -279,6 +303,9 @@ impl NodeRecord {
         let mut a = BTreeMap::new();
         a.insert(ANN_NODE.into(), self.node.clone());
         a.insert(ANN_UNDERLAY_IP.into(), self.underlay_ip.to_string());
+        if let Some(v6) = self.underlay_ip_v6 {
+            a.insert(ANN_UNDERLAY_IP_V6.into(), v6.to_string());
+        }
         a.insert(ANN_VTEP_MAC.into(), format_mac(&self.vtep_mac));
         if let Some(key) = &self.wireguard_public_key {
             a.insert(ANN_WIREGUARD_PUBLIC_KEY.into(), key.clone());
@@ -306,9 +333,24 @@ impl NodeRecord {
         };
         let node = get(ANN_NODE)?.to_string();
         let ip = get(ANN_UNDERLAY_IP)?;
-        let underlay_ip = ip
+        let underlay_ip: IpAddr = ip
             .parse()
-            .map_err(|_| bad(ANN_UNDERLAY_IP, ip, "not an IPv4 address"))?;
+            .map_err(|_| bad(ANN_UNDERLAY_IP, ip, "not an IP address"))?;
+        if !usable_underlay(underlay_ip) {
+            return Err(bad(ANN_UNDERLAY_IP, ip, "not a unicast, routable address"));
+        }
+        let underlay_ip_v6 = match a.get(ANN_UNDERLAY_IP_V6).filter(|v| !v.is_empty()) {
+            None => None,
+            Some(text) => {
+                let v6: Ipv6Addr = text
+                    .parse()
+                    .map_err(|_| bad(ANN_UNDERLAY_IP_V6, text, "not an IPv6 address"))?;
+                if !usable_underlay(v6.into()) {
+                    return Err(bad(ANN_UNDERLAY_IP_V6, text, "not a unicast address"));
+                }
+                Some(v6)
+            }
+        };
         let mac = get(ANN_VTEP_MAC)?;
         let vtep_mac = parse_mac(mac).ok_or_else(|| bad(ANN_VTEP_MAC, mac, "not a MAC"))?;
         if vtep_mac[0] & 1 == 1 || vtep_mac == [0; 6] {
@@ -336,6 +378,7 @@ impl NodeRecord {
         Ok(Self {
             node,
             underlay_ip,
+            underlay_ip_v6,
             vtep_mac,
             wireguard_public_key: a.get(ANN_WIREGUARD_PUBLIC_KEY).cloned(),
             encryption: a

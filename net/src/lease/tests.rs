@@ -19,7 +19,8 @@ fn at(secs: u64) -> SystemTime {
 fn record(node: &str, subnet: &str) -> NodeRecord {
     NodeRecord {
         node: node.into(),
-        underlay_ip: Ipv4Addr::new(192, 168, 0, 1),
+        underlay_ip: Ipv4Addr::new(192, 168, 0, 1).into(),
+        underlay_ip_v6: None,
         vtep_mac: [0x0a, 1, 2, 3, 4, 5],
         wireguard_public_key: None,
         encryption: "none".into(),
@@ -476,7 +477,7 @@ fn publish_creates_then_overwrites_the_podcidr_lease() {
             .unwrap();
         assert_eq!(first.name, "sluice-10-244-7-0-24");
         let mut moved = r.clone();
-        moved.underlay_ip = Ipv4Addr::new(192, 168, 0, 9);
+        moved.underlay_ip = Ipv4Addr::new(192, 168, 0, 9).into();
         let second = publish(&store, &podcidr_lease(&moved, None, 40, at(5)), at(5), 4)
             .await
             .unwrap();
@@ -910,4 +911,34 @@ fn a_dual_stack_node_acquires_an_ipv6_lease_by_the_same_rules() {
     }
     let e = block_on(acquire(&store, &req("e"), || at(110)));
     assert!(matches!(e, Err(AcquireError::Exhausted { .. })), "{e:?}");
+}
+
+#[test]
+fn the_ipv6_underlay_address_round_trips_and_bad_ones_are_refused() {
+    let mut r = record("a", "10.244.1.0/24");
+    r.underlay_ip_v6 = Some("fd00:31::1".parse().unwrap());
+    let ann = r.to_annotations();
+    assert_eq!(ann[ANN_UNDERLAY_IP_V6], "fd00:31::1");
+    assert_eq!(NodeRecord::from_annotations(&ann).unwrap(), r);
+    // A record without it (an IPv4-only node, or an older sluice) reads as none.
+    let old = record("a", "10.244.1.0/24").to_annotations();
+    assert!(!old.contains_key(ANN_UNDERLAY_IP_V6));
+    assert_eq!(
+        NodeRecord::from_annotations(&old).unwrap().underlay_ip_v6,
+        None
+    );
+    for bad in ["172.31.0.1", "::", "ff02::1", "::1", "fd00:31::1/64", "x"] {
+        let mut a = ann.clone();
+        a.insert(ANN_UNDERLAY_IP_V6.into(), bad.into());
+        assert!(
+            matches!(
+                NodeRecord::from_annotations(&a),
+                Err(RecordError::Bad {
+                    key: ANN_UNDERLAY_IP_V6,
+                    ..
+                })
+            ),
+            "{bad}"
+        );
+    }
 }

@@ -38,7 +38,7 @@ pub enum VxlanError {
     #[error(transparent)]
     Ethtool(#[from] EthtoolError),
     #[error("no link holds the underlay address {ip}")]
-    NoUnderlay { ip: Ipv4Addr },
+    NoUnderlay { ip: IpAddr },
     #[error("the device {name} is missing after it was made")]
     DeviceMissing { name: String },
     #[error("{} of {total} datapath changes failed, first: {}", .errors.len(), .errors.first().map(|(c, e)| format!("{c:?}: {e}")).unwrap_or_default())]
@@ -67,8 +67,27 @@ pub struct Underlay {
     pub name: String,
     pub mtu: u32,
     /// The node's underlay address with its prefix on that link: the subnet whose nodes it
-    /// reaches without a router.
-    pub network: ipnet::Ipv4Net,
+    /// reaches without a router. Either family: the tunnels' endpoints are of its family.
+    pub network: IpNet,
+    /// The node's IPv6 address on the same link with its prefix, when it has one that is not
+    /// link-local (see [`underlay_v6`]): direct IPv6 routes reach the peers on that prefix.
+    pub network_v6: Option<ipnet::Ipv6Net>,
+}
+
+/// The IPv6 address the node publishes as its underlay beside `ifindex`'s IPv4 one: of the
+/// link's `(address, prefix)` pairs, the lowest global (not link-local, not multicast, not
+/// loopback) one, so that the choice is stable whatever the kernel's order.
+pub fn underlay_v6(addrs: &[(Ipv6Addr, u8)]) -> Option<ipnet::Ipv6Net> {
+    addrs
+        .iter()
+        .filter(|(a, _)| {
+            (a.segments()[0] & 0xffc0) != 0xfe80
+                && !a.is_multicast()
+                && !a.is_loopback()
+                && !a.is_unspecified()
+        })
+        .filter_map(|&(a, p)| ipnet::Ipv6Net::new(a, p).ok())
+        .min()
 }
 
 /// The VXLAN datapath over netlink, in the network namespace of the thread that connected.
@@ -91,7 +110,7 @@ impl VxlanKernel {
     }
 
     /// The link holding `ip` (the node's underlay address), with its MTU.
-    pub async fn underlay_by_address(&self, ip: Ipv4Addr) -> Result<Underlay, VxlanError> {
+    pub async fn underlay_by_address(&self, ip: IpAddr) -> Result<Underlay, VxlanError> {
         let addrs: Vec<AddressMessage> = self
             .handle
             .address()
@@ -105,7 +124,7 @@ impl VxlanKernel {
             .find(|a| {
                 a.attributes
                     .iter()
-                    .any(|at| matches!(at, AddressAttribute::Address(IpAddr::V4(x)) if *x == ip))
+                    .any(|at| matches!(at, AddressAttribute::Address(x) if *x == ip))
             })
             .map(|a| (a.header.index, a.header.prefix_len))
             .ok_or(VxlanError::NoUnderlay { ip })?;
@@ -123,7 +142,12 @@ impl VxlanKernel {
             ifindex: index,
             name: link_name(&link).unwrap_or_default().to_string(),
             mtu: link_mtu(&link).unwrap_or(1500),
-            network: ipnet::Ipv4Net::new(ip, prefix).unwrap_or_else(|_| ip.into()),
+            network: IpNet::new(ip, prefix).unwrap_or_else(|_| ip.into()),
+            // An IPv6 underlay address is the node's IPv6 one too.
+            network_v6: match ip {
+                IpAddr::V6(a) => ipnet::Ipv6Net::new(a, prefix).ok(),
+                IpAddr::V4(_) => underlay_v6(&v6_on(&addrs, index)),
+            },
         })
     }
 
@@ -239,7 +263,7 @@ impl VxlanKernel {
                     {
                         seen.neighbours.insert(ip, mac);
                     }
-                    (AddressFamily::Bridge, Some(IpAddr::V4(ip)), Some(mac))
+                    (AddressFamily::Bridge, Some(ip), Some(mac))
                         if n.header.flags.contains(NeighbourFlags::Own) =>
                     {
                         seen.fdb.entry(mac).or_default().insert(ip);
@@ -345,10 +369,14 @@ impl VxlanKernel {
         }
         if let Change::CreateDevice = change {
             *cached = None;
-            let msg = LinkVxlan::new(name, d.vni)
+            let vx = LinkVxlan::new(name, d.vni)
                 .dev(d.underlay_ifindex)
-                .port(d.port)
-                .local(d.local)
+                .port(d.port);
+            let vx = match d.local {
+                IpAddr::V4(a) => vx.local(a),
+                IpAddr::V6(a) => vx.local6(a),
+            };
+            let msg = vx
                 .learning(false)
                 .mtu(d.mtu)
                 .address(d.mac.to_vec())
@@ -456,16 +484,17 @@ impl VxlanKernel {
                 msg.attributes
                     .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
                 msg.attributes
-                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-                        *dst,
-                    )));
+                    .push(NeighbourAttribute::Destination(match dst {
+                        IpAddr::V4(a) => NeighbourAddress::Inet(*a),
+                        IpAddr::V6(a) => NeighbourAddress::Inet6(*a),
+                    }));
                 ignore_missing(h.neighbours().del(msg).execute().await)
                     .map_err(netlink("deleting fdb entry", crate::lease::format_mac(mac)))
             }
             Change::ReplaceFdb { mac, dst } => h
                 .neighbours()
                 .add_bridge(index, mac)
-                .destination(IpAddr::V4(*dst))
+                .destination(*dst)
                 .flags(NeighbourFlags::Own)
                 .state(NeighbourState::Permanent)
                 .replace()
@@ -530,7 +559,8 @@ fn device_of(link: &LinkMessage) -> ObservedDevice {
                                 match d {
                                     InfoVxlan::Id(v) => dev.vni = Some(*v),
                                     InfoVxlan::Port(p) => dev.port = Some(*p),
-                                    InfoVxlan::Local(ip) => dev.local = Some(*ip),
+                                    InfoVxlan::Local(ip) => dev.local = Some((*ip).into()),
+                                    InfoVxlan::Local6(ip) => dev.local = Some((*ip).into()),
                                     InfoVxlan::Link(i) => dev.underlay_ifindex = Some(*i),
                                     InfoVxlan::Learning(l) => dev.learning = Some(*l),
                                     _ => {}
@@ -604,6 +634,20 @@ pub(crate) fn route_addr_any(r: &RouteMessage, dst: bool) -> Option<IpAddr> {
     })
 }
 
+/// The IPv6 addresses (with prefix) of link `index` in an address dump.
+fn v6_on(addrs: &[AddressMessage], index: u32) -> Vec<(Ipv6Addr, u8)> {
+    addrs
+        .iter()
+        .filter(|a| a.header.index == index)
+        .flat_map(|a| {
+            a.attributes.iter().filter_map(move |at| match at {
+                AddressAttribute::Address(IpAddr::V6(x)) => Some((*x, a.header.prefix_len)),
+                _ => None,
+            })
+        })
+        .collect()
+}
+
 /// The destination (`dst`) or gateway of a route.
 pub(crate) fn route_ip(r: &RouteMessage, dst: bool) -> Option<Ipv4Addr> {
     r.attributes.iter().find_map(|a| match (a, dst) {
@@ -620,11 +664,15 @@ fn neigh_fields(n: &NeighbourMessage) -> (Option<IpAddr>, Option<[u8; 6]>) {
         match a {
             NeighbourAttribute::Destination(NeighbourAddress::Inet(x)) => ip = Some((*x).into()),
             NeighbourAttribute::Destination(NeighbourAddress::Inet6(x)) => ip = Some((*x).into()),
-            // FDB entries (family bridge) carry their IPv4 destination undecoded.
+            // FDB entries (family bridge) carry their destination undecoded: 4 bytes for an
+            // IPv4 underlay, 16 for an IPv6 one.
             NeighbourAttribute::Destination(NeighbourAddress::Other(raw)) => {
                 ip = <[u8; 4]>::try_from(raw.as_slice())
-                    .ok()
-                    .map(|b| IpAddr::V4(Ipv4Addr::from(b)));
+                    .map(|b| IpAddr::V4(Ipv4Addr::from(b)))
+                    .or_else(|_| {
+                        <[u8; 16]>::try_from(raw.as_slice()).map(|b| IpAddr::V6(Ipv6Addr::from(b)))
+                    })
+                    .ok();
             }
             NeighbourAttribute::LinkLayerAddress(m) => mac = <[u8; 6]>::try_from(m.as_slice()).ok(),
             _ => {}

@@ -6,7 +6,7 @@
 use super::{DeviceSpec, VxlanPlan};
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 /// The device as found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,7 +16,7 @@ pub struct ObservedDevice {
     pub is_vxlan: bool,
     pub vni: Option<u32>,
     pub port: Option<u16>,
-    pub local: Option<Ipv4Addr>,
+    pub local: Option<IpAddr>,
     pub underlay_ifindex: Option<u32>,
     pub learning: Option<bool>,
     pub mtu: Option<u32>,
@@ -38,7 +38,7 @@ pub struct Observed {
     /// Permanent neighbour entries on the device (both families).
     pub neighbours: BTreeMap<IpAddr, [u8; 6]>,
     /// FDB entries on the device: MAC → its remote destinations.
-    pub fdb: BTreeMap<[u8; 6], BTreeSet<Ipv4Addr>>,
+    pub fdb: BTreeMap<[u8; 6], BTreeSet<IpAddr>>,
 }
 
 /// One step towards the plan. Device steps come first, then removals, then additions (FDB and
@@ -71,11 +71,11 @@ pub enum Change {
     },
     DelFdb {
         mac: [u8; 6],
-        dst: Ipv4Addr,
+        dst: IpAddr,
     },
     ReplaceFdb {
         mac: [u8; 6],
-        dst: Ipv4Addr,
+        dst: IpAddr,
     },
     ReplaceNeighbour {
         ip: IpAddr,

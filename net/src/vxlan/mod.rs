@@ -39,6 +39,19 @@ pub fn auto_mtu(underlay_mtu: u32) -> u32 {
     underlay_mtu.saturating_sub(VXLAN_OVERHEAD)
 }
 
+/// The outer IPv6 header is 20 bytes longer than IPv4's.
+pub const IPV6_EXTRA_OVERHEAD: u32 = 20;
+
+/// `mtu: auto` over an underlay of either family (an IPv6 one costs 20 bytes more).
+pub fn auto_mtu_for(underlay_mtu: u32, ipv6_underlay: bool) -> u32 {
+    let extra = if ipv6_underlay {
+        IPV6_EXTRA_OVERHEAD
+    } else {
+        0
+    };
+    auto_mtu(underlay_mtu).saturating_sub(extra)
+}
+
 /// The node's VXLAN MAC, derived from its name so that it is the same after agent restarts,
 /// reboots and re-creation of the device (peers never hold a stale one): FNV-1a of the name,
 /// mixed by MurmurHash3's finalizer (so names that differ in one character differ in every
@@ -104,7 +117,9 @@ pub struct VxlanConfig {
     pub port: u16,
     /// The link the encapsulated packets leave by, and its address (the VXLAN `local`).
     pub underlay_ifindex: u32,
-    pub underlay_ip: Ipv4Addr,
+    /// Either family: an IPv6 address makes the device's `local` (and every peer's FDB `dst`)
+    /// IPv6, which carries both inner families over an IPv6 underlay.
+    pub underlay_ip: IpAddr,
     pub mtu: u32,
     /// Whether the device keeps TX checksum offload (and with it GSO): see
     /// [`tx_checksum_offload_safe`].
@@ -132,14 +147,14 @@ pub fn tx_checksum_offload_safe(kernel_release: &str) -> bool {
 
 impl VxlanConfig {
     /// The defaults (name, VNI 1, port 8472) with the MTU taken automatically from the underlay.
-    pub fn auto(underlay_ifindex: u32, underlay_ip: Ipv4Addr, underlay_mtu: u32) -> Self {
+    pub fn auto(underlay_ifindex: u32, underlay_ip: IpAddr, underlay_mtu: u32) -> Self {
         Self {
             ifname: VXLAN_IFNAME.into(),
             vni: DEFAULT_VNI,
             port: DEFAULT_PORT,
             underlay_ifindex,
             underlay_ip,
-            mtu: auto_mtu(underlay_mtu),
+            mtu: auto_mtu_for(underlay_mtu, underlay_ip.is_ipv6()),
             tx_checksum_offload: true,
         }
     }
@@ -151,7 +166,7 @@ pub struct DeviceSpec {
     pub name: String,
     pub vni: u32,
     pub port: u16,
-    pub local: Ipv4Addr,
+    pub local: IpAddr,
     pub underlay_ifindex: u32,
     pub mtu: u32,
     pub mac: [u8; 6],
@@ -172,7 +187,11 @@ pub enum PeerConflict {
     #[error("its VTEP MAC is already used by {other}")]
     MacInUse { other: String },
     #[error("its underlay address {ip} is this node's")]
-    UnderlayIsMine { ip: Ipv4Addr },
+    UnderlayIsMine { ip: IpAddr },
+    #[error(
+        "its underlay address {ip} is not of this node's underlay family (this node's is {mine})"
+    )]
+    UnderlayFamily { ip: IpAddr, mine: IpAddr },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,7 +213,7 @@ pub struct VxlanPlan {
     /// Peer VTEP address (either family) → its VTEP MAC (permanent neighbour entries).
     pub neighbours: BTreeMap<IpAddr, [u8; 6]>,
     /// Peer VTEP MAC → its underlay IP (FDB entries on the device).
-    pub fdb: BTreeMap<[u8; 6], Ipv4Addr>,
+    pub fdb: BTreeMap<[u8; 6], IpAddr>,
     pub skipped: Vec<SkippedPeer>,
 }
 
@@ -260,6 +279,11 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &VxlanConfig) -> VxlanPl
         } else if peer.underlay_ip == cfg.underlay_ip {
             Some(PeerConflict::UnderlayIsMine {
                 ip: peer.underlay_ip,
+            })
+        } else if peer.underlay_ip.is_ipv6() != cfg.underlay_ip.is_ipv6() {
+            Some(PeerConflict::UnderlayFamily {
+                ip: peer.underlay_ip,
+                mine: cfg.underlay_ip,
             })
         } else if let Some((subnet, other)) = theirs.iter().find_map(|t| {
             taken

@@ -24,6 +24,7 @@ fn node(name: &str, underlay: &str, subnet: &str) -> NodeRecord {
     NodeRecord {
         node: name.into(),
         underlay_ip: ip(underlay),
+        underlay_ip_v6: None,
         vtep_mac: vtep_mac(name),
         wireguard_public_key: None,
         encryption: "none".into(),
@@ -552,4 +553,56 @@ fn a_dual_stack_device_gets_its_ipv6_address_and_entries_by_diff() {
             Change::DelNeighbour { ip: gw6 },
         ]
     );
+}
+
+#[test]
+fn the_published_ipv6_underlay_is_the_lowest_global_address_of_the_link() {
+    use crate::vxlan::apply::underlay_v6;
+    let a = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap();
+    assert_eq!(underlay_v6(&[]), None);
+    // Link-local only (every IPv6 link has one): none to publish.
+    assert_eq!(underlay_v6(&[(a("fe80::1"), 64)]), None);
+    let got = underlay_v6(&[
+        (a("fe80::1"), 64),
+        (a("fd00:31::9"), 64),
+        (a("fd00:31::3"), 64),
+        (a("ff02::1"), 128),
+    ]);
+    assert_eq!(got.map(|n| n.to_string()).as_deref(), Some("fd00:31::3/64"));
+}
+
+/// Over an IPv6 underlay the device's `local` and every FDB `dst` are IPv6 (the inner
+/// families are unchanged), the MTU allows for the 20 bytes longer outer header, and a peer
+/// whose underlay is of the other family is left out, said why: no tunnel joins the two.
+#[test]
+fn an_ipv6_underlay_makes_ipv6_vtep_endpoints() {
+    let mut cfg6 = VxlanConfig::auto(2, ip("fd00:31::1"), 1500);
+    cfg6.ifname = "sluice.vxlan".into();
+    assert_eq!(cfg6.mtu, 1430);
+    assert_eq!(VxlanConfig::auto(2, ip("172.31.0.1"), 1500).mtu, 1450);
+    let mut me6 = dual("a", "172.31.0.1", "10.244.1.0/24", "fd00:10:244:1::/64");
+    me6.underlay_ip = ip("fd00:31::1");
+    let mut b = dual("b", "172.31.0.2", "10.244.2.0/24", "fd00:10:244:2::/64");
+    b.underlay_ip = ip("fd00:31::2");
+    let c = dual("c", "172.31.0.3", "10.244.3.0/24", "fd00:10:244:3::/64");
+    let p = plan(&me6, &[b.clone(), c], &cfg6);
+    assert_eq!(p.device.local, ip::<IpAddr>("fd00:31::1"));
+    assert_eq!(p.fdb.get(&b.vtep_mac), Some(&ip::<IpAddr>("fd00:31::2")));
+    // Both of b's families go through the device over IPv6.
+    assert!(p.routes.contains_key(&"10.244.2.0/24".parse().unwrap()));
+    assert!(p
+        .routes
+        .contains_key(&"fd00:10:244:2::/64".parse().unwrap()));
+    assert_eq!(p.skipped.len(), 1);
+    assert_eq!(p.skipped[0].node, "c");
+    assert!(matches!(
+        p.skipped[0].reason,
+        PeerConflict::UnderlayFamily { .. }
+    ));
+    // The diff writes an IPv6 FDB destination, and finds it again once written.
+    let changes = diff(&p, &Observed::default());
+    assert!(changes.contains(&Change::ReplaceFdb {
+        mac: b.vtep_mac,
+        dst: ip("fd00:31::2"),
+    }));
 }

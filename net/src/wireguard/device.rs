@@ -24,7 +24,7 @@ use netlink_packet_route::route::{
 };
 use rtnetlink::{Handle, LinkUnspec, LinkWireguard, RouteMessageBuilder};
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, SystemTime};
 
 type Gotatun = Device<(UdpSocketFactory, TunDevice, TunDevice)>;
@@ -95,7 +95,7 @@ fn netlink(what: impl std::fmt::Display) -> impl FnOnce(rtnetlink::Error) -> WgE
 
 fn to_peer(spec: &PeerSpec) -> Peer {
     let mut peer = Peer::new(PublicKey::from(spec.public_key))
-        .with_endpoint(SocketAddr::V4(spec.endpoint))
+        .with_endpoint(spec.endpoint)
         .with_allowed_ips(
             spec.allowed_ips
                 .iter()

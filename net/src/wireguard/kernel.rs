@@ -16,7 +16,6 @@ use netlink_packet_wireguard::{
     WireguardCmd, WireguardDeviceFlags, WireguardMessage, WireguardPeer, WireguardPeerAttribute,
     WireguardPeerFlags,
 };
-use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 /// The attributes of a peer to add or update: endpoint, keepalive, and allowed IPs replacing
@@ -40,7 +39,7 @@ fn upsert_peer(p: &PeerSpec) -> WireguardPeer {
     WireguardPeer(vec![
         WireguardPeerAttribute::PublicKey(p.public_key),
         WireguardPeerAttribute::Flags(WireguardPeerFlags::ReplaceAllowedIps),
-        WireguardPeerAttribute::Endpoint(SocketAddr::V4(p.endpoint)),
+        WireguardPeerAttribute::Endpoint(p.endpoint),
         WireguardPeerAttribute::PersistentKeepalive(p.keepalive_secs),
         WireguardPeerAttribute::AllowedIps(allowed),
     ])
@@ -180,7 +179,7 @@ mod tests {
         PeerSpec {
             node: format!("n{n}"),
             public_key: [n; 32],
-            endpoint: SocketAddrV4::new(Ipv4Addr::new(192, 168, 0, n), 51820),
+            endpoint: SocketAddrV4::new(Ipv4Addr::new(192, 168, 0, n), 51820).into(),
             allowed_ips: vec![format!("10.244.{n}.0/24").parse().unwrap()],
             keepalive_secs: 25,
         }

@@ -23,7 +23,7 @@ mod tests;
 use crate::lease::NodeRecord;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 pub use keys::{load_or_create_key, parse_public_key, KeyPair};
 
@@ -38,6 +38,16 @@ pub const WIREGUARD: &str = "wireguard";
 /// `mtu: auto` through WireGuard: the underlay's MTU less WireGuard's overhead.
 pub fn auto_mtu(underlay_mtu: u32) -> u32 {
     underlay_mtu.saturating_sub(WG_OVERHEAD_V4)
+}
+
+/// `mtu: auto` through WireGuard over an underlay of either family (outer IPv6: 20 bytes more).
+pub fn auto_mtu_for(underlay_mtu: u32, ipv6_underlay: bool) -> u32 {
+    let extra = if ipv6_underlay {
+        crate::vxlan::IPV6_EXTRA_OVERHEAD
+    } else {
+        0
+    };
+    auto_mtu(underlay_mtu).saturating_sub(extra)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +71,8 @@ pub enum WgError {
 pub struct PeerSpec {
     pub node: String,
     pub public_key: [u8; 32],
-    pub endpoint: SocketAddrV4,
+    /// The peer's underlay address and port, of either family (`[v6]:51820` over IPv6).
+    pub endpoint: SocketAddr,
     /// Its pod subnets: the IPv4 one, and its IPv6 one when both nodes have IPv6.
     pub allowed_ips: Vec<IpNet>,
     /// Persistent keepalive in seconds; 0 = off.
@@ -178,7 +189,7 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], settings: &WgSettings) -> WgP
             PeerSpec {
                 node: peer.node.clone(),
                 public_key: key,
-                endpoint: SocketAddrV4::new(peer.underlay_ip, settings.port),
+                endpoint: SocketAddr::new(peer.underlay_ip, settings.port),
                 allowed_ips: std::iter::once(IpNet::from(peer.subnet))
                     .chain(peer_v6.map(IpNet::from))
                     .collect(),

@@ -8,7 +8,8 @@ fn key(n: u8) -> String {
 fn rec(node: &str, third: u8, enc: &str, key_n: Option<u8>) -> NodeRecord {
     NodeRecord {
         node: node.into(),
-        underlay_ip: Ipv4Addr::new(192, 168, 0, third),
+        underlay_ip: Ipv4Addr::new(192, 168, 0, third).into(),
+        underlay_ip_v6: None,
         vtep_mac: [2, 0, 0, 0, 0, third],
         wireguard_public_key: key_n.map(key),
         encryption: enc.into(),
@@ -143,7 +144,7 @@ fn peer_diff_touches_only_what_changed() {
     );
     // c changed its key, d left, e joined, b moved its underlay address.
     let mut b = rec("b", 2, "wireguard", Some(2));
-    b.underlay_ip = Ipv4Addr::new(192, 168, 9, 2);
+    b.underlay_ip = Ipv4Addr::new(192, 168, 9, 2).into();
     let after = plan(
         &me,
         &[
@@ -252,4 +253,15 @@ fn a_dual_stack_pair_allows_and_routes_both_families() {
     let p4 = plan(&rec("a", 1, "wireguard", Some(1)), &peers, &on(true));
     assert_eq!(p4.peers["b"].allowed_ips.len(), 1);
     assert!(p4.routes_v6.is_empty() && p4.address_v6.is_none());
+}
+
+#[test]
+fn over_an_ipv6_underlay_endpoints_are_ipv6_and_the_mtu_allows_for_the_longer_header() {
+    let me = rec("a", 1, "wireguard", Some(1));
+    let mut b = rec("b", 2, "wireguard", Some(2));
+    b.underlay_ip = "fd00:31::2".parse().unwrap();
+    let p = plan(&me, &[b], &on(true));
+    assert_eq!(p.peers["b"].endpoint.to_string(), "[fd00:31::2]:51820");
+    assert_eq!(auto_mtu_for(1500, false), 1440);
+    assert_eq!(auto_mtu_for(1500, true), 1420);
 }

@@ -1266,7 +1266,8 @@ fn fake_peer(index: usize, b: u8, c: u8) -> NodeRecord {
     let i = index as u32;
     NodeRecord {
         node: format!("fake-{index}"),
-        underlay_ip: Ipv4Addr::new(172, 30, (i >> 8) as u8, i as u8),
+        underlay_ip: Ipv4Addr::new(172, 30, (i >> 8) as u8, i as u8).into(),
+        underlay_ip_v6: None,
         vtep_mac: [0x0a, 0x5e, 0x00, (i >> 16) as u8, (i >> 8) as u8, i as u8],
         wireguard_public_key: None,
         encryption: "none".into(),

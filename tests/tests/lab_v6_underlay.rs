@@ -1,0 +1,347 @@
+//! A lab whose tunnels run over an IPv6 underlay (`--underlay ipv6`: each Node's first
+//! InternalIP is its `fd00:31:S::I` address, which the agent takes and publishes as its
+//! underlay): VXLAN with IPv6 local and remote VTEP endpoints (FDB entries with an IPv6 `dst`),
+//! WireGuard with `[v6]:51820` endpoints, both carrying the pods' IPv4 and IPv6 across nodes
+//! (ICMP, TCP, UDP), seen on the wire as outer IPv6; the live switch between them; IPv6
+//! egress masqueraded to the lab's internet as the node's address.
+//!
+//! The pods here are dual-stack (`--ip-family dual`): an IPv6-only cluster (no IPv4 subnet at
+//! all) is not built yet.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use ipnet::Ipv6Net;
+use serde_json::Value;
+use sluice_e2e::capture::Capture;
+use sluice_e2e::lab::{lab_cmd, output_text, tcp_ask, tcp_server, Lab};
+use sluice_e2e::{eventually, have_root};
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::process::Command;
+use std::time::Duration;
+
+struct Pod {
+    id: String,
+    node: String,
+    v4: Ipv4Addr,
+    v6: Ipv6Addr,
+}
+
+fn pods(status: &Value) -> Vec<Pod> {
+    status["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| Pod {
+            id: format!(
+                "{}/{}",
+                p["namespace"].as_str().unwrap(),
+                p["name"].as_str().unwrap()
+            ),
+            node: p["node"].as_str().unwrap().into(),
+            v4: p["ip"].as_str().unwrap().parse().unwrap(),
+            v6: p["ipv6"]
+                .as_str()
+                .unwrap_or_else(|| panic!("pod without IPv6: {p}"))
+                .parse()
+                .unwrap(),
+        })
+        .collect()
+}
+
+/// `sluice status -o FORMAT` inside a node's namespace.
+fn node_status(lab: &Lab, node: &str, format: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.node_netns(node)])
+        .arg(sluice_e2e::sluice_bin())
+        .args(["status", "-o", format])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ping(lab: &Lab, from: &Pod, to: &str, family: &str) -> bool {
+    let out = lab_cmd(
+        &[
+            "exec", "--name", &lab.name, &from.id, "--", "ping", family, "-c", "1", "-W", "2", to,
+        ],
+        30,
+    );
+    out.status.success()
+}
+
+/// `lab probe FROM TO PORT` over TCP or UDP, IPv6 or IPv4; true when answered by `to`.
+fn probe(lab: &Lab, from: &Pod, to: &Pod, proto: &str, ipv6: bool) -> bool {
+    let port = if proto == "udp" { "53" } else { "80" };
+    let mut args = vec![
+        "probe",
+        "--name",
+        &lab.name,
+        &from.id,
+        &to.id,
+        port,
+        "--protocol",
+        proto,
+        "--timeout",
+        "2s",
+    ];
+    if ipv6 {
+        args.push("--ipv6");
+    }
+    let out = lab_cmd(&args, 30);
+    out.status.success() && output_text(&out).contains(&format!("answered by {}", to.id))
+}
+
+fn reach_both_families(lab: &Lab, a: &Pod, b: &Pod) {
+    for (x, y) in [(a, b), (b, a)] {
+        assert!(
+            eventually(Duration::from_secs(10), || ping(
+                lab,
+                x,
+                &y.v6.to_string(),
+                "-6"
+            )),
+            "ICMPv6 {} -> {}",
+            x.id,
+            y.id
+        );
+        assert!(
+            ping(lab, x, &y.v4.to_string(), "-4"),
+            "ICMP {} -> {}",
+            x.id,
+            y.id
+        );
+        for proto in ["tcp", "udp"] {
+            for ipv6 in [true, false] {
+                assert!(
+                    probe(lab, x, y, proto, ipv6),
+                    "{proto} ipv6={ipv6} {} -> {}",
+                    x.id,
+                    y.id
+                );
+            }
+        }
+    }
+}
+
+fn all_true(m: &Value) -> bool {
+    m.as_array().is_some_and(|rows| {
+        rows.iter()
+            .flat_map(|r| r.as_array().unwrap())
+            .all(|b| b == true)
+    })
+}
+
+/// The outer packets `node`'s eth0 carries on `port` while pod `a` talks to pod `b` over both
+/// families: each an IPv6 packet between the two nodes' IPv6 underlay addresses.
+fn outer_packets_are_ipv6(lab: &Lab, a: &Pod, b: &Pod, port: u16, u_a: &str, u_b: &str) {
+    let ns = lab.node_netns(&a.node);
+    let cap = Capture::start(&ns, "eth0", &format!("udp port {port}"));
+    assert!(ping(lab, a, &b.v6.to_string(), "-6"));
+    assert!(ping(lab, a, &b.v4.to_string(), "-4"));
+    assert!(probe(lab, a, b, "tcp", false));
+    let (lines, _) = cap.finish();
+    // Outer headers are the lines with a timestamp (tcpdump prints a VXLAN packet's inner one
+    // on a line of its own).
+    let outer: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    assert!(
+        outer.len() >= 4,
+        "too few tunnel packets on port {port}: {lines:?}"
+    );
+    for l in &outer {
+        assert!(
+            l.contains(" IP6 ")
+                && (l.contains(&format!("{u_a}.")) && l.contains(&format!("{u_b}.{port}"))
+                    || l.contains(&format!("{u_b}.")) && l.contains(&format!("{u_a}.{port}"))),
+            "not IPv6 between {u_a} and {u_b} on port {port}: {l}"
+        );
+    }
+}
+
+/// `node`'s status document (`sluice status -o json` in its namespace).
+fn node_doc(lab: &Lab, node: &str) -> Value {
+    serde_json::from_str(&node_status(lab, node, "json")).unwrap_or(Value::Null)
+}
+
+fn v6_underlay_lab(encryption: &str) {
+    let lab = Lab::up(&[
+        "--nodes",
+        "3",
+        "--pods-per-node",
+        "1",
+        "--ip-family",
+        "dual",
+        "--underlay",
+        "ipv6",
+        "--encryption",
+        encryption,
+    ]);
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let s = lab.status();
+            all_true(&s["reachability"]) && all_true(&s["reachabilityIpv6"])
+        }),
+        "not every pair reached over both families: {:#}",
+        lab.status()
+    );
+    let pods = pods(&lab.status());
+    assert_eq!(pods.len(), 3);
+    let underlay_of = |p: &Pod| {
+        let i = p.node.rsplit('-').next().unwrap().to_string();
+        format!("fd00:31::{i}")
+    };
+    // Each agent took its IPv6 InternalIP as its underlay and publishes it; its peers' are IPv6.
+    for p in &pods {
+        let doc = node_doc(&lab, &p.node);
+        assert_eq!(doc["underlay"], underlay_of(p), "{doc:#}");
+        let lab_node = lab.status()["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == p.node.as_str())
+            .cloned()
+            .unwrap();
+        assert_eq!(
+            lab_node["underlay"],
+            underlay_of(p),
+            "lab status: {lab_node}"
+        );
+        for peer in doc["peers"].as_array().unwrap() {
+            assert!(
+                peer["underlay"].as_str().unwrap().starts_with("fd00:31::"),
+                "{peer}"
+            );
+        }
+    }
+    let device = if encryption == "wireguard" {
+        "sluice.wg"
+    } else {
+        "sluice.vxlan"
+    };
+    let n1 = lab.node_netns(&pods[0].node);
+    if encryption == "none" {
+        // The VXLAN device's local VTEP is the node's IPv6 address; each peer's FDB entry
+        // has its IPv6 address as dst.
+        let link = lab.ip_json(&n1, &["-d", "link", "show", "sluice.vxlan"]);
+        let info = &link[0]["linkinfo"]["info_data"];
+        assert_eq!(info["local6"], underlay_of(&pods[0]), "{link:#}");
+        let fdb = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &n1,
+                "bridge",
+                "fdb",
+                "show",
+                "dev",
+                "sluice.vxlan",
+            ])
+            .output()
+            .unwrap();
+        let fdb = String::from_utf8_lossy(&fdb.stdout);
+        for p in &pods[1..] {
+            assert!(
+                fdb.contains(&format!("dst {} ", underlay_of(p))),
+                "no IPv6 FDB entry for {}: {fdb}",
+                p.node
+            );
+        }
+    }
+    // (WireGuard's endpoints, `[v6]:51820`, show on the wire below: outer IPv6 to port 51820.)
+    for a in &pods {
+        for b in pods.iter().filter(|b| b.node != a.node) {
+            let sub6 = Ipv6Net::new(b.v6, 64).unwrap().trunc().to_string();
+            let r = lab.ip_json(&lab.node_netns(&a.node), &["-6", "route", "show", &sub6]);
+            assert_eq!(r[0]["dev"], device, "{} -> {sub6}: {r}", a.node);
+            reach_both_families(&lab, a, b);
+        }
+    }
+    let port = if encryption == "wireguard" {
+        51820
+    } else {
+        8472
+    };
+    outer_packets_are_ipv6(
+        &lab,
+        &pods[0],
+        &pods[1],
+        port,
+        &underlay_of(&pods[0]),
+        &underlay_of(&pods[1]),
+    );
+    if encryption == "none" {
+        ipv6_egress_is_masqueraded(&lab, &pods);
+    } else {
+        // The live switch: VXLAN over IPv6 takes over, and WireGuard over IPv6 comes back.
+        for (value, dev, port) in [
+            ("none", "sluice.vxlan", 8472),
+            ("wireguard", "sluice.wg", 51820),
+        ] {
+            lab.set_config("encryption", value);
+            let sub6 = Ipv6Net::new(pods[1].v6, 64).unwrap().trunc().to_string();
+            assert!(
+                eventually(Duration::from_secs(20), || {
+                    let r = lab.ip_json(&n1, &["-6", "route", "show", &sub6]);
+                    r[0]["dev"] == dev
+                }),
+                "encryption {value}: {sub6} not via {dev}"
+            );
+            assert!(
+                eventually(Duration::from_secs(20), || {
+                    let s = lab.status();
+                    all_true(&s["reachability"]) && all_true(&s["reachabilityIpv6"])
+                }),
+                "encryption {value}: not all reachable"
+            );
+            outer_packets_are_ipv6(
+                &lab,
+                &pods[0],
+                &pods[1],
+                port,
+                &underlay_of(&pods[0]),
+                &underlay_of(&pods[1]),
+            );
+        }
+    }
+    let down = lab.down();
+    assert!(down.status.success(), "{}", output_text(&down));
+}
+
+/// IPv6 pod traffic leaving the cluster CIDR reaches the lab's internet (`fdff:203::1`, no
+/// route to pods) from its node's IPv6 address.
+fn ipv6_egress_is_masqueraded(lab: &Lab, pods: &[Pod]) {
+    let internet = format!("{}internet", lab.prefix());
+    let (addr, peers) = tcp_server(&internet, "[fdff:203::1]:0".parse().unwrap(), "world", 64);
+    for p in pods {
+        let (ns, name) = p.id.split_once('/').unwrap();
+        let netns = lab.pod_netns(ns, name);
+        assert!(
+            eventually(Duration::from_secs(10), || tcp_ask(&netns, addr)
+                .is_ok_and(|a| a == "world")),
+            "{} cannot reach the internet over IPv6",
+            p.id
+        );
+        let seen = peers.recv_timeout(Duration::from_secs(5)).unwrap();
+        while peers.try_recv().is_ok() {}
+        let node_addr = format!("fd00:31::{}", p.node.rsplit('-').next().unwrap());
+        assert_eq!(seen.ip().to_string(), node_addr, "{} seen as", p.id);
+    }
+}
+
+#[test]
+fn pods_reach_each_other_through_vxlan_over_an_ipv6_underlay() {
+    if !have_root() {
+        return;
+    }
+    v6_underlay_lab("none");
+}
+
+#[test]
+fn pods_reach_each_other_through_wireguard_over_an_ipv6_underlay() {
+    if !have_root() {
+        return;
+    }
+    v6_underlay_lab("wireguard");
+}
