@@ -70,9 +70,9 @@ impl HostportKernel for RtNetlink {
 fn hostport_error(e: HostportError) -> CniError {
     let code = match e {
         HostportError::Conflict { .. } => ErrorCode::PortConflict,
-        HostportError::NotAList
-        | HostportError::Invalid { .. }
-        | HostportError::NoIpv6 { .. } => ErrorCode::InvalidConfig,
+        HostportError::NotAList | HostportError::Invalid { .. } | HostportError::NoIpv6 { .. } => {
+            ErrorCode::InvalidConfig
+        }
     };
     CniError::new(code, format!("runtimeConfig.portMappings: {e}"))
 }
@@ -459,7 +459,12 @@ mod tests {
     fn admit_refuses_a_held_port_and_reserve_records_and_remembers() {
         let mut s = IpamState::default();
         admit(&s, &req("a"), &[m(8080)]).unwrap();
-        let r = reserve(&mut s, &req("a"), ("10.0.0.2".parse().unwrap(), None), &[m(8080)]);
+        let r = reserve(
+            &mut s,
+            &req("a"),
+            ("10.0.0.2".parse().unwrap(), None),
+            &[m(8080)],
+        );
         assert_eq!(r.previous, None);
         assert!(r.touches_rules());
         assert_eq!(s.hostports.len(), 1);
@@ -471,7 +476,12 @@ mod tests {
         );
         // The same attachment again is a replacement, not a conflict.
         admit(&s, &req("a"), &[m(8080), m(8081)]).unwrap();
-        let r = reserve(&mut s, &req("a"), ("10.0.0.2".parse().unwrap(), None), &[m(8081)]);
+        let r = reserve(
+            &mut s,
+            &req("a"),
+            ("10.0.0.2".parse().unwrap(), None),
+            &[m(8081)],
+        );
         assert_eq!(
             r.previous.as_ref().map(|p| p.mappings.clone()),
             Some(vec![m(8080)])

@@ -538,7 +538,11 @@ fn conflicts_are_per_family_of_host_ip() {
     for ip in ["fd00::2", "10.0.0.1"] {
         admit(
             &held,
-            &entry("b", "10.244.0.3", vec![m(8080, 80, HpProtocol::Tcp, Some(ip))]),
+            &entry(
+                "b",
+                "10.244.0.3",
+                vec![m(8080, 80, HpProtocol::Tcp, Some(ip))],
+            ),
         )
         .unwrap();
     }
@@ -548,7 +552,10 @@ fn conflicts_are_per_family_of_host_ip() {
         &entry("b", "10.244.0.3", vec![m(8080, 80, HpProtocol::Tcp, None)]),
     )
     .unwrap_err();
-    assert!(matches!(e, HostportError::Conflict { ref holder, .. } if holder == "a"), "{e}");
+    assert!(
+        matches!(e, HostportError::Conflict { ref holder, .. } if holder == "a"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -607,7 +614,8 @@ fn nft_maps_a_dual_stack_pod_in_each_family_its_mappings_apply_to() {
         "{delta}"
     );
     assert!(
-        delta.contains("add element inet sluice-hostport hp_any6 { tcp . 8080 : fd00:244::2 . 80 }"),
+        delta
+            .contains("add element inet sluice-hostport hp_any6 { tcp . 8080 : fd00:244::2 . 80 }"),
         "{delta}"
     );
     assert!(
@@ -645,7 +653,10 @@ COMMIT
     // The IPv4 rules are the IPv4 mappings only.
     let v4 = render_iptables(&entries);
     assert!(!v4.contains("5354") && !v4.contains("fd00"), "{v4}");
-    assert!(v4.contains("--dport 5353") && v4.contains("--dport 7000"), "{v4}");
+    assert!(
+        v4.contains("--dport 5353") && v4.contains("--dport 7000"),
+        "{v4}"
+    );
     // With no IPv6 pod the chains are declared (so emptied) and hold only the loopback return.
     assert_eq!(
         render_ip6tables(&entries[1..]),
@@ -665,17 +676,27 @@ fn check_finds_missing_ipv6_rules_in_the_ip6tables_listing() {
         ],
     );
     let mut save = render_ip6tables(std::slice::from_ref(&a));
-    assert_eq!(missing_rules(Listing::Ip6tables, &save, &a).len(), 3, "no jumps");
+    assert_eq!(
+        missing_rules(Listing::Ip6tables, &save, &a).len(),
+        3,
+        "no jumps"
+    );
     for (chain, spec) in iptables_jumps() {
         save.push_str(&format!("-A {chain} {}\n", spec.join(" ")));
     }
-    assert_eq!(missing_rules(Listing::Ip6tables, &save, &a), Vec::<String>::new());
+    assert_eq!(
+        missing_rules(Listing::Ip6tables, &save, &a),
+        Vec::<String>::new()
+    );
     let rule = "-A SLUICE-HP -p tcp -m tcp --dport 8080 -j DNAT --to-destination [fd00:244::2]:80";
     let save = save.replace(&format!("{rule}\n"), "");
     assert_eq!(missing_rules(Listing::Ip6tables, &save, &a), vec![rule]);
     // An IPv4-only entry has nothing to find in ip6tables; its IPv4 listing still needs its rules.
     let c = entry("c", "10.244.0.4", vec![m(7000, 7, HpProtocol::Tcp, None)]);
-    assert_eq!(missing_rules(Listing::Ip6tables, "", &c), Vec::<String>::new());
+    assert_eq!(
+        missing_rules(Listing::Ip6tables, "", &c),
+        Vec::<String>::new()
+    );
     // In nft, the dual-stack entry's IPv6 elements are looked for too.
     let missing = missing_rules(Listing::Nft, "", &a);
     assert!(
