@@ -115,7 +115,7 @@ impl HostportFirewall {
                     Ipv6Write::Write => self.restore_family(Family::V6, &render_ip6tables(entries)),
                     Ipv6Write::Remove => self.remove_family(Family::V6),
                     Ipv6Write::SweepIfPresent => {
-                        if self.present_family(Family::V6)? {
+                        if self.v6_present() {
                             self.remove_family(Family::V6)?;
                         }
                         Ok(())
@@ -238,9 +238,18 @@ impl HostportFirewall {
                 .status
                 .success()),
             HostportBackend::Iptables(_) => {
-                Ok(self.present_family(Family::V4)? || self.present_family(Family::V6)?)
+                Ok(self.present_family(Family::V4)? || self.v6_present())
             }
         }
+    }
+
+    /// Whether sluice's ip6tables chains are there; a node without a working ip6tables (the
+    /// binary missing) has none.
+    fn v6_present(&self) -> bool {
+        self.present_family(Family::V6).unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "ip6tables not usable: no IPv6 hostPort chains to remove");
+            false
+        })
     }
 
     /// Whether sluice's chains are in this family's nat table (never for IPv6 on a kernel
@@ -269,7 +278,7 @@ impl HostportFirewall {
             HostportBackend::Nftables => self.nft.script(&render_nft(&[])),
             HostportBackend::Iptables(_) => {
                 self.remove_family(Family::V4)?;
-                if self.present_family(Family::V6)? {
+                if self.v6_present() {
                     self.remove_family(Family::V6)?;
                 }
                 Ok(())

@@ -1570,10 +1570,13 @@ fn main() {
 /// veth's link-local `fe80::1` (a static neighbour entry, as sluice's gateway), the nodes routing
 /// the other node's `/64` through the VXLAN device to its `fd00:99:N::` (static neighbour and FDB
 /// entries), IPv6 forwarding on. Pod MTU 1450, as the IPv4 anchor's.
-fn handmade6_path(label: &'static str) -> Contender {
+///
+/// `like_sluice` (sluice's pod MTU) makes the like-for-like diagnostic, as for IPv4: the pods
+/// get sluice's MTU and each node sluice's own NAT, MSS and conntrack tables of both families.
+fn handmade6_path(label: &'static str, like_sluice: Option<u32>) -> Contender {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let tx_offload = sluice_net::vxlan::tx_checksum_offload_safe(release.trim());
-    let hand = hand_nodes("s", HAND_MTU);
+    let hand = hand_nodes("s", like_sluice.unwrap_or(HAND_MTU));
     let mac = |i: u8| format!("02:5b:00:00:00:{i:02x}");
     let pod_mac = |i: u8| format!("02:5c:00:00:00:{i:02x}");
     for (i, (n, p)) in (1..=2u8).zip(hand.nodes.iter().zip(&hand.pods)) {
@@ -1633,6 +1636,21 @@ fn handmade6_path(label: &'static str) -> Contender {
                 "permanent",
             ],
         );
+        if like_sluice.is_some() {
+            let untracked = sluice_net::masq::UntrackedTunnel {
+                underlay_ip: format!("172.31.0.{i}").parse().unwrap(),
+                port: 8472,
+            };
+            let (v4, v6): (ipnet::Ipv4Net, ipnet::Ipv6Net) = (
+                "10.99.0.0/16".parse().unwrap(),
+                "fd00:99::/32".parse().unwrap(),
+            );
+            let plan = sluice_net::masq::plan(v4, true, Some(untracked))
+                .with_ipv6(v6, true)
+                .with_mss_clamp(v4)
+                .with_mss_clamp(v6);
+            nft(n, &sluice_net::masq::render(&plan));
+        }
     }
     let node = hand.nodes[0].clone();
     let mut c = hand.contender(label, Some((node, "vxlan0")), Vec::new());
@@ -1648,10 +1666,15 @@ fn ipv6(args: &Args) {
     println!();
     let dual = ["--ip-family", "dual"];
     let sluice6 = sluice_lab_path("sluice VXLAN, IPv6 pods (dual lab, 2 nodes)", &dual);
+    let sluice_pod_mtu = pod_mtu(&sluice6.client);
     let paths = [
         sluice6,
-        handmade6_path("hand-made kernel VXLAN, IPv6 pods"),
+        handmade6_path("hand-made kernel VXLAN, IPv6 pods", None),
         handmade_path("hand-made kernel VXLAN, IPv4 pods", None),
+        handmade6_path(
+            "hand-made VXLAN, IPv6 pods + sluice's pod MTU and NAT/MSS/conntrack tables",
+            Some(sluice_pod_mtu),
+        ),
     ];
     let load_before = loadavg();
     let mut servers = Vec::new();
@@ -1703,7 +1726,8 @@ fn ipv6(args: &Args) {
         let target = match pi {
             0 => target_text.as_str(),
             1 => "(anchor)",
-            _ => "(IPv4 for comparison)",
+            2 => "(IPv4 for comparison)",
+            _ => "(diagnostic)",
         };
         println!(
             "| {} | {} | {:.2} ({}) | {:.2} ({}) | {:.3} | {:.3} | {target} |",
@@ -1730,6 +1754,12 @@ fn ipv6(args: &Args) {
         } else {
             "NOT met"
         }
+    );
+    println!(
+        "sluice IPv6 / hand-made IPv6 VXLAN with sluice's pod MTU and tables (like-for-like, \
+         diagnostic): {:.3} (1 stream), {:.3} (4 streams)",
+        med[0][0] / med[3][0],
+        med[0][1] / med[3][1]
     );
     println!("VXLAN devices compared (server side), and the pods' MTU:");
     for p in &paths {
