@@ -501,13 +501,14 @@ mod tests {
             container_id: "a".into(),
             ifname: "eth0".into(),
             pod_ip: Ipv4Addr::new(10, 244, 1, 2),
+            pod_ip6: None,
             mappings: vec![
                 PortMapping::new(HpProtocol::Tcp, 8080, 80, None),
                 PortMapping::new(
                     HpProtocol::Udp,
                     5353,
                     53,
-                    Some(Ipv4Addr::new(198, 51, 100, 1)),
+                    Some(Ipv4Addr::new(198, 51, 100, 1).into()),
                 ),
             ],
         };

@@ -12,11 +12,18 @@
 //!   addresses of the node (`fib daddr type local` / `-m addrtype --dst-type LOCAL`);
 //! - masquerade of DNATed traffic whose source is loopback (so the reply can come back) or the
 //!   pod itself (hairpin: the pod reaching its own hostPort).
+//!
+//! A pod with an IPv6 address (a dual-stack node) gets the same for IPv6: a mapping without a
+//! `hostIP` is DNATed in both families (to the pod's IPv4 or IPv6 address), one with an IPv6
+//! `hostIP` in IPv6 only (nftables maps `hp_ip6`/`hp_any6` and set `hairpin6` in the same inet
+//! table; the same chain names in ip6tables' nat table). `[::1]:hostPort` is not mapped, as the
+//! portmap plugin does not map it: IPv6 has no `route_localnet`, so a packet from `::1` may never
+//! leave the node towards the pod; such connections reach whatever listens on the node itself.
 
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The nftables table holding every hostPort rule.
 pub const NFT_TABLE: &str = "sluice-hostport";
@@ -54,9 +61,10 @@ pub struct PortMapping {
     pub host_port: u16,
     pub container_port: u16,
     pub protocol: HpProtocol,
-    /// `None` for every address of the node (`hostIP` absent, empty or `0.0.0.0`).
+    /// `None` for every address of the node, of both families (`hostIP` absent, empty,
+    /// `0.0.0.0` or `::`).
     #[serde(default, rename = "hostIP", skip_serializing_if = "Option::is_none")]
-    pub host_ip: Option<Ipv4Addr>,
+    pub host_ip: Option<IpAddr>,
 }
 
 impl PortMapping {
@@ -65,7 +73,7 @@ impl PortMapping {
         protocol: HpProtocol,
         host_port: u16,
         container_port: u16,
-        host_ip: Option<Ipv4Addr>,
+        host_ip: Option<IpAddr>,
     ) -> Self {
         PortMapping {
             host_port,
@@ -73,6 +81,16 @@ impl PortMapping {
             protocol,
             host_ip,
         }
+    }
+
+    /// Whether the mapping applies to IPv4 traffic (no `hostIP`, or an IPv4 one).
+    pub fn v4(&self) -> bool {
+        !matches!(self.host_ip, Some(IpAddr::V6(_)))
+    }
+
+    /// Whether the mapping applies to IPv6 traffic (no `hostIP`, or an IPv6 one).
+    pub fn v6(&self) -> bool {
+        !matches!(self.host_ip, Some(IpAddr::V4(_)))
     }
 }
 
@@ -84,6 +102,9 @@ pub struct HostportEntry {
     pub container_id: String,
     pub ifname: String,
     pub pod_ip: Ipv4Addr,
+    /// The pod's IPv6 address, on a dual-stack node (absent in state written before IPv6).
+    #[serde(default, rename = "podIP6", skip_serializing_if = "Option::is_none")]
+    pub pod_ip6: Option<Ipv6Addr>,
     pub mappings: Vec<PortMapping>,
 }
 
@@ -100,6 +121,10 @@ pub enum HostportError {
         host_ip: String,
         holder: String,
     },
+    #[error(
+        "portMappings[{index}]: hostIP {host_ip} is IPv6 but this node gives pods no IPv6 address"
+    )]
+    NoIpv6 { index: usize, host_ip: Ipv6Addr },
 }
 
 fn port(v: Option<&Value>, index: usize, field: &str) -> Result<u16, HostportError> {
@@ -114,7 +139,7 @@ fn port(v: Option<&Value>, index: usize, field: &str) -> Result<u16, HostportErr
 }
 
 /// Checks `runtimeConfig.portMappings` (`null` or absent means none). Duplicate entries collapse;
-/// an IPv6 `hostIP` is refused (sluice's pods are IPv4).
+/// `hostIP` may be of either family (`0.0.0.0` and `::` mean every address).
 pub fn parse_mappings(v: Option<&Value>) -> Result<Vec<PortMapping>, HostportError> {
     let list = match v {
         None | Some(Value::Null) => return Ok(Vec::new()),
@@ -142,11 +167,18 @@ pub fn parse_mappings(v: Option<&Value>) -> Result<Vec<PortMapping>, HostportErr
         let host_ip = match obj.get("hostIP") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if s.is_empty() => None,
-            Some(Value::String(s)) => match s.parse::<Ipv4Addr>() {
+            Some(Value::String(s)) => match s.parse::<IpAddr>() {
                 Ok(a) if a.is_unspecified() => None,
+                Ok(IpAddr::V6(a)) if a.is_unicast_link_local() => {
+                    return Err(invalid(format!(
+                        "hostIP {s:?} is link-local (a zone would be needed)"
+                    )));
+                }
+                // An IPv4-mapped IPv6 address is its IPv4 address.
+                Ok(IpAddr::V6(a)) => Some(a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4)),
                 Ok(a) => Some(a),
                 Err(_) => {
-                    return Err(invalid(format!("hostIP {s:?} is not an IPv4 address")));
+                    return Err(invalid(format!("hostIP {s:?} is not an IP address")));
                 }
             },
             Some(other) => return Err(invalid(format!("hostIP {other} is not a string"))),
@@ -175,6 +207,20 @@ pub fn parse_mappings(v: Option<&Value>) -> Result<Vec<PortMapping>, HostportErr
         }
     }
     Ok(out)
+}
+
+/// Refuses a mapping with an IPv6 `hostIP` on a node whose pods get no IPv6 address (kube's
+/// portmap would silently map nothing). `mappings` as [`parse_mappings`] returns them.
+pub fn check_families(mappings: &[PortMapping], pod_has_v6: bool) -> Result<(), HostportError> {
+    if pod_has_v6 {
+        return Ok(());
+    }
+    for (index, m) in mappings.iter().enumerate() {
+        if let Some(IpAddr::V6(host_ip)) = m.host_ip {
+            return Err(HostportError::NoIpv6 { index, host_ip });
+        }
+    }
+    Ok(())
 }
 
 /// Whether two mappings claim the same host socket.
@@ -251,18 +297,40 @@ pub fn retain_valid(entries: &[HostportEntry], valid: &[(String, String)]) -> Ve
 fn ordered(entries: &[HostportEntry]) -> Vec<(Ipv4Addr, PortMapping)> {
     let mut rules: Vec<(Ipv4Addr, PortMapping)> = entries
         .iter()
-        .flat_map(|e| e.mappings.iter().map(move |m| (e.pod_ip, *m)))
+        .flat_map(|e| {
+            e.mappings
+                .iter()
+                .filter(|m| m.v4())
+                .map(move |m| (e.pod_ip, *m))
+        })
+        .collect();
+    rules.sort_by_key(|(ip, m)| (m.host_ip.is_none(), m.host_port, m.protocol, *ip));
+    rules
+}
+
+/// The IPv6 rules, as [`ordered`]: the mappings without a `hostIP` or with an IPv6 one of the
+/// entries that have an IPv6 address.
+fn ordered6(entries: &[HostportEntry]) -> Vec<(Ipv6Addr, PortMapping)> {
+    let mut rules: Vec<(Ipv6Addr, PortMapping)> = entries
+        .iter()
+        .filter_map(|e| e.pod_ip6.map(|ip6| (e, ip6)))
+        .flat_map(|(e, ip6)| e.mappings.iter().filter(|m| m.v6()).map(move |m| (ip6, *m)))
         .collect();
     rules.sort_by_key(|(ip, m)| (m.host_ip.is_none(), m.host_port, m.protocol, *ip));
     rules
 }
 
 fn pod_ips(entries: &[HostportEntry]) -> BTreeSet<Ipv4Addr> {
-    entries
-        .iter()
-        .filter(|e| !e.mappings.is_empty())
-        .map(|e| e.pod_ip)
-        .collect()
+    ordered(entries).into_iter().map(|(ip, _)| ip).collect()
+}
+
+fn pod_ips6(entries: &[HostportEntry]) -> BTreeSet<Ipv6Addr> {
+    ordered6(entries).into_iter().map(|(ip, _)| ip).collect()
+}
+
+/// Whether any of `entries` has an IPv6 rule (else ip6tables is not touched).
+pub fn has_v6(entries: &[HostportEntry]) -> bool {
+    !ordered6(entries).is_empty()
 }
 
 /// The nftables map of mappings with a `hostIP`: (address . protocol . hostPort) to
@@ -273,11 +341,25 @@ pub const NFT_MAP_IP: &str = "hp_ip";
 pub const NFT_MAP_ANY: &str = "hp_any";
 /// The nftables set of (pod . pod) pairs whose DNATed traffic is masqueraded (hairpin).
 pub const NFT_SET_HAIRPIN: &str = "hairpin";
+/// [`NFT_MAP_IP`] for IPv6: (IPv6 address . protocol . hostPort) to (IPv6 pod . containerPort).
+pub const NFT_MAP_IP6: &str = "hp_ip6";
+/// [`NFT_MAP_ANY`] for IPv6: (protocol . hostPort) to (IPv6 pod . containerPort).
+pub const NFT_MAP_ANY6: &str = "hp_any6";
+/// [`NFT_SET_HAIRPIN`] for IPv6 pods.
+pub const NFT_SET_HAIRPIN6: &str = "hairpin6";
+const NFT_SETS: [&str; 6] = [
+    NFT_MAP_IP,
+    NFT_MAP_ANY,
+    NFT_SET_HAIRPIN,
+    NFT_MAP_IP6,
+    NFT_MAP_ANY6,
+    NFT_SET_HAIRPIN6,
+];
 
 /// One element of sluice's nftables maps and set.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct NftElement {
-    /// [`NFT_MAP_IP`], [`NFT_MAP_ANY`] or [`NFT_SET_HAIRPIN`].
+    /// One of [`NFT_MAP_IP`], [`NFT_MAP_ANY`], [`NFT_SET_HAIRPIN`] or their IPv6 twins.
     pub set: &'static str,
     pub key: String,
     /// The mapped value (maps only).
@@ -294,32 +376,49 @@ impl NftElement {
     }
 }
 
-/// One mapping's element: in [`NFT_MAP_IP`] with a `hostIP`, else in [`NFT_MAP_ANY`].
-pub fn nft_element(pod: Ipv4Addr, m: &PortMapping) -> NftElement {
+/// One mapping's element for the pod address `pod`: in [`NFT_MAP_IP`] with a `hostIP`, else in
+/// [`NFT_MAP_ANY`] (their IPv6 twins for an IPv6 `pod`). `m` must apply to `pod`'s family.
+pub fn nft_element(pod: IpAddr, m: &PortMapping) -> NftElement {
     let key = format!("{} . {}", m.protocol.as_str(), m.host_port);
     let value = Some(format!("{pod} . {}", m.container_port));
+    let (with_ip, any) = if pod.is_ipv6() {
+        (NFT_MAP_IP6, NFT_MAP_ANY6)
+    } else {
+        (NFT_MAP_IP, NFT_MAP_ANY)
+    };
     match m.host_ip {
         Some(a) => NftElement {
-            set: NFT_MAP_IP,
+            set: with_ip,
             key: format!("{a} . {key}"),
             value,
         },
         None => NftElement {
-            set: NFT_MAP_ANY,
+            set: any,
             key,
             value,
         },
     }
 }
 
-/// Every element `entries` put in sluice's table: one per mapping, and a hairpin pair per pod.
+/// Every element `entries` put in sluice's table: one per mapping and family, and a hairpin
+/// pair per pod address.
 pub fn nft_elements(entries: &[HostportEntry]) -> BTreeSet<NftElement> {
     let mut out: BTreeSet<NftElement> = ordered(entries)
         .iter()
-        .map(|(pod, m)| nft_element(*pod, m))
+        .map(|(pod, m)| nft_element(IpAddr::V4(*pod), m))
         .collect();
+    out.extend(
+        ordered6(entries)
+            .iter()
+            .map(|(pod, m)| nft_element(IpAddr::V6(*pod), m)),
+    );
     out.extend(pod_ips(entries).into_iter().map(|pod| NftElement {
         set: NFT_SET_HAIRPIN,
+        key: format!("{pod} . {pod}"),
+        value: None,
+    }));
+    out.extend(pod_ips6(entries).into_iter().map(|pod| NftElement {
+        set: NFT_SET_HAIRPIN6,
         key: format!("{pod} . {pod}"),
         value: None,
     }));
@@ -329,7 +428,7 @@ pub fn nft_elements(entries: &[HostportEntry]) -> BTreeSet<NftElement> {
 /// `verb element` lines for `elements`, one per set, keys only when `keys_only` (deletion).
 fn element_lines(verb: &str, elements: &[&NftElement], keys_only: bool) -> String {
     let mut s = String::new();
-    for set in [NFT_MAP_IP, NFT_MAP_ANY, NFT_SET_HAIRPIN] {
+    for set in NFT_SETS {
         let these: Vec<String> = elements
             .iter()
             .filter(|e| e.set == set)
@@ -393,6 +492,27 @@ fn iptables_hairpin(pod: Ipv4Addr) -> String {
     format!("-A {IPT_POST_CHAIN} -s {pod}/32 -d {pod}/32 -m conntrack --ctstate DNAT -j MASQUERADE")
 }
 
+/// [`iptables_rule`] for ip6tables: one mapping's DNAT to the pod's IPv6 address.
+pub fn ip6tables_rule(pod: Ipv6Addr, m: &PortMapping) -> String {
+    let daddr = m.host_ip.map_or(String::new(), |a| format!("-d {a}/128 "));
+    let p = m.protocol.as_str();
+    format!(
+        "-A {IPT_CHAIN} {daddr}-p {p} -m {p} --dport {hp} -j DNAT --to-destination [{pod}]:{cp}",
+        hp = m.host_port,
+        cp = m.container_port
+    )
+}
+
+fn ip6tables_hairpin(pod: Ipv6Addr) -> String {
+    format!(
+        "-A {IPT_POST_CHAIN} -s {pod}/128 -d {pod}/128 -m conntrack --ctstate DNAT -j MASQUERADE"
+    )
+}
+
+/// The first rule of ip6tables' [`IPT_CHAIN`]: `[::1]:hostPort` is left to the node (see the
+/// module's note).
+const IP6T_LOOPBACK: &str = "-A SLUICE-HP -d ::1/128 -j RETURN";
+
 /// Which rule text [`missing_rules`] looks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listing {
@@ -400,6 +520,8 @@ pub enum Listing {
     Nft,
     /// `iptables-save -t nat`.
     Iptables,
+    /// `ip6tables-save -t nat` (the IPv6 rules of an entry with an IPv6 address).
+    Ip6tables,
 }
 
 /// CHECK: the rules of `entry` (and the hooks that lead to them) that `listing` lacks, as
@@ -443,9 +565,32 @@ pub fn missing_rules(kind: Listing, listing: &str, entry: &HostportEntry) -> Vec
                 entry
                     .mappings
                     .iter()
+                    .filter(|m| m.v4())
                     .map(|m| iptables_rule(entry.pod_ip, m)),
             );
-            want.push(iptables_hairpin(entry.pod_ip));
+            if entry.mappings.iter().any(PortMapping::v4) {
+                want.push(iptables_hairpin(entry.pod_ip));
+            }
+        }
+        Listing::Ip6tables => {
+            let Some(ip6) = entry.pod_ip6 else {
+                return want;
+            };
+            if !entry.mappings.iter().any(PortMapping::v6) {
+                return want;
+            }
+            for (chain, spec) in iptables_jumps() {
+                want.push(format!("-A {chain} {}", spec.join(" ")));
+            }
+            want.push(IP6T_LOOPBACK.to_string());
+            want.extend(
+                entry
+                    .mappings
+                    .iter()
+                    .filter(|m| m.v6())
+                    .map(|m| ip6tables_rule(ip6, m)),
+            );
+            want.push(ip6tables_hairpin(ip6));
         }
     }
     want.retain(|w| !lines.contains(w.as_str()));
@@ -454,12 +599,16 @@ pub fn missing_rules(kind: Listing, listing: &str, entry: &HostportEntry) -> Vec
 
 /// The rules of sluice's table, whatever its mappings (they live in its maps and set), as
 /// `nft list` prints them.
-const NFT_RULES: [&str; 5] = [
+const NFT_RULES: [&str; 9] = [
     "fib daddr type local jump hostports",
+    "ip6 daddr ::1 return",
     "dnat ip to ip daddr . meta l4proto . th dport map @hp_ip",
     "dnat ip to meta l4proto . th dport map @hp_any",
+    "dnat ip6 to ip6 daddr . meta l4proto . th dport map @hp_ip6",
+    "dnat ip6 to meta l4proto . th dport map @hp_any6",
     "ct status dnat ip saddr 127.0.0.0/8 masquerade",
     "ct status dnat ip saddr . ip daddr @hairpin masquerade",
+    "ct status dnat ip6 saddr . ip6 daddr @hairpin6 masquerade",
 ];
 
 /// The `nft -f -` script that makes table `inet sluice-hostport` hold exactly `entries`'
@@ -488,6 +637,18 @@ pub fn render_nft(entries: &[HostportEntry]) -> String {
     );
     let _ = writeln!(
         s,
+        "  map {NFT_MAP_IP6} {{ type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service; }}"
+    );
+    let _ = writeln!(
+        s,
+        "  map {NFT_MAP_ANY6} {{ type inet_proto . inet_service : ipv6_addr . inet_service; }}"
+    );
+    let _ = writeln!(
+        s,
+        "  set {NFT_SET_HAIRPIN6} {{ type ipv6_addr . ipv6_addr; }}"
+    );
+    let _ = writeln!(
+        s,
         "  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    {}\n  }}",
         NFT_RULES[0]
     );
@@ -498,13 +659,13 @@ pub fn render_nft(entries: &[HostportEntry]) -> String {
     );
     let _ = writeln!(
         s,
-        "  chain hostports {{\n    {}\n    {}\n  }}",
-        NFT_RULES[1], NFT_RULES[2]
+        "  chain hostports {{\n    {}\n  }}",
+        NFT_RULES[1..6].join("\n    ")
     );
     let _ = writeln!(
         s,
-        "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    {}\n    {}\n  }}\n}}",
-        NFT_RULES[3], NFT_RULES[4]
+        "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    {}\n  }}\n}}",
+        NFT_RULES[6..].join("\n    ")
     );
     let all: Vec<&NftElement> = elements.iter().collect();
     s.push_str(&element_lines("add", &all, false));
@@ -530,7 +691,22 @@ pub fn render_iptables(entries: &[HostportEntry]) -> String {
     s
 }
 
-/// The jumps into sluice's chains, as (built-in chain, rule spec) for `iptables -t nat -C/-A`.
+/// [`render_iptables`] for `ip6tables-restore --noflush`: the IPv6 rules of `entries` in the same
+/// chain names of ip6tables' nat table (`[::1]` returned first, no loopback masquerade).
+pub fn render_ip6tables(entries: &[HostportEntry]) -> String {
+    let mut s = format!("*nat\n:{IPT_CHAIN} - [0:0]\n:{IPT_POST_CHAIN} - [0:0]\n{IP6T_LOOPBACK}\n");
+    for (pod, m) in ordered6(entries) {
+        let _ = writeln!(s, "{}", ip6tables_rule(pod, &m));
+    }
+    for pod in pod_ips6(entries) {
+        let _ = writeln!(s, "{}", ip6tables_hairpin(pod));
+    }
+    s.push_str("COMMIT\n");
+    s
+}
+
+/// The jumps into sluice's chains, as (built-in chain, rule spec) for `iptables -t nat -C/-A`
+/// (the same in ip6tables).
 pub fn iptables_jumps() -> Vec<(&'static str, Vec<&'static str>)> {
     let local = ["-m", "addrtype", "--dst-type", "LOCAL", "-j", IPT_CHAIN];
     vec![

@@ -7,7 +7,6 @@ use crate::lab::in_netns;
 use crate::{run, sh, unique};
 use serde_json::Value;
 use std::io::{Read, Write};
-use std::net::Ipv4Addr;
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::process::Stdio;
@@ -321,7 +320,8 @@ pub fn iperf_server(ns: &str) -> Guard {
 }
 
 /// One iperf3 run from `ns` to `server`: received Gbit/s.
-pub fn iperf(ns: &str, server: Ipv4Addr, secs: u32, streams: u32) -> f64 {
+pub fn iperf(ns: &str, server: impl Into<std::net::IpAddr>, secs: u32, streams: u32) -> f64 {
+    let server: std::net::IpAddr = server.into();
     let mut last = String::new();
     for _attempt in 0..3 {
         let out = run(Command::new("timeout")

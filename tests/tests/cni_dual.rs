@@ -1,7 +1,8 @@
 //! The CNI plugin on a dual-stack node (subnet.env with the IPv6 pair, written here by hand as the
 //! agent does not write it yet): the built binary ADDs two pods in namespaces this test made,
 //! each gets an IPv4 /32 and an IPv6 /128, they reach each other over both families, and DEL
-//! leaves nothing of either.
+//! leaves nothing of either; every version of the conflist's `cniVersions` gets both families;
+//! either family running out fails the ADD cleanly and gives the other family's address back.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -25,7 +26,7 @@ fn addresses(result: &Value, version: &str, prefix6: &str) -> (Ipv4Addr, Ipv6Add
     assert_eq!(ips[0]["gateway"], "169.254.1.1", "{result}");
     assert_eq!(ips[1]["gateway"], GATEWAY_V6, "{result}");
     assert!(ips.iter().all(|ip| ip["interface"] == 1), "{result}");
-    if version == "0.4.0" {
+    if version.starts_with("0.") {
         assert_eq!(
             (&ips[0]["version"], &ips[1]["version"]),
             (&json!("4"), &json!("6"))
@@ -298,4 +299,125 @@ fn a_failed_dual_add_and_gc_leave_nothing_of_either_family() {
         .assert_ok();
     assert!(node.allocations().is_empty() && node.allocations_v6().is_empty());
     assert!(node.pod_links().is_empty() && node.pod_routes_v6().is_empty());
+}
+
+#[test]
+fn every_version_the_conflist_lists_gets_both_families_and_del_leaves_nothing() {
+    if !have_root() {
+        return;
+    }
+    let node = CniNode::new(None);
+    node.set_dual_subnet_env(
+        "10.244.0.0/16",
+        "10.244.11.0/24",
+        "fd00:10:244::/56",
+        "fd00:10:244:b::/64",
+    );
+    // The agent's conflist: cniVersion 1.0.0, cniVersions [0.3.1, 0.4.0, 1.0.0, 1.1.0].
+    let versions = ["0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+    let pods: Vec<Netns> = versions.iter().map(|_| Netns::new("v")).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for (version, pod) in versions.iter().zip(&pods) {
+        let conf = node.conf(version, json!({}));
+        let id = format!("ver{}", version.replace('.', ""));
+        let out = node
+            .call("ADD", &id, Some(&pod.path()), &conf)
+            .assert_ok()
+            .json();
+        let (v4, v6) = addresses(&out, version, "fd00:10:244:b:");
+        assert!(seen.insert(v4) && seen.len() <= versions.len());
+        assert_eq!(
+            node.allocations_v6()[&v6.to_string()]["containerID"],
+            id.as_str()
+        );
+        // CHECK exists from 0.4.0 on; with the result as prevResult it finds both families.
+        if *version != "0.3.1" {
+            let mut checked = conf.clone();
+            checked["prevResult"] = out.clone();
+            node.call("CHECK", &id, Some(&pod.path()), &checked)
+                .assert_ok();
+        }
+    }
+    assert_eq!(node.allocations().len(), versions.len());
+    assert_eq!(node.allocations_v6().len(), versions.len());
+    assert_eq!(node.pod_routes_v6().len(), versions.len());
+    for (version, pod) in versions.iter().zip(&pods) {
+        let id = format!("ver{}", version.replace('.', ""));
+        node.call(
+            "DEL",
+            &id,
+            Some(&pod.path()),
+            &node.conf(version, json!({})),
+        )
+        .assert_ok();
+        assert!(pod.links().iter().all(|l| l == "lo"), "{version}");
+    }
+    assert!(node.allocations().is_empty() && node.allocations_v6().is_empty());
+    assert!(node.pod_links().is_empty());
+    assert!(node.pod_routes().is_empty() && node.pod_routes_v6().is_empty());
+}
+
+#[test]
+fn an_exhausted_ipv4_subnet_fails_the_add_and_holds_no_ipv6_address() {
+    if !have_root() {
+        return;
+    }
+    // A /28 of IPv4 beside a /64 of IPv6: IPv4 runs out first.
+    let node = CniNode::new(None);
+    node.set_dual_subnet_env(
+        "10.244.0.0/16",
+        "10.244.12.0/28",
+        "fd00:10:244::/56",
+        "fd00:10:244:c::/64",
+    );
+    let conf = node.conf("1.1.0", json!({}));
+    let pods: Vec<Netns> = (0..17).map(|_| Netns::new("y")).collect();
+    let mut added = 0;
+    let mut refused = None;
+    for (i, pod) in pods.iter().enumerate() {
+        let out = node.call("ADD", &format!("v4full{i}"), Some(&pod.path()), &conf);
+        if out.exit != 0 {
+            refused = Some((i, out));
+            break;
+        }
+        out.assert_ok();
+        added += 1;
+    }
+    let (failed, out) = refused.expect("a /28 cannot hold 17 pods");
+    assert!(added >= 1, "no pod fitted at all: {out:?}");
+    assert_eq!(out.error_code(), 101, "{out:?}");
+    assert!(out.stdout.contains("10.244.12.0/28"), "{out:?}");
+    // Nothing of the failed ADD: no IPv6 address held for it, no veth, no route.
+    assert_eq!(node.allocations().len(), added);
+    assert_eq!(
+        node.allocations_v6().len(),
+        added,
+        "the failed ADD holds no IPv6 address"
+    );
+    assert!(node
+        .allocations_v6()
+        .values()
+        .all(|o| o["containerID"] != format!("v4full{failed}").as_str()));
+    assert_eq!(node.pod_links().len(), added);
+    assert_eq!(node.pod_routes_v6().len(), added);
+    assert!(pods[failed].links().iter().all(|l| l == "lo"));
+    // A DEL frees an address of each family; the next ADD fits again.
+    node.call("DEL", "v4full0", Some(&pods[0].path()), &conf)
+        .assert_ok();
+    node.call(
+        "ADD",
+        &format!("v4full{failed}"),
+        Some(&pods[failed].path()),
+        &conf,
+    )
+    .assert_ok();
+    assert_eq!(node.allocations().len(), added);
+    assert_eq!(node.allocations_v6().len(), added);
+    for (i, pod) in pods.iter().enumerate().take(failed + 1).skip(1) {
+        node.call("DEL", &format!("v4full{i}"), Some(&pod.path()), &conf)
+            .assert_ok();
+    }
+    assert!(node.allocations().is_empty() && node.allocations_v6().is_empty());
+    assert!(node.pod_links().is_empty());
+    assert!(node.pod_routes().is_empty() && node.pod_routes_v6().is_empty());
 }

@@ -19,7 +19,7 @@ use sluice_policy::hostport::{
 };
 use sluice_policy::{Exec, FirewallError, IptablesMode};
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use tracing::{info, warn};
 
 /// What the hostPort steps do to the node. `backend` is subnet.env's `SLUICE_POLICY_BACKEND`
@@ -70,7 +70,9 @@ impl HostportKernel for RtNetlink {
 fn hostport_error(e: HostportError) -> CniError {
     let code = match e {
         HostportError::Conflict { .. } => ErrorCode::PortConflict,
-        HostportError::NotAList | HostportError::Invalid { .. } => ErrorCode::InvalidConfig,
+        HostportError::NotAList | HostportError::Invalid { .. } | HostportError::NoIpv6 { .. } => {
+            ErrorCode::InvalidConfig
+        }
     };
     CniError::new(code, format!("runtimeConfig.portMappings: {e}"))
 }
@@ -80,6 +82,12 @@ fn firewall_error(e: FirewallError) -> CniError {
         ErrorCode::Kernel,
         format!("writing the hostPort rules: {e}"),
     )
+}
+
+/// ADD, before anything is allocated: a mapping with an IPv6 `hostIP` needs a pod with an
+/// IPv6 address (`pod_has_v6`: the node holds an IPv6 subnet).
+pub fn check_families(mappings: &[PortMapping], pod_has_v6: bool) -> Result<(), CniError> {
+    hostport::check_families(mappings, pod_has_v6).map_err(hostport_error)
 }
 
 /// The mappings the runtime asks for (`runtimeConfig.portMappings`), checked; none when the
@@ -95,11 +103,15 @@ pub fn requested(conf: &NetConf) -> Result<Vec<PortMapping>, CniError> {
     hostport::parse_mappings(mappings.as_ref()).map_err(hostport_error)
 }
 
-fn entry(req: &Request, pod_ip: Ipv4Addr, mappings: &[PortMapping]) -> HostportEntry {
+/// The pod's addresses: IPv4, and IPv6 on a dual-stack node.
+pub type PodAddrs = (Ipv4Addr, Option<Ipv6Addr>);
+
+fn entry(req: &Request, (pod_ip, pod_ip6): PodAddrs, mappings: &[PortMapping]) -> HostportEntry {
     HostportEntry {
         container_id: req.container_id.clone(),
         ifname: req.ifname.clone(),
         pod_ip,
+        pod_ip6,
         mappings: mappings.to_vec(),
     }
 }
@@ -134,7 +146,7 @@ pub fn admit(state: &IpamState, req: &Request, mappings: &[PortMapping]) -> Resu
     }
     hostport::admit(
         &state.hostports,
-        &entry(req, Ipv4Addr::UNSPECIFIED, mappings),
+        &entry(req, (Ipv4Addr::UNSPECIFIED, None), mappings),
     )
     .map_err(hostport_error)
 }
@@ -144,7 +156,7 @@ pub fn admit(state: &IpamState, req: &Request, mappings: &[PortMapping]) -> Resu
 pub fn reserve(
     state: &mut IpamState,
     req: &Request,
-    address: Ipv4Addr,
+    address: PodAddrs,
     mappings: &[PortMapping],
 ) -> Reserved {
     let previous = existing(state, req).cloned();
@@ -174,7 +186,8 @@ fn write_all<K: HostportKernel>(
         .map_err(firewall_error)
 }
 
-/// ADD, once the pod is wired: loopback may reach the pod's veth, and the rules of every
+/// ADD, once the pod is wired: IPv4 loopback may reach the pod's veth (IPv6 has no such
+/// switch: `[::1]:hostPort` is not mapped), and the rules of every
 /// attachment are written. The attachment's entry is confirmed under the lock (the agent's
 /// sweep may have taken it while the veth did not exist yet). Nothing to do for a pod that
 /// has and had no mappings.
@@ -182,7 +195,7 @@ pub fn activate<K: HostportKernel>(
     conf: &NetConf,
     store: &IpamStore,
     req: &Request,
-    address: Ipv4Addr,
+    address: PodAddrs,
     host_ifname: &str,
     reserved: &Reserved,
     kernel: &mut K,
@@ -375,7 +388,7 @@ pub fn restore(
     let live = live_entries(&lock.state, host_links);
     let swept = lock.state.hostports.len() - live.len();
     for gone in lock.state.hostports.iter().filter(|e| !live.contains(e)) {
-        info!(container_id = gone.container_id, pod_ip = %gone.pod_ip, "dropping the hostPorts of a pod that is gone");
+        info!(container_id = gone.container_id, pod_ip = %gone.pod_ip, pod_ip6 = ?gone.pod_ip6, "dropping the hostPorts of a pod that is gone");
     }
     let fw = HostportFirewall::new(exec.clone(), backend);
     if live.is_empty() {
@@ -446,7 +459,12 @@ mod tests {
     fn admit_refuses_a_held_port_and_reserve_records_and_remembers() {
         let mut s = IpamState::default();
         admit(&s, &req("a"), &[m(8080)]).unwrap();
-        let r = reserve(&mut s, &req("a"), "10.0.0.2".parse().unwrap(), &[m(8080)]);
+        let r = reserve(
+            &mut s,
+            &req("a"),
+            ("10.0.0.2".parse().unwrap(), None),
+            &[m(8080)],
+        );
         assert_eq!(r.previous, None);
         assert!(r.touches_rules());
         assert_eq!(s.hostports.len(), 1);
@@ -458,13 +476,18 @@ mod tests {
         );
         // The same attachment again is a replacement, not a conflict.
         admit(&s, &req("a"), &[m(8080), m(8081)]).unwrap();
-        let r = reserve(&mut s, &req("a"), "10.0.0.2".parse().unwrap(), &[m(8081)]);
+        let r = reserve(
+            &mut s,
+            &req("a"),
+            ("10.0.0.2".parse().unwrap(), None),
+            &[m(8081)],
+        );
         assert_eq!(
             r.previous.as_ref().map(|p| p.mappings.clone()),
             Some(vec![m(8080)])
         );
         // A pod without mappings that had none touches nothing.
-        let r = reserve(&mut s, &req("c"), "10.0.0.3".parse().unwrap(), &[]);
+        let r = reserve(&mut s, &req("c"), ("10.0.0.3".parse().unwrap(), None), &[]);
         assert!(!r.touches_rules());
         assert_eq!(s.hostports.len(), 1);
     }
@@ -487,7 +510,12 @@ mod tests {
         let mut s = IpamState::default();
         for (id, ip) in [("a", "10.0.0.2"), ("b", "10.0.0.3"), ("c", "10.0.0.4")] {
             let ip: Ipv4Addr = ip.parse().unwrap();
-            reserve(&mut s, &req(id), ip, &[m(8000 + u16::from(ip.octets()[3]))]);
+            reserve(
+                &mut s,
+                &req(id),
+                (ip, None),
+                &[m(8000 + u16::from(ip.octets()[3]))],
+            );
         }
         // a: allocated and wired; b: allocated, veth gone; c: address freed (or now another's).
         s.allocations

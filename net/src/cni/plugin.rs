@@ -80,13 +80,15 @@ pub async fn add<K: PodKernel + HostportKernel>(
     let env = node_subnet(conf)?;
     let mtu = conf.mtu.unwrap_or(env.mtu);
     let mappings = hostport::requested(conf)?;
+    hostport::check_families(&mappings, env.v6.is_some())?;
     let store = IpamStore::new(&conf.ipam_dir);
     let owner = owner(req);
     // An address of each family the node holds, both or neither.
     let (got, reserved) = store.update(|s| -> Result<_, CniError> {
         hostport::admit(s, req, &mappings)?;
         let got = allocate(s, &env, &owner)?;
-        Ok((got, hostport::reserve(s, req, got.v4.0, &mappings)))
+        let addrs = (got.v4.0, got.v6.map(|(ip, _)| ip));
+        Ok((got, hostport::reserve(s, req, addrs, &mappings)))
     })??;
     let address = got.v4.0;
     let address_v6 = got.v6.map(|(ip, _)| ip);
@@ -96,7 +98,7 @@ pub async fn add<K: PodKernel + HostportKernel>(
             conf,
             &store,
             req,
-            address,
+            (address, address_v6),
             &plan.host_ifname,
             &reserved,
             kernel,

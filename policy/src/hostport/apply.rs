@@ -2,8 +2,8 @@
 //! [`IptablesRestore`], through [`Exec`]), in the backend the agent resolved for the policy.
 
 use super::{
-    iptables_jumps, missing_rules, nft_delta, render_iptables, render_nft, HostportEntry, Listing,
-    IPT_CHAIN, IPT_POST_CHAIN, NFT_TABLE,
+    has_v6, iptables_jumps, missing_rules, nft_delta, render_ip6tables, render_iptables,
+    render_nft, HostportEntry, Listing, IPT_CHAIN, IPT_POST_CHAIN, NFT_TABLE,
 };
 use crate::firewall::{Exec, FirewallError};
 use crate::iptables::{IptablesMode, IptablesRestore};
@@ -93,37 +93,72 @@ impl HostportFirewall {
         Ok(Self::new(exec, backend))
     }
 
-    /// Makes the kernel hold exactly `entries`' rules, in one transaction (the jumps into
-    /// sluice's iptables chains are put at the top of the built-in chains once).
+    /// Makes the kernel hold exactly `entries`' rules, in one transaction per family (the
+    /// jumps into sluice's iptables chains are put at the top of the built-in chains once).
+    /// In iptables, sluice's ip6tables chains are written when `entries` have IPv6 rules and
+    /// removed, where there are any, when they have none.
     pub fn apply(&self, entries: &[HostportEntry]) -> Result<(), FirewallError> {
+        let v6 = if has_v6(entries) {
+            Ipv6Write::Write
+        } else {
+            Ipv6Write::SweepIfPresent
+        };
+        self.write(entries, v6)
+    }
+
+    fn write(&self, entries: &[HostportEntry], v6: Ipv6Write) -> Result<(), FirewallError> {
         match self.backend {
             HostportBackend::Nftables => self.nft.script(&render_nft(entries)),
             HostportBackend::Iptables(_) => {
-                self.ipt.checked(
-                    &self.ipt.bin("iptables-restore"),
-                    &["-w", "5", "--noflush"],
-                    Some(&render_iptables(entries)),
-                    "restore",
-                )?;
-                let ipt = self.ipt.bin("iptables");
-                for (chain, spec) in iptables_jumps() {
-                    let mut check = vec!["-w", "5", "-t", "nat", "-C", chain];
-                    check.extend(&spec);
-                    if self.ipt.exec.run(&ipt, &check, None)?.status.success() {
-                        continue;
+                self.restore_family(Family::V4, &render_iptables(entries))?;
+                match v6 {
+                    Ipv6Write::Write => self.restore_family(Family::V6, &render_ip6tables(entries)),
+                    Ipv6Write::Remove => self.remove_family(Family::V6),
+                    Ipv6Write::SweepIfPresent => {
+                        if self.v6_present() {
+                            self.remove_family(Family::V6)?;
+                        }
+                        Ok(())
                     }
-                    let mut insert = vec!["-w", "5", "-t", "nat", "-I", chain, "1"];
-                    insert.extend(&spec);
-                    self.ipt.checked(&ipt, &insert, None, "insert")?;
+                    Ipv6Write::Skip => Ok(()),
                 }
-                Ok(())
             }
         }
     }
 
+    /// `iptables` or `ip6tables` of this flavour, for `tool` named as `iptables-save`.
+    fn tool(&self, family: Family, tool: &str) -> String {
+        match family {
+            Family::V4 => self.ipt.bin(tool),
+            Family::V6 => self.ipt.bin6(tool),
+        }
+    }
+
+    fn restore_family(&self, family: Family, text: &str) -> Result<(), FirewallError> {
+        self.ipt.checked(
+            &self.tool(family, "iptables-restore"),
+            &["-w", "5", "--noflush"],
+            Some(text),
+            "restore",
+        )?;
+        let ipt = self.tool(family, "iptables");
+        for (chain, spec) in iptables_jumps() {
+            let mut check = vec!["-w", "5", "-t", "nat", "-C", chain];
+            check.extend(&spec);
+            if self.ipt.exec.run(&ipt, &check, None)?.status.success() {
+                continue;
+            }
+            let mut insert = vec!["-w", "5", "-t", "nat", "-I", chain, "1"];
+            insert.extend(&spec);
+            self.ipt.checked(&ipt, &insert, None, "insert")?;
+        }
+        Ok(())
+    }
+
     /// Takes the kernel from `before` (what the caller's state says it holds) to `after`. In
     /// nftables only the elements that differ are written ([`nft_delta`]); should that fail (the
-    /// table is not as `before` says) the whole table is written. iptables is written whole.
+    /// table is not as `before` says) the whole table is written. iptables is written whole, and
+    /// ip6tables only when `before` or `after` has IPv6 rules (an IPv4-only node never runs it).
     pub fn update(
         &self,
         before: &[HostportEntry],
@@ -140,7 +175,12 @@ impl HostportFirewall {
                 }
             }
         }
-        self.apply(after)
+        let v6 = match (has_v6(before), has_v6(after)) {
+            (_, true) => Ipv6Write::Write,
+            (true, false) => Ipv6Write::Remove,
+            (false, false) => Ipv6Write::Skip,
+        };
+        self.write(after, v6)
     }
 
     /// The rules of `entry` (and the hooks to them) that the kernel lacks; empty when all are
@@ -158,11 +198,32 @@ impl HostportFirewall {
                     String::from_utf8_lossy(&out.stdout).into_owned(),
                 )
             }
-            HostportBackend::Iptables(_) => (
-                Listing::Iptables,
-                self.ipt
-                    .checked(&self.ipt.bin("iptables-save"), &["-t", "nat"], None, "save")?,
-            ),
+            HostportBackend::Iptables(_) => {
+                let mut missing = missing_rules(
+                    Listing::Iptables,
+                    &self.ipt.checked(
+                        &self.ipt.bin("iptables-save"),
+                        &["-t", "nat"],
+                        None,
+                        "save",
+                    )?,
+                    entry,
+                );
+                if has_v6(std::slice::from_ref(entry)) {
+                    let listing = self.ipt.checked(
+                        &self.ipt.bin6("iptables-save"),
+                        &["-t", "nat"],
+                        None,
+                        "save",
+                    )?;
+                    missing.extend(
+                        missing_rules(Listing::Ip6tables, &listing, entry)
+                            .into_iter()
+                            .map(|r| format!("ip6tables {r}")),
+                    );
+                }
+                return Ok(missing);
+            }
         };
         Ok(missing_rules(kind, &listing, entry))
     }
@@ -177,19 +238,37 @@ impl HostportFirewall {
                 .status
                 .success()),
             HostportBackend::Iptables(_) => {
-                let save = self.ipt.checked(
-                    &self.ipt.bin("iptables-save"),
-                    &["-t", "nat"],
-                    None,
-                    "save",
-                )?;
-                Ok(save.lines().any(|l| {
-                    l.strip_prefix(':')
-                        .and_then(|l| l.split_whitespace().next())
-                        .is_some_and(|c| c == IPT_CHAIN || c == IPT_POST_CHAIN)
-                }))
+                Ok(self.present_family(Family::V4)? || self.v6_present())
             }
         }
+    }
+
+    /// Whether sluice's ip6tables chains are there; a node without a working ip6tables (the
+    /// binary missing) has none.
+    fn v6_present(&self) -> bool {
+        self.present_family(Family::V6).unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "ip6tables not usable: no IPv6 hostPort chains to remove");
+            false
+        })
+    }
+
+    /// Whether sluice's chains are in this family's nat table (never for IPv6 on a kernel
+    /// without IPv6).
+    fn present_family(&self, family: Family) -> Result<bool, FirewallError> {
+        if family == Family::V6 && !kernel_has_ipv6() {
+            return Ok(false);
+        }
+        let save = self.ipt.checked(
+            &self.tool(family, "iptables-save"),
+            &["-t", "nat"],
+            None,
+            "save",
+        )?;
+        Ok(save.lines().any(|l| {
+            l.strip_prefix(':')
+                .and_then(|l| l.split_whitespace().next())
+                .is_some_and(|c| c == IPT_CHAIN || c == IPT_POST_CHAIN)
+        }))
     }
 
     /// Removes every hostPort rule of this backend, jumps and chains included (a switch of
@@ -198,31 +277,63 @@ impl HostportFirewall {
         match self.backend {
             HostportBackend::Nftables => self.nft.script(&render_nft(&[])),
             HostportBackend::Iptables(_) => {
-                let ipt = self.ipt.bin("iptables");
-                for (chain, spec) in iptables_jumps() {
-                    let mut delete = vec!["-w", "5", "-t", "nat", "-D", chain];
-                    delete.extend(&spec);
-                    // Bounded: a jump put in a few times by hand goes too.
-                    for _ in 0..16 {
-                        if !self.ipt.exec.run(&ipt, &delete, None)?.status.success() {
-                            break;
-                        }
-                    }
+                self.remove_family(Family::V4)?;
+                if self.v6_present() {
+                    self.remove_family(Family::V6)?;
                 }
-                let text = format!(
-                    "*nat\n:{IPT_CHAIN} - [0:0]\n:{IPT_POST_CHAIN} - [0:0]\n-X {IPT_CHAIN}\n-X {IPT_POST_CHAIN}\nCOMMIT\n"
-                );
-                self.ipt
-                    .checked(
-                        &self.ipt.bin("iptables-restore"),
-                        &["-w", "5", "--noflush"],
-                        Some(&text),
-                        "restore",
-                    )
-                    .map(|_| ())
+                Ok(())
             }
         }
     }
+
+    /// Removes sluice's jumps and chains from one family's nat table.
+    fn remove_family(&self, family: Family) -> Result<(), FirewallError> {
+        let ipt = self.tool(family, "iptables");
+        for (chain, spec) in iptables_jumps() {
+            let mut delete = vec!["-w", "5", "-t", "nat", "-D", chain];
+            delete.extend(&spec);
+            // Bounded: a jump put in a few times by hand goes too.
+            for _ in 0..16 {
+                if !self.ipt.exec.run(&ipt, &delete, None)?.status.success() {
+                    break;
+                }
+            }
+        }
+        let text = format!(
+            "*nat\n:{IPT_CHAIN} - [0:0]\n:{IPT_POST_CHAIN} - [0:0]\n-X {IPT_CHAIN}\n-X {IPT_POST_CHAIN}\nCOMMIT\n"
+        );
+        self.ipt
+            .checked(
+                &self.tool(family, "iptables-restore"),
+                &["-w", "5", "--noflush"],
+                Some(&text),
+                "restore",
+            )
+            .map(|_| ())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+/// What a write does to sluice's ip6tables chains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ipv6Write {
+    /// Write the entries' IPv6 rules.
+    Write,
+    /// The entries have none and had some: remove the chains.
+    Remove,
+    /// The entries have none; what was there before is not known: remove the chains if any.
+    SweepIfPresent,
+    /// Neither before nor after had IPv6 rules.
+    Skip,
+}
+
+fn kernel_has_ipv6() -> bool {
+    Path::new("/proc/sys/net/ipv6").exists()
 }
 
 #[cfg(test)]

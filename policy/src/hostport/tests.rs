@@ -15,6 +15,7 @@ fn entry(id: &str, pod: &str, mappings: Vec<PortMapping>) -> HostportEntry {
         container_id: id.into(),
         ifname: "eth0".into(),
         pod_ip: pod.parse().unwrap(),
+        pod_ip6: None,
         mappings,
     }
 }
@@ -68,7 +69,11 @@ fn refuses_bad_input_with_the_entry_and_reason() {
         ),
         (
             json!([{"hostPort": 80, "containerPort": 80, "hostIP": "fe80::1"}]),
-            "not an IPv4",
+            "\"fe80::1\" is link-local",
+        ),
+        (
+            json!([{"hostPort": 80, "containerPort": 80, "hostIP": "10.0.0.300"}]),
+            "\"10.0.0.300\" is not an IP address",
         ),
         (json!([1]), "not an object"),
         (
@@ -181,6 +186,9 @@ table inet sluice-hostport {
   map hp_ip { type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; }
   map hp_any { type inet_proto . inet_service : ipv4_addr . inet_service; }
   set hairpin { type ipv4_addr . ipv4_addr; }
+  map hp_ip6 { type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service; }
+  map hp_any6 { type inet_proto . inet_service : ipv6_addr . inet_service; }
+  set hairpin6 { type ipv6_addr . ipv6_addr; }
   chain prerouting {
     type nat hook prerouting priority dstnat; policy accept;
     fib daddr type local jump hostports
@@ -190,13 +198,17 @@ table inet sluice-hostport {
     fib daddr type local jump hostports
   }
   chain hostports {
+    ip6 daddr ::1 return
     dnat ip to ip daddr . meta l4proto . th dport map @hp_ip
     dnat ip to meta l4proto . th dport map @hp_any
+    dnat ip6 to ip6 daddr . meta l4proto . th dport map @hp_ip6
+    dnat ip6 to meta l4proto . th dport map @hp_any6
   }
   chain postrouting {
     type nat hook postrouting priority srcnat; policy accept;
     ct status dnat ip saddr 127.0.0.0/8 masquerade
     ct status dnat ip saddr . ip daddr @hairpin masquerade
+    ct status dnat ip6 saddr . ip6 daddr @hairpin6 masquerade
   }
 }
 add element inet sluice-hostport hp_ip { 10.0.0.1 . udp . 5353 : 10.244.0.2 . 53 }
@@ -455,4 +467,241 @@ fn nft_delta_takes_every_before_to_its_after() {
         }
     }
     assert!(checked > 500, "{checked}");
+}
+
+fn entry6(id: &str, pod: &str, pod6: &str, mappings: Vec<PortMapping>) -> HostportEntry {
+    HostportEntry {
+        pod_ip6: Some(pod6.parse().unwrap()),
+        ..entry(id, pod, mappings)
+    }
+}
+
+#[test]
+fn parses_ipv6_host_ips_and_their_unspecified_and_mapped_forms() {
+    let v = json!([
+        {"hostPort": 8080, "containerPort": 80, "hostIP": "fd00:10::1"},
+        {"hostPort": 8081, "containerPort": 80, "hostIP": "::"},
+        {"hostPort": 8082, "containerPort": 80, "hostIP": "::ffff:10.0.0.1"},
+        {"hostPort": 8080, "containerPort": 81, "hostIP": "10.0.0.1"}
+    ]);
+    let got = parse_mappings(Some(&v)).unwrap();
+    assert_eq!(
+        got,
+        vec![
+            m(8080, 80, HpProtocol::Tcp, Some("fd00:10::1")),
+            m(8080, 81, HpProtocol::Tcp, Some("10.0.0.1")),
+            m(8081, 80, HpProtocol::Tcp, None),
+            m(8082, 80, HpProtocol::Tcp, Some("10.0.0.1")),
+        ]
+    );
+    let (v4, v6): (Vec<bool>, Vec<bool>) = got.iter().map(|m| (m.v4(), m.v6())).unzip();
+    assert_eq!(v4, [false, true, true, true]);
+    assert_eq!(v6, [true, false, true, false]);
+    // The same port on every address collides with an IPv6 hostIP too.
+    let e = parse_mappings(Some(&json!([
+        {"hostPort": 80, "containerPort": 80},
+        {"hostPort": 80, "containerPort": 81, "hostIP": "fd00::1"}
+    ])))
+    .unwrap_err();
+    assert!(e.to_string().contains("mapped twice"), "{e}");
+}
+
+#[test]
+fn an_ipv6_host_ip_needs_a_pod_with_an_ipv6_address() {
+    let ms = vec![
+        m(80, 80, HpProtocol::Tcp, None),
+        m(81, 80, HpProtocol::Tcp, Some("10.0.0.1")),
+        m(82, 80, HpProtocol::Tcp, Some("fd00::1")),
+    ];
+    check_families(&ms, true).unwrap();
+    check_families(&ms[..2], false).unwrap();
+    let e = check_families(&ms, false).unwrap_err();
+    assert_eq!(
+        e,
+        HostportError::NoIpv6 {
+            index: 2,
+            host_ip: "fd00::1".parse().unwrap()
+        }
+    );
+    assert!(e.to_string().contains("fd00::1"), "{e}");
+}
+
+#[test]
+fn conflicts_are_per_family_of_host_ip() {
+    let held = vec![entry6(
+        "a",
+        "10.244.0.2",
+        "fd00:244::2",
+        vec![m(8080, 80, HpProtocol::Tcp, Some("fd00::1"))],
+    )];
+    // Another address of the same family, or an IPv4 address: no conflict.
+    for ip in ["fd00::2", "10.0.0.1"] {
+        admit(
+            &held,
+            &entry(
+                "b",
+                "10.244.0.3",
+                vec![m(8080, 80, HpProtocol::Tcp, Some(ip))],
+            ),
+        )
+        .unwrap();
+    }
+    // Every address includes the IPv6 one.
+    let e = admit(
+        &held,
+        &entry("b", "10.244.0.3", vec![m(8080, 80, HpProtocol::Tcp, None)]),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, HostportError::Conflict { ref holder, .. } if holder == "a"),
+        "{e}"
+    );
+}
+
+#[test]
+fn nft_maps_a_dual_stack_pod_in_each_family_its_mappings_apply_to() {
+    let entries = vec![
+        entry6(
+            "a",
+            "10.244.0.2",
+            "fd00:244::2",
+            vec![
+                m(8080, 80, HpProtocol::Tcp, None),
+                m(5353, 53, HpProtocol::Udp, Some("10.0.0.1")),
+                m(5354, 53, HpProtocol::Udp, Some("fd00::1")),
+            ],
+        ),
+        // IPv6 hostIP only: no IPv4 rule, so no IPv4 hairpin either.
+        entry6(
+            "b",
+            "10.244.0.3",
+            "fd00:244::3",
+            vec![m(9999, 9, HpProtocol::Sctp, Some("fd00::1"))],
+        ),
+        // An IPv4-only pod beside them.
+        entry("c", "10.244.0.4", vec![m(7000, 7, HpProtocol::Tcp, None)]),
+    ];
+    let text = render_nft(&entries);
+    let elements: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("add element"))
+        .collect();
+    assert_eq!(
+        elements,
+        [
+            "add element inet sluice-hostport hp_ip { 10.0.0.1 . udp . 5353 : 10.244.0.2 . 53 }",
+            "add element inet sluice-hostport hp_any { tcp . 7000 : 10.244.0.4 . 7, tcp . 8080 : 10.244.0.2 . 80 }",
+            "add element inet sluice-hostport hairpin { 10.244.0.2 . 10.244.0.2, 10.244.0.4 . 10.244.0.4 }",
+            "add element inet sluice-hostport hp_ip6 { fd00::1 . sctp . 9999 : fd00:244::3 . 9, fd00::1 . udp . 5354 : fd00:244::2 . 53 }",
+            "add element inet sluice-hostport hp_any6 { tcp . 8080 : fd00:244::2 . 80 }",
+            "add element inet sluice-hostport hairpin6 { fd00:244::2 . fd00:244::2, fd00:244::3 . fd00:244::3 }",
+        ]
+    );
+    assert!(has_v6(&entries));
+    assert!(!has_v6(&entries[2..]));
+    // An IPv6 address with only IPv4 hostIP mappings has no IPv6 rule.
+    let v4_only = entry6(
+        "d",
+        "10.244.0.5",
+        "fd00:244::5",
+        vec![m(81, 80, HpProtocol::Tcp, Some("10.0.0.1"))],
+    );
+    assert!(!has_v6(std::slice::from_ref(&v4_only)));
+    // The delta of adding and removing a dual-stack pod touches its elements of both families.
+    let delta = nft_delta(&entries[2..], &entries[..1]).unwrap();
+    assert!(
+        delta.contains("delete element inet sluice-hostport hp_any { tcp . 7000 }"),
+        "{delta}"
+    );
+    assert!(
+        delta
+            .contains("add element inet sluice-hostport hp_any6 { tcp . 8080 : fd00:244::2 . 80 }"),
+        "{delta}"
+    );
+    assert!(
+        delta.contains("add element inet sluice-hostport hairpin6 { fd00:244::2 . fd00:244::2 }"),
+        "{delta}"
+    );
+}
+
+#[test]
+fn ip6tables_renders_the_ipv6_rules_and_leaves_loopback_alone() {
+    let entries = vec![
+        entry6(
+            "a",
+            "10.244.0.2",
+            "fd00:244::2",
+            vec![
+                m(8080, 80, HpProtocol::Tcp, None),
+                m(5353, 53, HpProtocol::Udp, Some("10.0.0.1")),
+                m(5354, 53, HpProtocol::Udp, Some("fd00::1")),
+            ],
+        ),
+        entry("c", "10.244.0.4", vec![m(7000, 7, HpProtocol::Tcp, None)]),
+    ];
+    let want = "\
+*nat
+:SLUICE-HP - [0:0]
+:SLUICE-HP-POST - [0:0]
+-A SLUICE-HP -d ::1/128 -j RETURN
+-A SLUICE-HP -d fd00::1/128 -p udp -m udp --dport 5354 -j DNAT --to-destination [fd00:244::2]:53
+-A SLUICE-HP -p tcp -m tcp --dport 8080 -j DNAT --to-destination [fd00:244::2]:80
+-A SLUICE-HP-POST -s fd00:244::2/128 -d fd00:244::2/128 -m conntrack --ctstate DNAT -j MASQUERADE
+COMMIT
+";
+    assert_eq!(render_ip6tables(&entries), want);
+    // The IPv4 rules are the IPv4 mappings only.
+    let v4 = render_iptables(&entries);
+    assert!(!v4.contains("5354") && !v4.contains("fd00"), "{v4}");
+    assert!(
+        v4.contains("--dport 5353") && v4.contains("--dport 7000"),
+        "{v4}"
+    );
+    // With no IPv6 pod the chains are declared (so emptied) and hold only the loopback return.
+    assert_eq!(
+        render_ip6tables(&entries[1..]),
+        "*nat\n:SLUICE-HP - [0:0]\n:SLUICE-HP-POST - [0:0]\n-A SLUICE-HP -d ::1/128 -j RETURN\nCOMMIT\n"
+    );
+}
+
+#[test]
+fn check_finds_missing_ipv6_rules_in_the_ip6tables_listing() {
+    let a = entry6(
+        "a",
+        "10.244.0.2",
+        "fd00:244::2",
+        vec![
+            m(8080, 80, HpProtocol::Tcp, None),
+            m(5354, 53, HpProtocol::Udp, Some("fd00::1")),
+        ],
+    );
+    let mut save = render_ip6tables(std::slice::from_ref(&a));
+    assert_eq!(
+        missing_rules(Listing::Ip6tables, &save, &a).len(),
+        3,
+        "no jumps"
+    );
+    for (chain, spec) in iptables_jumps() {
+        save.push_str(&format!("-A {chain} {}\n", spec.join(" ")));
+    }
+    assert_eq!(
+        missing_rules(Listing::Ip6tables, &save, &a),
+        Vec::<String>::new()
+    );
+    let rule = "-A SLUICE-HP -p tcp -m tcp --dport 8080 -j DNAT --to-destination [fd00:244::2]:80";
+    let save = save.replace(&format!("{rule}\n"), "");
+    assert_eq!(missing_rules(Listing::Ip6tables, &save, &a), vec![rule]);
+    // An IPv4-only entry has nothing to find in ip6tables; its IPv4 listing still needs its rules.
+    let c = entry("c", "10.244.0.4", vec![m(7000, 7, HpProtocol::Tcp, None)]);
+    assert_eq!(
+        missing_rules(Listing::Ip6tables, "", &c),
+        Vec::<String>::new()
+    );
+    // In nft, the dual-stack entry's IPv6 elements are looked for too.
+    let missing = missing_rules(Listing::Nft, "", &a);
+    assert!(
+        missing.contains(&"hp_any6 element tcp . 8080 : fd00:244::2 . 80".to_string())
+            && missing.contains(&"hairpin6 element fd00:244::2 . fd00:244::2".to_string()),
+        "{missing:?}"
+    );
 }

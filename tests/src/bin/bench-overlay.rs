@@ -21,6 +21,11 @@
 //!    and carrying sluice's NAT/conntrack table (the like-for-like anchor), the same routed
 //!    bare, and sluice's VXLAN; with each path's pod MTU.
 //!
+//! 5. IPv6 (`--only ipv6`): pod-to-pod TCP throughput over IPv6 (1 and 4 streams) through
+//!    sluice's VXLAN in a dual-stack lab (`--ip-family dual`: IPv6 pods over the IPv4 underlay)
+//!    against the same hand-made two-node shape with a kernel VXLAN carrying IPv6 pods (the
+//!    anchor, issue 23's target ≥ 0.95), and the hand-made VXLAN with IPv4 pods for comparison.
+//!
 //! Routes are observed as they happen: a netlink socket in the node's namespace subscribed to
 //! IPv4 route events timestamps each RTM_NEWROUTE (no polling interval), and a route dump
 //! confirms the final count.
@@ -30,7 +35,7 @@
 //! stays inside namespaces made here. Every wait is bounded.
 //!
 //! Usage: bench-overlay [--sluice PATH] [--seconds S] [--runs R] [--peers N] [--probes K]
-//!                      [--only throughput|convergence|wireguard|direct]
+//!                      [--only throughput|convergence|wireguard|direct|ipv6]
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -54,7 +59,7 @@ use sluice_net::lease::{lease_name, NodeRecord};
 use std::collections::HashSet;
 use std::io::Write;
 use std::mem::ManuallyDrop;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,14 +77,15 @@ struct Args {
     convergence: bool,
     wireguard: bool,
     direct: bool,
+    ipv6: bool,
 }
 
 const USAGE: &str = "\
-usage: bench-overlay [--sluice PATH] [--only throughput|convergence|wireguard|direct]
+usage: bench-overlay [--sluice PATH] [--only throughput|convergence|wireguard|direct|ipv6]
                      [--runs R] [--seconds S] [--peers N] [--probes K]
 
   --sluice PATH  the sluice binary under test (default target/release/sluice)
-  --only WHAT    one part of the bench instead of all four
+  --only WHAT    one part of the bench instead of all five
   --runs R       interleaved rounds per path (default 10)
   --seconds S    iperf3 seconds per round (default 4)
   --peers N      fake peers for the convergence figures, 1..=40000 (default 1000)
@@ -96,6 +102,7 @@ fn parse_args() -> Args {
         convergence: true,
         wireguard: true,
         direct: true,
+        ipv6: true,
     };
     let mut flags = Flags::from_env("bench-overlay", USAGE);
     while let Some((flag, value)) = flags.next_pair() {
@@ -110,10 +117,11 @@ fn parse_args() -> Args {
                 a.convergence = value == "convergence";
                 a.wireguard = value == "wireguard";
                 a.direct = value == "direct";
+                a.ipv6 = value == "ipv6";
                 flags.require(
-                    a.throughput || a.convergence || a.wireguard || a.direct,
+                    a.throughput || a.convergence || a.wireguard || a.direct || a.ipv6,
                     &format!(
-                        "--only takes throughput, convergence, wireguard or direct, not {value:?}"
+                        "--only takes throughput, convergence, wireguard, direct or ipv6, not {value:?}"
                     ),
                 );
             }
@@ -180,7 +188,7 @@ fn lab_agent(lab: &Lab, action: &str, node: &str) {
 }
 
 /// Waits (bounded) until something in `ns` listens on TCP `port`.
-fn ping_ok(ns: &str, dst: Ipv4Addr) -> bool {
+fn ping_ok(ns: &str, dst: IpAddr) -> bool {
     run(Command::new("ip")
         .args(["netns", "exec", ns, "ping", "-c", "1", "-W", "2", "-q"])
         .arg(dst.to_string()))
@@ -196,7 +204,7 @@ struct Contender {
     label: &'static str,
     client: String,
     server_ns: String,
-    server: Ipv4Addr,
+    server: IpAddr,
     /// The server node's namespace and VXLAN device, for the settings line.
     vxlan: Option<(String, &'static str)>,
     /// The processes that carry the tunnel (whose CPU time is the tunnel's cost), if any.
@@ -229,7 +237,11 @@ fn sluice_lab_path(label: &'static str, extra: &[&str]) -> Contender {
     };
     let server_ns = ns_of(&pods[0]);
     let client = ns_of(&pods[1]);
-    let server: Ipv4Addr = pods[0]["ip"].as_str().unwrap().parse().unwrap();
+    let server: IpAddr = pods[0][address_field(extra)]
+        .as_str()
+        .unwrap_or_else(|| panic!("pod without an {} address: {status}", address_field(extra)))
+        .parse()
+        .unwrap();
     let node = lab.node_netns(pods[0]["node"].as_str().unwrap());
     // With WireGuard the agents carry the packets (gotatun runs in them); with VXLAN the kernel.
     let tunnel_pids = if extra.contains(&"wireguard") {
@@ -247,6 +259,15 @@ fn sluice_lab_path(label: &'static str, extra: &[&str]) -> Contender {
         vxlan: Some((node, "sluice.vxlan")),
         tunnel_pids,
         _keep: vec![Box::new(lab)],
+    }
+}
+
+/// The pod address a lab made with `extra` is measured on: IPv6 in a dual-stack lab.
+fn address_field(extra: &[&str]) -> &'static str {
+    if extra.windows(2).any(|w| w == ["--ip-family", "dual"]) {
+        "ipv6"
+    } else {
+        "ip"
     }
 }
 
@@ -902,7 +923,7 @@ fn cpu_seconds(pids: &[i32]) -> f64 {
 }
 
 /// Round-trip times (ms) of `count` pings 10 ms apart.
-fn ping_rtts(ns: &str, dst: Ipv4Addr, count: u32) -> Vec<f64> {
+fn ping_rtts(ns: &str, dst: IpAddr, count: u32) -> Vec<f64> {
     let out = run(Command::new("timeout")
         .args([
             "-k", "5", "60", "ip", "netns", "exec", ns, "ping", "-n", "-i", "0.01", "-W", "1", "-c",
@@ -1534,7 +1555,223 @@ fn main() {
     if args.direct {
         direct(&args);
     }
+    if args.ipv6 {
+        ipv6(&args);
+    }
     if args.convergence {
         convergence(&args);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// IPv6.
+
+/// The hand-made VXLAN of [`handmade_path`] with IPv6 pods: the same underlay (IPv4), VXLAN device
+/// and pods behind routed veths, the pods holding `fd00:99:N::1/128` with `::/0` via the host
+/// veth's link-local `fe80::1` (a static neighbour entry, as sluice's gateway), the nodes routing
+/// the other node's `/64` through the VXLAN device to its `fd00:99:N::` (static neighbour and FDB
+/// entries), IPv6 forwarding on. Pod MTU 1450, as the IPv4 anchor's.
+///
+/// `like_sluice` (sluice's pod MTU) makes the like-for-like diagnostic, as for IPv4: the pods
+/// get sluice's MTU and each node sluice's own NAT, MSS and conntrack tables of both families.
+fn handmade6_path(label: &'static str, like_sluice: Option<u32>) -> Contender {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let tx_offload = sluice_net::vxlan::tx_checksum_offload_safe(release.trim());
+    let hand = hand_nodes("s", like_sluice.unwrap_or(HAND_MTU));
+    let mac = |i: u8| format!("02:5b:00:00:00:{i:02x}");
+    let pod_mac = |i: u8| format!("02:5c:00:00:00:{i:02x}");
+    for (i, (n, p)) in (1..=2u8).zip(hand.nodes.iter().zip(&hand.pods)) {
+        sysctl(n, "net.ipv6.conf.all.forwarding=1");
+        ip(n, &format!(
+            "link add vxlan0 address {} mtu {HAND_MTU} type vxlan id 1 dstport 8472 local 172.31.0.{i} dev eth0 nolearning",
+            mac(i)
+        ));
+        if !tx_offload {
+            exec(n, &["ethtool", "-K", "vxlan0", "tx", "off"]);
+        }
+        ip(n, &format!("addr add fd00:99:{i}::/128 dev vxlan0 nodad"));
+        ip(n, "link set vxlan0 up");
+        // The pod side: its address, the gateway's neighbour entry and the default route.
+        ip(p, &format!("link set eth0 address {}", pod_mac(i)));
+        ip(p, &format!("addr add fd00:99:{i}::1/128 dev eth0 nodad"));
+        ip(
+            p,
+            &format!("neigh add fe80::1 lladdr {HOST_VETH_MAC} dev eth0 nud permanent"),
+        );
+        ip(p, "-6 route add default via fe80::1 dev eth0");
+        ip(n, &format!("addr add fe80::1/64 dev hv{i} nodad"));
+        ip(n, &format!("route add fd00:99:{i}::1/128 dev hv{i}"));
+        ip(
+            n,
+            &format!(
+                "neigh add fd00:99:{i}::1 lladdr {} dev hv{i} nud permanent",
+                pod_mac(i)
+            ),
+        );
+    }
+    for (i, n) in (1..=2u8).zip(&hand.nodes) {
+        let j = 3 - i;
+        ip(
+            n,
+            &format!("route add fd00:99:{j}::/64 via fd00:99:{j}:: dev vxlan0 onlink"),
+        );
+        ip(
+            n,
+            &format!(
+                "neigh add fd00:99:{j}:: lladdr {} dev vxlan0 nud permanent",
+                mac(j)
+            ),
+        );
+        exec(
+            n,
+            &[
+                "bridge",
+                "fdb",
+                "append",
+                &mac(j),
+                "dev",
+                "vxlan0",
+                "dst",
+                &format!("172.31.0.{j}"),
+                "self",
+                "permanent",
+            ],
+        );
+        if like_sluice.is_some() {
+            let untracked = sluice_net::masq::UntrackedTunnel {
+                underlay_ip: format!("172.31.0.{i}").parse().unwrap(),
+                port: 8472,
+            };
+            let (v4, v6): (ipnet::Ipv4Net, ipnet::Ipv6Net) = (
+                "10.99.0.0/16".parse().unwrap(),
+                "fd00:99::/32".parse().unwrap(),
+            );
+            let plan = sluice_net::masq::plan(v4, true, Some(untracked))
+                .with_ipv6(v6, true)
+                .with_mss_clamp(v4)
+                .with_mss_clamp(v6);
+            nft(n, &sluice_net::masq::render(&plan));
+        }
+    }
+    let node = hand.nodes[0].clone();
+    let mut c = hand.contender(label, Some((node, "vxlan0")), Vec::new());
+    c.server = IpAddr::V6(Ipv6Addr::new(0xfd00, 0x99, 1, 0, 0, 0, 0, 1));
+    c
+}
+
+/// Issue 23's target for sluice's VXLAN carrying IPv6: this share of the hand-made IPv6 VXLAN.
+const VXLAN6_TARGET: f64 = 0.95;
+
+fn ipv6(args: &Args) {
+    println!("## Pod-to-pod TCP throughput over IPv6 across nodes");
+    println!();
+    let dual = ["--ip-family", "dual"];
+    let sluice6 = sluice_lab_path("sluice VXLAN, IPv6 pods (dual lab, 2 nodes)", &dual);
+    let sluice_pod_mtu = pod_mtu(&sluice6.client);
+    let paths = [
+        sluice6,
+        handmade6_path("hand-made kernel VXLAN, IPv6 pods", None),
+        handmade_path("hand-made kernel VXLAN, IPv4 pods", None),
+        handmade6_path(
+            "hand-made VXLAN, IPv6 pods + sluice's pod MTU and NAT/MSS/conntrack tables",
+            Some(sluice_pod_mtu),
+        ),
+    ];
+    let load_before = loadavg();
+    let mut servers = Vec::new();
+    for p in &paths {
+        assert!(
+            ping_ok(&p.client, p.server),
+            "{}: {} does not answer a ping from {}",
+            p.label,
+            p.server,
+            p.client
+        );
+        servers.push(iperf_server(&p.server_ns));
+    }
+    let streams = [1u32, 4];
+    let mut results = vec![vec![Vec::new(); streams.len()]; paths.len()];
+    for _round in 0..args.runs {
+        for (pi, p) in paths.iter().enumerate() {
+            for (si, s) in streams.iter().enumerate() {
+                results[pi][si].push(iperf(&p.client, p.server, args.seconds, *s));
+            }
+        }
+    }
+    drop(servers);
+    let fmt_runs = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "iperf3 -t {} (-P 1 and -P 4) to the server pod's address, {} interleaved rounds, Gbit/s \
+         received: median (each run). Ratios to the hand-made IPv6 VXLAN. Load average before / \
+         after: {load_before} / {}",
+        args.seconds,
+        args.runs,
+        loadavg()
+    );
+    println!();
+    println!(
+        "| path | server | 1 stream | 4 streams | 1 stream / hand-made v6 | 4 streams / hand-made v6 | target |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let med: Vec<Vec<f64>> = results
+        .iter()
+        .map(|r| r.iter().map(|v| median(v)).collect())
+        .collect();
+    let target_text = format!("≥ {VXLAN6_TARGET}");
+    for (pi, p) in paths.iter().enumerate() {
+        let target = match pi {
+            0 => target_text.as_str(),
+            1 => "(anchor)",
+            2 => "(IPv4 for comparison)",
+            _ => "(diagnostic)",
+        };
+        println!(
+            "| {} | {} | {:.2} ({}) | {:.2} ({}) | {:.3} | {:.3} | {target} |",
+            p.label,
+            p.server,
+            med[pi][0],
+            fmt_runs(&results[pi][0]),
+            med[pi][1],
+            fmt_runs(&results[pi][1]),
+            med[pi][0] / med[1][0],
+            med[pi][1] / med[1][1],
+        );
+    }
+    println!();
+    let r1 = med[0][0] / med[1][0];
+    let r4 = med[0][1] / med[1][1];
+    let interval = |si: usize| ratio_interval(&results[0][si], &results[1][si], 10_000, 0.9);
+    let ((lo1, hi1), (lo4, hi4)) = (interval(0), interval(1));
+    println!(
+        "sluice IPv6 / hand-made IPv6 VXLAN: {r1:.3} (1 stream, 90% interval [{lo1:.3}, {hi1:.3}]), \
+         {r4:.3} (4 streams, [{lo4:.3}, {hi4:.3}]); target ≥ {VXLAN6_TARGET}: {}",
+        if r1 >= VXLAN6_TARGET && r4 >= VXLAN6_TARGET {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+    println!(
+        "sluice IPv6 / hand-made IPv6 VXLAN with sluice's pod MTU and tables (like-for-like, \
+         diagnostic): {:.3} (1 stream), {:.3} (4 streams)",
+        med[0][0] / med[3][0],
+        med[0][1] / med[3][1]
+    );
+    println!("VXLAN devices compared (server side), and the pods' MTU:");
+    for p in &paths {
+        if let Some((ns, dev)) = &p.vxlan {
+            println!(
+                "- {}: {}; pod MTU {}",
+                p.label,
+                vxlan_settings(ns, dev),
+                pod_mtu(&p.client)
+            );
+        }
+    }
+    println!();
 }
