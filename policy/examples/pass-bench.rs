@@ -164,8 +164,10 @@ fn bulk_cnp(i: usize, apps: usize) -> ClusterNetworkPolicy {
     if !egress.is_empty() {
         spec["egress"] = Value::Array(egress);
     }
-    serde_json::from_value(json!({"metadata": {"name": format!("c{i}"), "resourceVersion": "1"},
-                                  "spec": spec}))
+    serde_json::from_value(
+        json!({"metadata": {"name": format!("c{i}"), "resourceVersion": "1"},
+                                  "spec": spec}),
+    )
     .unwrap()
 }
 
@@ -229,9 +231,11 @@ impl World {
             .iter()
             .map(|n| serde_json::from_value(json!({"metadata": {"name": n}})).unwrap())
             .collect();
-        let mut policies: Vec<NetworkPolicy> = (0..POLICIES).map(|i| bulk_policy(i, apps)).collect();
+        let mut policies: Vec<NetworkPolicy> =
+            (0..POLICIES).map(|i| bulk_policy(i, apps)).collect();
         policies.push(probe_policy(false, 1));
-        let mut cnps: Vec<ClusterNetworkPolicy> = (0..CNPS - 1).map(|i| bulk_cnp(i, apps)).collect();
+        let mut cnps: Vec<ClusterNetworkPolicy> =
+            (0..CNPS - 1).map(|i| bulk_cnp(i, apps)).collect();
         cnps.push(probe_cnp("Deny", 1));
         let nodes = (0..51)
             .map(|i| NodeAddrs {
@@ -247,6 +251,34 @@ impl World {
             nodes,
             host: vec![Ipv4Addr::new(172, 31, 250, 1)],
         }
+    }
+
+    /// bench-k8s's reachability world: 1,000 NetworkPolicies of the default namespace that all
+    /// select the probed pods (`app: reach`), each admitting the pods labelled `peer: pI`; the
+    /// prober carries the last one's label; 3 nodes, this one "n".
+    fn k8s() -> Self {
+        let mut w = Self::new();
+        w.pods = vec![Arc::new(pod(
+            "default",
+            "prober",
+            "n",
+            &[("peer", format!("p{}", POLICIES - 1))],
+            Ipv4Addr::new(10, 244, 0, 2),
+        ))];
+        w.cnps.clear();
+        w.policies = (0..POLICIES)
+            .map(|i| {
+                serde_json::from_value(json!({
+                    "metadata": {"name": format!("bench-{i:04}"), "namespace": "default",
+                                 "uid": format!("k{i}"), "resourceVersion": "1"},
+                    "spec": {"podSelector": {"matchLabels": {"app": "reach"}},
+                             "policyTypes": ["Ingress"],
+                             "ingress": [{"from": [{"podSelector": {"matchLabels": {"peer": format!("p{i}")}}}]}]}}))
+                .unwrap()
+            })
+            .collect();
+        w.nodes.truncate(3);
+        w
     }
 
     fn local(&self) -> Vec<LocalPod> {
@@ -378,12 +410,14 @@ fn row(label: &str, runs: &[Times]) {
 
 fn main() {
     let mut rounds = 10usize;
+    let mut only: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match (a.as_str(), args.next()) {
             ("--rounds", Some(n)) => rounds = n.parse().expect("--rounds takes a number"),
+            ("--only", Some(label)) => only = Some(label),
             _ => {
-                eprintln!("usage: pass-bench [--rounds N]");
+                eprintln!("usage: pass-bench [--rounds N] [--only LABEL]");
                 std::process::exit(2);
             }
         }
@@ -405,15 +439,19 @@ fn main() {
         "\nms, median / max of {rounds}    compile+nft wall   compile+nft CPU       compile CPU     nft render+delta   ipt render+delta  nft cmds"
     );
     let mut version = 1;
-    let mut change = |label: &str, w: &mut World, e: &mut Engine, f: &mut dyn FnMut(&mut World, usize)| {
-        let mut runs = Vec::new();
-        for _ in 0..rounds {
-            version += 1;
-            f(w, version);
-            runs.push(e.pass(w).1);
-        }
-        row(label, &runs);
-    };
+    let mut change =
+        |label: &str, w: &mut World, e: &mut Engine, f: &mut dyn FnMut(&mut World, usize)| {
+            let mut runs = Vec::new();
+            if only.as_deref().is_some_and(|o| o != label) {
+                return;
+            }
+            for _ in 0..rounds {
+                version += 1;
+                f(w, version);
+                runs.push(e.pass(w).1);
+            }
+            row(label, &runs);
+        };
     change("no change", &mut w, &mut e, &mut |_, _| {});
     change("NetworkPolicy", &mut w, &mut e, &mut |w, v| {
         let last = w.policies.len() - 1;
@@ -446,6 +484,28 @@ fn main() {
             pod_ip(20_000 + v, false),
         );
         w.pods.push(Arc::new(p));
+    });
+    // bench-k8s: the same engine state as the agent of the prober's node would have.
+    let mut w = World::k8s();
+    let mut e = Engine::default();
+    e.pass(&w);
+    let mut n = 0usize;
+    change("k8s: new probed pod", &mut w, &mut e, &mut |w, _| {
+        n += 1;
+        let node = ["n", "m", "o"][n % 3];
+        let ip = Ipv4Addr::new(
+            10,
+            244,
+            u8::try_from(n % 3).unwrap(),
+            u8::try_from(10 + n).unwrap(),
+        );
+        w.pods.push(Arc::new(pod(
+            "default",
+            &format!("reach{n}"),
+            node,
+            &[("app", "reach".into())],
+            ip,
+        )));
     });
     println!(
         "\nanchors: a change enforced in < 100 ms (bench-policy), a new pod reachable in < 200 ms (bench-k8s), whole pass with the kernel's share"
