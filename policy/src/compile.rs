@@ -31,7 +31,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use peers::{Changes, Peer, PeerIndex};
 pub use pod::ClusterPod;
@@ -261,9 +261,9 @@ impl Compiler {
             .collect();
         if ns_labels != self.ns_labels || matches!(self.peers.changes(), Changes::Many) {
             self.resolved.clear();
-        }
-        // What a tier's rules name may have changed: its groups are decided again.
-        if ns_labels != self.ns_labels || self.peers.changed() {
+            // What any tier's rules name may have changed: every group is decided again (a
+            // few changed peers forget only the groups whose rules could name them, in
+            // [`Compiler::tiers`]).
             self.tier_memo.forget();
         }
         self.ns_labels = ns_labels;
@@ -445,14 +445,19 @@ impl Compiler {
     fn namespace_selected(&self, peer: &NetworkPolicyPeer, policy_ns: &str, ns: &str) -> bool {
         match &peer.namespace_selector {
             None => ns == policy_ns,
-            Some(sel) => match self.ns_labels.get(ns) {
-                Some(labels) => selector::matches(sel, labels),
-                // A namespace the cache does not hold (yet) still has its name label.
-                None => selector::matches(
-                    sel,
-                    &BTreeMap::from([(NAMESPACE_NAME_LABEL.into(), ns.to_string())]),
-                ),
-            },
+            Some(sel) => self.namespace_matches(sel, ns),
+        }
+    }
+
+    /// Whether namespace `ns`'s labels match `sel`.
+    fn namespace_matches(&self, sel: &LabelSelector, ns: &str) -> bool {
+        match self.ns_labels.get(ns) {
+            Some(labels) => selector::matches(sel, labels),
+            // A namespace the cache does not hold (yet) still has its name label.
+            None => selector::matches(
+                sel,
+                &BTreeMap::from([(NAMESPACE_NAME_LABEL.into(), ns.to_string())]),
+            ),
         }
     }
 

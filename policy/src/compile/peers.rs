@@ -198,11 +198,6 @@ impl PeerIndex {
         Changes::Few(self.removed.iter().chain(added).collect())
     }
 
-    /// Whether the last update changed any peer.
-    pub fn changed(&self) -> bool {
-        !self.removed.is_empty() || !self.added.is_empty()
-    }
-
     pub fn get(&self, slot: usize) -> Option<&Peer> {
         self.slots.get(slot).and_then(Option::as_ref)
     }

@@ -1,5 +1,6 @@
 //! ClusterNetworkPolicy tiers, compiled per local pod and direction (see [`crate::cnp`]).
 
+use super::peers::Changes;
 use super::{ip_block, Compiler, Dir, LocalPod, NamedPort, NAMESPACE_NAME_LABEL};
 use crate::cnp::{Action, ClusterNetworkPolicy, Peer, PodsPeer, ProtocolPort, Tier};
 use crate::ir::{AddrSet, PortEntry, Protocol, Region, TierVerdict, PORT_PROTOCOLS};
@@ -152,6 +153,23 @@ impl Compiler {
             (a.spec.tier, a.spec.priority, a.name()).cmp(&(b.spec.tier, b.spec.priority, b.name()))
         });
         let prints: Vec<u64> = order.iter().map(|c| fingerprint(c)).collect();
+        // A few peers changed: only the groups of policies whose rules could name one of
+        // them (as it was or as it is) are decided again.
+        if let Changes::Few(changed) = self.peers.changes() {
+            if !changed.is_empty() {
+                let touched: HashSet<u64> = order
+                    .iter()
+                    .zip(&prints)
+                    .filter(|(c, _)| changed.iter().any(|p| self.cnp_may_name(c, p)))
+                    .map(|(_, print)| *print)
+                    .collect();
+                if !touched.is_empty() {
+                    self.tier_memo
+                        .groups
+                        .retain(|k, _| !k.policies.iter().any(|p| touched.contains(p)));
+                }
+            }
+        }
         let named: Vec<bool> = order.iter().map(|c| names_ingress_ports(c)).collect();
         // Per local pod, the policies (indexes into `order`) that select it, in order: each
         // policy finds its subjects through the namespaces and the label index.
@@ -202,6 +220,34 @@ impl Compiler {
         }
         self.tier_memo.groups.retain(|_, (_, seen)| *seen == pass);
         out
+    }
+
+    /// Whether `peer` is one `cnp`'s rules could name, so that its coming, going or changing
+    /// may change what the policy decides: a `namespaces` or `pods` peer that selects it, or
+    /// an egress port named as one of its ports is (named ports are resolved on the peers).
+    /// Errs towards yes: a peer sluice cannot read names no pod, but is checked all the same.
+    fn cnp_may_name(&self, cnp: &ClusterNetworkPolicy, peer: &super::peers::Peer) -> bool {
+        let names = |p: &Peer| {
+            let by_ns = p
+                .namespaces
+                .as_ref()
+                .is_some_and(|sel| self.namespace_matches(sel, peer.namespace()));
+            let by_pod = p.pods.as_ref().is_some_and(|pods| {
+                self.namespace_matches(&pods.namespace_selector, peer.namespace())
+                    && selector::matches(&pods.pod_selector, peer.labels())
+            });
+            by_ns || by_pod
+        };
+        let ingress = cnp.spec.ingress.iter().any(|r| r.from.iter().any(names));
+        let egress = cnp.spec.egress.iter().any(|r| {
+            r.to.iter().any(names)
+                || r.protocols.iter().flatten().any(|p| {
+                    p.destination_named_port
+                        .as_ref()
+                        .is_some_and(|name| peer.ports().iter().any(|np| &np.name == name))
+                })
+        });
+        ingress || egress
     }
 
     /// The local pods `cnp`'s subject selects, ascending.
