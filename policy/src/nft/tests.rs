@@ -11,7 +11,7 @@ pub(crate) fn sample() -> PolicyIr {
     let pod = |name: &str, ip: &str, ingress: Direction, egress: Direction| PodPolicy {
         namespace: "x".into(),
         name: name.into(),
-        ip: ip.parse().unwrap(),
+        ips: vec![ip.parse().unwrap()],
         ifname: format!("sl{name}"),
         ingress,
         egress,
@@ -109,6 +109,11 @@ table inet sluice-policy {
 \t\telements = { 0.0.0.0/0 . sctp . 82,
 \t\t\t     10.0.1.0/24 . tcp . 80-81 }
 \t}
+\tset i-sla-ports6-# {
+\t\ttype ipv6_addr . inet_proto . inet_service
+\t\tflags interval
+\t\telements = { ::/0 . sctp . 82 }
+\t}
 \tset isolated-# {
 \t\ttype ipv4_addr
 \t\tflags interval
@@ -138,6 +143,7 @@ table inet sluice-policy {
 \tchain i-sla {
 \t\tip saddr @i-sla-all-# accept
 \t\tip saddr . meta l4proto . th dport @i-sla-ports-# accept
+\t\tip6 saddr . meta l4proto . th dport @i-sla-ports6-# accept
 \t\tdrop
 \t}
 \tchain ingress {
@@ -264,11 +270,13 @@ fn a_changed_peer_is_a_new_set_and_its_rule_never_an_element_edit() {
     let d = delta(&a.table, &b.table, &b.hash).unwrap();
     let t = "inet sluice-policy";
     let ports = named(&b.table, "i-sla-ports");
+    let ports6 = named(&b.table, "i-sla-ports6");
     let want = format!(
         "add set {t} {new} {{ type ipv4_addr; flags interval; elements = {{ 10.0.0.2/32 }}; }}
 flush chain {t} i-sla
 add rule {t} i-sla ip saddr @{new} accept
 add rule {t} i-sla ip saddr . meta l4proto . th dport @{ports} accept
+add rule {t} i-sla ip6 saddr . meta l4proto . th dport @{ports6} accept
 add rule {t} i-sla drop
 delete set {t} {old}
 flush chain {t} state
@@ -377,7 +385,7 @@ fn logged_drops_name_the_direction_and_the_veth_and_are_rate_limited() {
     ir.log_drops = true;
     let t = unhashed(&render(&ir).text());
     for want in [
-        "\tchain i-sla {\n\t\tip saddr @i-sla-all-# accept\n\t\tip saddr . meta l4proto . th dport @i-sla-ports-# accept\n\t\tlimit rate 10/second burst 20 packets log prefix \"sluice-drop:i:sla\" group 77\n\t\tdrop\n\t}",
+        "\tchain i-sla {\n\t\tip saddr @i-sla-all-# accept\n\t\tip saddr . meta l4proto . th dport @i-sla-ports-# accept\n\t\tip6 saddr . meta l4proto . th dport @i-sla-ports6-# accept\n\t\tlimit rate 10/second burst 20 packets log prefix \"sluice-drop:i:sla\" group 77\n\t\tdrop\n\t}",
         "\tchain e-slc {\n\t\tlimit rate 10/second burst 20 packets log prefix \"sluice-drop:e:slc\" group 77\n\t\tdrop\n\t}",
         "oifname \"sl*\" limit rate 10/second burst 20 packets log prefix \"sluice-drop:i:-\" group 77 drop",
         "iifname \"sl*\" limit rate 10/second burst 20 packets log prefix \"sluice-drop:e:-\" group 77 drop",
@@ -440,7 +448,7 @@ pub(crate) fn grouped_sample(deny: &str) -> PolicyIr {
     let mut d = ir.pods[2].clone();
     d.name = "d".into();
     d.ifname = "sld".into();
-    d.ip = "10.244.1.4".parse().unwrap();
+    d.ips = vec!["10.244.1.4".parse().unwrap()];
     ir.pods.push(d);
     ir
 }
