@@ -253,10 +253,7 @@ conntrack v1.4.7 (conntrack-tools): 3 flow entries have been shown.\n";
         assert_eq!(flows.len(), 3);
         assert_eq!(flows[1].proto, 17);
         assert_eq!(flows[1].dst, "10.96.0.10".parse::<IpAddr>().unwrap());
-        assert_eq!(
-            flows[1].reply_src,
-            "10.244.1.1".parse::<IpAddr>().unwrap()
-        );
+        assert_eq!(flows[1].reply_src, "10.244.1.1".parse::<IpAddr>().unwrap());
         assert_eq!(flows[1].reply_sport, Some(5353));
         assert_eq!(flows[2].sport, None);
     }

@@ -479,10 +479,7 @@ fn render_family(
     f.push_str(&out.rules);
     f.push_str("COMMIT\n");
     let hash = fnv1a(out.sets_hash, f.as_bytes());
-    let hash = format!(
-        "{:016x}",
-        fnv1a(hash, also.unwrap_or_default().as_bytes())
-    );
+    let hash = format!("{:016x}", fnv1a(hash, also.unwrap_or_default().as_bytes()));
     let filter = f.replace(HASH_SLOT, &hash);
     let mut chain_rules: BTreeMap<String, String> =
         chains.iter().map(|c| (c.clone(), String::new())).collect();

@@ -764,7 +764,13 @@ impl PolicyIr {
         proto: u8,
         dport: Option<u16>,
     ) -> bool {
-        flow_allowed(|ip| self.pod_by_ip(ip), src.into(), dst.into(), proto, dport)
+        flow_allowed(
+            |ip| self.pod_by_ip(ip),
+            src.into(),
+            dst.into(),
+            proto,
+            dport,
+        )
     }
 
     /// The pods by address, for many questions at once (every conntrack entry of a node).
@@ -938,12 +944,10 @@ mod tests {
         assert!(cidrs.contains(&"fd00:10:244:2::6/127".to_string()));
         assert!(cidrs.contains(&"fd00:10:244:80::/57".to_string()));
         // The CIDRs cover the set exactly.
-        let back = cidrs
-            .iter()
-            .fold(AddrSet::new(), |mut acc, c| {
-                acc.union_with(&AddrSet::from_block(net(c), &[]));
-                acc
-            });
+        let back = cidrs.iter().fold(AddrSet::new(), |mut acc, c| {
+            acc.union_with(&AddrSet::from_block(net(c), &[]));
+            acc
+        });
         assert_eq!(back, s);
         // And the reverse: an IPv4 block holds no IPv6 address.
         let v4 = AddrSet::from_block(net("0.0.0.0/0"), &[]);
@@ -963,7 +967,10 @@ mod tests {
         );
         assert_eq!(a.only(Family::V4).nets(), vec![net("10.0.0.1/32")]);
         assert_eq!(a.only(Family::V6).nets(), vec![net("fd00::1/128")]);
-        assert_eq!(AddrSet::all().difference(&AddrSet::all_of(Family::V4)), AddrSet::all_of(Family::V6));
+        assert_eq!(
+            AddrSet::all().difference(&AddrSet::all_of(Family::V4)),
+            AddrSet::all_of(Family::V6)
+        );
         let mut d = Direction {
             isolated: true,
             all_ports: a.clone(),

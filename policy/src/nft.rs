@@ -379,7 +379,10 @@ fn region_rules(
             );
             push(
                 rules,
-                format!("meta l4proto != {{ tcp, udp, sctp }} {kw} {field} @{}", set.0),
+                format!(
+                    "meta l4proto != {{ tcp, udp, sctp }} {kw} {field} @{}",
+                    set.0
+                ),
             );
             sets.push(set);
         }

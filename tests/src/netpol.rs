@@ -161,8 +161,7 @@ pub fn probe_in(netns: &File, to: SocketAddr, proto: Proto, expect: &str) -> boo
         use std::io::Read;
         let answer = match proto {
             Proto::Tcp => (|| {
-                let mut s =
-                    std::net::TcpStream::connect_timeout(&to, TCP_TIMEOUT).ok()?;
+                let mut s = std::net::TcpStream::connect_timeout(&to, TCP_TIMEOUT).ok()?;
                 s.set_read_timeout(Some(TCP_TIMEOUT)).ok()?;
                 let mut out = String::new();
                 s.read_to_string(&mut out).ok()?;

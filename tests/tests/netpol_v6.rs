@@ -138,7 +138,11 @@ fn cases_v6(env: &Env) -> Vec<Case> {
         }
         out.push(c);
     }
-    assert_eq!(replaced, IPV4_ADDRESS_CASES.len(), "a shared case was renamed");
+    assert_eq!(
+        replaced,
+        IPV4_ADDRESS_CASES.len(),
+        "a shared case was renamed"
+    );
     let yb = ip6(env.pod("y/b"));
     let xa_net = net64(ip6(env.pod("x/a")));
     let y_pods: Vec<String> = env

@@ -129,11 +129,7 @@ impl Compiler {
     ) -> Vec<Option<Arc<GroupVerdict>>> {
         let local_pods = locals.pods;
         let mut out: Vec<Option<Arc<GroupVerdict>>> = vec![None; local_pods.len()];
-        let world = (
-            host.clone(),
-            nodes.to_vec(),
-            attribute_drops,
-        );
+        let world = (host.clone(), nodes.to_vec(), attribute_drops);
         let memo = &mut self.tier_memo;
         if memo.world.as_ref() != Some(&world) {
             memo.groups.clear();

@@ -482,3 +482,43 @@ fn pods_of_one_group_share_the_tier_sets_and_a_region_change_touches_only_its_se
     assert!(!d.contains("add set inet sluice-policy i-sla"), "{d}");
     assert!(!d.contains("e-slc"), "{d}");
 }
+
+#[test]
+fn ipv6_peers_are_ipv6_sets_in_the_same_table() {
+    let mut ir = sample();
+    for (p, six) in ir.pods.iter_mut().zip(["fd00::1", "fd00::2", "fd00::3"]) {
+        p.ips.push(six.parse().unwrap());
+    }
+    ir.pods[0]
+        .ingress
+        .all_ports
+        .union_with(&AddrSet::from_block("fd00:1::/64".parse().unwrap(), &[]));
+    let t = unhashed(&render(&ir).text());
+    for want in [
+        "\tset i-sla-all6-# {\n\t\ttype ipv6_addr\n\t\tflags interval\n\t\telements = { fd00:1::/64 }\n\t}",
+        "\tset isolated6-# {\n\t\ttype ipv6_addr\n\t\tflags interval\n\t\telements = { fd00::1/128,\n\t\t\t     fd00::3/128 }\n\t}",
+        "\tchain i-sla {\n\t\tip saddr @i-sla-all-# accept\n\t\tip6 saddr @i-sla-all6-# accept\n\t\tip saddr . meta l4proto . th dport @i-sla-ports-# accept\n\t\tip6 saddr . meta l4proto . th dport @i-sla-ports6-# accept\n\t\tdrop\n\t}",
+        "ct state new tcp flags & (fin | syn | rst | ack) != syn ip6 saddr @isolated6-# drop",
+        "ct state new tcp flags & (fin | syn | rst | ack) != syn ip6 daddr @isolated6-# drop",
+        "\t\tct state invalid drop\n\t\ticmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept\n",
+    ] {
+        assert!(t.contains(want), "{want:?} missing from\n{t}");
+    }
+    // The unselected and the egress-isolated pods: the same dispatch, the same drop.
+    assert!(t.contains("\tchain e-slc {\n\t\tdrop\n\t}"));
+    // Without IPv6 pods, no IPv6 base rules at all.
+    let plain = unhashed(&render(&sample()).text());
+    assert!(!plain.contains("isolated6") && !plain.contains("icmpv6"));
+    // A changed IPv6 peer is a new IPv6 set, and the IPv4 ones stay.
+    let a = render(&ir);
+    let mut other = ir.clone();
+    other.pods[0].ingress.all_ports =
+        AddrSet::from_addrs(["10.0.0.1".parse().unwrap(), "fd00:1::7".parse().unwrap()]);
+    let b = render(&other);
+    let d = delta(&a.table, &b.table, &b.hash).unwrap();
+    assert!(
+        d.contains("type ipv6_addr; flags interval; elements = { fd00:1::7/128 }"),
+        "{d}"
+    );
+    assert!(!d.contains("type ipv4_addr;"), "{d}");
+}

@@ -34,13 +34,25 @@ fn an_ipv6_ip_block_with_excepts_allows_exactly_its_addresses() {
     // The IR holds the IPv6 peers as ranges of their own, and both of x/a's addresses.
     let xa = ir.pod_by_ip(addr("x/a@6")).unwrap();
     assert_eq!(xa.ips, [addr("x/a"), addr("x/a@6")]);
-    let cidrs: Vec<String> = xa.ingress.all_ports.cidrs6().iter().map(|c| c.to_string()).collect();
+    let cidrs: Vec<String> = xa
+        .ingress
+        .all_ports
+        .cidrs6()
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
     // x's and y's /64 but y/b's /128, not z's /64, and the node's own address.
     for want in ["fd00:10:244::/63", "fd00:10:244:2::3/128", "fd00:ff::1/128"] {
         assert!(cidrs.contains(&want.to_string()), "{want} in {cidrs:?}");
     }
-    assert!(!cidrs.contains(&"fd00:10:244:2::2/128".to_string()), "{cidrs:?}");
-    assert!(!cidrs.iter().any(|c| c.starts_with("fd00:10:244:3:")), "{cidrs:?}");
+    assert!(
+        !cidrs.contains(&"fd00:10:244:2::2/128".to_string()),
+        "{cidrs:?}"
+    );
+    assert!(
+        !cidrs.iter().any(|c| c.starts_with("fd00:10:244:3:")),
+        "{cidrs:?}"
+    );
 }
 
 #[test]
@@ -79,7 +91,10 @@ fn an_except_of_the_other_family_or_unparsable_makes_the_block_match_nothing() {
     }
     // A host address in a block is the /128 it names.
     let ir = c.compile(&[xa_from(json!([block(&ip6_of("x", "b").to_string(), &[])]))]);
-    assert!(!tcp(&ir, "x/b@6", "x/a@6", 80), "no prefix length: not a CIDR the API takes");
+    assert!(
+        !tcp(&ir, "x/b@6", "x/a@6", 80),
+        "no prefix length: not a CIDR the API takes"
+    );
     let ir = c.compile(&[xa_from(json!([block(
         &format!("{}/128", ip6_of("x", "b")),
         &[]
@@ -137,8 +152,14 @@ fn cluster_network_policy_networks_of_ipv6() {
     });
     let ir = c.compile_tiers(&[], &[p], &[]);
     assert!(!tcp(&ir, "x/a@6", "y/b@6", 80));
-    assert!(tcp(&ir, "x/a", "y/b", 80), "the IPv6 network is no IPv4 one");
+    assert!(
+        tcp(&ir, "x/a", "y/b", 80),
+        "the IPv6 network is no IPv4 one"
+    );
     assert!(tcp(&ir, "x/a@6", "y/c@6", 80));
     assert!(!tcp(&ir, "x/a", "z/c", 80));
-    assert!(tcp(&ir, "x/a@6", "z/c@6", 80), "the IPv4 network is no IPv6 one");
+    assert!(
+        tcp(&ir, "x/a@6", "z/c@6", 80),
+        "the IPv4 network is no IPv6 one"
+    );
 }
