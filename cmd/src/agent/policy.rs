@@ -849,6 +849,47 @@ mod tests {
     }
 
     #[test]
+    fn local_pods_are_found_by_a_route_of_either_family() {
+        let mut dual = pod("dual", "n1", Some("10.244.1.2"));
+        dual.status.as_mut().unwrap().pod_ips = Some(vec![
+            k8s_openapi::api::core::v1::PodIP {
+                ip: "10.244.1.2".into(),
+            },
+            k8s_openapi::api::core::v1::PodIP {
+                ip: "fd00:10:244:1::2".into(),
+            },
+        ]);
+        // An IPv6-only pod, its veth found by its /128 route.
+        let six = pod("six", "n1", Some("fd00:10:244:1::3"));
+        let links = HashMap::from([
+            ("10.244.1.2".parse().unwrap(), "sl0000000000001".to_string()),
+            (
+                "fd00:10:244:1::3".parse().unwrap(),
+                "sl0000000000003".to_string(),
+            ),
+        ]);
+        let pods: Vec<Arc<ClusterPod>> = [dual, six]
+            .iter()
+            .map(|p| Arc::new(ClusterPod::from(p)))
+            .collect();
+        let local = local_pods("n1", &pods, &links);
+        assert_eq!(local.len(), 2);
+        let ips =
+            |i: usize| -> Vec<String> { local[i].ips.iter().map(|a| a.to_string()).collect() };
+        assert_eq!(
+            (local[0].ifname.as_str(), ips(0)),
+            (
+                "sl0000000000001",
+                vec!["10.244.1.2".into(), "fd00:10:244:1::2".into()]
+            )
+        );
+        assert_eq!(
+            (local[1].ifname.as_str(), ips(1)),
+            ("sl0000000000003", vec!["fd00:10:244:1::3".to_string()])
+        );
+    }
+
+    #[test]
     fn policy_status_is_written_into_the_document() {
         let mut doc = serde_json::json!({"node": "n1", "policy": {"backend": "none", "rules": 0}});
         set_policy_status(&mut doc, "nftables", 7, 3);
