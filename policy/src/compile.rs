@@ -234,7 +234,7 @@ impl Compiler {
                     name: pod.name.clone(),
                     ips: pod.ips.clone(),
                     ifname: pod.ifname.clone(),
-                    ingress: finish(ingress, t_in, Some(&host)),
+                    ingress: finish(ingress, t_in, Some(&of_families(&host, &pod.ips))),
                     egress: finish(egress, t_eg, None),
                 }
             })
@@ -299,6 +299,18 @@ fn finish(
     out.baseline = baseline;
     out.policies.sort();
     out.set_ports(raw_ports);
+    out
+}
+
+/// `set`'s addresses of the families `ips` has: the node's IPv6 addresses are no peer of a
+/// pod without IPv6 (no rule for them).
+fn of_families(set: &AddrSet, ips: &[IpAddr]) -> AddrSet {
+    let mut out = AddrSet::new();
+    for family in Family::BOTH {
+        if ips.iter().any(|ip| Family::of(*ip) == family) {
+            out.union_with(&set.only(family));
+        }
+    }
     out
 }
 
