@@ -11,8 +11,8 @@
 //!   NetworkPolicy (then Baseline when none isolates), from Baseline to the default (allow);
 //! - `spec.subject` selects pods: `namespaces` (every pod of the matching namespaces) or `pods`
 //!   (`namespaceSelector` and `podSelector`);
-//! - peers: `namespaces`, `pods`; for egress also `networks` (CIDRs) and `nodes` (by node
-//!   labels, their addresses);
+//! - peers: `namespaces`, `pods`; for egress also `networks` (CIDRs of either family) and
+//!   `nodes` (by node labels, their addresses);
 //! - `protocols` absent is every protocol and port; an item is `tcp`/`udp`/`sctp` with an
 //!   optional `destinationPort` (`number`, or `range` `start`..`end`), or
 //!   `destinationNamedPort`, resolved on the destination pod (for ingress the subject itself).
@@ -28,7 +28,7 @@
 use crate::selector::Labels;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::Deserialize;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 pub const GROUP: &str = "policy.networking.k8s.io";
 pub const VERSION: &str = "v1alpha2";
@@ -150,7 +150,7 @@ pub struct PortRange {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeAddrs {
     pub labels: Labels,
-    pub addrs: Vec<Ipv4Addr>,
+    pub addrs: Vec<IpAddr>,
 }
 
 impl ClusterNetworkPolicy {

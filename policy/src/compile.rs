@@ -18,13 +18,16 @@
 //!
 //! Choices where the API leaves room: hostNetwork pods and pods without an IP or finished are not
 //! peers by selector (their address is the node's); namespaces carry the
-//! `kubernetes.io/metadata.name` label as the API server sets it; IPv4 only (an IPv6 `ipBlock`
-//! adds nothing); a field the API would reject (unknown protocol, `endPort` below `port`, a
+//! `kubernetes.io/metadata.name` label as the API server sets it; both families (a pod is
+//! named by each of its `podIPs`, an `ipBlock` is of its `cidr`'s family, and an `except` of
+//! the other family, which the API refuses, makes the block match nothing); a field the API would reject (unknown protocol, `endPort` below `port`, a
 //! peer with no selector nor block) allows nothing. Traffic from `host_addrs` (the node's own
 //! addresses) is always allowed in, so that kubelet probes keep working under default deny.
 
 use crate::cnp::{ClusterNetworkPolicy, NodeAddrs};
-use crate::ir::{AddrSet, Direction, PodPolicy, PolicyIr, PortEntry, Protocol, TierVerdict};
+use crate::ir::{
+    AddrSet, Direction, Family, PodPolicy, PolicyIr, PortEntry, Protocol, TierVerdict,
+};
 use crate::selector::{self, LabelIndex, Labels};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Namespace;
@@ -37,7 +40,7 @@ use peers::{Changes, Peer, PeerIndex};
 pub use pod::ClusterPod;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 /// The label the API server puts on every namespace.
@@ -52,7 +55,7 @@ pub struct PolicyInput<'a> {
     pub namespaces: &'a [&'a Namespace],
     pub policies: &'a [&'a NetworkPolicy],
     /// The node's addresses: host-to-pod traffic from them is always allowed.
-    pub host_addrs: &'a [Ipv4Addr],
+    pub host_addrs: &'a [IpAddr],
     /// ClusterNetworkPolicies (both tiers).
     pub cluster_policies: &'a [&'a ClusterNetworkPolicy],
     /// The cluster's nodes, for egress `nodes` peers of ClusterNetworkPolicies.
@@ -70,28 +73,29 @@ pub struct NamedPort {
     pub port: u16,
 }
 
-/// A pod on this node, as the agent knows it: its address and host-side veth.
+/// A pod on this node, as the agent knows it: its addresses and host-side veth.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalPod {
     pub namespace: String,
     pub name: String,
-    pub ip: Ipv4Addr,
+    /// At most one of each family.
+    pub ips: Vec<IpAddr>,
     pub ifname: String,
     pub labels: Labels,
     pub ports: Vec<NamedPort>,
 }
 
 impl LocalPod {
-    /// From the pod and the veth sluice made for it; `None` when the pod has no IPv4 address
-    /// yet or is on the host network (no policy applies to it).
+    /// From the pod and the veth sluice made for it; `None` when the pod has no address yet
+    /// or is on the host network (no policy applies to it).
     pub fn from_pod(pod: &ClusterPod, ifname: &str) -> Option<Self> {
-        if pod.host_network {
+        if pod.host_network || pod.ips.is_empty() {
             return None;
         }
         Some(Self {
             namespace: pod.namespace.clone(),
             name: pod.name.clone(),
-            ip: *pod.ips.first()?,
+            ips: pod.ips.clone(),
             ifname: ifname.to_string(),
             labels: pod.labels.clone(),
             ports: pod.ports.clone(),
@@ -228,9 +232,9 @@ impl Compiler {
                 PodPolicy {
                     namespace: pod.namespace.clone(),
                     name: pod.name.clone(),
-                    ip: pod.ip,
+                    ips: pod.ips.clone(),
                     ifname: pod.ifname.clone(),
-                    ingress: finish(ingress, t_in, Some(&host)),
+                    ingress: finish(ingress, t_in, Some(&of_families(&host, &pod.ips))),
                     egress: finish(egress, t_eg, None),
                 }
             })
@@ -295,6 +299,18 @@ fn finish(
     out.baseline = baseline;
     out.policies.sort();
     out.set_ports(raw_ports);
+    out
+}
+
+/// `set`'s addresses of the families `ips` has: the node's IPv6 addresses are no peer of a
+/// pod without IPv6 (no rule for them).
+fn of_families(set: &AddrSet, ips: &[IpAddr]) -> AddrSet {
+    let mut out = AddrSet::new();
+    for family in Family::BOTH {
+        if ips.iter().any(|ip| Family::of(*ip) == family) {
+            out.union_with(&set.only(family));
+        }
+    }
     out
 }
 
@@ -431,11 +447,13 @@ impl Compiler {
             None | Some([]) => AddrSet::all(),
             Some(peers) => {
                 // One normalisation for the whole list: a rule may name thousands of blocks.
-                let mut ranges = Vec::new();
+                let (mut ranges, mut ranges6) = (Vec::new(), Vec::new());
                 for peer in peers {
-                    ranges.extend_from_slice(self.peer(policy_ns, peer).ranges());
+                    let set = self.peer(policy_ns, peer);
+                    ranges.extend_from_slice(set.ranges());
+                    ranges6.extend_from_slice(set.ranges6());
                 }
-                AddrSet::from_ranges(ranges)
+                AddrSet::from_parts(ranges, ranges6)
             }
         }
     }
@@ -568,7 +586,7 @@ impl Compiler {
         self.named_cache
             .entry((name.to_string(), protocol))
             .or_insert_with(|| {
-                let mut by_port: BTreeMap<u16, Vec<Ipv4Addr>> = BTreeMap::new();
+                let mut by_port: BTreeMap<u16, Vec<IpAddr>> = BTreeMap::new();
                 for p in peers.all() {
                     for np in p
                         .ports()
@@ -623,21 +641,20 @@ fn affects(spec: &NetworkPolicySpec, dir: Dir) -> bool {
     }
 }
 
-/// An `ipBlock` as addresses; IPv6 or unparsable blocks add nothing.
+/// An `ipBlock` (or a ClusterNetworkPolicy's `networks` CIDR) as addresses, of either
+/// family; an unparsable block, or one with an unparsable `except` or an `except` of the other
+/// family, matches nothing (dropping an except would allow more than asked).
 fn ip_block(cidr: &str, except: &[String]) -> AddrSet {
-    let Ok(IpNet::V4(net)) = cidr.parse::<IpNet>() else {
-        if !cidr.contains(':') {
-            tracing::warn!(cidr, "unparsable ipBlock matches nothing");
-        }
+    let Ok(net) = cidr.parse::<IpNet>() else {
+        tracing::warn!(cidr, "unparsable ipBlock matches nothing");
         return AddrSet::new();
     };
     let mut nets = Vec::with_capacity(except.len());
     for e in except {
         match e.parse::<IpNet>() {
-            Ok(IpNet::V4(n)) => nets.push(n),
-            // Dropping an except would allow more than asked: the block matches nothing.
+            Ok(n) if Family::of(n.addr()) == Family::of(net.addr()) => nets.push(n.trunc()),
             _ => {
-                tracing::warn!(cidr, except = %e, "unparsable except: the ipBlock matches nothing");
+                tracing::warn!(cidr, except = %e, "unparsable except, or of the other family: the ipBlock matches nothing");
                 return AddrSet::new();
             }
         }

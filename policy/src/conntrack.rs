@@ -3,7 +3,7 @@
 //! packet is evaluated as new (TCP pick-up) and meets the policy.
 //!
 //! Mechanism: the `conntrack` binary (conntrack-tools; called, not linked): `conntrack -L`
-//! lists the IPv4 flows, [`denied`] (pure) picks those the IR no longer allows (judged as the
+//! lists the IPv4 flows (and the IPv6 ones when a local pod has an IPv6 address), [`denied`] (pure) picks those the IR no longer allows (judged as the
 //! forward hook saw them: original source, destination after DNAT = the reply's source, its
 //! port), and they are deleted by one `conntrack -D` per (source, destination, protocol,
 //! destination port, reply source and port) group (one process per flow took tens of seconds
@@ -14,25 +14,25 @@
 //! replace the binary behind the same call.
 
 use crate::firewall::{Exec, FirewallError};
-use crate::ir::PolicyIr;
-use std::net::Ipv4Addr;
+use crate::ir::{Family, PolicyIr};
+use std::net::IpAddr;
 
 /// One conntrack entry, its original and reply tuples.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Flow {
     pub proto: u8,
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub sport: Option<u16>,
     pub dport: Option<u16>,
-    pub reply_src: Ipv4Addr,
+    pub reply_src: IpAddr,
     pub reply_sport: Option<u16>,
     /// Whether a packet of this flow can pass as established: a reply was seen and, for TCP,
     /// the connection is not closed.
     pub live: bool,
 }
 
-/// Flows from `conntrack -L -f ipv4` text; lines that do not parse are skipped.
+/// Flows from `conntrack -L -f ipv4` (or `-f ipv6`) text; lines that do not parse are skipped.
 pub fn parse_list(text: &str) -> Vec<Flow> {
     text.lines().filter_map(parse_line).collect()
 }
@@ -57,8 +57,8 @@ fn parse_line(line: &str) -> Option<Flow> {
             continue;
         };
         match k {
-            "src" => src.push(v.parse::<Ipv4Addr>().ok()?),
-            "dst" => dst.push(v.parse::<Ipv4Addr>().ok()?),
+            "src" => src.push(v.parse::<IpAddr>().ok()?),
+            "dst" => dst.push(v.parse::<IpAddr>().ok()?),
             "sport" => sport.push(v.parse::<u16>().ok()?),
             "dport" => dport.push(v.parse::<u16>().ok()?),
             _ => {}
@@ -107,13 +107,18 @@ pub fn delete_group_args(flow: &Flow) -> Vec<String> {
 
 /// `conntrack -D` arguments deleting exactly `flow`.
 pub fn delete_args(flow: &Flow) -> Vec<String> {
+    let family = match flow.src {
+        IpAddr::V4(_) => "ipv4",
+        IpAddr::V6(_) => "ipv6",
+    };
     let mut a: Vec<String> = vec![
         "-D".into(),
         "-f".into(),
-        "ipv4".into(),
+        family.into(),
         "-p".into(),
         match flow.proto {
             1 => "icmp".into(),
+            58 => "icmpv6".into(),
             6 => "tcp".into(),
             17 => "udp".into(),
             132 => "sctp".into(),
@@ -164,15 +169,24 @@ impl ConntrackCli {
     /// [`delete_group_args`]) were deleted. Call it right
     /// after the firewall applied `ir`, so that a flow cannot come back as established.
     pub fn flush_denied(&self, ir: &PolicyIr) -> Result<usize, FirewallError> {
-        let out = self.exec.run(&self.program, &["-L", "-f", "ipv4"], None)?;
-        if !out.status.success() {
-            return Err(FirewallError::Command {
-                program: self.program.clone(),
-                op: "list",
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            });
+        let mut flows = Vec::new();
+        for family in Family::BOTH {
+            // IPv6 flows only where a pod has an IPv6 address (no other IPv6 flow is policy's).
+            let name = match family {
+                Family::V4 => "ipv4",
+                Family::V6 if ir.has(Family::V6) => "ipv6",
+                Family::V6 => continue,
+            };
+            let out = self.exec.run(&self.program, &["-L", "-f", name], None)?;
+            if !out.status.success() {
+                return Err(FirewallError::Command {
+                    program: self.program.clone(),
+                    op: "list",
+                    stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+                });
+            }
+            flows.extend(parse_list(&String::from_utf8_lossy(&out.stdout)));
         }
-        let flows = parse_list(&String::from_utf8_lossy(&out.stdout));
         let mut deleted = 0;
         let mut groups: Vec<Vec<String>> = denied(ir, &flows)
             .into_iter()
@@ -238,11 +252,8 @@ conntrack v1.4.7 (conntrack-tools): 3 flow entries have been shown.\n";
         let flows = parse_list(LIST);
         assert_eq!(flows.len(), 3);
         assert_eq!(flows[1].proto, 17);
-        assert_eq!(flows[1].dst, "10.96.0.10".parse::<Ipv4Addr>().unwrap());
-        assert_eq!(
-            flows[1].reply_src,
-            "10.244.1.1".parse::<Ipv4Addr>().unwrap()
-        );
+        assert_eq!(flows[1].dst, "10.96.0.10".parse::<IpAddr>().unwrap());
+        assert_eq!(flows[1].reply_src, "10.244.1.1".parse::<IpAddr>().unwrap());
         assert_eq!(flows[1].reply_sport, Some(5353));
         assert_eq!(flows[2].sport, None);
     }
@@ -252,7 +263,7 @@ conntrack v1.4.7 (conntrack-tools): 3 flow entries have been shown.\n";
         let pod = PodPolicy {
             namespace: "x".into(),
             name: "a".into(),
-            ip: "10.244.1.1".parse().unwrap(),
+            ips: vec!["10.244.1.1".parse().unwrap()],
             ifname: "sla".into(),
             ingress: Direction {
                 isolated: true,
@@ -293,5 +304,46 @@ udp      17 28 src=10.244.0.2 dst=10.244.1.1 sport=5000 dport=80 src=10.244.1.1 
             delete_group_args(&flows[2]).join(" "),
             "-D -f ipv4 -p udp -s 10.244.0.2 -d 10.244.1.1 --reply-src 10.244.1.1 --orig-port-dst 80 --reply-port-src 80"
         );
+    }
+
+    #[test]
+    fn ipv6_flows_are_judged_and_cut_as_ipv6() {
+        let text = "tcp      6 431999 ESTABLISHED src=fd00:10:244:2::5 dst=fd00:10:244:1::1 sport=40000 dport=80 src=fd00:10:244:1::1 dst=fd00:10:244:2::5 sport=80 dport=40000 [ASSURED] mark=0 use=1\n\
+icmpv6   58 29 src=fd00:10:244:2::5 dst=fd00:10:244:1::1 type=128 code=0 id=9 src=fd00:10:244:1::1 dst=fd00:10:244:2::5 type=129 code=0 id=9 mark=0 use=1\n\
+tcp      6 431999 ESTABLISHED src=fd00:10:244:2::5 dst=fd00:10:244:1::9 sport=40001 dport=80 src=fd00:10:244:1::9 dst=fd00:10:244:2::5 sport=80 dport=40001 [ASSURED] mark=0 use=1\n";
+        let flows = parse_list(text);
+        assert_eq!(flows.len(), 3);
+        // The pod is dual-stack; its IPv4 address is not in any of these flows.
+        let pod = PodPolicy {
+            namespace: "x".into(),
+            name: "a".into(),
+            ips: vec![
+                "10.244.1.1".parse().unwrap(),
+                "fd00:10:244:1::1".parse().unwrap(),
+            ],
+            ifname: "sla".into(),
+            ingress: Direction {
+                isolated: true,
+                ..Default::default()
+            },
+            egress: Direction::default(),
+        };
+        let ir = PolicyIr {
+            pods: vec![pod],
+            log_drops: false,
+        };
+        let denied: Vec<&Flow> = denied(&ir, &flows);
+        // The flow to another address (no pod of this node) is not policy's.
+        assert_eq!(denied.len(), 2);
+        assert_eq!(
+            delete_group_args(denied[0]).join(" "),
+            "-D -f ipv6 -p tcp -s fd00:10:244:2::5 -d fd00:10:244:1::1 --reply-src fd00:10:244:1::1 --orig-port-dst 80 --reply-port-src 80"
+        );
+        assert_eq!(
+            delete_args(denied[1]).join(" "),
+            "-D -f ipv6 -p icmpv6 -s fd00:10:244:2::5 -d fd00:10:244:1::1"
+        );
+        // An IPv4-only policy reading never lists IPv6 flows: no pod has an IPv6 address.
+        assert!(!PolicyIr::default().has(Family::V6) && ir.has(Family::V6));
     }
 }

@@ -6,6 +6,11 @@
 //! write after the rules in force stopped being the ones this process wrote, covers every chain
 //! and set; after that only what changed is written ([`delta`]).
 //!
+//! Both families: the same chains, from the same IR, in `iptables` (IPv4 peers, `inet` ipsets)
+//! and in `ip6tables` (IPv6 peers, `inet6` ipsets named with a trailing `6`), each with its own
+//! hash; an isolated direction drops whatever family its policy does not name, and an unknown
+//! pod veth drops on both (fail closed). The IPv6 `INPUT` chain lets neighbour discovery pass.
+//!
 //! The same shape as the nftables table (see [`crate::nft`]); where nft has verdict maps,
 //! `SLUICE-INGRESS`/`SLUICE-EGRESS` hold one rule per local pod (linear in the node's pods, not
 //! in policies). Allowed traffic `RETURN`s to `FORWARD`, so that rules others keep there still
@@ -17,7 +22,7 @@
 
 use crate::droplog::{self, DropDirection, DropStage};
 use crate::firewall::{Applied, Backend, Exec, Firewall, FirewallError, Observed, Rendered};
-use crate::ir::{AddrSet, Direction, PolicyIr, PortEntry, Protocol, Region};
+use crate::ir::{AddrSet, Direction, Family, PolicyIr, PortEntry, Protocol, Region};
 use crate::nft::HASH_MARK;
 use crate::{fnv1a, memo, FNV_START};
 use std::collections::BTreeMap;
@@ -28,6 +33,15 @@ pub const CHAIN_PREFIX: &str = "SLUICE-";
 pub const SET_PREFIX: &str = "SLUICE-";
 const TMP_SET: &str = "SLUICE-TMP";
 const SET_OPTS: &str = "hash:net family inet hashsize 1024 maxelem 1048576";
+const SET_OPTS6: &str = "hash:net family inet6 hashsize 1024 maxelem 1048576";
+
+/// A family's ipset options, temporary set and suffix of set names.
+fn set_family(family: Family) -> (&'static str, &'static str, &'static str) {
+    match family {
+        Family::V4 => (SET_OPTS, TMP_SET, ""),
+        Family::V6 => (SET_OPTS6, "SLUICE-TMP6", "6"),
+    }
+}
 const HASH_SLOT: &str = "@@HASH@@";
 /// Ports one `multiport` match can take (a range counts twice).
 const MULTIPORT_MAX: usize = 15;
@@ -45,8 +59,8 @@ pub struct IptablesScript {
     /// render memo): what [`delta`] compares.
     pub chain_rules: BTreeMap<String, String>,
     pub set_lines: BTreeMap<String, Arc<str>>,
-    /// `ip6tables-restore --noflush` input of the IPv6 guard ([`guard6`]).
-    pub guard6: String,
+    /// The same for `ip6tables` (on the IPv4 script; `None` on the IPv6 one itself).
+    pub v6: Option<Box<IptablesScript>>,
 }
 
 impl IptablesScript {
@@ -87,15 +101,16 @@ impl Out {
     }
 }
 
-/// Set `name` holding `addrs`.
-fn render_set(name: String, addrs: &AddrSet) -> RenderedSet {
-    let mut lines = format!("create {TMP_SET} {SET_OPTS} -exist\nflush {TMP_SET}\n");
-    for c in addrs.cidrs() {
-        let _ = writeln!(lines, "add {TMP_SET} {c}");
+/// Set `name` holding `addrs` (all of `family`).
+fn render_set(name: String, addrs: &AddrSet, family: Family) -> RenderedSet {
+    let (opts, tmp, _) = set_family(family);
+    let mut lines = format!("create {tmp} {opts} -exist\nflush {tmp}\n");
+    for c in addrs.nets() {
+        let _ = writeln!(lines, "add {tmp} {c}");
     }
     let _ = writeln!(
         lines,
-        "create {name} {SET_OPTS} -exist\nswap {TMP_SET} {name}\ndestroy {TMP_SET}"
+        "create {name} {opts} -exist\nswap {tmp} {name}\ndestroy {tmp}"
     );
     let hash = fnv1a(FNV_START, lines.as_bytes());
     (name, lines.into(), hash)
@@ -104,13 +119,18 @@ fn render_set(name: String, addrs: &AddrSet) -> RenderedSet {
 /// A tier's set, named by what it holds (`SLUICE-T` and 16 hex digits, within ipset's 31
 /// characters): the pods of a group, and the tiers, share one set per distinct address set,
 /// and a changed one is a new set, made aside and swapped into the rules that name it.
-fn tier_set_name(addrs: &AddrSet) -> String {
+fn tier_set_name(addrs: &AddrSet, family: Family) -> String {
     let mut hash = FNV_START;
     for (a, b) in addrs.ranges() {
         hash = fnv1a(hash, &a.to_le_bytes());
         hash = fnv1a(hash, &b.to_le_bytes());
     }
-    format!("{SET_PREFIX}T{hash:016x}")
+    for (a, b) in addrs.ranges6() {
+        hash = fnv1a(hash, &a.to_le_bytes());
+        hash = fnv1a(hash, &b.to_le_bytes());
+    }
+    let (_, _, sfx) = set_family(family);
+    format!("{SET_PREFIX}T{sfx}{hash:016x}")
 }
 
 /// `--dports` lists of at most [`MULTIPORT_MAX`] ports each.
@@ -161,12 +181,17 @@ fn direction(
     ingress: bool,
     ifname: &str,
     d: &Direction,
-    log: bool,
+    (log, family): (bool, Family),
 ) {
     let tag = if ingress { "I" } else { "E" };
     let chain = format!("{CHAIN_PREFIX}{tag}-{ifname}");
-    let rendered = memo.get(&chain, d, log, || {
-        render_direction(&chain, ingress, ifname, d, log)
+    // One memo for both families: the IPv6 chain is kept under a key of its own.
+    let key = match family {
+        Family::V4 => chain.clone(),
+        Family::V6 => format!("{chain}/6"),
+    };
+    let rendered = memo.get(&key, d, log, || {
+        render_direction(&chain, ingress, ifname, &d.only(family), (log, family))
     });
     for set in &rendered.sets {
         out.add_set(set);
@@ -180,7 +205,7 @@ fn render_direction(
     ingress: bool,
     ifname: &str,
     d: &Direction,
-    log: bool,
+    (log, family): (bool, Family),
 ) -> RenderedDirection {
     let (tag, dir, verdict) = if ingress {
         ("I", "src", "RETURN")
@@ -210,6 +235,7 @@ fn render_direction(
         rules: &mut rules,
         chain,
         dir,
+        family,
     };
     let admin = &d.admin;
     e.region(&admin.deny, &drop(0));
@@ -236,6 +262,9 @@ fn render_direction(
 /// The protocol numbers without ports (all but TCP 6, UDP 17, SCTP 132), for `-m u32` on the
 /// IPv4 header's protocol byte.
 const NO_PORT_PROTOCOLS: &str = "6&0xFF=0:5,7:16,18:131,133:255";
+/// The same on the IPv6 header's next header byte (a packet with extension headers before
+/// its transport header reads as one without ports).
+const NO_PORT_PROTOCOLS6: &str = "3&0xFF=0:5,7:16,18:131,133:255";
 
 /// Rules and sets of one direction's chain, as they are emitted.
 struct Emit<'a> {
@@ -243,6 +272,7 @@ struct Emit<'a> {
     rules: &'a mut Vec<String>,
     chain: &'a str,
     dir: &'a str,
+    family: Family,
 }
 
 impl Emit<'_> {
@@ -260,12 +290,12 @@ impl Emit<'_> {
 
     /// The match of set `name` (`None`: named by its contents, see [`tier_set_name`]).
     fn set_match(&mut self, name: Option<String>, addrs: &AddrSet) -> String {
-        if addrs.is_all() {
+        if addrs.is_full(self.family) {
             return String::new();
         }
-        let name = name.unwrap_or_else(|| tier_set_name(addrs));
+        let name = name.unwrap_or_else(|| tier_set_name(addrs, self.family));
         let m = format!(" -m set --match-set {name} {}", self.dir);
-        self.sets.push(render_set(name, addrs));
+        self.sets.push(render_set(name, addrs, self.family));
         m
     }
 
@@ -279,7 +309,8 @@ impl Emit<'_> {
         ports: &[PortEntry],
         verdicts: &[&str],
     ) {
-        let name = |suffix: &str| base.map(|b| format!("{SET_PREFIX}{b}-{suffix}"));
+        let (_, _, sfx) = set_family(self.family);
+        let name = |suffix: &str| base.map(|b| format!("{SET_PREFIX}{b}-{suffix}{sfx}"));
         if !all.is_empty() {
             let m = self.set_match(name("a"), all);
             self.push(&m, verdicts);
@@ -326,7 +357,11 @@ impl Emit<'_> {
         self.lookups(None, &all, &ports, verdicts);
         if !other.is_empty() {
             let m = self.set_match(None, &other);
-            self.push(&format!(" -m u32 --u32 {NO_PORT_PROTOCOLS}{m}"), verdicts);
+            let u32 = match self.family {
+                Family::V4 => NO_PORT_PROTOCOLS,
+                Family::V6 => NO_PORT_PROTOCOLS6,
+            };
+            self.push(&format!(" -m u32 --u32 {u32}{m}"), verdicts);
         }
     }
 
@@ -341,9 +376,24 @@ pub fn render(ir: &PolicyIr) -> IptablesScript {
     render_with(ir, &mut RenderMemo::default())
 }
 
-/// [`render`], reusing what `memo` kept of the last pass.
+/// [`render`], reusing what `memo` kept of the last pass: the IPv4 script, the IPv6 one in
+/// it (its hash part of the IPv4 one's, so that the whole changes when either does).
 pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> IptablesScript {
     memo.begin_pass();
+    let v6 = render_family(ir, memo, Family::V6, None);
+    let mut v4 = render_family(ir, memo, Family::V4, Some(&v6.hash));
+    memo.end_pass();
+    v4.v6 = Some(Box::new(v6));
+    v4
+}
+
+/// One family's chains and sets; `also` is mixed into the hash.
+fn render_family(
+    ir: &PolicyIr,
+    memo: &mut RenderMemo,
+    family: Family,
+    also: Option<&str>,
+) -> IptablesScript {
     let mut out = Out {
         sets_hash: FNV_START,
         ..Out::default()
@@ -358,10 +408,12 @@ pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> IptablesScript {
         ir.pods
             .iter()
             .filter(|p| p.ingress.enforced() || p.egress.enforced())
-            .map(|p| p.ip),
-    );
-    let isolated_set = format!("{SET_PREFIX}ISOLATED");
-    out.add_set(&render_set(isolated_set.clone(), &isolated));
+            .flat_map(|p| p.ips.iter().copied()),
+    )
+    .only(family);
+    let (_, _, sfx) = set_family(family);
+    let isolated_set = format!("{SET_PREFIX}ISOLATED{sfx}");
+    out.add_set(&render_set(isolated_set.clone(), &isolated, family));
     let mut dispatch = String::new();
     for pod in &ir.pods {
         for (ingress, d, chain, flag, tag) in [
@@ -369,7 +421,14 @@ pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> IptablesScript {
             (false, &pod.egress, &eg, "-i", "E"),
         ] {
             if d.enforced() {
-                direction(&mut out, memo, ingress, &pod.ifname, d, ir.log_drops);
+                direction(
+                    &mut out,
+                    memo,
+                    ingress,
+                    &pod.ifname,
+                    d,
+                    (ir.log_drops, family),
+                );
                 let _ = writeln!(
                     dispatch,
                     "-A {chain} {flag} {} -g {CHAIN_PREFIX}{tag}-{}",
@@ -390,6 +449,14 @@ pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> IptablesScript {
         }
         let _ = writeln!(dispatch, "-A {chain} {flag} {p}+ -j DROP");
     }
+    // IPv6 neighbour discovery (untracked by conntrack) passes, as ARP does for IPv4.
+    let nd = match family {
+        Family::V4 => String::new(),
+        Family::V6 => [135, 136]
+            .iter()
+            .map(|t| format!("-A {input} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j RETURN\n"))
+            .collect(),
+    };
     let mut chains = vec![fwd.clone(), input.clone(), ing.clone(), eg.clone()];
     chains.append(&mut out.chains);
     let mut f = String::from("*filter\n");
@@ -403,7 +470,7 @@ pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> IptablesScript {
          -A {fwd} -p tcp ! --syn -m conntrack --ctstate NEW -m set --match-set {isolated_set} src -j DROP\n\
          -A {fwd} -p tcp ! --syn -m conntrack --ctstate NEW -m set --match-set {isolated_set} dst -j DROP\n\
          -A {fwd} -j {eg}\n-A {fwd} -j {ing}\n\
-         -A {input} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN\n\
+         -A {input} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN\n{nd}\
          -A {input} -m conntrack --ctstate INVALID -j DROP\n\
          -A {input} -p tcp ! --syn -m conntrack --ctstate NEW -m set --match-set {isolated_set} src -j DROP\n\
          -A {input} -j {eg}"
@@ -411,8 +478,8 @@ pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> IptablesScript {
     f.push_str(&dispatch);
     f.push_str(&out.rules);
     f.push_str("COMMIT\n");
-    memo.end_pass();
-    let hash = format!("{:016x}", fnv1a(out.sets_hash, f.as_bytes()));
+    let hash = fnv1a(out.sets_hash, f.as_bytes());
+    let hash = format!("{:016x}", fnv1a(hash, also.unwrap_or_default().as_bytes()));
     let filter = f.replace(HASH_SLOT, &hash);
     let mut chain_rules: BTreeMap<String, String> =
         chains.iter().map(|c| (c.clone(), String::new())).collect();
@@ -430,7 +497,7 @@ pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> IptablesScript {
         hash,
         chain_rules,
         set_lines: out.set_lines,
-        guard6: guard6::render(ir),
+        v6: None,
     }
 }
 
@@ -585,19 +652,31 @@ fn hash_in(lines: &str) -> Option<String> {
     })
 }
 
-/// The policy chains through `ipset` and `iptables-restore`, in the backend the host uses.
+/// The policy chains through `ipset` and `iptables-restore` (and `ip6tables-restore`), in the
+/// backend the host uses.
 #[derive(Debug, Clone)]
 pub struct IptablesRestore {
     pub exec: Exec,
     pub mode: IptablesMode,
-    /// What this process last wrote: when the kernel still carries its hash, the next change
-    /// is written as a [`delta`] (a full `iptables-save` and rewrite of thousands of chains
-    /// and sets takes most of a second).
+    /// What this process last wrote, per family: when the kernel still carries its hash, the
+    /// next change is written as a [`delta`] (a full `iptables-save` and rewrite of thousands
+    /// of chains and sets takes most of a second).
     last: Arc<Mutex<Option<IptablesScript>>>,
+    last6: Arc<Mutex<Option<IptablesScript>>>,
     memo: Arc<Mutex<RenderMemo>>,
-    /// The IPv6 guard this process last wrote.
-    guard6: Arc<Mutex<Option<String>>>,
 }
+
+/// What is left to sweep of the sets once both families' rules are written (a set one family's
+/// rules still name cannot be destroyed before they change).
+enum Sweep {
+    Nothing,
+    These(Vec<String>),
+    /// Every set of sluice's the scripts do not name.
+    Unused,
+}
+
+/// The chain an older sluice's IPv6 guard lived in, swept at the first IPv6 write.
+const OLD_GUARD6: &str = "V6-GUARD";
 
 impl IptablesRestore {
     pub fn new(exec: Exec, mode: IptablesMode) -> Self {
@@ -605,8 +684,8 @@ impl IptablesRestore {
             exec,
             mode,
             last: Arc::default(),
+            last6: Arc::default(),
             memo: Arc::default(),
-            guard6: Arc::default(),
         }
     }
 
@@ -641,6 +720,26 @@ impl IptablesRestore {
         format!("iptables-{}{rest}", self.mode.suffix())
     }
 
+    /// `ip6tables-save` → `ip6tables-nft-save` or `ip6tables-legacy-save` (`tool` named as
+    /// for [`Self::bin`]: `iptables-save`).
+    pub(crate) fn bin6(&self, tool: &str) -> String {
+        let rest = tool.strip_prefix("iptables").unwrap_or(tool);
+        format!("ip6tables-{}{rest}", self.mode.suffix())
+    }
+
+    /// `tool` (named as for [`Self::bin`]) of `family`.
+    fn tool(&self, family: Family, tool: &str) -> String {
+        match family {
+            Family::V4 => self.bin(tool),
+            Family::V6 => self.bin6(tool),
+        }
+    }
+
+    /// Whether this kernel has IPv6 at all (else there is no IPv6 traffic to filter).
+    fn has_ipv6() -> bool {
+        std::path::Path::new("/proc/sys/net/ipv6").exists()
+    }
+
     pub(crate) fn checked(
         &self,
         program: &str,
@@ -659,8 +758,13 @@ impl IptablesRestore {
         })
     }
 
-    fn save(&self) -> Result<String, FirewallError> {
-        self.checked(&self.bin("iptables-save"), &["-t", "filter"], None, "save")
+    fn save(&self, family: Family) -> Result<String, FirewallError> {
+        self.checked(
+            &self.tool(family, "iptables-save"),
+            &["-t", "filter"],
+            None,
+            "save",
+        )
     }
 
     fn sets(&self) -> Result<Vec<String>, FirewallError> {
@@ -673,10 +777,10 @@ impl IptablesRestore {
     }
 
     /// Whether `from` jumps to `SLUICE-<to>`.
-    fn hooked(&self, from: &str, to: &str) -> Result<bool, FirewallError> {
+    fn hooked(&self, family: Family, from: &str, to: &str) -> Result<bool, FirewallError> {
         let target = format!("{CHAIN_PREFIX}{to}");
         let check = self.exec.run(
-            &self.bin("iptables"),
+            &self.tool(family, "iptables"),
             &["-w", "5", "-t", "filter", "-C", from, "-j", &target],
             None,
         )?;
@@ -686,9 +790,9 @@ impl IptablesRestore {
     /// The hash on `SLUICE-FORWARD`'s first rule (one short call where `iptables-save` lists
     /// every chain); `None` when the chain or the hash is missing. Says nothing of the jumps
     /// to sluice's chains: see [`Self::hooked`].
-    fn forward_hash(&self) -> Result<Option<String>, FirewallError> {
+    fn forward_hash(&self, family: Family) -> Result<Option<String>, FirewallError> {
         let first = self.exec.run(
-            &self.bin("iptables"),
+            &self.tool(family, "iptables"),
             &[
                 "-w",
                 "5",
@@ -707,30 +811,29 @@ impl IptablesRestore {
     }
 
     /// Writes `delta` from the script in force to `script`, then puts back any missing jump
-    /// (after the rules, which are what enforces the change) and destroys the stale sets in
-    /// one call.
-    fn write_delta(&self, delta: &IptablesDelta) -> Result<(), FirewallError> {
+    /// (after the rules, which are what enforces the change); the stale sets are left to the
+    /// sweep.
+    fn write_delta(&self, family: Family, delta: &IptablesDelta) -> Result<(), FirewallError> {
         if !delta.ipsets.is_empty() {
             self.checked("ipset", &["restore"], Some(&delta.ipsets), "restore")?;
         }
         self.checked(
-            &self.bin("iptables-restore"),
+            &self.tool(family, "iptables-restore"),
             &["-w", "5", "--noflush"],
             Some(&delta.filter),
             "restore",
         )?;
-        self.hook("FORWARD", "FORWARD")?;
-        self.hook("INPUT", "INPUT")?;
-        self.destroy(&delta.stale_sets)
+        self.hook(family, "FORWARD", "FORWARD")?;
+        self.hook(family, "INPUT", "INPUT")
     }
 
     /// Inserts `-j SLUICE-<to>` at the top of `from` unless it is already there.
-    fn hook(&self, from: &str, to: &str) -> Result<(), FirewallError> {
-        if self.hooked(from, to)? {
+    fn hook(&self, family: Family, from: &str, to: &str) -> Result<(), FirewallError> {
+        if self.hooked(family, from, to)? {
             return Ok(());
         }
         let target = format!("{CHAIN_PREFIX}{to}");
-        let ipt = self.bin("iptables");
+        let ipt = self.tool(family, "iptables");
         self.checked(
             &ipt,
             &["-w", "5", "-t", "filter", "-I", from, "1", "-j", &target],
@@ -740,19 +843,20 @@ impl IptablesRestore {
         Ok(())
     }
 
-    fn unhook(&self, from: &str, to: &str) -> Result<(), FirewallError> {
+    fn unhook(&self, family: Family, from: &str, to: &str) -> Result<(), FirewallError> {
         let target = format!("{CHAIN_PREFIX}{to}");
-        let ipt = self.bin("iptables");
-        while self
-            .exec
-            .run(
+        let ipt = self.tool(family, "iptables");
+        // Bounded: a jump is deleted once per turn, and nobody adds ours many times.
+        for _ in 0..16 {
+            let del = self.exec.run(
                 &ipt,
                 &["-w", "5", "-t", "filter", "-D", from, "-j", &target],
                 None,
-            )?
-            .status
-            .success()
-        {}
+            )?;
+            if !del.status.success() {
+                break;
+            }
+        }
         Ok(())
     }
 
@@ -789,155 +893,125 @@ impl Firewall for IptablesRestore {
 
     fn observe(&self) -> Result<Observed, FirewallError> {
         Ok(Observed {
-            hash: parse_save(&self.save()?).0,
+            hash: parse_save(&self.save(Family::V4)?).0,
         })
     }
 
-    /// The IPv4 chains, then the IPv6 guard ([`guard6`]).
+    /// The IPv4 chains, then the IPv6 ones (where the kernel has IPv6), then the sets neither
+    /// names any more.
     fn apply(&self, desired: &Rendered) -> Result<Applied, FirewallError> {
         let Rendered::Iptables(script) = desired else {
             return Err(FirewallError::WrongBackend {
                 want: Backend::Iptables,
             });
         };
-        let applied = self.apply_v4(script)?;
-        self.sync_guard6(&script.guard6)?;
+        let (mut applied, mut sweeps) = {
+            let (a, s) = self.apply_family(Family::V4, script, &self.last)?;
+            (a, vec![s])
+        };
+        let mut keep = script.sets.clone();
+        if let Some(v6) = script.v6.as_deref().filter(|_| Self::has_ipv6()) {
+            let (a, s) = self.apply_family(Family::V6, v6, &self.last6)?;
+            applied = Applied {
+                written: applied.written || a.written,
+                incremental: (applied.incremental || !applied.written)
+                    && (a.incremental || !a.written)
+                    && (applied.written || a.written),
+            };
+            sweeps.push(s);
+            keep.extend(v6.sets.iter().cloned());
+        }
+        if sweeps.iter().any(|s| matches!(s, Sweep::Unused)) {
+            self.destroy_sets(&keep)?;
+        } else {
+            let stale: Vec<String> = sweeps
+                .into_iter()
+                .flat_map(|s| match s {
+                    Sweep::These(v) => v,
+                    _ => Vec::new(),
+                })
+                .filter(|s| !keep.contains(s))
+                .collect();
+            self.destroy(&stale)?;
+        }
         Ok(applied)
     }
 
     fn remove(&self) -> Result<(), FirewallError> {
-        self.remove_guard6()?;
-        self.remove_v4()
+        if Self::has_ipv6() {
+            self.unhook(Family::V6, "FORWARD", OLD_GUARD6)?;
+            self.unhook(Family::V6, "INPUT", OLD_GUARD6)?;
+            self.remove_family(Family::V6, &self.last6)?;
+        }
+        self.remove_family(Family::V4, &self.last)?;
+        self.destroy_sets(&[])
     }
 }
 
 impl IptablesRestore {
-    /// `ip6tables-save` → `ip6tables-nft-save` or `ip6tables-legacy-save` (`tool` named as
-    /// for [`Self::bin`]: `iptables-save`).
-    pub(crate) fn bin6(&self, tool: &str) -> String {
-        let rest = tool.strip_prefix("iptables").unwrap_or(tool);
-        format!("ip6tables-{}{rest}", self.mode.suffix())
-    }
-
-    /// Whether this kernel has IPv6 at all (else there is no IPv6 traffic to guard).
-    fn has_ipv6() -> bool {
-        std::path::Path::new("/proc/sys/net/ipv6").exists()
-    }
-
-    /// Writes the guard chain when it changed (or was never written by this process) and
-    /// makes sure `FORWARD` and `INPUT` jump to it.
-    fn sync_guard6(&self, text: &str) -> Result<(), FirewallError> {
-        if !Self::has_ipv6() {
-            return Ok(());
-        }
-        let mut last = self.guard6.lock().unwrap_or_else(|p| p.into_inner());
-        let target = guard6::chain();
-        let ipt = self.bin6("iptables");
-        if last.as_deref() != Some(text) {
-            self.checked(
-                &self.bin6("iptables-restore"),
-                &["-w", "5", "--noflush"],
-                Some(text),
-                "restore",
-            )?;
-            *last = Some(text.to_string());
-        }
-        for from in ["FORWARD", "INPUT"] {
-            let check = self.exec.run(
-                &ipt,
-                &["-w", "5", "-t", "filter", "-C", from, "-j", &target],
-                None,
-            )?;
-            if !check.status.success() {
-                self.checked(
-                    &ipt,
-                    &["-w", "5", "-t", "filter", "-I", from, "1", "-j", &target],
-                    None,
-                    "insert",
-                )?;
-            }
-        }
-        Ok(())
-    }
-
-    fn remove_guard6(&self) -> Result<(), FirewallError> {
-        *self.guard6.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        if !Self::has_ipv6() {
-            return Ok(());
-        }
-        let target = guard6::chain();
-        let ipt = self.bin6("iptables");
-        for from in ["FORWARD", "INPUT"] {
-            // Bounded: a jump is deleted once per turn, and nobody adds ours twice.
-            for _ in 0..8 {
-                let del = self.exec.run(
-                    &ipt,
-                    &["-w", "5", "-t", "filter", "-D", from, "-j", &target],
-                    None,
-                )?;
-                if !del.status.success() {
-                    break;
-                }
-            }
-        }
-        for op in ["-F", "-X"] {
-            // Absent already is fine.
-            let _ = self
-                .exec
-                .run(&ipt, &["-w", "5", "-t", "filter", op, &target], None)?;
-        }
-        Ok(())
-    }
-
-    fn apply_v4(&self, script: &IptablesScript) -> Result<Applied, FirewallError> {
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+    /// Makes `family`'s chains what `script` says: nothing when the kernel carries its hash, a
+    /// delta from what this process last wrote when the kernel still holds that, else every
+    /// chain; what of the sets is left to sweep.
+    fn apply_family(
+        &self,
+        family: Family,
+        script: &IptablesScript,
+        last: &Mutex<Option<IptablesScript>>,
+    ) -> Result<(Applied, Sweep), FirewallError> {
+        let unchanged = Applied {
+            written: false,
+            incremental: false,
+        };
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(prev) = last.take() {
-            match self.forward_hash() {
+            match self.forward_hash(family) {
                 Ok(Some(h))
                     if h == script.hash
-                        && self.hooked("FORWARD", "FORWARD")?
-                        && self.hooked("INPUT", "INPUT")? =>
+                        && self.hooked(family, "FORWARD", "FORWARD")?
+                        && self.hooked(family, "INPUT", "INPUT")? =>
                 {
                     *last = Some(if prev.hash == script.hash {
                         prev
                     } else {
                         script.clone()
                     });
-                    return Ok(Applied {
-                        written: false,
-                        incremental: false,
-                    });
+                    return Ok((unchanged, Sweep::Nothing));
                 }
                 Ok(Some(h)) if h == prev.hash => {
                     let d = delta(&prev, script);
-                    match self.write_delta(&d) {
+                    match self.write_delta(family, &d) {
                         Ok(()) => {
-                            tracing::info!(hash = %script.hash, from = %prev.hash, chains = d.filter.lines().filter(|l| l.starts_with(':')).count(), sets = d.ipsets.matches("\nswap ").count(), "iptables policy changed");
+                            tracing::info!(family = ?family, hash = %script.hash, from = %prev.hash, chains = d.filter.lines().filter(|l| l.starts_with(':')).count(), sets = d.ipsets.matches("\nswap ").count(), "iptables policy changed");
                             *last = Some(script.clone());
-                            return Ok(Applied {
-                                written: true,
-                                incremental: true,
-                            });
+                            return Ok((
+                                Applied {
+                                    written: true,
+                                    incremental: true,
+                                },
+                                Sweep::These(d.stale_sets),
+                            ));
                         }
                         // Whatever the delta left, the full write below replaces it.
                         Err(e) => {
-                            tracing::warn!(error = %e, "iptables policy delta refused; rewriting every chain")
+                            tracing::warn!(family = ?family, error = %e, "iptables policy delta refused; rewriting every chain")
                         }
                     }
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::debug!(error = %e, "reading the policy hash failed; listing the table")
+                    tracing::debug!(family = ?family, error = %e, "reading the policy hash failed; listing the table")
                 }
             }
         }
-        let (hash, have_chains) = parse_save(&self.save()?);
+        let (hash, have_chains) = parse_save(&self.save(family)?);
         if hash.as_deref() == Some(script.hash.as_str()) {
             *last = Some(script.clone());
-            return Ok(Applied {
-                written: false,
-                incremental: false,
-            });
+            return Ok((unchanged, Sweep::Nothing));
+        }
+        if family == Family::V6 {
+            // An older sluice's guard chain goes with the other stale chains below.
+            self.unhook(family, "FORWARD", OLD_GUARD6)?;
+            self.unhook(family, "INPUT", OLD_GUARD6)?;
         }
         self.checked("ipset", &["restore"], Some(&script.ipsets()), "restore")?;
         let stale: Vec<String> = have_chains
@@ -949,40 +1023,45 @@ impl IptablesRestore {
             filter = format!("{body}{}COMMIT\n", delete_chains(&stale));
         }
         self.checked(
-            &self.bin("iptables-restore"),
+            &self.tool(family, "iptables-restore"),
             &["-w", "5", "--noflush"],
             Some(&filter),
             "restore",
         )?;
-        self.hook("FORWARD", "FORWARD")?;
-        self.hook("INPUT", "INPUT")?;
-        self.destroy_sets(&script.sets)?;
-        tracing::info!(hash = %script.hash, mode = ?self.mode, chains = script.chains.len(), sets = script.sets.len(), "iptables policy chains replaced");
+        self.hook(family, "FORWARD", "FORWARD")?;
+        self.hook(family, "INPUT", "INPUT")?;
+        tracing::info!(family = ?family, hash = %script.hash, mode = ?self.mode, chains = script.chains.len(), sets = script.sets.len(), "iptables policy chains replaced");
         *last = Some(script.clone());
-        Ok(Applied {
-            written: true,
-            incremental: false,
-        })
+        Ok((
+            Applied {
+                written: true,
+                incremental: false,
+            },
+            Sweep::Unused,
+        ))
     }
 
-    fn remove_v4(&self) -> Result<(), FirewallError> {
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        self.unhook("FORWARD", "FORWARD")?;
-        self.unhook("INPUT", "INPUT")?;
-        let (_, chains) = parse_save(&self.save()?);
+    fn remove_family(
+        &self,
+        family: Family,
+        last: &Mutex<Option<IptablesScript>>,
+    ) -> Result<(), FirewallError> {
+        *last.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.unhook(family, "FORWARD", "FORWARD")?;
+        self.unhook(family, "INPUT", "INPUT")?;
+        let (_, chains) = parse_save(&self.save(family)?);
         if !chains.is_empty() {
             let text = format!("*filter\n{}COMMIT\n", delete_chains(&chains));
             self.checked(
-                &self.bin("iptables-restore"),
+                &self.tool(family, "iptables-restore"),
                 &["-w", "5", "--noflush"],
                 Some(&text),
                 "restore",
             )?;
         }
-        self.destroy_sets(&[])
+        Ok(())
     }
 }
 
-pub mod guard6;
 #[cfg(test)]
 mod tests;

@@ -4,8 +4,8 @@
 //! protocol, so renderers never have to reason about overlaps and equal inputs render to equal
 //! text.
 
-use ipnet::Ipv4Net;
-use std::net::Ipv4Addr;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 /// Transport protocols a NetworkPolicy port can name.
@@ -46,10 +46,140 @@ impl Protocol {
     }
 }
 
-/// A set of IPv4 addresses: sorted, merged, inclusive ranges.
+/// An address family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const BOTH: [Family; 2] = [Family::V4, Family::V6];
+
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Self::V4,
+            IpAddr::V6(_) => Self::V6,
+        }
+    }
+}
+
+/// A set of addresses of both families, each kept apart (an IPv4 range never matches an IPv6
+/// address, nor the other way round): sorted, merged, inclusive ranges per family.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct AddrSet {
     ranges: Vec<(u32, u32)>,
+    ranges6: Vec<(u128, u128)>,
+}
+
+/// An address as a number, for the range arithmetic shared by both families.
+trait Bound: Copy + Ord {
+    fn succ(self) -> Self;
+    fn pred(self) -> Self;
+}
+
+impl Bound for u32 {
+    fn succ(self) -> Self {
+        self.saturating_add(1)
+    }
+    fn pred(self) -> Self {
+        self.saturating_sub(1)
+    }
+}
+
+impl Bound for u128 {
+    fn succ(self) -> Self {
+        self.saturating_add(1)
+    }
+    fn pred(self) -> Self {
+        self.saturating_sub(1)
+    }
+}
+
+fn normalise<T: Bound>(ranges: &mut Vec<(T, T)>) {
+    ranges.retain(|(a, b)| a <= b);
+    ranges.sort_unstable();
+    let mut out: Vec<(T, T)> = Vec::with_capacity(ranges.len());
+    for &(a, b) in ranges.iter() {
+        match out.last_mut() {
+            Some(last) if a <= last.1.succ() => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    *ranges = out;
+}
+
+fn subtract<T: Bound>(ranges: &mut Vec<(T, T)>, (x, y): (T, T)) {
+    let mut out = Vec::with_capacity(ranges.len() + 1);
+    for &(a, b) in ranges.iter() {
+        if b < x || a > y {
+            out.push((a, b));
+            continue;
+        }
+        if a < x {
+            out.push((a, x.pred()));
+        }
+        if b > y {
+            out.push((y.succ(), b));
+        }
+    }
+    *ranges = out;
+}
+
+fn intersect<T: Bound>(left: &[(T, T)], right: &[(T, T)]) -> Vec<(T, T)> {
+    let mut out = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < left.len() && j < right.len() {
+        let (a, b) = left[i];
+        let (c, d) = right[j];
+        let (lo, hi) = (a.max(c), b.min(d));
+        if lo <= hi {
+            out.push((lo, hi));
+        }
+        if b < d {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
+fn contains<T: Bound>(ranges: &[(T, T)], x: T) -> bool {
+    let i = ranges.partition_point(|&(_, b)| b < x);
+    ranges.get(i).is_some_and(|&(a, _)| a <= x)
+}
+
+/// The fewest aligned blocks (start, prefix length) that cover `a..=b` exactly, in an address
+/// space of `bits` bits.
+fn blocks(a: u128, b: u128, bits: u32) -> Vec<(u128, u8)> {
+    let span = |k: u32| -> u128 {
+        if k >= 128 {
+            u128::MAX
+        } else {
+            (1u128 << k) - 1
+        }
+    };
+    let mut out = Vec::new();
+    let mut start = a;
+    // Bounded: each block at least doubles the alignment of the next start, or ends the range.
+    for _ in 0..2 * bits + 2 {
+        let mut k = if start == 0 {
+            bits
+        } else {
+            start.trailing_zeros().min(bits)
+        };
+        while k > 0 && span(k) > b - start {
+            k -= 1;
+        }
+        out.push((start, (bits - k) as u8));
+        let last = start + span(k);
+        if last >= b {
+            break;
+        }
+        start = last + 1;
+    }
+    out
 }
 
 impl AddrSet {
@@ -57,69 +187,85 @@ impl AddrSet {
         Self::default()
     }
 
-    /// Every IPv4 address.
+    /// Every address of both families.
     pub fn all() -> Self {
         Self {
             ranges: vec![(0, u32::MAX)],
+            ranges6: vec![(0, u128::MAX)],
         }
     }
 
+    /// Every address of one family.
+    pub fn all_of(family: Family) -> Self {
+        Self::all().only(family)
+    }
+
+    /// From IPv4 ranges.
     pub fn from_ranges(ranges: impl IntoIterator<Item = (u32, u32)>) -> Self {
+        Self::from_parts(ranges, [])
+    }
+
+    /// From IPv4 and IPv6 ranges.
+    pub fn from_parts(
+        ranges: impl IntoIterator<Item = (u32, u32)>,
+        ranges6: impl IntoIterator<Item = (u128, u128)>,
+    ) -> Self {
         let mut s = Self {
-            ranges: ranges.into_iter().filter(|(a, b)| a <= b).collect(),
+            ranges: ranges.into_iter().collect(),
+            ranges6: ranges6.into_iter().collect(),
         };
-        s.normalise();
+        normalise(&mut s.ranges);
+        normalise(&mut s.ranges6);
         s
     }
 
-    pub fn from_addrs(addrs: impl IntoIterator<Item = Ipv4Addr>) -> Self {
-        Self::from_ranges(addrs.into_iter().map(|a| (u32::from(a), u32::from(a))))
+    pub fn from_addrs(addrs: impl IntoIterator<Item = IpAddr>) -> Self {
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for a in addrs {
+            match a {
+                IpAddr::V4(a) => v4.push((u32::from(a), u32::from(a))),
+                IpAddr::V6(a) => v6.push((u128::from(a), u128::from(a))),
+            }
+        }
+        Self::from_parts(v4, v6)
     }
 
-    /// `net` less each of `except` (an `ipBlock`).
-    pub fn from_block(net: Ipv4Net, except: &[Ipv4Net]) -> Self {
-        let mut s = Self::from_ranges([net_range(net)]);
+    /// `net` less each of `except` (an `ipBlock`); an except of the other family takes
+    /// nothing away.
+    pub fn from_block(net: IpNet, except: &[IpNet]) -> Self {
+        let mut s = Self::new();
+        s.add_net(net);
         for e in except {
-            s.subtract(net_range(*e));
+            match *e {
+                IpNet::V4(e) => subtract(&mut s.ranges, net_range(e)),
+                IpNet::V6(e) => subtract(&mut s.ranges6, net_range6(e)),
+            }
         }
         s
     }
 
-    fn normalise(&mut self) {
-        self.ranges.sort_unstable();
-        let mut out: Vec<(u32, u32)> = Vec::with_capacity(self.ranges.len());
-        for &(a, b) in &self.ranges {
-            match out.last_mut() {
-                Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
-                _ => out.push((a, b)),
+    fn add_net(&mut self, net: IpNet) {
+        match net {
+            IpNet::V4(n) => {
+                self.ranges.push(net_range(n));
+                normalise(&mut self.ranges);
+            }
+            IpNet::V6(n) => {
+                self.ranges6.push(net_range6(n));
+                normalise(&mut self.ranges6);
             }
         }
-        self.ranges = out;
-    }
-
-    fn subtract(&mut self, (x, y): (u32, u32)) {
-        let mut out = Vec::with_capacity(self.ranges.len() + 1);
-        for &(a, b) in &self.ranges {
-            if b < x || a > y {
-                out.push((a, b));
-                continue;
-            }
-            if a < x {
-                out.push((a, x - 1));
-            }
-            if b > y {
-                out.push((y + 1, b));
-            }
-        }
-        self.ranges = out;
     }
 
     pub fn union_with(&mut self, other: &AddrSet) {
-        if other.ranges.is_empty() {
-            return;
+        if !other.ranges.is_empty() {
+            self.ranges.extend_from_slice(&other.ranges);
+            normalise(&mut self.ranges);
         }
-        self.ranges.extend_from_slice(&other.ranges);
-        self.normalise();
+        if !other.ranges6.is_empty() {
+            self.ranges6.extend_from_slice(&other.ranges6);
+            normalise(&mut self.ranges6);
+        }
     }
 
     /// What of `self` is not in `other`.
@@ -129,77 +275,124 @@ impl AddrSet {
             if out.ranges.is_empty() {
                 break;
             }
-            out.subtract(r);
+            subtract(&mut out.ranges, r);
+        }
+        for &r in &other.ranges6 {
+            if out.ranges6.is_empty() {
+                break;
+            }
+            subtract(&mut out.ranges6, r);
         }
         out
     }
 
     pub fn intersect(&self, other: &AddrSet) -> AddrSet {
-        let mut out = Vec::new();
-        let (mut i, mut j) = (0, 0);
-        while i < self.ranges.len() && j < other.ranges.len() {
-            let (a, b) = self.ranges[i];
-            let (c, d) = other.ranges[j];
-            let (lo, hi) = (a.max(c), b.min(d));
-            if lo <= hi {
-                out.push((lo, hi));
-            }
-            if b < d {
-                i += 1;
-            } else {
-                j += 1;
-            }
+        AddrSet {
+            ranges: intersect(&self.ranges, &other.ranges),
+            ranges6: intersect(&self.ranges6, &other.ranges6),
         }
-        AddrSet { ranges: out }
     }
 
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let x = u32::from(ip);
-        let i = self.ranges.partition_point(|&(_, b)| b < x);
-        self.ranges.get(i).is_some_and(|&(a, _)| a <= x)
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => contains(&self.ranges, u32::from(a)),
+            IpAddr::V6(a) => contains(&self.ranges6, u128::from(a)),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ranges.is_empty()
+        self.ranges.is_empty() && self.ranges6.is_empty()
     }
 
+    /// Every address of both families.
     pub fn is_all(&self) -> bool {
-        self.ranges == [(0, u32::MAX)]
+        self.is_full(Family::V4) && self.is_full(Family::V6)
     }
 
+    /// Every address of `family`.
+    pub fn is_full(&self, family: Family) -> bool {
+        match family {
+            Family::V4 => self.ranges == [(0, u32::MAX)],
+            Family::V6 => self.ranges6 == [(0, u128::MAX)],
+        }
+    }
+
+    /// Whether it holds an address of `family`.
+    pub fn has(&self, family: Family) -> bool {
+        match family {
+            Family::V4 => !self.ranges.is_empty(),
+            Family::V6 => !self.ranges6.is_empty(),
+        }
+    }
+
+    /// Its addresses of `family` alone.
+    pub fn only(&self, family: Family) -> AddrSet {
+        match family {
+            Family::V4 => AddrSet {
+                ranges: self.ranges.clone(),
+                ranges6: Vec::new(),
+            },
+            Family::V6 => AddrSet {
+                ranges: Vec::new(),
+                ranges6: self.ranges6.clone(),
+            },
+        }
+    }
+
+    /// The IPv4 ranges.
     pub fn ranges(&self) -> &[(u32, u32)] {
         &self.ranges
     }
 
-    /// The fewest CIDRs that cover exactly this set, in order.
+    /// The IPv6 ranges.
+    pub fn ranges6(&self) -> &[(u128, u128)] {
+        &self.ranges6
+    }
+
+    /// Ranges of both families.
+    pub fn range_count(&self) -> usize {
+        self.ranges.len() + self.ranges6.len()
+    }
+
+    /// The fewest IPv4 CIDRs that cover exactly its IPv4 addresses, in order.
     pub fn cidrs(&self) -> Vec<Ipv4Net> {
         let mut out = Vec::new();
         for &(a, b) in &self.ranges {
-            let mut start = u64::from(a);
-            let end = u64::from(b);
-            while start <= end {
-                // The largest aligned block at `start` that does not pass `end`.
-                let mut size: u64 = if start == 0 {
-                    1 << 32
-                } else {
-                    1 << start.trailing_zeros()
-                };
-                while start + size - 1 > end {
-                    size >>= 1;
-                }
-                let prefix = 32 - size.trailing_zeros() as u8;
+            for (start, prefix) in blocks(u128::from(a), u128::from(b), 32) {
                 if let Ok(net) = Ipv4Net::new(Ipv4Addr::from(start as u32), prefix) {
                     out.push(net);
                 }
-                start += size;
             }
         }
         out
+    }
+
+    /// The fewest IPv6 CIDRs that cover exactly its IPv6 addresses, in order.
+    pub fn cidrs6(&self) -> Vec<Ipv6Net> {
+        let mut out = Vec::new();
+        for &(a, b) in &self.ranges6 {
+            for (start, prefix) in blocks(a, b, 128) {
+                if let Ok(net) = Ipv6Net::new(Ipv6Addr::from(start), prefix) {
+                    out.push(net);
+                }
+            }
+        }
+        out
+    }
+
+    /// The CIDRs of both families: IPv4 first.
+    pub fn nets(&self) -> Vec<IpNet> {
+        let v4 = self.cidrs().into_iter().map(IpNet::V4);
+        v4.chain(self.cidrs6().into_iter().map(IpNet::V6)).collect()
     }
 }
 
 fn net_range(net: Ipv4Net) -> (u32, u32) {
     (u32::from(net.network()), u32::from(net.broadcast()))
+}
+
+fn net_range6(net: Ipv6Net) -> (u128, u128) {
+    (u128::from(net.network()), u128::from(net.broadcast()))
 }
 
 /// Peers allowed on one protocol and an inclusive port range.
@@ -233,7 +426,8 @@ pub struct Direction {
 impl Direction {
     /// Whether traffic with `peer` (the source for ingress, the destination for egress) on
     /// protocol number `proto` to `dport` passes.
-    pub fn allows(&self, peer: Ipv4Addr, proto: u8, dport: Option<u16>) -> bool {
+    pub fn allows(&self, peer: impl Into<IpAddr>, proto: u8, dport: Option<u16>) -> bool {
+        let peer = peer.into();
         if self.admin.deny.contains(peer, proto, dport) {
             return false;
         }
@@ -247,7 +441,7 @@ impl Direction {
     }
 
     /// NetworkPolicy's own answer for an isolated direction.
-    fn network_policy_allows(&self, peer: Ipv4Addr, proto: u8, dport: Option<u16>) -> bool {
+    fn network_policy_allows(&self, peer: IpAddr, proto: u8, dport: Option<u16>) -> bool {
         if self.all_ports.contains(peer) {
             return true;
         }
@@ -263,6 +457,35 @@ impl Direction {
     /// ClusterNetworkPolicy tier decides something for it.
     pub fn enforced(&self) -> bool {
         self.isolated || !self.admin.is_empty() || !self.baseline.is_empty()
+    }
+
+    /// The same direction with peers of `family` alone: what one family's rules enforce.
+    pub fn only(&self, family: Family) -> Direction {
+        let tier = |t: &TierVerdict| {
+            Arc::new(TierVerdict {
+                deny: t.deny.only(family),
+                accept: t.accept.only(family),
+                policies: t.policies.clone(),
+                denied_by: t
+                    .denied_by
+                    .iter()
+                    .map(|(n, r)| (n.clone(), r.only(family)))
+                    .collect(),
+            })
+        };
+        Direction {
+            isolated: self.isolated,
+            policies: self.policies.clone(),
+            all_ports: self.all_ports.only(family),
+            ports: self.ports_of(family),
+            admin: tier(&self.admin),
+            baseline: tier(&self.baseline),
+        }
+    }
+
+    /// Its port entries' peers of `family` alone (entries left without peers dropped).
+    pub fn ports_of(&self, family: Family) -> Vec<PortEntry> {
+        only_ports(&self.ports, family)
     }
 
     /// Replaces raw (possibly overlapping) port entries by disjoint ones with the same meaning.
@@ -315,7 +538,16 @@ impl Region {
         self.other.is_empty() && self.ports.is_empty()
     }
 
-    pub fn contains(&self, peer: Ipv4Addr, proto: u8, dport: Option<u16>) -> bool {
+    /// Its peers of `family` alone.
+    pub fn only(&self, family: Family) -> Region {
+        Region {
+            other: self.other.only(family),
+            ports: only_ports(&self.ports, family),
+        }
+    }
+
+    pub fn contains(&self, peer: impl Into<IpAddr>, proto: u8, dport: Option<u16>) -> bool {
+        let peer = peer.into();
         if !PORT_PROTOCOLS.iter().any(|p| p.number() == proto) {
             return self.other.contains(peer);
         }
@@ -432,6 +664,17 @@ impl TierVerdict {
     }
 }
 
+fn only_ports(ports: &[PortEntry], family: Family) -> Vec<PortEntry> {
+    ports
+        .iter()
+        .filter(|e| e.addrs.has(family))
+        .map(|e| PortEntry {
+            addrs: e.addrs.only(family),
+            ..e.clone()
+        })
+        .collect()
+}
+
 fn disjoint(raw: Vec<PortEntry>) -> Vec<PortEntry> {
     let mut out: Vec<PortEntry> = Vec::new();
     for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
@@ -482,7 +725,8 @@ fn disjoint(raw: Vec<PortEntry>) -> Vec<PortEntry> {
 pub struct PodPolicy {
     pub namespace: String,
     pub name: String,
-    pub ip: Ipv4Addr,
+    /// Its addresses: at most one of each family (IPv4 first on a dual-stack node).
+    pub ips: Vec<IpAddr>,
     /// Host-side veth: ingress is traffic leaving through it, egress traffic arriving on it.
     pub ifname: String,
     pub ingress: Direction,
@@ -498,38 +742,63 @@ pub struct PolicyIr {
 }
 
 impl PolicyIr {
-    pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&PodPolicy> {
-        self.pods.iter().find(|p| p.ip == ip)
+    pub fn pod_by_ip(&self, ip: impl Into<IpAddr>) -> Option<&PodPolicy> {
+        let ip = ip.into();
+        self.pods.iter().find(|p| p.ips.contains(&ip))
+    }
+
+    /// Whether some pod has an address of `family`.
+    pub fn has(&self, family: Family) -> bool {
+        self.pods
+            .iter()
+            .any(|p| p.ips.iter().any(|ip| Family::of(*ip) == family))
     }
 
     /// Whether a new flow `src` → `dst` (protocol number `proto`, destination port `dport`)
     /// passes the policy of both ends that are local pods: the IR's own reading, used to find
     /// the conntrack entries to cut and as the oracle the kernel tests compare against.
-    pub fn allows(&self, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, dport: Option<u16>) -> bool {
-        flow_allowed(|ip| self.pod_by_ip(ip), src, dst, proto, dport)
+    pub fn allows(
+        &self,
+        src: impl Into<IpAddr>,
+        dst: impl Into<IpAddr>,
+        proto: u8,
+        dport: Option<u16>,
+    ) -> bool {
+        flow_allowed(
+            |ip| self.pod_by_ip(ip),
+            src.into(),
+            dst.into(),
+            proto,
+            dport,
+        )
     }
 
     /// The pods by address, for many questions at once (every conntrack entry of a node).
     pub fn by_ip(&self) -> PodsByIp<'_> {
-        PodsByIp(self.pods.iter().map(|p| (p.ip, p)).collect())
+        PodsByIp(
+            self.pods
+                .iter()
+                .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p)))
+                .collect(),
+        )
     }
 }
 
 /// [`PolicyIr`]'s pods by address.
 #[derive(Debug)]
-pub struct PodsByIp<'a>(std::collections::HashMap<Ipv4Addr, &'a PodPolicy>);
+pub struct PodsByIp<'a>(std::collections::HashMap<IpAddr, &'a PodPolicy>);
 
 impl PodsByIp<'_> {
     /// [`PolicyIr::allows`], in constant time.
-    pub fn allows(&self, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, dport: Option<u16>) -> bool {
+    pub fn allows(&self, src: IpAddr, dst: IpAddr, proto: u8, dport: Option<u16>) -> bool {
         flow_allowed(|ip| self.0.get(&ip).copied(), src, dst, proto, dport)
     }
 }
 
 fn flow_allowed<'a>(
-    pod: impl Fn(Ipv4Addr) -> Option<&'a PodPolicy>,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
+    pod: impl Fn(IpAddr) -> Option<&'a PodPolicy>,
+    src: IpAddr,
+    dst: IpAddr,
     proto: u8,
     dport: Option<u16>,
 ) -> bool {
@@ -543,7 +812,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn net(s: &str) -> Ipv4Net {
+    fn net(s: &str) -> IpNet {
         s.parse().unwrap()
     }
 
@@ -577,9 +846,9 @@ mod tests {
 
     #[test]
     fn all_and_hosts_render_as_cidrs() {
-        assert_eq!(AddrSet::all().cidrs(), vec![net("0.0.0.0/0")]);
+        assert_eq!(AddrSet::all().nets(), vec![net("0.0.0.0/0"), net("::/0")]);
         let s = AddrSet::from_addrs(["10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap()]);
-        assert_eq!(s.cidrs(), vec![net("10.0.0.2/31")]);
+        assert_eq!(s.nets(), vec![net("10.0.0.2/31")]);
         assert!(AddrSet::from_block(net("10.0.0.0/24"), &[net("10.0.0.0/8")]).is_empty());
     }
 
@@ -652,5 +921,71 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn ipv6_blocks_with_excepts_are_exact_and_never_ipv4() {
+        let s = AddrSet::from_block(
+            net("fd00:10:244::/56"),
+            &[net("fd00:10:244:1::/64"), net("fd00:10:244:2::5/128")],
+        );
+        let ip = |a: &str| a.parse::<IpAddr>().unwrap();
+        assert!(s.contains(ip("fd00:10:244::1")));
+        assert!(!s.contains(ip("fd00:10:244:1::9")));
+        assert!(s.contains(ip("fd00:10:244:2::4")) && s.contains(ip("fd00:10:244:2::6")));
+        assert!(!s.contains(ip("fd00:10:244:2::5")));
+        assert!(!s.contains(ip("fd00:10:245::1")));
+        // No IPv4 address, not even the one whose bits an IPv6 address ends with.
+        assert!(!s.has(Family::V4) && !s.contains(ip("0.0.0.1")));
+        let cidrs: Vec<String> = s.cidrs6().iter().map(|c| c.to_string()).collect();
+        assert_eq!(cidrs[0], "fd00:10:244::/64");
+        assert_eq!(cidrs[1], "fd00:10:244:2::/126");
+        assert!(cidrs.contains(&"fd00:10:244:2::4/128".to_string()));
+        assert!(cidrs.contains(&"fd00:10:244:2::6/127".to_string()));
+        assert!(cidrs.contains(&"fd00:10:244:80::/57".to_string()));
+        // The CIDRs cover the set exactly.
+        let back = cidrs.iter().fold(AddrSet::new(), |mut acc, c| {
+            acc.union_with(&AddrSet::from_block(net(c), &[]));
+            acc
+        });
+        assert_eq!(back, s);
+        // And the reverse: an IPv4 block holds no IPv6 address.
+        let v4 = AddrSet::from_block(net("0.0.0.0/0"), &[]);
+        assert!(v4.is_full(Family::V4) && !v4.is_all() && !v4.contains(ip("::1")));
+        assert_eq!(AddrSet::all_of(Family::V6).nets(), vec![net("::/0")]);
+    }
+
+    #[test]
+    fn set_algebra_keeps_the_families_apart() {
+        let a = AddrSet::from_addrs(["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()]);
+        let b = AddrSet::from_block(net("fd00::/64"), &[]);
+        let both = a.intersect(&b);
+        assert_eq!(both, AddrSet::from_addrs(["fd00::1".parse().unwrap()]));
+        assert_eq!(
+            a.difference(&b),
+            AddrSet::from_addrs(["10.0.0.1".parse().unwrap()])
+        );
+        assert_eq!(a.only(Family::V4).nets(), vec![net("10.0.0.1/32")]);
+        assert_eq!(a.only(Family::V6).nets(), vec![net("fd00::1/128")]);
+        assert_eq!(
+            AddrSet::all().difference(&AddrSet::all_of(Family::V4)),
+            AddrSet::all_of(Family::V6)
+        );
+        let mut d = Direction {
+            isolated: true,
+            all_ports: a.clone(),
+            ..Default::default()
+        };
+        d.set_ports(vec![PortEntry {
+            protocol: Protocol::Tcp,
+            first: 80,
+            last: 80,
+            addrs: AddrSet::from_addrs(["10.0.0.2".parse().unwrap()]),
+        }]);
+        let six = d.only(Family::V6);
+        assert!(six.ports.is_empty() && six.all_ports == both && six.isolated);
+        assert!(d.allows("fd00::1".parse::<IpAddr>().unwrap(), 6, Some(1)));
+        assert!(!d.allows("fd00::2".parse::<IpAddr>().unwrap(), 6, Some(80)));
+        assert!(d.allows("10.0.0.2".parse::<IpAddr>().unwrap(), 6, Some(80)));
     }
 }

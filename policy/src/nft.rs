@@ -14,7 +14,9 @@
 //!   `return`), then unknown pod veths drop (fail closed); `ingress` likewise on `oifname`;
 //! - per isolated pod and direction a chain with at most two set lookups: an interval set of
 //!   peers allowed on every port (`…-all`) and a concatenated interval set
-//!   `ipv4_addr . inet_proto . inet_service` (`…-ports`), then `drop`. Egress allows `return`
+//!   `ipv4_addr . inet_proto . inet_service` (`…-ports`), and their IPv6 twins (`…-all6`,
+//!   `…-ports6`, `ipv6_addr`, matched by `ip6 saddr`/`ip6 daddr`) when the direction allows
+//!   IPv6 peers, then `drop`: an address of a family the policy does not name drops. Egress allows `return`
 //!   (the ingress check of the destination still runs), ingress allows `accept`.
 //! - ClusterNetworkPolicy tiers come first (Admin) and last (Baseline, for a direction no
 //!   NetworkPolicy isolates) in the same chain, each at most three lookups whatever the number
@@ -23,8 +25,10 @@
 //!   table, and a change of one ClusterNetworkPolicy makes only the sets it changes and writes
 //!   only the chains of the pods whose verdict changed.
 //!
+//! - IPv6 neighbour solicitations and advertisements pass (a pod whose egress is isolated must
+//!   still answer its node's neighbour discovery); like ARP for IPv4, they are not policy's.
 //! - TCP packets that would start a flow without being a SYN are dropped to and from isolated
-//!   pods (set `isolated`), so that a connection cut by [`crate::conntrack`] cannot be picked
+//!   pods (sets `isolated`, `isolated6`), so that a connection cut by [`crate::conntrack`] cannot be picked
 //!   up again mid-stream from its other end.
 //!
 //! The one rule of chain `state` (never jumped to) carries `comment "sluice-policy:HASH"`, the
@@ -33,7 +37,7 @@
 
 use crate::droplog::{self, DropDirection, DropStage};
 use crate::firewall::{Applied, Backend, Exec, Firewall, FirewallError, Observed, Rendered};
-use crate::ir::{AddrSet, Direction, PolicyIr, PortEntry, Region};
+use crate::ir::{AddrSet, Direction, Family, PolicyIr, PortEntry, Region};
 use crate::{memo, text_hash};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -106,7 +110,15 @@ fn state_rule(hash: &str) -> String {
 }
 
 fn addr_elements(set: &AddrSet) -> BTreeMap<String, Option<String>> {
-    set.cidrs().iter().map(|c| (c.to_string(), None)).collect()
+    set.nets().iter().map(|c| (c.to_string(), None)).collect()
+}
+
+/// nft's spelling of a family: the address type, the payload keyword, the sets' suffix.
+fn nft_family(family: Family) -> (&'static str, &'static str, &'static str) {
+    match family {
+        Family::V4 => ("ipv4_addr", "ip", ""),
+        Family::V6 => ("ipv6_addr", "ip6", "6"),
+    }
 }
 
 fn port_elements(ports: &[PortEntry]) -> BTreeMap<String, Option<String>> {
@@ -117,7 +129,7 @@ fn port_elements(ports: &[PortEntry]) -> BTreeMap<String, Option<String>> {
         } else {
             format!("{}-{}", e.first, e.last)
         };
-        for c in e.addrs.cidrs() {
+        for c in e.addrs.nets() {
             out.insert(format!("{c} . {} . {range}", e.protocol.name()), None);
         }
     }
@@ -201,9 +213,9 @@ fn render_direction(
     log: bool,
 ) -> RenderedDirection {
     let (field, allow) = if prefix == "i" {
-        ("ip saddr", "accept")
+        ("saddr", "accept")
     } else {
-        ("ip daddr", "return")
+        ("daddr", "return")
     };
     let mut sets = Vec::new();
     let mut rules = Vec::new();
@@ -240,24 +252,36 @@ fn render_direction(
     if d.isolated {
         if d.all_ports.is_all() {
             rules.push(allow.to_string());
-        } else if !d.all_ports.is_empty() {
-            let set = named_set(
-                &format!("{name}-all"),
-                interval_set("ipv4_addr", addr_elements(&d.all_ports)),
-            );
-            rules.push(format!("{field} @{} {allow}", set.0));
-            sets.push(set);
+        } else {
+            for family in Family::BOTH {
+                let all = d.all_ports.only(family);
+                if all.is_empty() {
+                    continue;
+                }
+                let (kind, kw, sfx) = nft_family(family);
+                let set = named_set(
+                    &format!("{name}-all{sfx}"),
+                    interval_set(kind, addr_elements(&all)),
+                );
+                rules.push(format!("{kw} {field} @{} {allow}", set.0));
+                sets.push(set);
+            }
         }
-        if !d.ports.is_empty() {
+        for family in Family::BOTH {
+            let ports = d.ports_of(family);
+            if ports.is_empty() {
+                continue;
+            }
+            let (kind, kw, sfx) = nft_family(family);
             let set = named_set(
-                &format!("{name}-ports"),
+                &format!("{name}-ports{sfx}"),
                 interval_set(
-                    "ipv4_addr . inet_proto . inet_service",
-                    port_elements(&d.ports),
+                    &format!("{kind} . inet_proto . inet_service"),
+                    port_elements(&ports),
                 ),
             );
             rules.push(format!(
-                "{field} . meta l4proto . th dport @{} {allow}",
+                "{kw} {field} . meta l4proto . th dport @{} {allow}",
                 set.0
             ));
             sets.push(set);
@@ -314,38 +338,54 @@ fn region_rules(
         push(rules, String::new());
         return;
     }
-    if !all.is_empty() {
-        let set = named_set(
-            &format!("{base}-all"),
-            interval_set("ipv4_addr", addr_elements(&all)),
-        );
-        push(rules, format!("{field} @{}", set.0));
-        sets.push(set);
-    }
-    if !ports.is_empty() {
-        let set = named_set(
-            &format!("{base}-ports"),
-            interval_set(
-                "ipv4_addr . inet_proto . inet_service",
-                port_elements(&ports),
-            ),
-        );
-        push(
-            rules,
-            format!("{field} . meta l4proto . th dport @{}", set.0),
-        );
-        sets.push(set);
-    }
-    if !other.is_empty() {
-        let set = named_set(
-            &format!("{base}-other"),
-            interval_set("ipv4_addr", addr_elements(&other)),
-        );
-        push(
-            rules,
-            format!("meta l4proto != {{ tcp, udp, sctp }} {field} @{}", set.0),
-        );
-        sets.push(set);
+    for family in Family::BOTH {
+        let (kind, kw, sfx) = nft_family(family);
+        let all = all.only(family);
+        if !all.is_empty() {
+            let set = named_set(
+                &format!("{base}-all{sfx}"),
+                interval_set(kind, addr_elements(&all)),
+            );
+            push(rules, format!("{kw} {field} @{}", set.0));
+            sets.push(set);
+        }
+        let ports: Vec<PortEntry> = ports
+            .iter()
+            .filter(|e| e.addrs.has(family))
+            .map(|e| PortEntry {
+                addrs: e.addrs.only(family),
+                ..e.clone()
+            })
+            .collect();
+        if !ports.is_empty() {
+            let set = named_set(
+                &format!("{base}-ports{sfx}"),
+                interval_set(
+                    &format!("{kind} . inet_proto . inet_service"),
+                    port_elements(&ports),
+                ),
+            );
+            push(
+                rules,
+                format!("{kw} {field} . meta l4proto . th dport @{}", set.0),
+            );
+            sets.push(set);
+        }
+        let other = other.only(family);
+        if !other.is_empty() {
+            let set = named_set(
+                &format!("{base}-other{sfx}"),
+                interval_set(kind, addr_elements(&other)),
+            );
+            push(
+                rules,
+                format!(
+                    "meta l4proto != {{ tcp, udp, sctp }} {kw} {field} @{}",
+                    set.0
+                ),
+            );
+            sets.push(set);
+        }
     }
 }
 
@@ -360,19 +400,29 @@ fn drop_direction(prefix: &str) -> DropDirection {
 /// The set and maps the base chains name, by their [`content_name`]s.
 struct Shared {
     isolated: String,
+    /// When some local pod has an IPv6 address.
+    isolated6: Option<String>,
     ingress_pods: String,
     egress_pods: String,
 }
 
+/// IPv6 neighbour discovery (solicitation, advertisement): a pod answers its node's and asks
+/// for its gateway's whatever its policy, as ARP does for IPv4.
+const NEIGHBOUR_DISCOVERY: &str = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept";
+
 fn base_chains(table: &mut NftTable, log: bool, shared: &Shared) {
     let p = crate::LINK_PREFIX;
-    let chain = |hook: Option<&str>, rules: &[&str]| NftChain {
+    let chain = |hook: Option<&str>, rules: Vec<String>| NftChain {
         hook: hook.map(|h| format!("type filter hook {h} priority filter; policy accept;")),
-        rules: rules.iter().map(|r| r.to_string()).collect(),
+        rules,
     };
-    let isolated = &shared.isolated;
-    let not_syn_from = format!("{NOT_SYN} ip saddr @{isolated} drop");
-    let not_syn_to = format!("{NOT_SYN} ip daddr @{isolated} drop");
+    let not_syn = |field: &str| {
+        let mut v = vec![format!("{NOT_SYN} ip {field} @{} drop", shared.isolated)];
+        if let Some(six) = &shared.isolated6 {
+            v.push(format!("{NOT_SYN} ip6 {field} @{six} drop"));
+        }
+        v
+    };
     let ingress_map = format!("oifname vmap @{}", shared.ingress_pods);
     let egress_map = format!("iifname vmap @{}", shared.egress_pods);
     let unknown = |field: &str, d: DropDirection| {
@@ -385,47 +435,40 @@ fn base_chains(table: &mut NftTable, log: bool, shared: &Shared) {
     };
     let to_pods = unknown("oifname", DropDirection::Ingress);
     let from_pods = unknown("iifname", DropDirection::Egress);
+    let head = |nd: bool| {
+        let mut v: Vec<String> = vec![
+            "ct state established,related accept".into(),
+            "ct state invalid drop".into(),
+        ];
+        if nd && shared.isolated6.is_some() {
+            v.push(NEIGHBOUR_DISCOVERY.into());
+        }
+        v
+    };
+    let mut forward = head(false);
+    forward.extend(not_syn("saddr"));
+    forward.extend(not_syn("daddr"));
+    forward.extend(["jump egress".to_string(), "jump ingress".to_string()]);
+    let mut input = head(true);
+    input.extend(not_syn("saddr"));
+    input.push("jump egress".into());
     for (name, c) in [
         (
             "ingress",
             chain(
                 None,
-                &[&ingress_map, "oifname \"sluice*\" return", &to_pods],
+                vec![ingress_map, "oifname \"sluice*\" return".into(), to_pods],
             ),
         ),
         (
             "egress",
             chain(
                 None,
-                &[&egress_map, "iifname \"sluice*\" return", &from_pods],
+                vec![egress_map, "iifname \"sluice*\" return".into(), from_pods],
             ),
         ),
-        (
-            "forward",
-            chain(
-                Some("forward"),
-                &[
-                    "ct state established,related accept",
-                    "ct state invalid drop",
-                    &not_syn_from,
-                    &not_syn_to,
-                    "jump egress",
-                    "jump ingress",
-                ],
-            ),
-        ),
-        (
-            "input",
-            chain(
-                Some("input"),
-                &[
-                    "ct state established,related accept",
-                    "ct state invalid drop",
-                    &not_syn_from,
-                    "jump egress",
-                ],
-            ),
-        ),
+        ("forward", chain(Some("forward"), forward)),
+        ("input", chain(Some("input"), input)),
     ] {
         table.chains.insert(name.to_string(), Arc::new(c));
     }
@@ -460,12 +503,19 @@ pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> NftScript {
         ir.pods
             .iter()
             .filter(|p| p.ingress.enforced() || p.egress.enforced())
-            .map(|p| p.ip),
+            .flat_map(|p| p.ips.iter().copied()),
     );
+    let isolated6 = ir.has(Family::V6).then(|| {
+        insert_set(
+            &mut table,
+            "isolated6",
+            interval_set("ipv6_addr", addr_elements(&isolated.only(Family::V6))),
+        )
+    });
     let isolated = insert_set(
         &mut table,
         "isolated",
-        interval_set("ipv4_addr", addr_elements(&isolated)),
+        interval_set("ipv4_addr", addr_elements(&isolated.only(Family::V4))),
     );
     let [ingress_pods, egress_pods] = maps.map(|elements| NftSet {
         keyword: "map",
@@ -474,6 +524,7 @@ pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> NftScript {
     });
     let shared = Shared {
         isolated,
+        isolated6,
         ingress_pods: insert_set(&mut table, "ingress-pods", ingress_pods),
         egress_pods: insert_set(&mut table, "egress-pods", egress_pods),
     };

@@ -5,12 +5,12 @@
 //! policies, measures the full 9x9 reachability matrix from inside the pods' network namespaces
 //! until it equals the one its own truth table predicts (bounded), then removes them.
 
-use crate::lab::{in_netns, Lab};
+use crate::lab::{in_netns, lab_cmd, Lab};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::File;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -54,6 +54,8 @@ pub struct P {
     pub ns: &'static str,
     pub pod: &'static str,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, on a dual-stack lab.
+    pub ip6: Option<Ipv6Addr>,
 }
 
 impl P {
@@ -125,30 +127,52 @@ pub fn wait_running(lab: &Lab, want: &[(&str, &str)]) -> BTreeMap<String, Ipv4Ad
     }
 }
 
+/// The pods' IPv6 addresses (`status.podIPs`), by `namespace/name`, of those that have one.
+pub fn pod_ips6(lab: &Lab) -> BTreeMap<String, Ipv6Addr> {
+    pods_json(lab)
+        .iter()
+        .filter_map(|p| {
+            let id = format!(
+                "{}/{}",
+                p["metadata"]["namespace"].as_str()?,
+                p["metadata"]["name"].as_str()?
+            );
+            let ip = p["status"]["podIPs"]
+                .as_array()?
+                .iter()
+                .find_map(|a| a["ip"].as_str()?.parse::<Ipv6Addr>().ok())?;
+            Some((id, ip))
+        })
+        .collect()
+}
+
 /// One probe from inside a pod's network namespace, as `sluice lab probe` does it: true when
 /// the server answered with the target's identity.
-pub fn probe(from_netns: &str, to: SocketAddrV4, proto: Proto, expect: &str) -> bool {
+pub fn probe(from_netns: &str, to: impl Into<SocketAddr>, proto: Proto, expect: &str) -> bool {
     let file = File::open(format!("/run/netns/{from_netns}")).expect("open netns");
-    probe_in(&file, to, proto, expect)
+    probe_in(&file, to.into(), proto, expect)
 }
 
 /// [`probe`] from the network namespace `netns` is open on (a named one, or a process's
 /// `/proc/PID/ns/net`).
-pub fn probe_in(netns: &File, to: SocketAddrV4, proto: Proto, expect: &str) -> bool {
+pub fn probe_in(netns: &File, to: SocketAddr, proto: Proto, expect: &str) -> bool {
     let expect = expect.to_string();
     in_netns_file(netns, move || {
         use std::io::Read;
         let answer = match proto {
             Proto::Tcp => (|| {
-                let mut s =
-                    std::net::TcpStream::connect_timeout(&SocketAddr::V4(to), TCP_TIMEOUT).ok()?;
+                let mut s = std::net::TcpStream::connect_timeout(&to, TCP_TIMEOUT).ok()?;
                 s.set_read_timeout(Some(TCP_TIMEOUT)).ok()?;
                 let mut out = String::new();
                 s.read_to_string(&mut out).ok()?;
                 Some(out)
             })(),
             Proto::Udp => (|| {
-                let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+                let any: IpAddr = match to {
+                    SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+                    SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+                };
+                let s = std::net::UdpSocket::bind((any, 0)).ok()?;
                 s.connect(to).ok()?;
                 s.set_read_timeout(Some(UDP_TIMEOUT / 3)).ok()?;
                 let mut buf = [0u8; 512];
@@ -175,6 +199,8 @@ pub struct Env {
     pub netns: Vec<File>,
     /// How long a case may take to be measured as enforced.
     pub deadline: Duration,
+    /// Probe the pods' IPv6 addresses ([`P::ip6`]) instead of their IPv4 ones.
+    pub ipv6: bool,
 }
 
 /// Runs `f` on a fresh thread that entered the network namespace `netns` is open on.
@@ -189,6 +215,15 @@ pub fn in_netns_file<R: Send + 'static>(netns: &File, f: impl FnOnce() -> R + Se
 }
 
 impl Env {
+    /// The address probes reach `p` at.
+    pub fn addr(&self, p: &P) -> IpAddr {
+        match (self.ipv6, p.ip6) {
+            (true, Some(ip6)) => ip6.into(),
+            (true, None) => panic!("{}/{} has no IPv6 address", p.ns, p.pod),
+            (false, _) => p.ip.into(),
+        }
+    }
+
     pub fn pod(&self, id: &str) -> &P {
         self.pods.iter().find(|p| p.is(id)).unwrap()
     }
@@ -213,7 +248,7 @@ impl Env {
                             let to = &self.pods[j];
                             let ok = probe_in(
                                 &self.netns[i],
-                                SocketAddrV4::new(to.ip, port.1),
+                                SocketAddr::new(self.addr(to), port.1),
                                 port.0,
                                 &format!("{}/{}", to.ns, to.pod),
                             );
@@ -1011,6 +1046,39 @@ pub fn run_case(env: &Env, case: &Case) -> Outcome {
     }
     out
 }
+/// Sets `policy-backend` and restarts every agent (the key is read at start); waits until each
+/// reports the backend and is ready.
+pub fn use_backend(lab: &Lab, backend: &str) {
+    lab.set_config("policy-backend", backend);
+    let nodes = node_names(lab);
+    assert!(!nodes.is_empty());
+    for node in &nodes {
+        for verb in ["stop", "start"] {
+            let out = lab_cmd(&["agent", "--name", &lab.name, verb, node], 30);
+            assert!(
+                out.status.success(),
+                "lab agent {verb} {node}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    for node in &nodes {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = agent_http(lab, node, "/status");
+            let ready = agent_http(lab, node, "/readyz");
+            if status.contains(&format!("\"backend\":\"{backend}\"")) && ready.contains(" 200 ") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent of {node} not ready with {backend}: {status}\n{ready}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
 /// Reads `path` from a node agent's health port, from inside the node's namespace.
 pub fn agent_http(lab: &Lab, node: &str, path: &str) -> String {
     let netns = lab.node_netns(node);

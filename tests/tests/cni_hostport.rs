@@ -485,7 +485,7 @@ fn network_policy_applies_to_hostport_traffic() {
     .unwrap();
     let cluster_pod = std::sync::Arc::new(ClusterPod::from(&k8s_pod));
     let local = vec![LocalPod::from_pod(&cluster_pod, &veth).unwrap()];
-    let host: Vec<Ipv4Addr> = vec![
+    let host: Vec<std::net::IpAddr> = vec![
         "172.31.248.1".parse().unwrap(),
         "172.31.247.1".parse().unwrap(),
     ];

@@ -57,39 +57,6 @@ fn check_sctp(env: &Env) -> Option<String> {
     })
 }
 
-/// Sets `policy-backend` and restarts every agent (the key is read at start); waits until each
-/// reports the backend and is ready.
-fn use_backend(lab: &Lab, backend: &str) {
-    lab.set_config("policy-backend", backend);
-    let nodes = node_names(lab);
-    assert!(!nodes.is_empty());
-    for node in &nodes {
-        for verb in ["stop", "start"] {
-            let out = lab_cmd(&["agent", "--name", &lab.name, verb, node], 30);
-            assert!(
-                out.status.success(),
-                "lab agent {verb} {node}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-    for node in &nodes {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let status = agent_http(lab, node, "/status");
-            let ready = agent_http(lab, node, "/readyz");
-            if status.contains(&format!("\"backend\":\"{backend}\"")) && ready.contains(" 200 ") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent of {node} not ready with {backend}: {status}\n{ready}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
 fn setup(backend: &'static str) -> Env {
     let lab = Lab::up(&["--nodes", "3", "--pods-per-node", "0"]);
     use_backend(&lab, backend);
@@ -101,6 +68,7 @@ fn setup(backend: &'static str) -> Env {
             ns,
             pod,
             ip: ips[&format!("{ns}/{pod}")],
+            ip6: None,
         })
         .collect::<Vec<_>>();
     let mut netns = Vec::new();
@@ -115,6 +83,7 @@ fn setup(backend: &'static str) -> Env {
         pods,
         netns,
         deadline: ENFORCE_DEADLINE,
+        ipv6: false,
     };
     // Only the chosen renderer's rules are in the kernel (the other was swept at the switch).
     for node in node_names(&env.lab) {

@@ -151,6 +151,7 @@ fn pods(lab: &Lab, nodes: &[String]) -> (Vec<P>, Vec<std::fs::File>) {
             ns,
             pod,
             ip: ips[&format!("{ns}/{pod}")],
+            ip6: None,
         });
     }
     (pods, netns)
@@ -234,6 +235,7 @@ fn truth_tables_hold_on_real_pods_on_both_renderers() {
         pods,
         netns,
         deadline: REAL_DEADLINE,
+        ipv6: false,
     };
     let started = Instant::now();
     let nft = suite(&mut env, "nftables");

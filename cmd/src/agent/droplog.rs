@@ -336,7 +336,7 @@ mod tests {
             pods: vec![PodPolicy {
                 namespace: "x".into(),
                 name: "a".into(),
-                ip: "10.244.1.2".parse().unwrap(),
+                ips: vec!["10.244.1.2".parse().unwrap()],
                 ifname: "sl0000000000001".into(),
                 ingress: Direction {
                     isolated: true,

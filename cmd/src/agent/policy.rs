@@ -6,7 +6,7 @@
 //! differs.
 //!
 //! A local pod is a Pod with `spec.nodeName` = this node and an address; its host-side veth is
-//! read from the kernel, the /32 route sluice's CNI plugin made to the pod's address (route
+//! read from the kernel, the /32 (and IPv6 /128) route sluice's CNI plugin made to the pod's address (route
 //! protocol [`sluice_net::ROUTE_PROTOCOL`]): the route is what steers the pod's traffic, so it is
 //! the truth about which interface the rules must name (the IPAM file would only say what the
 //! plugin meant to do). A pod without such a route yet stays out of the IR, and its veth drops
@@ -29,7 +29,7 @@ use sluice_policy::{
 };
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -50,8 +50,8 @@ pub enum PolicyError {
 /// What the kernel says about local pods and the node: pod address → host-side veth, and the
 /// node's own addresses.
 struct KernelView {
-    links: HashMap<Ipv4Addr, String>,
-    host_addrs: Vec<Ipv4Addr>,
+    links: HashMap<IpAddr, String>,
+    host_addrs: Vec<IpAddr>,
 }
 
 /// Interface names by index, kept across passes: a dump of every link (a thousand veths, each
@@ -63,23 +63,38 @@ async fn kernel_view(
     names: &mut LinkNames,
 ) -> Result<KernelView, PolicyError> {
     let err = |e: rtnetlink::Error| PolicyError::Netlink(e.to_string());
-    let routes: Vec<_> = handle
+    let mut routes: Vec<_> = handle
         .route()
         .get(rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build())
         .execute()
         .try_collect()
         .await
         .map_err(err)?;
+    let routes6: Vec<_> = handle
+        .route()
+        .get(rtnetlink::RouteMessageBuilder::<Ipv6Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(err)?;
+    routes.extend(routes6);
     let mut links = HashMap::new();
     let mut pod_routes = Vec::new();
     for r in &routes {
-        if r.header.protocol != RouteProtocol::from(sluice_net::ROUTE_PROTOCOL)
-            || r.header.destination_prefix_length != 32
-        {
+        if r.header.protocol != RouteProtocol::from(sluice_net::ROUTE_PROTOCOL) {
             continue;
         }
         let dst = r.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+            RouteAttribute::Destination(RouteAddress::Inet(ip))
+                if r.header.destination_prefix_length == 32 =>
+            {
+                Some(IpAddr::V4(*ip))
+            }
+            RouteAttribute::Destination(RouteAddress::Inet6(ip))
+                if r.header.destination_prefix_length == 128 =>
+            {
+                Some(IpAddr::V6(*ip))
+            }
             _ => None,
         });
         let oif = r.attributes.iter().find_map(|a| match a {
@@ -114,7 +129,7 @@ async fn kernel_view(
         .execute()
         .try_filter_map(|a| async move {
             Ok(a.attributes.iter().find_map(|at| match at {
-                AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                AddressAttribute::Address(ip) => Some(*ip),
                 _ => None,
             }))
         })
@@ -152,7 +167,7 @@ pub fn rule_count(ir: &PolicyIr) -> usize {
         .iter()
         .flat_map(|p| [&p.ingress, &p.egress])
         .filter(|d| d.isolated)
-        .map(|d| d.all_ports.ranges().len() + d.ports.len())
+        .map(|d| d.all_ports.range_count() + d.ports.len())
         .sum()
 }
 
@@ -223,9 +238,10 @@ fn slim_node(node: &mut Node) {
     }
 }
 
-/// The labels and IPv4 addresses (InternalIP, ExternalIP) of a Node, for `nodes` peers.
+/// The labels and addresses (InternalIP, ExternalIP, both families) of a Node, for `nodes`
+/// peers.
 fn node_addrs(node: &Node) -> NodeAddrs {
-    let mut addrs: Vec<Ipv4Addr> = node
+    let mut addrs: Vec<IpAddr> = node
         .status
         .iter()
         .flat_map(|s| s.addresses.iter().flatten())
@@ -245,11 +261,15 @@ fn node_addrs(node: &Node) -> NodeAddrs {
 fn local_pods(
     node: &str,
     pods: &[Arc<ClusterPod>],
-    links: &HashMap<Ipv4Addr, String>,
+    links: &HashMap<IpAddr, String>,
 ) -> Vec<LocalPod> {
     pods.iter()
         .filter(|p| p.node_name.as_deref() == Some(node))
-        .filter_map(|p| LocalPod::from_pod(p, links.get(p.ips.first()?)?))
+        .filter_map(|p| {
+            // The veth a route of any of its addresses leads to (IPv4 first, as listed).
+            let ifname = p.ips.iter().find_map(|ip| links.get(ip))?;
+            LocalPod::from_pod(p, ifname)
+        })
         .collect()
 }
 
@@ -773,7 +793,7 @@ mod tests {
     }
 
     #[test]
-    fn a_node_is_read_as_its_labels_and_ipv4_addresses_only() {
+    fn a_node_is_read_as_its_labels_and_addresses_of_both_families() {
         let mut node: Node = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "n1", "labels": {"role": "edge"}, "annotations": {"a": "b"}},
             "spec": {"podCIDR": "10.244.1.0/24"},
@@ -801,8 +821,9 @@ mod tests {
         assert_eq!(
             n.addrs,
             [
-                "172.31.1.11".parse::<Ipv4Addr>().unwrap(),
-                "203.0.113.11".parse().unwrap()
+                "172.31.1.11".parse::<IpAddr>().unwrap(),
+                "203.0.113.11".parse().unwrap(),
+                "fd00::11".parse().unwrap()
             ]
         );
     }
@@ -825,6 +846,47 @@ mod tests {
         assert_eq!(local.len(), 1);
         assert_eq!(local[0].name, "a");
         assert_eq!(local[0].ifname, "sl0000000000001");
+    }
+
+    #[test]
+    fn local_pods_are_found_by_a_route_of_either_family() {
+        let mut dual = pod("dual", "n1", Some("10.244.1.2"));
+        dual.status.as_mut().unwrap().pod_ips = Some(vec![
+            k8s_openapi::api::core::v1::PodIP {
+                ip: "10.244.1.2".into(),
+            },
+            k8s_openapi::api::core::v1::PodIP {
+                ip: "fd00:10:244:1::2".into(),
+            },
+        ]);
+        // An IPv6-only pod, its veth found by its /128 route.
+        let six = pod("six", "n1", Some("fd00:10:244:1::3"));
+        let links = HashMap::from([
+            ("10.244.1.2".parse().unwrap(), "sl0000000000001".to_string()),
+            (
+                "fd00:10:244:1::3".parse().unwrap(),
+                "sl0000000000003".to_string(),
+            ),
+        ]);
+        let pods: Vec<Arc<ClusterPod>> = [dual, six]
+            .iter()
+            .map(|p| Arc::new(ClusterPod::from(p)))
+            .collect();
+        let local = local_pods("n1", &pods, &links);
+        assert_eq!(local.len(), 2);
+        let ips =
+            |i: usize| -> Vec<String> { local[i].ips.iter().map(|a| a.to_string()).collect() };
+        assert_eq!(
+            (local[0].ifname.as_str(), ips(0)),
+            (
+                "sl0000000000001",
+                vec!["10.244.1.2".into(), "fd00:10:244:1::2".into()]
+            )
+        );
+        assert_eq!(
+            (local[1].ifname.as_str(), ips(1)),
+            ("sl0000000000003", vec!["fd00:10:244:1::3".to_string()])
+        );
     }
 
     #[test]

@@ -232,8 +232,12 @@ pub async fn pod_running(
     pod: &PodPlan,
     host_ip: Ipv4Addr,
     pod_ip: Ipv4Addr,
+    pod_ip6: Option<std::net::Ipv6Addr>,
 ) -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);
+    // Both families on a dual-stack node, IPv4 first (`podIP` is `podIPs[0]`).
+    let mut pod_ips = vec![json!({"ip": pod_ip.to_string()})];
+    pod_ips.extend(pod_ip6.map(|ip| json!({"ip": ip.to_string()})));
     let status = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": pod.name, "namespace": pod.namespace},
@@ -243,7 +247,7 @@ pub async fn pod_running(
             // patch with `hostIPs` (not in its schema); the embedded one mirrors it.
             "hostIP": host_ip.to_string(),
             "podIP": pod_ip.to_string(),
-            "podIPs": [{"ip": pod_ip.to_string()}],
+            "podIPs": pod_ips,
             "conditions": [
                 {"type": "Initialized", "status": "True"},
                 {"type": "ContainersReady", "status": "True"},

@@ -139,6 +139,14 @@ pub fn network_ready(lab: &str, node: &str) -> bool {
 }
 
 /// The pod's address from an ADD result.
+/// The IPv6 address of an ADD result, when the pod got one (a dual-stack node).
+pub fn address6_of(result: &Value) -> Option<std::net::Ipv6Addr> {
+    result["ips"].as_array()?.iter().find_map(|ip| {
+        let net: ipnet::Ipv6Net = ip["address"].as_str()?.parse().ok()?;
+        Some(net.addr())
+    })
+}
+
 pub fn address_of(result: &Value) -> Result<std::net::Ipv4Addr> {
     let cidr = result["ips"][0]["address"]
         .as_str()

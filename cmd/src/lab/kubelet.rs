@@ -27,6 +27,8 @@ struct Wired {
     node: String,
     netns: String,
     ip: Ipv4Addr,
+    /// On a dual-stack node.
+    ip6: Option<std::net::Ipv6Addr>,
     server: Option<Server>,
 }
 
@@ -73,6 +75,8 @@ struct Record {
     node: String,
     netns: String,
     ip: Ipv4Addr,
+    #[serde(default)]
+    ip6: Option<std::net::Ipv6Addr>,
     server_pid: Option<u32>,
 }
 
@@ -114,6 +118,7 @@ fn adopt(lab: &str) -> HashMap<String, Wired> {
                 node: r.node,
                 netns: r.netns,
                 ip: r.ip,
+                ip6: r.ip6,
                 server,
             },
         );
@@ -307,6 +312,7 @@ impl Kubelet {
                 node: w.node.clone(),
                 netns: w.netns.clone(),
                 ip: w.ip,
+                ip6: w.ip6,
                 server_pid: w.server.as_ref().map(Server::pid),
             })
             .collect();
@@ -498,6 +504,7 @@ impl Kubelet {
             }
         };
         let ip = cni::address_of(&result)?;
+        let ip6 = cni::address6_of(&result);
         let ports = ports_of(pod);
         let log = pod_log(&self.lab, &node.name, &ns, &name);
         // A pod of the same name that ran before wrote here: its log is not this pod's.
@@ -519,6 +526,7 @@ impl Kubelet {
             node: node.name.clone(),
             netns: netns_name,
             ip,
+            ip6,
             server,
         };
         match self.report_running(&w, node.underlay.addr()).await {
@@ -563,7 +571,7 @@ impl Kubelet {
             name: w.name.clone(),
             node: w.node.clone(),
         };
-        super::cluster::pod_running(&self.client, &pod, host_ip, w.ip).await
+        super::cluster::pod_running(&self.client, &pod, host_ip, w.ip, w.ip6).await
     }
 
     /// What a kubelet's FailedCreatePodSandBox event says, in the Pod's status.

@@ -5,7 +5,7 @@
 use super::{ClusterPod, NamedPort};
 use crate::selector::{LabelIndex, Labels};
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 /// More changes than this in one pass and every rule is resolved again: checking each rule
@@ -35,7 +35,7 @@ impl Peer {
         &self.pod.labels
     }
 
-    pub fn ips(&self) -> &[Ipv4Addr] {
+    pub fn ips(&self) -> &[IpAddr] {
         &self.pod.ips
     }
 

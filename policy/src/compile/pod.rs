@@ -8,10 +8,10 @@ use crate::ir::Protocol;
 use crate::selector::Labels;
 use k8s_openapi::api::core::v1::Pod;
 use std::borrow::Cow;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 /// What policy reads of a Pod: identity and version, node, labels, whether it is on the
-/// pod network and still running, its IPv4 addresses and its named container ports.
+/// pod network and still running, its addresses and its named container ports.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClusterPod {
     pub namespace: String,
@@ -23,8 +23,8 @@ pub struct ClusterPod {
     pub host_network: bool,
     /// Phase `Succeeded` or `Failed`: its address may already be another pod's.
     pub finished: bool,
-    /// `status.podIPs`, else `status.podIP`; IPv4 only.
-    pub ips: Vec<Ipv4Addr>,
+    /// `status.podIPs`, else `status.podIP`: at most one of each family, as the API keeps them.
+    pub ips: Vec<IpAddr>,
     /// Of every container, sidecar init containers included.
     pub ports: Vec<NamedPort>,
 }
@@ -59,19 +59,19 @@ impl From<&Pod> for ClusterPod {
     }
 }
 
-/// The pod's IPv4 addresses (`status.podIPs`, else `status.podIP`).
-fn pod_ips(pod: &Pod) -> Vec<Ipv4Addr> {
+/// The pod's addresses (`status.podIPs`, else `status.podIP`), of both families.
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     let Some(status) = &pod.status else {
         return Vec::new();
     };
     let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
-    let mut ips: Vec<Ipv4Addr> = listed.filter_map(|s| s.parse().ok()).collect();
+    let mut ips: Vec<IpAddr> = listed.filter_map(|s| s.parse().ok()).collect();
     if ips.is_empty() {
         ips.extend(
             status
                 .pod_ip
                 .as_deref()
-                .and_then(|s| s.parse::<Ipv4Addr>().ok()),
+                .and_then(|s| s.parse::<IpAddr>().ok()),
         );
     }
     ips.shrink_to_fit();
@@ -131,7 +131,14 @@ mod tests {
         assert_eq!(p.node_name.as_deref(), Some("n1"));
         assert_eq!(p.labels["app"], "web");
         assert!(!p.host_network && !p.finished);
-        assert_eq!(p.ips, ["10.244.1.2".parse::<Ipv4Addr>().unwrap()]);
+        // Both families, in the order the status lists them.
+        assert_eq!(
+            p.ips,
+            [
+                "fd00::2".parse::<IpAddr>().unwrap(),
+                "10.244.1.2".parse().unwrap()
+            ]
+        );
         let ports: Vec<(&str, Protocol, u16)> = p
             .ports
             .iter()
@@ -155,7 +162,7 @@ mod tests {
         assert_eq!(p.namespace, "default");
         assert_eq!(p.key(), "default/b");
         assert!(p.host_network && p.finished);
-        assert_eq!(p.ips, ["10.244.1.3".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!(p.ips, ["10.244.1.3".parse::<IpAddr>().unwrap()]);
         assert!(p.ports.is_empty() && p.labels.is_empty() && p.node_name.is_none());
     }
 }

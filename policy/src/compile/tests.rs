@@ -13,13 +13,14 @@ const UDP: u8 = 17;
 const SCTP: u8 = 132;
 const ICMP: u8 = 1;
 const HOST: &str = "192.0.2.1";
+const HOST6: &str = "fd00:ff::1";
 
 struct Cluster {
     pods: Vec<Pod>,
     namespaces: Vec<Namespace>,
 }
 
-fn ip_of(ns: &str, pod: &str) -> Ipv4Addr {
+fn ip_of(ns: &str, pod: &str) -> std::net::Ipv4Addr {
     let n = match ns {
         "x" => 1,
         "y" => 2,
@@ -30,7 +31,13 @@ fn ip_of(ns: &str, pod: &str) -> Ipv4Addr {
         "b" => 2,
         _ => 3,
     };
-    Ipv4Addr::new(10, 244, n, p)
+    std::net::Ipv4Addr::new(10, 244, n, p)
+}
+
+/// The pod's IPv6 address: every pod of the cluster is dual-stack, `fd00:10:244:N::P`.
+fn ip6_of(ns: &str, pod: &str) -> std::net::Ipv6Addr {
+    let o = ip_of(ns, pod).octets();
+    std::net::Ipv6Addr::new(0xfd00, 0x10, 0x244, o[2].into(), 0, 0, 0, o[3].into())
 }
 
 fn pod_json(ns: &str, name: &str, labels: Value, ports: Value) -> Value {
@@ -38,7 +45,8 @@ fn pod_json(ns: &str, name: &str, labels: Value, ports: Value) -> Value {
         "metadata": {"namespace": ns, "name": name, "labels": labels},
         "spec": {"containers": [{"name": "c", "ports": ports}]},
         "status": {"phase": "Running", "podIP": ip_of(ns, name).to_string(),
-                   "podIPs": [{"ip": ip_of(ns, name).to_string()}]}
+                   "podIPs": [{"ip": ip_of(ns, name).to_string()},
+                              {"ip": ip6_of(ns, name).to_string()}]}
     })
 }
 
@@ -114,7 +122,7 @@ impl Cluster {
             .iter()
             .map(|p| serde_json::from_value(p.clone()).unwrap())
             .collect();
-        let host = [HOST.parse().unwrap()];
+        let host = [HOST.parse().unwrap(), HOST6.parse().unwrap()];
         let pods: Vec<Arc<ClusterPod>> = self
             .pods
             .iter()
@@ -139,16 +147,24 @@ fn np(ns: &str, name: &str, spec: Value) -> Value {
     json!({"metadata": {"namespace": ns, "name": name}, "spec": spec})
 }
 
-/// "ns/pod" → address.
-fn addr(who: &str) -> Ipv4Addr {
-    if who == "host" {
-        return HOST.parse().unwrap();
-    }
+/// "ns/pod" → its IPv4 address, "ns/pod@6" its IPv6 one ("host", "host@6" likewise).
+fn addr(who: &str) -> IpAddr {
     if let Ok(ip) = who.parse() {
         return ip;
     }
+    let (who, v6) = match who.strip_suffix("@6") {
+        Some(w) => (w, true),
+        None => (who, false),
+    };
+    if who == "host" {
+        return if v6 { HOST6 } else { HOST }.parse().unwrap();
+    }
     let (ns, pod) = who.split_once('/').unwrap();
-    ip_of(ns, pod)
+    if v6 {
+        ip6_of(ns, pod).into()
+    } else {
+        ip_of(ns, pod).into()
+    }
 }
 
 fn can(ir: &PolicyIr, from: &str, to: &str, proto: u8, port: u16) -> bool {
@@ -373,10 +389,12 @@ fn ip_block_allows_its_cidr_less_excepts() {
 }
 
 #[test]
-fn ipv6_or_unparsable_ip_blocks_add_nothing() {
+fn ipv6_blocks_add_no_ipv4_peer_and_unparsable_ones_nothing() {
     let peers = json!([{"ipBlock": {"cidr": "fd00::/8"}}, {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["bogus"]}}]);
     let ir = Cluster::new().compile(&[allow_from("x", json!({}), peers, Value::Null)]);
     assert!(sources(&ir, "x/a", 80).is_empty());
+    // The IPv6 block is the pods' IPv6 addresses (see `tests/v6.rs`).
+    assert!(tcp(&ir, "y/b@6", "x/a@6", 80));
 }
 
 #[test]
@@ -760,3 +778,4 @@ fn compile_is_deterministic_and_sorted() {
 
 mod incremental;
 mod tiers;
+mod v6;

@@ -73,7 +73,7 @@ pub(super) struct GroupKey {
 pub(super) struct TierMemo {
     /// What every group's verdict also depends on: the node's addresses, the nodes, whether
     /// drops are attributed. (Peers and namespaces: [`TierMemo::forget`].)
-    world: Option<(Vec<u32>, Vec<crate::cnp::NodeAddrs>, bool)>,
+    world: Option<(AddrSet, Vec<crate::cnp::NodeAddrs>, bool)>,
     groups: HashMap<GroupKey, (Arc<GroupVerdict>, u64)>,
     pass: u64,
     /// Groups computed by the last pass (for tests and logs).
@@ -130,11 +130,7 @@ impl Compiler {
     ) -> Vec<Option<Arc<GroupVerdict>>> {
         let local_pods = locals.pods;
         let mut out: Vec<Option<Arc<GroupVerdict>>> = vec![None; local_pods.len()];
-        let world = (
-            host.ranges().iter().flat_map(|&(a, b)| [a, b]).collect(),
-            nodes.to_vec(),
-            attribute_drops,
-        );
+        let world = (host.clone(), nodes.to_vec(), attribute_drops);
         let memo = &mut self.tier_memo;
         if memo.world.as_ref() != Some(&world) {
             memo.groups.clear();
@@ -429,7 +425,7 @@ impl Compiler {
         dir: Dir,
         nodes: &[crate::cnp::NodeAddrs],
     ) -> Option<AddrSet> {
-        let mut ranges = Vec::new();
+        let (mut ranges, mut ranges6) = (Vec::new(), Vec::new());
         for peer in peers {
             let set = match peer {
                 Peer {
@@ -492,8 +488,9 @@ impl Compiler {
                 }
             };
             ranges.extend_from_slice(set.ranges());
+            ranges6.extend_from_slice(set.ranges6());
         }
-        Some(AddrSet::from_ranges(ranges))
+        Some(AddrSet::from_parts(ranges, ranges6))
     }
 
     /// The (peer, protocol, port) region of a rule with peers `addrs`.

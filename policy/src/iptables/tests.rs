@@ -262,8 +262,9 @@ fn a_kept_render_memo_renders_what_a_fresh_render_does() {
     for ir in irs.iter().chain(irs.iter().rev()) {
         assert_eq!(render_with(ir, &mut memo), render(ir));
     }
-    // Only the directions of the last pass are kept: sla's ingress and slc's egress.
-    assert_eq!(memo.len(), 2);
+    // Only the directions of the last pass are kept: sla's ingress and slc's egress, each
+    // rendered for both families.
+    assert_eq!(memo.len(), 4);
     // Each IR has its own hash.
     let hashes: std::collections::BTreeSet<String> = irs.iter().map(|ir| render(ir).hash).collect();
     assert_eq!(hashes.len(), irs.len());
@@ -292,4 +293,91 @@ fn pods_of_one_group_share_the_tier_sets_named_by_content() {
     assert_eq!(d.ipsets.matches("\nswap ").count(), 1, "{}", d.ipsets);
     assert_eq!(d.stale_sets.len(), 1, "{:?}", d.stale_sets);
     assert!(d.stale_sets[0].starts_with("SLUICE-T"));
+}
+
+/// `sample()` with dual-stack pods and IPv6 peers: sla takes fd00:1::1 on everything and
+/// fd00:2::/64 on TCP 80 besides its IPv4 peers.
+fn dual_sample() -> PolicyIr {
+    let mut ir = sample();
+    for (p, six) in ir.pods.iter_mut().zip(["fd00::1", "fd00::2", "fd00::3"]) {
+        p.ips.push(six.parse().unwrap());
+    }
+    let sla = &mut ir.pods[0].ingress;
+    sla.all_ports
+        .union_with(&AddrSet::from_addrs(["fd00:1::1".parse().unwrap()]));
+    let mut ports = sla.ports.clone();
+    ports.push(PortEntry {
+        protocol: Protocol::Tcp,
+        first: 80,
+        last: 80,
+        addrs: AddrSet::from_block("fd00:2::/64".parse().unwrap(), &[]),
+    });
+    sla.set_ports(ports);
+    ir
+}
+
+#[test]
+fn ipv6_is_enforced_by_the_same_chains_in_ip6tables() {
+    let s = render(&dual_sample());
+    let v6 = s.v6.as_deref().unwrap();
+    assert!(v6.v6.is_none());
+    let f = v6.filter.replace(&v6.hash, "HASH");
+    for want in [
+        "-A SLUICE-INPUT -p ipv6-icmp -m icmp6 --icmpv6-type 135 -j RETURN\n",
+        "-A SLUICE-INPUT -p ipv6-icmp -m icmp6 --icmpv6-type 136 -j RETURN\n",
+        "-A SLUICE-FORWARD -p tcp ! --syn -m conntrack --ctstate NEW -m set --match-set SLUICE-ISOLATED6 src -j DROP\n",
+        "-A SLUICE-INGRESS -o sla -g SLUICE-I-sla\n",
+        "-A SLUICE-EGRESS -i slc -g SLUICE-E-slc\n",
+        "-A SLUICE-INGRESS -o sl+ -j DROP\n",
+        "-A SLUICE-I-sla -m set --match-set SLUICE-I-sla-a6 src -j RETURN\n",
+        "-A SLUICE-I-sla -p tcp -m set --match-set SLUICE-I-sla-06 src -m multiport --dports 80 -j RETURN\n",
+        "-A SLUICE-I-sla -p sctp -m multiport --dports 82 -j RETURN\n",
+        "-A SLUICE-I-sla -j DROP\n",
+        "-A SLUICE-E-slc -j DROP\n",
+    ] {
+        assert!(f.contains(want), "{want:?} missing from\n{f}");
+    }
+    // The IPv6 sets hold IPv6 addresses only, in inet6 sets; the IPv4 ones IPv4 only.
+    let sets6 = v6.ipsets();
+    assert!(sets6.contains("create SLUICE-I-sla-a6 hash:net family inet6"));
+    assert!(sets6.contains("add SLUICE-TMP6 fd00:1::1/128\n"));
+    assert!(sets6.contains("add SLUICE-TMP6 fd00:2::/64\n"));
+    assert!(sets6.contains("add SLUICE-TMP6 fd00::1/128\n") && !sets6.contains("10."));
+    assert!(!s.ipsets().contains("fd00") && !s.filter.contains("icmp6"));
+    // No set name is in both families' scripts (they share ipset's one namespace).
+    assert!(s.sets.iter().all(|n| !v6.sets.contains(n)));
+    // A change of IPv6 peers alone changes the whole script's hash, and only the IPv6 set
+    // (swapped in; its chain names it as before).
+    let mut other = dual_sample();
+    other.pods[0].ingress.all_ports =
+        AddrSet::from_addrs(["10.0.0.1".parse().unwrap(), "fd00:1::9".parse().unwrap()]);
+    let o = render(&other);
+    assert_ne!(o.hash, s.hash);
+    let d6 = delta(v6, o.v6.as_deref().unwrap());
+    assert!(d6.ipsets.contains("fd00:1::9/128") && !d6.filter.contains(":SLUICE-I-sla "));
+    let d4 = delta(&s, &o);
+    assert!(!d4.filter.contains(":SLUICE-I-sla ") && d4.ipsets.is_empty());
+    // An IPv4-only IR still writes the IPv6 chains: selected pods drop IPv6, unknown veths too.
+    let only4 = render(&sample());
+    let f4 = &only4.v6.as_deref().unwrap().filter;
+    assert!(f4.contains(
+        "-A SLUICE-I-sla -p sctp -m multiport --dports 82 -j RETURN\n-A SLUICE-I-sla -j DROP\n"
+    ));
+    assert!(f4.contains("-A SLUICE-EGRESS -i sl+ -j DROP\n"));
+}
+
+#[test]
+fn the_ipv6_tools_are_named_for_the_backend() {
+    for (mode, want) in [
+        (IptablesMode::Nft, "ip6tables-nft-restore"),
+        (IptablesMode::Legacy, "ip6tables-legacy-restore"),
+    ] {
+        let r = IptablesRestore::new(Exec::host(), mode);
+        assert_eq!(r.bin6("iptables-restore"), want);
+        assert_eq!(
+            r.tool(Family::V6, "iptables"),
+            want.trim_end_matches("-restore")
+        );
+        assert_eq!(r.tool(Family::V4, "iptables-save"), r.bin("iptables-save"));
+    }
 }

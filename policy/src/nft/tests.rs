@@ -11,7 +11,7 @@ pub(crate) fn sample() -> PolicyIr {
     let pod = |name: &str, ip: &str, ingress: Direction, egress: Direction| PodPolicy {
         namespace: "x".into(),
         name: name.into(),
-        ip: ip.parse().unwrap(),
+        ips: vec![ip.parse().unwrap()],
         ifname: format!("sl{name}"),
         ingress,
         egress,
@@ -109,6 +109,11 @@ table inet sluice-policy {
 \t\telements = { 0.0.0.0/0 . sctp . 82,
 \t\t\t     10.0.1.0/24 . tcp . 80-81 }
 \t}
+\tset i-sla-ports6-# {
+\t\ttype ipv6_addr . inet_proto . inet_service
+\t\tflags interval
+\t\telements = { ::/0 . sctp . 82 }
+\t}
 \tset isolated-# {
 \t\ttype ipv4_addr
 \t\tflags interval
@@ -138,6 +143,7 @@ table inet sluice-policy {
 \tchain i-sla {
 \t\tip saddr @i-sla-all-# accept
 \t\tip saddr . meta l4proto . th dport @i-sla-ports-# accept
+\t\tip6 saddr . meta l4proto . th dport @i-sla-ports6-# accept
 \t\tdrop
 \t}
 \tchain ingress {
@@ -264,11 +270,13 @@ fn a_changed_peer_is_a_new_set_and_its_rule_never_an_element_edit() {
     let d = delta(&a.table, &b.table, &b.hash).unwrap();
     let t = "inet sluice-policy";
     let ports = named(&b.table, "i-sla-ports");
+    let ports6 = named(&b.table, "i-sla-ports6");
     let want = format!(
         "add set {t} {new} {{ type ipv4_addr; flags interval; elements = {{ 10.0.0.2/32 }}; }}
 flush chain {t} i-sla
 add rule {t} i-sla ip saddr @{new} accept
 add rule {t} i-sla ip saddr . meta l4proto . th dport @{ports} accept
+add rule {t} i-sla ip6 saddr . meta l4proto . th dport @{ports6} accept
 add rule {t} i-sla drop
 delete set {t} {old}
 flush chain {t} state
@@ -377,7 +385,7 @@ fn logged_drops_name_the_direction_and_the_veth_and_are_rate_limited() {
     ir.log_drops = true;
     let t = unhashed(&render(&ir).text());
     for want in [
-        "\tchain i-sla {\n\t\tip saddr @i-sla-all-# accept\n\t\tip saddr . meta l4proto . th dport @i-sla-ports-# accept\n\t\tlimit rate 10/second burst 20 packets log prefix \"sluice-drop:i:sla\" group 77\n\t\tdrop\n\t}",
+        "\tchain i-sla {\n\t\tip saddr @i-sla-all-# accept\n\t\tip saddr . meta l4proto . th dport @i-sla-ports-# accept\n\t\tip6 saddr . meta l4proto . th dport @i-sla-ports6-# accept\n\t\tlimit rate 10/second burst 20 packets log prefix \"sluice-drop:i:sla\" group 77\n\t\tdrop\n\t}",
         "\tchain e-slc {\n\t\tlimit rate 10/second burst 20 packets log prefix \"sluice-drop:e:slc\" group 77\n\t\tdrop\n\t}",
         "oifname \"sl*\" limit rate 10/second burst 20 packets log prefix \"sluice-drop:i:-\" group 77 drop",
         "iifname \"sl*\" limit rate 10/second burst 20 packets log prefix \"sluice-drop:e:-\" group 77 drop",
@@ -440,7 +448,7 @@ pub(crate) fn grouped_sample(deny: &str) -> PolicyIr {
     let mut d = ir.pods[2].clone();
     d.name = "d".into();
     d.ifname = "sld".into();
-    d.ip = "10.244.1.4".parse().unwrap();
+    d.ips = vec!["10.244.1.4".parse().unwrap()];
     ir.pods.push(d);
     ir
 }
@@ -473,4 +481,44 @@ fn pods_of_one_group_share_the_tier_sets_and_a_region_change_touches_only_its_se
     assert_eq!(d.matches("delete set ").count(), 1, "{d}");
     assert!(!d.contains("add set inet sluice-policy i-sla"), "{d}");
     assert!(!d.contains("e-slc"), "{d}");
+}
+
+#[test]
+fn ipv6_peers_are_ipv6_sets_in_the_same_table() {
+    let mut ir = sample();
+    for (p, six) in ir.pods.iter_mut().zip(["fd00::1", "fd00::2", "fd00::3"]) {
+        p.ips.push(six.parse().unwrap());
+    }
+    ir.pods[0]
+        .ingress
+        .all_ports
+        .union_with(&AddrSet::from_block("fd00:1::/64".parse().unwrap(), &[]));
+    let t = unhashed(&render(&ir).text());
+    for want in [
+        "\tset i-sla-all6-# {\n\t\ttype ipv6_addr\n\t\tflags interval\n\t\telements = { fd00:1::/64 }\n\t}",
+        "\tset isolated6-# {\n\t\ttype ipv6_addr\n\t\tflags interval\n\t\telements = { fd00::1/128,\n\t\t\t     fd00::3/128 }\n\t}",
+        "\tchain i-sla {\n\t\tip saddr @i-sla-all-# accept\n\t\tip6 saddr @i-sla-all6-# accept\n\t\tip saddr . meta l4proto . th dport @i-sla-ports-# accept\n\t\tip6 saddr . meta l4proto . th dport @i-sla-ports6-# accept\n\t\tdrop\n\t}",
+        "ct state new tcp flags & (fin | syn | rst | ack) != syn ip6 saddr @isolated6-# drop",
+        "ct state new tcp flags & (fin | syn | rst | ack) != syn ip6 daddr @isolated6-# drop",
+        "\t\tct state invalid drop\n\t\ticmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept\n",
+    ] {
+        assert!(t.contains(want), "{want:?} missing from\n{t}");
+    }
+    // The unselected and the egress-isolated pods: the same dispatch, the same drop.
+    assert!(t.contains("\tchain e-slc {\n\t\tdrop\n\t}"));
+    // Without IPv6 pods, no IPv6 base rules at all.
+    let plain = unhashed(&render(&sample()).text());
+    assert!(!plain.contains("isolated6") && !plain.contains("icmpv6"));
+    // A changed IPv6 peer is a new IPv6 set, and the IPv4 ones stay.
+    let a = render(&ir);
+    let mut other = ir.clone();
+    other.pods[0].ingress.all_ports =
+        AddrSet::from_addrs(["10.0.0.1".parse().unwrap(), "fd00:1::7".parse().unwrap()]);
+    let b = render(&other);
+    let d = delta(&a.table, &b.table, &b.hash).unwrap();
+    assert!(
+        d.contains("type ipv6_addr; flags interval; elements = { fd00:1::7/128 }"),
+        "{d}"
+    );
+    assert!(!d.contains("type ipv4_addr;"), "{d}");
 }

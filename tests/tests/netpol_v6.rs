@@ -1,0 +1,415 @@
+//! The NetworkPolicy truth-table suite on IPv6: a dual-stack lab (`--ip-family dual`), the
+//! same nine pods and the same cases as `netpol.rs` (shared in `sluice_e2e::netpol`), probed
+//! with real TCP connects and UDP exchanges to the pods' IPv6 addresses from inside their
+//! network namespaces, on both renderers (one lab each, side by side; they must agree).
+//!
+//! The shared cases whose peers are IPv4 addresses (`ipBlock`, `networks`) are measured over
+//! IPv6 with what they mean there: an IPv4 block names no IPv6 peer (an isolated pod whose only
+//! rule is one takes no IPv6 traffic; a Deny of an IPv4 network denies no IPv6 flow). IPv6
+//! cases are added: `ipBlock` with IPv6 CIDRs and `except`s, one rule with a block of each
+//! family, egress to an IPv6 block, and a ClusterNetworkPolicy Deny of an IPv6 network.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use ipnet::Ipv6Net;
+use sluice_e2e::have_root;
+use sluice_e2e::lab::{netns_with_prefix, Lab};
+use sluice_e2e::netpol::*;
+use std::net::Ipv6Addr;
+
+/// The shared cases that name IPv4 addresses, and their truth over IPv6.
+const IPV4_ADDRESS_CASES: [&str; 3] = [
+    "allow x from the cluster CIDR except y/b (ipBlock with except)",
+    "allow x from the cluster CIDR except x/a's node subnet (ipBlock except a /24)",
+    "ClusterNetworkPolicy Admin Deny of egress from x to a CIDR (y/b's address)",
+];
+
+fn setup(backend: &'static str) -> Env {
+    let lab = Lab::up(&[
+        "--nodes",
+        "3",
+        "--pods-per-node",
+        "0",
+        "--ip-family",
+        "dual",
+    ]);
+    use_backend(&lab, backend);
+    apply_yaml(
+        &lab,
+        &manifest(&|_, _| "  containers:\n  - name: cont\n    image: sluice-lab\n".into()),
+    );
+    let ips = wait_running(&lab, &all_pods());
+    let ips6 = pod_ips6(&lab);
+    let pods = all_pods()
+        .into_iter()
+        .map(|(ns, pod)| {
+            let id = format!("{ns}/{pod}");
+            P {
+                ns,
+                pod,
+                ip: ips[&id],
+                ip6: Some(
+                    *ips6
+                        .get(&id)
+                        .unwrap_or_else(|| panic!("{id} has no IPv6 podIP: {ips6:?}")),
+                ),
+            }
+        })
+        .collect::<Vec<_>>();
+    let mut netns = Vec::new();
+    for p in &pods {
+        let name = lab.pod_netns(p.ns, p.pod);
+        assert!(netns_with_prefix(&name).contains(&name), "no {name}");
+        netns.push(std::fs::File::open(format!("/run/netns/{name}")).unwrap());
+    }
+    let env = Env {
+        backend,
+        lab,
+        pods,
+        netns,
+        deadline: ENFORCE_DEADLINE,
+        ipv6: true,
+    };
+    for node in node_names(&env.lab) {
+        let (nft, ipt) = kernel_has(&env.lab, &node);
+        assert_eq!(
+            (nft, ipt),
+            (backend == "nftables", backend == "iptables"),
+            "{node}: nft table {nft}, iptables chains {ipt}"
+        );
+        if backend == "iptables" {
+            let v6 = ip6tables_save(&env.lab, &node);
+            assert!(
+                v6.contains(":SLUICE-FORWARD") && !v6.contains("SLUICE-V6-GUARD"),
+                "{node}: the IPv6 chains are not sluice's policy chains:\n{v6}"
+            );
+        }
+    }
+    let open = env.expected(ALL_PORTS, &|_, _, _| true);
+    let (got, _) = env.converge(&open);
+    assert_eq!(
+        got,
+        open,
+        "not all open over IPv6 at the start:\n{}",
+        render(&env, &got, Some(&open))
+    );
+    env
+}
+
+fn ip6tables_save(lab: &Lab, node: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.node_netns(node),
+            "ip6tables-save",
+            "-t",
+            "filter",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ip6(p: &P) -> Ipv6Addr {
+    p.ip6.unwrap()
+}
+
+fn net64(ip: Ipv6Addr) -> Ipv6Net {
+    Ipv6Net::new(ip, 64).unwrap().trunc()
+}
+
+/// The shared cases, those naming IPv4 addresses with their IPv6 truth, and the IPv6 ones.
+fn cases_v6(env: &Env) -> Vec<Case> {
+    let x = |t: &P| t.ns == "x";
+    let mut out = Vec::new();
+    let mut replaced = 0;
+    for mut c in cases(env) {
+        if IPV4_ADDRESS_CASES.contains(&c.name) {
+            replaced += 1;
+            assert_eq!(c.steps.len(), 1, "{}", c.name);
+            c.steps[0].truth = if c.name.starts_with("ClusterNetworkPolicy") {
+                // The Deny names an IPv4 network: no IPv6 flow is denied.
+                Box::new(|_, _, _| true)
+            } else {
+                // x is isolated and its only peers are IPv4 addresses.
+                Box::new(move |_, t, _| !x(t))
+            };
+        }
+        out.push(c);
+    }
+    assert_eq!(
+        replaced,
+        IPV4_ADDRESS_CASES.len(),
+        "a shared case was renamed"
+    );
+    let yb = ip6(env.pod("y/b"));
+    let xa_net = net64(ip6(env.pod("x/a")));
+    let y_pods: Vec<String> = env
+        .pods
+        .iter()
+        .filter(|p| p.ns == "y")
+        .map(|p| format!("{}/32", p.ip))
+        .collect();
+    let z_pods6: Vec<String> = env
+        .pods
+        .iter()
+        .filter(|p| p.ns == "z")
+        .map(|p| format!("{}/128", ip6(p)))
+        .collect();
+    out.extend([
+        case(
+            "IPv6: allow x from fd00::/8 except y/b's IPv6 address (ipBlock with except)",
+            vec![step(
+                np(
+                    "ipblock6",
+                    "x",
+                    &format!("  podSelector: {{}}\n  ingress: [{{from: [{{ipBlock: {{cidr: \"fd00::/8\", except: [\"{yb}/128\"]}}}}]}}]"),
+                ),
+                BOTH,
+                move |f, t, _| !x(t) || ip6(f) != yb,
+            )],
+        ),
+        case(
+            "IPv6: allow x from ::/0 except x/a's node's /64 (ipBlock except a subnet)",
+            vec![step(
+                np(
+                    "ipblock6-net",
+                    "x",
+                    &format!("  podSelector: {{}}\n  ingress: [{{from: [{{ipBlock: {{cidr: \"::/0\", except: [\"{xa_net}\"]}}}}]}}]"),
+                ),
+                BASIC,
+                move |f, t, _| !x(t) || !xa_net.contains(&ip6(f)),
+            )],
+        ),
+        case(
+            "IPv6: one rule with an IPv4 block (y's pods) and an IPv6 block (z's pods)",
+            vec![step(
+                np(
+                    "mixed",
+                    "x",
+                    &format!(
+                        "  podSelector: {{}}\n  ingress:\n  - from: [{}, {}]\n",
+                        y_pods.iter().map(|c| format!("{{ipBlock: {{cidr: \"{c}\"}}}}")).collect::<Vec<_>>().join(", "),
+                        z_pods6.iter().map(|c| format!("{{ipBlock: {{cidr: \"{c}\"}}}}")).collect::<Vec<_>>().join(", "),
+                    ),
+                ),
+                BASIC,
+                move |f, t, _| !x(t) || f.ns == "z",
+            )],
+        ),
+        case(
+            "IPv6: egress of x to an IPv6 block of z's pods on UDP 80 only",
+            vec![step(
+                np(
+                    "egress6",
+                    "x",
+                    &format!(
+                        "  podSelector: {{}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{}]\n    ports: [{{protocol: UDP, port: 80}}]\n",
+                        z_pods6.iter().map(|c| format!("{{ipBlock: {{cidr: \"{c}\"}}}}")).collect::<Vec<_>>().join(", "),
+                    ),
+                ),
+                ALL_PORTS,
+                move |f, t, p| !x(f) || (t.ns == "z" && p == UDP80),
+            )],
+        ),
+        cnp_case(
+            "IPv6: ClusterNetworkPolicy Admin Deny of egress from x to y/b's IPv6 address",
+            cnp_spec(
+                "deny-cidr6",
+                "Admin",
+                1,
+                "    namespaces:\n      matchLabels: {ns: \"x\"}",
+                "egress",
+                &format!("  - action: Deny\n    to:\n    - networks: [\"{yb}/128\"]"),
+            ),
+            move |f, t, _| !(f.ns == "x" && ip6(t) == yb),
+        ),
+    ]);
+    out
+}
+
+fn suite(backend: &'static str) -> Vec<Outcome> {
+    let env = setup(backend);
+    let started = std::time::Instant::now();
+    let outcomes: Vec<Outcome> = cases_v6(&env).iter().map(|c| run_case(&env, c)).collect();
+    eprintln!(
+        "{backend} over IPv6: {} cases in {:?}",
+        outcomes.len(),
+        started.elapsed()
+    );
+    if outcomes.iter().any(|o| o.failure.is_some()) {
+        let dir = std::env::temp_dir().join(format!("netpol6-{}-{backend}", env.lab.name));
+        let _ = std::fs::create_dir_all(&dir);
+        for node in node_names(&env.lab) {
+            let log = format!("/run/sluice/lab/{}/nodes/{node}/agent.log", env.lab.name);
+            if let Ok(text) = std::fs::read_to_string(log) {
+                let _ = std::fs::write(dir.join(format!("{node}.log")), text);
+            }
+            let _ = std::fs::write(
+                dir.join(format!("{node}.ip6tables")),
+                ip6tables_save(&env.lab, &node),
+            );
+        }
+        eprintln!("{backend}: agent logs kept in {}", dir.display());
+    }
+    outcomes
+}
+
+#[test]
+fn truth_tables_hold_over_ipv6_and_agree_on_both_renderers() {
+    if !have_root() {
+        return;
+    }
+    let (nft, ipt) = std::thread::scope(|s| {
+        let n = s.spawn(|| suite("nftables"));
+        let i = s.spawn(|| suite("iptables"));
+        (n.join(), i.join())
+    });
+    let (nft, ipt) = (
+        nft.expect("nftables suite panicked"),
+        ipt.expect("iptables suite panicked"),
+    );
+    assert!(nft.len() >= 30, "{} cases", nft.len());
+    let failures = compare(&nft, &ipt);
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// An established IPv6 TCP connection that a new policy denies stops passing within a second
+/// (its conntrack entry is cut, and the pick-up of the flow from either end is dropped), and a
+/// new one is refused; on each renderer in turn, in one dual lab.
+#[test]
+fn a_denied_established_ipv6_connection_stops_within_a_second_on_both_renderers() {
+    if !have_root() {
+        return;
+    }
+    let lab = Lab::up(&[
+        "--nodes",
+        "2",
+        "--pods-per-node",
+        "0",
+        "--ip-family",
+        "dual",
+    ]);
+    let (n1, n2) = (
+        format!("{}-node-1", lab.name),
+        format!("{}-node-2", lab.name),
+    );
+    let pod = |name: &str, node: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: \"r\"\n  labels: {{pod: {name}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: cont\n    image: sluice-lab\n    ports:\n    - {{name: http, containerPort: 80, protocol: TCP}}\n---\n"
+        )
+    };
+    apply_yaml(
+        &lab,
+        &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: \"r\"\n---\n{}{}",
+            pod("cl", &n1),
+            pod("sv", &n2)
+        ),
+    );
+    wait_running(&lab, &[("r", "cl"), ("r", "sv")]);
+    let sv = pod_ips6(&lab)["r/sv"];
+    for (round, backend) in ["iptables", "nftables"].into_iter().enumerate() {
+        use_backend(&lab, backend);
+        let passed_for = established_cut(&lab, sv, 7070 + round as u16);
+        eprintln!(
+            "{backend}: the established IPv6 connection passed for {passed_for:?} after the deny"
+        );
+        assert!(
+            passed_for < std::time::Duration::from_secs(1),
+            "{backend}: echoes kept passing for {passed_for:?} after the deny"
+        );
+        assert!(
+            !probe(
+                &lab.pod_netns("r", "cl"),
+                std::net::SocketAddr::new(sv.into(), 80),
+                Proto::Tcp,
+                "r/sv"
+            ),
+            "{backend}: a new IPv6 connection passed the deny"
+        );
+        kubectl_ok(&lab, &["delete", "networkpolicy", "-n", "r", "deny"]);
+    }
+}
+
+/// Echoes over IPv6 from r/cl to an echo server in r/sv at `sv`:`port`, applies a deny of all
+/// ingress to r/sv, and says how long echoes kept coming after it was applied.
+fn established_cut(lab: &Lab, sv: Ipv6Addr, port: u16) -> std::time::Duration {
+    use sluice_e2e::lab::in_netns;
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+    let listener = in_netns(&lab.pod_netns("r", "sv"), move || {
+        std::net::TcpListener::bind(("::", port)).unwrap()
+    });
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut buf = [0u8; 64];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let last_echo = Arc::new(Mutex::new(None::<Instant>));
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (last_echo, stop) = (last_echo.clone(), stop.clone());
+        let netns = lab.pod_netns("r", "cl");
+        std::thread::spawn(move || {
+            in_netns(&netns, move || {
+                let mut s = std::net::TcpStream::connect_timeout(
+                    &std::net::SocketAddr::new(sv.into(), port),
+                    Duration::from_secs(3),
+                )
+                .unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                let mut buf = [0u8; 1];
+                let started = Instant::now();
+                // Bounded: at most 60 s of pings, one every 20 ms.
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                    if s.write_all(b"p").is_err() {
+                        break;
+                    }
+                    if s.read(&mut buf).is_ok_and(|n| n == 1) {
+                        *last_echo.lock().unwrap() = Some(Instant::now());
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while last_echo.lock().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the IPv6 connection never echoed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let applied = Instant::now();
+    let before = last_echo.lock().unwrap().unwrap();
+    assert!(
+        applied.duration_since(before) < Duration::from_millis(300),
+        "the connection was not passing right before the deny"
+    );
+    apply_yaml(
+        lab,
+        &np(
+            "deny",
+            "r",
+            "  podSelector: {matchLabels: {pod: sv}}\n  policyTypes: [Ingress]",
+        ),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    let last = last_echo.lock().unwrap().unwrap();
+    let _ = client.join();
+    last.saturating_duration_since(applied)
+}
