@@ -52,7 +52,7 @@ fn pod(ns: &str, name: &str, node: &str, labels: &[(&str, String)], ip: Ipv4Addr
             .collect(),
         host_network: false,
         finished: false,
-        ips: vec![ip],
+        ips: vec![ip.into()],
         ports: vec![NamedPort {
             name: "http".into(),
             protocol: Protocol::Tcp,
@@ -190,7 +190,7 @@ struct World {
     policies: Vec<NetworkPolicy>,
     cnps: Vec<ClusterNetworkPolicy>,
     nodes: Vec<NodeAddrs>,
-    host: Vec<Ipv4Addr>,
+    host: Vec<std::net::IpAddr>,
 }
 
 impl World {
@@ -240,7 +240,7 @@ impl World {
         let nodes = (0..51)
             .map(|i| NodeAddrs {
                 labels: Default::default(),
-                addrs: vec![Ipv4Addr::new(172, 31, 250, 1 + i)],
+                addrs: vec![Ipv4Addr::new(172, 31, 250, 1 + i).into()],
             })
             .collect();
         Self {
@@ -249,7 +249,7 @@ impl World {
             policies,
             cnps,
             nodes,
-            host: vec![Ipv4Addr::new(172, 31, 250, 1)],
+            host: vec![Ipv4Addr::new(172, 31, 250, 1).into()],
         }
     }
 

@@ -875,6 +875,7 @@ mod tests {
                 segments: 1,
                 subnet_source: super::super::plan::SubnetSource::Auto,
                 ip_family,
+                underlay: super::super::plan::UnderlayFamily::Ipv4,
             })
             .unwrap()
         };
