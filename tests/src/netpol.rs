@@ -1225,3 +1225,88 @@ pub fn kernel_has(lab: &Lab, node: &str) -> (bool, bool) {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(":SLUICE-FORWARD"));
     (nft, ipt)
 }
+
+/// Echoes (one byte every 20 ms over one TCP connection) from r/cl to an echo server of the
+/// test's own in r/sv at `sv`:`port` (the lab's servers close at once), applies a deny of all
+/// ingress to r/sv, and says how long echoes kept coming after it was applied: issue 8 asks
+/// that a denied established connection stop passing within 1 s.
+pub fn established_cut(lab: &Lab, sv: IpAddr, port: u16) -> Duration {
+    use std::io::{Read, Write};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{Arc, Mutex};
+    let listener = in_netns(&lab.pod_netns("r", "sv"), move || {
+        std::net::TcpListener::bind(SocketAddr::new(unspecified(sv), port)).unwrap()
+    });
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut buf = [0u8; 64];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let last_echo = Arc::new(Mutex::new(None::<Instant>));
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (last_echo, stop) = (last_echo.clone(), stop.clone());
+        let netns = lab.pod_netns("r", "cl");
+        std::thread::spawn(move || {
+            in_netns(&netns, move || {
+                let mut s = std::net::TcpStream::connect_timeout(
+                    &SocketAddr::new(sv, port),
+                    Duration::from_secs(3),
+                )
+                .unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                let mut buf = [0u8; 1];
+                let started = Instant::now();
+                // Bounded: at most 60 s of pings, one every 20 ms.
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                    if s.write_all(b"p").is_err() {
+                        break;
+                    }
+                    if s.read(&mut buf).is_ok_and(|n| n == 1) {
+                        *last_echo.lock().unwrap() = Some(Instant::now());
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while last_echo.lock().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the connection never echoed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let applied = Instant::now();
+    let before = last_echo.lock().unwrap().unwrap();
+    assert!(
+        applied.duration_since(before) < Duration::from_millis(300),
+        "the connection was not passing right before the deny"
+    );
+    apply_yaml(
+        lab,
+        &np(
+            "deny",
+            "r",
+            "  podSelector: {matchLabels: {pod: sv}}\n  policyTypes: [Ingress]",
+        ),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    let last = last_echo.lock().unwrap().unwrap();
+    let _ = client.join();
+    last.saturating_duration_since(applied)
+}
+
+fn unspecified(of: IpAddr) -> IpAddr {
+    match of {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    }
+}

@@ -17,7 +17,6 @@ use sluice_e2e::lab::{in_netns, lab_cmd, netns_with_prefix, Lab};
 use sluice_e2e::netpol::*;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// The embedded lab's pods run `sluice lab serve` (image `sluice-lab`), placed by the lab.
@@ -290,8 +289,6 @@ fn a_denied_established_tcp_connection_stops_within_a_second() {
     if !have_root() {
         return;
     }
-    use std::io::{Read, Write};
-    use std::sync::{Arc, Mutex};
     let lab = Lab::up(&["--nodes", "2", "--pods-per-node", "0"]);
     let (n1, n2) = (
         format!("{}-node-1", lab.name),
@@ -303,77 +300,7 @@ fn a_denied_established_tcp_connection_stops_within_a_second() {
     );
     let ips = wait_running(&lab, &[("r", "cl"), ("r", "sv")]);
     let sv = ips["r/sv"];
-    // An echo server of the test's own in the server pod (the lab's servers close at once).
-    let listener = in_netns(&lab.pod_netns("r", "sv"), || {
-        std::net::TcpListener::bind("0.0.0.0:7070").unwrap()
-    });
-    std::thread::spawn(move || {
-        if let Ok((mut s, _)) = listener.accept() {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-            let mut buf = [0u8; 64];
-            // Ends when the client goes or the connection dies.
-            while let Ok(n) = s.read(&mut buf) {
-                if n == 0 || s.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    let last_echo = Arc::new(Mutex::new(None::<Instant>));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let client = {
-        let (last_echo, stop) = (last_echo.clone(), stop.clone());
-        let netns = lab.pod_netns("r", "cl");
-        std::thread::spawn(move || {
-            in_netns(&netns, move || {
-                let mut s = std::net::TcpStream::connect_timeout(
-                    &SocketAddr::from((sv, 7070)),
-                    Duration::from_secs(3),
-                )
-                .unwrap();
-                s.set_read_timeout(Some(Duration::from_millis(100)))
-                    .unwrap();
-                let mut buf = [0u8; 1];
-                let started = Instant::now();
-                // Bounded: at most 60 s of pings, one every 20 ms.
-                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
-                    if s.write_all(b"p").is_err() {
-                        break;
-                    }
-                    if s.read(&mut buf).is_ok_and(|n| n == 1) {
-                        *last_echo.lock().unwrap() = Some(Instant::now());
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            })
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while last_echo.lock().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the connection never echoed");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    // A policy now denies the flow: all ingress to the server pod.
-    let applied = Instant::now();
-    let before = last_echo.lock().unwrap().unwrap();
-    assert!(
-        applied.duration_since(before) < Duration::from_millis(300),
-        "the connection was not passing right before the deny"
-    );
-    apply_yaml(
-        &lab,
-        &np(
-            "deny",
-            "r",
-            "  podSelector: {matchLabels: {pod: sv}}\n  policyTypes: [Ingress]",
-        ),
-    );
-    std::thread::sleep(Duration::from_secs(3));
-    stop.store(true, Ordering::Relaxed);
-    let last = last_echo.lock().unwrap().unwrap();
-    let _ = client.join();
-    let passed_for = last.saturating_duration_since(applied);
+    let passed_for = established_cut(&lab, sv.into(), 7070);
     eprintln!("the established connection passed for {passed_for:?} after the policy was applied");
     assert!(
         passed_for < Duration::from_secs(1),
