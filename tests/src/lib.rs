@@ -11,6 +11,7 @@ pub mod bench;
 pub mod capture;
 pub mod cni;
 pub mod containerd;
+pub mod dual;
 pub mod k8sbench;
 pub mod lab;
 pub mod netpol;

@@ -6,70 +6,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use ipnet::{Ipv4Net, Ipv6Net};
-use serde_json::Value;
+use sluice_e2e::dual::*;
 use sluice_e2e::lab::{lab_cmd, output_text, tcp_ask, tcp_server, Lab};
 use sluice_e2e::{eventually, have_root};
 use std::net::Ipv6Addr;
 use std::time::Duration;
-
-struct Pod {
-    id: String,
-    node: String,
-    v4: std::net::Ipv4Addr,
-    v6: Ipv6Addr,
-}
-
-fn pods(status: &Value) -> Vec<Pod> {
-    status["pods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| Pod {
-            id: format!(
-                "{}/{}",
-                p["namespace"].as_str().unwrap(),
-                p["name"].as_str().unwrap()
-            ),
-            node: p["node"].as_str().unwrap().into(),
-            v4: p["ip"].as_str().unwrap().parse().unwrap(),
-            v6: p["ipv6"]
-                .as_str()
-                .unwrap_or_else(|| panic!("pod without IPv6: {p}"))
-                .parse()
-                .unwrap(),
-        })
-        .collect()
-}
-
-fn all_true(m: &Value) -> bool {
-    m.as_array().is_some_and(|rows| {
-        rows.iter()
-            .flat_map(|r| r.as_array().unwrap())
-            .all(|b| b == true)
-    })
-}
-
-/// `lab probe FROM TO PORT` over TCP or UDP, IPv6 or IPv4; true when answered by `to`.
-fn probe(lab: &Lab, from: &Pod, to: &Pod, proto: &str, ipv6: bool) -> bool {
-    let port = if proto == "udp" { "53" } else { "80" };
-    let mut args = vec![
-        "probe",
-        "--name",
-        &lab.name,
-        &from.id,
-        &to.id,
-        port,
-        "--protocol",
-        proto,
-        "--timeout",
-        "2s",
-    ];
-    if ipv6 {
-        args.push("--ipv6");
-    }
-    let out = lab_cmd(&args, 30);
-    out.status.success() && output_text(&out).contains(&format!("answered by {}", to.id))
-}
 
 fn ping6(lab: &Lab, from: &Pod, to: Ipv6Addr) -> bool {
     let to = to.to_string();

@@ -6,65 +6,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use ipnet::Ipv6Net;
 use serde_json::Value;
+use sluice_e2e::dual::*;
 use sluice_e2e::lab::{lab_cmd, output_text, Lab};
 use sluice_e2e::{eventually, have_root};
-use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 use std::time::Duration;
-
-struct Pod {
-    id: String,
-    node: String,
-    v4: Ipv4Addr,
-    v6: Ipv6Addr,
-}
-
-impl Pod {
-    fn subnet6(&self) -> String {
-        Ipv6Net::new(self.v6, 64).unwrap().trunc().to_string()
-    }
-}
-
-fn pods(status: &Value) -> Vec<Pod> {
-    status["pods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| Pod {
-            id: format!(
-                "{}/{}",
-                p["namespace"].as_str().unwrap(),
-                p["name"].as_str().unwrap()
-            ),
-            node: p["node"].as_str().unwrap().into(),
-            v4: p["ip"].as_str().unwrap().parse().unwrap(),
-            v6: p["ipv6"]
-                .as_str()
-                .unwrap_or_else(|| panic!("pod without IPv6: {p}"))
-                .parse()
-                .unwrap(),
-        })
-        .collect()
-}
 
 /// `node`'s route to `subnet` in `family` (`-4`/`-6`): (device, gateway, type).
 fn route(lab: &Lab, node: &str, family: &str, subnet: &str) -> (String, String, String) {
     let r = lab.ip_json(&lab.node_netns(node), &[family, "route", "show", subnet]);
     let get = |k: &str| r[0][k].as_str().unwrap_or_default().to_string();
     (get("dev"), get("gateway"), get("type"))
-}
-
-/// `sluice status -o FORMAT` inside a node's namespace.
-fn node_status(lab: &Lab, node: &str, format: &str) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &lab.node_netns(node)])
-        .arg(sluice_e2e::sluice_bin())
-        .args(["status", "-o", format])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// (pathV6, whyV6) of `peer` in `node`'s status document.
@@ -78,70 +31,6 @@ fn peer_v6(lab: &Lab, node: &str, peer: &str) -> (String, String) {
         p["pathV6"].as_str().unwrap_or_default().into(),
         p["whyV6"].as_str().unwrap_or_default().into(),
     )
-}
-
-fn ping(lab: &Lab, from: &Pod, to: &str, family: &str) -> bool {
-    let out = lab_cmd(
-        &[
-            "exec", "--name", &lab.name, &from.id, "--", "ping", family, "-c", "1", "-W", "2", to,
-        ],
-        30,
-    );
-    out.status.success()
-}
-
-/// `lab probe FROM TO PORT` over TCP or UDP, IPv6 or IPv4; true when answered by `to`.
-fn probe(lab: &Lab, from: &Pod, to: &Pod, proto: &str, ipv6: bool) -> bool {
-    let port = if proto == "udp" { "53" } else { "80" };
-    let mut args = vec![
-        "probe",
-        "--name",
-        &lab.name,
-        &from.id,
-        &to.id,
-        port,
-        "--protocol",
-        proto,
-        "--timeout",
-        "2s",
-    ];
-    if ipv6 {
-        args.push("--ipv6");
-    }
-    let out = lab_cmd(&args, 30);
-    out.status.success() && output_text(&out).contains(&format!("answered by {}", to.id))
-}
-
-fn reach_both_families(lab: &Lab, a: &Pod, b: &Pod) {
-    for (x, y) in [(a, b), (b, a)] {
-        assert!(
-            eventually(Duration::from_secs(10), || ping(
-                lab,
-                x,
-                &y.v6.to_string(),
-                "-6"
-            )),
-            "ICMPv6 {} -> {}",
-            x.id,
-            y.id
-        );
-        assert!(
-            ping(lab, x, &y.v4.to_string(), "-4"),
-            "ICMP {} -> {}",
-            x.id,
-            y.id
-        );
-        for proto in ["tcp", "udp"] {
-            for ipv6 in [true, false] {
-                assert!(
-                    probe(lab, x, y, proto, ipv6),
-                    "{proto} ipv6={ipv6} {} -> {}",
-                    x.id,
-                    y.id
-                );
-            }
-        }
-    }
 }
 
 #[test]
