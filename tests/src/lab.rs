@@ -47,6 +47,20 @@ pub fn unique_lab_name() -> String {
     )
 }
 
+/// `lab up --name NAME ARGS` fails, says `says`, and leaves no namespace of the lab and no state
+/// directory: NAME is a fresh unique lab name.
+pub fn up_is_refused(args: &[&str], says: &str) {
+    let name = unique_lab_name();
+    let mut all = vec!["up", "--name", name.as_str()];
+    all.extend_from_slice(args);
+    let out = lab_cmd(&all, 60);
+    let msg = output_text(&out);
+    assert!(!out.status.success(), "lab {all:?} succeeded: {msg}");
+    assert!(msg.contains(says), "lab {all:?}: {msg}");
+    assert!(netns_with_prefix(&format!("slab-{name}-")).is_empty());
+    assert!(!std::path::Path::new(&format!("/run/sluice/lab/{name}")).exists());
+}
+
 pub struct Lab {
     pub name: String,
 }

@@ -205,23 +205,15 @@ fn bad_input_is_refused_and_leaves_nothing() {
     if !have_root() {
         return;
     }
-    let name = sluice_e2e::lab::unique_lab_name();
     for (args, says) in [
-        (vec!["--nodes", "0"], "--nodes 0"),
-        (vec!["--segments", "3"], "--segments 3"),
+        (&["--nodes", "0"][..], "--nodes 0"),
+        (&["--segments", "3"][..], "--segments 3"),
     ] {
-        let mut all = vec!["up", "--name", name.as_str()];
-        all.extend(args);
-        let out = lab_cmd(&all, 30);
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(says), "{err}");
+        sluice_e2e::lab::up_is_refused(args, says);
     }
     let out = lab_cmd(&["up", "--name", "Bad-Name"], 30);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("lab name"));
-    assert!(netns_with_prefix(&format!("slab-{name}-")).is_empty());
-    assert!(!std::path::Path::new(&format!("/run/sluice/lab/{name}")).exists());
 }
 
 /// The lab pointed at an API server that is not its own (as `SLUICE_E2E_KUBECONFIG` points it at

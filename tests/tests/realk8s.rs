@@ -80,39 +80,17 @@ fn a_directory_without_the_binaries_is_refused_and_nothing_is_made() {
         return;
     }
     let empty = tempfile::tempdir().unwrap();
-    let name = sluice_e2e::lab::unique_lab_name();
     let dir = empty.path().to_str().unwrap();
-    let out = lab_cmd(&["up", "--name", &name, "--kubernetes", dir], 60);
-    assert!(!out.status.success());
-    let msg = output_text(&out);
-    assert!(
-        msg.contains(
-            "lacks kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy"
-        ),
-        "{msg}"
+    sluice_e2e::lab::up_is_refused(
+        &["--kubernetes", dir],
+        "lacks kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy",
     );
-    assert!(netns_with_prefix(&format!("slab-{name}-")).is_empty());
-    assert!(!std::path::Path::new(&format!("/run/sluice/lab/{name}")).exists());
-
     // Real binaries but no sandbox image to import (nothing is pulled): refused up front too.
     let bin = k8s_bin("realk8s").unwrap();
-    let out = lab_cmd(
-        &[
-            "up",
-            "--name",
-            &name,
-            "--kubernetes",
-            &bin,
-            "--k8s-images",
-            dir,
-        ],
-        60,
+    sluice_e2e::lab::up_is_refused(
+        &["--kubernetes", &bin, "--k8s-images", dir],
+        "has no pause.tar",
     );
-    assert!(!out.status.success());
-    let msg = output_text(&out);
-    assert!(msg.contains("has no pause.tar"), "{msg}");
-    assert!(netns_with_prefix(&format!("slab-{name}-")).is_empty());
-    assert!(!std::path::Path::new(&format!("/run/sluice/lab/{name}")).exists());
 }
 
 #[test]

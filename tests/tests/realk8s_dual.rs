@@ -129,25 +129,16 @@ fn the_ipv4_only_reference_network_is_refused_on_a_dual_stack_lab_and_nothing_is
     let Some(bin) = k8s_bin("realk8s_dual") else {
         return;
     };
-    let name = sluice_e2e::lab::unique_lab_name();
-    let out = lab_cmd(
+    sluice_e2e::lab::up_is_refused(
         &[
-            "up",
-            "--name",
-            &name,
             "--kubernetes",
             &bin,
             "--ip-family",
             "dual",
             "--reference-cni",
         ],
-        60,
+        "--reference-cni wires IPv4 only",
     );
-    assert!(!out.status.success());
-    let msg = output_text(&out);
-    assert!(msg.contains("--reference-cni wires IPv4 only"), "{msg}");
-    assert!(netns_with_prefix(&format!("slab-{name}-")).is_empty());
-    assert!(!std::path::Path::new(&format!("/run/sluice/lab/{name}")).exists());
 }
 
 #[test]
