@@ -129,3 +129,12 @@ pub fn reach_both_families(lab: &Lab, a: &Pod, b: &Pod) {
         }
     }
 }
+
+/// Every pair of the lab's pods reaches each other over IPv4 and IPv6 (its `lab status`
+/// matrices) within `within`.
+pub fn every_pair_reaches_over_both_families(lab: &Lab, within: Duration) -> bool {
+    eventually(within, || {
+        let s = lab.status();
+        all_true(&s["reachability"]) && all_true(&s["reachabilityIpv6"])
+    })
+}

@@ -1169,6 +1169,23 @@ pub fn run_all(env: &Env, keep_logs: &dyn Fn(&str) -> Option<String>) -> Vec<Out
     outcomes
 }
 
+/// `suite` run on nftables and on iptables at once (a lab each): at least `min_cases` cases, every
+/// one enforced on both and measured alike (see [`compare`]).
+pub fn both_renderers_agree(suite: fn(&'static str) -> Vec<Outcome>, min_cases: usize) {
+    let (nft, ipt) = std::thread::scope(|s| {
+        let n = s.spawn(|| suite("nftables"));
+        let i = s.spawn(|| suite("iptables"));
+        (n.join(), i.join())
+    });
+    let (nft, ipt) = (
+        nft.expect("nftables suite panicked"),
+        ipt.expect("iptables suite panicked"),
+    );
+    assert!(nft.len() >= min_cases, "{} cases", nft.len());
+    let failures = compare(&nft, &ipt);
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
 /// The renderers' outcomes side by side (one line per case, printed), and what failed: a case
 /// not enforced on one of them, or a prediction the two measured differently.
 pub fn compare(nft: &[Outcome], ipt: &[Outcome]) -> Vec<String> {

@@ -41,10 +41,7 @@ fn dual_lab_pods_reach_each_other(encryption: &str, device: &str) {
         encryption,
     ]);
     assert!(
-        eventually(Duration::from_secs(30), || {
-            let s = lab.status();
-            all_true(&s["reachability"]) && all_true(&s["reachabilityIpv6"])
-        }),
+        every_pair_reaches_over_both_families(&lab, Duration::from_secs(30)),
         "not every pair reached over both families: {:#}",
         lab.status()
     );

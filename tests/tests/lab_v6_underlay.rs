@@ -67,10 +67,7 @@ fn v6_underlay_lab(encryption: &str) {
         encryption,
     ]);
     assert!(
-        eventually(Duration::from_secs(30), || {
-            let s = lab.status();
-            all_true(&s["reachability"]) && all_true(&s["reachabilityIpv6"])
-        }),
+        every_pair_reaches_over_both_families(&lab, Duration::from_secs(30)),
         "not every pair reached over both families: {:#}",
         lab.status()
     );
@@ -177,10 +174,7 @@ fn v6_underlay_lab(encryption: &str) {
                 "encryption {value}: {sub6} not via {dev}"
             );
             assert!(
-                eventually(Duration::from_secs(20), || {
-                    let s = lab.status();
-                    all_true(&s["reachability"]) && all_true(&s["reachabilityIpv6"])
-                }),
+                every_pair_reaches_over_both_families(&lab, Duration::from_secs(20)),
                 "encryption {value}: not all reachable"
             );
             outer_packets_are_ipv6(

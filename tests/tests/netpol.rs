@@ -125,18 +125,7 @@ fn truth_tables_hold_and_agree_on_both_renderers() {
     if !have_root() {
         return;
     }
-    let (nft, ipt) = std::thread::scope(|s| {
-        let n = s.spawn(|| suite("nftables"));
-        let i = s.spawn(|| suite("iptables"));
-        (n.join(), i.join())
-    });
-    let (nft, ipt) = (
-        nft.expect("nftables suite panicked"),
-        ipt.expect("iptables suite panicked"),
-    );
-    assert!(nft.len() >= 25, "{} cases", nft.len());
-    let failures = compare(&nft, &ipt);
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    both_renderers_agree(suite, 25);
 }
 
 fn pod_yaml(ns: &str, name: &str, label: &str, node: &str) -> String {

@@ -271,18 +271,7 @@ fn truth_tables_hold_over_ipv6_and_agree_on_both_renderers() {
         return;
     }
     let _alone = one_at_a_time();
-    let (nft, ipt) = std::thread::scope(|s| {
-        let n = s.spawn(|| suite("nftables"));
-        let i = s.spawn(|| suite("iptables"));
-        (n.join(), i.join())
-    });
-    let (nft, ipt) = (
-        nft.expect("nftables suite panicked"),
-        ipt.expect("iptables suite panicked"),
-    );
-    assert!(nft.len() >= 30, "{} cases", nft.len());
-    let failures = compare(&nft, &ipt);
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    both_renderers_agree(suite, 30);
 }
 
 /// An established IPv6 TCP connection that a new policy denies stops passing within a second
