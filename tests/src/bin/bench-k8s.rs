@@ -21,7 +21,10 @@
 //!
 //! Usage: bench-k8s [--kubernetes DIR (default $SLUICE_K8S_BIN)] [--sluice PATH] [--nodes N]
 //!                  [--pods P] [--runs R] [--reach-pods B] [--reach-runs S] [--policies K]
-//!                  [--interval-ms I] [--only sluice|reference]
+//!                  [--interval-ms I] [--only sluice|reference] [--first sluice|reference]
+//!
+//! The labs run one after the other, the reference first unless `--first sluice`: on a shared
+//! machine whose load drifts, a run in each order tells the drift from the networks.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -38,7 +41,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
-const USAGE: &str = "usage: bench-k8s [--kubernetes DIR] [--sluice PATH] [--nodes N] [--pods P] [--runs R] [--reach-pods B] [--reach-runs S] [--policies K] [--interval-ms I] [--only sluice|reference]";
+const USAGE: &str = "usage: bench-k8s [--kubernetes DIR] [--sluice PATH] [--nodes N] [--pods P] [--runs R] [--reach-pods B] [--reach-runs S] [--policies K] [--interval-ms I] [--only sluice|reference] [--first sluice|reference]";
 
 /// How long a probed pod may stay unreachable before it counts as never reached.
 const REACH_LIMIT: Duration = Duration::from_secs(10);
@@ -670,6 +673,7 @@ fn main() {
         interval: Duration::from_millis(5),
     };
     let mut only: Option<String> = None;
+    let mut sluice_first = false;
     while let Some((flag, value)) = flags.next_pair() {
         match flag.as_str() {
             "--kubernetes" => bin = Some(value),
@@ -682,6 +686,11 @@ fn main() {
             "--policies" => s.policies = flags.number(&flag, &value),
             "--interval-ms" => s.interval = Duration::from_millis(flags.number(&flag, &value)),
             "--only" => only = Some(value),
+            "--first" => match value.as_str() {
+                "sluice" => sluice_first = true,
+                "reference" => sluice_first = false,
+                o => flags.fail(&format!("--first {o}: sluice or reference")),
+            },
             _ => flags.fail(&format!("unknown flag {flag}")),
         }
     }
@@ -690,6 +699,7 @@ fn main() {
     };
     s.bin = bin;
     let networks: Vec<Network> = match only.as_deref() {
+        None if sluice_first => vec![Network::Sluice, Network::Reference],
         None => vec![Network::Reference, Network::Sluice],
         Some("sluice") => vec![Network::Sluice],
         Some("reference") => vec![Network::Reference],

@@ -17,13 +17,14 @@
 //! 3. The agent's memory (VmRSS and its peak, VmHWM) with all of it in the cluster. Anchor:
 //!    under 100 MiB.
 //! 4. Per-packet cost: new connections a second and iperf3 throughput between the two real
-//!    pods with the probe policy admitting 0 and 10,000 more peers. Anchor: at least 0.9.
+//!    pods with the probe policy admitting 0 and 10,000 more peers, `--packet-rounds` (3) of
+//!    each alternately, each once the agent is idle, medians compared. Anchor: at least 0.9.
 //! 5. ClusterNetworkPolicy (`--cnps`, 100 by default; 0 skips it): that many
 //!    ClusterNetworkPolicies put in force on top of the above (a mix of Admin and Baseline,
 //!    priorities, namespace and pod subjects, Accept/Deny/Pass, ports by number, range and
 //!    name, egress to networks and nodes; ten select every namespace, so the real pods' packets
 //!    go through the tiers' lookups). First the flows of 4 with none and then with all of them
-//!    in force (once each: the agent's start with them takes minutes; anchor: at least 0.9);
+//!    in force (as many rounds; anchor: at least 0.9);
 //!    they are made with the agent stopped, then it is started again, so that it takes them
 //!    in one pass (see [`cnp_figures`]). Then, all in force, one of them, an Admin policy on the server pod, is
 //!    switched between Deny and Accept of the client (the NetworkPolicy denies it all along),
@@ -33,7 +34,7 @@
 //! inside namespaces made here; every wait is bounded.
 //!
 //! Usage: bench-policy [--sluice PATH] [--local-pods N] [--cluster-pods M] [--policies P]
-//!                     [--cnps C] [--samples K] [--only nftables|iptables]
+//!                     [--cnps C] [--samples K] [--packet-rounds R] [--only nftables|iptables]
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -59,12 +60,14 @@ struct Args {
     policies: usize,
     cnps: usize,
     samples: usize,
+    /// Rounds of each per-packet state, alternately (medians are compared).
+    packet_rounds: usize,
     only: Option<String>,
 }
 
 const USAGE: &str = "\
 usage: bench-policy [--sluice PATH] [--local-pods N] [--cluster-pods M] [--policies P]
-                    [--cnps C] [--samples K] [--only nftables|iptables]";
+                    [--cnps C] [--samples K] [--packet-rounds R] [--only nftables|iptables]";
 
 fn parse_args() -> Args {
     let mut a = Args {
@@ -74,6 +77,7 @@ fn parse_args() -> Args {
         policies: 1_000,
         cnps: 100,
         samples: 40,
+        packet_rounds: 3,
         only: None,
     };
     let mut flags = Flags::from_env("bench-policy", USAGE);
@@ -85,6 +89,7 @@ fn parse_args() -> Args {
             "--policies" => a.policies = flags.number(&flag, &value),
             "--cnps" => a.cnps = flags.number(&flag, &value),
             "--samples" => a.samples = flags.number(&flag, &value),
+            "--packet-rounds" => a.packet_rounds = flags.number(&flag, &value),
             "--only" => {
                 flags.require(
                     value == "nftables" || value == "iptables",
@@ -109,6 +114,10 @@ fn parse_args() -> Args {
     );
     flags.require(a.cnps <= 1_000, "--cnps in 0..=1000");
     flags.require((2..=1_000).contains(&a.samples), "--samples in 2..=1000");
+    flags.require(
+        (1..=20).contains(&a.packet_rounds),
+        "--packet-rounds in 1..=20",
+    );
     a
 }
 
@@ -593,23 +602,28 @@ fn enforcement_latency(
 
 /// Per-packet cost: the same flows from the client pod to the server pod (new connections a
 /// second for 2 s, iperf3 for 3 s) with the cluster in its plain state and in its `loaded`
-/// one, each put in force by `set(loaded)` (which returns once it is), `rounds` times each,
-/// alternately. Returns the medians, plain then loaded: (connections/s, Gbit/s).
+/// one, each put in force by `set(loaded)` (which returns once it is, and the agent's PID),
+/// `rounds` times each, alternately. Each measurement waits for the agent to go idle first:
+/// a pass still running (or a restarted agent's first programming) takes a core of the two
+/// and would be measured as the rules' cost. Returns the medians, plain then loaded:
+/// (connections/s, Gbit/s).
 fn per_packet(
     client: &str,
     what: &str,
     rounds: usize,
-    mut set: impl FnMut(bool),
+    mut set: impl FnMut(bool) -> i32,
 ) -> [(f64, f64); 2] {
     let mut runs: [(Vec<f64>, Vec<f64>); 2] = Default::default();
     for _round in 0..rounds {
         for (loaded, (rates, gbps)) in [false, true].into_iter().zip(runs.iter_mut()) {
-            set(loaded);
+            let pid = set(loaded);
             assert!(
                 until_verdict(client, true, Duration::from_secs(10)).is_some(),
                 "the client is not admitted (loaded with {what}: {loaded})"
             );
-            std::thread::sleep(Duration::from_millis(300));
+            if let Err(busy) = until_idle(pid, Duration::from_secs(60)) {
+                println!("  (the agent never went idle before this measurement: {busy})");
+            }
             let (rate, failed) = conn_rate(client, 2.0);
             assert!(
                 failed < 10,
@@ -620,6 +634,41 @@ fn per_packet(
         }
     }
     runs.map(|(rates, gbps)| (median(&rates), median(&gbps)))
+}
+
+/// CPU time (user + system, clock ticks) process `pid` has used so far.
+fn cpu_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from the closing parenthesis.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of proc(5): utime and stime; `rest` starts at field 3.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Waits until the agent used under 5 % of a core over a whole second, at most `limit`;
+/// the error says how busy it still was.
+fn until_idle(pid: i32, limit: Duration) -> Result<(), String> {
+    let started = Instant::now();
+    let mut before = cpu_ticks(pid).ok_or("the agent's /proc/PID/stat is unreadable")?;
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = cpu_ticks(pid).ok_or("the agent's /proc/PID/stat is unreadable")?;
+        // 100 ticks a second on Linux (USER_HZ): under 5 is under 5 %.
+        if now.saturating_sub(before) < 5 {
+            return Ok(());
+        }
+        if started.elapsed() >= limit {
+            return Err(format!(
+                "{} % of a core in the last second after {}",
+                now.saturating_sub(before),
+                ms(started.elapsed())
+            ));
+        }
+        before = now;
+    }
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -737,11 +786,11 @@ fn cnp_figures(
     );
     let mut agent = Some(agent);
     let [(rate0, gbps0), (rate_n, gbps_n)] =
-        per_packet(client, "ClusterNetworkPolicies", 1, |loaded| {
+        per_packet(client, "ClusterNetworkPolicies", args.packet_rounds, |loaded| {
             let made = http(api, "GET", &probe, "application/json", "").0 == 200;
             if !loaded && !made {
                 // The first round: none yet, the agent as it runs.
-                return;
+                return agent.as_ref().map_or(0, |a| a.pid);
             }
             drop(agent.take());
             if loaded {
@@ -760,6 +809,7 @@ fn cnp_figures(
                 if loaded { count } else { 0 },
                 ms(started.elapsed())
             );
+            agent.as_ref().map_or(0, |a| a.pid)
         });
     let agent = agent.take().expect("per_packet leaves an agent running");
     println!(
@@ -1012,7 +1062,7 @@ fn main() {
         );
         // Per-packet cost: the same flows with 0 and with `PEERS` more allowed peers in force.
         let [(rate0, gbps0), (rate_n, gbps_n)] =
-            per_packet(&client.name, "10k more peers", 2, |many| {
+            per_packet(&client.name, "10k more peers", args.packet_rounds, |many| {
                 let extra = if many { PEERS } else { 0 };
                 merge_patch(
                     api,
@@ -1023,6 +1073,7 @@ fn main() {
                     until_marker(&client.name, many, Duration::from_secs(60)),
                     "the policy with {extra} more peers never came into force"
                 );
+                agent.pid
             });
         println!(
             "per packet, 0 more peers:      {rate0:>8.0} new connections/s  {gbps0:>6.2} Gbit/s"
