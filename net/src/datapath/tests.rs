@@ -17,7 +17,7 @@ fn node(name: &str, n: u8, seg: u8, enc: &str) -> NodeRecord {
         vtep_mac: vtep_mac(name),
         wireguard_public_key: Some(key(n)),
         encryption: enc.into(),
-        subnet: format!("10.244.{n}.0/24").parse().unwrap(),
+        subnet: Some(format!("10.244.{n}.0/24").parse().unwrap()),
         subnet_v6: None,
     }
 }
@@ -88,7 +88,7 @@ fn the_path_for_every_combination_of_overlay_segment_and_encryption() {
         let case = format!("{overlay:?} same={same} me={mine} peer={theirs}");
         assert_eq!(p.paths.len(), 1, "{case}");
         assert_eq!(p.paths[0].path, want, "{case}");
-        let s = peer.subnet;
+        let s = peer.subnet.unwrap();
         assert_eq!(
             p.vxlan.routes.contains_key(&ipnet::IpNet::from(s)),
             want == Vxlan,
@@ -224,7 +224,7 @@ fn a_conflicting_peer_takes_no_path() {
         ["c"]
     );
     assert_eq!(p.skipped.len(), 1);
-    assert!(!p.direct.routes.contains_key(&me.subnet));
+    assert!(!p.direct.routes.contains_key(&me.subnet.unwrap()));
 }
 
 #[test]
@@ -380,7 +380,7 @@ fn ipv6_subnets_take_a_direct_route_only_via_an_ipv6_underlay_neighbour() {
         assert_eq!(
             p.vxlan
                 .routes
-                .contains_key(&ipnet::IpNet::from(peer.subnet)),
+                .contains_key(&ipnet::IpNet::from(peer.subnet.unwrap())),
             want4 == Vxlan,
             "{case}"
         );

@@ -24,7 +24,7 @@ fn record(node: &str, subnet: &str) -> NodeRecord {
         vtep_mac: [0x0a, 1, 2, 3, 4, 5],
         wireguard_public_key: None,
         encryption: "none".into(),
-        subnet: net(subnet),
+        subnet: Some(net(subnet)),
         subnet_v6: None,
     }
 }
@@ -298,7 +298,7 @@ fn peers_skip_bad_records_with_a_reason() {
     assert_eq!(
         peers
             .iter()
-            .map(|p| (p.node.as_str(), p.subnet.to_string()))
+            .map(|p| (p.node.as_str(), p.subnet.unwrap().to_string()))
             .collect::<Vec<_>>(),
         vec![("b", "10.244.5.0/24".to_string())]
     );
@@ -849,7 +849,7 @@ fn peers_carry_their_ipv6_subnet_only_while_they_hold_its_lease() {
         .map(|p| {
             (
                 p.node.clone(),
-                p.subnet.to_string(),
+                p.subnet.unwrap().to_string(),
                 p.subnet_v6.map(|s| s.to_string()),
             )
         })

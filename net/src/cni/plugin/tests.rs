@@ -84,7 +84,7 @@ impl PodKernel for FakeKernel {
             .get_mut(&plan.host_ifname)
             .ok_or(KernelError::NoPodNetns)?;
         l.host_configured = true;
-        l.address = Some(plan.address);
+        l.address = plan.address;
         l.address_v6 = plan.address_v6;
         Ok(())
     }
@@ -108,10 +108,10 @@ impl PodKernel for FakeKernel {
         let v6 = plan.address_v6.filter(|a| l.address_v6 == Some(*a));
         Ok(ObservedPod {
             host_link_up: Some(true),
-            host_route: l.host_configured && l.address == Some(plan.address),
+            host_route: l.host_configured && plan.address.is_some() && l.address == plan.address,
             pod_link_up: Some(true),
             pod_addresses: if l.pod_configured {
-                vec![(plan.address, 32)]
+                plan.address.map(|a| (a, 32)).into_iter().collect()
             } else {
                 vec![]
             },
