@@ -425,6 +425,51 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_only_lab_is_ipv6_from_the_cluster_cidr_to_the_underlay() {
+        assert_eq!(underlay_for(IpFamily::Ipv6, None), Ok(UnderlayFamily::Ipv6));
+        assert_eq!(
+            underlay_for(IpFamily::Ipv6, Some(UnderlayFamily::Ipv6)),
+            Ok(UnderlayFamily::Ipv6)
+        );
+        let e = underlay_for(IpFamily::Ipv6, Some(UnderlayFamily::Ipv4)).unwrap_err();
+        assert!(
+            e.contains("--underlay ipv4") && e.contains("--ip-family ipv6"),
+            "{e}"
+        );
+        assert_eq!(underlay_for(IpFamily::Dual, None), Ok(UnderlayFamily::Ipv4));
+        assert_eq!(
+            underlay_for(IpFamily::Ipv4, Some(UnderlayFamily::Ipv6)),
+            Ok(UnderlayFamily::Ipv6)
+        );
+        let six = LabPlan::new(LabSpec {
+            ip_family: IpFamily::Ipv6,
+            underlay: UnderlayFamily::Ipv6,
+            ..spec(3, 1, 1)
+        })
+        .unwrap();
+        assert_eq!(six.cluster_cidr_value(), "fd00:10:244::/56");
+        assert_eq!(six.pod_cidrs(&six.nodes[1]), ["fd00:10:244:1::/64"]);
+        assert!(six.internet.address_v6.is_some());
+        assert!(six.nodes[0]
+            .internal_ips(six.spec.underlay)
+            .iter()
+            .all(std::net::IpAddr::is_ipv6));
+        // Dual and IPv4 labs are as they were.
+        let dual = LabPlan::new(LabSpec {
+            ip_family: IpFamily::Dual,
+            ..spec(2, 1, 1)
+        })
+        .unwrap();
+        assert_eq!(dual.cluster_cidr_value(), "10.244.0.0/16,fd00:10:244::/56");
+        assert_eq!(
+            dual.pod_cidrs(&dual.nodes[0]),
+            ["10.244.0.0/24", "fd00:10:244::/64"]
+        );
+        let four = LabPlan::new(spec(2, 1, 1)).unwrap();
+        assert_eq!(four.pod_cidrs(&four.nodes[0]), ["10.244.0.0/24"]);
+    }
+
+    #[test]
     fn an_ipv6_underlay_makes_each_nodes_ipv6_address_its_internal_ip() {
         let four = LabPlan::new(spec(2, 1, 2)).unwrap();
         assert_eq!(

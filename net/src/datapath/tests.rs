@@ -441,3 +441,78 @@ fn over_an_ipv6_underlay_only_ipv6_subnets_are_routed_directly() {
         1420
     );
 }
+
+/// An IPv6-only node (no IPv4 subnet) on an IPv6 underlay fd00:31::/64.
+fn node_v6_only(name: &str, n: u8, enc: &str) -> NodeRecord {
+    let underlay: std::net::Ipv6Addr = format!("fd00:31::{n}").parse().unwrap();
+    NodeRecord {
+        underlay_ip: underlay.into(),
+        underlay_ip_v6: Some(underlay),
+        subnet: None,
+        subnet_v6: Some(format!("fd00:10:244:{n}::/64").parse().unwrap()),
+        ..node(name, n, 0, enc)
+    }
+}
+
+fn cfg_v6_only(overlay: Overlay, encryption: bool) -> DatapathConfig {
+    let mut c = cfg(overlay, encryption);
+    c.underlay = "fd00:31::1/64".parse().unwrap();
+    c.underlay_v6 = Some("fd00:31::1/64".parse().unwrap());
+    c.vxlan = VxlanConfig::auto(2, "fd00:31::1".parse().unwrap(), 1500);
+    c
+}
+
+#[test]
+fn an_ipv6_only_node_reaches_its_peers_ipv6_subnets_on_every_path() {
+    let me = node_v6_only("a", 1, "wireguard");
+    let peer = node_v6_only("b", 2, "wireguard");
+    let s6: ipnet::Ipv6Net = "fd00:10:244:2::/64".parse().unwrap();
+    // VXLAN: the IPv6 subnet via the peer's link-local VTEP gateway, over the IPv6 underlay.
+    let p = plan(
+        &me,
+        std::slice::from_ref(&peer),
+        &cfg_v6_only(Overlay::Always, false),
+    );
+    assert_eq!(p.paths[0].path, Path::Vxlan);
+    assert_eq!(p.paths[0].v6.map(|(path, _)| path), Some(Path::Vxlan));
+    assert_eq!(
+        p.vxlan.routes.keys().copied().collect::<Vec<_>>(),
+        vec![ipnet::IpNet::from(s6)]
+    );
+    assert_eq!(
+        p.vxlan.fdb.get(&peer.vtep_mac),
+        Some(&"fd00:31::2".parse::<std::net::IpAddr>().unwrap())
+    );
+    assert_eq!(p.vxlan.device.address, None, "no IPv4 VTEP address");
+    assert!(p.vxlan.device.address_v6.is_some());
+    assert!(p.direct.routes.is_empty() && p.direct.unreachable.is_empty());
+    // WireGuard: allowed IPs and routes of IPv6 only.
+    let p = plan(
+        &me,
+        std::slice::from_ref(&peer),
+        &cfg_v6_only(Overlay::Always, true),
+    );
+    assert_eq!(p.paths[0].path, Path::Wireguard);
+    let spec = &p.wireguard.peers["b"];
+    assert_eq!(spec.allowed_ips, vec![ipnet::IpNet::from(s6)]);
+    assert!(spec.endpoint.is_ipv6());
+    assert!(p.wireguard.routes.is_empty());
+    assert_eq!(
+        p.wireguard.routes_v6.iter().copied().collect::<Vec<_>>(),
+        vec![s6]
+    );
+    assert_eq!(p.wireguard.address, None);
+    assert!(p.vxlan.routes.is_empty(), "the subnet left VXLAN");
+    // Direct: a peer on this node's IPv6 underlay prefix gets a direct IPv6 route.
+    let p = plan(
+        &me,
+        std::slice::from_ref(&peer),
+        &cfg_v6_only(Overlay::Never, false),
+    );
+    assert_eq!(p.paths[0].path, Path::Direct);
+    assert_eq!(
+        p.direct.routes_v6.get(&s6),
+        Some(&"fd00:31::2".parse().unwrap())
+    );
+    assert!(p.unreachable().next().is_none());
+}

@@ -246,6 +246,17 @@ impl Node {
         node
     }
 
+    /// An IPv6-only node: only the IPv6 pair in its subnet.env.
+    fn v6_only(subnet6: &str) -> Self {
+        let node = Self::new("10.244.3.0/24");
+        std::fs::write(
+            node.dir.path().join("subnet.env"),
+            format!("SLUICE_NETWORK6=fd00:10:244::/56\nSLUICE_SUBNET6={subnet6}\nSLUICE_MTU=1430\nSLUICE_IPMASQ=true\n"),
+        )
+        .unwrap();
+        node
+    }
+
     fn allocations_v6(&self) -> usize {
         IpamStore::new(self.ipam_dir())
             .read()
@@ -714,3 +725,4 @@ fn gc_removes_the_ifbs_of_stale_attachments() {
 
 mod dual;
 mod hostports;
+mod v6only;
