@@ -266,6 +266,8 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
             .get(i)
             .copied()
             .flatten()
+            // An IPv6-only pod's IP is its IPv6 address already.
+            .filter(|a| IpAddr::V6(*a) != *ip)
             .map(|a| format!(" {a}"))
             .unwrap_or_default();
         println!(
