@@ -11,7 +11,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use ipnet::Ipv6Net;
-use serde_json::Value;
 use sluice_e2e::dual::*;
 use sluice_e2e::lab::{output_text, Lab};
 use sluice_e2e::{eventually, have_root};

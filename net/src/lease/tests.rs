@@ -987,7 +987,7 @@ fn an_ipv6_only_node_takes_its_lease_from_the_ipv6_pool() {
     let store = FakeLeases::default();
     let pool = SubnetPool::new("fd00:10:244::/56".parse::<Ipv6Net>().unwrap(), 64).unwrap();
     let req = |node: &str| AcquireRequest {
-        pool: pool.clone(),
+        pool,
         record: record_v6_only(node, "fd00:10:244:ff::/64", "fd00:31::1"),
         owner: None,
         duration_secs: 40,

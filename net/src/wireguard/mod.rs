@@ -91,7 +91,7 @@ pub enum PeerProblem {
 }
 
 /// The WireGuard part of a node's desired datapath.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct WgPlan {
     /// Whether the device should exist: this node runs WireGuard, or a peer that it may still
     /// hear from over WireGuard does.
@@ -113,20 +113,6 @@ pub struct WgPlan {
     /// The IPv6 subnets of those peers, routed through the device with them.
     pub routes_v6: BTreeSet<Ipv6Net>,
     pub skipped: Vec<(String, PeerProblem)>,
-}
-
-impl Default for WgPlan {
-    fn default() -> Self {
-        Self {
-            device: false,
-            address: None,
-            address_v6: None,
-            peers: BTreeMap::new(),
-            routes: BTreeSet::new(),
-            routes_v6: BTreeSet::new(),
-            skipped: Vec::new(),
-        }
-    }
 }
 
 /// What the plan needs besides the records.
