@@ -12,6 +12,7 @@ use sluice_e2e::dual::*;
 use sluice_e2e::eventually;
 use sluice_e2e::have_root;
 use sluice_e2e::lab::{output_text, up_is_refused, Lab};
+use sluice_e2e::netpol::agent_http;
 use std::process::Command;
 use std::time::Duration;
 
@@ -139,6 +140,29 @@ fn policy_on_ipv6(lab: &Lab, pods: &[Pod]) {
     );
 }
 
+/// Each node holds exactly one lease, of its IPv6 subnet (the one its pod is in), and its
+/// agent is ready.
+fn one_ipv6_lease_per_node_and_ready(lab: &Lab, pods: &[Pod]) {
+    let status = lab.status();
+    for node in status["nodes"].as_array().unwrap() {
+        let name = node["name"].as_str().unwrap();
+        let leases: Vec<String> = node["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["subnet"].as_str().unwrap().to_string())
+            .collect();
+        let mine: Vec<String> = pods
+            .iter()
+            .filter(|p| p.node == name)
+            .map(Pod::subnet6)
+            .collect();
+        assert_eq!(leases, mine, "{name}: {node}");
+        let ready = agent_http(lab, name, "/readyz");
+        assert!(ready.starts_with("HTTP/1.1 200"), "{name} /readyz: {ready}");
+    }
+}
+
 #[test]
 fn an_ipv6_only_lab_runs_vxlan_and_wireguard_over_ipv6_with_egress_and_policy() {
     if !have_root() {
@@ -164,6 +188,7 @@ fn an_ipv6_only_lab_runs_vxlan_and_wireguard_over_ipv6_with_egress_and_policy() 
         status["reachabilityIpv6"].is_null(),
         "one matrix only: {status:#}"
     );
+    one_ipv6_lease_per_node_and_ready(&lab, &pods);
     for p in &pods {
         // One IPv6 /128 in its node's subnet, no IPv4 at all, the default route via the
         // link-local gateway.
@@ -287,6 +312,36 @@ fn an_ipv6_only_lab_runs_vxlan_and_wireguard_over_ipv6_with_egress_and_policy() 
         outer_packets_are_ipv6(&lab, &pods[0], &pods[1], port, &u0, &u1);
     }
     policy_on_ipv6(&lab, &pods);
+    let down = lab.down();
+    assert!(down.status.success(), "{}", output_text(&down));
+}
+
+#[test]
+fn an_ipv6_only_lab_with_leased_subnets_reaches_across_nodes() {
+    if !have_root() {
+        return;
+    }
+    // subnet-source lease: the agents take IPv6 leases themselves (not the Nodes' podCIDRs).
+    let lab = Lab::up(&[
+        "--nodes",
+        "2",
+        "--pods-per-node",
+        "1",
+        "--ip-family",
+        "ipv6",
+        "--subnet-source",
+        "lease",
+    ]);
+    assert!(
+        every_pair_reaches(&lab, Duration::from_secs(30)),
+        "not every pair reached: {:#}",
+        lab.status()
+    );
+    let pods = pods(&lab.status());
+    assert_eq!(pods.len(), 2);
+    assert_ne!(pods[0].subnet6(), pods[1].subnet6());
+    one_ipv6_lease_per_node_and_ready(&lab, &pods);
+    reach_ipv6(&lab, &pods[0], &pods[1]);
     let down = lab.down();
     assert!(down.status.success(), "{}", output_text(&down));
 }
