@@ -237,6 +237,12 @@ fn an_ipv6_only_lab_runs_vxlan_and_wireguard_over_ipv6_with_egress_and_policy() 
         assert_eq!(doc["subnetV6"], p.subnet6(), "{doc:#}");
         assert_eq!(doc["underlay"], p.node_underlay_v6(), "{doc:#}");
         assert_eq!(doc["peers"].as_array().map(Vec::len), Some(2), "{doc:#}");
+        let table = node_status(&lab, &p.node, "table");
+        assert!(
+            table.contains(&format!("subnet      {}\n", p.subnet6()))
+                && table.contains("ready       yes"),
+            "{table}"
+        );
         // The VXLAN packets over the IPv6 underlay are kept out of conntrack, as over IPv4.
         let nft = Command::new("ip")
             .args(["netns", "exec", &lab.node_netns(&p.node)])
