@@ -4,7 +4,7 @@
 //! nodes over IPv6 (ICMPv6, TCP, UDP) through VXLAN and, after a live flip of `encryption`,
 //! through WireGuard and back, with the outer packets IPv6 on the wire; IPv6 egress reaches
 //! the lab's internet masqueraded to the node's address; and NetworkPolicy holds on IPv6
-//! addresses (a deny-all, then an `ipBlock` allow with an `except`).
+//! addresses (a deny-all, then an `ipBlock` allow with an `except`) on both renderers.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,7 +12,7 @@ use sluice_e2e::dual::*;
 use sluice_e2e::eventually;
 use sluice_e2e::have_root;
 use sluice_e2e::lab::{output_text, up_is_refused, Lab};
-use sluice_e2e::netpol::agent_http;
+use sluice_e2e::netpol::{agent_http, kernel_has, use_backend};
 use std::process::Command;
 use std::time::Duration;
 
@@ -317,6 +317,21 @@ fn an_ipv6_only_lab_runs_vxlan_and_wireguard_over_ipv6_with_egress_and_policy() 
         }
         outer_packets_are_ipv6(&lab, &pods[0], &pods[1], port, &u0, &u1);
     }
+    // NetworkPolicy on IPv6 on both renderers: nftables (what `auto` takes here), then
+    // iptables (ip6tables and inet6 ipsets) after the agents restart with it.
+    assert!(kernel_has(&lab, &pods[2].node).0, "nftables first");
+    policy_on_ipv6(&lab, &pods);
+    use_backend(&lab, "iptables");
+    assert_eq!(
+        kernel_has(&lab, &pods[2].node),
+        (false, true),
+        "iptables now"
+    );
+    assert!(
+        every_pair_reaches(&lab, Duration::from_secs(30)),
+        "iptables: not all reachable: {:#}",
+        lab.status()
+    );
     policy_on_ipv6(&lab, &pods);
     let down = lab.down();
     assert!(down.status.success(), "{}", output_text(&down));
