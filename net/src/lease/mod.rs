@@ -730,10 +730,14 @@ pub fn peers_from_leases(
             IpNet::V6(s) => record.subnet_v6 == Some(s),
         };
         if !matches {
+            // The record's subnet of the lease's family, else its other one.
+            let v4 = record.subnet.map(IpNet::from);
+            let v6 = record.subnet_v6.map(IpNet::from);
             let record_subnet = match subnet {
-                IpNet::V4(_) => record.subnet.map_or(subnet, Into::into),
-                IpNet::V6(_) => record.subnet_v6.map_or(subnet, Into::into),
-            };
+                IpNet::V4(_) => v4.or(v6),
+                IpNet::V6(_) => v6.or(v4),
+            }
+            .unwrap_or(subnet);
             skipped.push(skip(RecordError::SubnetMismatch {
                 record: record_subnet,
                 lease: lease.name.clone(),

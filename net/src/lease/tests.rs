@@ -972,7 +972,21 @@ fn an_ipv6_only_record_round_trips_and_its_one_lease_brings_the_peer_in() {
     );
     let (peers, skipped) = peers_from_leases("me", &[l, mine]);
     assert!(skipped.is_empty(), "{skipped:?}");
-    assert_eq!(peers, vec![r]);
+    assert_eq!(peers, vec![r.clone()]);
+    // An IPv6-only record in a lease named from an IPv4 subnet does not fit it: skipped, and
+    // the reason names the record's own subnet.
+    let mut wrong = LeaseView::new_held(&r, None, 40, at(100));
+    wrong.name = lease_name(net("10.244.9.0/24"));
+    let (peers, skipped) = peers_from_leases("me", &[wrong]);
+    assert!(peers.is_empty());
+    assert!(
+        matches!(
+            &skipped[..],
+            [SkippedLease { reason: RecordError::SubnetMismatch { record, .. }, .. }]
+                if record.to_string() == "fd00:10:244:2::/64"
+        ),
+        "{skipped:?}"
+    );
     // A record with neither subnet is refused by name.
     let mut none = a.clone();
     none.remove(ANN_SUBNET_V6);
