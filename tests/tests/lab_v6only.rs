@@ -271,6 +271,28 @@ fn an_ipv6_only_lab_runs_vxlan_and_wireguard_over_ipv6_with_egress_and_policy() 
             p.node
         );
     }
+    // A pod's /128 host route deleted by hand is put back by its agent (drift repair).
+    let n0 = lab.node_netns(&pods[0].node);
+    let host_route = || {
+        lab.ip_json(
+            &n0,
+            &["-6", "route", "show", &format!("{}/128", pods[0].v6)],
+        )
+    };
+    let dev = host_route()[0]["dev"].as_str().unwrap().to_string();
+    assert!(dev.starts_with("sl"), "{dev}");
+    let del = Command::new("ip")
+        .args(["netns", "exec", &n0, "ip", "-6", "route", "del"])
+        .arg(format!("{}/128", pods[0].v6))
+        .output()
+        .unwrap();
+    assert!(del.status.success(), "{}", output_text(&del));
+    assert!(
+        eventually(Duration::from_secs(20), || host_route()[0]["dev"]
+            == dev.as_str()),
+        "the /128 route to {} did not come back",
+        pods[0].v6
+    );
     // VXLAN over IPv6: every pair across nodes, ICMPv6/TCP/UDP; the wire carries outer IPv6.
     let n1 = lab.node_netns(&pods[0].node);
     for a in &pods {
