@@ -233,7 +233,7 @@ mod tests {
             ifname: v,
             ifindex: 9,
         };
-        assert_eq!(sides, [want.clone()]);
+        assert_eq!(sides, std::slice::from_ref(&want));
         assert_eq!(repairs, [Repair::Route(want)]);
         let held = Observed {
             routes: [(IpAddr::V6(a6), 9)].into(),
