@@ -478,7 +478,7 @@ impl NodeLoop {
             }
         }
         let expires = self.held.lease.expires_at().unwrap_or(now);
-        let subnet = record_subnets(&self.held.record);
+        let subnet = first_subnet(&self.held.record);
         self.health.update(|s| s.lease = Some((subnet, expires)));
         let m = &self.health.metrics;
         m.lease_held.set(i64::from(expires > now));
@@ -749,21 +749,28 @@ impl NodeLoop {
             .cluster_cidr
             .v6
             .filter(|_| self.held.record.subnet_v6.is_some());
-        let mut masq = match self.cluster_v4 {
-            Some(v4) => {
-                sluice_net::masq::plan(v4, self.cfg.masquerade, untracked).with_mss_clamp(v4)
+        let masq = match (self.cluster_v4, v6) {
+            (Some(v4), v6) => {
+                let masq =
+                    sluice_net::masq::plan(v4, self.cfg.masquerade, untracked).with_mss_clamp(v4);
+                // A dual-stack node: IPv6 pod egress leaving the cluster is masqueraded alike.
+                match v6 {
+                    Some(v6) => masq.with_ipv6(v6, self.cfg.masquerade).with_mss_clamp(v6),
+                    None => masq,
+                }
             }
             // An IPv6-only node: the IPv6 rules only.
-            None => sluice_net::masq::MasqPlan {
+            (None, Some(v6)) => {
+                sluice_net::masq::plan_ipv6_only(v6, self.cfg.masquerade, untracked)
+                    .with_mss_clamp(v6)
+            }
+            // No subnet of either family (not reached: a node runs with one).
+            (None, None) => sluice_net::masq::MasqPlan {
                 rules: Vec::new(),
                 untracked,
                 mss_clamp: Vec::new(),
             },
         };
-        // IPv6 pod egress leaving the cluster is masqueraded alike.
-        if let Some(v6) = v6 {
-            masq = masq.with_ipv6(v6, self.cfg.masquerade).with_mss_clamp(v6);
-        }
         if let Err(e) = self.masq.sync(&masq).await {
             tracing::warn!(error = %e, "masquerade sync failed; will retry");
         }
@@ -799,16 +806,14 @@ impl NodeLoop {
     }
 }
 
-/// The record's subnets as one text: `10.244.3.0/24`, `10.244.3.0/24,fd00:10:244:3::/64`, or
-/// an IPv6-only node's `fd00:10:244:3::/64`.
-fn record_subnets(record: &NodeRecord) -> String {
+/// The subnet of the node's first lease, for `/readyz`: its IPv4 one, or an IPv6-only node's
+/// IPv6 one.
+fn first_subnet(record: &NodeRecord) -> String {
     record
         .subnet
         .map(|s| s.to_string())
-        .into_iter()
-        .chain(record.subnet_v6.map(|s| s.to_string()))
-        .collect::<Vec<_>>()
-        .join(",")
+        .or(record.subnet_v6.map(|s| s.to_string()))
+        .unwrap_or_default()
 }
 
 /// What `sluice status` shows: this node's subnet, lease and settings, and each peer with its
