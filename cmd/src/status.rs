@@ -56,6 +56,21 @@ pub fn run(args: &StatusArgs) -> Result<()> {
     Ok(())
 }
 
+/// A node's or peer's subnets: `subnet` (IPv4) and `subnetV6`, whichever it has, comma-joined
+/// (an IPv6-only node's is its IPv6 one alone).
+fn subnets(v: &serde_json::Value) -> String {
+    let got: Vec<String> = [&v["subnet"], &v["subnetV6"]]
+        .into_iter()
+        .filter(|x| !x.is_null())
+        .map(s)
+        .collect();
+    if got.is_empty() {
+        "-".into()
+    } else {
+        got.join(",")
+    }
+}
+
 fn s(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::String(s) => s.clone(),
@@ -89,7 +104,7 @@ fn print_table(doc: &serde_json::Value, ready: bool, reasons: &str) {
             format!("no: {}", reasons.trim().replace('\n', "; "))
         }
     );
-    println!("subnet      {}", s(&doc["subnet"]));
+    println!("subnet      {}", subnets(doc));
     println!(
         "lease       {} (expires {})",
         s(&doc["lease"]["name"]),
@@ -121,7 +136,7 @@ fn print_table(doc: &serde_json::Value, ready: bool, reasons: &str) {
         println!(
             "{:<17} {:<17} {:<16} {:<12} {:<18} {}",
             s(&p["node"]),
-            s(&p["subnet"]),
+            subnets(p),
             s(&p["underlay"]),
             s(&p["path"]),
             s(&p["vtepMac"]),
@@ -135,7 +150,25 @@ fn print_table(doc: &serde_json::Value, ready: bool, reasons: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::cnp_line;
+    use super::{cnp_line, subnets};
+
+    #[test]
+    fn subnets_of_either_family_or_both() {
+        let one = |v: serde_json::Value| subnets(&v);
+        assert_eq!(
+            one(serde_json::json!({"subnet": "10.244.1.0/24", "subnetV6": null})),
+            "10.244.1.0/24"
+        );
+        assert_eq!(
+            one(serde_json::json!({"subnet": "10.244.1.0/24", "subnetV6": "fd00:10:244:1::/64"})),
+            "10.244.1.0/24,fd00:10:244:1::/64"
+        );
+        assert_eq!(
+            one(serde_json::json!({"subnet": null, "subnetV6": "fd00:10:244:1::/64"})),
+            "fd00:10:244:1::/64"
+        );
+        assert_eq!(one(serde_json::json!({})), "-");
+    }
 
     #[test]
     fn cluster_network_policies_line_names_each_tier() {

@@ -336,13 +336,64 @@ pub(crate) fn name_of(link: &LinkMessage) -> Option<&str> {
     })
 }
 
-fn host_route(plan: &PodPlan, index: u32) -> RouteMessage {
+fn host_route(address: Ipv4Addr, index: u32) -> RouteMessage {
     RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(plan.address, 32)
+        .destination_prefix(address, 32)
         .output_interface(index)
         .scope(RouteScope::Link)
         .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
         .build()
+}
+
+/// The IPv4 half of a pod's end: its /32, the static gateway neighbour, and the default route
+/// via [`GATEWAY`].
+async fn configure_pod_v4(
+    pod: &Handle,
+    index: u32,
+    address: Ipv4Addr,
+    pod_ifname: &str,
+) -> Result<(), KernelError> {
+    pod.address()
+        .add(index, IpAddr::V4(address), 32)
+        .replace()
+        .execute()
+        .await
+        .map_err(KernelError::netlink("adding address", address.to_string()))?;
+    pod.neighbours()
+        .add(index, IpAddr::V4(GATEWAY))
+        .link_layer_address(&HOST_VETH_MAC)
+        .state(NeighbourState::Permanent)
+        .replace()
+        .execute()
+        .await
+        .map_err(KernelError::netlink(
+            "adding gateway neighbour on",
+            pod_ifname.to_string(),
+        ))?;
+    let to_gateway = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(GATEWAY, 32)
+        .output_interface(index)
+        .scope(RouteScope::Link)
+        .build();
+    replace_route(
+        pod,
+        to_gateway,
+        "adding gateway route on",
+        pod_ifname.to_string(),
+    )
+    .await?;
+    let default = RouteMessageBuilder::<Ipv4Addr>::new()
+        .gateway(GATEWAY)
+        .output_interface(index)
+        .build();
+    replace_route(
+        pod,
+        default,
+        "adding default route on",
+        pod_ifname.to_string(),
+    )
+    .await?;
+    Ok(())
 }
 
 fn host_route_v6(address: Ipv6Addr, index: u32) -> RouteMessage {
@@ -476,21 +527,25 @@ impl PodKernel for RtNetlink {
 
     async fn configure_host(&mut self, plan: &PodPlan) -> Result<(), KernelError> {
         let host = &plan.host_ifname;
-        // Proxy ARP answers the pod's ARP for the gateway should its static entry be flushed;
-        // without proxy_delay=0 each answer waits up to 80 ms.
-        self.sysctl(&format!("net/ipv4/conf/{host}/proxy_arp"), "1")?;
-        self.sysctl(&format!("net/ipv4/neigh/{host}/proxy_delay"), "0")?;
+        if plan.address.is_some() {
+            // Proxy ARP answers the pod's ARP for the gateway should its static entry be
+            // flushed; without proxy_delay=0 each answer waits up to 80 ms.
+            self.sysctl(&format!("net/ipv4/conf/{host}/proxy_arp"), "1")?;
+            self.sysctl(&format!("net/ipv4/neigh/{host}/proxy_delay"), "0")?;
+        }
         let link = link_by_name(&self.host, host).await?.ok_or_else(|| {
             KernelError::netlink("looking up link", host.clone())(rtnetlink::Error::RequestFailed)
         })?;
         let index = link.header.index;
-        replace_route(
-            &self.host,
-            host_route(plan, index),
-            "adding host route to",
-            plan.address.to_string(),
-        )
-        .await?;
+        if let Some(address) = plan.address {
+            replace_route(
+                &self.host,
+                host_route(address, index),
+                "adding host route to",
+                address.to_string(),
+            )
+            .await?;
+        }
         let Some(v6) = plan.address_v6 else {
             return Ok(());
         };
@@ -534,49 +589,9 @@ impl PodKernel for RtNetlink {
             .execute()
             .await
             .map_err(KernelError::netlink("bringing up", plan.pod_ifname.clone()))?;
-        pod.address()
-            .add(index, IpAddr::V4(plan.address), 32)
-            .replace()
-            .execute()
-            .await
-            .map_err(KernelError::netlink(
-                "adding address",
-                plan.address.to_string(),
-            ))?;
-        pod.neighbours()
-            .add(index, IpAddr::V4(GATEWAY))
-            .link_layer_address(&HOST_VETH_MAC)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute()
-            .await
-            .map_err(KernelError::netlink(
-                "adding gateway neighbour on",
-                plan.pod_ifname.clone(),
-            ))?;
-        let to_gateway = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(GATEWAY, 32)
-            .output_interface(index)
-            .scope(RouteScope::Link)
-            .build();
-        replace_route(
-            pod,
-            to_gateway,
-            "adding gateway route on",
-            plan.pod_ifname.clone(),
-        )
-        .await?;
-        let default = RouteMessageBuilder::<Ipv4Addr>::new()
-            .gateway(GATEWAY)
-            .output_interface(index)
-            .build();
-        replace_route(
-            pod,
-            default,
-            "adding default route on",
-            plan.pod_ifname.clone(),
-        )
-        .await?;
+        if let Some(address) = plan.address {
+            configure_pod_v4(pod, index, address, &plan.pod_ifname).await?;
+        }
         let Some(v6) = plan.address_v6 else {
             return Ok(());
         };
@@ -674,7 +689,8 @@ impl PodKernel for RtNetlink {
             seen.host_route = routes(&self.host).await?.iter().any(|r| {
                 r.header.destination_prefix_length == 32
                     && route_oif(r) == Some(index)
-                    && route_addr(r, dst_of) == Some(plan.address)
+                    && plan.address.is_some()
+                    && route_addr(r, dst_of) == plan.address
             });
             if let Some(v6) = plan.address_v6 {
                 seen.host_route_v6 = routes_v6(&self.host).await?.iter().any(|r| {

@@ -7,10 +7,12 @@
 //!
 //! A dual-stack node ([`MasqPlan::with_ipv6`]) has the IPv6 counterparts (pod traffic leaving the
 //! IPv6 cluster CIDR masqueraded, the MSS clamp) in the table of the same name in family `ip6`,
-//! written in the same transaction; it is removed with the IPv4 one, and when IPv6 is off.
+//! written in the same transaction; it is removed with the IPv4 one, and when IPv6 is off. An
+//! IPv6-only node ([`plan_ipv6_only`]) has only those, and its VXLAN (over an IPv6 underlay)
+//! is left untracked in the `ip6` table as an IPv4 underlay's is in the `ip` one.
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 
@@ -62,7 +64,8 @@ fn family_of(net: &IpNet) -> &'static str {
 /// afresh once they are decapsulated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UntrackedTunnel {
-    pub underlay_ip: Ipv4Addr,
+    /// Of either family: the exemption is written in the table of its family.
+    pub underlay_ip: IpAddr,
     pub port: u16,
 }
 
@@ -140,6 +143,21 @@ pub fn plan(cluster_cidr: Ipv4Net, enabled: bool, untracked: Option<UntrackedTun
     }
 }
 
+/// An IPv6-only node: its pods' traffic leaving `cluster_v6` masqueraded (when `enabled`),
+/// and its VXLAN packets untracked.
+pub fn plan_ipv6_only(
+    cluster_v6: Ipv6Net,
+    enabled: bool,
+    untracked: Option<UntrackedTunnel>,
+) -> MasqPlan {
+    MasqPlan {
+        rules: Vec::new(),
+        untracked,
+        mss_clamp: Vec::new(),
+    }
+    .with_ipv6(cluster_v6, enabled)
+}
+
 fn rule_body(rule: &NatRule) -> String {
     let f = family_of(&rule.saddr);
     let mut s = format!("{f} saddr {}", rule.saddr);
@@ -191,20 +209,21 @@ fn chains(plan: &MasqPlan, family: &str) -> Vec<(&'static str, &'static str, Vec
             ],
         ));
     }
-    if family != "ip" {
-        return out;
-    }
-    if let Some(t) = plan.untracked {
+    let tunnel_family = |ip: IpAddr| if ip.is_ipv4() { "ip" } else { "ip6" };
+    if let Some(t) = plan
+        .untracked
+        .filter(|t| tunnel_family(t.underlay_ip) == family)
+    {
         let (ip, port) = (t.underlay_ip, t.port);
         out.push((
             RAW_PREROUTING,
             "type filter hook prerouting priority raw; policy accept;",
-            vec![format!("ip daddr {ip} udp dport {port} notrack")],
+            vec![format!("{family} daddr {ip} udp dport {port} notrack")],
         ));
         out.push((
             RAW_OUTPUT,
             "type filter hook output priority raw; policy accept;",
-            vec![format!("ip saddr {ip} udp dport {port} notrack")],
+            vec![format!("{family} saddr {ip} udp dport {port} notrack")],
         ));
     }
     out
@@ -483,6 +502,43 @@ mod tests {
         );
         assert_eq!(diff(&moved, Some(&c)), Some(render(&moved)));
         assert_eq!(diff(&both, Some(&c)), None);
+    }
+
+    #[test]
+    fn an_ipv6_only_node_masquerades_and_untracks_in_the_ip6_table_only() {
+        let v6: Ipv6Net = "fd00:10:244::/56".parse().unwrap();
+        let tunnel = Some(UntrackedTunnel {
+            underlay_ip: "fd00:31::1".parse().unwrap(),
+            port: 8472,
+        });
+        let p = plan_ipv6_only(v6, true, tunnel).with_mss_clamp(v6);
+        let script = render(&p);
+        // Nothing in the IPv4 table: it is only made and removed (the first two lines).
+        assert!(!script.contains("table ip sluice-nat {"), "{script}");
+        assert!(script.contains("table ip6 sluice-nat {"), "{script}");
+        for want in [
+            "ip6 saddr fd00:10:244::/56 ip6 daddr fd00:10:244::/56 return",
+            "ip6 saddr fd00:10:244::/56 masquerade fully-random",
+            "ip6 daddr fd00:31::1 udp dport 8472 notrack",
+            "ip6 saddr fd00:31::1 udp dport 8472 notrack",
+        ] {
+            assert!(script.contains(want), "{want}: {script}");
+        }
+        assert!(!script.contains("ip daddr"), "{script}");
+        // Three NAT rules, two clamp rules, two conntrack exemptions.
+        assert_eq!(comments(&p).len(), 7);
+        // Masquerade off: only the exemption (and the clamp) stay.
+        let off = plan_ipv6_only(v6, false, tunnel);
+        let script = render(&off);
+        assert!(!script.contains("masquerade"), "{script}");
+        assert_eq!(comments(&off).len(), 2);
+        // A dual-stack node over an IPv6 underlay untracks its tunnel in ip6 too.
+        let dual = plan(cidr(), true, tunnel).with_ipv6(v6, true);
+        let script = render(&dual);
+        assert!(
+            script.contains("ip6 daddr fd00:31::1 udp dport 8472 notrack"),
+            "{script}"
+        );
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! How a pod is wired, decided as plain data: routed veth, Calico-style. The pod holds its address
 //! as a /32 and a default route through a link-local gateway that the host side of its veth
-//! answers for; the host routes the /32 to that veth. No bridge. On a dual-stack node the pod
-//! also holds an IPv6 /128 with `::/0` via [`GATEWAY_V6`], the host veth's own link-local
-//! address, and the host routes the /128 to that veth the same way.
+//! answers for; the host routes the /32 to that veth. No bridge. On a node with IPv6 the pod
+//! holds an IPv6 /128 with `::/0` via [`GATEWAY_V6`], the host veth's own link-local address,
+//! and the host routes the /128 to that veth the same way: beside the IPv4 /32 on a dual-stack
+//! node, alone (no IPv4 address) on an IPv6-only one.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -79,14 +80,16 @@ fn fnv1a64<'a>(bytes: impl Iterator<Item = &'a u8>) -> u64 {
 pub struct PodPlan {
     pub host_ifname: String,
     pub pod_ifname: String,
-    pub address: Ipv4Addr,
+    /// The pod's IPv4 address, on a node that holds an IPv4 subnet (not an IPv6-only one).
+    pub address: Option<Ipv4Addr>,
     /// The pod's IPv6 address, on a node that holds an IPv6 subnet.
     pub address_v6: Option<Ipv6Addr>,
     pub mtu: u32,
 }
 
 impl PodPlan {
-    pub fn new(container_id: &str, ifname: &str, address: Ipv4Addr, mtu: u32) -> Self {
+    /// A pod with an IPv4 address (or none, on an IPv6-only node: see [`PodPlan::with_v6`]).
+    pub fn new(container_id: &str, ifname: &str, address: Option<Ipv4Addr>, mtu: u32) -> Self {
         Self {
             host_ifname: host_ifname(container_id, ifname),
             pod_ifname: ifname.to_string(),

@@ -1,8 +1,9 @@
 //! `/run/sluice/subnet.env`: the agent's word to the plugin about this node's subnet.
 //!
-//! The IPv4 pair (`SLUICE_NETWORK`, `SLUICE_SUBNET`) is always there so far; a node with IPv6
-//! adds `SLUICE_NETWORK6` and `SLUICE_SUBNET6` (DESIGN.md). A file from before IPv6 has no such
-//! keys and reads as IPv4 only.
+//! An IPv4 node has the IPv4 pair (`SLUICE_NETWORK`, `SLUICE_SUBNET`); a node with IPv6 has
+//! `SLUICE_NETWORK6` and `SLUICE_SUBNET6` (beside the IPv4 pair on a dual-stack node, alone on
+//! an IPv6-only one: DESIGN.md). A file from before IPv6 has no such keys and reads as IPv4
+//! only. At least one pair is there.
 
 use crate::cidr::{self, UnsafeRange};
 use crate::file::{self, FileError};
@@ -14,10 +15,8 @@ pub const DEFAULT_PATH: &str = "/run/sluice/subnet.env";
 /// What the agent publishes for the CNI plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubnetEnv {
-    /// The cluster CIDR (`SLUICE_NETWORK`).
-    pub network: Ipv4Net,
-    /// This node's pod subnet (`SLUICE_SUBNET`).
-    pub subnet: Ipv4Net,
+    /// The node's IPv4 family (`SLUICE_NETWORK`, `SLUICE_SUBNET`); none on an IPv6-only node.
+    pub v4: Option<SubnetV4>,
     /// The MTU pods get (`SLUICE_MTU`).
     pub mtu: u32,
     /// Whether pod traffic leaving the cluster CIDR is masqueraded (`SLUICE_IPMASQ`).
@@ -30,7 +29,16 @@ pub struct SubnetEnv {
     pub v6: Option<SubnetV6>,
 }
 
-/// The IPv6 half of a dual-stack node's subnet file.
+/// The IPv4 pair of the subnet file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubnetV4 {
+    /// The cluster CIDR (`SLUICE_NETWORK`).
+    pub network: Ipv4Net,
+    /// This node's pod subnet (`SLUICE_SUBNET`).
+    pub subnet: Ipv4Net,
+}
+
+/// The IPv6 pair of the subnet file (a dual-stack or IPv6-only node).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubnetV6 {
     /// The IPv6 cluster CIDR (`SLUICE_NETWORK6`).
@@ -154,17 +162,28 @@ impl SubnetEnv {
         } else {
             None
         };
-        // An IPv6-only node (DESIGN.md: only the IPv6 pair) is a configuration this plugin
-        // cannot serve yet, not a node that is still starting: said so, not "try again".
-        if v6.is_some() && !has("SLUICE_NETWORK") && !has("SLUICE_SUBNET") {
-            return Err(bad(
-                "SLUICE_NETWORK",
-                "",
-                "absent beside SLUICE_NETWORK6: an IPv6-only node, which this sluice-cni does not serve yet (it gives every pod an IPv4 address, and an IPv6 one beside it on a dual-stack node)".into(),
-            ));
-        }
-        let network = net("SLUICE_NETWORK")?;
-        let subnet = net("SLUICE_SUBNET")?;
+        // An IPv6-only node (DESIGN.md) has only the IPv6 pair. Without the IPv6 pair the IPv4
+        // one must be there (a missing key reads as a node still starting).
+        let v4 = if v6.is_none() || has("SLUICE_NETWORK") || has("SLUICE_SUBNET") {
+            let v4 = SubnetV4 {
+                network: net("SLUICE_NETWORK")?,
+                subnet: net("SLUICE_SUBNET")?,
+            };
+            if v4.subnet.prefix_len() > 30 {
+                return Err(bad(
+                    "SLUICE_SUBNET",
+                    &v4.subnet.to_string(),
+                    "a pod subnet must be /30 or larger".into(),
+                ));
+            }
+            cidr::check_pod_range(v4.network.into())
+                .map_err(|e| unsafe_range("SLUICE_NETWORK", e))?;
+            cidr::check_node_subnet(v4.network.into(), v4.subnet.into())
+                .map_err(|e| unsafe_range("SLUICE_SUBNET", e))?;
+            Some(v4)
+        } else {
+            None
+        };
         let mtu_text = lookup("SLUICE_MTU")?;
         let mtu: u32 = mtu_text
             .parse()
@@ -190,19 +209,8 @@ impl SubnetEnv {
             }
             Err(_) => None,
         };
-        if subnet.prefix_len() > 30 {
-            return Err(bad(
-                "SLUICE_SUBNET",
-                &subnet.to_string(),
-                "a pod subnet must be /30 or larger".into(),
-            ));
-        }
-        cidr::check_pod_range(network.into()).map_err(|e| unsafe_range("SLUICE_NETWORK", e))?;
-        cidr::check_node_subnet(network.into(), subnet.into())
-            .map_err(|e| unsafe_range("SLUICE_SUBNET", e))?;
         Ok(Self {
-            network,
-            subnet,
+            v4,
             mtu,
             ipmasq,
             policy_backend,
@@ -210,11 +218,25 @@ impl SubnetEnv {
         })
     }
 
+    /// The node's first subnet: the IPv4 one, or an IPv6-only node's IPv6 one.
+    pub fn first_subnet(&self) -> Option<ipnet::IpNet> {
+        self.v4
+            .map(|v| v.subnet.into())
+            .or(self.v6.map(|v| v.subnet.into()))
+    }
+
     pub fn render(&self) -> String {
-        let mut out = format!(
-            "SLUICE_NETWORK={}\nSLUICE_SUBNET={}\nSLUICE_MTU={}\nSLUICE_IPMASQ={}\n",
-            self.network, self.subnet, self.mtu, self.ipmasq
-        );
+        let mut out = String::new();
+        if let Some(v4) = &self.v4 {
+            out.push_str(&format!(
+                "SLUICE_NETWORK={}\nSLUICE_SUBNET={}\n",
+                v4.network, v4.subnet
+            ));
+        }
+        out.push_str(&format!(
+            "SLUICE_MTU={}\nSLUICE_IPMASQ={}\n",
+            self.mtu, self.ipmasq
+        ));
         if let Some(v6) = &self.v6 {
             out.push_str(&format!(
                 "SLUICE_NETWORK6={}\nSLUICE_SUBNET6={}\n",
@@ -235,8 +257,10 @@ mod tests {
     #[test]
     fn round_trips() {
         let env = SubnetEnv {
-            network: "10.244.0.0/16".parse().unwrap(),
-            subnet: "10.244.3.0/24".parse().unwrap(),
+            v4: Some(SubnetV4 {
+                network: "10.244.0.0/16".parse().unwrap(),
+                subnet: "10.244.3.0/24".parse().unwrap(),
+            }),
             mtu: 1450,
             ipmasq: false,
             policy_backend: None,
@@ -257,6 +281,17 @@ mod tests {
             "{text}"
         );
         assert_eq!(SubnetEnv::parse(&text, "t").unwrap(), dual);
+        // IPv6 only: the IPv6 pair and no IPv4 one, written and read back.
+        let only6 = SubnetEnv { v4: None, ..dual };
+        let text = only6.render();
+        assert!(!text.contains("SLUICE_NETWORK="), "{text}");
+        assert!(!text.contains("SLUICE_SUBNET="), "{text}");
+        assert!(
+            text.contains("SLUICE_SUBNET6=fd00:10:244:3::/64\n"),
+            "{text}"
+        );
+        assert!(text.contains("SLUICE_MTU=1450\n"), "{text}");
+        assert_eq!(SubnetEnv::parse(&text, "t").unwrap(), only6);
     }
 
     #[test]
@@ -321,31 +356,51 @@ mod tests {
     }
 
     #[test]
-    fn an_ipv6_only_file_is_refused_by_name_not_as_not_ready() {
+    fn an_ipv6_only_file_has_only_the_ipv6_pair() {
+        let env = SubnetEnv::parse(
+            "SLUICE_NETWORK6=fd00:10:244::/56\nSLUICE_SUBNET6=fd00:10:244:3::/64\nSLUICE_MTU=1430\nSLUICE_IPMASQ=false\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(env.v4, None);
+        let v6 = env.v6.unwrap();
+        assert_eq!(v6.network.to_string(), "fd00:10:244::/56");
+        assert_eq!(v6.subnet.to_string(), "fd00:10:244:3::/64");
+        assert_eq!((env.mtu, env.ipmasq), (1430, false));
+        // Half an IPv4 pair beside the IPv6 one is not what the agent writes.
+        for extra in [
+            "SLUICE_NETWORK=10.244.0.0/16\n",
+            "SLUICE_SUBNET=10.244.3.0/24\n",
+        ] {
+            let e = SubnetEnv::parse(
+                &format!("{extra}SLUICE_NETWORK6=fd00:10:244::/56\nSLUICE_SUBNET6=fd00:10:244:3::/64\nSLUICE_MTU=1450\n"),
+                "t",
+            )
+            .unwrap_err();
+            assert!(
+                matches!(e, SubnetEnvError::MissingKey { .. }),
+                "{extra}: {e}"
+            );
+        }
+        // An IPv6-only file is checked as the IPv6 pair of a dual one is.
         let e = SubnetEnv::parse(
-            "SLUICE_NETWORK6=fd00:10:244::/56\nSLUICE_SUBNET6=fd00:10:244:3::/64\nSLUICE_MTU=1450\n",
+            "SLUICE_NETWORK6=fd00:10:244::/56\nSLUICE_SUBNET6=fd00:10:245::/64\nSLUICE_MTU=1450\n",
             "t",
         )
         .unwrap_err();
-        assert!(
-            matches!(
-                e,
-                SubnetEnvError::BadValue {
-                    key: "SLUICE_NETWORK",
-                    ..
-                }
-            ),
-            "{e}"
-        );
-        assert!(!e.is_not_ready());
-        assert!(e.to_string().contains("an IPv6-only node"), "{e}");
+        assert!(e.to_string().contains("outside"), "{e}");
+        // Neither pair: a node still starting.
+        let e = SubnetEnv::parse("SLUICE_MTU=1450\n", "t").unwrap_err();
+        assert!(e.is_not_ready(), "{e}");
     }
 
     #[test]
     fn the_policy_backend_round_trips_and_an_unknown_one_is_a_bad_value() {
         let env = SubnetEnv {
-            network: "10.244.0.0/16".parse().unwrap(),
-            subnet: "10.244.3.0/24".parse().unwrap(),
+            v4: Some(SubnetV4 {
+                network: "10.244.0.0/16".parse().unwrap(),
+                subnet: "10.244.3.0/24".parse().unwrap(),
+            }),
             mtu: 1450,
             ipmasq: false,
             policy_backend: None,
@@ -383,7 +438,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        assert_eq!(env.subnet.to_string(), "10.244.3.0/24");
+        assert_eq!(env.v4.unwrap().subnet.to_string(), "10.244.3.0/24");
         assert!(env.ipmasq);
     }
 

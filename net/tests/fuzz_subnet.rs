@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
 use sluice_net::cidr::{self, UnsafeRange};
 use sluice_net::ipam::{self, IpamState, Owner};
-use sluice_net::subnet_env::{SubnetEnv, SubnetEnvError};
+use sluice_net::subnet_env::{SubnetEnv, SubnetEnvError, SubnetV4};
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -137,7 +137,10 @@ proptest! {
     ]) {
         match SubnetEnv::parse(&text, "fuzz") {
             Ok(env) => {
-                prop_assert_eq!(cidr::check_node_subnet(env.network.into(), env.subnet.into()), Ok(()));
+                prop_assert!(env.v4.is_some() || env.v6.is_some());
+                if let Some(v4) = env.v4 {
+                    prop_assert_eq!(cidr::check_node_subnet(v4.network.into(), v4.subnet.into()), Ok(()));
+                }
                 if let Some(v6) = env.v6 {
                     prop_assert_eq!(cidr::check_node_subnet(v6.network.into(), v6.subnet.into()), Ok(()));
                 }
@@ -159,7 +162,7 @@ proptest! {
     ) {
         let network = network.trunc();
         let subnet = Ipv4Net::new(v4_in(network, pick), sub_len.max(network.prefix_len())).unwrap().trunc();
-        let env = SubnetEnv { network, subnet, mtu, ipmasq, policy_backend: None, v6: None };
+        let env = SubnetEnv { v4: Some(SubnetV4 { network, subnet }), mtu, ipmasq, policy_backend: None, v6: None };
         let safe = cidr::check_pod_range(network.into()).is_ok() && cidr::check_node_subnet(network.into(), subnet.into()).is_ok();
         match SubnetEnv::parse(&env.render(), "fuzz") {
             Ok(back) => {

@@ -112,6 +112,17 @@ impl CniNode {
         .unwrap();
     }
 
+    /// Writes an IPv6-only node's subnet.env: only the IPv6 pair `network6`/`subnet6`.
+    pub fn set_v6_only_subnet_env(&self, network6: &str, subnet6: &str) {
+        let path = self.subnet_file();
+        let _ = std::fs::remove_file(&path);
+        std::fs::write(
+            path,
+            format!("SLUICE_NETWORK6={network6}\nSLUICE_SUBNET6={subnet6}\nSLUICE_MTU=1450\nSLUICE_IPMASQ=true\n"),
+        )
+        .unwrap();
+    }
+
     pub fn subnet_file(&self) -> PathBuf {
         self.dir.path().join("subnet.env")
     }

@@ -1,9 +1,11 @@
-//! What the dual-stack and IPv6-underlay lab suites share: the pods `lab status` lists with an
-//! address of each family, and reaching one from another over each family through `lab exec` and
-//! `lab probe`.
+//! What the dual-stack, IPv6-underlay and IPv6-only lab suites share: the pods `lab status`
+//! lists with an address of each family they have, reaching one from another over each family
+//! through `lab exec` and `lab probe`, the tunnel's outer packets on the wire, and IPv6 egress
+//! to the lab's internet.
 
+use crate::capture::Capture;
 use crate::eventually;
-use crate::lab::{lab_cmd, output_text, Lab};
+use crate::lab::{lab_cmd, output_text, tcp_ask, tcp_server, Lab};
 use serde_json::Value;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::Command;
@@ -12,7 +14,8 @@ use std::time::Duration;
 pub struct Pod {
     pub id: String,
     pub node: String,
-    pub v4: Ipv4Addr,
+    /// None in an IPv6-only lab.
+    pub v4: Option<Ipv4Addr>,
     pub v6: Ipv6Addr,
 }
 
@@ -22,6 +25,21 @@ impl Pod {
         ipnet::Ipv6Net::new(self.v6, 64)
             .map(|n| n.trunc().to_string())
             .unwrap_or_default()
+    }
+
+    /// The pod's IPv4 address, which a dual-stack lab's pods have.
+    pub fn ipv4(&self) -> Ipv4Addr {
+        self.v4
+            .unwrap_or_else(|| panic!("pod {} has no IPv4 address", self.id))
+    }
+
+    /// The lab's underlay address of the pod's node with `--underlay ipv6` (`fd00:31::I` for
+    /// node I on the first segment).
+    pub fn node_underlay_v6(&self) -> String {
+        format!(
+            "fd00:31::{}",
+            self.node.rsplit('-').next().unwrap_or_default()
+        )
     }
 }
 
@@ -37,7 +55,7 @@ pub fn pods(status: &Value) -> Vec<Pod> {
                 p["name"].as_str().unwrap()
             ),
             node: p["node"].as_str().unwrap().into(),
-            v4: p["ip"].as_str().unwrap().parse().unwrap(),
+            v4: p["ip"].as_str().unwrap().parse().ok(),
             v6: p["ipv6"]
                 .as_str()
                 .unwrap_or_else(|| panic!("pod without IPv6: {p}"))
@@ -98,7 +116,8 @@ pub fn probe(lab: &Lab, from: &Pod, to: &Pod, proto: &str, ipv6: bool) -> bool {
     out.status.success() && output_text(&out).contains(&format!("answered by {}", to.id))
 }
 
-pub fn reach_both_families(lab: &Lab, a: &Pod, b: &Pod) {
+/// `a` and `b` reach each other over IPv6: ICMPv6, TCP and UDP both ways.
+pub fn reach_ipv6(lab: &Lab, a: &Pod, b: &Pod) {
     for (x, y) in [(a, b), (b, a)] {
         assert!(
             eventually(Duration::from_secs(10), || ping(
@@ -111,21 +130,33 @@ pub fn reach_both_families(lab: &Lab, a: &Pod, b: &Pod) {
             x.id,
             y.id
         );
+        for proto in ["tcp", "udp"] {
+            assert!(
+                probe(lab, x, y, proto, true),
+                "{proto} over IPv6 {} -> {}",
+                x.id,
+                y.id
+            );
+        }
+    }
+}
+
+pub fn reach_both_families(lab: &Lab, a: &Pod, b: &Pod) {
+    reach_ipv6(lab, a, b);
+    for (x, y) in [(a, b), (b, a)] {
         assert!(
-            ping(lab, x, &y.v4.to_string(), "-4"),
+            ping(lab, x, &y.ipv4().to_string(), "-4"),
             "ICMP {} -> {}",
             x.id,
             y.id
         );
         for proto in ["tcp", "udp"] {
-            for ipv6 in [true, false] {
-                assert!(
-                    probe(lab, x, y, proto, ipv6),
-                    "{proto} ipv6={ipv6} {} -> {}",
-                    x.id,
-                    y.id
-                );
-            }
+            assert!(
+                probe(lab, x, y, proto, false),
+                "{proto} over IPv4 {} -> {}",
+                x.id,
+                y.id
+            );
         }
     }
 }
@@ -137,4 +168,74 @@ pub fn every_pair_reaches_over_both_families(lab: &Lab, within: Duration) -> boo
         let s = lab.status();
         all_true(&s["reachability"]) && all_true(&s["reachabilityIpv6"])
     })
+}
+
+/// `sluice status -o json` of `node`, parsed.
+pub fn node_doc(lab: &Lab, node: &str) -> Value {
+    serde_json::from_str(&node_status(lab, node, "json")).unwrap_or(Value::Null)
+}
+
+/// The outer packets `a`'s node's eth0 carries on `port` while pod `a` talks to pod `b` (over
+/// IPv6, and over IPv4 too when both have it): each an IPv6 packet between the two nodes'
+/// IPv6 underlay addresses `u_a` and `u_b`.
+pub fn outer_packets_are_ipv6(lab: &Lab, a: &Pod, b: &Pod, port: u16, u_a: &str, u_b: &str) {
+    let ns = lab.node_netns(&a.node);
+    let cap = Capture::start(&ns, "eth0", &format!("udp port {port}"));
+    assert!(ping(lab, a, &b.v6.to_string(), "-6"));
+    if let (Some(_), Some(v4)) = (a.v4, b.v4) {
+        assert!(ping(lab, a, &v4.to_string(), "-4"));
+        assert!(probe(lab, a, b, "tcp", false));
+    } else {
+        assert!(probe(lab, a, b, "tcp", true));
+    }
+    let (lines, _) = cap.finish();
+    // Outer headers are the lines with a timestamp (tcpdump prints a VXLAN packet's inner one
+    // on a line of its own).
+    let outer: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    assert!(
+        outer.len() >= 4,
+        "too few tunnel packets on port {port}: {lines:?}"
+    );
+    for l in &outer {
+        assert!(
+            l.contains(" IP6 ")
+                && (l.contains(&format!("{u_a}.")) && l.contains(&format!("{u_b}.{port}"))
+                    || l.contains(&format!("{u_b}.")) && l.contains(&format!("{u_a}.{port}"))),
+            "not IPv6 between {u_a} and {u_b} on port {port}: {l}"
+        );
+    }
+}
+
+/// IPv6 pod traffic leaving the cluster CIDR reaches the lab's internet (`fdff:203::1`, no
+/// route to pods) from its node's IPv6 address (`fd00:31::I`), not the pod's.
+pub fn ipv6_egress_is_masqueraded(lab: &Lab, pods: &[Pod]) {
+    let internet = format!("{}internet", lab.prefix());
+    let (addr, peers) = tcp_server(&internet, "[fdff:203::1]:0".parse().unwrap(), "world", 64);
+    for p in pods {
+        let (ns, name) = p.id.split_once('/').unwrap();
+        let netns = lab.pod_netns(ns, name);
+        assert!(
+            eventually(Duration::from_secs(10), || tcp_ask(&netns, addr)
+                .is_ok_and(|a| a == "world")),
+            "{} cannot reach the internet over IPv6",
+            p.id
+        );
+        let seen = peers.recv_timeout(Duration::from_secs(5)).unwrap();
+        while peers.try_recv().is_ok() {}
+        assert_eq!(
+            seen.ip().to_string(),
+            p.node_underlay_v6(),
+            "{} seen as",
+            p.id
+        );
+        assert_ne!(
+            seen.ip(),
+            std::net::IpAddr::V6(p.v6),
+            "{} not masqueraded",
+            p.id
+        );
+    }
 }

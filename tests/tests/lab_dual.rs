@@ -67,10 +67,10 @@ fn dual_lab_pods_reach_each_other(encryption: &str, device: &str) {
         );
         for p in pods.iter().filter(|p| p.node == name) {
             assert!(
-                v4[0].contains(&p.v4) && v6[0].contains(&p.v6),
+                v4[0].contains(&p.ipv4()) && v6[0].contains(&p.v6),
                 "{} {} {}",
                 p.id,
-                p.v4,
+                p.ipv4(),
                 p.v6
             );
         }

@@ -84,7 +84,7 @@ fn ipv6_subnets_are_routed_directly_via_ipv6_underlay_neighbours() {
             me.node,
             route(&lab, &me.node, "-6", &sub6)
         );
-        let sub4 = ipnet::Ipv4Net::new(peer.v4, 24)
+        let sub4 = ipnet::Ipv4Net::new(peer.ipv4(), 24)
             .unwrap()
             .trunc()
             .to_string();
@@ -167,7 +167,7 @@ fn ipv6_subnets_are_routed_directly_via_ipv6_underlay_neighbours() {
         "{:?}",
         peer_v6(&lab, &p3.node, &p1.node)
     );
-    assert!(ping(&lab, p1, &p3.v4.to_string(), "-4"));
+    assert!(ping(&lab, p1, &p3.ipv4().to_string(), "-4"));
     assert!(!ping(&lab, p1, &p3.v6.to_string(), "-6"));
 
     // overlay cross-subnet: the IPv6 subnet without a direct neighbour rides VXLAN (over the
@@ -188,7 +188,10 @@ fn ipv6_subnets_are_routed_directly_via_ipv6_underlay_neighbours() {
             "the peer publishes no IPv6 underlay address".into()
         )
     );
-    let sub4 = ipnet::Ipv4Net::new(p3.v4, 24).unwrap().trunc().to_string();
+    let sub4 = ipnet::Ipv4Net::new(p3.ipv4(), 24)
+        .unwrap()
+        .trunc()
+        .to_string();
     assert_eq!(route(&lab, &p1.node, "-4", &sub4).0, "eth0");
     reach_both_families(&lab, p1, p3);
     let down = lab.down();

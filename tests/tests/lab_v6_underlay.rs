@@ -5,53 +5,17 @@
 //! (ICMP, TCP, UDP), seen on the wire as outer IPv6; the live switch between them; IPv6
 //! egress masqueraded to the lab's internet as the node's address.
 //!
-//! The pods here are dual-stack (`--ip-family dual`): an IPv6-only cluster (no IPv4 subnet at
-//! all) is not built yet.
+//! The pods here are dual-stack (`--ip-family dual`); an IPv6-only cluster over the same
+//! underlay is `lab_v6only.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use ipnet::Ipv6Net;
-use serde_json::Value;
-use sluice_e2e::capture::Capture;
 use sluice_e2e::dual::*;
-use sluice_e2e::lab::{output_text, tcp_ask, tcp_server, Lab};
+use sluice_e2e::lab::{output_text, Lab};
 use sluice_e2e::{eventually, have_root};
 use std::process::Command;
 use std::time::Duration;
-
-/// The outer packets `node`'s eth0 carries on `port` while pod `a` talks to pod `b` over both
-/// families: each an IPv6 packet between the two nodes' IPv6 underlay addresses.
-fn outer_packets_are_ipv6(lab: &Lab, a: &Pod, b: &Pod, port: u16, u_a: &str, u_b: &str) {
-    let ns = lab.node_netns(&a.node);
-    let cap = Capture::start(&ns, "eth0", &format!("udp port {port}"));
-    assert!(ping(lab, a, &b.v6.to_string(), "-6"));
-    assert!(ping(lab, a, &b.v4.to_string(), "-4"));
-    assert!(probe(lab, a, b, "tcp", false));
-    let (lines, _) = cap.finish();
-    // Outer headers are the lines with a timestamp (tcpdump prints a VXLAN packet's inner one
-    // on a line of its own).
-    let outer: Vec<&String> = lines
-        .iter()
-        .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()))
-        .collect();
-    assert!(
-        outer.len() >= 4,
-        "too few tunnel packets on port {port}: {lines:?}"
-    );
-    for l in &outer {
-        assert!(
-            l.contains(" IP6 ")
-                && (l.contains(&format!("{u_a}.")) && l.contains(&format!("{u_b}.{port}"))
-                    || l.contains(&format!("{u_b}.")) && l.contains(&format!("{u_a}.{port}"))),
-            "not IPv6 between {u_a} and {u_b} on port {port}: {l}"
-        );
-    }
-}
-
-/// `node`'s status document (`sluice status -o json` in its namespace).
-fn node_doc(lab: &Lab, node: &str) -> Value {
-    serde_json::from_str(&node_status(lab, node, "json")).unwrap_or(Value::Null)
-}
 
 fn v6_underlay_lab(encryption: &str) {
     let lab = Lab::up(&[
@@ -73,10 +37,7 @@ fn v6_underlay_lab(encryption: &str) {
     );
     let pods = pods(&lab.status());
     assert_eq!(pods.len(), 3);
-    let underlay_of = |p: &Pod| {
-        let i = p.node.rsplit('-').next().unwrap().to_string();
-        format!("fd00:31::{i}")
-    };
+    let underlay_of = |p: &Pod| p.node_underlay_v6();
     // Each agent took its IPv6 InternalIP as its underlay and publishes it; its peers' are IPv6.
     for p in &pods {
         let doc = node_doc(&lab, &p.node);
@@ -189,27 +150,6 @@ fn v6_underlay_lab(encryption: &str) {
     }
     let down = lab.down();
     assert!(down.status.success(), "{}", output_text(&down));
-}
-
-/// IPv6 pod traffic leaving the cluster CIDR reaches the lab's internet (`fdff:203::1`, no
-/// route to pods) from its node's IPv6 address.
-fn ipv6_egress_is_masqueraded(lab: &Lab, pods: &[Pod]) {
-    let internet = format!("{}internet", lab.prefix());
-    let (addr, peers) = tcp_server(&internet, "[fdff:203::1]:0".parse().unwrap(), "world", 64);
-    for p in pods {
-        let (ns, name) = p.id.split_once('/').unwrap();
-        let netns = lab.pod_netns(ns, name);
-        assert!(
-            eventually(Duration::from_secs(10), || tcp_ask(&netns, addr)
-                .is_ok_and(|a| a == "world")),
-            "{} cannot reach the internet over IPv6",
-            p.id
-        );
-        let seen = peers.recv_timeout(Duration::from_secs(5)).unwrap();
-        while peers.try_recv().is_ok() {}
-        let node_addr = format!("fd00:31::{}", p.node.rsplit('-').next().unwrap());
-        assert_eq!(seen.ip().to_string(), node_addr, "{} seen as", p.id);
-    }
 }
 
 #[test]

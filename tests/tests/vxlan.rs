@@ -47,7 +47,7 @@ struct Node {
 
 impl Node {
     fn pod_ip(&self) -> String {
-        let [a, b, c, _] = self.record.subnet.network().octets();
+        let [a, b, c, _] = self.record.subnet.expect("an IPv4 lab").network().octets();
         format!("{a}.{b}.{c}.10")
     }
 
@@ -146,7 +146,7 @@ fn lab(n: u8) -> Lab {
                 vtep_mac: vtep_mac(&name),
                 wireguard_public_key: None,
                 encryption: "none".into(),
-                subnet: format!("10.244.{i}.0/24").parse().unwrap(),
+                subnet: Some(format!("10.244.{i}.0/24").parse().unwrap()),
                 subnet_v6: None,
             };
             let under = in_ns(&ns, async move |k| {
@@ -510,11 +510,8 @@ fn the_vxlan_packets_are_left_out_of_conntrack_and_the_pod_flows_inside_them_are
     let [a, b] = [&lab.nodes[0], &lab.nodes[1]];
     let cidr: ipnet::Ipv4Net = "10.244.0.0/16".parse().unwrap();
     let sync = |node: &Node, untracked: bool| {
-        let std::net::IpAddr::V4(underlay_ip) = node.cfg.underlay_ip else {
-            panic!("this lab's underlay is IPv4");
-        };
         let tunnel = untracked.then_some(UntrackedTunnel {
-            underlay_ip,
+            underlay_ip: node.cfg.underlay_ip,
             port: node.cfg.port,
         });
         sync_nat(node, masq::plan(cidr, true, tunnel))

@@ -83,21 +83,6 @@ impl Default for AgentConfig {
     }
 }
 
-impl AgentConfig {
-    /// The IPv4 cluster CIDR the agent runs on. The agent's datapath, subnet lease, subnet file
-    /// and masquerade are IPv4 only so far (issue 23 parses IPv6 but has not wired it), so an
-    /// IPv6-only `cluster-cidr` is refused here, by name, rather than run half-made: the agent
-    /// waits on it at start as on a bad value (`node_loop::read_config`).
-    pub fn ipv4_cluster_cidr(&self) -> Result<Ipv4Net, String> {
-        self.cluster_cidr.v4.ok_or_else(|| {
-            format!(
-                "cluster-cidr {} has no IPv4 range: this agent does not run IPv6-only clusters yet",
-                self.cluster_cidr
-            )
-        })
-    }
-}
-
 /// Every key of sluice-config (DESIGN.md); the manifest's ConfigMap has exactly these.
 pub const KEYS: [&str; 16] = [
     "cluster-cidr",
@@ -541,11 +526,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.cluster_cidr.v4, None);
         assert_eq!(c.subnet_length_v6, 80);
-        let e = c.ipv4_cluster_cidr().unwrap_err();
-        assert!(
-            e.contains("no IPv4 range") && e.contains("fd00:10:244::/48"),
-            "{e}"
-        );
+        assert!(!c.cluster_cidr.is_dual());
         // IPv6 only: subnet-length has no IPv4 range to fit in and is not judged.
         assert!(parse(&data(&[
             ("cluster-cidr", "fd00:10:244::/48"),

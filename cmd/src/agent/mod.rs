@@ -281,7 +281,8 @@ async fn repair_pods(
         tracing::warn!(pod_ip = %side.address, veth = side.ifname, "restored a pod's host route");
         repaired += 1;
     }
-    for side in &sides {
+    // Proxy ARP is IPv4's: an IPv6 address's side has nothing more to keep.
+    for side in sides.iter().filter(|s| s.address.is_ipv4()) {
         let settings = [
             (format!("net/ipv4/conf/{}/proxy_arp", side.ifname), "1"),
             (format!("net/ipv4/neigh/{}/proxy_delay", side.ifname), "0"),

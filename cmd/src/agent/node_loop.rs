@@ -44,8 +44,9 @@ pub struct NodeLoop {
     store: KubeLeases,
     skips: Arc<tolerant::Skips>,
     cfg: AgentConfig,
-    /// `cluster-cidr`'s IPv4 range, checked at the start (it needs a restart to change).
-    cluster_v4: ipnet::Ipv4Net,
+    /// `cluster-cidr`'s IPv4 range (none on an IPv6-only cluster), taken at the start (it
+    /// needs a restart to change).
+    cluster_v4: Option<ipnet::Ipv4Net>,
     /// This node's record before the backends add theirs (name, underlay, VTEP MAC).
     base_record: NodeRecord,
     held: Held,
@@ -86,19 +87,11 @@ pub async fn read_config(api: &Api<DynamicObject>, health: &Health) -> Result<Ag
             None
         }
     };
-    // An IPv6-only cluster-cidr parses but is not run yet: the agent waits on it as on a bad
-    // value, saying why on /readyz, rather than exit.
     match config::parse_data_json(data.as_ref()) {
-        Ok(c) => match c.ipv4_cluster_cidr() {
-            Ok(_) => {
-                health.update(|s| s.config_error = None);
-                Ok(c)
-            }
-            Err(why) => {
-                health.update(|s| s.config_error = Some(why.clone()));
-                Err(anyhow::Error::msg(why))
-            }
-        },
+        Ok(c) => {
+            health.update(|s| s.config_error = None);
+            Ok(c)
+        }
         Err(e) => {
             health.update(|s| s.config_error = Some(e.to_string()));
             Err(e.into())
@@ -150,7 +143,7 @@ fn write_subnet_env(path: &std::path::Path, env: &SubnetEnv) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, env.render())?;
     std::fs::rename(&tmp, path)?;
-    tracing::info!(subnet = %env.subnet, mtu = env.mtu, path = %path.display(), "subnet file written");
+    tracing::info!(subnet = ?env.v4.map(|v| v.subnet), subnet_v6 = ?env.v6.map(|v| v.subnet), mtu = env.mtu, path = %path.display(), "subnet file written");
     Ok(())
 }
 
@@ -184,7 +177,7 @@ impl NodeLoop {
         hostport_backend: super::hostports::Resolved,
     ) -> Result<Self> {
         let node = args.node_name.clone();
-        let cluster_v4 = cfg.ipv4_cluster_cidr().map_err(anyhow::Error::msg)?;
+        let cluster_v4 = cfg.cluster_cidr.v4;
         let nodes: Api<Node> = Api::all(client.clone());
         let skips = Arc::new(tolerant::Skips::default());
         let store = KubeLeases::new(
@@ -243,12 +236,12 @@ impl NodeLoop {
             vtep_mac: vxlan::vtep_mac(&node),
             wireguard_public_key: None,
             encryption: "none".into(),
-            subnet: ipnet::Ipv4Net::default(),
+            subnet: None,
             subnet_v6: None,
         };
         let published = datapath.publish(&base_record, &datapath_config(&cfg, &underlay, &vx));
         let before = SubnetEnv::load(&args.subnet_file).ok();
-        let prefer = before.as_ref().map(|e| e.subnet);
+        let prefer = before.as_ref().and_then(|e| e.v4).map(|v4| v4.subnet);
         let prefer_v6 = before.and_then(|e| e.v6).map(|v6| v6.subnet);
         let legacy_api = (!args.legacy_lease_namespace.is_empty())
             .then(|| kube_leases::raw_api(client.clone(), &args.legacy_lease_namespace));
@@ -370,12 +363,16 @@ impl NodeLoop {
         }
         self.keep_lease(&dp_cfg).await;
         let env = SubnetEnv {
-            network: self.cluster_v4,
-            subnet: self.held.record.subnet,
+            // The IPv4 pair on a node with IPv4 (none on an IPv6-only one).
+            v4: self
+                .cluster_v4
+                .zip(self.held.record.subnet)
+                .map(|(network, subnet)| sluice_net::subnet_env::SubnetV4 { network, subnet }),
             mtu: pod_mtu(&self.cfg, &self.underlay),
             ipmasq: self.cfg.masquerade,
             policy_backend: self.hostport_backend.get().map(|b| b.name().to_string()),
-            // A dual-stack node's IPv6 pair: sluice-cni gives every pod an address of each.
+            // The IPv6 pair of a dual-stack or IPv6-only node: sluice-cni gives every pod an
+            // address of each family the file has.
             v6: self
                 .cfg
                 .cluster_cidr
@@ -481,7 +478,7 @@ impl NodeLoop {
             }
         }
         let expires = self.held.lease.expires_at().unwrap_or(now);
-        let subnet = self.held.record.subnet.to_string();
+        let subnet = first_subnet(&self.held.record);
         self.health.update(|s| s.lease = Some((subnet, expires)));
         let m = &self.health.metrics;
         m.lease_held.set(i64::from(expires > now));
@@ -520,7 +517,7 @@ impl NodeLoop {
                 record: &record,
                 owner: &owner,
                 facts: &facts,
-                prefer: Some(self.held.record.subnet),
+                prefer: self.held.record.subnet,
                 prefer_v6: self.held.record.subnet_v6,
                 legacy: &[],
             },
@@ -741,21 +738,39 @@ impl NodeLoop {
                 "cannot check this node's pods' host side"
             );
         }
-        // The VXLAN device's address and port are fixed for the agent's life.
-        // (IPv4 only: the `ip sluice-nat` table's; VXLAN over an IPv6 underlay stays tracked.)
-        let untracked = match self.vxlan.underlay_ip {
-            std::net::IpAddr::V4(underlay_ip) => Some(sluice_net::masq::UntrackedTunnel {
-                underlay_ip,
-                port: self.vxlan.port,
-            }),
-            std::net::IpAddr::V6(_) => None,
+        // The VXLAN device's address and port are fixed for the agent's life; its packets are
+        // untracked in the table of the underlay's family.
+        let untracked = Some(sluice_net::masq::UntrackedTunnel {
+            underlay_ip: self.vxlan.underlay_ip,
+            port: self.vxlan.port,
+        });
+        let v6 = self
+            .cfg
+            .cluster_cidr
+            .v6
+            .filter(|_| self.held.record.subnet_v6.is_some());
+        let masq = match (self.cluster_v4, v6) {
+            (Some(v4), v6) => {
+                let masq =
+                    sluice_net::masq::plan(v4, self.cfg.masquerade, untracked).with_mss_clamp(v4);
+                // A dual-stack node: IPv6 pod egress leaving the cluster is masqueraded alike.
+                match v6 {
+                    Some(v6) => masq.with_ipv6(v6, self.cfg.masquerade).with_mss_clamp(v6),
+                    None => masq,
+                }
+            }
+            // An IPv6-only node: the IPv6 rules only.
+            (None, Some(v6)) => {
+                sluice_net::masq::plan_ipv6_only(v6, self.cfg.masquerade, untracked)
+                    .with_mss_clamp(v6)
+            }
+            // No subnet of either family (not reached: a node runs with one).
+            (None, None) => sluice_net::masq::MasqPlan {
+                rules: Vec::new(),
+                untracked,
+                mss_clamp: Vec::new(),
+            },
         };
-        let mut masq = sluice_net::masq::plan(self.cluster_v4, self.cfg.masquerade, untracked)
-            .with_mss_clamp(self.cluster_v4);
-        // A dual-stack node: IPv6 pod egress leaving the cluster is masqueraded alike.
-        if let (Some(v6), Some(_)) = (self.cfg.cluster_cidr.v6, self.held.record.subnet_v6) {
-            masq = masq.with_ipv6(v6, self.cfg.masquerade).with_mss_clamp(v6);
-        }
         if let Err(e) = self.masq.sync(&masq).await {
             tracing::warn!(error = %e, "masquerade sync failed; will retry");
         }
@@ -791,6 +806,16 @@ impl NodeLoop {
     }
 }
 
+/// The subnet of the node's first lease, for `/readyz`: its IPv4 one, or an IPv6-only node's
+/// IPv6 one.
+fn first_subnet(record: &NodeRecord) -> String {
+    record
+        .subnet
+        .map(|s| s.to_string())
+        .or(record.subnet_v6.map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
 /// What `sluice status` shows: this node's subnet, lease and settings, and each peer with its
 /// path and why.
 fn status_document(
@@ -807,7 +832,7 @@ fn status_document(
         .unwrap_or_default();
     serde_json::json!({
         "node": node,
-        "subnet": held.record.subnet.to_string(),
+        "subnet": held.record.subnet.map(|s| s.to_string()),
         "subnetV6": held.record.subnet_v6.map(|s| s.to_string()),
         "lease": {"name": held.lease.name, "expires": expires},
         "leaseV6": held.lease_v6.as_ref().map(|l| l.name.clone()),
@@ -817,7 +842,7 @@ fn status_document(
         "overlay": cfg.overlay.as_str(),
         "peers": plan.paths.iter().map(|p| serde_json::json!({
             "node": p.peer.node,
-            "subnet": p.peer.subnet.to_string(),
+            "subnet": p.peer.subnet.map(|s| s.to_string()),
             "subnetV6": p.peer.subnet_v6.map(|s| s.to_string()),
             "underlay": p.peer.underlay_ip.to_string(),
             "underlayV6": p.peer.underlay_ip_v6.map(|a| a.to_string()),

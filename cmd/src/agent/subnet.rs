@@ -72,7 +72,7 @@ pub fn choose<N: FamilyNet>(
 }
 
 /// The node's subnet leases as held now: the IPv4 one, and on a dual-stack node the IPv6 one
-/// (both carry `record`).
+/// (both carry `record`). An IPv6-only node holds one lease, of its IPv6 subnet, in `lease`.
 pub struct Held {
     pub lease: LeaseView,
     pub lease_v6: Option<LeaseView>,
@@ -136,7 +136,19 @@ pub async fn take(store: &KubeLeases, req: TakeRequest<'_>) -> Result<Held> {
     if let (Some(old), None) = (legacy_mine, req.prefer) {
         tracing::info!(node, subnet = %old, "moving this node's lease from kube-system to sluice-system");
     }
-    let v4 = take_v4(store, &req, used_before, now).await?;
+    let Some(cluster_v4) = req.cfg.cluster_cidr.v4 else {
+        // IPv6-only: one lease, of the IPv6 subnet, by the same rules as a dual-stack node's.
+        let Some(cluster_v6) = req.cfg.cluster_cidr.v6 else {
+            bail!("cluster-cidr has no range");
+        };
+        let (lease, record) = take_v6(store, &req, req.record, cluster_v6).await?;
+        return Ok(Held {
+            lease,
+            lease_v6: None,
+            record,
+        });
+    };
+    let v4 = take_v4(store, &req, used_before, cluster_v4, now).await?;
     let Some(cluster_v6) = req.cfg.cluster_cidr.v6 else {
         return Ok(Held {
             lease: v4.lease,
@@ -155,7 +167,8 @@ pub async fn take(store: &KubeLeases, req: TakeRequest<'_>) -> Result<Held> {
     })
 }
 
-/// The IPv6 lease of a dual-stack node, for `record` (which holds its IPv4 subnet already).
+/// The IPv6 lease of a dual-stack node, for `record` (which holds its IPv4 subnet already), or
+/// an IPv6-only node's only lease.
 async fn take_v6(
     store: &KubeLeases,
     req: &TakeRequest<'_>,
@@ -214,10 +227,10 @@ async fn take_v4(
     store: &KubeLeases,
     req: &TakeRequest<'_>,
     used_before: Option<Ipv4Net>,
+    cluster_v4: Ipv4Net,
     now: SystemTime,
 ) -> Result<sluice_net::lease::store::Acquired> {
     let node = req.record.node.as_str();
-    let cluster_v4 = req.cfg.ipv4_cluster_cidr().map_err(anyhow::Error::msg)?;
     let choice = choose(
         req.cfg.subnet_source,
         req.facts.pod_cidr,
@@ -227,7 +240,7 @@ async fn take_v4(
     .map_err(anyhow::Error::msg)?;
     if let SubnetChoice::PodCidr(subnet) = choice {
         let mut record = req.record.clone();
-        record.subnet = subnet;
+        record.subnet = Some(subnet);
         let view = lease::podcidr_lease(&record, Some(req.owner.clone()), DEFAULT_LEASE_SECS, now);
         match publish(store, &view, now, 8).await {
             Ok(lease) => {

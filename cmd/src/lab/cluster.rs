@@ -99,7 +99,11 @@ pub async fn register(client: &Client, plan: &LabPlan, real_api: bool, nodes: bo
     let machine = super::machine::MachineInfo::read();
     for node in &plan.nodes {
         nodes
-            .patch(&node.name, &apply(), &Patch::Apply(node_object(node)))
+            .patch(
+                &node.name,
+                &apply(),
+                &Patch::Apply(node_object(node, plan.pod_cidrs(node))),
+            )
             .await
             .with_context(|| format!("registering node {}", node.name))?;
         nodes
@@ -114,7 +118,7 @@ pub async fn register(client: &Client, plan: &LabPlan, real_api: bool, nodes: bo
     Ok(())
 }
 
-fn node_object(node: &NodePlan) -> serde_json::Value {
+fn node_object(node: &NodePlan, pod_cidrs: Vec<String>) -> serde_json::Value {
     json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {
@@ -126,10 +130,8 @@ fn node_object(node: &NodePlan) -> serde_json::Value {
             }
         },
         "spec": {
-            "podCIDR": node.pod_cidr.to_string(),
-            "podCIDRs": std::iter::once(node.pod_cidr.to_string())
-                .chain(node.pod_cidr_v6.map(|s| s.to_string()))
-                .collect::<Vec<_>>(),
+            "podCIDR": pod_cidrs.first(),
+            "podCIDRs": pod_cidrs,
         }
     })
 }
@@ -231,13 +233,21 @@ pub async fn pod_running(
     client: &Client,
     pod: &PodPlan,
     host_ip: Ipv4Addr,
-    pod_ip: Ipv4Addr,
+    pod_ip: Option<Ipv4Addr>,
     pod_ip6: Option<std::net::Ipv6Addr>,
 ) -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);
-    // Both families on a dual-stack node, IPv4 first (`podIP` is `podIPs[0]`).
-    let mut pod_ips = vec![json!({"ip": pod_ip.to_string()})];
-    pod_ips.extend(pod_ip6.map(|ip| json!({"ip": ip.to_string()})));
+    // Both families on a dual-stack node, IPv4 first (`podIP` is `podIPs[0]`); an IPv6-only
+    // node's pod has only its IPv6 one.
+    let pod_ips: Vec<serde_json::Value> = pod_ip
+        .map(std::net::IpAddr::from)
+        .into_iter()
+        .chain(pod_ip6.map(std::net::IpAddr::from))
+        .map(|ip| json!({"ip": ip.to_string()}))
+        .collect();
+    let Some(first) = pod_ips.first().map(|p| p["ip"].clone()) else {
+        anyhow::bail!("pod {}/{} has no address", pod.namespace, pod.name);
+    };
     let status = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": pod.name, "namespace": pod.namespace},
@@ -246,7 +256,7 @@ pub async fn pod_running(
             // `hostIP` alone, as kubelets before 1.28 write it: a v1.26 API server refuses a
             // patch with `hostIPs` (not in its schema); the embedded one mirrors it.
             "hostIP": host_ip.to_string(),
-            "podIP": pod_ip.to_string(),
+            "podIP": first,
             "podIPs": pod_ips,
             "conditions": [
                 {"type": "Initialized", "status": "True"},
@@ -270,7 +280,7 @@ pub async fn pod_running(
 pub async fn running_pods(
     client: &Client,
     plan: &LabPlan,
-) -> Result<Vec<(String, String, String, Ipv4Addr)>> {
+) -> Result<Vec<(String, String, String, std::net::IpAddr)>> {
     let pods: Api<Pod> = Api::all(client.clone());
     let mut out = Vec::new();
     for p in pods

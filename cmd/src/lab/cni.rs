@@ -138,8 +138,7 @@ pub fn network_ready(lab: &str, node: &str) -> bool {
     node_dir(lab, node).join(CONFLIST).exists()
 }
 
-/// The pod's address from an ADD result.
-/// The IPv6 address of an ADD result, when the pod got one (a dual-stack node).
+/// The IPv6 address of an ADD result, when the pod got one (a dual-stack or IPv6-only node).
 pub fn address6_of(result: &Value) -> Option<std::net::Ipv6Addr> {
     result["ips"].as_array()?.iter().find_map(|ip| {
         let net: ipnet::Ipv6Net = ip["address"].as_str()?.parse().ok()?;
@@ -147,10 +146,10 @@ pub fn address6_of(result: &Value) -> Option<std::net::Ipv6Addr> {
     })
 }
 
-pub fn address_of(result: &Value) -> Result<std::net::Ipv4Addr> {
-    let cidr = result["ips"][0]["address"]
-        .as_str()
-        .ok_or_else(|| anyhow!("ADD result has no address: {result}"))?;
-    let net: ipnet::Ipv4Net = cidr.parse().with_context(|| format!("address {cidr}"))?;
-    Ok(net.addr())
+/// The IPv4 address of an ADD result, when the pod got one (not on an IPv6-only node).
+pub fn address_of(result: &Value) -> Option<std::net::Ipv4Addr> {
+    result["ips"].as_array()?.iter().find_map(|ip| {
+        let net: ipnet::Ipv4Net = ip["address"].as_str()?.parse().ok()?;
+        Some(net.addr())
+    })
 }

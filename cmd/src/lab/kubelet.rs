@@ -26,8 +26,9 @@ struct Wired {
     name: String,
     node: String,
     netns: String,
-    ip: Ipv4Addr,
-    /// On a dual-stack node.
+    /// None on an IPv6-only node.
+    ip: Option<Ipv4Addr>,
+    /// On a dual-stack or IPv6-only node.
     ip6: Option<std::net::Ipv6Addr>,
     server: Option<Server>,
 }
@@ -74,7 +75,8 @@ struct Record {
     name: String,
     node: String,
     netns: String,
-    ip: Ipv4Addr,
+    #[serde(default)]
+    ip: Option<Ipv4Addr>,
     #[serde(default)]
     ip6: Option<std::net::Ipv6Addr>,
     server_pid: Option<u32>,
@@ -109,7 +111,7 @@ fn adopt(lab: &str) -> HashMap<String, Wired> {
                 super::supervisor::running_with(p, &["lab", "serve", "--identity", &identity])
             })
             .map(Server::Adopted);
-        tracing::info!(pod = identity, ip = %r.ip, "pod taken over from the previous lab daemon");
+        tracing::info!(pod = identity, ip = ?r.ip, ip6 = ?r.ip6, "pod taken over from the previous lab daemon");
         out.insert(
             r.uid,
             Wired {
@@ -419,7 +421,7 @@ impl Kubelet {
             }
             match self.wire(&uid, pod).await {
                 Ok(w) => {
-                    tracing::info!(pod = format!("{}/{}", w.namespace, w.name), node = w.node, ip = %w.ip, "pod running");
+                    tracing::info!(pod = format!("{}/{}", w.namespace, w.name), node = w.node, ip = ?w.ip, ip6 = ?w.ip6, "pod running");
                     self.failed.remove(&uid);
                     self.wired.insert(uid, w);
                 }
@@ -503,8 +505,13 @@ impl Kubelet {
                 return Err(e);
             }
         };
-        let ip = cni::address_of(&result)?;
+        let ip = cni::address_of(&result);
         let ip6 = cni::address6_of(&result);
+        if ip.is_none() && ip6.is_none() {
+            let _ = tokio::task::block_in_place(|| cni::call("DEL", &attachment));
+            let _ = netns::remove_named(&netns_name);
+            anyhow::bail!("ADD result has no address: {result}");
+        }
         let ports = ports_of(pod);
         let log = pod_log(&self.lab, &node.name, &ns, &name);
         // A pod of the same name that ran before wrote here: its log is not this pod's.

@@ -47,13 +47,15 @@ pub enum LabCmd {
         /// How nodes get their pod subnet (sluice-config `subnet-source`).
         #[arg(long, value_enum, default_value_t = plan::SubnetSource::Auto)]
         subnet_source: plan::SubnetSource,
-        /// The pods' address families: ipv4, or dual (IPv4 and IPv6, over the IPv4 underlay).
+        /// The pods' address families: ipv4, dual (IPv4 and IPv6, over the IPv4 underlay), or
+        /// ipv6 (IPv6 only, over an IPv6 underlay).
         #[arg(long, value_enum, default_value_t = plan::IpFamily::Ipv4)]
         ip_family: plan::IpFamily,
         /// The family the nodes' tunnels (VXLAN, WireGuard) run over: each Node's first
-        /// InternalIP, which its agent takes as its underlay address.
-        #[arg(long, value_enum, default_value_t = plan::UnderlayFamily::Ipv4)]
-        underlay: plan::UnderlayFamily,
+        /// InternalIP, which its agent takes as its underlay address. ipv4 by default; ipv6
+        /// with --ip-family ipv6.
+        #[arg(long, value_enum)]
+        underlay: Option<plan::UnderlayFamily>,
         /// Use this real API server (on the host's loopback) instead of the embedded one.
         #[arg(long, env = "SLUICE_E2E_KUBECONFIG", conflicts_with = "kubernetes")]
         kubeconfig: Option<PathBuf>,
@@ -253,6 +255,10 @@ pub fn main(cmd: LabCmd) -> Result<()> {
         } => {
             if ip_family == plan::IpFamily::Dual && kubernetes.is_some() && reference_cni {
                 bail!("--reference-cni wires IPv4 only (the kit's bridge + host-local on the IPv4 podCIDR): not with --ip-family dual");
+            }
+            let underlay = plan::underlay_for(ip_family, underlay).map_err(anyhow::Error::msg)?;
+            if ip_family == plan::IpFamily::Ipv6 && (kubernetes.is_some() || kubeconfig.is_some()) {
+                bail!("--ip-family ipv6 is for the embedded API server's labs so far (no --kubernetes or --kubeconfig): a real cluster would need kubelets, kube-proxy and the control plane on IPv6 too; use --ip-family dual for IPv6 on real Kubernetes");
             }
             if underlay == plan::UnderlayFamily::Ipv6 && kubernetes.is_some() {
                 bail!("--underlay ipv6 is for the embedded API server's labs so far: a real kubelet's --node-ip and kube-proxy would need the IPv6 underlay too; use --ip-family dual for dual-stack on real Kubernetes");
@@ -569,7 +575,11 @@ async fn build(plan: &LabPlan, files: &LabFiles, api: Api, progress: &mut Progre
         };
         progress.line(format!(
             "agent {}: subnet {} (MTU {})",
-            node.name, env.subnet, env.mtu
+            node.name,
+            env.first_subnet()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+            env.mtu
         ));
     }
     // ...and Ready in the API once the lab's kubelet has seen that (within half a second; a
@@ -792,7 +802,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// The network namespace and address of pod `ns/name`, from the API.
-async fn pod_place(name: &str, pod: &str) -> Result<(String, Option<std::net::Ipv4Addr>)> {
+/// A pod's namespace and its `status.podIP` (of either family: an IPv6-only lab's is IPv6).
+async fn pod_place(name: &str, pod: &str) -> Result<(String, Option<std::net::IpAddr>)> {
     use k8s_openapi::api::core::v1::Pod;
     let (ns, pod_name) = serve::pod_ref(pod)?;
     let files = LabFiles::new(name);
@@ -834,13 +845,13 @@ async fn probe(
         Ok(ip) => ip,
         Err(_) => {
             let (to_netns, v4) = pod_place(name, to).await?;
-            if target.ipv6 {
+            // An IPv6-only pod's podIP is its IPv6 address already.
+            if target.ipv6 && !v4.is_some_and(|ip| ip.is_ipv6()) {
                 status::pod_ipv6(&to_netns)
                     .with_context(|| format!("pod {to} has no IPv6 address"))?
                     .into()
             } else {
                 v4.with_context(|| format!("pod {to} has no address yet"))?
-                    .into()
             }
         }
     };

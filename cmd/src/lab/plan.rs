@@ -52,15 +52,32 @@ impl Overlay {
     }
 }
 
-/// The pod address families of the lab (`--ip-family`): IPv4, or IPv4 and IPv6 (dual-stack:
-/// `cluster-cidr` of both, every pod an address of each, IPv6 carried over the IPv4 underlay).
-/// IPv6-only over an IPv6 underlay is a later step of issue 23.
+/// The pod address families of the lab (`--ip-family`): IPv4, IPv4 and IPv6 (dual-stack:
+/// `cluster-cidr` of both, every pod an address of each, IPv6 carried over the IPv4 underlay),
+/// or IPv6 only (`cluster-cidr` and the Nodes' podCIDRs IPv6 only, every pod an IPv6 address
+/// and none of IPv4, the tunnels over the IPv6 underlay).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum IpFamily {
     #[default]
     Ipv4,
     Dual,
+    Ipv6,
+}
+
+/// The underlay family of a lab of `ip_family` given `--underlay` (or not): an IPv6-only lab
+/// runs over IPv6 (and refuses `--underlay ipv4`); the others over IPv4 unless told.
+pub fn underlay_for(
+    ip_family: IpFamily,
+    asked: Option<UnderlayFamily>,
+) -> Result<UnderlayFamily, String> {
+    match (ip_family, asked) {
+        (IpFamily::Ipv6, Some(UnderlayFamily::Ipv4)) => Err(
+            "--ip-family ipv6 runs its tunnels over the IPv6 underlay: --underlay ipv4 contradicts it (leave --underlay out, or give ipv6)".into(),
+        ),
+        (IpFamily::Ipv6, _) => Ok(UnderlayFamily::Ipv6),
+        (_, asked) => Ok(asked.unwrap_or_default()),
+    }
 }
 
 /// The family of the nodes' primary underlay address (`--underlay`): the first InternalIP of
@@ -267,8 +284,9 @@ impl LabPlan {
         spec.validate()?;
         let prefix = prefix(&spec.name);
         let cluster_cidr: Ipv4Net = CLUSTER_CIDR.parse().unwrap_or_default();
-        let dual = spec.ip_family == IpFamily::Dual;
-        // Nodes get IPv6 on their segment for dual-stack pods' egress or as the underlay.
+        // Pods with an IPv6 address: a dual-stack or an IPv6-only lab's.
+        let dual = spec.ip_family != IpFamily::Ipv4;
+        // Nodes get IPv6 on their segment for IPv6 pods' egress or as the underlay.
         let node_v6 = dual || spec.underlay == UnderlayFamily::Ipv6;
         let segments = (0..spec.segments)
             .map(|s| Segment {
@@ -281,9 +299,7 @@ impl LabPlan {
         let subnets = cluster_cidr
             .subnets(SUBNET_LENGTH)
             .map_err(|_| SpecError::Nodes(spec.nodes))?;
-        let cluster_cidr_v6: Option<Ipv6Net> = (spec.ip_family == IpFamily::Dual)
-            .then(|| CLUSTER_CIDR_V6.parse().ok())
-            .flatten();
+        let cluster_cidr_v6: Option<Ipv6Net> = dual.then(|| CLUSTER_CIDR_V6.parse().ok()).flatten();
         let subnets_v6: Vec<Ipv6Net> = cluster_cidr_v6
             .and_then(|c| c.subnets(SUBNET_LENGTH_V6).ok())
             .map(|s| s.take(usize::from(spec.nodes)).collect())
@@ -345,10 +361,20 @@ impl LabPlan {
 
     /// sluice-config's `cluster-cidr`: the IPv4 range, and the IPv6 one after a comma when dual.
     pub fn cluster_cidr_value(&self) -> String {
-        match self.cluster_cidr_v6 {
-            Some(v6) => format!("{},{v6}", self.cluster_cidr),
-            None => self.cluster_cidr.to_string(),
+        match (self.cluster_cidr_v6, self.spec.ip_family) {
+            (Some(v6), IpFamily::Ipv6) => v6.to_string(),
+            (Some(v6), _) => format!("{},{v6}", self.cluster_cidr),
+            (None, _) => self.cluster_cidr.to_string(),
         }
+    }
+
+    /// A Node's `spec.podCIDRs`: its IPv4 podCIDR first and its IPv6 one beside it (dual),
+    /// or the IPv6 one alone in an IPv6-only lab.
+    pub fn pod_cidrs(&self, node: &NodePlan) -> Vec<String> {
+        let v4 = (self.spec.ip_family != IpFamily::Ipv6).then(|| node.pod_cidr.to_string());
+        v4.into_iter()
+            .chain(node.pod_cidr_v6.map(|s| s.to_string()))
+            .collect()
     }
 
     /// Where a real-Kubernetes lab's API server is reached from the nodes and pods (what it
@@ -396,6 +422,51 @@ mod tests {
             ip_family: IpFamily::Ipv4,
             underlay: UnderlayFamily::Ipv4,
         }
+    }
+
+    #[test]
+    fn an_ipv6_only_lab_is_ipv6_from_the_cluster_cidr_to_the_underlay() {
+        assert_eq!(underlay_for(IpFamily::Ipv6, None), Ok(UnderlayFamily::Ipv6));
+        assert_eq!(
+            underlay_for(IpFamily::Ipv6, Some(UnderlayFamily::Ipv6)),
+            Ok(UnderlayFamily::Ipv6)
+        );
+        let e = underlay_for(IpFamily::Ipv6, Some(UnderlayFamily::Ipv4)).unwrap_err();
+        assert!(
+            e.contains("--underlay ipv4") && e.contains("--ip-family ipv6"),
+            "{e}"
+        );
+        assert_eq!(underlay_for(IpFamily::Dual, None), Ok(UnderlayFamily::Ipv4));
+        assert_eq!(
+            underlay_for(IpFamily::Ipv4, Some(UnderlayFamily::Ipv6)),
+            Ok(UnderlayFamily::Ipv6)
+        );
+        let six = LabPlan::new(LabSpec {
+            ip_family: IpFamily::Ipv6,
+            underlay: UnderlayFamily::Ipv6,
+            ..spec(3, 1, 1)
+        })
+        .unwrap();
+        assert_eq!(six.cluster_cidr_value(), "fd00:10:244::/56");
+        assert_eq!(six.pod_cidrs(&six.nodes[1]), ["fd00:10:244:1::/64"]);
+        assert!(six.internet.address_v6.is_some());
+        assert!(six.nodes[0]
+            .internal_ips(six.spec.underlay)
+            .iter()
+            .all(std::net::IpAddr::is_ipv6));
+        // Dual and IPv4 labs are as they were.
+        let dual = LabPlan::new(LabSpec {
+            ip_family: IpFamily::Dual,
+            ..spec(2, 1, 1)
+        })
+        .unwrap();
+        assert_eq!(dual.cluster_cidr_value(), "10.244.0.0/16,fd00:10:244::/56");
+        assert_eq!(
+            dual.pod_cidrs(&dual.nodes[0]),
+            ["10.244.0.0/24", "fd00:10:244::/64"]
+        );
+        let four = LabPlan::new(spec(2, 1, 1)).unwrap();
+        assert_eq!(four.pod_cidrs(&four.nodes[0]), ["10.244.0.0/24"]);
     }
 
     #[test]

@@ -183,7 +183,7 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
         .iter()
         .map(|(ns, pod, _, _)| plan.pod_netns(ns, pod))
         .collect();
-    let targets: Vec<IpAddr> = pods.iter().map(|p| p.3.into()).collect();
+    let targets: Vec<IpAddr> = pods.iter().map(|p| p.3).collect();
     // A dual-stack lab's pods: their IPv6 addresses, and a second matrix over them. Real
     // pods' as their kubelets report them (`status.podIPs`, from the CNI result).
     let ipv6: Vec<Option<Ipv6Addr>> = if real {
@@ -195,7 +195,9 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
         sources.iter().map(|s| pod_ipv6(s)).collect()
     };
     let targets6: Vec<IpAddr> = ipv6.iter().flatten().map(|a| (*a).into()).collect();
-    let dual = !targets6.is_empty() && targets6.len() == pods.len();
+    // An IPv6-only lab's pods have only their IPv6 address: the first matrix is over it.
+    let dual =
+        !targets6.is_empty() && targets6.len() == pods.len() && targets.iter().any(IpAddr::is_ipv4);
     let sources6 = sources.clone();
     let (m, m6) = if real {
         (Vec::new(), Vec::new())
@@ -264,6 +266,8 @@ pub async fn run(name: &str, as_json: bool) -> Result<()> {
             .get(i)
             .copied()
             .flatten()
+            // An IPv6-only pod's IP is its IPv6 address already.
+            .filter(|a| IpAddr::V6(*a) != *ip)
             .map(|a| format!(" {a}"))
             .unwrap_or_default();
         println!(
@@ -321,7 +325,8 @@ fn print_matrix(title: &str, m: &[Vec<bool>]) {
 fn subnet_of(lab: &str, node: &str) -> Option<String> {
     sluice_net::subnet_env::SubnetEnv::load(&super::cni::subnet_file(lab, node))
         .ok()
-        .map(|e| e.subnet.to_string())
+        .and_then(|e| e.first_subnet())
+        .map(|s| s.to_string())
 }
 
 /// The IPv6 address in a pod's `status.podIPs` (a dual-stack pod's second one).

@@ -81,16 +81,26 @@ pub async fn add<K: PodKernel + HostportKernel>(
     let mtu = conf.mtu.unwrap_or(env.mtu);
     let mappings = hostport::requested(conf)?;
     hostport::check_families(&mappings, env.v6.is_some())?;
+    if env.v4.is_none() && !mappings.is_empty() {
+        // The hostPort entries and rules carry an IPv4 pod address; an IPv6-only pod has none.
+        return Err(CniError::new(
+            ErrorCode::InvalidConfig,
+            "runtimeConfig.portMappings: hostPorts are not served on an IPv6-only node yet",
+        ));
+    }
     let store = IpamStore::new(&conf.ipam_dir);
     let owner = owner(req);
     // An address of each family the node holds, both or neither.
     let (got, reserved) = store.update(|s| -> Result<_, CniError> {
         hostport::admit(s, req, &mappings)?;
         let got = allocate(s, &env, &owner)?;
-        let addrs = (got.v4.0, got.v6.map(|(ip, _)| ip));
+        let addrs = (
+            got.v4.map_or(Ipv4Addr::UNSPECIFIED, |(ip, _)| ip),
+            got.v6.map(|(ip, _)| ip),
+        );
         Ok((got, hostport::reserve(s, req, addrs, &mappings)))
     })??;
-    let address = got.v4.0;
+    let address = got.v4.map(|(ip, _)| ip);
     let address_v6 = got.v6.map(|(ip, _)| ip);
     let plan = PodPlan::new(&req.container_id, &req.ifname, address, mtu).with_v6(address_v6);
     let wired = match wire(kernel, &plan, shaping.as_ref()).await {
@@ -98,7 +108,7 @@ pub async fn add<K: PodKernel + HostportKernel>(
             conf,
             &store,
             req,
-            (address, address_v6),
+            (address.unwrap_or(Ipv4Addr::UNSPECIFIED), address_v6),
             &plan.host_ifname,
             &reserved,
             kernel,
@@ -108,7 +118,7 @@ pub async fn add<K: PodKernel + HostportKernel>(
     };
     match wired {
         Ok(pod_mac) => {
-            info!(container_id = %req.container_id, pod = ?req.pod(), address = %address, address_v6 = ?address_v6, host_ifname = %plan.host_ifname, "pod wired");
+            info!(container_id = %req.container_id, pod = ?req.pod(), address = ?address, address_v6 = ?address_v6, host_ifname = %plan.host_ifname, "pod wired");
             Ok(add_result(&plan, &pod_mac, req).render(
                 conf.version,
                 conf.prev_result.as_ref(),
@@ -124,7 +134,10 @@ pub async fn add<K: PodKernel + HostportKernel>(
             hostport::undo(conf, &store, req, &reserved, kernel);
             // Only what this call allocated: an address an earlier ADD gave the attachment stays
             // until the runtime's DEL.
-            let (fresh_v4, fresh_v6) = (got.v4.1, got.v6.is_some_and(|(_, fresh)| fresh));
+            let (fresh_v4, fresh_v6) = (
+                got.v4.is_some_and(|(_, fresh)| fresh),
+                got.v6.is_some_and(|(_, fresh)| fresh),
+            );
             if fresh_v4 || fresh_v6 {
                 let released = store.update(|s| {
                     if fresh_v4 {
@@ -143,30 +156,33 @@ pub async fn add<K: PodKernel + HostportKernel>(
     }
 }
 
-/// What one ADD holds: the IPv4 address, and the IPv6 one on a dual-stack node, each with
-/// whether this call allocated it.
+/// What one ADD holds: an address of each family the node has (IPv4 and IPv6 on a dual-stack
+/// node, one of them otherwise), each with whether this call allocated it.
 #[derive(Debug, Clone, Copy)]
 struct Allocated {
-    v4: (Ipv4Addr, bool),
+    v4: Option<(Ipv4Addr, bool)>,
     v6: Option<(Ipv6Addr, bool)>,
 }
 
-/// [`IpamState::allocate_families`] over the node's subnets: a subnet.env always has the IPv4
-/// pair (one with only the IPv6 pair does not load), the IPv6 one only on a dual-stack node.
+/// [`IpamState::allocate_families`] over the node's subnets: the IPv4 pair's and the IPv6
+/// pair's, whichever the subnet.env has (at least one: one without either does not load).
 fn allocate(s: &mut IpamState, env: &SubnetEnv, owner: &Owner) -> Result<Allocated, CniError> {
-    let got = s.allocate_families(
-        Some(env.subnet),
+    let (v4, v6) = (
+        env.v4.as_ref().map(|v| v.subnet),
         env.v6.as_ref().map(|v| v.subnet),
-        owner.clone(),
-    )?;
-    match got.v4 {
-        Some(v4) => Ok(Allocated { v4, v6: got.v6 }),
-        // allocate_families gives an address of every family it is given a subnet of.
-        None => Err(CniError::new(
+    );
+    let got = s.allocate_families(v4, v6, owner.clone())?;
+    // allocate_families gives an address of every family it is given a subnet of.
+    if got.v4.is_some() != v4.is_some() || got.v6.is_some() != v6.is_some() {
+        return Err(CniError::new(
             ErrorCode::Io,
-            format!("IPAM gave no IPv4 address in {}", env.subnet),
-        )),
+            "IPAM gave no address of every family the node holds",
+        ));
     }
+    Ok(Allocated {
+        v4: got.v4,
+        v6: got.v6,
+    })
 }
 
 async fn wire<K: PodKernel>(
@@ -197,7 +213,7 @@ fn add_result(plan: &PodPlan, pod_mac: &[u8], req: &Request) -> result::AddResul
             sandbox: req.netns.as_ref().map(|p| p.display().to_string()),
             mtu: Some(plan.mtu),
         },
-        Some(plan.address),
+        plan.address,
         plan.address_v6,
     )
 }
@@ -227,24 +243,26 @@ pub async fn check<K: PodKernel + HostportKernel>(
 ) -> Result<(), CniError> {
     let state = IpamStore::new(&conf.ipam_dir).read()?;
     let failed = |msg: String| CniError::new(ErrorCode::CheckFailed, msg);
-    let address = state.lookup(&owner(req)).ok_or_else(|| {
-        failed(format!(
+    let address = state.lookup(&owner(req));
+    let address_v6 = state.lookup_v6(&owner(req));
+    if address.is_none() && address_v6.is_none() {
+        return Err(failed(format!(
             "no address is allocated to container {} interface {}",
             req.container_id, req.ifname
-        ))
-    })?;
+        )));
+    }
     if let Some(expected) = conf
         .prev_result
         .as_ref()
         .and_then(|p| result::address_of(p, &req.ifname))
     {
-        if expected.addr() != address || expected.prefix_len() != 32 {
+        if Some(expected.addr()) != address || expected.prefix_len() != 32 {
+            let held = address.map_or("no IPv4 address".to_string(), |a| format!("{a}/32"));
             return Err(failed(format!(
-                "prevResult says {expected} but sluice allocated {address}/32"
+                "prevResult says {expected} but sluice allocated {held}"
             )));
         }
     }
-    let address_v6 = state.lookup_v6(&owner(req));
     if let Some(expected) = conf
         .prev_result
         .as_ref()
@@ -279,11 +297,14 @@ fn compare(plan: &PodPlan, seen: &crate::kernel::ObservedPod) -> Vec<String> {
     match seen.host_link_up {
         None => problems.push(format!("host interface {} is missing", plan.host_ifname)),
         Some(false) => problems.push(format!("host interface {} is down", plan.host_ifname)),
-        Some(true) if !seen.host_route => problems.push(format!(
-            "host route to {}/32 via {} is missing",
-            plan.address, plan.host_ifname
-        )),
-        Some(true) => {}
+        Some(true) => {
+            if let (Some(a), false) = (plan.address, seen.host_route) {
+                problems.push(format!(
+                    "host route to {a}/32 via {} is missing",
+                    plan.host_ifname
+                ));
+            }
+        }
     }
     match seen.pod_link_up {
         None => problems.push(format!(
@@ -292,14 +313,22 @@ fn compare(plan: &PodPlan, seen: &crate::kernel::ObservedPod) -> Vec<String> {
         )),
         Some(false) => problems.push(format!("container interface {} is down", plan.pod_ifname)),
         Some(true) => {
-            if !seen.pod_addresses.contains(&(plan.address, 32)) {
+            if let Some(a) = plan.address {
+                if !seen.pod_addresses.contains(&(a, 32)) {
+                    problems.push(format!(
+                        "container interface {} lacks {a}/32",
+                        plan.pod_ifname
+                    ));
+                }
+                if !seen.pod_default_via_gateway {
+                    problems.push(format!("container default route via {GATEWAY} is missing"));
+                }
+            } else if let Some((a, len)) = seen.pod_addresses.first() {
+                // An IPv6-only pod holds no IPv4 address.
                 problems.push(format!(
-                    "container interface {} lacks {}/32",
-                    plan.pod_ifname, plan.address
+                    "container interface {} holds {a}/{len} on an IPv6-only node",
+                    plan.pod_ifname
                 ));
-            }
-            if !seen.pod_default_via_gateway {
-                problems.push(format!("container default route via {GATEWAY} is missing"));
             }
         }
     }

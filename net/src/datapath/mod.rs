@@ -263,9 +263,22 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &DatapathConfig) -> Data
         .into_iter()
         .map(|peer| {
             // Direct IPv4 routes need an IPv4 underlay neighbour: over an IPv6 underlay a
-            // peer's IPv4 subnet is never on-link (it goes by VXLAN, or is unreachable).
-            let same = peer.underlay_ip.is_ipv4() && cfg.underlay.contains(&peer.underlay_ip);
-            let (path, reason) = if wireguard.routes.contains(&peer.subnet) {
+            // peer's IPv4 subnet is never on-link (it goes by VXLAN, or is unreachable). An
+            // IPv6-only peer (no IPv4 subnet) is on-link when its IPv6 underlay address is on
+            // this node's IPv6 underlay prefix.
+            let same = match peer.subnet {
+                Some(_) => peer.underlay_ip.is_ipv4() && cfg.underlay.contains(&peer.underlay_ip),
+                None => cfg
+                    .underlay_v6
+                    .zip(peer.underlay_ip_v6)
+                    .is_some_and(|(mine, theirs)| mine.contains(&theirs)),
+            };
+            let encrypted = peer.subnet.is_some_and(|s| wireguard.routes.contains(&s))
+                || (peer.subnet.is_none()
+                    && peer
+                        .subnet_v6
+                        .is_some_and(|s| wireguard.routes_v6.contains(&s)));
+            let (path, reason) = if encrypted {
                 (Path::Wireguard, Reason::Encrypted)
             } else {
                 match (cfg.overlay, same) {
@@ -288,7 +301,7 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &DatapathConfig) -> Data
         paths
             .iter()
             .filter(|p| p.path == path)
-            .map(|p| p.peer.subnet)
+            .filter_map(|p| p.peer.subnet)
             .collect()
     };
     // Each family of a peer on its own path (VXLAN carries both; a direct peer's IPv6 subnet
@@ -305,7 +318,7 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &DatapathConfig) -> Data
     let on_vxlan: BTreeSet<ipnet::IpNet> = paths
         .iter()
         .filter(|p| p.path == Path::Vxlan)
-        .map(|p| ipnet::IpNet::from(p.peer.subnet))
+        .filter_map(|p| p.peer.subnet.map(ipnet::IpNet::from))
         .chain(on_v6(Path::Vxlan).into_keys().map(ipnet::IpNet::from))
         .collect();
     vxlan.retain_subnets(|s| on_vxlan.contains(s));
@@ -317,7 +330,7 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &DatapathConfig) -> Data
             .iter()
             .filter(|p| p.path == Path::Direct)
             .filter_map(|p| match p.peer.underlay_ip {
-                std::net::IpAddr::V4(a) => Some((p.peer.subnet, a)),
+                std::net::IpAddr::V4(a) => Some((p.peer.subnet?, a)),
                 std::net::IpAddr::V6(_) => None,
             })
             .collect(),

@@ -17,7 +17,7 @@ fn node(name: &str, n: u8, seg: u8, enc: &str) -> NodeRecord {
         vtep_mac: vtep_mac(name),
         wireguard_public_key: Some(key(n)),
         encryption: enc.into(),
-        subnet: format!("10.244.{n}.0/24").parse().unwrap(),
+        subnet: Some(format!("10.244.{n}.0/24").parse().unwrap()),
         subnet_v6: None,
     }
 }
@@ -88,7 +88,7 @@ fn the_path_for_every_combination_of_overlay_segment_and_encryption() {
         let case = format!("{overlay:?} same={same} me={mine} peer={theirs}");
         assert_eq!(p.paths.len(), 1, "{case}");
         assert_eq!(p.paths[0].path, want, "{case}");
-        let s = peer.subnet;
+        let s = peer.subnet.unwrap();
         assert_eq!(
             p.vxlan.routes.contains_key(&ipnet::IpNet::from(s)),
             want == Vxlan,
@@ -224,7 +224,7 @@ fn a_conflicting_peer_takes_no_path() {
         ["c"]
     );
     assert_eq!(p.skipped.len(), 1);
-    assert!(!p.direct.routes.contains_key(&me.subnet));
+    assert!(!p.direct.routes.contains_key(&me.subnet.unwrap()));
 }
 
 #[test]
@@ -380,7 +380,7 @@ fn ipv6_subnets_take_a_direct_route_only_via_an_ipv6_underlay_neighbour() {
         assert_eq!(
             p.vxlan
                 .routes
-                .contains_key(&ipnet::IpNet::from(peer.subnet)),
+                .contains_key(&ipnet::IpNet::from(peer.subnet.unwrap())),
             want4 == Vxlan,
             "{case}"
         );
@@ -440,4 +440,79 @@ fn over_an_ipv6_underlay_only_ipv6_subnets_are_routed_directly() {
         auto_pod_mtu_for(Overlay::CrossSubnet, false, 1500, true),
         1420
     );
+}
+
+/// An IPv6-only node (no IPv4 subnet) on an IPv6 underlay fd00:31::/64.
+fn node_v6_only(name: &str, n: u8, enc: &str) -> NodeRecord {
+    let underlay: std::net::Ipv6Addr = format!("fd00:31::{n}").parse().unwrap();
+    NodeRecord {
+        underlay_ip: underlay.into(),
+        underlay_ip_v6: Some(underlay),
+        subnet: None,
+        subnet_v6: Some(format!("fd00:10:244:{n}::/64").parse().unwrap()),
+        ..node(name, n, 0, enc)
+    }
+}
+
+fn cfg_v6_only(overlay: Overlay, encryption: bool) -> DatapathConfig {
+    let mut c = cfg(overlay, encryption);
+    c.underlay = "fd00:31::1/64".parse().unwrap();
+    c.underlay_v6 = Some("fd00:31::1/64".parse().unwrap());
+    c.vxlan = VxlanConfig::auto(2, "fd00:31::1".parse().unwrap(), 1500);
+    c
+}
+
+#[test]
+fn an_ipv6_only_node_reaches_its_peers_ipv6_subnets_on_every_path() {
+    let me = node_v6_only("a", 1, "wireguard");
+    let peer = node_v6_only("b", 2, "wireguard");
+    let s6: ipnet::Ipv6Net = "fd00:10:244:2::/64".parse().unwrap();
+    // VXLAN: the IPv6 subnet via the peer's link-local VTEP gateway, over the IPv6 underlay.
+    let p = plan(
+        &me,
+        std::slice::from_ref(&peer),
+        &cfg_v6_only(Overlay::Always, false),
+    );
+    assert_eq!(p.paths[0].path, Path::Vxlan);
+    assert_eq!(p.paths[0].v6.map(|(path, _)| path), Some(Path::Vxlan));
+    assert_eq!(
+        p.vxlan.routes.keys().copied().collect::<Vec<_>>(),
+        vec![ipnet::IpNet::from(s6)]
+    );
+    assert_eq!(
+        p.vxlan.fdb.get(&peer.vtep_mac),
+        Some(&"fd00:31::2".parse::<std::net::IpAddr>().unwrap())
+    );
+    assert_eq!(p.vxlan.device.address, None, "no IPv4 VTEP address");
+    assert!(p.vxlan.device.address_v6.is_some());
+    assert!(p.direct.routes.is_empty() && p.direct.unreachable.is_empty());
+    // WireGuard: allowed IPs and routes of IPv6 only.
+    let p = plan(
+        &me,
+        std::slice::from_ref(&peer),
+        &cfg_v6_only(Overlay::Always, true),
+    );
+    assert_eq!(p.paths[0].path, Path::Wireguard);
+    let spec = &p.wireguard.peers["b"];
+    assert_eq!(spec.allowed_ips, vec![ipnet::IpNet::from(s6)]);
+    assert!(spec.endpoint.is_ipv6());
+    assert!(p.wireguard.routes.is_empty());
+    assert_eq!(
+        p.wireguard.routes_v6.iter().copied().collect::<Vec<_>>(),
+        vec![s6]
+    );
+    assert_eq!(p.wireguard.address, None);
+    assert!(p.vxlan.routes.is_empty(), "the subnet left VXLAN");
+    // Direct: a peer on this node's IPv6 underlay prefix gets a direct IPv6 route.
+    let p = plan(
+        &me,
+        std::slice::from_ref(&peer),
+        &cfg_v6_only(Overlay::Never, false),
+    );
+    assert_eq!(p.paths[0].path, Path::Direct);
+    assert_eq!(
+        p.direct.routes_v6.get(&s6),
+        Some(&"fd00:31::2".parse().unwrap())
+    );
+    assert!(p.unreachable().next().is_none());
 }

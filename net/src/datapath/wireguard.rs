@@ -31,7 +31,7 @@ fn routes_of(
     let v4 = wg
         .routes
         .iter()
-        .map(|r| ((*r).into(), Some(wg.address.into())));
+        .map(|r| ((*r).into(), wg.address.map(Into::into)));
     let v6 = wg
         .routes_v6
         .iter()

@@ -148,10 +148,10 @@ impl FamilyNet for Ipv4Net {
         }
     }
     fn in_record(record: &NodeRecord) -> Option<Self> {
-        Some(record.subnet)
+        record.subnet
     }
     fn set_in(self, record: &mut NodeRecord) {
-        record.subnet = self;
+        record.subnet = Some(self);
     }
 }
 
@@ -253,9 +253,10 @@ pub struct NodeRecord {
     pub wireguard_public_key: Option<String>,
     /// `none` or `wireguard` (the `encryption` key of `sluice-config`).
     pub encryption: String,
-    pub subnet: Ipv4Net,
-    /// A dual-stack node's IPv6 subnet (`sluice.dev/subnet-v6`), held in a lease of its own
-    /// named from it; both of the node's leases carry the same record.
+    /// Its IPv4 subnet (`sluice.dev/subnet`); none on an IPv6-only node.
+    pub subnet: Option<Ipv4Net>,
+    /// A dual-stack or IPv6-only node's IPv6 subnet (`sluice.dev/subnet-v6`), held in a lease
+    /// of its own named from it; both of a dual-stack node's leases carry the same record.
     pub subnet_v6: Option<Ipv6Net>,
 }
 
@@ -311,7 +312,9 @@ impl NodeRecord {
             a.insert(ANN_WIREGUARD_PUBLIC_KEY.into(), key.clone());
         }
         a.insert(ANN_ENCRYPTION.into(), self.encryption.clone());
-        a.insert(ANN_SUBNET.into(), self.subnet.to_string());
+        if let Some(v4) = self.subnet {
+            a.insert(ANN_SUBNET.into(), v4.to_string());
+        }
         if let Some(v6) = self.subnet_v6 {
             a.insert(ANN_SUBNET_V6.into(), v6.to_string());
         }
@@ -356,13 +359,19 @@ impl NodeRecord {
         if vtep_mac[0] & 1 == 1 || vtep_mac == [0; 6] {
             return Err(bad(ANN_VTEP_MAC, mac, "not a unicast MAC"));
         }
-        let subnet_text = get(ANN_SUBNET)?;
-        let subnet: Ipv4Net = subnet_text
-            .parse()
-            .map_err(|_| bad(ANN_SUBNET, subnet_text, "not an IPv4 CIDR"))?;
-        if subnet.network() != subnet.addr() {
-            return Err(bad(ANN_SUBNET, subnet_text, "host bits set"));
-        }
+        // An IPv6-only node's record has no IPv4 subnet; every record has one of the two.
+        let subnet = match a.get(ANN_SUBNET).filter(|v| !v.is_empty()) {
+            None => None,
+            Some(subnet_text) => {
+                let subnet: Ipv4Net = subnet_text
+                    .parse()
+                    .map_err(|_| bad(ANN_SUBNET, subnet_text, "not an IPv4 CIDR"))?;
+                if subnet.network() != subnet.addr() {
+                    return Err(bad(ANN_SUBNET, subnet_text, "host bits set"));
+                }
+                Some(subnet)
+            }
+        };
         let subnet_v6 = match a.get(ANN_SUBNET_V6).filter(|v| !v.is_empty()) {
             None => None,
             Some(text) => {
@@ -375,6 +384,9 @@ impl NodeRecord {
                 Some(v6)
             }
         };
+        if subnet.is_none() && subnet_v6.is_none() {
+            return Err(RecordError::Missing { key: ANN_SUBNET });
+        }
         Ok(Self {
             node,
             underlay_ip,
@@ -420,15 +432,18 @@ impl LeaseView {
         Some(since + Duration::from_secs(u64::from(self.duration_secs?)))
     }
 
-    /// A fresh lease of the record's IPv4 `subnet` held by `record.node`, acquired and renewed
-    /// `now`.
+    /// A fresh lease of the record's first subnet (the IPv4 one; an IPv6-only node's IPv6
+    /// one) held by `record.node`, acquired and renewed `now`.
     pub fn new_held(
         record: &NodeRecord,
         owner: Option<NodeOwner>,
         duration_secs: u32,
         now: SystemTime,
     ) -> Self {
-        Self::new_held_of(record.subnet, record, owner, duration_secs, now)
+        match (record.subnet, record.subnet_v6) {
+            (None, Some(v6)) => Self::new_held_of(v6, record, owner, duration_secs, now),
+            (v4, _) => Self::new_held_of(v4.unwrap_or_default(), record, owner, duration_secs, now),
+        }
     }
 
     /// A fresh lease named from `subnet` (of either family) carrying `record`.
@@ -711,14 +726,18 @@ pub fn peers_from_leases(
             }
         };
         let matches = match subnet {
-            IpNet::V4(s) => record.subnet == s,
+            IpNet::V4(s) => record.subnet == Some(s),
             IpNet::V6(s) => record.subnet_v6 == Some(s),
         };
         if !matches {
+            // The record's subnet of the lease's family, else its other one.
+            let v4 = record.subnet.map(IpNet::from);
+            let v6 = record.subnet_v6.map(IpNet::from);
             let record_subnet = match subnet {
-                IpNet::V4(_) => record.subnet.into(),
-                IpNet::V6(_) => record.subnet_v6.map_or(subnet, Into::into),
-            };
+                IpNet::V4(_) => v4.or(v6),
+                IpNet::V6(_) => v6.or(v4),
+            }
+            .unwrap_or(subnet);
             skipped.push(skip(RecordError::SubnetMismatch {
                 record: record_subnet,
                 lease: lease.name.clone(),
@@ -727,8 +746,11 @@ pub fn peers_from_leases(
         }
         if let IpNet::V6(s) = subnet {
             held_v6.insert(s, record.node.clone());
-            // The IPv4 lease brings the node in: a peer is reached at its IPv4 subnet first.
-            continue;
+            // The IPv4 lease brings a dual-stack node in: a peer is reached at its IPv4 subnet
+            // first. An IPv6-only node has only this one.
+            if record.subnet.is_some() {
+                continue;
+            }
         }
         if record.node == my_node {
             continue;

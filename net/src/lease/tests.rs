@@ -24,7 +24,7 @@ fn record(node: &str, subnet: &str) -> NodeRecord {
         vtep_mac: [0x0a, 1, 2, 3, 4, 5],
         wireguard_public_key: None,
         encryption: "none".into(),
-        subnet: net(subnet),
+        subnet: Some(net(subnet)),
         subnet_v6: None,
     }
 }
@@ -298,7 +298,7 @@ fn peers_skip_bad_records_with_a_reason() {
     assert_eq!(
         peers
             .iter()
-            .map(|p| (p.node.as_str(), p.subnet.to_string()))
+            .map(|p| (p.node.as_str(), p.subnet.unwrap().to_string()))
             .collect::<Vec<_>>(),
         vec![("b", "10.244.5.0/24".to_string())]
     );
@@ -849,7 +849,7 @@ fn peers_carry_their_ipv6_subnet_only_while_they_hold_its_lease() {
         .map(|p| {
             (
                 p.node.clone(),
-                p.subnet.to_string(),
+                p.subnet.unwrap().to_string(),
                 p.subnet_v6.map(|s| s.to_string()),
             )
         })
@@ -941,4 +941,81 @@ fn the_ipv6_underlay_address_round_trips_and_bad_ones_are_refused() {
             "{bad}"
         );
     }
+}
+
+/// An IPv6-only node's record: no `sluice.dev/subnet`, its lease named from its IPv6 subnet.
+fn record_v6_only(node: &str, subnet6: &str, underlay: &str) -> NodeRecord {
+    NodeRecord {
+        underlay_ip: underlay.parse().unwrap(),
+        underlay_ip_v6: underlay.parse().ok(),
+        subnet: None,
+        subnet_v6: Some(subnet6.parse().unwrap()),
+        ..record(node, "10.244.0.0/24")
+    }
+}
+
+#[test]
+fn an_ipv6_only_record_round_trips_and_its_one_lease_brings_the_peer_in() {
+    let r = record_v6_only("b", "fd00:10:244:2::/64", "fd00:31::2");
+    let a = r.to_annotations();
+    assert!(!a.contains_key(ANN_SUBNET), "{a:?}");
+    assert_eq!(a[ANN_SUBNET_V6], "fd00:10:244:2::/64");
+    assert_eq!(NodeRecord::from_annotations(&a).unwrap(), r);
+    // The lease is named from the IPv6 subnet.
+    let l = LeaseView::new_held(&r, None, 40, at(100));
+    assert_eq!(l.name, "sluice-fd00-10-244-2---64");
+    let mine = LeaseView::new_held(
+        &record_v6_only("me", "fd00:10:244:1::/64", "fd00:31::1"),
+        None,
+        40,
+        at(100),
+    );
+    let (peers, skipped) = peers_from_leases("me", &[l, mine]);
+    assert!(skipped.is_empty(), "{skipped:?}");
+    assert_eq!(peers, vec![r.clone()]);
+    // An IPv6-only record in a lease named from an IPv4 subnet does not fit it: skipped, and
+    // the reason names the record's own subnet.
+    let mut wrong = LeaseView::new_held(&r, None, 40, at(100));
+    wrong.name = lease_name(net("10.244.9.0/24"));
+    let (peers, skipped) = peers_from_leases("me", &[wrong]);
+    assert!(peers.is_empty());
+    assert!(
+        matches!(
+            &skipped[..],
+            [SkippedLease { reason: RecordError::SubnetMismatch { record, .. }, .. }]
+                if record.to_string() == "fd00:10:244:2::/64"
+        ),
+        "{skipped:?}"
+    );
+    // A record with neither subnet is refused by name.
+    let mut none = a.clone();
+    none.remove(ANN_SUBNET_V6);
+    assert!(matches!(
+        NodeRecord::from_annotations(&none),
+        Err(RecordError::Missing { key: ANN_SUBNET })
+    ));
+}
+
+#[test]
+fn an_ipv6_only_node_takes_its_lease_from_the_ipv6_pool() {
+    let store = FakeLeases::default();
+    let pool = SubnetPool::new("fd00:10:244::/56".parse::<Ipv6Net>().unwrap(), 64).unwrap();
+    let req = |node: &str| AcquireRequest {
+        pool,
+        record: record_v6_only(node, "fd00:10:244:ff::/64", "fd00:31::1"),
+        owner: None,
+        duration_secs: 40,
+        prefer: None,
+        max_attempts: 4,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let a = rt.block_on(acquire(&store, &req("a"), || at(10))).unwrap();
+    let b = rt.block_on(acquire(&store, &req("b"), || at(10))).unwrap();
+    assert_eq!(a.subnet.to_string(), "fd00:10:244::/64");
+    assert_eq!(b.subnet.to_string(), "fd00:10:244:1::/64");
+    assert_eq!(b.record.subnet, None);
+    assert_eq!(b.record.subnet_v6, Some(b.subnet));
+    assert_eq!(b.lease.name, "sluice-fd00-10-244-1---64");
 }

@@ -96,9 +96,12 @@ pub fn host_len(ip: IpAddr) -> u8 {
 }
 
 impl DeviceSpec {
-    /// The device's addresses: the IPv4 VTEP address, and the IPv6 one on a dual-stack node.
+    /// The device's addresses: the IPv4 VTEP address, and the IPv6 one on a node with IPv6.
     pub fn addresses(&self) -> impl Iterator<Item = IpAddr> {
-        std::iter::once(IpAddr::V4(self.address)).chain(self.address_v6.map(IpAddr::V6))
+        self.address
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.address_v6.map(IpAddr::V6))
     }
 }
 

@@ -170,8 +170,8 @@ pub struct DeviceSpec {
     pub underlay_ifindex: u32,
     pub mtu: u32,
     pub mac: [u8; 6],
-    /// The node's VTEP address, held as a /32.
-    pub address: Ipv4Addr,
+    /// The node's VTEP address, held as a /32 (none on an IPv6-only node).
+    pub address: Option<Ipv4Addr>,
     /// Its IPv6 VTEP address, held as a /128, when the node has an IPv6 subnet.
     pub address_v6: Option<Ipv6Addr>,
     pub tx_checksum_offload: bool,
@@ -242,7 +242,7 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &VxlanConfig) -> VxlanPl
         underlay_ifindex: cfg.underlay_ifindex,
         mtu: cfg.mtu,
         mac: me.vtep_mac,
-        address: vtep_address(me.subnet),
+        address: me.subnet.map(vtep_address),
         address_v6: me.subnet_v6.map(vtep_address_v6),
         tx_checksum_offload: cfg.tx_checksum_offload,
     };
@@ -255,16 +255,23 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &VxlanConfig) -> VxlanPl
         skipped: Vec::new(),
     };
     let mut sorted: Vec<&NodeRecord> = peers.iter().filter(|p| p.node != me.node).collect();
-    sorted.sort_by(|a, b| (a.subnet, &a.node).cmp(&(b.subnet, &b.node)));
+    sorted.sort_by(|a, b| (a.subnet, a.subnet_v6, &a.node).cmp(&(b.subnet, b.subnet_v6, &b.node)));
     let mut taken: Vec<(IpNet, &str)> = Vec::new();
     let mut macs: BTreeMap<[u8; 6], &str> = BTreeMap::from([(me.vtep_mac, me.node.as_str())]);
     let overlaps = |a: &IpNet, b: &IpNet| a.contains(&b.network()) || b.contains(&a.network());
-    let mine: Vec<IpNet> = std::iter::once(me.subnet.into())
+    let mine: Vec<IpNet> = me
+        .subnet
+        .map(IpNet::from)
+        .into_iter()
         .chain(me.subnet_v6.map(IpNet::from))
         .collect();
     for peer in sorted {
-        // The peer's subnets this node routes: its IPv6 one only when this node has IPv6 too.
-        let theirs: Vec<IpNet> = std::iter::once(peer.subnet.into())
+        // The peer's subnets this node routes: each family only when this node has it too.
+        let theirs: Vec<IpNet> = peer
+            .subnet
+            .filter(|_| me.subnet.is_some())
+            .map(IpNet::from)
+            .into_iter()
             .chain(
                 peer.subnet_v6
                     .filter(|_| me.subnet_v6.is_some())
@@ -302,7 +309,7 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], cfg: &VxlanConfig) -> VxlanPl
                 })
         };
         if let Some(reason) = conflict {
-            tracing::warn!(peer = %peer.node, subnet = %peer.subnet, %reason, "peer skipped");
+            tracing::warn!(peer = %peer.node, subnet = ?peer.subnet, subnet_v6 = ?peer.subnet_v6, %reason, "peer skipped");
             out.skipped.push(SkippedPeer {
                 node: peer.node.clone(),
                 reason,

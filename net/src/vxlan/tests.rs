@@ -28,7 +28,7 @@ fn node(name: &str, underlay: &str, subnet: &str) -> NodeRecord {
         vtep_mac: vtep_mac(name),
         wireguard_public_key: None,
         encryption: "none".into(),
-        subnet: net(subnet),
+        subnet: Some(net(subnet)),
         subnet_v6: None,
     }
 }
@@ -80,7 +80,7 @@ fn plan_routes_each_peer_via_its_vtep_with_neighbour_and_fdb() {
             underlay_ifindex: 2,
             mtu: 1450,
             mac: vtep_mac("a"),
-            address: ip("10.244.1.0"),
+            address: Some(ip("10.244.1.0")),
             address_v6: None,
             tx_checksum_offload: true,
         }

@@ -425,7 +425,7 @@ impl WgDevice {
     /// (see [`super::WgPlan::address`]); the kernel's own link-local address stays.
     pub async fn sync_address(
         &self,
-        addr: Ipv4Addr,
+        addr: Option<Ipv4Addr>,
         addr6: Option<Ipv6Addr>,
     ) -> Result<(), WgError> {
         let found: Vec<AddressMessage> = self
@@ -437,7 +437,9 @@ impl WgDevice {
             .try_collect()
             .await
             .map_err(netlink(format!("listing addresses on {}", self.ifname)))?;
-        let wanted: Vec<(IpAddr, u8)> = std::iter::once((IpAddr::V4(addr), 32))
+        let wanted: Vec<(IpAddr, u8)> = addr
+            .map(|a| (IpAddr::V4(a), 32))
+            .into_iter()
             .chain(addr6.map(|a| (IpAddr::V6(a), 128)))
             .collect();
         let mut have = Vec::new();

@@ -91,7 +91,7 @@ pub enum PeerProblem {
 }
 
 /// The WireGuard part of a node's desired datapath.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct WgPlan {
     /// Whether the device should exist: this node runs WireGuard, or a peer that it may still
     /// hear from over WireGuard does.
@@ -101,8 +101,9 @@ pub struct WgPlan {
     /// the node (a hostNetwork pod, the kubelet, a NodePort kube-proxy SNATs to the node) then
     /// leaves from an address within the node's subnet, which every peer's allowed IPs for this
     /// node hold. From the underlay address it would be dropped by the receiver.
-    pub address: std::net::Ipv4Addr,
-    /// Its IPv6 address on a dual-stack node (the IPv6 subnet's network address, as a /128),
+    /// None on an IPv6-only node.
+    pub address: Option<std::net::Ipv4Addr>,
+    /// Its IPv6 address on a node with IPv6 (the IPv6 subnet's network address, as a /128),
     /// the preferred source of its IPv6 routes alike.
     pub address_v6: Option<std::net::Ipv6Addr>,
     /// The device's peers by node name (empty when there is no device).
@@ -112,20 +113,6 @@ pub struct WgPlan {
     /// The IPv6 subnets of those peers, routed through the device with them.
     pub routes_v6: BTreeSet<Ipv6Net>,
     pub skipped: Vec<(String, PeerProblem)>,
-}
-
-impl Default for WgPlan {
-    fn default() -> Self {
-        Self {
-            device: false,
-            address: std::net::Ipv4Addr::UNSPECIFIED,
-            address_v6: None,
-            peers: BTreeMap::new(),
-            routes: BTreeSet::new(),
-            routes_v6: BTreeSet::new(),
-            skipped: Vec::new(),
-        }
-    }
 }
 
 /// What the plan needs besides the records.
@@ -147,7 +134,7 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], settings: &WgSettings) -> WgP
         .any(|p| p.encryption == WIREGUARD && p.wireguard_public_key.is_some());
     let mut out = WgPlan {
         device: settings.enabled || any_peer_wireguard,
-        address: crate::vxlan::vtep_address(me.subnet),
+        address: me.subnet.map(crate::vxlan::vtep_address),
         address_v6: me.subnet_v6.map(crate::vxlan::vtep_address_v6),
         ..WgPlan::default()
     };
@@ -182,7 +169,8 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], settings: &WgSettings) -> WgP
             }
         };
         keys.insert(key, &peer.node);
-        // A peer's IPv6 subnet only where this node has IPv6 too.
+        // A peer's subnet of each family only where this node has that family too.
+        let peer_v4 = peer.subnet.filter(|_| me.subnet.is_some());
         let peer_v6 = peer.subnet_v6.filter(|_| me.subnet_v6.is_some());
         out.peers.insert(
             peer.node.clone(),
@@ -190,14 +178,16 @@ pub fn plan(me: &NodeRecord, peers: &[NodeRecord], settings: &WgSettings) -> WgP
                 node: peer.node.clone(),
                 public_key: key,
                 endpoint: SocketAddr::new(peer.underlay_ip, settings.port),
-                allowed_ips: std::iter::once(IpNet::from(peer.subnet))
+                allowed_ips: peer_v4
+                    .map(IpNet::from)
+                    .into_iter()
                     .chain(peer_v6.map(IpNet::from))
                     .collect(),
                 keepalive_secs: settings.keepalive_secs,
             },
         );
         if settings.enabled && mine.is_some() && peer.encryption == WIREGUARD {
-            out.routes.insert(peer.subnet);
+            out.routes.extend(peer_v4);
             out.routes_v6.extend(peer_v6);
         }
     }

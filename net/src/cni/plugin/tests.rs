@@ -84,7 +84,7 @@ impl PodKernel for FakeKernel {
             .get_mut(&plan.host_ifname)
             .ok_or(KernelError::NoPodNetns)?;
         l.host_configured = true;
-        l.address = Some(plan.address);
+        l.address = plan.address;
         l.address_v6 = plan.address_v6;
         Ok(())
     }
@@ -108,10 +108,10 @@ impl PodKernel for FakeKernel {
         let v6 = plan.address_v6.filter(|a| l.address_v6 == Some(*a));
         Ok(ObservedPod {
             host_link_up: Some(true),
-            host_route: l.host_configured && l.address == Some(plan.address),
+            host_route: l.host_configured && plan.address.is_some() && l.address == plan.address,
             pod_link_up: Some(true),
             pod_addresses: if l.pod_configured {
-                vec![(plan.address, 32)]
+                plan.address.map(|a| (a, 32)).into_iter().collect()
             } else {
                 vec![]
             },
@@ -241,6 +241,17 @@ impl Node {
         std::fs::write(
             node.dir.path().join("subnet.env"),
             format!("SLUICE_NETWORK=10.244.0.0/16\nSLUICE_SUBNET={subnet}\nSLUICE_NETWORK6=fd00:10:244::/56\nSLUICE_SUBNET6={subnet6}\nSLUICE_MTU=1450\nSLUICE_IPMASQ=true\n"),
+        )
+        .unwrap();
+        node
+    }
+
+    /// An IPv6-only node: only the IPv6 pair in its subnet.env.
+    fn v6_only(subnet6: &str) -> Self {
+        let node = Self::new("10.244.3.0/24");
+        std::fs::write(
+            node.dir.path().join("subnet.env"),
+            format!("SLUICE_NETWORK6=fd00:10:244::/56\nSLUICE_SUBNET6={subnet6}\nSLUICE_MTU=1430\nSLUICE_IPMASQ=true\n"),
         )
         .unwrap();
         node
@@ -714,3 +725,4 @@ fn gc_removes_the_ifbs_of_stale_attachments() {
 
 mod dual;
 mod hostports;
+mod v6only;
