@@ -3,19 +3,21 @@
 //! packet is evaluated as new (TCP pick-up) and meets the policy.
 //!
 //! Mechanism: the flows of both families are read in one read of `/proc/net/nf_conntrack`
-//! (where the kernel has it; else `conntrack -L` lists the IPv4 flows, and the IPv6 ones when a
-//! local pod has an IPv6 address: each such call is a process and a netlink dump that walks
+//! (where the kernel has it; else `conntrack -L` lists the IPv4 flows, and the IPv6 ones when
+//! a local pod has an IPv6 address: each such call is a process and a netlink dump that walks
 //! every bucket of the host's conntrack hash, all namespaces', some 15 ms at 262144 buckets
-//! however few entries this namespace holds). [`denied`] (pure) picks those the IR no longer allows (judged as the
-//! forward hook saw them: original source, destination after DNAT = the reply's source, its
-//! port), and they are deleted by the `conntrack` binary (conntrack-tools; called, not
-//! linked), one `conntrack -D` per (source, destination, protocol,
-//! destination port, reply source and port) group (one process per flow took tens of seconds
-//! when a probe or a scanner had left hundreds of entries, blocking the policy loop). Entries
-//! that cannot carry a packet as established are left alone: those that never saw a reply
-//! (their next packet is new, so the policy judges it) and TCP entries in TIME_WAIT or CLOSE (a
-//! new SYN on them is a new flow). A netlink implementation (`netlink-packet-netfilter`) could
-//! replace the binary behind the same call.
+//! however few entries this namespace holds). [`denied`] (pure) picks those the IR no longer
+//! allows (judged as the forward hook saw them: original source, destination after DNAT = the
+//! reply's source, its port), and they are deleted: those with ports one by one by their exact
+//! tuple over ctnetlink ([`netlink`], a hash lookup each), the others (ICMP; or all, should
+//! netlink fail) by the `conntrack` binary (conntrack-tools; called, not linked), one
+//! `conntrack -D` per (source, destination, protocol, destination port, reply source and port)
+//! group (one process per flow took tens of seconds when a probe or a scanner had left
+//! hundreds of entries, blocking the policy loop). Entries that cannot carry a packet as
+//! established are left alone: those that never saw a reply (their next packet is new, so the
+//! policy judges it) and TCP entries in TIME_WAIT or CLOSE (a new SYN on them is a new flow).
+
+pub mod netlink;
 
 use crate::firewall::{Exec, FirewallError};
 use crate::ir::{Family, PolicyIr};
@@ -229,13 +231,28 @@ impl ConntrackCli {
         Ok(flows)
     }
 
-    /// Deletes the groups of `flows` that `ir` denies; how many.
+    /// Deletes the flows of `flows` that `ir` denies: those with ports one by one over
+    /// ctnetlink ([`netlink`]; where binaries run in the caller's namespace or a named one),
+    /// the rest (or all, should the socket fail) by group with `conntrack -D`; how many flows
+    /// and groups were deleted.
     fn delete_denied(&self, ir: &PolicyIr, flows: &[Flow]) -> Result<usize, FirewallError> {
         let mut deleted = 0;
-        let mut groups: Vec<Vec<String>> = denied(ir, flows)
+        let (exact, mut rest): (Vec<&Flow>, Vec<&Flow>) = denied(ir, flows)
             .into_iter()
-            .map(delete_group_args)
-            .collect();
+            .partition(|f| netlink::delete_request(f, 0).is_some());
+        let netns = self.exec.netns();
+        if !exact.is_empty() && (netns.is_some() || self.exec.wrapper.is_empty()) {
+            match netlink::delete_flows(netns, &exact) {
+                Ok(n) => deleted += n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "deleting conntrack entries over netlink failed; deleting them with conntrack -D");
+                    rest.extend(exact);
+                }
+            }
+        } else {
+            rest.extend(exact);
+        }
+        let mut groups: Vec<Vec<String>> = rest.into_iter().map(delete_group_args).collect();
         groups.sort();
         groups.dedup();
         // A few at once: each call is a process, and the policy loop waits for all of them.
