@@ -2,16 +2,22 @@
 //! accept would otherwise keep them passing; once their conntrack entry is gone, the next
 //! packet is evaluated as new (TCP pick-up) and meets the policy.
 //!
-//! Mechanism: the `conntrack` binary (conntrack-tools; called, not linked): `conntrack -L`
-//! lists the IPv4 flows (and the IPv6 ones when a local pod has an IPv6 address), [`denied`] (pure) picks those the IR no longer allows (judged as the
-//! forward hook saw them: original source, destination after DNAT = the reply's source, its
-//! port), and they are deleted by one `conntrack -D` per (source, destination, protocol,
-//! destination port, reply source and port) group (one process per flow took tens of seconds
-//! when a probe or a scanner had left hundreds of entries, blocking the policy loop). Entries
-//! that cannot carry a packet as established are left alone: those that never saw a reply
-//! (their next packet is new, so the policy judges it) and TCP entries in TIME_WAIT or CLOSE (a
-//! new SYN on them is a new flow). A netlink implementation (`netlink-packet-netfilter`) could
-//! replace the binary behind the same call.
+//! Mechanism: the flows of both families are read in one read of `/proc/net/nf_conntrack`
+//! (where the kernel has it; else `conntrack -L` lists the IPv4 flows, and the IPv6 ones when
+//! a local pod has an IPv6 address: each such call is a process and a netlink dump that walks
+//! every bucket of the host's conntrack hash, all namespaces', some 15 ms at 262144 buckets
+//! however few entries this namespace holds). [`denied`] (pure) picks those the IR no longer
+//! allows (judged as the forward hook saw them: original source, destination after DNAT = the
+//! reply's source, its port), and they are deleted: those with ports one by one by their exact
+//! tuple over ctnetlink ([`netlink`], a hash lookup each), the others (ICMP; or all, should
+//! netlink fail) by the `conntrack` binary (conntrack-tools; called, not linked), one
+//! `conntrack -D` per (source, destination, protocol, destination port, reply source and port)
+//! group (one process per flow took tens of seconds when a probe or a scanner had left
+//! hundreds of entries, blocking the policy loop). Entries that cannot carry a packet as
+//! established are left alone: those that never saw a reply (their next packet is new, so the
+//! policy judges it) and TCP entries in TIME_WAIT or CLOSE (a new SYN on them is a new flow).
+
+pub mod netlink;
 
 use crate::firewall::{Exec, FirewallError};
 use crate::ir::{Family, PolicyIr};
@@ -32,13 +38,18 @@ pub struct Flow {
     pub live: bool,
 }
 
-/// Flows from `conntrack -L -f ipv4` (or `-f ipv6`) text; lines that do not parse are skipped.
+/// Flows from `conntrack -L -f ipv4` (or `-f ipv6`) text, or from `/proc/net/nf_conntrack`
+/// (the same lines after the family's name and number, addresses written out in full); lines
+/// that do not parse are skipped.
 pub fn parse_list(text: &str) -> Vec<Flow> {
     text.lines().filter_map(parse_line).collect()
 }
 
 fn parse_line(line: &str) -> Option<Flow> {
-    let mut words = line.split_whitespace();
+    let mut words = line.split_whitespace().peekable();
+    if words.next_if(|w| matches!(*w, "ipv4" | "ipv6")).is_some() {
+        let _family_number = words.next()?;
+    }
     let _name = words.next()?;
     let proto: u8 = words.next()?.parse().ok()?;
     let mut src = Vec::new();
@@ -142,6 +153,10 @@ pub fn delete_args(flow: &Flow) -> Vec<String> {
     a
 }
 
+/// The conntrack table of the reader's network namespace, both families (the main thread's:
+/// the agent's node).
+const PROC_TABLE: &str = "/proc/self/net/nf_conntrack";
+
 /// `conntrack -D` processes run at once by [`ConntrackCli::flush_denied`].
 const DELETERS: usize = 8;
 
@@ -169,6 +184,32 @@ impl ConntrackCli {
     /// [`delete_group_args`]) were deleted. Call it right
     /// after the firewall applied `ir`, so that a flow cannot come back as established.
     pub fn flush_denied(&self, ir: &PolicyIr) -> Result<usize, FirewallError> {
+        let flows = match self.read_table() {
+            // IPv6 flows only where a pod has an IPv6 address (no other IPv6 flow is policy's).
+            Some(text) => parse_list(&text)
+                .into_iter()
+                .filter(|f| f.src.is_ipv4() || ir.has(Family::V6))
+                .collect(),
+            None => self.list(ir)?,
+        };
+        self.delete_denied(ir, &flows)
+    }
+
+    /// Both families' flows in one read of [`PROC_TABLE`] (no process where binaries run in
+    /// the caller's namespace, and no dump of the host's whole hash); `None` where the kernel
+    /// has no such file.
+    fn read_table(&self) -> Option<String> {
+        if self.exec.wrapper.is_empty() {
+            return std::fs::read_to_string(PROC_TABLE).ok();
+        }
+        let out = self.exec.run("cat", &[PROC_TABLE], None).ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The flows `conntrack -L` lists, IPv4 and (when a local pod has an IPv6 address) IPv6.
+    fn list(&self, ir: &PolicyIr) -> Result<Vec<Flow>, FirewallError> {
         let mut flows = Vec::new();
         for family in Family::BOTH {
             // IPv6 flows only where a pod has an IPv6 address (no other IPv6 flow is policy's).
@@ -187,11 +228,31 @@ impl ConntrackCli {
             }
             flows.extend(parse_list(&String::from_utf8_lossy(&out.stdout)));
         }
+        Ok(flows)
+    }
+
+    /// Deletes the flows of `flows` that `ir` denies: those with ports one by one over
+    /// ctnetlink ([`netlink`]; where binaries run in the caller's namespace or a named one),
+    /// the rest (or all, should the socket fail) by group with `conntrack -D`; how many flows
+    /// and groups were deleted.
+    fn delete_denied(&self, ir: &PolicyIr, flows: &[Flow]) -> Result<usize, FirewallError> {
         let mut deleted = 0;
-        let mut groups: Vec<Vec<String>> = denied(ir, &flows)
+        let (exact, mut rest): (Vec<&Flow>, Vec<&Flow>) = denied(ir, flows)
             .into_iter()
-            .map(delete_group_args)
-            .collect();
+            .partition(|f| netlink::delete_request(f, 0).is_some());
+        let netns = self.exec.netns();
+        if !exact.is_empty() && (netns.is_some() || self.exec.wrapper.is_empty()) {
+            match netlink::delete_flows(netns, &exact) {
+                Ok(n) => deleted += n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "deleting conntrack entries over netlink failed; deleting them with conntrack -D");
+                    rest.extend(exact);
+                }
+            }
+        } else {
+            rest.extend(exact);
+        }
+        let mut groups: Vec<Vec<String>> = rest.into_iter().map(delete_group_args).collect();
         groups.sort();
         groups.dedup();
         // A few at once: each call is a process, and the policy loop waits for all of them.
@@ -342,6 +403,33 @@ tcp      6 431999 ESTABLISHED src=fd00:10:244:2::5 dst=fd00:10:244:1::9 sport=40
         assert_eq!(
             delete_args(denied[1]).join(" "),
             "-D -f ipv6 -p icmpv6 -s fd00:10:244:2::5 -d fd00:10:244:1::1"
+        );
+        // `/proc/net/nf_conntrack` says the same, both families in one table, after each
+        // line's family (name and number) and with the addresses written out in full.
+        let proc_text = "ipv4     2 udp      17 28 src=10.244.0.2 dst=10.244.1.1 sport=5000 dport=80 src=10.244.1.1 dst=10.244.0.2 sport=80 dport=5000 mark=0 zone=0 use=2\n\
+ipv6     10 tcp      6 431999 ESTABLISHED src=fd00:0010:0244:0002:0000:0000:0000:0005 dst=fd00:0010:0244:0001:0000:0000:0000:0001 sport=40000 dport=80 src=fd00:0010:0244:0001:0000:0000:0000:0001 dst=fd00:0010:0244:0002:0000:0000:0000:0005 sport=80 dport=40000 [ASSURED] mark=0 zone=0 use=2\n\
+ipv6     10 icmpv6   58 29 src=fd00:0010:0244:0002:0000:0000:0000:0005 dst=fd00:0010:0244:0001:0000:0000:0000:0001 type=128 code=0 id=9 src=fd00:0010:0244:0001:0000:0000:0000:0001 dst=fd00:0010:0244:0002:0000:0000:0000:0005 type=129 code=0 id=9 mark=0 zone=0 use=2\n\
+ipv6     10 tcp      6 119 TIME_WAIT src=fd00:0010:0244:0002:0000:0000:0000:0005 dst=fd00:0010:0244:0001:0000:0000:0000:0001 sport=39999 dport=80 src=fd00:0010:0244:0001:0000:0000:0000:0001 dst=fd00:0010:0244:0002:0000:0000:0000:0005 sport=80 dport=39999 [ASSURED] mark=0 zone=0 use=2\n\
+ipv6     10\n";
+        let from_proc = parse_list(proc_text);
+        assert_eq!(from_proc.len(), 4);
+        assert_eq!(from_proc[0].src, "10.244.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(from_proc[0].reply_sport, Some(80));
+        assert_eq!(from_proc[1..3], flows[..2]);
+        assert!(!from_proc[3].live);
+        // One read, both families: the IPv4 flow to the pod is denied as well.
+        let groups: Vec<Vec<String>> = super::denied(&ir, &from_proc)
+            .into_iter()
+            .map(delete_group_args)
+            .collect();
+        assert_eq!(groups.len(), 3);
+        assert_eq!(groups[0][..3], ["-D", "-f", "ipv4"]);
+        assert_eq!(
+            groups[1..],
+            denied
+                .iter()
+                .map(|f| delete_group_args(f))
+                .collect::<Vec<_>>()
         );
         // An IPv4-only policy reading never lists IPv6 flows: no pod has an IPv6 address.
         assert!(!PolicyIr::default().has(Family::V6) && ir.has(Family::V6));

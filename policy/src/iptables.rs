@@ -897,21 +897,39 @@ impl Firewall for IptablesRestore {
         })
     }
 
-    /// The IPv4 chains, then the IPv6 ones (where the kernel has IPv6), then the sets neither
-    /// names any more.
+    /// The IPv4 chains and, at the same time, the IPv6 ones (where the kernel has IPv6: their
+    /// chains, sets and temporary sets are apart, and each family's writes are a few
+    /// processes that would otherwise wait for the other's), then the sets neither names any
+    /// more.
     fn apply(&self, desired: &Rendered) -> Result<Applied, FirewallError> {
         let Rendered::Iptables(script) = desired else {
             return Err(FirewallError::WrongBackend {
                 want: Backend::Iptables,
             });
         };
+        let v6 = script.v6.as_deref().filter(|_| Self::has_ipv6());
+        let (four, six) = std::thread::scope(|scope| {
+            let six =
+                v6.map(|v6| scope.spawn(move || self.apply_family(Family::V6, v6, &self.last6)));
+            let four = self.apply_family(Family::V4, script, &self.last);
+            let six = six.map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(FirewallError::Command {
+                        program: self.bin6("iptables-restore"),
+                        op: "restore",
+                        stderr: "the IPv6 writing thread panicked".into(),
+                    })
+                })
+            });
+            (four, six)
+        });
         let (mut applied, mut sweeps) = {
-            let (a, s) = self.apply_family(Family::V4, script, &self.last)?;
+            let (a, s) = four?;
             (a, vec![s])
         };
         let mut keep = script.sets.clone();
-        if let Some(v6) = script.v6.as_deref().filter(|_| Self::has_ipv6()) {
-            let (a, s) = self.apply_family(Family::V6, v6, &self.last6)?;
+        if let (Some(v6), Some(six)) = (v6, six) {
+            let (a, s) = six?;
             applied = Applied {
                 written: applied.written || a.written,
                 incremental: (applied.incremental || !applied.written)

@@ -1046,6 +1046,25 @@ pub fn run_case(env: &Env, case: &Case) -> Outcome {
     }
     out
 }
+/// Switches `policy-log-drops` (live).
+pub fn set_log_drops(lab: &Lab, on: bool) {
+    lab.set_config("policy-log-drops", &on.to_string());
+}
+
+/// The agent log lines of `node` that report a dropped packet, oldest first (the log is
+/// appended to across agent restarts).
+pub fn drop_lines(lab: &Lab, node: &str) -> Vec<String> {
+    std::fs::read_to_string(format!(
+        "/run/sluice/lab/{}/nodes/{node}/agent.log",
+        lab.name
+    ))
+    .unwrap_or_default()
+    .lines()
+    .filter(|l| l.contains("packet dropped by network policy"))
+    .map(str::to_string)
+    .collect()
+}
+
 /// Sets `policy-backend` and restarts every agent (the key is read at start); waits until each
 /// reports the backend and is ready.
 pub fn use_backend(lab: &Lab, backend: &str) {

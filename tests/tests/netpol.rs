@@ -299,23 +299,6 @@ fn a_denied_established_tcp_connection_stops_within_a_second() {
     assert!(!reaches(&lab, "r/cl", "r/sv", &ips));
 }
 
-fn set_log_drops(lab: &Lab, on: bool) {
-    lab.set_config("policy-log-drops", &on.to_string());
-}
-
-/// The agent log lines that report a dropped packet.
-fn drop_lines(lab: &Lab, node: &str) -> Vec<String> {
-    std::fs::read_to_string(format!(
-        "/run/sluice/lab/{}/nodes/{node}/agent.log",
-        lab.name
-    ))
-    .unwrap_or_default()
-    .lines()
-    .filter(|l| l.contains("packet dropped by network policy"))
-    .map(str::to_string)
-    .collect()
-}
-
 /// `policy-log-drops`, switched live: a connect denied by a policy is logged by the agent with
 /// the pod, the direction, the stage (NetworkPolicy, then an Admin ClusterNetworkPolicy
 /// denying first), the policy and the flow; switched off, nothing more is logged.

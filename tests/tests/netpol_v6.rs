@@ -15,7 +15,8 @@ use ipnet::Ipv6Net;
 use sluice_e2e::have_root;
 use sluice_e2e::lab::{netns_with_prefix, Lab};
 use sluice_e2e::netpol::*;
-use std::net::Ipv6Addr;
+use std::net::{Ipv6Addr, SocketAddr};
+use std::time::Duration;
 
 /// The shared cases that name IPv4 addresses, and their truth over IPv6.
 const IPV4_ADDRESS_CASES: [&str; 3] = [
@@ -274,6 +275,17 @@ fn truth_tables_hold_over_ipv6_and_agree_on_both_renderers() {
     both_renderers_agree(suite, 30);
 }
 
+fn namespace_yaml(ns: &str) -> String {
+    format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: \"{ns}\"\n---\n")
+}
+
+/// A lab pod (serving TCP and UDP on 80 and 81, on both families) labelled `pod: NAME`.
+fn pod_yaml(ns: &str, name: &str, node: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: \"{ns}\"\n  labels: {{pod: {name}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: cont\n    image: sluice-lab\n    ports:\n    - {{name: http, containerPort: 80, protocol: TCP}}\n---\n"
+    )
+}
+
 /// An established IPv6 TCP connection that a new policy denies stops passing within a second
 /// (its conntrack entry is cut, and the pick-up of the flow from either end is dropped), and a
 /// new one is refused; on each renderer in turn, in one dual lab.
@@ -295,18 +307,9 @@ fn a_denied_established_ipv6_connection_stops_within_a_second_on_both_renderers(
         format!("{}-node-1", lab.name),
         format!("{}-node-2", lab.name),
     );
-    let pod = |name: &str, node: &str| {
-        format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: \"r\"\n  labels: {{pod: {name}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: cont\n    image: sluice-lab\n    ports:\n    - {{name: http, containerPort: 80, protocol: TCP}}\n---\n"
-        )
-    };
     apply_yaml(
         &lab,
-        &format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: \"r\"\n---\n{}{}",
-            pod("cl", &n1),
-            pod("sv", &n2)
-        ),
+        &(namespace_yaml("r") + &pod_yaml("r", "cl", &n1) + &pod_yaml("r", "sv", &n2)),
     );
     wait_running(&lab, &[("r", "cl"), ("r", "sv")]);
     let sv = pod_ips6(&lab)["r/sv"];
@@ -317,7 +320,7 @@ fn a_denied_established_ipv6_connection_stops_within_a_second_on_both_renderers(
             "{backend}: the established IPv6 connection passed for {passed_for:?} after the deny"
         );
         assert!(
-            passed_for < std::time::Duration::from_secs(1),
+            passed_for < Duration::from_secs(1),
             "{backend}: echoes kept passing for {passed_for:?} after the deny"
         );
         assert!(
@@ -330,5 +333,140 @@ fn a_denied_established_ipv6_connection_stops_within_a_second_on_both_renderers(
             "{backend}: a new IPv6 connection passed the deny"
         );
         kubectl_ok(&lab, &["delete", "networkpolicy", "-n", "r", "deny"]);
+    }
+}
+
+/// `policy-log-drops` over IPv6, on each renderer in turn in one dual lab: denied IPv6 TCP and
+/// UDP connects are logged by the agent with the pod, the direction, `tier=NetworkPolicy`, the
+/// policy and the IPv6 flow (both addresses, the protocol, the destination port), and no drop
+/// line lacks its addresses; with two Admin ClusterNetworkPolicies denying egress to IPv6
+/// networks, a drop names the one whose network holds the flow's IPv6 destination.
+#[test]
+fn denied_ipv6_connects_are_logged_with_their_flow_on_both_renderers() {
+    if !have_root() {
+        return;
+    }
+    let _alone = one_at_a_time();
+    let lab = Lab::up(&[
+        "--nodes",
+        "1",
+        "--pods-per-node",
+        "0",
+        "--ip-family",
+        "dual",
+    ]);
+    let node = format!("{}-node-1", lab.name);
+    apply_yaml(
+        &lab,
+        &(namespace_yaml("d") + &pod_yaml("d", "cl", &node) + &pod_yaml("d", "sv", &node)),
+    );
+    wait_running(&lab, &[("d", "cl"), ("d", "sv")]);
+    let ips6 = pod_ips6(&lab);
+    let (cl, sv) = (ips6["d/cl"], ips6["d/sv"]);
+    let cl_netns = lab.pod_netns("d", "cl");
+    let connect = |proto: Proto| probe(&cl_netns, SocketAddr::new(sv.into(), 80), proto, "d/sv");
+    let wait_for = |want: bool| {
+        sluice_e2e::eventually(Duration::from_secs(20), || connect(Proto::Tcp) == want)
+    };
+    set_log_drops(&lab, true);
+    for backend in ["iptables", "nftables"] {
+        use_backend(&lab, backend);
+        assert!(
+            wait_for(true),
+            "{backend}: d/cl does not reach d/sv over IPv6"
+        );
+        let seen = drop_lines(&lab, &node).len();
+        let new_lines = || drop_lines(&lab, &node).split_off(seen);
+        // Each connect is new, dropped and so logged; wait for a line `want` accepts.
+        let logged = |proto: Proto, want: &dyn Fn(&String) -> bool| {
+            sluice_e2e::eventually(Duration::from_secs(15), || {
+                let _ = connect(proto);
+                new_lines().iter().any(want)
+            })
+        };
+        apply_yaml(
+            &lab,
+            &np(
+                "deny-sv",
+                "d",
+                "  podSelector: {matchLabels: {pod: sv}}\n  policyTypes: [Ingress]",
+            ),
+        );
+        assert!(wait_for(false), "{backend}: the deny never held over IPv6");
+        for (proto, name) in [(Proto::Tcp, "tcp"), (Proto::Udp, "udp")] {
+            let want = |l: &String| {
+                l.contains("pod=d/sv")
+                    && l.contains("direction=ingress")
+                    && l.contains("tier=NetworkPolicy")
+                    && l.contains("policies=d/deny-sv ")
+                    && l.contains(&format!("src={cl} "))
+                    && l.contains(&format!("dst={sv} "))
+                    && l.contains(&format!("protocol={name} "))
+                    && l.contains("dport=Some(80)")
+            };
+            assert!(
+                logged(proto, &want),
+                "{backend}: no {name} drop logged for d/cl -> d/sv over IPv6; new drop lines: {:#?}",
+                new_lines()
+            );
+        }
+        kubectl_ok(&lab, &["delete", "networkpolicy", "-n", "d", "deny-sv"]);
+        // Two Admin denies of d's egress to IPv6 networks: the drop names the one holding sv.
+        let deny_to = |name: &str, priority: i32, network: &str| {
+            cnp_spec(
+                name,
+                "Admin",
+                priority,
+                "    namespaces:\n      matchLabels: {kubernetes.io/metadata.name: \"d\"}",
+                "egress",
+                &format!("  - action: Deny\n    to:\n    - networks: [\"{network}\"]"),
+            )
+        };
+        apply_yaml(
+            &lab,
+            &(deny_to("deny-elsewhere6", 1, "fd00:dead:beef::/64")
+                + &deny_to("deny-sv6", 2, &format!("{sv}/128"))),
+        );
+        assert!(
+            wait_for(false),
+            "{backend}: the Admin deny never held over IPv6"
+        );
+        let want_admin = |l: &String| {
+            l.contains("pod=d/cl")
+                && l.contains("direction=egress")
+                && l.contains("tier=Admin")
+                && l.contains("policies=deny-sv6 ")
+                && l.contains(&format!("src={cl} "))
+                && l.contains(&format!("dst={sv} "))
+                && l.contains("protocol=tcp ")
+                && l.contains("dport=Some(80)")
+        };
+        assert!(
+            logged(Proto::Tcp, &want_admin),
+            "{backend}: no Admin-tier drop naming deny-sv6 for d/cl -> d/sv over IPv6; new drop lines: {:#?}",
+            new_lines()
+        );
+        kubectl_ok(
+            &lab,
+            &[
+                "delete",
+                "clusternetworkpolicies",
+                "deny-elsewhere6",
+                "deny-sv6",
+            ],
+        );
+        let unread: Vec<String> = new_lines()
+            .into_iter()
+            .filter(|l| l.contains("src= ") || l.contains("protocol= "))
+            .collect();
+        assert!(
+            unread.is_empty(),
+            "{backend}: drops logged without their flow: {unread:#?}"
+        );
+        eprintln!(
+            "{backend}: {} IPv6 drops logged, e.g. {}",
+            new_lines().len(),
+            new_lines().first().map(String::as_str).unwrap_or("")
+        );
     }
 }

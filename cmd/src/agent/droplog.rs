@@ -12,18 +12,19 @@ use netlink_packet_netfilter::nflog::{
 use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily};
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 use sluice_policy::droplog::{
-    parse_ipv4, parse_prefix, protocol_name, DropDirection, DropStage, PacketSummary, NFLOG_GROUP,
+    parse_packet, parse_prefix, protocol_name, DropDirection, DropStage, PacketSummary, NFLOG_GROUP,
 };
 use sluice_policy::{Direction, PolicyIr, Region};
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 /// Log lines per second, over all pods.
 pub const LINES_PER_SECOND: u32 = 50;
-/// Bytes of each dropped packet copied to the agent: the IPv4 header and the ports.
-const COPY_RANGE: u32 = 64;
+/// Bytes of each dropped packet copied to the agent: the IPv4 header (with options) and the
+/// ports, or the IPv6 header, a few extension headers and the ports.
+const COPY_RANGE: u32 = 128;
 
 /// Who a pod veth is, for the log: the pod and, per direction, the policies of each stage.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -59,7 +60,7 @@ impl StageNames {
 
     /// The policies to name for a drop by `stage`: for a tier, the one whose rules deny the
     /// flow (`peer`, protocol, destination port) when the packet says it, else all the tier's.
-    fn stage(&self, stage: DropStage, flow: Option<(Ipv4Addr, u8, Option<u16>)>) -> Vec<&str> {
+    fn stage(&self, stage: DropStage, flow: Option<(IpAddr, u8, Option<u16>)>) -> Vec<&str> {
         let (all, denied_by): (&[String], &[(String, Region)]) = match stage {
             DropStage::Admin => (&self.admin, &self.admin_denied_by),
             DropStage::NetworkPolicy => (&self.network, &[]),
@@ -116,19 +117,21 @@ pub fn describe(
     payload: Option<&[u8]>,
 ) -> Option<DropLine> {
     let (direction, stage, ifname) = parse_prefix(prefix)?;
-    let packet = payload.and_then(parse_ipv4);
+    let packet = payload.and_then(parse_packet);
     let (pod, policies) = match ifname.and_then(|i| names.get(i).map(|n| (i, n))) {
         Some((_, n)) => {
             let list = match direction {
                 DropDirection::Ingress => &n.ingress,
                 DropDirection::Egress => &n.egress,
             };
-            let flow = packet.map(|p| {
+            // Without the protocol (an IPv6 packet cut in its extension headers) the flow is
+            // not known, and the tier's policies are all named.
+            let flow = packet.and_then(|p| {
                 let peer = match direction {
                     DropDirection::Ingress => p.src,
                     DropDirection::Egress => p.dst,
                 };
-                (peer, p.protocol, p.ports.map(|(_, d)| d))
+                Some((peer, p.protocol?, p.ports.map(|(_, d)| d)))
             });
             (n.pod.clone(), list.stage(stage, flow).join(","))
         }
@@ -320,11 +323,15 @@ mod tests {
         let tier = |names: &[&str]| {
             std::sync::Arc::new(TierVerdict {
                 policies: names.iter().map(|n| n.to_string()).collect(),
-                // The first policy denies 10.244.2.3, the second everyone else.
+                // The first policy denies 10.244.2.3 and fd00:10:244:2::3, the second everyone
+                // else.
                 denied_by: names
                     .iter()
                     .zip([
-                        Region::everything(&AddrSet::from_addrs(["10.244.2.3".parse().unwrap()])),
+                        Region::everything(&AddrSet::from_addrs([
+                            "10.244.2.3".parse().unwrap(),
+                            "fd00:10:244:2::3".parse().unwrap(),
+                        ])),
                         Region::everything(&AddrSet::all()),
                     ])
                     .map(|(n, r)| (n.to_string(), r))
@@ -402,6 +409,69 @@ mod tests {
         // The pod's NetworkPolicies isolate only its ingress: an egress drop there names none.
         let none = describe(&names(), "sluice-drop:e:sl0000000000001", None).unwrap();
         assert_eq!(none.policies, "");
+    }
+
+    /// An IPv6 packet from `src` to fd00:10:244:1::2 with next header `next`, then `rest`.
+    fn v6(src: &str, next: u8, rest: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x60, 0, 0, 0, 0, rest.len() as u8, next, 64];
+        p.extend_from_slice(&src.parse::<std::net::Ipv6Addr>().unwrap().octets());
+        p.extend_from_slice(
+            &"fd00:10:244:1::2"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        p.extend_from_slice(rest);
+        p
+    }
+
+    #[test]
+    fn an_ipv6_drop_names_the_pod_its_policies_and_the_flow() {
+        let tcp = v6("fd00:10:244:2::3", 6, &[0x9c, 0x40, 0, 80, 0, 0, 0, 0]);
+        let line = describe(&names(), "sluice-drop:i:sl0000000000001", Some(&tcp)).unwrap();
+        assert_eq!(line.pod, "x/a");
+        assert_eq!(line.direction, DropDirection::Ingress);
+        assert_eq!(line.stage, DropStage::NetworkPolicy);
+        assert_eq!(line.policies, "x/deny,x/web");
+        let pkt = line.packet.unwrap();
+        assert_eq!(pkt.src.to_string(), "fd00:10:244:2::3");
+        assert_eq!(pkt.dst.to_string(), "fd00:10:244:1::2");
+        assert_eq!(pkt.protocol, Some(6));
+        assert_eq!(pkt.ports, Some((40000, 80)));
+        // A tier's drop names the policy that denies the IPv6 peer, through a hop-by-hop
+        // header too.
+        let mut hbh = vec![17, 0, 1, 4, 0, 0, 0, 0];
+        hbh.extend_from_slice(&[0x9c, 0x40, 0, 53, 0, 0, 0, 0]);
+        for (src, want) in [
+            ("fd00:10:244:2::3", "block-metadata"),
+            ("fd00:10:244:2::9", "keep-monitoring"),
+        ] {
+            let line = describe(
+                &names(),
+                "sluice-drop:iA:sl0000000000001",
+                Some(&v6(src, 0, &hbh)),
+            )
+            .unwrap();
+            assert_eq!(line.stage, DropStage::Admin);
+            assert_eq!(line.policies, want, "from {src}");
+            assert_eq!(line.packet.unwrap().protocol, Some(17));
+        }
+        // ICMPv6 (an echo request) is a flow of the tier's "other" region.
+        let echo = v6("fd00:10:244:2::3", 58, &[128, 0, 0, 0, 0, 1, 0, 1]);
+        let line = describe(&names(), "sluice-drop:iA:sl0000000000001", Some(&echo)).unwrap();
+        assert_eq!(line.policies, "block-metadata");
+        assert_eq!(line.packet.unwrap().ports, None);
+        // Cut in its hop-by-hop header (before its length): the addresses, no protocol, every
+        // policy of the tier.
+        let cut = v6("fd00:10:244:2::3", 0, &[17]);
+        let line = describe(&names(), "sluice-drop:iA:sl0000000000001", Some(&cut)).unwrap();
+        assert_eq!(line.policies, "block-metadata,keep-monitoring");
+        let pkt = line.packet.unwrap();
+        assert_eq!(pkt.src.to_string(), "fd00:10:244:2::3");
+        assert_eq!((pkt.protocol, pkt.ports), (None, None));
+        // Garbage: the line, without a packet.
+        let line = describe(&names(), "sluice-drop:i:sl0000000000001", Some(&[0x61; 20])).unwrap();
+        assert_eq!(line.packet, None);
     }
 
     #[test]
