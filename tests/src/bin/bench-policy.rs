@@ -785,8 +785,11 @@ fn cnp_figures(
         &json!({"spec": {"ingress": probe_peers(0)}}),
     );
     let mut agent = Some(agent);
-    let [(rate0, gbps0), (rate_n, gbps_n)] =
-        per_packet(client, "ClusterNetworkPolicies", args.packet_rounds, |loaded| {
+    let [(rate0, gbps0), (rate_n, gbps_n)] = per_packet(
+        client,
+        "ClusterNetworkPolicies",
+        args.packet_rounds,
+        |loaded| {
             let made = http(api, "GET", &probe, "application/json", "").0 == 200;
             if !loaded && !made {
                 // The first round: none yet, the agent as it runs.
@@ -810,7 +813,8 @@ fn cnp_figures(
                 ms(started.elapsed())
             );
             agent.as_ref().map_or(0, |a| a.pid)
-        });
+        },
+    );
     let agent = agent.take().expect("per_packet leaves an agent running");
     println!(
         "per packet, {:<27} {rate0:>8.0} new connections/s  {gbps0:>6.2} Gbit/s",
