@@ -129,12 +129,19 @@ fn print_table(doc: &serde_json::Value, ready: bool, reasons: &str) {
     println!("{}", cnp_line(&doc["policy"]["clusterNetworkPolicies"]));
     let empty = Vec::new();
     let peers = doc["peers"].as_array().unwrap_or(&empty);
+    // Dual-stack subnets and IPv6 underlays are wider than IPv4 ones: the columns fit the widest.
+    let width = |cell: &dyn Fn(&serde_json::Value) -> String, least: usize| {
+        peers.iter().map(|p| cell(p).len()).fold(least, usize::max)
+    };
+    let subnet_w = width(&subnets, 17);
+    let underlay_w = width(&|p| s(&p["underlay"]), 16);
     println!(
-        "\nPEER              SUBNET            UNDERLAY         PATH         VTEP MAC           WHY"
+        "\n{:<17} {:<subnet_w$} {:<underlay_w$} {:<12} {:<18} WHY",
+        "PEER", "SUBNET", "UNDERLAY", "PATH", "VTEP MAC"
     );
     for p in peers {
         println!(
-            "{:<17} {:<17} {:<16} {:<12} {:<18} {}",
+            "{:<17} {:<subnet_w$} {:<underlay_w$} {:<12} {:<18} {}",
             s(&p["node"]),
             subnets(p),
             s(&p["underlay"]),

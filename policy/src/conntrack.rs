@@ -33,6 +33,8 @@ pub struct Flow {
     pub dport: Option<u16>,
     pub reply_src: IpAddr,
     pub reply_sport: Option<u16>,
+    /// The conntrack zone (0 unless a rule set one).
+    pub zone: u16,
     /// Whether a packet of this flow can pass as established: a reply was seen and, for TCP,
     /// the connection is not closed.
     pub live: bool,
@@ -57,6 +59,7 @@ fn parse_line(line: &str) -> Option<Flow> {
     let mut sport = Vec::new();
     let mut dport = Vec::new();
     let (mut unreplied, mut assured, mut closed) = (false, false, false);
+    let mut zone = 0;
     for w in words {
         let Some((k, v)) = w.split_once('=') else {
             match w {
@@ -72,6 +75,7 @@ fn parse_line(line: &str) -> Option<Flow> {
             "dst" => dst.push(v.parse::<IpAddr>().ok()?),
             "sport" => sport.push(v.parse::<u16>().ok()?),
             "dport" => dport.push(v.parse::<u16>().ok()?),
+            "zone" => zone = v.parse::<u16>().ok()?,
             _ => {}
         }
     }
@@ -83,8 +87,18 @@ fn parse_line(line: &str) -> Option<Flow> {
         dport: dport.first().copied(),
         reply_src: *src.get(1)?,
         reply_sport: sport.get(1).copied(),
+        zone,
         live: (assured || !unreplied) && !closed,
     })
+}
+
+/// The flows of `flows` that policy judges: IPv6 ones only where a local pod has an IPv6
+/// address (no other IPv6 flow is policy's).
+pub fn policy_flows(ir: &PolicyIr, flows: Vec<Flow>) -> Vec<Flow> {
+    flows
+        .into_iter()
+        .filter(|f| f.src.is_ipv4() || ir.has(Family::V6))
+        .collect()
 }
 
 /// The live flows `ir` would not let start.
@@ -153,14 +167,16 @@ pub fn delete_args(flow: &Flow) -> Vec<String> {
     a
 }
 
-/// The conntrack table of the reader's network namespace, both families (the main thread's:
-/// the agent's node).
-const PROC_TABLE: &str = "/proc/self/net/nf_conntrack";
+/// The conntrack table of the reading thread's network namespace, both families: the same
+/// namespace the netlink deletes and the binaries act in (`/proc/self` would be the main
+/// thread's).
+const PROC_TABLE: &str = "/proc/thread-self/net/nf_conntrack";
 
 /// `conntrack -D` processes run at once by [`ConntrackCli::flush_denied`].
 const DELETERS: usize = 8;
 
-/// Conntrack through the `conntrack` binary.
+/// Conntrack through `/proc/net/nf_conntrack` and ctnetlink where they serve, the `conntrack`
+/// binary where they do not.
 #[derive(Debug, Clone)]
 pub struct ConntrackCli {
     pub exec: Exec,
@@ -175,21 +191,24 @@ impl ConntrackCli {
         }
     }
 
-    /// Whether the binary is there (without it, established flows outlive a deny).
+    /// Whether the binary is there (without it, only flows with ports can be cut, and only
+    /// where [`Self::reads_table`]).
     pub fn available(&self) -> bool {
         self.exec.has(&self.program)
     }
 
-    /// Deletes the entries of every flow `ir` denies; how many groups of flows (see
-    /// [`delete_group_args`]) were deleted. Call it right
-    /// after the firewall applied `ir`, so that a flow cannot come back as established.
+    /// Whether the kernel's table can be read without the binary.
+    pub fn reads_table(&self) -> bool {
+        self.read_table().is_some()
+    }
+
+    /// Deletes the entries of every flow `ir` denies; how many were deleted (a flow deleted
+    /// over netlink counts one, a group of flows (see [`delete_group_args`]) deleted by the
+    /// binary one). Call it right after the firewall applied `ir`, so that a flow cannot come
+    /// back as established.
     pub fn flush_denied(&self, ir: &PolicyIr) -> Result<usize, FirewallError> {
         let flows = match self.read_table() {
-            // IPv6 flows only where a pod has an IPv6 address (no other IPv6 flow is policy's).
-            Some(text) => parse_list(&text)
-                .into_iter()
-                .filter(|f| f.src.is_ipv4() || ir.has(Family::V6))
-                .collect(),
+            Some(text) => policy_flows(ir, parse_list(&text)),
             None => self.list(ir)?,
         };
         self.delete_denied(ir, &flows)
@@ -239,14 +258,15 @@ impl ConntrackCli {
         let mut deleted = 0;
         let (exact, mut rest): (Vec<&Flow>, Vec<&Flow>) = denied(ir, flows)
             .into_iter()
-            .partition(|f| netlink::delete_request(f, 0).is_some());
+            .partition(|f| netlink::has_exact_tuple(f));
         let netns = self.exec.netns();
         if !exact.is_empty() && (netns.is_some() || self.exec.wrapper.is_empty()) {
             match netlink::delete_flows(netns, &exact) {
                 Ok(n) => deleted += n,
-                Err(e) => {
-                    tracing::warn!(error = %e, "deleting conntrack entries over netlink failed; deleting them with conntrack -D");
-                    rest.extend(exact);
+                Err(partly) => {
+                    tracing::warn!(error = %partly.error, deleted = partly.deleted, left = exact.len() - partly.failed_from, "deleting conntrack entries over netlink failed; deleting the rest with conntrack -D");
+                    deleted += partly.deleted;
+                    rest.extend(exact.get(partly.failed_from..).unwrap_or_default());
                 }
             }
         } else {
@@ -432,6 +452,28 @@ ipv6     10\n";
                 .collect::<Vec<_>>()
         );
         // An IPv4-only policy reading never lists IPv6 flows: no pod has an IPv6 address.
-        assert!(!PolicyIr::default().has(Family::V6) && ir.has(Family::V6));
+        assert_eq!(policy_flows(&ir, from_proc.clone()), from_proc);
+        let v4_only = PolicyIr {
+            pods: vec![PodPolicy {
+                ips: vec!["10.244.1.1".parse().unwrap()],
+                ..ir.pods[0].clone()
+            }],
+            log_drops: false,
+        };
+        let kept = policy_flows(&v4_only, from_proc.clone());
+        assert_eq!(kept, from_proc[..1]);
+        // Flows with both ports and in zone 0 are deleted by their tuple; another zone's and
+        // ICMP's by the binary.
+        assert!(netlink::has_exact_tuple(&from_proc[1]));
+        assert!(!netlink::has_exact_tuple(&from_proc[2]));
+        let zoned = parse_list(
+            &proc_text
+                .lines()
+                .nth(1)
+                .unwrap()
+                .replace("zone=0", "zone=7"),
+        );
+        assert_eq!(zoned[0].zone, 7);
+        assert!(!netlink::has_exact_tuple(&zoned[0]));
     }
 }

@@ -900,7 +900,8 @@ impl Firewall for IptablesRestore {
     /// The IPv4 chains and, at the same time, the IPv6 ones (where the kernel has IPv6: their
     /// chains, sets and temporary sets are apart, and each family's writes are a few
     /// processes that would otherwise wait for the other's), then the sets neither names any
-    /// more.
+    /// more. With iptables-legacy one after the other: both families' processes take the
+    /// same `/run/xtables.lock`, so at once they would only wait on it (up to `-w 5`).
     fn apply(&self, desired: &Rendered) -> Result<Applied, FirewallError> {
         let Rendered::Iptables(script) = desired else {
             return Err(FirewallError::WrongBackend {
@@ -908,19 +909,23 @@ impl Firewall for IptablesRestore {
             });
         };
         let v6 = script.v6.as_deref().filter(|_| Self::has_ipv6());
+        let at_once = self.mode == IptablesMode::Nft;
         let (four, six) = std::thread::scope(|scope| {
-            let six =
-                v6.map(|v6| scope.spawn(move || self.apply_family(Family::V6, v6, &self.last6)));
+            let six = v6
+                .filter(|_| at_once)
+                .map(|v6| scope.spawn(move || self.apply_family(Family::V6, v6, &self.last6)));
             let four = self.apply_family(Family::V4, script, &self.last);
-            let six = six.map(|h| {
-                h.join().unwrap_or_else(|_| {
+            let six = match six {
+                Some(h) => Some(h.join().unwrap_or_else(|_| {
                     Err(FirewallError::Command {
                         program: self.bin6("iptables-restore"),
                         op: "restore",
                         stderr: "the IPv6 writing thread panicked".into(),
                     })
-                })
-            });
+                })),
+                None if four.is_ok() => v6.map(|v6| self.apply_family(Family::V6, v6, &self.last6)),
+                None => None,
+            };
             (four, six)
         });
         let (mut applied, mut sweeps) = {

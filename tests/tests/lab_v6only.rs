@@ -266,7 +266,7 @@ fn an_ipv6_only_lab_runs_vxlan_and_wireguard_over_ipv6_with_egress_and_policy() 
             .unwrap();
         let tables = String::from_utf8_lossy(&tables.stdout);
         assert!(
-            !tables.contains("table ip sluice-nat"),
+            tables.contains("table ip6 sluice-nat") && !tables.contains("table ip sluice-nat"),
             "{}: {tables}",
             p.node
         );
@@ -294,7 +294,6 @@ fn an_ipv6_only_lab_runs_vxlan_and_wireguard_over_ipv6_with_egress_and_policy() 
         pods[0].v6
     );
     // VXLAN over IPv6: every pair across nodes, ICMPv6/TCP/UDP; the wire carries outer IPv6.
-    let n1 = lab.node_netns(&pods[0].node);
     for a in &pods {
         for b in pods.iter().filter(|b| b.node != a.node) {
             assert!(
@@ -322,7 +321,7 @@ fn an_ipv6_only_lab_runs_vxlan_and_wireguard_over_ipv6_with_egress_and_policy() 
         assert!(
             eventually(Duration::from_secs(20), || pods[1..]
                 .iter()
-                .all(|b| routed_via(&lab, &n1, &b.subnet6(), dev))),
+                .all(|b| routed_via(&lab, &n0, &b.subnet6(), dev))),
             "encryption {value}: peers not via {dev}"
         );
         // (Its peers' allowed IPs, their IPv6 subnets only, are the datapath plan's unit test;

@@ -266,7 +266,7 @@ fn enable_ip_forward(ipv6: bool, underlay: &str) -> Result<(), String> {
 }
 
 /// Puts back what the CNI plugin made on the host for this node's pods and someone removed (a
-/// pod's /32 route, proxy ARP on its veth); returns how many it repaired.
+/// pod's /32 or /128 route, proxy ARP on its veth); returns how many it repaired.
 async fn repair_pods(
     handle: &rtnetlink::Handle,
     ipam: &sluice_net::ipam::IpamStore,

@@ -418,13 +418,16 @@ pub async fn run(
         }
     };
     let conntrack = ConntrackCli::new(Exec::host());
-    let flusher = if conntrack.available() {
-        Some(spawn_flusher(conntrack))
-    } else {
-        tracing::warn!(
-            "no conntrack binary: established flows outlive the policy that denies them"
-        );
-        None
+    let flusher = match (conntrack.available(), conntrack.reads_table()) {
+        (true, _) => Some(spawn_flusher(conntrack)),
+        (false, true) => {
+            tracing::warn!("no conntrack binary: only flows with ports are cut when a policy denies them (ICMP flows outlive it)");
+            Some(spawn_flusher(conntrack))
+        }
+        (false, false) => {
+            tracing::warn!("no conntrack binary and no /proc/net/nf_conntrack: established flows outlive the policy that denies them");
+            None
+        }
     };
     let names: droplog::Names = Arc::default();
     let mut reading_drops = false;

@@ -285,9 +285,9 @@ impl LabPlan {
         let prefix = prefix(&spec.name);
         let cluster_cidr: Ipv4Net = CLUSTER_CIDR.parse().unwrap_or_default();
         // Pods with an IPv6 address: a dual-stack or an IPv6-only lab's.
-        let dual = spec.ip_family != IpFamily::Ipv4;
+        let has_v6 = spec.ip_family != IpFamily::Ipv4;
         // Nodes get IPv6 on their segment for IPv6 pods' egress or as the underlay.
-        let node_v6 = dual || spec.underlay == UnderlayFamily::Ipv6;
+        let node_v6 = has_v6 || spec.underlay == UnderlayFamily::Ipv6;
         let segments = (0..spec.segments)
             .map(|s| Segment {
                 bridge: format!("br{s}"),
@@ -299,7 +299,8 @@ impl LabPlan {
         let subnets = cluster_cidr
             .subnets(SUBNET_LENGTH)
             .map_err(|_| SpecError::Nodes(spec.nodes))?;
-        let cluster_cidr_v6: Option<Ipv6Net> = dual.then(|| CLUSTER_CIDR_V6.parse().ok()).flatten();
+        let cluster_cidr_v6: Option<Ipv6Net> =
+            has_v6.then(|| CLUSTER_CIDR_V6.parse().ok()).flatten();
         let subnets_v6: Vec<Ipv6Net> = cluster_cidr_v6
             .and_then(|c| c.subnets(SUBNET_LENGTH_V6).ok())
             .map(|s| s.take(usize::from(spec.nodes)).collect())
@@ -339,8 +340,8 @@ impl LabPlan {
             address: Ipv4Net::new(Ipv4Addr::new(203, 0, 113, 1), 24).unwrap_or_default(),
             gateway: Ipv4Net::new(Ipv4Addr::new(203, 0, 113, 254), 24).unwrap_or_default(),
             uplink: "inet".into(),
-            address_v6: dual.then(|| v6_net([0xfdff, 0x203, 0, 0, 0, 0, 0, 1], 64)),
-            gateway_v6: dual.then(|| v6_net([0xfdff, 0x203, 0, 0, 0, 0, 0, 0xfe], 64)),
+            address_v6: has_v6.then(|| v6_net([0xfdff, 0x203, 0, 0, 0, 0, 0, 1], 64)),
+            gateway_v6: has_v6.then(|| v6_net([0xfdff, 0x203, 0, 0, 0, 0, 0, 0xfe], 64)),
         };
         Ok(Self {
             internet,
@@ -359,7 +360,8 @@ impl LabPlan {
         self.nodes.iter().find(|n| n.name == name)
     }
 
-    /// sluice-config's `cluster-cidr`: the IPv4 range, and the IPv6 one after a comma when dual.
+    /// sluice-config's `cluster-cidr`: the IPv4 range, the IPv6 one after a comma when dual,
+    /// or the IPv6 range alone on an IPv6-only lab.
     pub fn cluster_cidr_value(&self) -> String {
         match (self.cluster_cidr_v6, self.spec.ip_family) {
             (Some(v6), IpFamily::Ipv6) => v6.to_string(),

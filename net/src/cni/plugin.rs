@@ -245,7 +245,14 @@ pub async fn check<K: PodKernel + HostportKernel>(
     let failed = |msg: String| CniError::new(ErrorCode::CheckFailed, msg);
     let address = state.lookup(&owner(req));
     let address_v6 = state.lookup_v6(&owner(req));
-    if address.is_none() && address_v6.is_none() {
+    // Every pod holds an address of the node's first family: IPv4, or IPv6 on an IPv6-only
+    // node (a dual-stack pod's IPv6 one is checked against prevResult and the kernel below).
+    let first_family_held = if node_subnet(conf)?.v4.is_some() {
+        address.is_some()
+    } else {
+        address_v6.is_some()
+    };
+    if !first_family_held {
         return Err(failed(format!(
             "no address is allocated to container {} interface {}",
             req.container_id, req.ifname

@@ -441,8 +441,13 @@ impl LeaseView {
         now: SystemTime,
     ) -> Self {
         match (record.subnet, record.subnet_v6) {
+            (Some(v4), _) => Self::new_held_of(v4, record, owner, duration_secs, now),
             (None, Some(v6)) => Self::new_held_of(v6, record, owner, duration_secs, now),
-            (v4, _) => Self::new_held_of(v4.unwrap_or_default(), record, owner, duration_secs, now),
+            // Records without a subnet are refused where they are read or made.
+            (None, None) => {
+                debug_assert!(false, "a lease for node {} without a subnet", record.node);
+                Self::new_held_of(Ipv4Net::default(), record, owner, duration_secs, now)
+            }
         }
     }
 

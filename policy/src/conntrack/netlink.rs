@@ -22,10 +22,21 @@ use std::net::IpAddr;
 /// Replies read at most per request (the ack comes first; anything else is skipped).
 const MAX_READS: usize = 8;
 
-/// The request deleting exactly `flow` (sequence number `seq`); `None` for a flow without
-/// both ports (its tuple holds more than sluice reads, such as ICMP's id).
+/// Whether sluice knows `flow`'s whole original tuple: TCP, UDP or SCTP with both ports, one
+/// family, the default zone (a request without `CTA_ZONE` finds only zone 0's entries; ICMP's
+/// tuple holds an id sluice does not read).
+pub fn has_exact_tuple(flow: &Flow) -> bool {
+    matches!(flow.proto, 6 | 17 | 132)
+        && flow.sport.is_some()
+        && flow.dport.is_some()
+        && flow.src.is_ipv4() == flow.dst.is_ipv4()
+        && flow.zone == 0
+}
+
+/// The request deleting exactly `flow` (sequence number `seq`); `None` unless
+/// [`has_exact_tuple`].
 pub fn delete_request(flow: &Flow, seq: u32) -> Option<Vec<u8>> {
-    if !matches!(flow.proto, 6 | 17 | 132) {
+    if !has_exact_tuple(flow) {
         return None;
     }
     let (sport, dport) = (flow.sport?, flow.dport?);
@@ -33,9 +44,6 @@ pub fn delete_request(flow: &Flow, seq: u32) -> Option<Vec<u8>> {
         IpAddr::V4(_) => NetfilterProtoFamily::IPv4,
         IpAddr::V6(_) => NetfilterProtoFamily::IPv6,
     };
-    if flow.src.is_ipv4() != flow.dst.is_ipv4() {
-        return None;
-    }
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_ACK;
     header.sequence_number = seq;
@@ -62,41 +70,82 @@ pub fn delete_request(flow: &Flow, seq: u32) -> Option<Vec<u8>> {
     Some(buf)
 }
 
+/// A delete that stopped part way: how many were deleted before, and from which of the
+/// flows on nothing was done.
+#[derive(Debug)]
+pub struct Stopped {
+    pub deleted: usize,
+    pub failed_from: usize,
+    pub error: io::Error,
+}
+
+impl Stopped {
+    fn at_start(error: io::Error) -> Self {
+        Self {
+            deleted: 0,
+            failed_from: 0,
+            error,
+        }
+    }
+}
+
 /// Deletes each of `flows` (those [`delete_request`] has a request for) in `netns` (the
 /// caller's when `None`); how many were deleted (one that ended meanwhile is not counted).
-pub fn delete_flows(netns: Option<&str>, flows: &[&Flow]) -> io::Result<usize> {
+pub fn delete_flows(netns: Option<&str>, flows: &[&Flow]) -> Result<usize, Stopped> {
     match netns {
         None => delete_here(flows),
         Some(name) => {
             let path = std::path::Path::new("/run/netns").join(name);
             std::thread::scope(|s| {
                 s.spawn(|| {
-                    let file = std::fs::File::open(&path)?;
+                    let file = std::fs::File::open(&path).map_err(Stopped::at_start)?;
                     nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(io::Error::from)?;
+                        .map_err(|e| Stopped::at_start(e.into()))?;
                     delete_here(flows)
                 })
                 .join()
-                .unwrap_or_else(|_| Err(io::Error::other("the netns thread panicked")))
+                .unwrap_or_else(|_| {
+                    Err(Stopped::at_start(io::Error::other(
+                        "the netns thread panicked",
+                    )))
+                })
             })
         }
     }
 }
 
-fn delete_here(flows: &[&Flow]) -> io::Result<usize> {
-    let mut socket = Socket::new(NETLINK_NETFILTER)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
+fn delete_here(flows: &[&Flow]) -> Result<usize, Stopped> {
+    let socket = (|| {
+        let mut socket = Socket::new(NETLINK_NETFILTER)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        io::Result::Ok(socket)
+    })()
+    .map_err(Stopped::at_start)?;
     let mut deleted = 0;
-    for (seq, flow) in (1u32..).zip(flows) {
+    for (at, flow) in flows.iter().enumerate() {
+        let seq = u32::try_from(at + 1).unwrap_or(u32::MAX);
         let Some(request) = delete_request(flow, seq) else {
             continue;
         };
-        socket.send(&request, 0)?;
-        match ack(&socket, seq)? {
+        let code = socket
+            .send(&request, 0)
+            .and_then(|_| ack(&socket, seq))
+            .map_err(|error| Stopped {
+                deleted,
+                failed_from: at,
+                error,
+            })?;
+        match code {
             0 => deleted += 1,
             nix::libc::ENOENT => {}
-            code => return Err(io::Error::from_raw_os_error(code)),
+            code => {
+                return Err(Stopped {
+                    deleted,
+                    failed_from: at,
+                    error: io::Error::from_raw_os_error(code),
+                })
+            }
         }
     }
     Ok(deleted)
@@ -147,6 +196,7 @@ mod tests {
             dport: ports.map(|p| p.1),
             reply_src: dst.parse().unwrap(),
             reply_sport: ports.map(|p| p.1),
+            zone: 0,
             live: true,
         }
     }
