@@ -12,7 +12,7 @@ use sluice_e2e::dual::*;
 use sluice_e2e::eventually;
 use sluice_e2e::have_root;
 use sluice_e2e::lab::{output_text, up_is_refused, Lab};
-use sluice_e2e::netpol::{agent_http, kernel_has, use_backend};
+use sluice_e2e::netpol::{agent_http, apply_yaml, kernel_has, use_backend};
 use std::process::Command;
 use std::time::Duration;
 
@@ -48,28 +48,6 @@ fn subnet_env(lab: &Lab, node: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-/// Applies `yaml` through kubectl (stdin).
-fn apply(lab: &Lab, yaml: &str) {
-    use std::io::Write;
-    let mut child = Command::new("timeout")
-        .args(["-k", "5", "60", "kubectl", "--kubeconfig"])
-        .arg(lab.kubeconfig())
-        .args(["apply", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "kubectl apply: {}", output_text(&out));
-}
-
 /// Whether `from` reaches `to` over TCP and over UDP, each as `want`, within `within` (policy
 /// changes take effect within a few seconds).
 fn reaches_as(lab: &Lab, from: &Pod, to: &Pod, want: bool, within: Duration) -> bool {
@@ -90,7 +68,7 @@ fn policy_on_ipv6(lab: &Lab, pods: &[Pod]) {
         reaches_as(lab, a, target, true, within),
         "before any policy"
     );
-    apply(
+    apply_yaml(
         lab,
         &format!(
             "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: deny-all\n  namespace: {ns}\nspec:\n  podSelector: {{}}\n  policyTypes: [Ingress]\n"
@@ -104,7 +82,7 @@ fn policy_on_ipv6(lab: &Lab, pods: &[Pod]) {
             target.id
         );
     }
-    apply(
+    apply_yaml(
         lab,
         &format!(
             "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: allow-v6-block\n  namespace: {ns}\nspec:\n  podSelector: {{}}\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - ipBlock:\n        cidr: fd00:10:244::/56\n        except: [\"{}\"]\n",
