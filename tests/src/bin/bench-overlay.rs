@@ -23,8 +23,10 @@
 //!
 //! 5. IPv6 (`--only ipv6`): pod-to-pod TCP throughput over IPv6 (1 and 4 streams) through
 //!    sluice's VXLAN in a dual-stack lab (`--ip-family dual`: IPv6 pods over the IPv4 underlay)
-//!    against the same hand-made two-node shape with a kernel VXLAN carrying IPv6 pods (the
-//!    anchor, issue 23's target ≥ 0.95), and the hand-made VXLAN with IPv4 pods for comparison.
+//!    against a hand-made kernel VXLAN carrying IPv6 between the same namespaces (a second
+//!    device and pod veth in the lab's nodes and pods: issue 23's anchor, target ≥ 0.95), the
+//!    same hand-made tunnel in bare namespaces (no conntrack, no NAT table), the hand-made VXLAN
+//!    with IPv4 pods for comparison, and the bare one with sluice's pod MTU and tables.
 //!
 //! Routes are observed as they happen: a netlink socket in the node's namespace subscribed to
 //! IPv4 route events timestamps each RTM_NEWROUTE (no polling interval), and a route dump
@@ -219,6 +221,19 @@ fn sluice_path() -> Contender {
 
 /// Two pods on two nodes of a lab made with `extra` arguments.
 fn sluice_lab_path(label: &'static str, extra: &[&str]) -> Contender {
+    sluice_lab_pair(label, extra).0
+}
+
+/// The namespaces of a two-node lab's pods and nodes, the server's side first, and the nodes'
+/// underlay addresses.
+struct LabPair {
+    nodes: [String; 2],
+    pods: [String; 2],
+    underlay: [IpAddr; 2],
+}
+
+/// [`sluice_lab_path`], and the lab's namespaces for a second tunnel between the same pods.
+fn sluice_lab_pair(label: &'static str, extra: &[&str]) -> (Contender, LabPair) {
     let mut args = vec!["--nodes", "2", "--pods-per-node", "1"];
     args.extend_from_slice(extra);
     let lab = lab_up(&args);
@@ -242,7 +257,21 @@ fn sluice_lab_path(label: &'static str, extra: &[&str]) -> Contender {
         .unwrap_or_else(|| panic!("pod without an {} address: {status}", address_field(extra)))
         .parse()
         .unwrap();
-    let node = lab.node_netns(pods[0]["node"].as_str().unwrap());
+    let node_of = |p: &Value| p["node"].as_str().unwrap().to_string();
+    let underlay_of = |node: &str| -> IpAddr {
+        status["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["name"] == node))
+            .and_then(|n| n["underlay"].as_str()?.parse().ok())
+            .unwrap_or_else(|| panic!("no underlay address for {node}: {status}"))
+    };
+    let (node0, node1) = (node_of(&pods[0]), node_of(&pods[1]));
+    let pair = LabPair {
+        nodes: [lab.node_netns(&node0), lab.node_netns(&node1)],
+        pods: [server_ns.clone(), client.clone()],
+        underlay: [underlay_of(&node0), underlay_of(&node1)],
+    };
+    let node = pair.nodes[0].clone();
     // With WireGuard the agents carry the packets (gotatun runs in them); with VXLAN the kernel.
     let tunnel_pids = if extra.contains(&"wireguard") {
         pods.iter()
@@ -251,7 +280,7 @@ fn sluice_lab_path(label: &'static str, extra: &[&str]) -> Contender {
     } else {
         Vec::new()
     };
-    Contender {
+    let contender = Contender {
         label,
         client,
         server_ns,
@@ -259,7 +288,8 @@ fn sluice_lab_path(label: &'static str, extra: &[&str]) -> Contender {
         vxlan: Some((node, "sluice.vxlan")),
         tunnel_pids,
         _keep: vec![Box::new(lab)],
-    }
+    };
+    (contender, pair)
 }
 
 /// The pod address a lab made with `extra` is measured on: IPv6 in a dual-stack lab.
@@ -595,6 +625,19 @@ fn pod_mtu(ns: &str) -> u32 {
     let link = link_details(ns, "eth0");
     let mtu = link["mtu"].as_u64().and_then(|m| u32::try_from(m).ok());
     mtu.unwrap_or_else(|| panic!("no MTU for eth0 in {ns}: {link}"))
+}
+
+/// The MTU of the pod link `ns` reaches `dst` through.
+fn pod_mtu_to(ns: &str, dst: IpAddr) -> u32 {
+    let text = exec(ns, &["ip", "-j", "route", "get", &dst.to_string()]);
+    let route: Vec<Value> = serde_json::from_str(&text).unwrap_or_default();
+    let dev = route
+        .first()
+        .and_then(|r| r["dev"].as_str())
+        .unwrap_or_else(|| panic!("no route from {ns} to {dst}: {text}"));
+    let link = link_details(ns, dev);
+    let mtu = link["mtu"].as_u64().and_then(|m| u32::try_from(m).ok());
+    mtu.unwrap_or_else(|| panic!("no MTU for {dev} in {ns}: {link}"))
 }
 
 /// The VXLAN device's settings that matter for throughput, as `ip -d` and `ethtool -k` show them.
@@ -1659,6 +1702,123 @@ fn handmade6_path(label: &'static str, like_sluice: Option<u32>) -> Contender {
     c
 }
 
+/// The interface of `ns` that holds `addr`.
+fn dev_with_addr(ns: &str, addr: IpAddr) -> String {
+    let text = exec(ns, &["ip", "-j", "addr", "show"]);
+    let links: Vec<Value> = serde_json::from_str(&text).unwrap_or_default();
+    links
+        .iter()
+        .find(|l| {
+            l["addr_info"].as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|i| i["local"].as_str() == Some(&addr.to_string()))
+            })
+        })
+        .and_then(|l| l["ifname"].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("no interface holds {addr} in {ns}: {text}"))
+}
+
+/// Issue 23's anchor as it words it: a hand-made IPv6 VXLAN between the same namespaces as
+/// sluice's. In each node of the lab `pair` a second kernel VXLAN device (VNI 2, on sluice's
+/// port 8472, whose socket it shares, so that sluice's exemption of that port from conntrack
+/// covers both; learning off, MTU 1450, the offloads `ip link add` leaves), and in each pod a
+/// second routed veth holding `fd00:98:N::1/128` with `fd00:98::/32` via the host veth's
+/// link-local `fe80::1` (static neighbour, FDB and route entries, as [`handmade6_path`]). Both
+/// tunnels so cross the same namespaces and the same tables (sluice's conntrack, NAT, MSS and
+/// policy tables); what differs is the tunnel and the pods' routes. The host veths are named
+/// `hx…` (not sluice's `sl…`, which its policy would treat as unknown pods' and drop).
+fn handmade6_in_lab(label: &'static str, pair: &LabPair) -> Contender {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let tx_offload = sluice_net::vxlan::tx_checksum_offload_safe(release.trim());
+    let mac = |i: usize| format!("02:5d:00:00:00:{i:02x}");
+    let pod_mac = |i: usize| format!("02:5e:00:00:00:{i:02x}");
+    let sub = |i: usize| i + 1;
+    for i in 0..2 {
+        let (n, p) = (&pair.nodes[i], &pair.pods[i]);
+        let under = dev_with_addr(n, pair.underlay[i]);
+        ip(n, &format!(
+            "link add hx6 address {} mtu {HAND_MTU} type vxlan id 2 dstport 8472 local {} dev {under} nolearning",
+            mac(i), pair.underlay[i]
+        ));
+        if !tx_offload {
+            exec(n, &["ethtool", "-K", "hx6", "tx", "off"]);
+        }
+        ip(
+            n,
+            &format!("addr add fd00:98:{}::/128 dev hx6 nodad", sub(i)),
+        );
+        ip(n, "link set hx6 up");
+        ip(n, &format!(
+            "link add hxv address {HOST_VETH_MAC} mtu {HAND_MTU} type veth peer name hx0 mtu {HAND_MTU} netns {p}"
+        ));
+        ip(n, "link set hxv up");
+        ip(n, "addr add fe80::1/64 dev hxv nodad");
+        ip(p, &format!("link set hx0 address {}", pod_mac(i)));
+        ip(p, "link set hx0 up");
+        ip(
+            p,
+            &format!("addr add fd00:98:{}::1/128 dev hx0 nodad", sub(i)),
+        );
+        ip(
+            p,
+            &format!("neigh add fe80::1 lladdr {HOST_VETH_MAC} dev hx0 nud permanent"),
+        );
+        ip(p, "-6 route add fd00:98::/32 via fe80::1 dev hx0");
+        ip(n, &format!("route add fd00:98:{}::1/128 dev hxv", sub(i)));
+        ip(
+            n,
+            &format!(
+                "neigh add fd00:98:{}::1 lladdr {} dev hxv nud permanent",
+                sub(i),
+                pod_mac(i)
+            ),
+        );
+    }
+    for i in 0..2 {
+        let (n, j) = (&pair.nodes[i], 1 - i);
+        ip(
+            n,
+            &format!(
+                "route add fd00:98:{0}::/64 via fd00:98:{0}:: dev hx6 onlink",
+                sub(j)
+            ),
+        );
+        ip(
+            n,
+            &format!(
+                "neigh add fd00:98:{}:: lladdr {} dev hx6 nud permanent",
+                sub(j),
+                mac(j)
+            ),
+        );
+        exec(
+            n,
+            &[
+                "bridge",
+                "fdb",
+                "append",
+                &mac(j),
+                "dev",
+                "hx6",
+                "dst",
+                &pair.underlay[j].to_string(),
+                "self",
+                "permanent",
+            ],
+        );
+    }
+    Contender {
+        label,
+        client: pair.pods[1].clone(),
+        server_ns: pair.pods[0].clone(),
+        server: IpAddr::V6(Ipv6Addr::new(0xfd00, 0x98, 1, 0, 0, 0, 0, 1)),
+        vxlan: Some((pair.nodes[0].clone(), "hx6")),
+        tunnel_pids: Vec::new(),
+        // The devices live in the lab's namespaces and go with them.
+        _keep: Vec::new(),
+    }
+}
+
 /// Issue 23's target for sluice's VXLAN carrying IPv6: this share of the hand-made IPv6 VXLAN.
 const VXLAN6_TARGET: f64 = 0.95;
 
@@ -1666,14 +1826,20 @@ fn ipv6(args: &Args) {
     println!("## Pod-to-pod TCP throughput over IPv6 across nodes");
     println!();
     let dual = ["--ip-family", "dual"];
-    let sluice6 = sluice_lab_path("sluice VXLAN, IPv6 pods (dual lab, 2 nodes)", &dual);
+    let (sluice6, pair) = sluice_lab_pair("sluice VXLAN, IPv6 pods (dual lab, 2 nodes)", &dual);
     let sluice_pod_mtu = pod_mtu(&sluice6.client);
+    let in_lab = handmade6_in_lab(
+        "hand-made kernel VXLAN, IPv6 pods, between the same namespaces",
+        &pair,
+    );
+    // Index 1 is the issue's anchor; 2 the same hand-made tunnel in bare namespaces.
     let paths = [
         sluice6,
-        handmade6_path("hand-made kernel VXLAN, IPv6 pods", None),
-        handmade_path("hand-made kernel VXLAN, IPv4 pods", None),
+        in_lab,
+        handmade6_path("hand-made kernel VXLAN, IPv6 pods, bare namespaces", None),
+        handmade_path("hand-made kernel VXLAN, IPv4 pods, bare namespaces", None),
         handmade6_path(
-            "hand-made VXLAN, IPv6 pods + sluice's pod MTU and NAT/MSS/conntrack tables",
+            "hand-made VXLAN, IPv6 pods, bare + sluice's pod MTU and NAT/MSS/conntrack tables",
             Some(sluice_pod_mtu),
         ),
     ];
@@ -1687,7 +1853,14 @@ fn ipv6(args: &Args) {
             p.server,
             p.client
         );
-        servers.push(iperf_server(&p.server_ns));
+        // One iperf3 server a namespace: the paths are measured one after the other.
+        if !paths
+            .iter()
+            .take_while(|q| !std::ptr::eq(*q, p))
+            .any(|q| q.server_ns == p.server_ns)
+        {
+            servers.push(iperf_server(&p.server_ns));
+        }
     }
     let streams = [1u32, 4];
     let mut results = vec![vec![Vec::new(); streams.len()]; paths.len()];
@@ -1707,17 +1880,18 @@ fn ipv6(args: &Args) {
     };
     println!(
         "iperf3 -t {} (-P 1 and -P 4) to the server pod's address, {} interleaved rounds, Gbit/s \
-         received: median (each run). Ratios to the hand-made IPv6 VXLAN. Load average before / \
-         after: {load_before} / {}",
+         received: median (each run). Ratios to the issue's anchor, the hand-made IPv6 VXLAN \
+         between the same namespaces, and to the same tunnel in bare namespaces (no conntrack, \
+         no NAT table). Load average before / after: {load_before} / {}",
         args.seconds,
         args.runs,
         loadavg()
     );
     println!();
     println!(
-        "| path | server | 1 stream | 4 streams | 1 stream / hand-made v6 | 4 streams / hand-made v6 | target |"
+        "| path | server | 1 stream | 4 streams | 1 / anchor | 4 / anchor | 1 / bare | 4 / bare | target |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let med: Vec<Vec<f64>> = results
         .iter()
         .map(|r| r.iter().map(|v| median(v)).collect())
@@ -1727,11 +1901,12 @@ fn ipv6(args: &Args) {
         let target = match pi {
             0 => target_text.as_str(),
             1 => "(anchor)",
-            2 => "(IPv4 for comparison)",
+            2 => "(bare anchor)",
+            3 => "(IPv4 for comparison)",
             _ => "(diagnostic)",
         };
         println!(
-            "| {} | {} | {:.2} ({}) | {:.2} ({}) | {:.3} | {:.3} | {target} |",
+            "| {} | {} | {:.2} ({}) | {:.2} ({}) | {:.3} | {:.3} | {:.3} | {:.3} | {target} |",
             p.label,
             p.server,
             med[pi][0],
@@ -1740,27 +1915,37 @@ fn ipv6(args: &Args) {
             fmt_runs(&results[pi][1]),
             med[pi][0] / med[1][0],
             med[pi][1] / med[1][1],
+            med[pi][0] / med[2][0],
+            med[pi][1] / med[2][1],
         );
     }
     println!();
-    let r1 = med[0][0] / med[1][0];
-    let r4 = med[0][1] / med[1][1];
-    let interval = |si: usize| ratio_interval(&results[0][si], &results[1][si], 10_000, 0.9);
-    let ((lo1, hi1), (lo4, hi4)) = (interval(0), interval(1));
-    println!(
-        "sluice IPv6 / hand-made IPv6 VXLAN: {r1:.3} (1 stream, 90% interval [{lo1:.3}, {hi1:.3}]), \
-         {r4:.3} (4 streams, [{lo4:.3}, {hi4:.3}]); target ≥ {VXLAN6_TARGET}: {}",
-        if r1 >= VXLAN6_TARGET && r4 >= VXLAN6_TARGET {
-            "met"
-        } else {
-            "NOT met"
-        }
+    let verdict = |anchor: usize, what: &str| {
+        let r1 = med[0][0] / med[anchor][0];
+        let r4 = med[0][1] / med[anchor][1];
+        let interval =
+            |si: usize| ratio_interval(&results[0][si], &results[anchor][si], 10_000, 0.9);
+        let ((lo1, hi1), (lo4, hi4)) = (interval(0), interval(1));
+        println!(
+            "sluice IPv6 / {what}: {r1:.3} (1 stream, 90% interval [{lo1:.3}, {hi1:.3}]), \
+             {r4:.3} (4 streams, [{lo4:.3}, {hi4:.3}]); target ≥ {VXLAN6_TARGET}: {}",
+            if r1 >= VXLAN6_TARGET && r4 >= VXLAN6_TARGET {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
+    };
+    verdict(
+        1,
+        "hand-made IPv6 VXLAN between the same namespaces (the issue's anchor)",
     );
+    verdict(2, "hand-made IPv6 VXLAN in bare namespaces");
     println!(
-        "sluice IPv6 / hand-made IPv6 VXLAN with sluice's pod MTU and tables (like-for-like, \
+        "sluice IPv6 / bare hand-made IPv6 VXLAN with sluice's pod MTU and tables (like-for-like, \
          diagnostic): {:.3} (1 stream), {:.3} (4 streams)",
-        med[0][0] / med[3][0],
-        med[0][1] / med[3][1]
+        med[0][0] / med[4][0],
+        med[0][1] / med[4][1]
     );
     println!("VXLAN devices compared (server side), and the pods' MTU:");
     for p in &paths {
@@ -1769,7 +1954,7 @@ fn ipv6(args: &Args) {
                 "- {}: {}; pod MTU {}",
                 p.label,
                 vxlan_settings(ns, dev),
-                pod_mtu(&p.client)
+                pod_mtu_to(&p.client, p.server)
             );
         }
     }
