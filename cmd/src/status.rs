@@ -71,6 +71,21 @@ fn subnets(v: &serde_json::Value) -> String {
     }
 }
 
+/// A peer's PATH and WHY cells: its path and why, and, for a dual-stack peer whose IPv6 subnet
+/// goes another way (no IPv6 underlay neighbour), that path too (`direct,vxlan`) with its
+/// reason. An IPv6-only peer's path is its IPv6 subnet's, decided for it: shown once.
+fn path_cells(p: &serde_json::Value) -> (String, String) {
+    let (path, why) = (s(&p["path"]), s(&p["why"]));
+    match (&p["subnet"], &p["pathV6"]) {
+        (serde_json::Value::Null, _) | (_, serde_json::Value::Null) => (path, why),
+        (_, v6) if s(v6) == path => (path, why),
+        (_, v6) => (
+            format!("{path},{}", s(v6)),
+            format!("{why}; IPv6: {}", s(&p["whyV6"])),
+        ),
+    }
+}
+
 fn s(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::String(s) => s.clone(),
@@ -135,19 +150,21 @@ fn print_table(doc: &serde_json::Value, ready: bool, reasons: &str) {
     };
     let subnet_w = width(&subnets, 17);
     let underlay_w = width(&|p| s(&p["underlay"]), 16);
+    let path_w = width(&|p| path_cells(p).0, 12);
     println!(
-        "\n{:<17} {:<subnet_w$} {:<underlay_w$} {:<12} {:<18} WHY",
+        "\n{:<17} {:<subnet_w$} {:<underlay_w$} {:<path_w$} {:<18} WHY",
         "PEER", "SUBNET", "UNDERLAY", "PATH", "VTEP MAC"
     );
     for p in peers {
+        let (path, why) = path_cells(p);
         println!(
-            "{:<17} {:<subnet_w$} {:<underlay_w$} {:<12} {:<18} {}",
+            "{:<17} {:<subnet_w$} {:<underlay_w$} {:<path_w$} {:<18} {}",
             s(&p["node"]),
             subnets(p),
             s(&p["underlay"]),
-            s(&p["path"]),
+            path,
             s(&p["vtepMac"]),
-            s(&p["why"])
+            why
         );
     }
     if peers.is_empty() {
@@ -157,7 +174,50 @@ fn print_table(doc: &serde_json::Value, ready: bool, reasons: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::{cnp_line, subnets};
+    use super::{cnp_line, path_cells, subnets};
+
+    #[test]
+    fn a_peer_path_shows_its_ipv6_subnet_only_where_it_goes_another_way() {
+        let cells = |v: serde_json::Value| path_cells(&v);
+        // An IPv6-only peer: one path, decided for its IPv6 subnet.
+        assert_eq!(
+            cells(
+                serde_json::json!({"subnet": null, "subnetV6": "fd00:10:244:2::/64",
+                "path": "vxlan", "why": "overlay: always",
+                "pathV6": "vxlan", "whyV6": "its only subnet (an IPv6-only peer)"})
+            ),
+            ("vxlan".into(), "overlay: always".into())
+        );
+        // Dual-stack, both families on one path.
+        assert_eq!(
+            cells(
+                serde_json::json!({"subnet": "10.244.2.0/24", "path": "vxlan",
+                "why": "overlay: always", "pathV6": "vxlan", "whyV6": "as its IPv4 subnet"})
+            ),
+            ("vxlan".into(), "overlay: always".into())
+        );
+        // Dual-stack, the IPv6 subnet by VXLAN for want of an IPv6 underlay neighbour.
+        assert_eq!(
+            cells(serde_json::json!({"subnet": "10.244.2.0/24", "path": "direct",
+                "why": "same underlay subnet (overlay: cross-subnet)", "pathV6": "vxlan",
+                "whyV6": "the peer publishes no IPv6 underlay address"})),
+            (
+                "direct,vxlan".into(),
+                "same underlay subnet (overlay: cross-subnet); IPv6: the peer publishes no IPv6 underlay address".into()
+            )
+        );
+        // IPv4-only.
+        assert_eq!(
+            cells(
+                serde_json::json!({"subnet": "10.244.2.0/24", "path": "direct",
+                "why": "same underlay subnet (overlay: never)", "pathV6": null})
+            ),
+            (
+                "direct".into(),
+                "same underlay subnet (overlay: never)".into()
+            )
+        );
+    }
 
     #[test]
     fn subnets_of_either_family_or_both() {

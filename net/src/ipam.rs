@@ -500,7 +500,7 @@ mod tests {
         let entry = HostportEntry {
             container_id: "a".into(),
             ifname: "eth0".into(),
-            pod_ip: Ipv4Addr::new(10, 244, 1, 2),
+            pod_ip: Some(Ipv4Addr::new(10, 244, 1, 2)),
             pod_ip6: None,
             mappings: vec![
                 PortMapping::new(HpProtocol::Tcp, 8080, 80, None),

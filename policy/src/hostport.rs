@@ -13,10 +13,12 @@
 //! - masquerade of DNATed traffic whose source is loopback (so the reply can come back) or the
 //!   pod itself (hairpin: the pod reaching its own hostPort).
 //!
-//! A pod with an IPv6 address (a dual-stack node) gets the same for IPv6: a mapping without a
-//! `hostIP` is DNATed in both families (to the pod's IPv4 or IPv6 address), one with an IPv6
+//! A pod with an IPv6 address gets the same for IPv6: a mapping without a `hostIP` is DNATed in
+//! every family the pod has an address of (to the pod's IPv4 or IPv6 address), one with an IPv6
 //! `hostIP` in IPv6 only (nftables maps `hp_ip6`/`hp_any6` and set `hairpin6` in the same inet
-//! table; the same chain names in ip6tables' nat table). `[::1]:hostPort` is not mapped, as the
+//! table; the same chain names in ip6tables' nat table). A pod of an IPv6-only node has no IPv4
+//! address: its entry renders no IPv4 element or rule, and where no entry has an IPv4 rule,
+//! iptables (IPv4) is not written at all. `[::1]:hostPort` is not mapped, as the
 //! portmap plugin does not map it: IPv6 has no `route_localnet`, so a packet from `::1` may never
 //! leave the node towards the pod; such connections reach whatever listens on the node itself.
 
@@ -101,8 +103,12 @@ pub struct HostportEntry {
     #[serde(rename = "containerID")]
     pub container_id: String,
     pub ifname: String,
-    pub pod_ip: Ipv4Addr,
-    /// The pod's IPv6 address, on a dual-stack node (absent in state written before IPv6).
+    /// The pod's IPv4 address; `None` on an IPv6-only node (present in every entry written
+    /// before IPv6-only nodes had hostPorts, which read as they were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_ip: Option<Ipv4Addr>,
+    /// The pod's IPv6 address, on a dual-stack or IPv6-only node (absent in state written
+    /// before IPv6).
     #[serde(default, rename = "podIP6", skip_serializing_if = "Option::is_none")]
     pub pod_ip6: Option<Ipv6Addr>,
     pub mappings: Vec<PortMapping>,
@@ -125,6 +131,10 @@ pub enum HostportError {
         "portMappings[{index}]: hostIP {host_ip} is IPv6 but this node gives pods no IPv6 address"
     )]
     NoIpv6 { index: usize, host_ip: Ipv6Addr },
+    #[error(
+        "portMappings[{index}]: hostIP {host_ip} is IPv4 but this node is IPv6-only (its pods have no IPv4 address)"
+    )]
+    NoIpv4 { index: usize, host_ip: Ipv4Addr },
 }
 
 fn port(v: Option<&Value>, index: usize, field: &str) -> Result<u16, HostportError> {
@@ -209,15 +219,23 @@ pub fn parse_mappings(v: Option<&Value>) -> Result<Vec<PortMapping>, HostportErr
     Ok(out)
 }
 
-/// Refuses a mapping with an IPv6 `hostIP` on a node whose pods get no IPv6 address (kube's
-/// portmap would silently map nothing). `mappings` as [`parse_mappings`] returns them.
-pub fn check_families(mappings: &[PortMapping], pod_has_v6: bool) -> Result<(), HostportError> {
-    if pod_has_v6 {
-        return Ok(());
-    }
+/// Refuses a mapping with a `hostIP` of a family the node's pods get no address of: an IPv6 one
+/// on an IPv4-only node, an IPv4 one on an IPv6-only node (kube's portmap would silently map
+/// nothing). `mappings` as [`parse_mappings`] returns them.
+pub fn check_families(
+    mappings: &[PortMapping],
+    pod_has_v4: bool,
+    pod_has_v6: bool,
+) -> Result<(), HostportError> {
     for (index, m) in mappings.iter().enumerate() {
-        if let Some(IpAddr::V6(host_ip)) = m.host_ip {
-            return Err(HostportError::NoIpv6 { index, host_ip });
+        match m.host_ip {
+            Some(IpAddr::V6(host_ip)) if !pod_has_v6 => {
+                return Err(HostportError::NoIpv6 { index, host_ip })
+            }
+            Some(IpAddr::V4(host_ip)) if !pod_has_v4 => {
+                return Err(HostportError::NoIpv4 { index, host_ip })
+            }
+            _ => {}
         }
     }
     Ok(())
@@ -293,16 +311,13 @@ pub fn retain_valid(entries: &[HostportEntry], valid: &[(String, String)]) -> Ve
 }
 
 /// Rules sorted with hostIP-specific mappings first, so that they win over a 0.0.0.0 mapping of
-/// the same port (which [`admit`] refuses anyway between attachments).
+/// the same port (which [`admit`] refuses anyway between attachments): the mappings without a
+/// `hostIP` or with an IPv4 one of the entries that have an IPv4 address.
 fn ordered(entries: &[HostportEntry]) -> Vec<(Ipv4Addr, PortMapping)> {
     let mut rules: Vec<(Ipv4Addr, PortMapping)> = entries
         .iter()
-        .flat_map(|e| {
-            e.mappings
-                .iter()
-                .filter(|m| m.v4())
-                .map(move |m| (e.pod_ip, *m))
-        })
+        .filter_map(|e| e.pod_ip.map(|ip| (e, ip)))
+        .flat_map(|(e, ip)| e.mappings.iter().filter(|m| m.v4()).map(move |m| (ip, *m)))
         .collect();
     rules.sort_by_key(|(ip, m)| (m.host_ip.is_none(), m.host_port, m.protocol, *ip));
     rules
@@ -326,6 +341,12 @@ fn pod_ips(entries: &[HostportEntry]) -> BTreeSet<Ipv4Addr> {
 
 fn pod_ips6(entries: &[HostportEntry]) -> BTreeSet<Ipv6Addr> {
     ordered6(entries).into_iter().map(|(ip, _)| ip).collect()
+}
+
+/// Whether any of `entries` has an IPv4 rule (else iptables is not touched: an IPv6-only
+/// node's entries have none).
+pub fn has_v4(entries: &[HostportEntry]) -> bool {
+    !ordered(entries).is_empty()
 }
 
 /// Whether any of `entries` has an IPv6 rule (else ip6tables is not touched).
@@ -518,7 +539,7 @@ const IP6T_LOOPBACK: &str = "-A SLUICE-HP -d ::1/128 -j RETURN";
 pub enum Listing {
     /// `nft list table inet sluice-hostport`.
     Nft,
-    /// `iptables-save -t nat`.
+    /// `iptables-save -t nat` (the IPv4 rules of an entry with an IPv4 address).
     Iptables,
     /// `ip6tables-save -t nat` (the IPv6 rules of an entry with an IPv6 address).
     Ip6tables,
@@ -558,6 +579,13 @@ pub fn missing_rules(kind: Listing, listing: &str, entry: &HostportEntry) -> Vec
             return want;
         }
         Listing::Iptables => {
+            // An entry without IPv4 rules (an IPv6-only pod's) needs nothing in iptables.
+            let Some(ip) = entry.pod_ip else {
+                return want;
+            };
+            if !entry.mappings.iter().any(PortMapping::v4) {
+                return want;
+            }
             for (chain, spec) in iptables_jumps() {
                 want.push(format!("-A {chain} {}", spec.join(" ")));
             }
@@ -566,11 +594,9 @@ pub fn missing_rules(kind: Listing, listing: &str, entry: &HostportEntry) -> Vec
                     .mappings
                     .iter()
                     .filter(|m| m.v4())
-                    .map(|m| iptables_rule(entry.pod_ip, m)),
+                    .map(|m| iptables_rule(ip, m)),
             );
-            if entry.mappings.iter().any(PortMapping::v4) {
-                want.push(iptables_hairpin(entry.pod_ip));
-            }
+            want.push(iptables_hairpin(ip));
         }
         Listing::Ip6tables => {
             let Some(ip6) = entry.pod_ip6 else {

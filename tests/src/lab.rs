@@ -224,6 +224,35 @@ pub fn tcp_server(
     (addr, rx)
 }
 
+/// [`tcp_server`] for UDP: answers each datagram with `reply` and reports each peer address;
+/// serves `max` datagrams at most.
+pub fn udp_server(
+    netns: &str,
+    bind: std::net::SocketAddr,
+    reply: &'static str,
+    max: usize,
+) -> (
+    std::net::SocketAddr,
+    std::sync::mpsc::Receiver<std::net::SocketAddr>,
+) {
+    let socket = in_netns(netns, move || {
+        std::net::UdpSocket::bind(bind).expect("bind")
+    });
+    let addr = socket.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        for _ in 0..max {
+            let Ok((_, peer)) = socket.recv_from(&mut buf) else {
+                continue;
+            };
+            let _ = tx.send(peer);
+            let _ = socket.send_to(reply.as_bytes(), peer);
+        }
+    });
+    (addr, rx)
+}
+
 /// Connects from inside `netns` to `to` and reads the answer (bounded by 3 s).
 pub fn tcp_ask(netns: &str, to: std::net::SocketAddr) -> std::io::Result<String> {
     use std::io::Read;

@@ -12,6 +12,7 @@ pub mod capture;
 pub mod cni;
 pub mod containerd;
 pub mod dual;
+pub mod hostport;
 pub mod k8sbench;
 pub mod lab;
 pub mod netpol;

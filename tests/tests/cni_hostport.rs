@@ -9,33 +9,14 @@
 
 use serde_json::json;
 use sluice_e2e::cni::CniNode;
+use sluice_e2e::hostport::{at, client, have, in_state as hostports_in_state, publish_backend};
 use sluice_e2e::lab::{tcp_ask, tcp_server};
 use sluice_e2e::{have_root, sh, Netns};
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr};
 
 /// The node's address on the link to the client namespace.
 const NODE_IP: &str = "172.31.250.1";
 const CLIENT_IP: &str = "172.31.250.2";
-
-fn at(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::from((ip.parse::<Ipv4Addr>().unwrap(), port))
-}
-
-fn have(tool: &str) -> bool {
-    let found = std::process::Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok();
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have {tool} (README's test command installs it)"
-        );
-        eprintln!("skipping: {tool} is not installed");
-    }
-    found
-}
 
 fn ports(host_port: u16) -> serde_json::Value {
     json!({"runtimeConfig": {"portMappings": [
@@ -43,48 +24,22 @@ fn ports(host_port: u16) -> serde_json::Value {
     ]}})
 }
 
-/// The rules sluice holds in the node for `backend`, as text.
+/// The IPv4 rules sluice holds in the node for `backend`, as text.
 fn rules(node: &CniNode, backend: &str) -> String {
-    let ns = node.ns.name.as_str();
-    match backend {
-        "nftables" => sh(&["ip", "netns", "exec", ns, "nft", "list", "ruleset"]),
-        b => sh(&["ip", "netns", "exec", ns, &format!("{b}-save"), "-t", "nat"]),
-    }
-}
-
-fn hostports_in_state(node: &CniNode) -> Vec<serde_json::Value> {
-    let b = std::fs::read(node.ipam_dir().join("allocations.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
-    v["hostports"].as_array().cloned().unwrap_or_default()
+    sluice_e2e::hostport::rules(node, backend).0
 }
 
 fn scenario(backend: &str) {
     let node = CniNode::new(Some("10.244.21.0/24"));
-    let env = std::fs::read_to_string(node.subnet_file()).unwrap();
-    std::fs::write(
-        node.subnet_file(),
-        format!("{env}SLUICE_POLICY_BACKEND={backend}\n"),
-    )
-    .unwrap();
-    let client = Netns::new("hpc");
-    let cv = sluice_e2e::unique("hc");
-    node.ns.ip(&[
-        "link",
-        "add",
-        &cv,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        &client.name,
-    ]);
-    node.ns
-        .ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", &cv]);
-    node.ns.ip(&["link", "set", &cv, "up"]);
-    client.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"]);
-    client.ip(&["link", "set", "eth0", "up"]);
+    publish_backend(&node, backend);
+    let c = client(
+        &node,
+        "hpc",
+        &[&format!("{NODE_IP}/24")],
+        &[&format!("{CLIENT_IP}/24")],
+        None,
+    );
+    let client = &c.ns;
 
     let pod = Netns::new("hpp");
     let conf = node.conf("1.1.0", ports(8080));
@@ -289,12 +244,7 @@ fn the_agent_start_keeps_live_mappings_and_sweeps_gone_pods() {
     use sluice_policy::{Exec, IptablesMode};
     use std::io::{Read, Write};
     let node = CniNode::new(Some("10.244.22.0/24"));
-    let env = std::fs::read_to_string(node.subnet_file()).unwrap();
-    std::fs::write(
-        node.subnet_file(),
-        format!("{env}SLUICE_POLICY_BACKEND=nftables\n"),
-    )
-    .unwrap();
+    publish_backend(&node, "nftables");
     let live = Netns::new("hpl");
     let dead = Netns::new("hpd");
     node.call(
@@ -417,12 +367,7 @@ fn network_policy_applies_to_hostport_traffic() {
     use sluice_policy::k8s_openapi::api::networking::v1::NetworkPolicy;
     use sluice_policy::{compile, ClusterPod, Exec, Firewall, LocalPod, NftCli, PolicyInput};
     let node = CniNode::new(Some("10.244.23.0/24"));
-    let env = std::fs::read_to_string(node.subnet_file()).unwrap();
-    std::fs::write(
-        node.subnet_file(),
-        format!("{env}SLUICE_POLICY_BACKEND=nftables\n"),
-    )
-    .unwrap();
+    publish_backend(&node, "nftables");
     // Two clients on two links of the node; link names outside sluice's `sl` prefix.
     let pid = std::process::id() % 100_000;
     let clients: Vec<(Netns, &str, &str)> = [

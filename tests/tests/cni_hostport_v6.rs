@@ -10,9 +10,12 @@
 
 use serde_json::json;
 use sluice_e2e::cni::CniNode;
+use sluice_e2e::hostport::{
+    assert_del_left_nothing, assert_tcp_reaches, at, client, have, lose_ipv6_rules_and_repair,
+    publish_backend, rules,
+};
 use sluice_e2e::lab::{tcp_ask, tcp_server};
 use sluice_e2e::{have_root, sh, Netns};
-use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 const NODE_IP: &str = "172.31.249.1";
@@ -22,25 +25,6 @@ const CLIENT_IP6: &str = "fd00:31:249::2";
 /// A second IPv6 address of the node (on lo), for the `hostIP` mapping.
 const NODE_IP6_2: &str = "fd00:31:248::3";
 
-fn at(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse::<IpAddr>().unwrap(), port)
-}
-
-fn have(tool: &str) -> bool {
-    let found = std::process::Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok();
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have {tool} (README's test command installs it)"
-        );
-        eprintln!("skipping: {tool} is not installed");
-    }
-    found
-}
-
 fn ports() -> serde_json::Value {
     json!({"runtimeConfig": {"portMappings": [
         {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""},
@@ -48,85 +32,26 @@ fn ports() -> serde_json::Value {
     ]}})
 }
 
-/// sluice's IPv4 and IPv6 rules in the node for `backend`, as text.
-fn rules(node: &CniNode, backend: &str) -> (String, String) {
-    let ns = node.ns.name.as_str();
-    match backend {
-        "nftables" => {
-            let all = sh(&["ip", "netns", "exec", ns, "nft", "list", "ruleset"]);
-            (all.clone(), all)
-        }
-        b => {
-            let b6 = b.replacen("iptables", "ip6tables", 1);
-            (
-                sh(&["ip", "netns", "exec", ns, &format!("{b}-save"), "-t", "nat"]),
-                sh(&[
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    &format!("{b6}-save"),
-                    "-t",
-                    "nat",
-                ]),
-            )
-        }
-    }
-}
-
 fn dual_node(backend: &str, subnet: &str, subnet6: &str) -> CniNode {
     let node = CniNode::new(None);
     node.set_dual_subnet_env("10.244.0.0/16", subnet, "fd00:10:244::/56", subnet6);
-    let env = std::fs::read_to_string(node.subnet_file()).unwrap();
-    std::fs::write(
-        node.subnet_file(),
-        format!("{env}SLUICE_POLICY_BACKEND={backend}\n"),
-    )
-    .unwrap();
+    publish_backend(&node, backend);
     node.ns.sysctl("net.ipv6.conf.all.forwarding", "1");
     node
 }
 
 fn scenario(backend: &str, subnet: &str, subnet6: &str) {
     let node = dual_node(backend, subnet, subnet6);
-    let client = Netns::new("h6c");
-    let cv = sluice_e2e::unique("h6");
-    node.ns.ip(&[
-        "link",
-        "add",
-        &cv,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        &client.name,
-    ]);
-    node.ns
-        .ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", &cv]);
-    node.ns.ip(&[
-        "addr",
-        "add",
-        &format!("{NODE_IP6}/64"),
-        "dev",
-        &cv,
-        "nodad",
-    ]);
     node.ns
         .ip(&["addr", "add", &format!("{NODE_IP6_2}/128"), "dev", "lo"]);
-    node.ns.ip(&["link", "set", &cv, "up"]);
-    client.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"]);
-    client.ip(&[
-        "addr",
-        "add",
-        &format!("{CLIENT_IP6}/64"),
-        "dev",
-        "eth0",
-        "nodad",
-    ]);
-    client.ip(&["link", "set", "eth0", "up"]);
-    client.ip(&["-6", "route", "add", "default", "via", NODE_IP6]);
+    let c = client(
+        &node,
+        "h6c",
+        &[&format!("{NODE_IP}/24"), &format!("{NODE_IP6}/64")],
+        &[&format!("{CLIENT_IP}/24"), &format!("{CLIENT_IP6}/64")],
+        Some(NODE_IP6),
+    );
+    let (client, cv) = (&c.ns, &c.veth);
 
     let pod = Netns::new("h6p");
     let conf = node.conf("1.1.0", ports());
@@ -145,33 +70,20 @@ fn scenario(backend: &str, subnet: &str, subnet6: &str) {
     // A dual socket: IPv4 connections arrive as v4-mapped addresses.
     let (_, seen) = tcp_server(&pod.name, at("::", 80), "pod6", 16);
     let (r4, r6) = rules(&node, backend);
-    for (ns, to, source) in [
-        (&client.name, at(NODE_IP6, 8080), Some(CLIENT_IP6)),
-        (&client.name, at(NODE_IP, 8080), Some(CLIENT_IP)),
-        (&client.name, at(NODE_IP6_2, 8081), Some(CLIENT_IP6)),
-        (&node.ns.name, at(NODE_IP6, 8080), None),
-        // Hairpin: the pod through its own hostPort, over IPv6.
-        (&pod.name, at(NODE_IP6, 8080), None),
-    ] {
-        let got = tcp_ask(ns, to);
-        assert_eq!(
-            got.as_deref().ok(),
-            Some("pod6"),
-            "{backend}: {ns} -> {to}: {got:?}\n{r4}\n{r6}"
-        );
-        let peer = seen.recv_timeout(Duration::from_secs(3)).unwrap();
-        if let Some(src) = source {
-            let ip = match peer.ip() {
-                IpAddr::V6(a) => a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4),
-                a => a,
-            };
-            assert_eq!(
-                ip.to_string(),
-                src,
-                "{backend}: the client's source is kept"
-            );
-        }
-    }
+    assert_tcp_reaches(
+        backend,
+        &[
+            (&client.name, at(NODE_IP6, 8080), Some(CLIENT_IP6)),
+            (&client.name, at(NODE_IP, 8080), Some(CLIENT_IP)),
+            (&client.name, at(NODE_IP6_2, 8081), Some(CLIENT_IP6)),
+            (&node.ns.name, at(NODE_IP6, 8080), None),
+            // Hairpin: the pod through its own hostPort, over IPv6.
+            (&pod.name, at(NODE_IP6, 8080), None),
+        ],
+        "pod6",
+        &seen,
+        &format!("{r4}\n{r6}"),
+    );
     // The IPv6 hostIP mapping is IPv6 only, and only on its address.
     for to in [at(NODE_IP, 8081), at(NODE_IP6, 8081)] {
         assert!(
@@ -193,47 +105,14 @@ fn scenario(backend: &str, subnet: &str, subnet6: &str) {
         .assert_ok();
 
     // The IPv6 rules lost behind sluice's back: CHECK says so; a repeated ADD writes them back.
-    match backend {
-        "nftables" => {
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &node.ns.name,
-                "nft",
-                "flush",
-                "map",
-                "inet",
-                "sluice-hostport",
-                "hp_any6",
-            ]);
-        }
-        b => {
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &node.ns.name,
-                &b.replacen("iptables", "ip6tables", 1),
-                "-t",
-                "nat",
-                "-F",
-                "SLUICE-HP",
-            ]);
-        }
-    }
-    let check = node.call("CHECK", "hp6", Some(&pod.path()), &conf);
-    assert_eq!(check.error_code(), 102, "{check:?}");
-    let msg = check.json()["msg"].as_str().unwrap().to_string();
-    assert!(
-        msg.contains("hostPort rules missing") && msg.contains(&pod6),
-        "{backend}: {msg}"
+    lose_ipv6_rules_and_repair(
+        &node,
+        backend,
+        ("hp6", &pod),
+        &conf,
+        &pod6,
+        (&client.name, at(NODE_IP6, 8080)),
     );
-    assert!(tcp_ask(&client.name, at(NODE_IP6, 8080)).is_err());
-    node.call("ADD", "hp6", Some(&pod.path()), &conf)
-        .assert_ok();
-    node.call("CHECK", "hp6", Some(&pod.path()), &conf)
-        .assert_ok();
     assert_eq!(
         tcp_ask(&client.name, at(NODE_IP6, 8080)).ok().as_deref(),
         Some("pod6")
@@ -261,22 +140,8 @@ fn scenario(backend: &str, subnet: &str, subnet6: &str) {
             "{backend}: the ip6tables chains stay after the last IPv6 mapping: {r6}"
         );
     }
-    assert!(node.allocations().is_empty() && node.allocations_v6().is_empty());
     // The client's veth is the test's (its name carries the run prefix, as sluice's do).
-    let links: Vec<String> = node.pod_links().into_iter().filter(|l| *l != cv).collect();
-    assert!(links.is_empty(), "{links:?}");
-    assert!(
-        node.pod_routes_v6().is_empty(),
-        "{:?}",
-        node.pod_routes_v6()
-    );
-    assert!(pod.links().iter().all(|l| l == "lo"), "{:?}", pod.links());
-    let b = std::fs::read(node.ipam_dir().join("allocations.json")).unwrap();
-    let state: serde_json::Value = serde_json::from_slice(&b).unwrap();
-    assert!(
-        state["hostports"].as_array().is_none_or(|a| a.is_empty()),
-        "{state}"
-    );
+    assert_del_left_nothing(&node, &pod, cv);
 }
 
 #[test]

@@ -79,7 +79,7 @@ fn entries(with_pod: bool) -> Vec<HostportEntry> {
     vec![HostportEntry {
         container_id: "c1".into(),
         ifname: "eth0".into(),
-        pod_ip: POD_IP.parse().unwrap(),
+        pod_ip: Some(POD_IP.parse().unwrap()),
         pod_ip6: None,
         mappings,
     }]

@@ -70,9 +70,10 @@ impl HostportKernel for RtNetlink {
 fn hostport_error(e: HostportError) -> CniError {
     let code = match e {
         HostportError::Conflict { .. } => ErrorCode::PortConflict,
-        HostportError::NotAList | HostportError::Invalid { .. } | HostportError::NoIpv6 { .. } => {
-            ErrorCode::InvalidConfig
-        }
+        HostportError::NotAList
+        | HostportError::Invalid { .. }
+        | HostportError::NoIpv6 { .. }
+        | HostportError::NoIpv4 { .. } => ErrorCode::InvalidConfig,
     };
     CniError::new(code, format!("runtimeConfig.portMappings: {e}"))
 }
@@ -84,10 +85,14 @@ fn firewall_error(e: FirewallError) -> CniError {
     )
 }
 
-/// ADD, before anything is allocated: a mapping with an IPv6 `hostIP` needs a pod with an
-/// IPv6 address (`pod_has_v6`: the node holds an IPv6 subnet).
-pub fn check_families(mappings: &[PortMapping], pod_has_v6: bool) -> Result<(), CniError> {
-    hostport::check_families(mappings, pod_has_v6).map_err(hostport_error)
+/// ADD, before anything is allocated: a mapping with a `hostIP` needs a pod with an address of
+/// its family (`pod_has_v4`, `pod_has_v6`: the node holds a subnet of that family).
+pub fn check_families(
+    mappings: &[PortMapping],
+    pod_has_v4: bool,
+    pod_has_v6: bool,
+) -> Result<(), CniError> {
+    hostport::check_families(mappings, pod_has_v4, pod_has_v6).map_err(hostport_error)
 }
 
 /// The mappings the runtime asks for (`runtimeConfig.portMappings`), checked; none when the
@@ -103,8 +108,9 @@ pub fn requested(conf: &NetConf) -> Result<Vec<PortMapping>, CniError> {
     hostport::parse_mappings(mappings.as_ref()).map_err(hostport_error)
 }
 
-/// The pod's addresses: IPv4, and IPv6 on a dual-stack node.
-pub type PodAddrs = (Ipv4Addr, Option<Ipv6Addr>);
+/// The pod's addresses: IPv4 (none on an IPv6-only node), and IPv6 on a dual-stack or
+/// IPv6-only node.
+pub type PodAddrs = (Option<Ipv4Addr>, Option<Ipv6Addr>);
 
 fn entry(req: &Request, (pod_ip, pod_ip6): PodAddrs, mappings: &[PortMapping]) -> HostportEntry {
     HostportEntry {
@@ -144,11 +150,7 @@ pub fn admit(state: &IpamState, req: &Request, mappings: &[PortMapping]) -> Resu
     if mappings.is_empty() {
         return Ok(());
     }
-    hostport::admit(
-        &state.hostports,
-        &entry(req, (Ipv4Addr::UNSPECIFIED, None), mappings),
-    )
-    .map_err(hostport_error)
+    hostport::admit(&state.hostports, &entry(req, (None, None), mappings)).map_err(hostport_error)
 }
 
 /// ADD, in the same locked step once the address is allocated: records the attachment's
@@ -186,8 +188,8 @@ fn write_all<K: HostportKernel>(
         .map_err(firewall_error)
 }
 
-/// ADD, once the pod is wired: IPv4 loopback may reach the pod's veth (IPv6 has no such
-/// switch: `[::1]:hostPort` is not mapped), and the rules of every
+/// ADD, once the pod is wired: IPv4 loopback may reach a pod with an IPv4 address through its
+/// veth (IPv6 has no such switch: `[::1]:hostPort` is not mapped), and the rules of every
 /// attachment are written. The attachment's entry is confirmed under the lock (the agent's
 /// sweep may have taken it while the veth did not exist yet). Nothing to do for a pod that
 /// has and had no mappings.
@@ -203,7 +205,7 @@ pub fn activate<K: HostportKernel>(
     if !reserved.touches_rules() {
         return Ok(());
     }
-    if !reserved.mappings.is_empty() {
+    if !reserved.mappings.is_empty() && address.0.is_some() {
         kernel.route_localnet(host_ifname)?;
     }
     let mut lock = store.lock()?;
@@ -330,17 +332,21 @@ pub fn collect<K: HostportKernel>(
 }
 
 /// The agent's sweep (pure): the entries of attachments that are still there, that is whose
-/// address is still allocated to them and whose host-side veth exists (the liveness
-/// [`crate::pod_repair`] uses).
+/// addresses (of each family the entry has, at least one) are still allocated to them and whose
+/// host-side veth exists (the liveness [`crate::pod_repair`] uses).
 pub fn live_entries(state: &IpamState, host_links: &BTreeSet<String>) -> Vec<HostportEntry> {
+    let held_by = |owner: Option<&crate::ipam::Owner>, e: &HostportEntry| {
+        owner.is_some_and(|o| o.container_id == e.container_id && o.ifname == e.ifname)
+    };
     state
         .hostports
         .iter()
         .filter(|e| {
-            state
-                .allocations
-                .get(&e.pod_ip)
-                .is_some_and(|o| o.container_id == e.container_id && o.ifname == e.ifname)
+            (e.pod_ip.is_some() || e.pod_ip6.is_some())
+                && e.pod_ip
+                    .is_none_or(|ip| held_by(state.allocations.get(&ip), e))
+                && e.pod_ip6
+                    .is_none_or(|ip| held_by(state.allocations_v6.get(&ip), e))
                 && host_links.contains(&podnet::host_ifname(&e.container_id, &e.ifname))
         })
         .cloned()
@@ -388,7 +394,7 @@ pub fn restore(
     let live = live_entries(&lock.state, host_links);
     let swept = lock.state.hostports.len() - live.len();
     for gone in lock.state.hostports.iter().filter(|e| !live.contains(e)) {
-        info!(container_id = gone.container_id, pod_ip = %gone.pod_ip, pod_ip6 = ?gone.pod_ip6, "dropping the hostPorts of a pod that is gone");
+        info!(container_id = gone.container_id, pod_ip = ?gone.pod_ip, pod_ip6 = ?gone.pod_ip6, "dropping the hostPorts of a pod that is gone");
     }
     let fw = HostportFirewall::new(exec.clone(), backend);
     if live.is_empty() {
@@ -462,7 +468,7 @@ mod tests {
         let r = reserve(
             &mut s,
             &req("a"),
-            ("10.0.0.2".parse().unwrap(), None),
+            (Some("10.0.0.2".parse().unwrap()), None),
             &[m(8080)],
         );
         assert_eq!(r.previous, None);
@@ -479,7 +485,7 @@ mod tests {
         let r = reserve(
             &mut s,
             &req("a"),
-            ("10.0.0.2".parse().unwrap(), None),
+            (Some("10.0.0.2".parse().unwrap()), None),
             &[m(8081)],
         );
         assert_eq!(
@@ -487,7 +493,12 @@ mod tests {
             Some(vec![m(8080)])
         );
         // A pod without mappings that had none touches nothing.
-        let r = reserve(&mut s, &req("c"), ("10.0.0.3".parse().unwrap(), None), &[]);
+        let r = reserve(
+            &mut s,
+            &req("c"),
+            (Some("10.0.0.3".parse().unwrap()), None),
+            &[],
+        );
         assert!(!r.touches_rules());
         assert_eq!(s.hostports.len(), 1);
     }
@@ -513,7 +524,7 @@ mod tests {
             reserve(
                 &mut s,
                 &req(id),
-                (ip, None),
+                (Some(ip), None),
                 &[m(8000 + u16::from(ip.octets()[3]))],
             );
         }
@@ -534,6 +545,38 @@ mod tests {
                 .map(|e| e.container_id.as_str())
                 .collect::<Vec<_>>(),
             ["a"]
+        );
+    }
+
+    #[test]
+    fn the_sweep_judges_an_ipv6_only_entry_by_its_ipv6_address() {
+        let mut s = IpamState::default();
+        for (id, ip) in [("a", "fd00::2"), ("b", "fd00::3")] {
+            reserve(
+                &mut s,
+                &req(id),
+                (None, Some(ip.parse().unwrap())),
+                &[m(80)],
+            );
+        }
+        s.allocations_v6
+            .insert("fd00::2".parse().unwrap(), owner("a"));
+        // b's address is another attachment's now.
+        s.allocations_v6
+            .insert("fd00::3".parse().unwrap(), owner("z"));
+        // An IPv4 allocation of the same attachment does not stand in for its IPv6 one.
+        s.allocations
+            .insert("10.0.0.3".parse().unwrap(), owner("b"));
+        let links: BTreeSet<String> = ["a", "b"]
+            .iter()
+            .map(|id| podnet::host_ifname(id, "eth0"))
+            .collect();
+        let live = live_entries(&s, &links);
+        assert_eq!(
+            live.iter()
+                .map(|e| (e.container_id.as_str(), e.pod_ip))
+                .collect::<Vec<_>>(),
+            [("a", None)]
         );
     }
 }

@@ -80,24 +80,14 @@ pub async fn add<K: PodKernel + HostportKernel>(
     let env = node_subnet(conf)?;
     let mtu = conf.mtu.unwrap_or(env.mtu);
     let mappings = hostport::requested(conf)?;
-    hostport::check_families(&mappings, env.v6.is_some())?;
-    if env.v4.is_none() && !mappings.is_empty() {
-        // The hostPort entries and rules carry an IPv4 pod address; an IPv6-only pod has none.
-        return Err(CniError::new(
-            ErrorCode::InvalidConfig,
-            "runtimeConfig.portMappings: hostPorts are not served on an IPv6-only node yet",
-        ));
-    }
+    hostport::check_families(&mappings, env.v4.is_some(), env.v6.is_some())?;
     let store = IpamStore::new(&conf.ipam_dir);
     let owner = owner(req);
     // An address of each family the node holds, both or neither.
     let (got, reserved) = store.update(|s| -> Result<_, CniError> {
         hostport::admit(s, req, &mappings)?;
         let got = allocate(s, &env, &owner)?;
-        let addrs = (
-            got.v4.map_or(Ipv4Addr::UNSPECIFIED, |(ip, _)| ip),
-            got.v6.map(|(ip, _)| ip),
-        );
+        let addrs = (got.v4.map(|(ip, _)| ip), got.v6.map(|(ip, _)| ip));
         Ok((got, hostport::reserve(s, req, addrs, &mappings)))
     })??;
     let address = got.v4.map(|(ip, _)| ip);
@@ -108,7 +98,7 @@ pub async fn add<K: PodKernel + HostportKernel>(
             conf,
             &store,
             req,
-            (address.unwrap_or(Ipv4Addr::UNSPECIFIED), address_v6),
+            (address, address_v6),
             &plan.host_ifname,
             &reserved,
             kernel,

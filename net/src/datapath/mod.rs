@@ -110,6 +110,9 @@ pub enum ReasonV6 {
     /// The IPv4 subnet's path carries it too (VXLAN and WireGuard carry both families; a peer
     /// unreachable over IPv4 is unreachable over IPv6).
     AsIpv4,
+    /// The peer is IPv6-only: its IPv6 subnet is the one the peer's path was decided for (there
+    /// is no IPv4 subnet to follow).
+    OwnPath,
     /// A direct peer whose IPv6 underlay address is on this node's IPv6 underlay prefix.
     SameSubnet,
     /// A direct peer, but this node has no IPv6 address on its underlay link to route via.
@@ -124,6 +127,7 @@ impl std::fmt::Display for ReasonV6 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::AsIpv4 => "as its IPv4 subnet",
+            Self::OwnPath => "its only subnet (an IPv6-only peer)",
             Self::SameSubnet => "same IPv6 underlay subnet",
             Self::NoLocalUnderlay => "this node has no IPv6 underlay address",
             Self::NoPeerUnderlay => "the peer publishes no IPv6 underlay address",
@@ -177,7 +181,11 @@ fn path_v6(
 ) -> Option<(Path, ReasonV6)> {
     peer.subnet_v6?;
     if path != Path::Direct {
-        return Some((path, ReasonV6::AsIpv4));
+        let why = match peer.subnet {
+            Some(_) => ReasonV6::AsIpv4,
+            None => ReasonV6::OwnPath,
+        };
+        return Some((path, why));
     }
     let why = match (underlay_v6, peer.underlay_ip_v6) {
         (None, _) => ReasonV6::NoLocalUnderlay,

@@ -474,7 +474,10 @@ fn an_ipv6_only_node_reaches_its_peers_ipv6_subnets_on_every_path() {
         &cfg_v6_only(Overlay::Always, false),
     );
     assert_eq!(p.paths[0].path, Path::Vxlan);
-    assert_eq!(p.paths[0].v6.map(|(path, _)| path), Some(Path::Vxlan));
+    // Its IPv6 subnet is the one the path was decided for: there is no IPv4 subnet to follow.
+    assert_eq!(p.paths[0].v6, Some((Path::Vxlan, ReasonV6::OwnPath)));
+    let why = ReasonV6::OwnPath.to_string();
+    assert!(why.contains("IPv6-only") && !why.contains("IPv4"), "{why}");
     assert_eq!(
         p.vxlan.routes.keys().copied().collect::<Vec<_>>(),
         vec![ipnet::IpNet::from(s6)]
@@ -493,6 +496,7 @@ fn an_ipv6_only_node_reaches_its_peers_ipv6_subnets_on_every_path() {
         &cfg_v6_only(Overlay::Always, true),
     );
     assert_eq!(p.paths[0].path, Path::Wireguard);
+    assert_eq!(p.paths[0].v6, Some((Path::Wireguard, ReasonV6::OwnPath)));
     let spec = &p.wireguard.peers["b"];
     assert_eq!(spec.allowed_ips, vec![ipnet::IpNet::from(s6)]);
     assert!(spec.endpoint.is_ipv6());
@@ -510,9 +514,29 @@ fn an_ipv6_only_node_reaches_its_peers_ipv6_subnets_on_every_path() {
         &cfg_v6_only(Overlay::Never, false),
     );
     assert_eq!(p.paths[0].path, Path::Direct);
+    assert_eq!(p.paths[0].v6, Some((Path::Direct, ReasonV6::SameSubnet)));
     assert_eq!(
         p.direct.routes_v6.get(&s6),
         Some(&"fd00:31::2".parse().unwrap())
     );
     assert!(p.unreachable().next().is_none());
+    // Off this node's underlay prefix with overlay: never, unreachable for its own reason (the
+    // underlay subnet), which /readyz gives.
+    let far = NodeRecord {
+        underlay_ip: "fd00:32::2".parse().unwrap(),
+        underlay_ip_v6: Some("fd00:32::2".parse().unwrap()),
+        ..peer.clone()
+    };
+    let p = plan(&me, &[far], &cfg_v6_only(Overlay::Never, false));
+    assert_eq!(
+        (p.paths[0].path, p.paths[0].v6),
+        (
+            Path::Unreachable,
+            Some((Path::Unreachable, ReasonV6::OwnPath))
+        )
+    );
+    assert_eq!(
+        p.paths[0].unreachable_why().as_deref(),
+        Some("other underlay subnet (overlay: never)")
+    );
 }

@@ -2,7 +2,7 @@
 //! [`IptablesRestore`], through [`Exec`]), in the backend the agent resolved for the policy.
 
 use super::{
-    has_v6, iptables_jumps, missing_rules, nft_delta, render_ip6tables, render_iptables,
+    has_v4, has_v6, iptables_jumps, missing_rules, nft_delta, render_ip6tables, render_iptables,
     render_nft, HostportEntry, Listing, IPT_CHAIN, IPT_POST_CHAIN, NFT_TABLE,
 };
 use crate::firewall::{Exec, FirewallError};
@@ -95,34 +95,48 @@ impl HostportFirewall {
 
     /// Makes the kernel hold exactly `entries`' rules, in one transaction per family (the
     /// jumps into sluice's iptables chains are put at the top of the built-in chains once).
-    /// In iptables, sluice's ip6tables chains are written when `entries` have IPv6 rules and
-    /// removed, where there are any, when they have none.
+    /// In iptables, each family's chains (iptables', ip6tables') are written when `entries`
+    /// have rules of that family and removed, where there are any, when they have none.
     pub fn apply(&self, entries: &[HostportEntry]) -> Result<(), FirewallError> {
-        let v6 = if has_v6(entries) {
-            Ipv6Write::Write
-        } else {
-            Ipv6Write::SweepIfPresent
-        };
-        self.write(entries, v6)
+        self.write(
+            entries,
+            FamilyWrite::decide(None, has_v4(entries)),
+            FamilyWrite::decide(None, has_v6(entries)),
+        )
     }
 
-    fn write(&self, entries: &[HostportEntry], v6: Ipv6Write) -> Result<(), FirewallError> {
+    fn write(
+        &self,
+        entries: &[HostportEntry],
+        v4: FamilyWrite,
+        v6: FamilyWrite,
+    ) -> Result<(), FirewallError> {
         match self.backend {
             HostportBackend::Nftables => self.nft.script(&render_nft(entries)),
             HostportBackend::Iptables(_) => {
-                self.restore_family(Family::V4, &render_iptables(entries))?;
-                match v6 {
-                    Ipv6Write::Write => self.restore_family(Family::V6, &render_ip6tables(entries)),
-                    Ipv6Write::Remove => self.remove_family(Family::V6),
-                    Ipv6Write::SweepIfPresent => {
-                        if self.v6_present() {
-                            self.remove_family(Family::V6)?;
-                        }
-                        Ok(())
-                    }
-                    Ipv6Write::Skip => Ok(()),
-                }
+                self.write_family(Family::V4, v4, || render_iptables(entries))?;
+                self.write_family(Family::V6, v6, || render_ip6tables(entries))
             }
+        }
+    }
+
+    /// One family's share of [`Self::write`]; `text` renders its rules when they are written.
+    fn write_family(
+        &self,
+        family: Family,
+        how: FamilyWrite,
+        text: impl FnOnce() -> String,
+    ) -> Result<(), FirewallError> {
+        match how {
+            FamilyWrite::Write => self.restore_family(family, &text()),
+            FamilyWrite::Remove => self.remove_family(family),
+            FamilyWrite::SweepIfPresent => {
+                if self.usable_and_present(family) {
+                    self.remove_family(family)?;
+                }
+                Ok(())
+            }
+            FamilyWrite::Skip => Ok(()),
         }
     }
 
@@ -157,8 +171,9 @@ impl HostportFirewall {
 
     /// Takes the kernel from `before` (what the caller's state says it holds) to `after`. In
     /// nftables only the elements that differ are written ([`nft_delta`]); should that fail (the
-    /// table is not as `before` says) the whole table is written. iptables is written whole, and
-    /// ip6tables only when `before` or `after` has IPv6 rules (an IPv4-only node never runs it).
+    /// table is not as `before` says) the whole table is written. Each iptables family is
+    /// written whole, and only when `before` or `after` has rules of it (an IPv4-only node never
+    /// runs ip6tables, an IPv6-only one never runs iptables).
     pub fn update(
         &self,
         before: &[HostportEntry],
@@ -175,12 +190,11 @@ impl HostportFirewall {
                 }
             }
         }
-        let v6 = match (has_v6(before), has_v6(after)) {
-            (_, true) => Ipv6Write::Write,
-            (true, false) => Ipv6Write::Remove,
-            (false, false) => Ipv6Write::Skip,
-        };
-        self.write(after, v6)
+        self.write(
+            after,
+            FamilyWrite::decide(Some(has_v4(before)), has_v4(after)),
+            FamilyWrite::decide(Some(has_v6(before)), has_v6(after)),
+        )
     }
 
     /// The rules of `entry` (and the hooks to them) that the kernel lacks; empty when all are
@@ -199,17 +213,18 @@ impl HostportFirewall {
                 )
             }
             HostportBackend::Iptables(_) => {
-                let mut missing = missing_rules(
-                    Listing::Iptables,
-                    &self.ipt.checked(
+                let one = std::slice::from_ref(entry);
+                let mut missing = Vec::new();
+                if has_v4(one) {
+                    let listing = self.ipt.checked(
                         &self.ipt.bin("iptables-save"),
                         &["-t", "nat"],
                         None,
                         "save",
-                    )?,
-                    entry,
-                );
-                if has_v6(std::slice::from_ref(entry)) {
+                    )?;
+                    missing.extend(missing_rules(Listing::Iptables, &listing, entry));
+                }
+                if has_v6(one) {
                     let listing = self.ipt.checked(
                         &self.ipt.bin6("iptables-save"),
                         &["-t", "nat"],
@@ -238,16 +253,16 @@ impl HostportFirewall {
                 .status
                 .success()),
             HostportBackend::Iptables(_) => {
-                Ok(self.present_family(Family::V4)? || self.v6_present())
+                Ok(self.present_family(Family::V4)? || self.usable_and_present(Family::V6))
             }
         }
     }
 
-    /// Whether sluice's ip6tables chains are there; a node without a working ip6tables (the
-    /// binary missing) has none.
-    fn v6_present(&self) -> bool {
-        self.present_family(Family::V6).unwrap_or_else(|e| {
-            tracing::debug!(error = %e, "ip6tables not usable: no IPv6 hostPort chains to remove");
+    /// Whether sluice's chains of `family` are there; a node without a working iptables or
+    /// ip6tables of this flavour (the binary missing) has none.
+    fn usable_and_present(&self, family: Family) -> bool {
+        self.present_family(family).unwrap_or_else(|e| {
+            tracing::debug!(family = ?family, error = %e, "iptables of this family not usable: no hostPort chains to remove");
             false
         })
     }
@@ -278,7 +293,7 @@ impl HostportFirewall {
             HostportBackend::Nftables => self.nft.script(&render_nft(&[])),
             HostportBackend::Iptables(_) => {
                 self.remove_family(Family::V4)?;
-                if self.v6_present() {
+                if self.usable_and_present(Family::V6) {
                     self.remove_family(Family::V6)?;
                 }
                 Ok(())
@@ -319,17 +334,30 @@ enum Family {
     V6,
 }
 
-/// What a write does to sluice's ip6tables chains.
+/// What a write does to sluice's chains of one iptables family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ipv6Write {
-    /// Write the entries' IPv6 rules.
+enum FamilyWrite {
+    /// Write the entries' rules of the family.
     Write,
     /// The entries have none and had some: remove the chains.
     Remove,
     /// The entries have none; what was there before is not known: remove the chains if any.
     SweepIfPresent,
-    /// Neither before nor after had IPv6 rules.
+    /// Neither before nor after had rules of the family.
     Skip,
+}
+
+impl FamilyWrite {
+    /// For a family `after` has rules of (`after_has`), where `before_has` says whether the
+    /// kernel held some (`None`: not known, as at the agent's start).
+    fn decide(before_has: Option<bool>, after_has: bool) -> Self {
+        match (before_has, after_has) {
+            (_, true) => Self::Write,
+            (Some(true), false) => Self::Remove,
+            (None, false) => Self::SweepIfPresent,
+            (Some(false), false) => Self::Skip,
+        }
+    }
 }
 
 fn kernel_has_ipv6() -> bool {
@@ -353,6 +381,26 @@ mod tests {
         assert_eq!(HostportBackend::parse_name("iptables").unwrap(), None);
         let e = HostportBackend::parse_name("ebtables").unwrap_err();
         assert!(e.to_string().contains("ebtables"), "{e}");
+    }
+
+    #[test]
+    fn a_family_is_written_only_where_it_has_rules_and_removed_once_it_has_none() {
+        use FamilyWrite::*;
+        for (before, after, want) in [
+            (Some(false), true, Write),
+            (Some(true), true, Write),
+            (None, true, Write),
+            (Some(true), false, Remove),
+            (None, false, SweepIfPresent),
+            // An IPv6-only node's IPv4 family (or an IPv4-only node's IPv6 one): never touched.
+            (Some(false), false, Skip),
+        ] {
+            assert_eq!(
+                FamilyWrite::decide(before, after),
+                want,
+                "{before:?} {after}"
+            );
+        }
     }
 
     #[test]

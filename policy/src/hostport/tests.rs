@@ -14,7 +14,7 @@ fn entry(id: &str, pod: &str, mappings: Vec<PortMapping>) -> HostportEntry {
     HostportEntry {
         container_id: id.into(),
         ifname: "eth0".into(),
-        pod_ip: pod.parse().unwrap(),
+        pod_ip: Some(pod.parse().unwrap()),
         pod_ip6: None,
         mappings,
     }
@@ -513,9 +513,9 @@ fn an_ipv6_host_ip_needs_a_pod_with_an_ipv6_address() {
         m(81, 80, HpProtocol::Tcp, Some("10.0.0.1")),
         m(82, 80, HpProtocol::Tcp, Some("fd00::1")),
     ];
-    check_families(&ms, true).unwrap();
-    check_families(&ms[..2], false).unwrap();
-    let e = check_families(&ms, false).unwrap_err();
+    check_families(&ms, true, true).unwrap();
+    check_families(&ms[..2], true, false).unwrap();
+    let e = check_families(&ms, true, false).unwrap_err();
     assert_eq!(
         e,
         HostportError::NoIpv6 {
@@ -705,3 +705,5 @@ fn check_finds_missing_ipv6_rules_in_the_ip6tables_listing() {
         "{missing:?}"
     );
 }
+
+mod v6only;

@@ -217,9 +217,9 @@ impl HostportKernel for FakeKernel {
             .mappings
             .iter()
             .filter(|m| {
-                !have
-                    .iter()
-                    .any(|e| e.pod_ip == entry.pod_ip && e.mappings.contains(m))
+                !have.iter().any(|e| {
+                    (e.pod_ip, e.pod_ip6) == (entry.pod_ip, entry.pod_ip6) && e.mappings.contains(m)
+                })
             })
             .map(|m| format!("{}:{}", m.host_port, m.container_port))
             .collect())

@@ -13,7 +13,8 @@ fn state(node: &Node) -> crate::ipam::IpamState {
     IpamStore::new(node.ipam_dir()).read().unwrap()
 }
 
-fn in_kernel(k: &FakeKernel) -> Vec<(String, u16)> {
+/// (container, hostPort) of every mapping in the fake kernel.
+pub(super) fn in_kernel(k: &FakeKernel) -> Vec<(String, u16)> {
     k.hostports
         .iter()
         .flatten()
@@ -41,10 +42,8 @@ fn add_records_and_writes_the_mapping_and_del_removes_exactly_it() {
     );
     let st = state(&node);
     assert_eq!(st.hostports.len(), 2);
-    assert_eq!(
-        st.hostports[0].pod_ip,
-        st.lookup(&owner(&req("c1"))).unwrap()
-    );
+    assert_eq!(st.hostports[0].pod_ip, st.lookup(&owner(&req("c1"))));
+    assert!(st.hostports[0].pod_ip.is_some());
     assert_eq!(
         k.localnet,
         [
@@ -194,7 +193,11 @@ fn check_finds_lost_rules_and_mappings_that_differ() {
 
 #[test]
 fn gc_drops_the_mappings_of_attachments_not_valid() {
-    let node = Node::new("10.244.3.0/24");
+    gc_drops_mappings_on(Node::new("10.244.3.0/24"));
+    gc_drops_mappings_on(Node::v6_only("fd00:10:244:3::/64"));
+}
+
+fn gc_drops_mappings_on(node: Node) {
     let mut k = FakeKernel::new();
     run(add(&mapped(&node), &req("dead"), &mut k)).unwrap();
     run(add(

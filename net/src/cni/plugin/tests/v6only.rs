@@ -136,14 +136,84 @@ fn check_gc_and_status_work_on_an_ipv6_only_node() {
     assert!(state.allocations.is_empty());
 }
 
+const PORTS: &str = r#","runtimeConfig":{"portMappings":[{"hostPort":8080,"containerPort":80,"protocol":"tcp"},{"hostPort":8053,"containerPort":53,"protocol":"udp","hostIP":"::"}]}"#;
+
 #[test]
-fn hostports_on_an_ipv6_only_node_are_refused_and_leave_nothing() {
+fn hostports_on_an_ipv6_only_node_map_to_the_pods_ipv6_address_and_del_removes_them() {
     let node = Node::v6_only(V6);
     let mut k = FakeKernel::new();
-    let ports = r#","runtimeConfig":{"portMappings":[{"hostPort":8080,"containerPort":80,"protocol":"tcp"}]}"#;
+    let conf = node.conf_with("1.1.0", PORTS);
+    let out = run(add(&conf, &req("c1"), &mut k)).unwrap();
+    assert_eq!(out["ips"][0]["address"], "fd00:10:244:3::1/128");
+    let pod6 = Some("fd00:10:244:3::1".parse().unwrap());
+    assert_eq!(
+        super::hostports::in_kernel(&k),
+        [("c1".to_string(), 8053), ("c1".to_string(), 8080)]
+    );
+    // What was written carries the pod's IPv6 address and no IPv4 one.
+    let written = k.hostports.clone().unwrap_or_default();
+    assert_eq!((written[0].pod_ip, written[0].pod_ip6), (None, pod6));
+    let st = IpamStore::new(node.ipam_dir()).read().unwrap();
+    assert_eq!(
+        (st.hostports[0].pod_ip, st.hostports[0].pod_ip6),
+        (None, pod6)
+    );
+    // No IPv4 address: IPv4 loopback has nothing to reach.
+    assert!(k.localnet.is_empty(), "{:?}", k.localnet);
+    run(check(&conf, &req("c1"), &mut k)).unwrap();
+    // The rules lost: CHECK says so; a repeated ADD writes them back.
+    k.hostports = Some(vec![]);
+    let err = run(check(&conf, &req("c1"), &mut k)).unwrap_err();
+    assert_eq!(err.code, ErrorCode::CheckFailed);
+    assert!(err.msg.contains("hostPort rules missing"), "{}", err.msg);
+    run(add(&conf, &req("c1"), &mut k)).unwrap();
+    run(check(&conf, &req("c1"), &mut k)).unwrap();
+    // Another pod on the same hostPort: refused, nothing of it left.
+    let err = run(add(&conf, &req("c2"), &mut k)).unwrap_err();
+    assert_eq!(err.code, ErrorCode::PortConflict, "{}", err.msg);
+    assert_eq!((node.allocations(), node.allocations_v6()), (0, 1));
+    assert!(!k.links.contains_key(&podnet::host_ifname("c2", "eth0")));
+    run(del(&conf, &req("c1"), &mut k)).unwrap();
+    assert!(super::hostports::in_kernel(&k).is_empty());
+    assert!(IpamStore::new(node.ipam_dir())
+        .read()
+        .unwrap()
+        .hostports
+        .is_empty());
+    assert_eq!((node.allocations(), node.allocations_v6()), (0, 0));
+}
+
+#[test]
+fn an_ipv4_host_ip_on_an_ipv6_only_node_is_refused_and_leaves_nothing() {
+    let node = Node::v6_only(V6);
+    let mut k = FakeKernel::new();
+    let ports = r#","runtimeConfig":{"portMappings":[{"hostPort":8080,"containerPort":80,"protocol":"tcp","hostIP":"192.0.2.1"}]}"#;
     let err = run(add(&node.conf_with("1.0.0", ports), &req("c1"), &mut k)).unwrap_err();
     assert_eq!(err.code, ErrorCode::InvalidConfig);
-    assert!(err.msg.contains("IPv6-only"), "{}", err.msg);
+    assert!(
+        err.msg.contains("192.0.2.1") && err.msg.contains("IPv6-only"),
+        "{}",
+        err.msg
+    );
+    assert!(k.links.is_empty());
+    assert!(k.hostports.is_none(), "the firewall was not touched");
+    assert_eq!((node.allocations(), node.allocations_v6()), (0, 0));
+}
+
+#[test]
+fn a_failed_rule_write_on_an_ipv6_only_node_rolls_the_add_back() {
+    let node = Node::v6_only(V6);
+    let mut k = FakeKernel {
+        fail_hostports: true,
+        ..FakeKernel::new()
+    };
+    let err = run(add(&node.conf_with("1.1.0", PORTS), &req("c1"), &mut k)).unwrap_err();
+    assert_eq!(err.code, ErrorCode::Kernel);
     assert!(k.links.is_empty());
     assert_eq!(node.allocations_v6(), 0);
+    assert!(IpamStore::new(node.ipam_dir())
+        .read()
+        .unwrap()
+        .hostports
+        .is_empty());
 }
