@@ -13,7 +13,8 @@
 //! - `egress`: `iifname vmap @egress-pods-HASH` (isolated pod → `goto e-IF`, known open pod →
 //!   `return`), then unknown pod veths drop (fail closed); `ingress` likewise on `oifname`;
 //! - per isolated pod and direction a chain with at most two set lookups: an interval set of
-//!   peers allowed on every port (`…-all`) and a concatenated interval set
+//!   peers allowed on every port (`i-all-HASH`, `e-all-HASH`: named by its contents alone,
+//!   shared by the pods that allow the same peers) and a concatenated interval set
 //!   `ipv4_addr . inet_proto . inet_service` (`…-ports`), and their IPv6 twins (`…-all6`,
 //!   `…-ports6`, `ipv6_addr`, matched by `ip6 saddr`/`ip6 daddr`) when the direction allows
 //!   IPv6 peers, then `drop`: an address of a family the policy does not name drops. Egress allows `return`
@@ -277,8 +278,11 @@ fn render_direction(
                     continue;
                 }
                 let (kind, kw, sfx) = nft_family(family);
+                // Named by its contents alone, like the tiers' sets: the pods whose policies
+                // allow the same peers on every port (often only the node) share one set,
+                // and every set of the table is one more that each `nft -f` loads first.
                 let set = named_set(
-                    &format!("{name}-all{sfx}"),
+                    &format!("{prefix}-all{sfx}"),
                     interval_set(kind, addr_elements(&all)),
                 );
                 rules.push(format!("{kw} {field} @{} {allow}", set.0));

@@ -747,7 +747,13 @@ async fn sync_once(
     };
     let mut ir = compiler.compile(&input, &local);
     ir.log_drops = log_drops;
-    *names.write().unwrap_or_else(|p| p.into_inner()) = droplog::names_of(&ir);
+    // Only logged drops are named: without them, a thousand pods' names each pass is waste.
+    let pod_names = if log_drops {
+        droplog::names_of(&ir)
+    } else {
+        HashMap::new()
+    };
+    *names.write().unwrap_or_else(|p| p.into_inner()) = pod_names;
     let rules = rule_count(&ir);
     let compiled = started.elapsed();
     let firewall = firewall.clone();
