@@ -446,7 +446,8 @@ fn render_family(
     out.add_set(&render_set(isolated_set.clone(), &isolated, family));
     // The dispatch as written (per pod, ingress then egress) and per chain, for the delta.
     let mut dispatch = String::new();
-    let (mut ing_rules, mut eg_rules) = (String::new(), String::new());
+    // The ingress dispatch chain's rules, then the egress one's.
+    let mut per_chain = [String::new(), String::new()];
     for pod in &ir.pods {
         for (ingress, d, chain, flag, tag) in [
             (true, &pod.ingress, &ing, "-o", "I"),
@@ -470,13 +471,7 @@ fn render_family(
             } else {
                 let _ = writeln!(dispatch, "-A {chain} {flag} {} -j RETURN", pod.ifname);
             }
-            let line = &dispatch[start..];
-            if ingress {
-                &mut ing_rules
-            } else {
-                &mut eg_rules
-            }
-            .push_str(line);
+            per_chain[usize::from(!ingress)].push_str(&dispatch[start..]);
         }
     }
     let p = crate::LINK_PREFIX;
@@ -489,13 +484,7 @@ fn render_family(
             let _ = writeln!(dispatch, "-A {chain} {flag} {p}+ {log}");
         }
         let _ = writeln!(dispatch, "-A {chain} {flag} {p}+ -j DROP");
-        let lines = &dispatch[start..];
-        if ingress {
-            &mut ing_rules
-        } else {
-            &mut eg_rules
-        }
-        .push_str(lines);
+        per_chain[usize::from(!ingress)].push_str(&dispatch[start..]);
     }
     // IPv6 neighbour discovery (untracked by conntrack) passes, as ARP does for IPv4.
     let nd = match family {
@@ -533,6 +522,7 @@ fn render_family(
     hash = fnv1a(hash, &out.rules_hash.to_le_bytes());
     let hash = format!("{:016x}", fnv1a(hash, also.unwrap_or_default().as_bytes()));
     let fwd_rules = fwd_rules.replace(HASH_SLOT, &hash);
+    let [ing_rules, eg_rules] = per_chain;
     let mut chain_rules: BTreeMap<String, Arc<str>> = BTreeMap::new();
     for (c, rules) in [
         (&fwd, fwd_rules.as_str()),
