@@ -299,6 +299,9 @@ struct Engine {
     ipt_memo: iptables::RenderMemo,
     last_nft: Option<nft::NftScript>,
     last_ipt: Option<iptables::IptablesScript>,
+    /// The last pass's nft delta (or full text on the first pass), and iptables delta.
+    last_delta: String,
+    last_ipt_delta: Option<iptables::IptablesDelta>,
 }
 
 /// One pass's times: compile, nft render + delta, iptables render + delta (wall, CPU) and the
@@ -309,6 +312,13 @@ struct Times {
     nft: (Duration, Duration),
     ipt: (Duration, Duration),
     commands: usize,
+    /// The nft delta's bytes, chains flushed, sets and maps added.
+    bytes: usize,
+    flushed: usize,
+    added_sets: usize,
+    /// The iptables delta (IPv4 script): chains written, ipset lines.
+    ipt_chains: usize,
+    ipt_set_lines: usize,
 }
 
 fn timed<T>(f: impl FnOnce() -> T) -> (T, (Duration, Duration)) {
@@ -337,28 +347,42 @@ impl Engine {
             self.compiler.compile(&input, &local)
         });
         t.compile = c;
-        let ((script, commands), c) = timed(|| {
+        let ((script, text), c) = timed(|| {
             let script = nft::render_with(&ir, &mut self.nft_memo);
-            let commands = match &self.last_nft {
+            let text = match &self.last_nft {
                 Some(old) => nft::delta(&old.table, &script.table, &script.hash)
-                    .map(|d| d.lines().count())
-                    .unwrap_or(usize::MAX),
-                None => script.text().lines().count(),
+                    .unwrap_or_else(|| script.text()),
+                None => script.text(),
             };
-            (script, commands)
+            (script, text)
         });
         t.nft = c;
-        t.commands = commands;
+        t.commands = text.lines().count();
+        t.bytes = text.len();
+        t.flushed = text
+            .lines()
+            .filter(|l| l.starts_with("flush chain"))
+            .count();
+        t.added_sets = text
+            .lines()
+            .filter(|l| l.starts_with("add set") || l.starts_with("add map"))
+            .count();
+        self.last_delta = text;
         self.last_nft = Some(script);
-        let (script, c) = timed(|| {
+        let ((script, d), c) = timed(|| {
             let script = iptables::render_with(&ir, &mut self.ipt_memo);
-            if let Some(old) = &self.last_ipt {
-                let d = iptables::delta(old, &script);
-                std::hint::black_box(d.filter.len() + d.ipsets.len());
-            }
-            script
+            let d = self
+                .last_ipt
+                .as_ref()
+                .map(|old| iptables::delta(old, &script));
+            (script, d)
         });
         t.ipt = c;
+        if let Some(d) = &d {
+            t.ipt_chains = d.filter.lines().filter(|l| l.starts_with(':')).count();
+            t.ipt_set_lines = d.ipsets.lines().count();
+        }
+        self.last_ipt_delta = d;
         self.last_ipt = Some(script);
         (ir, t)
     }
@@ -390,8 +414,12 @@ fn row(label: &str, runs: &[Times]) {
             );
         }
     }
-    let mut cmds: Vec<usize> = runs.iter().map(|t| t.commands).collect();
-    cmds.sort_unstable();
+    let med = |f: &dyn Fn(&Times) -> usize| {
+        let mut v: Vec<usize> = runs.iter().map(f).collect();
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    let cmds = [med(&|t| t.commands)];
     println!(
         "{label:<22} {:>7.1} / {:>7.1}  {:>7.1} / {:>7.1}  {:>7.1} / {:>7.1}  {:>7.1} / {:>7.1}  {:>7.1} / {:>7.1}  {:>6}",
         ms(total_wall.0),
@@ -404,7 +432,28 @@ fn row(label: &str, runs: &[Times]) {
         ms(nft.1),
         ms(ipt.0),
         ms(ipt.1),
-        cmds[cmds.len() / 2],
+        cmds[0],
+    );
+    // The CPU clock may advance by scheduler ticks: the mean over the rounds is the finer figure.
+    let mean = |f: &dyn Fn(&Times) -> Duration| {
+        ms(runs.iter().map(f).sum::<Duration>()) / runs.len() as f64
+    };
+    println!(
+        "{:<22} CPU means: compile+nft {:.1}, compile {:.1}, nft {:.1}, iptables {:.1}",
+        "",
+        mean(&|t| t.compile.1 + t.nft.1),
+        mean(&|t| t.compile.1),
+        mean(&|t| t.nft.1),
+        mean(&|t| t.ipt.1),
+    );
+    println!(
+        "{:<22} nft delta: {} bytes, {} chains flushed, {} sets/maps added; iptables delta: {} chains, {} ipset lines",
+        "",
+        med(&|t| t.bytes),
+        med(&|t| t.flushed),
+        med(&|t| t.added_sets),
+        med(&|t| t.ipt_chains),
+        med(&|t| t.ipt_set_lines),
     );
 }
 
@@ -438,6 +487,10 @@ fn main() {
     println!(
         "\nms, median / max of {rounds}    compile+nft wall   compile+nft CPU       compile CPU     nft render+delta   ipt render+delta  nft cmds"
     );
+    // PASS_BENCH_DUMP=DIR: the full table before each change (`LABEL.full.nft`) and the
+    // change's last delta (`LABEL.delta.nft`, iptables `LABEL.ipt-filter`, `LABEL.ipt-sets`),
+    // for timing `nft -f` on them in a scratch network namespace.
+    let dump = std::env::var_os("PASS_BENCH_DUMP").map(std::path::PathBuf::from);
     let mut version = 1;
     let mut change =
         |label: &str, w: &mut World, e: &mut Engine, f: &mut dyn FnMut(&mut World, usize)| {
@@ -445,10 +498,26 @@ fn main() {
             if only.as_deref().is_some_and(|o| o != label) {
                 return;
             }
+            let file = |ext: &str| {
+                dump.as_ref()
+                    .map(|d| d.join(format!("{}.{ext}", label.replace([' ', ':'], "-"))))
+            };
             for _ in 0..rounds {
+                if let (Some(path), Some(s)) = (file("full.nft"), &e.last_nft) {
+                    std::fs::write(path, s.text()).unwrap();
+                }
                 version += 1;
                 f(w, version);
                 runs.push(e.pass(w).1);
+            }
+            if let Some(path) = file("delta.nft") {
+                std::fs::write(path, &e.last_delta).unwrap();
+            }
+            if let (Some(fp), Some(sp), Some(d)) =
+                (file("ipt-filter"), file("ipt-sets"), &e.last_ipt_delta)
+            {
+                std::fs::write(fp, &d.filter).unwrap();
+                std::fs::write(sp, &d.ipsets).unwrap();
             }
             row(label, &runs);
         };

@@ -25,7 +25,7 @@ use crate::firewall::{Applied, Backend, Exec, Firewall, FirewallError, Observed,
 use crate::ir::{AddrSet, Direction, Family, PolicyIr, PortEntry, Protocol, Region};
 use crate::nft::HASH_MARK;
 use crate::{fnv1a, memo, FNV_START};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
@@ -49,16 +49,20 @@ const MULTIPORT_MAX: usize = 15;
 /// Rendered input for `ipset restore` and `iptables-restore --noflush`, and the hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IptablesScript {
-    /// `iptables-restore --noflush` input for table `filter`.
-    pub filter: String,
     /// Names of the chains and sets it uses (anything else with the prefix is stale).
     pub chains: Vec<String>,
     pub sets: Vec<String>,
     pub hash: String,
-    /// Each chain's rules and each set's `ipset restore` lines (the latter shared with the
-    /// render memo): what [`delta`] compares.
-    pub chain_rules: BTreeMap<String, String>,
-    pub set_lines: BTreeMap<String, Arc<str>>,
+    /// Each chain's rules and each set's `ipset restore` lines (both shared with the render
+    /// memo, never copied): what [`delta`] compares.
+    pub chain_rules: BTreeMap<String, Arc<str>>,
+    pub set_lines: HashMap<String, Arc<str>>,
+    /// The parts of [`IptablesScript::filter`]: the base chains' rules (hash in place), the
+    /// dispatch to the pods' chains, and the pods' chains' rules in order. The whole text is
+    /// made only when every chain is written.
+    head: String,
+    dispatch: String,
+    directions: Vec<Arc<str>>,
     /// The same for `ip6tables` (on the IPv4 script; `None` on the IPv6 one itself).
     pub v6: Option<Box<IptablesScript>>,
 }
@@ -72,6 +76,22 @@ impl IptablesScript {
             .map(|l| &**l)
             .collect()
     }
+
+    /// `iptables-restore --noflush` input for table `filter`: every chain declared (so
+    /// flushed) and filled.
+    pub fn filter(&self) -> String {
+        let mut f = String::from("*filter\n");
+        for c in &self.chains {
+            let _ = writeln!(f, ":{c} - [0:0]");
+        }
+        f.push_str(&self.head);
+        f.push_str(&self.dispatch);
+        for rules in &self.directions {
+            f.push_str(rules);
+        }
+        f.push_str("COMMIT\n");
+        f
+    }
 }
 
 /// A set as rendered: its name, its `ipset restore` lines, and their hash.
@@ -79,10 +99,12 @@ type RenderedSet = (String, Arc<str>, u64);
 
 #[derive(Default)]
 struct Out {
-    rules: String,
+    /// The pods' chains' rules, in order, and over them (in order) the hashes of each.
+    rules: Vec<Arc<str>>,
+    rules_hash: u64,
     chains: Vec<String>,
     sets: Vec<String>,
-    set_lines: BTreeMap<String, Arc<str>>,
+    set_lines: HashMap<String, Arc<str>>,
     /// Over the sets' names and contents, in order: the script's hash covers them without
     /// reading megabytes of addresses each pass.
     sets_hash: u64,
@@ -164,10 +186,11 @@ fn drop_direction(ingress: bool) -> DropDirection {
     }
 }
 
-/// One isolated direction's chain (its `-A` lines) and sets.
+/// One isolated direction's chain (its `-A` lines, and their hash) and sets.
 #[derive(Debug)]
 pub struct RenderedDirection {
-    rules: String,
+    rules: Arc<str>,
+    rules_hash: u64,
     sets: Vec<RenderedSet>,
 }
 
@@ -196,7 +219,9 @@ fn direction(
     for set in &rendered.sets {
         out.add_set(set);
     }
-    out.rules.push_str(&rendered.rules);
+    out.rules_hash = fnv1a(out.rules_hash, chain.as_bytes());
+    out.rules_hash = fnv1a(out.rules_hash, &rendered.rules_hash.to_le_bytes());
+    out.rules.push(rendered.rules.clone());
     out.chains.push(chain);
 }
 
@@ -256,7 +281,11 @@ fn render_direction(
     for r in rules {
         let _ = writeln!(text, "{r}");
     }
-    RenderedDirection { rules: text, sets }
+    RenderedDirection {
+        rules_hash: fnv1a(FNV_START, text.as_bytes()),
+        rules: text.into(),
+        sets,
+    }
 }
 
 /// The protocol numbers without ports (all but TCP 6, UDP 17, SCTP 132), for `-m u32` on the
@@ -396,6 +425,7 @@ fn render_family(
 ) -> IptablesScript {
     let mut out = Out {
         sets_hash: FNV_START,
+        rules_hash: FNV_START,
         ..Out::default()
     };
     let (fwd, input, ing, eg) = (
@@ -414,12 +444,16 @@ fn render_family(
     let (_, _, sfx) = set_family(family);
     let isolated_set = format!("{SET_PREFIX}ISOLATED{sfx}");
     out.add_set(&render_set(isolated_set.clone(), &isolated, family));
+    // The dispatch as written (per pod, ingress then egress) and per chain, for the delta.
     let mut dispatch = String::new();
+    // The ingress dispatch chain's rules, then the egress one's.
+    let mut per_chain = [String::new(), String::new()];
     for pod in &ir.pods {
         for (ingress, d, chain, flag, tag) in [
             (true, &pod.ingress, &ing, "-o", "I"),
             (false, &pod.egress, &eg, "-i", "E"),
         ] {
+            let start = dispatch.len();
             if d.enforced() {
                 direction(
                     &mut out,
@@ -437,10 +471,12 @@ fn render_family(
             } else {
                 let _ = writeln!(dispatch, "-A {chain} {flag} {} -j RETURN", pod.ifname);
             }
+            per_chain[usize::from(!ingress)].push_str(&dispatch[start..]);
         }
     }
     let p = crate::LINK_PREFIX;
     for (chain, flag, ingress) in [(&ing, "-o", true), (&eg, "-i", false)] {
+        let start = dispatch.len();
         let _ = writeln!(dispatch, "-A {chain} {flag} sluice+ -j RETURN");
         if ir.log_drops {
             let log =
@@ -448,6 +484,7 @@ fn render_family(
             let _ = writeln!(dispatch, "-A {chain} {flag} {p}+ {log}");
         }
         let _ = writeln!(dispatch, "-A {chain} {flag} {p}+ -j DROP");
+        per_chain[usize::from(!ingress)].push_str(&dispatch[start..]);
     }
     // IPv6 neighbour discovery (untracked by conntrack) passes, as ARP does for IPv4.
     let nd = match family {
@@ -459,39 +496,49 @@ fn render_family(
     };
     let mut chains = vec![fwd.clone(), input.clone(), ing.clone(), eg.clone()];
     chains.append(&mut out.chains);
-    let mut f = String::from("*filter\n");
-    for c in &chains {
-        let _ = writeln!(f, ":{c} - [0:0]");
-    }
-    let _ = writeln!(
-        f,
+    let fwd_rules = format!(
         "-A {fwd} -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment {HASH_MARK}{HASH_SLOT} -j RETURN\n\
          -A {fwd} -m conntrack --ctstate INVALID -j DROP\n\
          -A {fwd} -p tcp ! --syn -m conntrack --ctstate NEW -m set --match-set {isolated_set} src -j DROP\n\
          -A {fwd} -p tcp ! --syn -m conntrack --ctstate NEW -m set --match-set {isolated_set} dst -j DROP\n\
-         -A {fwd} -j {eg}\n-A {fwd} -j {ing}\n\
-         -A {input} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN\n{nd}\
+         -A {fwd} -j {eg}\n-A {fwd} -j {ing}\n"
+    );
+    let input_rules = format!(
+        "-A {input} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN\n{nd}\
          -A {input} -m conntrack --ctstate INVALID -j DROP\n\
          -A {input} -p tcp ! --syn -m conntrack --ctstate NEW -m set --match-set {isolated_set} src -j DROP\n\
-         -A {input} -j {eg}"
+         -A {input} -j {eg}\n"
     );
-    f.push_str(&dispatch);
-    f.push_str(&out.rules);
-    f.push_str("COMMIT\n");
-    let hash = fnv1a(out.sets_hash, f.as_bytes());
+    // Over what the text holds, its parts hashed once each (a pod's chain when rendered):
+    // the chains declared, the base chains, the dispatch, the pods' chains, the sets.
+    let mut hash = out.sets_hash;
+    for c in &chains {
+        hash = fnv1a(hash, c.as_bytes());
+        hash = fnv1a(hash, b"\n");
+    }
+    hash = fnv1a(hash, fwd_rules.as_bytes());
+    hash = fnv1a(hash, input_rules.as_bytes());
+    hash = fnv1a(hash, dispatch.as_bytes());
+    hash = fnv1a(hash, &out.rules_hash.to_le_bytes());
     let hash = format!("{:016x}", fnv1a(hash, also.unwrap_or_default().as_bytes()));
-    let filter = f.replace(HASH_SLOT, &hash);
-    let mut chain_rules: BTreeMap<String, String> =
-        chains.iter().map(|c| (c.clone(), String::new())).collect();
-    for line in filter.lines() {
-        let chain = line.strip_prefix("-A ").and_then(|l| l.split(' ').next());
-        if let Some(rules) = chain.and_then(|c| chain_rules.get_mut(c)) {
-            rules.push_str(line);
-            rules.push('\n');
-        }
+    let fwd_rules = fwd_rules.replace(HASH_SLOT, &hash);
+    let [ing_rules, eg_rules] = per_chain;
+    let mut chain_rules: BTreeMap<String, Arc<str>> = BTreeMap::new();
+    for (c, rules) in [
+        (&fwd, fwd_rules.as_str()),
+        (&input, input_rules.as_str()),
+        (&ing, ing_rules.as_str()),
+        (&eg, eg_rules.as_str()),
+    ] {
+        chain_rules.insert(c.clone(), rules.into());
+    }
+    for (c, rules) in chains[4..].iter().zip(&out.rules) {
+        chain_rules.insert(c.clone(), rules.clone());
     }
     IptablesScript {
-        filter,
+        head: format!("{fwd_rules}{input_rules}"),
+        dispatch,
+        directions: out.rules,
         chains,
         sets: out.sets,
         hash,
@@ -516,22 +563,32 @@ pub struct IptablesDelta {
 
 pub fn delta(old: &IptablesScript, new: &IptablesScript) -> IptablesDelta {
     let mut ipsets = String::new();
-    for (name, lines) in &new.set_lines {
-        if old.set_lines.get(name) != Some(lines) {
-            ipsets.push_str(lines);
+    for (name, lines) in new
+        .sets
+        .iter()
+        .filter_map(|n| Some((n, new.set_lines.get(n)?)))
+    {
+        match old.set_lines.get(name) {
+            Some(o) if Arc::ptr_eq(o, lines) || o == lines => {}
+            _ => ipsets.push_str(lines),
         }
     }
     let changed: Vec<&String> = new
         .chains
         .iter()
-        .filter(|c| old.chain_rules.get(*c) != new.chain_rules.get(*c))
+        .filter(
+            |c| match (old.chain_rules.get(*c), new.chain_rules.get(*c)) {
+                (Some(a), Some(b)) => !Arc::ptr_eq(a, b) && a != b,
+                (a, b) => a != b,
+            },
+        )
         .collect();
     let mut filter = String::from("*filter\n");
     for c in &changed {
         let _ = writeln!(filter, ":{c} - [0:0]");
     }
     for c in &changed {
-        filter.push_str(new.chain_rules.get(*c).map_or("", String::as_str));
+        filter.push_str(new.chain_rules.get(*c).map_or("", |r| &**r));
     }
     let stale: Vec<String> = old
         .chains
@@ -1041,7 +1098,7 @@ impl IptablesRestore {
             .into_iter()
             .filter(|c| !script.chains.contains(c))
             .collect();
-        let mut filter = script.filter.clone();
+        let mut filter = script.filter();
         if let Some(body) = filter.strip_suffix("COMMIT\n") {
             filter = format!("{body}{}COMMIT\n", delete_chains(&stale));
         }

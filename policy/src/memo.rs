@@ -3,7 +3,6 @@
 //! addresses) would be most of a pass's render time.
 
 use crate::ir::Direction;
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 /// What a renderer made of each isolated direction (`T`), by chain name, with the direction
@@ -46,21 +45,30 @@ impl<T> RenderMemo<T> {
         render: impl FnOnce() -> T,
     ) -> &T {
         let pass = self.pass;
-        let kept = match self.entries.entry(name.to_string()) {
-            Entry::Occupied(e) if e.get().log == log && e.get().direction == *direction => {
-                e.into_mut()
-            }
-            entry => entry
-                .insert_entry(Kept {
+        // Looked up by the borrowed name first: most passes find every chain kept, and a
+        // key made for each would be a thousand allocations.
+        let fresh = !self
+            .entries
+            .get(name)
+            .is_some_and(|k| k.log == log && k.direction == *direction);
+        if fresh {
+            self.entries.insert(
+                name.to_string(),
+                Kept {
                     direction: direction.clone(),
                     log,
                     rendered: render(),
                     pass,
-                })
-                .into_mut(),
-        };
-        kept.pass = pass;
-        &kept.rendered
+                },
+            );
+        }
+        match self.entries.get_mut(name) {
+            Some(kept) => {
+                kept.pass = pass;
+                &kept.rendered
+            }
+            None => unreachable!("inserted above"),
+        }
     }
 
     /// Forgets what this pass did not use (pods gone or no longer isolated).

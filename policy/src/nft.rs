@@ -13,7 +13,8 @@
 //! - `egress`: `iifname vmap @egress-pods-HASH` (isolated pod → `goto e-IF`, known open pod →
 //!   `return`), then unknown pod veths drop (fail closed); `ingress` likewise on `oifname`;
 //! - per isolated pod and direction a chain with at most two set lookups: an interval set of
-//!   peers allowed on every port (`…-all`) and a concatenated interval set
+//!   peers allowed on every port (`i-all-HASH`, `e-all-HASH`: named by its contents alone,
+//!   shared by the pods that allow the same peers) and a concatenated interval set
 //!   `ipv4_addr . inet_proto . inet_service` (`…-ports`), and their IPv6 twins (`…-all6`,
 //!   `…-ports6`, `ipv6_addr`, matched by `ip6 saddr`/`ip6 daddr`) when the direction allows
 //!   IPv6 peers, then `drop`: an address of a family the policy does not name drops. Egress allows `return`
@@ -38,7 +39,7 @@
 use crate::droplog::{self, DropDirection, DropStage};
 use crate::firewall::{Applied, Backend, Exec, Firewall, FirewallError, Observed, Rendered};
 use crate::ir::{AddrSet, Direction, Family, PolicyIr, PortEntry, Region};
-use crate::{memo, text_hash};
+use crate::memo;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
@@ -49,7 +50,6 @@ pub mod observe;
 pub const TABLE: &str = "sluice-policy";
 /// Comment prefix of the hash-carrying rule.
 pub const HASH_MARK: &str = "sluice-policy:";
-const HASH_SLOT: &str = "@@HASH@@";
 /// A TCP packet that would start a flow without being a SYN: the pick-up of a connection whose
 /// conntrack entry was cut. Dropped for isolated pods, or a denied connection would come back
 /// as a "new" flow in the reverse direction (from its server) that the policy allows.
@@ -97,7 +97,7 @@ impl NftScript {
     pub fn text(&self) -> String {
         format!(
             "table inet {TABLE}\ndelete table inet {TABLE}\n{}",
-            table_text(&self.table, &self.hash, true)
+            table_text(&self.table, &self.hash)
         )
     }
 }
@@ -174,18 +174,20 @@ fn insert_set(table: &mut NftTable, base: &str, set: NftSet) -> String {
     name
 }
 
-/// What one isolated direction of one pod renders to: its sets and its chain.
+/// What one isolated direction of one pod renders to: its sets and its chain, and the hash of
+/// the chain's rules (the table's hash is made of its parts' hashes, each computed once).
 #[derive(Debug)]
 pub struct RenderedDirection {
     sets: Vec<(String, Arc<NftSet>)>,
     chain: Arc<NftChain>,
+    chain_hash: u64,
 }
 
 /// Rendered directions kept from pass to pass, by chain name.
 pub type RenderMemo = memo::RenderMemo<RenderedDirection>;
 
 /// Sets and chain of one isolated direction, rendered or kept in `memo`; `prefix` is `i` or
-/// `e`.
+/// `e`. Returns the hash of the chain, its name included.
 fn direction(
     table: &mut NftTable,
     memo: &mut RenderMemo,
@@ -193,15 +195,32 @@ fn direction(
     ifname: &str,
     d: &Direction,
     log: bool,
-) {
+) -> u64 {
     let name = format!("{prefix}-{ifname}");
     let rendered = memo.get(&name, d, log, || {
         render_direction(&name, prefix, ifname, d, log)
     });
     for (set_name, set) in &rendered.sets {
-        table.sets.insert(set_name.clone(), set.clone());
+        if !table.sets.contains_key(set_name) {
+            table.sets.insert(set_name.clone(), set.clone());
+        }
     }
+    let hash = crate::fnv1a(rendered.chain_hash, name.as_bytes());
     table.chains.insert(name, rendered.chain.clone());
+    hash
+}
+
+/// The hash of a chain's hook and rules.
+fn chain_hash(chain: &NftChain) -> u64 {
+    let mut hash = crate::fnv1a(
+        crate::FNV_START,
+        chain.hook.as_deref().unwrap_or("").as_bytes(),
+    );
+    for rule in &chain.rules {
+        hash = crate::fnv1a(hash, rule.as_bytes());
+        hash = crate::fnv1a(hash, b"\n");
+    }
+    hash
 }
 
 /// The sets and chain `name` of one isolated direction.
@@ -259,8 +278,11 @@ fn render_direction(
                     continue;
                 }
                 let (kind, kw, sfx) = nft_family(family);
+                // Named by its contents alone, like the tiers' sets: the pods whose policies
+                // allow the same peers on every port (often only the node) share one set,
+                // and every set of the table is one more that each `nft -f` loads first.
                 let set = named_set(
-                    &format!("{name}-all{sfx}"),
+                    &format!("{prefix}-all{sfx}"),
                     interval_set(kind, addr_elements(&all)),
                 );
                 rules.push(format!("{kw} {field} @{} {allow}", set.0));
@@ -300,9 +322,11 @@ fn render_direction(
         );
         rules.push(allow.to_string());
     }
+    let chain = NftChain { hook: None, rules };
     RenderedDirection {
         sets,
-        chain: Arc::new(NftChain { hook: None, rules }),
+        chain_hash: chain_hash(&chain),
+        chain: Arc::new(chain),
     }
 }
 
@@ -410,7 +434,8 @@ struct Shared {
 /// for its gateway's whatever its policy, as ARP does for IPv4.
 const NEIGHBOUR_DISCOVERY: &str = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept";
 
-fn base_chains(table: &mut NftTable, log: bool, shared: &Shared) {
+/// Puts the base chains and the dispatch chains in `table`; returns their hash.
+fn base_chains(table: &mut NftTable, log: bool, shared: &Shared) -> u64 {
     let p = crate::LINK_PREFIX;
     let chain = |hook: Option<&str>, rules: Vec<String>| NftChain {
         hook: hook.map(|h| format!("type filter hook {h} priority filter; policy accept;")),
@@ -452,6 +477,7 @@ fn base_chains(table: &mut NftTable, log: bool, shared: &Shared) {
     let mut input = head(true);
     input.extend(not_syn("saddr"));
     input.push("jump egress".into());
+    let mut hash = crate::FNV_START;
     for (name, c) in [
         (
             "ingress",
@@ -470,8 +496,29 @@ fn base_chains(table: &mut NftTable, log: bool, shared: &Shared) {
         ("forward", chain(Some("forward"), forward)),
         ("input", chain(Some("input"), input)),
     ] {
+        hash = crate::fnv1a(hash, name.as_bytes());
+        hash = crate::fnv1a(hash, &chain_hash(&c).to_le_bytes());
         table.chains.insert(name.to_string(), Arc::new(c));
     }
+    hash
+}
+
+/// The hash of the table: of its sets by name and declaration (the names carry their
+/// contents), of its pods' chains (`pod_chains`, summed from their kept hashes) and of its
+/// base chains (`base`): a change of any rule or set changes it, and no pass reads every
+/// rule again.
+fn table_hash(table: &NftTable, pod_chains: u64, base: u64) -> u64 {
+    let mut hash = crate::FNV_START;
+    for (name, set) in &table.sets {
+        hash = crate::fnv1a(hash, set.keyword.as_bytes());
+        hash = crate::fnv1a(hash, name.as_bytes());
+        for line in &set.spec {
+            hash = crate::fnv1a(hash, line.as_bytes());
+        }
+        hash = crate::fnv1a(hash, b";");
+    }
+    hash = crate::fnv1a(hash, &pod_chains.to_le_bytes());
+    crate::fnv1a(hash, &base.to_le_bytes())
 }
 
 /// The desired table for `ir`, and its full transaction.
@@ -484,13 +531,16 @@ pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> NftScript {
     memo.begin_pass();
     let mut table = NftTable::default();
     let mut maps = [BTreeMap::new(), BTreeMap::new()];
+    // The pods' chains' hashes, summed: each chain once, in any order.
+    let mut pod_chains = 0u64;
     for pod in &ir.pods {
         for (i, (prefix, d)) in [("i", &pod.ingress), ("e", &pod.egress)]
             .into_iter()
             .enumerate()
         {
             let verdict = if d.enforced() {
-                direction(&mut table, memo, prefix, &pod.ifname, d, ir.log_drops);
+                let h = direction(&mut table, memo, prefix, &pod.ifname, d, ir.log_drops);
+                pod_chains = pod_chains.wrapping_add(h);
                 format!("goto {prefix}-{}", pod.ifname)
             } else {
                 "return".to_string()
@@ -528,9 +578,8 @@ pub fn render_with(ir: &PolicyIr, memo: &mut RenderMemo) -> NftScript {
         ingress_pods: insert_set(&mut table, "ingress-pods", ingress_pods),
         egress_pods: insert_set(&mut table, "egress-pods", egress_pods),
     };
-    base_chains(&mut table, ir.log_drops, &shared);
-    // The sets' names carry their contents: the text without their elements says it all.
-    let hash = text_hash(&table_text(&table, HASH_SLOT, false));
+    let base = base_chains(&mut table, ir.log_drops, &shared);
+    let hash = format!("{:016x}", table_hash(&table, pod_chains, base));
     NftScript {
         table: Arc::new(table),
         hash,
@@ -556,7 +605,7 @@ fn elements_text(set: &NftSet, separator: &str) -> String {
 
 /// `table inet sluice-policy { … }`: sets, then maps, then chains (a verdict map's `goto`
 /// and a rule's `@set` may name what comes later in the same block).
-fn table_text(table: &NftTable, hash: &str, elements: bool) -> String {
+fn table_text(table: &NftTable, hash: &str) -> String {
     let mut t = format!("table inet {TABLE} {{\n");
     for keyword in ["set", "map"] {
         for (name, set) in table.sets.iter().filter(|(_, s)| s.keyword == keyword) {
@@ -564,7 +613,7 @@ fn table_text(table: &NftTable, hash: &str, elements: bool) -> String {
             for line in &set.spec {
                 let _ = writeln!(t, "\t\t{line}");
             }
-            if elements && !set.elements.is_empty() {
+            if !set.elements.is_empty() {
                 let items = elements_text(set, ",\n\t\t\t     ");
                 let _ = writeln!(t, "\t\telements = {{ {items} }}");
             }

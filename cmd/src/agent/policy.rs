@@ -440,6 +440,7 @@ pub async fn run(
     let mut link_names = LinkNames::new();
     // Kept across passes: a pass re-reads only the pods and rules that changed.
     let mut compiler = Compiler::default();
+    let mut decoded_cnps = DecodedCnps::default();
     loop {
         let log = *log_drops.borrow_and_update();
         if log && !reading_drops {
@@ -457,7 +458,7 @@ pub async fn run(
                 let pass = sync_once(
                     &node,
                     (handle, &mut link_names),
-                    &mut compiler,
+                    (&mut compiler, &mut decoded_cnps),
                     &firewall,
                     flusher.as_ref(),
                     (&pod_cache, &ns_cache, &np_cache, &node_cache),
@@ -659,6 +660,48 @@ pub fn set_policy_status(status: &mut serde_json::Value, backend: &str, rules: u
     }
 }
 
+/// ClusterNetworkPolicies decoded from the watch's objects, kept by name with the
+/// resourceVersion they were decoded from: a pass decodes only those that changed (a
+/// decode goes through JSON, and a hundred of them each pass is a share of every change's
+/// time to enforcement). `None`: that version does not decode (skipped and counted once).
+#[derive(Debug, Default)]
+pub struct DecodedCnps {
+    kept: HashMap<String, (String, Option<Arc<ClusterNetworkPolicy>>)>,
+}
+
+impl DecodedCnps {
+    /// The policies `objects` decode to, each decoded once per resourceVersion (an object
+    /// without one, never from an API server, each time); what is gone is forgotten.
+    pub fn update(
+        &mut self,
+        objects: &[Arc<DynamicObject>],
+        decode: impl Fn(&DynamicObject) -> Option<ClusterNetworkPolicy>,
+    ) -> Vec<Arc<ClusterNetworkPolicy>> {
+        let mut out = Vec::with_capacity(objects.len());
+        let mut seen = HashSet::with_capacity(objects.len());
+        for o in objects {
+            let name = o.metadata.name.as_deref().unwrap_or("");
+            let Some(version) = o.metadata.resource_version.as_deref() else {
+                out.extend(decode(o).map(Arc::new));
+                continue;
+            };
+            seen.insert(name);
+            let decoded = match self.kept.get(name) {
+                Some((v, decoded)) if v == version => decoded.clone(),
+                _ => {
+                    let decoded = decode(o).map(Arc::new);
+                    self.kept
+                        .insert(name.to_string(), (version.to_string(), decoded.clone()));
+                    decoded
+                }
+            };
+            out.extend(decoded);
+        }
+        self.kept.retain(|name, _| seen.contains(name.as_str()));
+        out
+    }
+}
+
 type Caches<'a> = (
     &'a SharedPodCache,
     &'a reflector::Store<Namespace>,
@@ -669,7 +712,7 @@ type Caches<'a> = (
 async fn sync_once(
     node: &str,
     (handle, link_names): (&rtnetlink::Handle, &mut LinkNames),
-    compiler: &mut Compiler,
+    (compiler, decoded_cnps): (&mut Compiler, &mut DecodedCnps),
     firewall: &Arc<dyn Firewall>,
     flusher: Option<&Flusher>,
     (pods, nss, nps, node_store): Caches<'_>,
@@ -688,12 +731,10 @@ async fn sync_once(
     let policies: Vec<&NetworkPolicy> = policies.iter().map(|n| &**n).collect();
     let local = local_pods(node, &pods, &kernel.links);
     // One ClusterNetworkPolicy that does not decode is skipped and counted, never the rest.
-    let cnps: Vec<ClusterNetworkPolicy> = cnp_cache
-        .state()
-        .iter()
-        .filter_map(|o| skips.decode::<ClusterNetworkPolicy>(cnp::KIND, o, health))
-        .collect();
-    let cnps: Vec<&ClusterNetworkPolicy> = cnps.iter().collect();
+    let cnps = decoded_cnps.update(&cnp_cache.state(), |o| {
+        skips.decode::<ClusterNetworkPolicy>(cnp::KIND, o, health)
+    });
+    let cnps: Vec<&ClusterNetworkPolicy> = cnps.iter().map(|c| &**c).collect();
     let nodes: Vec<NodeAddrs> = node_store.state().iter().map(|n| node_addrs(n)).collect();
     let input = PolicyInput {
         pods: &pods,
@@ -706,7 +747,13 @@ async fn sync_once(
     };
     let mut ir = compiler.compile(&input, &local);
     ir.log_drops = log_drops;
-    *names.write().unwrap_or_else(|p| p.into_inner()) = droplog::names_of(&ir);
+    // Only logged drops are named: without them, a thousand pods' names each pass is waste.
+    let pod_names = if log_drops {
+        droplog::names_of(&ir)
+    } else {
+        HashMap::new()
+    };
+    *names.write().unwrap_or_else(|p| p.into_inner()) = pod_names;
     let rules = rule_count(&ir);
     let compiled = started.elapsed();
     let firewall = firewall.clone();
@@ -970,5 +1017,51 @@ mod tests {
             })
             .get();
         assert_eq!(skipped, 1);
+    }
+
+    #[test]
+    fn cluster_network_policies_are_decoded_once_per_version() {
+        let obj = |name: &str, rv: Option<&str>, priority: i32| -> Arc<DynamicObject> {
+            let mut meta = serde_json::json!({"name": name});
+            if let Some(rv) = rv {
+                meta["resourceVersion"] = rv.into();
+            }
+            Arc::new(
+                serde_json::from_value(serde_json::json!({
+                    "apiVersion": "policy.networking.k8s.io/v1alpha2",
+                    "kind": "ClusterNetworkPolicy",
+                    "metadata": meta,
+                    "spec": {"tier": "Admin", "priority": priority,
+                             "subject": {"namespaces": {}}},
+                }))
+                .unwrap(),
+            )
+        };
+        let decodes = std::cell::Cell::new(0);
+        let decode = |o: &DynamicObject| {
+            decodes.set(decodes.get() + 1);
+            tolerant::decode::<ClusterNetworkPolicy>(o).ok()
+        };
+        let mut kept = DecodedCnps::default();
+        let priorities = |v: &[Arc<ClusterNetworkPolicy>]| {
+            let mut p: Vec<i32> = v.iter().map(|c| c.spec.priority).collect();
+            p.sort_unstable();
+            p
+        };
+        let world = [
+            obj("a", Some("1"), 1),
+            obj("b", Some("1"), 2),
+            obj("c", None, 3),
+        ];
+        assert_eq!(priorities(&kept.update(&world, decode)), [1, 2, 3]);
+        assert_eq!(decodes.get(), 3);
+        // Unchanged: only the one without a resourceVersion is decoded again.
+        assert_eq!(priorities(&kept.update(&world, decode)), [1, 2, 3]);
+        assert_eq!(decodes.get(), 4);
+        // A new version is decoded; a policy gone is forgotten.
+        let world = [obj("a", Some("2"), 5)];
+        assert_eq!(priorities(&kept.update(&world, decode)), [5]);
+        assert_eq!(decodes.get(), 5);
+        assert_eq!(kept.kept.len(), 1);
     }
 }

@@ -75,6 +75,10 @@ pub(super) struct TierMemo {
     /// drops are attributed. (Peers and namespaces: [`TierMemo::forget`].)
     world: Option<(AddrSet, Vec<crate::cnp::NodeAddrs>, bool)>,
     groups: HashMap<GroupKey, (Arc<GroupVerdict>, u64)>,
+    /// Fingerprints by (name, resourceVersion), with the last pass that used each: a
+    /// version of an object never changes, and spelling out a hundred specs each pass
+    /// would be most of a pass's tier work.
+    prints: HashMap<(String, String), (u64, u64)>,
     pass: u64,
     /// Groups computed by the last pass (for tests and logs).
     pub(super) computed: usize,
@@ -96,6 +100,24 @@ impl TierMemo {
 fn fingerprint(cnp: &ClusterNetworkPolicy) -> u64 {
     let text = format!("{}\u{0}{:?}", cnp.name(), cnp.spec);
     crate::fnv1a(crate::FNV_START, text.as_bytes())
+}
+
+impl TierMemo {
+    /// [`fingerprint`], kept by name and resourceVersion (objects without one, not from an
+    /// API server, are read each time).
+    fn fingerprint(&mut self, cnp: &ClusterNetworkPolicy) -> u64 {
+        let Some(version) = cnp.metadata.resource_version.as_deref() else {
+            return fingerprint(cnp);
+        };
+        let pass = self.pass;
+        let key = (cnp.name().to_string(), version.to_string());
+        let entry = self
+            .prints
+            .entry(key)
+            .or_insert_with(|| (fingerprint(cnp), pass));
+        entry.1 = pass;
+        entry.0
+    }
 }
 
 /// Whether a policy names ports by name on ingress: then its decision depends on the subject's
@@ -148,7 +170,11 @@ impl Compiler {
         order.sort_by(|a, b| {
             (a.spec.tier, a.spec.priority, a.name()).cmp(&(b.spec.tier, b.spec.priority, b.name()))
         });
-        let prints: Vec<u64> = order.iter().map(|c| fingerprint(c)).collect();
+        let prints: Vec<u64> = order
+            .iter()
+            .map(|c| self.tier_memo.fingerprint(c))
+            .collect();
+        self.tier_memo.prints.retain(|_, (_, seen)| *seen == pass);
         // A few peers changed: only the groups of policies whose rules could name one of
         // them (as it was or as it is) are decided again.
         if let Changes::Few(changed) = self.peers.changes() {

@@ -98,7 +98,7 @@ fn the_rendered_table_is_golden() {
     let want = "table inet sluice-policy
 delete table inet sluice-policy
 table inet sluice-policy {
-\tset i-sla-all-# {
+\tset i-all-# {
 \t\ttype ipv4_addr
 \t\tflags interval
 \t\telements = { 10.0.0.1/32 }
@@ -141,7 +141,7 @@ table inet sluice-policy {
 \t\tiifname \"sl*\" drop
 \t}
 \tchain i-sla {
-\t\tip saddr @i-sla-all-# accept
+\t\tip saddr @i-all-# accept
 \t\tip saddr . meta l4proto . th dport @i-sla-ports-# accept
 \t\tip6 saddr . meta l4proto . th dport @i-sla-ports6-# accept
 \t\tdrop
@@ -265,7 +265,7 @@ fn a_changed_peer_is_a_new_set_and_its_rule_never_an_element_edit() {
     let mut ir = sample();
     ir.pods[0].ingress.all_ports = AddrSet::from_addrs(["10.0.0.2".parse().unwrap()]);
     let b = render(&ir);
-    let (old, new) = (named(&a.table, "i-sla-all"), named(&b.table, "i-sla-all"));
+    let (old, new) = (named(&a.table, "i-all"), named(&b.table, "i-all"));
     assert_ne!(old, new);
     let d = delta(&a.table, &b.table, &b.hash).unwrap();
     let t = "inet sluice-policy";
@@ -306,7 +306,7 @@ fn a_pod_isolated_and_released_makes_and_drops_its_chain_in_a_valid_order() {
             .unwrap_or_else(|| panic!("{needle:?} missing from:\n{d}"))
     };
     let t = "inet sluice-policy";
-    let b_all = named(&b.table, "i-slb-all");
+    let b_all = named(&b.table, "i-all");
     let (old_map, new_map) = (
         named(&a.table, "ingress-pods"),
         named(&b.table, "ingress-pods"),
@@ -325,7 +325,7 @@ fn a_pod_isolated_and_released_makes_and_drops_its_chain_in_a_valid_order() {
         at("flush chain inet sluice-policy ingress\n") < at(&format!("delete map {t} {old_map}"))
     );
     assert!(at(&format!("delete map {t} {old_map}")) < at(&format!("delete chain {t} i-sla")));
-    for set in ["i-sla-all", "i-sla-ports"] {
+    for set in ["i-all", "i-sla-ports"] {
         let set = named(&a.table, set);
         assert!(at(&format!("delete chain {t} i-sla")) < at(&format!("delete set {t} {set}")));
     }
@@ -385,7 +385,7 @@ fn logged_drops_name_the_direction_and_the_veth_and_are_rate_limited() {
     ir.log_drops = true;
     let t = unhashed(&render(&ir).text());
     for want in [
-        "\tchain i-sla {\n\t\tip saddr @i-sla-all-# accept\n\t\tip saddr . meta l4proto . th dport @i-sla-ports-# accept\n\t\tip6 saddr . meta l4proto . th dport @i-sla-ports6-# accept\n\t\tlimit rate 10/second burst 20 packets log prefix \"sluice-drop:i:sla\" group 77\n\t\tdrop\n\t}",
+        "\tchain i-sla {\n\t\tip saddr @i-all-# accept\n\t\tip saddr . meta l4proto . th dport @i-sla-ports-# accept\n\t\tip6 saddr . meta l4proto . th dport @i-sla-ports6-# accept\n\t\tlimit rate 10/second burst 20 packets log prefix \"sluice-drop:i:sla\" group 77\n\t\tdrop\n\t}",
         "\tchain e-slc {\n\t\tlimit rate 10/second burst 20 packets log prefix \"sluice-drop:e:slc\" group 77\n\t\tdrop\n\t}",
         "oifname \"sl*\" limit rate 10/second burst 20 packets log prefix \"sluice-drop:i:-\" group 77 drop",
         "iifname \"sl*\" limit rate 10/second burst 20 packets log prefix \"sluice-drop:e:-\" group 77 drop",
@@ -495,9 +495,9 @@ fn ipv6_peers_are_ipv6_sets_in_the_same_table() {
         .union_with(&AddrSet::from_block("fd00:1::/64".parse().unwrap(), &[]));
     let t = unhashed(&render(&ir).text());
     for want in [
-        "\tset i-sla-all6-# {\n\t\ttype ipv6_addr\n\t\tflags interval\n\t\telements = { fd00:1::/64 }\n\t}",
+        "\tset i-all6-# {\n\t\ttype ipv6_addr\n\t\tflags interval\n\t\telements = { fd00:1::/64 }\n\t}",
         "\tset isolated6-# {\n\t\ttype ipv6_addr\n\t\tflags interval\n\t\telements = { fd00::1/128,\n\t\t\t     fd00::3/128 }\n\t}",
-        "\tchain i-sla {\n\t\tip saddr @i-sla-all-# accept\n\t\tip6 saddr @i-sla-all6-# accept\n\t\tip saddr . meta l4proto . th dport @i-sla-ports-# accept\n\t\tip6 saddr . meta l4proto . th dport @i-sla-ports6-# accept\n\t\tdrop\n\t}",
+        "\tchain i-sla {\n\t\tip saddr @i-all-# accept\n\t\tip6 saddr @i-all6-# accept\n\t\tip saddr . meta l4proto . th dport @i-sla-ports-# accept\n\t\tip6 saddr . meta l4proto . th dport @i-sla-ports6-# accept\n\t\tdrop\n\t}",
         "ct state new tcp flags & (fin | syn | rst | ack) != syn ip6 saddr @isolated6-# drop",
         "ct state new tcp flags & (fin | syn | rst | ack) != syn ip6 daddr @isolated6-# drop",
         "\t\tct state invalid drop\n\t\ticmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept\n",
