@@ -149,17 +149,28 @@ fn interval_set(kind: &str, elements: BTreeMap<String, Option<String>>) -> NftSe
 /// `add element` or `delete element` nft loads the elements of every interval set in the
 /// table, tens of milliseconds at a thousand pods, while a new set costs what it holds.
 fn content_name(base: &str, set: &NftSet) -> String {
-    let mut hash = crate::FNV_START;
+    use sha2::Digest as _;
+    // A digest no one can aim at: the elements come from NetworkPolicies' ipBlocks, which a
+    // namespace's owner writes, and pods whose sets share a name share one set (and a delta
+    // never compares the elements of a set whose name is unchanged). FNV would let crafted
+    // CIDRs name another pod's set.
+    let mut digest = sha2::Sha256::new();
     for line in &set.spec {
-        hash = crate::fnv1a(hash, line.as_bytes());
-        hash = crate::fnv1a(hash, b";");
+        digest.update(line.as_bytes());
+        digest.update(b";");
     }
     for (key, value) in &set.elements {
-        hash = crate::fnv1a(hash, key.as_bytes());
-        hash = crate::fnv1a(hash, value.as_deref().unwrap_or("").as_bytes());
-        hash = crate::fnv1a(hash, b",");
+        digest.update(key.as_bytes());
+        digest.update([0]);
+        digest.update(value.as_deref().unwrap_or("").as_bytes());
+        digest.update(b",");
     }
-    format!("{base}-{hash:016x}")
+    let hash = digest.finalize();
+    let mut name = format!("{base}-");
+    for byte in &hash[..8] {
+        let _ = write!(name, "{byte:02x}");
+    }
+    name
 }
 
 /// `set` under its [`content_name`].

@@ -190,11 +190,8 @@ impl HostportFirewall {
                 }
             }
         }
-        self.write(
-            after,
-            FamilyWrite::decide(Some(has_v4(before)), has_v4(after)),
-            FamilyWrite::decide(Some(has_v6(before)), has_v6(after)),
-        )
+        let (v4, v6) = update_writes(before, after);
+        self.write(after, v4, v6)
     }
 
     /// The rules of `entry` (and the hooks to them) that the kernel lacks; empty when all are
@@ -360,6 +357,18 @@ impl FamilyWrite {
     }
 }
 
+/// What [`HostportFirewall::update`] does to each iptables family. An empty `before` asks for
+/// the table whole (a repeated ADD, which so also repairs rules lost since): what the kernel
+/// holds is then not known, and a family `after` has no rules of is swept if present (the
+/// attachment's previous mappings may have had some).
+fn update_writes(before: &[HostportEntry], after: &[HostportEntry]) -> (FamilyWrite, FamilyWrite) {
+    let held = |has: bool| (!before.is_empty()).then_some(has);
+    (
+        FamilyWrite::decide(held(has_v4(before)), has_v4(after)),
+        FamilyWrite::decide(held(has_v6(before)), has_v6(after)),
+    )
+}
+
 fn kernel_has_ipv6() -> bool {
     Path::new("/proc/sys/net/ipv6").exists()
 }
@@ -401,6 +410,46 @@ mod tests {
                 "{before:?} {after}"
             );
         }
+    }
+
+    #[test]
+    fn an_update_from_an_unknown_kernel_sweeps_the_families_it_leaves_without_rules() {
+        use crate::hostport::{HpProtocol, PortMapping};
+        use FamilyWrite::*;
+        let entry = |id: &str, v4: bool, mappings: Vec<PortMapping>| HostportEntry {
+            container_id: id.into(),
+            ifname: "eth0".into(),
+            pod_ip: v4.then(|| "10.244.0.5".parse().unwrap()),
+            pod_ip6: Some("fd00:10:244::5".parse().unwrap()),
+            mappings,
+        };
+        let tcp = |host_ip: Option<&str>| {
+            PortMapping::new(
+                HpProtocol::Tcp,
+                8080,
+                80,
+                host_ip.map(|a| a.parse().unwrap()),
+            )
+        };
+        let only_v6 = entry("a", true, vec![tcp(Some("fd00::1"))]);
+        let both = entry("a", true, vec![tcp(None)]);
+        // A repeated ADD (no `before`) whose mappings lost their IPv4 side: the rules the
+        // previous ADD wrote of it must go, whatever the state file says.
+        assert_eq!(
+            update_writes(&[], std::slice::from_ref(&only_v6)),
+            (SweepIfPresent, Write)
+        );
+        assert_eq!(update_writes(&[], &[]), (SweepIfPresent, SweepIfPresent));
+        // A known kernel: only what changes.
+        assert_eq!(
+            update_writes(std::slice::from_ref(&both), std::slice::from_ref(&only_v6)),
+            (Remove, Write)
+        );
+        let other = entry("b", false, vec![tcp(None)]);
+        assert_eq!(
+            update_writes(std::slice::from_ref(&other), &[other.clone(), only_v6]),
+            (Skip, Write)
+        );
     }
 
     #[test]
