@@ -345,21 +345,7 @@ fn handmade_path(label: &'static str, like_sluice: Option<u32>) -> Contender {
                 mac(j)
             ),
         );
-        exec(
-            n,
-            &[
-                "bridge",
-                "fdb",
-                "append",
-                &mac(j),
-                "dev",
-                "vxlan0",
-                "dst",
-                &format!("172.31.0.{j}"),
-                "self",
-                "permanent",
-            ],
-        );
+        fdb_permanent(n, "vxlan0", &mac(j), &format!("172.31.0.{j}"));
         if like_sluice.is_some() {
             // sluice's own NAT and conntrack table, as its agent renders it for this node.
             let untracked = sluice_net::masq::UntrackedTunnel {
@@ -373,6 +359,25 @@ fn handmade_path(label: &'static str, like_sluice: Option<u32>) -> Contender {
     }
     let node = hand.nodes[0].clone();
     hand.contender(label, Some((node, "vxlan0")), Vec::new())
+}
+
+/// A static FDB entry on VXLAN device `dev` of `ns`: `mac` is behind underlay address `dst`.
+fn fdb_permanent(ns: &str, dev: &str, mac: &str, dst: &str) {
+    exec(
+        ns,
+        &[
+            "bridge",
+            "fdb",
+            "append",
+            mac,
+            "dev",
+            dev,
+            "dst",
+            dst,
+            "self",
+            "permanent",
+        ],
+    );
 }
 
 /// Two hand-made nodes: an underlay namespace with a bridge, two node namespaces on it
@@ -1665,21 +1670,7 @@ fn handmade6_path(label: &'static str, like_sluice: Option<u32>) -> Contender {
                 mac(j)
             ),
         );
-        exec(
-            n,
-            &[
-                "bridge",
-                "fdb",
-                "append",
-                &mac(j),
-                "dev",
-                "vxlan0",
-                "dst",
-                &format!("172.31.0.{j}"),
-                "self",
-                "permanent",
-            ],
-        );
+        fdb_permanent(n, "vxlan0", &mac(j), &format!("172.31.0.{j}"));
         if like_sluice.is_some() {
             let untracked = sluice_net::masq::UntrackedTunnel {
                 underlay_ip: format!("172.31.0.{i}").parse().unwrap(),
@@ -1791,21 +1782,7 @@ fn handmade6_in_lab(label: &'static str, pair: &LabPair) -> Contender {
                 mac(j)
             ),
         );
-        exec(
-            n,
-            &[
-                "bridge",
-                "fdb",
-                "append",
-                &mac(j),
-                "dev",
-                "hx6",
-                "dst",
-                &pair.underlay[j].to_string(),
-                "self",
-                "permanent",
-            ],
-        );
+        fdb_permanent(n, "hx6", &mac(j), &pair.underlay[j].to_string());
     }
     Contender {
         label,
