@@ -3,7 +3,7 @@
 //! sluice holds in the node, as text.
 
 use crate::cni::CniNode;
-use crate::{sh, unique, Netns};
+use crate::{unique, Netns};
 use std::net::{IpAddr, SocketAddr};
 
 /// `ip:port`, of either family.
@@ -40,25 +40,14 @@ pub fn publish_backend(node: &CniNode, backend: &str) {
 /// sluice's IPv4 and IPv6 rules in the node for `backend`, as text (nftables: the whole
 /// ruleset, twice).
 pub fn rules(node: &CniNode, backend: &str) -> (String, String) {
-    let ns = node.ns.name.as_str();
     match backend {
         "nftables" => {
-            let all = sh(&["ip", "netns", "exec", ns, "nft", "list", "ruleset"]);
+            let all = node.ns.sh(&["nft", "list", "ruleset"]);
             (all.clone(), all)
         }
         b => {
             let b6 = b.replacen("iptables", "ip6tables", 1);
-            let save = |tool: &str| {
-                sh(&[
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    &format!("{tool}-save"),
-                    "-t",
-                    "nat",
-                ])
-            };
+            let save = |tool: &str| node.ns.sh(&[&format!("{tool}-save"), "-t", "nat"]);
             (save(b), save(&b6))
         }
     }
@@ -159,25 +148,11 @@ pub fn lose_ipv6_rules_and_repair(
     pod6: &str,
     client: (&str, SocketAddr),
 ) {
-    let ns = node.ns.name.as_str();
     match backend {
-        "nftables" => sh(&[
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            "nft",
-            "flush",
-            "map",
-            "inet",
-            "sluice-hostport",
-            "hp_any6",
-        ]),
-        b => sh(&[
-            "ip",
-            "netns",
-            "exec",
-            ns,
+        "nftables" => node
+            .ns
+            .sh(&["nft", "flush", "map", "inet", "sluice-hostport", "hp_any6"]),
+        b => node.ns.sh(&[
             &b.replacen("iptables", "ip6tables", 1),
             "-t",
             "nat",

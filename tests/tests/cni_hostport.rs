@@ -11,7 +11,7 @@ use serde_json::json;
 use sluice_e2e::cni::CniNode;
 use sluice_e2e::hostport::{at, client, have, in_state as hostports_in_state, publish_backend};
 use sluice_e2e::lab::{tcp_ask, tcp_server};
-use sluice_e2e::{have_root, sh, Netns};
+use sluice_e2e::{have_root, Netns};
 use std::collections::BTreeSet;
 
 /// The node's address on the link to the client namespace.
@@ -138,11 +138,7 @@ fn scenario(backend: &str) {
     // Rules flushed behind sluice's back: CHECK says so.
     match backend {
         "nftables" => {
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &node.ns.name,
+            node.ns.sh(&[
                 "nft",
                 "flush",
                 "chain",
@@ -152,17 +148,7 @@ fn scenario(backend: &str) {
             ]);
         }
         b => {
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &node.ns.name,
-                b,
-                "-t",
-                "nat",
-                "-F",
-                "SLUICE-HP",
-            ]);
+            node.ns.sh(&[b, "-t", "nat", "-F", "SLUICE-HP"]);
         }
     }
     let check = node.call("CHECK", "hp1", Some(&pod.path()), &conf);
@@ -316,16 +302,10 @@ fn the_agent_start_keeps_live_mappings_and_sweeps_gone_pods() {
     // A restart with policy-backend switched to iptables: the rules move, none stay behind.
     let ipt = HostportBackend::Iptables(IptablesMode::Nft);
     sluice_net::cni::hostport::restore(&store, &exec, ipt, &links).unwrap();
-    assert!(!sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &node.ns.name,
-        "nft",
-        "list",
-        "tables"
-    ])
-    .contains("sluice-hostport"));
+    assert!(!node
+        .ns
+        .sh(&["nft", "list", "tables"])
+        .contains("sluice-hostport"));
     let saved = rules(&node, "iptables-nft");
     assert!(saved.contains("--dport 8080"), "{saved}");
     echo(&mut conn, b"switched");

@@ -15,7 +15,7 @@ use sluice_e2e::hostport::{
     publish_backend, rules,
 };
 use sluice_e2e::lab::{tcp_ask, tcp_server};
-use sluice_e2e::{have_root, sh, Netns};
+use sluice_e2e::{have_root, Netns};
 use std::time::Duration;
 
 const NODE_IP: &str = "172.31.249.1";
@@ -191,14 +191,6 @@ fn an_ipv6_host_ip_on_an_ipv4_only_node_is_refused_and_leaves_nothing() {
     assert!(node.allocations().is_empty());
     assert!(node.pod_links().is_empty());
     assert!(pod.links().iter().all(|l| l == "lo"));
-    let ruleset = sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &node.ns.name,
-        "nft",
-        "list",
-        "ruleset",
-    ]);
+    let ruleset = node.ns.sh(&["nft", "list", "ruleset"]);
     assert!(!ruleset.contains("sluice-hostport"), "{ruleset}");
 }

@@ -17,7 +17,7 @@ use sluice_e2e::hostport::{
 };
 use sluice_e2e::lab::{tcp_ask, tcp_server, udp_server};
 use sluice_e2e::netpol::{probe, Proto};
-use sluice_e2e::{have_root, sh, Netns};
+use sluice_e2e::{have_root, Netns};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -65,19 +65,9 @@ fn pod_address(added: &serde_json::Value) -> String {
 fn nft_has_ipv4_elements(node: &CniNode) -> bool {
     ["hp_ip", "hp_any", "hairpin"].iter().any(|set| {
         let kind = if *set == "hairpin" { "set" } else { "map" };
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &node.ns.name,
-            "nft",
-            "list",
-            kind,
-            "inet",
-            "sluice-hostport",
-            set,
-        ])
-        .contains("elements")
+        node.ns
+            .sh(&["nft", "list", kind, "inet", "sluice-hostport", set])
+            .contains("elements")
     })
 }
 
