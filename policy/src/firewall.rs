@@ -160,6 +160,7 @@ impl Exec {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        let started = std::time::Instant::now();
         let mut child = cmd.spawn().map_err(spawn)?;
         let pipe = child.stdin.take();
         // Fed from a thread so that a child writing much before reading cannot deadlock us.
@@ -172,6 +173,7 @@ impl Exec {
             (w.join(), out)
         });
         let out = writer.1.map_err(spawn)?;
+        tracing::debug!(program, args = ?args, stdin = stdin.map_or(0, str::len), status = ?out.status.code(), took = ?started.elapsed(), "ran");
         if let Ok(Err(e)) = writer.0 {
             // A broken pipe means the child quit early: its exit status tells why.
             if e.kind() != std::io::ErrorKind::BrokenPipe {

@@ -4,6 +4,7 @@
 use super::plan::{LabPlan, NODE_UPLINK, UNDERLAY_MTU};
 use anyhow::{anyhow, Context, Result};
 use futures::TryStreamExt;
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 use sluice_net::netns;
@@ -66,13 +67,23 @@ impl NsHandle {
         .with_context(|| format!("setting {key}={value} in {}", self.name))
     }
 
+    /// Adds `net` on `index`. An IPv6 address skips duplicate address detection: every
+    /// address in the lab is the lab's own, and a tentative one cannot be bound (a test's
+    /// server in the internet namespace would fail with EADDRNOTAVAIL for up to two seconds).
     async fn address(&self, index: u32, net: impl Into<ipnet::IpNet>, what: &str) -> Result<()> {
         let net: ipnet::IpNet = net.into();
-        self.handle
+        let mut req = self
+            .handle
             .address()
             .add(index, net.addr(), net.prefix_len())
-            .replace()
-            .execute()
+            .replace();
+        if net.addr().is_ipv6() {
+            let msg = req.message_mut();
+            msg.header.flags |= AddressHeaderFlags::Nodad;
+            msg.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        req.execute()
             .await
             .with_context(|| format!("adding {net} to {what} in {}", self.name))
     }
