@@ -89,10 +89,6 @@ pub trait Firewall: Send + Sync {
         Rendered::render(self.backend(), ir)
     }
 
-    /// Called as a pass starts, before its compile: a mechanism may begin reading the kernel
-    /// then, so that [`Self::apply`] finds the answer ready instead of waiting for it.
-    fn prepare(&self) {}
-
     /// What sluice owns in the kernel now.
     fn observe(&self) -> Result<Observed, FirewallError>;
 

@@ -696,21 +696,6 @@ pub fn parse_save(save: &str) -> (Option<String>, Vec<String>) {
     (hash.filter(|_| hooked), chains)
 }
 
-/// The hash on `SLUICE-FORWARD`'s first rule, read with `iptables` (the family's program);
-/// `None` when the chain or the hash is missing.
-fn read_forward_hash(exec: &Exec, iptables: &str) -> Result<Option<String>, FirewallError> {
-    let chain = format!("{CHAIN_PREFIX}FORWARD");
-    let first = exec.run(
-        iptables,
-        &["-w", "5", "-t", "filter", "-S", &chain, "1"],
-        None,
-    )?;
-    if !first.status.success() {
-        return Ok(None);
-    }
-    Ok(hash_in(&String::from_utf8_lossy(&first.stdout)))
-}
-
 /// The hash on `SLUICE-FORWARD`'s first rule, in `iptables-save` or `iptables -S` lines.
 fn hash_in(lines: &str) -> Option<String> {
     let fwd = format!("-A {CHAIN_PREFIX}FORWARD ");
@@ -736,21 +721,7 @@ pub struct IptablesRestore {
     last: Arc<Mutex<Option<IptablesScript>>>,
     last6: Arc<Mutex<Option<IptablesScript>>>,
     memo: Arc<Mutex<RenderMemo>>,
-    /// The hash reads [`Firewall::prepare`] started, IPv4 and IPv6.
-    early: Arc<Mutex<[Option<EarlyRead>; 2]>>,
 }
-
-/// A read of the hash on `SLUICE-FORWARD`, started while the pass compiled: the process
-/// takes a few milliseconds that would otherwise come before every write.
-#[derive(Debug)]
-struct EarlyRead {
-    started: std::time::Instant,
-    read: std::thread::JoinHandle<Result<Option<String>, FirewallError>>,
-}
-
-/// An early read older than this is not trusted (a pass takes well under it; a read left by a
-/// pass that never applied is not this pass's).
-const EARLY_READ_FRESH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What is left to sweep of the sets once both families' rules are written (a set one family's
 /// rules still name cannot be destroyed before they change).
@@ -772,7 +743,6 @@ impl IptablesRestore {
             last: Arc::default(),
             last6: Arc::default(),
             memo: Arc::default(),
-            early: Arc::default(),
         }
     }
 
@@ -878,15 +848,23 @@ impl IptablesRestore {
     /// every chain); `None` when the chain or the hash is missing. Says nothing of the jumps
     /// to sluice's chains: see [`Self::hooked`].
     fn forward_hash(&self, family: Family) -> Result<Option<String>, FirewallError> {
-        let early = self.early.lock().unwrap_or_else(|p| p.into_inner())
-            [usize::from(family == Family::V6)]
-        .take();
-        if let Some(early) = early.filter(|e| e.started.elapsed() < EARLY_READ_FRESH) {
-            if let Ok(read) = early.read.join() {
-                return read;
-            }
+        let first = self.exec.run(
+            &self.tool(family, "iptables"),
+            &[
+                "-w",
+                "5",
+                "-t",
+                "filter",
+                "-S",
+                &format!("{CHAIN_PREFIX}FORWARD"),
+                "1",
+            ],
+            None,
+        )?;
+        if !first.status.success() {
+            return Ok(None);
         }
-        read_forward_hash(&self.exec, &self.tool(family, "iptables"))
+        Ok(hash_in(&String::from_utf8_lossy(&first.stdout)))
     }
 
     /// Writes `delta` from the script in force to `script`, then puts back any missing jump
@@ -970,27 +948,6 @@ impl Firewall for IptablesRestore {
         Rendered::Iptables(render_with(ir, &mut memo))
     }
 
-    /// Starts each family's hash read, which [`Self::apply`] would otherwise begin with.
-    fn prepare(&self) {
-        let mut early = self.early.lock().unwrap_or_else(|p| p.into_inner());
-        for (slot, family) in early.iter_mut().zip(Family::BOTH) {
-            *slot = None;
-            if family == Family::V6 && !Self::has_ipv6() {
-                continue;
-            }
-            let (exec, iptables) = (self.exec.clone(), self.tool(family, "iptables"));
-            // Without a thread the read happens in apply, as before.
-            *slot = std::thread::Builder::new()
-                .name("iptables-hash".into())
-                .spawn(move || read_forward_hash(&exec, &iptables))
-                .ok()
-                .map(|read| EarlyRead {
-                    started: std::time::Instant::now(),
-                    read,
-                });
-        }
-    }
-
     fn observe(&self) -> Result<Observed, FirewallError> {
         Ok(Observed {
             hash: parse_save(&self.save(Family::V4)?).0,
@@ -1009,20 +966,12 @@ impl Firewall for IptablesRestore {
             });
         };
         let v6 = script.v6.as_deref().filter(|_| Self::has_ipv6());
-        let hash6 = v6.map(|_| self.forward_hash(Family::V6));
-        // IPv6 with nothing to write only checks its jumps: after IPv4's write, not
-        // competing with it for the CPU while a change waits to be enforced.
-        let six_writes = v6
-            .zip(hash6.as_ref())
-            .is_some_and(|(v6, h)| !matches!(h, Ok(Some(h)) if *h == v6.hash));
-        let at_once = self.mode == IptablesMode::Nft && six_writes;
-        let mut hash6 = hash6;
+        let at_once = self.mode == IptablesMode::Nft;
         let (four, six) = std::thread::scope(|scope| {
-            let six = v6.filter(|_| at_once).map(|v6| {
-                let hash = hash6.take();
-                scope.spawn(move || self.apply_family(Family::V6, v6, &self.last6, hash))
-            });
-            let four = self.apply_family(Family::V4, script, &self.last, None);
+            let six = v6
+                .filter(|_| at_once)
+                .map(|v6| scope.spawn(move || self.apply_family(Family::V6, v6, &self.last6)));
+            let four = self.apply_family(Family::V4, script, &self.last);
             let six = match six {
                 Some(h) => Some(h.join().unwrap_or_else(|_| {
                     Err(FirewallError::Command {
@@ -1031,9 +980,7 @@ impl Firewall for IptablesRestore {
                         stderr: "the IPv6 writing thread panicked".into(),
                     })
                 })),
-                None if four.is_ok() => {
-                    v6.map(|v6| self.apply_family(Family::V6, v6, &self.last6, hash6.take()))
-                }
+                None if four.is_ok() => v6.map(|v6| self.apply_family(Family::V6, v6, &self.last6)),
                 None => None,
             };
             (four, six)
@@ -1084,14 +1031,12 @@ impl Firewall for IptablesRestore {
 impl IptablesRestore {
     /// Makes `family`'s chains what `script` says: nothing when the kernel carries its hash, a
     /// delta from what this process last wrote when the kernel still holds that, else every
-    /// chain; what of the sets is left to sweep. `kernel_hash` is the hash already read, if
-    /// it was.
+    /// chain; what of the sets is left to sweep.
     fn apply_family(
         &self,
         family: Family,
         script: &IptablesScript,
         last: &Mutex<Option<IptablesScript>>,
-        kernel_hash: Option<Result<Option<String>, FirewallError>>,
     ) -> Result<(Applied, Sweep), FirewallError> {
         let unchanged = Applied {
             written: false,
@@ -1099,7 +1044,7 @@ impl IptablesRestore {
         };
         let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(prev) = last.take() {
-            match kernel_hash.unwrap_or_else(|| self.forward_hash(family)) {
+            match self.forward_hash(family) {
                 Ok(Some(h))
                     if h == script.hash
                         && self.hooked(family, "FORWARD", "FORWARD")?

@@ -722,7 +722,6 @@ async fn sync_once(
     ),
 ) -> Result<Pass, PolicyError> {
     let started = Instant::now();
-    firewall.prepare();
     let kernel = kernel_view(handle, link_names).await?;
     let read = started.elapsed();
     // The caches' objects are shared or borrowed, never copied: a cluster's pods are many.
