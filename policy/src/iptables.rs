@@ -22,7 +22,7 @@
 
 use crate::droplog::{self, DropDirection, DropStage};
 use crate::firewall::{Applied, Backend, Exec, Firewall, FirewallError, Observed, Rendered};
-use crate::ir::{AddrSet, Direction, Family, PolicyIr, PortEntry, Protocol, Region};
+use crate::ir::{AddrSet, Direction, Family, PolicyIr, PortEntry, Protocol, Region, TierVerdict};
 use crate::nft::HASH_MARK;
 use crate::{fnv1a, memo, FNV_START};
 use std::collections::{BTreeMap, HashMap};
@@ -113,7 +113,11 @@ struct Out {
 impl Out {
     fn add_set(&mut self, (name, lines, hash): &RenderedSet) {
         // A tier's set, shared by the pods of a group: once.
-        if self.set_lines.contains_key(name) {
+        if let Some(have) = self.set_lines.get(name) {
+            debug_assert!(
+                Arc::ptr_eq(have, lines) || have == lines,
+                "two sets named {name}"
+            );
             return;
         }
         self.sets_hash = fnv1a(self.sets_hash, name.as_bytes());
@@ -153,6 +157,15 @@ fn tier_set_name(addrs: &AddrSet, family: Family) -> String {
     }
     let (_, _, sfx) = set_family(family);
     format!("{SET_PREFIX}T{sfx}{hash:016x}")
+}
+
+/// The base name of the sets of one region of a tier's verdict (`stage`: `AD` Admin deny, `AA`
+/// Admin accept, `BD` Baseline deny), after the group of pods it was decided for (`T`, `I` or
+/// `E`, the stage and 12 hex digits: within ipset's 31 characters with the set's suffix). A
+/// peer that comes or goes changes what the set holds, swapped in place, and none of the rules
+/// of the pods that name it. `None` for a verdict of no group: named by contents.
+fn tier_sets(tag: &str, stage: &str, verdict: &TierVerdict) -> Option<String> {
+    (verdict.group != 0).then(|| format!("T{tag}{stage}{:012x}", verdict.group >> 16))
 }
 
 /// `--dports` lists of at most [`MULTIPORT_MAX`] ports each.
@@ -263,8 +276,16 @@ fn render_direction(
         family,
     };
     let admin = &d.admin;
-    e.region(&admin.deny, &drop(0));
-    e.region(&admin.accept, &[verdict]);
+    e.region(
+        tier_sets(tag, "AD", admin).as_deref(),
+        &admin.deny,
+        &drop(0),
+    );
+    e.region(
+        tier_sets(tag, "AA", admin).as_deref(),
+        &admin.accept,
+        &[verdict],
+    );
     if d.isolated {
         e.lookups(
             Some(&format!("{tag}-{ifname}")),
@@ -274,7 +295,12 @@ fn render_direction(
         );
         e.lookups_done(&drop(1));
     } else {
-        e.region(&d.baseline.deny, &drop(2));
+        let baseline = &d.baseline;
+        e.region(
+            tier_sets(tag, "BD", baseline).as_deref(),
+            &baseline.deny,
+            &drop(2),
+        );
         e.lookups_done(&[verdict]);
     }
     let mut text = String::new();
@@ -377,15 +403,18 @@ impl Emit<'_> {
         }
     }
 
-    /// A ClusterNetworkPolicy tier's region; its sets named by their contents.
-    fn region(&mut self, region: &Region, verdicts: &[&str]) {
+    /// A ClusterNetworkPolicy tier's region; its sets named after `base` (see [`tier_sets`]),
+    /// or by their contents when it is `None`.
+    fn region(&mut self, base: Option<&str>, region: &Region, verdicts: &[&str]) {
         if region.is_empty() {
             return;
         }
         let (all, ports, other) = region.split();
-        self.lookups(None, &all, &ports, verdicts);
+        self.lookups(base, &all, &ports, verdicts);
         if !other.is_empty() {
-            let m = self.set_match(None, &other);
+            let (_, _, sfx) = set_family(self.family);
+            let name = base.map(|b| format!("{SET_PREFIX}{b}-o{sfx}"));
+            let m = self.set_match(name, &other);
             let u32 = match self.family {
                 Family::V4 => NO_PORT_PROTOCOLS,
                 Family::V6 => NO_PORT_PROTOCOLS6,

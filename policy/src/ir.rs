@@ -465,6 +465,7 @@ impl Direction {
             Arc::new(TierVerdict {
                 deny: t.deny.only(family),
                 accept: t.accept.only(family),
+                group: t.group,
                 policies: t.policies.clone(),
                 denied_by: t
                     .denied_by
@@ -651,6 +652,12 @@ impl Region {
 pub struct TierVerdict {
     pub deny: Region,
     pub accept: Region,
+    /// Names the group of pods it was decided for: a digest of the ClusterNetworkPolicies
+    /// that select them (by name, in the order of evaluation) and of the pods' named ports
+    /// when those matter. It stays while peers come and go and while those policies change,
+    /// so a renderer that names the verdict's sets by it rewrites what a set holds, not the
+    /// rules of every pod that names it. 0: not decided for a group (tests).
+    pub group: u64,
     /// The ClusterNetworkPolicies that select the pod in this tier, sorted (for logs).
     pub policies: Vec<String>,
     /// Which policy denies each part of `deny`, in the order the tier decides (for drop logs:

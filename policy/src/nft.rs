@@ -38,7 +38,7 @@
 
 use crate::droplog::{self, DropDirection, DropStage};
 use crate::firewall::{Applied, Backend, Exec, Firewall, FirewallError, Observed, Rendered};
-use crate::ir::{AddrSet, Direction, Family, PolicyIr, PortEntry, Region};
+use crate::ir::{AddrSet, Direction, Family, PolicyIr, PortEntry, Region, TierVerdict};
 use crate::memo;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -266,7 +266,7 @@ fn render_direction(
     region_rules(
         &mut sets,
         &mut rules,
-        TIER_SETS,
+        &tier_sets(prefix, "ad", admin),
         field,
         &admin.deny,
         &drop(DropStage::Admin),
@@ -274,7 +274,7 @@ fn render_direction(
     region_rules(
         &mut sets,
         &mut rules,
-        TIER_SETS,
+        &tier_sets(prefix, "aa", admin),
         field,
         &admin.accept,
         &allow_v,
@@ -326,7 +326,7 @@ fn render_direction(
         region_rules(
             &mut sets,
             &mut rules,
-            TIER_SETS,
+            &tier_sets(prefix, "bd", base),
             field,
             &base.deny,
             &drop(DropStage::Baseline),
@@ -341,17 +341,41 @@ fn render_direction(
     }
 }
 
-/// Base name of the tiers' sets: named by their contents alone, so that a region the pods of a
-/// group (or several tiers) share is one set in the table, made once, and a change of one
-/// ClusterNetworkPolicy makes only the sets it changes.
+/// Base name of the tiers' sets of a verdict decided for no group: named by their contents
+/// alone, so that a region several pods share is one set in the table, made once.
 const TIER_SETS: &str = "t";
+
+/// The first characters of a set named after its role, not its contents: its elements are
+/// compared and rewritten in place by [`delta`], and hashed into the table's hash.
+const GROUP_SETS: &str = "g-";
+
+/// How the sets of one region of a tier's verdict are named (`stage`: `ad` Admin deny, `aa`
+/// Admin accept, `bd` Baseline deny): after the group of pods it was decided for
+/// ([`TierVerdict::group`]), so that a peer that comes or goes, or a policy that changes,
+/// rewrites what the group's sets hold and none of the rules of its pods' chains (a thousand
+/// pods selected alike name the same sets); by contents for a verdict of no group.
+enum TierSets {
+    Group(String),
+    Contents,
+}
+
+fn tier_sets(prefix: &str, stage: &str, verdict: &TierVerdict) -> TierSets {
+    if verdict.group == 0 {
+        TierSets::Contents
+    } else {
+        TierSets::Group(format!(
+            "{GROUP_SETS}{prefix}{stage}-{:012x}",
+            verdict.group >> 16
+        ))
+    }
+}
 
 /// The rules (and sets) that give `verdict` to `region`: at most three lookups, whatever the
 /// number of ClusterNetworkPolicies behind it.
 fn region_rules(
     sets: &mut Vec<(String, Arc<NftSet>)>,
     rules: &mut Vec<String>,
-    base: &str,
+    naming: &TierSets,
     field: &str,
     region: &Region,
     verdicts: &[String],
@@ -360,6 +384,10 @@ fn region_rules(
         return;
     }
     let (all, ports, other) = region.split();
+    let named = |part: &str, set: NftSet| match naming {
+        TierSets::Group(base) => (format!("{base}-{part}"), Arc::new(set)),
+        TierSets::Contents => named_set(&format!("{TIER_SETS}-{part}"), set),
+    };
     let push = |rules: &mut Vec<String>, m: String| {
         for v in verdicts {
             rules.push(if m.is_empty() {
@@ -377,8 +405,8 @@ fn region_rules(
         let (kind, kw, sfx) = nft_family(family);
         let all = all.only(family);
         if !all.is_empty() {
-            let set = named_set(
-                &format!("{base}-all{sfx}"),
+            let set = named(
+                &format!("all{sfx}"),
                 interval_set(kind, addr_elements(&all)),
             );
             push(rules, format!("{kw} {field} @{}", set.0));
@@ -393,8 +421,8 @@ fn region_rules(
             })
             .collect();
         if !ports.is_empty() {
-            let set = named_set(
-                &format!("{base}-ports{sfx}"),
+            let set = named(
+                &format!("ports{sfx}"),
                 interval_set(
                     &format!("{kind} . inet_proto . inet_service"),
                     port_elements(&ports),
@@ -408,8 +436,8 @@ fn region_rules(
         }
         let other = other.only(family);
         if !other.is_empty() {
-            let set = named_set(
-                &format!("{base}-other{sfx}"),
+            let set = named(
+                &format!("other{sfx}"),
                 interval_set(kind, addr_elements(&other)),
             );
             push(
@@ -525,6 +553,14 @@ fn table_hash(table: &NftTable, pod_chains: u64, base: u64) -> u64 {
         hash = crate::fnv1a(hash, name.as_bytes());
         for line in &set.spec {
             hash = crate::fnv1a(hash, line.as_bytes());
+        }
+        // The name of a group's set does not say what it holds.
+        if name.starts_with(GROUP_SETS) {
+            for (key, value) in &set.elements {
+                hash = crate::fnv1a(hash, key.as_bytes());
+                hash = crate::fnv1a(hash, value.as_deref().unwrap_or("").as_bytes());
+                hash = crate::fnv1a(hash, b",");
+            }
         }
         hash = crate::fnv1a(hash, b";");
     }
@@ -671,10 +707,25 @@ pub fn delta(old: &NftTable, new: &NftTable, hash: &str) -> Option<String> {
     let mut rules = String::new();
     for (name, set) in &new.sets {
         match old.sets.get(name) {
-            // The name says what a set holds: its elements need no comparing.
-            Some(o) if Arc::ptr_eq(o, set) || (o.keyword == set.keyword && o.spec == set.spec) => {
-                continue
+            Some(o) if Arc::ptr_eq(o, set) => continue,
+            // A group's set: the same set, holding what it holds now (one transaction: a
+            // packet sees the old elements or the new ones).
+            Some(o)
+                if name.starts_with(GROUP_SETS)
+                    && o.keyword == set.keyword
+                    && o.spec == set.spec =>
+            {
+                if o.elements != set.elements {
+                    let _ = writeln!(sets, "flush {} {t} {name}", set.keyword);
+                    if !set.elements.is_empty() {
+                        let items = elements_text(set, ", ");
+                        let _ = writeln!(sets, "add element {t} {name} {{ {items} }}");
+                    }
+                }
+                continue;
             }
+            // Any other name says what a set holds: its elements need no comparing.
+            Some(o) if o.keyword == set.keyword && o.spec == set.spec => continue,
             Some(_) => return None,
             None => {
                 // A map's elements may name chains made in this transaction: maps go after them.

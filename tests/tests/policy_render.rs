@@ -552,6 +552,9 @@ fn tier_cases() -> Vec<TierCase> {
     let open_x = np("x", "open", json!({"podSelector": {}, "ingress": [{}]}));
     let mut case1 = all_of("x/a", &["x/b", "y/c"]);
     case1.extend(all_of("x/b", &["x/a", "y/c"]));
+    let mut refilled = all_of("x/a", &["y/c"]);
+    refilled.extend(all_of("x/b", &["y/c"]));
+    refilled.extend(all_of("y/c", &["x/a", "x/b"]));
     let mut case2 = vec!["y/c>x/a:t80".to_string(), "y/c>x/b:t80".to_string()];
     case2.extend(all_of("x/a", &["y/c"]));
     case2.extend(all_of("x/b", &["y/c"]));
@@ -567,6 +570,21 @@ fn tier_cases() -> Vec<TierCase> {
                 json!([{"action": "Deny", "from": from("y")}]),
             )],
             leak(case1),
+        ),
+        (
+            // The same policy, the same pods selected: the sets named after their group are
+            // refilled in place (the renderers' unit tests show that no pod's rules are
+            // written again), and the new peers are what is enforced.
+            "The same Admin policy now denies x itself: y's pods are let in again",
+            vec![np("x", "open", json!({"podSelector": {}, "ingress": [{}]}))],
+            vec![cnp(
+                "deny-y",
+                "Admin",
+                10,
+                ns("x"),
+                json!([{"action": "Deny", "from": from("x")}]),
+            )],
+            leak(refilled),
         ),
         (
             "Admin Pass for y defers to NetworkPolicy (TCP 80 only), Admin Deny for the rest",

@@ -120,6 +120,27 @@ impl TierMemo {
     }
 }
 
+/// [`TierVerdict::group`] of the pods `selecting` selects, whose named ports are `ports` (empty
+/// when no policy of theirs names an ingress port): the policies by name, not by content, so
+/// that it outlives a change of their specs; never 0. SHA-256, for the named ports are
+/// written by a namespace's owner, and two groups of one name would share sets.
+fn group_name(selecting: &[(usize, &ClusterNetworkPolicy)], ports: &[NamedPort]) -> u64 {
+    use sha2::Digest as _;
+    let mut digest = sha2::Sha256::new();
+    for (_, cnp) in selecting {
+        digest.update(cnp.name().as_bytes());
+        digest.update([0]);
+    }
+    digest.update([1]);
+    for p in ports {
+        digest.update(format!("{}\u{0}{:?}\u{0}{}\u{0}", p.name, p.protocol, p.port).as_bytes());
+    }
+    let hash = digest.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash[..8]);
+    u64::from_le_bytes(first).max(1)
+}
+
 /// Whether a policy names ports by name on ingress: then its decision depends on the subject's
 /// own named ports.
 fn names_ingress_ports(cnp: &ClusterNetworkPolicy) -> bool {
@@ -228,8 +249,9 @@ impl Compiler {
             }
             let in_order: Vec<(usize, &ClusterNetworkPolicy)> =
                 sel.iter().map(|&ci| (ci, order[ci])).collect();
+            let group = group_name(&in_order, &key.ports);
             let verdict = Arc::new(self.group_verdict(
-                &in_order,
+                (&in_order, group),
                 pod,
                 nodes,
                 host,
@@ -325,7 +347,7 @@ impl Compiler {
     /// decide for `pod`, and every pod of its group.
     fn group_verdict(
         &mut self,
-        selecting: &[(usize, &ClusterNetworkPolicy)],
+        (selecting, group): (&[(usize, &ClusterNetworkPolicy)], u64),
         pod: &LocalPod,
         nodes: &[crate::cnp::NodeAddrs],
         host: &AddrSet,
@@ -345,6 +367,7 @@ impl Compiler {
                 }
                 let mut verdict = TierVerdict {
                     policies: in_tier.iter().map(|(_, c)| c.name().to_string()).collect(),
+                    group,
                     ..Default::default()
                 };
                 verdict.policies.sort();

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::ir::Direction;
-use crate::nft::tests::sample;
+use crate::nft::tests::{of_group, sample};
 
 fn set_script(name: &str, members: &[&str]) -> String {
     let mut s = format!("create SLUICE-TMP {SET_OPTS} -exist\nflush SLUICE-TMP\n");
@@ -293,6 +293,51 @@ fn pods_of_one_group_share_the_tier_sets_named_by_content() {
     assert_eq!(d.ipsets.matches("\nswap ").count(), 1, "{}", d.ipsets);
     assert_eq!(d.stale_sets.len(), 1, "{:?}", d.stale_sets);
     assert!(d.stale_sets[0].starts_with("SLUICE-T"));
+}
+
+#[test]
+fn a_group_names_its_tier_sets_and_a_peer_change_refills_them_in_place() {
+    let a = render(&of_group(
+        crate::nft::tests::grouped_sample("169.254.0.0/16"),
+        0x0123_4567_89ab_cdef,
+    ));
+    let tier_sets: Vec<&String> = a
+        .sets
+        .iter()
+        .filter(|s| s.starts_with("SLUICE-T"))
+        .collect();
+    // Admin deny on every port (`-a`), Admin accept on TCP 8080 (`-0`), after the group.
+    assert_eq!(
+        tier_sets,
+        ["SLUICE-TIAD0123456789ab-a", "SLUICE-TIAA0123456789ab-0"]
+    );
+    assert!(tier_sets.iter().all(|s| s.len() <= 31));
+    assert!(a.v6.as_ref().unwrap().sets.iter().all(|s| s.len() <= 31));
+    // Other peers in the deny region: the same set refilled and swapped in place; no pod's
+    // chain is written again (SLUICE-FORWARD only, for the hash), no set goes.
+    let b = render(&of_group(
+        crate::nft::tests::grouped_sample("169.254.169.0/24"),
+        0x0123_4567_89ab_cdef,
+    ));
+    let d = delta(&a, &b);
+    assert_eq!(
+        d.ipsets,
+        set_script("SLUICE-TIAD0123456789ab-a", &["169.254.169.0/24"])
+    );
+    let declared: Vec<&str> = d.filter.lines().filter(|l| l.starts_with(':')).collect();
+    assert_eq!(declared, [":SLUICE-FORWARD - [0:0]"]);
+    assert!(d.stale_sets.is_empty(), "{:?}", d.stale_sets);
+    assert_ne!(a.hash, b.hash);
+    // Another group: other names, the old ones go.
+    let c = render(&of_group(
+        crate::nft::tests::grouped_sample("169.254.169.0/24"),
+        0x0fed_cba9_8765_4321,
+    ));
+    let d = delta(&b, &c);
+    assert_eq!(
+        d.stale_sets,
+        ["SLUICE-TIAD0123456789ab-a", "SLUICE-TIAA0123456789ab-0"]
+    );
 }
 
 /// `sample()` with dual-stack pods and IPv6 peers: sla takes fd00:1::1 on everything and

@@ -483,6 +483,74 @@ fn pods_of_one_group_share_the_tier_sets_and_a_region_change_touches_only_its_se
     assert!(!d.contains("e-slc"), "{d}");
 }
 
+/// `ir` with its pods' Admin ingress verdict decided for `group`, as the compiler makes it.
+pub(crate) fn of_group(mut ir: PolicyIr, group: u64) -> PolicyIr {
+    for p in &mut ir.pods {
+        let mut v = (*p.ingress.admin).clone();
+        v.group = group;
+        p.ingress.admin = Arc::new(v);
+    }
+    ir
+}
+
+#[test]
+fn a_group_names_its_tier_sets_and_a_peer_change_rewrites_only_what_they_hold() {
+    let group = 0x0123_4567_89ab_cdef;
+    let a = render(&of_group(grouped_sample("169.254.0.0/16"), group));
+    let tier_sets: Vec<&String> = a
+        .table
+        .sets
+        .keys()
+        .filter(|n| n.starts_with("g-"))
+        .collect();
+    assert_eq!(
+        tier_sets,
+        ["g-iaa-0123456789ab-ports", "g-iad-0123456789ab-all"]
+    );
+    for pod in ["i-sla", "i-slb", "i-slc", "i-sld"] {
+        let rules = &a.table.chains[pod].rules;
+        assert!(
+            rules[0].starts_with("ip saddr @g-iad-0123456789ab-all drop"),
+            "{rules:?}"
+        );
+    }
+    // Other peers denied: the deny set is flushed and filled in the same transaction; no
+    // set is made or deleted, no pod's chain written again (the state chain only).
+    let b = render(&of_group(grouped_sample("169.254.169.0/24"), group));
+    assert_ne!(
+        a.hash, b.hash,
+        "the table's hash follows a group set's elements"
+    );
+    let d = delta(&a.table, &b.table, &b.hash).unwrap();
+    assert!(
+        d.starts_with(
+            "flush set inet sluice-policy g-iad-0123456789ab-all\n\
+             add element inet sluice-policy g-iad-0123456789ab-all { 169.254.169.0/24 }\n"
+        ),
+        "{d}"
+    );
+    assert!(!d.contains("add set") && !d.contains("delete set"), "{d}");
+    assert_eq!(d.matches("flush chain").count(), 1, "{d}");
+    assert!(d.contains("flush chain inet sluice-policy state"), "{d}");
+    // And back.
+    let back = delta(&b.table, &a.table, &a.hash).unwrap();
+    assert!(back.contains("{ 169.254.0.0/16 }"), "{back}");
+    // Another group: its own sets; the old group's go.
+    let other = render(&of_group(
+        grouped_sample("169.254.169.0/24"),
+        0x0fed_cba9_8765_4321,
+    ));
+    let d = delta(&b.table, &other.table, &other.hash).unwrap();
+    assert!(
+        d.contains("delete set inet sluice-policy g-iad-0123456789ab-all"),
+        "{d}"
+    );
+    assert!(
+        d.contains("add set inet sluice-policy g-iad-0fedcba98765-all"),
+        "{d}"
+    );
+}
+
 #[test]
 fn ipv6_peers_are_ipv6_sets_in_the_same_table() {
     let mut ir = sample();

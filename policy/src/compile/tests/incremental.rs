@@ -515,13 +515,26 @@ fn pods_selected_alike_share_one_verdict_and_a_change_recomputes_only_its_groups
     assert!(web
         .windows(2)
         .all(|w| Arc::ptr_eq(&w[0].ingress.admin, &w[1].ingress.admin)));
+    // Each group has a name of its own, the same in both tiers.
+    let groups = |ir: &PolicyIr| -> Vec<(u64, u64)> {
+        ir.pods
+            .iter()
+            .map(|p| (p.ingress.admin.group, p.ingress.baseline.group))
+            .collect()
+    };
+    let named = groups(&ir);
+    assert!(named.iter().all(|(a, b)| *a != 0 && a == b));
+    let distinct: std::collections::BTreeSet<u64> = named.iter().map(|g| g.0).collect();
+    assert_eq!(distinct.len(), APPS.len());
     // Nothing changed: nothing computed.
     run(&mut kept, &w);
     assert_eq!(kept.tier_memo.computed, 0);
-    // One policy changed: its group only.
+    // One policy changed: its group only, decided again under the same name (the name
+    // follows the policies' names, not their specs).
     w.cnps[1].spec.priority = 99;
-    run(&mut kept, &w);
+    let changed = run(&mut kept, &w);
     assert_eq!(kept.tier_memo.computed, 1);
+    assert_eq!(groups(&changed), named);
     // The one on every pod changed: every group.
     w.cnps[4].spec.ingress.clear();
     run(&mut kept, &w);
