@@ -162,8 +162,9 @@ fn tier_set_name(addrs: &AddrSet, family: Family) -> String {
 /// The base name of the sets of one region of a tier's verdict (`stage`: `AD` Admin deny, `AA`
 /// Admin accept, `BD` Baseline deny), after the group of pods it was decided for (`T`, `I` or
 /// `E`, the stage and 12 hex digits: within ipset's 31 characters with the set's suffix). A
-/// peer that comes or goes changes what the set holds, swapped in place, and none of the rules
-/// of the pods that name it. `None` for a verdict of no group: named by contents.
+/// peer that comes or goes, or a policy that changes, changes what the set holds, swapped in
+/// place (`ipset swap` costs what the set holds, whatever the table), and none of the rules of
+/// the pods that name it. `None` for a verdict of no group: named by contents.
 fn tier_sets(tag: &str, stage: &str, verdict: &TierVerdict) -> Option<String> {
     (verdict.group != 0).then(|| format!("T{tag}{stage}{:012x}", verdict.group >> 16))
 }

@@ -466,6 +466,7 @@ impl Direction {
                 deny: t.deny.only(family),
                 accept: t.accept.only(family),
                 group: t.group,
+                revision: t.revision,
                 policies: t.policies.clone(),
                 denied_by: t
                     .denied_by
@@ -658,6 +659,9 @@ pub struct TierVerdict {
     /// so a renderer that names the verdict's sets by it rewrites what a set holds, not the
     /// rules of every pod that names it. 0: not decided for a group (tests).
     pub group: u64,
+    /// A digest of the specs of those policies: changes with them, while [`Self::group`]
+    /// stays (for a renderer to which a new set costs less than refilling one in place).
+    pub revision: u64,
     /// The ClusterNetworkPolicies that select the pod in this tier, sorted (for logs).
     pub policies: Vec<String>,
     /// Which policy denies each part of `deny`, in the order the tier decides (for drop logs:

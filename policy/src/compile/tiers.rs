@@ -250,8 +250,15 @@ impl Compiler {
             let in_order: Vec<(usize, &ClusterNetworkPolicy)> =
                 sel.iter().map(|&ci| (ci, order[ci])).collect();
             let group = group_name(&in_order, &key.ports);
+            let revision = crate::fnv1a(
+                crate::FNV_START,
+                &key.policies
+                    .iter()
+                    .flat_map(|p| p.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            );
             let verdict = Arc::new(self.group_verdict(
-                (&in_order, group),
+                (&in_order, (group, revision)),
                 pod,
                 nodes,
                 host,
@@ -347,7 +354,7 @@ impl Compiler {
     /// decide for `pod`, and every pod of its group.
     fn group_verdict(
         &mut self,
-        (selecting, group): (&[(usize, &ClusterNetworkPolicy)], u64),
+        (selecting, (group, revision)): (&[(usize, &ClusterNetworkPolicy)], (u64, u64)),
         pod: &LocalPod,
         nodes: &[crate::cnp::NodeAddrs],
         host: &AddrSet,
@@ -368,6 +375,7 @@ impl Compiler {
                 let mut verdict = TierVerdict {
                     policies: in_tier.iter().map(|(_, c)| c.name().to_string()).collect(),
                     group,
+                    revision,
                     ..Default::default()
                 };
                 verdict.policies.sort();

@@ -505,12 +505,15 @@ fn a_group_names_its_tier_sets_and_a_peer_change_rewrites_only_what_they_hold() 
         .collect();
     assert_eq!(
         tier_sets,
-        ["g-iaa-0123456789ab-ports", "g-iad-0123456789ab-all"]
+        [
+            "g-iaa-0123456789ab-00000000-ports",
+            "g-iad-0123456789ab-00000000-all"
+        ]
     );
     for pod in ["i-sla", "i-slb", "i-slc", "i-sld"] {
         let rules = &a.table.chains[pod].rules;
         assert!(
-            rules[0].starts_with("ip saddr @g-iad-0123456789ab-all drop"),
+            rules[0].starts_with("ip saddr @g-iad-0123456789ab-00000000-all drop"),
             "{rules:?}"
         );
     }
@@ -524,8 +527,8 @@ fn a_group_names_its_tier_sets_and_a_peer_change_rewrites_only_what_they_hold() 
     let d = delta(&a.table, &b.table, &b.hash).unwrap();
     assert!(
         d.starts_with(
-            "flush set inet sluice-policy g-iad-0123456789ab-all\n\
-             add element inet sluice-policy g-iad-0123456789ab-all { 169.254.169.0/24 }\n"
+            "flush set inet sluice-policy g-iad-0123456789ab-00000000-all\n\
+             add element inet sluice-policy g-iad-0123456789ab-00000000-all { 169.254.169.0/24 }\n"
         ),
         "{d}"
     );
@@ -535,6 +538,28 @@ fn a_group_names_its_tier_sets_and_a_peer_change_rewrites_only_what_they_hold() 
     // And back.
     let back = delta(&b.table, &a.table, &a.hash).unwrap();
     assert!(back.contains("{ 169.254.0.0/16 }"), "{back}");
+    // The group's policies changed: new sets (no element command, which would make nft load
+    // every set's elements first), the old ones deleted.
+    let mut revised = of_group(grouped_sample("169.254.169.0/24"), group);
+    for p in &mut revised.pods {
+        let mut v = (*p.ingress.admin).clone();
+        v.revision = 0x1234_5678_0000_0000;
+        p.ingress.admin = Arc::new(v);
+    }
+    let revised = render(&revised);
+    let d = delta(&b.table, &revised.table, &revised.hash).unwrap();
+    assert!(
+        !d.contains("add element") && !d.contains("flush set"),
+        "{d}"
+    );
+    assert!(
+        d.contains("add set inet sluice-policy g-iad-0123456789ab-12345678-all"),
+        "{d}"
+    );
+    assert!(
+        d.contains("delete set inet sluice-policy g-iad-0123456789ab-00000000-all"),
+        "{d}"
+    );
     // Another group: its own sets; the old group's go.
     let other = render(&of_group(
         grouped_sample("169.254.169.0/24"),
@@ -542,11 +567,11 @@ fn a_group_names_its_tier_sets_and_a_peer_change_rewrites_only_what_they_hold() 
     ));
     let d = delta(&b.table, &other.table, &other.hash).unwrap();
     assert!(
-        d.contains("delete set inet sluice-policy g-iad-0123456789ab-all"),
+        d.contains("delete set inet sluice-policy g-iad-0123456789ab-00000000-all"),
         "{d}"
     );
     assert!(
-        d.contains("add set inet sluice-policy g-iad-0fedcba98765-all"),
+        d.contains("add set inet sluice-policy g-iad-0fedcba98765-00000000-all"),
         "{d}"
     );
 }

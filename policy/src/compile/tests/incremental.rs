@@ -535,6 +535,17 @@ fn pods_selected_alike_share_one_verdict_and_a_change_recomputes_only_its_groups
     let changed = run(&mut kept, &w);
     assert_eq!(kept.tier_memo.computed, 1);
     assert_eq!(groups(&changed), named);
+    let revisions =
+        |ir: &PolicyIr| -> Vec<u64> { ir.pods.iter().map(|p| p.ingress.admin.revision).collect() };
+    let moved = revisions(&ir)
+        .iter()
+        .zip(revisions(&changed))
+        .filter(|(a, b)| *a != b)
+        .count();
+    assert!(
+        moved > 0 && moved < ir.pods.len(),
+        "{moved} revisions changed"
+    );
     // The one on every pod changed: every group.
     w.cnps[4].spec.ingress.clear();
     run(&mut kept, &w);
