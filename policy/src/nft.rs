@@ -5,7 +5,8 @@
 //! table is written only when the kernel's copy is not known (first pass, someone else's
 //! edit, a refused delta). Sets and maps are named after their contents (`…-HASH`): a changed
 //! one is made anew, never edited element by element, which would make `nft` load every
-//! element of the table before the first command.
+//! element of the table before the first command. The one exception is a ClusterNetworkPolicy
+//! group's sets (`g-…`), refilled in place, since a thousand pods' chains name them.
 //!
 //! Shape (per-packet cost is constant in the number of policies and peers):
 //! - base chains `forward` and `input` (hook priority `filter`, policy accept): established and
@@ -21,10 +22,11 @@
 //!   (the ingress check of the destination still runs), ingress allows `accept`.
 //! - ClusterNetworkPolicy tiers come first (Admin) and last (Baseline, for a direction no
 //!   NetworkPolicy isolates) in the same chain, each at most three lookups whatever the number
-//!   of policies behind it, in sets named by their contents alone (`t-…-HASH`): the pods the
-//!   same policies select alike share one verdict in the IR and one set per region in the
-//!   table, and a change of one ClusterNetworkPolicy makes only the sets it changes and writes
-//!   only the chains of the pods whose verdict changed.
+//!   of policies behind it: the pods the same policies select alike share one verdict in the
+//!   IR and one set per region in the table, named after that group and the revision of its
+//!   policies (`g-…-GROUP-REV-…`), so a peer that comes or goes refills the group's sets in
+//!   place and rewrites none of its pods' chains, and a changed policy makes new sets and
+//!   writes only the chains of the pods whose verdict changed.
 //!
 //! - IPv6 neighbour solicitations and advertisements pass (a pod whose egress is isolated must
 //!   still answer its node's neighbour discovery); like ARP for IPv4, they are not policy's.
@@ -548,9 +550,9 @@ fn base_chains(table: &mut NftTable, log: bool, shared: &Shared) -> u64 {
 }
 
 /// The hash of the table: of its sets by name and declaration (the names carry their
-/// contents), of its pods' chains (`pod_chains`, summed from their kept hashes) and of its
-/// base chains (`base`): a change of any rule or set changes it, and no pass reads every
-/// rule again.
+/// contents; a group's sets, whose names do not, by their elements too), of its pods' chains
+/// (`pod_chains`, summed from their kept hashes) and of its base chains (`base`): a change of
+/// any rule or set changes it, and no pass reads every rule again.
 fn table_hash(table: &NftTable, pod_chains: u64, base: u64) -> u64 {
     let mut hash = crate::FNV_START;
     for (name, set) in &table.sets {
@@ -699,9 +701,9 @@ fn table_text(table: &NftTable, hash: &str) -> String {
 
 /// The transaction that turns `old` (what the kernel holds, as sluice last wrote it) into
 /// `new`, touching only what differs: sets and maps made whole or deleted (their names carry
-/// their contents, so a changed one is a new one), the rules of a changed chain written again,
-/// chains made or deleted, in an order nft accepts within one transaction (what a rule or a
-/// map names exists before and is unused after). `None` when the difference reaches what only
+/// their contents, so a changed one is a new one; a group's set is flushed and refilled), the
+/// rules of a changed chain written again, chains made or deleted, in an order nft accepts
+/// within one transaction (what a rule or a map names exists before and is unused after). `None` when the difference reaches what only
 /// a full replace may change (a base chain's hook, a set whose name no longer says what it
 /// holds).
 pub fn delta(old: &NftTable, new: &NftTable, hash: &str) -> Option<String> {
