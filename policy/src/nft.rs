@@ -703,9 +703,9 @@ fn table_text(table: &NftTable, hash: &str) -> String {
 /// `new`, touching only what differs: sets and maps made whole or deleted (their names carry
 /// their contents, so a changed one is a new one; a group's set is flushed and refilled), the
 /// rules of a changed chain written again, chains made or deleted, in an order nft accepts
-/// within one transaction (what a rule or a map names exists before and is unused after). `None` when the difference reaches what only
-/// a full replace may change (a base chain's hook, a set whose name no longer says what it
-/// holds).
+/// within one transaction (what a rule or a map names exists before and is unused after).
+/// `None` when the difference reaches what only a full replace may change (a base chain's
+/// hook, a set whose name no longer says what it holds).
 pub fn delta(old: &NftTable, new: &NftTable, hash: &str) -> Option<String> {
     let t = format!("inet {TABLE}");
     let mut sets = String::new();
